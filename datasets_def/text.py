@@ -1,0 +1,513 @@
+"""Text dataset definition: plain-text / JSONL documents -> chunked WebDataset tar shards.
+
+Each shard sample is ``{"__key__", "txt": utf-8 chunk, "json": {"source", "doc", "chunk"}}``.
+Documents are split into chunks of at most ``max_chars`` characters at the best boundary
+available (paragraph, sentence, whitespace, hard cut), losing no non-whitespace content, and
+assigned to train/val by a stable hash so a document never straddles splits.
+:func:`embedded_default` builds a small English corpus from the standard library's docstrings,
+so the text modality works with no download.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+from mmm.registry import DATASETS
+
+logger = logging.getLogger("mmm.data")
+
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+EMBEDDED_NAME = "text-stdlib-docstrings-v1"
+DONE_MARKER = "DONE"
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class TextBuildError(ValueError):
+    """Bad input or output for a text shard build; the message names the file, line and field."""
+
+
+# --------------------------------------------------------------------------------------------
+# chunking
+
+_PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
+_SENTENCE = re.compile(r"[.!?][\"')\]]*(?=\s)")
+_SPACE = re.compile(r"\s+")
+_NONSPACE = re.compile(r"\S")
+
+
+def _last_cut(pattern: "re.Pattern[str]", window: str, use_end: bool, lo: int) -> int:
+    """Position of the last ``pattern`` boundary in ``window`` that is >= ``lo`` (0 when none)."""
+    best = 0
+    for m in pattern.finditer(window):
+        pos = m.end() if use_end else m.start()
+        if lo <= pos <= len(window) and pos > best:
+            best = pos
+    return best
+
+
+def split_text(text: str, max_chars: int) -> List[str]:
+    """Split ``text`` into stripped, non-empty chunks of at most ``max_chars`` characters.
+
+    Boundaries are tried in order paragraph break, sentence end, whitespace, each only when it
+    leaves a chunk of at least half of ``max_chars``; then any whitespace; then a hard cut
+    (one enormous token). Only whitespace at the cuts is dropped.
+
+    Args:
+        text: the document.
+        max_chars: the largest chunk length, >= 1.
+    """
+    if max_chars < 1:
+        raise ValueError(f"split_text: max_chars must be >= 1, got {max_chars}")
+    chunks: List[str] = []
+    half = max(1, max_chars // 2)
+    pos, end = 0, len(text.rstrip())
+    while True:
+        start = _NONSPACE.search(text, pos, end)
+        if start is None:
+            break
+        pos = start.start()
+        if end - pos <= max_chars:
+            chunks.append(text[pos:end])
+            break
+        window = text[pos : pos + max_chars + 1]  # a boundary right after max_chars still counts
+        cut = (
+            _last_cut(_PARAGRAPH, window, False, half)
+            or _last_cut(_SENTENCE, window[:max_chars], True, half)
+            or _last_cut(_SPACE, window, False, half)
+            or _last_cut(_SPACE, window, False, 1)
+            or max_chars
+        )
+        chunks.append(window[:cut].rstrip())
+        pos += cut
+    return chunks
+
+
+# --------------------------------------------------------------------------------------------
+# reading inputs
+
+
+@dataclass
+class BuildReport:
+    """What :func:`build_shards` wrote. Per-split dicts are keyed by ``"train"`` / ``"val"``."""
+
+    output_dir: Path
+    files: int
+    documents: Dict[str, int]
+    chunks: Dict[str, int]
+    characters: Dict[str, int]
+    shards: Dict[str, List[str]]
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def total_documents(self) -> int:
+        """Documents over both splits."""
+        return sum(self.documents.values())
+
+    @property
+    def total_chunks(self) -> int:
+        """Samples over both splits."""
+        return sum(self.chunks.values())
+
+
+class _Skipper:
+    """Raise a :class:`TextBuildError` or, with ``skip_bad``, record (where, reason) and go on."""
+
+    def __init__(self, skip_bad: bool) -> None:
+        self.skip_bad = skip_bad
+        self.skipped: List[Tuple[str, str]] = []
+
+    def bad(self, where: str, reason: str) -> None:
+        if not self.skip_bad:
+            raise TextBuildError(f"{where}: {reason} (pass skip_bad=True to skip and report such input)")
+        logger.warning("skipping %s: %s", where, reason)
+        self.skipped.append((where, reason))
+
+
+def _find_inputs(input_path: Path) -> List[Tuple[Path, str]]:
+    """(file, source name) pairs, sorted by relative posix path."""
+    if not input_path.exists():
+        raise FileNotFoundError(f"text input path does not exist: {input_path}")
+    if input_path.is_file():
+        if input_path.suffix not in (".txt", ".jsonl"):
+            raise TextBuildError(f"{input_path}: expected a .txt or .jsonl file or a folder of them")
+        return [(input_path, input_path.name)]
+    found = [p for p in input_path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()]
+    if not found:
+        raise TextBuildError(f"no .txt or .jsonl files found under {input_path} (searched recursively)")
+    pairs = [(p, p.relative_to(input_path).as_posix()) for p in found]
+    return sorted(pairs, key=lambda pair: pair[1])
+
+
+def _decode(data: bytes, where: str, base_offset: int, skipper: _Skipper) -> Optional[str]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exn:
+        skipper.bad(where, f"not valid UTF-8 at byte offset {base_offset + exn.start} ({exn.reason})")
+        return None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def _iter_documents(path: Path, source: str, jsonl_field: str, skipper: _Skipper) -> Iterator[Tuple[int, str]]:
+    """Yield (doc index in file, text) for one input file; bad input goes to ``skipper``."""
+    if path.suffix == ".txt":
+        text = _decode(path.read_bytes(), source, 0, skipper)
+        if text is None:
+            return
+        if not text.strip():
+            skipper.bad(source, "empty file (no non-whitespace text)")
+            return
+        yield 0, text
+        return
+    doc = 0
+    offset = 0
+    any_content = False
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line_offset, offset = offset, offset + len(raw)
+            where = f"{source}:{lineno}"
+            line = _decode(raw, where, line_offset, skipper)
+            if raw.strip():
+                any_content = True
+            if line is None or not line.strip():
+                continue  # undecodable (reported above) or a blank separator line
+            try:
+                record = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exn:
+                skipper.bad(where, f"invalid JSON ({exn.msg} at column {exn.colno})")
+                continue
+            if not isinstance(record, dict):
+                skipper.bad(where, f"expected a JSON object with field {jsonl_field!r}, got {type(record).__name__}")
+                continue
+            if jsonl_field not in record:
+                skipper.bad(where, f"missing field {jsonl_field!r} (fields present: {sorted(record)[:10]})")
+                continue
+            value = record[jsonl_field]
+            if not isinstance(value, str):
+                skipper.bad(where, f"field {jsonl_field!r} must be a string, got {type(value).__name__}")
+                continue
+            if not value.strip():
+                skipper.bad(where, f"field {jsonl_field!r} is empty")
+                continue
+            yield doc, value.replace("\r\n", "\n")
+            doc += 1
+    if not any_content:
+        skipper.bad(source, "empty file (no JSON lines)")
+
+
+def _split_of(source: str, doc: int, val_fraction: float, seed: int) -> str:
+    """Stable train/val assignment of one document (same on every machine and run)."""
+    if val_fraction <= 0.0:
+        return "train"
+    digest = hashlib.blake2b(f"{seed}\0{source}\0{doc}".encode("utf-8"), digest_size=8).digest()
+    return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
+
+
+def _prepare_output(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TextBuildError(f"output_dir {output_dir} exists and is not a directory")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted(output_dir.glob("*.tar")) + ([output_dir / MANIFEST] if (output_dir / MANIFEST).exists() else [])
+    if old and not overwrite:
+        raise TextBuildError(
+            f"output_dir {output_dir} already holds shards or a manifest ({old[0].name}, {len(old)} file(s)); "
+            "use an empty directory or pass overwrite=True to delete them first"
+        )
+    for p in old:
+        p.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# building shards
+
+
+def build_shards(
+    input_path: PathLike,
+    output_dir: PathLike,
+    *,
+    max_chars: int = 2000,
+    samples_per_shard: int = 5000,
+    jsonl_field: str = "text",
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+) -> BuildReport:
+    """Chunk .txt / .jsonl documents into ``{output_dir}/{split}-{index:06d}.tar`` shards.
+
+    One ``.txt`` file is one document; each ``.jsonl`` line is one document (field
+    ``jsonl_field``). Also writes ``{output_dir}/manifest.json``.
+
+    Args:
+        input_path: a folder (searched recursively, sorted) or a single .txt / .jsonl file.
+        output_dir: where shards go; must hold no shards/manifest unless ``overwrite``.
+        max_chars: largest chunk, in characters.
+        samples_per_shard: chunks per tar shard.
+        jsonl_field: JSON field holding the text in .jsonl files.
+        val_fraction: fraction of documents (by stable hash) put in the val split.
+        seed: salt of the split hash.
+        skip_bad: skip (and report) bad files/lines instead of raising.
+        overwrite: delete existing ``*.tar`` and manifest in ``output_dir`` first.
+    """
+    import webdataset as wds  # heavy import kept local: defining the dataset must stay cheap
+
+    if not isinstance(max_chars, int) or max_chars < 1:
+        raise TextBuildError(f"max_chars must be a positive int, got {max_chars!r}")
+    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise TextBuildError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise TextBuildError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    src = Path(input_path).expanduser()
+    out = Path(output_dir).expanduser()
+    inputs = _find_inputs(src)
+    _prepare_output(out, overwrite)
+
+    skipper = _Skipper(skip_bad)
+    writers: Dict[str, Any] = {}
+    documents = {s: 0 for s in SPLITS}
+    chunks = {s: 0 for s in SPLITS}
+    characters = {s: 0 for s in SPLITS}
+    doc_ordinal = 0
+    try:
+        for path, source in inputs:
+            for doc, text in _iter_documents(path, source, jsonl_field, skipper):
+                split = _split_of(source, doc, val_fraction, seed)
+                if split not in writers:
+                    writers[split] = wds.ShardWriter(
+                        str(out / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0.0
+                    )
+                for i, chunk in enumerate(split_text(text, max_chars)):
+                    meta = {"source": source, "doc": doc, "chunk": i}
+                    writers[split].write(
+                        {
+                            "__key__": f"{doc_ordinal:09d}_{i:05d}",
+                            "txt": chunk.encode("utf-8"),
+                            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+                        }
+                    )
+                    chunks[split] += 1
+                    characters[split] += len(chunk)
+                documents[split] += 1
+                doc_ordinal += 1
+    except BaseException:
+        for w in writers.values():
+            w.close()
+        for p in out.glob("*.tar"):  # the directory held no shards before: these are ours, incomplete
+            p.unlink()
+        raise
+    for w in writers.values():
+        w.close()
+    if doc_ordinal == 0:
+        raise TextBuildError(f"no documents found in {src} ({len(skipper.skipped)} skipped input(s): {skipper.skipped[:3]})")
+
+    shards = {s: sorted(p.name for p in out.glob(f"{s}-*.tar")) for s in SPLITS}
+    report = BuildReport(out, len(inputs), documents, chunks, characters, shards, skipper.skipped)
+    manifest = {
+        "dataset": "text",
+        "fields": list(TextDatasetDef.fields),
+        "files": len(inputs),
+        "splits": {
+            s: {"documents": documents[s], "samples": chunks[s], "shards": len(shards[s]), "characters": characters[s]}
+            for s in SPLITS
+        },
+        "shard_files": shards,
+        "build_args": {
+            "input_path": str(src),
+            "max_chars": max_chars,
+            "samples_per_shard": samples_per_shard,
+            "jsonl_field": jsonl_field,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "skip_bad": skip_bad,
+        },
+        "skipped": [list(s) for s in skipper.skipped],
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if skipper.skipped:
+        logger.warning("text build skipped %d bad input(s); see %s", len(skipper.skipped), out / MANIFEST)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# embedded default corpus: standard-library docstrings
+
+_SKIP_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "__pycache__"}
+)
+_MIN_WORDS = 8
+
+
+def _is_prose(doc: str) -> bool:
+    """At least 8 words, at most a third of the lines doctest code/output, mostly letters."""
+    if len(doc.split()) < _MIN_WORDS:
+        return False
+    lines = [ln.strip() for ln in doc.splitlines()]
+    nonblank = [ln for ln in lines if ln]
+    code = 0
+    in_doctest = False
+    for ln in lines:
+        if ln.startswith(">>>") or (in_doctest and ln):
+            code += 1
+            in_doctest = True
+        else:
+            in_doctest = False
+    if code * 3 > len(nonblank):
+        return False
+    visible = [c for c in doc if not c.isspace()]
+    return sum(c.isalpha() for c in visible) >= 0.6 * len(visible)
+
+
+def _docstrings(tree: ast.Module) -> Iterator[str]:
+    """Module, class and function docstrings (cleaned with ``inspect.cleandoc``) in source order."""
+    defs = [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    defs.sort(key=lambda n: (n.lineno, n.col_offset))
+    for node in [tree, *defs]:
+        raw = ast.get_docstring(node, clean=False)
+        if raw:
+            yield inspect.cleandoc(raw)
+
+
+def _stdlib_documents(stdlib: Path) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
+    """([(module path, document)], [(file, reason) for unparsable files]) from the stdlib's docstrings."""
+    docs: List[Tuple[str, str]] = []
+    unreadable: List[Tuple[str, str]] = []
+    seen: set = set()
+    for root, dirs, files in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            path = Path(root) / name
+            rel = path.relative_to(stdlib).as_posix()
+            try:
+                tree = ast.parse(path.read_bytes(), filename=rel)
+            except (SyntaxError, ValueError, UnicodeDecodeError, OSError) as exn:
+                unreadable.append((rel, f"{type(exn).__name__}: {exn}"))
+                continue
+            kept: List[str] = []
+            for text in _docstrings(tree):
+                if text in seen or not _is_prose(text):
+                    continue
+                seen.add(text)
+                kept.append(text)
+            if kept:
+                docs.append((rel, "\n\n".join(kept)))
+    return docs, unreadable
+
+
+def default_cache_dir() -> Path:
+    """``$MMM_CACHE_DIR`` or ``~/.cache/mmm``."""
+    return Path(os.environ.get("MMM_CACHE_DIR") or Path.home() / ".cache" / "mmm").expanduser()
+
+
+def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
+    """The embedded default text corpus (stdlib docstrings), built once, cached, no download.
+
+    Built at ``{cache_dir}/datasets/text-stdlib-docstrings-v1/`` in a temporary directory that
+    is renamed into place once complete (a ``DONE`` marker is written last), so an interrupted
+    build never leaves a partial corpus. Deterministic for a given Python installation.
+
+    Args:
+        cache_dir: cache root; default ``$MMM_CACHE_DIR`` or ``~/.cache/mmm``.
+
+    Returns:
+        The directory holding ``train-*.tar``, ``val-*.tar`` and ``manifest.json``.
+    """
+    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "datasets"
+    final = root / EMBEDDED_NAME
+    if (final / DONE_MARKER).is_file():
+        return final
+    if final.exists():
+        raise TextBuildError(f"{final} exists but has no {DONE_MARKER} marker (not built by mmm?); delete it to rebuild")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{EMBEDDED_NAME}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    start = time.perf_counter()
+    try:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        docs, unreadable = _stdlib_documents(stdlib)
+        source_dir = tmp / "source"
+        source_dir.mkdir(parents=True)
+        jsonl = source_dir / "stdlib-docstrings.jsonl"
+        with jsonl.open("w", encoding="utf-8") as fh:
+            for module, text in docs:
+                fh.write(json.dumps({"module": module, "text": text}, ensure_ascii=False) + "\n")
+        report = build_shards(jsonl, tmp, val_fraction=0.05, seed=0)
+        shutil.rmtree(source_dir)
+        info = {
+            "python": sys.version.split()[0],
+            "stdlib": str(stdlib),
+            "modules": len(docs),
+            "unparsable_files": [list(u) for u in unreadable],
+            "documents": report.documents,
+            "characters": report.characters,
+        }
+        (tmp / "source.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        (tmp / DONE_MARKER).write_text("ok\n", encoding="utf-8")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / DONE_MARKER).is_file():  # lost a race only if the winner finished
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(
+        "built embedded text corpus %s: %d documents, %d chunks, %d characters in %.1f s",
+        final, report.total_documents, report.total_chunks, sum(report.characters.values()), time.perf_counter() - start,
+    )
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# reading shards back
+
+
+def iter_texts(shard_dir: PathLike, split: str = "train") -> Iterator[str]:
+    """Stream the text chunks of one split (e.g. to train a tokenizer), with no extraction to disk.
+
+    Args:
+        shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
+        split: ``"train"`` or ``"val"``.
+    """
+    from mmm.data.stream import list_shards
+
+    for shard in list_shards(shard_dir, split=split):
+        try:
+            with tarfile.open(shard, mode="r|") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith(".txt"):
+                        fh = tar.extractfile(member)
+                        assert fh is not None
+                        yield fh.read().decode("utf-8")
+        except (tarfile.TarError, UnicodeDecodeError, EOFError) as exn:
+            raise TextBuildError(f"cannot read text shard {shard}: {type(exn).__name__}: {exn}") from exn
+
+
+@DATASETS.register("text")
+class TextDatasetDef:
+    """The ``text`` dataset: chunked UTF-8 text in WebDataset shards (fields ``txt`` and ``json``)."""
+
+    name = "text"
+    fields = ("txt", "json")
+
+    build_shards = staticmethod(build_shards)
+    embedded_default = staticmethod(embedded_default)
+    iter_texts = staticmethod(iter_texts)
+    split_text = staticmethod(split_text)

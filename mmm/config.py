@@ -1,0 +1,339 @@
+"""Typed configuration: one dataclass per concern, YAML in, resolved config out.
+
+Every field carries a one-line ``help`` (printed as a comment by ``--print_config``). Loading is
+strict: an unknown key, a wrong type or a bad override names the file and the dotted key and
+lists what would have been valid. Precedence is flat: dataclass defaults < YAML file <
+command-line overrides (``--trainer.max_steps 50``). There are no include chains.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the typed schema."""
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
+    meta = {"help": help}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EncoderConfig:
+    """The shared Transformer encoder (one for every modality)."""
+
+    dim: int = _f(256, "hidden size d")
+    depth: int = _f(4, "number of Transformer blocks")
+    heads: int = _f(4, "attention heads; dim must be divisible by heads")
+    mlp_hidden: Optional[int] = _f(None, "MLP hidden size; null = 4 * dim")
+    mlp: str = _f("gelu", "MLP kind: gelu (BERT/ViT), glu, geglu (MosaicBERT), swiglu")
+    norm_first: bool = _f(False, "pre-LayerNorm (ViT) if true, post-LayerNorm (BERT) if false")
+    final_norm: bool = _f(False, "LayerNorm after the last block (pre-LN models usually want it)")
+    norm_eps: float = _f(1e-12, "LayerNorm epsilon (BERT 1e-12, ViT 1e-6)")
+    qkv_bias: bool = _f(True, "bias on the query/key/value projections")
+    dropout: float = _f(0.1, "dropout on residual branches")
+    attn_dropout: float = _f(0.1, "dropout on attention probabilities")
+    relative_position: str = _f("none", "relative positions inside attention: none, alibi, rotary")
+    attention: str = _f("auto", "attention backend: auto, xformers, sdpa, math (env MMM_ATTENTION overrides auto)")
+
+
+@dataclass
+class TextConfig:
+    """The text modality: tokenizer and embedder."""
+
+    tokenizer: str = _f("wordpiece", "tokenizer algorithm to train when tokenizer_path is null: wordpiece, bpe")
+    tokenizer_path: Optional[str] = _f(None, "directory of a saved mmm tokenizer; null = train one on the training shards")
+    vocab_size: int = _f(8000, "vocabulary size when training a tokenizer")
+    lowercase: bool = _f(True, "lowercase text when training a tokenizer")
+    tokenizer_train_docs: int = _f(20000, "documents read from the training shards to train the tokenizer")
+    max_len: int = _f(128, "longest sequence in tokens ([CLS] and [SEP] included); longer text is chunked, not dropped")
+    position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none")
+    embed_norm: bool = _f(True, "LayerNorm after the embedding sum (BERT)")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines the network."""
+
+    encoder: EncoderConfig = _f(default_factory=EncoderConfig, help="shared encoder")
+    text: TextConfig = _f(default_factory=TextConfig, help="text modality")
+    init_std: float = _f(0.02, "std of the normal initialisation of linear and embedding weights")
+
+
+@dataclass
+class ComponentConfig:
+    """A registry entry named by string plus its keyword arguments (validated against its signature)."""
+
+    name: str = _f("", "registry name")
+    args: Dict[str, Any] = _f(default_factory=dict, help="keyword arguments of the entry")
+
+
+@dataclass
+class ObjectiveConfig:
+    """One objective head and its loss weight."""
+
+    name: str = _f("mlm", "objective registry name")
+    weight: float = _f(1.0, "weight of this loss in the sum")
+    args: Dict[str, Any] = _f(default_factory=dict, help="keyword arguments of the objective")
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are batched."""
+
+    dataset: str = _f("text", "dataset definition (datasets_def registry name)")
+    train: str = _f("embedded", "training shards: a directory, a brace pattern, or 'embedded' for the built-in corpus")
+    val: Optional[str] = _f("embedded", "validation shards (same forms); null = no validation")
+    batch_size: int = _f(32, "sequences per packed batch")
+    num_workers: int = _f(1, "DataLoader worker processes")
+    shuffle_buffer: int = _f(2000, "sample shuffle buffer (0 = off)")
+    shuffle_shards: bool = _f(True, "shuffle the shard order each epoch")
+    skip_bad: bool = _f(False, "skip (and count) corrupt samples instead of stopping")
+    max_errors: Optional[int] = _f(None, "with skip_bad: stop once this many bad samples were seen")
+    seed: int = _f(0, "seed for shard order, shuffling and masking")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and decay."""
+
+    lr: float = _f(5e-4, "peak learning rate")
+    weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
+    betas: Tuple[float, float] = _f((0.9, 0.98), "Adam betas")
+    eps: float = _f(1e-6, "Adam epsilon")
+    warmup_steps: int = _f(100, "linear warmup steps")
+    schedule: str = _f("linear", "decay after warmup: linear, cosine, constant")
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak")
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments passed to ``lightning.Trainer`` (the common ones, typed)."""
+
+    max_steps: int = _f(1000, "optimizer steps to train")
+    accelerator: str = _f("auto", "cpu, gpu, auto")
+    devices: Union[int, str] = _f(1, "number of devices or 'auto'")
+    precision: str = _f("32-true", "32-true, bf16-mixed, 16-mixed")
+    gradient_clip_val: Optional[float] = _f(1.0, "clip gradient norm; null = off")
+    accumulate_grad_batches: int = _f(1, "gradient accumulation")
+    log_every_n_steps: int = _f(10, "logging interval in steps")
+    val_check_interval: int = _f(200, "validate every this many training steps")
+    limit_val_batches: int = _f(20, "validation batches per check")
+    checkpoint_every_n_steps: int = _f(200, "write a checkpoint every this many steps")
+    default_root_dir: str = _f("runs/mmm", "where logs and checkpoints go")
+    enable_progress_bar: bool = _f(True, "show a progress bar")
+    ckpt_path: Optional[str] = _f(None, "resume from this checkpoint ('last' = the run's last.ckpt)")
+
+
+@dataclass
+class PretrainConfig:
+    """A whole pretraining run."""
+
+    model: ModelConfig = _f(default_factory=ModelConfig, help="the network")
+    masking: ComponentConfig = _f(
+        default_factory=lambda: ComponentConfig("bert_random", {"ratio": 0.15}), help="masker (registry name + args)"
+    )
+    objectives: List[ObjectiveConfig] = _f(default_factory=lambda: [ObjectiveConfig()], help="objective heads")
+    data: DataConfig = _f(default_factory=DataConfig, help="data")
+    optim: OptimConfig = _f(default_factory=OptimConfig, help="optimizer")
+    trainer: TrainerConfig = _f(default_factory=TrainerConfig, help="Lightning trainer")
+    seed: int = _f(0, "global seed (weights init)")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert ``value`` to type ``tp``; raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} does not match {_type_name(tp)}")
+    if origin in (list, List, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)) or (args and len(value) != len(args)):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp!r}")
+
+
+def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name.
+
+    Args:
+        cls: the dataclass type.
+        data: the mapping (e.g. parsed YAML).
+        where: a prefix for error messages (file name and dotted key path).
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    """Plain-data (YAML/JSON/pickle-safe) form of a config dataclass."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def parse_override_value(text: str) -> Any:
+    """Parse a command-line override value as YAML (``50`` → int, ``null`` → None, ``[1,2]`` → list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any], cls: Type[Any]) -> Dict[str, Any]:
+    """Set dotted keys (``trainer.max_steps``) in a nested mapping, checking each path exists in ``cls``."""
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node, tp = data, cls
+        for i, part in enumerate(parts):
+            if tp is not None and dataclasses.is_dataclass(tp):
+                names = {f.name for f in dataclasses.fields(tp)}
+                if part not in names:
+                    raise ConfigError(f"unknown override --{dotted}: {'.'.join(parts[:i + 1])!r} is not a key; valid: {sorted(names)}")
+                hint = typing.get_type_hints(tp)[part]
+                tp = hint if dataclasses.is_dataclass(hint) else None
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[part] = child
+                node = child
+    return data
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dict[str, Any]] = None) -> PretrainConfig:
+    """Read a YAML file (optional) and apply dotted overrides into a :class:`PretrainConfig`.
+
+    Args:
+        path: YAML file; None = defaults only.
+        overrides: ``{"trainer.max_steps": 50, ...}`` applied after the file.
+    """
+    data: Dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+        where = str(p)
+    if overrides:
+        data = apply_overrides(data, overrides, PretrainConfig)
+    try:
+        return from_dict(PretrainConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def dump_config(cfg: Any, indent: int = 0) -> str:
+    """YAML text of a config with each field's help as a comment above it."""
+    lines: List[str] = []
+    pad = "  " * indent
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        help_text = f.metadata.get("help", "")
+        if help_text:
+            lines.append(f"{pad}# {help_text}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:")
+            lines.append(dump_config(value, indent + 1))
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            lines.append(f"{pad}{f.name}:")
+            for item in value:
+                body = yaml.safe_dump(to_dict(item), sort_keys=False, default_flow_style=None).rstrip().splitlines()
+                lines.append(f"{pad}  - {body[0]}")
+                lines.extend(f"{pad}    {b}" for b in body[1:])
+        else:
+            v = list(value) if isinstance(value, tuple) else value
+            text = yaml.safe_dump({f.name: v}, sort_keys=False, default_flow_style=True, width=10_000).strip()
+            text = text[1:-1] if text.startswith("{") else text
+            lines.append(f"{pad}{text}")
+    return "\n".join(lines)

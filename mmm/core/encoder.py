@@ -1,0 +1,124 @@
+"""The shared Transformer encoder over packed sequences.
+
+One class expresses BERT (post-LayerNorm, GELU MLP; Devlin et al. 2019), ViT (pre-LayerNorm,
+final norm; Dosovitskiy et al. 2021) and MosaicBERT-style variants (gated GLU/GeGLU/SwiGLU MLPs
+from Shazeer 2020, ALiBi or rotary positions) purely through :class:`~mmm.config.EncoderConfig`.
+Tokens arrive packed as (N, d) with a :class:`~mmm.core.packing.PackedSeqInfo`; all linear
+layers touch only real tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmm.config import EncoderConfig
+from mmm.core.attention import resolve_backend
+from mmm.core.packing import PackedSeqInfo
+from mmm.core.position import RELATIVE_POSITIONS, ALiBi, Rotary
+from mmm.registry import ATTENTION_BACKENDS
+
+MLP_KINDS = ("gelu", "glu", "geglu", "swiglu")
+_GATES = {"glu": torch.sigmoid, "geglu": F.gelu, "swiglu": F.silu}
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.head_dim = cfg.dim // cfg.heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.attn_dropout = cfg.attn_dropout
+
+    def forward(self, x: torch.Tensor, seq: PackedSeqInfo, backend: str,
+                alibi: Optional[ALiBi], rotary: Optional[Rotary]) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.heads, self.head_dim).unbind(1)  # (N, H, D) each
+        if rotary is not None:
+            q, k = rotary(q, k, seq.position_ids)
+        bias = alibi.bias if alibi is not None else None
+        out = ATTENTION_BACKENDS.get(backend)(q, k, v, seq, bias, self.attn_dropout if self.training else 0.0)
+        return self.proj(out.reshape(n, -1))  # (N, d)
+
+
+class MLP(nn.Module):
+    """Position-wise MLP: GELU (BERT/ViT) or a gated linear unit (Shazeer 2020)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        if cfg.mlp not in MLP_KINDS:
+            raise ValueError(f"unknown mlp kind {cfg.mlp!r}; expected one of {MLP_KINDS}")
+        hidden = cfg.mlp_hidden or 4 * cfg.dim
+        self.kind = cfg.mlp
+        self.fc1 = nn.Linear(cfg.dim, hidden * (1 if cfg.mlp == "gelu" else 2))
+        self.fc2 = nn.Linear(hidden, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        else:
+            value, gate = h.chunk(2, dim=-1)
+            h = value * _GATES[self.kind](gate)
+        return self.fc2(h)
+
+
+class EncoderBlock(nn.Module):
+    """Attention + MLP with residuals, pre- or post-LayerNorm."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        self.attn = SelfAttention(cfg)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, seq: PackedSeqInfo, backend: str,
+                alibi: Optional[ALiBi], rotary: Optional[Rotary]) -> torch.Tensor:
+        if self.norm_first:
+            x = x + self.dropout(self.attn(self.norm1(x), seq, backend, alibi, rotary))
+            return x + self.dropout(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self.dropout(self.attn(x, seq, backend, alibi, rotary)))
+        return self.norm2(x + self.dropout(self.mlp(x)))
+
+
+class TransformerEncoder(nn.Module):
+    """Stack of :class:`EncoderBlock` over a packed batch.
+
+    Args:
+        cfg: the encoder configuration.
+    """
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        if cfg.dim % cfg.heads:
+            raise ValueError(f"encoder.dim={cfg.dim} is not divisible by encoder.heads={cfg.heads}")
+        if cfg.relative_position not in RELATIVE_POSITIONS:
+            raise ValueError(f"unknown encoder.relative_position {cfg.relative_position!r}; expected one of {RELATIVE_POSITIONS}")
+        if cfg.attention != "auto":
+            ATTENTION_BACKENDS.get(cfg.attention)
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else None
+        self.alibi = ALiBi(cfg.heads) if cfg.relative_position == "alibi" else None
+        self.rotary = Rotary(cfg.dim // cfg.heads) if cfg.relative_position == "rotary" else None
+
+    def backend_for(self, device: torch.device) -> str:
+        """The attention backend this encoder uses on ``device``."""
+        return resolve_backend(self.cfg.attention, device, has_bias=self.alibi is not None)
+
+    def forward(self, x: torch.Tensor, seq: PackedSeqInfo) -> torch.Tensor:
+        """(N, d) packed embeddings → (N, d) packed hidden states."""
+        backend = self.backend_for(x.device)
+        for block in self.blocks:
+            x = block(x, seq, backend, self.alibi, self.rotary)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x

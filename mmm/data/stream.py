@@ -1,0 +1,246 @@
+"""Generic WebDataset plumbing shared by every modality: shard lists, error handling, pipelines.
+
+A pipeline reads tar shards written by a ``datasets_def`` dataset definition and hands raw
+samples (``{"__key__": ..., "__url__": ..., "<ext>": bytes}``) to the modality's own stages.
+Sample and shard errors go to one :class:`SampleErrorHandler`, which either stops with a message
+naming the shard (the default) or skips, counts and reports them (``skip_bad=True``).
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+import braceexpand
+import webdataset as wds
+
+logger = logging.getLogger("mmm.data")
+
+ShardSpec = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
+
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://")
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith(_REMOTE_PREFIXES) or "://" in url
+
+
+def _expand_one(spec: str, split: Optional[str]) -> List[str]:
+    """Expand one directory / brace pattern / glob / file into shard paths (sorted for dirs and globs)."""
+    if _is_remote(spec):
+        return list(braceexpand.braceexpand(spec))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        pattern = f"{split}-*.tar" if split is not None else "*.tar"
+        return sorted(str(p) for p in path.glob(pattern) if p.is_file())
+    if "{" in spec:
+        urls = list(braceexpand.braceexpand(str(path)))
+        missing = [u for u in urls if not Path(u).is_file()]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise FileNotFoundError(f"shard pattern {spec!r}: missing shard file(s) {missing[:3]}{more}")
+        return urls
+    if any(ch in spec for ch in "*?["):
+        return sorted(p for p in glob.glob(str(path)) if os.path.isfile(p))
+    if path.is_file():
+        return [str(path)]
+    raise FileNotFoundError(f"shard path {spec!r} does not exist (expected a directory, a .tar file or a pattern)")
+
+
+def list_shards(path_or_pattern: ShardSpec, split: Optional[str] = None) -> List[str]:
+    """List the tar shards a pipeline should read.
+
+    Args:
+        path_or_pattern: a directory (its ``{split}-*.tar`` files, sorted, or all ``*.tar`` when
+            ``split`` is None), a brace pattern such as ``dir/train-{000000..000009}.tar``, a glob,
+            a single ``.tar`` file, a remote url (passed through unchecked), or a list of these.
+        split: split name used to filter directory listings (ignored for patterns and files).
+
+    Returns:
+        Shard paths/urls in a deterministic order.
+
+    Raises:
+        FileNotFoundError: nothing matched; the message names the path and the split.
+    """
+    specs: List[str]
+    if isinstance(path_or_pattern, (str, os.PathLike)):
+        specs = [os.fspath(path_or_pattern)]
+    elif isinstance(path_or_pattern, Iterable):
+        specs = [os.fspath(p) for p in path_or_pattern]
+    else:
+        raise TypeError(f"list_shards: expected a path, pattern or list of them, got {type(path_or_pattern).__name__}")
+    urls: List[str] = []
+    for spec in specs:
+        urls.extend(_expand_one(spec, split))
+    if not urls:
+        what = f" for split {split!r}" if split is not None else ""
+        raise FileNotFoundError(f"no tar shards found at {path_or_pattern!r}{what}")
+    return urls
+
+
+class SampleError(RuntimeError):
+    """A sample or shard failed to load; the message names the shard (and key when known)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # webdataset appends context to ``args``; keep the message readable
+        return self.message
+
+
+def _describe(exn: BaseException) -> tuple[str, str]:
+    """(location, message) for an exception raised inside a webdataset stage.
+
+    webdataset appends context to ``exn.args``: the shard url (a str), the open stream, and
+    for tar member errors ``" @ <stream name=...>"`` glued to the first argument.
+    """
+    args = list(getattr(exn, "args", ()) or ())
+    first = str(args[0]) if args else ""
+    extras = args[1:]
+    urls = [a for a in extras if isinstance(a, str) and a]
+    location = urls[-1] if urls else ""
+    if not location and " @ " in first:
+        location = first.rsplit(" @ ", 1)[1]
+    message = first.rsplit(" @ ", 1)[0] if " @ " in first else first
+    if not message:
+        message = repr(exn)
+    return location, message
+
+
+class SampleErrorHandler:
+    """Callable for webdataset's ``handler=``: log, count and either stop or skip bad samples.
+
+    A shard that breaks part-way (e.g. truncated) keeps the samples read before the break; the
+    rest of it is skipped. Counts live in the process that iterates the pipeline, so with a DataLoader every worker
+    has its own counts (the handler is pickled into each worker); :func:`make_pipeline` logs
+    a per-worker summary line when a worker's iteration ends.
+
+    Args:
+        skip_bad: False (default) re-raises as :class:`SampleError` naming the shard; True
+            skips the sample/shard and continues.
+        max_errors: with ``skip_bad``, raise a ``RuntimeError`` with the counts once more than
+            this many errors were seen (None = unlimited).
+        keep_messages: how many error messages to keep for :meth:`summary`.
+    """
+
+    def __init__(self, skip_bad: bool = False, max_errors: Optional[int] = None, keep_messages: int = 10) -> None:
+        if max_errors is not None and max_errors < 0:
+            raise ValueError(f"SampleErrorHandler: max_errors must be >= 0 or None, got {max_errors}")
+        self.skip_bad = skip_bad
+        self.max_errors = max_errors
+        self.keep_messages = keep_messages
+        self.counts: Counter[str] = Counter()
+        self.messages: List[str] = []
+
+    @property
+    def total(self) -> int:
+        """Number of errors seen so far in this process."""
+        return sum(self.counts.values())
+
+    def __call__(self, exn: Exception) -> bool:
+        if isinstance(exn, SampleError):  # already reported by an inner stage: pass it up unchanged
+            raise exn
+        location, message = _describe(exn)
+        kind = type(exn).__name__
+        self.counts[kind] += 1
+        text = f"{kind} in shard {location or '(unknown shard)'}: {message}"
+        if len(self.messages) < self.keep_messages:
+            self.messages.append(text)
+        if not self.skip_bad:
+            logger.error("%s", text)
+            raise SampleError(f"{text} (set skip_bad=True to skip and count bad samples)") from exn
+        logger.warning("skipping bad sample: %s", text)
+        if self.max_errors is not None and self.total > self.max_errors:
+            raise RuntimeError(f"too many bad samples: {self.total} > max_errors={self.max_errors}; {self._counts_text()}; first: {self.messages[:3]}") from exn
+        return True
+
+    def _counts_text(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"
+
+    def summary(self) -> Dict[str, Any]:
+        """Counts in this process: ``{"total", "by_type", "messages", "skip_bad", "max_errors"}``."""
+        return {
+            "total": self.total,
+            "by_type": dict(sorted(self.counts.items())),
+            "messages": list(self.messages),
+            "skip_bad": self.skip_bad,
+            "max_errors": self.max_errors,
+        }
+
+    def log_summary(self) -> None:
+        """Log one line with the counts of skipped errors (only when ``skip_bad`` and there were some)."""
+        if self.skip_bad and self.total:
+            _, _, worker, num_workers = wds.utils.pytorch_worker_info()
+            logger.warning(
+                "data errors in worker %d/%d (pid %d): %d bad sample(s)/shard(s) skipped (%s)",
+                worker, num_workers, os.getpid(), self.total, self._counts_text(),
+            )
+
+
+def _report_at_end(src: Iterator[Any], handler: Optional[SampleErrorHandler]) -> Iterator[Any]:
+    """Pass samples through; log the handler's summary when iteration ends or stops."""
+    try:
+        yield from src
+    finally:
+        if handler is not None:
+            handler.log_summary()
+
+
+def make_pipeline(
+    urls: Union[str, Sequence[str]],
+    *,
+    stages: Sequence[Callable[..., Any]],
+    shuffle_shards: bool = True,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    handler: Optional[Callable[[Exception], bool]] = None,
+    resampled: bool = False,
+) -> wds.DataPipeline:
+    """Build the standard shard -> sample pipeline followed by the caller's ``stages``.
+
+    Order: shard list (``ResampledShards`` when ``resampled``) -> seeded shard shuffle (same
+    order on every node/worker, new order each epoch within one process) -> ``split_by_node``
+    -> ``split_by_worker`` -> ``tarfile_to_samples`` -> sample shuffle -> ``stages`` -> an
+    end-of-iteration error summary. With ``resampled`` every worker draws shards on its own
+    (seeded by seed, rank, worker and epoch), so the shard shuffle and the node/worker splits
+    are left out.
+
+    Args:
+        urls: shard urls, usually from :func:`list_shards` (a brace pattern string also works).
+        stages: further pipeline stages, e.g. ``wds.map(fn, handler=handler)``.
+        shuffle_shards: shuffle the shard order (seeded).
+        shuffle_buffer: sample shuffle buffer size; 0 disables sample shuffling.
+        seed: seed for both shuffles.
+        handler: error handler; None uses a new ``SampleErrorHandler()`` (stop with a clear error).
+        resampled: sample shards with replacement forever instead of one pass.
+    """
+    url_list = list(braceexpand.braceexpand(urls)) if isinstance(urls, str) else [os.fspath(u) for u in urls]
+    if not url_list:
+        raise FileNotFoundError("make_pipeline: empty shard list")
+    if shuffle_buffer < 0:
+        raise ValueError(f"make_pipeline: shuffle_buffer must be >= 0, got {shuffle_buffer}")
+    if handler is None:
+        handler = SampleErrorHandler()
+    pipeline: List[Any] = []
+    if resampled:
+        pipeline.append(wds.ResampledShards(url_list, seed=seed, deterministic=True))
+    else:
+        pipeline.append(wds.SimpleShardList(url_list))
+        if shuffle_shards and len(url_list) > 1:
+            # identical seed in every node/worker -> identical order before splitting (no overlap)
+            pipeline.append(wds.detshuffle(bufsize=len(url_list), initial=len(url_list), seed=seed))
+        pipeline.append(wds.split_by_node)
+        pipeline.append(wds.split_by_worker)
+    pipeline.append(wds.tarfile_to_samples(handler=handler))
+    if shuffle_buffer > 0:
+        rng = random.Random(seed + 1)
+        pipeline.append(wds.shuffle(shuffle_buffer, initial=min(100, shuffle_buffer), rng=rng))
+    pipeline.extend(stages)
+    report_handler = handler if isinstance(handler, SampleErrorHandler) else None
+    pipeline.append(wds.pipelinefilter(_report_at_end)(report_handler))
+    return wds.DataPipeline(*pipeline)

@@ -1,0 +1,91 @@
+"""One tiny generic registry: a dict, a decorator and a factory (timm ``_registry`` style).
+
+Each kind of pluggable part (tokenizers, embedders, maskers, objectives, datasets, attention
+backends, position encodings) has its own :class:`Registry`. Entries register themselves when
+their module is imported; ``create(name, **kw)`` builds one and validates the keyword arguments
+against the entry's signature so that a typo in a YAML config is reported by name instead of
+being swallowed.
+"""
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from typing import Any, Callable, Dict, Generic, List, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    """Unknown registry name or bad arguments for an entry; the message lists what is valid."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class Registry(Generic[T]):
+    """A named table of factories of one kind.
+
+    Args:
+        kind: human-readable kind ("masker", "objective", ...), used in error messages.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: Dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Decorator: ``@MASKERS.register("bert_random")`` on a class or factory function."""
+
+        def deco(fn: Callable[..., T]) -> Callable[..., T]:
+            if name in self._entries and self._entries[name] is not fn:
+                raise RegistryError(f"{self.kind} {name!r} is already registered by {self._entries[name]!r}")
+            self._entries[name] = fn
+            return fn
+
+        return deco
+
+    def get(self, name: str) -> Callable[..., T]:
+        """The registered factory for ``name``; unknown names raise a :class:`RegistryError`."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = ", ".join(sorted(self._entries)) or "(none registered)"
+            raise RegistryError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+
+    def create(self, name: str, **kwargs: Any) -> T:
+        """Build entry ``name`` with ``kwargs``; unknown keyword names are reported, not ignored."""
+        fn = self.get(name)
+        check_kwargs(fn, kwargs, f"{self.kind} {name!r}")
+        return fn(**kwargs)
+
+    def list(self, pattern: str = "*") -> List[str]:
+        """Sorted names matching a shell-style ``pattern``."""
+        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.list()})"
+
+
+def check_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], what: str) -> None:
+    """Raise a :class:`RegistryError` naming any keyword that ``fn`` does not accept."""
+    sig = inspect.signature(fn)
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise RegistryError(f"{what} got unknown argument(s) {unknown}; accepted: {accepted}")
+
+
+# One registry per kind of part. Modules register into these on import.
+TOKENIZERS: Registry = Registry("tokenizer")
+EMBEDDERS: Registry = Registry("embedder")
+MASKERS: Registry = Registry("masker")
+OBJECTIVES: Registry = Registry("objective")
+DATASETS: Registry = Registry("dataset")
+ATTENTION_BACKENDS: Registry = Registry("attention backend")
+POSITIONS: Registry = Registry("position encoding")

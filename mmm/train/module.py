@@ -1,0 +1,98 @@
+"""The thin LightningModule: one ``_common_step``; objectives return their losses, it sums and logs."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import lightning as L
+import torch
+
+from mmm.batch import PackedBatch
+from mmm.config import OptimConfig
+from mmm.model import MaskedModel
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int):
+    """Multiplier of the peak lr at a step: linear warmup, then linear/cosine/constant decay."""
+    if optim.schedule not in ("linear", "cosine", "constant"):
+        raise ValueError(f"optim.schedule must be linear, cosine or constant, got {optim.schedule!r}")
+
+    def f(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / max(1, optim.warmup_steps)
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+        shape = 1.0 - progress if optim.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
+
+    return f
+
+
+class MaskedModelingModule(L.LightningModule):
+    """Trains a :class:`~mmm.model.MaskedModel`.
+
+    Args:
+        model: the assembled model.
+        optim: optimizer settings.
+        max_steps: total optimizer steps (for the lr schedule).
+        extra_state: plain data saved under ``checkpoint["mmm"]`` (config, tokenizer files) so a
+            checkpoint is self-contained and loads with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, model: MaskedModel, optim: OptimConfig, max_steps: int,
+                 extra_state: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.max_steps = max_steps
+        self.extra_state = extra_state or {}
+        self._val_sums: Dict[str, list] = {}
+
+    def transfer_batch_to_device(self, batch: PackedBatch, device: torch.device, dataloader_idx: int) -> PackedBatch:
+        return batch.to(device)
+
+    def _common_step(self, batch: PackedBatch, stage: str) -> torch.Tensor:
+        loss, outputs = self.model(batch)
+        n = batch.num_sequences
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, batch_size=n, on_step=on_step, on_epoch=not on_step, prog_bar=True)
+        for name, out in outputs.items():
+            self.log(f"{stage}/{name}_loss", out.loss, batch_size=max(1, out.count), on_step=on_step, on_epoch=not on_step)
+            for metric, value in out.metrics.items():
+                self.log(f"{stage}/{name}_{metric}", value, batch_size=max(1, out.count), on_step=on_step,
+                         on_epoch=not on_step, prog_bar=(metric == "acc"))
+            if stage == "val":  # exact token-weighted mean loss for perplexity
+                s = self._val_sums.setdefault(name, [0.0, 0])
+                s[0] += float(out.loss) * out.count
+                s[1] += out.count
+        return loss
+
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+
+    def on_validation_epoch_end(self) -> None:
+        for name, (total, count) in self._val_sums.items():
+            if count:
+                self.log(f"val/{name}_ppl", math.exp(min(50.0, total / count)), sync_dist=True)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name or "positions" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = bool(torch.cuda.is_available() and self.device.type == "cuda")
+        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, fused=fused)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim, self.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint["mmm"] = self.extra_state
