@@ -50,7 +50,7 @@ class MaskedModelingModule(L.LightningModule):
         self._val_sums: Dict[str, list] = {}
 
     def transfer_batch_to_device(self, batch: PackedBatch, device: torch.device, dataloader_idx: int) -> PackedBatch:
-        return batch.to(device)
+        return batch.to(device)  # PackedBatch knows its own tensors; Lightning's generic walk does not
 
     def _common_step(self, batch: PackedBatch, stage: str) -> torch.Tensor:
         loss, outputs = self.model(batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -31,6 +32,8 @@ from mmm.train.datamodule import TextDataModule
 from mmm.train.module import MaskedModelingModule
 
 logger = logging.getLogger("mmm.train")
+# The module moves PackedBatch itself (it works with any loader, not only our DataModule).
+warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
 
 TOKENIZER_DIR = "tokenizer"
 

@@ -1,0 +1,172 @@
+"""The ``mmm`` command.
+
+    mmm demo [--out DIR] [--max_steps N]
+    mmm pretrain --config configs/text_mlm_tiny.yaml [--trainer.max_steps 50 ...] [--print_config]
+    mmm shards build INPUT OUTPUT [--dataset text] [--max_chars 2000] [--val_fraction 0.01] ...
+    mmm export hf CHECKPOINT OUT_DIR
+    mmm list [KIND]
+
+Overrides follow LightningCLI / jsonargparse conventions: ``--section.key value`` or
+``--section.key=value``, values parsed as YAML; an unknown key is an error naming it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from mmm.config import ConfigError, dump_config, load_config, parse_override_value
+from mmm.registry import RegistryError
+
+
+def parse_overrides(args: Sequence[str]) -> Dict[str, Any]:
+    """``["--trainer.max_steps", "50", "--data.seed=3"]`` → ``{"trainer.max_steps": 50, "data.seed": 3}``."""
+    out: Dict[str, Any] = {}
+    i = 0
+    args = list(args)
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or len(a) <= 2:
+            raise ConfigError(f"unexpected argument {a!r}; overrides look like --section.key value")
+        key = a[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} has no value")
+            raw = args[i + 1]
+            i += 2
+        out[key] = parse_override_value(raw)
+    return out
+
+
+def _cmd_pretrain(ns: argparse.Namespace, rest: List[str]) -> int:
+    cfg = load_config(ns.config, parse_overrides(rest))
+    if ns.print_config:
+        print(dump_config(cfg))
+        return 0
+    from mmm.train.pretrain import pretrain
+
+    run = pretrain(cfg)
+    print(f"run folder: {run.run_dir}\nlast checkpoint: {run.last_checkpoint}")
+    return 0
+
+
+def _cmd_demo(ns: argparse.Namespace, rest: List[str]) -> int:
+    if rest:
+        raise ConfigError(f"mmm demo: unexpected arguments {rest}")
+    from mmm.demo import run_demo
+
+    out = Path(ns.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"mmm demo: writing to {out}", flush=True)
+    m = run_demo(out, ns.config, ns.max_steps, progress_bar=not ns.no_progress)
+    tr, un = m["held_out"]["trained"], m["held_out"]["untrained"]
+    print(f"held-out masked-token accuracy: trained {tr['accuracy']:.3f} vs untrained {un['accuracy']:.3f}; "
+          f"perplexity {tr['perplexity']:.1f} vs {un['perplexity']:.1f}")
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _cmd_shards(ns: argparse.Namespace, rest: List[str]) -> int:
+    if rest:
+        raise ConfigError(f"mmm shards build: unexpected arguments {rest}")
+    import datasets_def  # noqa: F401
+    from mmm.registry import DATASETS
+
+    ds = DATASETS.create(ns.dataset)
+    report = ds.build_shards(ns.input, ns.output, max_chars=ns.max_chars, samples_per_shard=ns.samples_per_shard,
+                             jsonl_field=ns.jsonl_field, val_fraction=ns.val_fraction, seed=ns.seed,
+                             skip_bad=ns.skip_bad, overwrite=ns.overwrite)
+    print(f"wrote {sum(report.shards.values())} shards to {ns.output}: "
+          + ", ".join(f"{split}: {report.chunks.get(split, 0)} samples" for split in sorted(report.chunks)))
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} bad input(s) (listed in manifest.json), e.g. {report.skipped[0]}")
+    return 0
+
+
+def _cmd_export(ns: argparse.Namespace, rest: List[str]) -> int:
+    if rest:
+        raise ConfigError(f"mmm export: unexpected arguments {rest}")
+    from mmm.interop.hf import export_command
+
+    export_command(ns.checkpoint, ns.out)
+    print(f"exported HF BERT to {ns.out}")
+    return 0
+
+
+def _cmd_list(ns: argparse.Namespace, rest: List[str]) -> int:
+    import datasets_def  # noqa: F401
+    import mmm.core.encoder  # noqa: F401
+    import mmm.masking  # noqa: F401
+    import mmm.model  # noqa: F401
+    from mmm import registry
+
+    kinds = {r.kind: r for r in vars(registry).values() if isinstance(r, registry.Registry)}
+    for kind, reg in sorted(kinds.items()):
+        if ns.kind in (None, kind):
+            print(f"{kind}: {', '.join(reg.list())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmm", description="Multimodal masked modeling.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="pretrain the tiny text MLM on the embedded corpus and write a report")
+    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    d.add_argument("--config", default=None, help="config (default configs/text_mlm_tiny.yaml)")
+    d.add_argument("--max_steps", type=int, default=None, help="override trainer.max_steps")
+    d.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    d.set_defaults(fn=_cmd_demo)
+
+    t = sub.add_parser("pretrain", help="pretrain from a YAML config; --section.key value overrides")
+    t.add_argument("--config", default=None, help="YAML config file")
+    t.add_argument("--print_config", action="store_true", help="print the resolved config (with comments) and exit")
+    t.set_defaults(fn=_cmd_pretrain)
+
+    s = sub.add_parser("shards", help="WebDataset shard tools")
+    ssub = s.add_subparsers(dest="shards_command", required=True)
+    b = ssub.add_parser("build", help="build shards from a folder of raw files")
+    b.add_argument("input", help="input folder or file (.txt / .jsonl for text)")
+    b.add_argument("output", help="output folder for {train,val}-NNNNNN.tar")
+    b.add_argument("--dataset", default="text", help="dataset definition (default text)")
+    b.add_argument("--max_chars", type=int, default=2000, help="longest text chunk in characters")
+    b.add_argument("--samples_per_shard", type=int, default=5000)
+    b.add_argument("--jsonl_field", default="text", help="field holding the text in .jsonl files")
+    b.add_argument("--val_fraction", type=float, default=0.0, help="fraction of documents for the val split")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--skip_bad", action="store_true", help="skip (and report) bad files/lines instead of stopping")
+    b.add_argument("--overwrite", action="store_true", help="replace shards already in OUTPUT")
+    b.set_defaults(fn=_cmd_shards)
+
+    e = sub.add_parser("export", help="export an encoder to another library's format")
+    esub = e.add_subparsers(dest="export_format", required=True)
+    h = esub.add_parser("hf", help="HF transformers BERT (config.json + model.safetensors + vocab.txt)")
+    h.add_argument("checkpoint", help="mmm checkpoint (.ckpt)")
+    h.add_argument("out", help="output folder")
+    h.set_defaults(fn=_cmd_export)
+
+    li = sub.add_parser("list", help="list registered components")
+    li.add_argument("kind", nargs="?", default=None)
+    li.set_defaults(fn=_cmd_list)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints through its own handler
+    parser = build_parser()
+    ns, rest = parser.parse_known_args(argv)
+    try:
+        return ns.fn(ns, rest)
+    except (ConfigError, RegistryError, FileNotFoundError, ValueError) as e:
+        print(f"mmm {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""``mmm demo``: pretrain the tiny text MLM on the embedded corpus and report what it learned.
+
+Steps: build the embedded corpus (stdlib docstrings) → train a tokenizer → pretrain
+``configs/text_mlm_tiny.yaml`` for a few minutes on CPU → score held-out masked-token accuracy and
+perplexity of the trained model and of the same network at its initialisation, on identical
+masks → write ``report.md``, ``loss_curve.png`` and ``metrics.json`` to the output folder.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import lightning as L
+import numpy as np
+import torch
+
+from mmm.batch import PackedBatch
+from mmm.config import PretrainConfig, load_config
+from mmm.core.packing import PackedSeqInfo
+from mmm.evaluate import MLMScore, evaluate_mlm
+from mmm.model import MaskedModel, build_model
+from mmm.modalities.text_tokenizer import TextTokenizer
+from mmm.registry import MASKERS
+from mmm.train.pretrain import pretrain, resolve_shards
+
+logger = logging.getLogger("mmm.demo")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "text_mlm_tiny.yaml"
+
+
+def _read_metrics(csv_path: Path) -> Dict[str, List[tuple]]:
+    series: Dict[str, List[tuple]] = {}
+    if not csv_path.is_file():
+        return series
+    with csv_path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            step = row.get("step")
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None) or step in ("", None):
+                    continue
+                series.setdefault(key, []).append((int(float(step)), float(value)))
+    return series
+
+
+def plot_loss_curve(series: Dict[str, List[tuple]], out: Path, untrained_loss: float) -> None:
+    """PNG of the training loss, validation loss and the untrained model's held-out loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if "train/loss" in series:
+        s, v = zip(*series["train/loss"])
+        ax.plot(s, v, label="train MLM loss", lw=1)
+    if "val/loss" in series:
+        s, v = zip(*series["val/loss"])
+        ax.plot(s, v, "o-", label="held-out MLM loss")
+    ax.axhline(untrained_loss, color="grey", ls="--", label="untrained model, held-out")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title("mmm demo: tiny text MLM on Python stdlib docstrings")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def fill_in_examples(models: Dict[str, MaskedModel], tokenizer: TextTokenizer, texts: List[str], n: int = 6,
+                     seed: int = 0) -> List[Dict[str, str]]:
+    """Hide one whole word in short held-out snippets and show each model's top guess."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for text in texts:
+        ids, word_ids = tokenizer.encode(" ".join(text.split()[:40]))
+        ids, word_ids = ids[:60], word_ids[:60]
+        words = [w for w in np.unique(word_ids) if (word_ids == w).sum() == 1]
+        words = [w for w in words if len(tokenizer.decode([int(ids[word_ids == w][0])])) >= 4]
+        if not words:
+            continue
+        w = int(rng.choice(words))
+        pos = int(np.flatnonzero(word_ids == w)[0])
+        seq_ids = np.concatenate([[tokenizer.cls_id], ids, [tokenizer.sep_id]]).astype(np.int64)
+        answer = int(seq_ids[pos + 1])
+        seq_ids[pos + 1] = tokenizer.mask_id
+        batch = PackedBatch(torch.from_numpy(seq_ids), PackedSeqInfo.from_seqlens([len(seq_ids)]),
+                            torch.tensor([pos + 1]), torch.tensor([answer]))
+        row = {"text": tokenizer.decode(seq_ids.tolist(), skip_special_tokens=False)
+               .replace("[CLS]", "").replace("[SEP]", "").strip(), "answer": tokenizer.decode([answer])}
+        for name, model in models.items():
+            model.eval()
+            hidden = model.encode(batch)
+            logits = model.objectives["mlm"].head(hidden[batch.mlm_positions])
+            row[name] = tokenizer.decode([int(logits.argmax(-1))])
+        rows.append(row)
+        if len(rows) >= n:
+            break
+    return rows
+
+
+def run_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
+             progress_bar: bool = True) -> Dict[str, object]:
+    """Run the whole demo; returns the metrics written to ``metrics.json``.
+
+    Args:
+        out_dir: folder for the run and the report.
+        config: pretraining config (default ``configs/text_mlm_tiny.yaml``).
+        max_steps: override ``trainer.max_steps``.
+        progress_bar: show Lightning's progress bar.
+    """
+    config = Path(config) if config else DEFAULT_CONFIG
+    overrides = {"trainer.default_root_dir": str(out_dir / "run"), "trainer.enable_progress_bar": progress_bar}
+    if max_steps is not None:
+        overrides["trainer.max_steps"] = max_steps
+    cfg: PretrainConfig = load_config(config, overrides)
+    t0 = time.perf_counter()
+    run = pretrain(cfg)
+    train_seconds = time.perf_counter() - t0
+
+    tok = run.tokenizer
+    trained = run.module.model.cpu()
+    L.seed_everything(cfg.seed, verbose=False)
+    untrained = build_model(cfg.model, cfg.objectives, tok.vocab_size, tok.pad_id)
+    masker = MASKERS.create(cfg.masking.name, vocab=tok.vocab(), **cfg.masking.args)
+    val_urls = resolve_shards(cfg.data.val or "embedded", cfg.data.dataset, "val")
+    scores: Dict[str, MLMScore] = {
+        name: evaluate_mlm(m, tok, masker, val_urls, max_len=cfg.model.text.max_len, batch_size=cfg.data.batch_size)
+        for name, m in (("trained", trained), ("untrained", untrained))
+    }
+    from datasets_def.text import iter_texts
+
+    examples = fill_in_examples({"trained": trained, "untrained": untrained}, tok, list(iter_texts(val_urls, split="val"))[:40])
+    series = _read_metrics(run.csv_logger.log_dir and Path(run.csv_logger.log_dir) / "metrics.csv")
+    plot_loss_curve(series, out_dir / "loss_curve.png", scores["untrained"].loss)
+    tokens_per_sec = [v for _, v in series.get("train/tokens_per_sec", [])]
+    metrics = {
+        "config": str(config),
+        "steps": cfg.trainer.max_steps,
+        "train_seconds": round(train_seconds, 1),
+        "median_tokens_per_sec": float(np.median(tokens_per_sec)) if tokens_per_sec else None,
+        "held_out": {k: vars(v) for k, v in scores.items()},
+        "checkpoint": str(run.last_checkpoint),
+        "examples": examples,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "report.md").write_text(_report(metrics, cfg), encoding="utf-8")
+    return metrics
+
+
+def _report(m: Dict, cfg: PretrainConfig) -> str:
+    tr, un = m["held_out"]["trained"], m["held_out"]["untrained"]
+    e = cfg.model.encoder
+    lines = [
+        "# mmm demo report",
+        "",
+        f"Tiny text MLM ({e.depth} layers, width {e.dim}, {e.heads} heads, vocab {cfg.model.text.vocab_size}) "
+        f"pretrained for {m['steps']} steps ({m['train_seconds']} s on this machine) on the embedded corpus "
+        "(Python standard-library docstrings), masking with "
+        f"`{cfg.masking.name}` {cfg.masking.args}.",
+        "",
+        f"Held-out split: {tr['sequences']} sequences, {tr['predictions']} masked tokens, identical masks for both models.",
+        "",
+        "| model | masked-token accuracy | perplexity | loss (nats) |",
+        "|---|---|---|---|",
+        f"| untrained (same init) | {un['accuracy']:.3f} | {un['perplexity']:.1f} | {un['loss']:.3f} |",
+        f"| **trained** | **{tr['accuracy']:.3f}** | **{tr['perplexity']:.1f}** | **{tr['loss']:.3f}** |",
+        "",
+        f"Median training throughput: {m['median_tokens_per_sec']:.0f} real tokens/s." if m["median_tokens_per_sec"] else "",
+        "",
+        "![loss curve](loss_curve.png)",
+        "",
+        "## Fill in the blank (held-out snippets, one word hidden)",
+        "",
+        "| snippet | answer | trained | untrained |",
+        "|---|---|---|---|",
+    ]
+    for ex in m["examples"]:
+        snippet = ex["text"].replace("|", "\\|")
+        lines.append(f"| {snippet} | {ex['answer']} | {ex['trained']} | {ex['untrained']} |")
+    lines += ["", f"Checkpoint: `{m['checkpoint']}` (load the text encoder with `mmm.load_encoder(path)`).", ""]
+    return "\n".join(lines)

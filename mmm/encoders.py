@@ -1,0 +1,339 @@
+"""Pretrained encoders as plain ``nn.Module`` s: load one, run it on a padded batch, save it.
+
+A :class:`TextEncoder` is the text embedder plus the shared
+:class:`~mmm.core.encoder.TransformerEncoder` of a :class:`~mmm.model.MaskedModel`, without the
+objective heads and without Lightning. It takes the right-padded ``(input_ids, attention_mask)``
+pair HF ``transformers`` models take and returns ``(B, T, H)`` hidden states, so it can stand in
+for a ``BertModel`` in downstream code.
+
+:func:`load_encoder` reads three sources:
+
+* an mmm Lightning checkpoint (``.ckpt``) written by :mod:`mmm.train.pretrain` -- loaded with
+  ``torch.load(weights_only=True)``, so a file carrying pickled code is refused, never run;
+  the network is rebuilt from the config and tokenizer files stored under ``checkpoint["mmm"]``;
+* a directory written by :func:`save_encoder` (``mmm_encoder.json`` + ``model.safetensors`` +
+  ``tokenizer/``);
+* an HF BERT directory (``config.json`` + weights), through :func:`mmm.interop.hf.import_hf_bert`.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from mmm.config import ConfigError, ModelConfig, PretrainConfig, from_dict, to_dict
+from mmm.core.encoder import TransformerEncoder
+from mmm.core.packing import pack_padded
+from mmm.modalities.text_tokenizer import TextTokenizer
+from mmm.model import build_text_embedder
+
+PathLike = Union[str, Path]
+
+MODALITIES = ("text",)
+"""Modalities :func:`load_encoder` can build; image, audio and DNA encoders come with their embedders."""
+
+CHECKPOINT_FORMAT = "mmm-pretrain-v1"
+ENCODER_FORMAT = "mmm-encoder-v1"
+ENCODER_META_FILE = "mmm_encoder.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_SUBDIR = "tokenizer"
+_PARTS = ("embedder.", "encoder.")
+
+
+class TextEncoder(nn.Module):
+    """Text embedder + shared Transformer encoder: ``(B, T)`` token ids → ``(B, T, H)`` hidden states.
+
+    Padded positions of the output are exactly zero. (HF ``BertModel`` computes finite but
+    meaningless values there; compare the two on real tokens only.)
+
+    Args:
+        embedder: a :class:`~mmm.modalities.text.TextEmbedder`.
+        encoder: the shared :class:`~mmm.core.encoder.TransformerEncoder`.
+        config: the model configuration both were built from (kept for :func:`save_encoder`).
+        tokenizer: the matching tokenizer, or None; exposed as ``self.tokenizer``.
+    """
+
+    def __init__(self, embedder: nn.Module, encoder: TransformerEncoder, config: ModelConfig,
+                 tokenizer: Optional[TextTokenizer] = None) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.encoder = encoder
+        self.config = config
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, vocab_size: int, pad_id: int = 0,
+                    tokenizer: Optional[TextTokenizer] = None) -> "TextEncoder":
+        """Build a freshly initialised encoder (weights are expected to be loaded afterwards).
+
+        Args:
+            config: network configuration.
+            vocab_size: number of token ids.
+            pad_id: padding id.
+            tokenizer: optional tokenizer to attach.
+        """
+        return cls(build_text_embedder(config, vocab_size, pad_id), TransformerEncoder(config.encoder), config, tokenizer)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.encoder.dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedder.tokens.num_embeddings
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.embedder.pad_id)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encode a right-padded batch.
+
+        Args:
+            input_ids: (B, T) integer token ids.
+            attention_mask: (B, T) with 1 on real tokens then 0 on padding in each row (right
+                padding); None = every position is real.
+
+        Returns:
+            (B, T, H) hidden states; zeros at padded positions.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got {shape}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor (torch.long), got dtype {input_ids.dtype}")
+        b, t = input_ids.shape
+        if b == 0 or t == 0:
+            raise ValueError(f"input_ids is empty (shape {(b, t)}); need at least one token per sequence")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        else:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+                shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+                raise ValueError(f"attention_mask must have the shape of input_ids {(b, t)}, got {shape}")
+            if attention_mask.dtype != torch.bool:
+                if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                    raise ValueError("attention_mask must hold only 0 and 1 (1 = real token)")
+                attention_mask = attention_mask != 0
+        try:
+            seq = pack_padded(attention_mask)
+        except ValueError as e:
+            if "right-padded" in str(e):
+                raise ValueError("attention_mask must be right-padded (ones then zeros in every row); left padding "
+                                 "is not supported -- pad on the right (tokenizer padding_side='right')") from None
+            raise
+        limit = self.embedder.max_len
+        if self.embedder.positions.weight is not None and seq.max_seqlen > limit:
+            raise ValueError(f"a sequence has {seq.max_seqlen} real tokens but this encoder's position table holds "
+                             f"max_len={limit}; truncate or chunk the input to at most {limit} tokens")
+        ids = input_ids[attention_mask].long()  # (N,) row-major = packed order for right padding
+        if bool((ids < 0).any()) or bool((ids >= self.vocab_size).any()):
+            raise ValueError(f"input_ids must lie in [0, {self.vocab_size}) on real tokens, got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        x = self.embedder(ids, seq.position_ids)
+        hidden = seq.pad(self.encoder(x, seq))  # (B, T_max, H)
+        if hidden.shape[1] < t:
+            hidden = torch.cat([hidden, hidden.new_zeros(b, t - hidden.shape[1], hidden.shape[2])], dim=1)
+        return hidden
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class CheckpointContents:
+    """What an mmm pretraining checkpoint holds, as plain data.
+
+    Args:
+        path: the checkpoint file.
+        config: the run's configuration.
+        state_dict: model weights with the Lightning ``model.`` prefix removed.
+        tokenizer: the tokenizer rebuilt from the embedded files, or None if none was stored.
+    """
+
+    path: Path
+    config: PretrainConfig
+    state_dict: Dict[str, torch.Tensor]
+    tokenizer: Optional[TextTokenizer]
+
+
+def read_checkpoint(path: PathLike) -> CheckpointContents:
+    """Read an mmm Lightning checkpoint safely (``weights_only=True``: tensors and plain data only).
+
+    Args:
+        path: a ``.ckpt`` written by ``mmm pretrain``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {p} does not exist or is not a file")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load {p}: it contains pickled objects other than tensors and plain data, and "
+                         f"mmm only unpickles checkpoints with torch.load(weights_only=True) ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # a non-zip, truncated or foreign file
+        raise ValueError(f"{p} is not a PyTorch checkpoint torch.load can read: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{p} is not a Lightning checkpoint: expected a dict with a 'state_dict' entry")
+    meta = ckpt.get("mmm")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{p} has no 'mmm' section (config and tokenizer); was it written by `mmm pretrain`?")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{p}: checkpoint['mmm']['format'] is {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{p}: checkpoint['mmm']['config'] is missing or not a mapping")
+    try:
+        cfg = from_dict(PretrainConfig, meta["config"], "checkpoint['mmm']['config']")
+    except ConfigError as e:
+        raise ValueError(f"{p}: {e}") from None
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if not state:
+        raise ValueError(f"{p}: state_dict has no 'model.*' keys (found e.g. {sorted(ckpt['state_dict'])[:3]})")
+    files = meta.get("tokenizer") or {}
+    tokenizer = None
+    if files:
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise ValueError(f"{p}: checkpoint['mmm']['tokenizer'] must map file names to file text")
+        with tempfile.TemporaryDirectory(prefix="mmm_tok_") as tmp:
+            for name, text in files.items():
+                if Path(name).name != name:
+                    raise ValueError(f"{p}: tokenizer file name {name!r} is not a plain file name")
+                (Path(tmp) / name).write_text(text, encoding="utf-8")
+            try:
+                tokenizer = TextTokenizer.load(tmp)
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"{p}: the embedded tokenizer cannot be loaded: {e}") from None
+    return CheckpointContents(p, cfg, state, tokenizer)
+
+
+def load_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: PathLike) -> None:
+    """``load_state_dict(strict=True)`` with an error that names ``source`` and the differing keys.
+
+    Args:
+        module: the module to fill.
+        state_dict: weights keyed like ``module.state_dict()``.
+        source: file the weights came from (for the message).
+    """
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the model: missing keys {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    for k, v in state_dict.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{source}: weight {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    module.load_state_dict(state_dict, strict=True)
+
+
+def encoder_from_checkpoint(contents: CheckpointContents) -> TextEncoder:
+    """Build the :class:`TextEncoder` of a read checkpoint (eval mode).
+
+    Args:
+        contents: from :func:`read_checkpoint`.
+    """
+    state = {k: v for k, v in contents.state_dict.items() if k.startswith(_PARTS)}
+    if "embedder.tokens.weight" not in state:
+        raise ValueError(f"{contents.path}: no 'model.embedder.tokens.weight' in the state_dict; not a text model")
+    vocab = int(state["embedder.tokens.weight"].shape[0])
+    tok = contents.tokenizer
+    if tok is not None and tok.vocab_size != vocab:
+        raise ValueError(f"{contents.path}: the embedded tokenizer has {tok.vocab_size} ids but the token table has {vocab}")
+    pad_id = tok.pad_id if tok is not None else 0
+    enc = TextEncoder.from_config(contents.config.model, vocab, pad_id, tok)
+    load_weights(enc, state, contents.path)
+    return enc.eval()
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def save_encoder(encoder: TextEncoder, directory: PathLike) -> Path:
+    """Write ``mmm_encoder.json``, ``model.safetensors`` and ``tokenizer/`` (when there is one).
+
+    Args:
+        encoder: the encoder to save.
+        directory: output folder, created if needed.
+
+    Returns:
+        The folder; :func:`load_encoder` reads it back.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(encoder, TextEncoder):
+        raise TypeError(f"save_encoder expects a TextEncoder, got {type(encoder).__name__}")
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"cannot save encoder: {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": ENCODER_FORMAT, "modality": "text", "model": to_dict(encoder.config),
+            "vocab_size": encoder.vocab_size, "pad_id": encoder.pad_id}
+    (out / ENCODER_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    if encoder.tokenizer is not None:
+        encoder.tokenizer.save(out / TOKENIZER_SUBDIR)
+    return out
+
+
+def _load_saved_encoder(directory: Path) -> TextEncoder:
+    from safetensors.torch import load_file
+
+    meta_path = directory / ENCODER_META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {meta_path}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != ENCODER_FORMAT:
+        raise ValueError(f"{meta_path}: 'format' must be {ENCODER_FORMAT!r}, got "
+                         f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
+    for key in ("model", "vocab_size", "pad_id", "modality"):
+        if key not in meta:
+            raise ValueError(f"{meta_path}: missing key {key!r}")
+    if meta["modality"] != "text":
+        raise ValueError(f"{meta_path}: modality {meta['modality']!r} is not supported; supported: {list(MODALITIES)}")
+    try:
+        cfg = from_dict(ModelConfig, meta["model"], "model")
+    except ConfigError as e:
+        raise ValueError(f"{meta_path}: {e}") from None
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"encoder weights {weights} are missing")
+    tok_dir = directory / TOKENIZER_SUBDIR
+    tok = TextTokenizer.load(tok_dir) if tok_dir.is_dir() else None
+    enc = TextEncoder.from_config(cfg, int(meta["vocab_size"]), int(meta["pad_id"]), tok)
+    load_weights(enc, load_file(str(weights)), weights)
+    return enc.eval()
+
+
+def load_encoder(source: PathLike, modality: str = "text") -> nn.Module:
+    """Load a pretrained encoder in eval mode.
+
+    Args:
+        source: an mmm ``.ckpt`` file, a :func:`save_encoder` directory, or an HF BERT directory
+            (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``).
+        modality: which encoder to build; only ``"text"`` for now.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; supported: {list(MODALITIES)} "
+                         "(image, audio and dna encoders come with their embedders)")
+    p = Path(source)
+    if not p.exists():
+        raise FileNotFoundError(f"encoder source {p} does not exist")
+    if p.is_file():
+        return encoder_from_checkpoint(read_checkpoint(p))
+    if (p / ENCODER_META_FILE).is_file():
+        return _load_saved_encoder(p)
+    if (p / "config.json").is_file():
+        from mmm.interop.hf import import_hf_bert
+
+        return import_hf_bert(p)
+    raise ValueError(f"{p} is a directory but holds neither {ENCODER_META_FILE} (save_encoder) nor config.json "
+                     "(HF BERT); pass a .ckpt file or one of those directories")

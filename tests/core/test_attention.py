@@ -1,0 +1,113 @@
+import math
+
+import pytest
+import torch
+
+from mmm.core.attention import BACKEND_ENV, math_attention, resolve_backend, sdpa_attention, xformers_attention
+from mmm.core.packing import PackedSeqInfo
+from mmm.core.position import ALiBi, alibi_slopes
+from mmm.registry import RegistryError
+
+LENGTHS = [7, 1, 33, 16, 64]
+
+
+def _qkv(n, h=4, d=16, dtype=torch.float32, device="cpu", requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(n, h, d, generator=g, dtype=torch.float32).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+            for _ in range(3)]
+
+
+def _naive_per_sequence(q, k, v, seq, bias=None):
+    """Attention computed sequence by sequence: the definition packed attention must match."""
+    outs = []
+    cu = seq.cu_seqlens.tolist()
+    for s, e in zip(cu[:-1], cu[1:]):
+        qs, ks, vs = (t[s:e].transpose(0, 1).double() for t in (q, k, v))  # (H, L, D)
+        scores = qs @ ks.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if bias is not None:
+            scores = scores + bias(e - s, torch.float64)[0]
+        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
+    return torch.cat(outs).to(q.dtype)
+
+
+@pytest.mark.parametrize("backend", [sdpa_attention, math_attention], ids=["sdpa", "math"])
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["plain", "alibi"])
+def test_packed_backends_match_per_sequence_reference(backend, use_alibi):
+    seq = PackedSeqInfo.from_seqlens(LENGTHS)
+    q, k, v = _qkv(seq.num_tokens)
+    bias = ALiBi(4).bias if use_alibi else None
+    out = backend(q, k, v, seq, bias)
+    ref = _naive_per_sequence(q, k, v, seq, bias)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_and_math_agree_forward_and_backward():
+    seq = PackedSeqInfo.from_seqlens(LENGTHS)
+    grads = []
+    outs = []
+    for fn in (sdpa_attention, math_attention):
+        q, k, v = _qkv(seq.num_tokens, requires_grad=True)
+        out = fn(q, k, v, seq)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad for t in (q, k, v)])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_uniform_lengths_take_the_unmasked_path():
+    seq = PackedSeqInfo.from_seqlens([8, 8, 8])
+    q, k, v = _qkv(seq.num_tokens)
+    torch.testing.assert_close(sdpa_attention(q, k, v, seq), _naive_per_sequence(q, k, v, seq), atol=1e-5, rtol=1e-5)
+
+
+def test_alibi_slopes_follow_the_paper():
+    assert alibi_slopes(8).tolist() == pytest.approx([2 ** -(i + 1) for i in range(8)])
+    assert len(alibi_slopes(12)) == 12 and alibi_slopes(12).min() > 0
+    b = ALiBi(2).bias(3, torch.float32)
+    assert b.shape == (1, 2, 3, 3)
+    torch.testing.assert_close(b[0, 0], torch.tensor([[0, -1 / 16, -2 / 16], [-1 / 16, 0, -1 / 16], [-2 / 16, -1 / 16, 0]]))
+
+
+def test_backend_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert resolve_backend("auto", cpu) == "sdpa"
+    assert resolve_backend("math", cpu) == "math"
+    monkeypatch.setenv(BACKEND_ENV, "math")
+    assert resolve_backend("auto", cpu) == "math"
+    assert resolve_backend("sdpa", cpu) == "sdpa"  # an explicit config value wins over the environment
+    with pytest.raises(RuntimeError, match="no CPU kernels"):
+        resolve_backend("xformers", cpu)
+    with pytest.raises(ValueError, match="ALiBi"):
+        resolve_backend("xformers", torch.device("cuda"), has_bias=True)
+    with pytest.raises(RegistryError, match="known attention backends: math, sdpa, xformers"):
+        resolve_backend("flash9", cpu)
+    monkeypatch.setenv(BACKEND_ENV, "bogus")
+    with pytest.raises(RegistryError, match="bogus"):
+        resolve_backend("auto", cpu)
+
+
+def test_xformers_refuses_cpu_tensors_clearly():
+    seq = PackedSeqInfo.from_seqlens([3])
+    q, k, v = _qkv(3)
+    with pytest.raises(RuntimeError, match="no CPU kernels"):
+        xformers_attention(q, k, v, seq)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_gpu_backends_agree_forward_and_backward(dtype, tol):
+    pytest.importorskip("xformers")
+    seq = PackedSeqInfo.from_seqlens([128, 17, 300, 64, 1]).to("cuda")
+    results = {}
+    for name, fn in (("xformers", xformers_attention), ("sdpa", sdpa_attention), ("math", math_attention)):
+        q, k, v = _qkv(seq.num_tokens, h=8, d=64, dtype=dtype, device="cuda", requires_grad=True)
+        out = fn(q, k, v, seq)
+        out.float().pow(2).sum().backward()
+        results[name] = [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
+    for name in ("xformers", "sdpa"):
+        for a, b in zip(results[name], results["math"]):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
