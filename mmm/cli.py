@@ -93,8 +93,7 @@ def _cmd_export(ns: argparse.Namespace, rest: List[str]) -> int:
         raise ConfigError(f"mmm export: unexpected arguments {rest}")
     from mmm.interop.hf import export_command
 
-    export_command(ns.checkpoint, ns.out)
-    print(f"exported HF BERT to {ns.out}")
+    export_command(ns.checkpoint, ns.out)  # prints what was written and how to load it
     return 0
 
 

@@ -163,6 +163,28 @@ class CheckpointContents:
     tokenizer: Optional[TextTokenizer]
 
 
+def safe_torch_load(path: Path) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that name ``path``.
+
+    A file whose pickle references anything beyond tensors and plain containers (a class with a
+    ``__reduce__`` payload, say) is refused before any of it runs.
+
+    Args:
+        path: a file written by ``torch.save``.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0].strip()
+        if "Unsupported global" in text:
+            raise ValueError(f"refusing to load {path}: it contains pickled objects other than tensors and plain "
+                             f"data, and mmm only unpickles with torch.load(weights_only=True) ({detail})") from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint torch.load can read safely ({detail or text})") from None
+    except Exception as e:  # a truncated zip, a foreign format
+        raise ValueError(f"{path} is not a PyTorch checkpoint torch.load can read: {type(e).__name__}: {e}") from None
+
+
 def read_checkpoint(path: PathLike) -> CheckpointContents:
     """Read an mmm Lightning checkpoint safely (``weights_only=True``: tensors and plain data only).
 
@@ -172,13 +194,7 @@ def read_checkpoint(path: PathLike) -> CheckpointContents:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {p} does not exist or is not a file")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"refusing to load {p}: it contains pickled objects other than tensors and plain data, and "
-                         f"mmm only unpickles checkpoints with torch.load(weights_only=True) ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # a non-zip, truncated or foreign file
-        raise ValueError(f"{p} is not a PyTorch checkpoint torch.load can read: {type(e).__name__}: {e}") from None
+    ckpt = safe_torch_load(p)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{p} is not a Lightning checkpoint: expected a dict with a 'state_dict' entry")
     meta = ckpt.get("mmm")

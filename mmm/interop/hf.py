@@ -1,0 +1,479 @@
+"""Convert between mmm text encoders and HF ``transformers`` BERT (``BertModel`` / ``BertForMaskedLM``).
+
+Weight layout. mmm fuses the query/key/value projections into one ``attn.qkv`` Linear (d → 3d,
+rows ordered q | k | v, heads contiguous inside each); HF BERT keeps three Linears
+(``attention.self.{query,key,value}``). Everything else maps one to one::
+
+    embedder.tokens / positions / norm      ↔ embeddings.word_embeddings / position_embeddings / LayerNorm
+    encoder.blocks.{i}.attn.proj / norm1    ↔ encoder.layer.{i}.attention.output.dense / LayerNorm
+    encoder.blocks.{i}.mlp.fc1              ↔ encoder.layer.{i}.intermediate.dense
+    encoder.blocks.{i}.mlp.fc2 / norm2      ↔ encoder.layer.{i}.output.dense / LayerNorm
+    MLM head dense / norm / bias / weight   ↔ cls.predictions.transform.dense / transform.LayerNorm / bias / decoder
+
+Segments. mmm has no segment (token type) embeddings. Export writes a zero
+``token_type_embeddings`` table (2 rows), so HF outputs do not depend on ``token_type_ids``
+and match mmm for any of them. Import folds row 0 of HF's table into the position table; that is
+exact for inputs whose ``token_type_ids`` are all 0 -- what ``BertModel(input_ids,
+attention_mask)`` uses when none are given, and what :class:`~mmm.encoders.TextEncoder` models.
+
+Pooler. mmm pretrains no pooler (no next-sentence objective), so none is exported:
+``BertModel.from_pretrained`` reports ``pooler.dense.{weight,bias}`` as missing and initialises
+them randomly, as for any checkpoint without one; use the hidden states, not ``pooler_output``.
+Import ignores a pooler and an NSP head (``cls.seq_relationship``).
+
+Only post-LayerNorm models with a GELU MLP, learned absolute positions, an embedding LayerNorm,
+QKV biases and no final LayerNorm or relative positions are BERT; anything else is refused by
+name. ``transformers`` is needed to export (for ``BertConfig``) and imported lazily; import reads
+``config.json`` and the weights directly.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from mmm.config import EncoderConfig, ModelConfig, TextConfig
+from mmm.encoders import (TextEncoder, encoder_from_checkpoint, load_encoder, load_weights, read_checkpoint,
+                          safe_torch_load)
+from mmm.modalities.text_tokenizer import META_FILE, TOKENIZER_FILE, VOCAB_FILE, WORDPIECE_SPECIALS, TextTokenizer
+from mmm.objectives.mlm import MLMHead
+
+PathLike = Union[str, Path]
+
+CONFIG_FILE = "config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SAFETENSORS_FILE = "model.safetensors"
+BIN_FILE = "pytorch_model.bin"
+GELU_ACTS = ("gelu", "gelu_python")  # both exact erf GELU in transformers
+_IGNORED_PREFIXES = ("pooler.", "cls.seq_relationship.", "embeddings.position_ids")
+_HEAD_PREFIX = "objectives.mlm.head."
+
+
+def _require_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("exporting to HF BERT needs the `transformers` package: pip install transformers") from None
+    return transformers
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def check_exportable(config: ModelConfig) -> None:
+    """Raise ValueError naming the first config field HF ``BertModel`` cannot represent.
+
+    Args:
+        config: the model configuration of the encoder to export.
+    """
+    e, t = config.encoder, config.text
+    rules = [
+        ("model.encoder.norm_first", e.norm_first, False, "BERT is post-LayerNorm"),
+        ("model.encoder.final_norm", e.final_norm, False, "BERT has no LayerNorm after the last block"),
+        ("model.encoder.mlp", e.mlp, "gelu", "BERT's MLP is Linear-GELU-Linear (no gated units)"),
+        ("model.encoder.relative_position", e.relative_position, "none", "BERT has no ALiBi/rotary positions"),
+        ("model.encoder.qkv_bias", e.qkv_bias, True, "BERT's query/key/value projections have biases"),
+        ("model.text.position", t.position, "learned", "BERT uses a learned absolute position table"),
+        ("model.text.embed_norm", t.embed_norm, True, "BERT normalises the embedding sum"),
+    ]
+    for name, value, needed, why in rules:
+        if value != needed:
+            raise ValueError(f"cannot export to HF BERT: {name}={value!r} is not representable "
+                             f"({why}; it needs {name}={needed!r})")
+
+
+def _encoder_tensors(enc: TextEncoder) -> Dict[str, torch.Tensor]:
+    """mmm encoder weights in HF ``BertModel`` key layout (no prefix)."""
+    sd = enc.state_dict()
+    d = enc.hidden_size
+    out = {
+        "embeddings.word_embeddings.weight": sd["embedder.tokens.weight"],
+        "embeddings.position_embeddings.weight": sd["embedder.positions.weight"],
+        "embeddings.token_type_embeddings.weight": torch.zeros(2, d, dtype=sd["embedder.tokens.weight"].dtype),
+        "embeddings.LayerNorm.weight": sd["embedder.norm.weight"],
+        "embeddings.LayerNorm.bias": sd["embedder.norm.bias"],
+    }
+    for i in range(enc.config.encoder.depth):
+        src, dst = f"encoder.blocks.{i}.", f"encoder.layer.{i}."
+        for part, (w, b) in zip(("query", "key", "value"),
+                                zip(sd[src + "attn.qkv.weight"].split(d, 0), sd[src + "attn.qkv.bias"].split(d, 0))):
+            out[f"{dst}attention.self.{part}.weight"] = w
+            out[f"{dst}attention.self.{part}.bias"] = b
+        for ours, theirs in (("attn.proj", "attention.output.dense"), ("norm1", "attention.output.LayerNorm"),
+                             ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"),
+                             ("norm2", "output.LayerNorm")):
+            out[f"{dst}{theirs}.weight"] = sd[f"{src}{ours}.weight"]
+            out[f"{dst}{theirs}.bias"] = sd[f"{src}{ours}.bias"]
+    return out
+
+
+def _head_tensors(head: MLMHead) -> Dict[str, torch.Tensor]:
+    return {
+        "cls.predictions.transform.dense.weight": head.dense.weight,
+        "cls.predictions.transform.dense.bias": head.dense.bias,
+        "cls.predictions.transform.LayerNorm.weight": head.norm.weight,
+        "cls.predictions.transform.LayerNorm.bias": head.norm.bias,
+        "cls.predictions.bias": head.bias,
+        "cls.predictions.decoder.weight": head.weight,
+        # HF ties decoder.bias to predictions.bias only when it ties the decoder weight; write both.
+        "cls.predictions.decoder.bias": head.bias,
+    }
+
+
+def head_from_checkpoint(state_dict: Dict[str, torch.Tensor], encoder: TextEncoder, source: PathLike) -> Optional[MLMHead]:
+    """The MLM head stored in an mmm checkpoint's state_dict (tied to ``encoder``'s token table), or None.
+
+    Args:
+        state_dict: checkpoint weights without the ``model.`` prefix.
+        encoder: the encoder built from the same checkpoint.
+        source: the checkpoint file (for messages).
+    """
+    sub = {k[len(_HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_HEAD_PREFIX)}
+    if not sub:
+        return None
+    tied = "decoder_weight" not in sub
+    head = MLMHead(encoder.hidden_size, encoder.vocab_size, encoder.config.encoder.norm_eps,
+                   encoder.embedder.tokens if tied else None)
+    load_weights(head, sub, source)
+    return head.eval()
+
+
+def _tokenizer_config(tok: TextTokenizer, max_len: int) -> Dict[str, Any]:
+    cfg: Dict[str, Any] = {
+        "tokenizer_class": "BertTokenizer" if tok.kind == "wordpiece" else "PreTrainedTokenizerFast",
+        "do_lower_case": tok.lowercase,
+        "model_max_length": max_len,
+        "padding_side": "right",
+    }
+    cfg.update({f"{role}_token": token for role, token in tok.roles.items()})
+    return cfg
+
+
+def export_hf_bert(encoder_or_ckpt: Union[TextEncoder, PathLike], out_dir: PathLike, *,
+                   mlm_head: Optional[MLMHead] = None) -> Path:
+    """Write an HF BERT directory: ``config.json``, ``model.safetensors`` and the tokenizer files.
+
+    With an MLM head (given, or found in the checkpoint) the layout is ``BertForMaskedLM``
+    (``bert.``-prefixed encoder keys + ``cls.predictions.*``); without one it is ``BertModel``
+    (bare keys). Either loads with ``BertModel.from_pretrained`` and ``AutoModel``.
+
+    Args:
+        encoder_or_ckpt: a :class:`~mmm.encoders.TextEncoder`, an mmm ``.ckpt`` file, or any
+            directory :func:`~mmm.encoders.load_encoder` reads.
+        out_dir: output folder, created if needed.
+        mlm_head: an :class:`~mmm.objectives.mlm.MLMHead` to export with the encoder; overrides
+            the checkpoint's own head.
+
+    Returns:
+        The output folder.
+    """
+    transformers = _require_transformers()
+    from safetensors.torch import save_file
+
+    if isinstance(encoder_or_ckpt, TextEncoder):
+        enc = encoder_or_ckpt
+    else:
+        src = Path(encoder_or_ckpt)
+        if src.is_file():
+            contents = read_checkpoint(src)
+            enc = encoder_from_checkpoint(contents)
+            if mlm_head is None:
+                mlm_head = head_from_checkpoint(contents.state_dict, enc, src)
+        else:
+            enc = load_encoder(src)
+            if not isinstance(enc, TextEncoder):
+                raise TypeError(f"{src}: export_hf_bert needs a text encoder, got {type(enc).__name__}")
+    check_exportable(enc.config)
+    if mlm_head is not None:
+        if not isinstance(mlm_head, MLMHead):
+            raise TypeError(f"mlm_head must be an mmm MLMHead, got {type(mlm_head).__name__}")
+        if tuple(mlm_head.weight.shape) != (enc.vocab_size, enc.hidden_size):
+            raise ValueError(f"mlm_head projects to {tuple(mlm_head.weight.shape)}, the encoder has vocab "
+                             f"{enc.vocab_size} and width {enc.hidden_size}")
+
+    e, t = enc.config.encoder, enc.config.text
+    tied = mlm_head is not None and mlm_head.weight is enc.embedder.tokens.weight
+    if mlm_head is not None and not tied and mlm_head.tied_embedding is not None:
+        raise ValueError("mlm_head is tied to a different embedding table than the encoder's token embedding")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"cannot export: {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    config = transformers.BertConfig(
+        vocab_size=enc.vocab_size, hidden_size=e.dim, num_hidden_layers=e.depth, num_attention_heads=e.heads,
+        intermediate_size=e.mlp_hidden or 4 * e.dim, hidden_act="gelu", hidden_dropout_prob=e.dropout,
+        attention_probs_dropout_prob=e.attn_dropout, max_position_embeddings=t.max_len, type_vocab_size=2,
+        initializer_range=enc.config.init_std, layer_norm_eps=e.norm_eps, pad_token_id=enc.pad_id,
+        tie_word_embeddings=(mlm_head is None or tied),
+        architectures=["BertForMaskedLM" if mlm_head is not None else "BertModel"],
+    )
+    config.save_pretrained(str(out))
+
+    tensors = _encoder_tensors(enc)
+    if mlm_head is not None:
+        tensors = {f"bert.{k}": v for k, v in tensors.items()}
+        tensors.update(_head_tensors(mlm_head))
+    # safetensors refuses shared storage (the tied decoder, split qkv views): write independent copies.
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}
+    save_file(tensors, str(out / SAFETENSORS_FILE), metadata={"format": "pt"})
+
+    if enc.tokenizer is not None:
+        enc.tokenizer.save(out)  # tokenizer.json (fast tokenizer), mmm_tokenizer.json, vocab.txt (WordPiece)
+        (out / TOKENIZER_CONFIG_FILE).write_text(
+            json.dumps(_tokenizer_config(enc.tokenizer, t.max_len), indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def export_command(ckpt: PathLike, out_dir: PathLike) -> Path:
+    """``mmm export hf CKPT OUT``: export a pretraining checkpoint (with its MLM head) to HF BERT.
+
+    Args:
+        ckpt: an mmm ``.ckpt`` file (or a saved-encoder directory).
+        out_dir: output folder.
+    """
+    out = export_hf_bert(ckpt, out_dir)
+    arch = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))["architectures"][0]
+    print(f"exported {ckpt} to {out} as {arch}; load it with transformers.AutoModel.from_pretrained({str(out)!r})")
+    return out
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load_bin(path: Path) -> Dict[str, torch.Tensor]:
+    tensors = safe_torch_load(path)
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"{path}: expected a mapping of weight names to tensors")
+    return tensors
+
+
+def _read_hf_weights(directory: Path) -> Tuple[Dict[str, torch.Tensor], Path]:
+    """All tensors of an HF model directory (single file or sharded), and the file they came from."""
+    from safetensors.torch import load_file
+
+    single = directory / SAFETENSORS_FILE
+    if single.is_file():
+        return load_file(str(single)), single
+    for index_name, loader in ((SAFETENSORS_FILE + ".index.json", lambda p: load_file(str(p))),
+                               (BIN_FILE + ".index.json", _load_bin)):
+        index = directory / index_name
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: missing 'weight_map'")
+            tensors: Dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                shard_path = directory / shard
+                if Path(shard).name != shard or not shard_path.is_file():
+                    raise FileNotFoundError(f"{index}: shard {shard!r} is missing from {directory}")
+                tensors.update(loader(shard_path))
+            return tensors, index
+    binary = directory / BIN_FILE
+    if binary.is_file():
+        return _load_bin(binary), binary
+    raise FileNotFoundError(f"{directory} holds no weights: expected {SAFETENSORS_FILE}, {BIN_FILE} or a sharded index")
+
+
+def _normalise_keys(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Strip the ``bert.`` prefix and rename old ``gamma``/``beta`` LayerNorm names."""
+    out = {}
+    for k, v in tensors.items():
+        if k.startswith("bert."):
+            k = k[len("bert."):]
+        if k.endswith(".gamma"):
+            k = k[: -len("gamma")] + "weight"
+        elif k.endswith(".beta"):
+            k = k[: -len("beta")] + "bias"
+        out[k] = v
+    return out
+
+
+def _wordpiece_from_vocab(directory: Path) -> TextTokenizer:
+    """A BERT WordPiece tokenizer from ``vocab.txt`` (+ ``do_lower_case`` in ``tokenizer_config.json``)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    vocab_path = directory / VOCAB_FILE
+    vocab: Dict[str, int] = {}
+    for i, line in enumerate(vocab_path.read_text(encoding="utf-8").split("\n")):
+        token = line.rstrip("\r")
+        if token == "" and i > 0:
+            continue  # trailing newline
+        vocab[token] = i
+    lowercase, strip_accents = True, None
+    cfg_path = directory / TOKENIZER_CONFIG_FILE
+    if cfg_path.is_file():
+        tcfg = _read_json(cfg_path)
+        lowercase = bool(tcfg.get("do_lower_case", True))
+        strip_accents = tcfg.get("strip_accents")
+    missing = [tok for tok in WORDPIECE_SPECIALS.values() if tok not in vocab]
+    if missing:
+        raise ValueError(f"{vocab_path}: BERT special tokens {missing} are missing from the vocabulary")
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=WORDPIECE_SPECIALS["unk"], continuing_subword_prefix="##"))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=strip_accents, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    cls_t, sep_t = WORDPIECE_SPECIALS["cls"], WORDPIECE_SPECIALS["sep"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls_t} $A {sep_t}", pair=f"{cls_t} $A {sep_t} $B:1 {sep_t}:1",
+        special_tokens=[(cls_t, vocab[cls_t]), (sep_t, vocab[sep_t])])
+    tok.add_special_tokens(list(WORDPIECE_SPECIALS.values()))  # never split or normalised
+    return TextTokenizer(tok, WORDPIECE_SPECIALS, lowercase, "wordpiece")
+
+
+def _hf_tokenizer(directory: Path) -> Optional[TextTokenizer]:
+    if (directory / META_FILE).is_file() and (directory / TOKENIZER_FILE).is_file():
+        return TextTokenizer.load(directory)  # written by export_hf_bert: exact round trip
+    if (directory / VOCAB_FILE).is_file():
+        return _wordpiece_from_vocab(directory)
+    return None
+
+
+def _model_config(cfg: Dict[str, Any], path: Path, lowercase: bool) -> ModelConfig:
+    if cfg.get("model_type") != "bert":
+        raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}; only 'bert' checkpoints can be imported")
+    act = cfg.get("hidden_act", "gelu")
+    if act not in GELU_ACTS:
+        raise ValueError(f"{path}: hidden_act={act!r} is not supported; mmm's MLP uses exact GELU ({GELU_ACTS})")
+    pos = cfg.get("position_embedding_type", "absolute")
+    if pos != "absolute":
+        raise ValueError(f"{path}: position_embedding_type={pos!r} is not supported; only 'absolute'")
+    if cfg.get("is_decoder", False):
+        raise ValueError(f"{path}: is_decoder=true (causal attention) is not supported; mmm encoders are bidirectional")
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings")
+    missing = [k for k in required if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise ValueError(f"{path}: missing or non-integer keys {missing}")
+    enc = EncoderConfig(
+        dim=cfg["hidden_size"], depth=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
+        mlp_hidden=cfg["intermediate_size"], mlp="gelu", norm_first=False, final_norm=False,
+        norm_eps=float(cfg.get("layer_norm_eps", 1e-12)), qkv_bias=True,
+        dropout=float(cfg.get("hidden_dropout_prob", 0.1)), attn_dropout=float(cfg.get("attention_probs_dropout_prob", 0.1)),
+        relative_position="none", attention="auto")
+    text = TextConfig(tokenizer="wordpiece", vocab_size=cfg["vocab_size"], lowercase=lowercase,
+                      max_len=cfg["max_position_embeddings"], position="learned", embed_norm=True)
+    return ModelConfig(encoder=enc, text=text, init_std=float(cfg.get("initializer_range", 0.02)))
+
+
+def _encoder_state(hf: Dict[str, torch.Tensor], depth: int, source: Path) -> Dict[str, torch.Tensor]:
+    """HF BERT tensors (normalised keys) → mmm TextEncoder state_dict; token type row 0 folded in."""
+    used: List[str] = []
+
+    def take(key: str) -> torch.Tensor:
+        if key not in hf:
+            raise ValueError(f"{source}: weight {key!r} is missing (not a BERT checkpoint, or a truncated one)")
+        used.append(key)
+        return hf[key].to(torch.float32)
+
+    positions = take("embeddings.position_embeddings.weight")
+    if "embeddings.token_type_embeddings.weight" in hf:
+        positions = positions + take("embeddings.token_type_embeddings.weight")[0]
+    state = {
+        "embedder.tokens.weight": take("embeddings.word_embeddings.weight"),
+        "embedder.positions.weight": positions,
+        "embedder.norm.weight": take("embeddings.LayerNorm.weight"),
+        "embedder.norm.bias": take("embeddings.LayerNorm.bias"),
+    }
+    for i in range(depth):
+        src, dst = f"encoder.layer.{i}.", f"encoder.blocks.{i}."
+        state[dst + "attn.qkv.weight"] = torch.cat([take(f"{src}attention.self.{p}.weight") for p in ("query", "key", "value")])
+        state[dst + "attn.qkv.bias"] = torch.cat([take(f"{src}attention.self.{p}.bias") for p in ("query", "key", "value")])
+        for ours, theirs in (("attn.proj", "attention.output.dense"), ("norm1", "attention.output.LayerNorm"),
+                             ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"),
+                             ("norm2", "output.LayerNorm")):
+            state[f"{dst}{ours}.weight"] = take(f"{src}{theirs}.weight")
+            state[f"{dst}{ours}.bias"] = take(f"{src}{theirs}.bias")
+    leftover = sorted(k for k in set(hf) - set(used)
+                      if not k.startswith(_IGNORED_PREFIXES) and not k.startswith("cls.predictions."))
+    if leftover:
+        raise ValueError(f"{source}: unexpected weights for a {depth}-layer BERT: {leftover[:8]}"
+                         f"{' ...' if len(leftover) > 8 else ''}")
+    return state
+
+
+def _import(directory: PathLike) -> Tuple[TextEncoder, Dict[str, torch.Tensor], Path, Dict[str, Any]]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"HF model directory {d} does not exist or is not a directory")
+    cfg_path = d / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} is missing; an HF BERT directory needs config.json and weights")
+    cfg = _read_json(cfg_path)
+    tok = _hf_tokenizer(d)
+    model_cfg = _model_config(cfg, cfg_path, tok.lowercase if tok is not None else True)
+    hf, source = _read_hf_weights(d)
+    hf = _normalise_keys(hf)
+    state = _encoder_state(hf, model_cfg.encoder.depth, source)
+    vocab = int(state["embedder.tokens.weight"].shape[0])
+    if vocab != model_cfg.text.vocab_size:
+        raise ValueError(f"{source}: word_embeddings has {vocab} rows but {cfg_path} says vocab_size={model_cfg.text.vocab_size}")
+    if tok is not None and tok.vocab_size > vocab:
+        raise ValueError(f"{d}: the tokenizer has {tok.vocab_size} ids but the model's token table only {vocab}")
+    pad_id = cfg.get("pad_token_id")
+    pad_id = int(pad_id) if isinstance(pad_id, int) else (tok.pad_id if tok is not None else 0)
+    enc = TextEncoder.from_config(model_cfg, vocab, pad_id, tok)
+    load_weights(enc, state, source)
+    return enc.eval(), hf, source, cfg
+
+
+def import_hf_bert(directory: PathLike) -> TextEncoder:
+    """Build a :class:`~mmm.encoders.TextEncoder` (eval mode) from an HF BERT directory.
+
+    Accepts ``BertModel`` and ``BertForMaskedLM``/``BertForPreTraining`` layouts (``bert.``-prefixed
+    or bare keys) from ``model.safetensors``, ``pytorch_model.bin`` (``weights_only=True``) or a
+    sharded index. The tokenizer comes from files written by :func:`export_hf_bert`, else from
+    ``vocab.txt`` (BERT WordPiece, ``do_lower_case`` from ``tokenizer_config.json``, default
+    true), else it is None.
+
+    Args:
+        directory: the model folder.
+    """
+    return _import(directory)[0]
+
+
+def import_hf_bert_mlm(directory: PathLike) -> Tuple[TextEncoder, MLMHead]:
+    """:func:`import_hf_bert` plus the ``cls.predictions`` MLM head as an mmm :class:`MLMHead`.
+
+    The head is tied to the encoder's token table when the checkpoint has no separate decoder
+    weight or ``tie_word_embeddings`` is true (HF's default).
+
+    Args:
+        directory: a ``BertForMaskedLM`` (or ``BertForPreTraining``) folder.
+    """
+    enc, hf, source, cfg = _import(directory)
+    keys = ("cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",
+            "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias")
+    missing = [k for k in keys if k not in hf]
+    if missing:
+        raise ValueError(f"{source}: no MLM head (missing {missing}); import_hf_bert loads the encoder alone")
+    tied = bool(cfg.get("tie_word_embeddings", True)) or "cls.predictions.decoder.weight" not in hf
+    head = MLMHead(enc.hidden_size, enc.vocab_size, enc.config.encoder.norm_eps, enc.embedder.tokens if tied else None)
+    bias = hf.get("cls.predictions.bias", hf.get("cls.predictions.decoder.bias"))
+    if bias is None:
+        raise ValueError(f"{source}: the MLM head has no output bias (cls.predictions.bias)")
+    state = {"dense.weight": hf[keys[0]], "dense.bias": hf[keys[1]], "norm.weight": hf[keys[2]],
+             "norm.bias": hf[keys[3]], "bias": bias}
+    if tied:
+        state["tied_embedding.weight"] = enc.embedder.tokens.weight.detach().clone()
+    else:
+        state["decoder_weight"] = hf["cls.predictions.decoder.weight"]
+    load_weights(head, {k: v.to(torch.float32) for k, v in state.items()}, source)
+    return enc, head.eval()
+
+
+__all__ = ["check_exportable", "export_command", "export_hf_bert", "head_from_checkpoint", "import_hf_bert",
+           "import_hf_bert_mlm"]

@@ -1,0 +1,258 @@
+"""HF transformers BERT interop: import parity, export parity, round trips, tokenizer, errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer  # noqa: E402
+
+from mmm.config import ModelConfig  # noqa: E402
+from mmm.encoders import TextEncoder, load_encoder, read_checkpoint  # noqa: E402
+from mmm.interop.hf import (export_command, export_hf_bert, head_from_checkpoint, import_hf_bert,  # noqa: E402
+                            import_hf_bert_mlm)
+from mmm.objectives.mlm import MLMHead  # noqa: E402
+
+HF_CFG = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+              max_position_embeddings=64)
+POOLER = {"pooler.dense.weight", "pooler.dense.bias"}
+
+
+def _trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train 3 steps of a tiny text MLM once per session (shared by the test files through basetemp)."""
+    root = tmp_path_factory.getbasetemp() / "mmm_tiny_run"
+    ckpt = root / "run" / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        return ckpt
+    from mmm.config import load_config
+    from mmm.train.pretrain import pretrain
+
+    overrides = {
+        "trainer.max_steps": 3, "trainer.default_root_dir": str(root / "run"), "trainer.enable_progress_bar": False,
+        "data.val": None, "data.batch_size": 8, "data.num_workers": 0, "data.shuffle_buffer": 0,
+        "model.text.vocab_size": 500, "model.text.tokenizer_train_docs": 50, "model.text.max_len": 64,
+        "model.encoder.dim": 64, "model.encoder.depth": 2, "model.encoder.mlp_hidden": 128,
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMM_CACHE_DIR", str(root / "cache"))
+        pretrain(load_config("configs/text_mlm_tiny.yaml", overrides))
+    assert ckpt.is_file()
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _trained_checkpoint(tmp_path_factory)
+
+
+def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random LayerNorm affines and biases, so swapped or dropped norms/biases cannot go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.copy_((1.0 if name.endswith("LayerNorm.weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+
+
+def _batch(vocab: int, lengths=(11, 6, 2), seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (len(lengths), max(lengths)), generator=g)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def _hf_hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return out.hidden_states[-1]
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((a - b).detach()[mask.bool()].abs().max())
+
+
+@pytest.fixture(scope="module")
+def hf_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**HF_CFG, attn_implementation="eager")).eval()
+    _perturb(model)
+    out = tmp_path_factory.mktemp("hf_bert")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_import_matches_hf_bert_on_real_tokens(hf_bert_dir: Path, backend: str) -> None:
+    hf = BertModel.from_pretrained(hf_bert_dir, attn_implementation="eager").eval()
+    assert hf.embeddings.token_type_embeddings.weight.abs().sum() > 0  # the folding is exercised
+    enc = import_hf_bert(hf_bert_dir)
+    assert isinstance(enc, TextEncoder) and not enc.training and enc.tokenizer is None
+    enc.encoder.cfg.attention = backend
+    ids, mask = _batch(1000)
+    with torch.no_grad():
+        ours = enc(ids, mask)
+    assert _max_diff(ours, hf(input_ids=ids, attention_mask=mask).last_hidden_state, mask) <= 1e-4
+    assert torch.all(ours[~mask.bool()] == 0)
+    assert load_encoder(hf_bert_dir).state_dict().keys() == enc.state_dict().keys()
+
+
+def test_import_prefixed_bin_and_mlm_head(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    hf = BertForMaskedLM(BertConfig(**HF_CFG, attn_implementation="eager")).eval()
+    _perturb(hf, seed=1)
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")  # bert.-prefixed keys, legacy .bin
+    enc, head = import_hf_bert_mlm(tmp_path)
+    assert head.tied_embedding is enc.embedder.tokens
+    ids, mask = _batch(1000, seed=1)
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        ours = enc(ids, mask)
+        logits = head(ours[mask.bool()])
+    assert _max_diff(ours, out.hidden_states[-1], mask) <= 1e-4
+    assert float((logits - out.logits[mask.bool()]).abs().max()) <= 1e-4
+
+
+def test_export_checkpoint_matches_hf_masked_lm(ckpt: Path, tmp_path: Path) -> None:
+    out = export_hf_bert(ckpt, tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["BertForMaskedLM"] and cfg["model_type"] == "bert" and cfg["type_vocab_size"] == 2
+    enc = load_encoder(ckpt)
+    head = head_from_checkpoint(read_checkpoint(ckpt).state_dict, enc, ckpt)
+    assert head is not None
+    hf, info = BertForMaskedLM.from_pretrained(out, output_loading_info=True, attn_implementation="eager")
+    hf.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert torch.all(hf.bert.embeddings.token_type_embeddings.weight == 0)
+    ids, mask = _batch(500, seed=2)
+    with torch.no_grad():
+        res = hf(input_ids=ids, attention_mask=mask, token_type_ids=(torch.arange(11) > 4).long().expand_as(ids),
+                 output_hidden_states=True)
+        ours = enc(ids, mask)
+        logits = head(ours[mask.bool()])
+    assert _max_diff(ours, res.hidden_states[-1], mask) <= 1e-4
+    assert float((logits - res.logits[mask.bool()]).abs().max()) <= 1e-4
+    # BertModel from the MLM layout: only the pooler is missing (mmm trains none), only the head is extra.
+    base, info = BertModel.from_pretrained(out, output_loading_info=True, attn_implementation="eager")
+    assert set(info["missing_keys"]) == POOLER
+    assert info["unexpected_keys"] and all(k.startswith("cls.predictions.") for k in info["unexpected_keys"])
+    assert _max_diff(ours, _hf_hidden(base.eval(), ids, mask), mask) <= 1e-4
+    # The tokenizer files load in transformers and give the same ids.
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Return the number of Items in the list, or None."
+    assert tok(text)["input_ids"] == enc.tokenizer.tokenizer.encode(text).ids
+
+
+def test_import_of_export_is_identity(ckpt: Path, tmp_path: Path) -> None:
+    enc = load_encoder(ckpt)
+    back = import_hf_bert(export_hf_bert(enc, tmp_path / "hf"))
+    assert back.tokenizer is not None and back.tokenizer.roles == enc.tokenizer.roles
+    sd = back.state_dict()
+    assert sd.keys() == enc.state_dict().keys()
+    for k, v in enc.state_dict().items():
+        assert torch.equal(sd[k], v), k
+    assert back.config.encoder.dim == enc.config.encoder.dim and back.config.text.max_len == 64
+
+
+def test_export_without_head_is_bert_model_layout(hf_bert_dir: Path, tmp_path: Path) -> None:
+    enc = import_hf_bert(hf_bert_dir)
+    out = export_hf_bert(enc, tmp_path / "base")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith(("bert.", "cls.")) for k in load_file(str(out / "model.safetensors")))
+    base, info = BertModel.from_pretrained(out, output_loading_info=True, attn_implementation="eager")
+    assert set(info["missing_keys"]) == POOLER and not info["unexpected_keys"]
+    orig = BertModel.from_pretrained(hf_bert_dir, attn_implementation="eager").eval()
+    ids, mask = _batch(1000, seed=4)
+    # token type 0 is folded into the positions, so the re-exported model matches the original for type 0
+    assert _max_diff(_hf_hidden(base.eval(), ids, mask), _hf_hidden(orig, ids, mask), mask) <= 1e-4
+
+
+def test_untied_head_exports_separate_decoder(ckpt: Path, tmp_path: Path) -> None:
+    enc = load_encoder(ckpt)
+    torch.manual_seed(5)
+    head = MLMHead(64, enc.vocab_size, enc.config.encoder.norm_eps, tied_embedding=None).eval()
+    with torch.no_grad():
+        head.bias.normal_()
+    out = export_hf_bert(enc, tmp_path / "untied", mlm_head=head)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    hf = BertForMaskedLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids, mask = _batch(500, seed=5)
+    with torch.no_grad():
+        res = hf(input_ids=ids, attention_mask=mask)
+        logits = head(enc(ids, mask)[mask.bool()])
+    assert float((logits - res.logits[mask.bool()]).abs().max()) <= 1e-4
+    enc2, head2 = import_hf_bert_mlm(out)
+    assert head2.tied_embedding is None and torch.equal(head2.decoder_weight, head.decoder_weight)
+
+
+def test_vocab_txt_builds_a_bert_wordpiece_tokenizer(hf_bert_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    d = tmp_path / "with_vocab"
+    shutil.copytree(hf_bert_dir, d)
+    words = ["the", "quick", "brown", "fox", "jump", "##s", "##ed", "over", "lazy", "dog", "café", "cafe", ".", ","]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + [f"w{i}" for i in range(1000 - 5 - len(words))]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    text = "The quick brown fox jumped over the lazy dogs, Café [MASK] zebra."
+    for lower in (True, False):
+        (d / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower}))
+        enc = import_hf_bert(d)
+        assert enc.tokenizer.kind == "wordpiece" and enc.tokenizer.lowercase is lower
+        ref = BertTokenizer(str(d / "vocab.txt"), do_lower_case=lower)
+        assert enc.tokenizer.tokenizer.encode(text).ids == ref(text)["input_ids"]
+        assert enc.tokenizer.mask_id == 4 and enc.tokenizer.pad_id == 0
+
+
+def test_export_command_prints_and_writes(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = export_command(ckpt, tmp_path / "cli")
+    assert (out / "model.safetensors").is_file() and (out / "vocab.txt").is_file()
+    assert "BertForMaskedLM" in capsys.readouterr().out
+
+
+def _edit_config(src: Path, dst: Path, **changes) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_import_errors(hf_bert_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        import_hf_bert(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"config.json: model_type is 'roberta'"):
+        import_hf_bert(_edit_config(hf_bert_dir, tmp_path / "roberta", model_type="roberta"))
+    with pytest.raises(ValueError, match="hidden_act='gelu_new'"):
+        import_hf_bert(_edit_config(hf_bert_dir, tmp_path / "act", hidden_act="gelu_new"))
+    with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
+        import_hf_bert(_edit_config(hf_bert_dir, tmp_path / "rel", position_embedding_type="relative_key"))
+    with pytest.raises(ValueError, match=r"model.safetensors: weight 'encoder.layer.2.attention.self.query.weight' is missing"):
+        import_hf_bert(_edit_config(hf_bert_dir, tmp_path / "deep", num_hidden_layers=3))
+    nothing = _edit_config(hf_bert_dir, tmp_path / "noweights")
+    (nothing / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no weights"):
+        import_hf_bert(nothing)
+
+
+@pytest.mark.parametrize("field,value", [("encoder.norm_first", True), ("encoder.mlp", "swiglu"),
+                                         ("encoder.final_norm", True), ("encoder.relative_position", "alibi"),
+                                         ("text.position", "sinusoidal"), ("text.embed_norm", False),
+                                         ("encoder.qkv_bias", False)])
+def test_unsupported_configs_are_refused_by_name(field: str, value, tmp_path: Path) -> None:
+    cfg = ModelConfig()
+    cfg.encoder.dim, cfg.encoder.depth, cfg.encoder.heads, cfg.text.max_len = 32, 1, 2, 16
+    part, key = field.split(".")
+    setattr(getattr(cfg, part), key, value)
+    enc = TextEncoder.from_config(cfg, vocab_size=50)
+    with pytest.raises(ValueError, match=rf"model\.{field}={value!r} is not representable"):
+        export_hf_bert(enc, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
