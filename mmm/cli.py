@@ -81,7 +81,7 @@ def _cmd_shards(ns: argparse.Namespace, rest: List[str]) -> int:
     report = ds.build_shards(ns.input, ns.output, max_chars=ns.max_chars, samples_per_shard=ns.samples_per_shard,
                              jsonl_field=ns.jsonl_field, val_fraction=ns.val_fraction, seed=ns.seed,
                              skip_bad=ns.skip_bad, overwrite=ns.overwrite)
-    print(f"wrote {sum(report.shards.values())} shards to {ns.output}: "
+    print(f"wrote {sum(len(s) for s in report.shards.values())} shards to {ns.output}: "
           + ", ".join(f"{split}: {report.chunks.get(split, 0)} samples" for split in sorted(report.chunks)))
     if report.skipped:
         print(f"skipped {len(report.skipped)} bad input(s) (listed in manifest.json), e.g. {report.skipped[0]}")

@@ -1,5 +1,6 @@
 """Shared test set-up: GPU tests skip cleanly without CUDA; caches go to a per-session tmp dir."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,3 +21,30 @@ def _isolated_cache(tmp_path_factory):
     if "MMM_CACHE_DIR" not in os.environ:
         os.environ["MMM_CACHE_DIR"] = str(tmp_path_factory.mktemp("mmm_cache"))
     yield
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_OVERRIDES = {
+    "trainer.enable_progress_bar": False, "data.batch_size": 8, "data.num_workers": 0, "data.shuffle_buffer": 0,
+    "model.text.vocab_size": 500, "model.text.tokenizer_train_docs": 50, "model.text.max_len": 64,
+    "model.encoder.dim": 64, "model.encoder.depth": 2, "model.encoder.mlp_hidden": 128,
+}
+
+
+def tiny_config(run_dir: Path, **overrides):
+    """configs/text_mlm_tiny.yaml shrunk to seconds on CPU (the embedded corpus, a 500-token vocabulary)."""
+    from mmm.config import load_config
+
+    return load_config(REPO / "configs" / "text_mlm_tiny.yaml",
+                       {**TINY_OVERRIDES, "trainer.default_root_dir": str(run_dir), **overrides})
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    """A real 3-step mmm pretraining checkpoint, trained once per test session."""
+    from mmm.train.pretrain import pretrain
+
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    run = pretrain(tiny_config(run_dir, **{"trainer.max_steps": 3, "data.val": None}))
+    assert run.last_checkpoint.is_file()
+    return run.last_checkpoint

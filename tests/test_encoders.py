@@ -12,33 +12,6 @@ from mmm.encoders import TextEncoder, load_encoder, read_checkpoint, save_encode
 from mmm.model import build_model
 
 
-def _trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Train 3 steps of a tiny text MLM once per session (shared by the test files through basetemp)."""
-    root = tmp_path_factory.getbasetemp() / "mmm_tiny_run"
-    ckpt = root / "run" / "checkpoints" / "last.ckpt"
-    if ckpt.is_file():
-        return ckpt
-    from mmm.config import load_config
-    from mmm.train.pretrain import pretrain
-
-    overrides = {
-        "trainer.max_steps": 3, "trainer.default_root_dir": str(root / "run"), "trainer.enable_progress_bar": False,
-        "data.val": None, "data.batch_size": 8, "data.num_workers": 0, "data.shuffle_buffer": 0,
-        "model.text.vocab_size": 500, "model.text.tokenizer_train_docs": 50, "model.text.max_len": 64,
-        "model.encoder.dim": 64, "model.encoder.depth": 2, "model.encoder.mlp_hidden": 128,
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMM_CACHE_DIR", str(root / "cache"))
-        pretrain(load_config("configs/text_mlm_tiny.yaml", overrides))
-    assert ckpt.is_file()
-    return ckpt
-
-
-@pytest.fixture(scope="session")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _trained_checkpoint(tmp_path_factory)
-
-
 def _batch(vocab: int, lengths=(12, 7, 3), seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     t = max(lengths)

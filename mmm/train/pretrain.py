@@ -146,4 +146,17 @@ def pretrain(cfg: PretrainConfig) -> PretrainRun:
     run = build_run(cfg)
     torch.set_float32_matmul_precision("high")
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resolve_ckpt_path(cfg, run.run_dir))
+    save_final_checkpoint(run)
     return run
+
+
+def save_final_checkpoint(run: PretrainRun) -> None:
+    """Write ``last.ckpt`` for the final step (periodic checkpoints may have stopped short of it).
+
+    Written to a temporary name and renamed, so a kill never leaves a half-written ``last.ckpt``.
+    """
+    last = run.last_checkpoint
+    tmp = last.with_name(f".{last.name}.tmp")
+    last.parent.mkdir(parents=True, exist_ok=True)
+    run.trainer.save_checkpoint(str(tmp))
+    tmp.replace(last)

@@ -1,0 +1,82 @@
+"""Text stages: every token reaches a batch (chunked, not dropped), masks are consistent, bad samples are handled."""
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+import datasets_def  # noqa: F401
+from datasets_def.text import build_shards, iter_texts
+from mmm.data.stream import SampleError, SampleErrorHandler, list_shards, make_pipeline
+from mmm.data.text import text_stages
+from mmm.masking.token import BertRandomMasker
+from mmm.modalities.text_tokenizer import train_wordpiece
+
+WORDS = "the quick brown fox jumps over a lazy dog while masked models predict hidden tokens".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    src = tmp_path_factory.mktemp("src")
+    for i in range(12):
+        n = int(rng.integers(5, 400))  # some documents are far longer than max_len tokens
+        (src / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS, n)) + ".", encoding="utf-8")
+    out = tmp_path_factory.mktemp("shards")
+    build_shards(src, out, max_chars=500, samples_per_shard=7)
+    tok = train_wordpiece(iter_texts(out), vocab_size=60, min_frequency=1)
+    return out, tok
+
+
+def test_every_token_is_packed_exactly_once(corpus):
+    out, tok = corpus
+    masker = BertRandomMasker(ratio=0.15, vocab=tok.vocab())
+    stages = text_stages(tok, masker, max_len=32, batch_size=5, seed=0, handler=SampleErrorHandler(), fixed_masking=True)
+    batches = list(make_pipeline(list_shards(out, "train"), stages=stages, shuffle_shards=False, shuffle_buffer=0))
+    expected = sum(len(tok.encode(t)[0]) for t in iter_texts(out))
+    seqs = sum(b.num_sequences for b in batches)
+    assert sum(b.num_tokens for b in batches) - 2 * seqs == expected  # everything but [CLS]/[SEP]
+    for b in batches:
+        lens = np.diff(b.seq.cu_seqlens.numpy())
+        assert lens.max() <= 32 and b.seq.max_seqlen == lens.max()
+        assert (b.input_ids[b.seq.cu_seqlens[:-1].long()] == tok.cls_id).all()
+        # masked positions hold mask/random/kept tokens and labels are never specials
+        assert b.mlm_positions.numel() > 0
+        assert not np.isin(b.mlm_labels.numpy(), list(tok.special_ids)).any()
+        assert (b.mlm_positions < b.num_tokens).all()
+
+
+def test_fixed_masking_is_reproducible(corpus):
+    out, tok = corpus
+    masker = BertRandomMasker(ratio=0.3, vocab=tok.vocab())
+
+    def run():
+        st = text_stages(tok, masker, max_len=32, batch_size=4, seed=7, handler=SampleErrorHandler(), fixed_masking=True)
+        return [b.mlm_positions.tolist() for b in make_pipeline(list_shards(out, "train"), stages=st,
+                                                                 shuffle_shards=False, shuffle_buffer=0)]
+
+    assert run() == run()
+
+
+def _shard_with_bad_sample(path):
+    with tarfile.open(path, "w") as tar:
+        for key, data in (("a", "good text here".encode()), ("b", b"\xff\xfe not utf8"), ("c", "more good text".encode())):
+            info = tarfile.TarInfo(f"{key}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_non_utf8_sample_stops_by_default_and_is_counted_when_skipping(corpus, tmp_path):
+    _, tok = corpus
+    shard = tmp_path / "train-000000.tar"
+    _shard_with_bad_sample(shard)
+    masker = BertRandomMasker(vocab=tok.vocab())
+    strict = SampleErrorHandler()
+    st = text_stages(tok, masker, max_len=16, batch_size=10, seed=0, handler=strict)
+    with pytest.raises(SampleError, match=r"sample b: 'txt' is not UTF-8"):
+        list(make_pipeline([str(shard)], stages=st, shuffle_buffer=0, handler=strict))
+    lenient = SampleErrorHandler(skip_bad=True)
+    st = text_stages(tok, masker, max_len=16, batch_size=10, seed=0, handler=lenient)
+    batches = list(make_pipeline([str(shard)], stages=st, shuffle_buffer=0, handler=lenient))
+    assert sum(b.num_sequences for b in batches) == 2
+    assert lenient.summary()["total"] == 1
