@@ -193,13 +193,13 @@ def mmm_optimizer(model: MaskedModel) -> torch.optim.Optimizer:
 
 
 def hf_optimizer(hf: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW with the same hyperparameters and the same decay / no-decay split as mmm's."""
+    """AdamW with the same hyperparameters, decay / no-decay split and fused kernel as mmm's."""
     o = OptimConfig()
     decay, no_decay = [], []
     for name, p in hf.named_parameters():
         (no_decay if p.ndim < 2 or "LayerNorm" in name or "position_embeddings" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
 
 
 def mmm_loss(model: MaskedModel, b: Batches) -> torch.Tensor:

@@ -48,13 +48,18 @@ class PackedBatch:
 
 
 def pack_masked(samples: Sequence[MaskedTokens]) -> PackedBatch:
-    """Concatenate masked sequences into one :class:`PackedBatch` (no padding).
+    """Concatenate masked sequences into one :class:`PackedBatch` (no padding), longest first.
+
+    Sorting by length lets backends without a varlen kernel pad small groups of similar
+    lengths (:meth:`~mmm.core.packing.PackedSeqInfo.groups`); order within a batch is irrelevant
+    to the loss.
 
     Args:
         samples: masked sequences, each with at least one token.
     """
     if not samples:
         raise ValueError("cannot pack an empty list of samples")
+    samples = sorted(samples, key=lambda s: -len(s.input_ids))
     lengths = [len(s.input_ids) for s in samples]
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     ids = np.concatenate([s.input_ids for s in samples]).astype(np.int64)

@@ -64,9 +64,10 @@ def _cmd_demo(ns: argparse.Namespace, rest: List[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"mmm demo: writing to {out}", flush=True)
     m = run_demo(out, ns.config, ns.max_steps, progress_bar=not ns.no_progress)
-    tr, un = m["held_out"]["trained"], m["held_out"]["untrained"]
-    print(f"held-out masked-token accuracy: trained {tr['accuracy']:.3f} vs untrained {un['accuracy']:.3f}; "
-          f"perplexity {tr['perplexity']:.1f} vs {un['perplexity']:.1f}")
+    tr, un, uni = m["held_out"]["trained"], m["held_out"]["untrained"], m["held_out"]["unigram"]
+    print(f"held-out masked-token accuracy: trained {tr['accuracy']:.3f} vs untrained {un['accuracy']:.3f} "
+          f"(unigram baseline {uni['accuracy']:.3f}); perplexity {tr['perplexity']:.1f} vs {un['perplexity']:.1f} "
+          f"(unigram {uni['perplexity']:.1f})")
     print(f"report: {out / 'report.md'}")
     return 0
 

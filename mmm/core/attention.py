@@ -42,14 +42,29 @@ def _padded_mask(seq: PackedSeqInfo, bias: Bias, dtype: torch.dtype) -> Optional
     return b.masked_fill(~seq.key_padding()[:, None, None, :], neg)  # (B, H, T, T)
 
 
-@ATTENTION_BACKENDS.register("sdpa")
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo,
-                   bias: Bias = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """PyTorch SDPA on the padded view. Args: q, k, v (N, H, D); returns (N, H, D)."""
+SDPA_GROUPS = 4  # padded sub-batches per SDPA call site (see PackedSeqInfo.groups)
+
+
+def _sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo, bias: Bias,
+                 dropout_p: float) -> torch.Tensor:
     qp, kp, vp = (seq.pad(t).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     mask = _padded_mask(seq, bias, q.dtype)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p)
-    return seq.unpad(out.transpose(1, 2))
+    return seq.unpad(out.transpose(1, 2))  # (N, H, D)
+
+
+@ATTENTION_BACKENDS.register("sdpa")
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo,
+                   bias: Bias = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """PyTorch SDPA on padded views. Args: q, k, v (N, H, D); returns (N, H, D).
+
+    Sequences are padded in a few contiguous length groups rather than all to the longest one,
+    which matters on CPU where no varlen kernel exists (packed batches are sorted longest first).
+    """
+    if seq.is_uniform or seq.batch_size < 2 * SDPA_GROUPS:
+        return _sdpa_padded(q, k, v, seq, bias, dropout_p)
+    outs = [_sdpa_padded(q[s:e], k[s:e], v[s:e], sub, bias, dropout_p) for s, e, sub in seq.groups(SDPA_GROUPS)]
+    return torch.cat(outs)
 
 
 @ATTENTION_BACKENDS.register("math")

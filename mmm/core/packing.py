@@ -9,7 +9,7 @@ that are built once per batch here and shared by every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,6 +29,7 @@ class PackedSeqInfo:
     position_ids: torch.Tensor
     _pad_index: Optional[torch.Tensor] = None
     _key_padding: Optional[torch.Tensor] = None
+    _groups: Optional[dict] = None
 
     @classmethod
     def from_seqlens(cls, seqlens: Sequence[int], device: torch.device | str | None = None) -> "PackedSeqInfo":
@@ -91,6 +92,28 @@ class PackedSeqInfo:
         out = x.new_zeros(self.batch_size * self.max_seqlen, *x.shape[1:])
         out[self.pad_index()] = x
         return out.view(self.batch_size, self.max_seqlen, *x.shape[1:])
+
+    def groups(self, num_groups: int) -> List[Tuple[int, int, "PackedSeqInfo"]]:
+        """Split into up to ``num_groups`` contiguous runs of sequences, each padded only to its own max.
+
+        Returns ``(token_start, token_end, layout)`` per group. Collators pack sequences longest
+        first (:func:`mmm.batch.pack_masked`), so each run holds similar lengths and padding the
+        runs separately wastes far less attention compute than padding all to ``max_seqlen``.
+        """
+        if self._groups is None:
+            self._groups = {}
+        if num_groups not in self._groups:
+            cu = self.cu_seqlens.tolist()
+            lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+            bounds = [round(i * self.batch_size / num_groups) for i in range(num_groups + 1)]
+            bounds = sorted(set(bounds))
+            groups = []
+            for i0, i1 in zip(bounds[:-1], bounds[1:]):
+                s, e = cu[i0], cu[i1]
+                sub = PackedSeqInfo(self.cu_seqlens[i0:i1 + 1] - cu[i0], max(lens[i0:i1]), self.position_ids[s:e])
+                groups.append((s, e, sub))
+            self._groups[num_groups] = groups
+        return self._groups[num_groups]
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T_max, ...) padded → (N, ...) packed."""

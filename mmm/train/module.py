@@ -89,8 +89,8 @@ class MaskedModelingModule(L.LightningModule):
                 continue
             (no_decay if p.ndim < 2 or "norm" in name or "positions" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = bool(torch.cuda.is_available() and self.device.type == "cuda")
-        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, fused=fused)
+        # fused AdamW (one kernel per step, CPU and CUDA) instead of many small ops per tensor
+        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -57,6 +57,17 @@ def test_sdpa_and_math_agree_forward_and_backward():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["plain", "alibi"])
+def test_grouped_padding_path_matches_reference(use_alibi):
+    """Batches of ≥ 8 sequences are padded in length groups; any order of lengths must still be exact."""
+    seq = PackedSeqInfo.from_seqlens([40, 3, 17, 64, 1, 9, 33, 12, 5, 28, 2])
+    q, k, v = _qkv(seq.num_tokens)
+    bias = ALiBi(4).bias if use_alibi else None
+    assert len(seq.groups(4)) == 4 and sum(g[2].batch_size for g in seq.groups(4)) == 11
+    torch.testing.assert_close(sdpa_attention(q, k, v, seq, bias), _naive_per_sequence(q, k, v, seq, bias),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_uniform_lengths_take_the_unmasked_path():
     seq = PackedSeqInfo.from_seqlens([8, 8, 8])
     q, k, v = _qkv(seq.num_tokens)
