@@ -109,6 +109,7 @@ def make_batches(cfg: BenchConfig, seed: int = 0) -> Batches:
         ids = np.concatenate([[CLS_ID], body, [SEP_ID]]).astype(np.int64)
         word_ids = np.concatenate([[-1], np.arange(body.size), [-1]]).astype(np.int64)
         samples.append(masker(ids, word_ids, rng))
+    samples.sort(key=lambda s: -len(s.input_ids))  # pack_masked orders longest first; keep HF rows aligned
     packed = pack_masked(samples)
     input_ids = torch.full((cfg.batch, cfg.max_len), PAD_ID, dtype=torch.long)
     attention_mask = torch.zeros((cfg.batch, cfg.max_len), dtype=torch.long)

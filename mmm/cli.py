@@ -5,6 +5,7 @@
     mmm shards build INPUT OUTPUT [--dataset text] [--max_chars 2000] [--val_fraction 0.01] ...
     mmm export hf CHECKPOINT OUT_DIR
     mmm list [KIND]
+    mmm bench --suite throughput|eval [--quick] [--out DIR] [--compile] [CKPT]
 
 Overrides follow LightningCLI / jsonargparse conventions: ``--section.key value`` or
 ``--section.key=value``, values parsed as YAML; an unknown key is an error naming it.
@@ -112,6 +113,17 @@ def _cmd_list(ns: argparse.Namespace, rest: List[str]) -> int:
     return 0
 
 
+def _cmd_bench(ns: argparse.Namespace, rest: List[str]) -> int:
+    if rest:
+        raise ConfigError(f"mmm bench: unexpected arguments {rest}")
+    from benchmarks.suite import run_suite
+
+    report = run_suite(ns.suite, ns.out, ns.quick, ns.checkpoint, ns.compile)
+    print(f"\nmmm bench: results in {Path(report['out']).resolve()}\n")
+    print(report["markdown"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmm", description="Multimodal masked modeling.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     li = sub.add_parser("list", help="list registered components")
     li.add_argument("kind", nargs="?", default=None)
     li.set_defaults(fn=_cmd_list)
+
+    be = sub.add_parser("bench", help="benchmark suites: throughput (mmm vs HF, attention backends, GPU MFU) "
+                                      "or eval (a checkpoint vs random init on held-out data)")
+    be.add_argument("--suite", required=True, choices=["throughput", "eval"], help="which suite to run")
+    be.add_argument("--quick", action="store_true", help="a few minutes on CPU: fewer steps, smaller sweeps")
+    be.add_argument("--out", default=None, help="output folder (default runs/bench/<suite>)")
+    be.add_argument("--compile", action="store_true", help="torch.compile the mmm model in the GPU MLM step")
+    be.add_argument("checkpoint", nargs="?", default=None, help="mmm checkpoint (.ckpt) for --suite eval")
+    be.set_defaults(fn=_cmd_bench)
     return p
 
 
