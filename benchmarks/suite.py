@@ -368,8 +368,10 @@ def _plot_attention(sweep: Dict[str, Any], path: Path) -> None:
         mem = [(L, r["peak_mib"]) for L, r in ok if r["peak_mib"] is not None]
         if mem:
             ax_m.plot([L for L, _ in mem], [v for _, v in mem], marker="o", label=name)
+    lengths = [p["max_len"] for p in sweep["points"]]
     for ax, label in ((ax_t, "forward + backward (ms)"), (ax_m, "peak memory (MiB)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(L) for L in lengths])
         ax.set_xlabel("max sequence length L")
         ax.set_ylabel(label)
     ax_t.set_yscale("log")
@@ -380,8 +382,8 @@ def _plot_attention(sweep: Dict[str, Any], path: Path) -> None:
         ax_m.legend()
         ax_m.set_title("peak memory above inputs")
     else:
+        ax_m.set_axis_off()
         ax_m.text(0.5, 0.5, f"peak memory: {sweep['memory']}", ha="center", va="center", transform=ax_m.transAxes)
-        ax_m.set_title("peak memory")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -396,9 +398,11 @@ def _plot_eval(ev: Dict[str, Any], path: Path) -> None:
         r = ev[modality]
         labels = ["trained", "random init"]
         for ax, key, title in ((row[0], "accuracy", "masked-token accuracy"), (row[1], "perplexity", "perplexity")):
-            ax.bar(labels, [r["trained"][key], r["random_init"][key]], color=["tab:blue", "tab:gray"])
+            values = [r["trained"][key], r["random_init"][key]]
+            bars = ax.bar(labels, values, color=["tab:blue", "tab:gray"])
+            ax.bar_label(bars, [f"{v:.3f}" if key == "accuracy" else f"{v:.1f}" for v in values])
             ax.set_title(f"{modality}: {title}")
-        row[1].set_yscale("log")
+            ax.margins(y=0.15)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

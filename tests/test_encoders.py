@@ -152,3 +152,17 @@ def test_from_config_builds_and_saves_without_tokenizer(tmp_path: Path) -> None:
     ids = torch.randint(0, 50, (2, 5))
     with torch.no_grad():
         assert torch.equal(back(ids), enc(ids))
+
+
+def test_pad_batch_feeds_the_encoder_like_an_hf_tokenizer(ckpt: Path) -> None:
+    enc = load_encoder(ckpt)
+    tok = enc.tokenizer
+    batch = tok.pad_batch(["masked modeling", "one shared encoder for every modality of data"], max_len=64)
+    assert batch["input_ids"][:, 0].eq(tok.cls_id).all()
+    assert batch["attention_mask"].sum(1).tolist() == [len(tok.encode(t)[0]) + 2 for t in
+                                                      ["masked modeling", "one shared encoder for every modality of data"]]
+    hidden = enc(**batch)
+    assert hidden.shape == (*batch["input_ids"].shape, enc.hidden_size)
+    with pytest.raises(ValueError, match="text 0 is .* over max_len=4"):
+        tok.pad_batch(["a much longer text than four tokens"], max_len=4)
+    assert tok.pad_batch(["a much longer text than four tokens"], max_len=4, truncate=True)["input_ids"].shape == (1, 4)

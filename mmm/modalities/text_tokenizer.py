@@ -211,6 +211,38 @@ class TextTokenizer:
             pieces.append((np.concatenate([cls, ids[a:b], sep]), np.concatenate([minus1, renum, minus1])))
         return pieces
 
+    def pad_batch(self, texts: Sequence[str], max_len: int, truncate: bool = False) -> Dict[str, "torch.Tensor"]:
+        """Encode texts as a right-padded batch for an encoder's ``forward(input_ids, attention_mask)``.
+
+        Args:
+            texts: the texts; each becomes ``[CLS] ... [SEP]``.
+            max_len: the longest allowed row (the encoder's position table size).
+            truncate: cut rows longer than ``max_len``; otherwise such a text is an error naming it.
+
+        Returns:
+            ``{"input_ids": (B, T) int64, "attention_mask": (B, T) int64}`` with T the longest row.
+        """
+        import torch
+
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, got a single str")
+        rows = []
+        for i, (ids, _) in enumerate(self.encode_batch(list(texts))):
+            row = np.concatenate([[self.cls_id], ids, [self.sep_id]])
+            if len(row) > max_len:
+                if not truncate:
+                    raise ValueError(f"text {i} is {len(row)} tokens long, over max_len={max_len} "
+                                     "(pass truncate=True, or split it with encode_chunks)")
+                row = np.concatenate([row[: max_len - 1], [self.sep_id]])
+            rows.append(row)
+        width = max(len(r) for r in rows) if rows else 0
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.from_numpy(r.astype(np.int64))
+            attention_mask[i, : len(r)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
     def decode(self, ids: Union[Sequence[int], np.ndarray], skip_special_tokens: bool = True) -> str:
         """Turn token ids back into text.
 
