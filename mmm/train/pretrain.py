@@ -3,7 +3,8 @@
 Order: resolve shards (``embedded`` builds the built-in corpus) → tokenizer (loaded, reused from
 the run folder on resume, or trained on the training shards) → masker → model → Lightning
 module, data module and trainer. The run folder holds ``config.yaml``, ``tokenizer/``,
-``checkpoints/`` (``last.ckpt``) and ``logs/`` (CSV, and TensorBoard when installed).
+``checkpoints/`` (``last.ckpt``) and ``logs/version_N/`` (CSV, and TensorBoard when installed; a
+resumed run writes a new version).
 """
 from __future__ import annotations
 
@@ -109,10 +110,11 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     datamodule = TextDataModule(cfg.data, train_urls, val_urls, tokenizer, masker, cfg.model.text.max_len)
 
     tc = cfg.trainer
-    csv_logger = CSVLogger(str(run_dir), name="logs", version="")
+    # logs/version_N: a resumed run starts a new version instead of overwriting the earlier metrics.csv
+    csv_logger = CSVLogger(str(run_dir), name="logs")
     loggers = [csv_logger]
     if importlib.util.find_spec("tensorboard") is not None:
-        loggers.append(TensorBoardLogger(str(run_dir), name="logs", version="tensorboard"))
+        loggers.append(TensorBoardLogger(str(run_dir), name="logs", version=f"{csv_logger.version}_tensorboard"))
     callbacks = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=tc.checkpoint_every_n_steps,
                         save_last=True, save_top_k=1, filename="step{step}", auto_insert_metric_name=False),

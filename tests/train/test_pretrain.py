@@ -1,5 +1,6 @@
 """End-to-end training on the embedded corpus: logs, learning, checkpoints, resume."""
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from mmm.train.pretrain import pretrain
 
 
 def _rows(run):
-    with (run.run_dir / "logs" / "metrics.csv").open() as fh:
+    with (Path(run.csv_logger.log_dir) / "metrics.csv").open() as fh:
         return list(csv.DictReader(fh))
 
 
@@ -41,6 +42,10 @@ def test_training_logs_learns_and_resumes(tmp_path):
     assert run2.trainer.global_step == 50
     assert (run.run_dir / "tokenizer" / "tokenizer.json").read_text() == tok_before
     assert torch.load(run2.last_checkpoint, map_location="cpu", weights_only=True)["global_step"] == 50
+    # the resumed run logs to a new version; the first run's metrics are kept
+    assert Path(run2.csv_logger.log_dir) != Path(run.csv_logger.log_dir) and _rows(run) == rows
+    steps = [int(r["step"]) for r in _rows(run2) if r.get("train/loss")]
+    assert steps and min(steps) >= 40
 
 
 def test_missing_resume_checkpoint_is_named(tmp_path):
