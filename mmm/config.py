@@ -134,6 +134,7 @@ class TrainerConfig:
     default_root_dir: str = _f("runs/mmm", "where logs and checkpoints go")
     enable_progress_bar: bool = _f(True, "show a progress bar")
     ckpt_path: Optional[str] = _f(None, "resume from this checkpoint ('last' = the run's last.ckpt)")
+    compile: bool = _f(False, "torch.compile the encoder blocks (GPU runs; dynamic shapes for packed batches)")
 
 
 @dataclass

@@ -47,8 +47,8 @@ def _read_metrics(csv_path: Path) -> Dict[str, List[tuple]]:
     return series
 
 
-def plot_loss_curve(series: Dict[str, List[tuple]], out: Path, untrained_loss: float) -> None:
-    """PNG of the training loss, validation loss and the untrained model's held-out loss."""
+def plot_loss_curve(series: Dict[str, List[tuple]], out: Path, untrained_loss: float, unigram_loss: float) -> None:
+    """PNG of the training loss, validation loss, and the untrained / unigram held-out losses."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,6 +62,7 @@ def plot_loss_curve(series: Dict[str, List[tuple]], out: Path, untrained_loss: f
         s, v = zip(*series["val/loss"])
         ax.plot(s, v, "o-", label="held-out MLM loss")
     ax.axhline(untrained_loss, color="grey", ls="--", label="untrained model, held-out")
+    ax.axhline(unigram_loss, color="tab:red", ls=":", label="unigram frequency baseline, held-out")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_title("mmm demo: tiny text MLM on Python stdlib docstrings")
@@ -142,7 +143,7 @@ def run_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[i
 
     examples = fill_in_examples({"trained": trained, "untrained": untrained}, tok, list(iter_texts(val_urls, split="val"))[:40])
     series = _read_metrics(run.csv_logger.log_dir and Path(run.csv_logger.log_dir) / "metrics.csv")
-    plot_loss_curve(series, out_dir / "loss_curve.png", scores["untrained"].loss)
+    plot_loss_curve(series, out_dir / "loss_curve.png", scores["untrained"].loss, scores["unigram"].loss)
     tokens_per_sec = [v for _, v in series.get("train/tokens_per_sec", [])]
     metrics = {
         "config": str(config),

@@ -105,6 +105,10 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     tokenizer = prepare_tokenizer(cfg, train_urls, run_dir)
     masker = MASKERS.create(cfg.masking.name, vocab=tokenizer.vocab(), **cfg.masking.args)
     model = build_model(cfg.model, cfg.objectives, tokenizer.vocab_size, tokenizer.pad_id)
+    if cfg.trainer.compile:
+        # per block, dynamic shapes: packed batches change N every step (layout lookups graph-break)
+        for block in model.encoder.blocks:
+            block.compile(dynamic=True)
     extra = {"format": "mmm-pretrain-v1", "config": to_dict(cfg), "tokenizer": tokenizer_files(run_dir / TOKENIZER_DIR)}
     module = MaskedModelingModule(model, cfg.optim, cfg.trainer.max_steps, extra)
     datamodule = TextDataModule(cfg.data, train_urls, val_urls, tokenizer, masker, cfg.model.text.max_len)

@@ -58,3 +58,10 @@ def test_missing_shard_folder_is_named(tmp_path):
     cfg = tiny_config(tmp_path / "run", **{"data.train": str(tmp_path / "no_such_shards")})
     with pytest.raises(FileNotFoundError, match="no_such_shards"):
         pretrain(cfg)
+
+
+@pytest.mark.slow
+def test_compiled_training_runs(tmp_path):
+    """trainer.compile wraps each encoder block in torch.compile (slow: compilation on CPU)."""
+    run = pretrain(tiny_config(tmp_path / "run", **{"trainer.max_steps": 3, "trainer.compile": True, "data.val": None}))
+    assert run.trainer.global_step == 3
