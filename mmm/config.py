@@ -135,6 +135,7 @@ class TrainerConfig:
     enable_progress_bar: bool = _f(True, "show a progress bar")
     ckpt_path: Optional[str] = _f(None, "resume from this checkpoint ('last' = the run's last.ckpt)")
     compile: bool = _f(False, "torch.compile the encoder blocks (GPU runs; dynamic shapes for packed batches)")
+    nonfinite_loss: str = _f("stop", "on a NaN/inf loss: stop (naming step and batch) or skip (drop the batch, count it; single process only)")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The thin LightningModule: one ``_common_step``; objectives return their losses, it sums and logs."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Dict, Optional
 
@@ -10,6 +11,8 @@ import torch
 from mmm.batch import PackedBatch
 from mmm.config import OptimConfig
 from mmm.model import MaskedModel
+
+log = logging.getLogger("mmm.train")
 
 
 def lr_lambda(optim: OptimConfig, max_steps: int):
@@ -38,15 +41,21 @@ class MaskedModelingModule(L.LightningModule):
         max_steps: total optimizer steps (for the lr schedule).
         extra_state: plain data saved under ``checkpoint["mmm"]`` (config, tokenizer files) so a
             checkpoint is self-contained and loads with ``torch.load(weights_only=True)``.
+        nonfinite: on a NaN/inf training loss, ``stop`` with a message naming the step and batch,
+            or ``skip`` the batch (no optimizer step) and count it in ``train/nonfinite_skipped``.
     """
 
     def __init__(self, model: MaskedModel, optim: OptimConfig, max_steps: int,
-                 extra_state: Optional[Dict[str, Any]] = None) -> None:
+                 extra_state: Optional[Dict[str, Any]] = None, nonfinite: str = "stop") -> None:
         super().__init__()
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.model = model
         self.optim = optim
         self.max_steps = max_steps
         self.extra_state = extra_state or {}
+        self.nonfinite = nonfinite
+        self.nonfinite_skipped = 0
         self._val_sums: Dict[str, list] = {}
 
     def transfer_batch_to_device(self, batch: PackedBatch, device: torch.device, dataloader_idx: int) -> PackedBatch:
@@ -68,8 +77,18 @@ class MaskedModelingModule(L.LightningModule):
                 s[1] += out.count
         return loss
 
-    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
-        return self._common_step(batch, "train")
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> Optional[torch.Tensor]:
+        loss = self._common_step(batch, "train")
+        if torch.isfinite(loss):
+            return loss
+        where = (f"non-finite training loss ({float(loss.detach())}) at global step {self.global_step}, batch {batch_idx} "
+                 f"of epoch {self.current_epoch} ({batch.num_sequences} sequences, {batch.num_tokens} tokens)")
+        if self.nonfinite == "stop":
+            raise FloatingPointError(f"{where}; lower optim.lr or set trainer.nonfinite_loss: skip to drop such batches")
+        self.nonfinite_skipped += 1
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, batch_size=1)
+        log.warning("%s: skipped (no optimizer step); %d skipped so far", where, self.nonfinite_skipped)
+        return None  # Lightning skips backward and the optimizer step
 
     def validation_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "val")

@@ -29,6 +29,7 @@ from mmm.modalities.text_tokenizer import TextTokenizer
 from mmm.model import build_model
 from mmm.registry import DATASETS, MASKERS, TOKENIZERS
 from mmm.train.callbacks import ThroughputMonitor
+from mmm.train.checkpoint_io import AtomicCheckpointIO
 from mmm.train.datamodule import TextDataModule
 from mmm.train.module import MaskedModelingModule
 
@@ -110,7 +111,12 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
         for block in model.encoder.blocks:
             block.compile(dynamic=True)
     extra = {"format": "mmm-pretrain-v1", "config": to_dict(cfg), "tokenizer": tokenizer_files(run_dir / TOKENIZER_DIR)}
-    module = MaskedModelingModule(model, cfg.optim, cfg.trainer.max_steps, extra)
+    if cfg.trainer.nonfinite_loss not in ("stop", "skip"):
+        raise ValueError(f"trainer.nonfinite_loss must be 'stop' or 'skip', got {cfg.trainer.nonfinite_loss!r}")
+    if cfg.trainer.nonfinite_loss == "skip" and cfg.trainer.devices not in (1, "1"):
+        raise ValueError("trainer.nonfinite_loss: skip needs a single process (ranks would disagree on which "
+                         "batches step); use stop with several devices")
+    module = MaskedModelingModule(model, cfg.optim, cfg.trainer.max_steps, extra, nonfinite=cfg.trainer.nonfinite_loss)
     datamodule = TextDataModule(cfg.data, train_urls, val_urls, tokenizer, masker, cfg.model.text.max_len)
 
     tc = cfg.trainer
@@ -131,7 +137,7 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
         log_every_n_steps=tc.log_every_n_steps, val_check_interval=tc.val_check_interval if val_urls else None,
         check_val_every_n_epoch=None, limit_val_batches=tc.limit_val_batches if val_urls else 0,
         num_sanity_val_steps=0, default_root_dir=str(run_dir), enable_progress_bar=tc.enable_progress_bar,
-        logger=loggers, callbacks=callbacks, enable_model_summary=False,
+        logger=loggers, callbacks=callbacks, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
     )
     return PretrainRun(cfg, run_dir, tokenizer, module, datamodule, trainer, csv_logger)
 
@@ -159,10 +165,6 @@ def pretrain(cfg: PretrainConfig) -> PretrainRun:
 def save_final_checkpoint(run: PretrainRun) -> None:
     """Write ``last.ckpt`` for the final step (periodic checkpoints may have stopped short of it).
 
-    Written to a temporary name and renamed, so a kill never leaves a half-written ``last.ckpt``.
+    The trainer's :class:`~mmm.train.checkpoint_io.AtomicCheckpointIO` makes the write atomic.
     """
-    last = run.last_checkpoint
-    tmp = last.with_name(f".{last.name}.tmp")
-    last.parent.mkdir(parents=True, exist_ok=True)
-    run.trainer.save_checkpoint(str(tmp))
-    tmp.replace(last)
+    run.trainer.save_checkpoint(str(run.last_checkpoint))
