@@ -500,6 +500,39 @@ def iter_texts(shard_dir: PathLike, split: str = "train") -> Iterator[str]:
             raise TextBuildError(f"cannot read text shard {shard}: {type(exn).__name__}: {exn}") from exn
 
 
+def check_sample(sample: Dict[str, Any]) -> Optional[str]:
+    """Say what is wrong with one raw shard sample's fields, or None when they decode.
+
+    ``txt`` must be non-blank UTF-8 and ``json`` a UTF-8 JSON object; fields absent from
+    ``sample`` are not checked here (the shard checker reports missing fields itself).
+
+    Args:
+        sample: ``{"<field>": bytes, ...}`` as read from a shard (``__key__`` etc. are ignored).
+    """
+    problems: List[str] = []
+    txt = sample.get("txt")
+    if txt is not None:
+        try:
+            text = bytes(txt).decode("utf-8")
+        except UnicodeDecodeError as exn:
+            problems.append(f"field 'txt' is not valid UTF-8 at byte offset {exn.start} ({exn.reason})")
+        else:
+            if not text.strip():
+                problems.append(f"field 'txt' is empty (expected non-blank text, got {len(txt)} byte(s))")
+    meta = sample.get("json")
+    if meta is not None:
+        try:
+            record = json.loads(bytes(meta).decode("utf-8"))
+        except UnicodeDecodeError as exn:
+            problems.append(f"field 'json' is not valid UTF-8 at byte offset {exn.start} ({exn.reason})")
+        except json.JSONDecodeError as exn:
+            problems.append(f"field 'json' is not valid JSON ({exn.msg} at line {exn.lineno} column {exn.colno})")
+        else:
+            if not isinstance(record, dict):
+                problems.append(f"field 'json' must be a JSON object, got {type(record).__name__}")
+    return "; ".join(problems) or None
+
+
 @DATASETS.register("text")
 class TextDatasetDef:
     """The ``text`` dataset: chunked UTF-8 text in WebDataset shards (fields ``txt`` and ``json``)."""
@@ -509,5 +542,6 @@ class TextDatasetDef:
 
     build_shards = staticmethod(build_shards)
     embedded_default = staticmethod(embedded_default)
+    check_sample = staticmethod(check_sample)
     iter_texts = staticmethod(iter_texts)
     split_text = staticmethod(split_text)

@@ -3,6 +3,8 @@
     mmm demo [--out DIR] [--max_steps N]
     mmm pretrain --config configs/text_mlm_tiny.yaml [--trainer.max_steps 50 ...] [--print_config]
     mmm shards build INPUT OUTPUT [--dataset text] [--max_chars 2000] [--val_fraction 0.01] ...
+    mmm shards check DIR [--dataset text] [--split train|val]        (exit 0: ok, 1: problems, 2: usage)
+    mmm shards stats DIR [--split ...] [--tokenizer DIR] [--max_len 128] [--json OUT]
     mmm export hf CHECKPOINT OUT_DIR
     mmm list [KIND]
     mmm bench --suite throughput|eval [--quick] [--out DIR] [--compile] [CKPT]
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from mmm.config import ConfigError, dump_config, load_config, parse_override_value
+from mmm.data.stream import SampleError
 from mmm.registry import RegistryError
 
 
@@ -90,6 +93,33 @@ def _cmd_shards(ns: argparse.Namespace, rest: List[str]) -> int:
     return 0
 
 
+def _cmd_shards_check(ns: argparse.Namespace, rest: List[str]) -> int:
+    if rest:
+        raise ConfigError(f"mmm shards check: unexpected arguments {rest}")
+    from mmm.data.shard_tools import check_shards
+
+    report = check_shards(ns.path, dataset=ns.dataset, split=ns.split)
+    print(report.to_text())
+    return 0 if report.ok else 1
+
+
+def _cmd_shards_stats(ns: argparse.Namespace, rest: List[str]) -> int:
+    if rest:
+        raise ConfigError(f"mmm shards stats: unexpected arguments {rest}")
+    import json
+
+    from mmm.data.shard_tools import shard_stats
+
+    stats = shard_stats(ns.path, dataset=ns.dataset, split=ns.split, tokenizer=ns.tokenizer, max_len=ns.max_len)
+    print(stats.to_markdown())
+    if ns.json:
+        out = Path(ns.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(stats.to_dict(), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    return 0
+
+
 def _cmd_export(ns: argparse.Namespace, rest: List[str]) -> int:
     if rest:
         raise ConfigError(f"mmm export: unexpected arguments {rest}")
@@ -154,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--skip_bad", action="store_true", help="skip (and report) bad files/lines instead of stopping")
     b.add_argument("--overwrite", action="store_true", help="replace shards already in OUTPUT")
     b.set_defaults(fn=_cmd_shards)
+    c = ssub.add_parser("check", help="read every shard and list problems; exit 0 if none, 1 if any, 2 on usage errors")
+    c.add_argument("path", help="shard folder (its manifest.json is compared too), .tar file or pattern")
+    c.add_argument("--dataset", default="text", help="dataset definition (default text)")
+    c.add_argument("--split", default=None, choices=["train", "val"], help="only this split's shards (default all)")
+    c.set_defaults(fn=_cmd_shards_check)
+    st = ssub.add_parser("stats", help="samples, characters, tokens (or words), length histogram and percentiles")
+    st.add_argument("path", help="shard folder, .tar file or pattern")
+    st.add_argument("--dataset", default="text", help="dataset definition (default text)")
+    st.add_argument("--split", default=None, choices=["train", "val"], help="only this split's shards (default all)")
+    st.add_argument("--tokenizer", default=None, help="saved tokenizer folder; without it, whitespace words are counted")
+    st.add_argument("--max_len", type=int, default=None, help="with --tokenizer: also count sequences cut at this length")
+    st.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    st.set_defaults(fn=_cmd_shards_stats)
 
     e = sub.add_parser("export", help="export an encoder to another library's format")
     esub = e.add_subparsers(dest="export_format", required=True)
@@ -184,7 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ns, rest = parser.parse_known_args(argv)
     try:
         return ns.fn(ns, rest)
-    except (ConfigError, RegistryError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, RegistryError, FileNotFoundError, ValueError, FloatingPointError, SampleError) as e:
         print(f"mmm {ns.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -101,6 +101,9 @@ class DataConfig:
     shuffle_shards: bool = _f(True, "shuffle the shard order each epoch")
     skip_bad: bool = _f(False, "skip (and count) corrupt samples instead of stopping")
     max_errors: Optional[int] = _f(None, "with skip_bad: stop once this many bad samples were seen")
+    max_member_bytes: Optional[int] = _f(
+        268435456, "refuse shard members larger than this (read from the tar header, before reading); "
+        "also reports truncated shards; null = webdataset's own reader, no limit")
     seed: int = _f(0, "seed for shard order, shuffling and masking")
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import braceexpand
 import webdataset as wds
+
+from mmm.data.epoch import EpochCounter, EpochSource, shuffle_samples
+from mmm.data.epoch import shuffle_shards as shuffle_shards_by_epoch
 
 logger = logging.getLogger("mmm.data")
 
@@ -200,11 +202,13 @@ def make_pipeline(
     seed: int = 0,
     handler: Optional[Callable[[Exception], bool]] = None,
     resampled: bool = False,
+    max_member_bytes: Optional[int] = None,
+    epochs: Optional[EpochCounter] = None,
 ) -> wds.DataPipeline:
     """Build the standard shard -> sample pipeline followed by the caller's ``stages``.
 
-    Order: shard list (``ResampledShards`` when ``resampled``) -> seeded shard shuffle (same
-    order on every node/worker, new order each epoch within one process) -> ``split_by_node``
+    Order: shard list (``ResampledShards`` when ``resampled``) -> shard shuffle seeded by
+    ``(seed, epoch)`` (same order on every node/worker) -> ``split_by_node``
     -> ``split_by_worker`` -> ``tarfile_to_samples`` -> sample shuffle -> ``stages`` -> an
     end-of-iteration error summary. With ``resampled`` every worker draws shards on its own
     (seeded by seed, rank, worker and epoch), so the shard shuffle and the node/worker splits
@@ -215,9 +219,16 @@ def make_pipeline(
         stages: further pipeline stages, e.g. ``wds.map(fn, handler=handler)``.
         shuffle_shards: shuffle the shard order (seeded).
         shuffle_buffer: sample shuffle buffer size; 0 disables sample shuffling.
-        seed: seed for both shuffles.
+        seed: seed for both shuffles (the sample shuffle is also keyed by rank and worker).
         handler: error handler; None uses a new ``SampleErrorHandler()`` (stop with a clear error).
         resampled: sample shards with replacement forever instead of one pass.
+        max_member_bytes: refuse samples with a field (tar member) larger than this many bytes,
+            checked from the tar header before the member is read (see
+            :func:`mmm.data.shard_tools.guarded_tarfile_to_samples`); refusals go to ``handler``.
+            None: no limit, and webdataset's own ``tarfile_to_samples`` reads the shards.
+        epochs: the epoch counter shared with the caller's seeded stages (e.g. masking); each pass
+            over the pipeline begins its next epoch (see :mod:`mmm.data.epoch`). None: a new
+            counter starting at epoch 0, so pass ``i`` in this process is epoch ``i``.
     """
     url_list = list(braceexpand.braceexpand(urls)) if isinstance(urls, str) else [os.fspath(u) for u in urls]
     if not url_list:
@@ -227,19 +238,24 @@ def make_pipeline(
     if handler is None:
         handler = SampleErrorHandler()
     pipeline: List[Any] = []
+    epochs = epochs if epochs is not None else EpochCounter()
     if resampled:
-        pipeline.append(wds.ResampledShards(url_list, seed=seed, deterministic=True))
+        pipeline.append(EpochSource(wds.ResampledShards(url_list, seed=seed, deterministic=True), epochs))
     else:
-        pipeline.append(wds.SimpleShardList(url_list))
+        pipeline.append(EpochSource(wds.SimpleShardList(url_list), epochs))
         if shuffle_shards and len(url_list) > 1:
-            # identical seed in every node/worker -> identical order before splitting (no overlap)
-            pipeline.append(wds.detshuffle(bufsize=len(url_list), initial=len(url_list), seed=seed))
+            # same (seed, epoch) in every node/worker -> identical order before splitting (no overlap)
+            pipeline.append(wds.pipelinefilter(shuffle_shards_by_epoch)(seed, epochs))
         pipeline.append(wds.split_by_node)
         pipeline.append(wds.split_by_worker)
-    pipeline.append(wds.tarfile_to_samples(handler=handler))
-    if shuffle_buffer > 0:
-        rng = random.Random(seed + 1)
-        pipeline.append(wds.shuffle(shuffle_buffer, initial=min(100, shuffle_buffer), rng=rng))
+    if max_member_bytes is None:
+        pipeline.append(wds.tarfile_to_samples(handler=handler))
+    else:
+        from mmm.data.shard_tools import guarded_tarfile_to_samples  # imports this module: keep it local
+
+        pipeline.append(guarded_tarfile_to_samples(max_member_bytes, handler=handler))
+    if shuffle_buffer > 0:  # generator keyed by (seed, epoch, rank, worker), made when a pass starts
+        pipeline.append(wds.pipelinefilter(shuffle_samples)(shuffle_buffer, min(100, shuffle_buffer), seed, epochs))
     pipeline.extend(stages)
     report_handler = handler if isinstance(handler, SampleErrorHandler) else None
     pipeline.append(wds.pipelinefilter(_report_at_end)(report_handler))

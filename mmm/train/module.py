@@ -115,3 +115,13 @@ class MaskedModelingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint["mmm"] = self.extra_state
+        # dropout draws from torch's global generator: save it so a resumed run continues bit-for-bit
+        checkpoint["mmm_rng"] = {"torch": torch.get_rng_state(),
+                                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        rng = checkpoint.get("mmm_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])

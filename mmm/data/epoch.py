@@ -1,0 +1,96 @@
+"""Epoch numbering and per-epoch seeding for streaming pipelines.
+
+Every random choice of a pipeline built by :func:`mmm.data.stream.make_pipeline` (shard order,
+sample shuffle buffer, and the masks of :mod:`mmm.data.text`) is drawn from a generator seeded by
+``(seed, epoch)`` -- plus ``(rank, worker)`` where the choice is local to one worker. The epoch
+comes from an :class:`EpochCounter` shared by the pipeline's stages: it starts at an explicit
+value and goes up by one on every pass over the pipeline *in the process that iterates it* (a
+DataLoader worker, or the main process with ``num_workers=0``). So what a pass yields depends on
+the seed, the epoch, the shard list and the worker layout only -- never on how often the object
+was iterated before in this process, as long as whoever builds the pipeline sets ``start``.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Iterable, Iterator
+
+import webdataset as wds
+from torch.utils.data import IterableDataset
+
+
+class EpochCounter:
+    """The epoch of the current pass over a pipeline.
+
+    Args:
+        start: epoch of the first pass; each later pass (:meth:`begin`) is one more.
+
+    One counter object is shared by all stages of one pipeline; pickling the pipeline into a
+    DataLoader worker keeps it shared there, and each worker counts its own passes (with
+    persistent workers a worker makes exactly one pass per ``iter(loader)``).
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        if start < 0:
+            raise ValueError(f"EpochCounter: start must be >= 0, got {start}")
+        self.start = start
+        self.passes = 0
+        self.epoch = start
+
+    def begin(self) -> int:
+        """Start the next pass; returns (and sets ``epoch`` to) its epoch number."""
+        self.epoch = self.start + self.passes
+        self.passes += 1
+        return self.epoch
+
+    def __repr__(self) -> str:
+        return f"EpochCounter(start={self.start}, passes={self.passes}, epoch={self.epoch})"
+
+
+class EpochSource(IterableDataset):
+    """A pipeline's first stage: begins a new epoch, eagerly, each time a pass starts.
+
+    ``webdataset.DataPipeline`` calls ``iter()`` on its first stage when a pass is created, before
+    any later (lazy, generator) stage runs, so every later stage sees the new epoch.
+
+    Args:
+        source: the shard source (e.g. ``wds.SimpleShardList``).
+        epochs: the counter shared with the pipeline's seeded stages.
+    """
+
+    def __init__(self, source: Iterable[Any], epochs: EpochCounter) -> None:
+        super().__init__()
+        self.source, self.epochs = source, epochs
+
+    def __iter__(self) -> Iterator[Any]:
+        self.epochs.begin()
+        return iter(self.source)
+
+
+def epoch_rng(kind: str, seed: int, epoch: int, per_worker: bool) -> random.Random:
+    """A ``random.Random`` for one kind of choice in one epoch (string-seeded: stable across processes).
+
+    Args:
+        kind: what the generator is for (``"shards"``, ``"samples"``); different kinds never share a stream.
+        seed: the pipeline seed.
+        epoch: the epoch of the current pass.
+        per_worker: also key by (rank, DataLoader worker); False gives every worker the same stream.
+    """
+    rank, worker = 0, 0
+    if per_worker:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    return random.Random(f"mmm/{kind}/{seed}/{epoch}/{rank}/{worker}")
+
+
+def shuffle_shards(src: Iterator[dict], seed: int, epochs: EpochCounter) -> Iterator[dict]:
+    """Yield all shards of ``src`` in an order drawn from ``(seed, epoch)`` -- identical on every
+    rank and worker, so the node/worker split that follows stays disjoint."""
+    shards = list(src)
+    epoch_rng("shards", seed, epochs.epoch, per_worker=False).shuffle(shards)
+    yield from shards
+
+
+def shuffle_samples(src: Iterator[Any], bufsize: int, initial: int, seed: int, epochs: EpochCounter) -> Iterator[Any]:
+    """``webdataset``'s buffer shuffle with a generator seeded by ``(seed, epoch, rank, worker)``."""
+    rng = epoch_rng("samples", seed, epochs.epoch, per_worker=True)
+    yield from wds.shuffle(bufsize, initial=initial, rng=rng)(src)
+

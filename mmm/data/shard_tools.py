@@ -1,0 +1,648 @@
+"""Shard tools: validate shards (``check_shards``), measure them (``shard_stats``), and read them with a member-size limit.
+
+* :func:`check_shards` reads every shard as a tar stream (nothing is extracted to disk), groups
+  members into samples the way WebDataset does, and lists every problem it finds: unreadable or
+  truncated tars, missing or unexpected fields, fields that do not decode (the dataset
+  definition's ``check_sample``), duplicate keys, and counts that disagree with ``manifest.json``.
+* :func:`shard_stats` counts samples, characters and tokens (or whitespace words when no
+  tokenizer is given), with a power-of-two length histogram and percentiles.
+* :func:`guarded_tarfile_to_samples` replaces ``webdataset.tarfile_to_samples`` in
+  :func:`mmm.data.stream.make_pipeline` when ``max_member_bytes`` is set: it reads the size from
+  each tar header and refuses an oversized member *before* reading it, so a huge (or
+  decompression-bomb) member never lands in memory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Generator, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+import webdataset as wds
+
+from mmm.data.stream import SampleErrorHandler, ShardSpec, list_shards
+
+Handler = Callable[[Exception], bool]
+
+MANIFEST = "manifest.json"
+_SHARD_NAME = re.compile(r"^(?P<split>.+)-(?P<index>\d+)\.tar$")
+
+
+# --------------------------------------------------------------------------------------------
+# member names -> (key, field), as webdataset groups them
+
+
+def split_member_name(name: str) -> Tuple[Optional[str], Optional[str]]:
+    """``"dir/000_01.txt"`` -> ``("dir/000_01", "txt")``: key up to the first dot of the basename.
+
+    Same rule as WebDataset's grouping (the field is lower-cased); ``(None, None)`` for a name
+    with no extension, which WebDataset readers ignore.
+
+    Args:
+        name: a tar member name.
+    """
+    head, _, base = name.rpartition("/")
+    if "." not in base or base.startswith("."):
+        return None, None
+    stem, ext = base.split(".", 1)
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def _is_meta(name: str) -> bool:
+    """WebDataset skips members named like ``__meta__`` (and anything under such a folder)."""
+    return re.match(r"__[^/]*__($|/)", name) is not None
+
+
+def _split_of_shard(url: str) -> str:
+    m = _SHARD_NAME.match(Path(url).name)
+    return m.group("split") if m else "(unnamed)"
+
+
+def _load_dataset(dataset: str) -> Any:
+    import datasets_def  # noqa: F401  (registers the dataset definitions)
+    from mmm.registry import DATASETS
+
+    return DATASETS.create(dataset)
+
+
+class ShardReadError(ValueError):
+    """A tar shard is truncated or corrupt; the message says at which byte / member it broke."""
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Records on the TarFile why reading headers stopped.
+
+    ``TarFile.next`` ends iteration silently on a truncated, empty or invalid header after the
+    first member, exactly as it does on the end-of-archive block, so a shard cut at or inside a
+    header would look complete. The recorded error tells them apart.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as exn:
+            tarfile_._mmm_stop = exn  # type: ignore[attr-defined]
+            raise
+
+
+_STOP_REASONS = {
+    "EmptyHeaderError": "the stream ends without the end-of-archive marker (truncated at a member boundary)",
+    "TruncatedHeaderError": "the stream ends inside a member header (truncated)",
+    "InvalidHeaderError": "invalid member header",
+}
+
+
+def _iter_members(url: str, read: Callable[[tarfile.TarInfo], bool]) -> Generator[Tuple[tarfile.TarInfo, Optional[bytes]], None, None]:
+    """Stream ``(member, data)`` for the non-directory, non-meta members of one shard.
+
+    ``data`` is the member's bytes when it is a regular file and ``read(member)`` is True, else
+    None (the member is then skipped in the stream, never held in memory). A tar failure raises
+    :class:`ShardReadError` naming the byte and member; the consumer's own code runs between
+    yields, outside this generator, so its exceptions are never mistaken for tar failures.
+    """
+    from webdataset.gopen import gopen
+
+    stream = gopen(url)
+    tar = None
+    reading: Optional[tarfile.TarInfo] = None
+    last: Optional[str] = None
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_TarInfo)
+        for info in tar:
+            tar.members = []  # streaming: keep no list of every TarInfo
+            if info.isdir() or _is_meta(info.name):
+                continue
+            data = None
+            if info.isreg() and read(info):
+                reading = info
+                fh = tar.extractfile(info)
+                data = fh.read() if fh is not None else b""
+                reading = None
+            last = info.name
+            yield info, data
+        stop = getattr(tar, "_mmm_stop", None)
+        if not isinstance(stop, tarfile.EOFHeaderError):  # anything but the end-of-archive block
+            name = type(stop).__name__
+            after = f"after member {last!r}" if last else "before any member"
+            raise ShardReadError(f"unreadable tar at byte {tar.offset}, {after}: {_STOP_REASONS.get(name, name)}",
+                                 last or "(start of tar)")
+    except ShardReadError:
+        raise
+    except Exception as exn:  # noqa: BLE001 - tarfile/gzip/lzma raise many types for a broken stream
+        if reading is not None:
+            at = f"while reading member {reading.name!r} ({reading.size} bytes from byte {reading.offset_data})"
+        else:
+            offset = getattr(tar, "offset", 0) if tar is not None else 0
+            at = f"at byte {offset}, " + (f"after member {last!r}" if last else "before any member")
+        raise ShardReadError(f"unreadable tar {at}: {type(exn).__name__}: {exn or 'no detail'} (truncated or corrupt)",
+                             reading.name if reading is not None else (last or "(start of tar)")) from exn
+    finally:
+        if tar is not None:
+            tar.close()
+        stream.close()
+
+
+# --------------------------------------------------------------------------------------------
+# check
+
+
+class Problem(NamedTuple):
+    """One thing wrong with a shard: the shard, where in it (sample key or member), and what."""
+
+    shard: str
+    where: str
+    problem: str
+
+
+@dataclass
+class ShardCheckReport:
+    """What :func:`check_shards` found. ``ok`` is True when ``problems`` is empty."""
+
+    dataset: str
+    path: str
+    shards: List[str]
+    samples: Dict[str, int]
+    problems: List[Problem] = field(default_factory=list)
+    manifest: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        """No problems found."""
+        return not self.problems
+
+    @property
+    def total_samples(self) -> int:
+        """Samples over every split checked."""
+        return sum(self.samples.values())
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain-JSON form."""
+        return {
+            "dataset": self.dataset, "path": self.path, "ok": self.ok, "shards": list(self.shards),
+            "samples": dict(self.samples), "manifest": self.manifest,
+            "problems": [p._asdict() for p in self.problems],
+        }
+
+    def to_text(self, max_problems: Optional[int] = None) -> str:
+        """Summary line(s) and one line per problem.
+
+        Args:
+            max_problems: list at most this many problems (None: all of them).
+        """
+        per_split = ", ".join(f"{s}: {n} samples" for s, n in sorted(self.samples.items())) or "no samples"
+        manifest = f"compared with {self.manifest}" if self.manifest else "no manifest.json to compare with"
+        lines = [f"{self.dataset} shards at {self.path}: {len(self.shards)} shard(s), {per_split}; {manifest}"]
+        if self.ok:
+            lines.append("ok: no problems found")
+            return "\n".join(lines)
+        lines.append(f"{len(self.problems)} problem(s):")
+        shown = self.problems if max_problems is None else self.problems[:max_problems]
+        lines += [f"  {Path(p.shard).name} [{p.where}]: {p.problem}" for p in shown]
+        if len(shown) < len(self.problems):
+            lines.append(f"  ... and {len(self.problems) - len(shown)} more")
+        return "\n".join(lines)
+
+
+def _check_one_shard(url: str, fields: Tuple[str, ...], check_sample: Optional[Callable[[Dict[str, Any]], Optional[str]]],
+                     problems: List[Problem]) -> Tuple[int, bool]:
+    """Read one shard; append its problems. Returns (samples seen, whether the whole tar was read)."""
+    expected = set(fields)
+    samples = 0
+    seen_keys: Dict[str, int] = {}
+    current: Optional[Dict[str, Any]] = None
+
+    def finish(sample: Optional[Dict[str, Any]]) -> None:
+        nonlocal samples
+        if sample is None:
+            return
+        samples += 1
+        key = sample["__key__"]
+        present = set(sample) - {"__key__"}
+        missing, extra = sorted(expected - present), sorted(present - expected)
+        if missing:
+            problems.append(Problem(url, key, f"missing field(s) {missing} (has {sorted(present)}; expected {sorted(expected)})"))
+        if extra:
+            problems.append(Problem(url, key, f"unexpected field(s) {extra} (expected {sorted(expected)})"))
+        if check_sample is not None:
+            bad = check_sample({k: v for k, v in sample.items() if k in expected})
+            if bad:
+                problems.append(Problem(url, key, bad))
+
+    try:
+        for info, data in _iter_members(url, lambda _info: True):
+            if not info.isreg():
+                problems.append(Problem(url, info.name, f"not a regular file (tar type {info.type!r}); readers skip it"))
+                continue
+            key, ext = split_member_name(info.name)
+            if key is None or ext is None:
+                problems.append(Problem(url, info.name, "member name has no extension; readers skip it"))
+                continue
+            if current is None or key != current["__key__"]:
+                finish(current)
+                if key in seen_keys:
+                    problems.append(Problem(url, key, f"duplicate key: sample {key!r} appears again "
+                                                      f"(first as sample {seen_keys[key]} of this shard)"))
+                seen_keys.setdefault(key, samples)
+                current = {"__key__": key}
+            if ext in current:
+                problems.append(Problem(url, info.name, f"duplicate key: field {ext!r} of sample {key!r} appears twice"))
+                continue
+            current[ext] = data
+    except ShardReadError as exn:
+        problems.append(Problem(url, exn.args[1], f"{exn.args[0]}; the rest of this shard was not checked"))
+        return samples, False
+    except OSError as exn:  # the shard could not be opened at all
+        problems.append(Problem(url, "(shard)", f"cannot open shard: {type(exn).__name__}: {exn}"))
+        return samples, False
+    finish(current)
+    return samples, True
+
+
+def _load_manifest(directory: Path, problems: List[Problem]) -> Optional[Dict[str, Any]]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exn:
+        problems.append(Problem(str(path), MANIFEST, f"cannot read manifest: {type(exn).__name__}: {exn}"))
+        return None
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not isinstance(splits, dict):
+        problems.append(Problem(str(path), MANIFEST, "manifest must be a JSON object with a 'splits' object"))
+        return None
+    return manifest
+
+
+def _compare_with_manifest(manifest: Dict[str, Any], manifest_path: str, split_shards: Dict[str, List[str]],
+                           counts: Dict[str, int], complete: Dict[str, bool], problems: List[Problem]) -> None:
+    """Shard lists and per-shard sample counts of each split against ``manifest.json``."""
+    files = manifest.get("shard_files") if isinstance(manifest.get("shard_files"), dict) else {}
+    per_shard = (manifest.get("build_args") or {}).get("samples_per_shard")
+    for split, urls in sorted(split_shards.items()):
+        info = manifest["splits"].get(split)
+        if not isinstance(info, dict) or not isinstance(info.get("samples"), int):
+            problems.append(Problem(manifest_path, split, f"split {split!r} has shards on disk but no sample count in the manifest"))
+            continue
+        on_disk = {Path(u).name: u for u in urls}
+        listed = files.get(split)
+        missing: List[str] = []
+        if isinstance(listed, list):
+            missing = sorted(set(listed) - set(on_disk))
+            for name in missing:
+                problems.append(Problem(manifest_path, name, f"shard listed in the manifest for split {split!r} is missing"))
+            for name in sorted(set(on_disk) - set(listed)):
+                problems.append(Problem(on_disk[name], name, f"shard is not listed in the manifest for split {split!r}"))
+        expected_total = info["samples"]
+        names = sorted(listed) if isinstance(listed, list) else sorted(on_disk)
+        shard_reported = False
+        if isinstance(per_shard, int) and per_shard > 0 and names:
+            # the builder fills every shard but the last one to samples_per_shard
+            for i, name in enumerate(names):
+                if name not in on_disk or not complete.get(on_disk[name], False):
+                    continue
+                want = per_shard if i < len(names) - 1 else expected_total - per_shard * (len(names) - 1)
+                got = counts[on_disk[name]]
+                if got != want:
+                    shard_reported = True
+                    problems.append(Problem(on_disk[name], name, f"{got} samples, but the manifest implies {want} "
+                                            f"(split {split!r}: {expected_total} samples in {len(names)} shard(s) "
+                                            f"of {per_shard})"))
+        got_total = sum(counts[u] for u in urls)
+        if not shard_reported and not missing and all(complete.get(u, False) for u in urls) and got_total != expected_total:
+            problems.append(Problem(manifest_path, split, f"split {split!r} has {got_total} samples in its shards, "
+                                                          f"but the manifest says {expected_total}"))
+
+
+def check_shards(path: ShardSpec, dataset: str = "text", split: Optional[str] = None) -> ShardCheckReport:
+    """Read every shard and list what is wrong with it; nothing is extracted to disk.
+
+    Args:
+        path: a shard directory (its ``manifest.json``, if any, is compared too), a ``.tar``
+            file, a pattern or a list (anything :func:`mmm.data.stream.list_shards` accepts).
+        dataset: dataset definition name; its ``fields`` are the fields every sample must have,
+            and its ``check_sample(sample) -> Optional[str]``, when it has one, checks they decode.
+        split: only the shards of this split (``{split}-*.tar``) of a directory; None: all.
+
+    Raises:
+        FileNotFoundError: no shard matched ``path`` / ``split``.
+    """
+    ds = _load_dataset(dataset)
+    urls = list_shards(path, split=split)
+    problems: List[Problem] = []
+    counts: Dict[str, int] = {}
+    complete: Dict[str, bool] = {}
+    samples: Dict[str, int] = {}
+    split_shards: Dict[str, List[str]] = {}
+    for url in urls:
+        n, whole = _check_one_shard(url, tuple(ds.fields), getattr(ds, "check_sample", None), problems)
+        counts[url], complete[url] = n, whole
+        s = _split_of_shard(url)
+        samples[s] = samples.get(s, 0) + n
+        split_shards.setdefault(s, []).append(url)
+    manifest_path = None
+    directory = Path(path) if isinstance(path, (str, Path)) else None
+    if directory is not None and directory.is_dir():
+        manifest = _load_manifest(directory, problems)
+        if manifest is not None:
+            manifest_path = str(directory / MANIFEST)
+            _compare_with_manifest(manifest, manifest_path, split_shards, counts, complete, problems)
+    return ShardCheckReport(dataset, str(path), urls, samples, problems, manifest_path)
+
+
+# --------------------------------------------------------------------------------------------
+# stats
+
+
+def _length_bin(n: int) -> int:
+    """Bin 0 holds 0; bin k >= 1 holds [2**(k-1), 2**k)."""
+    return n.bit_length()
+
+
+def _bin_label(b: int) -> str:
+    if b == 0:
+        return "0"
+    lo, hi = 1 << (b - 1), (1 << b) - 1
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _percentile(lengths: Counter, total: int, q: float) -> int:
+    """Nearest-rank percentile of a length histogram (exact; q in (0, 100])."""
+    rank = max(1, math.ceil(q / 100.0 * total))
+    seen = 0
+    for length in sorted(lengths):
+        seen += lengths[length]
+        if seen >= rank:
+            return length
+    raise ValueError("empty histogram")
+
+
+@dataclass
+class ShardStats:
+    """What :func:`shard_stats` measured. ``unit`` is ``"tokens"`` or ``"words"`` (whitespace-split)."""
+
+    dataset: str
+    path: str
+    shards: int
+    samples: Dict[str, int]
+    characters: int
+    unit: str
+    total_units: int
+    lengths: Dict[int, int]
+    tokenizer: Optional[str] = None
+    max_len: Optional[int] = None
+    sequences: Optional[int] = None
+    samples_split: Optional[int] = None
+
+    @property
+    def total_samples(self) -> int:
+        """Samples over every split read."""
+        return sum(self.samples.values())
+
+    def percentiles(self) -> Dict[str, int]:
+        """``{"min", "p50", "p90", "p99", "max"}`` of the per-sample length in ``unit`` (nearest rank)."""
+        hist = Counter(self.lengths)
+        n = sum(hist.values())
+        if n == 0:
+            return {}
+        return {"min": min(hist), "p50": _percentile(hist, n, 50), "p90": _percentile(hist, n, 90),
+                "p99": _percentile(hist, n, 99), "max": max(hist)}
+
+    def histogram(self) -> List[Tuple[str, int]]:
+        """``[(bin label, samples), ...]`` over power-of-two length bins, from the shortest bin to the longest one used."""
+        bins: Counter = Counter()
+        for length, n in self.lengths.items():
+            bins[_length_bin(length)] += n
+        if not bins:
+            return []
+        return [(_bin_label(b), bins.get(b, 0)) for b in range(min(bins), max(bins) + 1)]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain-JSON form (histogram and percentiles included)."""
+        return {
+            "dataset": self.dataset, "path": self.path, "shards": self.shards, "samples": dict(self.samples),
+            "total_samples": self.total_samples, "characters": self.characters, "unit": self.unit,
+            "tokenizer": self.tokenizer, "total_units": self.total_units,
+            "mean_units": self.total_units / self.total_samples if self.total_samples else 0.0,
+            "percentiles": self.percentiles(), "histogram": [list(b) for b in self.histogram()],
+            "max_len": self.max_len, "sequences": self.sequences, "samples_split": self.samples_split,
+        }
+
+    def to_markdown(self) -> str:
+        """A markdown summary table, percentiles and the length histogram."""
+        n = self.total_samples
+        unit_note = (f"tokens of the tokenizer at {self.tokenizer} (no special tokens)" if self.unit == "tokens"
+                     else "whitespace-separated words (no tokenizer given; pass one for token counts)")
+        rows = [("shards", str(self.shards)),
+                *[(f"samples ({s})", str(c)) for s, c in sorted(self.samples.items())],
+                ("samples", str(n)), ("characters", str(self.characters)),
+                (f"{self.unit}", str(self.total_units)),
+                (f"{self.unit} per sample (mean)", f"{self.total_units / n:.1f}" if n else "-")]
+        rows += [(f"{self.unit} per sample ({k})", str(v)) for k, v in self.percentiles().items()]
+        if self.sequences is not None:
+            rows.append((f"sequences at max_len={self.max_len}", str(self.sequences)))
+            rows.append(("samples cut into several sequences", str(self.samples_split)))
+        lines = [f"## {self.dataset} shards at {self.path}", "", f"Lengths are in {unit_note}.", "",
+                 "| | |", "|---|---:|", *[f"| {k} | {v} |" for k, v in rows], "",
+                 f"| {self.unit} per sample | samples | share |", "|---:|---:|---:|"]
+        for label, count in self.histogram():
+            lines.append(f"| {label} | {count} | {100.0 * count / n:.1f}% |")
+        return "\n".join(lines) + "\n"
+
+
+def _stop_on_error(exn: Exception) -> bool:
+    """Handler for :func:`shard_stats`: any read error stops with a ValueError naming the shard."""
+    args = list(exn.args)
+    url = args[-1] if len(args) > 1 and isinstance(args[-1], str) else "(unknown shard)"
+    raise ValueError(f"shard {url}: {type(exn).__name__}: {args[0] if args else exn}; "
+                     "run `mmm shards check` to list every problem") from exn
+
+
+def shard_stats(path: ShardSpec, dataset: str = "text", split: Optional[str] = None,
+                tokenizer: Optional[str] = None, max_len: Optional[int] = None, batch_size: int = 256) -> ShardStats:
+    """Count samples, characters and tokens (or words) of a text dataset's shards.
+
+    A bad sample (missing ``txt``, not UTF-8) or an unreadable shard stops with an error naming
+    the shard and key; ``mmm shards check`` lists every such problem.
+
+    Args:
+        path: shard directory, ``.tar`` file, pattern or list (as for :func:`list_shards`).
+        dataset: dataset definition name; it must have a ``txt`` field.
+        split: only this split's shards of a directory; None: all.
+        tokenizer: directory of a saved :class:`~mmm.modalities.text_tokenizer.TextTokenizer`;
+            None counts whitespace-separated words instead of tokens.
+        max_len: with a tokenizer, also count the sequences each sample becomes when cut at this
+            many tokens including ``[CLS]``/``[SEP]`` (the training pipeline's ``encode_chunks``).
+        batch_size: texts per tokenizer call.
+    """
+    ds = _load_dataset(dataset)
+    if "txt" not in ds.fields:
+        raise ValueError(f"shard stats count text: dataset {dataset!r} has fields {list(ds.fields)}, no 'txt'")
+    if max_len is not None and tokenizer is None:
+        raise ValueError("shard stats: max_len needs a tokenizer (sequences are counted in tokens); pass tokenizer=DIR")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3):
+        raise ValueError(f"shard stats: max_len must be an int >= 3 (room for [CLS], one token and [SEP]), got {max_len!r}")
+    if batch_size < 1:
+        raise ValueError(f"shard stats: batch_size must be >= 1, got {batch_size}")
+    tok = None
+    if tokenizer is not None:
+        from mmm.modalities.text_tokenizer import TextTokenizer
+
+        tok = TextTokenizer.load(tokenizer)
+    urls = list_shards(path, split=split)
+    samples: Dict[str, int] = {}
+    lengths: Counter = Counter()
+    totals = {"chars": 0, "units": 0, "sequences": 0, "split": 0}
+
+    def flush(texts: List[str]) -> None:
+        if tok is None:
+            counted = [len(t.split()) for t in texts]
+        else:
+            encoded = tok.encode_batch(texts)
+            counted = [len(ids) for ids, _ in encoded]
+            if max_len is not None:
+                for ids, word_ids in encoded:
+                    pieces = len(tok.chunk(ids, word_ids, max_len))
+                    totals["sequences"] += pieces
+                    totals["split"] += pieces > 1
+        for n in counted:
+            lengths[n] += 1
+            totals["units"] += n
+        texts.clear()
+
+    batch: List[str] = []
+    reader = guarded_tarfile_to_samples(None, handler=_stop_on_error)
+    for sample in reader(iter([{"url": u} for u in urls])):
+        where = f"shard {sample['__url__']} sample {sample['__key__']!r}"
+        if "txt" not in sample:
+            have = sorted(k for k in sample if not k.startswith("__"))
+            raise ValueError(f"{where}: no 'txt' field (has {have}); run `mmm shards check` for every problem")
+        try:
+            text = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError as exn:
+            raise ValueError(f"{where}: 'txt' is not UTF-8 at byte offset {exn.start}; "
+                             "run `mmm shards check` for every problem") from None
+        s = _split_of_shard(sample["__url__"])
+        samples[s] = samples.get(s, 0) + 1
+        totals["chars"] += len(text)
+        batch.append(text)
+        if len(batch) >= batch_size:
+            flush(batch)
+    if batch:
+        flush(batch)
+    return ShardStats(
+        dataset=dataset, path=str(path), shards=len(urls), samples=samples, characters=totals["chars"],
+        unit="tokens" if tok is not None else "words", total_units=totals["units"], lengths=dict(lengths),
+        tokenizer=str(tokenizer) if tokenizer is not None else None, max_len=max_len,
+        sequences=totals["sequences"] if max_len is not None else None,
+        samples_split=totals["split"] if max_len is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# streaming shard -> sample reader with a member-size limit
+
+
+class MemberTooLarge(ValueError):
+    """A tar member is larger than the pipeline's ``max_member_bytes``; it was not read."""
+
+
+class _Stop(Exception):
+    """The handler said stop (returned False): end the whole stream."""
+
+
+def _handle(handler: Handler, exn: Exception, url: str) -> None:
+    """Give ``exn`` (tagged with the shard url, as webdataset does) to ``handler``; raise _Stop if it says stop."""
+    exn.args = tuple(exn.args) + (url,)
+    if not handler(exn):
+        raise _Stop()
+
+
+def _samples_of_shard(url: str, max_member_bytes: Optional[int], handler: Handler) -> Iterator[Dict[str, Any]]:
+    """Group one shard's members into samples; refused samples and tar failures go to ``handler``."""
+    fits: Callable[[tarfile.TarInfo], bool] = (
+        (lambda info: True) if max_member_bytes is None else (lambda info: info.size <= max_member_bytes)
+    )
+    members = _iter_members(url, fits)
+    try:
+        yield from _group(url, members, max_member_bytes, handler)
+    finally:
+        members.close()
+
+
+def _group(url: str, members: Iterator[Tuple[tarfile.TarInfo, Optional[bytes]]], max_member_bytes: Optional[int],
+           handler: Handler) -> Iterator[Dict[str, Any]]:
+    current: Optional[Dict[str, Any]] = None
+    refused = False
+    while True:
+        try:
+            info, data = next(members)
+        except StopIteration:
+            break
+        except ShardReadError as exn:  # truncated/corrupt: the sample being read and the rest of the shard are dropped
+            _handle(handler, ShardReadError(exn.args[0]), url)
+            return
+        except Exception as exn:  # noqa: BLE001 - the opener failed (missing file, failing pipe: command, ...)
+            _handle(handler, exn, url)
+            return
+        if not info.isreg():
+            continue
+        key, ext = split_member_name(info.name)
+        if key is None or ext is None:
+            continue
+        if current is None or key != current["__key__"]:
+            if current is not None and not refused and len(current) > 2:
+                yield current
+            current, refused = {"__key__": key, "__url__": url}, False
+        if refused:
+            continue  # the rest of a refused sample (each member within the size limit)
+        if ext in current:
+            refused = True
+            _handle(handler, ValueError(f"sample {key!r}: field {ext!r} appears twice (tar member {info.name!r})"), url)
+        elif data is None:
+            refused = True
+            _handle(handler, MemberTooLarge(
+                f"sample {key!r} field {ext!r} is {info.size} bytes, over max_member_bytes={max_member_bytes} "
+                f"(tar member {info.name!r}, not read)"), url)
+        else:
+            current[ext] = data
+    if current is not None and not refused and len(current) > 2:
+        yield current
+
+
+def _guarded_samples(src: Iterable[Dict[str, Any]], max_member_bytes: Optional[int],
+                     handler: Optional[Handler] = None) -> Iterator[Dict[str, Any]]:
+    handler = handler if handler is not None else SampleErrorHandler()
+    try:
+        for source in src:
+            yield from _samples_of_shard(source["url"], max_member_bytes, handler)
+    except _Stop:
+        return
+
+
+def guarded_tarfile_to_samples(max_member_bytes: Optional[int], handler: Optional[Handler] = None) -> Callable[..., Any]:
+    """Pipeline stage: shard urls (``{"url": ...}`` dicts) -> raw samples, refusing oversized members unread.
+
+    A drop-in for ``webdataset.tarfile_to_samples``: samples are ``{"__key__", "__url__",
+    "<field>": bytes}`` grouped by key (basename up to the first dot; fields lower-cased). Each
+    member's size is taken from its tar header; a member over ``max_member_bytes`` is skipped
+    in the stream without being read into memory, and its sample is refused with a
+    :class:`MemberTooLarge` error naming shard, key, field and size. Errors go to ``handler``:
+    the default :class:`~mmm.data.stream.SampleErrorHandler` stops with that message; with
+    ``skip_bad=True`` the whole sample is skipped and counted. A field repeated within a sample
+    is refused the same way; a truncated or corrupt tar drops the sample being read and the
+    rest of that shard.
+
+    Args:
+        max_member_bytes: largest member (field) size in bytes; None: no limit.
+        handler: error handler (None: a new strict ``SampleErrorHandler``).
+    """
+    if max_member_bytes is not None and (isinstance(max_member_bytes, bool) or not isinstance(max_member_bytes, int)
+                                         or max_member_bytes < 1):
+        raise ValueError(f"max_member_bytes must be a positive int or None, got {max_member_bytes!r}")
+    return wds.pipelinefilter(_guarded_samples)(max_member_bytes, handler)
