@@ -33,7 +33,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.report import emit
 from mmm.core.attention import math_attention, sdpa_attention, xformers_attention
 from mmm.core.packing import PackedSeqInfo
 
@@ -322,15 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     result = run_sweep(a.lengths, a.total_tokens, heads=a.heads, head_dim=a.head_dim, repeats=a.repeats,
                        warmup=a.warmup, device=torch.device(a.device) if a.device else None,
                        backends=a.backends, seed=a.seed)
-    table = markdown(result)
-    print()
-    print(table)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if a.markdown:
-        with open(a.markdown, "w") as f:
-            f.write(table + "\n")
+    emit(markdown(result), result, a.json, a.markdown)
     return result
 
 

@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from benchmarks.report import emit
 from mmm.batch import PackedBatch, pack_masked
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig, OptimConfig, TextConfig
 from mmm.masking.base import MaskedTokens, TokenVocab
@@ -458,15 +459,8 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     results = [run_config(cfg, args.steps, args.warmup, args.seed, memory=not args.no_memory)
                for cfg in configs_from_args(args)]
     table = markdown(results, env)
-    print()
-    print(table)
     report = {"env": env, "results": results, "markdown": table}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+    emit(table, report, args.json, args.markdown)
     return report
 
 

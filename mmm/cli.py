@@ -154,6 +154,12 @@ def _cmd_bench(ns: argparse.Namespace, rest: List[str]) -> int:
     return 0
 
 
+def _add_shard_selection(p: argparse.ArgumentParser) -> None:
+    """``--dataset`` and ``--split``, shared by the shard tools that read existing shards."""
+    p.add_argument("--dataset", default="text", help="dataset definition (default text)")
+    p.add_argument("--split", default=None, choices=["train", "val"], help="only this split's shards (default all)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmm", description="Multimodal masked modeling.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -186,13 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=_cmd_shards)
     c = ssub.add_parser("check", help="read every shard and list problems; exit 0 if none, 1 if any, 2 on usage errors")
     c.add_argument("path", help="shard folder (its manifest.json is compared too), .tar file or pattern")
-    c.add_argument("--dataset", default="text", help="dataset definition (default text)")
-    c.add_argument("--split", default=None, choices=["train", "val"], help="only this split's shards (default all)")
+    _add_shard_selection(c)
     c.set_defaults(fn=_cmd_shards_check)
     st = ssub.add_parser("stats", help="samples, characters, tokens (or words), length histogram and percentiles")
     st.add_argument("path", help="shard folder, .tar file or pattern")
-    st.add_argument("--dataset", default="text", help="dataset definition (default text)")
-    st.add_argument("--split", default=None, choices=["train", "val"], help="only this split's shards (default all)")
+    _add_shard_selection(st)
     st.add_argument("--tokenizer", default=None, help="saved tokenizer folder; without it, whitespace words are counted")
     st.add_argument("--max_len", type=int, default=None, help="with --tokenizer: also count sequences cut at this length")
     st.add_argument("--json", default=None, help="also write the numbers to this JSON file")
