@@ -192,9 +192,7 @@ def evaluate_text(contents: Any, settings: EvalSettings) -> Dict[str, Any]:
     import mmm.masking  # noqa: F401  (registers maskers)
     from mmm.encoders import load_weights
     from mmm.evaluate import evaluate_mlm
-    from mmm.model import build_model
-    from mmm.registry import MASKERS
-    from mmm.train.pretrain import resolve_shards
+    from mmm.train.pretrain import build_model_for, modality_from_checkpoint, resolve_shards
 
     cfg, tok = contents.config, contents.tokenizer
     if tok is None:
@@ -206,11 +204,12 @@ def evaluate_text(contents: Any, settings: EvalSettings) -> Dict[str, Any]:
         note = ("the checkpoint's config has data.val: null; scored on the embedded corpus's val split instead "
                 "(held out from the embedded training split, but not necessarily from this run's training data)")
     urls = resolve_shards(spec, cfg.data.dataset, "val")
-    trained = build_model(cfg.model, cfg.objectives, tok.vocab_size, tok.pad_id)
+    modality = modality_from_checkpoint(contents)
+    trained = build_model_for(cfg, modality)
     load_weights(trained, contents.state_dict, contents.path)
     torch.manual_seed(cfg.seed)
-    random_init = build_model(cfg.model, cfg.objectives, tok.vocab_size, tok.pad_id)
-    masker = MASKERS.create(cfg.masking.name, vocab=tok.vocab(), **cfg.masking.args)
+    random_init = build_model_for(cfg, modality)
+    masker = modality.build_masker(cfg.masking)
     scores = {}
     for name, model in (("trained", trained), ("random_init", random_init)):
         s = evaluate_mlm(model.to(settings.device), tok, masker, urls, max_len=cfg.model.text.max_len,

@@ -55,7 +55,7 @@ from mmm.batch import PackedBatch, pack_masked
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig, OptimConfig, TextConfig
 from mmm.masking.base import MaskedTokens, TokenVocab
 from mmm.masking.token import BertRandomMasker
-from mmm.model import MaskedModel, build_model
+from mmm.model import MaskedModel, build_model, build_text_embedder
 
 PAD_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3
 SPECIAL_IDS = frozenset({PAD_ID, CLS_ID, SEP_ID, MASK_ID})
@@ -120,7 +120,7 @@ def make_batches(cfg: BenchConfig, seed: int = 0) -> Batches:
         input_ids[i, :n] = torch.from_numpy(s.input_ids)
         attention_mask[i, :n] = 1
         labels[i, torch.from_numpy(s.positions)] = torch.from_numpy(s.labels)
-    return Batches(packed, input_ids, attention_mask, labels, int(lengths.sum()), int(packed.mlm_labels.numel()))
+    return Batches(packed, input_ids, attention_mask, labels, int(lengths.sum()), int(packed.targets["text"].count))
 
 
 # ----------------------------------------------------------------------------- models
@@ -133,8 +133,8 @@ def build_mmm(cfg: BenchConfig, seed: int = 0) -> MaskedModel:
                         norm_first=False, final_norm=False, norm_eps=1e-12, dropout=cfg.dropout,
                         attn_dropout=cfg.dropout, attention="sdpa")
     model_cfg = ModelConfig(encoder=enc, text=TextConfig(max_len=cfg.max_len, position="learned", embed_norm=True))
-    return build_model(model_cfg, [ObjectiveConfig("mlm", 1.0, {"tie_weights": True})], vocab_size=cfg.vocab,
-                       pad_id=PAD_ID)
+    embedder = build_text_embedder(model_cfg, cfg.vocab, PAD_ID)
+    return build_model(model_cfg, [ObjectiveConfig("mlm", 1.0, {"tie_weights": True})], {"text": embedder})
 
 
 def build_hf(cfg: BenchConfig):
@@ -155,12 +155,12 @@ def copy_mmm_to_hf(model: MaskedModel, hf: torch.nn.Module) -> None:
     d = model.encoder.cfg.dim
     src = model.state_dict()
     dst: Dict[str, torch.Tensor] = {
-        "bert.embeddings.word_embeddings.weight": src["embedder.tokens.weight"],
-        "bert.embeddings.position_embeddings.weight": src["embedder.positions.weight"],
+        "bert.embeddings.word_embeddings.weight": src["embedders.text.tokens.weight"],
+        "bert.embeddings.position_embeddings.weight": src["embedders.text.positions.weight"],
         "bert.embeddings.token_type_embeddings.weight": torch.zeros_like(
             hf.bert.embeddings.token_type_embeddings.weight),
-        "bert.embeddings.LayerNorm.weight": src["embedder.norm.weight"],
-        "bert.embeddings.LayerNorm.bias": src["embedder.norm.bias"],
+        "bert.embeddings.LayerNorm.weight": src["embedders.text.norm.weight"],
+        "bert.embeddings.LayerNorm.bias": src["embedders.text.norm.bias"],
         "cls.predictions.bias": src["objectives.mlm.head.bias"],
         "cls.predictions.transform.dense.weight": src["objectives.mlm.head.dense.weight"],
         "cls.predictions.transform.dense.bias": src["objectives.mlm.head.dense.bias"],

@@ -538,6 +538,7 @@ class TextDatasetDef:
     """The ``text`` dataset: chunked UTF-8 text in WebDataset shards (fields ``txt`` and ``json``)."""
 
     name = "text"
+    modality = "text"
     fields = ("txt", "json")
 
     build_shards = staticmethod(build_shards)

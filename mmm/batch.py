@@ -1,14 +1,135 @@
-"""The typed batch that crosses pipeline stages: a packed token stream plus prediction targets."""
+"""The typed batch that crosses pipeline stages: one packed token stream, per-modality inputs, targets.
+
+Every modality becomes a run of tokens in one flat stream of ``N`` tokens laid out by a
+:class:`~mmm.core.packing.PackedSeqInfo` (``cu_seqlens``). A batch carries
+
+* ``inputs``: modality name → that modality's raw input (:class:`TokenInput` for text and DNA
+  ids, :class:`ImageInput` for pixels, :class:`FeatureInput` for audio frames). Each input knows
+  how to call its embedder (:meth:`embed`) and, through ``index``, where its tokens sit in the
+  stream (None = it fills the whole stream in order, the single-modality case);
+* ``targets``: what the objectives predict, keyed by the name the objective reads
+  (:class:`TokenTargets` for MLM-style class targets at stream positions);
+* ``task``: which task of a multi-task run produced the batch (objectives of other tasks skip it).
+
+Every dataclass here moves to a device or pinned memory with one generic walk over its fields,
+so a new input type needs no extra plumbing.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from mmm.core.packing import PackedSeqInfo
 from mmm.masking.base import MaskedTokens
+
+
+def _map_tensors(obj: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor inside nested dataclasses / dicts / lists (other values kept)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, PackedSeqInfo):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _map_tensors(getattr(obj, f.name), fn)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+@dataclass
+class TokenInput:
+    """Discrete token ids (text, DNA).
+
+    Args:
+        ids: (N_m,) int64 (corrupted) token ids.
+        position_ids: (N_m,) int64 position of each token inside its sequence.
+        index: (N_m,) int64 positions in the flat stream; None = the whole stream in order.
+    """
+
+    ids: torch.Tensor
+    position_ids: torch.Tensor
+    index: Optional[torch.Tensor] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.numel()
+
+    def embed(self, embedder: nn.Module) -> torch.Tensor:
+        """(N_m, d) embeddings."""
+        return embedder(self.ids, self.position_ids)
+
+
+@dataclass
+class ImageInput:
+    """Whole images plus an optional patch mask (MAE, SimMIM, BEiT).
+
+    Args:
+        pixels: (B, C, H, W) float normalised pixels.
+        mask: (B, P) bool, True = hidden patch; None = nothing hidden.
+        drop_masked: hidden patches are left out of the stream (MAE) instead of being replaced
+            by the learned mask embedding (SimMIM / BEiT).
+        index: (N_m,) stream positions; None = the whole stream in order.
+    """
+
+    pixels: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    drop_masked: bool = False
+    index: Optional[torch.Tensor] = None
+
+    @property
+    def num_images(self) -> int:
+        return int(self.pixels.shape[0])
+
+    def embed(self, embedder: nn.Module) -> torch.Tensor:
+        """(N_m, d) embeddings: per image, CLS (when the embedder has one) then its (visible) patches."""
+        tokens, _ = embedder(self.pixels, self.mask, self.drop_masked)
+        return tokens
+
+
+@dataclass
+class FeatureInput:
+    """Continuous feature tokens (audio frames or spectrogram patches).
+
+    Args:
+        features: (N_m, F) float features.
+        position_ids: (N_m,) int64 position of each token inside its sequence.
+        mask: (N_m,) bool, True = replaced by the learned mask embedding; None = nothing hidden.
+        index: (N_m,) stream positions; None = the whole stream in order.
+    """
+
+    features: torch.Tensor
+    position_ids: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None
+
+    def embed(self, embedder: nn.Module) -> torch.Tensor:
+        """(N_m, d) embeddings."""
+        return embedder(self.features, self.position_ids, self.mask)
+
+
+@dataclass
+class TokenTargets:
+    """Class targets at positions of the stream (MLM on text or DNA, HuBERT cluster ids, ...).
+
+    Args:
+        positions: (M,) int64 indices into the flat stream where the head predicts.
+        labels: (M,) int64 target ids at those positions.
+    """
+
+    positions: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.labels.numel()
 
 
 @dataclass
@@ -16,39 +137,40 @@ class PackedBatch:
     """A packed, masked batch.
 
     Args:
-        input_ids: (N,) int64 corrupted token ids of every sequence, concatenated.
-        seq: layout (``cu_seqlens``, ``max_seqlen``, ``position_ids``).
-        mlm_positions: (M,) int64 indices into the flat stream where the MLM head predicts.
-        mlm_labels: (M,) int64 original ids at those positions.
+        seq: layout of the flat stream (``cu_seqlens``, ``max_seqlen``, ``position_ids``).
+        inputs: modality → its input (``TokenInput`` / ``ImageInput`` / ``FeatureInput``).
+        targets: target name → targets (e.g. ``"text"`` → :class:`TokenTargets` for MLM).
+        task: the task that produced this batch ("" in single-task runs).
+        extras: plain per-batch data for evaluation (labels for probes, sample keys); not used
+            by the loss.
     """
 
-    input_ids: torch.Tensor
     seq: PackedSeqInfo
-    mlm_positions: torch.Tensor
-    mlm_labels: torch.Tensor
+    inputs: Dict[str, Any]
+    targets: Dict[str, Any] = field(default_factory=dict)
+    task: str = ""
+    extras: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
-        return self.input_ids.numel()
+        return int(self.seq.cu_seqlens[-1])
 
     @property
     def num_sequences(self) -> int:
         return self.seq.batch_size
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        return PackedBatch(
-            self.input_ids.to(device, non_blocking=True),
-            self.seq.to(device),
-            self.mlm_positions.to(device, non_blocking=True),
-            self.mlm_labels.to(device, non_blocking=True),
-        )
+        return PackedBatch(self.seq.to(device), _map_tensors(self.inputs, lambda t: t.to(device, non_blocking=True)),
+                           _map_tensors(self.targets, lambda t: t.to(device, non_blocking=True)), self.task,
+                           self.extras)
 
     def pin_memory(self) -> "PackedBatch":
-        return PackedBatch(self.input_ids.pin_memory(), self.seq, self.mlm_positions.pin_memory(), self.mlm_labels.pin_memory())
+        return PackedBatch(self.seq, _map_tensors(self.inputs, lambda t: t.pin_memory()),
+                           _map_tensors(self.targets, lambda t: t.pin_memory()), self.task, self.extras)
 
 
-def pack_masked(samples: Sequence[MaskedTokens]) -> PackedBatch:
-    """Concatenate masked sequences into one :class:`PackedBatch` (no padding), longest first.
+def pack_masked(samples: Sequence[MaskedTokens], modality: str = "text") -> PackedBatch:
+    """Concatenate masked token sequences into one :class:`PackedBatch` (no padding), longest first.
 
     Sorting by length lets backends without a varlen kernel pad small groups of similar
     lengths (:meth:`~mmm.core.packing.PackedSeqInfo.groups`); order within a batch is irrelevant
@@ -56,6 +178,7 @@ def pack_masked(samples: Sequence[MaskedTokens]) -> PackedBatch:
 
     Args:
         samples: masked sequences, each with at least one token.
+        modality: name of the token modality (``text``, ``dna``); keys both the input and the targets.
     """
     if not samples:
         raise ValueError("cannot pack an empty list of samples")
@@ -65,9 +188,9 @@ def pack_masked(samples: Sequence[MaskedTokens]) -> PackedBatch:
     ids = np.concatenate([s.input_ids for s in samples]).astype(np.int64)
     positions = np.concatenate([s.positions + off for s, off in zip(samples, offsets)]).astype(np.int64)
     labels = np.concatenate([s.labels for s in samples]).astype(np.int64)
+    seq = PackedSeqInfo.from_seqlens(lengths)
     return PackedBatch(
-        torch.from_numpy(ids),
-        PackedSeqInfo.from_seqlens(lengths),
-        torch.from_numpy(positions),
-        torch.from_numpy(labels),
+        seq,
+        {modality: TokenInput(torch.from_numpy(ids), seq.position_ids)},
+        {modality: TokenTargets(torch.from_numpy(positions), torch.from_numpy(labels))},
     )

@@ -86,6 +86,7 @@ class ObjectiveConfig:
     name: str = _f("mlm", "objective registry name")
     weight: float = _f(1.0, "weight of this loss in the sum")
     args: Dict[str, Any] = _f(default_factory=dict, help="keyword arguments of the objective")
+    label: Optional[str] = _f(None, "key the head is stored and logged under (default: name); needed when one objective is used twice")
 
 
 @dataclass

@@ -18,14 +18,13 @@ import lightning as L
 import numpy as np
 import torch
 
-from mmm.batch import PackedBatch
+from mmm.batch import pack_masked
 from mmm.config import PretrainConfig, load_config
-from mmm.core.packing import PackedSeqInfo
+from mmm.masking.base import MaskedTokens
 from mmm.evaluate import MLMScore, evaluate_mlm, evaluate_unigram, unigram_log_probs
-from mmm.model import MaskedModel, build_model
+from mmm.model import MaskedModel
 from mmm.modalities.text_tokenizer import TextTokenizer
-from mmm.registry import MASKERS
-from mmm.train.pretrain import pretrain, resolve_shards
+from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
 
 logger = logging.getLogger("mmm.demo")
 
@@ -91,14 +90,13 @@ def fill_in_examples(models: Dict[str, MaskedModel], tokenizer: TextTokenizer, t
         seq_ids = np.concatenate([[tokenizer.cls_id], ids, [tokenizer.sep_id]]).astype(np.int64)
         answer = int(seq_ids[pos + 1])
         seq_ids[pos + 1] = tokenizer.mask_id
-        batch = PackedBatch(torch.from_numpy(seq_ids), PackedSeqInfo.from_seqlens([len(seq_ids)]),
-                            torch.tensor([pos + 1]), torch.tensor([answer]))
+        batch = pack_masked([MaskedTokens(seq_ids, np.array([pos + 1]), np.array([answer]))])
         row = {"text": tokenizer.decode(seq_ids.tolist(), skip_special_tokens=False)
                .replace("[CLS]", "").replace("[SEP]", "").strip(), "answer": tokenizer.decode([answer])}
         for name, model in models.items():
             model.eval()
             hidden = model.encode(batch)
-            logits = model.objectives["mlm"].head(hidden[batch.mlm_positions])
+            logits = model.objectives["mlm"].head(hidden[batch.targets["text"].positions])
             row[name] = " · ".join(tokenizer.decode([int(i)]) for i in logits[0].topk(3).indices)
         rows.append(row)
         if len(rows) >= n:
@@ -128,8 +126,8 @@ def run_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[i
     tok = run.tokenizer
     trained = run.module.model.cpu()
     L.seed_everything(cfg.seed, verbose=False)
-    untrained = build_model(cfg.model, cfg.objectives, tok.vocab_size, tok.pad_id)
-    masker = MASKERS.create(cfg.masking.name, vocab=tok.vocab(), **cfg.masking.args)
+    untrained = build_model_for(cfg, run.modality)
+    masker = run.masker
     val_urls = resolve_shards(cfg.data.val or "embedded", cfg.data.dataset, "val")
     scores: Dict[str, MLMScore] = {
         name: evaluate_mlm(m, tok, masker, val_urls, max_len=cfg.model.text.max_len, batch_size=cfg.data.batch_size)

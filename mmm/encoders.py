@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -30,6 +29,7 @@ from torch import nn
 from mmm.config import ConfigError, ModelConfig, PretrainConfig, from_dict, to_dict
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import pack_padded
+from mmm.modalities.text_modality import tokenizer_from_files
 from mmm.modalities.text_tokenizer import TextTokenizer
 from mmm.model import build_text_embedder
 
@@ -43,7 +43,6 @@ ENCODER_FORMAT = "mmm-encoder-v1"
 ENCODER_META_FILE = "mmm_encoder.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_SUBDIR = "tokenizer"
-_PARTS = ("embedder.", "encoder.")
 
 
 class TextEncoder(nn.Module):
@@ -154,13 +153,25 @@ class CheckpointContents:
         path: the checkpoint file.
         config: the run's configuration.
         state_dict: model weights with the Lightning ``model.`` prefix removed.
-        tokenizer: the tokenizer rebuilt from the embedded files, or None if none was stored.
+        tokenizer: the text tokenizer rebuilt from the embedded files, or None if none was stored.
+        assets: modality → {file name: text} of every modality's assets (tokenizers, statistics).
     """
 
     path: Path
     config: PretrainConfig
     state_dict: Dict[str, torch.Tensor]
     tokenizer: Optional[TextTokenizer]
+    assets: Dict[str, Dict[str, str]]
+
+    def modality_state(self, modality: str) -> Dict[str, torch.Tensor]:
+        """Weights of one modality's encoder path: ``embedders.<modality>.*`` as ``embedder.*``, and ``encoder.*``."""
+        prefix = f"embedders.{modality}."
+        state = {"embedder." + k[len(prefix):]: v for k, v in self.state_dict.items() if k.startswith(prefix)}
+        if not state:
+            found = sorted({k.split(".")[1] for k in self.state_dict if k.startswith("embedders.")})
+            raise ValueError(f"{self.path}: the checkpoint has no {modality!r} embedder (modalities: {found})")
+        state.update({k: v for k, v in self.state_dict.items() if k.startswith("encoder.")})
+        return state
 
 
 def safe_torch_load(path: Path) -> object:
@@ -211,21 +222,13 @@ def read_checkpoint(path: PathLike) -> CheckpointContents:
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if not state:
         raise ValueError(f"{p}: state_dict has no 'model.*' keys (found e.g. {sorted(ckpt['state_dict'])[:3]})")
-    files = meta.get("tokenizer") or {}
+    assets = meta.get("assets") or {}
+    if not isinstance(assets, dict) or not all(isinstance(v, dict) for v in assets.values()):
+        raise ValueError(f"{p}: checkpoint['mmm']['assets'] must map modality names to {{file name: text}}")
     tokenizer = None
-    if files:
-        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-            raise ValueError(f"{p}: checkpoint['mmm']['tokenizer'] must map file names to file text")
-        with tempfile.TemporaryDirectory(prefix="mmm_tok_") as tmp:
-            for name, text in files.items():
-                if Path(name).name != name:
-                    raise ValueError(f"{p}: tokenizer file name {name!r} is not a plain file name")
-                (Path(tmp) / name).write_text(text, encoding="utf-8")
-            try:
-                tokenizer = TextTokenizer.load(tmp)
-            except (FileNotFoundError, ValueError) as e:
-                raise ValueError(f"{p}: the embedded tokenizer cannot be loaded: {e}") from None
-    return CheckpointContents(p, cfg, state, tokenizer)
+    if assets.get("text"):
+        tokenizer = tokenizer_from_files(assets["text"], str(p))
+    return CheckpointContents(p, cfg, state, tokenizer, assets)
 
 
 def load_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: PathLike) -> None:
@@ -255,9 +258,9 @@ def encoder_from_checkpoint(contents: CheckpointContents) -> TextEncoder:
     Args:
         contents: from :func:`read_checkpoint`.
     """
-    state = {k: v for k, v in contents.state_dict.items() if k.startswith(_PARTS)}
+    state = contents.modality_state("text")
     if "embedder.tokens.weight" not in state:
-        raise ValueError(f"{contents.path}: no 'model.embedder.tokens.weight' in the state_dict; not a text model")
+        raise ValueError(f"{contents.path}: no 'model.embedders.text.tokens.weight' in the state_dict; not a text model")
     vocab = int(state["embedder.tokens.weight"].shape[0])
     tok = contents.tokenizer
     if tok is not None and tok.vocab_size != vocab:

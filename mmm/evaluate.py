@@ -107,7 +107,7 @@ def evaluate_unigram(log_probs: np.ndarray, tokenizer: TextTokenizer, masker: To
     loss_sum, correct, count, seqs = 0.0, 0.0, 0, 0
     for batch in eval_batches(tokenizer, masker, urls, max_len=max_len, batch_size=batch_size, seed=seed,
                               max_batches=max_batches):
-        labels = batch.mlm_labels.numpy()
+        labels = batch.targets["text"].labels.numpy()
         loss_sum += float(-log_probs[labels].sum())
         correct += float((labels == best).sum())
         count += labels.size

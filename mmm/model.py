@@ -1,4 +1,4 @@
-"""Composition: embedder + shared encoder + objective heads, assembled from a config.
+"""Composition: per-modality embedders + shared encoder + objective heads, assembled from a config.
 
 :class:`MaskedModel` receives built parts (injection, as torchmultimodal composes FLAVA);
 :func:`build_model` is the one place that turns a :class:`~mmm.config.ModelConfig` and the
@@ -6,7 +6,7 @@ objective list into those parts via the registries.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,31 +21,65 @@ from mmm.registry import EMBEDDERS, OBJECTIVES
 
 
 class MaskedModel(nn.Module):
-    """Embedder → shared encoder → heads; returns the weighted loss and each objective's output.
+    """Embedders → shared encoder → heads; returns the weighted loss and each objective's output.
+
+    Every modality has its own embedder; all of them feed the one shared encoder. When the model
+    has more than one modality, a learned modality embedding is added to each token (UNITER /
+    ONE-PEACE style type embeddings) so the encoder can tell the streams apart.
 
     Args:
-        embedder: packed ids → (N, d).
+        embedders: modality name → module turning that modality's input into (N_m, d) tokens
+            (called through the input's ``embed`` method).
         encoder: the shared :class:`TransformerEncoder`.
-        objectives: name → head module with ``forward(hidden, batch) -> ObjectiveOutput``.
-        weights: name → loss weight.
+        objectives: head name → module with ``forward(hidden, batch) -> ObjectiveOutput``.
+        weights: head name → loss weight.
+        tasks: task name → the heads that task trains; a batch whose ``task`` is not listed runs
+            every head (single-task runs).
     """
 
-    def __init__(self, embedder: nn.Module, encoder: TransformerEncoder, objectives: Dict[str, nn.Module],
-                 weights: Dict[str, float]) -> None:
+    def __init__(self, embedders: Dict[str, nn.Module], encoder: TransformerEncoder, objectives: Dict[str, nn.Module],
+                 weights: Dict[str, float], tasks: Optional[Dict[str, List[str]]] = None) -> None:
         super().__init__()
-        self.embedder = embedder
+        if not embedders:
+            raise ValueError("MaskedModel needs at least one embedder")
+        self.embedders = nn.ModuleDict(embedders)
         self.encoder = encoder
         self.objectives = nn.ModuleDict(objectives)
         self.weights = dict(weights)
+        self.tasks = {k: list(v) for k, v in (tasks or {}).items()}
+        self.modality_ids = {name: i for i, name in enumerate(embedders)}
+        self.modality_embed = nn.Embedding(len(embedders), encoder.cfg.dim) if len(embedders) > 1 else None
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        """(N, d) input tokens of the packed stream, every modality in its place."""
+        parts = []
+        for name, inp in batch.inputs.items():
+            if name not in self.embedders:
+                raise KeyError(f"batch has a {name!r} input but the model has embedders for {list(self.embedders)}")
+            x = inp.embed(self.embedders[name])  # (N_m, d)
+            if self.modality_embed is not None:
+                x = x + self.modality_embed.weight[self.modality_ids[name]]
+            parts.append((inp.index, x))
+        if len(parts) == 1 and parts[0][0] is None:
+            return parts[0][1]
+        x = parts[0][1].new_zeros(batch.num_tokens, parts[0][1].shape[-1])
+        for index, part in parts:
+            if index is None:
+                raise ValueError("a batch with several modality inputs must give each one its stream index")
+            x = x.index_copy(0, index, part)
+        return x
 
     def encode(self, batch: PackedBatch) -> torch.Tensor:
         """(N, d) hidden states of a packed batch."""
-        x = self.embedder(batch.input_ids, batch.seq.position_ids)
-        return self.encoder(x, batch.seq)
+        return self.encoder(self.embed(batch), batch.seq)
+
+    def heads_for(self, batch: PackedBatch) -> List[str]:
+        """Names of the heads that score ``batch`` (its task's heads, or all of them)."""
+        return self.tasks.get(batch.task, list(self.objectives))
 
     def forward(self, batch: PackedBatch) -> Tuple[torch.Tensor, Dict[str, ObjectiveOutput]]:
         hidden = self.encode(batch)
-        outputs = {name: head(hidden, batch) for name, head in self.objectives.items()}
+        outputs = {name: self.objectives[name](hidden, batch) for name in self.heads_for(batch)}
         total = sum(self.weights[name] * out.loss for name, out in outputs.items())
         return total, outputs
 
@@ -76,25 +110,36 @@ def build_text_embedder(cfg: ModelConfig, vocab_size: int, pad_id: int) -> nn.Mo
                             embed_norm=t.embed_norm, norm_eps=e.norm_eps, dropout=e.dropout, pad_id=pad_id)
 
 
-def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], vocab_size: int, pad_id: int = 0) -> MaskedModel:
+def head_name(o: ObjectiveConfig) -> str:
+    """The key an objective's head is stored and logged under (``label``, else the registry name)."""
+    return o.label or o.name
+
+
+def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: Dict[str, nn.Module],
+                tasks: Optional[Dict[str, List[str]]] = None) -> MaskedModel:
     """Assemble and initialise a :class:`MaskedModel`.
 
     Args:
         cfg: network configuration.
         objectives: heads to attach (registry names, weights, args).
-        vocab_size: tokenizer vocabulary size.
-        pad_id: tokenizer padding id.
+        embedders: modality → built embedder (see :mod:`mmm.modalities`).
+        tasks: task → head names (multi-task runs); None = every batch trains every head.
     """
     if not objectives:
         raise ValueError("config.objectives is empty: at least one objective is needed")
-    embedder = build_text_embedder(cfg, vocab_size, pad_id)
+    embedders = dict(embedders)
     encoder = TransformerEncoder(cfg.encoder)
     heads: Dict[str, nn.Module] = {}
     for o in objectives:
-        if o.name in heads:
-            raise ValueError(f"objective {o.name!r} is listed twice in config.objectives")
-        heads[o.name] = OBJECTIVES.create(o.name, dim=cfg.encoder.dim, embedder=embedder,
-                                          norm_eps=cfg.encoder.norm_eps, **o.args)
-    model = MaskedModel(embedder, encoder, heads, {o.name: o.weight for o in objectives})
+        key = head_name(o)
+        if key in heads:
+            raise ValueError(f"objective {key!r} is listed twice in config.objectives; give one of them a distinct "
+                             f"'label' (e.g. label: {o.name}_{o.args.get('modality', 'x')})")
+        heads[key] = OBJECTIVES.create(o.name, dim=cfg.encoder.dim, embedders=embedders, encoder_cfg=cfg.encoder,
+                                       **o.args)
+    model = MaskedModel(embedders, encoder, heads, {head_name(o): o.weight for o in objectives}, tasks)
     init_weights(model, cfg.init_std)
+    for part in [*model.embedders.values(), *model.objectives.values()]:
+        if hasattr(part, "reset_parameters"):  # a part's own initialiser (e.g. MAE's patch embedding) wins
+            part.reset_parameters()
     return model

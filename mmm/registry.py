@@ -82,6 +82,7 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], what: str) -> N
 
 
 # One registry per kind of part. Modules register into these on import.
+MODALITIES: Registry = Registry("modality")
 TOKENIZERS: Registry = Registry("tokenizer")
 EMBEDDERS: Registry = Registry("embedder")
 MASKERS: Registry = Registry("masker")

@@ -14,12 +14,12 @@ def test_every_config_parses_and_builds(path):
     """Every YAML in configs/ parses strictly, and its registry parts accept their args."""
     import mmm.masking  # noqa: F401
     from mmm.masking.base import TokenVocab
-    from mmm.model import build_model
+    from mmm.model import build_model, build_text_embedder
     from mmm.registry import MASKERS
 
     cfg = load_config(path)
     MASKERS.create(cfg.masking.name, vocab=TokenVocab(100, 4, frozenset({0, 1, 2, 3, 4})), **cfg.masking.args)
-    model = build_model(cfg.model, cfg.objectives, vocab_size=cfg.model.text.vocab_size)
+    model = build_model(cfg.model, cfg.objectives, {"text": build_text_embedder(cfg.model, cfg.model.text.vocab_size, 0)})
     assert sum(p.numel() for p in model.parameters()) > 0
     # the printed config is valid YAML that loads back to the same config
     again = from_dict(PretrainConfig, yaml.safe_load(dump_config(cfg)))

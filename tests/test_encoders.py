@@ -9,7 +9,7 @@ import torch
 from mmm.config import ModelConfig
 from mmm.core.packing import pack_padded
 from mmm.encoders import TextEncoder, load_encoder, read_checkpoint, save_encoder
-from mmm.model import build_model
+from mmm.model import build_model, build_text_embedder
 
 
 def _batch(vocab: int, lengths=(12, 7, 3), seed: int = 0):
@@ -29,19 +29,20 @@ def test_checkpoint_encoder_matches_the_trained_model(ckpt: Path) -> None:
     assert enc.tokenizer is not None and enc.tokenizer.vocab_size == enc.vocab_size == 500
     # Reference: the full MaskedModel rebuilt from the same checkpoint, run on the packed batch.
     contents = read_checkpoint(ckpt)
-    model = build_model(contents.config.model, contents.config.objectives, 500, 0)
+    model = build_model(contents.config.model, contents.config.objectives,
+                        {"text": build_text_embedder(contents.config.model, 500, 0)})
     model.load_state_dict(contents.state_dict)
     model.eval()
     ids, mask = _batch(500)
     seq = pack_padded(mask)
     with torch.no_grad():
-        ref = model.encoder(model.embedder(ids[mask.bool()], seq.position_ids), seq)
+        ref = model.encoder(model.embedders["text"](ids[mask.bool()], seq.position_ids), seq)
         out = enc(ids, mask)
     assert out.shape == (3, 12, 64)
     torch.testing.assert_close(out[mask.bool()], ref, atol=1e-5, rtol=0)
     assert torch.all(out[~mask.bool()] == 0), "padded positions must be exactly zero"
     # Trained weights really were loaded (not a fresh init).
-    assert torch.equal(enc.embedder.tokens.weight, contents.state_dict["embedder.tokens.weight"])
+    assert torch.equal(enc.embedder.tokens.weight, contents.state_dict["embedders.text.tokens.weight"])
 
 
 def test_default_mask_and_extra_trailing_padding(ckpt: Path) -> None:
@@ -109,7 +110,7 @@ def test_load_encoder_errors(ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="junk.ckpt is not a PyTorch checkpoint"):
         load_encoder(junk)
     bare = tmp_path / "bare.ckpt"
-    torch.save({"state_dict": {"model.embedder.tokens.weight": torch.zeros(3, 2)}}, bare)
+    torch.save({"state_dict": {"model.embedders.text.tokens.weight": torch.zeros(3, 2)}}, bare)
     with pytest.raises(ValueError, match="bare.ckpt has no 'mmm' section"):
         load_encoder(bare)
     # Same metadata, a weight too many: the message names the file and the key.

@@ -94,3 +94,45 @@ def shuffle_samples(src: Iterator[Any], bufsize: int, initial: int, seed: int, e
     rng = epoch_rng("samples", seed, epochs.epoch, per_worker=True)
     yield from wds.shuffle(bufsize, initial=initial, rng=rng)(src)
 
+
+
+def worker_rng(seed: int, epoch: int) -> "np.random.Generator":
+    """NumPy generator of this (seed, rank, DataLoader worker, epoch), for per-sample choices
+    (masks, augmentation) in data workers."""
+    import numpy as np
+    import torch
+
+    info = torch.utils.data.get_worker_info()
+    worker = info.id if info is not None else 0
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    return np.random.default_rng([seed, rank, worker, epoch])
+
+
+class SeededMap:
+    """A pipeline stage applying ``fn(sample, rng)`` with a generator keyed by (seed, rank, worker, epoch).
+
+    The epoch is read from ``epochs`` (shared with the pipeline, which begins one epoch per pass)
+    when a pass starts; without a shared counter the stage counts its own passes from epoch 0.
+    ``fixed`` uses epoch 0 on every pass (validation: the same masks every time). ``fn`` may
+    return None to emit nothing for a sample, or a list to emit several.
+
+    Args:
+        fn: ``fn(sample, rng) -> output | None``.
+        seed: the stage's seed (different stages should use different seeds or kinds).
+        fixed: same draws on every pass.
+        epochs: the pipeline's epoch counter, or None.
+    """
+
+    def __init__(self, fn, seed: int, fixed: bool = False, epochs: "EpochCounter | None" = None) -> None:
+        self.fn, self.seed, self.fixed = fn, seed, fixed
+        self.own_counter = epochs is None
+        self.epochs = epochs if epochs is not None else EpochCounter()
+
+    def __call__(self, src: Iterator[Any]) -> Iterator[Any]:
+        if self.own_counter:
+            self.epochs.begin()
+        rng = worker_rng(self.seed, 0 if self.fixed else self.epochs.epoch)
+        for sample in src:
+            out = self.fn(sample, rng)
+            if out is not None:
+                yield out

@@ -8,13 +8,14 @@ by default (Press & Wolf 2017), with an untied option.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmm.batch import PackedBatch
+from mmm.config import EncoderConfig
 from mmm.objectives.base import ObjectiveOutput
 from mmm.registry import OBJECTIVES
 
@@ -54,24 +55,38 @@ class MLMHead(nn.Module):
 class MaskedLanguageModeling(nn.Module):
     """MLM objective: cross-entropy and accuracy over the masked positions of a packed batch.
 
+    Serves every discrete-token modality (text; DNA as in DNABERT and the Nucleotide
+    Transformer): ``modality`` names both the embedder whose token table the head ties to and the
+    :class:`~mmm.batch.TokenTargets` it reads from ``batch.targets``.
+
     Args:
         dim: encoder width (given by the model builder).
-        embedder: the text embedder whose token table the head ties to (given by the builder).
-        norm_eps: LayerNorm epsilon (given by the builder).
+        embedders: the model's embedders (given by the builder).
+        encoder_cfg: the shared encoder's config (given by the builder; its LayerNorm epsilon is used).
         tie_weights: reuse the token embedding as the output projection (config).
+        modality: which token modality this head predicts (config).
     """
 
-    def __init__(self, dim: int, embedder: nn.Module, norm_eps: float = 1e-12, tie_weights: bool = True) -> None:
+    def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
+                 tie_weights: bool = True, modality: str = "text") -> None:
         super().__init__()
-        vocab = embedder.tokens.num_embeddings
-        self.head = MLMHead(dim, vocab, norm_eps, embedder.tokens if tie_weights else None)
+        if modality not in embedders:
+            raise ValueError(f"objective mlm: modality {modality!r} has no embedder in this model "
+                             f"(modalities: {sorted(embedders)})")
+        tokens = getattr(embedders[modality], "tokens", None)
+        if not isinstance(tokens, nn.Embedding):
+            raise ValueError(f"objective mlm: the {modality!r} embedder has no token table; MLM needs a discrete "
+                             f"token modality")
+        self.modality = modality
+        self.head = MLMHead(dim, tokens.num_embeddings, encoder_cfg.norm_eps, tokens if tie_weights else None)
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         """(N, d) encoder output → loss and masked-token accuracy."""
-        if batch.mlm_positions.numel() == 0:
+        t = batch.targets.get(self.modality)
+        if t is None or t.positions.numel() == 0:
             zero = hidden.sum() * 0.0  # keeps the graph connected; no prediction this batch
             return ObjectiveOutput(zero, {"acc": zero.detach()}, 0)
-        logits = self.head(hidden.index_select(0, batch.mlm_positions))  # (M, V)
-        loss = F.cross_entropy(logits.float(), batch.mlm_labels)
-        acc = (logits.argmax(-1) == batch.mlm_labels).float().mean()
-        return ObjectiveOutput(loss, {"acc": acc.detach()}, int(batch.mlm_labels.numel()))
+        logits = self.head(hidden.index_select(0, t.positions))  # (M, V)
+        loss = F.cross_entropy(logits.float(), t.labels)
+        acc = (logits.argmax(-1) == t.labels).float().mean()
+        return ObjectiveOutput(loss, {"acc": acc.detach()}, int(t.labels.numel()))

@@ -33,9 +33,6 @@ from mmm.batch import PackedBatch
 from mmm.config import DataConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.stream import SampleErrorHandler, make_pipeline
-from mmm.data.text import text_stages
-from mmm.masking.base import TokenMasker
-from mmm.modalities.text_tokenizer import TextTokenizer
 
 logger = logging.getLogger("mmm.train")
 
@@ -144,8 +141,9 @@ class ResumableLoader:
             loader._iterator = None
 
 
-class TextDataModule(L.LightningDataModule):
-    """Train/val loaders over text shards; tokenization, masking and packing run in the workers.
+class StreamDataModule(L.LightningDataModule):
+    """Train/val loaders over WebDataset shards; the modality's stages (decode, tokenize, mask,
+    pack) run in the DataLoader workers.
 
     The training position is saved in checkpoints (:meth:`state_dict`) and restored exactly
     (:meth:`load_state_dict`) provided the shards (names and local file sizes), ``data.seed``,
@@ -157,16 +155,18 @@ class TextDataModule(L.LightningDataModule):
         cfg: data settings.
         train_urls: training shard urls.
         val_urls: validation shard urls (None = no validation).
-        tokenizer: trained tokenizer.
-        masker: token masker.
-        max_len: longest sequence in tokens.
+        make_stages: ``make_stages(seed=, handler=, fixed_masking=, epochs=, train=)`` returns the
+            stages from raw samples to :class:`~mmm.batch.PackedBatch` (e.g. a bound
+            :meth:`~mmm.modalities.base.Modality.stages` with its masker and batch size).
+        settings: extra settings the stream depends on (e.g. ``max_len``), compared on resume.
     """
 
     def __init__(self, cfg: DataConfig, train_urls: List[str], val_urls: Optional[List[str]],
-                 tokenizer: TextTokenizer, masker: TokenMasker, max_len: int) -> None:
+                 make_stages: Callable[..., List], settings: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
         self.cfg, self.train_urls, self.val_urls = cfg, train_urls, val_urls
-        self.tokenizer, self.masker, self.max_len = tokenizer, masker, max_len
+        self.make_stages = make_stages
+        self.extra_settings = dict(settings or {})
         self._start = DataPosition(0, 0)
         self._restored = False
         self._strict = True
@@ -184,8 +184,7 @@ class TextDataModule(L.LightningDataModule):
         c = self.cfg
         epochs = EpochCounter(start_epoch)
         handler = SampleErrorHandler(skip_bad=c.skip_bad, max_errors=c.max_errors)
-        stages = text_stages(self.tokenizer, self.masker, max_len=self.max_len, batch_size=c.batch_size,
-                             seed=c.seed, handler=handler, fixed_masking=False, epochs=epochs)
+        stages = self.make_stages(seed=c.seed, handler=handler, fixed_masking=False, epochs=epochs, train=True)
         pipeline = make_pipeline(self.train_urls, stages=stages, shuffle_shards=c.shuffle_shards,
                                  shuffle_buffer=c.shuffle_buffer, seed=c.seed, handler=handler,
                                  max_member_bytes=c.max_member_bytes, epochs=epochs)
@@ -223,8 +222,7 @@ class TextDataModule(L.LightningDataModule):
             return []
         c = self.cfg
         handler = SampleErrorHandler(skip_bad=c.skip_bad, max_errors=c.max_errors)
-        stages = text_stages(self.tokenizer, self.masker, max_len=self.max_len, batch_size=c.batch_size,
-                             seed=c.seed + 10_000, handler=handler, fixed_masking=True)
+        stages = self.make_stages(seed=c.seed + 10_000, handler=handler, fixed_masking=True, epochs=None, train=False)
         pipeline = make_pipeline(self.val_urls, stages=stages, shuffle_shards=False, shuffle_buffer=0,
                                  seed=c.seed, handler=handler, max_member_bytes=c.max_member_bytes)
         return self._data_loader(pipeline, 0)
@@ -245,7 +243,7 @@ class TextDataModule(L.LightningDataModule):
             digest.update(f"{os.path.basename(url)}\0{size}\n".encode())
         return {
             "shards": len(self.train_urls), "shards_sha1": digest.hexdigest(), "seed": c.seed,
-            "batch_size": c.batch_size, "max_len": self.max_len, "shuffle_buffer": c.shuffle_buffer,
+            "batch_size": c.batch_size, **self.extra_settings, "shuffle_buffer": c.shuffle_buffer,
             "shuffle_shards": c.shuffle_shards, "num_workers": self.train_workers,
             "world_size": self.trainer.world_size if self.trainer is not None else 1,
         }
@@ -263,7 +261,7 @@ class TextDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore the position (Lightning calls this before it asks for the train loader)."""
         if state_dict.get("version") != STATE_VERSION:
-            raise ValueError(f"TextDataModule: checkpoint data state has version {state_dict.get('version')!r}, "
+            raise ValueError(f"StreamDataModule: checkpoint data state has version {state_dict.get('version')!r}, "
                              f"this mmm reads version {STATE_VERSION}")
         saved, now = state_dict["settings"], self.data_settings()
         changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}

@@ -1,20 +1,21 @@
 """Assemble and run a pretraining job from a :class:`~mmm.config.PretrainConfig`.
 
-Order: resolve shards (``embedded`` builds the built-in corpus) → tokenizer (loaded, reused from
-the run folder on resume, or trained on the training shards) → masker → model → Lightning
-module, data module and trainer. The run folder holds ``config.yaml``, ``tokenizer/``,
+Order: resolve shards (``embedded`` builds the built-in data) → the dataset's modality prepares
+its assets (a tokenizer, statistics or codebooks: loaded, reused from the run folder on resume,
+or fitted on the training shards) → masker → model → Lightning module, data module and trainer.
+The run folder holds ``config.yaml``, the modality's assets (e.g. ``tokenizer/``),
 ``checkpoints/`` (``last.ckpt``) and ``logs/version_N/`` (CSV, and TensorBoard when installed; a
 resumed run writes a new version).
 """
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from functools import partial
+from typing import Any, List, Optional
 
 import lightning as L
 import torch
@@ -23,22 +24,20 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 import datasets_def  # noqa: F401  (registers dataset definitions)
 import mmm.masking  # noqa: F401  (registers maskers)
+import mmm.modalities  # noqa: F401  (registers modalities)
 from mmm.config import PretrainConfig, dump_config, to_dict
 from mmm.data.stream import list_shards
-from mmm.modalities.text_tokenizer import TextTokenizer
+from mmm.modalities.base import Modality
 from mmm.model import build_model
-from mmm.registry import DATASETS, MASKERS, TOKENIZERS
+from mmm.registry import DATASETS, MODALITIES
 from mmm.train.callbacks import ThroughputMonitor
 from mmm.train.checkpoint_io import AtomicCheckpointIO
-from mmm.train.datamodule import TextDataModule
+from mmm.train.datamodule import StreamDataModule
 from mmm.train.module import MaskedModelingModule
 
 logger = logging.getLogger("mmm.train")
 # The module moves PackedBatch itself (it works with any loader, not only our DataModule).
 warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
-
-TOKENIZER_DIR = "tokenizer"
-
 
 def resolve_shards(spec: str, dataset: str, split: str) -> List[str]:
     """Shard urls for a data spec: ``embedded`` (the dataset's built-in default), a folder, or a pattern.
@@ -53,28 +52,18 @@ def resolve_shards(spec: str, dataset: str, split: str) -> List[str]:
     return list_shards(spec, split=split if Path(spec).is_dir() else None)
 
 
-def tokenizer_files(directory: Path) -> Dict[str, str]:
-    """The text files of a saved tokenizer (embedded in checkpoints so they are self-contained)."""
-    return {p.name: p.read_text(encoding="utf-8") for p in sorted(directory.iterdir()) if p.is_file()}
+def modality_of(dataset: str) -> str:
+    """The modality a dataset definition feeds (its ``modality`` attribute, else its name)."""
+    return getattr(DATASETS.get(dataset), "modality", dataset)
 
 
-def prepare_tokenizer(cfg: PretrainConfig, train_urls: List[str], run_dir: Path) -> TextTokenizer:
-    """Load the configured tokenizer, reuse the run's own, or train one on the training shards."""
-    t = cfg.model.text
-    own = run_dir / TOKENIZER_DIR
-    if t.tokenizer_path:
-        tok = TextTokenizer.load(t.tokenizer_path)
-    elif (own / "tokenizer.json").is_file():
-        tok = TextTokenizer.load(own)
-    else:
-        from datasets_def.text import iter_texts
-
-        logger.info("training a %s tokenizer (vocab %d) on up to %d documents", t.tokenizer, t.vocab_size, t.tokenizer_train_docs)
-        texts = itertools.islice(iter_texts(train_urls), t.tokenizer_train_docs)
-        tok = TOKENIZERS.create(t.tokenizer, texts=texts, vocab_size=t.vocab_size, lowercase=t.lowercase)
-    if not (own / "tokenizer.json").is_file():
-        tok.save(own)
-    return tok
+def build_modality(cfg: PretrainConfig) -> Modality:
+    """The :class:`~mmm.modalities.base.Modality` the run's dataset feeds."""
+    name = modality_of(cfg.data.dataset)
+    if name not in MODALITIES:
+        raise ValueError(f"data.dataset {cfg.data.dataset!r} feeds modality {name!r}, which has no Modality "
+                         f"registered; known: {MODALITIES.list()}")
+    return MODALITIES.create(name, model_cfg=cfg.model)
 
 
 @dataclass
@@ -83,9 +72,10 @@ class PretrainRun:
 
     cfg: PretrainConfig
     run_dir: Path
-    tokenizer: TextTokenizer
+    modality: Modality
+    masker: Any
     module: MaskedModelingModule
-    datamodule: TextDataModule
+    datamodule: StreamDataModule
     trainer: L.Trainer
     csv_logger: CSVLogger
 
@@ -93,9 +83,14 @@ class PretrainRun:
     def last_checkpoint(self) -> Path:
         return self.run_dir / "checkpoints" / "last.ckpt"
 
+    @property
+    def tokenizer(self) -> Any:
+        """The text (or DNA) tokenizer of the run's modality, if it has one."""
+        return getattr(self.modality, "tokenizer", None)
+
 
 def build_run(cfg: PretrainConfig) -> PretrainRun:
-    """Build tokenizer, model, data and trainer for ``cfg`` (nothing is trained yet)."""
+    """Build the modality's assets, model, data and trainer for ``cfg`` (nothing is trained yet)."""
     run_dir = Path(cfg.trainer.default_root_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg) + "\n", encoding="utf-8")
@@ -103,22 +98,23 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
 
     train_urls = resolve_shards(cfg.data.train, cfg.data.dataset, "train")
     val_urls = resolve_shards(cfg.data.val, cfg.data.dataset, "val") if cfg.data.val else None
-    tokenizer = prepare_tokenizer(cfg, train_urls, run_dir)
-    masker = MASKERS.create(cfg.masking.name, vocab=tokenizer.vocab(), **cfg.masking.args)
-    model = build_model(cfg.model, cfg.objectives, tokenizer.vocab_size, tokenizer.pad_id)
+    modality = build_modality(cfg)
+    modality.prepare(train_urls, run_dir)
+    masker = modality.build_masker(cfg.masking)
+    model = build_model_for(cfg, modality)
     if cfg.trainer.compile:
         # per block, dynamic shapes: packed batches change N every step (layout lookups graph-break)
         for block in model.encoder.blocks:
             block.compile(dynamic=True)
-    extra = {"format": "mmm-pretrain-v1", "config": to_dict(cfg), "tokenizer": tokenizer_files(run_dir / TOKENIZER_DIR)}
+    extra = {"format": "mmm-pretrain-v1", "config": to_dict(cfg), "assets": {modality.name: modality.assets()}}
     if cfg.trainer.nonfinite_loss not in ("stop", "skip"):
         raise ValueError(f"trainer.nonfinite_loss must be 'stop' or 'skip', got {cfg.trainer.nonfinite_loss!r}")
     if cfg.trainer.nonfinite_loss == "skip" and cfg.trainer.devices not in (1, "1"):
         raise ValueError("trainer.nonfinite_loss: skip needs a single process (ranks would disagree on which "
                          "batches step); use stop with several devices")
     module = MaskedModelingModule(model, cfg.optim, cfg.trainer.max_steps, extra, nonfinite=cfg.trainer.nonfinite_loss)
-    datamodule = TextDataModule(cfg.data, train_urls, val_urls, tokenizer, masker, cfg.model.text.max_len)
-
+    make_stages = partial(modality.stages, masker, batch_size=cfg.data.batch_size)
+    datamodule = StreamDataModule(cfg.data, train_urls, val_urls, make_stages, modality.settings())
     tc = cfg.trainer
     # logs/version_N: a resumed run starts a new version instead of overwriting the earlier metrics.csv
     csv_logger = CSVLogger(str(run_dir), name="logs")
@@ -139,7 +135,21 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
         num_sanity_val_steps=0, default_root_dir=str(run_dir), enable_progress_bar=tc.enable_progress_bar,
         logger=loggers, callbacks=callbacks, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
     )
-    return PretrainRun(cfg, run_dir, tokenizer, module, datamodule, trainer, csv_logger)
+    return PretrainRun(cfg, run_dir, modality, masker, module, datamodule, trainer, csv_logger)
+
+
+def build_model_for(cfg: PretrainConfig, modality: Modality):
+    """A freshly initialised :class:`~mmm.model.MaskedModel` for ``cfg`` with ``modality``'s embedder
+    (its assets must be prepared or loaded)."""
+    return build_model(cfg.model, cfg.objectives, {modality.name: modality.build_embedder(cfg.model.encoder)})
+
+
+def modality_from_checkpoint(contents: Any) -> Modality:
+    """The run's modality with its assets restored from a read checkpoint
+    (:class:`~mmm.encoders.CheckpointContents`)."""
+    modality = build_modality(contents.config)
+    modality.load_assets(contents.assets.get(modality.name, {}), str(contents.path))
+    return modality
 
 
 def resolve_ckpt_path(cfg: PretrainConfig, run_dir: Path) -> Optional[str]:

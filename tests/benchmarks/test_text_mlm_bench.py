@@ -44,8 +44,8 @@ def test_batches_are_the_same_sequences_for_both_models():
     assert int(lengths.sum()) == b.real_tokens == b.packed.num_tokens
     assert int(lengths.min()) >= 4 and int(lengths.max()) <= 16
     real = b.attention_mask.bool()
-    assert b.input_ids[real].tolist() == b.packed.input_ids.tolist()
-    assert b.labels[b.labels != -100].tolist() == b.packed.mlm_labels.tolist()
+    assert b.input_ids[real].tolist() == b.packed.inputs["text"].ids.tolist()
+    assert b.labels[b.labels != -100].tolist() == b.packed.targets["text"].labels.tolist()
     assert int((b.labels != -100).sum()) == b.masked_tokens
 
 

@@ -39,11 +39,12 @@ def test_every_token_is_packed_exactly_once(corpus):
     for b in batches:
         lens = np.diff(b.seq.cu_seqlens.numpy())
         assert lens.max() <= 32 and b.seq.max_seqlen == lens.max()
-        assert (b.input_ids[b.seq.cu_seqlens[:-1].long()] == tok.cls_id).all()
+        t = b.targets["text"]
+        assert (b.inputs["text"].ids[b.seq.cu_seqlens[:-1].long()] == tok.cls_id).all()
         # masked positions hold mask/random/kept tokens and labels are never specials
-        assert b.mlm_positions.numel() > 0
-        assert not np.isin(b.mlm_labels.numpy(), list(tok.special_ids)).any()
-        assert (b.mlm_positions < b.num_tokens).all()
+        assert t.positions.numel() > 0
+        assert not np.isin(t.labels.numpy(), list(tok.special_ids)).any()
+        assert (t.positions < b.num_tokens).all()
 
 
 def test_fixed_masking_is_reproducible(corpus):
@@ -52,7 +53,7 @@ def test_fixed_masking_is_reproducible(corpus):
 
     def run():
         st = text_stages(tok, masker, max_len=32, batch_size=4, seed=7, handler=SampleErrorHandler(), fixed_masking=True)
-        return [b.mlm_positions.tolist() for b in make_pipeline(list_shards(out, "train"), stages=st,
+        return [b.targets["text"].positions.tolist() for b in make_pipeline(list_shards(out, "train"), stages=st,
                                                                  shuffle_shards=False, shuffle_buffer=0)]
 
     assert run() == run()

@@ -32,7 +32,7 @@ def test_training_logs_learns_and_resumes(tmp_path):
     # the checkpoint is self-contained plain data: it loads without unpickling code
     ck = torch.load(run.last_checkpoint, map_location="cpu", weights_only=True)
     assert ck["global_step"] == 40 and ck["mmm"]["format"] == "mmm-pretrain-v1"
-    assert "tokenizer.json" in ck["mmm"]["tokenizer"] and ck["mmm"]["config"]["trainer"]["max_steps"] == 40
+    assert "tokenizer.json" in ck["mmm"]["assets"]["text"] and ck["mmm"]["config"]["trainer"]["max_steps"] == 40
 
     # resume from last.ckpt and continue to 50 steps; the run's tokenizer is reused, not retrained
     tok_before = (run.run_dir / "tokenizer" / "tokenizer.json").read_text()

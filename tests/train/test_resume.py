@@ -85,7 +85,8 @@ class Recorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         h = hashlib.sha1()
-        for t in (batch.input_ids, batch.mlm_positions, batch.mlm_labels, batch.seq.cu_seqlens):
+        t_in, t_out = batch.inputs["text"], batch.targets["text"]
+        for t in (t_in.ids, t_out.positions, t_out.labels, batch.seq.cu_seqlens):
             h.update(t.cpu().numpy().tobytes())
         self.steps.append(Step(trainer.global_step, trainer.current_epoch, h.hexdigest(), float(outputs["loss"])))
         if self.save_dir is not None:
@@ -108,8 +109,8 @@ def _fit(cfg, recorder: Recorder):
 
 
 def _data_state(ckpt: Path) -> dict:
-    states = [v for k, v in torch.load(ckpt, map_location="cpu", weights_only=True).items() if k == "TextDataModule"]
-    assert states, f"{ckpt} holds no TextDataModule state"
+    states = [v for k, v in torch.load(ckpt, map_location="cpu", weights_only=True).items() if k == "StreamDataModule"]
+    assert states, f"{ckpt} holds no StreamDataModule state"
     return states[0]
 
 
@@ -165,13 +166,13 @@ def test_loader_restarts_an_abandoned_epoch_where_it_stopped(shard_dir, tmp_path
     dm = run.datamodule
     assert dm.trainer is None
     loader = dm.train_dataloader()
-    first = [b.input_ids.sum().item() for b in loader]
+    first = [b.inputs["text"].ids.sum().item() for b in loader]
     assert loader.position() == DataPosition(1, 0)
     it = iter(loader)
-    partial = [next(it).input_ids.sum().item() for _ in range(2)]
+    partial = [next(it).inputs["text"].ids.sum().item() for _ in range(2)]
     assert loader.position() == DataPosition(1, 2)
-    rest = [b.input_ids.sum().item() for b in loader]
-    whole_epoch1 = [b.input_ids.sum().item() for b in dm._train_loader(1)]
+    rest = [b.inputs["text"].ids.sum().item() for b in loader]
+    whole_epoch1 = [b.inputs["text"].ids.sum().item() for b in dm._train_loader(1)]
     assert partial + rest == whole_epoch1 and whole_epoch1 != first
     loader.close()
 
@@ -247,5 +248,5 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(shard_dir, tmp_
     assert sorted(resumed) == list(range(k, n)), "the resumed run must log every step after the checkpoint once"
     diffs = [abs(resumed[s] - reference[s]) for s in resumed]
     assert max(diffs) <= LOSS_TOL, f"resumed losses differ from the uninterrupted run: max {max(diffs)}"
-    print(f"killed after checkpoint step {k} (epoch {ck['TextDataModule']['epoch']}, batch "
-          f"{ck['TextDataModule']['batches_done']}): max loss diff {max(diffs):.3g} over {len(diffs)} steps")
+    print(f"killed after checkpoint step {k} (epoch {ck['StreamDataModule']['epoch']}, batch "
+          f"{ck['StreamDataModule']['batches_done']}): max loss diff {max(diffs):.3g} over {len(diffs)} steps")

@@ -1,0 +1,100 @@
+"""The text modality in a run: a WordPiece/BPE tokenizer as its asset, token maskers, MLM batches."""
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from torch import nn
+
+from mmm.config import ComponentConfig, EncoderConfig, ModelConfig
+from mmm.data.epoch import EpochCounter
+from mmm.data.text import text_stages
+from mmm.modalities.base import Handler, Modality
+from mmm.modalities.text_tokenizer import TextTokenizer
+from mmm.registry import EMBEDDERS, MASKERS, MODALITIES, TOKENIZERS
+
+logger = logging.getLogger("mmm.train")
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def tokenizer_files(directory: Path) -> Dict[str, str]:
+    """The text files of a saved tokenizer (embedded in checkpoints so they are self-contained)."""
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def tokenizer_from_files(files: Dict[str, str], where: str) -> TextTokenizer:
+    """Rebuild a tokenizer from :func:`tokenizer_files` output."""
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ValueError(f"{where}: tokenizer files must map file names to file text")
+    with tempfile.TemporaryDirectory(prefix="mmm_tok_") as tmp:
+        for name, text in files.items():
+            if Path(name).name != name:
+                raise ValueError(f"{where}: tokenizer file name {name!r} is not a plain file name")
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        try:
+            return TextTokenizer.load(tmp)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"{where}: the embedded tokenizer cannot be loaded: {e}") from None
+
+
+@MODALITIES.register("text")
+class TextModality(Modality):
+    """Text (BERT-style MLM): tokenizer loaded, reused from the run folder, or trained on the shards."""
+
+    name = "text"
+
+    def __init__(self, model_cfg: ModelConfig) -> None:
+        super().__init__(model_cfg)
+        self.cfg = model_cfg.text
+        self.tokenizer: Optional[TextTokenizer] = None
+
+    def prepare(self, train_urls: List[str], run_dir: Path) -> None:
+        t, own = self.cfg, run_dir / TOKENIZER_DIR
+        if t.tokenizer_path:
+            tok = TextTokenizer.load(t.tokenizer_path)
+        elif (own / "tokenizer.json").is_file():
+            tok = TextTokenizer.load(own)
+        else:
+            from datasets_def.text import iter_texts
+
+            logger.info("training a %s tokenizer (vocab %d) on up to %d documents", t.tokenizer, t.vocab_size,
+                        t.tokenizer_train_docs)
+            texts = itertools.islice(iter_texts(train_urls), t.tokenizer_train_docs)
+            tok = TOKENIZERS.create(t.tokenizer, texts=texts, vocab_size=t.vocab_size, lowercase=t.lowercase)
+        if not (own / "tokenizer.json").is_file():
+            tok.save(own)
+        self.tokenizer = tok
+        self._files = tokenizer_files(own)
+
+    def assets(self) -> Dict[str, str]:
+        return dict(self._files) if self.tokenizer is not None else {}
+
+    def load_assets(self, files: Dict[str, str], where: str) -> None:
+        self.tokenizer = tokenizer_from_files(files, where)
+        self._files = dict(files)
+
+    def _tok(self) -> TextTokenizer:
+        if self.tokenizer is None:
+            raise RuntimeError("text modality: call prepare() or load_assets() first (no tokenizer yet)")
+        return self.tokenizer
+
+    def build_embedder(self, encoder_cfg: EncoderConfig) -> nn.Module:
+        t, tok = self.cfg, self._tok()
+        return EMBEDDERS.create("text", vocab_size=tok.vocab_size, dim=encoder_cfg.dim, max_len=t.max_len,
+                                position=t.position, embed_norm=t.embed_norm, norm_eps=encoder_cfg.norm_eps,
+                                dropout=encoder_cfg.dropout, pad_id=tok.pad_id)
+
+    def build_masker(self, masking: ComponentConfig) -> Any:
+        return MASKERS.create(masking.name, vocab=self._tok().vocab(), **masking.args)
+
+    def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
+               epochs: Optional[EpochCounter], train: bool) -> List:
+        return text_stages(self._tok(), masker, max_len=self.cfg.max_len, batch_size=batch_size, seed=seed,
+                           handler=handler, fixed_masking=fixed_masking, epochs=epochs, modality=self.name)
+
+    def settings(self) -> Dict[str, Any]:
+        return {"max_len": self.cfg.max_len}
