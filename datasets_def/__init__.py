@@ -2,4 +2,4 @@
 
 Importing this package registers every definition in :data:`mmm.registry.DATASETS`.
 """
-from datasets_def import text  # noqa: F401  (registers "text")
+from datasets_def import audio, dna, image, text  # noqa: F401  (registers "audio", "dna", "image", "text")

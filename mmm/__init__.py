@@ -6,11 +6,11 @@
 __version__ = "0.1.0"
 
 
-def load_encoder(source, modality: str = "text"):
+def load_encoder(source, modality: str = "text", **kwargs):
     """Load one modality's encoder; see :func:`mmm.encoders.load_encoder`."""
     from mmm.encoders import load_encoder as _load
 
-    return _load(source, modality=modality)
+    return _load(source, modality=modality, **kwargs)
 
 
 __all__ = ["load_encoder", "__version__"]

@@ -67,11 +67,18 @@ def _cmd_demo(ns: argparse.Namespace, rest: List[str]) -> int:
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"mmm demo: writing to {out}", flush=True)
-    m = run_demo(out, ns.config, ns.max_steps, progress_bar=not ns.no_progress)
-    tr, un, uni = m["held_out"]["trained"], m["held_out"]["untrained"], m["held_out"]["unigram"]
-    print(f"held-out masked-token accuracy: trained {tr['accuracy']:.3f} vs untrained {un['accuracy']:.3f} "
-          f"(unigram baseline {uni['accuracy']:.3f}); perplexity {tr['perplexity']:.1f} vs {un['perplexity']:.1f} "
-          f"(unigram {uni['perplexity']:.1f})")
+    parts = [p.strip() for p in ns.parts.split(",") if p.strip()] if ns.parts else None
+    m = run_demo(out, parts, ns.max_steps, progress_bar=not ns.no_progress, config=ns.config, quick=ns.quick)["parts"]
+    if "text" in m:
+        tr, un, uni = (m["text"]["held_out"][k] for k in ("trained", "untrained", "unigram"))
+        print(f"text: held-out masked-token accuracy trained {tr['accuracy']:.3f} vs untrained {un['accuracy']:.3f} "
+              f"(unigram baseline {uni['accuracy']:.3f}); perplexity {tr['perplexity']:.1f} vs {un['perplexity']:.1f} "
+              f"(unigram {uni['perplexity']:.1f})")
+    for part, metrics in m.items():
+        probe = metrics.get("linear_probe")
+        if probe:
+            print(f"{part}: linear-probe accuracy trained {probe['trained']['accuracy']:.3f} vs untrained "
+                  f"{probe['untrained']['accuracy']:.3f} (chance {probe['trained']['chance']:.3f})")
     print(f"report: {out / 'report.md'}")
     return 0
 
@@ -133,6 +140,7 @@ def _cmd_list(ns: argparse.Namespace, rest: List[str]) -> int:
     import datasets_def  # noqa: F401
     import mmm.core.encoder  # noqa: F401
     import mmm.masking  # noqa: F401
+    import mmm.modalities  # noqa: F401
     import mmm.model  # noqa: F401
     from mmm import registry
 
@@ -164,11 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmm", description="Multimodal masked modeling.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="pretrain the tiny text MLM on the embedded corpus and write a report")
+    d = sub.add_parser("demo", help="pretrain a tiny model per modality on the embedded data and write a report")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    d.add_argument("--config", default=None, help="config (default configs/text_mlm_tiny.yaml)")
+    d.add_argument("--parts", default=None, help="comma-separated parts: text,image,dna,audio (default all)")
+    d.add_argument("--config", default=None, help="replace the config of the single part chosen with --parts")
     d.add_argument("--max_steps", type=int, default=None, help="override trainer.max_steps")
     d.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    d.add_argument("--quick", action="store_true", help="small evaluation sets (smoke tests)")
     d.set_defaults(fn=_cmd_demo)
 
     t = sub.add_parser("pretrain", help="pretrain from a YAML config; --section.key value overrides")

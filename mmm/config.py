@@ -63,11 +63,71 @@ class TextConfig:
 
 
 @dataclass
+class ImageConfig:
+    """The image modality: patch embedder, encoder mode, input pipeline."""
+
+    image_size: int = _f(32, "input height and width in pixels (the pipeline crops/resizes to it)")
+    patch_size: int = _f(4, "side of a square patch in pixels; must divide image_size")
+    cls_token: bool = _f(True, "prepend a learned [CLS] token to every image")
+    position: str = _f("sincos", "patch positions: sincos (fixed 2-D, MAE) or learned")
+    embed_norm: bool = _f(False, "LayerNorm on the patch tokens before the encoder (off for ViT/MAE)")
+    drop_masked: bool = _f(True, "MAE mode: hidden patches never enter the encoder; false = SimMIM/BEiT mask-token mode")
+    crop_scale: Tuple[float, float] = _f((0.2, 1.0), "random-resized-crop area range for training (MAE)")
+    hflip: float = _f(0.5, "horizontal flip probability for training")
+    max_pixels: int = _f(64 * 1024 * 1024, "refuse images whose header claims more pixels (decompression-bomb guard)")
+    min_size: int = _f(8, "smallest accepted image side in pixels")
+    small_images: str = _f("upscale", "images smaller than min_size: upscale or reject (counted as bad samples)")
+    visual_tokens: int = _f(0, "size of a k-means visual-token codebook over patch pixels (BEiT-style targets); 0 = none")
+    codebook_images: int = _f(2000, "training images sampled to fit the visual-token codebook")
+
+
+@dataclass
+class DNAConfig:
+    """The DNA modality: nucleotide tokenizer and embedder."""
+
+    tokenizer: str = _f("dna_kmer", "dna_char (single nucleotide), dna_kmer (DNABERT / Nucleotide Transformer), dna_bpe (DNABERT-2)")
+    k: int = _f(6, "k-mer length for dna_kmer")
+    overlapping: bool = _f(True, "dna_kmer: overlapping k-mers, stride 1 (DNABERT); false = stride k (Nucleotide Transformer)")
+    tokenizer_path: Optional[str] = _f(None, "directory of a saved mmm DNA tokenizer; null = build (k-mer, char) or train (BPE) one")
+    vocab_size: int = _f(4096, "BPE vocabulary size when training dna_bpe")
+    tokenizer_train_docs: int = _f(2000, "sequences read from the training shards to train dna_bpe")
+    max_len: int = _f(512, "longest sequence in tokens ([CLS]/[SEP] included); longer windows are cut into several, none dropped")
+    position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none")
+    embed_norm: bool = _f(True, "LayerNorm after the embedding sum")
+    reverse_complement: float = _f(0.5, "probability of reverse-complementing a training sequence (augmentation)")
+
+
+@dataclass
+class AudioConfig:
+    """The audio modality: log-mel front end, feature-token embedder, discrete targets."""
+
+    sample_rate: int = _f(16000, "target sample rate; clips are resampled and mixed to mono")
+    n_mels: int = _f(64, "log-mel bins")
+    win_ms: float = _f(25.0, "STFT window in milliseconds")
+    hop_ms: float = _f(10.0, "STFT hop in milliseconds")
+    token: str = _f("time", "token kind: time (frames_per_token stacked frames) or patch (2-D spectrogram patches, AudioMAE)")
+    frames_per_token: int = _f(4, "frames per time token")
+    patch_freq: int = _f(16, "patch height in mel bins (token: patch)")
+    patch_time: int = _f(4, "patch width in frames (token: patch)")
+    max_seconds: float = _f(10.0, "longest clip fed to the model; longer clips are cut into several sequences")
+    norm: str = _f("bin", "normalisation statistics: bin (per mel bin) or global (AudioMAE)")
+    stats_clips: int = _f(500, "training clips used to fit the normalisation statistics")
+    targets: List[str] = _f(default_factory=lambda: ["mfcc"], help="discrete target sets (k-means over these features: mfcc, logmel, chroma), one head each (HuBERT; MERT uses acoustic + musical)")
+    target_clusters: int = _f(64, "k-means clusters per target set")
+    target_clips: int = _f(300, "training clips used to fit the k-means codebooks")
+    position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none")
+    max_tokens: int = _f(512, "size of the position table (tokens per sequence)")
+
+
+@dataclass
 class ModelConfig:
     """Everything that defines the network."""
 
     encoder: EncoderConfig = _f(default_factory=EncoderConfig, help="shared encoder")
     text: TextConfig = _f(default_factory=TextConfig, help="text modality")
+    image: ImageConfig = _f(default_factory=ImageConfig, help="image modality")
+    dna: DNAConfig = _f(default_factory=DNAConfig, help="DNA modality")
+    audio: AudioConfig = _f(default_factory=AudioConfig, help="audio modality")
     init_std: float = _f(0.02, "std of the normal initialisation of linear and embedding weights")
 
 

@@ -35,8 +35,8 @@ from mmm.model import build_text_embedder
 
 PathLike = Union[str, Path]
 
-MODALITIES = ("text",)
-"""Modalities :func:`load_encoder` can build; image, audio and DNA encoders come with their embedders."""
+MODALITIES = ("text", "image")
+"""Modalities :func:`load_encoder` can build."""
 
 CHECKPOINT_FORMAT = "mmm-pretrain-v1"
 ENCODER_FORMAT = "mmm-encoder-v1"
@@ -271,6 +271,25 @@ def encoder_from_checkpoint(contents: CheckpointContents) -> TextEncoder:
     return enc.eval()
 
 
+def image_encoder_config(cfg: ModelConfig) -> "ImageEncoderConfig":
+    """The standalone :class:`~mmm.modalities.image.ImageEncoderConfig` of a run's model config."""
+    from mmm.modalities.image import ImageEncoderConfig
+
+    i, e = cfg.image, cfg.encoder
+    return ImageEncoderConfig(encoder=e, image_size=i.image_size, patch_size=i.patch_size, in_chans=3,
+                              cls_token=i.cls_token, position=i.position, embed_norm=i.embed_norm,
+                              norm_eps=e.norm_eps, dropout=e.dropout)
+
+
+def image_encoder_from_checkpoint(contents: CheckpointContents) -> nn.Module:
+    """Build the :class:`~mmm.modalities.image.ImageEncoder` of a read checkpoint (eval mode)."""
+    from mmm.modalities.image import ImageEncoder
+
+    enc = ImageEncoder.from_config(image_encoder_config(contents.config.model))
+    load_weights(enc, contents.modality_state("image"), contents.path)
+    return enc.eval()
+
+
 # ----------------------------------------------------------------------------- save / load
 
 
@@ -286,23 +305,28 @@ def save_encoder(encoder: TextEncoder, directory: PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    if not isinstance(encoder, TextEncoder):
-        raise TypeError(f"save_encoder expects a TextEncoder, got {type(encoder).__name__}")
+    from mmm.modalities.image import ImageEncoder
+
+    if not isinstance(encoder, (TextEncoder, ImageEncoder)):
+        raise TypeError(f"save_encoder expects a TextEncoder or an ImageEncoder, got {type(encoder).__name__}")
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"cannot save encoder: {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": ENCODER_FORMAT, "modality": "text", "model": to_dict(encoder.config),
-            "vocab_size": encoder.vocab_size, "pad_id": encoder.pad_id}
+    if isinstance(encoder, ImageEncoder):
+        meta = {"format": ENCODER_FORMAT, "modality": "image", "model": to_dict(encoder.config)}
+    else:
+        meta = {"format": ENCODER_FORMAT, "modality": "text", "model": to_dict(encoder.config),
+                "vocab_size": encoder.vocab_size, "pad_id": encoder.pad_id}
     (out / ENCODER_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    if encoder.tokenizer is not None:
+    if getattr(encoder, "tokenizer", None) is not None:
         encoder.tokenizer.save(out / TOKENIZER_SUBDIR)
     return out
 
 
-def _load_saved_encoder(directory: Path) -> TextEncoder:
+def _load_saved_encoder(directory: Path, modality: str) -> nn.Module:
     from safetensors.torch import load_file
 
     meta_path = directory / ENCODER_META_FILE
@@ -313,18 +337,31 @@ def _load_saved_encoder(directory: Path) -> TextEncoder:
     if not isinstance(meta, dict) or meta.get("format") != ENCODER_FORMAT:
         raise ValueError(f"{meta_path}: 'format' must be {ENCODER_FORMAT!r}, got "
                          f"{meta.get('format') if isinstance(meta, dict) else meta!r}")
-    for key in ("model", "vocab_size", "pad_id", "modality"):
+    for key in ("model", "modality"):
         if key not in meta:
             raise ValueError(f"{meta_path}: missing key {key!r}")
-    if meta["modality"] != "text":
-        raise ValueError(f"{meta_path}: modality {meta['modality']!r} is not supported; supported: {list(MODALITIES)}")
+    if meta["modality"] != modality:
+        raise ValueError(f"{meta_path} holds a {meta['modality']!r} encoder, but modality={modality!r} was asked for")
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"encoder weights {weights} are missing")
+    if modality == "image":
+        from mmm.modalities.image import ImageEncoder, ImageEncoderConfig
+
+        try:
+            icfg = from_dict(ImageEncoderConfig, meta["model"], "model")
+        except ConfigError as e:
+            raise ValueError(f"{meta_path}: {e}") from None
+        enc = ImageEncoder.from_config(icfg)
+        load_weights(enc, load_file(str(weights)), weights)
+        return enc.eval()
+    for key in ("vocab_size", "pad_id"):
+        if key not in meta:
+            raise ValueError(f"{meta_path}: missing key {key!r}")
     try:
         cfg = from_dict(ModelConfig, meta["model"], "model")
     except ConfigError as e:
         raise ValueError(f"{meta_path}: {e}") from None
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"encoder weights {weights} are missing")
     tok_dir = directory / TOKENIZER_SUBDIR
     tok = TextTokenizer.load(tok_dir) if tok_dir.is_dir() else None
     enc = TextEncoder.from_config(cfg, int(meta["vocab_size"]), int(meta["pad_id"]), tok)
@@ -332,27 +369,43 @@ def _load_saved_encoder(directory: Path) -> TextEncoder:
     return enc.eval()
 
 
-def load_encoder(source: PathLike, modality: str = "text") -> nn.Module:
+def load_encoder(source: PathLike, modality: str = "text", *, timm_model: Optional[str] = None,
+                 timm_kwargs: Optional[Dict] = None) -> nn.Module:
     """Load a pretrained encoder in eval mode.
 
     Args:
-        source: an mmm ``.ckpt`` file, a :func:`save_encoder` directory, or an HF BERT directory
-            (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``).
-        modality: which encoder to build; only ``"text"`` for now.
+        source: an mmm ``.ckpt`` file (any run that trained ``modality``), a :func:`save_encoder`
+            directory, an HF BERT directory (text), or a timm ViT weights file (image, with
+            ``timm_model``).
+        modality: which encoder to build: ``text`` (:class:`TextEncoder`, ``(ids, mask) -> (B, T, H)``)
+            or ``image`` (:class:`~mmm.modalities.image.ImageEncoder`, ``(B, C, H, W) -> (B, N, D)``,
+            CLS first when the model has one).
+        timm_model: timm model name of a timm weights file (``.safetensors`` / ``.pth`` / ``.bin``).
+        timm_kwargs: extra ``timm.create_model`` arguments for it (e.g. ``{"img_size": 32}``).
     """
     if modality not in MODALITIES:
-        raise ValueError(f"unknown modality {modality!r}; supported: {list(MODALITIES)} "
-                         "(image, audio and dna encoders come with their embedders)")
+        raise ValueError(f"unknown modality {modality!r}; supported: {list(MODALITIES)}")
     p = Path(source)
     if not p.exists():
         raise FileNotFoundError(f"encoder source {p} does not exist")
+    if timm_model is not None or timm_kwargs is not None:
+        if modality != "image" or not p.is_file():
+            raise ValueError("timm_model/timm_kwargs describe a timm ViT weights file: use them with "
+                             "modality='image' and a file path")
+        from mmm.interop.timm import load_timm_encoder
+
+        return load_timm_encoder(p, timm_model, timm_kwargs)
     if p.is_file():
-        return encoder_from_checkpoint(read_checkpoint(p))
+        if p.suffix in (".safetensors", ".pth", ".bin") and modality == "image":
+            raise ValueError(f"{p} looks like a weights file: for a timm ViT pass timm_model='vit_...' "
+                             "(and timm_kwargs if it is not the named model's default size)")
+        contents = read_checkpoint(p)
+        return image_encoder_from_checkpoint(contents) if modality == "image" else encoder_from_checkpoint(contents)
     if (p / ENCODER_META_FILE).is_file():
-        return _load_saved_encoder(p)
-    if (p / "config.json").is_file():
+        return _load_saved_encoder(p, modality)
+    if (p / "config.json").is_file() and modality == "text":
         from mmm.interop.hf import import_hf_bert
 
         return import_hf_bert(p)
-    raise ValueError(f"{p} is a directory but holds neither {ENCODER_META_FILE} (save_encoder) nor config.json "
-                     "(HF BERT); pass a .ckpt file or one of those directories")
+    raise ValueError(f"{p} is a directory but holds neither {ENCODER_META_FILE} (save_encoder) nor, for text, "
+                     "config.json (HF BERT); pass a .ckpt file or one of those directories")

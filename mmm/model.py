@@ -11,8 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-import mmm.objectives.mlm  # noqa: F401  (registers objectives)
-import mmm.modalities.text  # noqa: F401  (registers embedders)
+import mmm.objectives  # noqa: F401  (registers objectives)
 from mmm.batch import PackedBatch
 from mmm.config import ModelConfig, ObjectiveConfig
 from mmm.core.encoder import TransformerEncoder

@@ -48,3 +48,29 @@ def ckpt(tmp_path_factory) -> Path:
     run = pretrain(tiny_config(run_dir, **{"trainer.max_steps": 3, "data.val": None}))
     assert run.last_checkpoint.is_file()
     return run.last_checkpoint
+
+
+TINY_IMAGE_OVERRIDES = {
+    "trainer.enable_progress_bar": False, "data.batch_size": 16, "data.num_workers": 0, "data.shuffle_buffer": 0,
+    "model.encoder.dim": 32, "model.encoder.depth": 2, "model.encoder.heads": 2, "model.encoder.mlp_hidden": 64,
+    "model.image.image_size": 16, "trainer.val_check_interval": 1000, "trainer.limit_val_batches": 1,
+}
+
+
+def tiny_image_config(run_dir: Path, **overrides):
+    """configs/image_mae_tiny.yaml shrunk to seconds on CPU (embedded shapes at 16x16, a 2-block ViT)."""
+    from mmm.config import load_config
+
+    return load_config(REPO / "configs" / "image_mae_tiny.yaml",
+                       {**TINY_IMAGE_OVERRIDES, "trainer.default_root_dir": str(run_dir), **overrides})
+
+
+@pytest.fixture(scope="session")
+def image_ckpt(tmp_path_factory) -> Path:
+    """A real 3-step MAE checkpoint on the embedded images, trained once per test session."""
+    from mmm.train.pretrain import pretrain
+
+    run_dir = tmp_path_factory.mktemp("tiny_image_run")
+    run = pretrain(tiny_image_config(run_dir, **{"trainer.max_steps": 3, "data.val": None}))
+    assert run.last_checkpoint.is_file()
+    return run.last_checkpoint

@@ -11,7 +11,10 @@ from mmm.cli import main
 def test_list_shows_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "masker: bert_random, ngram, span, whole_word" in out and "attention backend: math, sdpa, xformers" in out
+    assert "attention backend: math, sdpa, xformers" in out and "dataset: audio, dna, image, text" in out
+    maskers = next(line for line in out.splitlines() if line.startswith("masker: "))
+    assert {"bert_random", "whole_word", "mae_random", "beit_block", "dna_span", "time_span"} <= set(maskers[8:].split(", "))
+    assert "modality: image, text" in out or "modality: audio, dna, image, text" in out
 
 
 def test_print_config_is_commented_yaml_with_overrides(capsys):
@@ -78,13 +81,13 @@ def test_export_hf_from_the_cli(ckpt, tmp_path, capsys):
 
 
 def test_demo_smoke(tmp_path, capsys):
-    """The demo end to end with a handful of steps (the full demo is the slow test below)."""
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--max_steps", "3", "--no_progress"]) == 0
+    """The text part end to end with a handful of steps (the full demo is the slow test below)."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--parts", "text", "--max_steps", "3", "--no_progress"]) == 0
     out = capsys.readouterr().out
     assert "held-out masked-token accuracy" in out
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| **trained** |" in report and (tmp_path / "demo" / "loss_curve.png").stat().st_size > 1000
-    m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert "| **trained** |" in report and (tmp_path / "demo" / "text" / "loss_curve.png").stat().st_size > 1000
+    m = json.loads((tmp_path / "demo" / "metrics.json").read_text())["parts"]["text"]
     counts = {k: v["predictions"] for k, v in m["held_out"].items()}
     assert set(counts) == {"trained", "untrained", "unigram"} and len(set(counts.values())) == 1
     assert counts["trained"] > 100
@@ -93,7 +96,24 @@ def test_demo_smoke(tmp_path, capsys):
 @pytest.mark.slow
 def test_full_demo_beats_the_untrained_model(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--no_progress"]) == 0
-    m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    parts = json.loads((tmp_path / "demo" / "metrics.json").read_text())["parts"]
+    m = parts["text"]
     tr, un, uni = m["held_out"]["trained"], m["held_out"]["untrained"], m["held_out"]["unigram"]
     assert tr["accuracy"] > un["accuracy"] + 0.08 and tr["perplexity"] < un["perplexity"] / 10
     assert tr["accuracy"] > 1.5 * uni["accuracy"] and tr["perplexity"] < 0.75 * uni["perplexity"]  # context is used
+    for part, metrics in parts.items():  # every other part's probe beats the same network at random init
+        if "linear_probe" in metrics:
+            probe = metrics["linear_probe"]
+            assert probe["trained"]["accuracy"] > probe["untrained"]["accuracy"], part
+
+
+def test_image_demo_smoke(tmp_path, capsys):
+    """The image part end to end: MAE loss, probes, reconstruction figure (few steps, small probe)."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--parts", "image", "--max_steps", "3", "--quick",
+                 "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert "image: linear-probe accuracy trained" in out
+    assert (tmp_path / "demo" / "image" / "reconstruction.png").stat().st_size > 5000
+    m = json.loads((tmp_path / "demo" / "metrics.json").read_text())["parts"]["image"]
+    assert m["held_out_loss"]["trained"]["mae"] > 0 and m["linear_probe"]["trained"]["test_samples"] > 50
+    assert "## Image: masked autoencoder (MAE)" in (tmp_path / "demo" / "report.md").read_text()

@@ -13,13 +13,23 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_every_config_parses_and_builds(path):
     """Every YAML in configs/ parses strictly, and its registry parts accept their args."""
     import mmm.masking  # noqa: F401
-    from mmm.masking.base import TokenVocab
-    from mmm.model import build_model, build_text_embedder
-    from mmm.registry import MASKERS
+    import mmm.modalities  # noqa: F401
+    from mmm.model import build_model
+    from mmm.registry import EMBEDDERS, MASKERS, MODALITIES, OBJECTIVES, check_kwargs
+    from mmm.train.pretrain import modality_of
 
     cfg = load_config(path)
-    MASKERS.create(cfg.masking.name, vocab=TokenVocab(100, 4, frozenset({0, 1, 2, 3, 4})), **cfg.masking.args)
-    model = build_model(cfg.model, cfg.objectives, {"text": build_text_embedder(cfg.model, cfg.model.text.vocab_size, 0)})
+    check_kwargs(MASKERS.get(cfg.masking.name), cfg.masking.args, f"masker {cfg.masking.name!r}")
+    for o in cfg.objectives:
+        check_kwargs(OBJECTIVES.get(o.name), o.args, f"objective {o.name!r}")
+    name = modality_of(cfg.data.dataset)
+    if name in ("text", "dna"):  # token modalities: their vocabulary comes from a tokenizer fitted on data
+        section = getattr(cfg.model, name)
+        embedder = EMBEDDERS.create("text", vocab_size=300, dim=cfg.model.encoder.dim, max_len=section.max_len,
+                                    position=section.position)
+    else:
+        embedder = MODALITIES.create(name, model_cfg=cfg.model).build_embedder(cfg.model.encoder)
+    model = build_model(cfg.model, cfg.objectives, {name: embedder})
     assert sum(p.numel() for p in model.parameters()) > 0
     # the printed config is valid YAML that loads back to the same config
     again = from_dict(PretrainConfig, yaml.safe_load(dump_config(cfg)))

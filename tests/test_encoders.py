@@ -100,8 +100,8 @@ def test_forward_rejects_bad_input(ckpt: Path) -> None:
 def test_load_encoder_errors(ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_encoder(tmp_path / "nope.ckpt")
-    with pytest.raises(ValueError, match=r"supported: \['text'\].*image, audio and dna"):
-        load_encoder(ckpt, modality="image")
+    with pytest.raises(ValueError, match=r"unknown modality 'video'; supported: \['text', 'image'"):
+        load_encoder(ckpt, modality="video")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither mmm_encoder.json"):
         load_encoder(tmp_path / "empty")

@@ -209,9 +209,14 @@ class ShardCheckReport:
 
 
 def _check_one_shard(url: str, fields: Tuple[str, ...], check_sample: Optional[Callable[[Dict[str, Any]], Optional[str]]],
-                     problems: List[Problem]) -> Tuple[int, bool]:
-    """Read one shard; append its problems. Returns (samples seen, whether the whole tar was read)."""
+                     problems: List[Problem], optional: Tuple[str, ...] = ()) -> Tuple[int, bool]:
+    """Read one shard; append its problems. Returns (samples seen, whether the whole tar was read).
+
+    ``fields`` must be in every sample; ``optional`` ones may be (e.g. one of an image's
+    ``jpg``/``png``/``webp``; the dataset's ``check_sample`` says which combinations are valid).
+    """
     expected = set(fields)
+    allowed = expected | set(optional)
     samples = 0
     seen_keys: Dict[str, int] = {}
     current: Optional[Dict[str, Any]] = None
@@ -223,13 +228,13 @@ def _check_one_shard(url: str, fields: Tuple[str, ...], check_sample: Optional[C
         samples += 1
         key = sample["__key__"]
         present = set(sample) - {"__key__"}
-        missing, extra = sorted(expected - present), sorted(present - expected)
+        missing, extra = sorted(expected - present), sorted(present - allowed)
         if missing:
             problems.append(Problem(url, key, f"missing field(s) {missing} (has {sorted(present)}; expected {sorted(expected)})"))
         if extra:
-            problems.append(Problem(url, key, f"unexpected field(s) {extra} (expected {sorted(expected)})"))
+            problems.append(Problem(url, key, f"unexpected field(s) {extra} (expected {sorted(allowed)})"))
         if check_sample is not None:
-            bad = check_sample({k: v for k, v in sample.items() if k in expected})
+            bad = check_sample({k: v for k, v in sample.items() if k in allowed})
             if bad:
                 problems.append(Problem(url, key, bad))
 
@@ -340,7 +345,8 @@ def check_shards(path: ShardSpec, dataset: str = "text", split: Optional[str] = 
     samples: Dict[str, int] = {}
     split_shards: Dict[str, List[str]] = {}
     for url in urls:
-        n, whole = _check_one_shard(url, tuple(ds.fields), getattr(ds, "check_sample", None), problems)
+        n, whole = _check_one_shard(url, tuple(ds.fields), getattr(ds, "check_sample", None), problems,
+                                    tuple(getattr(ds, "optional_fields", ())))
         counts[url], complete[url] = n, whole
         s = _split_of_shard(url)
         samples[s] = samples.get(s, 0) + n

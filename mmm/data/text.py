@@ -6,14 +6,16 @@ shard → sample part built by :func:`mmm.data.stream.make_pipeline`.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional
 
 import webdataset as wds
 
-from mmm.batch import PackedBatch, pack_masked
+from mmm.batch import pack_masked
 from mmm.data.epoch import EpochCounter, SeededMap
 from mmm.masking.base import TokenMasker
-from mmm.modalities.text_tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # the modalities package imports this module (its text plugin builds these stages)
+    from mmm.modalities.text_tokenizer import TextTokenizer
 
 Handler = Callable[[Exception], bool]
 

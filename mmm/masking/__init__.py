@@ -2,4 +2,4 @@
 
 Importing this package registers the token maskers in :data:`mmm.registry.MASKERS`.
 """
-from mmm.masking import token  # noqa: F401  (registers "bert_random", "whole_word", "span", "ngram")
+from mmm.masking import dna, patch, time_span, token  # noqa: F401  (token: bert_random, whole_word, span, ngram; patch: mae_random, beit_block, simmim_random; dna: dna_random, dna_span; time_span: time_span, spec_patch)

@@ -1,3 +1,3 @@
 """Modalities: each a tokenizer plus an embedder, and a :class:`~mmm.modalities.base.Modality` that
 plugs them into a run. Importing this package registers them."""
-from mmm.modalities import text, text_modality, text_tokenizer  # noqa: F401  (registers "text")
+from mmm.modalities import dna_tokenizer, image, image_modality, text, text_modality, text_tokenizer  # noqa: F401

@@ -349,3 +349,12 @@ def test_cli_stats_prints_and_writes_json(corpus: Path, tmp_path: Path, capsys: 
     assert data["total_units"] == 19 and data["percentiles"]["p50"] == 3
     assert main(["shards", "stats", str(out), "--max_len", "64"]) == 2
     assert "max_len needs a tokenizer" in capsys.readouterr().err
+
+
+def test_check_accepts_the_embedded_image_shards():
+    """Image shards carry one of jpg/png/webp (optional fields) beside the required json."""
+    from mmm.data.shard_tools import check_shards
+    from mmm.registry import DATASETS
+
+    report = check_shards(DATASETS.create("image").embedded_default(), dataset="image", split="val")
+    assert report.ok, report.to_text()

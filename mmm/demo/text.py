@@ -1,13 +1,12 @@
-"""``mmm demo``: pretrain the tiny text MLM on the embedded corpus and report what it learned.
+"""The text part of ``mmm demo``: pretrain the tiny text MLM on the embedded corpus, report what it learned.
 
 Steps: build the embedded corpus (stdlib docstrings) → train a tokenizer → pretrain
 ``configs/text_mlm_tiny.yaml`` for a few minutes on CPU → score held-out masked-token accuracy and
 perplexity of the trained model and of the same network at its initialisation, on identical
-masks → write ``report.md``, ``loss_curve.png`` and ``metrics.json`` to the output folder.
+masks → the report section, ``loss_curve.png`` and the metrics.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -25,25 +24,12 @@ from mmm.evaluate import MLMScore, evaluate_mlm, evaluate_unigram, unigram_log_p
 from mmm.model import MaskedModel
 from mmm.modalities.text_tokenizer import TextTokenizer
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
+from mmm.demo.common import read_metrics
 
 logger = logging.getLogger("mmm.demo")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "text_mlm_tiny.yaml"
-
-
-def _read_metrics(csv_path: Path) -> Dict[str, List[tuple]]:
-    series: Dict[str, List[tuple]] = {}
-    if not csv_path.is_file():
-        return series
-    with csv_path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            step = row.get("step")
-            for key, value in row.items():
-                if key in ("step", "epoch") or value in ("", None) or step in ("", None):
-                    continue
-                series.setdefault(key, []).append((int(float(step)), float(value)))
-    return series
 
 
 def plot_loss_curve(series: Dict[str, List[tuple]], out: Path, untrained_loss: float, unigram_loss: float) -> None:
@@ -104,15 +90,16 @@ def fill_in_examples(models: Dict[str, MaskedModel], tokenizer: TextTokenizer, t
     return rows
 
 
-def run_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
-             progress_bar: bool = True) -> Dict[str, object]:
-    """Run the whole demo; returns the metrics written to ``metrics.json``.
+def run_text_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
+                  progress_bar: bool = True, quick: bool = False) -> Dict[str, object]:
+    """Run the text part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
 
     Args:
         out_dir: folder for the run and the report.
         config: pretraining config (default ``configs/text_mlm_tiny.yaml``).
         max_steps: override ``trainer.max_steps``.
         progress_bar: show Lightning's progress bar.
+        quick: accepted for a uniform part signature (the text evaluation is already small).
     """
     config = Path(config) if config else DEFAULT_CONFIG
     overrides = {"trainer.default_root_dir": str(out_dir / "run"), "trainer.enable_progress_bar": progress_bar}
@@ -140,7 +127,7 @@ def run_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[i
                                          max_len=cfg.model.text.max_len, batch_size=cfg.data.batch_size)
 
     examples = fill_in_examples({"trained": trained, "untrained": untrained}, tok, list(iter_texts(val_urls, split="val"))[:40])
-    series = _read_metrics(run.csv_logger.log_dir and Path(run.csv_logger.log_dir) / "metrics.csv")
+    series = read_metrics(run.csv_logger.log_dir and Path(run.csv_logger.log_dir) / "metrics.csv")
     plot_loss_curve(series, out_dir / "loss_curve.png", scores["untrained"].loss, scores["unigram"].loss)
     tokens_per_sec = [v for _, v in series.get("train/tokens_per_sec", [])]
     metrics = {
@@ -152,16 +139,15 @@ def run_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[i
         "checkpoint": str(run.last_checkpoint),
         "examples": examples,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "report.md").write_text(_report(metrics, cfg), encoding="utf-8")
+    metrics["report"] = _report(metrics, cfg, out_dir.name)
     return metrics
 
 
-def _report(m: Dict, cfg: PretrainConfig) -> str:
+def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
     tr, un, uni = m["held_out"]["trained"], m["held_out"]["untrained"], m["held_out"]["unigram"]
     e = cfg.model.encoder
     lines = [
-        "# mmm demo report",
+        "## Text: masked language modeling (BERT)",
         "",
         f"Tiny text MLM ({e.depth} layers, width {e.dim}, {e.heads} heads, vocab {cfg.model.text.vocab_size}) "
         f"pretrained for {m['steps']} steps ({m['train_seconds']} s on this machine) on the embedded corpus "
@@ -180,9 +166,9 @@ def _report(m: Dict, cfg: PretrainConfig) -> str:
         "",
         f"Median training throughput: {m['median_tokens_per_sec']:.0f} real tokens/s." if m["median_tokens_per_sec"] else "",
         "",
-        "![loss curve](loss_curve.png)",
+        f"![loss curve]({folder}/loss_curve.png)",
         "",
-        "## Fill in the blank (held-out snippets, one single-token word hidden; top-3 guesses)",
+        "### Fill in the blank (held-out snippets, one single-token word hidden; top-3 guesses)",
         "",
         "| snippet | answer | trained | untrained |",
         "|---|---|---|---|",

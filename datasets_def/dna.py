@@ -1,0 +1,774 @@
+"""DNA dataset definition: FASTA records cut into windows, written as WebDataset tar shards.
+
+Each shard sample is ``{"__key__", "seq": ASCII bases, "json": {"record", "start", "end",
+"strand", "label", "label_name", "source"}}``: ``seq`` is the window ``[start, end)`` (0-based,
+half-open) of record ``record`` from file ``source``, uppercased (soft-masking dropped), IUPAC
+ambiguity codes kept as written; ``label``/``label_name`` are null without a labels file.
+
+Windowing. Windows start at 0, ``stride``, ``2*stride``, ... while they fit; when the last one ends
+before the record does, one more window aligned to the record end is added (it overlaps the one
+before), so every record's tail is kept at full length. A record shorter than ``window`` is one
+shorter window if it has at least ``min_window`` bases; shorter records are counted and listed in
+``manifest.json``, never silently lost. With ``stride > window`` the bases between windows are
+skipped on request.
+
+Splits. A record goes to ``val`` by a stable hash of (seed, source file, record id), so a record
+never straddles splits and the assignment is the same on every machine.
+
+Labels. An optional BED (chrom, start, end, name; 0-based half-open) or TSV (record, start, end,
+label; an optional header line) file labels windows: each window takes the name of the interval it
+overlaps by the most bases, ties going to the interval listed first; a window overlapping no
+interval has label null. Names map to ints: as themselves when every name is an integer, else by
+their sorted order.
+
+:func:`embedded_default` builds a synthetic genome with planted motif classes, labelled per
+window for linear-probe evaluation, locally and deterministically, with no download.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
+
+import numpy as np
+
+from mmm.modalities.dna_tokenizer import IUPAC_AMBIGUOUS, base_codes, find_invalid_base
+from mmm.registry import DATASETS
+
+logger = logging.getLogger("mmm.data")
+
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+EMBEDDED_NAME = "dna-synthetic-motifs-v1"
+DONE_MARKER = "DONE"
+FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
+SHARD_ALPHABET = frozenset("ACGTN" + IUPAC_AMBIGUOUS)
+_MAX_LISTED = 100  # short records / unmatched label records listed by name in the manifest
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class DNABuildError(ValueError):
+    """Bad input or output for a DNA shard build; the message names the file, record and position."""
+
+
+# --------------------------------------------------------------------------------------------
+# windows and labels
+
+
+def window_starts(length: int, window: int, stride: int, min_window: int = 1) -> List[Tuple[int, int]]:
+    """The ``[start, end)`` windows of a record (see the module docstring for the tail rule).
+
+    Args:
+        length: record length in bases.
+        window: window length.
+        stride: distance between window starts.
+        min_window: a record shorter than ``window`` gives one window only if it has this many bases.
+    """
+    if length < window:
+        return [(0, length)] if length >= min_window and length > 0 else []
+    spans = [(s, s + window) for s in range(0, length - window + 1, stride)]
+    if spans[-1][1] < length:
+        spans.append((length - window, length))
+    return spans
+
+
+@dataclass
+class LabelIntervals:
+    """Labelled intervals read from a BED/TSV file, indexed per record.
+
+    Args:
+        path: the file they came from.
+        names: label id -> label name.
+        by_record: record -> (starts, ends, label ids, file order), sorted by start.
+        max_len: longest interval per record (bounds the overlap search).
+    """
+
+    path: str
+    names: Dict[int, str]
+    by_record: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    max_len: Dict[str, int]
+
+    def label(self, record: str, start: int, end: int) -> Optional[int]:
+        """Label id of the interval overlapping ``[start, end)`` of ``record`` most; None if none.
+
+        Args:
+            record: record id.
+            start: window start.
+            end: window end.
+        """
+        if record not in self.by_record:
+            return None
+        s, e, lab, order = self.by_record[record]
+        hi = int(np.searchsorted(s, end))  # intervals starting before the window ends
+        lo = int(np.searchsorted(s, start - self.max_len[record] + 1))  # ... and long enough to reach into it
+        if lo >= hi:
+            return None
+        overlap = np.minimum(e[lo:hi], end) - np.maximum(s[lo:hi], start)
+        if overlap.max() <= 0:
+            return None
+        best = np.lexsort((order[lo:hi], -overlap))[0]  # most overlap, then earliest in the file
+        return int(lab[lo + best])
+
+
+def _open_text(path: Path) -> TextIO:
+    """Text handle with universal newlines (CRLF read as LF); ``.gz`` decompressed."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline=None)
+    return open(path, "rt", encoding="utf-8", newline=None)
+
+
+def read_labels(path: PathLike) -> LabelIntervals:
+    """Read a BED (``.bed``) or TSV (``.tsv``/``.txt``) labels file; errors name the file and line.
+
+    Args:
+        path: the file, optionally gzipped.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"labels file does not exist: {p}")
+    is_bed = p.name.removesuffix(".gz").endswith(".bed")
+    rows: List[Tuple[str, int, int, str]] = []
+    try:
+        with _open_text(p) as fh:
+            first_data = True
+            for lineno, line in enumerate(fh, start=1):
+                text = line.rstrip("\n")
+                if not text.strip() or text.startswith("#") or (is_bed and text.startswith(("track", "browser"))):
+                    continue
+                cols = text.split() if is_bed else text.split("\t")
+                if len(cols) < 4:
+                    raise DNABuildError(
+                        f"{p}:{lineno}: expected 4 columns (record, start, end, label), got {len(cols)}: {text[:80]!r}"
+                    )
+                try:
+                    start, end = int(cols[1]), int(cols[2])
+                except ValueError:
+                    if first_data and not is_bed:
+                        first_data = False  # a header line
+                        continue
+                    raise DNABuildError(
+                        f"{p}:{lineno}: start and end must be integers, got {cols[1]!r} and {cols[2]!r}"
+                    ) from None
+                first_data = False
+                if not 0 <= start < end:
+                    raise DNABuildError(f"{p}:{lineno}: need 0 <= start < end (0-based, half-open), got {start} and {end}")
+                rows.append((cols[0], start, end, cols[3].strip()))
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as exn:
+        raise DNABuildError(f"{p}: cannot read labels file: {type(exn).__name__}: {exn}") from exn
+    if not rows:
+        raise DNABuildError(f"{p}: labels file has no intervals")
+    unique = sorted({r[3] for r in rows})
+    try:
+        ids = {n: int(n) for n in unique}
+    except ValueError:
+        ids = {n: i for i, n in enumerate(unique)}
+    names = {i: n for n, i in ids.items()}
+    grouped: Dict[str, List[Tuple[int, int, int, int]]] = {}
+    for order, (rec, s, e, n) in enumerate(rows):
+        grouped.setdefault(rec, []).append((s, e, ids[n], order))
+    by_record, max_len = {}, {}
+    for rec, items in grouped.items():
+        arr = np.array(sorted(items), dtype=np.int64)  # (n, 4) sorted by start
+        by_record[rec] = (arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3])
+        max_len[rec] = int((arr[:, 1] - arr[:, 0]).max())
+    return LabelIntervals(str(p), names, by_record, max_len)
+
+
+# --------------------------------------------------------------------------------------------
+# reading FASTA
+
+
+class _Skipper:
+    """Raise a :class:`DNABuildError` or, with ``skip_bad``, record (where, reason) and go on."""
+
+    def __init__(self, skip_bad: bool) -> None:
+        self.skip_bad = skip_bad
+        self.skipped: List[Tuple[str, str]] = []
+
+    def bad(self, where: str, reason: str) -> None:
+        if not self.skip_bad:
+            raise DNABuildError(f"{where}: {reason} (pass skip_bad=True to skip and report such input)")
+        logger.warning("skipping %s: %s", where, reason)
+        self.skipped.append((where, reason))
+
+
+def _is_fasta_name(name: str) -> bool:
+    return name.lower().removesuffix(".gz").endswith(FASTA_SUFFIXES)
+
+
+def _find_inputs(input_path: Path) -> List[Tuple[Path, str]]:
+    """(file, source name) pairs, sorted by relative posix path."""
+    if not input_path.exists():
+        raise FileNotFoundError(f"FASTA input path does not exist: {input_path}")
+    suffixes = ", ".join(FASTA_SUFFIXES)
+    if input_path.is_file():
+        if not _is_fasta_name(input_path.name):
+            raise DNABuildError(f"{input_path}: expected a FASTA file ({suffixes}, optionally .gz) or a folder of them")
+        return [(input_path, input_path.name)]
+    found = [p for p in input_path.rglob("*") if p.is_file() and _is_fasta_name(p.name)]
+    if not found:
+        raise DNABuildError(f"no FASTA files ({suffixes}, optionally .gz) found under {input_path} (searched recursively)")
+    return sorted(((p, p.relative_to(input_path).as_posix()) for p in found), key=lambda pair: pair[1])
+
+
+def _iter_records(path: Path, source: str, skipper: _Skipper) -> Iterator[Tuple[str, str]]:
+    """Yield (record id, uppercase sequence) of one FASTA file; bad input goes to ``skipper``."""
+    from Bio import SeqIO  # heavy import kept local: defining the dataset must stay cheap
+
+    n_records = 0
+    try:
+        with _open_text(path) as fh:
+            first = ""
+            lineno = 0
+            for lineno, line in enumerate(fh, start=1):
+                if line.strip():
+                    first = line
+                    break
+            if not first:
+                skipper.bad(source, "empty file (no FASTA records)")
+                return
+            if not first.startswith(">"):
+                skipper.bad(source, f"not a FASTA file: line {lineno} starts with {first[:20]!r}, expected a '>' header line")
+                return
+            fh.seek(0)
+            for record in SeqIO.parse(fh, "fasta"):
+                n_records += 1
+                where = f"{source}: record {record.id!r}"
+                seq = str(record.seq)
+                if not seq:
+                    skipper.bad(where, "empty record (a header with no sequence)")
+                    continue
+                bad = find_invalid_base(seq)
+                if bad is not None:
+                    pos, char = bad
+                    skipper.bad(where, f"invalid character {char!r} at position {pos} of the sequence (0-based, "
+                                       "line breaks not counted); allowed: A C G T N and IUPAC codes R Y S W K M B D H V")
+                    continue
+                yield record.id, seq.upper()
+    except DNABuildError:
+        raise
+    except (UnicodeDecodeError, EOFError, OSError, zlib.error, ValueError) as exn:  # incl. gzip.BadGzipFile
+        after = f" after {n_records} record(s)" if n_records else ""
+        skipper.bad(source, f"cannot read as FASTA{after}: {type(exn).__name__}: {exn}")
+
+
+def _split_of(source: str, record: str, val_fraction: float, seed: int) -> str:
+    """Stable train/val assignment of one record (same on every machine and run)."""
+    if val_fraction <= 0.0:
+        return "train"
+    digest = hashlib.blake2b(f"{seed}\0{source}\0{record}".encode("utf-8"), digest_size=8).digest()
+    return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
+
+
+def _prepare_output(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DNABuildError(f"output_dir {output_dir} exists and is not a directory")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted(output_dir.glob("*.tar")) + ([output_dir / MANIFEST] if (output_dir / MANIFEST).exists() else [])
+    if old and not overwrite:
+        raise DNABuildError(
+            f"output_dir {output_dir} already holds shards or a manifest ({old[0].name}, {len(old)} file(s)); "
+            "use an empty directory or pass overwrite=True to delete them first"
+        )
+    for p in old:
+        p.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# building shards
+
+
+@dataclass
+class DNABuildReport:
+    """What :func:`build_shards` wrote. Per-split dicts are keyed by ``"train"`` / ``"val"``.
+
+    Args:
+        output_dir: the shard directory.
+        files: FASTA files read.
+        records: records per split.
+        windows: samples (windows) per split.
+        bases: bases in the windows per split (overlapping windows count bases twice).
+        shards: shard file names per split.
+        label_names: label id -> name, when a labels file was given.
+        label_counts: per split, label name (or ``"null"``) -> windows.
+        short_records: records dropped for being shorter than ``min_window``, as (source, record).
+        windows_dropped_n: windows dropped for an ``N`` fraction above ``max_n_fraction``.
+        skipped: bad inputs skipped with ``skip_bad``, as (where, reason).
+    """
+
+    output_dir: Path
+    files: int
+    records: Dict[str, int]
+    windows: Dict[str, int]
+    bases: Dict[str, int]
+    shards: Dict[str, List[str]]
+    label_names: Optional[Dict[int, str]] = None
+    label_counts: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    short_records: List[Tuple[str, str]] = field(default_factory=list)
+    windows_dropped_n: int = 0
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def total_windows(self) -> int:
+        """Samples over both splits."""
+        return sum(self.windows.values())
+
+    @property
+    def total_records(self) -> int:
+        """Records over both splits."""
+        return sum(self.records.values())
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DNABuildError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def build_shards(
+    input_path: PathLike,
+    output_dir: PathLike,
+    *,
+    window: int = 1024,
+    stride: Optional[int] = None,
+    labels: Optional[PathLike] = None,
+    min_window: int = 1,
+    max_n_fraction: float = 1.0,
+    samples_per_shard: int = 2000,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+) -> DNABuildReport:
+    """Cut FASTA records into windows written to ``{output_dir}/{split}-{index:06d}.tar`` shards.
+
+    Also writes ``{output_dir}/manifest.json`` (counts per split, label names and counts, short
+    records, skipped inputs, build arguments).
+
+    Args:
+        input_path: a FASTA file (``.fa .fasta .fna .fas``, optionally ``.gz``) or a folder of them
+            (searched recursively, sorted).
+        output_dir: where shards go; must hold no shards/manifest unless ``overwrite``.
+        window: window length in bases.
+        stride: distance between window starts (default ``window``: no overlap).
+        labels: optional BED/TSV file labelling windows (see the module docstring).
+        min_window: shortest record kept (as one window shorter than ``window``).
+        max_n_fraction: drop (and count) windows with a larger fraction of N/ambiguous bases;
+            1.0 keeps everything.
+        samples_per_shard: windows per tar shard.
+        val_fraction: fraction of records (by stable hash) put in the val split.
+        seed: salt of the split hash.
+        skip_bad: skip (and report) bad files and records instead of raising.
+        overwrite: delete existing ``*.tar`` and manifest in ``output_dir`` first.
+    """
+    import webdataset as wds  # heavy import kept local: defining the dataset must stay cheap
+
+    window = _check_int("window", window, 1)
+    stride = window if stride is None else _check_int("stride", stride, 1)
+    min_window = _check_int("min_window", min_window, 1)
+    samples_per_shard = _check_int("samples_per_shard", samples_per_shard, 1)
+    if not 0.0 <= val_fraction < 1.0:
+        raise DNABuildError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if not 0.0 <= max_n_fraction <= 1.0:
+        raise DNABuildError(f"max_n_fraction must be in [0, 1], got {max_n_fraction!r}")
+    src = Path(input_path).expanduser()
+    out = Path(output_dir).expanduser()
+    inputs = _find_inputs(src)
+    intervals = read_labels(labels) if labels is not None else None
+    _prepare_output(out, overwrite)
+
+    skipper = _Skipper(skip_bad)
+    writers: Dict[str, Any] = {}
+    records = {s: 0 for s in SPLITS}
+    windows = {s: 0 for s in SPLITS}
+    bases = {s: 0 for s in SPLITS}
+    record_bases = {s: 0 for s in SPLITS}
+    label_counts: Dict[str, Dict[str, int]] = {s: {} for s in SPLITS}
+    short: List[Tuple[str, str]] = []
+    dropped_n = 0
+    seen_records: set = set()
+    ordinal = 0
+    try:
+        for path, source in inputs:
+            for rid, seq in _iter_records(path, source, skipper):
+                seen_records.add(rid)
+                spans = window_starts(len(seq), window, stride, min_window)
+                if not spans:
+                    short.append((source, rid))
+                    continue
+                split = _split_of(source, rid, val_fraction, seed)
+                if split not in writers:
+                    writers[split] = wds.ShardWriter(
+                        str(out / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0.0
+                    )
+                is_n = base_codes(seq) == 4 if max_n_fraction < 1.0 else None
+                for i, (start, end) in enumerate(spans):
+                    if is_n is not None and is_n[start:end].mean() > max_n_fraction:
+                        dropped_n += 1
+                        continue
+                    label = intervals.label(rid, start, end) if intervals is not None else None
+                    name = intervals.names[label] if label is not None else None
+                    meta = {"record": rid, "start": start, "end": end, "strand": "+", "label": label,
+                            "label_name": name, "source": source}
+                    writers[split].write({
+                        "__key__": f"{ordinal:08d}_{i:06d}",
+                        "seq": seq[start:end].encode("ascii"),
+                        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+                    })
+                    windows[split] += 1
+                    bases[split] += end - start
+                    if intervals is not None:
+                        key = "null" if name is None else name
+                        label_counts[split][key] = label_counts[split].get(key, 0) + 1
+                records[split] += 1
+                record_bases[split] += len(seq)
+                ordinal += 1
+    except BaseException:
+        for w in writers.values():
+            w.close()
+        for p in out.glob("*.tar"):  # the directory held no shards before: these are ours, incomplete
+            p.unlink()
+        raise
+    for w in writers.values():
+        w.close()
+    if sum(windows.values()) == 0:
+        for p in out.glob("*.tar"):
+            p.unlink()
+        raise DNABuildError(
+            f"no windows written from {src}: {len(skipper.skipped)} skipped input(s) {skipper.skipped[:3]}, "
+            f"{len(short)} record(s) shorter than min_window={min_window}, {dropped_n} window(s) over max_n_fraction"
+        )
+
+    shards = {s: sorted(p.name for p in out.glob(f"{s}-*.tar")) for s in SPLITS}
+    report = DNABuildReport(
+        out, len(inputs), records, windows, bases, shards,
+        label_names=dict(intervals.names) if intervals is not None else None,
+        label_counts=label_counts if intervals is not None else {},
+        short_records=short, windows_dropped_n=dropped_n, skipped=skipper.skipped,
+    )
+    unmatched = sorted(set(intervals.by_record) - seen_records) if intervals is not None else []
+    manifest = {
+        "dataset": "dna",
+        "fields": list(DNADatasetDef.fields),
+        "files": len(inputs),
+        "splits": {
+            s: {"records": records[s], "samples": windows[s], "shards": len(shards[s]), "bases": bases[s],
+                "record_bases": record_bases[s]}
+            for s in SPLITS
+        },
+        "shard_files": shards,
+        "labels": None if intervals is None else {
+            "file": intervals.path,
+            "names": {str(i): n for i, n in sorted(intervals.names.items())},
+            "counts": label_counts,
+            "records_not_in_fasta": {"count": len(unmatched), "first": unmatched[:_MAX_LISTED]},
+        },
+        "short_records": {"count": len(short), "first": [list(s) for s in short[:_MAX_LISTED]]},
+        "windows_dropped_n": dropped_n,
+        "build_args": {
+            "input_path": str(src), "window": window, "stride": stride, "labels": None if labels is None else str(labels),
+            "min_window": min_window, "max_n_fraction": max_n_fraction, "samples_per_shard": samples_per_shard,
+            "val_fraction": val_fraction, "seed": seed, "skip_bad": skip_bad,
+        },
+        "skipped": [list(s) for s in skipper.skipped],
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if skipper.skipped:
+        logger.warning("dna build skipped %d bad input(s); see %s", len(skipper.skipped), out / MANIFEST)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# embedded default: a synthetic genome with planted motifs
+
+CLASS_NAMES = ("background", "motif_1", "motif_2", "motif_3", "motif_4")
+"""Window classes of the synthetic genome: label 0 has no motif, labels 1..4 one motif family each."""
+
+
+@dataclass
+class SyntheticGenome:
+    """A generated genome and where its motifs were planted.
+
+    Args:
+        records: (record id, sequence) pairs; lowercase marks soft-masked segments.
+        segments: (record, start, end, class name) of every ``segment``-long labelled piece.
+        motifs: (record, start, end, class name) of every planted motif instance.
+        pwms: class name -> (motif length, 4) position weight matrix over A C G T.
+    """
+
+    records: List[Tuple[str, str]]
+    segments: List[Tuple[str, int, int, str]]
+    motifs: List[Tuple[str, int, int, str]]
+    pwms: Dict[str, np.ndarray]
+
+
+def synthetic_genome(
+    seed: int = 0, n_records: int = 40, segments_per_record: int = 75, segment: int = 256,
+    motif_len: int = 12, instances: int = 3,
+) -> SyntheticGenome:
+    """Generate the embedded genome: segments of random background, each of one class.
+
+    Every record has ``segments_per_record`` segments, equally many of each class in random order.
+    Background bases are i.i.d. with a GC content drawn per segment from U(0.3, 0.7) (independent of
+    the class, so GC is no shortcut); a motif segment gets ``instances`` motif instances sampled from
+    its class's PWM, one in each equal part of the segment; 5% of segments hold a short N run and
+    10% are lowercase (soft-masked), both independent of the class.
+
+    Args:
+        seed: seed of everything.
+        n_records: number of records ("chromosomes") ``syn01``, ``syn02``, ...
+        segments_per_record: labelled segments per record (a multiple of the 5 classes).
+        segment: segment length in bases (windows of this size align with segments).
+        motif_len: motif length in bases.
+        instances: motif instances per motif segment.
+    """
+    if segments_per_record % len(CLASS_NAMES):
+        raise ValueError(f"segments_per_record must be a multiple of {len(CLASS_NAMES)}, got {segments_per_record}")
+    part = segment // instances
+    if motif_len > part:
+        raise ValueError(f"{instances} motifs of {motif_len} bases do not fit in a {segment}-base segment")
+    rng = np.random.default_rng(seed)
+    pwms = {name: rng.dirichlet(np.full(4, 0.2), size=motif_len) for name in CLASS_NAMES[1:]}
+    letters = np.frombuffer(b"ACGT", dtype=np.uint8)
+    records, segments, motifs = [], [], []
+    length = segments_per_record * segment
+    for r in range(n_records):
+        rid = f"syn{r + 1:02d}"
+        classes = rng.permutation(np.repeat(np.arange(len(CLASS_NAMES)), segments_per_record // len(CLASS_NAMES)))
+        gc = np.repeat(rng.uniform(0.3, 0.7, size=segments_per_record), segment)  # (L,)
+        u = rng.random(length)
+        codes = (u >= (1 - gc) / 2).astype(np.uint8) + (u >= 0.5) + (u >= 0.5 + gc / 2)  # A, C, G, T
+        chars = letters[codes]
+        for j, c in enumerate(classes.tolist()):
+            seg0 = j * segment
+            name = CLASS_NAMES[c]
+            segments.append((rid, seg0, seg0 + segment, name))
+            if rng.random() < 0.05:
+                n_len = int(rng.integers(1, 11))
+                n0 = seg0 + int(rng.integers(0, segment - n_len + 1))
+                chars[n0 : n0 + n_len] = ord("N")
+            if c > 0:
+                cum = np.cumsum(pwms[name], axis=1)  # (motif_len, 4)
+                for i in range(instances):
+                    m0 = seg0 + i * part + int(rng.integers(0, part - motif_len + 1))
+                    draw = (rng.random((motif_len, 1)) > cum[:, :3]).sum(axis=1)
+                    chars[m0 : m0 + motif_len] = letters[draw]
+                    motifs.append((rid, m0, m0 + motif_len, name))
+            if rng.random() < 0.10:
+                chars[seg0 : seg0 + segment] |= 0x20  # ASCII lowercase
+        records.append((rid, chars.tobytes().decode("ascii")))
+    return SyntheticGenome(records, segments, motifs, pwms)
+
+
+def write_fasta(records: Sequence[Tuple[str, str]], path: PathLike, width: int = 80) -> Path:
+    """Write (id, sequence) pairs as FASTA with ``width``-base lines.
+
+    Args:
+        records: the records.
+        path: output file.
+        width: bases per line.
+    """
+    p = Path(path)
+    with p.open("w", encoding="ascii", newline="\n") as fh:
+        for rid, seq in records:
+            fh.write(f">{rid}\n")
+            fh.writelines(seq[i : i + width] + "\n" for i in range(0, len(seq), width))
+    return p
+
+
+def _write_bed(rows: Sequence[Tuple[str, int, int, str]], path: Path) -> None:
+    path.write_text("".join(f"{r}\t{s}\t{e}\t{n}\n" for r, s, e, n in rows), encoding="ascii")
+
+
+def default_cache_dir() -> Path:
+    """``$MMM_CACHE_DIR`` or ``~/.cache/mmm``."""
+    return Path(os.environ.get("MMM_CACHE_DIR") or Path.home() / ".cache" / "mmm").expanduser()
+
+
+def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
+    """The embedded DNA corpus: a synthetic genome with planted motif classes, built once and cached.
+
+    3000 windows of 256 bases (40 records of 75 segments, one window per segment), each labelled
+    with its segment's class (:data:`CLASS_NAMES`, 600 windows per class), split by record into
+    train and val (``val_fraction=0.2``). Built from :func:`synthetic_genome` with seed 0 at
+    ``{cache_dir}/datasets/dna-synthetic-motifs-v1/`` in a temporary directory renamed into place
+    once complete (``DONE`` written last). Next to the shards: ``labels.bed`` (segments),
+    ``motifs.bed`` (planted instances) and ``source.json`` (generator settings and PWMs).
+
+    Args:
+        cache_dir: cache root; default ``$MMM_CACHE_DIR`` or ``~/.cache/mmm``.
+
+    Returns:
+        The directory holding ``train-*.tar``, ``val-*.tar`` and ``manifest.json``.
+    """
+    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "datasets"
+    final = root / EMBEDDED_NAME
+    if (final / DONE_MARKER).is_file():
+        return final
+    if final.exists():
+        raise DNABuildError(f"{final} exists but has no {DONE_MARKER} marker (not built by mmm?); delete it to rebuild")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{EMBEDDED_NAME}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    start = time.perf_counter()
+    settings = {"seed": 0, "n_records": 40, "segments_per_record": 75, "segment": 256, "motif_len": 12, "instances": 3}
+    try:
+        genome = synthetic_genome(**settings)
+        source = tmp / "source"
+        source.mkdir(parents=True)
+        fasta = write_fasta(genome.records, source / "synthetic.fa")
+        _write_bed(genome.segments, tmp / "labels.bed")
+        _write_bed(genome.motifs, tmp / "motifs.bed")
+        report = build_shards(fasta, tmp, window=settings["segment"], labels=tmp / "labels.bed",
+                              samples_per_shard=1000, val_fraction=0.2, seed=5)
+        shutil.rmtree(source)
+        if not (report.windows["train"] and report.windows["val"]):
+            raise DNABuildError(f"synthetic genome split is degenerate: {report.windows}")
+        info = {"generator": "datasets_def.dna.synthetic_genome", "settings": settings,
+                "classes": list(CLASS_NAMES), "pwms": {k: np.round(v, 4).tolist() for k, v in genome.pwms.items()},
+                "windows": report.windows, "label_counts": report.label_counts}
+        (tmp / "source.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        (tmp / DONE_MARKER).write_text("ok\n", encoding="utf-8")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / DONE_MARKER).is_file():  # lost a race only if the winner finished
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("built embedded DNA corpus %s: %s windows in %.1f s", final, report.windows, time.perf_counter() - start)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# reading shards back
+
+
+def iter_samples(shard_dir: PathLike, split: str = "train") -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """Stream ``(seq, meta)`` of one split in shard order, with no extraction to disk.
+
+    Args:
+        shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
+        split: ``"train"`` or ``"val"``.
+    """
+    from mmm.data.stream import list_shards
+
+    for shard in list_shards(shard_dir, split=split):
+        current: Dict[str, bytes] = {}
+        key = None
+        try:
+            with tarfile.open(shard, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile() or "." not in Path(member.name).name:
+                        continue
+                    k, ext = member.name.split(".", 1)
+                    if k != key:
+                        if "seq" in current and "json" in current:
+                            yield current["seq"].decode("ascii"), json.loads(current["json"])
+                        key, current = k, {}
+                    fh = tar.extractfile(member)
+                    assert fh is not None
+                    current[ext] = fh.read()
+            if "seq" in current and "json" in current:
+                yield current["seq"].decode("ascii"), json.loads(current["json"])
+        except (tarfile.TarError, UnicodeDecodeError, json.JSONDecodeError, EOFError) as exn:
+            raise DNABuildError(f"cannot read DNA shard {shard}: {type(exn).__name__}: {exn}") from exn
+
+
+def iter_sequences(shard_dir: PathLike, split: str = "train") -> Iterator[str]:
+    """Stream the window sequences of one split (e.g. to train a BPE tokenizer).
+
+    Args:
+        shard_dir: directory of shards.
+        split: ``"train"`` or ``"val"``.
+    """
+    for seq, _ in iter_samples(shard_dir, split):
+        yield seq
+
+
+def labels_of(shard_dir: PathLike, split: str = "train") -> np.ndarray:
+    """Window labels of one split in shard order, -1 where a window has none (for linear probes).
+
+    Args:
+        shard_dir: directory of shards.
+        split: ``"train"`` or ``"val"``.
+    """
+    return np.array([-1 if m.get("label") is None else m["label"] for _, m in iter_samples(shard_dir, split)], dtype=np.int64)
+
+
+def check_sample(sample: Dict[str, Any]) -> Optional[str]:
+    """Say what is wrong with one raw shard sample's fields, or None when they decode.
+
+    ``seq`` must be non-empty uppercase ASCII over ``A C G T N`` and the IUPAC ambiguity codes;
+    ``json`` a JSON object with ``record`` (str), ``start`` and ``end`` (ints, ``end - start`` equal
+    to the sequence length). Fields absent from ``sample`` are not checked here.
+
+    Args:
+        sample: ``{"<field>": bytes, ...}`` as read from a shard (``__key__`` etc. are ignored).
+    """
+    problems: List[str] = []
+    length = None
+    raw = sample.get("seq")
+    if raw is not None:
+        try:
+            seq = bytes(raw).decode("ascii")
+        except UnicodeDecodeError as exn:
+            problems.append(f"field 'seq' is not ASCII at byte offset {exn.start}")
+        else:
+            length = len(seq)
+            bad = None if set(seq) <= SHARD_ALPHABET else next(i for i, c in enumerate(seq) if c not in SHARD_ALPHABET)
+            if not seq:
+                problems.append("field 'seq' is empty")
+            elif bad is not None:
+                problems.append(f"field 'seq' has invalid base {seq[bad]!r} at position {bad} "
+                                "(expected uppercase A C G T N or IUPAC codes R Y S W K M B D H V)")
+    meta = sample.get("json")
+    if meta is not None:
+        try:
+            record = json.loads(bytes(meta).decode("utf-8"))
+        except UnicodeDecodeError as exn:
+            problems.append(f"field 'json' is not valid UTF-8 at byte offset {exn.start} ({exn.reason})")
+        except json.JSONDecodeError as exn:
+            problems.append(f"field 'json' is not valid JSON ({exn.msg} at line {exn.lineno} column {exn.colno})")
+        else:
+            if not isinstance(record, dict):
+                problems.append(f"field 'json' must be a JSON object, got {type(record).__name__}")
+            else:
+                if not isinstance(record.get("record"), str):
+                    problems.append("field 'json' needs a string 'record'")
+                start, end = record.get("start"), record.get("end")
+                if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+                    problems.append(f"field 'json' needs integers 0 <= start < end, got {start!r} and {end!r}")
+                elif length is not None and end - start != length:
+                    problems.append(f"field 'json' says end - start = {end - start} but 'seq' has {length} bases")
+    return "; ".join(problems) or None
+
+
+@DATASETS.register("dna")
+class DNADatasetDef:
+    """The ``dna`` dataset: FASTA windows in WebDataset shards (fields ``seq`` and ``json``)."""
+
+    name = "dna"
+    fields = ("seq", "json")
+
+    build_shards = staticmethod(build_shards)
+    embedded_default = staticmethod(embedded_default)
+    check_sample = staticmethod(check_sample)
+    iter_sequences = staticmethod(iter_sequences)
+    iter_samples = staticmethod(iter_samples)
+    labels_of = staticmethod(labels_of)
+    read_labels = staticmethod(read_labels)
+    window_starts = staticmethod(window_starts)

@@ -1,0 +1,889 @@
+"""Image dataset definition: image folders -> WebDataset tar shards, plus two embedded image sets.
+
+Each shard sample is ``{"__key__", "<ext>": image bytes, "json": metadata}`` where ``<ext>`` is
+``jpg``, ``png`` or ``webp``. JPEG, PNG and WebP files keep their original bytes; any other
+format PIL reads (BMP, TIFF, GIF, PPM, ...) is decoded, converted to RGB and re-encoded as PNG
+(lossless, so it decodes to the pixels the original decodes to), and its json says
+``"reencoded_from"``. The json holds ``source`` (path relative to the input folder), ``label``
+(int or null), ``label_name`` (str or null), ``caption`` (str or null), ``width``, ``height``
+and ``reencoded_from`` (null or the original format).
+
+:func:`build_shards` reads an ImageFolder-style tree (class subfolders, labels in sorted folder
+order as torchvision's ``ImageFolder``), a flat folder, or a folder with a labels CSV, decodes
+every image once to validate it, and assigns train/val by a stable hash of the relative path.
+
+:func:`embedded_default` renders ``image-shapes-v1`` locally with PIL (no download): 32x32 scenes
+of one coloured shape with a caption, where six (shape, colour) pairs appear only in val so a
+vision-language model can be tested on unseen combinations. :func:`embedded_default_digits`
+converts scikit-learn's bundled 8x8 digits to 32x32 PNGs (``image-digits-v1``).
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from datasets_def.text import DONE_MARKER, default_cache_dir
+from mmm.data.image_decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_header
+from mmm.registry import DATASETS
+
+logger = logging.getLogger("mmm.data")
+
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+IMAGE_FIELDS = ("jpg", "png", "webp")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+EMBEDDED_SHAPES = "image-shapes-v1"
+EMBEDDED_DIGITS = "image-digits-v1"
+PathLike = Union[str, "os.PathLike[str]"]
+
+# PIL format name -> shard field for the encodings kept byte for byte (MPO is a camera JPEG)
+_KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+_FIELD_FORMATS = {"jpg": ("JPEG", "MPO"), "png": ("PNG",), "webp": ("WEBP",)}
+
+
+class ImageBuildError(ValueError):
+    """Bad input or output for an image shard build; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# writing samples
+
+
+@dataclass
+class ImageBuildReport:
+    """What a shard build wrote. Per-split dicts are keyed by ``"train"`` / ``"val"``."""
+
+    output_dir: Path
+    files: int
+    samples: Dict[str, int]
+    shards: Dict[str, List[str]]
+    label_names: Optional[List[str]] = None
+    reencoded: int = 0
+    ignored: int = 0
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def total_samples(self) -> int:
+        """Samples over both splits."""
+        return sum(self.samples.values())
+
+
+class _Skipper:
+    """Raise an :class:`ImageBuildError` or, with ``skip_bad``, record (where, reason) and go on."""
+
+    def __init__(self, skip_bad: bool) -> None:
+        self.skip_bad = skip_bad
+        self.skipped: List[Tuple[str, str]] = []
+
+    def bad(self, where: str, reason: str) -> None:
+        if not self.skip_bad:
+            raise ImageBuildError(f"{where}: {reason} (pass skip_bad=True to skip and report such files)")
+        logger.warning("skipping %s: %s", where, reason)
+        self.skipped.append((where, reason))
+
+
+class _SplitWriters:
+    """One ``ShardWriter`` per split, opened on its first sample; counts samples and labels.
+
+    Shards rotate on ``samples_per_shard`` only (no size limit), so every shard but the last of
+    a split is full, which the shard checker relies on.
+    """
+
+    def __init__(self, out: Path, samples_per_shard: int) -> None:
+        self.out = out
+        self.samples_per_shard = samples_per_shard
+        self.writers: Dict[str, Any] = {}
+        self.samples = {s: 0 for s in SPLITS}
+        self.per_label: Dict[str, Dict[str, int]] = {s: {} for s in SPLITS}
+
+    def write(self, split: str, key: str, ext: str, data: bytes, meta: Dict[str, Any]) -> None:
+        import webdataset as wds  # heavy import kept local: defining the dataset must stay cheap
+
+        if split not in self.writers:
+            self.writers[split] = wds.ShardWriter(str(self.out / f"{split}-%06d.tar"), maxcount=self.samples_per_shard,
+                                                  maxsize=float("inf"), verbose=0, encoder=False, mtime=0)
+        record = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        self.writers[split].write({"__key__": key, ext: data, "json": record})
+        self.samples[split] += 1
+        name = meta.get("label_name") if meta.get("label_name") is not None else meta.get("label")
+        if name is not None:
+            counts = self.per_label[split]
+            counts[str(name)] = counts.get(str(name), 0) + 1
+
+    def close(self) -> Dict[str, List[str]]:
+        for w in self.writers.values():
+            w.close()
+        return {s: sorted(p.name for p in self.out.glob(f"{s}-*.tar")) for s in SPLITS}
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        for p in self.out.glob("*.tar"):  # the directory held no shards before: these are ours, incomplete
+            p.unlink()
+
+
+def _prepare_output(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ImageBuildError(f"output_dir {output_dir} exists and is not a directory")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted(output_dir.glob("*.tar")) + ([output_dir / MANIFEST] if (output_dir / MANIFEST).exists() else [])
+    if old and not overwrite:
+        raise ImageBuildError(
+            f"output_dir {output_dir} already holds shards or a manifest ({old[0].name}, {len(old)} file(s)); "
+            "use an empty directory or pass overwrite=True to delete them first"
+        )
+    for p in old:
+        p.unlink()
+
+
+def _write_manifest(out: Path, manifest: Dict[str, Any]) -> None:
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _split_manifest(writers: _SplitWriters, shards: Dict[str, List[str]]) -> Dict[str, Dict[str, Any]]:
+    return {
+        s: {"samples": writers.samples[s], "shards": len(shards[s]),
+            "per_label": dict(sorted(writers.per_label[s].items()))}
+        for s in SPLITS
+    }
+
+
+def _encode_png(img: Image.Image, compress_level: int = 6) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_for_shard(data: bytes, where: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     min_size: int = 1) -> Tuple[str, bytes, Dict[str, Any]]:
+    """Validate one image file and choose what goes in the shard.
+
+    Args:
+        data: the file's bytes.
+        where: names the file in error messages.
+        max_pixels: refuse larger images (checked on the header, before decoding).
+        min_size: refuse images narrower or shorter than this.
+
+    Returns:
+        ``(field, bytes, info)``: the shard field (``jpg``/``png``/``webp``), the original bytes
+        (or a PNG re-encoding for other formats), and ``{"width", "height", "reencoded_from"}``.
+
+    Raises:
+        ImageDecodeError: the image does not decode or is out of the size limits.
+    """
+    header = read_header(data, where, max_pixels=max_pixels)
+    img = decode_image(data, where, max_pixels=max_pixels, min_size=min_size, policy="reject")
+    ext = _KEPT_FORMATS.get(header.format)
+    info: Dict[str, Any] = {"width": img.width, "height": img.height, "reencoded_from": None}
+    if ext is None:
+        info["reencoded_from"] = header.format
+        return "png", _encode_png(img), info
+    return ext, bytes(data), info
+
+
+# --------------------------------------------------------------------------------------------
+# reading an image folder
+
+
+def _rel_key(text: str) -> str:
+    """Normalize a path written in a labels/captions table to the relative posix form used here."""
+    rel = text.strip().replace("\\", "/")
+    while rel.startswith("./"):
+        rel = rel[2:]
+    return rel
+
+
+def _find_images(root: Path) -> Tuple[List[Tuple[Path, str]], int]:
+    """((file, relative posix path) sorted by path, count of ignored non-image files); hidden entries skipped."""
+    if not root.exists():
+        raise FileNotFoundError(f"image input folder does not exist: {root}")
+    if not root.is_dir():
+        raise ImageBuildError(f"{root}: expected a folder of images (optionally with class subfolders)")
+    found: List[Tuple[Path, str]] = []
+    ignored = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # as ImageFolder
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                found.append((path, path.relative_to(root).as_posix()))
+            else:
+                ignored += 1
+    if not found:
+        raise ImageBuildError(f"no image files found under {root} (searched recursively for {sorted(IMAGE_SUFFIXES)})")
+    return sorted(found, key=lambda pair: pair[1]), ignored
+
+
+def _read_table(path: Path, column: str) -> Dict[str, str]:
+    """``{relative path: value}`` from a CSV (header with ``path`` and ``column``) or a JSONL file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{column} file does not exist: {path}")
+    table: Dict[str, str] = {}
+
+    def add(where: str, rel: Any, value: Any) -> None:
+        if not isinstance(rel, str) or not rel.strip():
+            raise ImageBuildError(f"{where}: missing or empty 'path'")
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ImageBuildError(f"{where}: missing or empty {column!r} for {rel!r}")
+        key = _rel_key(rel)
+        if key in table:
+            raise ImageBuildError(f"{where}: {key!r} is listed twice in {path.name}")
+        table[key] = str(value).strip()
+
+    if path.suffix.lower() == ".jsonl":
+        with path.open(encoding="utf-8-sig") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exn:
+                    raise ImageBuildError(f"{path}:{lineno}: invalid JSON ({exn.msg})") from exn
+                if not isinstance(record, dict):
+                    raise ImageBuildError(f"{path}:{lineno}: expected a JSON object with 'path' and {column!r}")
+                add(f"{path}:{lineno}", record.get("path"), record.get(column))
+        return table
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        if "path" not in columns or column not in columns:
+            raise ImageBuildError(f"{path}: a CSV header with columns 'path' and {column!r} is required, got {columns}")
+        for row in reader:
+            add(f"{path}:{reader.line_num}", row.get("path"), row.get(column))
+    return table
+
+
+def _as_int(text: str) -> Optional[int]:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _labels_of(images: List[Tuple[Path, str]], root: Path, labels: Union[str, PathLike, None],
+               skipper: _Skipper) -> Tuple[Dict[str, Tuple[Optional[int], Optional[str]]], Optional[List[str]]]:
+    """``{relative path: (label, label_name)}`` for the images that have one, and the label names."""
+    if labels is None:
+        return {rel: (None, None) for _, rel in images}, None
+    if isinstance(labels, str) and labels == "folders":
+        names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        index = {n: i for i, n in enumerate(names)}
+        out: Dict[str, Tuple[Optional[int], Optional[str]]] = {}
+        for _, rel in images:
+            if "/" not in rel:
+                skipper.bad(rel, "not inside a class folder (labels='folders' takes the label from the first "
+                                 "subfolder; use labels=None for a flat folder)")
+                continue
+            name = rel.split("/", 1)[0]
+            out[rel] = (index[name], name)
+        return out, names
+    table = _read_table(Path(labels).expanduser(), "label")
+    values = list(table.values())
+    ints = [_as_int(v) for v in values]
+    if values and all(i is not None and i >= 0 for i in ints):
+        mapping: Dict[str, Tuple[Optional[int], Optional[str]]] = {rel: (int(v), None) for rel, v in table.items()}
+        names_out: Optional[List[str]] = None
+    else:
+        names_out = sorted(set(values))
+        index = {n: i for i, n in enumerate(names_out)}
+        mapping = {rel: (index[v], v) for rel, v in table.items()}
+    present = {rel for _, rel in images}
+    for rel in sorted(set(table) - present):
+        skipper.bad(f"{labels}", f"lists {rel!r}, which is not an image file under {root}")
+    out = {}
+    for _, rel in images:
+        if rel not in mapping:
+            skipper.bad(rel, f"has no row in the labels file {labels}")
+            continue
+        out[rel] = mapping[rel]
+    return out, names_out
+
+
+def _split_of(rel: str, val_fraction: float, seed: int) -> str:
+    """Stable train/val assignment of one file (same on every machine and run)."""
+    if val_fraction <= 0.0:
+        return "train"
+    digest = hashlib.blake2b(f"{seed}\0{rel}".encode("utf-8"), digest_size=8).digest()
+    return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
+
+
+# --------------------------------------------------------------------------------------------
+# building shards from a folder
+
+
+def build_shards(
+    input_path: PathLike,
+    output_dir: PathLike,
+    *,
+    labels: Union[str, PathLike, None] = "folders",
+    captions: Optional[PathLike] = None,
+    samples_per_shard: int = 1000,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: int = 1,
+) -> ImageBuildReport:
+    """Validate the images of a folder and write them to ``{output_dir}/{split}-{index:06d}.tar``.
+
+    Image files are found recursively by extension (hidden files skipped, other files ignored
+    and counted) and sorted by relative path; each is decoded once to check it. Within a split,
+    samples are written in a seeded random order, so a shard mixes classes. Also writes
+    ``{output_dir}/manifest.json`` (counts per split and label, label names, skipped files).
+
+    Args:
+        input_path: the image folder.
+        output_dir: where shards go; must hold no shards/manifest unless ``overwrite``.
+        labels: ``"folders"``: the first subfolder is the class, labels are indices into the
+            sorted subfolder names (as torchvision's ImageFolder); None: no labels; a CSV path
+            (header ``path,label``, paths relative to ``input_path``): integer labels are used as
+            they are, names are numbered in sorted order.
+        captions: None, or a CSV (``path,caption``) or JSONL (``{"path", "caption"}``) file;
+            images without a row get a null caption, rows naming no image are counted and logged.
+        samples_per_shard: samples per tar shard.
+        val_fraction: fraction of files (by a stable hash of the relative path) put in val.
+        seed: salt of the split hash and of the write order.
+        skip_bad: skip (and report) bad files instead of raising.
+        overwrite: delete existing ``*.tar`` and manifest in ``output_dir`` first.
+        max_pixels: refuse images with more pixels (checked on the header, before decoding).
+        min_size: refuse images narrower or shorter than this many pixels.
+    """
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ImageBuildError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ImageBuildError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if not (labels is None or labels == "folders" or isinstance(labels, (str, os.PathLike))):
+        raise ImageBuildError(f"labels must be 'folders', None or a CSV path, got {labels!r}")
+    src = Path(input_path).expanduser()
+    out = Path(output_dir).expanduser()
+    images, ignored = _find_images(src)
+    caption_of = _read_table(Path(captions).expanduser(), "caption") if captions is not None else {}
+    if caption_of:
+        matched = caption_of.keys() & {rel for _, rel in images}
+        if not matched:
+            raise ImageBuildError(f"captions file {captions}: none of its {len(caption_of)} paths names an image "
+                                  f"under {src} (paths must be relative to the input folder, e.g. {images[0][1]!r})")
+    unmatched_captions = len(caption_of.keys() - {rel for _, rel in images})
+    if unmatched_captions:
+        logger.warning("captions file %s lists %d path(s) with no image under %s", captions, unmatched_captions, src)
+    skipper = _Skipper(skip_bad)
+    label_of, label_names = _labels_of(images, src, labels, skipper)
+    _prepare_output(out, overwrite)
+
+    keyed = [(i, path, rel) for i, (path, rel) in enumerate(images) if rel in label_of]
+    rng = np.random.default_rng(seed)
+    writers = _SplitWriters(out, samples_per_shard)
+    reencoded = 0
+    try:
+        for split in SPLITS:
+            members = [item for item in keyed if _split_of(item[2], val_fraction, seed) == split]
+            for j in rng.permutation(len(members)):
+                index, path, rel = members[j]
+                try:
+                    data = path.read_bytes()
+                    ext, payload, info = encode_for_shard(data, rel, max_pixels=max_pixels, min_size=min_size)
+                except ImageDecodeError as exn:
+                    skipper.bad(rel, str(exn).removeprefix(f"{rel}: "))
+                    continue
+                except OSError as exn:
+                    skipper.bad(rel, f"cannot read file ({type(exn).__name__}: {exn})")
+                    continue
+                label, label_name = label_of[rel]
+                meta = {"source": rel, "label": label, "label_name": label_name,
+                        "caption": caption_of.get(rel), **info}
+                reencoded += info["reencoded_from"] is not None
+                writers.write(split, f"{index:09d}", ext, payload, meta)
+    except BaseException:
+        writers.abort()
+        raise
+    shards = writers.close()
+    total = sum(writers.samples.values())
+    if total == 0:
+        for p in out.glob("*.tar"):
+            p.unlink()
+        raise ImageBuildError(f"no usable images in {src} ({len(skipper.skipped)} skipped: {skipper.skipped[:3]})")
+
+    manifest = {
+        "dataset": "image",
+        "fields": list(ImageDatasetDef.fields),
+        "image_fields": list(IMAGE_FIELDS),
+        "files": len(images),
+        "ignored_files": ignored,
+        "splits": _split_manifest(writers, shards),
+        "shard_files": shards,
+        "label_names": label_names,
+        "reencoded": reencoded,
+        "captions_unmatched": unmatched_captions,
+        "build_args": {
+            "input_path": str(src),
+            "labels": labels if labels is None or labels == "folders" else str(labels),
+            "captions": None if captions is None else str(captions),
+            "samples_per_shard": samples_per_shard,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "skip_bad": skip_bad,
+            "max_pixels": max_pixels,
+            "min_size": min_size,
+        },
+        "skipped": [list(s) for s in skipper.skipped],
+    }
+    _write_manifest(out, manifest)
+    if skipper.skipped:
+        logger.warning("image build skipped %d bad file(s); see %s", len(skipper.skipped), out / MANIFEST)
+    return ImageBuildReport(out, len(images), dict(writers.samples), shards, label_names, reencoded, ignored,
+                            skipper.skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# embedded sets: a cached, atomic build
+
+
+def _cached_build(name: str, cache_dir: Optional[PathLike], build: Callable[[Path], None]) -> Path:
+    """``{cache_dir}/datasets/{name}``, built by ``build(tmp_dir)`` once and renamed into place."""
+    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "datasets"
+    final = root / name
+    if (final / DONE_MARKER).is_file():
+        return final
+    if final.exists():
+        raise ImageBuildError(f"{final} exists but has no {DONE_MARKER} marker (not built by mmm?); "
+                              "delete it to rebuild")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    start = time.perf_counter()
+    try:
+        tmp.mkdir(parents=True)
+        build(tmp)
+        (tmp / DONE_MARKER).write_text("ok\n", encoding="utf-8")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / DONE_MARKER).is_file():  # lost a race only if the winner finished
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("built embedded image set %s in %.1f s", final, time.perf_counter() - start)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# embedded default: procedurally rendered shapes with captions
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
+COLORS: Dict[str, Tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "orange": (240, 135, 20),
+    "yellow": (235, 215, 35),
+    "green": (40, 160, 60),
+    "blue": (35, 80, 215),
+    "purple": (135, 55, 185),
+}
+SIZES = ("small", "large")
+POSITIONS = ("left", "right", "top", "bottom", "center")
+BACKGROUNDS = ("plain", "gradient", "stripes", "checker")
+HELD_OUT_COMBOS: Tuple[Tuple[str, str], ...] = tuple(
+    (shape, list(COLORS)[(i + 2) % len(COLORS)]) for i, shape in enumerate(SHAPES)
+)
+"""(shape, colour) pairs rendered only in val: each shape and each colour is in exactly one."""
+
+_WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+          "center": "in the center"}
+_TEMPLATES = ("a {size} {color} {shape} {where}", "{where}, a {size} {color} {shape}",
+              "there is a {size} {color} {shape} {where}")
+_RADIUS = {"small": 0.15, "large": 0.27}  # shape radius as a fraction of the image side
+_SUPERSAMPLE = 4
+
+
+def shape_caption(shape: str, color: str, size: str, position: str, template: int = 0) -> str:
+    """Caption of one rendered scene from the small grammar; template 0 is the canonical form.
+
+    ``shape_caption("circle", "red", "small", "left")`` -> ``"a small red circle on the left"``.
+
+    Args:
+        shape: one of :data:`SHAPES`.
+        color: one of :data:`COLORS`.
+        size: one of :data:`SIZES`.
+        position: one of :data:`POSITIONS`.
+        template: index into the templates (0: canonical, 1: position first, 2: "there is ...").
+    """
+    return _TEMPLATES[template].format(size=size, color=color, shape=shape, where=_WHERE[position])
+
+
+@functools.lru_cache(maxsize=4)
+def _grid(side: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(yy, xx) float pixel coordinates of a ``side`` x ``side`` image (read-only, cached)."""
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float64)
+    yy.flags.writeable = False
+    xx.flags.writeable = False
+    return yy, xx
+
+
+def _backgrounds(n: int, side: int, rng: np.random.Generator) -> Tuple[np.ndarray, List[str]]:
+    """(n, side, side, 3) float32 greyish backgrounds (so saturated shapes stand out) and their kinds."""
+    kinds = [BACKGROUNDS[k] for k in rng.integers(len(BACKGROUNDS), size=n)]
+    base = rng.uniform(70, 190, size=(n, 1)) + rng.uniform(-22, 22, size=(n, 3))  # (n, 3) first tint
+    other = base + (rng.choice([-1.0, 1.0], size=(n, 1)) * rng.uniform(18, 35, size=(n, 1)))  # second tint
+    angle = rng.uniform(0, math.pi, size=n)  # direction of gradients and stripes
+    stripe = rng.uniform(2.5, 5.0, size=n)  # stripe width in pixels
+    check = rng.integers(3, 7, size=n)  # checker square side in pixels
+    yy, xx = _grid(side)
+    t = np.zeros((n, side, side), dtype=np.float32)  # weight of the second tint; 0 everywhere for "plain"
+    for i, kind in enumerate(kinds):
+        along = xx * math.cos(angle[i]) + yy * math.sin(angle[i])
+        if kind == "gradient":
+            t[i] = (along - along.min()) / max(1e-9, float(along.max() - along.min()))
+        elif kind == "stripes":
+            t[i] = np.floor(along / stripe[i]) % 2
+        elif kind == "checker":
+            t[i] = (xx // check[i] + yy // check[i]) % 2
+    t = t[..., None]  # (n, side, side, 1)
+    bg = base.astype(np.float32)[:, None, None, :] * (1 - t) + other.astype(np.float32)[:, None, None, :] * t
+    return bg, kinds
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, side: int) -> np.ndarray:
+    """(side, side) coverage in [0, 1] of one shape, drawn supersampled and box-filtered."""
+    s = _SUPERSAMPLE
+    canvas = Image.new("L", (side * s, side * s), 0)
+    draw = ImageDraw.Draw(canvas)
+    x, y, r = cx * s, cy * s, r * s
+    if shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
+    elif shape == "square":
+        h = r * 0.85
+        draw.rectangle((x - h, y - h, x + h, y + h), fill=255)
+    elif shape == "triangle":
+        corners = (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)  # pointing up
+        pts = [(x + 1.1 * r * math.cos(a), y + 1.1 * r * math.sin(a)) for a in corners]
+        draw.polygon(pts, fill=255)
+    elif shape == "cross":
+        t = r * 0.33
+        draw.rectangle((x - r, y - t, x + r, y + t), fill=255)
+        draw.rectangle((x - t, y - r, x + t, y + r), fill=255)
+    elif shape == "ring":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
+        inner = r * 0.55
+        draw.ellipse((x - inner, y - inner, x + inner, y + inner), fill=0)
+    elif shape == "diamond":
+        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {list(SHAPES)}")
+    small = canvas.resize((side, side), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+_DIRECTION = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1), "center": (0, 0)}
+
+
+def render_scenes(specs: List[Tuple[str, str, str, str]], rng: np.random.Generator,
+                  side: int = 32) -> Tuple[np.ndarray, List[str]]:
+    """Render scenes: each a coloured shape on a greyish plain/gradient/striped/checkered background.
+
+    Each shape's radius, centre and colour are jittered slightly and light Gaussian noise
+    (sigma 4) is added, all drawn from ``rng`` (batched: the result depends on the whole list).
+
+    Args:
+        specs: ``(shape, color, size, position)`` per scene, from :data:`SHAPES`, :data:`COLORS`,
+            :data:`SIZES` and :data:`POSITIONS`.
+        rng: the generator to draw from.
+        side: image width and height in pixels.
+
+    Returns:
+        ``(images, kinds)``: (N, side, side, 3) uint8 RGB and each background's kind.
+    """
+    n = len(specs)
+    bg, kinds = _backgrounds(n, side, rng)
+    scale = rng.uniform(0.92, 1.08, size=n)
+    jitter = rng.uniform(-0.03, 0.03, size=(n, 2)) * side
+    tint = rng.uniform(-12, 12, size=(n, 3))
+    alpha = np.empty((n, side, side, 1), dtype=np.float32)
+    rgb = np.empty((n, 1, 1, 3), dtype=np.float32)
+    for i, (shape, color, size, position) in enumerate(specs):
+        r = _RADIUS[size] * side * scale[i]
+        offset = max(0.0, side / 2 - 1.1 * r - 1)  # keep the whole shape inside the image
+        dx, dy = _DIRECTION[position]
+        cx, cy = side / 2 + dx * offset + jitter[i, 0], side / 2 + dy * offset + jitter[i, 1]
+        alpha[i, ..., 0] = _shape_mask(shape, cx, cy, r, side)
+        rgb[i, 0, 0] = np.asarray(COLORS[color]) + tint[i]
+    images = bg * (1 - alpha) + rgb * alpha + 4.0 * rng.standard_normal(size=bg.shape, dtype=np.float32)
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8), kinds
+
+
+def render_scene(shape: str, color: str, size: str, position: str, rng: np.random.Generator,
+                 side: int = 32) -> Tuple[Image.Image, str]:
+    """Render one scene (see :func:`render_scenes`); returns (RGB image, background kind).
+
+    Args:
+        shape: one of :data:`SHAPES`.
+        color: one of :data:`COLORS`.
+        size: ``"small"`` or ``"large"``.
+        position: one of :data:`POSITIONS` (left/right/top/bottom/center).
+        rng: the generator to draw from.
+        side: image width and height in pixels.
+    """
+    images, kinds = render_scenes([(shape, color, size, position)], rng, side)
+    return Image.fromarray(images[0], mode="RGB"), kinds[0]
+
+
+def _build_shapes(out: Path, *, side: int = 32, train_per_combo: int = 200, val_per_combo: int = 28,
+                  samples_per_shard: int = 1000, seed: int = 0, batch: int = 64) -> None:
+    """Render the shapes set into ``out``: seen combos in train, every combo in val."""
+    out.mkdir(parents=True, exist_ok=True)
+    held_out = set(HELD_OUT_COMBOS)
+    combos = [(s, c) for s in SHAPES for c in COLORS]
+    plan = {
+        "train": [combo for combo in combos if combo not in held_out for _ in range(train_per_combo)],
+        "val": [combo for combo in combos for _ in range(val_per_combo)],
+    }
+    writers = _SplitWriters(out, samples_per_shard)
+    unseen = 0
+    key = 0
+    for split_id, split in enumerate(SPLITS):
+        rng = np.random.default_rng([seed, split_id])
+        order = rng.permutation(len(plan[split]))
+        n = len(order)
+        sizes = rng.integers(len(SIZES), size=n)
+        positions = rng.integers(len(POSITIONS), size=n)
+        templates = rng.integers(len(_TEMPLATES), size=n)
+        specs = [(*plan[split][j], SIZES[sizes[i]], POSITIONS[positions[i]]) for i, j in enumerate(order)]
+        for first in range(0, n, batch):
+            images, kinds = render_scenes(specs[first : first + batch], rng, side)
+            for k, (array, kind) in enumerate(zip(images, kinds)):
+                i = first + k
+                shape, color, size, position = specs[i]
+                is_unseen = (shape, color) in held_out
+                unseen += split == "val" and is_unseen
+                meta = {
+                    "source": f"{EMBEDDED_SHAPES}/{split}/{i:05d}", "label": SHAPES.index(shape), "label_name": shape,
+                    "caption": shape_caption(shape, color, size, position, int(templates[i])),
+                    "width": side, "height": side, "reencoded_from": None, "shape": shape, "color": color,
+                    "size": size, "position": position, "background": kind, "unseen_combo": is_unseen,
+                }
+                writers.write(split, f"{key:09d}", "png", _encode_png(Image.fromarray(array, mode="RGB"), 1), meta)
+                key += 1
+    shards = writers.close()
+    splits = _split_manifest(writers, shards)
+    splits["val"]["unseen_combo_samples"] = unseen
+    _write_manifest(out, {
+        "dataset": "image",
+        "name": EMBEDDED_SHAPES,
+        "fields": list(ImageDatasetDef.fields),
+        "image_fields": list(IMAGE_FIELDS),
+        "image_size": [side, side],
+        "splits": splits,
+        "shard_files": shards,
+        "label_names": list(SHAPES),
+        "attributes": {"shape": list(SHAPES), "color": list(COLORS), "size": list(SIZES),
+                       "position": list(POSITIONS), "background": list(BACKGROUNDS)},
+        "held_out_combos": [list(c) for c in HELD_OUT_COMBOS],
+        "caption_templates": list(_TEMPLATES),
+        "build_args": {"samples_per_shard": samples_per_shard, "train_per_combo": train_per_combo,
+                       "val_per_combo": val_per_combo, "seed": seed, "side": side},
+        "skipped": [],
+    })
+
+
+def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
+    """The embedded default image set ``image-shapes-v1``, rendered once with PIL and cached.
+
+    32x32 RGB scenes, each one shape (:data:`SHAPES`, the label) in one colour (:data:`COLORS`),
+    small or large, at the left/right/top/bottom/center, on a greyish plain, gradient, striped or
+    checkered background with light noise. The json carries ``caption`` (from the grammar of
+    :func:`shape_caption`), ``shape``, ``color``, ``size``, ``position``, ``background`` and
+    ``unseen_combo``. Train: the 30 (shape, colour) pairs not in :data:`HELD_OUT_COMBOS`, 200
+    images each (6000). Val: all 36 pairs, 28 images each (1008, of which 168 unseen in train);
+    the manifest lists ``held_out_combos``. Deterministic; built in a few seconds at
+    ``{cache_dir}/datasets/image-shapes-v1/`` in a temporary directory renamed into place when
+    complete (``DONE`` marker last).
+
+    Args:
+        cache_dir: cache root; default ``$MMM_CACHE_DIR`` or ``~/.cache/mmm``.
+
+    Returns:
+        The directory holding ``train-*.tar``, ``val-*.tar`` and ``manifest.json``.
+    """
+    return _cached_build(EMBEDDED_SHAPES, cache_dir, _build_shapes)
+
+
+# --------------------------------------------------------------------------------------------
+# second embedded set: scikit-learn's bundled handwritten digits
+
+_DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _build_digits(out: Path, *, side: int = 32, val_count: int = 297, samples_per_shard: int = 1000,
+                  seed: int = 0) -> None:
+    """Write scikit-learn's 1797 8x8 digits as ``side`` x ``side`` RGB PNGs: 1500 train, 297 val."""
+    out.mkdir(parents=True, exist_ok=True)
+    from sklearn.datasets import load_digits  # reads a file bundled with scikit-learn; no download
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # (N, 8, 8), ink bright
+    order = np.random.default_rng(seed).permutation(len(images))
+    val = set(order[:val_count].tolist())
+    writers = _SplitWriters(out, samples_per_shard)
+    for split in SPLITS:
+        for i in order:
+            if (int(i) in val) != (split == "val"):
+                continue
+            img = Image.fromarray(images[i], mode="L").resize((side, side), Image.Resampling.BILINEAR).convert("RGB")
+            label = int(digits.target[i])
+            meta = {"source": f"sklearn.datasets.load_digits[{int(i)}]", "label": label, "label_name": str(label),
+                    "caption": f"a handwritten digit {_DIGIT_WORDS[label]}", "width": side, "height": side,
+                    "reencoded_from": None}
+            writers.write(split, f"{int(i):09d}", "png", _encode_png(img), meta)
+    shards = writers.close()
+    _write_manifest(out, {
+        "dataset": "image",
+        "name": EMBEDDED_DIGITS,
+        "fields": list(ImageDatasetDef.fields),
+        "image_fields": list(IMAGE_FIELDS),
+        "image_size": [side, side],
+        "splits": _split_manifest(writers, shards),
+        "shard_files": shards,
+        "label_names": [str(d) for d in range(10)],
+        "build_args": {"samples_per_shard": samples_per_shard, "val_count": val_count, "seed": seed, "side": side},
+        "skipped": [],
+    })
+
+
+def embedded_default_digits(cache_dir: Optional[PathLike] = None) -> Path:
+    """A second embedded set, ``image-digits-v1``: scikit-learn's bundled handwritten digits.
+
+    The 1797 8x8 grey digits of ``sklearn.datasets.load_digits`` scaled to 0..255 (bright ink on
+    black), upscaled bilinearly to 32x32 and stored as RGB PNGs; label = the digit, caption "a
+    handwritten digit seven". 1500 train / 297 val by a seeded permutation. Cached like
+    :func:`embedded_default`.
+
+    Args:
+        cache_dir: cache root; default ``$MMM_CACHE_DIR`` or ``~/.cache/mmm``.
+    """
+    return _cached_build(EMBEDDED_DIGITS, cache_dir, _build_digits)
+
+
+# --------------------------------------------------------------------------------------------
+# reading shards back and checking samples
+
+
+def iter_images(shard_dir: PathLike, split: str = "train") -> Iterator[Tuple[Image.Image, Dict[str, Any]]]:
+    """Stream ``(RGB image, json dict)`` pairs of one split, in shard order, with no extraction to disk.
+
+    Args:
+        shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
+        split: ``"train"`` or ``"val"``.
+    """
+    from mmm.data.stream import list_shards
+
+    def finish(shard: str, sample: Dict[str, Any]) -> Tuple[Image.Image, Dict[str, Any]]:
+        where = f"{shard}:{sample['__key__']}"
+        present = [f for f in IMAGE_FIELDS if f in sample]
+        if len(present) != 1 or "json" not in sample:
+            raise ImageBuildError(f"{where}: expected one image field of {list(IMAGE_FIELDS)} and 'json', "
+                                  f"got {sorted(k for k in sample if k != '__key__')}")
+        return decode_image(sample[present[0]], where), json.loads(sample["json"].decode("utf-8"))
+
+    for shard in list_shards(shard_dir, split=split):
+        current: Optional[Dict[str, Any]] = None
+        try:
+            with tarfile.open(shard, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = member.name.rsplit("/", 1)[-1]
+                    key, _, ext = base.partition(".")
+                    if current is not None and key != current["__key__"]:
+                        yield finish(shard, current)
+                        current = None
+                    if current is None:
+                        current = {"__key__": key}
+                    fh = tar.extractfile(member)
+                    assert fh is not None
+                    current[ext.lower()] = fh.read()
+        except (tarfile.TarError, EOFError) as exn:
+            raise ImageBuildError(f"cannot read image shard {shard}: {type(exn).__name__}: {exn}") from exn
+        if current is not None:
+            yield finish(shard, current)
+
+
+def check_sample(sample: Dict[str, Any]) -> Optional[str]:
+    """Say what is wrong with one raw shard sample, or None when it is sound.
+
+    Exactly one image field of :data:`IMAGE_FIELDS` must be present, hold that encoding (a
+    ``png`` field holds PNG data) and decode (:func:`~mmm.data.image_decode.decode_image`);
+    ``json`` must be a JSON object whose ``width`` / ``height``, when present, match the image.
+
+    Args:
+        sample: ``{"<field>": bytes, ...}`` as read from a shard (``__key__`` etc. are ignored).
+    """
+    problems: List[str] = []
+    present = [f for f in IMAGE_FIELDS if f in sample]
+    size: Optional[Tuple[int, int]] = None
+    if len(present) != 1:
+        what = "none" if not present else f"{len(present)} ({present})"
+        problems.append(f"expected exactly one image field of {list(IMAGE_FIELDS)}, found {what}")
+    else:
+        ext = present[0]
+        data = bytes(sample[ext])
+        try:
+            header = read_header(data, f"field {ext!r}")
+            img = decode_image(data, f"field {ext!r}")
+        except ImageDecodeError as exn:
+            problems.append(str(exn))
+        else:
+            size = img.size
+            if header.format not in _FIELD_FORMATS[ext]:
+                problems.append(f"field {ext!r} holds {header.format} data (expected {'/'.join(_FIELD_FORMATS[ext])})")
+    meta = sample.get("json")
+    if meta is not None:
+        try:
+            record = json.loads(bytes(meta).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+            problems.append(f"field 'json' is not UTF-8 JSON ({type(exn).__name__}: {exn})")
+        else:
+            if not isinstance(record, dict):
+                problems.append(f"field 'json' must be a JSON object, got {type(record).__name__}")
+            elif size is not None and "width" in record and (record.get("width"), record.get("height")) != size:
+                problems.append(f"field 'json' says {record.get('width')}x{record.get('height')}, "
+                                f"the image is {size[0]}x{size[1]}")
+    return "; ".join(problems) or None
+
+
+@DATASETS.register("image")
+class ImageDatasetDef:
+    """The ``image`` dataset: one image (``jpg``, ``png`` or ``webp``) and a ``json`` per sample.
+
+    ``fields`` lists the fields every sample has; ``image_fields`` (also exposed as the generic
+    ``optional_fields``) the fields of which exactly one holds the image.
+    """
+
+    name = "image"
+    fields = ("json",)
+    image_fields = IMAGE_FIELDS
+    optional_fields = IMAGE_FIELDS
+
+    build_shards = staticmethod(build_shards)
+    embedded_default = staticmethod(embedded_default)
+    embedded_default_digits = staticmethod(embedded_default_digits)
+    check_sample = staticmethod(check_sample)
+    iter_images = staticmethod(iter_images)

@@ -1,0 +1,90 @@
+"""Pieces every part of ``mmm demo`` shares: metrics CSV reading, loss plots, held-out losses, probes."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from mmm.data.stream import SampleErrorHandler, make_pipeline
+from mmm.model import MaskedModel
+from mmm.probe import ProbeScore, extract_features, linear_probe
+
+
+def read_metrics(csv_path: Optional[Path]) -> Dict[str, List[tuple]]:
+    """Lightning CSV metrics as ``{name: [(step, value), ...]}`` (empty when the file is missing)."""
+    series: Dict[str, List[tuple]] = {}
+    if csv_path is None or not Path(csv_path).is_file():
+        return series
+    with Path(csv_path).open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            step = row.get("step")
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None) or step in ("", None):
+                    continue
+                series.setdefault(key, []).append((int(float(step)), float(value)))
+    return series
+
+
+def plot_losses(series: Dict[str, List[tuple]], out: Path, title: str, ylabel: str,
+                hlines: Sequence[tuple] = ()) -> None:
+    """PNG of the training and validation loss, with optional reference lines ``(value, label, style)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if "train/loss" in series:
+        s, v = zip(*series["train/loss"])
+        ax.plot(s, v, label="train loss", lw=1)
+    if "val/loss" in series:
+        s, v = zip(*series["val/loss"])
+        ax.plot(s, v, "o-", label="held-out loss")
+    for value, label, style in hlines:
+        ax.axhline(value, ls=style, color="grey" if style == "--" else "tab:red", label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def held_out_loss(model: MaskedModel, modality: Any, masker: Any, urls: List[str], *, batch_size: int,
+                  max_batches: int = 20, seed: int = 1234) -> Dict[str, float]:
+    """Prediction-weighted mean loss per objective on held-out shards, with masks fixed by ``seed``
+    (so different models are scored on identical hidden positions)."""
+    was = model.training
+    model.eval()
+    stages = modality.stages(masker, batch_size=batch_size, seed=seed, handler=SampleErrorHandler(),
+                             fixed_masking=True, epochs=None, train=False)
+    sums: Dict[str, List[float]] = {}
+    for i, batch in enumerate(make_pipeline(urls, stages=stages, shuffle_shards=False, shuffle_buffer=0)):
+        if i >= max_batches:
+            break
+        _, outputs = model(batch)
+        for name, out in outputs.items():
+            s = sums.setdefault(name, [0.0, 0])
+            s[0] += float(out.loss) * out.count
+            s[1] += out.count
+    model.train(was)
+    return {name: total / max(1, count) for name, (total, count) in sums.items()}
+
+
+def probe_models(models: Dict[str, MaskedModel], modality: Any, train_urls: List[str], val_urls: List[str], *,
+                 max_train: int = 2000, max_test: int = 1000, pooling: str = "mean",
+                 batch_size: int = 64) -> Dict[str, ProbeScore]:
+    """Linear-probe accuracy of each model's frozen features (fitted on ``train_urls``, scored on ``val_urls``)."""
+    scores = {}
+    for name, model in models.items():
+        train = extract_features(model, modality, train_urls, batch_size=batch_size, max_samples=max_train,
+                                 pooling=pooling)
+        test = extract_features(model, modality, val_urls, batch_size=batch_size, max_samples=max_test,
+                                pooling=pooling)
+        scores[name] = linear_probe(train, test)
+    return scores

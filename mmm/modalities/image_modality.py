@@ -1,0 +1,144 @@
+"""The image modality in a run: patch embedder, patch maskers, image batches, visual-token codebook.
+
+Modes (``model.image.drop_masked``): MAE (He et al. 2022) keeps hidden patches out of the
+encoder, a light decoder reconstructs them (objective ``mae``); SimMIM (Xie et al. 2022) and BEiT
+(Bao et al. 2022) replace them by a learned mask embedding inside the encoder (objectives
+``simmim`` and ``visual_tokens``). BEiT's discrete targets come from a dVAE trained on 250M
+images; offline and from the run's own data, mmm fits a k-means codebook over per-patch
+standardised pixels instead (as VIOLET / E-ViLM-style masked visual-token modeling does with
+their own tokenizers) -- an asset of the run, saved as JSON in the run folder and checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+from torch import nn
+
+from mmm.config import ComponentConfig, EncoderConfig, ModelConfig
+from mmm.data.epoch import EpochCounter
+from mmm.data.image import ImageSettings, image_stages, read_image_sample, visual_token_features
+from mmm.data.image_transforms import eval_transform
+from mmm.modalities.base import Handler, Modality
+from mmm.registry import EMBEDDERS, MASKERS, MODALITIES
+
+logger = logging.getLogger("mmm.train")
+
+CODEBOOK_FILE = "visual_codebook.json"
+PATCH_MASKERS = ("mae_random", "beit_block", "simmim_random")
+
+
+def codebook_to_json(codebook: Any) -> str:
+    """A k-means :class:`~mmm.targets.kmeans.Codebook` as JSON text (checkpoint assets are text)."""
+    data = {"centroids": codebook.centroids.tolist()}
+    if codebook.mean is not None:
+        data.update(mean=codebook.mean.tolist(), std=codebook.std.tolist())
+    return json.dumps(data)
+
+
+def codebook_from_json(text: str, where: str) -> Any:
+    """Inverse of :func:`codebook_to_json`."""
+    from mmm.targets.kmeans import Codebook, CodebookError
+
+    try:
+        data = json.loads(text)
+        return Codebook(np.asarray(data["centroids"], dtype=np.float32),
+                        None if data.get("mean") is None else np.asarray(data["mean"], dtype=np.float32),
+                        None if data.get("std") is None else np.asarray(data["std"], dtype=np.float32))
+    except (json.JSONDecodeError, KeyError, TypeError, CodebookError) as e:
+        raise ValueError(f"{where}: the visual-token codebook cannot be read: {e}") from None
+
+
+def iter_raw_samples(urls: List[str]):
+    """Raw ``{"__key__", field: bytes}`` samples of some shards, in order (no shuffling, no workers)."""
+    from mmm.data.stream import SampleErrorHandler, make_pipeline
+
+    yield from make_pipeline(urls, stages=[], shuffle_shards=False, shuffle_buffer=0, handler=SampleErrorHandler())
+
+
+@MODALITIES.register("image")
+class ImageModality(Modality):
+    """Images as patch tokens (ViT, Dosovitskiy et al. 2021) for masked image modeling."""
+
+    name = "image"
+
+    def __init__(self, model_cfg: ModelConfig) -> None:
+        super().__init__(model_cfg)
+        self.cfg = model_cfg.image
+        c = self.cfg
+        if c.small_images not in ("upscale", "reject"):
+            raise ValueError(f"model.image.small_images must be 'upscale' or 'reject', got {c.small_images!r}")
+        if c.image_size % c.patch_size:
+            raise ValueError(f"model.image.image_size={c.image_size} must be a multiple of "
+                             f"model.image.patch_size={c.patch_size}")
+        self.image_settings = ImageSettings(c.image_size, c.patch_size, c.cls_token, c.drop_masked, tuple(c.crop_scale),
+                                      c.hflip, c.max_pixels, c.min_size, c.small_images)
+        self.codebook: Optional[Any] = None
+
+    # ------------------------------------------------------------------ assets
+
+    def prepare(self, train_urls: List[str], run_dir: Path) -> None:
+        if self.cfg.visual_tokens <= 0:
+            return
+        own = run_dir / "image" / CODEBOOK_FILE
+        if own.is_file():
+            self.codebook = codebook_from_json(own.read_text(encoding="utf-8"), str(own))
+            return
+        self.codebook = self.fit_codebook(train_urls)
+        own.parent.mkdir(parents=True, exist_ok=True)
+        own.write_text(codebook_to_json(self.codebook), encoding="utf-8")
+
+    def fit_codebook(self, urls: List[str]) -> Any:
+        """k-means over per-patch standardised pixels of up to ``codebook_images`` training images."""
+        import torch
+
+        from mmm.targets.kmeans import Codebook
+
+        images = []
+        for sample in iter_raw_samples(urls):
+            img, _ = read_image_sample(sample, self.image_settings)
+            images.append(eval_transform(img, self.cfg.image_size))
+            if len(images) >= self.cfg.codebook_images:
+                break
+        if not images:
+            raise ValueError(f"no training images to fit the visual-token codebook on (shards: {urls[:3]})")
+        feats = visual_token_features(torch.stack(images), self.cfg.patch_size).reshape(-1, 3 * self.cfg.patch_size ** 2)
+        logger.info("fitting a %d-entry visual-token codebook on %d patches of %d images", self.cfg.visual_tokens,
+                    len(feats), len(images))
+        return Codebook.fit(feats, self.cfg.visual_tokens, seed=0)
+
+    def assets(self) -> Dict[str, str]:
+        return {CODEBOOK_FILE: codebook_to_json(self.codebook)} if self.codebook is not None else {}
+
+    def load_assets(self, files: Dict[str, str], where: str) -> None:
+        if CODEBOOK_FILE in files:
+            self.codebook = codebook_from_json(files[CODEBOOK_FILE], where)
+        elif self.cfg.visual_tokens > 0:
+            raise ValueError(f"{where}: model.image.visual_tokens={self.cfg.visual_tokens} but the checkpoint holds "
+                             f"no {CODEBOOK_FILE}")
+
+    # ------------------------------------------------------------------ parts
+
+    def build_embedder(self, encoder_cfg: EncoderConfig) -> nn.Module:
+        c = self.cfg
+        return EMBEDDERS.create("image", dim=encoder_cfg.dim, image_size=c.image_size, patch_size=c.patch_size,
+                                in_chans=3, cls_token=c.cls_token, position=c.position, embed_norm=c.embed_norm,
+                                norm_eps=encoder_cfg.norm_eps, dropout=encoder_cfg.dropout)
+
+    def build_masker(self, masking: ComponentConfig) -> Any:
+        if masking.name not in PATCH_MASKERS:
+            raise ValueError(f"masking.name {masking.name!r} does not mask image patches; use one of {PATCH_MASKERS}")
+        return MASKERS.create(masking.name, **masking.args)
+
+    def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
+               epochs: Optional[EpochCounter], train: bool) -> List:
+        return image_stages(self.image_settings, masker, batch_size=batch_size, seed=seed, handler=handler,
+                            fixed_masking=fixed_masking, epochs=epochs, train=train, codebook=self.codebook,
+                            modality=self.name)
+
+    def settings(self) -> Dict[str, Any]:
+        c = self.cfg
+        return {"image_size": c.image_size, "patch_size": c.patch_size, "drop_masked": c.drop_masked}

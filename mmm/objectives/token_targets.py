@@ -1,0 +1,57 @@
+"""Classification of hidden positions into discrete targets prepared by the data pipeline.
+
+One head serves every "predict the discrete id of what was hidden" objective whose ids are not
+the input vocabulary: BEiT's masked visual-token prediction (Bao et al. 2022; here the ids come
+from a k-means codebook over patch pixels, :mod:`mmm.modalities.image_modality`) and HuBERT's
+masked prediction of k-means cluster ids of acoustic features (Hsu et al. 2021; several target
+sets at once, each with its own head, as MERT combines acoustic and musical teachers).
+The pipeline puts a :class:`~mmm.batch.TokenTargets` under ``batch.targets[target]``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmm.batch import PackedBatch
+from mmm.config import EncoderConfig
+from mmm.objectives.base import ObjectiveOutput
+from mmm.registry import OBJECTIVES
+
+
+@OBJECTIVES.register("token_targets")
+class TokenTargetClassification(nn.Module):
+    """Dense → GELU → LayerNorm → linear over ``num_classes`` at the target positions; cross-entropy.
+
+    Args:
+        dim: encoder width (given by the builder).
+        embedders: the model's embedders (given by the builder; unused).
+        encoder_cfg: the shared encoder's config (given by the builder; its LayerNorm epsilon).
+        target: key of the targets in ``batch.targets`` (e.g. ``image_tokens``, ``audio_mfcc``).
+        num_classes: number of target ids (the codebook size).
+    """
+
+    def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: Optional[EncoderConfig] = None,
+                 target: str = "image_tokens", num_classes: int = 256) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"objective token_targets: num_classes must be >= 2, got {num_classes}")
+        self.target, self.num_classes = target, num_classes
+        eps = encoder_cfg.norm_eps if encoder_cfg is not None else 1e-12
+        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=eps))
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
+        t = batch.targets.get(self.target)
+        if t is None or t.positions.numel() == 0:
+            zero = hidden.sum() * 0.0
+            return ObjectiveOutput(zero, {"acc": zero.detach()}, 0)
+        if int(t.labels.max()) >= self.num_classes:
+            raise ValueError(f"objective token_targets: target {self.target!r} has id {int(t.labels.max())} but "
+                             f"num_classes={self.num_classes}; set num_classes to the codebook size")
+        logits = self.classifier(self.transform(hidden.index_select(0, t.positions)))  # (M, K)
+        loss = F.cross_entropy(logits.float(), t.labels)
+        acc = (logits.argmax(-1) == t.labels).float().mean()
+        return ObjectiveOutput(loss, {"acc": acc.detach()}, t.count)
