@@ -89,12 +89,21 @@ def _cmd_shards(ns: argparse.Namespace, rest: List[str]) -> int:
     import datasets_def  # noqa: F401
     from mmm.registry import DATASETS
 
+    import inspect
+
     ds = DATASETS.create(ns.dataset)
-    report = ds.build_shards(ns.input, ns.output, max_chars=ns.max_chars, samples_per_shard=ns.samples_per_shard,
-                             jsonl_field=ns.jsonl_field, val_fraction=ns.val_fraction, seed=ns.seed,
-                             skip_bad=ns.skip_bad, overwrite=ns.overwrite)
+    accepted = inspect.signature(ds.build_shards).parameters
+    options = {k: getattr(ns, k) for k in ("samples_per_shard", "max_chars", "jsonl_field", "labels", "captions", "window",
+                                           "stride", "sample_rate", "max_seconds") if getattr(ns, k) is not None}
+    wrong = sorted(k for k in options if k not in accepted)
+    if wrong:
+        raise ConfigError(f"mmm shards build --dataset {ns.dataset}: option(s) {['--' + k for k in wrong]} do not apply "
+                          f"to this dataset")
+    report = ds.build_shards(ns.input, ns.output, val_fraction=ns.val_fraction, seed=ns.seed, skip_bad=ns.skip_bad,
+                             overwrite=ns.overwrite, **options)
+    counts = next((getattr(report, a) for a in ("chunks", "samples", "windows") if isinstance(getattr(report, a, None), dict)), {})
     print(f"wrote {sum(len(s) for s in report.shards.values())} shards to {ns.output}: "
-          + ", ".join(f"{split}: {report.chunks.get(split, 0)} samples" for split in sorted(report.chunks)))
+          + ", ".join(f"{split}: {counts.get(split, 0)} samples" for split in sorted(counts)))
     if report.skipped:
         print(f"skipped {len(report.skipped)} bad input(s) (listed in manifest.json), e.g. {report.skipped[0]}")
     return 0
@@ -189,12 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("shards", help="WebDataset shard tools")
     ssub = s.add_subparsers(dest="shards_command", required=True)
     b = ssub.add_parser("build", help="build shards from a folder of raw files")
-    b.add_argument("input", help="input folder or file (.txt / .jsonl for text)")
+    b.add_argument("input", help="input folder or file: .txt/.jsonl (text), images (image), FASTA (dna), wav/flac (audio)")
     b.add_argument("output", help="output folder for {train,val}-NNNNNN.tar")
-    b.add_argument("--dataset", default="text", help="dataset definition (default text)")
-    b.add_argument("--max_chars", type=int, default=2000, help="longest text chunk in characters")
-    b.add_argument("--samples_per_shard", type=int, default=5000)
-    b.add_argument("--jsonl_field", default="text", help="field holding the text in .jsonl files")
+    b.add_argument("--dataset", default="text", help="dataset definition: text, image, dna, audio (default text)")
+    b.add_argument("--samples_per_shard", type=int, default=None, help="samples per tar shard (dataset default)")
+    b.add_argument("--max_chars", type=int, default=None, help="text: longest chunk in characters (default 2000)")
+    b.add_argument("--jsonl_field", default=None, help="text: field holding the text in .jsonl files")
+    b.add_argument("--labels", default=None, help="image: 'folders' or a CSV; dna: a BED/TSV file; audio: 'folders' or a CSV")
+    b.add_argument("--captions", default=None, help="image: CSV/JSONL of captions per file")
+    b.add_argument("--window", type=int, default=None, help="dna: window length in bases (default 1024)")
+    b.add_argument("--stride", type=int, default=None, help="dna: window stride in bases (default = window)")
+    b.add_argument("--sample_rate", type=int, default=None, help="audio: resample to this rate (default 16000)")
+    b.add_argument("--max_seconds", type=float, default=None, help="audio: cut longer clips into windows of this length")
     b.add_argument("--val_fraction", type=float, default=0.0, help="fraction of documents for the val split")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--skip_bad", action="store_true", help="skip (and report) bad files/lines instead of stopping")

@@ -117,3 +117,23 @@ def test_image_demo_smoke(tmp_path, capsys):
     m = json.loads((tmp_path / "demo" / "metrics.json").read_text())["parts"]["image"]
     assert m["held_out_loss"]["trained"]["mae"] > 0 and m["linear_probe"]["trained"]["test_samples"] > 50
     assert "## Image: masked autoencoder (MAE)" in (tmp_path / "demo" / "report.md").read_text()
+
+
+def test_shards_build_for_images_and_dna(tmp_path, capsys):
+    from PIL import Image
+
+    for label in ("cats", "dogs"):
+        (tmp_path / "img" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 16), (40 * i, 80, 120)).save(tmp_path / "img" / label / f"{i}.png")
+    assert main(["shards", "build", str(tmp_path / "img"), str(tmp_path / "img_shards"), "--dataset", "image",
+                 "--labels", "folders"]) == 0
+    assert "train: 6 samples" in capsys.readouterr().out
+    assert main(["shards", "check", str(tmp_path / "img_shards"), "--dataset", "image"]) == 0
+    (tmp_path / "genome.fa").write_text(">chr1\n" + "ACGT" * 100 + "\n>chr2\n" + "GGCA" * 60 + "\n")
+    assert main(["shards", "build", str(tmp_path / "genome.fa"), str(tmp_path / "dna_shards"), "--dataset", "dna",
+                 "--window", "100"]) == 0
+    assert "train: 7 samples" in capsys.readouterr().out  # 4 windows of chr1 + 3 (the last end-aligned) of chr2
+    assert main(["shards", "build", str(tmp_path / "genome.fa"), str(tmp_path / "x"), "--dataset", "dna",
+                 "--max_chars", "10"]) == 2
+    assert "--max_chars" in capsys.readouterr().err
