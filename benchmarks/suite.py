@@ -62,6 +62,7 @@ class Sizes:
     gpu_warmup: int = 5
     gpu_overrides: Dict[str, Any] = field(default_factory=dict)
     eval_batches: Optional[int] = None
+    mae_args: List[str] = field(default_factory=lambda: ["--steps", "8"])
 
 
 FULL_LENGTHS = [128, 256, 512, 1024, 2048, 4096]
@@ -69,13 +70,16 @@ SIZES: Dict[str, Sizes] = {
     "full": Sizes("full", ["small", "base"], ["--steps", "10", "--warmup", "2"], FULL_LENGTHS, FULL_LENGTHS,
                   attn_repeats=10, attn_warmup=2),
     "quick": Sizes("quick", ["small"], ["--steps", "5", "--warmup", "1"], [128, 256, 512, 1024], FULL_LENGTHS,
-                   attn_repeats=3, attn_warmup=1, gpu_steps=10, gpu_warmup=3, eval_batches=5),
+                   attn_repeats=3, attn_warmup=1, gpu_steps=10, gpu_warmup=3, eval_batches=5, mae_args=["--quick"]),
     "micro": Sizes("micro", ["small"], ["--steps", "2", "--warmup", "1", "--no-memory", "--depth", "1", "--dim", "32",
                                         "--heads", "2", "--mlp-hidden", "64", "--vocab", "300", "--max-len", "32",
                                         "--batch", "4"],
                    [32, 64], [32, 64], attn_repeats=2, attn_warmup=1, attn_total_tokens=256, attn_heads=2,
                    gpu_lengths=[32], gpu_tokens=256, gpu_steps=2, gpu_warmup=1,
-                   gpu_overrides={"depth": 1, "dim": 32, "heads": 2, "mlp_hidden": 64, "vocab": 300}, eval_batches=2),
+                   gpu_overrides={"depth": 1, "dim": 32, "heads": 2, "mlp_hidden": 64, "vocab": 300}, eval_batches=2,
+                   mae_args=["--config", "small", "--image-size", "16", "--patch-size", "4", "--dim", "32", "--depth", "1",
+                             "--heads", "2", "--mlp-hidden", "64", "--decoder-dim", "16", "--decoder-depth", "1",
+                             "--decoder-heads", "2", "--batch", "4", "--steps", "2"]),
 }
 
 
@@ -139,6 +143,10 @@ def run_throughput(sizes: Sizes, compile: bool = False, log: Callable[[str], Non
     for name in sizes.mlm_configs:
         step_results.extend(text_mlm_step.main(["--config", name, *sizes.mlm_args])["results"])
     sections["text_mlm_step"] = {"device": "cpu", "results": step_results}
+    from benchmarks import image_mae_step
+
+    log("== MAE training step: drop-masked vs mask-token encoder vs HF ViTMAEForPreTraining (CPU, fp32)")
+    sections["image_mae_step"] = {"device": "cpu", "results": image_mae_step.main(sizes.mae_args)["results"]}
 
     cuda = torch.cuda.is_available()
     log("== attention backends")
@@ -317,6 +325,10 @@ def markdown(report: Dict[str, Any]) -> str:
     if "text_mlm_step" in s:
         env = {"device": "cpu", "threads": m["torch_threads"], "torch": m["torch"], "transformers": m["transformers"]}
         lines += ["## MLM training step: mmm vs HF", "", text_mlm_step.markdown(s["text_mlm_step"]["results"], env), ""]
+    if "image_mae_step" in s:
+        from benchmarks import image_mae_step
+
+        lines += ["## MAE training step", "", image_mae_step.markdown(s["image_mae_step"]["results"], env), ""]
     if "attention_backends" in s:
         lines += ["## Attention backends", "", attention_backends.markdown(s["attention_backends"]), ""]
     if "gpu_mlm" in s:

@@ -35,7 +35,7 @@ from mmm.model import build_text_embedder
 
 PathLike = Union[str, Path]
 
-MODALITIES = ("text", "image")
+MODALITIES = ("text", "image", "dna")
 """Modalities :func:`load_encoder` can build."""
 
 CHECKPOINT_FORMAT = "mmm-pretrain-v1"
@@ -59,16 +59,17 @@ class TextEncoder(nn.Module):
     """
 
     def __init__(self, embedder: nn.Module, encoder: TransformerEncoder, config: ModelConfig,
-                 tokenizer: Optional[TextTokenizer] = None) -> None:
+                 tokenizer: Optional[TextTokenizer] = None, modality: str = "text") -> None:
         super().__init__()
         self.embedder = embedder
         self.encoder = encoder
         self.config = config
         self.tokenizer = tokenizer
+        self.modality = modality
 
     @classmethod
     def from_config(cls, config: ModelConfig, vocab_size: int, pad_id: int = 0,
-                    tokenizer: Optional[TextTokenizer] = None) -> "TextEncoder":
+                    tokenizer: Optional[TextTokenizer] = None, modality: str = "text") -> "TextEncoder":
         """Build a freshly initialised encoder (weights are expected to be loaded afterwards).
 
         Args:
@@ -77,7 +78,8 @@ class TextEncoder(nn.Module):
             pad_id: padding id.
             tokenizer: optional tokenizer to attach.
         """
-        return cls(build_text_embedder(config, vocab_size, pad_id), TransformerEncoder(config.encoder), config, tokenizer)
+        return cls(build_text_embedder(config, vocab_size, pad_id, modality), TransformerEncoder(config.encoder), config,
+                   tokenizer, modality)
 
     @property
     def hidden_size(self) -> int:
@@ -271,6 +273,20 @@ def encoder_from_checkpoint(contents: CheckpointContents) -> TextEncoder:
     return enc.eval()
 
 
+def dna_encoder_from_checkpoint(contents: CheckpointContents) -> TextEncoder:
+    """The DNA token encoder of a read checkpoint (a :class:`TextEncoder` over nucleotide-token ids,
+    with the run's DNA tokenizer attached; eval mode)."""
+    from mmm.modalities.dna_modality import DNAModality
+
+    modality = DNAModality(contents.config.model)
+    modality.load_assets(contents.assets.get("dna", {}), str(contents.path))
+    state = contents.modality_state("dna")
+    tok = modality.tokenizer
+    enc = TextEncoder.from_config(contents.config.model, tok.vocab_size, tok.pad_id, tok, modality="dna")
+    load_weights(enc, state, contents.path)
+    return enc.eval()
+
+
 def image_encoder_config(cfg: ModelConfig) -> "ImageEncoderConfig":
     """The standalone :class:`~mmm.modalities.image.ImageEncoderConfig` of a run's model config."""
     from mmm.modalities.image import ImageEncoderConfig
@@ -316,7 +332,7 @@ def save_encoder(encoder: TextEncoder, directory: PathLike) -> Path:
     if isinstance(encoder, ImageEncoder):
         meta = {"format": ENCODER_FORMAT, "modality": "image", "model": to_dict(encoder.config)}
     else:
-        meta = {"format": ENCODER_FORMAT, "modality": "text", "model": to_dict(encoder.config),
+        meta = {"format": ENCODER_FORMAT, "modality": encoder.modality, "model": to_dict(encoder.config),
                 "vocab_size": encoder.vocab_size, "pad_id": encoder.pad_id}
     (out / ENCODER_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}
@@ -363,8 +379,15 @@ def _load_saved_encoder(directory: Path, modality: str) -> nn.Module:
     except ConfigError as e:
         raise ValueError(f"{meta_path}: {e}") from None
     tok_dir = directory / TOKENIZER_SUBDIR
-    tok = TextTokenizer.load(tok_dir) if tok_dir.is_dir() else None
-    enc = TextEncoder.from_config(cfg, int(meta["vocab_size"]), int(meta["pad_id"]), tok)
+    tok = None
+    if tok_dir.is_dir():
+        if modality == "dna":
+            from mmm.modalities.dna_tokenizer import load_dna_tokenizer
+
+            tok = load_dna_tokenizer(tok_dir)
+        else:
+            tok = TextTokenizer.load(tok_dir)
+    enc = TextEncoder.from_config(cfg, int(meta["vocab_size"]), int(meta["pad_id"]), tok, modality=modality)
     load_weights(enc, load_file(str(weights)), weights)
     return enc.eval()
 
@@ -377,8 +400,8 @@ def load_encoder(source: PathLike, modality: str = "text", *, timm_model: Option
         source: an mmm ``.ckpt`` file (any run that trained ``modality``), a :func:`save_encoder`
             directory, an HF BERT directory (text), or a timm ViT weights file (image, with
             ``timm_model``).
-        modality: which encoder to build: ``text`` (:class:`TextEncoder`, ``(ids, mask) -> (B, T, H)``)
-            or ``image`` (:class:`~mmm.modalities.image.ImageEncoder`, ``(B, C, H, W) -> (B, N, D)``,
+        modality: which encoder to build: ``text`` or ``dna`` (:class:`TextEncoder` over token ids,
+            ``(ids, mask) -> (B, T, H)``, with the tokenizer attached) or ``image`` (:class:`~mmm.modalities.image.ImageEncoder`, ``(B, C, H, W) -> (B, N, D)``,
             CLS first when the model has one).
         timm_model: timm model name of a timm weights file (``.safetensors`` / ``.pth`` / ``.bin``).
         timm_kwargs: extra ``timm.create_model`` arguments for it (e.g. ``{"img_size": 32}``).
@@ -400,7 +423,9 @@ def load_encoder(source: PathLike, modality: str = "text", *, timm_model: Option
             raise ValueError(f"{p} looks like a weights file: for a timm ViT pass timm_model='vit_...' "
                              "(and timm_kwargs if it is not the named model's default size)")
         contents = read_checkpoint(p)
-        return image_encoder_from_checkpoint(contents) if modality == "image" else encoder_from_checkpoint(contents)
+        if modality == "image":
+            return image_encoder_from_checkpoint(contents)
+        return dna_encoder_from_checkpoint(contents) if modality == "dna" else encoder_from_checkpoint(contents)
     if (p / ENCODER_META_FILE).is_file():
         return _load_saved_encoder(p, modality)
     if (p / "config.json").is_file() and modality == "text":

@@ -102,9 +102,10 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.normal_(p, std=std)
 
 
-def build_text_embedder(cfg: ModelConfig, vocab_size: int, pad_id: int) -> nn.Module:
-    """The text embedder for ``cfg`` and a tokenizer of ``vocab_size`` ids."""
-    t, e = cfg.text, cfg.encoder
+def build_text_embedder(cfg: ModelConfig, vocab_size: int, pad_id: int, modality: str = "text") -> nn.Module:
+    """The token embedder of a discrete-token modality (``text`` or ``dna``: the section of ``cfg``
+    giving ``max_len``, ``position`` and ``embed_norm``) for a tokenizer of ``vocab_size`` ids."""
+    t, e = getattr(cfg, modality), cfg.encoder
     return EMBEDDERS.create("text", vocab_size=vocab_size, dim=e.dim, max_len=t.max_len, position=t.position,
                             embed_norm=t.embed_norm, norm_eps=e.norm_eps, dropout=e.dropout, pad_id=pad_id)
 

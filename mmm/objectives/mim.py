@@ -106,7 +106,12 @@ class MaskedAutoencoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def decode(self, hidden: torch.Tensor, batch: PackedBatch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Predicted pixels of every patch and the mask: ((B, P, p*p*C), (B, P) bool)."""
+        """Predicted pixels of every patch and the mask: ((B, P, p*p*C), (B, P) bool) (for figures)."""
+        out, mask = self._decoder_states(hidden, batch)
+        return self.pred(out), mask
+
+    def _decoder_states(self, hidden: torch.Tensor, batch: PackedBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Decoder outputs at every patch and the mask: ((B, P, d_dec), (B, P) bool)."""
         inp, h = _image_part(hidden, batch, self.modality)
         if inp.mask is None:
             raise ValueError("objective mae needs masked images (configure a patch masker, e.g. mae_random)")
@@ -118,8 +123,7 @@ class MaskedAutoencoder(nn.Module):
         full = self.mask_token.to(x.dtype).expand(b * t, -1).index_copy(0, slot, x)  # (B*T, d_dec)
         full = (full.view(b, t, -1) + self.decoder_pos.to(x.dtype)).view(b * t, -1)
         out = self.decoder(full, PackedSeqInfo.from_seqlens([t] * b, device=full.device))  # (B*T, d_dec)
-        pred = self.pred(out.view(b, t, -1)[:, self.prefix:])  # (B, P, p*p*C)
-        return pred, inp.mask
+        return out.view(b, t, -1)[:, self.prefix:], inp.mask  # (B, P, d_dec)
 
     def target(self, batch: PackedBatch) -> torch.Tensor:
         """(B, P, p*p*C) the pixels the decoder regresses (normalised per patch with ``norm_pix_loss``)."""
@@ -127,10 +131,13 @@ class MaskedAutoencoder(nn.Module):
         return normalize_patches(t) if self.norm_pix_loss else t
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
-        pred, mask = self.decode(hidden, batch)
-        target = self.target(batch)
-        loss = F.mse_loss(pred[mask].float(), target[mask])
-        return ObjectiveOutput(loss, {}, int(mask.sum()))
+        out, mask = self._decoder_states(hidden, batch)
+        pred = self.pred(out[mask])  # (M, p*p*C): only hidden patches are projected and scored
+        target = patchify(batch.inputs[self.modality].pixels.float(), self.patch)[mask]
+        if self.norm_pix_loss:
+            target = normalize_patches(target)
+        loss = F.mse_loss(pred.float(), target)
+        return ObjectiveOutput(loss, {}, pred.shape[0])
 
 
 @OBJECTIVES.register("simmim")

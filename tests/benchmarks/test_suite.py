@@ -31,7 +31,7 @@ def test_throughput_suite_writes_sections_markdown_and_plots(tmp_path, micro):
     assert data["suite"] == "throughput" and data["sizes"] == "micro"
     assert set(data["machine"]) >= {"cpu", "torch_threads", "gpu", "torch", "xformers", "transformers", "date"}
     s = data["sections"]
-    assert set(s) == {"text_mlm_step", "attention_backends", "gpu_mlm"}
+    assert set(s) == {"text_mlm_step", "image_mae_step", "attention_backends", "gpu_mlm"}
     (step,) = s["text_mlm_step"]["results"]
     assert step["mmm"]["real_tokens_per_s"] > 0 and step["hf"]["real_tokens_per_s"] > 0
 
