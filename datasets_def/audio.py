@@ -242,7 +242,7 @@ class _ClipWriter:
 
         if split not in self.writers:
             self.writers[split] = wds.ShardWriter(str(self.out / f"{split}-%06d.tar"), maxcount=self.samples_per_shard,
-                                                  verbose=0, encoder=False, mtime=0.0)
+                                                  verbose=0, encoder=False, mtime=0)
         n = waveform.shape[1]
         starts = range(0, n, self.window)
         whole = len(starts) == 1

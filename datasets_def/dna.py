@@ -408,7 +408,7 @@ def build_shards(
                 split = _split_of(source, rid, val_fraction, seed)
                 if split not in writers:
                     writers[split] = wds.ShardWriter(
-                        str(out / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0.0
+                        str(out / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0
                     )
                 is_n = base_codes(seq) == 4 if max_n_fraction < 1.0 else None
                 for i, (start, end) in enumerate(spans):

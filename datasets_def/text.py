@@ -287,7 +287,7 @@ def build_shards(
                 split = _split_of(source, doc, val_fraction, seed)
                 if split not in writers:
                     writers[split] = wds.ShardWriter(
-                        str(out / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0.0
+                        str(out / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0
                     )
                 for i, chunk in enumerate(split_text(text, max_chars)):
                     meta = {"source": source, "doc": doc, "chunk": i}

@@ -58,7 +58,7 @@ def reconstruction_figure(model: MaskedModel, modality, masker, urls, out: Path,
     masked = torch.where(mask[..., None], torch.full_like(true, float("nan")), true)
     rows = [pixels, unpatchify(masked, head.patch, head.channels, head.grid),
             unpatchify(recon, head.patch, head.channels, head.grid)]
-    names = ["original", f"masked ({int(mask[0].sum())}/{mask.shape[1]} patches hidden)", "MAE reconstruction"]
+    names = ["original", f"input ({int(mask[0].sum())}/{mask.shape[1]} hidden)", "reconstruction"]
     b = pixels.shape[0]
     fig, axes = plt.subplots(3, b, figsize=(1.3 * b, 4.2))
     for r, (row, name) in enumerate(zip(rows, names)):
