@@ -1,0 +1,164 @@
+"""The DNA modality in a run: a nucleotide tokenizer as its asset, DNA maskers, MLM batches.
+
+Tokenizers (``model.dna.tokenizer``): single nucleotides (HyenaDNA, Nguyen et al. 2023),
+overlapping k-mers (DNABERT, Ji et al. 2021), non-overlapping k-mers (Nucleotide Transformer,
+Dalla-Torre et al. 2023) or BPE learned on the training shards (DNABERT-2, Zhou et al. 2024); see
+:mod:`mmm.modalities.dna_tokenizer`. The embedder is the text one (token + position embeddings).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from torch import nn
+
+from mmm.config import ComponentConfig, DNAConfig, EncoderConfig, ModelConfig
+from mmm.data.epoch import EpochCounter
+from mmm.modalities.base import Handler, Modality
+from mmm.modalities.dna_tokenizer import META_FILE, DNAKmerTokenizer, DNATokenizer, load_dna_tokenizer
+from mmm.registry import EMBEDDERS, MASKERS, MODALITIES, TOKENIZERS
+
+logger = logging.getLogger("mmm.train")
+
+TOKENIZER_DIR = "dna_tokenizer"
+DNA_MASKERS = ("dna_random", "dna_span")
+DNA_TOKENIZERS = ("dna_char", "dna_kmer", "dna_bpe")
+
+
+def build_dna_tokenizer(cfg: DNAConfig, train_urls: List[str]) -> DNATokenizer:
+    """A new tokenizer as ``cfg`` describes: built (char, k-mer) or trained on ``train_urls`` (BPE).
+
+    Args:
+        cfg: the ``model.dna`` section.
+        train_urls: training shards (read only for BPE, up to ``tokenizer_train_docs`` windows).
+    """
+    if cfg.tokenizer == "dna_char":
+        return TOKENIZERS.create("dna_char")
+    if cfg.tokenizer == "dna_kmer":
+        return TOKENIZERS.create("dna_kmer", k=cfg.k, overlapping=cfg.overlapping)
+    if cfg.tokenizer == "dna_bpe":
+        from datasets_def.dna import iter_sequences
+
+        logger.info("training a DNA BPE tokenizer (vocab %d) on up to %d windows", cfg.vocab_size,
+                    cfg.tokenizer_train_docs)
+        seqs = itertools.islice(iter_sequences(train_urls, "train"), cfg.tokenizer_train_docs)
+        return TOKENIZERS.create("dna_bpe", sequences=seqs, vocab_size=cfg.vocab_size)
+    raise ValueError(f"model.dna.tokenizer must be one of {DNA_TOKENIZERS}, got {cfg.tokenizer!r}")
+
+
+def describe_mismatch(tok: DNATokenizer, cfg: DNAConfig) -> Optional[str]:
+    """How a loaded tokenizer differs from what ``cfg`` asks for, or None when it fits."""
+    if tok.kind != cfg.tokenizer:
+        return f"it is {tok.kind!r}, the config asks for {cfg.tokenizer!r}"
+    if isinstance(tok, DNAKmerTokenizer) and (tok.k, tok.overlapping) != (cfg.k, cfg.overlapping):
+        return (f"it has k={tok.k}, overlapping={tok.overlapping}; the config asks for k={cfg.k}, "
+                f"overlapping={cfg.overlapping}")
+    return None
+
+
+def tokenizer_files(directory: Path) -> Dict[str, str]:
+    """The text files of a saved DNA tokenizer (embedded in checkpoints)."""
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def tokenizer_from_files(files: Dict[str, str], where: str) -> DNATokenizer:
+    """Rebuild a DNA tokenizer from :func:`tokenizer_files` output (``where`` names the source in errors)."""
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ValueError(f"{where}: DNA tokenizer files must map file names to file text")
+    if META_FILE not in files:
+        raise ValueError(f"{where}: the DNA assets hold no {META_FILE} (files: {sorted(files)})")
+    with tempfile.TemporaryDirectory(prefix="mmm_dna_tok_") as tmp:
+        for name, text in files.items():
+            if Path(name).name != name:
+                raise ValueError(f"{where}: DNA tokenizer file name {name!r} is not a plain file name")
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        try:
+            return load_dna_tokenizer(tmp)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"{where}: the embedded DNA tokenizer cannot be loaded: {e}") from None
+
+
+@MODALITIES.register("dna")
+class DNAModality(Modality):
+    """DNA windows for masked nucleotide modeling: tokenizer loaded, reused from the run folder, or built."""
+
+    name = "dna"
+
+    def __init__(self, model_cfg: ModelConfig) -> None:
+        super().__init__(model_cfg)
+        self.cfg = model_cfg.dna
+        if self.cfg.tokenizer not in DNA_TOKENIZERS:
+            raise ValueError(f"model.dna.tokenizer must be one of {DNA_TOKENIZERS}, got {self.cfg.tokenizer!r}")
+        if not 0.0 <= self.cfg.reverse_complement <= 1.0:
+            raise ValueError(f"model.dna.reverse_complement must be a probability in [0, 1], "
+                             f"got {self.cfg.reverse_complement}")
+        if self.cfg.max_len < 3:
+            raise ValueError(f"model.dna.max_len must be >= 3 ([CLS], one token, [SEP]), got {self.cfg.max_len}")
+        self.tokenizer: Optional[DNATokenizer] = None
+        self._files: Dict[str, str] = {}
+
+    # ------------------------------------------------------------------ assets
+
+    def prepare(self, train_urls: List[str], run_dir: Path) -> None:
+        c, own = self.cfg, run_dir / TOKENIZER_DIR
+        if (own / META_FILE).is_file():  # a resumed run: keep the tokenizer it trained with
+            tok = load_dna_tokenizer(own)
+            problem = describe_mismatch(tok, c)
+            if problem:
+                raise ValueError(f"the run folder's DNA tokenizer {own} does not match model.dna: {problem}; "
+                                 "use a new trainer.default_root_dir or delete that folder")
+        elif c.tokenizer_path:
+            tok = load_dna_tokenizer(c.tokenizer_path)
+            problem = describe_mismatch(tok, c)
+            if problem:
+                logger.warning("model.dna.tokenizer_path %s is used as given although %s", c.tokenizer_path, problem)
+            tok.save(own)
+        else:
+            tok = build_dna_tokenizer(c, train_urls)
+            tok.save(own)
+        self.tokenizer = tok
+        self._files = tokenizer_files(own)
+
+    def assets(self) -> Dict[str, str]:
+        return dict(self._files) if self.tokenizer is not None else {}
+
+    def load_assets(self, files: Dict[str, str], where: str) -> None:
+        self.tokenizer = tokenizer_from_files(files, where)
+        self._files = dict(files)
+
+    def _tok(self) -> DNATokenizer:
+        if self.tokenizer is None:
+            raise RuntimeError("dna modality: call prepare() or load_assets() first (no tokenizer yet)")
+        return self.tokenizer
+
+    # ------------------------------------------------------------------ parts
+
+    def build_embedder(self, encoder_cfg: EncoderConfig) -> nn.Module:
+        c, tok = self.cfg, self._tok()
+        return EMBEDDERS.create("text", vocab_size=tok.vocab_size, dim=encoder_cfg.dim, max_len=c.max_len,
+                                position=c.position, embed_norm=c.embed_norm, norm_eps=encoder_cfg.norm_eps,
+                                dropout=encoder_cfg.dropout, pad_id=tok.pad_id)
+
+    def build_masker(self, masking: ComponentConfig) -> Any:
+        if masking.name not in DNA_MASKERS:
+            raise ValueError(f"masking.name {masking.name!r} does not mask DNA; use one of {DNA_MASKERS} "
+                             "(dna_span for overlapping k-mers)")
+        tok = self._tok()
+        if masking.name == "dna_random" and isinstance(tok, DNAKmerTokenizer) and tok.overlapping and tok.k > 1:
+            logger.warning("dna_random with overlapping %d-mers leaks: neighbouring k-mers spell a masked one; "
+                           "dna_span masks whole base spans instead", tok.k)
+        return MASKERS.create(masking.name, vocab=tok.vocab(), **masking.args)
+
+    def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
+               epochs: Optional[EpochCounter], train: bool) -> List:
+        from mmm.data.dna import dna_stages  # lazy: mmm.data.dna imports the modalities package
+
+        return dna_stages(self._tok(), masker, max_len=self.cfg.max_len, batch_size=batch_size, seed=seed,
+                          handler=handler, fixed_masking=fixed_masking, epochs=epochs, train=train,
+                          reverse_complement=self.cfg.reverse_complement, modality=self.name)
+
+    def settings(self) -> Dict[str, Any]:
+        return {"max_len": self.cfg.max_len, "reverse_complement": self.cfg.reverse_complement}
