@@ -111,7 +111,18 @@ def test_only_dna_maskers_are_accepted(shard_dir, tmp_path):
     assert m.settings() == {"max_len": m.cfg.max_len, "reverse_complement": m.cfg.reverse_complement}
 
 
-def test_short_pretrain_learns_and_the_checkpoint_restores_the_tokenizer(shard_dir, tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one intra-op thread avoids OpenMP barrier waits on a busy shared CPU (10x here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_short_pretrain_learns_and_the_checkpoint_restores_the_tokenizer(shard_dir, tmp_path, one_thread):
     from mmm.encoders import read_checkpoint
     from mmm.probe import extract_features
     from mmm.train.pretrain import modality_from_checkpoint, pretrain
