@@ -35,7 +35,7 @@ from mmm.model import build_text_embedder
 
 PathLike = Union[str, Path]
 
-MODALITIES = ("text", "image", "dna")
+MODALITIES = ("text", "image", "dna", "audio")
 """Modalities :func:`load_encoder` can build."""
 
 CHECKPOINT_FORMAT = "mmm-pretrain-v1"
@@ -425,6 +425,10 @@ def load_encoder(source: PathLike, modality: str = "text", *, timm_model: Option
         contents = read_checkpoint(p)
         if modality == "image":
             return image_encoder_from_checkpoint(contents)
+        if modality == "audio":
+            from mmm.modalities.audio import audio_encoder_from_checkpoint
+
+            return audio_encoder_from_checkpoint(contents)
         return dna_encoder_from_checkpoint(contents) if modality == "dna" else encoder_from_checkpoint(contents)
     if (p / ENCODER_META_FILE).is_file():
         return _load_saved_encoder(p, modality)

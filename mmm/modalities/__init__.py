@@ -1,4 +1,4 @@
 """Modalities: each a tokenizer plus an embedder, and a :class:`~mmm.modalities.base.Modality` that
 plugs them into a run. Importing this package registers them."""
 from mmm.modalities import (  # noqa: F401  (registers every modality, embedder and tokenizer)
-    dna_modality, dna_tokenizer, image, image_modality, text, text_modality, text_tokenizer)
+    audio, audio_modality, dna_modality, dna_tokenizer, image, image_modality, text, text_modality, text_tokenizer)

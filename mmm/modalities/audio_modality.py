@@ -1,0 +1,244 @@
+"""The audio modality in a run: log-mel front end and k-means codebooks as assets, span/patch maskers.
+
+Masked acoustic modeling in mask-token mode: hidden tokens are replaced by a learned mask
+embedding inside the encoder (wav2vec 2.0, Baevski et al. 2020; HuBERT, Hsu et al. 2021), and
+heads predict, at the hidden positions, the k-means cluster ids of acoustic features (HuBERT's
+first iteration clusters MFCCs; MERT, Li et al. 2023, adds a musical target set -- here a chroma
+codebook) with ``token_targets``, and/or the features themselves with ``masked_features``
+(AudioMAE-style regression, Huang et al. 2022).
+
+Assets, fitted on the training shards at the start of a run and saved as JSON text in
+``run_dir/audio/`` (and inside every checkpoint): the front end's normalisation statistics
+(``audio_frontend.json``) and one codebook per target kind (``kmeans_<kind>.json``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+from torch import nn
+
+from mmm.config import AudioConfig, ComponentConfig, EncoderConfig, ModelConfig
+from mmm.data.epoch import EpochCounter
+from mmm.modalities import audio as _audio_embedder  # noqa: F401  (registers the "audio" embedder)
+from mmm.modalities.audio_frontend import FRONTEND_FILE, AudioDecodeError, AudioFrontend, AudioFrontendConfig
+from mmm.modalities.base import Handler, Modality
+from mmm.registry import EMBEDDERS, MASKERS, MODALITIES
+
+logger = logging.getLogger("mmm.train")
+
+ASSET_DIR = "audio"
+AUDIO_MASKERS = ("time_span", "spec_patch")
+TARGET_KINDS = ("mfcc", "logmel", "chroma")
+
+
+def codebook_file(kind: str) -> str:
+    """Asset file name of the k-means codebook of one target kind."""
+    return f"kmeans_{kind}.json"
+
+
+def frontend_config(cfg: AudioConfig) -> AudioFrontendConfig:
+    """The front end of ``model.audio``. ``max_seconds`` is not applied there (the front end would cut
+    long clips); the data stages split long clips into several sequences instead."""
+    return AudioFrontendConfig(sample_rate=cfg.sample_rate, n_mels=cfg.n_mels, win_ms=cfg.win_ms, hop_ms=cfg.hop_ms,
+                               token=cfg.token, frames_per_token=cfg.frames_per_token, patch_freq=cfg.patch_freq,
+                               patch_time=cfg.patch_time, max_seconds=None, norm=cfg.norm)
+
+
+def iter_training_clips(urls: List[str], limit: int) -> Iterator[Tuple[np.ndarray, int]]:
+    """``(waveform, sample_rate)`` of up to ``limit`` clips of ``urls`` in order; undecodable ones are skipped."""
+    from mmm.data.audio import read_audio_sample
+    from mmm.data.stream import SampleErrorHandler, make_pipeline
+
+    n = bad = 0
+    for sample in make_pipeline(urls, stages=[], shuffle_shards=False, shuffle_buffer=0, handler=SampleErrorHandler()):
+        if n >= limit:
+            break
+        try:
+            wav, sr, _ = read_audio_sample(sample)
+        except AudioDecodeError as e:
+            bad += 1
+            logger.warning("audio assets: skipping a bad clip: %s", e)
+            continue
+        n += 1
+        yield wav, sr
+    if bad:
+        logger.warning("audio assets: %d bad clip(s) skipped while fitting", bad)
+
+
+@MODALITIES.register("audio")
+class AudioModality(Modality):
+    """Audio as log-mel feature tokens (time slices or AudioMAE patches) for masked acoustic modeling."""
+
+    name = "audio"
+
+    def __init__(self, model_cfg: ModelConfig) -> None:
+        super().__init__(model_cfg)
+        self.cfg = model_cfg.audio
+        c = self.cfg
+        try:
+            self.frontend_config = frontend_config(c)
+        except ValueError as e:
+            raise ValueError(f"model.audio: {e}") from None
+        unknown = [k for k in c.targets if k not in TARGET_KINDS]
+        if unknown or len(set(c.targets)) != len(c.targets):
+            raise ValueError(f"model.audio.targets must be distinct kinds from {TARGET_KINDS}, got {c.targets}")
+        if c.targets and c.target_clusters < 2:
+            raise ValueError(f"model.audio.target_clusters must be >= 2, got {c.target_clusters}")
+        if c.max_seconds <= 0:
+            raise ValueError(f"model.audio.max_seconds must be > 0, got {c.max_seconds}")
+        rows = 1 if c.token == "time" else c.n_mels // c.patch_freq
+        if c.max_tokens < rows:
+            raise ValueError(f"model.audio.max_tokens={c.max_tokens} is smaller than one time column of patch tokens "
+                             f"({rows} frequency patches)")
+        self.frontend: Optional[AudioFrontend] = None
+        self.codebooks: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ assets
+
+    def prepare(self, train_urls: List[str], run_dir: Path) -> None:
+        from mmm.data.audio import single_thread
+
+        with single_thread():
+            self._prepare(train_urls, run_dir / ASSET_DIR)
+
+    def _prepare(self, train_urls: List[str], own: Path) -> None:
+        if (own / FRONTEND_FILE).is_file():
+            self.frontend = self._frontend_from_text((own / FRONTEND_FILE).read_text(encoding="utf-8"),
+                                                     str(own / FRONTEND_FILE))
+        else:
+            self.frontend = self.fit_frontend(train_urls)
+            self.frontend.save(own)
+        missing = []
+        for kind in self.cfg.targets:
+            path = own / codebook_file(kind)
+            if path.is_file():
+                self.codebooks[kind] = self._codebook_from_text(path.read_text(encoding="utf-8"), str(path))
+            else:
+                missing.append(kind)
+        if missing:
+            for kind, codebook in self.fit_codebooks(train_urls, missing).items():
+                self.codebooks[kind] = codebook
+                (own / codebook_file(kind)).write_text(codebook.to_json(), encoding="utf-8")
+
+    def fit_frontend(self, urls: List[str]) -> AudioFrontend:
+        """Log-mel normalisation statistics over up to ``stats_clips`` training clips."""
+        logger.info("fitting audio normalisation statistics on up to %d clips", self.cfg.stats_clips)
+        frontend = AudioFrontend(self.frontend_config)
+        try:
+            return frontend.fit_stats(iter_training_clips(urls, self.cfg.stats_clips))
+        except ValueError as e:
+            raise ValueError(f"no training audio to fit the front-end statistics on (shards: {urls[:3]}): "
+                             f"{e}") from None
+
+    def fit_codebooks(self, urls: List[str], kinds: List[str]) -> Dict[str, Any]:
+        """One k-means codebook per target kind (``target_clusters``, seed 0) over the per-token
+        features of up to ``target_clips`` training clips (read once for all kinds)."""
+        from mmm.targets.kmeans import Codebook
+
+        probe = AudioFrontend(self.frontend_config)  # acoustic features need no statistics
+        feats: Dict[str, List[np.ndarray]] = {kind: [] for kind in kinds}
+        clips = 0
+        for wav, sr in iter_training_clips(urls, self.cfg.target_clips):
+            clips += 1
+            for kind in kinds:
+                feats[kind].append(probe.acoustic_features(wav, sr, kind))
+        codebooks = {}
+        for kind in kinds:
+            rows = sum(len(f) for f in feats[kind])
+            if rows < self.cfg.target_clusters:
+                raise ValueError(f"model.audio.target_clusters={self.cfg.target_clusters} but the {clips} training "
+                                 f"clip(s) read give only {rows} tokens to cluster ({kind}); lower target_clusters or "
+                                 f"raise target_clips")
+            logger.info("fitting a %d-cluster %s codebook on %d tokens of %d clips", self.cfg.target_clusters, kind,
+                        rows, clips)
+            codebooks[kind] = Codebook.fit(np.concatenate(feats[kind]), self.cfg.target_clusters, seed=0)
+        return codebooks
+
+    def _frontend_from_text(self, text: str, where: str) -> AudioFrontend:
+        try:
+            frontend = AudioFrontend.from_dict(json.loads(text))
+        except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{where}: the audio front end cannot be read: {e}") from None
+        if frontend.config != self.frontend_config:
+            raise ValueError(f"{where}: the saved audio front end {frontend.config} does not match model.audio "
+                             f"({self.frontend_config}); use a new run folder or delete the saved assets")
+        if not frontend.fitted:
+            raise ValueError(f"{where}: the saved audio front end has no normalisation statistics")
+        return frontend
+
+    def _codebook_from_text(self, text: str, where: str) -> Any:
+        from mmm.targets.kmeans import Codebook, CodebookError
+
+        try:
+            codebook = Codebook.from_json(text)
+        except CodebookError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if codebook.k != self.cfg.target_clusters:
+            raise ValueError(f"{where}: the codebook has {codebook.k} clusters but model.audio.target_clusters="
+                             f"{self.cfg.target_clusters}")
+        return codebook
+
+    def assets(self) -> Dict[str, str]:
+        if self.frontend is None:
+            return {}
+        files = {FRONTEND_FILE: json.dumps(self.frontend.to_dict())}
+        files.update({codebook_file(kind): cb.to_json() for kind, cb in self.codebooks.items()})
+        return files
+
+    def load_assets(self, files: Dict[str, str], where: str) -> None:
+        if FRONTEND_FILE not in files:
+            raise ValueError(f"{where}: the checkpoint holds no audio front end ({FRONTEND_FILE}); has {sorted(files)}")
+        self.frontend = self._frontend_from_text(files[FRONTEND_FILE], where)
+        missing = [codebook_file(k) for k in self.cfg.targets if codebook_file(k) not in files]
+        if missing:
+            raise ValueError(f"{where}: model.audio.targets={self.cfg.targets} but the checkpoint lacks {missing}")
+        self.codebooks = {k: self._codebook_from_text(files[codebook_file(k)], where) for k in self.cfg.targets}
+
+    # ------------------------------------------------------------------ parts
+
+    def build_embedder(self, encoder_cfg: EncoderConfig) -> nn.Module:
+        c = self.cfg
+        return EMBEDDERS.create("audio", feature_dim=self.frontend_config.token_dim, dim=encoder_cfg.dim,
+                                max_len=c.max_tokens, position=c.position, embed_norm=True,
+                                norm_eps=encoder_cfg.norm_eps, dropout=encoder_cfg.dropout)
+
+    def build_masker(self, masking: ComponentConfig) -> Any:
+        if masking.name not in AUDIO_MASKERS:
+            raise ValueError(f"masking.name {masking.name!r} does not mask audio tokens; use one of {AUDIO_MASKERS} "
+                             "(time_span: wav2vec 2.0 / HuBERT spans over time; spec_patch: AudioMAE patches)")
+        masker = MASKERS.create(masking.name, **masking.args)
+        if masking.name == "spec_patch" and self.cfg.token == "time" and masker.structure in ("freq", "time_freq"):
+            raise ValueError(f"masking spec_patch with structure {masker.structure!r} hides frequency rows, but "
+                             "model.audio.token is 'time' (one row: everything would be hidden); use token: patch, "
+                             "or structure none/time")
+        return masker
+
+    def _columns(self) -> int:
+        from mmm.data.audio import max_columns
+
+        return max_columns(self._frontend(), self.cfg.max_seconds, self.cfg.max_tokens)
+
+    def _frontend(self) -> AudioFrontend:
+        if self.frontend is None:
+            raise RuntimeError("audio modality: call prepare() or load_assets() first (no fitted front end yet)")
+        return self.frontend
+
+    def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
+               epochs: Optional[EpochCounter], train: bool) -> List:
+        """Audio has no augmentation: training and evaluation streams differ only in their masks."""
+        from mmm.data.audio import audio_stages
+
+        missing = [k for k in self.cfg.targets if k not in self.codebooks]
+        if masker is not None and missing:
+            raise RuntimeError(f"audio modality: no codebook for target(s) {missing}; call prepare() first")
+        return audio_stages(self._frontend(), self.codebooks, masker, columns=self._columns(), batch_size=batch_size,
+                            seed=seed, handler=handler, fixed_masking=fixed_masking, epochs=epochs, modality=self.name)
+
+    def settings(self) -> Dict[str, Any]:
+        c = self.cfg
+        return {"token": c.token, "token_dim": self.frontend_config.token_dim, "hop_ms": c.hop_ms,
+                "max_seconds": c.max_seconds, "max_tokens": c.max_tokens, "targets": list(c.targets)}

@@ -1,0 +1,190 @@
+"""Tests for the audio modality: embedder (mask-token mode), assets, maskers, and a short pretrain whose
+checkpoint rebuilds an AudioEncoder with the trained model's features."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import mmm.objectives.feature_regression  # noqa: F401  (registers "masked_features")
+from datasets_def.audio import build_shards, iter_clips
+from mmm.config import ComponentConfig, EncoderConfig, ModelConfig, load_config
+from mmm.data.audio import single_thread
+from mmm.data.stream import SampleErrorHandler, list_shards, make_pipeline
+from mmm.masking.time_span import SpecPatchMasker, TimeSpanMasker
+from mmm.modalities.audio import AudioEmbedder, AudioEncoder, AudioEncoderConfig, audio_encoder_from_checkpoint
+from mmm.modalities.audio_frontend import FRONTEND_FILE
+from mmm.modalities.audio_modality import AudioModality, codebook_file
+from mmm.registry import EMBEDDERS, MODALITIES
+
+SR = 16000
+REPO = Path(__file__).resolve().parents[2]
+TINY_AUDIO = {"n_mels": 16, "frames_per_token": 4, "max_seconds": 1.0, "max_tokens": 32, "stats_clips": 10,
+              "target_clusters": 4, "target_clips": 10, "targets": ["mfcc"]}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Four labelled clips (two classes), one of them 1.5 s (split into two sequences of <= 1 s)."""
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("shards")
+    t = lambda s: np.arange(int(s * SR)) / SR  # noqa: E731
+    clips = {"tone/a.wav": np.sin(2 * np.pi * 300 * t(0.5)), "tone/b.wav": np.sin(2 * np.pi * 500 * t(1.5)),
+             "noise/c.wav": np.random.default_rng(0).standard_normal(int(0.6 * SR)) / 3,
+             "noise/d.wav": np.random.default_rng(1).standard_normal(int(0.4 * SR)) / 3}
+    for name, wav in clips.items():
+        (src / name).parent.mkdir(exist_ok=True)
+        sf.write(str(src / name), (0.3 * wav).astype(np.float32), SR, subtype="PCM_16")
+    build_shards(src, out, labels="folders")
+    return out
+
+
+def tiny_model_cfg(**audio) -> ModelConfig:
+    cfg = ModelConfig()
+    for k, v in {**TINY_AUDIO, **audio}.items():
+        setattr(cfg.audio, k, v)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- embedder
+
+
+def test_embedder_replaces_hidden_tokens_by_the_mask_embedding_and_keeps_its_input() -> None:
+    assert EMBEDDERS.get("audio") is AudioEmbedder and MODALITIES.get("audio") is AudioModality
+    emb = AudioEmbedder(feature_dim=6, dim=8, max_len=10, position="none", embed_norm=False, dropout=0.0)
+    x = torch.randn(5, 6)
+    before = x.clone()
+    mask = torch.tensor([False, True, False, True, False])
+    out = emb(x, torch.arange(5), mask)
+    assert out.shape == (5, 8) and torch.equal(x, before)  # input untouched (regression targets)
+    torch.testing.assert_close(out[mask], emb.mask_embedding.expand(2, 8))
+    torch.testing.assert_close(out[~mask], emb.proj(emb.feature_norm(x[~mask])))
+    out.sum().backward()
+    assert emb.mask_embedding.grad is not None and emb.mask_embedding.grad.abs().sum() > 0
+
+
+def test_embedder_adds_positions_and_norm() -> None:
+    emb = AudioEmbedder(feature_dim=4, dim=8, max_len=3, position="learned", embed_norm=True, dropout=0.0)
+    with torch.no_grad():
+        emb.positions.weight.normal_()
+    x = torch.randn(1, 4)
+    a, b = emb(torch.cat([x, x]), torch.tensor([0, 2]))
+    assert not torch.allclose(a, b)  # same features, different positions
+    assert torch.allclose(a.mean(), torch.tensor(0.0), atol=1e-5)  # LayerNorm on the sum
+    with pytest.raises(ValueError, match=r"features must be \(N, 4\)"):
+        emb(torch.randn(2, 5), torch.tensor([0, 1]))
+
+
+def test_padded_encoder_matches_per_clip_encoding() -> None:
+    cfg = AudioEncoderConfig(encoder=EncoderConfig(dim=16, depth=1, heads=2, mlp_hidden=32, dropout=0.0,
+                                                   attn_dropout=0.0), feature_dim=6, max_len=8)
+    enc = AudioEncoder.from_config(cfg).eval()
+    feats = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        out = enc(feats, lengths=torch.tensor([5, 3]))
+        alone = enc(feats[1:, :3])
+        masked = enc(feats, attention_mask=torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]))
+    assert out.shape == (2, 5, 16)
+    torch.testing.assert_close(out[1, :3], alone[0], atol=1e-5, rtol=0)
+    assert torch.equal(out[1, 3:], torch.zeros(2, 16)) and torch.equal(masked, out)
+    with pytest.raises(ValueError, match="position table"):
+        enc(torch.randn(1, 9, 6))
+    with pytest.raises(RuntimeError, match="front end"):
+        enc.encode_waveform(np.zeros(1600, dtype=np.float32), SR)
+
+
+# ----------------------------------------------------------------------------- modality
+
+
+def test_build_masker_accepts_only_audio_maskers() -> None:
+    m = AudioModality(tiny_model_cfg())
+    assert isinstance(m.build_masker(ComponentConfig("time_span", {"p": 0.1, "span": 3})), TimeSpanMasker)
+    assert isinstance(m.build_masker(ComponentConfig("spec_patch", {"ratio": 0.5})), SpecPatchMasker)
+    with pytest.raises(ValueError, match="does not mask audio tokens; use one of"):
+        m.build_masker(ComponentConfig("bert_random", {"ratio": 0.15}))
+    with pytest.raises(ValueError, match="hides frequency rows"):
+        m.build_masker(ComponentConfig("spec_patch", {"ratio": 0.5, "structure": "freq"}))
+    with pytest.raises(ValueError, match="model.audio.targets"):
+        AudioModality(tiny_model_cfg(targets=["pitch"]))
+    with pytest.raises(RuntimeError, match="prepare"):
+        m.stages(None, batch_size=2, seed=0, handler=SampleErrorHandler(), fixed_masking=True, epochs=None,
+                 train=False)
+
+
+def test_prepare_saves_reuses_and_round_trips_assets(shards, tmp_path, monkeypatch) -> None:
+    urls = list_shards(shards, split="train")
+    cfg = tiny_model_cfg(targets=["mfcc", "chroma"])
+    m = AudioModality(cfg)
+    m.prepare(urls, tmp_path)
+    files = m.assets()
+    assert set(files) == {FRONTEND_FILE, codebook_file("mfcc"), codebook_file("chroma")}
+    assert all((tmp_path / "audio" / name).is_file() for name in files)
+    assert m.codebooks["chroma"].k == 4 and m.frontend.fitted
+
+    again = AudioModality(cfg)  # the saved assets are reused, nothing is refitted
+    monkeypatch.setattr(AudioModality, "fit_frontend", lambda *a: pytest.fail("refitted the front end"))
+    monkeypatch.setattr(AudioModality, "fit_codebooks", lambda *a: pytest.fail("refitted a codebook"))
+    again.prepare(urls, tmp_path)
+    assert again.assets() == files
+
+    loaded = AudioModality(cfg)
+    loaded.load_assets(json.loads(json.dumps(files)), "ckpt")
+    np.testing.assert_array_equal(loaded.frontend.mean, m.frontend.mean)
+    np.testing.assert_array_equal(loaded.codebooks["mfcc"].centroids, m.codebooks["mfcc"].centroids)
+    with pytest.raises(ValueError, match="lacks"):
+        loaded.load_assets({FRONTEND_FILE: files[FRONTEND_FILE]}, "ckpt")
+    with pytest.raises(ValueError, match="does not match model.audio"):
+        AudioModality(tiny_model_cfg(n_mels=32)).load_assets(files, "ckpt")
+    with pytest.raises(ValueError, match="target_clusters"):
+        AudioModality(tiny_model_cfg(target_clusters=5, targets=["mfcc", "chroma"])).load_assets(files, "ckpt")
+
+
+def test_too_few_tokens_for_the_codebook_is_explained(shards, tmp_path) -> None:
+    m = AudioModality(tiny_model_cfg(target_clusters=10_000))
+    with pytest.raises(ValueError, match="lower target_clusters"):
+        m.prepare(list_shards(shards, split="train"), tmp_path)
+
+
+# ----------------------------------------------------------------------------- short pretrain
+
+
+def test_short_pretrain_checkpoint_gives_the_trained_features(shards, tmp_path) -> None:
+    from mmm.encoders import read_checkpoint
+    from mmm.train.pretrain import pretrain
+
+    overrides = {f"model.audio.{k}": v for k, v in TINY_AUDIO.items()}
+    overrides.update({
+        "model.encoder.dim": 32, "model.encoder.depth": 1, "model.encoder.heads": 2, "model.encoder.mlp_hidden": 64,
+        "objectives": [{"name": "token_targets", "label": "hubert_mfcc", "args": {"target": "audio_mfcc",
+                                                                                  "num_classes": 4}},
+                       {"name": "masked_features", "weight": 0.1, "args": {"modality": "audio"}}],
+        "masking.args": {"p": 0.2, "span": 3}, "data.train": str(shards), "data.val": None, "data.batch_size": 4,
+        "data.num_workers": 0, "data.shuffle_buffer": 0, "trainer.max_steps": 10, "trainer.enable_progress_bar": False,
+        "trainer.default_root_dir": str(tmp_path / "run"), "trainer.log_every_n_steps": 1,
+    })
+    run = pretrain(load_config(REPO / "configs" / "audio_mam_tiny.yaml", overrides))
+    contents = read_checkpoint(run.last_checkpoint)
+    assert set(contents.assets["audio"]) == {FRONTEND_FILE, codebook_file("mfcc")}
+    enc = audio_encoder_from_checkpoint(contents)
+    assert isinstance(enc, AudioEncoder) and not enc.training
+    assert torch.equal(enc.embedder.proj.weight, contents.state_dict["embedders.audio.proj.weight"])
+
+    model = run.module.model.cpu().eval()
+    stages = run.modality.stages(None, batch_size=4, seed=0, handler=SampleErrorHandler(), fixed_masking=True,
+                                 epochs=None, train=False)
+    batch = next(iter(make_pipeline(list_shards(shards, split="train"), stages=stages, shuffle_shards=False,
+                                    shuffle_buffer=0)))
+    with torch.no_grad(), single_thread():
+        ref = batch.seq.pad(model.encode(batch))  # (B, T, d)
+        feats = batch.seq.pad(batch.inputs["audio"].features)
+        out = enc(feats, lengths=torch.tensor(batch.seq.seqlens))
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        clip = next(c for c in iter_clips(shards, "train") if c.meta["source"] == "tone/b.wav")  # 1.5 s: 2 sequences
+        tokens = torch.from_numpy(enc.frontend(clip.waveform, clip.sample_rate))
+        hidden = enc.encode_waveform(clip.waveform, clip.sample_rate)
+        assert hidden.shape == (len(tokens), 32) and len(tokens) > 26
+        torch.testing.assert_close(hidden[:26], enc(tokens[None, :26])[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(hidden[26:], enc(tokens[None, 26:])[0], atol=1e-5, rtol=0)
