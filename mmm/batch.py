@@ -4,11 +4,14 @@ Every modality becomes a run of tokens in one flat stream of ``N`` tokens laid o
 :class:`~mmm.core.packing.PackedSeqInfo` (``cu_seqlens``). A batch carries
 
 * ``inputs``: modality name → that modality's raw input (:class:`TokenInput` for text and DNA
-  ids, :class:`ImageInput` for pixels, :class:`FeatureInput` for audio frames). Each input knows
+  ids, :class:`ImageInput` for pixels, :class:`FeatureInput` for audio frames,
+  :class:`RegionInput` for precomputed region features). Each input knows
   how to call its embedder (:meth:`embed`) and, through ``index``, where its tokens sit in the
   stream (None = it fills the whole stream in order, the single-modality case);
 * ``targets``: what the objectives predict, keyed by the name the objective reads
-  (:class:`TokenTargets` for MLM-style class targets at stream positions);
+  (:class:`TokenTargets` for MLM-style class targets at stream positions, :class:`RegionTargets`
+  for masked region modeling under ``"mrm"``, :class:`PairTargets` for image-text matching under
+  ``"itm"``, :class:`ContrastiveTargets` under ``"itc"``);
 * ``task``: which task of a multi-task run produced the batch (objectives of other tasks skip it).
 
 Every dataclass here moves to a device or pinned memory with one generic walk over its fields,
@@ -116,6 +119,30 @@ class FeatureInput:
 
 
 @dataclass
+class RegionInput:
+    """Precomputed image-region features (UNITER / LXMERT: a detector's region outputs).
+
+    Args:
+        features: (N_m, F) float region features (hidden regions keep their values here; the
+            embedder zeroes them where ``mask`` is True, as UNITER does).
+        boxes: (N_m, G) float normalised box geometry (UNITER's 7-d ``x1, y1, x2, y2, w, h, w*h``).
+        position_ids: (N_m,) int64 position of each region inside its sequence.
+        mask: (N_m,) bool, True = hidden region; None = nothing hidden.
+        index: (N_m,) stream positions; None = the whole stream in order.
+    """
+
+    features: torch.Tensor
+    boxes: torch.Tensor
+    position_ids: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None
+
+    def embed(self, embedder: nn.Module) -> torch.Tensor:
+        """(N_m, d) embeddings."""
+        return embedder(self.features, self.boxes, self.mask)
+
+
+@dataclass
 class TokenTargets:
     """Class targets at positions of the stream (MLM on text or DNA, HuBERT cluster ids, ...).
 
@@ -130,6 +157,81 @@ class TokenTargets:
     @property
     def count(self) -> int:
         return self.labels.numel()
+
+
+@dataclass
+class RegionTargets:
+    """Masked region modeling targets (UNITER's MRFR / MRC / MRC-kl) at hidden image tokens.
+
+    Either the shards carried the targets (region features and a detector's soft labels), or
+    ``pixel_index`` says which patch of which image each hidden token is, and a frozen teacher
+    image encoder computes them inside the objective.
+
+    Args:
+        positions: (M,) int64 stream positions of the hidden image tokens (regions or patches).
+        features: (M, F) float regression targets (the hidden regions' original features), or None.
+        soft_labels: (M, C) float class distributions (detector soft labels), or None.
+        pixel_index: (M, 2) int64 ``(image in ImageInput.pixels, patch index)`` of each hidden
+            patch, for teacher targets; None with region inputs.
+    """
+
+    positions: torch.Tensor
+    features: Optional[torch.Tensor] = None
+    soft_labels: Optional[torch.Tensor] = None
+    pixel_index: Optional[torch.Tensor] = None
+
+    @property
+    def count(self) -> int:
+        return self.positions.numel()
+
+
+@dataclass
+class PairTargets:
+    """Image-text matching targets (UNITER ITM, with the token sets WRA aligns).
+
+    One joint sequence per pair: text tokens first ([CLS] ... [SEP]), then image tokens.
+
+    Args:
+        cls_positions: (B,) int64 stream position of each pair's first token (text [CLS]).
+        labels: (B,) int64, 1 = the caption belongs to the image, 0 = a mismatched caption.
+        text_positions: (T,) int64 stream positions of the text tokens WRA aligns (no special tokens).
+        text_pair: (T,) int64 pair index of each of those text tokens.
+        image_positions: (R,) int64 stream positions of the image tokens (regions or patches, no CLS).
+        image_pair: (R,) int64 pair index of each of those image tokens.
+    """
+
+    cls_positions: torch.Tensor
+    labels: torch.Tensor
+    text_positions: torch.Tensor
+    text_pair: torch.Tensor
+    image_positions: torch.Tensor
+    image_pair: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.labels.numel()
+
+
+@dataclass
+class ContrastiveTargets:
+    """Image-text contrastive targets (CLIP): B images and their B captions, each encoded alone.
+
+    The batch holds 2B single-modality sequences; pair ``i`` is image ``i`` with caption ``i``.
+
+    Args:
+        text_positions: (B,) int64 stream position of each caption's [CLS].
+        image_positions: (R,) int64 stream positions of image tokens that are pooled (mean) into
+            each image's embedding (patch tokens without CLS, or regions).
+        image_owner: (R,) int64 which image (0..B-1) each of those tokens belongs to.
+    """
+
+    text_positions: torch.Tensor
+    image_positions: torch.Tensor
+    image_owner: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.text_positions.numel()
 
 
 @dataclass

@@ -117,6 +117,26 @@ class AudioConfig:
     target_clips: int = _f(300, "training clips used to fit the k-means codebooks")
     position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none")
     max_tokens: int = _f(512, "size of the position table (tokens per sequence)")
+    embed_norm: bool = _f(True, "LayerNorm on the embedded feature tokens (wav2vec 2.0 / HuBERT normalise the encoder input)")
+
+
+@dataclass
+class RegionConfig:
+    """Precomputed image-region features (UNITER-style detector outputs stored in the shards)."""
+
+    feature_dim: int = _f(2048, "size of one region feature vector (2048 for UNITER's Faster R-CNN features)")
+    box_dim: int = _f(7, "size of the box geometry vector (UNITER: x1, y1, x2, y2, w, h, w*h, normalised)")
+    max_regions: int = _f(100, "most regions per image kept (the first ones; more is an error unless truncated)")
+    position: str = _f("none", "positions added to region tokens: none (the box geometry places them), learned")
+
+
+@dataclass
+class ImageTextConfig:
+    """Image-text pairs in one joint sequence (UNITER single stream): text tokens, then image tokens."""
+
+    image_input: str = _f("patches", "what stands for the image: patches (the image modality's patch embedder) or regions (precomputed region features)")
+    max_text_len: int = _f(40, "longest caption in tokens ([CLS]/[SEP] included); longer captions are cut (counted)")
+    itm_negatives: float = _f(0.5, "ITM: fraction of pairs whose caption is replaced by another sample's caption")
 
 
 @dataclass
@@ -128,6 +148,8 @@ class ModelConfig:
     image: ImageConfig = _f(default_factory=ImageConfig, help="image modality")
     dna: DNAConfig = _f(default_factory=DNAConfig, help="DNA modality")
     audio: AudioConfig = _f(default_factory=AudioConfig, help="audio modality")
+    regions: RegionConfig = _f(default_factory=RegionConfig, help="precomputed image-region features (vision-language)")
+    image_text: ImageTextConfig = _f(default_factory=ImageTextConfig, help="image-text pairs (vision-language)")
     init_std: float = _f(0.02, "std of the normal initialisation of linear and embedding weights")
 
 
@@ -147,6 +169,26 @@ class ObjectiveConfig:
     weight: float = _f(1.0, "weight of this loss in the sum")
     args: Dict[str, Any] = _f(default_factory=dict, help="keyword arguments of the objective")
     label: Optional[str] = _f(None, "key the head is stored and logged under (default: name); needed when one objective is used twice")
+
+
+@dataclass
+class TaskConfig:
+    """One task of a multi-task run: a dataset, its masking, and the heads its batches train.
+
+    Each training step draws one task with probability proportional to ``weight`` (UNITER's
+    task sampling) and trains on a batch of that task's stream only.
+    """
+
+    name: str = _f("", "task name: batches carry it, heads and metrics are logged under it")
+    dataset: str = _f("text", "dataset definition (datasets_def registry name) feeding this task")
+    train: str = _f("embedded", "training shards: a directory, a brace pattern, or 'embedded'")
+    val: Optional[str] = _f("embedded", "validation shards (same forms); null = no validation for this task")
+    weight: float = _f(1.0, "sampling weight: the task trains on a share weight / sum(weights) of the steps")
+    masking: ComponentConfig = _f(default_factory=lambda: ComponentConfig("bert_random", {"ratio": 0.15}),
+                                  help="masker of this task (registry name + args)")
+    objectives: List[str] = _f(default_factory=list, help="heads (objective label or name) this task's batches train")
+    options: Dict[str, Any] = _f(default_factory=dict, help="modality-specific stream options (e.g. image_text: mode mlm | mrm | itm | itc)")
+    batch_size: Optional[int] = _f(None, "samples per batch; null = data.batch_size")
 
 
 @dataclass
@@ -188,6 +230,8 @@ class TrainerConfig:
     max_steps: int = _f(1000, "optimizer steps to train")
     accelerator: str = _f("auto", "cpu, gpu, auto")
     devices: Union[int, str] = _f(1, "number of devices or 'auto'")
+    strategy: str = _f("auto", "Lightning strategy: auto, ddp, ddp_find_unused_parameters_true, fsdp, deepspeed, ...")
+    num_nodes: int = _f(1, "number of nodes (multi-node runs; see the README's launch section)")
     precision: str = _f("32-true", "32-true, bf16-mixed, 16-mixed")
     gradient_clip_val: Optional[float] = _f(1.0, "clip gradient norm; null = off")
     accumulate_grad_batches: int = _f(1, "gradient accumulation")
@@ -199,6 +243,7 @@ class TrainerConfig:
     enable_progress_bar: bool = _f(True, "show a progress bar")
     ckpt_path: Optional[str] = _f(None, "resume from this checkpoint ('last' = the run's last.ckpt)")
     compile: bool = _f(False, "torch.compile the encoder blocks (GPU runs; dynamic shapes for packed batches)")
+    threads: Optional[int] = _f(None, "torch intra-op threads in the training process; null = torch's default (on small shared CPUs 1 is often fastest)")
     nonfinite_loss: str = _f("stop", "on a NaN/inf loss: stop (naming step and batch) or skip (drop the batch, count it; single process only)")
 
 
@@ -211,6 +256,7 @@ class PretrainConfig:
         default_factory=lambda: ComponentConfig("bert_random", {"ratio": 0.15}), help="masker (registry name + args)"
     )
     objectives: List[ObjectiveConfig] = _f(default_factory=lambda: [ObjectiveConfig()], help="objective heads")
+    tasks: List[TaskConfig] = _f(default_factory=list, help="multi-task run: tasks sampled per step (each names its dataset, masking and heads); empty = one task from data, masking and objectives")
     data: DataConfig = _f(default_factory=DataConfig, help="data")
     optim: OptimConfig = _f(default_factory=OptimConfig, help="optimizer")
     trainer: TrainerConfig = _f(default_factory=TrainerConfig, help="Lightning trainer")

@@ -228,8 +228,9 @@ class AudioModality(Modality):
         return self.frontend
 
     def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
-               epochs: Optional[EpochCounter], train: bool) -> List:
+               epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:
         """Audio has no augmentation: training and evaluation streams differ only in their masks."""
+        self.reject_options(options)
         from mmm.data.audio import audio_stages
 
         missing = [k for k in self.cfg.targets if k not in self.codebooks]

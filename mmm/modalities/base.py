@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -38,6 +38,23 @@ class Modality(ABC):
 
     def __init__(self, model_cfg: ModelConfig) -> None:
         self.model_cfg = model_cfg
+
+    def uses(self) -> Tuple[str, ...]:
+        """The embedders this modality's batches feed: its own name for a base modality; a composite
+        modality (``image_text``) names the base modalities whose embedders read its batches."""
+        return (self.name,)
+
+    def bind(self, parts: Dict[str, "Modality"]) -> None:
+        """Receive the run's base modalities (name → instance) named by :meth:`uses`.
+
+        Called by the run builder before :meth:`prepare`; a composite modality keeps them to use
+        their tokenizer, settings and maskers. Base modalities need nothing.
+        """
+
+    def reject_options(self, options: Optional[Dict[str, Any]]) -> None:
+        """Raise when a task passes stream options to a modality that takes none."""
+        if options:
+            raise ValueError(f"modality {self.name!r} takes no task options, got {sorted(options)}")
 
     def prepare(self, train_urls: List[str], run_dir: Path) -> None:
         """Make the assets ready: load them from the run folder, or fit them on ``train_urls`` and save."""
@@ -61,7 +78,7 @@ class Modality(ABC):
 
     @abstractmethod
     def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
-               epochs: Optional[EpochCounter], train: bool) -> List:
+               epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:
         """WebDataset stages from raw shard samples to :class:`~mmm.batch.PackedBatch` es.
 
         Args:
@@ -72,6 +89,8 @@ class Modality(ABC):
             fixed_masking: draw the same masks on every pass (validation).
             epochs: the pipeline's epoch counter (random choices are keyed by its epoch).
             train: training stream (augmentation on) or evaluation stream.
+            options: the task's ``options`` (:class:`~mmm.config.TaskConfig`); a modality that
+                takes none calls :meth:`reject_options`.
         """
 
     def settings(self) -> Dict[str, Any]:

@@ -153,7 +153,8 @@ class DNAModality(Modality):
         return MASKERS.create(masking.name, vocab=tok.vocab(), **masking.args)
 
     def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
-               epochs: Optional[EpochCounter], train: bool) -> List:
+               epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:
+        self.reject_options(options)
         from mmm.data.dna import dna_stages  # lazy: mmm.data.dna imports the modalities package
 
         return dna_stages(self._tok(), masker, max_len=self.cfg.max_len, batch_size=batch_size, seed=seed,

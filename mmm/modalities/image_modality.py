@@ -134,7 +134,8 @@ class ImageModality(Modality):
         return MASKERS.create(masking.name, **masking.args)
 
     def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
-               epochs: Optional[EpochCounter], train: bool) -> List:
+               epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:
+        self.reject_options(options)
         return image_stages(self.image_settings, masker, batch_size=batch_size, seed=seed, handler=handler,
                             fixed_masking=fixed_masking, epochs=epochs, train=train, codebook=self.codebook,
                             modality=self.name)

@@ -92,7 +92,8 @@ class TextModality(Modality):
         return MASKERS.create(masking.name, vocab=self._tok().vocab(), **masking.args)
 
     def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
-               epochs: Optional[EpochCounter], train: bool) -> List:
+               epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:
+        self.reject_options(options)
         return text_stages(self._tok(), masker, max_len=self.cfg.max_len, batch_size=batch_size, seed=seed,
                            handler=handler, fixed_masking=fixed_masking, epochs=epochs, modality=self.name)
 
