@@ -12,7 +12,7 @@ for a ``BertModel`` in downstream code.
   ``torch.load(weights_only=True)``, so a file carrying pickled code is refused, never run;
   the network is rebuilt from the config and tokenizer files stored under ``checkpoint["mmm"]``;
 * a directory written by :func:`save_encoder` (``mmm_encoder.json`` + ``model.safetensors`` +
-  ``tokenizer/``);
+  ``tokenizer/`` or, for audio, ``audio_frontend.json``);
 * an HF BERT directory (``config.json`` + weights), through :func:`mmm.interop.hf.import_hf_bert`.
 """
 from __future__ import annotations
@@ -309,11 +309,17 @@ def image_encoder_from_checkpoint(contents: CheckpointContents) -> nn.Module:
 # ----------------------------------------------------------------------------- save / load
 
 
-def save_encoder(encoder: TextEncoder, directory: PathLike) -> Path:
-    """Write ``mmm_encoder.json``, ``model.safetensors`` and ``tokenizer/`` (when there is one).
+def save_encoder(encoder: nn.Module, directory: PathLike) -> Path:
+    """Write ``mmm_encoder.json``, ``model.safetensors`` and what the encoder needs to read raw input:
+    ``tokenizer/`` (text, DNA) or ``audio_frontend.json`` (audio: the fitted front end's config and
+    normalisation statistics), when the encoder has one.
+
+    An audio encoder's k-means codebooks are training targets, not part of the encoder, and are not
+    saved (they stay in the run's checkpoints and ``audio/`` folder).
 
     Args:
-        encoder: the encoder to save.
+        encoder: a :class:`TextEncoder` (text or DNA), an :class:`~mmm.modalities.image.ImageEncoder`
+            or an :class:`~mmm.modalities.audio.AudioEncoder`.
         directory: output folder, created if needed.
 
     Returns:
@@ -321,16 +327,28 @@ def save_encoder(encoder: TextEncoder, directory: PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
+    from mmm.modalities.audio import AudioEncoder
+    from mmm.modalities.audio_frontend import FRONTEND_FILE
     from mmm.modalities.image import ImageEncoder
 
-    if not isinstance(encoder, (TextEncoder, ImageEncoder)):
-        raise TypeError(f"save_encoder expects a TextEncoder or an ImageEncoder, got {type(encoder).__name__}")
+    if not isinstance(encoder, (TextEncoder, ImageEncoder, AudioEncoder)):
+        raise TypeError(f"save_encoder expects a TextEncoder, an ImageEncoder or an AudioEncoder, "
+                        f"got {type(encoder).__name__}")
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"cannot save encoder: {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(encoder, ImageEncoder):
         meta = {"format": ENCODER_FORMAT, "modality": "image", "model": to_dict(encoder.config)}
+    elif isinstance(encoder, AudioEncoder):
+        if encoder.frontend is not None and not encoder.frontend.fitted:
+            raise ValueError("save_encoder: the audio encoder's front end has no normalisation statistics; fit it "
+                             "(AudioFrontend.fit_stats) or detach it (frontend=None) before saving")
+        if encoder.frontend is not None and encoder.frontend.token_dim != encoder.embedder.feature_dim:
+            raise ValueError(f"save_encoder: the front end gives {encoder.frontend.token_dim} values per token but "
+                             f"the encoder expects {encoder.embedder.feature_dim}")
+        meta = {"format": ENCODER_FORMAT, "modality": "audio", "model": to_dict(encoder.config),
+                "frontend": FRONTEND_FILE if encoder.frontend is not None else None}
     else:
         meta = {"format": ENCODER_FORMAT, "modality": encoder.modality, "model": to_dict(encoder.config),
                 "vocab_size": encoder.vocab_size, "pad_id": encoder.pad_id}
@@ -339,6 +357,8 @@ def save_encoder(encoder: TextEncoder, directory: PathLike) -> Path:
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     if getattr(encoder, "tokenizer", None) is not None:
         encoder.tokenizer.save(out / TOKENIZER_SUBDIR)
+    if isinstance(encoder, AudioEncoder) and encoder.frontend is not None:
+        encoder.frontend.save(out)
     return out
 
 
@@ -371,6 +391,8 @@ def _load_saved_encoder(directory: Path, modality: str) -> nn.Module:
         enc = ImageEncoder.from_config(icfg)
         load_weights(enc, load_file(str(weights)), weights)
         return enc.eval()
+    if modality == "audio":
+        return _load_saved_audio_encoder(directory, meta, weights)
     for key in ("vocab_size", "pad_id"):
         if key not in meta:
             raise ValueError(f"{meta_path}: missing key {key!r}")
@@ -392,6 +414,35 @@ def _load_saved_encoder(directory: Path, modality: str) -> nn.Module:
     return enc.eval()
 
 
+def _load_saved_audio_encoder(directory: Path, meta: Dict, weights: Path) -> nn.Module:
+    from safetensors.torch import load_file
+
+    from mmm.modalities.audio import AudioEncoder, AudioEncoderConfig
+    from mmm.modalities.audio_frontend import AudioFrontend
+
+    meta_path = directory / ENCODER_META_FILE
+    try:
+        acfg = from_dict(AudioEncoderConfig, meta["model"], "model")
+    except ConfigError as e:
+        raise ValueError(f"{meta_path}: {e}") from None
+    frontend = None
+    name = meta.get("frontend")
+    if name is not None:
+        if not isinstance(name, str) or Path(name).name != name:
+            raise ValueError(f"{meta_path}: 'frontend' must be a file name in the folder, got {name!r}")
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{meta_path} names the audio front end {name}, but {directory / name} is missing")
+        frontend = AudioFrontend.load(directory / name)
+        if not frontend.fitted:
+            raise ValueError(f"{directory / name}: the audio front end has no normalisation statistics")
+        if frontend.token_dim != acfg.feature_dim:
+            raise ValueError(f"{directory / name}: the front end gives {frontend.token_dim} values per token but "
+                             f"{meta_path} says feature_dim={acfg.feature_dim}")
+    enc = AudioEncoder.from_config(acfg, frontend)
+    load_weights(enc, load_file(str(weights)), weights)
+    return enc.eval()
+
+
 def load_encoder(source: PathLike, modality: str = "text", *, timm_model: Optional[str] = None,
                  timm_kwargs: Optional[Dict] = None) -> nn.Module:
     """Load a pretrained encoder in eval mode.
@@ -401,8 +452,11 @@ def load_encoder(source: PathLike, modality: str = "text", *, timm_model: Option
             directory, an HF BERT directory (text), or a timm ViT weights file (image, with
             ``timm_model``).
         modality: which encoder to build: ``text`` or ``dna`` (:class:`TextEncoder` over token ids,
-            ``(ids, mask) -> (B, T, H)``, with the tokenizer attached) or ``image`` (:class:`~mmm.modalities.image.ImageEncoder`, ``(B, C, H, W) -> (B, N, D)``,
-            CLS first when the model has one).
+            ``(ids, mask) -> (B, T, H)``, with the tokenizer attached), ``image``
+            (:class:`~mmm.modalities.image.ImageEncoder`, ``(B, C, H, W) -> (B, N, D)``, CLS first
+            when the model has one) or ``audio`` (:class:`~mmm.modalities.audio.AudioEncoder`,
+            ``(B, T, F)`` feature tokens -> ``(B, T, d)``, and ``encode_waveform`` with the fitted
+            front end attached).
         timm_model: timm model name of a timm weights file (``.safetensors`` / ``.pth`` / ``.bin``).
         timm_kwargs: extra ``timm.create_model`` arguments for it (e.g. ``{"img_size": 32}``).
     """

@@ -219,7 +219,7 @@ def audio_encoder_config(model_cfg: Any) -> AudioEncoderConfig:
 
     a, e = model_cfg.audio, model_cfg.encoder
     return AudioEncoderConfig(encoder=e, feature_dim=frontend_config(a).token_dim, max_len=a.max_tokens,
-                              position=a.position, embed_norm=True, norm_eps=e.norm_eps, dropout=e.dropout,
+                              position=a.position, embed_norm=a.embed_norm, norm_eps=e.norm_eps, dropout=e.dropout,
                               max_seconds=a.max_seconds)
 
 

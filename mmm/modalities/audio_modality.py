@@ -203,7 +203,7 @@ class AudioModality(Modality):
     def build_embedder(self, encoder_cfg: EncoderConfig) -> nn.Module:
         c = self.cfg
         return EMBEDDERS.create("audio", feature_dim=self.frontend_config.token_dim, dim=encoder_cfg.dim,
-                                max_len=c.max_tokens, position=c.position, embed_norm=True,
+                                max_len=c.max_tokens, position=c.position, embed_norm=c.embed_norm,
                                 norm_eps=encoder_cfg.norm_eps, dropout=encoder_cfg.dropout)
 
     def build_masker(self, masking: ComponentConfig) -> Any:

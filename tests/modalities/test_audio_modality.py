@@ -16,8 +16,9 @@ from mmm.config import ComponentConfig, EncoderConfig, ModelConfig, load_config
 from mmm.data.audio import single_thread
 from mmm.data.stream import SampleErrorHandler, list_shards, make_pipeline
 from mmm.masking.time_span import SpecPatchMasker, TimeSpanMasker
-from mmm.modalities.audio import AudioEmbedder, AudioEncoder, AudioEncoderConfig, audio_encoder_from_checkpoint
-from mmm.modalities.audio_frontend import FRONTEND_FILE
+from mmm.modalities.audio import (AudioEmbedder, AudioEncoder, AudioEncoderConfig, audio_encoder_config,
+                                  audio_encoder_from_checkpoint)
+from mmm.modalities.audio_frontend import FRONTEND_FILE, AudioFrontend
 from mmm.modalities.audio_modality import AudioModality, codebook_file
 from mmm.registry import EMBEDDERS, MODALITIES
 
@@ -94,6 +95,72 @@ def test_padded_encoder_matches_per_clip_encoding() -> None:
         enc(torch.randn(1, 9, 6))
     with pytest.raises(RuntimeError, match="front end"):
         enc.encode_waveform(np.zeros(1600, dtype=np.float32), SR)
+
+
+def _fitted_encoder(token: str = "time") -> AudioEncoder:
+    """A random-init encoder with a front end fitted on two synthetic clips."""
+    cfg = tiny_model_cfg(token=token, patch_freq=8, patch_time=2)
+    frontend = AudioModality(cfg).frontend_config
+    t = np.arange(SR) / SR
+    clips = [(np.sin(2 * np.pi * 440 * t).astype(np.float32), SR),
+             (np.random.default_rng(0).standard_normal(SR // 2).astype(np.float32) / 3, SR)]
+    cfg.encoder = EncoderConfig(dim=16, depth=1, heads=2, mlp_hidden=32, dropout=0.0, attn_dropout=0.0)
+    return AudioEncoder.from_config(audio_encoder_config(cfg), AudioFrontend(frontend).fit_stats(clips)).eval()
+
+
+@pytest.mark.parametrize("token", ["time", "patch"])
+def test_save_encoder_round_trip_gives_identical_outputs_on_a_waveform(tmp_path, token) -> None:
+    from mmm.encoders import load_encoder, save_encoder
+
+    enc = _fitted_encoder(token)
+    out = save_encoder(enc, tmp_path / "audio_enc")
+    assert {p.name for p in out.iterdir()} == {"mmm_encoder.json", "model.safetensors", FRONTEND_FILE}
+    back = load_encoder(out, modality="audio")
+    assert isinstance(back, AudioEncoder) and not back.training and back.config == enc.config
+    assert back.frontend.config == enc.frontend.config
+    np.testing.assert_array_equal(back.frontend.mean, enc.frontend.mean)
+    np.testing.assert_array_equal(back.frontend.std, enc.frontend.std)
+    for k, v in enc.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    wav = 0.3 * np.sin(2 * np.pi * 330 * np.arange(int(1.3 * 22050)) / 22050)  # another rate, > max_seconds
+    stereo = np.stack([wav, 0.5 * wav]).astype(np.float32)
+    assert torch.equal(back.encode_waveform(stereo, 22050), enc.encode_waveform(stereo, 22050))
+    with pytest.raises(ValueError, match="holds a 'audio' encoder, but modality='text'"):
+        load_encoder(out)
+
+
+def test_save_encoder_without_front_end_and_bad_folders(tmp_path) -> None:
+    from mmm.encoders import load_encoder, save_encoder
+
+    enc = _fitted_encoder()
+    bare = AudioEncoder(enc.embedder, enc.encoder, enc.config)  # features in, no waveform path
+    out = save_encoder(bare, tmp_path / "bare")
+    assert not (out / FRONTEND_FILE).exists()
+    back = load_encoder(out, modality="audio")
+    assert back.frontend is None
+    feats = torch.randn(2, 5, enc.embedder.feature_dim)
+    with torch.no_grad():
+        assert torch.equal(back(feats, lengths=torch.tensor([5, 2])), enc(feats, lengths=torch.tensor([5, 2])))
+
+    full = save_encoder(enc, tmp_path / "full")
+    (full / FRONTEND_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="names the audio front end"):
+        load_encoder(full, modality="audio")
+    with pytest.raises(ValueError, match="no normalisation statistics"):
+        save_encoder(AudioEncoder(enc.embedder, enc.encoder, enc.config, AudioFrontend(enc.frontend.config)),
+                     tmp_path / "unfitted")
+
+
+@pytest.mark.parametrize("embed_norm", [True, False])
+def test_embed_norm_comes_from_model_audio(embed_norm) -> None:
+    cfg = tiny_model_cfg(embed_norm=embed_norm)
+    emb = AudioModality(cfg).build_embedder(cfg.encoder)
+    assert (emb.norm is not None) is embed_norm
+    enc = AudioEncoder.from_config(audio_encoder_config(cfg))
+    assert enc.config.embed_norm is embed_norm
+    # the standalone encoder has exactly the trained embedder's weights, so checkpoints load strictly
+    assert set(enc.embedder.state_dict()) == set(emb.state_dict())
+    assert any(k.startswith("norm.") for k in emb.state_dict()) is embed_norm
 
 
 # ----------------------------------------------------------------------------- modality
@@ -188,3 +255,9 @@ def test_short_pretrain_checkpoint_gives_the_trained_features(shards, tmp_path) 
         assert hidden.shape == (len(tokens), 32) and len(tokens) > 26
         torch.testing.assert_close(hidden[:26], enc(tokens[None, :26])[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(hidden[26:], enc(tokens[None, 26:])[0], atol=1e-5, rtol=0)
+
+    from mmm.encoders import load_encoder, save_encoder
+
+    saved = load_encoder(save_encoder(enc, tmp_path / "saved"), modality="audio")  # trained weights + fitted stats
+    with single_thread():
+        assert torch.equal(saved.encode_waveform(clip.waveform, clip.sample_rate), hidden)
