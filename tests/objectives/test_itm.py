@@ -62,7 +62,7 @@ def test_itm_zero_targets_connected():
     hidden = torch.randn(5, D, requires_grad=True)
     batch = PackedBatch(PackedSeqInfo.from_seqlens([5]), {})
     out = head(hidden, batch)
-    assert float(out.loss) == 0.0 and out.loss.requires_grad and out.count == 0 and set(out.metrics) == {"acc", "wra"}
+    assert out.loss.item() == 0.0 and out.loss.requires_grad and out.count == 0 and set(out.metrics) == {"acc", "wra"}
     out.loss.backward()
     assert hidden.grad is not None and hidden.grad.abs().sum() == 0
 

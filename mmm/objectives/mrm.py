@@ -1,0 +1,269 @@
+"""Masked region modeling, the three variants of UNITER (Chen et al. 2020, "UNITER: UNiversal
+Image-TExt Representation Learning", Sec. 3.1), each scored only at hidden image tokens.
+
+* ``mrfr`` (masked region feature regression): a transform (dense → GELU → LayerNorm) and a
+  linear map regress each hidden region's original input feature; mean squared error.
+* ``mrc`` (masked region classification): a classifier over the detector's C classes,
+  cross-entropy against the hard pseudo-label ``argmax`` of the region's soft labels.
+* ``mrc_kl`` (MRC with KL divergence): ``KL(soft_labels ‖ softmax(prediction))``, distilling the
+  whole distribution instead of its argmax (UNITER's best MRM variant).
+
+All three read :class:`~mmm.batch.RegionTargets` (key ``"mrm"`` by default) and gather the
+hidden states at its ``positions`` before the head, so only the M hidden tokens are projected.
+Targets come from the shards (``features`` / ``soft_labels``, a detector's outputs) or, for
+patch inputs (``pixel_index`` set, those None), from a frozen teacher image encoder
+(:mod:`mmm.targets.teacher`) run on the batch's pixels; the teacher is held outside the module
+tree, so it is not trained and not saved.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmm.batch import ImageInput, PackedBatch, RegionTargets
+from mmm.config import EncoderConfig
+from mmm.objectives.base import ObjectiveOutput
+from mmm.registry import OBJECTIVES
+
+if TYPE_CHECKING:
+    from mmm.targets.teacher import FrozenTeacher
+
+
+class RegionHead(nn.Module):
+    """UNITER's region prediction head: dense → GELU → LayerNorm → linear.
+
+    Args:
+        dim: encoder width.
+        out_dim: output size (feature size F for MRFR, class count C for MRC).
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(self, dim: int, out_dim: int, norm_eps: float = 1e-12) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.out = nn.Linear(dim, out_dim)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(M, d) → (M, out_dim)."""
+        return self.out(self.norm(F.gelu(self.dense(hidden))))
+
+
+def zero_output(hidden: torch.Tensor, module: nn.Module, metrics=()) -> ObjectiveOutput:
+    """A zero loss still connected to ``hidden`` and to every parameter of ``module`` (no target this batch).
+
+    Touching the head's parameters keeps DDP's "every parameter received a gradient" check happy.
+    """
+    zero = hidden.sum() * 0.0 + sum(p.sum() for p in module.parameters()) * 0.0
+    return ObjectiveOutput(zero, {m: zero.detach() for m in metrics}, 0)
+
+
+class RegionTargetSource:
+    """Where an MRM objective's targets come from: the batch's :class:`RegionTargets`, or a teacher.
+
+    A plain object (not an ``nn.Module``), so the teacher it holds stays out of the objective's
+    parameters and ``state_dict``.
+
+    Args:
+        objective: the objective's name (for messages).
+        embedders: the model's embedders (the image one gives the patch grid for a teacher).
+        modality: the image modality whose pixels a teacher reads.
+        target: key of the :class:`RegionTargets` in ``batch.targets``.
+        teacher: a teacher spec (see :func:`mmm.targets.teacher.build_teacher`) or None.
+    """
+
+    def __init__(self, objective: str, embedders: Mapping[str, nn.Module], modality: str, target: str,
+                 teacher: Optional[Mapping[str, Any]]) -> None:
+        self.objective, self.modality, self.target = objective, modality, target
+        self.teacher: Optional["FrozenTeacher"] = None
+        if teacher is not None:
+            emb = embedders.get(modality)
+            grid = getattr(emb, "grid", None)
+            if grid is None:
+                raise ValueError(f"objective {objective}: a teacher computes targets per image patch, but there is no "
+                                 f"patch image embedder named {modality!r} (modalities: {sorted(embedders)})")
+            from mmm.targets.teacher import build_teacher  # imported on use: it pulls in torchvision
+
+            self.teacher = build_teacher(teacher, grid)
+
+    def resolve_dim(self, arg: str, given: Optional[int], from_teacher: Optional[int]) -> int:
+        """The head's output size: ``given`` (config), else the teacher's; both must agree when both are set."""
+        if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 1):
+            raise ValueError(f"objective {self.objective}: {arg} must be a positive int, got {given!r}")
+        if given is not None and from_teacher is not None and given != from_teacher:
+            raise ValueError(f"objective {self.objective}: {arg}={given} but the teacher gives {from_teacher}; "
+                             f"drop {arg} or make them agree")
+        value = given if given is not None else from_teacher
+        if value is None:
+            raise ValueError(f"objective {self.objective}: set {arg} (the size of the shards' targets) or give a teacher")
+        return int(value)
+
+    def get(self, batch: PackedBatch) -> Optional[RegionTargets]:
+        """The batch's region targets, or None when it has none (or zero hidden tokens)."""
+        t = batch.targets.get(self.target)
+        if t is None or t.count == 0:
+            return None
+        if not isinstance(t, RegionTargets):
+            raise TypeError(f"objective {self.objective}: batch.targets[{self.target!r}] is a {type(t).__name__}, "
+                            f"expected RegionTargets")
+        return t
+
+    def _teacher_targets(self, t: RegionTargets, batch: PackedBatch, what: str):
+        if t.pixel_index is None:
+            raise ValueError(f"objective {self.objective}: batch.targets[{self.target!r}].{what} is None and there is "
+                             f"no pixel_index for a teacher to compute it from")
+        if self.teacher is None:
+            raise ValueError(f"objective {self.objective}: the batch carries no {what} (only pixel_index); configure a "
+                             f"teacher in the objective args to compute them")
+        inp = batch.inputs.get(self.modality)
+        if not isinstance(inp, ImageInput):
+            raise ValueError(f"objective {self.objective}: teacher targets need an image input named "
+                             f"{self.modality!r}; the batch has {sorted(batch.inputs)}")
+        image, patch = t.pixel_index.unbind(-1)  # (M,), (M,)
+        used, inverse = torch.unique(image, return_inverse=True)  # run the teacher only on images with hidden patches
+        out = self.teacher(inp.pixels.index_select(0, used))  # (B_used, P, F) [, (B_used, P, C)]
+        p = out.features.shape[1]
+        if int(patch.max()) >= p or int(patch.min()) < 0:
+            raise ValueError(f"objective {self.objective}: pixel_index names patch {int(patch.max())}, but the grid "
+                             f"has {p} patches")
+        return out, inverse, patch
+
+    def features(self, t: RegionTargets, batch: PackedBatch, dim: int) -> torch.Tensor:
+        """(M, F) float32 regression targets."""
+        if t.features is not None:
+            target = t.features
+        else:
+            out, img, patch = self._teacher_targets(t, batch, "features")
+            target = out.features[img, patch]  # (M, F)
+        if target.dim() != 2 or target.shape[-1] != dim:
+            raise ValueError(f"objective {self.objective}: the batch's target features have shape "
+                             f"{tuple(target.shape)}, but the head regresses feature_dim={dim}")
+        return target.float()
+
+    def soft_labels(self, t: RegionTargets, batch: PackedBatch, classes: int) -> torch.Tensor:
+        """(M, C) float32 class distributions."""
+        if t.soft_labels is not None:
+            target = t.soft_labels
+        else:
+            out, img, patch = self._teacher_targets(t, batch, "soft_labels")
+            target = out.soft_labels[img, patch]  # (M, C)
+        if target.dim() != 2 or target.shape[-1] != classes:
+            raise ValueError(f"objective {self.objective}: the batch's soft labels have shape {tuple(target.shape)}, "
+                             f"but the classifier predicts num_classes={classes}")
+        return target.float()
+
+
+def _classifier_source(name: str, embedders, modality, target, teacher) -> RegionTargetSource:
+    src = RegionTargetSource(name, embedders, modality, target, teacher)
+    if src.teacher is not None and not src.teacher.has_classifier:
+        raise ValueError(f"objective {name}: the teacher {teacher.get('model')!r} ({teacher.get('kind')}) has no "
+                         f"classifier head, so it gives no soft labels; use a classifier teacher (a timm model with "
+                         f"num_classes > 0) or mrfr")
+    return src
+
+
+@OBJECTIVES.register("mrfr")
+class MaskedRegionFeatureRegression(nn.Module):
+    """UNITER's MRFR: regress each hidden region's (or patch's teacher) feature, MSE; logs cosine similarity.
+
+    Args:
+        dim: encoder width (given by the builder).
+        embedders: the model's embedders (given by the builder).
+        encoder_cfg: the shared encoder's config (given by the builder; its LayerNorm epsilon is used).
+        feature_dim: size F of the target features (the shards' region features); None = the teacher's.
+        teacher: frozen teacher spec ``{kind, model, path, kwargs}`` for patch targets; None = targets from the shards.
+        modality: the image modality a teacher reads pixels from.
+        target: key of the region targets in ``batch.targets``.
+    """
+
+    def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
+                 feature_dim: Optional[int] = None, teacher: Optional[Dict[str, Any]] = None,
+                 modality: str = "image", target: str = "mrm") -> None:
+        super().__init__()
+        self.source = RegionTargetSource("mrfr", embedders, modality, target, teacher)
+        t = self.source.teacher
+        self.feature_dim = self.source.resolve_dim("feature_dim", feature_dim, t.feature_dim if t else None)
+        self.head = RegionHead(dim, self.feature_dim, encoder_cfg.norm_eps)
+
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
+        """(N, d) encoder output → MSE on the hidden regions' features."""
+        t = self.source.get(batch)
+        if t is None:
+            return zero_output(hidden, self, ("cos",))
+        target = self.source.features(t, batch, self.feature_dim)  # (M, F)
+        pred = self.head(hidden.index_select(0, t.positions)).float()  # (M, F)
+        loss = F.mse_loss(pred, target)
+        cos = F.cosine_similarity(pred.detach(), target, dim=-1).mean()
+        return ObjectiveOutput(loss, {"cos": cos}, t.count)
+
+
+@OBJECTIVES.register("mrc")
+class MaskedRegionClassification(nn.Module):
+    """UNITER's MRC: classify each hidden region, cross-entropy against ``argmax(soft_labels)``; logs accuracy.
+
+    Args:
+        dim: encoder width (given by the builder).
+        embedders: the model's embedders (given by the builder).
+        encoder_cfg: the shared encoder's config (given by the builder; its LayerNorm epsilon is used).
+        num_classes: number of classes C of the soft labels (the detector's); None = the teacher's.
+        teacher: frozen classifier teacher spec ``{kind, model, path, kwargs}``; None = soft labels from the shards.
+        modality: the image modality a teacher reads pixels from.
+        target: key of the region targets in ``batch.targets``.
+    """
+
+    def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
+                 num_classes: Optional[int] = None, teacher: Optional[Dict[str, Any]] = None,
+                 modality: str = "image", target: str = "mrm") -> None:
+        super().__init__()
+        self.source = _classifier_source("mrc", embedders, modality, target, teacher)
+        t = self.source.teacher
+        self.num_classes = self.source.resolve_dim("num_classes", num_classes, t.num_classes if t else None)
+        self.head = RegionHead(dim, self.num_classes, encoder_cfg.norm_eps)
+
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
+        """(N, d) encoder output → cross-entropy with the hard pseudo-labels."""
+        t = self.source.get(batch)
+        if t is None:
+            return zero_output(hidden, self, ("acc",))
+        labels = self.source.soft_labels(t, batch, self.num_classes).argmax(-1)  # (M,)
+        logits = self.head(hidden.index_select(0, t.positions)).float()  # (M, C)
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.detach().argmax(-1) == labels).float().mean()
+        return ObjectiveOutput(loss, {"acc": acc}, t.count)
+
+
+@OBJECTIVES.register("mrc_kl")
+class MaskedRegionClassificationKL(nn.Module):
+    """UNITER's MRC-kl: ``KL(soft_labels ‖ softmax(prediction))`` averaged over hidden regions.
+
+    Args:
+        dim: encoder width (given by the builder).
+        embedders: the model's embedders (given by the builder).
+        encoder_cfg: the shared encoder's config (given by the builder; its LayerNorm epsilon is used).
+        num_classes: number of classes C of the soft labels (the detector's); None = the teacher's.
+        teacher: frozen classifier teacher spec ``{kind, model, path, kwargs}``; None = soft labels from the shards.
+        modality: the image modality a teacher reads pixels from.
+        target: key of the region targets in ``batch.targets``.
+    """
+
+    def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
+                 num_classes: Optional[int] = None, teacher: Optional[Dict[str, Any]] = None,
+                 modality: str = "image", target: str = "mrm") -> None:
+        super().__init__()
+        self.source = _classifier_source("mrc_kl", embedders, modality, target, teacher)
+        t = self.source.teacher
+        self.num_classes = self.source.resolve_dim("num_classes", num_classes, t.num_classes if t else None)
+        self.head = RegionHead(dim, self.num_classes, encoder_cfg.norm_eps)
+
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
+        """(N, d) encoder output → KL divergence from the soft labels."""
+        t = self.source.get(batch)
+        if t is None:
+            return zero_output(hidden, self)
+        soft = self.source.soft_labels(t, batch, self.num_classes)  # (M, C)
+        log_q = self.head(hidden.index_select(0, t.positions)).float().log_softmax(-1)  # (M, C)
+        loss = F.kl_div(log_q, soft, reduction="batchmean")  # Σ p (log p − log q) / M
+        return ObjectiveOutput(loss, {}, t.count)
