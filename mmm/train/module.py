@@ -65,14 +65,19 @@ class MaskedModelingModule(L.LightningModule):
         loss, outputs = self.model(batch)
         n = batch.num_sequences
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, batch_size=n, on_step=on_step, on_epoch=not on_step, prog_bar=True)
+        # a multi-task batch logs under its task (train/itm/loss); single-task runs keep plain keys
+        prefix = f"{stage}/{batch.task}" if batch.task else stage
+        log = dict(on_step=on_step, on_epoch=not on_step, add_dataloader_idx=False)
+        if batch.task and stage == "train":
+            self.log("train/loss", loss, batch_size=n, prog_bar=True, **log)
+        self.log(f"{prefix}/loss", loss, batch_size=n, prog_bar=not batch.task, **log)
         for name, out in outputs.items():
-            self.log(f"{stage}/{name}_loss", out.loss, batch_size=max(1, out.count), on_step=on_step, on_epoch=not on_step)
+            self.log(f"{prefix}/{name}_loss", out.loss, batch_size=max(1, out.count), **log)
             for metric, value in out.metrics.items():
-                self.log(f"{stage}/{name}_{metric}", value, batch_size=max(1, out.count), on_step=on_step,
-                         on_epoch=not on_step, prog_bar=(metric == "acc"))
+                self.log(f"{prefix}/{name}_{metric}", value, batch_size=max(1, out.count),
+                         prog_bar=(metric == "acc" and not batch.task), **log)
             if stage == "val":  # exact token-weighted mean loss for perplexity
-                s = self._val_sums.setdefault(name, [0.0, 0])
+                s = self._val_sums.setdefault(f"{prefix}/{name}", [0.0, 0])
                 s[0] += float(out.loss) * out.count
                 s[1] += out.count
         return loss
@@ -90,16 +95,16 @@ class MaskedModelingModule(L.LightningModule):
         log.warning("%s: skipped (no optimizer step); %d skipped so far", where, self.nonfinite_skipped)
         return None  # Lightning skips backward and the optimizer step
 
-    def validation_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: PackedBatch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         return self._common_step(batch, "val")
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = {}
 
     def on_validation_epoch_end(self) -> None:
-        for name, (total, count) in self._val_sums.items():
+        for key, (total, count) in self._val_sums.items():
             if count:
-                self.log(f"val/{name}_ppl", math.exp(min(50.0, total / count)), sync_dist=True)
+                self.log(f"{key}_ppl", math.exp(min(50.0, total / count)), sync_dist=True, add_dataloader_idx=False)
 
     def configure_optimizers(self):
         decay, no_decay = [], []

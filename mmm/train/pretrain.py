@@ -1,8 +1,11 @@
 """Assemble and run a pretraining job from a :class:`~mmm.config.PretrainConfig`.
 
-Order: resolve shards (``embedded`` builds the built-in data) → the dataset's modality prepares
-its assets (a tokenizer, statistics or codebooks: loaded, reused from the run folder on resume,
-or fitted on the training shards) → masker → model → Lightning module, data module and trainer.
+Order: the run's tasks (:mod:`mmm.train.tasks`; one implicit task for a single-dataset config)
+→ resolve their shards (``embedded`` builds the built-in data) → the modalities they feed prepare
+their assets (tokenizers, statistics or codebooks: loaded, reused from the run folder on resume,
+or fitted on the training shards) → one masker per task → model (one embedder per modality, one
+shared encoder, the heads) → Lightning module, data module (a task mixture when there are
+several tasks, :mod:`mmm.train.mixture`) and trainer.
 The run folder holds ``config.yaml``, the modality's assets (e.g. ``tokenizer/``),
 ``checkpoints/`` (``last.ckpt``) and ``logs/version_N/`` (CSV, and TensorBoard when installed; a
 resumed run writes a new version).
@@ -15,55 +18,34 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from functools import partial
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-import datasets_def  # noqa: F401  (registers dataset definitions)
-import mmm.masking  # noqa: F401  (registers maskers)
-import mmm.modalities  # noqa: F401  (registers modalities)
-from mmm.config import PretrainConfig, dump_config, to_dict
-from mmm.data.stream import list_shards
+from mmm.config import PretrainConfig, TaskConfig, dump_config, to_dict
 from mmm.modalities.base import Modality
 from mmm.model import build_model
-from mmm.registry import DATASETS, MODALITIES
 from mmm.train.callbacks import ThroughputMonitor
 from mmm.train.checkpoint_io import AtomicCheckpointIO
 from mmm.train.datamodule import StreamDataModule
+from mmm.train.mixture import MixtureDataModule, MixtureMonitor, TagTask, TaskData
 from mmm.train.module import MaskedModelingModule
+from mmm.train.tasks import (RunModalities, build_modalities, modalities_from_checkpoint, modality_of,  # noqa: F401
+                             prepare_modalities, resolve_shards, task_configs)
 
 logger = logging.getLogger("mmm.train")
 # The module moves PackedBatch itself (it works with any loader, not only our DataModule).
 warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
 
-def resolve_shards(spec: str, dataset: str, split: str) -> List[str]:
-    """Shard urls for a data spec: ``embedded`` (the dataset's built-in default), a folder, or a pattern.
-
-    Args:
-        spec: ``embedded``, a directory, a brace pattern or a single shard path.
-        dataset: dataset definition name (for ``embedded``).
-        split: ``train`` or ``val``.
-    """
-    if spec == "embedded":
-        spec = str(DATASETS.create(dataset).embedded_default())
-    return list_shards(spec, split=split if Path(spec).is_dir() else None)
-
-
-def modality_of(dataset: str) -> str:
-    """The modality a dataset definition feeds (its ``modality`` attribute, else its name)."""
-    return getattr(DATASETS.get(dataset), "modality", dataset)
-
-
 def build_modality(cfg: PretrainConfig) -> Modality:
-    """The :class:`~mmm.modalities.base.Modality` the run's dataset feeds."""
-    name = modality_of(cfg.data.dataset)
-    if name not in MODALITIES:
-        raise ValueError(f"data.dataset {cfg.data.dataset!r} feeds modality {name!r}, which has no Modality "
-                         f"registered; known: {MODALITIES.list()}")
-    return MODALITIES.create(name, model_cfg=cfg.model)
+    """The :class:`~mmm.modalities.base.Modality` a single-task run's dataset feeds (assets not prepared)."""
+    tasks = task_configs(cfg)
+    if len(tasks) != 1:
+        raise ValueError(f"build_modality: the config has {len(tasks)} tasks; use mmm.train.tasks.build_modalities")
+    return build_modalities(cfg, tasks).feeds[tasks[0].name]
 
 
 @dataclass
@@ -72,10 +54,10 @@ class PretrainRun:
 
     cfg: PretrainConfig
     run_dir: Path
-    modality: Modality
-    masker: Any
+    modalities: RunModalities
+    maskers: Dict[str, Any]
     module: MaskedModelingModule
-    datamodule: StreamDataModule
+    datamodule: Any
     trainer: L.Trainer
     csv_logger: CSVLogger
 
@@ -84,38 +66,90 @@ class PretrainRun:
         return self.run_dir / "checkpoints" / "last.ckpt"
 
     @property
+    def modality(self) -> Modality:
+        """The modality of a single-task run (the one its dataset feeds)."""
+        if len(self.modalities.feeds) != 1:
+            raise AttributeError(f"a multi-task run has several modalities: use run.modalities "
+                                 f"(tasks: {list(self.modalities.feeds)})")
+        return next(iter(self.modalities.feeds.values()))
+
+    @property
+    def masker(self) -> Any:
+        """The masker of a single-task run."""
+        return next(iter(self.maskers.values())) if len(self.maskers) == 1 else None
+
+    @property
     def tokenizer(self) -> Any:
         """The text (or DNA) tokenizer of the run's modality, if it has one."""
-        return getattr(self.modality, "tokenizer", None)
+        text = self.modalities.base.get("text")
+        if len(self.modalities.feeds) == 1:
+            return getattr(self.modality, "tokenizer", None) or getattr(text, "tokenizer", None)
+        return getattr(text, "tokenizer", None)
+
+
+def _strategy(cfg: PretrainConfig, multi_task: bool) -> str:
+    """``trainer.strategy``; DDP of a multi-task run must allow unused parameters (one task's heads
+    and embedders idle at each step)."""
+    s = cfg.trainer.strategy
+    if multi_task and s == "ddp":
+        logger.info("multi-task run: using ddp_find_unused_parameters_true (each step trains one task's heads)")
+        return "ddp_find_unused_parameters_true"
+    return s
 
 
 def build_run(cfg: PretrainConfig) -> PretrainRun:
-    """Build the modality's assets, model, data and trainer for ``cfg`` (nothing is trained yet)."""
+    """Build the modalities' assets, model, data and trainer for ``cfg`` (nothing is trained yet)."""
     run_dir = Path(cfg.trainer.default_root_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg) + "\n", encoding="utf-8")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.threads is not None:
+        if cfg.trainer.threads < 1:
+            raise ValueError(f"trainer.threads must be >= 1 or null, got {cfg.trainer.threads}")
+        torch.set_num_threads(cfg.trainer.threads)
 
-    train_urls = resolve_shards(cfg.data.train, cfg.data.dataset, "train")
-    val_urls = resolve_shards(cfg.data.val, cfg.data.dataset, "val") if cfg.data.val else None
-    modality = build_modality(cfg)
-    modality.prepare(train_urls, run_dir)
-    masker = modality.build_masker(cfg.masking)
-    model = build_model_for(cfg, modality)
+    tasks = task_configs(cfg)
+    train_urls = {t.name: resolve_shards(t.train, t.dataset, "train") for t in tasks}
+    val_urls = {t.name: resolve_shards(t.val, t.dataset, "val") if t.val else None for t in tasks}
+    mods = build_modalities(cfg, tasks, train_urls)
+    prepare_modalities(mods, run_dir)
+    maskers = {t.name: mods.feeds[t.name].build_masker(t.masking) for t in tasks}
+    model = build_model_for(cfg, mods)
     if cfg.trainer.compile:
         # per block, dynamic shapes: packed batches change N every step (layout lookups graph-break)
         for block in model.encoder.blocks:
             block.compile(dynamic=True)
-    extra = {"format": "mmm-pretrain-v1", "config": to_dict(cfg), "assets": {modality.name: modality.assets()}}
+    extra = {"format": "mmm-pretrain-v1", "config": to_dict(cfg), "assets": mods.assets(),
+             "modalities": list(mods.base)}
     if cfg.trainer.nonfinite_loss not in ("stop", "skip"):
         raise ValueError(f"trainer.nonfinite_loss must be 'stop' or 'skip', got {cfg.trainer.nonfinite_loss!r}")
-    if cfg.trainer.nonfinite_loss == "skip" and cfg.trainer.devices not in (1, "1"):
+    if cfg.trainer.nonfinite_loss == "skip" and (cfg.trainer.devices not in (1, "1") or cfg.trainer.num_nodes != 1):
         raise ValueError("trainer.nonfinite_loss: skip needs a single process (ranks would disagree on which "
                          "batches step); use stop with several devices")
     module = MaskedModelingModule(model, cfg.optim, cfg.trainer.max_steps, extra, nonfinite=cfg.trainer.nonfinite_loss)
-    make_stages = partial(modality.stages, masker, batch_size=cfg.data.batch_size)
-    datamodule = StreamDataModule(cfg.data, train_urls, val_urls, make_stages, modality.settings())
+
+    def stages_of(t: TaskConfig):
+        feed, tag = mods.feeds[t.name], [TagTask(t.name)] if t.name else []
+        batch_size = t.batch_size or cfg.data.batch_size
+
+        def make(**kw):
+            return feed.stages(maskers[t.name], batch_size=batch_size, options=t.options or None, **kw) + tag
+
+        return make
+
+    multi = len(tasks) > 1
+    if multi:
+        datamodule = MixtureDataModule(cfg.data, [
+            TaskData(t.name, t.weight, train_urls[t.name], val_urls[t.name], stages_of(t),
+                     {"batch_size": t.batch_size or cfg.data.batch_size, "dataset": t.dataset,
+                      "masking": to_dict(t.masking), "options": dict(t.options), **mods.feeds[t.name].settings()})
+            for t in tasks])
+    else:
+        t = tasks[0]
+        datamodule = StreamDataModule(cfg.data, train_urls[t.name], val_urls[t.name], stages_of(t),
+                                      mods.feeds[t.name].settings())
     tc = cfg.trainer
+    has_val = any(val_urls.values())
     # logs/version_N: a resumed run starts a new version instead of overwriting the earlier metrics.csv
     csv_logger = CSVLogger(str(run_dir), name="logs")
     loggers = [csv_logger]
@@ -127,29 +161,42 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(),
     ]
+    if multi:
+        callbacks.append(MixtureMonitor(tc.log_every_n_steps))
     trainer = L.Trainer(
-        max_steps=tc.max_steps, accelerator=tc.accelerator, devices=tc.devices, precision=tc.precision,
+        max_steps=tc.max_steps, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
+        strategy=_strategy(cfg, multi), precision=tc.precision,
         gradient_clip_val=tc.gradient_clip_val, accumulate_grad_batches=tc.accumulate_grad_batches,
-        log_every_n_steps=tc.log_every_n_steps, val_check_interval=tc.val_check_interval if val_urls else None,
-        check_val_every_n_epoch=None, limit_val_batches=tc.limit_val_batches if val_urls else 0,
+        log_every_n_steps=tc.log_every_n_steps, val_check_interval=tc.val_check_interval if has_val else None,
+        check_val_every_n_epoch=None, limit_val_batches=tc.limit_val_batches if has_val else 0,
         num_sanity_val_steps=0, default_root_dir=str(run_dir), enable_progress_bar=tc.enable_progress_bar,
         logger=loggers, callbacks=callbacks, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
     )
-    return PretrainRun(cfg, run_dir, modality, masker, module, datamodule, trainer, csv_logger)
+    return PretrainRun(cfg, run_dir, mods, maskers, module, datamodule, trainer, csv_logger)
 
 
-def build_model_for(cfg: PretrainConfig, modality: Modality):
-    """A freshly initialised :class:`~mmm.model.MaskedModel` for ``cfg`` with ``modality``'s embedder
-    (its assets must be prepared or loaded)."""
-    return build_model(cfg.model, cfg.objectives, {modality.name: modality.build_embedder(cfg.model.encoder)})
+def build_model_for(cfg: PretrainConfig, modalities: Union[Modality, RunModalities]):
+    """A freshly initialised :class:`~mmm.model.MaskedModel` for ``cfg`` with the embedders of
+    ``modalities`` (a run's :class:`~mmm.train.tasks.RunModalities`, or the one modality of a
+    single-task run; assets prepared or loaded)."""
+    if isinstance(modalities, RunModalities):
+        embedders = modalities.build_embedders(cfg.model.encoder)
+    elif set(modalities.uses()) == {modalities.name}:
+        embedders = {modalities.name: modalities.build_embedder(cfg.model.encoder)}
+    else:
+        raise ValueError(f"modality {modalities.name!r} is a composite: pass the run's RunModalities")
+    tasks = {t.name: list(t.objectives) for t in cfg.tasks}
+    return build_model(cfg.model, cfg.objectives, embedders, tasks or None)
 
 
 def modality_from_checkpoint(contents: Any) -> Modality:
-    """The run's modality with its assets restored from a read checkpoint
-    (:class:`~mmm.encoders.CheckpointContents`)."""
-    modality = build_modality(contents.config)
-    modality.load_assets(contents.assets.get(modality.name, {}), str(contents.path))
-    return modality
+    """The modality of a single-task run with its assets restored from a read checkpoint
+    (:class:`~mmm.encoders.CheckpointContents`); multi-task runs: :func:`modalities_from_checkpoint`."""
+    mods = modalities_from_checkpoint(contents)
+    if len(mods.feeds) != 1:
+        raise ValueError(f"{contents.path} is a multi-task checkpoint (tasks {list(mods.feeds)}): use "
+                         f"modalities_from_checkpoint")
+    return next(iter(mods.feeds.values()))
 
 
 def resolve_ckpt_path(cfg: PretrainConfig, run_dir: Path) -> Optional[str]:

@@ -1,0 +1,337 @@
+"""Multi-task training data: one stream per task, a seeded task draw per step, exact resume.
+
+UNITER (Chen et al. 2020) trains several objectives by sampling one task per mini-batch with fixed
+ratios (itm:mlm:mrfr:mrc-kl = 2:2:1:1); mixtures across modalities (text, images, audio, DNA
+and image-text pairs into one shared encoder) work the same way. Here:
+
+* every task has its own WebDataset stream (its shards, stages, batch size and DataLoader
+  workers), cycled forever: when one epoch of a task's shards ends, its next epoch begins (each
+  epoch seeded by ``(data.seed, epoch, rank, worker)`` as in a single-task run);
+* the task of global batch ``i`` is a pure function of ``(data.seed, i)`` and the weights
+  (:class:`TaskSampler`), identical on every rank, so all ranks train the same heads at a step;
+* the data position is the number of batches trained, ``k``. Resuming recomputes how many of
+  them each task had (``TaskSampler.counts(k)``), fast-forwards every task's stream by its count
+  (data work only, no model compute) and continues with batch ``k``: the batches after a resume
+  are exactly those of an uninterrupted run, provided the shards and settings are unchanged.
+
+A mixture has no epochs of its own: it runs for ``trainer.max_steps``. Per-task batch and
+sample counts are logged (``train/task_batches/<task>``, ``train/task_samples/<task>``).
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mmm.batch import PackedBatch
+from mmm.config import DataConfig
+from mmm.data.epoch import EpochCounter
+from mmm.data.stream import SampleErrorHandler, make_pipeline
+
+logger = logging.getLogger("mmm.train")
+
+STATE_VERSION = 1
+_BLOCK = 4096
+
+
+class TagTask:
+    """A pipeline stage setting ``batch.task`` on every batch (a class: pipelines are pickled into workers)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, src: Iterator[PackedBatch]) -> Iterator[PackedBatch]:
+        for batch in src:
+            batch.task = self.name
+            yield batch
+
+
+class TaskSampler:
+    """Draws the task of each global batch index from ``(seed, index)``: random access, no state.
+
+    Args:
+        weights: sampling weight per task (> 0); task ``j`` is drawn with probability
+            ``weights[j] / sum(weights)``.
+        seed: the data seed.
+    """
+
+    def __init__(self, weights: Sequence[float], seed: int) -> None:
+        if not weights or any(not w > 0 for w in weights):
+            raise ValueError(f"TaskSampler: weights must be positive, got {list(weights)}")
+        total = float(sum(weights))
+        self.cumulative = np.cumsum(np.asarray(weights, dtype=np.float64) / total)
+        self.cumulative[-1] = 1.0
+        self.seed = seed
+        self._cache: Dict[int, np.ndarray] = {}
+
+    def _block(self, b: int) -> np.ndarray:
+        if b not in self._cache:
+            if len(self._cache) > 8:
+                self._cache.clear()
+            u = np.random.default_rng([self.seed, 0x6D6978, b]).random(_BLOCK)
+            self._cache[b] = np.searchsorted(self.cumulative, u, side="right").clip(max=len(self.cumulative) - 1)
+        return self._cache[b]
+
+    def __call__(self, index: int) -> int:
+        """The task (0-based) of global batch ``index``."""
+        return int(self._block(index // _BLOCK)[index % _BLOCK])
+
+    def counts(self, n: int) -> np.ndarray:
+        """How many of the first ``n`` batches each task had."""
+        out = np.zeros(len(self.cumulative), dtype=np.int64)
+        full, rest = divmod(n, _BLOCK)
+        for b in range(full):
+            out += np.bincount(self._block(b), minlength=len(out))
+        if rest:
+            out += np.bincount(self._block(full)[:rest], minlength=len(out))
+        return out
+
+
+@dataclass
+class TaskData:
+    """One task's data in a mixture.
+
+    Args:
+        name: task name (batches are tagged with it).
+        weight: sampling weight.
+        train_urls: training shards.
+        val_urls: validation shards, or None.
+        make_stages: ``make_stages(seed=, handler=, fixed_masking=, epochs=, train=)`` → stages to
+            :class:`~mmm.batch.PackedBatch` (tagging included).
+        settings: what the task's stream depends on besides shards and seeds (compared on resume).
+    """
+
+    name: str
+    weight: float
+    train_urls: List[str]
+    val_urls: Optional[List[str]]
+    make_stages: Callable[..., List]
+    settings: Dict[str, Any]
+
+
+class TaskStream:
+    """A task's training batches, epoch after epoch, forever.
+
+    Args:
+        name: task name (for messages).
+        build: returns a DataLoader whose passes are epochs 0, 1, 2, ...
+    """
+
+    def __init__(self, name: str, build: Callable[[], DataLoader]) -> None:
+        self.name, self._build = name, build
+        self._loader: Optional[DataLoader] = None
+        self.samples_drawn = 0
+
+    def batches(self, skip: int = 0) -> Iterator[PackedBatch]:
+        """Batches from epoch 0 on, the first ``skip`` of them read but not yielded (resume)."""
+        self.close()
+        self._loader = loader = self._build()
+        produced = 0
+        while True:
+            in_epoch = 0
+            for batch in loader:
+                in_epoch += 1
+                produced += 1
+                self.samples_drawn += batch.num_sequences
+                if produced > skip:
+                    yield batch
+            if in_epoch == 0:
+                raise RuntimeError(f"task {self.name!r}: its training shards yielded no batch in a whole epoch "
+                                   f"(empty shards, or every sample was bad and skipped)")
+
+    def close(self) -> None:
+        """Stop the DataLoader's persistent workers."""
+        loader, self._loader = self._loader, None
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+class MixtureLoader:
+    """The train loader of a multi-task run: task ``sampler(i)``'s next batch at global batch ``i``.
+
+    Args:
+        streams: one :class:`TaskStream` per task.
+        names: task names (same order).
+        sampler: the task draw.
+        start: batches already trained (restored from a checkpoint, or 0).
+        consumed: running count of batches the trainer finished (not the prefetched one); None =
+            count yielded batches.
+    """
+
+    def __init__(self, streams: List[TaskStream], names: List[str], sampler: TaskSampler, start: int,
+                 consumed: Optional[Callable[[], int]] = None) -> None:
+        self.streams, self.names, self.sampler = streams, names, sampler
+        self._start, self._consumed = start, consumed
+        self._base: Optional[int] = None
+        self._yielded = 0
+
+    def position(self) -> int:
+        """Batches trained so far."""
+        if self._base is None:
+            return self._start
+        used = self._yielded if self._consumed is None else self._consumed() - self._base
+        return self._start + used
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        start = self.position()
+        counts = self.sampler.counts(start)
+        if start:
+            logger.info("resuming the task mixture at batch %d: fast-forwarding %s (data work only)", start,
+                        ", ".join(f"{n}: {int(c)}" for n, c in zip(self.names, counts)))
+        iterators = [s.batches(skip=int(c)) for s, c in zip(self.streams, counts)]
+        self._start, self._yielded = start, 0
+        self._base = self._consumed() if self._consumed is not None else 0
+        i = start
+        while True:
+            t = self.sampler(i)
+            batch = next(iterators[t])
+            self._yielded += 1
+            i += 1
+            yield batch
+
+    def source_counts(self) -> Dict[str, Dict[str, int]]:
+        """Per task: batches trained (exact) and samples drawn from its stream (incl. prefetched)."""
+        batches = self.sampler.counts(self.position())
+        return {n: {"batches": int(b), "samples": s.samples_drawn}
+                for n, b, s in zip(self.names, batches, self.streams)}
+
+    def close(self) -> None:
+        for s in self.streams:
+            s.close()
+
+
+class MixtureDataModule(L.LightningDataModule):
+    """Train/val loaders of a multi-task run (see the module docstring).
+
+    Args:
+        cfg: data settings (seed, workers, shuffling, error policy).
+        tasks: the tasks' data.
+    """
+
+    def __init__(self, cfg: DataConfig, tasks: List[TaskData]) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("MixtureDataModule needs at least one task")
+        self.cfg, self.tasks = cfg, tasks
+        self.sampler = TaskSampler([t.weight for t in tasks], cfg.seed)
+        self._start = 0
+        self._train: Optional[MixtureLoader] = None
+        self.val_task_names: List[str] = []
+
+    def _workers(self, urls: List[str]) -> int:
+        return min(self.cfg.num_workers, len(urls))
+
+    def _loader(self, pipeline: Any, workers: int) -> DataLoader:
+        return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                          prefetch_factor=4 if workers > 0 else None,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
+
+    def _train_builder(self, task: TaskData) -> Callable[[], DataLoader]:
+        c = self.cfg
+
+        def build() -> DataLoader:
+            epochs = EpochCounter(0)
+            handler = SampleErrorHandler(skip_bad=c.skip_bad, max_errors=c.max_errors)
+            stages = task.make_stages(seed=c.seed, handler=handler, fixed_masking=False, epochs=epochs, train=True)
+            pipeline = make_pipeline(task.train_urls, stages=stages, shuffle_shards=c.shuffle_shards,
+                                     shuffle_buffer=c.shuffle_buffer, seed=c.seed, handler=handler,
+                                     max_member_bytes=c.max_member_bytes, epochs=epochs)
+            return self._loader(pipeline, self._workers(task.train_urls))
+
+        return build
+
+    def _trained_batches(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+    def train_dataloader(self) -> MixtureLoader:
+        if self._train is not None:
+            self._start = self._train.position()
+            self._train.close()
+        streams = [TaskStream(t.name, self._train_builder(t)) for t in self.tasks]
+        self._train = MixtureLoader(streams, [t.name for t in self.tasks], self.sampler, self._start,
+                                    consumed=self._trained_batches if self.trainer is not None else None)
+        return self._train
+
+    def val_dataloader(self) -> List[DataLoader]:
+        """One worker-free, unshuffled, fixed-mask loader per task that has validation shards."""
+        c, loaders = self.cfg, []
+        self.val_task_names = []
+        for t in self.tasks:
+            if not t.val_urls:
+                continue
+            handler = SampleErrorHandler(skip_bad=c.skip_bad, max_errors=c.max_errors)
+            stages = t.make_stages(seed=c.seed + 10_000, handler=handler, fixed_masking=True, epochs=None, train=False)
+            pipeline = make_pipeline(t.val_urls, stages=stages, shuffle_shards=False, shuffle_buffer=0, seed=c.seed,
+                                     handler=handler, max_member_bytes=c.max_member_bytes)
+            loaders.append(self._loader(pipeline, 0))
+            self.val_task_names.append(t.name)
+        return loaders
+
+    def teardown(self, stage: str) -> None:
+        if self._train is not None:
+            self._train.close()
+
+    def source_counts(self) -> Dict[str, Dict[str, int]]:
+        """Per-task batch and sample counts of the training stream so far."""
+        if self._train is None:
+            return {t.name: {"batches": int(b), "samples": 0}
+                    for t, b in zip(self.tasks, self.sampler.counts(self._start))}
+        return self._train.source_counts()
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def data_settings(self) -> Dict[str, Any]:
+        """What the mixture's batches depend on besides the position (compared on resume)."""
+        c = self.cfg
+        out: Dict[str, Any] = {"seed": c.seed, "shuffle_buffer": c.shuffle_buffer, "shuffle_shards": c.shuffle_shards,
+                               "world_size": self.trainer.world_size if self.trainer is not None else 1}
+        for t in self.tasks:
+            digest = hashlib.sha1()
+            for url in t.train_urls:
+                size = os.path.getsize(url) if os.path.isfile(url) else -1
+                digest.update(f"{os.path.basename(url)}\0{size}\n".encode())
+            out[f"task/{t.name}"] = {"weight": t.weight, "shards": len(t.train_urls), "shards_sha1": digest.hexdigest(),
+                                     "num_workers": self._workers(t.train_urls), **t.settings}
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        pos = self._train.position() if self._train is not None else self._start
+        return {"version": STATE_VERSION, "kind": "mixture", "batches_done": pos, "settings": self.data_settings()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if state_dict.get("version") != STATE_VERSION or state_dict.get("kind") != "mixture":
+            raise ValueError("MixtureDataModule: the checkpoint's data state is not a task-mixture state of version "
+                             f"{STATE_VERSION} (got kind={state_dict.get('kind')!r}, version={state_dict.get('version')!r}); "
+                             f"was it written by a single-task run?")
+        saved, now = state_dict["settings"], self.data_settings()
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        self._start = int(state_dict["batches_done"])
+        if changed:
+            warnings.warn(f"resuming the task mixture with different data settings ({', '.join(changed)}): training "
+                          f"continues at batch {self._start}, but the batches are no longer those an uninterrupted "
+                          f"run would have seen", stacklevel=2)
+
+
+class MixtureMonitor(L.Callback):
+    """Logs per-task batch and sample counts of a :class:`MixtureDataModule` every ``every`` steps."""
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = max(1, every)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        dm = trainer.datamodule
+        if not isinstance(dm, MixtureDataModule) or (trainer.global_step % self.every):
+            return
+        for name, c in dm.source_counts().items():
+            pl_module.log(f"train/task_batches/{name}", float(c["batches"]), on_step=True, batch_size=1)
+            pl_module.log(f"train/task_samples/{name}", float(c["samples"]), on_step=True, batch_size=1)

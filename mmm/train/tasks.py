@@ -1,0 +1,183 @@
+"""What a run trains: its tasks, the modalities they feed, and the embedders those modalities build.
+
+A run has one or more *tasks* (:class:`~mmm.config.TaskConfig`). A task names a dataset
+definition, a masker and the heads its batches train; each training step of a multi-task run
+draws one task by weight (UNITER's task sampling, Chen et al. 2020) and trains on a batch of that
+task only. A config without ``tasks`` is one implicit task made of ``data``, ``masking`` and all
+``objectives``, which is how every single-modality preset is written.
+
+The dataset of a task feeds a :class:`~mmm.modalities.base.Modality`. A *base* modality (text,
+image, regions, audio, DNA) owns an embedder and its assets; a *composite* one (``image_text``)
+feeds the embedders of several base modalities (:meth:`~mmm.modalities.base.Modality.uses`) and
+gets them through :meth:`~mmm.modalities.base.Modality.bind`. One instance of each modality
+serves every task that uses it, so text MLM and image-text MLM share one tokenizer and one token
+embedding, and every task shares the one encoder: a multi-task run trains **one shared encoder**
+(ONE-PEACE, data2vec: one model for all modalities).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from torch import nn
+
+import datasets_def  # noqa: F401  (registers dataset definitions)
+import mmm.masking  # noqa: F401  (registers maskers)
+import mmm.modalities  # noqa: F401  (registers modalities)
+from mmm.config import PretrainConfig, TaskConfig
+from mmm.data.stream import list_shards
+from mmm.model import head_name
+from mmm.modalities.base import Modality
+from mmm.registry import DATASETS, MODALITIES
+
+
+def resolve_shards(spec: str, dataset: str, split: str) -> List[str]:
+    """Shard urls for a data spec: ``embedded`` (the dataset's built-in default), a folder, or a pattern.
+
+    Args:
+        spec: ``embedded``, a directory, a brace pattern or a single shard path.
+        dataset: dataset definition name (for ``embedded``).
+        split: ``train`` or ``val``.
+    """
+    if spec == "embedded":
+        spec = str(DATASETS.create(dataset).embedded_default())
+    return list_shards(spec, split=split if Path(spec).is_dir() else None)
+
+
+def modality_of(dataset: str) -> str:
+    """The modality a dataset definition feeds (its ``modality`` attribute, else its name)."""
+    return getattr(DATASETS.get(dataset), "modality", dataset)
+
+
+def task_configs(cfg: PretrainConfig) -> List[TaskConfig]:
+    """The run's tasks, checked: ``cfg.tasks``, or the one implicit task of a single-task config.
+
+    The implicit task has the empty name, so its batches run every head (and metric names carry
+    no task prefix, as in every single-modality preset).
+    """
+    heads = [head_name(o) for o in cfg.objectives]
+    if not cfg.tasks:
+        d = cfg.data
+        return [TaskConfig(name="", dataset=d.dataset, train=d.train, val=d.val, weight=1.0, masking=cfg.masking,
+                           objectives=heads)]
+    seen, used = set(), set()
+    for i, t in enumerate(cfg.tasks):
+        where = f"tasks[{i}]"
+        if not t.name or not t.name.replace("_", "").isalnum():
+            raise ValueError(f"{where}.name must be a non-empty identifier (letters, digits, _), got {t.name!r}")
+        if t.name in seen:
+            raise ValueError(f"{where}.name {t.name!r} is used by two tasks; task names must be unique")
+        seen.add(t.name)
+        if not t.weight > 0:
+            raise ValueError(f"{where}.weight must be > 0 (task {t.name!r}), got {t.weight}")
+        if not t.objectives:
+            raise ValueError(f"{where}.objectives is empty: task {t.name!r} must train at least one of {heads}")
+        unknown = [h for h in t.objectives if h not in heads]
+        if unknown:
+            raise ValueError(f"{where}.objectives names {unknown}, which are not heads of this run; "
+                             f"heads (objective label or name): {heads}")
+        if t.batch_size is not None and t.batch_size < 1:
+            raise ValueError(f"{where}.batch_size must be >= 1 or null, got {t.batch_size}")
+        used.update(t.objectives)
+    idle = [h for h in heads if h not in used]
+    if idle:
+        raise ValueError(f"objective(s) {idle} are trained by no task; list them in a task's objectives or remove them")
+    return list(cfg.tasks)
+
+
+@dataclass
+class RunModalities:
+    """The modality instances of a run.
+
+    Args:
+        base: base modality name → instance, in the order embedders are built (it fixes the rows
+            of the model's modality embedding, so it is saved in checkpoints).
+        feeds: task name → the modality its dataset feeds (a base or a composite instance).
+        urls: base or composite modality name → training shards of every task that uses it
+            (what its assets are fitted on).
+    """
+
+    base: Dict[str, Modality]
+    feeds: Dict[str, Modality]
+    urls: Dict[str, List[str]] = field(default_factory=dict)
+
+    @property
+    def composites(self) -> Dict[str, Modality]:
+        """Composite modalities (those that are not base modalities), by name."""
+        out: Dict[str, Modality] = {}
+        for feed in self.feeds.values():
+            if feed.name not in self.base:
+                out[feed.name] = feed
+        return out
+
+    def assets(self) -> Dict[str, Dict[str, str]]:
+        """Modality name → asset files, for checkpoints."""
+        out = {name: m.assets() for name, m in self.base.items()}
+        out.update({name: m.assets() for name, m in self.composites.items()})
+        return out
+
+    def build_embedders(self, encoder_cfg: Any) -> Dict[str, nn.Module]:
+        """One embedder per base modality, in :attr:`base` order."""
+        return {name: m.build_embedder(encoder_cfg) for name, m in self.base.items()}
+
+
+def build_modalities(cfg: PretrainConfig, tasks: List[TaskConfig],
+                     train_urls: Optional[Dict[str, List[str]]] = None) -> RunModalities:
+    """Instantiate and bind the modalities ``tasks`` feed (assets not prepared yet).
+
+    Args:
+        cfg: the run's configuration (each modality reads its section of ``cfg.model``).
+        tasks: from :func:`task_configs`.
+        train_urls: task name → training shards (fills :attr:`RunModalities.urls`); None = empty.
+    """
+    instances: Dict[str, Modality] = {}
+
+    def get(name: str, why: str) -> Modality:
+        if name not in instances:
+            if name not in MODALITIES:
+                raise ValueError(f"{why} feeds modality {name!r}, which has no Modality registered; "
+                                 f"known: {MODALITIES.list()}")
+            instances[name] = MODALITIES.create(name, model_cfg=cfg.model)
+        return instances[name]
+
+    feeds: Dict[str, Modality] = {}
+    base: Dict[str, Modality] = {}
+    urls: Dict[str, List[str]] = {}
+    for t in tasks:
+        feed = get(modality_of(t.dataset), f"dataset {t.dataset!r} (task {t.name or 'the run'})")
+        feeds[t.name] = feed
+        for used in feed.uses():
+            base.setdefault(used, feed if used == feed.name else get(used, f"modality {feed.name!r}"))
+            for name in {used, feed.name}:
+                urls.setdefault(name, [])
+                for u in (train_urls or {}).get(t.name, []):
+                    if u not in urls[name]:
+                        urls[name].append(u)
+    for feed in {id(f): f for f in feeds.values()}.values():
+        feed.bind({name: base[name] for name in feed.uses()})
+    return RunModalities(base, feeds, urls)
+
+
+def prepare_modalities(mods: RunModalities, run_dir: Path) -> None:
+    """Fit or load every modality's assets (base modalities first: composites use their tokenizers)."""
+    for name, m in mods.base.items():
+        m.prepare(mods.urls.get(name, []), run_dir)
+    for name, m in mods.composites.items():
+        m.prepare(mods.urls.get(name, []), run_dir)
+
+
+def modalities_from_checkpoint(contents: Any) -> RunModalities:
+    """The run's modalities with their assets restored from a read checkpoint
+    (:class:`~mmm.encoders.CheckpointContents`)."""
+    cfg = contents.config
+    mods = build_modalities(cfg, task_configs(cfg))
+    order = getattr(contents, "modality_order", None)
+    if order and list(order) != list(mods.base):
+        if sorted(order) != sorted(mods.base):
+            raise ValueError(f"{contents.path}: the checkpoint's modalities {list(order)} differ from those its "
+                             f"config builds {list(mods.base)}")
+        mods.base = {name: mods.base[name] for name in order}
+    for name, m in {**mods.base, **mods.composites}.items():
+        m.load_assets(contents.assets.get(name, {}), str(contents.path))
+    return mods
