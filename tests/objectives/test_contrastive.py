@@ -9,6 +9,7 @@ from mmm.batch import ContrastiveTargets, PackedBatch
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
 from mmm.objectives.contrastive import mean_pool
+import mmm.objectives  # noqa: F401  (registers the objectives)
 from mmm.registry import OBJECTIVES
 
 D = 16

@@ -9,6 +9,7 @@ from mmm.batch import PackedBatch, PairTargets
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
 from mmm.objectives.optimal_transport import cosine_cost, ipot, ot_distance, pad_by_group
+import mmm.objectives  # noqa: F401  (registers the objectives)
 from mmm.registry import OBJECTIVES
 
 D = 16

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from mmm.batch import PackedBatch, RegionTargets
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
+import mmm.objectives  # noqa: F401  (registers the objectives)
 from mmm.registry import OBJECTIVES
 
 D, N, M, FDIM, C = 16, 12, 5, 10, 6
