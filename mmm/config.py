@@ -208,6 +208,10 @@ class DataConfig:
         268435456, "refuse shard members larger than this (read from the tar header, before reading); "
         "also reports truncated shards; null = webdataset's own reader, no limit")
     seed: int = _f(0, "seed for shard order, shuffling and masking")
+    resampled: bool = _f(False, "draw training shards with replacement, forever (seeded by seed, epoch, rank, worker); "
+                         "an epoch is then data.epoch_batches batches per rank instead of one pass over the shards")
+    epoch_batches: Optional[int] = _f(None, "with resampled: batches per epoch on each rank (split across its DataLoader "
+                                      "workers); required with resampled, refused without it")
 
 
 @dataclass

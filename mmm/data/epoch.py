@@ -11,8 +11,9 @@ was iterated before in this process, as long as whoever builds the pipeline sets
 """
 from __future__ import annotations
 
+import itertools
 import random
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, List
 
 import webdataset as wds
 from torch.utils.data import IterableDataset
@@ -79,6 +80,45 @@ def epoch_rng(kind: str, seed: int, epoch: int, per_worker: bool) -> random.Rand
     if per_worker:
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
     return random.Random(f"mmm/{kind}/{seed}/{epoch}/{rank}/{worker}")
+
+
+class EpochResampledShards(IterableDataset):
+    """Shards drawn with replacement, forever, from a generator seeded by ``(seed, epoch, rank, worker)``.
+
+    Unlike ``webdataset.ResampledShards`` (whose generator is keyed by how many passes this process
+    made), the draws of epoch ``e`` are the same in a fresh process that starts at epoch ``e``: what
+    exact resume needs. Every rank and worker draws on its own, so no node/worker split follows.
+
+    Args:
+        urls: shard urls to draw from.
+        seed: the pipeline seed.
+        epochs: the pipeline's epoch counter (its :class:`EpochSource` begins the epoch first).
+    """
+
+    def __init__(self, urls: List[str], seed: int, epochs: EpochCounter) -> None:
+        super().__init__()
+        if not urls:
+            raise ValueError("EpochResampledShards: empty shard list")
+        self.urls, self.seed, self.epochs = list(urls), seed, epochs
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = epoch_rng("resampled", self.seed, self.epochs.epoch, per_worker=True)
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+
+def worker_share(total: int) -> int:
+    """How many of a rank's ``total`` items this DataLoader worker yields so that, taken round-robin
+    (as the DataLoader does), the rank yields exactly ``total``: ``total // W``, plus one for the first
+    ``total % W`` workers."""
+    _, _, worker, num_workers = wds.utils.pytorch_worker_info()
+    return total // num_workers + (1 if worker < total % num_workers else 0)
+
+
+def take_epoch_share(src: Iterator[Any], total: int) -> Iterator[Any]:
+    """End a pass after this worker's :func:`worker_share` of ``total`` items (for endless, resampled
+    streams: every rank's epoch is then exactly ``total`` items)."""
+    yield from itertools.islice(src, worker_share(total))
 
 
 def shuffle_shards(src: Iterator[dict], seed: int, epochs: EpochCounter) -> Iterator[dict]:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import braceexpand
 import webdataset as wds
 
-from mmm.data.epoch import EpochCounter, EpochSource, shuffle_samples
+from mmm.data.epoch import EpochCounter, EpochResampledShards, EpochSource, shuffle_samples, take_epoch_share
 from mmm.data.epoch import shuffle_shards as shuffle_shards_by_epoch
 
 logger = logging.getLogger("mmm.data")
@@ -184,6 +184,21 @@ class SampleErrorHandler:
             )
 
 
+def stamp_error_counts(src: Iterator[Any], handler: SampleErrorHandler) -> Iterator[Any]:
+    """Put this worker's running error counts on every item that has an ``extras`` dict (a
+    :class:`~mmm.batch.PackedBatch`): ``extras["data_errors"] = {"worker", "total", "by_type"}``.
+
+    The counts are those of the worker's handler when the item is handed on, so they include the
+    errors met while producing it (and every earlier item of this worker, all passes).
+    """
+    for item in src:
+        extras = getattr(item, "extras", None)
+        if isinstance(extras, dict):
+            _, _, worker, _ = wds.utils.pytorch_worker_info()
+            extras["data_errors"] = {"worker": worker, "total": handler.total, "by_type": dict(handler.counts)}
+        yield item
+
+
 def _report_at_end(src: Iterator[Any], handler: Optional[SampleErrorHandler]) -> Iterator[Any]:
     """Pass samples through; log the handler's summary when iteration ends or stops."""
     try:
@@ -204,15 +219,18 @@ def make_pipeline(
     resampled: bool = False,
     max_member_bytes: Optional[int] = None,
     epochs: Optional[EpochCounter] = None,
+    epoch_length: Optional[int] = None,
+    stamp_errors: bool = False,
 ) -> wds.DataPipeline:
     """Build the standard shard -> sample pipeline followed by the caller's ``stages``.
 
     Order: shard list (``ResampledShards`` when ``resampled``) -> shard shuffle seeded by
     ``(seed, epoch)`` (same order on every node/worker) -> ``split_by_node``
     -> ``split_by_worker`` -> ``tarfile_to_samples`` -> sample shuffle -> ``stages`` -> an
-    end-of-iteration error summary. With ``resampled`` every worker draws shards on its own
-    (seeded by seed, rank, worker and epoch), so the shard shuffle and the node/worker splits
-    are left out.
+    end-of-iteration error summary. With ``resampled`` every worker draws shards with replacement
+    on its own (:class:`~mmm.data.epoch.EpochResampledShards`, seeded by seed, epoch, rank and
+    worker), so the shard shuffle and the node/worker splits are left out, and the stream never
+    ends unless ``epoch_length`` cuts each pass.
 
     Args:
         urls: shard urls, usually from :func:`list_shards` (a brace pattern string also works).
@@ -222,6 +240,11 @@ def make_pipeline(
         seed: seed for both shuffles (the sample shuffle is also keyed by rank and worker).
         handler: error handler; None uses a new ``SampleErrorHandler()`` (stop with a clear error).
         resampled: sample shards with replacement forever instead of one pass.
+        epoch_length: end each pass after this many items (after ``stages``: batches, usually) per
+            rank, split across DataLoader workers so that the round-robin DataLoader yields exactly
+            this many (:func:`~mmm.data.epoch.take_epoch_share`). None: passes end with the data.
+        stamp_errors: put the worker's running error counts on every batch
+            (:func:`stamp_error_counts`; needs a :class:`SampleErrorHandler`).
         max_member_bytes: refuse samples with a field (tar member) larger than this many bytes,
             checked from the tar header before the member is read (see
             :func:`mmm.data.shard_tools.guarded_tarfile_to_samples`); refusals go to ``handler``.
@@ -239,8 +262,10 @@ def make_pipeline(
         handler = SampleErrorHandler()
     pipeline: List[Any] = []
     epochs = epochs if epochs is not None else EpochCounter()
+    if epoch_length is not None and epoch_length < 0:
+        raise ValueError(f"make_pipeline: epoch_length must be >= 0 or None, got {epoch_length}")
     if resampled:
-        pipeline.append(EpochSource(wds.ResampledShards(url_list, seed=seed, deterministic=True), epochs))
+        pipeline.append(EpochSource(EpochResampledShards(url_list, seed, epochs), epochs))
     else:
         pipeline.append(EpochSource(wds.SimpleShardList(url_list), epochs))
         if shuffle_shards and len(url_list) > 1:
@@ -258,5 +283,11 @@ def make_pipeline(
         pipeline.append(wds.pipelinefilter(shuffle_samples)(shuffle_buffer, min(100, shuffle_buffer), seed, epochs))
     pipeline.extend(stages)
     report_handler = handler if isinstance(handler, SampleErrorHandler) else None
+    if stamp_errors:
+        if report_handler is None:
+            raise TypeError("make_pipeline: stamp_errors needs a SampleErrorHandler as handler")
+        pipeline.append(wds.pipelinefilter(stamp_error_counts)(report_handler))
+    if epoch_length is not None:
+        pipeline.append(wds.pipelinefilter(take_epoch_share)(epoch_length))
     pipeline.append(wds.pipelinefilter(_report_at_end)(report_handler))
     return wds.DataPipeline(*pipeline)

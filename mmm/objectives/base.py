@@ -12,7 +12,8 @@ class ObjectiveOutput:
     """One objective's result for a batch.
 
     Args:
-        loss: scalar loss (mean over this objective's predictions).
+        loss: scalar loss (mean over this objective's predictions; in data-parallel training the sum
+            over this rank's predictions divided by the global count per rank, see :func:`global_mean`).
         metrics: extra scalars to log (e.g. ``acc``), detached.
         count: number of predictions the loss averages over (for exact aggregation).
     """
@@ -20,3 +21,30 @@ class ObjectiveOutput:
     loss: torch.Tensor
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
     count: int = 0
+
+
+def global_mean(loss_sum: torch.Tensor, count: int, sync: bool = True) -> torch.Tensor:
+    """``loss_sum`` divided by the *global* prediction count per rank, so data-parallel training is exact.
+
+    DDP and FSDP average gradients over ranks. With a per-rank mean (``loss_sum / count``) a rank
+    with few predictions would weigh each of them more than a rank with many, so two ranks x B
+    would not train like one rank x 2B. Dividing by ``global_count / world_size`` makes the
+    ranks' average equal to the mean over every prediction of the step, and with it the averaged
+    gradients. With one process (or ``sync=False``) this is the plain mean.
+
+    The all-reduce of the count is a collective: when it runs, every rank must call this the
+    same number of times per step (also with ``count == 0``). Call it with ``sync=False``
+    where ranks may see different numbers of batches (validation).
+
+    Args:
+        loss_sum: scalar sum of the per-prediction losses on this rank.
+        count: number of predictions on this rank.
+        sync: all-reduce the count when ``torch.distributed`` runs with more than one rank.
+    """
+    dist = torch.distributed
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = torch.tensor(float(count), device=loss_sum.device)
+        dist.all_reduce(total)
+        denominator = total / dist.get_world_size()
+        return loss_sum / denominator.clamp_min(1e-12)  # no prediction on any rank: loss_sum is 0 too
+    return loss_sum / max(count, 1)

@@ -16,7 +16,7 @@ from torch import nn
 
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
-from mmm.objectives.base import ObjectiveOutput
+from mmm.objectives.base import ObjectiveOutput, global_mean
 from mmm.registry import OBJECTIVES
 
 
@@ -83,10 +83,12 @@ class MaskedLanguageModeling(nn.Module):
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         """(N, d) encoder output → loss and masked-token accuracy."""
         t = batch.targets.get(self.modality)
+        sync = self.training and torch.is_grad_enabled()  # training steps run on every rank in lockstep
         if t is None or t.positions.numel() == 0:
             zero = hidden.sum() * 0.0  # keeps the graph connected; no prediction this batch
-            return ObjectiveOutput(zero, {"acc": zero.detach()}, 0)
+            return ObjectiveOutput(global_mean(zero, 0, sync), {"acc": zero.detach()}, 0)
         logits = self.head(hidden.index_select(0, t.positions))  # (M, V)
-        loss = F.cross_entropy(logits.float(), t.labels)
+        # sum / (global count / world size): exact under DDP gradient averaging (a plain mean on one rank)
+        loss = global_mean(F.cross_entropy(logits.float(), t.labels, reduction="sum"), int(t.labels.numel()), sync)
         acc = (logits.argmax(-1) == t.labels).float().mean()
         return ObjectiveOutput(loss, {"acc": acc.detach()}, int(t.labels.numel()))

@@ -12,6 +12,15 @@ compute): O(k) batches. That is the price of exactness by construction: skipping
 streams end at different lengths, because the DataLoader's round-robin order then depends on
 when each worker ran out.
 
+With several ranks, every rank must take the same number of batches per epoch (a rank that runs
+out first would end its epoch while the others go on: desynchronised epochs, and a hang at the
+end of training). Two ways hold that: ``data.resampled`` (every rank draws shards with
+replacement and an epoch is exactly ``data.epoch_batches`` batches per rank), or, for one-pass
+epochs, the ranks agree before each batch that all of them still have one (one tiny all-reduce
+of a flag per batch, :class:`ResumableLoader`'s ``agree``): the epoch ends on every rank when the
+first rank's share is used up, and the rest of the longer ranks' shares is left out of that epoch.
+The cut depends only on the ranks' stream lengths, so it is the same when an epoch is replayed.
+
 Lightning (2.6) itself restores only its counters (global step, batch index, epoch) for a train
 loader without ``state_dict``/``load_state_dict`` and starts a fresh iterator: it neither skips
 nor replays batches, so the skipping happens here.
@@ -74,16 +83,29 @@ class ResumableLoader:
             must not count prefetched batches: Lightning fetches one batch ahead.
         strict: when a restored position lies beyond the end of its epoch, raise (True) or warn
             and go on with the next epoch (False, used when the data settings changed).
+        agree: ``agree(have_batch) -> bool`` is True when every rank has a batch (a collective:
+            every rank calls it once per batch it asks for, the last call of an epoch included);
+            the epoch ends on every rank as soon as it is False. None: a single rank, or ranks
+            whose epochs have equal lengths by construction (resampled mode).
+
+    Batches that carry their worker's running error counts (``extras["data_errors"]``, see
+    :func:`mmm.data.stream.stamp_error_counts`) are tallied: each yielded batch gets
+    ``extras["data_errors_total"]``, the bad samples/shards this loader's DataLoaders met so far,
+    summed over their workers (including batches skipped while fast-forwarding).
     """
 
     def __init__(self, build: Callable[[int], DataLoader], start: DataPosition,
-                 consumed: Optional[Callable[[], int]] = None, strict: bool = True) -> None:
+                 consumed: Optional[Callable[[], int]] = None, strict: bool = True,
+                 agree: Optional[Callable[[bool], bool]] = None) -> None:
         if start.epoch < 0 or start.batches_done < 0:
             raise ValueError(f"ResumableLoader: bad start position {start}")
         self._build, self._start, self._consumed, self.strict = build, start, consumed, strict
+        self._agree = agree
         self._loader: Optional[DataLoader] = None
         self._loader_next_epoch = -1
         self._pass: Optional[_Pass] = None
+        self._errors_base = 0  # errors met by DataLoaders this loader closed
+        self._errors_seen: Dict[int, int] = {}  # worker -> its latest running count, current DataLoader
 
     def position(self) -> DataPosition:
         """Epoch and batches of it trained on so far (a used-up epoch reads as the next one at 0)."""
@@ -95,6 +117,16 @@ class ResumableLoader:
             return DataPosition(p.epoch + 1, 0)
         return DataPosition(p.epoch, p.skipped + used)
 
+    def data_errors(self) -> int:
+        """Bad samples/shards met so far by this loader's DataLoaders, summed over their workers."""
+        return self._errors_base + sum(self._errors_seen.values())
+
+    def _tally(self, batch: Any) -> None:
+        extras = getattr(batch, "extras", None)
+        info = extras.get("data_errors") if isinstance(extras, dict) else None
+        if info is not None:
+            self._errors_seen[int(info["worker"])] = int(info["total"])
+
     def __iter__(self) -> Iterator[PackedBatch]:
         return self._run()
 
@@ -105,10 +137,12 @@ class ResumableLoader:
         if start.batches_done:
             logger.info("resuming the training stream at epoch %d: skipping %d batch(es) already trained on "
                         "(data work only)", start.epoch, start.batches_done)
+        ran_out = False
         while skipped < start.batches_done:
             try:
-                next(it)
+                self._tally(next(it))
             except StopIteration:
+                ran_out = True
                 msg = (f"the training data ran out while fast-forwarding: epoch {start.epoch} has {skipped} batch(es) "
                        f"but the checkpoint had trained on {start.batches_done} of it; the shards changed since the "
                        f"checkpoint was written")
@@ -118,15 +152,24 @@ class ResumableLoader:
                 break
             skipped += 1
         self._pass = p = _Pass(start.epoch, skipped, self._consumed() if self._consumed is not None else 0)
-        if skipped == start.batches_done:
-            for batch in it:
-                p.yielded += 1
-                yield batch
+        while True:
+            batch = None if ran_out else next(it, None)
+            if self._agree is not None and not self._agree(batch is not None):
+                break  # some rank has no batch left: the epoch ends on every rank
+            if batch is None:
+                break
+            self._tally(batch)
+            if isinstance(getattr(batch, "extras", None), dict):
+                batch.extras["data_errors_total"] = self.data_errors()
+            p.yielded += 1
+            yield batch
         p.exhausted = True
 
     def _loader_for(self, epoch: int) -> DataLoader:
         if self._loader is None or self._loader_next_epoch != epoch:
             self.close()
+            self._errors_base += sum(self._errors_seen.values())
+            self._errors_seen = {}
             self._loader = self._build(epoch)
         self._loader_next_epoch = epoch + 1
         return self._loader
@@ -151,6 +194,12 @@ class StreamDataModule(L.LightningDataModule):
     are unchanged; if any differ the run still resumes at the saved epoch and batch count, with a
     warning that the batches are no longer those of an uninterrupted run.
 
+    With ``data.resampled`` the training shards are drawn with replacement, forever, by every rank
+    and worker on its own (seeded by ``(data.seed, epoch, rank, worker)``), and an epoch is
+    exactly ``data.epoch_batches`` batches per rank. Otherwise an epoch is one pass, and with
+    several ranks it ends on all of them when the first rank's share runs out (see the module
+    docstring).
+
     Args:
         cfg: data settings.
         train_urls: training shard urls.
@@ -164,6 +213,14 @@ class StreamDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig, train_urls: List[str], val_urls: Optional[List[str]],
                  make_stages: Callable[..., List], settings: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
+        if cfg.resampled and cfg.epoch_batches is None:
+            raise ValueError("data.resampled: true needs data.epoch_batches (batches per epoch on each rank): a "
+                             "resampled stream never ends by itself")
+        if not cfg.resampled and cfg.epoch_batches is not None:
+            raise ValueError("data.epoch_batches applies to data.resampled: true only (without resampling an epoch "
+                             "is one pass over the shards)")
+        if cfg.epoch_batches is not None and cfg.epoch_batches < 1:
+            raise ValueError(f"data.epoch_batches must be >= 1, got {cfg.epoch_batches}")
         self.cfg, self.train_urls, self.val_urls = cfg, train_urls, val_urls
         self.make_stages = make_stages
         self.extra_settings = dict(settings or {})
@@ -174,7 +231,9 @@ class StreamDataModule(L.LightningDataModule):
 
     @property
     def train_workers(self) -> int:
-        """DataLoader workers for training (never more than shards, so none is idle)."""
+        """DataLoader workers for training (one-pass epochs: never more than shards, so none is idle)."""
+        if self.cfg.resampled:  # every worker draws from all shards
+            return self.cfg.num_workers
         return min(self.cfg.num_workers, len(self.train_urls))
 
     # ------------------------------------------------------------------ loaders
@@ -187,7 +246,8 @@ class StreamDataModule(L.LightningDataModule):
         stages = self.make_stages(seed=c.seed, handler=handler, fixed_masking=False, epochs=epochs, train=True)
         pipeline = make_pipeline(self.train_urls, stages=stages, shuffle_shards=c.shuffle_shards,
                                  shuffle_buffer=c.shuffle_buffer, seed=c.seed, handler=handler,
-                                 max_member_bytes=c.max_member_bytes, epochs=epochs)
+                                 max_member_bytes=c.max_member_bytes, epochs=epochs, resampled=c.resampled,
+                                 epoch_length=c.epoch_batches if c.resampled else None, stamp_errors=True)
         return self._data_loader(pipeline, self.train_workers)
 
     def _data_loader(self, pipeline: Any, workers: int) -> DataLoader:
@@ -199,6 +259,14 @@ class StreamDataModule(L.LightningDataModule):
     def _trained_batches(self) -> int:
         # batches whose training step ran (not the one Lightning prefetched); restored on resume
         return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+
+    def _ranks_agree(self) -> Optional[Callable[[bool], bool]]:
+        """With several ranks and one-pass epochs: ``agree(have_batch)``, True while every rank has one."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1 or self.cfg.resampled:
+            return None
+        strategy = trainer.strategy
+        return lambda have: strategy.reduce_boolean_decision(have, all=True)
 
     def train_dataloader(self) -> ResumableLoader:
         """The training stream, starting where the previous loader or the restored checkpoint left off."""
@@ -213,7 +281,7 @@ class StreamDataModule(L.LightningDataModule):
                           stacklevel=2)
         self._train = ResumableLoader(self._train_loader, self._start,
                                       consumed=self._trained_batches if trainer is not None else None,
-                                      strict=self._strict)
+                                      strict=self._strict, agree=self._ranks_agree())
         return self._train
 
     def val_dataloader(self) -> DataLoader:
@@ -241,12 +309,15 @@ class StreamDataModule(L.LightningDataModule):
         for url in self.train_urls:
             size = os.path.getsize(url) if os.path.isfile(url) else -1
             digest.update(f"{os.path.basename(url)}\0{size}\n".encode())
-        return {
+        settings = {
             "shards": len(self.train_urls), "shards_sha1": digest.hexdigest(), "seed": c.seed,
             "batch_size": c.batch_size, **self.extra_settings, "shuffle_buffer": c.shuffle_buffer,
             "shuffle_shards": c.shuffle_shards, "num_workers": self.train_workers,
             "world_size": self.trainer.world_size if self.trainer is not None else 1,
         }
+        if c.resampled:  # only then: checkpoints of one-pass runs keep the settings they always had
+            settings.update(resampled=True, epoch_batches=c.epoch_batches)
+        return settings
 
     def position(self) -> DataPosition:
         """The current training position (what :meth:`state_dict` saves)."""

@@ -84,6 +84,9 @@ class MaskedModelingModule(L.LightningModule):
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> Optional[torch.Tensor]:
         loss = self._common_step(batch, "train")
+        errors = batch.extras.get("data_errors_total")
+        if errors is not None:  # bad samples/shards this rank's data workers met so far (summed over workers)
+            self.log("train/data_errors", float(errors), on_step=True, batch_size=1)
         if torch.isfinite(loss):
             return loss
         where = (f"non-finite training loss ({float(loss.detach())}) at global step {self.global_step}, batch {batch_idx} "

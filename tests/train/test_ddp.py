@@ -1,0 +1,145 @@
+"""Lightning DDP on CPU (two gloo processes): 2 ranks x B train like 1 rank x 2B, ranks read disjoint
+samples, and one-pass epochs end together on every rank although the ranks' shares differ in length.
+
+The DDP run is real (``strategy="ddp"``, launched the way torchrun-less Lightning launches it: the
+script runs again for rank 1); it records each rank's batches, losses and the all-reduced
+gradients of the first step. The reference is one process training on the union of both ranks'
+batches of every step (2B sequences), from the same initial weights.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, tiny_config
+from datasets_def.text import build_shards
+from mmm.batch import PackedBatch, TokenInput, TokenTargets
+from mmm.core.packing import PackedSeqInfo
+from mmm.train.pretrain import build_run
+
+BATCH, STEPS, COMPARED_STEPS = 4, 7, 3
+TOL = 1e-5
+WORDS = ("ranks read disjoint shards while gradients are averaged so the global masked token count decides "
+         "how much each prediction weighs in one data parallel step").split()
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    """3 train shards: after the seeded shuffle one rank reads two of them, the other one."""
+    rng = np.random.default_rng(1)
+    src = tmp_path_factory.mktemp("ddp_docs")
+    for i in range(30):
+        (src / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, int(rng.integers(8, 30)))) + ".",
+                                             encoding="utf-8")
+    out = tmp_path_factory.mktemp("ddp_shards")
+    build_shards(src, out, max_chars=200, samples_per_shard=10, seed=0)
+    assert len(list(out.glob("train-*.tar"))) == 3
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sequences(step: dict) -> List[Tuple[int, ...]]:
+    """The unmasked token sequences of a recorded batch (labels put back at the masked positions)."""
+    ids = step["ids"].clone()
+    ids[step["positions"]] = step["labels"]
+    cu = step["cu_seqlens"].tolist()
+    return [tuple(ids[a:b].tolist()) for a, b in zip(cu[:-1], cu[1:])]
+
+
+def _merge(a: dict, b: dict) -> PackedBatch:
+    """One packed batch holding the sequences of ``a`` then ``b`` (2B sequences, their masks kept)."""
+    lengths = [int(x) for s in (a, b) for x in s["cu_seqlens"].diff()]
+    seq = PackedSeqInfo.from_seqlens(lengths)
+    ids = torch.cat([a["ids"], b["ids"]])
+    positions = torch.cat([a["positions"], b["positions"] + a["ids"].numel()])
+    return PackedBatch(seq, {"text": TokenInput(ids, seq.position_ids)},
+                       {"text": TokenTargets(positions, torch.cat([a["labels"], b["labels"]]))})
+
+
+def _rank_stream(dm, epoch: int, rank: int, world: int, monkeypatch) -> List[List[Tuple[int, ...]]]:
+    """Sequences per batch of one rank's full epoch, built in this process (rank taken from the env)."""
+    with monkeypatch.context() as m:
+        m.setenv("RANK", str(rank))
+        m.setenv("WORLD_SIZE", str(world))
+        batches = list(dm._train_loader(epoch))
+    return [_sequences({"ids": b.inputs["text"].ids, "positions": b.targets["text"].positions,
+                        "labels": b.targets["text"].labels, "cu_seqlens": b.seq.cu_seqlens}) for b in batches]
+
+
+def test_two_ddp_ranks_match_one_rank_with_twice_the_batch(shard_dir, tmp_path, monkeypatch):
+    # the reference process: trains the shared tokenizer and holds the same model
+    cfg = tiny_config(tmp_path / "ref", **{"data.train": str(shard_dir), "data.val": None, "data.batch_size": BATCH,
+                                           "data.seed": 3, "trainer.max_steps": STEPS, "optim.warmup_steps": 1})
+    ref = build_run(cfg)
+    tok = ref.run_dir / "tokenizer"
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PL_DISABLE_FORK": "1"}
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "train" / "ddp_run.py"), str(out), str(shard_dir),
+                           str(tok), "2", str(BATCH), str(STEPS)], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    print(f"DDP run (2 CPU processes, {STEPS} steps) took {time.perf_counter() - t0:.1f} s")
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert len(r0["steps"]) == len(r1["steps"]) == STEPS
+
+    # (a) same loss and gradients as one rank on the union of both ranks' batches
+    model = ref.module.model
+    model.load_state_dict(r0["initial"])
+    model.train()
+    opt_cfg = ref.module.configure_optimizers()
+    opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    for i in range(COMPARED_STEPS):
+        a, b = r0["steps"][i], r1["steps"][i]
+        assert a["labels"].numel() != b["labels"].numel()  # per-rank means would weigh tokens unequally
+        opt.zero_grad()
+        loss, _ = model(_merge(a, b))
+        loss.backward()
+        # the logged per-rank losses are sum / (global count / 2): their mean is the global mean
+        assert abs((a["loss"] + b["loss"]) / 2 - loss.item()) <= TOL, f"step {i}"
+        if i == 0:
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            assert set(grads) == set(r0["grads"]) == set(r1["grads"])
+            for n, g in grads.items():
+                torch.testing.assert_close(r0["grads"][n], r1["grads"][n], rtol=0, atol=0)  # DDP: one average
+                torch.testing.assert_close(r0["grads"][n], g, rtol=1e-4, atol=TOL, msg=lambda m: f"{n}: {m}")
+        opt.step()
+        sched.step()
+
+    # (b) disjoint shares; one-pass epochs end together, cut to the shorter rank's share
+    dm = ref.datamodule
+    streams = [_rank_stream(dm, 0, r, 2, monkeypatch) for r in (0, 1)]
+    lengths = [len(s) for s in streams]
+    assert lengths[0] != lengths[1], f"the test needs unequal rank shares, got {lengths}"
+    seen = [set(q for s in stream for q in s) for stream in streams]
+    assert not seen[0] & seen[1], "the ranks' shares of an epoch overlap"
+    whole = set(q for s in _rank_stream(dm, 0, 0, 1, monkeypatch) for q in s)
+    assert seen[0] | seen[1] == whole  # and together they are the whole epoch of one process
+    # every epoch is cut to its shorter share, on both ranks, and starts the next one fresh
+    per_epoch = [streams] + [[_rank_stream(dm, e, r, 2, monkeypatch) for r in (0, 1)] for e in (1, 2)]
+    cuts = [min(len(s) for s in ss) for ss in per_epoch]
+    expected = [e for e, c in enumerate(cuts) for _ in range(c)][:STEPS]
+    assert len(expected) == STEPS and expected[-1] >= 1
+    epochs = [[s["epoch"] for s in r["steps"]] for r in (r0, r1)]
+    assert epochs[0] == epochs[1] == expected, (epochs, lengths)
+    for r, rec in enumerate((r0, r1)):
+        for e in sorted(set(expected)):
+            trained = [_sequences(s) for s in rec["steps"] if s["epoch"] == e]
+            assert trained == per_epoch[e][r][:len(trained)], f"rank {r}, epoch {e}: not a prefix of its share"
