@@ -21,7 +21,7 @@ import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -164,6 +164,19 @@ class CheckpointContents:
     state_dict: Dict[str, torch.Tensor]
     tokenizer: Optional[TextTokenizer]
     assets: Dict[str, Dict[str, str]]
+    modality_order: Optional[List[str]] = None
+
+    def modality_vector(self, modality: str) -> Optional[torch.Tensor]:
+        """The learned modality embedding the model added to ``modality``'s tokens, or None for a
+        single-modality model (its encoders must add it to match what the shared encoder saw)."""
+        table = self.state_dict.get("modality_embed.weight")
+        if table is None:
+            return None
+        order = self.modality_order
+        if not order or modality not in order or len(order) != table.shape[0]:
+            raise ValueError(f"{self.path}: the model has a modality embedding ({table.shape[0]} rows) but the "
+                             f"checkpoint's modality list {order!r} does not place {modality!r} in it")
+        return table[order.index(modality)]
 
     def modality_state(self, modality: str) -> Dict[str, torch.Tensor]:
         """Weights of one modality's encoder path: ``embedders.<modality>.*`` as ``embedder.*``, and ``encoder.*``."""
@@ -230,7 +243,52 @@ def read_checkpoint(path: PathLike) -> CheckpointContents:
     tokenizer = None
     if assets.get("text"):
         tokenizer = tokenizer_from_files(assets["text"], str(p))
-    return CheckpointContents(p, cfg, state, tokenizer, assets)
+    order = meta.get("modalities")
+    if order is not None and not (isinstance(order, list) and all(isinstance(m, str) for m in order)):
+        raise ValueError(f"{p}: checkpoint['mmm']['modalities'] must be a list of modality names, got {order!r}")
+    return CheckpointContents(p, cfg, state, tokenizer, assets, order)
+
+
+def fold_modality_vector(embedder: nn.Module, vector: Optional[torch.Tensor]) -> None:
+    """Absorb a constant ``vector`` added to every output token of ``embedder`` into its weights.
+
+    A multimodal :class:`~mmm.model.MaskedModel` adds a learned modality embedding after each
+    embedder; a single-modality encoder loaded from it folds that vector into the embedder (exact
+    in eval mode), so it stays a plain embedder + encoder that exports to HF / timm unchanged.
+
+    Args:
+        embedder: a text/DNA, image or audio embedder.
+        vector: (d,) the modality embedding, or None (nothing to do).
+    """
+    if vector is None:
+        return
+    from mmm.modalities.audio import AudioEmbedder
+    from mmm.modalities.image import ImageEmbedder
+    from mmm.modalities.text import TextEmbedder
+
+    v = vector.detach().to(next(embedder.parameters()).dtype)
+    with torch.no_grad():
+        norm = getattr(embedder, "norm", None)
+        if isinstance(norm, nn.LayerNorm) and norm.bias is not None:
+            norm.bias += v  # output = dropout(LN(x)): the constant joins LN's bias
+        elif isinstance(embedder, TextEmbedder):
+            embedder.tokens.weight += v  # every token takes exactly one row of the table
+        elif isinstance(embedder, ImageEmbedder):
+            embedder.patch_embed.proj.bias += v  # visible patches
+            embedder.mask_token += v  # hidden patches (mask-token mode)
+            if embedder.cls_token is not None:
+                embedder.cls_token += v
+        elif isinstance(embedder, AudioEmbedder):
+            embedder.proj.bias += v
+            embedder.mask_embedding += v
+        else:
+            raise TypeError(f"cannot fold a modality embedding into a {type(embedder).__name__}")
+
+
+def finish_modality_encoder(encoder: nn.Module, contents: "CheckpointContents", modality: str) -> nn.Module:
+    """Fold the checkpoint's modality embedding for ``modality`` into ``encoder.embedder``; eval mode."""
+    fold_modality_vector(encoder.embedder, contents.modality_vector(modality))
+    return encoder.eval()
 
 
 def load_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: PathLike) -> None:
@@ -270,7 +328,7 @@ def encoder_from_checkpoint(contents: CheckpointContents) -> TextEncoder:
     pad_id = tok.pad_id if tok is not None else 0
     enc = TextEncoder.from_config(contents.config.model, vocab, pad_id, tok)
     load_weights(enc, state, contents.path)
-    return enc.eval()
+    return finish_modality_encoder(enc, contents, "text")
 
 
 def dna_encoder_from_checkpoint(contents: CheckpointContents) -> TextEncoder:
@@ -284,7 +342,7 @@ def dna_encoder_from_checkpoint(contents: CheckpointContents) -> TextEncoder:
     tok = modality.tokenizer
     enc = TextEncoder.from_config(contents.config.model, tok.vocab_size, tok.pad_id, tok, modality="dna")
     load_weights(enc, state, contents.path)
-    return enc.eval()
+    return finish_modality_encoder(enc, contents, "dna")
 
 
 def image_encoder_config(cfg: ModelConfig) -> "ImageEncoderConfig":
@@ -303,7 +361,7 @@ def image_encoder_from_checkpoint(contents: CheckpointContents) -> nn.Module:
 
     enc = ImageEncoder.from_config(image_encoder_config(contents.config.model))
     load_weights(enc, contents.modality_state("image"), contents.path)
-    return enc.eval()
+    return finish_modality_encoder(enc, contents, "image")
 
 
 # ----------------------------------------------------------------------------- save / load

@@ -226,14 +226,14 @@ def audio_encoder_config(model_cfg: Any) -> AudioEncoderConfig:
 def audio_encoder_from_checkpoint(contents: Any) -> AudioEncoder:
     """Build the :class:`AudioEncoder` of a read checkpoint (:class:`~mmm.encoders.CheckpointContents`),
     with its fitted front end (eval mode)."""
-    from mmm.encoders import load_weights
+    from mmm.encoders import finish_modality_encoder, load_weights
     from mmm.modalities.audio_modality import AudioModality
 
     modality = AudioModality(contents.config.model)
     modality.load_assets(contents.assets.get("audio", {}), str(contents.path))
     enc = AudioEncoder.from_config(audio_encoder_config(contents.config.model), modality.frontend)
     load_weights(enc, contents.modality_state("audio"), contents.path)
-    return enc.eval()
+    return finish_modality_encoder(enc, contents, "audio")
 
 
 __all__ = ["AudioEmbedder", "AudioEncoder", "AudioEncoderConfig", "audio_encoder_config",

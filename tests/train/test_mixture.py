@@ -128,3 +128,27 @@ def test_text_and_dna_train_one_shared_encoder_and_resume_exactly(tmp_path):
     assert max(abs(a[3] - b[3]) for a, b in zip(resumed, ref.steps)) <= 1e-5, [(a[3], b[3]) for a, b in zip(resumed, ref.steps)]
     ckpt = torch.load(run.last_checkpoint, map_location="cpu", weights_only=True)
     assert ckpt["mmm"]["modalities"] == ["text", "dna"] and set(ckpt["mmm"]["assets"]) == {"text", "dna"}
+
+
+def test_each_modality_encoder_loads_from_the_multitask_checkpoint_and_matches_the_model(tmp_path):
+    from mmm.batch import PackedBatch, TokenInput
+    from mmm.core.packing import PackedSeqInfo
+    from mmm.encoders import load_encoder
+
+    run = _fit(_cfg(tmp_path, "mm", max_steps=2), Recorder())
+    run.trainer.save_checkpoint(str(run.last_checkpoint))
+    model = run.module.model.eval()
+    with torch.no_grad():  # make the modality rows clearly non-zero so folding them is tested
+        model.modality_embed.weight.normal_(0, 0.5)
+    run.trainer.save_checkpoint(str(run.last_checkpoint))
+    for modality, ids in (("text", [[2, 40, 41, 42, 3], [2, 50, 51, 3, 0]]), ("dna", [[2, 5, 6, 7, 8], [2, 6, 5, 3, 0]])):
+        enc = load_encoder(run.last_checkpoint, modality=modality)
+        x = torch.tensor(ids)
+        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+        out = enc(x, mask)  # (2, 5, d)
+        seq = PackedSeqInfo.from_seqlens([5, 4])
+        flat = x[mask.bool()]
+        ref = model.encode(PackedBatch(seq, {modality: TokenInput(flat, seq.position_ids)}))  # (9, d)
+        assert torch.allclose(out[mask.bool()], ref, atol=1e-5), modality
+        without = model.encoder(model.embedders[modality](flat, seq.position_ids), seq)
+        assert not torch.allclose(without, ref, atol=1e-3)  # the modality embedding matters
