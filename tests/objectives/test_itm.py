@@ -55,7 +55,7 @@ def test_itm_loss_grads_and_learning():
         out = head(hidden, batch)
         out.loss.backward()
         opt.step()
-    assert float(out.loss) < 0.5 * first and float(out.metrics["acc"]) == 1.0
+    assert out.loss.item() < 0.5 * first and float(out.metrics["acc"]) == 1.0
 
 
 def test_itm_zero_targets_connected():

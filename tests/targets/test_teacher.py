@@ -188,3 +188,24 @@ def test_open_clip_teacher_patch_tokens(tmp_path):
     with pytest.raises(ValueError, match="no classifier head"):
         OBJECTIVES.create("mrc", dim=16, embedders={"image": emb}, encoder_cfg=EncoderConfig(dim=16, heads=2),
                           teacher=spec)
+
+
+def test_built_model_carries_no_teacher_weights(vit):
+    from mmm.config import ModelConfig, ObjectiveConfig
+    from mmm.model import build_model
+
+    _, path = vit
+    enc = EncoderConfig(dim=16, depth=1, heads=2, mlp_hidden=32, attention="math")
+    emb = ImageEmbedder(16, image_size=16, patch_size=4, cls_token=True)
+    model = build_model(ModelConfig(encoder=enc), [ObjectiveConfig("mrfr", 1.0, {"teacher": _spec(path)})],
+                        {"image": emb})
+    keys = [k for k in model.state_dict() if k.startswith("objectives.")]
+    assert keys and all(k.startswith("objectives.mrfr.head.") for k in keys)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::3] = True
+    _, pixels = _mmm_pixels(2, 16)
+    image, patch = mask.nonzero(as_tuple=True)
+    t = RegionTargets(image * 17 + 1 + patch, pixel_index=torch.stack([image, patch], -1))
+    batch = PackedBatch(PackedSeqInfo.from_seqlens([17, 17]), {"image": ImageInput(pixels, mask)}, {"mrm": t})
+    loss, out = model(batch)
+    assert torch.isfinite(loss) and out["mrfr"].count == int(mask.sum())
