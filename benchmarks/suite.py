@@ -6,7 +6,10 @@
    ``BertForMaskedLM`` on CPU: the ``small`` preset, plus ``base`` unless ``--quick``;
 2. :mod:`benchmarks.attention_backends` — xformers / sdpa / padded sdpa / math forward + backward
    over L = 128 … 4096 (``--quick`` on CPU: 128 … 1024);
-3. on CUDA only, :func:`benchmarks.mfu.measure_mlm_step` — the BERT-base MLM step with the
+3. :mod:`benchmarks.loader` — the shard pipeline's sequences/s with 0, 1, 2 DataLoader workers for
+   text and images, vs the same samples read one file per sample, vs the tiny configs' training
+   step rate (ratios, one run);
+4. on CUDA only, :func:`benchmarks.mfu.measure_mlm_step` — the BERT-base MLM step with the
    forward in bf16 autocast and xformers attention, vs HF, at L = 128 and 512 (lengths uniform in
    [L/4, L], ~16k real tokens per batch), with model FLOPs utilisation. ``--compile`` wraps the
    mmm model in ``torch.compile`` there (the first, untimed warm-up steps absorb compilation).
@@ -63,6 +66,7 @@ class Sizes:
     gpu_overrides: Dict[str, Any] = field(default_factory=dict)
     eval_batches: Optional[int] = None
     mae_args: List[str] = field(default_factory=lambda: ["--steps", "8"])
+    loader_args: List[str] = field(default_factory=list)
 
 
 FULL_LENGTHS = [128, 256, 512, 1024, 2048, 4096]
@@ -70,7 +74,8 @@ SIZES: Dict[str, Sizes] = {
     "full": Sizes("full", ["small", "base"], ["--steps", "10", "--warmup", "2"], FULL_LENGTHS, FULL_LENGTHS,
                   attn_repeats=10, attn_warmup=2),
     "quick": Sizes("quick", ["small"], ["--steps", "5", "--warmup", "1"], [128, 256, 512, 1024], FULL_LENGTHS,
-                   attn_repeats=3, attn_warmup=1, gpu_steps=10, gpu_warmup=3, eval_batches=5, mae_args=["--quick"]),
+                   attn_repeats=3, attn_warmup=1, gpu_steps=10, gpu_warmup=3, eval_batches=5, mae_args=["--quick"],
+                   loader_args=["--quick"]),
     "micro": Sizes("micro", ["small"], ["--steps", "2", "--warmup", "1", "--no-memory", "--depth", "1", "--dim", "32",
                                         "--heads", "2", "--mlp-hidden", "64", "--vocab", "300", "--max-len", "32",
                                         "--batch", "4"],
@@ -79,7 +84,8 @@ SIZES: Dict[str, Sizes] = {
                    gpu_overrides={"depth": 1, "dim": 32, "heads": 2, "mlp_hidden": 64, "vocab": 300}, eval_batches=2,
                    mae_args=["--config", "small", "--image-size", "16", "--patch-size", "4", "--dim", "32", "--depth", "1",
                              "--heads", "2", "--mlp-hidden", "64", "--decoder-dim", "16", "--decoder-depth", "1",
-                             "--decoder-heads", "2", "--batch", "4", "--steps", "2"]),
+                             "--decoder-heads", "2", "--batch", "4", "--steps", "2"],
+                   loader_args=["--micro", "--modalities", "text", "--workers", "0,1"]),
 }
 
 
@@ -147,6 +153,12 @@ def run_throughput(sizes: Sizes, compile: bool = False, log: Callable[[str], Non
 
     log("== MAE training step: drop-masked vs mask-token encoder vs HF ViTMAEForPreTraining (CPU, fp32)")
     sections["image_mae_step"] = {"device": "cpu", "results": image_mae_step.main(sizes.mae_args)["results"]}
+
+    from benchmarks import loader
+
+    log("== loader throughput vs training step rate (CPU)")
+    sections["loader"] = {"device": "cpu", **{k: v for k, v in loader.main(sizes.loader_args).items()
+                                               if k in ("env", "results")}}
 
     cuda = torch.cuda.is_available()
     log("== attention backends")
@@ -329,6 +341,11 @@ def markdown(report: Dict[str, Any]) -> str:
         from benchmarks import image_mae_step
 
         lines += ["## MAE training step", "", image_mae_step.markdown(s["image_mae_step"]["results"], env), ""]
+    if "loader" in s:
+        from benchmarks import loader
+
+        lines += ["## Loader throughput vs training step rate", "",
+                  loader.markdown(s["loader"]["results"], s["loader"]["env"]), ""]
     if "attention_backends" in s:
         lines += ["## Attention backends", "", attention_backends.markdown(s["attention_backends"]), ""]
     if "gpu_mlm" in s:
