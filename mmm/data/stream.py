@@ -120,7 +120,9 @@ class SampleErrorHandler:
     A shard that breaks part-way (e.g. truncated) keeps the samples read before the break; the
     rest of it is skipped. Counts live in the process that iterates the pipeline, so with a DataLoader every worker
     has its own counts (the handler is pickled into each worker); :func:`make_pipeline` logs
-    a per-worker summary line when a worker's iteration ends.
+    a per-worker summary line when a worker's iteration ends, and with ``stamp_errors`` puts the
+    worker's running counts on every batch, which the training loader sums over workers
+    (:class:`~mmm.train.datamodule.ResumableLoader`, logged as ``train/data_errors``).
 
     Args:
         skip_bad: False (default) re-raises as :class:`SampleError` naming the shard; True
