@@ -343,7 +343,7 @@ def build_shards(
     soft_dim: Optional[int] = None
     dims_from = "" if feature_dim is None else "feature_dim"
     converted = 0
-    first_written = False
+    first_written = ""  # the first region file written: it sets whether the dataset has soft labels
     try:
         for split in SPLITS:
             members = [item for item in usable if _split_of(item[2], val_fraction, seed) == split]
@@ -373,14 +373,14 @@ def build_shards(
                                                        if dims_from and "expected" in reason else ""))
                         continue
                     if not first_written:
-                        first_written = True
+                        first_written = str(rp)
                         if feature_dim is None:
                             feature_dim, dims_from = int(arrays["features.npy"].shape[1]), str(rp)
                         soft_dim = int(arrays["soft.npy"].shape[1]) if "soft.npy" in arrays else None
                     elif (soft_dim is None) != ("soft.npy" not in arrays):
                         skipper.bad(str(rp), f"array 'soft' is {'missing' if soft_dim else 'present'} but "
-                                             f"{dims_from} {'has' if soft_dim else 'has none'} (soft labels for every "
-                                             "image or for none)")
+                                             f"{first_written} {'has' if soft_dim else 'has none'} (soft labels for "
+                                             "every image or for none)")
                         continue
                     converted += conv
                 label, label_name = label_of[rel]

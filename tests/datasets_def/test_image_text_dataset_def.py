@@ -183,7 +183,8 @@ def test_embedded_default_regions_and_held_out_pairs_only_in_val():
     held = {tuple(c) for c in manifest["held_out_combos"]}
     seen = {"train": set(), "val": set()}
     for split in ("train", "val"):
-        for n, s in enumerate(it._raw_samples(str(sorted(root.glob(f"{split}-*.tar"))[0]))):
+        samples = (s for shard in sorted(root.glob(f"{split}-*.tar")) for s in it._raw_samples(str(shard)))
+        for n, s in enumerate(samples):
             meta = json.loads(s["json"])
             seen[split].add((meta["shape"], meta["color"]))
             if n < 20:
@@ -211,3 +212,21 @@ def test_simulated_features_come_from_the_pixels():
     assert np.allclose(f[2, :48], np.tile(x[10, 10], 16), atol=1e-6)
     batched = it.simulated_region_features(np.stack([px, px[::-1]]), np.stack([boxes, boxes]))
     assert np.allclose(batched[0], f)
+
+
+def test_soft_labels_for_every_image_or_none(tmp_path):
+    img, caps, regs = make_folder(tmp_path / "in")
+    with np.load(regs / "s3.npz") as z:
+        np.savez(regs / "s3.npz", features=z["features"], boxes=z["boxes"])
+    report = it.build_shards(img, tmp_path / "out", captions=caps, regions=regs, skip_bad=True)
+    assert len(report.skipped) in (1, 5) and "array 'soft' is" in report.skipped[0][1]
+
+
+def test_cli_build_and_check(tmp_path, capsys):
+    from mmm.cli import main
+
+    img, caps, _ = make_folder(tmp_path / "in", n=4, regions=False)
+    assert main(["shards", "build", str(img), str(tmp_path / "out"), "--dataset", "image_text", "--captions",
+                 str(caps), "--val_fraction", "0.3"]) == 0
+    assert "samples" in capsys.readouterr().out
+    assert main(["shards", "check", str(tmp_path / "out"), "--dataset", "image_text"]) == 0
