@@ -79,6 +79,11 @@ def _cmd_demo(ns: argparse.Namespace, rest: List[str]) -> int:
         if probe:
             print(f"{part}: linear-probe accuracy trained {probe['trained']['accuracy']:.3f} vs untrained "
                   f"{probe['untrained']['accuracy']:.3f} (chance {probe['trained']['chance']:.3f})")
+    if "vl" in m:
+        tr, un = m["vl"]["scores"]["trained"], m["vl"]["scores"]["untrained"]
+        r, ru = tr["retrieval"], un["retrieval"]
+        print(f"vl: text->image R@1 trained {r['t2i']['1']:.3f} vs untrained {ru['t2i']['1']:.3f} (chance "
+              f"{r['t2i_chance']['1']:.3f}); ITM accuracy {tr['itm_accuracy']:.3f} vs {un['itm_accuracy']:.3f} (chance 0.5)")
     print(f"report: {out / 'report.md'}")
     return 0
 
@@ -183,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="pretrain a tiny model per modality on the embedded data and write a report")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    d.add_argument("--parts", default=None, help="comma-separated parts: text,image,dna,audio (default all)")
+    d.add_argument("--parts", default=None, help="comma-separated parts: text,image,dna,audio,vl (default all)")
     d.add_argument("--config", default=None, help="replace the config of the single part chosen with --parts")
     d.add_argument("--max_steps", type=int, default=None, help="override trainer.max_steps")
     d.add_argument("--no_progress", action="store_true", help="hide the progress bar")

@@ -16,20 +16,24 @@ def test_every_config_parses_and_builds(path):
     import mmm.modalities  # noqa: F401
     from mmm.model import build_model
     from mmm.registry import EMBEDDERS, MASKERS, MODALITIES, OBJECTIVES, check_kwargs
-    from mmm.train.pretrain import modality_of
+
+    from mmm.train.tasks import build_modalities, task_configs
 
     cfg = load_config(path)
-    check_kwargs(MASKERS.get(cfg.masking.name), cfg.masking.args, f"masker {cfg.masking.name!r}")
+    tasks = task_configs(cfg)  # checks task names, weights and the heads each task names
+    for t in tasks:
+        check_kwargs(MASKERS.get(t.masking.name), t.masking.args, f"masker {t.masking.name!r}")
     for o in cfg.objectives:
         check_kwargs(OBJECTIVES.get(o.name), o.args, f"objective {o.name!r}")
-    name = modality_of(cfg.data.dataset)
-    if name in ("text", "dna"):  # token modalities: their vocabulary comes from a tokenizer fitted on data
-        section = getattr(cfg.model, name)
-        embedder = EMBEDDERS.create("text", vocab_size=300, dim=cfg.model.encoder.dim, max_len=section.max_len,
-                                    position=section.position)
-    else:
-        embedder = MODALITIES.create(name, model_cfg=cfg.model).build_embedder(cfg.model.encoder)
-    model = build_model(cfg.model, cfg.objectives, {name: embedder})
+    embedders = {}
+    for name, modality in build_modalities(cfg, tasks).base.items():
+        if name in ("text", "dna"):  # token modalities: their vocabulary comes from a tokenizer fitted on data
+            section = getattr(cfg.model, name)
+            embedders[name] = EMBEDDERS.create("text", vocab_size=300, dim=cfg.model.encoder.dim,
+                                               max_len=section.max_len, position=section.position)
+        else:
+            embedders[name] = modality.build_embedder(cfg.model.encoder)
+    model = build_model(cfg.model, cfg.objectives, embedders, {t.name: t.objectives for t in cfg.tasks} or None)
     assert sum(p.numel() for p in model.parameters()) > 0
     # the printed config is valid YAML that loads back to the same config
     again = from_dict(PretrainConfig, yaml.safe_load(dump_config(cfg)))

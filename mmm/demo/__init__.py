@@ -6,7 +6,9 @@ download) and compares the trained encoder with the same network at its initiali
 * ``text``: BERT MLM on standard-library docstrings (held-out masked-token accuracy, perplexity);
 * ``image``: MAE on rendered shapes (held-out reconstruction loss, linear probe, reconstructions);
 * ``dna``: MLM on a synthetic genome with planted motifs (linear probe for the motif class);
-* ``audio``: HuBERT-style masked prediction on synthesized sounds (linear probe for the sound class).
+* ``audio``: HuBERT-style masked prediction on synthesized sounds (linear probe for the sound class);
+* ``vl``: UNITER-style image-text pretraining on rendered scenes (zero-shot retrieval R@K and ITM
+  accuracy on held-out and unseen compositions).
 
 Every part writes into ``out/<part>/``; ``out/report.md`` and ``out/metrics.json`` gather them.
 """
@@ -25,6 +27,7 @@ PARTS: Dict[str, str] = {
     "image": "mmm.demo.image:run_image_demo",
     "dna": "mmm.demo.dna:run_dna_demo",
     "audio": "mmm.demo.audio:run_audio_demo",
+    "vl": "mmm.demo.vl:run_vl_demo",
 }
 """Demo part → ``module:function`` running it (``fn(out_dir, config, max_steps, progress_bar, quick) -> metrics``)."""
 

@@ -66,6 +66,15 @@ class ImageTextMatching(nn.Module):
         distance, _ = ot_distance(cost, text_mask, image_mask, **self.ot_args)  # (B,)
         return distance
 
+    def logits(self, hidden: torch.Tensor, t: PairTargets) -> torch.Tensor:
+        """(B, 2) match logits of the pairs of ``t`` (pooler on each pair's [CLS], then the classifier)."""
+        pooled = torch.tanh(self.pooler(hidden.index_select(0, t.cls_positions)))  # (B, d)
+        return self.classifier(pooled).float()  # (B, 2)
+
+    def predict(self, hidden: torch.Tensor, t: PairTargets) -> torch.Tensor:
+        """(B,) 1 where the head judges the caption to match the image (evaluation)."""
+        return self.logits(hidden, t).argmax(-1)
+
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         """(N, d) encoder output → ITM cross-entropy (+ ``wra_weight`` · WRA) and accuracy."""
         t = batch.targets.get(self.target)
@@ -73,8 +82,7 @@ class ImageTextMatching(nn.Module):
             return zero_output(hidden, self, self._metrics)
         if not isinstance(t, PairTargets):
             raise TypeError(f"objective itm: batch.targets[{self.target!r}] is a {type(t).__name__}, expected PairTargets")
-        pooled = torch.tanh(self.pooler(hidden.index_select(0, t.cls_positions)))  # (B, d)
-        logits = self.classifier(pooled).float()  # (B, 2)
+        logits = self.logits(hidden, t)  # (B, 2)
         loss = F.cross_entropy(logits, t.labels)
         metrics = {"acc": (logits.detach().argmax(-1) == t.labels).float().mean()}
         if self.wra_weight > 0:

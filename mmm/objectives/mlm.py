@@ -67,6 +67,8 @@ class MaskedLanguageModeling(nn.Module):
         modality: which token modality this head predicts (config).
     """
 
+    reports_perplexity = True  # the trainer logs val/<head>_ppl from the token-weighted loss
+
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
                  tie_weights: bool = True, modality: str = "text") -> None:
         super().__init__()

@@ -33,6 +33,8 @@ class TokenTargetClassification(nn.Module):
         num_classes: number of target ids (the codebook size).
     """
 
+    reports_perplexity = True  # the trainer logs val/<head>_ppl from the token-weighted loss
+
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: Optional[EncoderConfig] = None,
                  target: str = "image_tokens", num_classes: int = 256) -> None:
         super().__init__()

@@ -76,7 +76,8 @@ class MaskedModelingModule(L.LightningModule):
             for metric, value in out.metrics.items():
                 self.log(f"{prefix}/{name}_{metric}", value, batch_size=max(1, out.count),
                          prog_bar=(metric == "acc" and not batch.task), **log)
-            if stage == "val":  # exact token-weighted mean loss for perplexity
+            if stage == "val" and getattr(self.model.objectives[name], "reports_perplexity", False):
+                # exact token-weighted mean loss for perplexity (classification-over-a-vocabulary heads)
                 s = self._val_sums.setdefault(f"{prefix}/{name}", [0.0, 0])
                 s[0] += float(out.loss) * out.count
                 s[1] += out.count

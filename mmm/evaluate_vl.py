@@ -1,0 +1,188 @@
+"""Held-out vision-language evaluation: zero-shot image↔text retrieval (R@1/5/10) and ITM accuracy.
+
+Retrieval follows CLIP / UNITER's zero-shot protocol with the single-stream encoder: every image
+and every caption of the held-out split is encoded *alone* (the ``itc`` stream of the
+``image_text`` modality), projected by the contrastive head and ranked by cosine similarity.
+Captions of the embedded set come from a small grammar, so several images share a caption and a
+caption describes every image with the same attributes: a retrieved item counts as correct when it
+is *described by the same caption text* (for text→image: the image has that caption; for
+image→text: the caption is one of the image's captions). Chance levels are computed exactly for
+the same relevance sets (a random ranking's hit probability per query, averaged). ITM accuracy is
+the ``itm`` head's matched/mismatched accuracy on pairs with seeded in-batch negatives (chance
+0.5 at the default 50% negatives). Both are also reported on the subset of held-out (unseen)
+attribute compositions when ``unseen`` captions are given.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from math import comb
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from mmm.data.stream import SampleErrorHandler, make_pipeline
+from mmm.model import MaskedModel
+
+KS = (1, 5, 10)
+
+
+@dataclass
+class RetrievalScore:
+    """Recall@K both ways (keyed by ``str(K)``), with the chance level of each, over ``images`` images and
+    ``texts`` captions."""
+
+    images: int
+    texts: int
+    t2i: Dict[str, float]
+    i2t: Dict[str, float]
+    t2i_chance: Dict[str, float]
+    i2t_chance: Dict[str, float]
+
+    def as_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class VLScore:
+    """Everything :func:`evaluate_vl` measures."""
+
+    retrieval: RetrievalScore
+    itm_accuracy: float
+    itm_pairs: int
+    unseen_retrieval: Optional[RetrievalScore] = None
+    unseen_itm_accuracy: Optional[float] = None
+    unseen_itm_pairs: int = 0
+    extra: Dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, object]:
+        out = asdict(self)
+        return out
+
+
+def _chance(relevant: Sequence[int], pool: int, k: int) -> float:
+    """Mean probability that a random ranking of ``pool`` items puts one of ``m`` relevant ones in the top k."""
+    k = min(k, pool)
+    return float(np.mean([1.0 - comb(pool - m, k) / comb(pool, k) for m in relevant]))
+
+
+def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, image_captions: List[set], texts: List[str],
+                ks: Iterable[int] = KS) -> RetrievalScore:
+    """Recall@K of text→image and image→text retrieval with caption-text relevance.
+
+    Args:
+        image_emb: (I, E) L2-normalised image embeddings (one per distinct image).
+        text_emb: (T, E) L2-normalised caption embeddings.
+        image_captions: per image, the set of caption strings that describe it.
+        texts: per caption embedding, its string.
+        ks: the K values.
+    """
+    if image_emb.shape[0] == 0 or text_emb.shape[0] == 0:
+        raise ValueError("recall_at_k: no images or no captions to rank")
+    sim = (text_emb.float() @ image_emb.float().T).cpu()  # (T, I)
+    rel = torch.tensor([[t in caps for caps in image_captions] for t in texts], dtype=torch.bool)  # (T, I)
+    ks = [k for k in ks]
+    t_rank = sim.argsort(dim=1, descending=True)  # (T, I)
+    i_rank = sim.T.argsort(dim=1, descending=True)  # (I, T)
+    t2i, i2t = {}, {}
+    for k in ks:
+        t2i[str(k)] = float(rel.gather(1, t_rank[:, :k]).any(1).float().mean())
+        i2t[str(k)] = float(rel.T.gather(1, i_rank[:, :k]).any(1).float().mean())
+    n_img, n_txt = sim.shape[1], sim.shape[0]
+    t_rel, i_rel = rel.sum(1).tolist(), rel.sum(0).tolist()
+    return RetrievalScore(n_img, n_txt, t2i, i2t, {str(k): _chance(t_rel, n_img, k) for k in ks},
+                          {str(k): _chance(i_rel, n_txt, k) for k in ks})
+
+
+def vl_batches(feed, urls: List[str], mode: str, *, batch_size: int, seed: int, masker=None,
+               max_batches: Optional[int] = None):
+    """Held-out ``image_text`` batches of one mode (fixed seeds, no shuffling, no augmentation).
+
+    Args:
+        feed: the run's ``image_text`` modality (assets prepared or loaded, bound to its parts).
+        urls: held-out shards.
+        mode: ``itc`` or ``itm`` (or ``mlm`` / ``mrm`` with ``masker``).
+        batch_size: pairs per batch.
+        seed: seed of the ITM negatives / masks.
+        masker: the masker for mlm / mrm modes.
+        max_batches: stop after this many batches.
+    """
+    stages = feed.stages(masker, batch_size=batch_size, seed=seed, handler=SampleErrorHandler(), fixed_masking=True,
+                         epochs=None, train=False, options={"mode": mode})
+    pipeline = make_pipeline(urls, stages=stages, shuffle_shards=False, shuffle_buffer=0)
+    for i, batch in enumerate(pipeline):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch
+
+
+@torch.no_grad()
+def evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str = "itc", itm_head: Optional[str] = "itm",
+                batch_size: int = 64, seed: int = 4321, is_unseen: Optional[Callable[[str], bool]] = None,
+                max_batches: Optional[int] = None) -> VLScore:
+    """Zero-shot retrieval and ITM accuracy of ``model`` on the held-out shards ``urls``.
+
+    Args:
+        model: a model with an ``itc`` head (and an ``itm`` head unless ``itm_head`` is None).
+        feed: the run's ``image_text`` modality.
+        urls: held-out shards.
+        itc_head: name of the contrastive head (gives the projections).
+        itm_head: name of the ITM head, or None to skip ITM.
+        batch_size: pairs per batch.
+        seed: seed of the ITM negatives.
+        is_unseen: caption → True when it names a held-out attribute composition (scores that subset too).
+        max_batches: cap per mode (quick runs).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    if itc_head not in model.objectives:
+        raise ValueError(f"evaluate_vl: the model has no {itc_head!r} head (heads: {list(model.objectives)})")
+    head = model.objectives[itc_head]
+    images: Dict[str, torch.Tensor] = {}
+    captions_of: Dict[str, set] = {}
+    text_embs: List[torch.Tensor] = []
+    texts: List[str] = []
+    for batch in vl_batches(feed, urls, "itc", batch_size=batch_size, seed=seed, max_batches=max_batches):
+        batch = batch.to(device)
+        hidden = model.encode(batch)
+        img, txt = head.embed_pairs(hidden, batch.targets["itc"])  # (B, E), (B, E)
+        for i, (key, cap) in enumerate(zip(batch.extras["keys"], batch.extras["captions"])):
+            images.setdefault(key, img[i].cpu())
+            captions_of.setdefault(key, set()).add(cap)
+        text_embs.append(txt.cpu())
+        texts.extend(batch.extras["captions"])
+    if not texts:
+        raise ValueError(f"evaluate_vl: the held-out shards {urls[:3]} gave no image-text pairs")
+    keys = list(images)
+    image_emb = torch.stack([images[k] for k in keys])
+    image_caps = [captions_of[k] for k in keys]
+    text_emb = torch.cat(text_embs)
+    retrieval = recall_at_k(image_emb, text_emb, image_caps, texts)
+    unseen_retrieval = None
+    if is_unseen is not None:
+        t_sel = [i for i, t in enumerate(texts) if is_unseen(t)]
+        i_sel = [i for i, caps in enumerate(image_caps) if any(is_unseen(c) for c in caps)]
+        if t_sel and i_sel:
+            unseen_retrieval = recall_at_k(image_emb[i_sel], text_emb[t_sel], [image_caps[i] for i in i_sel],
+                                           [texts[i] for i in t_sel])
+    itm_acc, itm_n, un_acc, un_n = float("nan"), 0, None, 0
+    if itm_head is not None:
+        if itm_head not in model.objectives:
+            raise ValueError(f"evaluate_vl: the model has no {itm_head!r} head (heads: {list(model.objectives)})")
+        correct = un_correct = 0.0
+        for batch in vl_batches(feed, urls, "itm", batch_size=batch_size, seed=seed, max_batches=max_batches):
+            batch = batch.to(device)
+            hidden = model.encode(batch)
+            t = batch.targets["itm"]
+            pred = model.objectives[itm_head].predict(hidden, t).cpu()  # (B,)
+            ok = (pred == t.labels.cpu()).float()
+            correct += float(ok.sum())
+            itm_n += len(ok)
+            if is_unseen is not None:
+                keys_b = batch.extras["keys"]
+                sel = [i for i, k in enumerate(keys_b) if any(is_unseen(c) for c in captions_of.get(k, ()))]
+                un_correct += float(ok[sel].sum())
+                un_n += len(sel)
+        itm_acc = correct / max(1, itm_n)
+        un_acc = un_correct / un_n if un_n else None
+    return VLScore(retrieval, itm_acc, itm_n, unseen_retrieval, un_acc, un_n)
