@@ -491,8 +491,8 @@ def simulated_region_features(pixels: np.ndarray, boxes: np.ndarray, grid: int =
     Per box: the crop averaged over a ``grid x grid`` grid of cells, RGB in [0, 1] (48 values at
     grid 4), the crop's mean and std per channel (6), an 8-bin histogram of saturation
     (max - min channel) (8), the share of saturated pixels (1) and the box's log aspect ratio (1).
-    Sums over boxes and cells come from integral images, so a whole shard of images costs a few
-    array operations.
+    Sums over a box (or a cell) are contractions with its row and column indicator vectors, so a
+    whole shard of images costs a few array operations.
 
     Args:
         pixels: (H, W, 3) uint8 image, or (N, H, W, 3) images.
@@ -504,19 +504,19 @@ def simulated_region_features(pixels: np.ndarray, boxes: np.ndarray, grid: int =
     b = np.asarray(boxes, dtype=np.int64)
     b = b[None] if single else b  # (N, R, 4)
     n, r = b.shape[:2]
-    x = px.astype(np.float64) / 255.0  # (N, H, W, 3)
+    h, w = px.shape[1:3]
+    x = px.astype(np.float32) / 255.0  # (N, H, W, 3)
     sat = x.max(-1) - x.min(-1)  # (N, H, W)
     bins = np.minimum((sat * 8).astype(np.int64), 7)
-    planes = np.concatenate([x, x * x, np.eye(8)[bins], (sat > 0.25)[..., None]], axis=-1)  # (N, H, W, 15)
-    integral = np.zeros((n, x.shape[1] + 1, x.shape[2] + 1, planes.shape[-1]))
-    integral[:, 1:, 1:] = planes.cumsum(1).cumsum(2)
-    img = np.arange(n).reshape(n, 1)  # (N, 1)
-
-    def box_sum(i, x1, y1, x2, y2):  # broadcastable int index arrays -> (..., 15)
-        return integral[i, y2, x2] - integral[i, y1, x2] - integral[i, y2, x1] + integral[i, y1, x1]
-
+    planes = np.concatenate([x, x * x, np.eye(8, dtype=np.float32)[bins], (sat > 0.25)[..., None]], -1)  # (N, H, W, 15)
     x1, y1, x2, y2 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]  # (N, R)
-    whole = box_sum(img, x1, y1, x2, y2) / ((x2 - x1) * (y2 - y1))[..., None]  # (N, R, 15)
+
+    def inside(lo, hi, size):  # (...,) -> (..., size) float indicator of [lo, hi)
+        k = np.arange(size)
+        return ((k >= lo[..., None]) & (k < hi[..., None])).astype(np.float32)
+
+    area = ((x2 - x1) * (y2 - y1)).astype(np.float32)[..., None]  # (N, R, 1)
+    whole = np.einsum("nrh,nhwc,nrw->nrc", inside(y1, y2, h), planes, inside(x1, x2, w), optimize=True) / area
     mean = whole[..., :3]
     std = np.sqrt(np.maximum(whole[..., 3:6] - mean ** 2, 0.0))
     k = np.arange(grid)
@@ -526,13 +526,11 @@ def simulated_region_features(pixels: np.ndarray, boxes: np.ndarray, grid: int =
         a = np.minimum(lo[..., None] + (k * size) // grid, hi[..., None] - 1)
         return a, np.maximum(lo[..., None] + ((k + 1) * size) // grid, a + 1)
 
-    cx1, cx2 = edges(x1, x2)
-    cy1, cy2 = edges(y1, y2)
-    at = img[..., None, None]  # (N, 1, 1, 1)
-    cells = box_sum(at, cx1[:, :, None, :], cy1[:, :, :, None], cx2[:, :, None, :], cy2[:, :, :, None])[..., :3]
-    area = ((cx2 - cx1)[:, :, None, :] * (cy2 - cy1)[:, :, :, None])[..., None]  # (N, R, g, g, 1)
-    small = (cells / area).reshape(n, r, -1)  # (N, R, g*g*3), cells row-major
-    aspect = np.log((x2 - x1) / (y2 - y1))[..., None]
+    (cx1, cx2), (cy1, cy2) = edges(x1, x2), edges(y1, y2)
+    cells = np.einsum("nrah,nhwc,nrbw->nrabc", inside(cy1, cy2, h), x, inside(cx1, cx2, w), optimize=True)
+    cell_area = ((cy2 - cy1)[..., :, None] * (cx2 - cx1)[..., None, :]).astype(np.float32)[..., None]  # (N, R, g, g, 1)
+    small = (cells / cell_area).reshape(n, r, -1)  # (N, R, g*g*3), cells row-major
+    aspect = np.log((x2 - x1) / (y2 - y1)).astype(np.float32)[..., None]
     out = np.concatenate([small, mean, std, whole[..., 6:14], whole[..., 14:15], aspect], axis=-1).astype(np.float32)
     return out[0] if single else out
 

@@ -254,3 +254,19 @@ def test_settings_reject_bad_values():
         ImageTextSettings("mlm", "pixels", image=IMAGE)
     with pytest.raises(ValueError, match="needs a masker"):
         image_text_stages(settings("mlm"), None, None, batch_size=2, seed=0, handler=SampleErrorHandler())
+
+
+def test_masks_and_negatives_keyed_by_epoch_for_exact_resume(shards, tok):
+    from mmm.data.epoch import EpochCounter
+
+    def epoch_batches(start):
+        epochs = EpochCounter(start)
+        s = settings("mlm")
+        stages = image_text_stages(s, tok, token_masker(tok), batch_size=4, seed=0, handler=SampleErrorHandler(),
+                                   epochs=epochs)
+        pipe = make_pipeline(list_shards(shards, split="train"), stages=stages, shuffle_shards=False,
+                             shuffle_buffer=0, epochs=epochs)
+        return [b.targets["text"].positions.tolist() for b in pipe]
+
+    assert epoch_batches(2) == epoch_batches(2)  # a fresh process starting at epoch 2 sees the same masks
+    assert epoch_batches(2) != epoch_batches(3)
