@@ -106,9 +106,20 @@ class MaskedModelingModule(L.LightningModule):
         self._val_sums = {}
 
     def on_validation_epoch_end(self) -> None:
-        for key, (total, count) in self._val_sums.items():
+        sums = self._val_sums
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # ranks may have seen different heads (or none): merge every rank's sums, then all log the same values
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, sums)
+            sums = {}
+            for part in gathered:
+                for key, (total, count) in part.items():
+                    s = sums.setdefault(key, [0.0, 0])
+                    s[0] += total
+                    s[1] += count
+        for key, (total, count) in sorted(sums.items()):
             if count:
-                self.log(f"{key}_ppl", math.exp(min(50.0, total / count)), sync_dist=True, add_dataloader_idx=False)
+                self.log(f"{key}_ppl", math.exp(min(50.0, total / count)), add_dataloader_idx=False)
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -12,8 +12,11 @@ resumed run writes a new version).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
+import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,13 +90,66 @@ class PretrainRun:
         return getattr(text, "tokenizer", None)
 
 
-def _strategy(cfg: PretrainConfig, multi_task: bool) -> str:
-    """``trainer.strategy``; DDP of a multi-task run must allow unused parameters (one task's heads
-    and embedders idle at each step)."""
+ASSETS_READY = ".assets_ready"
+ASSET_WAIT_SECONDS = 3600.0
+
+
+def global_rank_from_env() -> int:
+    """This process's global rank as launchers set it (torchrun ``RANK``, SLURM ``SLURM_PROCID``,
+    Lightning's DDP subprocesses ``LOCAL_RANK`` on one node); 0 when none is set."""
+    for key in ("RANK", "SLURM_PROCID", "PMI_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    node, local = os.environ.get("NODE_RANK", "0"), os.environ.get("LOCAL_RANK", "0")
+    if local.isdigit() and node == "0":
+        return int(local)
+    return 0
+
+
+def _assets_marker(run_dir: Path) -> Path:
+    return run_dir / ASSETS_READY
+
+
+def _config_digest(config_text: str) -> str:
+    return hashlib.sha1(config_text.encode("utf-8")).hexdigest()
+
+
+def wait_for_assets(run_dir: Path, digest: str, rank: int, timeout: float = ASSET_WAIT_SECONDS) -> None:
+    """Block until rank 0 has prepared the run's assets for this exact config (its marker file holds
+    the config's digest); the folder must be shared storage that every rank sees."""
+    marker, start, said = _assets_marker(run_dir), time.monotonic(), 0.0
+    while True:
+        if marker.is_file() and marker.read_text(encoding="utf-8").strip() == digest:
+            return
+        waited = time.monotonic() - start
+        if waited > timeout:
+            raise TimeoutError(f"rank {rank}: rank 0 did not prepare the modality assets in {run_dir} within "
+                               f"{timeout:.0f} s (no {marker.name} for this config); trainer.default_root_dir must "
+                               f"be on storage every node sees")
+        if waited - said >= 60:
+            logger.info("rank %d: waiting for rank 0 to prepare the assets in %s (%.0f s)", rank, run_dir, waited)
+            said = waited
+        time.sleep(1.0)
+
+
+def _strategy(cfg: PretrainConfig, multi_task: bool) -> Any:
+    """``trainer.strategy`` as the Trainer takes it.
+
+    * DDP of a multi-task run must allow unused parameters (one task's heads and embedders idle at
+      each step);
+    * ``fsdp`` shards every Transformer block as its own FSDP unit (without a wrap policy the whole
+      model would be one unit, gathered whole at every step).
+    """
     s = cfg.trainer.strategy
     if multi_task and s == "ddp":
         logger.info("multi-task run: using ddp_find_unused_parameters_true (each step trains one task's heads)")
         return "ddp_find_unused_parameters_true"
+    if s == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from mmm.core.encoder import EncoderBlock
+
+        return FSDPStrategy(auto_wrap_policy={EncoderBlock}, use_orig_params=multi_task)
     return s
 
 
@@ -101,7 +157,10 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     """Build the modalities' assets, model, data and trainer for ``cfg`` (nothing is trained yet)."""
     run_dir = Path(cfg.trainer.default_root_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg) + "\n", encoding="utf-8")
+    config_text = dump_config(cfg) + "\n"
+    rank = global_rank_from_env()
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(config_text, encoding="utf-8")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.threads is not None:
         if cfg.trainer.threads < 1:
@@ -112,7 +171,12 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     train_urls = {t.name: resolve_shards(t.train, t.dataset, "train") for t in tasks}
     val_urls = {t.name: resolve_shards(t.val, t.dataset, "val") if t.val else None for t in tasks}
     mods = build_modalities(cfg, tasks, train_urls)
-    prepare_modalities(mods, run_dir)
+    if rank == 0:
+        prepare_modalities(mods, run_dir)  # fits tokenizers / statistics / codebooks, saved in the run folder
+        _assets_marker(run_dir).write_text(_config_digest(config_text), encoding="utf-8")
+    else:  # every rank must use rank 0's assets (tokenizer training is not bit-reproducible across processes)
+        wait_for_assets(run_dir, _config_digest(config_text), rank)
+        prepare_modalities(mods, run_dir)  # loads what rank 0 saved
     maskers = {t.name: mods.feeds[t.name].build_masker(t.masking) for t in tasks}
     model = build_model_for(cfg, mods)
     if cfg.trainer.compile:

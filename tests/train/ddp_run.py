@@ -51,9 +51,8 @@ def main(out: Path, shards: str, tokenizer: str, devices: int, batch: int, steps
     from mmm.config import load_config
     from mmm.train.pretrain import build_run
 
-    rank = int(os.environ.get("LOCAL_RANK", "0"))
     cfg = load_config(REPO / "configs" / "text_mlm_tiny.yaml", {
-        **TINY_OVERRIDES, "trainer.default_root_dir": str(out / f"run{rank}"), "data.train": shards,
+        **TINY_OVERRIDES, "trainer.default_root_dir": str(out / "run"), "data.train": shards,  # shared by the ranks, as on a cluster
         "data.val": None, "data.batch_size": batch, "data.num_workers": 0, "data.shuffle_buffer": 0,
         "data.seed": 3, "model.text.tokenizer_path": tokenizer, "trainer.max_steps": steps,
         "optim.warmup_steps": 1})
