@@ -139,7 +139,7 @@ class RegionInput:
 
     def embed(self, embedder: nn.Module) -> torch.Tensor:
         """(N_m, d) embeddings."""
-        return embedder(self.features, self.boxes, self.mask)
+        return embedder(self.features, self.boxes, self.mask, self.position_ids)
 
 
 @dataclass

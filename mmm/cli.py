@@ -98,8 +98,8 @@ def _cmd_shards(ns: argparse.Namespace, rest: List[str]) -> int:
 
     ds = DATASETS.create(ns.dataset)
     accepted = inspect.signature(ds.build_shards).parameters
-    options = {k: getattr(ns, k) for k in ("samples_per_shard", "max_chars", "jsonl_field", "labels", "captions", "window",
-                                           "stride", "sample_rate", "max_seconds") if getattr(ns, k) is not None}
+    options = {k: getattr(ns, k) for k in ("samples_per_shard", "max_chars", "jsonl_field", "labels", "captions", "regions",
+                                           "feature_dim", "window", "stride", "sample_rate", "max_seconds") if getattr(ns, k) is not None}
     wrong = sorted(k for k in options if k not in accepted)
     if wrong:
         raise ConfigError(f"mmm shards build --dataset {ns.dataset}: option(s) {['--' + k for k in wrong]} do not apply "
@@ -203,14 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("shards", help="WebDataset shard tools")
     ssub = s.add_subparsers(dest="shards_command", required=True)
     b = ssub.add_parser("build", help="build shards from a folder of raw files")
-    b.add_argument("input", help="input folder or file: .txt/.jsonl (text), images (image), FASTA (dna), wav/flac (audio)")
+    b.add_argument("input", help="input folder or file: .txt/.jsonl (text), images (image, image_text), FASTA (dna), wav/flac (audio)")
     b.add_argument("output", help="output folder for {train,val}-NNNNNN.tar")
-    b.add_argument("--dataset", default="text", help="dataset definition: text, image, dna, audio (default text)")
+    b.add_argument("--dataset", default="text", help="dataset definition: text, image, image_text, dna, audio (default text)")
     b.add_argument("--samples_per_shard", type=int, default=None, help="samples per tar shard (dataset default)")
     b.add_argument("--max_chars", type=int, default=None, help="text: longest chunk in characters (default 2000)")
     b.add_argument("--jsonl_field", default=None, help="text: field holding the text in .jsonl files")
     b.add_argument("--labels", default=None, help="image: 'folders' or a CSV; dna: a BED/TSV file; audio: 'folders' or a CSV")
-    b.add_argument("--captions", default=None, help="image: CSV/JSONL of captions per file")
+    b.add_argument("--captions", default=None, help="image, image_text: CSV/JSONL of captions per file")
+    b.add_argument("--regions", default=None, help="image_text: folder of <image path>.npz region files (features, boxes, soft)")
+    b.add_argument("--feature_dim", type=int, default=None, help="image_text: expected region feature size (default: the first file's)")
     b.add_argument("--window", type=int, default=None, help="dna: window length in bases (default 1024)")
     b.add_argument("--stride", type=int, default=None, help="dna: window stride in bases (default = window)")
     b.add_argument("--sample_rate", type=int, default=None, help="audio: resample to this rate (default 16000)")

@@ -230,3 +230,20 @@ def test_cli_build_and_check(tmp_path, capsys):
                  str(caps), "--val_fraction", "0.3"]) == 0
     assert "samples" in capsys.readouterr().out
     assert main(["shards", "check", str(tmp_path / "out"), "--dataset", "image_text"]) == 0
+
+
+def test_cli_build_with_region_files(tmp_path, capsys):
+    from mmm.cli import main
+
+    img, caps, regs = make_folder(tmp_path / "in", n=4, regions=True)
+    assert main(["shards", "build", str(img), str(tmp_path / "out"), "--dataset", "image_text", "--captions",
+                 str(caps), "--regions", str(regs)]) == 0
+    capsys.readouterr()
+    assert main(["shards", "check", str(tmp_path / "out"), "--dataset", "image_text"]) == 0
+    import json
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["feature_dim"] is not None
+    # a wrong expected feature size is an error naming the region file
+    assert main(["shards", "build", str(img), str(tmp_path / "bad"), "--dataset", "image_text", "--captions",
+                 str(caps), "--regions", str(regs), "--feature_dim", "3"]) == 2
+    assert ".npz" in capsys.readouterr().err

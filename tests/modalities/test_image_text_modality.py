@@ -193,3 +193,16 @@ def test_same_seed_same_stream(shards):
     assert all(torch.equal(x.inputs["image"].mask, y.inputs["image"].mask) for x, y in zip(a, b))
     c = batches(vl, shards, masker, "mrm", seed=2)
     assert not all(torch.equal(x.inputs["image"].mask, y.inputs["image"].mask) for x, y in zip(a, c))
+
+
+def test_learned_region_positions_reach_the_embedder_through_the_batch():
+    import torch
+
+    from mmm.batch import RegionInput
+    from mmm.modalities.regions import RegionEmbedder
+
+    emb = RegionEmbedder(dim=16, feature_dim=8, max_regions=4, position="learned", dropout=0.0).eval()
+    feats, boxes = torch.randn(3, 8), torch.rand(3, 7)
+    a = RegionInput(feats, boxes, torch.tensor([0, 1, 2])).embed(emb)
+    b = RegionInput(feats, boxes, torch.tensor([2, 1, 0])).embed(emb)
+    assert a.shape == (3, 16) and not torch.allclose(a, b)  # the positions are used
