@@ -381,14 +381,36 @@ def apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any], cls: Type[A
         parts = dotted.split(".")
         node, tp = data, cls
         for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):  # an entry of a list of sections: --tasks.0.train
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override --{dotted}: {'.'.join(parts[:i])!r} has {len(node)} entries; "
+                                      f"{part!r} is not one of their indices 0..{len(node) - 1}")
+                if last:
+                    node[int(part)] = value
+                elif not isinstance(node[int(part)], dict):
+                    raise ConfigError(f"override --{dotted}: entry {'.'.join(parts[:i + 1])!r} is not a mapping")
+                else:
+                    node = node[int(part)]
+                continue
+            item_type = None
             if tp is not None and dataclasses.is_dataclass(tp):
                 names = {f.name for f in dataclasses.fields(tp)}
                 if part not in names:
                     raise ConfigError(f"unknown override --{dotted}: {'.'.join(parts[:i + 1])!r} is not a key; valid: {sorted(names)}")
                 hint = typing.get_type_hints(tp)[part]
-                tp = hint if dataclasses.is_dataclass(hint) else None
-            if i == len(parts) - 1:
+                args = typing.get_args(hint)
+                if typing.get_origin(hint) in (list, List) and args and dataclasses.is_dataclass(args[0]):
+                    item_type = args[0]
+                tp = item_type or (hint if dataclasses.is_dataclass(hint) else None)
+            if last:
                 node[part] = value
+            elif item_type is not None:
+                child = node.get(part)
+                if not isinstance(child, list):
+                    raise ConfigError(f"override --{dotted}: the config has no {part!r} list to index "
+                                      f"(set it in the YAML file)")
+                node = child
             else:
                 child = node.get(part)
                 if not isinstance(child, dict):

@@ -42,7 +42,8 @@ def test_every_config_parses_and_builds(path):
 
 def test_configs_present():
     names = {p.name for p in CONFIGS}
-    assert {"text_mlm_tiny.yaml", "text_mlm_bert_base.yaml"} <= names
+    assert {"text_mlm_tiny.yaml", "text_mlm_bert_base.yaml", "vl_uniter_tiny.yaml", "vl_uniter_base.yaml",
+            "multimodal_tiny.yaml"} <= names
 
 
 def test_unknown_key_names_file_and_key(tmp_path):
@@ -83,3 +84,15 @@ def test_overrides_precedence_and_parsing():
 def test_defaults_round_trip():
     cfg = PretrainConfig()
     assert to_dict(from_dict(PretrainConfig, to_dict(cfg))) == to_dict(cfg)
+
+
+def test_overrides_reach_list_entries_by_index():
+    vl = Path(__file__).resolve().parents[1] / "configs" / "vl_uniter_tiny.yaml"
+    cfg = load_config(vl, {"tasks.1.train": "/data/shards", "tasks.0.weight": 3.0})
+    assert cfg.tasks[1].train == "/data/shards" and cfg.tasks[0].weight == 3.0 and cfg.tasks[2].train == "embedded"
+    with pytest.raises(ConfigError, match="has 5 entries"):
+        load_config(vl, {"tasks.7.train": "x"})
+    with pytest.raises(ConfigError, match="tasks.0.wieght"):
+        load_config(vl, {"tasks.0.wieght": 1.0})
+    with pytest.raises(ConfigError, match="no 'tasks' list"):
+        load_config(CONFIGS[0], {"tasks.0.train": "x"})
