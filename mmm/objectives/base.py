@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -48,3 +49,12 @@ def global_mean(loss_sum: torch.Tensor, count: int, sync: bool = True) -> torch.
         denominator = total / dist.get_world_size()
         return loss_sum / denominator.clamp_min(1e-12)  # no prediction on any rank: loss_sum is 0 too
     return loss_sum / max(count, 1)
+
+
+def zero_output(hidden: torch.Tensor, module: nn.Module, metrics=()) -> ObjectiveOutput:
+    """A zero loss still connected to ``hidden`` and to every parameter of ``module`` (no target this batch).
+
+    Touching the head's parameters keeps DDP's "every parameter received a gradient" check happy.
+    """
+    zero = hidden.sum() * 0.0 + sum(p.sum() for p in module.parameters()) * 0.0
+    return ObjectiveOutput(zero, {m: zero.detach() for m in metrics}, 0)

@@ -24,7 +24,7 @@ from torch import nn
 from mmm.batch import ContrastiveTargets, PackedBatch
 from mmm.config import EncoderConfig
 from mmm.objectives.base import ObjectiveOutput
-from mmm.objectives.mrm import zero_output
+from mmm.objectives.base import zero_output
 from mmm.registry import OBJECTIVES
 
 

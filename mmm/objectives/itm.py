@@ -22,7 +22,7 @@ from torch import nn
 from mmm.batch import PackedBatch, PairTargets
 from mmm.config import EncoderConfig
 from mmm.objectives.base import ObjectiveOutput
-from mmm.objectives.mrm import zero_output
+from mmm.objectives.base import zero_output
 from mmm.objectives.optimal_transport import cosine_cost, ot_distance, pad_by_group
 from mmm.registry import OBJECTIVES
 

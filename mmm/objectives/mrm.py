@@ -25,7 +25,7 @@ from torch import nn
 
 from mmm.batch import ImageInput, PackedBatch, RegionTargets
 from mmm.config import EncoderConfig
-from mmm.objectives.base import ObjectiveOutput
+from mmm.objectives.base import ObjectiveOutput, zero_output
 from mmm.registry import OBJECTIVES
 
 if TYPE_CHECKING:
@@ -50,15 +50,6 @@ class RegionHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(M, d) → (M, out_dim)."""
         return self.out(self.norm(F.gelu(self.dense(hidden))))
-
-
-def zero_output(hidden: torch.Tensor, module: nn.Module, metrics=()) -> ObjectiveOutput:
-    """A zero loss still connected to ``hidden`` and to every parameter of ``module`` (no target this batch).
-
-    Touching the head's parameters keeps DDP's "every parameter received a gradient" check happy.
-    """
-    zero = hidden.sum() * 0.0 + sum(p.sum() for p in module.parameters()) * 0.0
-    return ObjectiveOutput(zero, {m: zero.detach() for m in metrics}, 0)
 
 
 class RegionTargetSource:
