@@ -20,7 +20,7 @@ import numpy as np
 import mmm.modalities.audio_modality  # noqa: F401  (registers the "audio" modality and embedder)
 import mmm.objectives.feature_regression  # noqa: F401  (registers "masked_features")
 from mmm.config import PretrainConfig, load_config
-from mmm.demo.common import held_out_loss, plot_losses, probe_models, read_metrics
+from mmm.demo.common import held_out_loss, plot_losses, probe_models, read_metrics, torch_threads
 from mmm.model import head_name
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
 
@@ -47,6 +47,14 @@ def run_audio_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Opti
     if max_steps is not None:
         overrides["trainer.max_steps"] = max_steps
     cfg: PretrainConfig = load_config(config, overrides)
+    with torch_threads(cfg.trainer.threads):
+        metrics = _train_and_evaluate(cfg, out_dir)
+    metrics["config"] = str(config)
+    metrics["report"] = _report(metrics, cfg, out_dir.name)
+    return metrics
+
+
+def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path) -> Dict[str, object]:
     t0 = time.perf_counter()
     run = pretrain(cfg)
     train_seconds = time.perf_counter() - t0
@@ -68,8 +76,8 @@ def run_audio_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Opti
     plot_losses(series, out_dir / "loss_curve.png", "mmm demo: tiny masked acoustic model on embedded sounds",
                 "weighted sum of the objectives' losses", hlines)
     per_sec = [v for _, v in series.get("train/seqs_per_sec", [])]
-    metrics = {
-        "config": str(config),
+    return {
+        "threads": cfg.trainer.threads,
         "steps": cfg.trainer.max_steps,
         "train_seconds": round(train_seconds, 1),
         "probe_seconds": round(probe_seconds, 1),
@@ -78,8 +86,6 @@ def run_audio_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Opti
         "linear_probe": {k: vars(v) for k, v in probes.items()},
         "checkpoint": str(run.last_checkpoint),
     }
-    metrics["report"] = _report(metrics, cfg, out_dir.name)
-    return metrics
 
 
 def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
@@ -109,7 +115,8 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         "",
         f"![loss curve]({folder}/loss_curve.png)",
         "",
-        f"Checkpoint: `{m['checkpoint']}`.",
+        f"Checkpoint: `{m['checkpoint']}` (`mmm.load_encoder(path, modality=\"audio\")`; "
+        "`mmm.save_encoder(enc, folder)` keeps the weights and the fitted front end together).",
         "",
     ]
     return "\n".join(lines)

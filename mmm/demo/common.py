@@ -1,15 +1,33 @@
 """Pieces every part of ``mmm demo`` shares: metrics CSV reading, loss plots, held-out losses, probes."""
 from __future__ import annotations
 
+import contextlib
 import csv
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from mmm.data.stream import SampleErrorHandler, make_pipeline
 from mmm.model import MaskedModel
 from mmm.probe import ProbeScore, extract_features, linear_probe
+
+
+@contextlib.contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)`` (``trainer.threads``), restored after; None = unchanged.
+
+    A demo part trains and evaluates in this process, so it applies the config's thread count to both.
+    """
+    before = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"trainer.threads must be >= 1 or null, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def read_metrics(csv_path: Optional[Path]) -> Dict[str, List[tuple]]:

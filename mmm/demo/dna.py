@@ -4,22 +4,28 @@ Steps: build the embedded synthetic genome (four motif classes planted at known 
 motif-free background class, built locally) → pretrain ``configs/dna_mlm_tiny.yaml`` → held-out
 MLM loss and masked-token accuracy of the trained model and of the same network at its
 initialisation (identical masks) → linear probe for the motif class on frozen mean-pooled
-features, trained vs. random init → loss curve.
+features, trained vs. random init, next to the same probe on 4-mer counts → loss curve.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import lightning as L
+import numpy as np
 
 from mmm.config import PretrainConfig, load_config
-from mmm.demo.common import held_out_loss, plot_losses, probe_models, read_metrics
+from mmm.demo.common import held_out_loss, plot_losses, probe_models, read_metrics, torch_threads
+from mmm.probe import linear_probe
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "dna_mlm_tiny.yaml"
+PROBE_POOLING = "mean"
+"""How the probe pools a window's final hidden states."""
+BASELINE_K = 4
+"""k of the k-mer-count baseline probe."""
 
 
 def run_dna_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
@@ -38,6 +44,14 @@ def run_dna_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Option
     if max_steps is not None:
         overrides["trainer.max_steps"] = max_steps
     cfg: PretrainConfig = load_config(config, overrides)
+    with torch_threads(cfg.trainer.threads):
+        metrics = _train_and_evaluate(cfg, out_dir, quick)
+    metrics["config"] = str(config)
+    metrics["report"] = _report(metrics, cfg, out_dir.name)
+    return metrics
+
+
+def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict[str, object]:
     t0 = time.perf_counter()
     run = pretrain(cfg)
     train_seconds = time.perf_counter() - t0
@@ -51,30 +65,70 @@ def run_dna_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Option
     losses = {name: held_out_loss(m, run.modality, run.masker, val_urls, batch_size=cfg.data.batch_size,
                                   max_batches=3 if quick else 20) for name, m in models.items()}
     t1 = time.perf_counter()
-    probes = probe_models(models, run.modality, train_urls, val_urls, max_train=300 if quick else 2000,
-                          max_test=200 if quick else 1000, batch_size=cfg.data.batch_size)
+    max_train, max_test = (300, 200) if quick else (2000, 1000)
+    probes = probe_models(models, run.modality, train_urls, val_urls, max_train=max_train, max_test=max_test,
+                          batch_size=cfg.data.batch_size, pooling=PROBE_POOLING)
+    # the reference a user would otherwise pick: 4-mer counts of the same windows, same probe
+    kmer = linear_probe(kmer_count_features(train_urls, BASELINE_K, max_train),
+                        kmer_count_features(val_urls, BASELINE_K, max_test))
     probe_seconds = time.perf_counter() - t1
     series = read_metrics(run.csv_logger.log_dir and Path(run.csv_logger.log_dir) / "metrics.csv")
     head = next(iter(losses["untrained"]), None)
     plot_losses(series, out_dir / "loss_curve.png", "mmm demo: tiny DNA MLM on the synthetic genome",
                 "cross-entropy (nats)", [(losses["untrained"][head], "untrained model, held-out", "--")] if head else [])
-    metrics = {
-        "config": str(config),
+    return {
         "steps": cfg.trainer.max_steps,
+        "threads": cfg.trainer.threads,
         "train_seconds": round(train_seconds, 1),
         "probe_seconds": round(probe_seconds, 1),
         "held_out_loss": losses,
         "linear_probe": {k: vars(v) for k, v in probes.items()},
+        "kmer_baseline": {"k": BASELINE_K, **vars(kmer)},
         "checkpoint": str(run.last_checkpoint),
     }
-    metrics["report"] = _report(metrics, cfg, out_dir.name)
-    return metrics
+
+
+def kmer_count_features(urls: List[str], k: int = 4, max_samples: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Counts of every k-mer over A/C/G/T (case folded; k-mers with other codes skipped) and labels of
+    the labelled windows of ``urls``, in shard order (the windows :func:`~mmm.probe.extract_features`
+    reads, so both probes see the same samples).
+
+    Args:
+        urls: shard urls of labelled DNA windows.
+        k: k-mer length (4 gives 256 features).
+        max_samples: stop after this many labelled windows.
+    """
+    from mmm.data.dna import read_dna_sample
+    from mmm.data.stream import SampleErrorHandler, make_pipeline
+
+    code = np.full(256, -1, dtype=np.int64)
+    for i, base in enumerate(b"ACGT"):
+        code[base] = code[base + 32] = i  # upper and soft-masked lower case
+    rows, labels = [], []
+    for sample in make_pipeline(urls, stages=[], shuffle_shards=False, shuffle_buffer=0, handler=SampleErrorHandler()):
+        window = read_dna_sample(sample)
+        if window.label < 0:
+            continue
+        c = code[np.frombuffer(window.seq.encode("ascii"), dtype=np.uint8)]  # (L,)
+        if len(c) < k:
+            rows.append(np.zeros(4 ** k))
+        else:
+            grams = np.lib.stride_tricks.sliding_window_view(c, k)  # (L-k+1, k)
+            ok = (grams >= 0).all(axis=1)
+            ids = (grams[ok] * (4 ** np.arange(k - 1, -1, -1))).sum(axis=1)
+            rows.append(np.bincount(ids, minlength=4 ** k).astype(np.float64))
+        labels.append(window.label)
+        if max_samples is not None and len(labels) >= max_samples:
+            break
+    if not labels:
+        raise ValueError(f"no labelled DNA windows in {urls[:3]}")
+    return np.stack(rows).astype(np.float32), np.asarray(labels, dtype=np.int64)
 
 
 def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
     e, d = cfg.model.encoder, cfg.model.dna
     tok = f"{d.k}-mers ({'overlapping' if d.overlapping else 'non-overlapping'})" if d.tokenizer == "dna_kmer" else d.tokenizer
-    pt, pu = m["linear_probe"]["trained"], m["linear_probe"]["untrained"]
+    pt, pu, kb = m["linear_probe"]["trained"], m["linear_probe"]["untrained"], m["kmer_baseline"]
     rows = [f"| {name} | " + " | ".join(f"{v:.3f}" for v in m["held_out_loss"][key].values())
             + f" | {m['linear_probe'][key]['accuracy']:.3f} |" for name, key in
             (("untrained (same init)", "untrained"), ("**trained**", "trained"))]
@@ -89,10 +143,12 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         "| model | " + " | ".join(f"held-out {h} loss" for h in heads) + " | linear-probe accuracy (motif class) |",
         "|---|" + "---|" * len(heads) + "---|",
         *rows,
+        f"| {kb['k']}-mer counts (no network) | " + " | ".join("–" for _ in heads) + f" | {kb['accuracy']:.3f} |",
         "",
-        f"Probe: logistic regression on frozen mean-pooled features of {pt['train_samples']} training windows, "
-        f"scored on {pt['test_samples']} held-out windows ({pt['classes']} classes, chance {pt['chance']:.3f}; "
-        f"untrained {pu['accuracy']:.3f}).",
+        f"Probe: logistic regression on frozen {PROBE_POOLING}-pooled features of {pt['train_samples']} training "
+        f"windows, scored on {pt['test_samples']} held-out windows ({pt['classes']} classes, chance "
+        f"{pt['chance']:.3f}; untrained {pu['accuracy']:.3f}). The last row fits the same probe on the windows' "
+        f"{kb['k']}-mer counts ({4 ** kb['k']} features), the reference a bag-of-k-mers model would give.",
         "",
         f"![loss curve]({folder}/loss_curve.png)",
         "",
