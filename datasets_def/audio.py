@@ -44,6 +44,7 @@ import numpy as np
 
 from datasets_def.text import DONE_MARKER, default_cache_dir
 from mmm.registry import DATASETS
+from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
 
@@ -92,20 +93,6 @@ class AudioBuildReport:
     def total_samples(self) -> int:
         """Shard samples over both splits."""
         return sum(self.samples.values())
-
-
-class _Skipper:
-    """Raise an :class:`AudioBuildError` or, with ``skip_bad``, record (where, reason) and go on."""
-
-    def __init__(self, skip_bad: bool) -> None:
-        self.skip_bad = skip_bad
-        self.skipped: List[Tuple[str, str]] = []
-
-    def bad(self, where: str, reason: str) -> None:
-        if not self.skip_bad:
-            raise AudioBuildError(f"{where}: {reason} (pass skip_bad=True to skip and report such input)")
-        logger.warning("skipping %s: %s", where, reason)
-        self.skipped.append((where, reason))
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +346,7 @@ def build_shards(
     label_table = _read_labels(labels, src, [s for _, s in inputs])
     _prepare_output(out, overwrite)
 
-    skipper = _Skipper(skip_bad)
+    skipper = BadInputSkipper(skip_bad, AudioBuildError)
     writer = _ClipWriter(out, sample_rate, float(max_seconds), samples_per_shard)
     resampled = 0
     try:

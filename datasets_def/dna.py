@@ -43,6 +43,7 @@ import numpy as np
 
 from mmm.modalities.dna_tokenizer import IUPAC_AMBIGUOUS, base_codes, find_invalid_base
 from mmm.registry import DATASETS
+from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
 
@@ -187,20 +188,6 @@ def read_labels(path: PathLike) -> LabelIntervals:
 # reading FASTA
 
 
-class _Skipper:
-    """Raise a :class:`DNABuildError` or, with ``skip_bad``, record (where, reason) and go on."""
-
-    def __init__(self, skip_bad: bool) -> None:
-        self.skip_bad = skip_bad
-        self.skipped: List[Tuple[str, str]] = []
-
-    def bad(self, where: str, reason: str) -> None:
-        if not self.skip_bad:
-            raise DNABuildError(f"{where}: {reason} (pass skip_bad=True to skip and report such input)")
-        logger.warning("skipping %s: %s", where, reason)
-        self.skipped.append((where, reason))
-
-
 def _is_fasta_name(name: str) -> bool:
     return name.lower().removesuffix(".gz").endswith(FASTA_SUFFIXES)
 
@@ -220,7 +207,7 @@ def _find_inputs(input_path: Path) -> List[Tuple[Path, str]]:
     return sorted(((p, p.relative_to(input_path).as_posix()) for p in found), key=lambda pair: pair[1])
 
 
-def _iter_records(path: Path, source: str, skipper: _Skipper) -> Iterator[Tuple[str, str]]:
+def _iter_records(path: Path, source: str, skipper: BadInputSkipper) -> Iterator[Tuple[str, str]]:
     """Yield (record id, uppercase sequence) of one FASTA file; bad input goes to ``skipper``."""
     from Bio import SeqIO  # heavy import kept local: defining the dataset must stay cheap
 
@@ -386,7 +373,7 @@ def build_shards(
     intervals = read_labels(labels) if labels is not None else None
     _prepare_output(out, overwrite)
 
-    skipper = _Skipper(skip_bad)
+    skipper = BadInputSkipper(skip_bad, DNABuildError)
     writers: Dict[str, Any] = {}
     records = {s: 0 for s in SPLITS}
     windows = {s: 0 for s in SPLITS}

@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw
 from datasets_def.text import DONE_MARKER, default_cache_dir
 from mmm.data.image_decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_header
 from mmm.registry import DATASETS
+from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
 
@@ -81,20 +82,6 @@ class ImageBuildReport:
     def total_samples(self) -> int:
         """Samples over both splits."""
         return sum(self.samples.values())
-
-
-class _Skipper:
-    """Raise an :class:`ImageBuildError` or, with ``skip_bad``, record (where, reason) and go on."""
-
-    def __init__(self, skip_bad: bool) -> None:
-        self.skip_bad = skip_bad
-        self.skipped: List[Tuple[str, str]] = []
-
-    def bad(self, where: str, reason: str) -> None:
-        if not self.skip_bad:
-            raise ImageBuildError(f"{where}: {reason} (pass skip_bad=True to skip and report such files)")
-        logger.warning("skipping %s: %s", where, reason)
-        self.skipped.append((where, reason))
 
 
 class _SplitWriters:
@@ -278,7 +265,7 @@ def _as_int(text: str) -> Optional[int]:
 
 
 def _labels_of(images: List[Tuple[Path, str]], root: Path, labels: Union[str, PathLike, None],
-               skipper: _Skipper) -> Tuple[Dict[str, Tuple[Optional[int], Optional[str]]], Optional[List[str]]]:
+               skipper: BadInputSkipper) -> Tuple[Dict[str, Tuple[Optional[int], Optional[str]]], Optional[List[str]]]:
     """``{relative path: (label, label_name)}`` for the images that have one, and the label names."""
     if labels is None:
         return {rel: (None, None) for _, rel in images}, None
@@ -384,7 +371,7 @@ def build_shards(
     unmatched_captions = len(caption_of.keys() - {rel for _, rel in images})
     if unmatched_captions:
         logger.warning("captions file %s lists %d path(s) with no image under %s", captions, unmatched_captions, src)
-    skipper = _Skipper(skip_bad)
+    skipper = BadInputSkipper(skip_bad, ImageBuildError)
     label_of, label_names = _labels_of(images, src, labels, skipper)
     _prepare_output(out, overwrite)
 

@@ -51,6 +51,7 @@ from mmm.data.image_decode import DEFAULT_MAX_PIXELS, ImageDecodeError
 from mmm.data.image_text import (BOX_DIM, REGION_FIELDS, RegionArrayError, captions_of, check_region_arrays, load_npy,
                                  xyxy_to_geometry)
 from mmm.registry import DATASETS
+from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
 
@@ -62,20 +63,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 class ImageTextBuildError(ImageBuildError):
     """Bad input or output for an image-text shard build; the message names the file, line or field."""
-
-
-class _Skipper:
-    """Raise an :class:`ImageTextBuildError` or, with ``skip_bad``, record (where, reason) and go on."""
-
-    def __init__(self, skip_bad: bool) -> None:
-        self.skip_bad = skip_bad
-        self.skipped: List[Tuple[str, str]] = []
-
-    def bad(self, where: str, reason: str) -> None:
-        if not self.skip_bad:
-            raise ImageTextBuildError(f"{where}: {reason} (pass skip_bad=True to skip and report such input)")
-        logger.warning("skipping %s: %s", where, reason)
-        self.skipped.append((where, reason))
 
 
 @dataclass
@@ -314,7 +301,7 @@ def build_shards(
     if region_dir is not None and not region_dir.is_dir():
         raise FileNotFoundError(f"regions folder does not exist: {region_dir}")
     images, ignored = _find_images(src)
-    skipper = _Skipper(skip_bad)
+    skipper = BadInputSkipper(skip_bad, ImageTextBuildError)
     caption_table, bad_rows = read_captions(captions)
     for where, reason in bad_rows:
         skipper.bad(where, reason)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from mmm.registry import DATASETS
+from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
 
@@ -123,20 +124,6 @@ class BuildReport:
         return sum(self.chunks.values())
 
 
-class _Skipper:
-    """Raise a :class:`TextBuildError` or, with ``skip_bad``, record (where, reason) and go on."""
-
-    def __init__(self, skip_bad: bool) -> None:
-        self.skip_bad = skip_bad
-        self.skipped: List[Tuple[str, str]] = []
-
-    def bad(self, where: str, reason: str) -> None:
-        if not self.skip_bad:
-            raise TextBuildError(f"{where}: {reason} (pass skip_bad=True to skip and report such input)")
-        logger.warning("skipping %s: %s", where, reason)
-        self.skipped.append((where, reason))
-
-
 def _find_inputs(input_path: Path) -> List[Tuple[Path, str]]:
     """(file, source name) pairs, sorted by relative posix path."""
     if not input_path.exists():
@@ -152,7 +139,7 @@ def _find_inputs(input_path: Path) -> List[Tuple[Path, str]]:
     return sorted(pairs, key=lambda pair: pair[1])
 
 
-def _decode(data: bytes, where: str, base_offset: int, skipper: _Skipper) -> Optional[str]:
+def _decode(data: bytes, where: str, base_offset: int, skipper: BadInputSkipper) -> Optional[str]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exn:
@@ -161,7 +148,7 @@ def _decode(data: bytes, where: str, base_offset: int, skipper: _Skipper) -> Opt
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
-def _iter_documents(path: Path, source: str, jsonl_field: str, skipper: _Skipper) -> Iterator[Tuple[int, str]]:
+def _iter_documents(path: Path, source: str, jsonl_field: str, skipper: BadInputSkipper) -> Iterator[Tuple[int, str]]:
     """Yield (doc index in file, text) for one input file; bad input goes to ``skipper``."""
     if path.suffix == ".txt":
         text = _decode(path.read_bytes(), source, 0, skipper)
@@ -275,7 +262,7 @@ def build_shards(
     inputs = _find_inputs(src)
     _prepare_output(out, overwrite)
 
-    skipper = _Skipper(skip_bad)
+    skipper = BadInputSkipper(skip_bad, TextBuildError)
     writers: Dict[str, Any] = {}
     documents = {s: 0 for s in SPLITS}
     chunks = {s: 0 for s in SPLITS}
