@@ -11,11 +11,13 @@ from mmm.cli import main
 def test_list_shows_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "attention backend: math, sdpa, xformers" in out and "dataset: audio, dna, image, text" in out
+    assert "attention backend: math, sdpa, xformers" in out and "dataset: audio, dna, image, image_text, text" in out
     maskers = next(line for line in out.splitlines() if line.startswith("masker: "))
     assert {"bert_random", "whole_word", "mae_random", "beit_block", "dna_span", "time_span"} <= set(maskers[8:].split(", "))
     modalities = next(line for line in out.splitlines() if line.startswith("modality: "))
-    assert {"text", "image", "dna"} <= set(modalities[10:].split(", "))
+    assert {"text", "image", "dna", "audio", "regions", "image_text"} <= set(modalities[10:].split(", "))
+    objectives = next(line for line in out.splitlines() if line.startswith("objective: "))
+    assert {"mlm", "mae", "mrfr", "mrc", "mrc_kl", "itm", "itc"} <= set(objectives[11:].split(", "))
 
 
 def test_print_config_is_commented_yaml_with_overrides(capsys):
