@@ -2,6 +2,7 @@
 
     mmm demo [--out DIR] [--max_steps N]
     mmm pretrain --config configs/text_mlm_tiny.yaml [--trainer.max_steps 50 ...] [--print_config]
+    mmm prepare --config configs/audio_mam_tiny.yaml [--trainer.default_root_dir DIR ...]   (fit assets offline)
     mmm shards build INPUT OUTPUT [--dataset text] [--max_chars 2000] [--val_fraction 0.01] ...
     mmm shards check DIR [--dataset text] [--split train|val]        (exit 0: ok, 1: problems, 2: usage)
     mmm shards stats DIR [--split ...] [--tokenizer DIR] [--max_len 128] [--json OUT]
@@ -56,6 +57,19 @@ def _cmd_pretrain(ns: argparse.Namespace, rest: List[str]) -> int:
 
     run = pretrain(cfg)
     print(f"run folder: {run.run_dir}\nlast checkpoint: {run.last_checkpoint}")
+    return 0
+
+
+def _cmd_prepare(ns: argparse.Namespace, rest: List[str]) -> int:
+    cfg = load_config(ns.config, parse_overrides(rest))
+    from mmm.train.tasks import prepare_run_assets
+
+    mods = prepare_run_assets(cfg)
+    run_dir = Path(cfg.trainer.default_root_dir)
+    for name, files in mods.assets().items():
+        if files:
+            print(f"{name}: {', '.join(sorted(files))}")
+    print(f"assets in {run_dir.resolve()}: `mmm pretrain` with --trainer.default_root_dir {run_dir} reuses them")
     return 0
 
 
@@ -194,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     d.add_argument("--quick", action="store_true", help="small evaluation sets (smoke tests)")
     d.set_defaults(fn=_cmd_demo)
+
+    r = sub.add_parser("prepare", help="fit a config's assets (tokenizer, statistics, k-means codebooks) into its "
+                                       "run folder without training; pretrain reuses them")
+    r.add_argument("--config", default=None, help="YAML config file")
+    r.set_defaults(fn=_cmd_prepare)
 
     t = sub.add_parser("pretrain", help="pretrain from a YAML config; --section.key value overrides")
     t.add_argument("--config", default=None, help="YAML config file")

@@ -181,3 +181,23 @@ def modalities_from_checkpoint(contents: Any) -> RunModalities:
     for name, m in {**mods.base, **mods.composites}.items():
         m.load_assets(contents.assets.get(name, {}), str(contents.path))
     return mods
+
+
+def prepare_run_assets(cfg: PretrainConfig) -> RunModalities:
+    """Fit (or reuse) every modality's assets of ``cfg`` into its run folder, without training.
+
+    ``mmm prepare`` calls this: the tokenizer, normalisation statistics and k-means codebooks
+    (HuBERT targets, BEiT-style visual tokens) are fitted offline on the training shards and saved
+    in ``trainer.default_root_dir``; ``mmm pretrain`` with the same folder then reuses them
+    instead of fitting again (as a resumed run does).
+
+    Args:
+        cfg: the run's configuration.
+    """
+    run_dir = Path(cfg.trainer.default_root_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tasks = task_configs(cfg)
+    train_urls = {t.name: resolve_shards(t.train, t.dataset, "train") for t in tasks}
+    mods = build_modalities(cfg, tasks, train_urls)
+    prepare_modalities(mods, run_dir)
+    return mods
