@@ -159,3 +159,17 @@ def test_prepare_fits_audio_codebooks_offline_and_pretrain_reuses_them(tmp_path,
                  "--trainer.enable_progress_bar", "false",
                  "--objectives.0.args", "{target: audio_mfcc, num_classes: 8}"]) == 0
     assert codebook.read_text() == before and codebook.stat().st_mtime_ns == stamp  # reused, not refitted
+
+
+def test_vl_demo_smoke(tmp_path, capsys):
+    """The vision-language part end to end: a few steps of every task, retrieval and ITM scores, the report."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--parts", "vl", "--max_steps", "6", "--quick",
+                 "--no_progress"]) == 0
+    assert "vl: text->image R@1 trained" in capsys.readouterr().out
+    m = json.loads((tmp_path / "demo" / "metrics.json").read_text())["parts"]["vl"]
+    for name in ("trained", "untrained"):
+        s = m["scores"][name]
+        assert s["retrieval"]["texts"] > 0 and 0.0 <= s["itm_accuracy"] <= 1.0
+        assert set(s["retrieval"]["t2i"]) == {"1", "5", "10"}
+    assert (tmp_path / "demo" / "vl" / "loss_curve.png").stat().st_size > 5000
+    assert "## Vision-language" in (tmp_path / "demo" / "report.md").read_text()
