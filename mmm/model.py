@@ -78,7 +78,11 @@ class MaskedModel(nn.Module):
 
     def forward(self, batch: PackedBatch) -> Tuple[torch.Tensor, Dict[str, ObjectiveOutput]]:
         hidden = self.encode(batch)
-        outputs = {name: self.objectives[name](hidden, batch) for name in self.heads_for(batch)}
+        outputs = {}
+        for name in self.heads_for(batch):
+            head = self.objectives[name]
+            # a head that re-encodes (ITM with mined hard negatives) gets the model itself
+            outputs[name] = head(hidden, batch, model=self) if getattr(head, "needs_model", False) else head(hidden, batch)
         total = sum(self.weights[name] * out.loss for name, out in outputs.items())
         return total, outputs
 

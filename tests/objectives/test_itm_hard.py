@@ -1,0 +1,101 @@
+"""ITM with hard negatives mined by contrastive similarity: re-pairing a contrastive batch, mining, training."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+from test_image_text_pipeline import F, run, settings, shards, tok  # noqa: E402,F401  (fixtures)
+
+from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig  # noqa: E402
+from mmm.data.pairing import joint_pairs  # noqa: E402
+from mmm.model import build_model  # noqa: E402
+from mmm.registry import EMBEDDERS  # noqa: E402
+
+
+@pytest.mark.parametrize("image_input", ["patches", "regions"])
+def test_identity_repairing_of_a_contrastive_batch_is_the_itm_layout(shards, tok, image_input):
+    itc = run(shards, tok, settings("itc", image_input))[0]
+    itm = run(shards, tok, settings("itm", image_input, itm_negatives=0.0))[0]
+    key = "image" if image_input == "patches" else "regions"
+    b = itc.targets["itc"].count
+    joint = joint_pairs(itc, range(b), range(b), [1] * b, key)
+    assert torch.equal(joint.seq.cu_seqlens, itm.seq.cu_seqlens)
+    for name in ("ids", "position_ids", "index"):
+        assert torch.equal(getattr(joint.inputs["text"], name), getattr(itm.inputs["text"], name)), name
+    assert torch.equal(joint.inputs[key].index, itm.inputs[key].index)
+    for name in ("cls_positions", "labels", "text_positions", "text_pair", "image_positions", "image_pair"):
+        assert torch.equal(getattr(joint.targets["itm"], name), getattr(itm.targets["itm"], name)), name
+    # a crossed pairing puts caption 1 before image 0
+    crossed = joint_pairs(itc, [1], [0], [0], key)
+    n1 = int(itc.seq.cu_seqlens[2] - itc.seq.cu_seqlens[1])
+    assert torch.equal(crossed.inputs["text"].ids, itc.inputs["text"].ids[int(itc.seq.cu_seqlens[1]):][:n1])
+
+
+def _vl_model(image_input: str, vocab: int, negatives: str):
+    cfg = ModelConfig(encoder=EncoderConfig(dim=32, depth=1, heads=2, mlp_hidden=64, dropout=0.0, attn_dropout=0.0))
+    embedders = {"text": EMBEDDERS.create("text", vocab_size=vocab, dim=32, max_len=64)}
+    if image_input == "patches":
+        embedders["image"] = EMBEDDERS.create("image", dim=32, image_size=32, patch_size=8)
+    else:
+        embedders["regions"] = EMBEDDERS.create("regions", dim=32, feature_dim=F)
+    objectives = [ObjectiveConfig("itc"), ObjectiveConfig("itm", args={"negatives": negatives})]
+    return build_model(cfg, objectives, embedders)
+
+
+@pytest.mark.parametrize("image_input", ["patches", "regions"])
+def test_hard_negatives_are_non_matching_and_follow_similarity(shards, tok, image_input):
+    torch.manual_seed(0)
+    itc = run(shards, tok, settings("itc", image_input), batch_size=6)[0]
+    model = _vl_model(image_input, tok.vocab_size, "hard")
+    hidden = model.encode(itc)
+    mined = model.objectives["itm"].mine_hard_pairs(hidden, itc, model)
+    t, b = mined.targets["itm"], itc.targets["itc"].count
+    assert t.count == 3 * b and t.labels.tolist() == [1] * b + [0] * (2 * b)
+    caps = itc.extras["captions"]
+    pairs = mined.extras["pairs"]
+    assert pairs["text"][:b] == pairs["image"][:b] == list(range(b))
+    for j, i in zip(pairs["text"][b:], pairs["image"][b:]):  # every negative: a caption whose text is not the image's
+        assert caps[j] != caps[i]
+    assert sorted(pairs["image"][b:2 * b]) == list(range(b)) and sorted(pairs["text"][2 * b:]) == list(range(b))
+    loss, outputs = model(itc)
+    assert torch.isfinite(loss) and outputs["itm"].count == 3 * b
+    loss.backward()
+    assert model.objectives["itm"].classifier.weight.grad is not None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+def test_similar_pairs_are_drawn_more_often_as_negatives(shards, tok):
+    """With a similarity that singles out one caption per image, that caption is the mined negative."""
+    itc = run(shards, tok, settings("itc", "regions"), batch_size=6)[0]
+    model = _vl_model("regions", tok.vocab_size, "hard")
+    head = model.objectives["itc"]
+    b = itc.targets["itc"].count
+    caps = itc.extras["captions"]
+    target = [next(j for j in range((i + 1) % b, b + (i + 1) % b) if caps[j % b] != caps[i]) % b for i in range(b)]
+
+    def fake_embed(hidden, targets):
+        img = torch.nn.functional.one_hot(torch.tensor(target), b).float()  # image i most similar to caption target[i]
+        return img, torch.eye(b)
+
+    head.embed_pairs = fake_embed
+    with torch.no_grad():
+        head.logit_scale.fill_(4.6)  # scale 100: the softmax is nearly one-hot
+    mined = model.objectives["itm"].mine_hard_pairs(model.encode(itc), itc, model)
+    pairs = mined.extras["pairs"]
+    assert pairs["text"][b:2 * b] == target  # image i got the caption it is (by far) most similar to
+
+
+def test_hard_mode_needs_the_contrastive_head(shards, tok):
+    itc = run(shards, tok, settings("itc", "regions"))[0]
+    cfg = ModelConfig(encoder=EncoderConfig(dim=32, depth=1, heads=2, mlp_hidden=64))
+    embedders = {"text": EMBEDDERS.create("text", vocab_size=tok.vocab_size, dim=32, max_len=64),
+                 "regions": EMBEDDERS.create("regions", dim=32, feature_dim=F)}
+    model = build_model(cfg, [ObjectiveConfig("itm", args={"negatives": "hard"})], embedders)
+    with pytest.raises(ValueError, match="ranks candidates with the 'itc' head"):
+        model(itc)
+    with pytest.raises(ValueError, match="negatives must be 'batch' or 'hard'"):
+        build_model(cfg, [ObjectiveConfig("itm", args={"negatives": "soft"})], embedders)
