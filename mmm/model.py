@@ -73,8 +73,14 @@ class MaskedModel(nn.Module):
         return self.encoder(self.embed(batch), batch.seq)
 
     def heads_for(self, batch: PackedBatch) -> List[str]:
-        """Names of the heads that score ``batch`` (its task's heads, or all of them)."""
-        return self.tasks.get(batch.task, list(self.objectives))
+        """Names of the heads that score ``batch``: its task's heads in a multi-task model, every head otherwise."""
+        if not self.tasks:
+            return list(self.objectives)
+        if batch.task not in self.tasks:
+            raise ValueError(f"this model trains several tasks ({sorted(self.tasks)}) and a batch of task "
+                             f"{batch.task!r} matches none of them; set batch.task to the task whose heads should "
+                             f"score it")
+        return self.tasks[batch.task]
 
     def forward(self, batch: PackedBatch) -> Tuple[torch.Tensor, Dict[str, ObjectiveOutput]]:
         hidden = self.encode(batch)

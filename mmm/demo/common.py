@@ -74,9 +74,10 @@ def plot_losses(series: Dict[str, List[tuple]], out: Path, title: str, ylabel: s
 
 @torch.no_grad()
 def held_out_loss(model: MaskedModel, modality: Any, masker: Any, urls: List[str], *, batch_size: int,
-                  max_batches: int = 20, seed: int = 1234) -> Dict[str, float]:
+                  max_batches: int = 20, seed: int = 1234, task: str = "") -> Dict[str, float]:
     """Prediction-weighted mean loss per objective on held-out shards, with masks fixed by ``seed``
-    (so different models are scored on identical hidden positions)."""
+    (so different models are scored on identical hidden positions); ``task`` tags the batches for a
+    multi-task model (its heads score them)."""
     was = model.training
     model.eval()
     stages = modality.stages(masker, batch_size=batch_size, seed=seed, handler=SampleErrorHandler(),
@@ -85,6 +86,7 @@ def held_out_loss(model: MaskedModel, modality: Any, masker: Any, urls: List[str
     for i, batch in enumerate(make_pipeline(urls, stages=stages, shuffle_shards=False, shuffle_buffer=0)):
         if i >= max_batches:
             break
+        batch.task = task
         _, outputs = model(batch)
         for name, out in outputs.items():
             s = sums.setdefault(name, [0.0, 0])

@@ -152,3 +152,23 @@ def test_each_modality_encoder_loads_from_the_multitask_checkpoint_and_matches_t
         assert torch.allclose(out[mask.bool()], ref, atol=1e-5), modality
         without = model.encoder(model.embedders[modality](flat, seq.position_ids), seq)
         assert not torch.allclose(without, ref, atol=1e-3)  # the modality embedding matters
+
+
+def test_an_untagged_batch_is_refused_by_a_multitask_model_with_the_tasks_named():
+    from mmm.batch import PackedBatch, TokenInput
+    from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig
+    from mmm.core.packing import PackedSeqInfo
+    from mmm.model import build_model
+    from mmm.registry import EMBEDDERS
+
+    cfg = ModelConfig(encoder=EncoderConfig(dim=16, depth=1, heads=2, mlp_hidden=32))
+    emb = {m: EMBEDDERS.create("text", vocab_size=20, dim=16, max_len=8) for m in ("text", "dna")}
+    model = build_model(cfg, [ObjectiveConfig("mlm", label="a", args={"modality": "text"}),
+                              ObjectiveConfig("mlm", label="b", args={"modality": "dna"})], emb, {"t": ["a"], "d": ["b"]})
+    seq = PackedSeqInfo.from_seqlens([4])
+    batch = PackedBatch(seq, {"text": TokenInput(torch.tensor([2, 5, 6, 3]), seq.position_ids)})
+    with pytest.raises(ValueError, match=r"several tasks \(\['d', 't'\]\).*set batch.task"):
+        model(batch)
+    batch.task = "t"
+    _, outputs = model(batch)
+    assert list(outputs) == ["a"]
