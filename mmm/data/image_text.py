@@ -598,6 +598,52 @@ def collate_pairs(samples: List[PairSample], settings: ImageTextSettings,
     return _Collate(settings)(samples, rng if rng is not None else np.random.default_rng(0))
 
 
+def batches_of_distinct_images(src: Iterator[Any], batch_size: int) -> Iterator[List[Any]]:
+    """Group pairs into batches in which no image appears twice (none dropped, order otherwise kept).
+
+    One pair per caption puts the same image in several pairs; in a contrastive (``itc``) or
+    matching (``itm``) batch a second caption of the same image would be scored as a negative of
+    it. A pair whose image is already in the batch being filled waits for the next batch (it goes
+    first there); at the end of the stream the waiting pairs form the last batches.
+
+    Args:
+        src: pairs with a ``key`` naming their image.
+        batch_size: pairs per batch.
+    """
+    waiting: List[Any] = []
+    batch: List[Any] = []
+    keys: set = set()
+
+    def fill(pair: Any) -> bool:
+        if pair.key in keys:
+            return False
+        batch.append(pair)
+        keys.add(pair.key)
+        return True
+
+    for pair in src:
+        if not fill(pair):
+            waiting.append(pair)
+        if len(batch) == batch_size:
+            yield batch
+            batch, keys = [], set()
+            still = []
+            for w in waiting:
+                if len(batch) == batch_size or not fill(w):
+                    still.append(w)
+            waiting = still
+    while waiting:
+        still = []
+        for w in waiting:
+            if len(batch) == batch_size or not fill(w):
+                still.append(w)
+        if batch:
+            yield batch
+        batch, keys, waiting = [], set(), still
+    if batch:
+        yield batch
+
+
 def image_text_stages(settings: ImageTextSettings, tokenizer: Any, masker: Optional[Any], *, batch_size: int,
                       seed: int, handler: Handler, fixed_masking: bool = False,
                       epochs: Optional[EpochCounter] = None) -> List:
@@ -619,6 +665,7 @@ def image_text_stages(settings: ImageTextSettings, tokenizer: Any, masker: Optio
         wds.pipelinefilter(_decode_pairs)(settings, handler),
         SeededMap(_PreparePair(settings, tokenizer, masker if settings.mode in ("mlm", "mrm") else None), seed,
                   fixed_masking, epochs),
-        wds.batched(batch_size, collation_fn=list, partial=True),
+        (wds.pipelinefilter(batches_of_distinct_images)(batch_size) if settings.mode in ("itm", "itc")
+         else wds.batched(batch_size, collation_fn=list, partial=True)),
         SeededMap(_Collate(settings), seed + 1_000_003, fixed_masking, epochs),  # its own stream: ITM negatives
     ]

@@ -269,3 +269,25 @@ def test_masks_and_negatives_keyed_by_epoch_for_exact_resume(shards, tok):
 
     assert epoch_batches(2) == epoch_batches(2)  # a fresh process starting at epoch 2 sees the same masks
     assert epoch_batches(2) != epoch_batches(3)
+
+
+def test_itm_and_itc_batches_never_hold_one_image_twice_and_lose_no_pair():
+    from collections import namedtuple
+
+    from mmm.data.image_text import batches_of_distinct_images
+
+    P = namedtuple("P", "key n")
+    rng = np.random.default_rng(0)
+    pairs = [P(f"img{int(k)}", i) for i, k in enumerate(rng.integers(0, 9, 200))]  # many repeats
+    batches = list(batches_of_distinct_images(iter(pairs), 4))
+    assert sorted(p.n for b in batches for p in b) == list(range(200))  # none dropped, none repeated
+    for b in batches:
+        assert 1 <= len(b) <= 4 and len({p.key for p in b}) == len(b)
+    distinct = [P(f"k{i}", i) for i in range(10)]  # without repeats it is plain batching
+    assert [[p.n for p in b] for b in batches_of_distinct_images(iter(distinct), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_itc_batches_of_the_pipeline_have_distinct_images(shards, tok):
+    for batch in run(shards, tok, settings("itc"), batch_size=4):
+        keys = batch.extras["keys"]
+        assert len(set(keys)) == len(keys)
