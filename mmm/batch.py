@@ -245,6 +245,8 @@ class PackedBatch:
         task: the task that produced this batch ("" in single-task runs).
         extras: plain per-batch data for evaluation (labels for probes, sample keys); not used
             by the loss.
+        partners: (S,) int64, for the two-stream layout (LXMERT): the sequence each sequence is
+            paired with (-1: none); the model's cross-modality layers fuse each pair. None = single stream.
     """
 
     seq: PackedSeqInfo
@@ -252,6 +254,7 @@ class PackedBatch:
     targets: Dict[str, Any] = field(default_factory=dict)
     task: str = ""
     extras: Dict[str, Any] = field(default_factory=dict)
+    partners: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -264,11 +267,12 @@ class PackedBatch:
     def to(self, device: torch.device | str) -> "PackedBatch":
         return PackedBatch(self.seq.to(device), _map_tensors(self.inputs, lambda t: t.to(device, non_blocking=True)),
                            _map_tensors(self.targets, lambda t: t.to(device, non_blocking=True)), self.task,
-                           self.extras)
+                           self.extras, None if self.partners is None else self.partners.to(device))
 
     def pin_memory(self) -> "PackedBatch":
         return PackedBatch(self.seq, _map_tensors(self.inputs, lambda t: t.pin_memory()),
-                           _map_tensors(self.targets, lambda t: t.pin_memory()), self.task, self.extras)
+                           _map_tensors(self.targets, lambda t: t.pin_memory()), self.task, self.extras,
+                           None if self.partners is None else self.partners.pin_memory())
 
 
 def pack_masked(samples: Sequence[MaskedTokens], modality: str = "text") -> PackedBatch:

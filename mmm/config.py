@@ -137,6 +137,8 @@ class ImageTextConfig:
     image_input: str = _f("patches", "what stands for the image: patches (the image modality's patch embedder) or regions (precomputed region features)")
     max_text_len: int = _f(40, "longest caption in tokens ([CLS]/[SEP] included); longer captions are cut (counted)")
     itm_negatives: float = _f(0.5, "ITM: fraction of pairs whose caption is replaced by another sample's caption")
+    layout: str = _f("single", "single: one joint sequence per pair (UNITER); two_stream: caption and image as separate sequences fused by cross-modality layers (LXMERT)")
+    cross_layers: int = _f(5, "two_stream: number of cross-modality layers after the shared encoder (LXMERT: 5)")
 
 
 @dataclass

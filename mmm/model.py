@@ -32,12 +32,13 @@ class MaskedModel(nn.Module):
         encoder: the shared :class:`TransformerEncoder`.
         objectives: head name → module with ``forward(hidden, batch) -> ObjectiveOutput``.
         weights: head name → loss weight.
-        tasks: task name → the heads that task trains; a batch whose ``task`` is not listed runs
-            every head (single-task runs).
+        tasks: task name → the heads that task trains (multi-task runs); None = every head scores every batch.
+        fusion: cross-modality layers for two-stream image-text batches (LXMERT), or None.
     """
 
     def __init__(self, embedders: Dict[str, nn.Module], encoder: TransformerEncoder, objectives: Dict[str, nn.Module],
-                 weights: Dict[str, float], tasks: Optional[Dict[str, List[str]]] = None) -> None:
+                 weights: Dict[str, float], tasks: Optional[Dict[str, List[str]]] = None,
+                 fusion: Optional[nn.Module] = None) -> None:
         super().__init__()
         if not embedders:
             raise ValueError("MaskedModel needs at least one embedder")
@@ -48,6 +49,7 @@ class MaskedModel(nn.Module):
         self.tasks = {k: list(v) for k, v in (tasks or {}).items()}
         self.modality_ids = {name: i for i, name in enumerate(embedders)}
         self.modality_embed = nn.Embedding(len(embedders), encoder.cfg.dim) if len(embedders) > 1 else None
+        self.fusion = fusion
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """(N, d) input tokens of the packed stream, every modality in its place."""
@@ -69,8 +71,14 @@ class MaskedModel(nn.Module):
         return x
 
     def encode(self, batch: PackedBatch) -> torch.Tensor:
-        """(N, d) hidden states of a packed batch."""
-        return self.encoder(self.embed(batch), batch.seq)
+        """(N, d) hidden states of a packed batch (fused across paired sequences when it has ``partners``)."""
+        hidden = self.encoder(self.embed(batch), batch.seq)
+        if batch.partners is None:
+            return hidden
+        if self.fusion is None:
+            raise ValueError("the batch pairs its sequences (two-stream layout) but the model has no cross-modality "
+                             "layers; set model.image_text.layout: two_stream")
+        return self.fusion(hidden, batch.seq, batch.partners, self.encoder.backend_for(hidden.device))
 
     def heads_for(self, batch: PackedBatch) -> List[str]:
         """Names of the heads that score ``batch``: its task's heads in a multi-task model, every head otherwise."""
@@ -147,7 +155,14 @@ def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: 
                              f"'label' (e.g. label: {o.name}_{o.args.get('modality', 'x')})")
         heads[key] = OBJECTIVES.create(o.name, dim=cfg.encoder.dim, embedders=embedders, encoder_cfg=cfg.encoder,
                                        **o.args)
-    model = MaskedModel(embedders, encoder, heads, {head_name(o): o.weight for o in objectives}, tasks)
+    fusion = None
+    if cfg.image_text.layout == "two_stream":
+        from mmm.core.fusion import CrossModalFusion
+
+        fusion = CrossModalFusion(cfg.encoder, cfg.image_text.cross_layers)
+    elif cfg.image_text.layout != "single":
+        raise ValueError(f"model.image_text.layout must be single or two_stream, got {cfg.image_text.layout!r}")
+    model = MaskedModel(embedders, encoder, heads, {head_name(o): o.weight for o in objectives}, tasks, fusion)
     init_weights(model, cfg.init_std)
     for part in [*model.embedders.values(), *model.objectives.values()]:
         if hasattr(part, "reset_parameters"):  # a part's own initialiser (e.g. MAE's patch embedding) wins

@@ -222,6 +222,8 @@ class ImageTextSettings:
         feature_dim: region feature size (regions).
         box_dim: region box size (regions).
         max_regions: most regions per image (regions).
+        layout: ``single`` (caption then image in one sequence, UNITER) or ``two_stream`` (caption and
+            image as two sequences of the batch, paired through ``PackedBatch.partners``, LXMERT).
     """
 
     mode: str
@@ -232,6 +234,7 @@ class ImageTextSettings:
     feature_dim: int = 2048
     box_dim: int = BOX_DIM
     max_regions: int = 100
+    layout: str = "single"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -243,6 +246,8 @@ class ImageTextSettings:
         if isinstance(self.max_text_len, bool) or not isinstance(self.max_text_len, int) or self.max_text_len < 3:
             raise ValueError(f"model.image_text.max_text_len must be an int >= 3 ([CLS], a token, [SEP]), got "
                              f"{self.max_text_len!r}")
+        if self.layout not in ("single", "two_stream"):
+            raise ValueError(f"model.image_text.layout must be single or two_stream, got {self.layout!r}")
         if not 0.0 <= float(self.itm_negatives) <= 1.0:
             raise ValueError(f"model.image_text.itm_negatives must be in [0, 1], got {self.itm_negatives!r}")
 
@@ -524,11 +529,17 @@ class _Collate:
         text_pos = _ranges([0] * b, t_len)  # position of each text token inside its caption
         if s.mode == "itc":
             return self._contrastive(samples, ids, text_pos, t_len, i_len, extras)
-        lengths = [t + i for t, i in zip(t_len, i_len)]
-        seq = PackedSeqInfo.from_seqlens(lengths)
-        starts = seq.cu_seqlens[:-1].long().tolist()
+        partners = None
+        if s.layout == "two_stream":  # B captions, then B images; sequence k and B + k are a pair (LXMERT)
+            seq = PackedSeqInfo.from_seqlens(t_len + i_len)
+            cu = seq.cu_seqlens.long().tolist()
+            starts, image_starts = cu[:b], cu[b:2 * b]
+            partners = torch.cat([torch.arange(b, 2 * b), torch.arange(b)])
+        else:  # one sequence per pair: caption, then image (UNITER)
+            seq = PackedSeqInfo.from_seqlens([t + i for t, i in zip(t_len, i_len)])
+            starts = seq.cu_seqlens[:-1].long().tolist()
+            image_starts = [a + t for a, t in zip(starts, t_len)]
         text_index = _ranges(starts, t_len)
-        image_starts = [a + t for a, t in zip(starts, t_len)]
         image_index = _ranges(image_starts, i_len)
         inputs = {"text": TokenInput(ids, text_pos, text_index),
                   s.vision_key: self.image_input(samples, image_index)}
@@ -548,7 +559,7 @@ class _Collate:
                 text_pair=torch.repeat_interleave(torch.arange(b), torch.tensor(inner)),
                 image_positions=_ranges([a + s.image_prefix for a in image_starts], patches),
                 image_pair=torch.repeat_interleave(torch.arange(b), torch.tensor(patches)))
-        return PackedBatch(seq, inputs, targets, extras=extras)
+        return PackedBatch(seq, inputs, targets, extras=extras, partners=partners)
 
     def _mrm_targets(self, samples: Sequence[PairSample], image_starts: Sequence[int]) -> RegionTargets:
         s = self.settings

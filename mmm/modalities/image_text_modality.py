@@ -120,7 +120,7 @@ class ImageTextModality(Modality):
             image = self._part("image").image_settings
         r = m.regions
         return ImageTextSettings(mode, c.image_input, c.max_text_len, float(c.itm_negatives), image, r.feature_dim,
-                                 r.box_dim, r.max_regions)
+                                 r.box_dim, r.max_regions, c.layout)
 
     def check_options(self, options: Optional[Dict[str, Any]]) -> str:
         """The task's ``mode``; raises on a missing or unknown mode or any other option.
@@ -171,4 +171,5 @@ class ImageTextModality(Modality):
     def settings(self) -> Dict[str, Any]:
         c = self.cfg
         return {"image_input": c.image_input, "max_text_len": c.max_text_len, "itm_negatives": float(c.itm_negatives),
+                "layout": c.layout,
                 **{f"{n}.{k}": v for n in self.uses() if n in self.parts for k, v in self.parts[n].settings().items()}}

@@ -128,6 +128,9 @@ class ImageTextMatching(nn.Module):
         among the non-matching ones (captions of identical text excluded), as one joint batch."""
         from mmm.data.pairing import joint_pairs
 
+        if getattr(model, "fusion", None) is not None:
+            raise ValueError("objective itm: negatives: hard re-pairs into the single-stream layout; it does not "
+                             "support model.image_text.layout: two_stream yet")
         if self.similarity_head not in model.objectives:
             raise ValueError(f"objective itm: negatives: hard ranks candidates with the {self.similarity_head!r} head, "
                              f"which the model lacks (heads: {list(model.objectives)})")

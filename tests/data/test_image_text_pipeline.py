@@ -291,3 +291,28 @@ def test_itc_batches_of_the_pipeline_have_distinct_images(shards, tok):
     for batch in run(shards, tok, settings("itc"), batch_size=4):
         keys = batch.extras["keys"]
         assert len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("mode", ["mlm", "mrm", "itm"])
+def test_two_stream_layout_pairs_separate_caption_and_image_sequences(shards, tok, mode):
+    masker = {"mlm": token_masker(tok), "mrm": MASKERS.create("region_random", ratio=0.5), "itm": None}[mode]
+    single = run(shards, tok, settings(mode, "regions"), masker)[0]
+    two = run(shards, tok, settings(mode, "regions", layout="two_stream"), masker)[0]
+    b = two.extras["labels"].numel()
+    assert two.num_sequences == 2 * b and single.num_sequences == b and single.partners is None
+    assert two.partners.tolist() == list(range(b, 2 * b)) + list(range(b))
+    assert_layout(two)
+    cu = two.seq.cu_seqlens.tolist()
+    assert two.inputs["text"].index.tolist() == list(range(cu[b]))  # captions first, then images
+    assert two.inputs["regions"].index.tolist() == list(range(cu[b], cu[2 * b]))
+    # the same tokens and targets, only laid out differently
+    assert torch.equal(two.inputs["text"].ids, single.inputs["text"].ids)
+    if mode == "mlm":
+        t2, t1 = two.targets["text"], single.targets["text"]
+        assert torch.equal(t2.labels, t1.labels)
+        assert torch.equal(two.inputs["text"].ids[t2.positions], single.inputs["text"].ids[
+            (single.inputs["text"].index[:, None] == t1.positions[None]).nonzero()[:, 0]])
+    if mode == "itm":
+        assert two.targets["itm"].cls_positions.tolist() == cu[:b]
+    with pytest.raises(ValueError, match="layout must be single or two_stream"):
+        settings(mode, "regions", layout="lxmert")

@@ -44,3 +44,42 @@ def test_patch_inputs_with_a_teacher_train_every_task_and_encoders_load(tmp_path
     text = load_encoder(run.last_checkpoint, modality="text")
     batch = text.tokenizer.pad_batch(["a small red circle on the left"], max_len=24)
     assert text(batch["input_ids"], batch["attention_mask"]).shape[-1] == 32
+
+
+def test_two_stream_layout_trains_with_cross_modality_layers(tmp_path):
+    from mmm.batch import PackedBatch
+    from mmm.evaluate_vl import evaluate_vl
+    from mmm.train.tasks import resolve_shards
+
+    data = yaml.safe_load((REPO / "configs" / "vl_uniter_tiny.yaml").read_text())
+    data["model"]["image_text"].update(layout="two_stream", cross_layers=1)
+    data["model"]["encoder"].update(dim=32, depth=1, heads=2, mlp_hidden=64)
+    data["model"]["text"].update(vocab_size=200)
+    data["data"].update(batch_size=8, shuffle_buffer=0)
+    data["trainer"].update(max_steps=8, val_check_interval=1000, limit_val_batches=1, enable_progress_bar=False,
+                           default_root_dir=str(tmp_path / "run"))
+    (tmp_path / "vl.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    run = pretrain(load_config(tmp_path / "vl.yaml"))
+    model = run.module.model.eval()
+    assert model.fusion is not None and len(model.fusion.layers) == 1
+    ckpt = torch.load(run.last_checkpoint, map_location="cpu", weights_only=True)
+    assert any(k.startswith("model.fusion.") for k in ckpt["state_dict"])
+    feed = run.modalities.feeds["itm"]
+    urls = resolve_shards("embedded", "image_text", "val")
+    score = evaluate_vl(model, feed, urls, max_batches=1)
+    assert score.itm_pairs > 0 and score.retrieval.texts > 0
+    # the text encoder alone is the shared encoder before fusion (LXMERT's language encoder)
+    text = load_encoder(run.last_checkpoint, modality="text")
+    assert text.embedder is not None
+    # a paired batch needs cross-modality layers
+    import pytest
+
+    from mmm.batch import TokenInput
+    from mmm.core.packing import PackedSeqInfo
+
+    model.fusion = None
+    seq = PackedSeqInfo.from_seqlens([3, 3])
+    paired = PackedBatch(seq, {"text": TokenInput(torch.tensor([2, 5, 3, 2, 6, 3]), seq.position_ids,
+                                                  torch.arange(6))}, partners=torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="layout: two_stream"):
+        model.encode(paired)

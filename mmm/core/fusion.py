@@ -1,0 +1,108 @@
+"""Two-stream fusion: cross-modality layers over paired sequences of a packed stream (LXMERT).
+
+LXMERT (Tan & Bansal 2019) and InterBERT encode the caption and the image as two separate
+sequences first, then fuse them in cross-modality layers: every token attends to the tokens of
+the *other* sequence of its pair (one cross-attention, shared by both directions as in LXMERT),
+then to its own sequence (self-attention) and goes through the MLP. In mmm the two streams are
+separate sequences of one packed batch, encoded by the shared encoder (each attends only within
+its own sequence, so the encoder is a single-modality encoder for both), and
+``PackedBatch.partners`` names, for every sequence, the sequence it is paired with. The fusion
+layers then run over the same packed stream; a sequence without a partner (-1) skips the
+cross-attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmm.config import EncoderConfig
+from mmm.core.encoder import EncoderBlock
+from mmm.core.packing import PackedSeqInfo
+
+
+def _padded(x: torch.Tensor, seq: PackedSeqInfo) -> tuple:
+    """(N, d) packed tokens → (S, L, d) padded per sequence and the (S, L) bool mask of real tokens."""
+    lengths = (seq.cu_seqlens[1:] - seq.cu_seqlens[:-1]).long().to(x.device)  # (S,)
+    s, width = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
+    mask = torch.arange(width, device=x.device)[None, :] < lengths[:, None]  # (S, L)
+    out = x.new_zeros(s, width, x.shape[-1])
+    out[mask] = x
+    return out, mask
+
+
+class PartnerCrossAttention(nn.Module):
+    """Multi-head attention of every packed sequence's tokens to the tokens of its partner sequence.
+
+    Args:
+        cfg: the encoder configuration (width, heads, dropout).
+    """
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.dim // cfg.heads
+        self.q = nn.Linear(cfg.dim, cfg.dim, bias=cfg.qkv_bias)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.attn_dropout = cfg.attn_dropout
+
+    def forward(self, x: torch.Tensor, seq: PackedSeqInfo, partners: torch.Tensor) -> torch.Tensor:
+        """(N, d) tokens, (S,) partner of each sequence (-1: none) → (N, d) update (zero without a partner)."""
+        pad, mask = _padded(x, seq)  # (S, L, d), (S, L)
+        s, width, d = pad.shape
+        has = partners >= 0  # (S,)
+        other = partners.clamp(min=0)
+        q = self.q(pad).view(s, width, self.heads, self.head_dim).transpose(1, 2)  # (S, H, L, D)
+        k, v = self.kv(pad[other]).view(s, width, 2, self.heads, self.head_dim).unbind(2)  # (S, L, H, D) each
+        keys = mask[other] & has[:, None]  # (S, L) real partner tokens
+        keys = keys | ~keys.any(1, keepdim=True)  # a sequence without a partner attends to padding; zeroed below
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=keys[:, None, None, :],
+                                             dropout_p=self.attn_dropout if self.training else 0.0)  # (S, H, L, D)
+        out = self.proj(out.transpose(1, 2).reshape(s, width, d))  # (S, L, d)
+        out = out * has[:, None, None].to(out.dtype)
+        return out[mask]  # (N, d)
+
+
+class CrossModalityLayer(nn.Module):
+    """Cross-attention to the partner sequence, then an encoder block (self-attention + MLP); pre- or post-LN."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        self.cross = PartnerCrossAttention(cfg)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.block = EncoderBlock(cfg)
+
+    def forward(self, x: torch.Tensor, seq: PackedSeqInfo, partners: torch.Tensor, backend: str) -> torch.Tensor:
+        if self.norm_first:
+            x = x + self.dropout(self.cross(self.norm(x), seq, partners))
+        else:
+            x = self.norm(x + self.dropout(self.cross(x, seq, partners)))
+        return self.block(x, seq, backend, None, None)
+
+
+class CrossModalFusion(nn.Module):
+    """``depth`` :class:`CrossModalityLayer` s over a packed batch with paired sequences (LXMERT's 5 by default).
+
+    Args:
+        cfg: the shared encoder's configuration (the fusion layers take its width, heads, norms, MLP).
+        depth: number of cross-modality layers.
+    """
+
+    def __init__(self, cfg: EncoderConfig, depth: int) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"model.image_text.cross_layers must be >= 1 for the two-stream layout, got {depth}")
+        self.layers = nn.ModuleList(CrossModalityLayer(cfg) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else None
+
+    def forward(self, x: torch.Tensor, seq: PackedSeqInfo, partners: torch.Tensor, backend: str) -> torch.Tensor:
+        """(N, d) encoder output, (S,) partner per sequence → (N, d) fused states."""
+        if partners.numel() != seq.batch_size:
+            raise ValueError(f"partners has {partners.numel()} entries but the batch has {seq.batch_size} sequences")
+        for layer in self.layers:
+            x = layer(x, seq, partners, backend)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x
