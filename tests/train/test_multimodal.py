@@ -43,6 +43,10 @@ def test_all_modalities_train_one_encoder_and_each_encoder_loads_alone(tmp_path)
         ref = model.encode(PackedBatch(seq, {"image": ImageInput(pixels)}))  # (2n, d)
         out = image_enc(pixels)  # (2, n, d)
     assert torch.allclose(out.reshape(2 * n, -1), ref, atol=1e-5)
+    from mmm.interop.timm import to_timm_model
+
+    with torch.no_grad():  # and it exports to timm unchanged (the modality vector is folded in)
+        assert torch.allclose(to_timm_model(image_enc).eval().forward_features(pixels), out, atol=1e-5)
 
     audio_enc = load_encoder(run.last_checkpoint, modality="audio")
     feats = torch.randn(7, audio_enc.embedder.feature_dim)
