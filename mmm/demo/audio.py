@@ -19,8 +19,8 @@ import numpy as np
 
 import mmm.modalities.audio_modality  # noqa: F401  (registers the "audio" modality and embedder)
 import mmm.objectives.feature_regression  # noqa: F401  (registers "masked_features")
-from mmm.config import PretrainConfig, load_config
-from mmm.demo.common import held_out_loss, plot_losses, probe_models, read_metrics, torch_threads
+from mmm.config import PretrainConfig
+from mmm.demo.common import held_out_loss, part_config, plot_losses, probe_models, read_metrics, torch_threads
 from mmm.model import head_name
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
 
@@ -43,10 +43,7 @@ def run_audio_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Opti
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = Path(config) if config else DEFAULT_CONFIG
-    overrides = {"trainer.default_root_dir": str(out_dir / "run"), "trainer.enable_progress_bar": progress_bar}
-    if max_steps is not None:
-        overrides["trainer.max_steps"] = max_steps
-    cfg: PretrainConfig = load_config(config, overrides)
+    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar)
     with torch_threads(cfg.trainer.threads):
         metrics = _train_and_evaluate(cfg, out_dir)
     metrics["config"] = str(config)

@@ -9,8 +9,20 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from mmm.data.stream import SampleErrorHandler, make_pipeline
+from mmm.config import PretrainConfig, load_config
 from mmm.model import MaskedModel
 from mmm.probe import ProbeScore, extract_features, linear_probe
+
+
+def part_config(config: Optional[Path], default: Path, out_dir: Path, max_steps: Optional[int],
+                progress_bar: bool) -> PretrainConfig:
+    """A demo part's config: ``config`` (or the part's ``default``) with its run folder under
+    ``out_dir/run``, the progress bar setting and an optional ``trainer.max_steps``."""
+    overrides: Dict[str, Any] = {"trainer.default_root_dir": str(Path(out_dir) / "run"),
+                                 "trainer.enable_progress_bar": progress_bar}
+    if max_steps is not None:
+        overrides["trainer.max_steps"] = max_steps
+    return load_config(Path(config) if config else default, overrides)
 
 
 @contextlib.contextmanager

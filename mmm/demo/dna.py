@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Tuple
 import lightning as L
 import numpy as np
 
-from mmm.config import PretrainConfig, load_config
-from mmm.demo.common import held_out_loss, plot_losses, probe_models, read_metrics, torch_threads
+from mmm.config import PretrainConfig
+from mmm.demo.common import held_out_loss, part_config, plot_losses, probe_models, read_metrics, torch_threads
 from mmm.probe import linear_probe
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
 
@@ -40,10 +40,7 @@ def run_dna_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Option
         quick: a small probe and held-out set, for smoke tests.
     """
     config = Path(config) if config else DEFAULT_CONFIG
-    overrides = {"trainer.default_root_dir": str(out_dir / "run"), "trainer.enable_progress_bar": progress_bar}
-    if max_steps is not None:
-        overrides["trainer.max_steps"] = max_steps
-    cfg: PretrainConfig = load_config(config, overrides)
+    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar)
     with torch_threads(cfg.trainer.threads):
         metrics = _train_and_evaluate(cfg, out_dir, quick)
     metrics["config"] = str(config)

@@ -17,10 +17,10 @@ import lightning as L
 import numpy as np
 import torch
 
-from mmm.config import PretrainConfig, load_config
+from mmm.config import PretrainConfig
 from mmm.data.image_transforms import denormalize
 from mmm.data.stream import SampleErrorHandler, make_pipeline
-from mmm.demo.common import held_out_loss, plot_losses, probe_models, read_metrics
+from mmm.demo.common import held_out_loss, part_config, plot_losses, probe_models, read_metrics
 from mmm.model import MaskedModel
 from mmm.objectives.mim import patchify, unpatchify
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
@@ -90,10 +90,7 @@ def run_image_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Opti
         quick: a small probe (300 training / 200 held-out images) and held-out set, for smoke tests.
     """
     config = Path(config) if config else DEFAULT_CONFIG
-    overrides = {"trainer.default_root_dir": str(out_dir / "run"), "trainer.enable_progress_bar": progress_bar}
-    if max_steps is not None:
-        overrides["trainer.max_steps"] = max_steps
-    cfg: PretrainConfig = load_config(config, overrides)
+    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar)
     t0 = time.perf_counter()
     run = pretrain(cfg)
     train_seconds = time.perf_counter() - t0

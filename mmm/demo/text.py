@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from mmm.batch import pack_masked
-from mmm.config import PretrainConfig, load_config
+from mmm.config import PretrainConfig
 from mmm.masking.base import MaskedTokens
 from mmm.evaluate import MLMScore, evaluate_mlm, evaluate_unigram, unigram_log_probs
 from mmm.model import MaskedModel
 from mmm.modalities.text_tokenizer import TextTokenizer
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
-from mmm.demo.common import read_metrics
+from mmm.demo.common import part_config, read_metrics
 
 logger = logging.getLogger("mmm.demo")
 
@@ -102,10 +102,7 @@ def run_text_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optio
         quick: accepted for a uniform part signature (the text evaluation is already small).
     """
     config = Path(config) if config else DEFAULT_CONFIG
-    overrides = {"trainer.default_root_dir": str(out_dir / "run"), "trainer.enable_progress_bar": progress_bar}
-    if max_steps is not None:
-        overrides["trainer.max_steps"] = max_steps
-    cfg: PretrainConfig = load_config(config, overrides)
+    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar)
     t0 = time.perf_counter()
     run = pretrain(cfg)
     train_seconds = time.perf_counter() - t0

@@ -15,8 +15,8 @@ from typing import Callable, Dict, Optional
 
 import lightning as L
 
-from mmm.config import PretrainConfig, load_config
-from mmm.demo.common import read_metrics, torch_threads
+from mmm.config import PretrainConfig
+from mmm.demo.common import part_config, read_metrics, torch_threads
 from mmm.evaluate_vl import evaluate_vl
 from mmm.train.pretrain import build_model_for, pretrain
 from mmm.train.tasks import resolve_shards
@@ -87,10 +87,7 @@ def run_vl_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optiona
         quick: a small held-out set, for smoke tests.
     """
     config = Path(config) if config else DEFAULT_CONFIG
-    overrides = {"trainer.default_root_dir": str(out_dir / "run"), "trainer.enable_progress_bar": progress_bar}
-    if max_steps is not None:
-        overrides["trainer.max_steps"] = max_steps
-    cfg: PretrainConfig = load_config(config, overrides)
+    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar)
     with torch_threads(cfg.trainer.threads):
         metrics = _train_and_evaluate(cfg, out_dir, quick)
     metrics["config"] = str(config)
