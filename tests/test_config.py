@@ -15,7 +15,7 @@ def test_every_config_parses_and_builds(path):
     import mmm.masking  # noqa: F401
     import mmm.modalities  # noqa: F401
     from mmm.model import build_model
-    from mmm.registry import EMBEDDERS, MASKERS, MODALITIES, OBJECTIVES, check_kwargs
+    from mmm.registry import EMBEDDERS, MASKERS, OBJECTIVES, check_kwargs
 
     from mmm.train.tasks import build_modalities, task_configs
 

@@ -7,7 +7,6 @@ masks → the report section, ``loss_curve.png`` and the metrics.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path

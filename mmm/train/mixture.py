@@ -19,7 +19,6 @@ sample counts are logged (``train/task_batches/<task>``, ``train/task_samples/<t
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import logging
 import os

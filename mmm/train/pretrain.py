@@ -20,8 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from functools import partial
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import lightning as L
 import torch

@@ -1,5 +1,4 @@
 """ITM head and WRA (IPOT optimal transport) on hand-built packed batches."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

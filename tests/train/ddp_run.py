@@ -8,7 +8,6 @@ and packed batch; for the first step also the gradients after DDP's all-reduce.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
