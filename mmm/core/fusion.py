@@ -21,16 +21,6 @@ from mmm.core.encoder import EncoderBlock
 from mmm.core.packing import PackedSeqInfo
 
 
-def _padded(x: torch.Tensor, seq: PackedSeqInfo) -> tuple:
-    """(N, d) packed tokens → (S, L, d) padded per sequence and the (S, L) bool mask of real tokens."""
-    lengths = (seq.cu_seqlens[1:] - seq.cu_seqlens[:-1]).long().to(x.device)  # (S,)
-    s, width = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
-    mask = torch.arange(width, device=x.device)[None, :] < lengths[:, None]  # (S, L)
-    out = x.new_zeros(s, width, x.shape[-1])
-    out[mask] = x
-    return out, mask
-
-
 class PartnerCrossAttention(nn.Module):
     """Multi-head attention of every packed sequence's tokens to the tokens of its partner sequence.
 
@@ -48,7 +38,7 @@ class PartnerCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo, partners: torch.Tensor) -> torch.Tensor:
         """(N, d) tokens, (S,) partner of each sequence (-1: none) → (N, d) update (zero without a partner)."""
-        pad, mask = _padded(x, seq)  # (S, L, d), (S, L)
+        pad, mask = seq.pad(x), seq.key_padding()  # (S, L, d), (S, L); the layout caches its index
         s, width, d = pad.shape
         has = partners >= 0  # (S,)
         other = partners.clamp(min=0)
@@ -60,7 +50,7 @@ class PartnerCrossAttention(nn.Module):
                                              dropout_p=self.attn_dropout if self.training else 0.0)  # (S, H, L, D)
         out = self.proj(out.transpose(1, 2).reshape(s, width, d))  # (S, L, d)
         out = out * has[:, None, None].to(out.dtype)
-        return out[mask]  # (N, d)
+        return seq.unpad(out)  # (N, d)
 
 
 class CrossModalityLayer(nn.Module):
