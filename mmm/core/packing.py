@@ -123,6 +123,24 @@ class PackedSeqInfo:
         return flat[self.pad_index()]
 
 
+def index_ranges(starts, lengths) -> torch.Tensor:
+    """Concatenated ``arange(start, start + length)`` over runs, as int64 (stream indices of token runs).
+
+    Args:
+        starts: (R,) first index of each run (tensor or sequence of ints; a tensor keeps its device).
+        lengths: (R,) length of each run (≥ 0).
+    """
+    starts = torch.as_tensor(starts, dtype=torch.long)
+    lengths = torch.as_tensor(lengths, dtype=torch.long, device=starts.device)
+    d = starts.device
+    if lengths.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=d)
+    owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=d), lengths)
+    offsets = torch.arange(int(lengths.sum()), device=d) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths,
+                                                                                  lengths)
+    return starts[owner] + offsets
+
+
 def pack_padded(attention_mask: torch.Tensor) -> PackedSeqInfo:
     """Layout of a right-padded (B, T) batch given its attention mask (1 = real token).
 

@@ -42,7 +42,7 @@ import webdataset as wds
 
 from mmm.batch import (ContrastiveTargets, ImageInput, PackedBatch, PairTargets, RegionInput, RegionTargets,
                        TokenInput, TokenTargets)
-from mmm.core.packing import PackedSeqInfo
+from mmm.core.packing import PackedSeqInfo, index_ranges
 from mmm.data.epoch import EpochCounter, SeededMap
 from mmm.data.image import ImageSettings, read_image_sample
 from mmm.data.image_decode import ImageDecodeError
@@ -448,13 +448,6 @@ class _PreparePair:
 # collate: one packed batch per list of pairs
 
 
-def _ranges(starts: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
-    """Concatenated ``arange(start, start + length)`` over the pairs, as int64."""
-    if not len(lengths):
-        return torch.zeros(0, dtype=torch.int64)
-    return torch.from_numpy(np.concatenate([np.arange(a, a + n, dtype=np.int64) for a, n in zip(starts, lengths)]))
-
-
 def choose_itm_negatives(captions: Sequence[str], fraction: float, rng: np.random.Generator) -> Tuple[np.ndarray, int]:
     """ITM negatives: for ``round(fraction * B)`` pairs, the index of another pair whose caption differs.
 
@@ -502,7 +495,7 @@ class _Collate:
             return ImageInput(pixels, mask, drop_masked=False, index=index)
         feats = torch.from_numpy(np.concatenate([p.regions.features for p in samples]))  # (R, F)
         boxes = torch.from_numpy(np.concatenate([p.regions.boxes for p in samples]))  # (R, G)
-        positions = _ranges([0] * len(samples), [p.regions.count for p in samples])
+        positions = index_ranges([0] * len(samples), [p.regions.count for p in samples])
         mask = torch.from_numpy(np.concatenate([p.image_mask for p in samples])) if masked else None
         return RegionInput(feats, boxes, positions, mask, index)
 
@@ -526,7 +519,7 @@ class _Collate:
         t_len = [len(t) for t in texts]
         i_len = self.image_lengths(samples)
         ids = torch.from_numpy(np.concatenate(texts))  # (T,)
-        text_pos = _ranges([0] * b, t_len)  # position of each text token inside its caption
+        text_pos = index_ranges([0] * b, t_len)  # position of each text token inside its caption
         if s.mode == "itc":
             return self._contrastive(samples, ids, text_pos, t_len, i_len, extras)
         partners = None
@@ -539,8 +532,8 @@ class _Collate:
             seq = PackedSeqInfo.from_seqlens([t + i for t, i in zip(t_len, i_len)])
             starts = seq.cu_seqlens[:-1].long().tolist()
             image_starts = [a + t for a, t in zip(starts, t_len)]
-        text_index = _ranges(starts, t_len)
-        image_index = _ranges(image_starts, i_len)
+        text_index = index_ranges(starts, t_len)
+        image_index = index_ranges(image_starts, i_len)
         inputs = {"text": TokenInput(ids, text_pos, text_index),
                   s.vision_key: self.image_input(samples, image_index)}
         targets: Dict[str, Any] = {}
@@ -555,9 +548,9 @@ class _Collate:
             patches = [i - s.image_prefix for i in i_len]
             targets["itm"] = PairTargets(
                 cls_positions=torch.tensor(starts, dtype=torch.long), labels=itm_labels,
-                text_positions=_ranges([a + 1 for a in starts], inner),
+                text_positions=index_ranges([a + 1 for a in starts], inner),
                 text_pair=torch.repeat_interleave(torch.arange(b), torch.tensor(inner)),
-                image_positions=_ranges([a + s.image_prefix for a in image_starts], patches),
+                image_positions=index_ranges([a + s.image_prefix for a in image_starts], patches),
                 image_pair=torch.repeat_interleave(torch.arange(b), torch.tensor(patches)))
         return PackedBatch(seq, inputs, targets, extras=extras, partners=partners)
 
@@ -590,7 +583,7 @@ class _Collate:
         patches = [i - s.image_prefix for i in i_len]
         targets = {"itc": ContrastiveTargets(
             text_positions=torch.tensor(starts[:b], dtype=torch.long),
-            image_positions=_ranges([a + s.image_prefix for a in starts[b:]], patches),
+            image_positions=index_ranges([a + s.image_prefix for a in starts[b:]], patches),
             image_owner=torch.repeat_interleave(torch.arange(b), torch.tensor(patches)))}
         inputs = {"text": TokenInput(ids, text_pos, torch.arange(n_text, dtype=torch.long)),
                   s.vision_key: self.image_input(samples, image_index)}

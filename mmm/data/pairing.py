@@ -14,18 +14,7 @@ from typing import Sequence
 import torch
 
 from mmm.batch import ContrastiveTargets, ImageInput, PackedBatch, PairTargets, RegionInput, TokenInput
-from mmm.core.packing import PackedSeqInfo
-
-
-def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Concatenated ``arange(start, start + length)``, as int64."""
-    d = starts.device
-    if lengths.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=d)
-    owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=d), lengths)
-    offsets = torch.arange(int(lengths.sum()), device=d) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths,
-                                                                                  lengths)
-    return starts[owner] + offsets
+from mmm.core.packing import PackedSeqInfo, index_ranges
 
 
 def joint_pairs(batch: PackedBatch, text: Sequence[int], image: Sequence[int], labels: Sequence[int],
@@ -64,17 +53,17 @@ def joint_pairs(batch: PackedBatch, text: Sequence[int], image: Sequence[int], l
     lengths = k_t + k_i
     seq = PackedSeqInfo.from_seqlens(lengths.tolist())
     starts = seq.cu_seqlens[:-1].long().to(device)
-    src_text = _ranges(t_start[text_idx], k_t)  # rows of text_in.ids, pair after pair
+    src_text = index_ranges(t_start[text_idx], k_t)  # rows of text_in.ids, pair after pair
     ids = text_in.ids.index_select(0, src_text)
     pos = text_in.position_ids.index_select(0, src_text)
-    text_index = _ranges(starts, k_t)
+    text_index = index_ranges(starts, k_t)
     image_starts = starts + k_t
-    image_index = _ranges(image_starts, k_i)
+    image_index = index_ranges(image_starts, k_i)
     if isinstance(vis, ImageInput):
         vision = ImageInput(vis.pixels.index_select(0, image_idx), None, drop_masked=False, index=image_index)
     elif isinstance(vis, RegionInput):
         r_start = torch.cumsum(i_len, 0) - i_len
-        src = _ranges(r_start[image_idx], k_i)
+        src = index_ranges(r_start[image_idx], k_i)
         vision = RegionInput(vis.features.index_select(0, src), vis.boxes.index_select(0, src),
                              vis.position_ids.index_select(0, src), None, image_index)
     else:
@@ -84,9 +73,9 @@ def joint_pairs(batch: PackedBatch, text: Sequence[int], image: Sequence[int], l
     k = text_idx.numel()
     targets = {"itm": PairTargets(
         cls_positions=starts, labels=torch.as_tensor(list(labels), dtype=torch.long, device=device),
-        text_positions=_ranges(starts + 1, inner),
+        text_positions=index_ranges(starts + 1, inner),
         text_pair=torch.repeat_interleave(torch.arange(k, device=device), inner),
-        image_positions=_ranges(image_starts + prefix, patches),
+        image_positions=index_ranges(image_starts + prefix, patches),
         image_pair=torch.repeat_interleave(torch.arange(k, device=device), patches))}
     return PackedBatch(seq.to(device), {"text": TokenInput(ids, pos, text_index), vision_key: vision}, targets,
                        task=batch.task)
