@@ -147,13 +147,18 @@ class RegionTargetSource:
         return target.float()
 
 
-def _classifier_source(name: str, embedders, modality, target, teacher) -> RegionTargetSource:
+def _classifier_parts(name: str, dim: int, embedders, encoder_cfg: EncoderConfig, num_classes: Optional[int],
+                      teacher, modality: str, target: str):
+    """``(source, num_classes, head)`` of a region classifier (``mrc``, ``mrc_kl``): targets from the
+    shards' soft labels or a classifier teacher, the class count resolved against both."""
     src = RegionTargetSource(name, embedders, modality, target, teacher)
-    if src.teacher is not None and not src.teacher.has_classifier:
+    t = src.teacher
+    if t is not None and not t.has_classifier:
         raise ValueError(f"objective {name}: the teacher {teacher.get('model')!r} ({teacher.get('kind')}) has no "
                          f"classifier head, so it gives no soft labels; use a classifier teacher (a timm model with "
                          f"num_classes > 0) or mrfr")
-    return src
+    classes = src.resolve_dim("num_classes", num_classes, t.num_classes if t else None)
+    return src, classes, RegionHead(dim, classes, encoder_cfg.norm_eps)
 
 
 @OBJECTIVES.register("mrfr")
@@ -209,10 +214,8 @@ class MaskedRegionClassification(nn.Module):
                  num_classes: Optional[int] = None, teacher: Optional[Dict[str, Any]] = None,
                  modality: str = "image", target: str = "mrm") -> None:
         super().__init__()
-        self.source = _classifier_source("mrc", embedders, modality, target, teacher)
-        t = self.source.teacher
-        self.num_classes = self.source.resolve_dim("num_classes", num_classes, t.num_classes if t else None)
-        self.head = RegionHead(dim, self.num_classes, encoder_cfg.norm_eps)
+        self.source, self.num_classes, self.head = _classifier_parts("mrc", dim, embedders, encoder_cfg,
+                                                                     num_classes, teacher, modality, target)
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         """(N, d) encoder output → cross-entropy with the hard pseudo-labels."""
@@ -244,10 +247,8 @@ class MaskedRegionClassificationKL(nn.Module):
                  num_classes: Optional[int] = None, teacher: Optional[Dict[str, Any]] = None,
                  modality: str = "image", target: str = "mrm") -> None:
         super().__init__()
-        self.source = _classifier_source("mrc_kl", embedders, modality, target, teacher)
-        t = self.source.teacher
-        self.num_classes = self.source.resolve_dim("num_classes", num_classes, t.num_classes if t else None)
-        self.head = RegionHead(dim, self.num_classes, encoder_cfg.norm_eps)
+        self.source, self.num_classes, self.head = _classifier_parts("mrc_kl", dim, embedders, encoder_cfg,
+                                                                     num_classes, teacher, modality, target)
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         """(N, d) encoder output → KL divergence from the soft labels."""

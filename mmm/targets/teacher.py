@@ -173,17 +173,22 @@ class FrozenTeacher:
 # ----------------------------------------------------------------------------- builders
 
 
+def _create(factory, what: str, name: str, kwargs: Dict[str, Any], no_weights: Any) -> nn.Module:
+    """``factory(name, pretrained=no_weights, **kwargs)``: never downloading weights, errors naming the call."""
+    if "pretrained" in kwargs:
+        raise ValueError("teacher.kwargs must not set 'pretrained': teacher weights come from teacher.path only")
+    try:
+        return factory(name, pretrained=no_weights, **kwargs)
+    except Exception as e:
+        raise ValueError(f"teacher: {what}({name!r}, **{kwargs}) failed: {type(e).__name__}: {e}") from None
+
+
 def _timm_teacher(name: str, path: Path, kwargs: Dict[str, Any], grid, input_size) -> FrozenTeacher:
     try:
         import timm
     except ImportError:
         raise ImportError("a timm teacher needs the `timm` package: pip install timm") from None
-    if "pretrained" in kwargs:
-        raise ValueError("teacher.kwargs must not set 'pretrained': teacher weights come from teacher.path only")
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except Exception as e:
-        raise ValueError(f"teacher: timm.create_model({name!r}, **{kwargs}) failed: {type(e).__name__}: {e}") from None
+    model = _create(timm.create_model, "timm.create_model", name, kwargs, False)
     _load_strict(model, read_weight_file(path), path)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
@@ -226,12 +231,7 @@ def _open_clip_teacher(name: str, path: Path, kwargs: Dict[str, Any], grid, inpu
         import open_clip
     except ImportError:
         raise ImportError("an open_clip teacher needs the `open_clip_torch` package") from None
-    if "pretrained" in kwargs:
-        raise ValueError("teacher.kwargs must not set 'pretrained': teacher weights come from teacher.path only")
-    try:
-        model = open_clip.create_model(name, pretrained=None, **kwargs)
-    except Exception as e:
-        raise ValueError(f"teacher: open_clip.create_model({name!r}, **{kwargs}) failed: {type(e).__name__}: {e}") from None
+    model = _create(open_clip.create_model, "open_clip.create_model", name, kwargs, None)
     visual = model.visual
     if not hasattr(visual, "forward_intermediates") or not hasattr(visual, "grid_size"):
         raise ValueError(f"teacher: open_clip model {name!r} has no ViT image tower with patch tokens")
