@@ -14,7 +14,7 @@ attribute compositions when ``unseen`` captions are given.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from math import comb
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -39,9 +39,6 @@ class RetrievalScore:
     t2i_chance: Dict[str, float]
     i2t_chance: Dict[str, float]
 
-    def as_dict(self) -> Dict[str, object]:
-        return asdict(self)
-
 
 @dataclass
 class VLScore:
@@ -53,11 +50,10 @@ class VLScore:
     unseen_retrieval: Optional[RetrievalScore] = None
     unseen_itm_accuracy: Optional[float] = None
     unseen_itm_pairs: int = 0
-    extra: Dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> Dict[str, object]:
-        out = asdict(self)
-        return out
+        """Plain data (nested dicts), for ``metrics.json``."""
+        return asdict(self)
 
 
 def _chance(relevant: Sequence[int], pool: int, k: int) -> float:
