@@ -42,14 +42,6 @@ logger = logging.getLogger("mmm.train")
 # The module moves PackedBatch itself (it works with any loader, not only our DataModule).
 warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
 
-def build_modality(cfg: PretrainConfig) -> Modality:
-    """The :class:`~mmm.modalities.base.Modality` a single-task run's dataset feeds (assets not prepared)."""
-    tasks = task_configs(cfg)
-    if len(tasks) != 1:
-        raise ValueError(f"build_modality: the config has {len(tasks)} tasks; use mmm.train.tasks.build_modalities")
-    return build_modalities(cfg, tasks).feeds[tasks[0].name]
-
-
 @dataclass
 class PretrainRun:
     """Everything a run is made of (returned so tests and the demo can inspect it)."""
