@@ -291,24 +291,27 @@ def finish_modality_encoder(encoder: nn.Module, contents: "CheckpointContents", 
     return encoder.eval()
 
 
-def load_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: PathLike) -> None:
+def load_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: PathLike, hint: str = "") -> None:
     """``load_state_dict(strict=True)`` with an error that names ``source`` and the differing keys.
 
     Args:
         module: the module to fill.
         state_dict: weights keyed like ``module.state_dict()``.
         source: file the weights came from (for the message).
+        hint: appended to the message in parentheses (what to check), or empty.
     """
+    tail = f" ({hint})" if hint else ""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not match the model: missing keys {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
+                         f"{' ...' if len(unexpected) > 8 else ''}{tail}")
     for k, v in state_dict.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{source}: weight {k!r} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+            raise ValueError(f"{source}: weight {k!r} has shape {tuple(v.shape)}, the model expects "
+                             f"{tuple(own[k].shape)}{tail}")
     module.load_state_dict(state_dict, strict=True)
 
 

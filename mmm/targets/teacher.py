@@ -87,17 +87,10 @@ def read_weight_file(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"teacher weights {source} do not match the model: missing keys {missing[:6]}"
-                         f"{' ...' if len(missing) > 6 else ''}, unexpected keys {unexpected[:6]}"
-                         f"{' ...' if len(unexpected) > 6 else ''} (check teacher.model and teacher.kwargs)")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"teacher weights {source}: {k!r} has shape {tuple(v.shape)}, the model expects "
-                             f"{tuple(own[k].shape)} (check teacher.kwargs, e.g. img_size / num_classes)")
-    module.load_state_dict(state, strict=True)
+    from mmm.encoders import load_weights  # (mmm.encoders imports the model, which imports the objectives)
+
+    load_weights(module, dict(state), f"teacher weights {source}",
+                 hint="check teacher.model and teacher.kwargs, e.g. img_size / num_classes")
 
 
 class FrozenTeacher:
