@@ -1,0 +1,7 @@
+"""Downstream evaluation of pretrained encoders: frozen features (linear probe, kNN), ``mmm embed``,
+``mmm finetune`` and the embedded downstream tasks behind ``mmm bench --suite downstream``.
+
+One concern per module: :mod:`.metrics` (GLUE-convention scores), :mod:`.knn` (cosine kNN on
+frozen features), :mod:`.inputs` (raw input → encoder batch → pooled features, per modality),
+:mod:`.data` (labelled files and shards, checked), :mod:`.embed`, :mod:`.finetune`, :mod:`.tasks`.
+"""
