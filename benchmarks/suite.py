@@ -208,7 +208,6 @@ def evaluate_text(contents: Any, settings: EvalSettings) -> Dict[str, Any]:
         contents: a :class:`mmm.encoders.CheckpointContents`.
         settings: batch limit and device.
     """
-    import datasets_def  # noqa: F401  (registers the dataset definitions ``embedded`` needs)
     import mmm.masking  # noqa: F401  (registers maskers)
     from mmm.encoders import load_weights
     from mmm.evaluate import evaluate_mlm

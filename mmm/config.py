@@ -200,7 +200,12 @@ class DataConfig:
     dataset: str = _f("text", "dataset definition (datasets_def registry name)")
     train: str = _f("embedded", "training shards: a directory, a brace pattern, or 'embedded' for the built-in corpus")
     val: Optional[str] = _f("embedded", "validation shards (same forms); null = no validation")
-    batch_size: int = _f(32, "sequences per packed batch")
+    batch_size: int = _f(32, "sequences per packed batch on each device (per micro-batch); derived from "
+                         "global_batch_size when that is set")
+    global_batch_size: Optional[int] = _f(
+        None, "sequences per optimizer step over all devices, nodes and accumulation steps (the number papers "
+        "quote); batch_size = global / (devices * num_nodes * accumulate_grad_batches), an error if it does "
+        "not divide; null = use batch_size per device")
     num_workers: int = _f(1, "DataLoader worker processes")
     shuffle_buffer: int = _f(2000, "sample shuffle buffer (0 = off)")
     shuffle_shards: bool = _f(True, "shuffle the shard order each epoch")
@@ -448,9 +453,52 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dic
     if overrides:
         data = apply_overrides(data, overrides, PretrainConfig)
     try:
-        return from_dict(PretrainConfig, data)
+        cfg = from_dict(PretrainConfig, data)
+        section = data.get("data")
+        resolve_batch_size(cfg, explicit_batch_size=isinstance(section, dict) and "batch_size" in section)
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def data_parallel_size(trainer: TrainerConfig) -> int:
+    """Processes that each draw a batch per step: ``devices * num_nodes`` (``devices`` must be a count)."""
+    devices = trainer.devices
+    if isinstance(devices, str):
+        if devices.strip().isdigit():
+            devices = int(devices)
+        else:
+            raise ConfigError(f"data.global_batch_size needs trainer.devices as a number of devices, got {devices!r}")
+    return int(devices) * int(trainer.num_nodes)
+
+
+def resolve_batch_size(cfg: PretrainConfig, explicit_batch_size: bool = False) -> None:
+    """Derive ``data.batch_size`` (per device, per micro-batch) from ``data.global_batch_size``.
+
+    Args:
+        cfg: the config, changed in place.
+        explicit_batch_size: ``data.batch_size`` was given too; then it must equal the derived value.
+    """
+    d, t = cfg.data, cfg.trainer
+    if d.global_batch_size is None:
+        return
+    if d.global_batch_size < 1:
+        raise ConfigError(f"data.global_batch_size must be >= 1, got {d.global_batch_size}")
+    world, accum = data_parallel_size(t), int(t.accumulate_grad_batches)
+    share = world * accum
+    if d.global_batch_size % share:
+        raise ConfigError(f"data.global_batch_size {d.global_batch_size} does not divide by trainer.devices * "
+                          f"trainer.num_nodes * trainer.accumulate_grad_batches = {t.devices} * {t.num_nodes} * {accum} = {share}")
+    per_device = d.global_batch_size // share
+    if explicit_batch_size and d.batch_size != per_device:
+        raise ConfigError(f"data.batch_size {d.batch_size} contradicts data.global_batch_size {d.global_batch_size} "
+                          f"(= {per_device} per device over {world} device(s) x {accum} accumulation step(s)); set one of them")
+    d.batch_size = per_device
+
+
+def global_batch_size(cfg: PretrainConfig) -> int:
+    """Sequences per optimizer step over all processes and accumulation steps."""
+    return cfg.data.batch_size * data_parallel_size(cfg.trainer) * int(cfg.trainer.accumulate_grad_batches)
 
 
 def dump_config(cfg: Any, indent: int = 0) -> str:

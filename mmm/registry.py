@@ -5,12 +5,17 @@ backends, position encodings) has its own :class:`Registry`. Entries register th
 their module is imported; ``create(name, **kw)`` builds one and validates the keyword arguments
 against the entry's signature so that a typo in a YAML config is reported by name instead of
 being swallowed.
+
+A registry is complete whichever module a user imports first: each one names the packages that
+fill it (``plugins``) and imports them on its first lookup (``get`` / ``create`` / ``list`` /
+``in``), so no caller has to remember to import a plugin package before asking for a name.
 """
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import inspect
-from typing import Any, Callable, Dict, Generic, List, TypeVar
+from typing import Any, Callable, Dict, Generic, List, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -27,11 +32,23 @@ class Registry(Generic[T]):
 
     Args:
         kind: human-readable kind ("masker", "objective", ...), used in error messages.
+        plugins: module names whose import registers this kind's entries; imported on the first
+            lookup, so the table is complete however the registry was reached.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, plugins: Sequence[str] = ()) -> None:
         self.kind = kind
+        self.plugins = tuple(plugins)
         self._entries: Dict[str, Callable[..., T]] = {}
+        self._loaded = not self.plugins
+
+    def load_plugins(self) -> None:
+        """Import the plugin modules once (re-entrant: a plugin may look names up while importing)."""
+        if self._loaded:
+            return
+        self._loaded = True  # set first: a plugin importing another plugin must not recurse here
+        for module in self.plugins:
+            importlib.import_module(module)
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator: ``@MASKERS.register("bert_random")`` on a class or factory function."""
@@ -46,6 +63,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> Callable[..., T]:
         """The registered factory for ``name``; unknown names raise a :class:`RegistryError`."""
+        if name not in self._entries:
+            self.load_plugins()
         try:
             return self._entries[name]
         except KeyError:
@@ -60,9 +79,12 @@ class Registry(Generic[T]):
 
     def list(self, pattern: str = "*") -> List[str]:
         """Sorted names matching a shell-style ``pattern``."""
+        self.load_plugins()
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
 
     def __contains__(self, name: str) -> bool:
+        if name not in self._entries:
+            self.load_plugins()
         return name in self._entries
 
     def __repr__(self) -> str:
@@ -81,12 +103,14 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], what: str) -> N
         raise RegistryError(f"{what} got unknown argument(s) {unknown}; accepted: {accepted}")
 
 
-# One registry per kind of part. Modules register into these on import.
-MODALITIES: Registry = Registry("modality")
-TOKENIZERS: Registry = Registry("tokenizer")
-EMBEDDERS: Registry = Registry("embedder")
-MASKERS: Registry = Registry("masker")
-OBJECTIVES: Registry = Registry("objective")
-DATASETS: Registry = Registry("dataset")
-ATTENTION_BACKENDS: Registry = Registry("attention backend")
-POSITIONS: Registry = Registry("position encoding")
+# One registry per kind of part. Modules register into these on import; each registry names the
+# packages that fill it and imports them on first lookup. Dataset definitions live outside the
+# library (``datasets_def``) and are reached by name only, never imported by a library module.
+MODALITIES: Registry = Registry("modality", plugins=("mmm.modalities",))
+TOKENIZERS: Registry = Registry("tokenizer", plugins=("mmm.modalities",))
+EMBEDDERS: Registry = Registry("embedder", plugins=("mmm.modalities",))
+MASKERS: Registry = Registry("masker", plugins=("mmm.masking",))
+OBJECTIVES: Registry = Registry("objective", plugins=("mmm.objectives",))
+DATASETS: Registry = Registry("dataset", plugins=("datasets_def",))
+ATTENTION_BACKENDS: Registry = Registry("attention backend", plugins=("mmm.core.attention",))
+POSITIONS: Registry = Registry("position encoding", plugins=("mmm.core.position",))

@@ -22,7 +22,6 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-import datasets_def  # noqa: F401  (registers dataset definitions)
 import mmm.masking  # noqa: F401  (registers maskers)
 import mmm.modalities  # noqa: F401  (registers modalities)
 from mmm.config import PretrainConfig, TaskConfig
