@@ -15,15 +15,27 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Un
 
 import yaml
 
+from mmm.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the typed schema."""
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
-    meta = {"help": help}
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", default_factory: Any = dataclasses.MISSING, *,
+       ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
+       lt: Optional[float] = None) -> Any:
+    """A config field with its help text and the range a number (or each number of a tuple) must lie in."""
+    meta: Dict[str, Any] = {"help": help}
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        meta["bounds"] = bounds
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -33,17 +45,17 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", default_factory: Any 
 class EncoderConfig:
     """The shared Transformer encoder (one for every modality)."""
 
-    dim: int = _f(256, "hidden size d")
-    depth: int = _f(4, "number of Transformer blocks")
-    heads: int = _f(4, "attention heads; dim must be divisible by heads")
-    mlp_hidden: Optional[int] = _f(None, "MLP hidden size; null = 4 * dim")
+    dim: int = _f(256, "hidden size d", ge=1)
+    depth: int = _f(4, "number of Transformer blocks", ge=1)
+    heads: int = _f(4, "attention heads; dim must be divisible by heads", ge=1)
+    mlp_hidden: Optional[int] = _f(None, "MLP hidden size; null = 4 * dim", ge=1)
     mlp: str = _f("gelu", "MLP kind: gelu (BERT/ViT), glu, geglu (MosaicBERT), swiglu")
     norm_first: bool = _f(False, "pre-LayerNorm (ViT) if true, post-LayerNorm (BERT) if false")
     final_norm: bool = _f(False, "LayerNorm after the last block (pre-LN models usually want it)")
-    norm_eps: float = _f(1e-12, "LayerNorm epsilon (BERT 1e-12, ViT 1e-6)")
+    norm_eps: float = _f(1e-12, "LayerNorm epsilon (BERT 1e-12, ViT 1e-6)", gt=0)
     qkv_bias: bool = _f(True, "bias on the query/key/value projections")
-    dropout: float = _f(0.1, "dropout on residual branches")
-    attn_dropout: float = _f(0.1, "dropout on attention probabilities")
+    dropout: float = _f(0.1, "dropout on residual branches", ge=0, lt=1)
+    attn_dropout: float = _f(0.1, "dropout on attention probabilities", ge=0, lt=1)
     relative_position: str = _f("none", "relative positions inside attention: none, alibi, rotary")
     attention: str = _f("auto", "attention backend: auto, xformers, sdpa, math (env MMM_ATTENTION overrides auto)")
 
@@ -54,10 +66,10 @@ class TextConfig:
 
     tokenizer: str = _f("wordpiece", "tokenizer algorithm to train when tokenizer_path is null: wordpiece, bpe")
     tokenizer_path: Optional[str] = _f(None, "directory of a saved mmm tokenizer; null = train one on the training shards")
-    vocab_size: int = _f(8000, "vocabulary size when training a tokenizer")
+    vocab_size: int = _f(8000, "vocabulary size when training a tokenizer", ge=1)
     lowercase: bool = _f(True, "lowercase text when training a tokenizer")
-    tokenizer_train_docs: int = _f(20000, "documents read from the training shards to train the tokenizer")
-    max_len: int = _f(128, "longest sequence in tokens ([CLS] and [SEP] included); longer text is chunked, not dropped")
+    tokenizer_train_docs: int = _f(20000, "documents read from the training shards to train the tokenizer", ge=1)
+    max_len: int = _f(128, "longest sequence in tokens ([CLS] and [SEP] included); longer text is chunked, not dropped", ge=3)
     position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none")
     embed_norm: bool = _f(True, "LayerNorm after the embedding sum (BERT)")
 
@@ -66,19 +78,19 @@ class TextConfig:
 class ImageConfig:
     """The image modality: patch embedder, encoder mode, input pipeline."""
 
-    image_size: int = _f(32, "input height and width in pixels (the pipeline crops/resizes to it)")
-    patch_size: int = _f(4, "side of a square patch in pixels; must divide image_size")
+    image_size: int = _f(32, "input height and width in pixels (the pipeline crops/resizes to it)", ge=1)
+    patch_size: int = _f(4, "side of a square patch in pixels; must divide image_size", ge=1)
     cls_token: bool = _f(True, "prepend a learned [CLS] token to every image")
     position: str = _f("sincos", "patch positions: sincos (fixed 2-D, MAE) or learned")
     embed_norm: bool = _f(False, "LayerNorm on the patch tokens before the encoder (off for ViT/MAE)")
     drop_masked: bool = _f(True, "MAE mode: hidden patches never enter the encoder; false = SimMIM/BEiT mask-token mode")
-    crop_scale: Tuple[float, float] = _f((0.2, 1.0), "random-resized-crop area range for training (MAE)")
-    hflip: float = _f(0.5, "horizontal flip probability for training")
-    max_pixels: int = _f(64 * 1024 * 1024, "refuse images whose header claims more pixels (decompression-bomb guard)")
-    min_size: int = _f(8, "smallest accepted image side in pixels")
+    crop_scale: Tuple[float, float] = _f((0.2, 1.0), "random-resized-crop area range for training (MAE)", gt=0, le=1)
+    hflip: float = _f(0.5, "horizontal flip probability for training", ge=0, le=1)
+    max_pixels: int = _f(64 * 1024 * 1024, "refuse images whose header claims more pixels (decompression-bomb guard)", ge=1)
+    min_size: int = _f(8, "smallest accepted image side in pixels", ge=1)
     small_images: str = _f("upscale", "images smaller than min_size: upscale or reject (counted as bad samples)")
-    visual_tokens: int = _f(0, "size of a k-means visual-token codebook over patch pixels (BEiT-style targets); 0 = none")
-    codebook_images: int = _f(2000, "training images sampled to fit the visual-token codebook")
+    visual_tokens: int = _f(0, "size of a k-means visual-token codebook over patch pixels (BEiT-style targets); 0 = none", ge=0)
+    codebook_images: int = _f(2000, "training images sampled to fit the visual-token codebook", ge=1)
 
 
 @dataclass
@@ -86,37 +98,37 @@ class DNAConfig:
     """The DNA modality: nucleotide tokenizer and embedder."""
 
     tokenizer: str = _f("dna_kmer", "dna_char (single nucleotide), dna_kmer (DNABERT / Nucleotide Transformer), dna_bpe (DNABERT-2)")
-    k: int = _f(6, "k-mer length for dna_kmer")
+    k: int = _f(6, "k-mer length for dna_kmer", ge=1)
     overlapping: bool = _f(True, "dna_kmer: overlapping k-mers, stride 1 (DNABERT); false = stride k (Nucleotide Transformer)")
     tokenizer_path: Optional[str] = _f(None, "directory of a saved mmm DNA tokenizer; null = build (k-mer, char) or train (BPE) one")
-    vocab_size: int = _f(4096, "BPE vocabulary size when training dna_bpe")
-    tokenizer_train_docs: int = _f(2000, "sequences read from the training shards to train dna_bpe")
-    max_len: int = _f(512, "longest sequence in tokens ([CLS]/[SEP] included); longer windows are cut into several, none dropped")
+    vocab_size: int = _f(4096, "BPE vocabulary size when training dna_bpe", ge=1)
+    tokenizer_train_docs: int = _f(2000, "sequences read from the training shards to train dna_bpe", ge=1)
+    max_len: int = _f(512, "longest sequence in tokens ([CLS]/[SEP] included); longer windows are cut into several, none dropped", ge=3)
     position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none")
     embed_norm: bool = _f(True, "LayerNorm after the embedding sum")
-    reverse_complement: float = _f(0.5, "probability of reverse-complementing a training sequence (augmentation)")
+    reverse_complement: float = _f(0.5, "probability of reverse-complementing a training sequence (augmentation)", ge=0, le=1)
 
 
 @dataclass
 class AudioConfig:
     """The audio modality: log-mel front end, feature-token embedder, discrete targets."""
 
-    sample_rate: int = _f(16000, "target sample rate; clips are resampled and mixed to mono")
-    n_mels: int = _f(64, "log-mel bins")
-    win_ms: float = _f(25.0, "STFT window in milliseconds")
-    hop_ms: float = _f(10.0, "STFT hop in milliseconds")
+    sample_rate: int = _f(16000, "target sample rate; clips are resampled and mixed to mono", ge=1)
+    n_mels: int = _f(64, "log-mel bins", ge=1)
+    win_ms: float = _f(25.0, "STFT window in milliseconds", gt=0)
+    hop_ms: float = _f(10.0, "STFT hop in milliseconds", gt=0)
     token: str = _f("time", "token kind: time (frames_per_token stacked frames) or patch (2-D spectrogram patches, AudioMAE)")
-    frames_per_token: int = _f(4, "frames per time token")
-    patch_freq: int = _f(16, "patch height in mel bins (token: patch)")
-    patch_time: int = _f(4, "patch width in frames (token: patch)")
-    max_seconds: float = _f(10.0, "longest clip fed to the model; longer clips are cut into several sequences")
+    frames_per_token: int = _f(4, "frames per time token", ge=1)
+    patch_freq: int = _f(16, "patch height in mel bins (token: patch)", ge=1)
+    patch_time: int = _f(4, "patch width in frames (token: patch)", ge=1)
+    max_seconds: float = _f(10.0, "longest clip fed to the model; longer clips are cut into several sequences", gt=0)
     norm: str = _f("bin", "normalisation statistics: bin (per mel bin) or global (AudioMAE)")
-    stats_clips: int = _f(500, "training clips used to fit the normalisation statistics")
+    stats_clips: int = _f(500, "training clips used to fit the normalisation statistics", ge=1)
     targets: List[str] = _f(default_factory=lambda: ["mfcc"], help="discrete target sets (k-means over these features: mfcc, logmel, chroma), one head each (HuBERT; MERT uses acoustic + musical)")
-    target_clusters: int = _f(64, "k-means clusters per target set")
-    target_clips: int = _f(300, "training clips used to fit the k-means codebooks")
+    target_clusters: int = _f(64, "k-means clusters per target set", ge=1)
+    target_clips: int = _f(300, "training clips used to fit the k-means codebooks", ge=1)
     position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none")
-    max_tokens: int = _f(512, "size of the position table (tokens per sequence)")
+    max_tokens: int = _f(512, "size of the position table (tokens per sequence)", ge=1)
     embed_norm: bool = _f(True, "LayerNorm on the embedded feature tokens (wav2vec 2.0 / HuBERT normalise the encoder input)")
 
 
@@ -124,9 +136,9 @@ class AudioConfig:
 class RegionConfig:
     """Precomputed image-region features (UNITER-style detector outputs stored in the shards)."""
 
-    feature_dim: int = _f(2048, "size of one region feature vector (2048 for UNITER's Faster R-CNN features)")
-    box_dim: int = _f(7, "size of the box geometry vector (UNITER: x1, y1, x2, y2, w, h, w*h, normalised)")
-    max_regions: int = _f(100, "most regions per image kept (the first ones; more is an error unless truncated)")
+    feature_dim: int = _f(2048, "size of one region feature vector (2048 for UNITER's Faster R-CNN features)", ge=1)
+    box_dim: int = _f(7, "size of the box geometry vector (UNITER: x1, y1, x2, y2, w, h, w*h, normalised)", ge=1)
+    max_regions: int = _f(100, "most regions per image kept (the first ones; more is an error unless truncated)", ge=1)
     position: str = _f("none", "positions added to region tokens: none (the box geometry places them), learned")
 
 
@@ -135,10 +147,10 @@ class ImageTextConfig:
     """Image-text pairs in one joint sequence (UNITER single stream): text tokens, then image tokens."""
 
     image_input: str = _f("patches", "what stands for the image: patches (the image modality's patch embedder) or regions (precomputed region features)")
-    max_text_len: int = _f(40, "longest caption in tokens ([CLS]/[SEP] included); longer captions are cut (counted)")
-    itm_negatives: float = _f(0.5, "ITM: fraction of pairs whose caption is replaced by another sample's caption")
+    max_text_len: int = _f(40, "longest caption in tokens ([CLS]/[SEP] included); longer captions are cut (counted)", ge=3)
+    itm_negatives: float = _f(0.5, "ITM: fraction of pairs whose caption is replaced by another sample's caption", ge=0, le=1)
     layout: str = _f("single", "single: one joint sequence per pair (UNITER); two_stream: caption and image as separate sequences fused by cross-modality layers (LXMERT)")
-    cross_layers: int = _f(5, "two_stream: number of cross-modality layers after the shared encoder (LXMERT: 5)")
+    cross_layers: int = _f(5, "two_stream: number of cross-modality layers after the shared encoder (LXMERT: 5)", ge=0)
 
 
 @dataclass
@@ -152,7 +164,7 @@ class ModelConfig:
     audio: AudioConfig = _f(default_factory=AudioConfig, help="audio modality")
     regions: RegionConfig = _f(default_factory=RegionConfig, help="precomputed image-region features (vision-language)")
     image_text: ImageTextConfig = _f(default_factory=ImageTextConfig, help="image-text pairs (vision-language)")
-    init_std: float = _f(0.02, "std of the normal initialisation of linear and embedding weights")
+    init_std: float = _f(0.02, "std of the normal initialisation of linear and embedding weights", gt=0)
 
 
 @dataclass
@@ -168,7 +180,7 @@ class ObjectiveConfig:
     """One objective head and its loss weight."""
 
     name: str = _f("mlm", "objective registry name")
-    weight: float = _f(1.0, "weight of this loss in the sum")
+    weight: float = _f(1.0, "weight of this loss in the sum", ge=0)
     args: Dict[str, Any] = _f(default_factory=dict, help="keyword arguments of the objective")
     label: Optional[str] = _f(None, "key the head is stored and logged under (default: name); needed when one objective is used twice")
 
@@ -185,12 +197,12 @@ class TaskConfig:
     dataset: str = _f("text", "dataset definition (datasets_def registry name) feeding this task")
     train: str = _f("embedded", "training shards: a directory, a brace pattern, or 'embedded'")
     val: Optional[str] = _f("embedded", "validation shards (same forms); null = no validation for this task")
-    weight: float = _f(1.0, "sampling weight: the task trains on a share weight / sum(weights) of the steps")
+    weight: float = _f(1.0, "sampling weight: the task trains on a share weight / sum(weights) of the steps", gt=0)
     masking: ComponentConfig = _f(default_factory=lambda: ComponentConfig("bert_random", {"ratio": 0.15}),
                                   help="masker of this task (registry name + args)")
     objectives: List[str] = _f(default_factory=list, help="heads (objective label or name) this task's batches train")
     options: Dict[str, Any] = _f(default_factory=dict, help="modality-specific stream options (e.g. image_text: mode mlm | mrm | itm | itc)")
-    batch_size: Optional[int] = _f(None, "samples per batch; null = data.batch_size")
+    batch_size: Optional[int] = _f(None, "samples per batch; null = data.batch_size", ge=1)
 
 
 @dataclass
@@ -201,60 +213,60 @@ class DataConfig:
     train: str = _f("embedded", "training shards: a directory, a brace pattern, or 'embedded' for the built-in corpus")
     val: Optional[str] = _f("embedded", "validation shards (same forms); null = no validation")
     batch_size: int = _f(32, "sequences per packed batch on each device (per micro-batch); derived from "
-                         "global_batch_size when that is set")
+                         "global_batch_size when that is set", ge=1)
     global_batch_size: Optional[int] = _f(
         None, "sequences per optimizer step over all devices, nodes and accumulation steps (the number papers "
         "quote); batch_size = global / (devices * num_nodes * accumulate_grad_batches), an error if it does "
-        "not divide; null = use batch_size per device")
-    num_workers: int = _f(1, "DataLoader worker processes")
-    shuffle_buffer: int = _f(2000, "sample shuffle buffer (0 = off)")
+        "not divide; null = use batch_size per device", ge=1)
+    num_workers: int = _f(1, "DataLoader worker processes", ge=0)
+    shuffle_buffer: int = _f(2000, "sample shuffle buffer (0 = off)", ge=0)
     shuffle_shards: bool = _f(True, "shuffle the shard order each epoch")
     skip_bad: bool = _f(False, "skip (and count) corrupt samples instead of stopping")
-    max_errors: Optional[int] = _f(None, "with skip_bad: stop once this many bad samples were seen")
+    max_errors: Optional[int] = _f(None, "with skip_bad: stop once this many bad samples were seen", ge=0)
     max_member_bytes: Optional[int] = _f(
         268435456, "refuse shard members larger than this (read from the tar header, before reading); "
-        "also reports truncated shards; null = webdataset's own reader, no limit")
+        "also reports truncated shards; null = webdataset's own reader, no limit", ge=1)
     seed: int = _f(0, "seed for shard order, shuffling and masking")
     resampled: bool = _f(False, "draw training shards with replacement, forever (seeded by seed, epoch, rank, worker); "
                          "an epoch is then data.epoch_batches batches per rank instead of one pass over the shards")
     epoch_batches: Optional[int] = _f(None, "with resampled: batches per epoch on each rank (split across its DataLoader "
-                                      "workers); required with resampled, refused without it")
+                                      "workers); required with resampled, refused without it", ge=1)
 
 
 @dataclass
 class OptimConfig:
     """AdamW with warmup and decay."""
 
-    lr: float = _f(5e-4, "peak learning rate")
-    weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)")
-    betas: Tuple[float, float] = _f((0.9, 0.98), "Adam betas")
-    eps: float = _f(1e-6, "Adam epsilon")
-    warmup_steps: int = _f(100, "linear warmup steps")
+    lr: float = _f(5e-4, "peak learning rate", gt=0)
+    weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)", ge=0)
+    betas: Tuple[float, float] = _f((0.9, 0.98), "Adam betas", ge=0, lt=1)
+    eps: float = _f(1e-6, "Adam epsilon", gt=0)
+    warmup_steps: int = _f(100, "linear warmup steps", ge=0)
     schedule: str = _f("linear", "decay after warmup: linear, cosine, constant")
-    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak")
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak", ge=0, le=1)
 
 
 @dataclass
 class TrainerConfig:
     """Arguments passed to ``lightning.Trainer`` (the common ones, typed)."""
 
-    max_steps: int = _f(1000, "optimizer steps to train")
+    max_steps: int = _f(1000, "optimizer steps to train", ge=1)
     accelerator: str = _f("auto", "cpu, gpu, auto")
     devices: Union[int, str] = _f(1, "number of devices or 'auto'")
     strategy: str = _f("auto", "Lightning strategy: auto, ddp, ddp_find_unused_parameters_true, fsdp, deepspeed, ...")
-    num_nodes: int = _f(1, "number of nodes (multi-node runs; see the README's launch section)")
+    num_nodes: int = _f(1, "number of nodes (multi-node runs; see the README's launch section)", ge=1)
     precision: str = _f("32-true", "32-true, bf16-mixed, 16-mixed")
-    gradient_clip_val: Optional[float] = _f(1.0, "clip gradient norm; null = off")
-    accumulate_grad_batches: int = _f(1, "gradient accumulation")
-    log_every_n_steps: int = _f(10, "logging interval in steps")
-    val_check_interval: int = _f(200, "validate every this many training steps")
-    limit_val_batches: int = _f(20, "validation batches per check")
-    checkpoint_every_n_steps: int = _f(200, "write a checkpoint every this many steps")
+    gradient_clip_val: Optional[float] = _f(1.0, "clip gradient norm; null = off", ge=0)
+    accumulate_grad_batches: int = _f(1, "gradient accumulation", ge=1)
+    log_every_n_steps: int = _f(10, "logging interval in steps", ge=1)
+    val_check_interval: int = _f(200, "validate every this many training steps", ge=1)
+    limit_val_batches: int = _f(20, "validation batches per check", ge=0)
+    checkpoint_every_n_steps: int = _f(200, "write a checkpoint every this many steps", ge=1)
     default_root_dir: str = _f("runs/mmm", "where logs and checkpoints go")
     enable_progress_bar: bool = _f(True, "show a progress bar")
     ckpt_path: Optional[str] = _f(None, "resume from this checkpoint ('last' = the run's last.ckpt)")
     compile: bool = _f(False, "torch.compile the encoder blocks (GPU runs; dynamic shapes for packed batches)")
-    threads: Optional[int] = _f(None, "torch intra-op threads in the training process; null = torch's default (on small shared CPUs 1 is often fastest)")
+    threads: Optional[int] = _f(None, "torch intra-op threads in the training process; null = torch's default (on small shared CPUs 1 is often fastest)", ge=1)
     nonfinite_loss: str = _f("stop", "on a NaN/inf loss: stop (naming step and batch) or skip (drop the batch, count it; single process only)")
 
 
@@ -355,8 +367,26 @@ def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "") -> T:
         raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(value, hints[name], f"{where}.{name}" if where else name)
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _convert(value, hints[name], key)
+        _check_bounds(kwargs[name], fields[name], key)
     return cls(**kwargs)
+
+
+def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> None:
+    """Raise ConfigError when a number (or a number of a tuple) lies outside the field's range."""
+    bounds = f.metadata.get("bounds")
+    if not bounds or value is None:
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        failed = [f"{_BOUNDS[k][0]} {b}" for k, b in bounds.items() if not _BOUNDS[k][1](v, b)]
+        if failed or v != v:  # v != v: NaN
+            wanted = " and ".join(f"{_BOUNDS[k][0]} {b}" for k, b in bounds.items())
+            got = value if len(values) > 1 else v
+            raise ConfigError(f"{key} must be {wanted}, got {got!r} ({f.metadata.get('help', '')})")
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:
