@@ -11,7 +11,7 @@ Relative (applied inside attention by the encoder):
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -53,6 +53,10 @@ class AbsolutePositions(nn.Module):
             self.register_buffer("weight", sinusoidal_table(max_len, dim), persistent=False)
         else:
             self.weight = None
+
+    def no_weight_decay(self) -> Set[str]:
+        """A learned position table is not decayed (timm's ``no_weight_decay`` convention)."""
+        return {"weight"}
 
     def forward(self, position_ids: torch.Tensor) -> Optional[torch.Tensor]:
         """(N,) → (N, dim), or None for ``none``."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -140,6 +140,10 @@ class ImageEmbedder(nn.Module):
                 nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
             if self.norm is not None:
                 self.norm.reset_parameters()
+
+    def no_weight_decay(self) -> Set[str]:
+        """Learned tokens and the position table are not decayed (MAE, timm ViT)."""
+        return {"cls_token", "mask_token", "pos_embed"}
 
     def check_pixels(self, pixels: Any, what: str = "pixels") -> None:
         """Raise a clear error unless ``pixels`` is a (B, in_chans, image_size, image_size) float tensor."""

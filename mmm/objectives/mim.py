@@ -13,7 +13,7 @@ Both score hidden patches only. Discrete visual-token targets (BEiT) use
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from mmm.batch import ImageInput, PackedBatch
 from mmm.config import EncoderConfig
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
-from mmm.objectives.base import ObjectiveOutput
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep
 from mmm.registry import OBJECTIVES
 
 
@@ -94,6 +94,10 @@ class MaskedAutoencoder(nn.Module):
             norm_eps=1e-6, dropout=0.0, attn_dropout=0.0, attention=encoder_cfg.attention))
         self.pred = nn.Linear(decoder_dim, self.patch * self.patch * self.channels)
 
+    def no_weight_decay(self) -> Set[str]:
+        """The decoder's mask token is not decayed (MAE)."""
+        return {"mask_token"}
+
     def reset_parameters(self) -> None:
         """MAE initialisation: xavier-uniform linears, N(0, 0.02) mask token."""
         for m in self.modules():
@@ -136,8 +140,9 @@ class MaskedAutoencoder(nn.Module):
         target = patchify(batch.inputs[self.modality].pixels.float(), self.patch)[mask]
         if self.norm_pix_loss:
             target = normalize_patches(target)
-        loss = F.mse_loss(pred.float(), target)
-        return ObjectiveOutput(loss, {}, pred.shape[0])
+        # per-patch mean squared error, summed; / global patch count: exact under DDP (MAE's mean on one rank)
+        loss_sum = F.mse_loss(pred.float(), target, reduction="sum") / pred.shape[-1]
+        return ObjectiveOutput(global_mean(loss_sum, pred.shape[0], in_lockstep(self)), {}, pred.shape[0])
 
 
 @OBJECTIVES.register("simmim")
@@ -169,5 +174,6 @@ class SimMIMRegression(nn.Module):
         grid = h.view(inp.num_images, t, -1)[:, self.prefix:]  # (B, P, d)
         pred = self.pred(grid[inp.mask])  # (M, p*p*C)
         target = patchify(inp.pixels.float(), self.patch)[inp.mask]
-        loss = F.l1_loss(pred.float(), target)
-        return ObjectiveOutput(loss, {}, int(inp.mask.sum()))
+        count = pred.shape[0]
+        loss_sum = F.l1_loss(pred.float(), target, reduction="sum") / pred.shape[-1]  # per-patch mean L1, summed
+        return ObjectiveOutput(global_mean(loss_sum, count, in_lockstep(self)), {}, count)
