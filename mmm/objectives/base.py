@@ -51,10 +51,30 @@ def global_mean(loss_sum: torch.Tensor, count: int, sync: bool = True) -> torch.
     return loss_sum / max(count, 1)
 
 
-def zero_output(hidden: torch.Tensor, module: nn.Module, metrics=()) -> ObjectiveOutput:
+def in_lockstep(module: nn.Module) -> bool:
+    """Whether ``module`` runs in a training step, which every rank takes the same number of times.
+
+    Only then may a head all-reduce its count (:func:`global_mean`'s ``sync``). Validation and
+    evaluation (no gradients, or eval mode) keep the plain per-rank mean: ranks may see different
+    numbers of batches there, and the trainer reduces those means across ranks weighted by their
+    counts (:class:`~mmm.train.module.MaskedModelingModule`).
+    """
+    return module.training and torch.is_grad_enabled()
+
+
+def zero_output(hidden: torch.Tensor, module: nn.Module, metrics=(), sync_count: bool = True) -> ObjectiveOutput:
     """A zero loss still connected to ``hidden`` and to every parameter of ``module`` (no target this batch).
 
     Touching the head's parameters keeps DDP's "every parameter received a gradient" check happy.
+
+    Args:
+        hidden: the batch's encoder output.
+        module: the head.
+        metrics: names of the head's metrics (logged as zero).
+        sync_count: the head normalises by :func:`global_mean`: in a training step this rank joins
+            the count all-reduce the other ranks run (with a count of 0), so none of them waits.
     """
     zero = hidden.sum() * 0.0 + sum(p.sum() for p in module.parameters()) * 0.0
+    if sync_count:
+        zero = global_mean(zero, 0, in_lockstep(module))
     return ObjectiveOutput(zero, {m: zero.detach() for m in metrics}, 0)

@@ -9,6 +9,13 @@ or regions; pooled with ``index_add``). Both are L2-normalised, scaled by a lear
 scored with the symmetric InfoNCE loss of ``open_clip.loss.ClipLoss``, which gathers the
 embeddings of every rank (with gradients) under ``torch.distributed``.
 
+Under DDP the loss is the one over the gathered global batch, not a count-normalised sum like the
+other heads': every rank scores all pairs (``local_loss: false``; each rank logs the same loss),
+and the gather's backward sums every rank's gradient, which DDP's averaging turns back into the
+gradient of that one loss. With ``local_loss: true`` each rank scores its own rows against all
+columns and the ranks' mean is the global loss only when every rank holds the same number of
+pairs, which the gather needs anyway (every rank must bring the same batch size).
+
 :meth:`ImageTextContrastive.embed_pairs` gives the normalised embeddings for retrieval evaluation.
 """
 from __future__ import annotations
@@ -23,8 +30,7 @@ from torch import nn
 
 from mmm.batch import ContrastiveTargets, PackedBatch
 from mmm.config import EncoderConfig
-from mmm.objectives.base import ObjectiveOutput
-from mmm.objectives.base import zero_output
+from mmm.objectives.base import ObjectiveOutput, zero_output
 from mmm.registry import OBJECTIVES
 
 
@@ -97,7 +103,8 @@ class ImageTextContrastive(nn.Module):
         """(N, d) encoder output → symmetric contrastive loss and in-batch retrieval accuracies."""
         t = batch.targets.get(self.target)
         if t is None or t.count == 0:
-            return zero_output(hidden, self, ("i2t_acc", "t2i_acc", "logit_scale"))
+            # no count all-reduce: ClipLoss gathers embeddings instead (see the module docstring)
+            return zero_output(hidden, self, ("i2t_acc", "t2i_acc", "logit_scale"), sync_count=False)
         if not isinstance(t, ContrastiveTargets):
             raise TypeError(f"objective itc: batch.targets[{self.target!r}] is a {type(t).__name__}, "
                             f"expected ContrastiveTargets")

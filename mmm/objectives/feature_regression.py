@@ -18,7 +18,7 @@ from torch import nn
 
 from mmm.batch import FeatureInput, PackedBatch
 from mmm.config import EncoderConfig
-from mmm.objectives.base import ObjectiveOutput
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_output
 from mmm.registry import OBJECTIVES
 
 
@@ -70,10 +70,11 @@ class MaskedFeatureRegression(nn.Module):
             raise ValueError(f"objective masked_features needs a feature input named {self.modality!r}; the batch has "
                              f"{sorted(batch.inputs)}")
         if inp.mask is None or not bool(inp.mask.any()):
-            zero = hidden.sum() * 0.0
-            return ObjectiveOutput(zero, {}, 0)
+            return zero_output(hidden, self)
         h = hidden if inp.index is None else hidden.index_select(0, inp.index)  # (N_m, d)
         pred = self.head(h[inp.mask])  # (M, F)
         target = self.target(inp.features[inp.mask])  # (M, F)
-        loss = F.mse_loss(pred.float(), target)
-        return ObjectiveOutput(loss, {}, int(target.shape[0]))
+        count = int(target.shape[0])
+        # per-token mean squared error, summed; / global token count: exact under DDP (the plain mean on one rank)
+        loss_sum = F.mse_loss(pred.float(), target, reduction="sum") / self.feature_dim
+        return ObjectiveOutput(global_mean(loss_sum, count, in_lockstep(self)), {}, count)

@@ -31,8 +31,7 @@ from torch import nn
 
 from mmm.batch import PackedBatch, PairTargets
 from mmm.config import EncoderConfig
-from mmm.objectives.base import ObjectiveOutput
-from mmm.objectives.base import zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_output
 from mmm.objectives.optimal_transport import cosine_cost, ot_distance, pad_by_group
 from mmm.registry import OBJECTIVES
 
@@ -112,15 +111,16 @@ class ImageTextMatching(nn.Module):
         if not isinstance(t, PairTargets):
             raise TypeError(f"objective itm: batch.targets[{self.target!r}] is a {type(t).__name__}, expected PairTargets")
         logits = self.logits(hidden, t)  # (B, 2)
-        loss = F.cross_entropy(logits, t.labels)
+        loss_sum = F.cross_entropy(logits, t.labels, reduction="sum")
         metrics = {"acc": (logits.detach().argmax(-1) == t.labels).float().mean()}
         if self.wra_weight > 0:
             distance = self.wra(hidden, t)  # (B,)
             positive = t.labels == 1
-            ot = (distance[positive].sum() - distance[~positive].sum()) / t.count
-            loss = loss + self.wra_weight * ot
-            metrics["wra"] = ot.detach()
-        return ObjectiveOutput(loss, metrics, t.count)
+            ot_sum = distance[positive].sum() - distance[~positive].sum()
+            loss_sum = loss_sum + self.wra_weight * ot_sum
+            metrics["wra"] = (ot_sum / t.count).detach()
+        # summed over this rank's pairs / global pair count: exact under DDP (the mean over pairs on one rank)
+        return ObjectiveOutput(global_mean(loss_sum, t.count, in_lockstep(self)), metrics, t.count)
 
     @torch.no_grad()
     def mine_hard_pairs(self, hidden: torch.Tensor, batch: PackedBatch, model) -> PackedBatch:

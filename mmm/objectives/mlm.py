@@ -16,7 +16,7 @@ from torch import nn
 
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
-from mmm.objectives.base import ObjectiveOutput, global_mean
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep
 from mmm.registry import OBJECTIVES
 
 
@@ -85,7 +85,7 @@ class MaskedLanguageModeling(nn.Module):
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         """(N, d) encoder output → loss and masked-token accuracy."""
         t = batch.targets.get(self.modality)
-        sync = self.training and torch.is_grad_enabled()  # training steps run on every rank in lockstep
+        sync = in_lockstep(self)  # training steps run on every rank in lockstep: the count is all-reduced
         if t is None or t.positions.numel() == 0:
             zero = hidden.sum() * 0.0  # keeps the graph connected; no prediction this batch
             return ObjectiveOutput(global_mean(zero, 0, sync), {"acc": zero.detach()}, 0)

@@ -25,7 +25,7 @@ from torch import nn
 
 from mmm.batch import ImageInput, PackedBatch, RegionTargets
 from mmm.config import EncoderConfig
-from mmm.objectives.base import ObjectiveOutput, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_output
 from mmm.registry import OBJECTIVES
 
 if TYPE_CHECKING:
@@ -191,7 +191,8 @@ class MaskedRegionFeatureRegression(nn.Module):
             return zero_output(hidden, self, ("cos",))
         target = self.source.features(t, batch, self.feature_dim)  # (M, F)
         pred = self.head(hidden.index_select(0, t.positions)).float()  # (M, F)
-        loss = F.mse_loss(pred, target)
+        # per-region mean squared error, summed; / global region count: exact under DDP (the plain mean on one rank)
+        loss = global_mean(F.mse_loss(pred, target, reduction="sum") / self.feature_dim, t.count, in_lockstep(self))
         cos = F.cosine_similarity(pred.detach(), target, dim=-1).mean()
         return ObjectiveOutput(loss, {"cos": cos}, t.count)
 
@@ -224,7 +225,7 @@ class MaskedRegionClassification(nn.Module):
             return zero_output(hidden, self, ("acc",))
         labels = self.source.soft_labels(t, batch, self.num_classes).argmax(-1)  # (M,)
         logits = self.head(hidden.index_select(0, t.positions)).float()  # (M, C)
-        loss = F.cross_entropy(logits, labels)
+        loss = global_mean(F.cross_entropy(logits, labels, reduction="sum"), t.count, in_lockstep(self))
         acc = (logits.detach().argmax(-1) == labels).float().mean()
         return ObjectiveOutput(loss, {"acc": acc}, t.count)
 
@@ -257,5 +258,6 @@ class MaskedRegionClassificationKL(nn.Module):
             return zero_output(hidden, self)
         soft = self.source.soft_labels(t, batch, self.num_classes)  # (M, C)
         log_q = self.head(hidden.index_select(0, t.positions)).float().log_softmax(-1)  # (M, C)
-        loss = F.kl_div(log_q, soft, reduction="batchmean")  # Σ p (log p − log q) / M
+        kl_sum = F.kl_div(log_q, soft, reduction="sum")  # Σ p (log p − log q) over the M regions
+        loss = global_mean(kl_sum, t.count, in_lockstep(self))  # / M on one rank ("batchmean"), exact under DDP
         return ObjectiveOutput(loss, {}, t.count)

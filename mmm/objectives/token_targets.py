@@ -17,7 +17,7 @@ from torch import nn
 
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
-from mmm.objectives.base import ObjectiveOutput
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_output
 from mmm.registry import OBJECTIVES
 
 
@@ -48,12 +48,12 @@ class TokenTargetClassification(nn.Module):
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         t = batch.targets.get(self.target)
         if t is None or t.positions.numel() == 0:
-            zero = hidden.sum() * 0.0
-            return ObjectiveOutput(zero, {"acc": zero.detach()}, 0)
+            return zero_output(hidden, self, ("acc",))
         if int(t.labels.max()) >= self.num_classes:
             raise ValueError(f"objective token_targets: target {self.target!r} has id {int(t.labels.max())} but "
                              f"num_classes={self.num_classes}; set num_classes to the codebook size")
         logits = self.classifier(self.transform(hidden.index_select(0, t.positions)))  # (M, K)
-        loss = F.cross_entropy(logits.float(), t.labels)
+        # cross-entropy summed / global count of targets: exact under DDP (the plain mean on one rank)
+        loss = global_mean(F.cross_entropy(logits.float(), t.labels, reduction="sum"), t.count, in_lockstep(self))
         acc = (logits.argmax(-1) == t.labels).float().mean()
         return ObjectiveOutput(loss, {"acc": acc.detach()}, t.count)
