@@ -1,0 +1,127 @@
+"""The ``mmm embed`` and ``mmm finetune`` subcommands (parsers and handlers), added by :mod:`mmm.cli`.
+
+    mmm embed SOURCE INPUT OUT --modality text|dna|image|audio [--pooling cls|mean] [--split val]
+    mmm finetune SOURCE --modality text --train train.tsv --dev dev.tsv [--test test.tsv]
+                 --text_column sentence [--text_pair_column s2] --label_column label
+                 [--task_type classification|regression] [--metric accuracy|f1|matthews|pearson|spearman]
+                 [--seeds 3] [--epochs 3] [--lr 5e-5] [--batch_size 32] [--out DIR]
+    mmm finetune SOURCE --modality image --data SHARDS      (train / val splits of labelled shards)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, List
+
+MODALITY_CHOICES = ["text", "dna", "image", "audio"]
+
+
+def _unexpected(cmd: str, rest: List[str]) -> None:
+    if rest:
+        from mmm.config import ConfigError
+
+        raise ConfigError(f"mmm {cmd}: unexpected arguments {rest}")
+
+
+def cmd_embed(ns: argparse.Namespace, rest: List[str]) -> int:
+    _unexpected("embed", rest)
+    from mmm.downstream.embed import embed
+
+    info = embed(ns.source, ns.input, ns.out, ns.modality, pooling=ns.pooling, batch_size=ns.batch_size,
+                 split=ns.split, text_column=ns.text_column, timm_model=ns.timm_model)
+    cut = f" ({info['truncated']} cut to the encoder length)" if info["truncated"] else ""
+    print(f"embedded {info['samples']} input(s) → {info['dim']}-d {ns.pooling}-pooled features{cut}: "
+          + ", ".join(info["files"]))
+    return 0
+
+
+def cmd_finetune(ns: argparse.Namespace, rest: List[str]) -> int:
+    _unexpected("finetune", rest)
+    from mmm.config import ConfigError
+    from mmm.downstream.data import load_split
+    from mmm.downstream.finetune import FinetuneConfig, finetune
+
+    if ns.data is not None and (ns.train or ns.dev):
+        raise ConfigError("mmm finetune: give either --data (a shard folder with train and val splits) or --train and --dev")
+    if ns.data is None and not (ns.train and ns.dev):
+        raise ConfigError("mmm finetune: --train and --dev are required (or --data SHARDS with train and val splits)")
+    text_col = ns.text_column or ("sequence" if ns.modality == "dna" else None)
+    columns = [c for c in (text_col, ns.text_pair_column) if c]
+    if ns.text_pair_column and not text_col:
+        raise ConfigError("mmm finetune: --text_pair_column needs --text_column")
+
+    def split(path: Any, shard_split: Any = None) -> Any:
+        return load_split(path, ns.modality, shard_split=shard_split, columns=columns, label_column=ns.label_column,
+                          skip_bad=ns.skip_bad)
+
+    if ns.data is not None:
+        train, dev = split(ns.data, "train"), split(ns.data, "val")
+    else:
+        train, dev = split(ns.train), split(ns.dev)
+    test = split(ns.test) if ns.test else None
+    skipped = sum(len(s.skipped) for s in (train, dev, test) if s is not None)
+    if skipped:
+        first = next(s.skipped[0] for s in (train, dev, test) if s is not None and s.skipped)
+        print(f"skipped {skipped} bad row(s) (--skip_bad), e.g. {first[0]}: {first[1]}")
+    pooling = ns.pooling or ("mean" if ns.modality == "audio" else "cls")
+    cfg = FinetuneConfig(task_type=ns.task_type, metric=ns.metric, pooling=pooling, lr=ns.lr,
+                         weight_decay=ns.weight_decay, batch_size=ns.batch_size, epochs=ns.epochs,
+                         max_steps=ns.max_steps, warmup=ns.warmup, eval_every=ns.eval_every, patience=ns.patience,
+                         dropout=ns.dropout, seeds=ns.seeds, first_seed=ns.seed)
+    res = finetune(ns.source, ns.modality, train, dev, test, cfg=cfg, out=ns.out, timm_model=ns.timm_model,
+                   device=ns.device)
+    print(f"{ns.modality} fine-tuning, {len(res.seeds)} seed(s): {res.summary()}")
+    if ns.out:
+        print(f"results: {Path(ns.out) / 'finetune.json'}; best checkpoint per seed in {ns.out}/seed*/")
+    if ns.json:
+        print(json.dumps(res.to_dict(), indent=2))
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``embed`` and ``finetune`` to the ``mmm`` subparsers ``sub``."""
+    e = sub.add_parser("embed", help="pooled features of a modality's encoder for shards or raw files (.npy + keys)")
+    e.add_argument("source", help="mmm checkpoint (.ckpt), save_encoder folder, HF BERT folder or timm ViT file")
+    e.add_argument("input", help="shards (folder of .tar or one .tar) or a folder/file of raw inputs "
+                                 "(.txt lines, FASTA, images, wav/flac; tables with --text_column)")
+    e.add_argument("out", help="output folder (features.npy, keys.txt, embed.json) or a .safetensors file")
+    e.add_argument("--modality", required=True, choices=MODALITY_CHOICES)
+    e.add_argument("--pooling", default="mean", choices=["cls", "mean"], help="[CLS] token or mean of tokens (default mean)")
+    e.add_argument("--split", default=None, choices=["train", "val"], help="shards: only this split")
+    e.add_argument("--text_column", default=None, help="table inputs: the column to embed")
+    e.add_argument("--batch_size", type=int, default=64)
+    e.add_argument("--timm_model", default=None, help="timm model name of a timm ViT weights file")
+    e.set_defaults(fn=cmd_embed)
+
+    f = sub.add_parser("finetune", help="fine-tune an encoder with a classification/regression head over several seeds")
+    f.add_argument("source", help="mmm checkpoint (.ckpt), save_encoder folder, HF BERT folder or timm ViT file")
+    f.add_argument("--modality", default="text", choices=MODALITY_CHOICES)
+    f.add_argument("--train", default=None, help="training split: .tsv/.csv/.jsonl (text, DNA) or labelled shards")
+    f.add_argument("--dev", default=None, help="dev split (early stopping, model selection), same kinds")
+    f.add_argument("--test", default=None, help="optional test split, scored with the best dev state")
+    f.add_argument("--data", default=None, help="a labelled shard folder: its train split trains, its val split is dev")
+    f.add_argument("--text_column", default=None, help="table column of the input (DNA default: sequence)")
+    f.add_argument("--text_pair_column", default=None, help="table column of the second text of a pair")
+    f.add_argument("--label_column", default="label", help="table column of the label (default label)")
+    f.add_argument("--task_type", default="classification", choices=["classification", "regression"])
+    f.add_argument("--metric", default=None, choices=["accuracy", "f1", "matthews", "pearson", "spearman"],
+                   help="model-selection and reported metric (default accuracy / pearson)")
+    f.add_argument("--pooling", default=None, choices=["cls", "mean"], help="default cls (audio: mean)")
+    f.add_argument("--seeds", type=int, default=3, help="seeds to run; the result is mean ± std (default 3)")
+    f.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    f.add_argument("--epochs", type=int, default=3)
+    f.add_argument("--max_steps", type=int, default=None, help="cap on optimizer steps")
+    f.add_argument("--lr", type=float, default=5e-5)
+    f.add_argument("--weight_decay", type=float, default=0.01)
+    f.add_argument("--batch_size", type=int, default=32)
+    f.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps (then linear decay)")
+    f.add_argument("--eval_every", type=int, default=None, help="steps between dev evaluations (default: per epoch)")
+    f.add_argument("--patience", type=int, default=3, help="dev evaluations without improvement before stopping")
+    f.add_argument("--dropout", type=float, default=None, help="set every dropout to this (default: encoder's own)")
+    f.add_argument("--skip_bad", action="store_true", help="skip rows with empty fields (counted) instead of stopping")
+    f.add_argument("--out", default=None, help="folder for finetune.json and each seed's best checkpoint")
+    f.add_argument("--device", default=None, help="torch device (default cuda when available)")
+    f.add_argument("--timm_model", default=None, help="timm model name of a timm ViT weights file")
+    f.add_argument("--json", action="store_true", help="print the full result as JSON")
+    f.set_defaults(fn=cmd_finetune)

@@ -1,0 +1,381 @@
+"""Labelled downstream data, read and checked: GLUE-style tables (TSV / CSV / JSONL), labelled
+WebDataset shards (``mmm shards build ... --labels``), DNA ``sequence,label`` CSV, and folders or
+files of unlabelled raw inputs for ``mmm embed``.
+
+Every error names the file, the row (1-based line of the file; the header is line 1) or sample key,
+and the field. Nothing is dropped silently: rows are only skipped with ``skip_bad=True``, and
+then counted in :attr:`Split.skipped`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+PathLike = Union[str, Path]
+TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+AUDIO_SUFFIXES = (".wav", ".flac")
+
+
+class DownstreamDataError(ValueError):
+    """Bad downstream input; the message names the file, row or sample, and the field."""
+
+
+@dataclass
+class Split:
+    """One split of a task: raw inputs, raw labels, and where each came from.
+
+    Args:
+        path: the file or shard folder.
+        inputs: raw inputs (text, text pair, base string, image, ``(waveform, rate)``).
+        labels: raw labels as read (strings from tables, ints from shards).
+        where: ``file:row`` or ``shard:key`` of each input.
+        skipped: ``(where, reason)`` of rows skipped because ``skip_bad`` was set.
+    """
+
+    path: str
+    inputs: List[Any]
+    labels: List[Any]
+    where: List[str]
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _table_rows(path: Path) -> List[Tuple[int, Dict[str, Any]]]:
+    """(line number, row dict) of a .tsv/.csv (header line) or .jsonl file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DownstreamDataError(f"{path}: unsupported table format {suffix!r}; use one of {list(TABLE_SUFFIXES)}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DownstreamDataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise DownstreamDataError(f"{path}: the file is empty")
+    rows: List[Tuple[int, Dict[str, Any]]] = []
+    if suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DownstreamDataError(f"{path}: row {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DownstreamDataError(f"{path}: row {n}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((n, obj))
+        return rows
+    delimiter = "\t" if suffix == ".tsv" else ","
+    quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL  # GLUE TSVs hold bare quotes
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
+    header = next(reader)
+    if len(set(header)) != len(header):
+        raise DownstreamDataError(f"{path}: duplicate column names in the header {header}")
+    for n, cells in enumerate(reader, start=2):
+        if not cells:
+            continue
+        if len(cells) != len(header):
+            raise DownstreamDataError(f"{path}: row {n}: {len(cells)} fields, the header has {len(header)} ({header})")
+        rows.append((n, dict(zip(header, cells))))
+    if not rows:
+        raise DownstreamDataError(f"{path}: the file has a header but no rows")
+    return rows
+
+
+def read_table(path: PathLike, input_columns: Sequence[str], label_column: Optional[str], *,
+               skip_bad: bool = False) -> Split:
+    """Read a GLUE-style table.
+
+    Args:
+        path: ``.tsv`` / ``.csv`` (header line) or ``.jsonl`` (one object per line).
+        input_columns: one column (single text / sequence) or two (a text pair).
+        label_column: the label column, or None (unlabelled, e.g. a test file).
+        skip_bad: skip rows with an empty input or label (counted in ``skipped``) instead of failing.
+    """
+    p = Path(path)
+    rows = _table_rows(p)
+    columns = set().union(*(r.keys() for _, r in rows))
+    wanted = [c for c in (*input_columns, label_column) if c is not None]
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise DownstreamDataError(f"{p}: no column(s) {missing}; the file has columns {sorted(columns)}")
+    out = Split(str(p), [], [], [])
+    for n, row in rows:
+        where = f"{p}:row {n}"
+        values = [row.get(c) for c in input_columns]
+        problem = next((f"field {c!r} is empty or missing" for c, v in zip(input_columns, values)
+                        if not isinstance(v, str) or not v.strip()), None)
+        label = row.get(label_column) if label_column else None
+        if problem is None and label_column and (label is None or (isinstance(label, str) and not label.strip())):
+            problem = f"field {label_column!r} (the label) is empty or missing"
+        if problem:
+            if skip_bad:
+                out.skipped.append((where, problem))
+                continue
+            raise DownstreamDataError(f"{where}: {problem} (pass --skip_bad to skip such rows, counted)")
+        out.inputs.append(values[0] if len(values) == 1 else (values[0], values[1]))
+        out.labels.append(label.strip() if isinstance(label, str) else label)
+        out.where.append(where)
+    if not out.inputs:
+        raise DownstreamDataError(f"{p}: no usable rows ({len(out.skipped)} skipped)")
+    return out
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+@dataclass
+class Labels:
+    """The label encoding of a task, fixed by its training split.
+
+    Args:
+        task_type: ``classification`` or ``regression``.
+        names: class names in id order (classification); empty for regression.
+    """
+
+    task_type: str
+    names: List[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def fit(cls, train: Split, task_type: str) -> "Labels":
+        """Class names of the training labels (numeric order when all are integers, else sorted);
+        regression checks that every label is a finite number."""
+        if task_type == "regression":
+            encode_labels(train, cls("regression", []))
+            return cls("regression", [])
+        if task_type != "classification":
+            raise ValueError(f"task type must be 'classification' or 'regression', got {task_type!r}")
+        values = sorted({str(v) for v in train.labels})
+        if all(_is_int(v) for v in values):
+            values = sorted(values, key=int)
+        if len(values) < 2:
+            raise DownstreamDataError(f"{train.path}: the training labels hold a single class {values}; "
+                                      "classification needs at least 2")
+        return cls("classification", values)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"task_type": self.task_type, "names": self.names}
+
+
+def _is_int(v: str) -> bool:
+    try:
+        int(v)
+        return True
+    except ValueError:
+        return False
+
+
+def encode_labels(split: Split, labels: Labels) -> List[Union[int, float]]:
+    """Class ids (or floats for regression) of ``split``'s labels; a label training never saw, or
+    a non-numeric regression target, is an error naming its row."""
+    out: List[Union[int, float]] = []
+    if labels.task_type == "regression":
+        for v, where in zip(split.labels, split.where):
+            try:
+                x = float(v)
+            except (TypeError, ValueError):
+                raise DownstreamDataError(f"{where}: regression target {v!r} is not a number") from None
+            if not math.isfinite(x):
+                raise DownstreamDataError(f"{where}: regression target {v!r} is not finite")
+            out.append(x)
+        return out
+    index = {n: i for i, n in enumerate(labels.names)}
+    for v, where in zip(split.labels, split.where):
+        if str(v) not in index:
+            raise DownstreamDataError(f"{where}: label {v!r} never occurs in the training split "
+                                      f"(training classes: {labels.names})")
+        out.append(index[str(v)])
+    return out
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def _decode_shard_sample(sample: Dict[str, Any], modality: str) -> Tuple[Any, Optional[int]]:
+    """(raw input, label or None) of a raw tar sample."""
+    if modality == "image":
+        from mmm.data.image import ImageSettings, read_image_sample
+
+        img, meta = read_image_sample(sample, ImageSettings(image_size=32, patch_size=4, cls_token=False,
+                                                            drop_masked=False, min_size=1))
+        return img, meta.get("label")
+    if modality == "audio":
+        from mmm.data.audio import read_audio_sample
+
+        wav, sr, meta = read_audio_sample(sample)
+        return (wav, sr), meta.get("label")
+    if modality == "dna":
+        from mmm.data.dna import read_dna_sample
+
+        w = read_dna_sample(sample)
+        return w.seq, (None if w.label < 0 else w.label)
+    if modality == "text":
+        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        if "txt" not in sample:
+            raise DownstreamDataError(f"{where}: no 'txt' field")
+        meta = json.loads(bytes(sample["json"]).decode("utf-8")) if "json" in sample else {}
+        return bytes(sample["txt"]).decode("utf-8"), meta.get("label")
+    raise ValueError(f"unknown modality {modality!r}")
+
+
+def read_shards(path: PathLike, modality: str, split: Optional[str] = None, *, labelled: bool = True,
+                max_samples: Optional[int] = None, skip_bad: bool = False) -> Split:
+    """Samples of WebDataset shards in shard order.
+
+    Args:
+        path: a shard folder, a ``.tar`` file or pattern (:func:`mmm.data.stream.list_shards`).
+        modality: how to decode a sample: ``image``, ``audio``, ``dna`` or ``text``.
+        split: ``train`` / ``val`` shards only (None: all).
+        labelled: every sample must carry a json ``label`` (an integer); else an error naming it.
+        max_samples: stop after this many.
+        skip_bad: skip undecodable or unlabelled samples (counted in ``skipped``).
+    """
+    from mmm.data.stream import list_shards, make_pipeline
+
+    urls = list_shards(str(path), split)
+    out = Split(str(path), [], [], [])
+    errors: List[Exception] = []
+
+    def handler(exn: Exception) -> bool:  # tar-level errors: stop unless skipping
+        if skip_bad:
+            out.skipped.append((str(path), f"{type(exn).__name__}: {exn}"))
+            return True
+        errors.append(exn)
+        return False
+
+    for sample in make_pipeline(urls, stages=[], shuffle_shards=False, shuffle_buffer=0, handler=handler):
+        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        try:
+            raw, label = _decode_shard_sample(sample, modality)
+            if labelled and (label is None or isinstance(label, bool) or not isinstance(label, int) or label < 0):
+                raise DownstreamDataError(f"{where}: json field 'label' is {label!r}; a labelled task needs a "
+                                          "non-negative integer (build shards with --labels)")
+        except (ValueError, OSError) as e:
+            if skip_bad:
+                out.skipped.append((where, str(e)))
+                continue
+            raise DownstreamDataError(str(e) if where in str(e) else f"{where}: {e}") from None
+        out.inputs.append(raw)
+        out.labels.append(label)
+        out.where.append(where)
+        if max_samples is not None and len(out.inputs) >= max_samples:
+            break
+    if errors:
+        raise DownstreamDataError(f"{path}: {errors[0]}")
+    if not out.inputs:
+        raise DownstreamDataError(f"{path}: no {'labelled ' if labelled else ''}samples"
+                                  f"{f' in split {split!r}' if split else ''} ({len(out.skipped)} skipped)")
+    return out
+
+
+# ----------------------------------------------------------------------------- raw inputs for embed
+
+
+def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str] = None) -> Split:
+    """Unlabelled raw inputs of a file or folder, keyed by relative path (and line / record).
+
+    * ``text``: ``.txt`` (one input per non-empty line) or a table with ``text_column``;
+    * ``dna``: FASTA (``.fa``/``.fasta``/``.fna``, one input per record), ``.txt`` (one sequence per
+      line) or a table with ``text_column`` (e.g. ``sequence``);
+    * ``image``: image files (folder searched recursively);
+    * ``audio``: ``.wav`` / ``.flac`` files.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    root = p.parent if p.is_file() else p
+    out = Split(str(p), [], [], [])
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        suffix = f.suffix.lower()
+        if modality == "image" and suffix in IMAGE_SUFFIXES:
+            from mmm.data.image_decode import decode_image
+
+            out.inputs.append(decode_image(f.read_bytes(), str(f)))
+            out.where.append(rel)
+        elif modality == "audio" and suffix in AUDIO_SUFFIXES:
+            from mmm.modalities.audio_frontend import decode_audio
+
+            out.inputs.append(decode_audio(f.read_bytes(), str(f)))
+            out.where.append(rel)
+        elif modality in ("text", "dna") and suffix in TABLE_SUFFIXES and text_column:
+            t = read_table(f, [text_column], None)
+            out.inputs += t.inputs
+            out.where += [f"{rel}:{w.rsplit(':', 1)[1].replace(' ', '')}" for w in t.where]
+        elif modality == "dna" and suffix in (".fa", ".fasta", ".fna"):
+            name, seq = None, []
+            for line in f.read_text(encoding="utf-8").splitlines() + [">"]:
+                if line.startswith(">"):
+                    if name is not None:
+                        if not seq:
+                            raise DownstreamDataError(f"{f}: record {name!r} has no sequence")
+                        out.inputs.append("".join(seq).upper())
+                        out.where.append(f"{rel}:{name}")
+                    name, seq = line[1:].split()[0] if line[1:].strip() else None, []
+                elif line.strip():
+                    if name is None:
+                        raise DownstreamDataError(f"{f}: sequence line before the first '>' header")
+                    seq.append(line.strip())
+        elif modality in ("text", "dna") and suffix == ".txt":
+            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+                if line.strip():
+                    out.inputs.append(line.strip())
+                    out.where.append(f"{rel}:row{n}")
+    out.labels = [None] * len(out.inputs)
+    if not out.inputs:
+        kinds = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES, "text": (".txt", *TABLE_SUFFIXES),
+                 "dna": (".fa", ".fasta", ".fna", ".txt", *TABLE_SUFFIXES)}[modality]
+        hint = " (tables need --text_column)" if modality in ("text", "dna") and not text_column else ""
+        raise DownstreamDataError(f"{p}: no {modality} inputs found (looked for {list(kinds)}){hint}")
+    return out
+
+
+# ----------------------------------------------------------------------------- a task's splits
+
+
+def _is_shard_path(path: Path) -> bool:
+    return (path.is_file() and path.suffix == ".tar") or (path.is_dir() and any(path.glob("*.tar")))
+
+
+def load_split(path: PathLike, modality: str, *, shard_split: Optional[str] = None,
+               columns: Sequence[str] = (), label_column: Optional[str] = "label", skip_bad: bool = False) -> Split:
+    """One labelled split: shards (``.tar`` / folder of them) or a table (``.tsv``/``.csv``/``.jsonl``).
+
+    Args:
+        path: the split's file or shard folder.
+        modality: the encoder's modality (shards are decoded by it; tables hold text or DNA).
+        shard_split: with a shard folder, only its ``train`` / ``val`` shards.
+        columns: table input column(s); one, or two for a text pair.
+        label_column: table label column.
+        skip_bad: skip bad rows / samples, counted.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    if _is_shard_path(p):
+        return read_shards(p, modality, shard_split, skip_bad=skip_bad)
+    if p.is_dir():
+        raise DownstreamDataError(f"{p} is a folder without .tar shards; pass shards or a .tsv/.csv/.jsonl file")
+    if modality not in ("text", "dna"):
+        raise DownstreamDataError(f"{p}: {modality} fine-tuning reads labelled shards (mmm shards build ... --labels), "
+                                  "not tables")
+    if not columns:
+        raise DownstreamDataError(f"{p}: name the input column (--text_column)")
+    return read_table(p, columns, label_column, skip_bad=skip_bad)

@@ -1,0 +1,90 @@
+"""``mmm embed``: pooled features of a modality's encoder for shards or raw files.
+
+What a user does right after :func:`mmm.load_encoder`: run every input through the encoder (eval
+mode) and keep one vector per input, [CLS] or mean-pooled. Output:
+
+* a folder ``OUT/`` with ``features.npy`` ((n, d) float32), ``keys.txt`` (one sample key per line,
+  row order), ``labels.npy`` when the shards carry labels, and ``embed.json`` (what was run); or
+* ``OUT.safetensors``: tensor ``features`` (and ``labels``), the keys in the metadata (``keys``,
+  a JSON list) with the same run description.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+
+from mmm.downstream.data import Split, read_raw_inputs, read_shards
+from mmm.downstream.inputs import load_adapter
+
+PathLike = Union[str, Path]
+
+
+def is_shards(path: Path) -> bool:
+    """A ``.tar`` file or a folder holding ``.tar`` shards (at its top level)."""
+    return (path.is_file() and path.suffix == ".tar") or (path.is_dir() and any(path.glob("*.tar")))
+
+
+def read_inputs(path: PathLike, modality: str, split: Optional[str] = None, text_column: Optional[str] = None) -> Split:
+    """Raw inputs of shards (labels kept when present) or of a folder / file of raw files."""
+    p = Path(path)
+    if is_shards(p):
+        return read_shards(p, modality, split, labelled=False)
+    if split is not None:
+        raise ValueError(f"--split applies to shards; {p} holds no .tar shards")
+    return read_raw_inputs(p, modality, text_column=text_column)
+
+
+def embed(source: PathLike, inputs: PathLike, out: PathLike, modality: str, *, pooling: str = "mean",
+          batch_size: int = 64, split: Optional[str] = None, text_column: Optional[str] = None,
+          timm_model: Optional[str] = None) -> Dict[str, Any]:
+    """Write the pooled features of ``inputs`` under ``out``; returns the run description.
+
+    Args:
+        source: an mmm ``.ckpt``, a ``save_encoder`` folder, an HF BERT folder (text) or a timm
+            ViT weights file (image, with ``timm_model``).
+        inputs: shards (folder of ``.tar`` / one ``.tar``) or a folder / file of raw inputs.
+        out: output folder, or a path ending in ``.safetensors``.
+        modality: ``text``, ``dna``, ``image`` or ``audio``.
+        pooling: ``cls`` or ``mean``.
+        batch_size: inputs per forward pass.
+        split: ``train`` / ``val`` shards only.
+        text_column: the column of a table input (text, DNA).
+        timm_model: timm model name for a timm weights file.
+    """
+    adapter = load_adapter(str(source), modality, timm_model=timm_model)
+    adapter.check_pooling(pooling)
+    data = read_inputs(inputs, modality, split, text_column)
+    feats = adapter.features(data.inputs, pooling, batch_size=batch_size, where=data.where)
+    labels = None
+    if data.labels and all(isinstance(v, int) for v in data.labels):
+        labels = np.asarray(data.labels, np.int64)
+    info: Dict[str, Any] = {"source": str(source), "inputs": str(inputs), "modality": modality, "pooling": pooling,
+                            "samples": int(feats.shape[0]), "dim": int(feats.shape[1]),
+                            "truncated": adapter.truncated, "labels": labels is not None}
+    o = Path(out)
+    if o.suffix == ".safetensors":
+        import torch
+        from safetensors.torch import save_file
+
+        o.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"features": torch.from_numpy(feats)}
+        if labels is not None:
+            tensors["labels"] = torch.from_numpy(labels)
+        save_file(tensors, str(o), metadata={"keys": json.dumps(data.where), "embed": json.dumps(info)})
+        info["files"] = [str(o)]
+        return info
+    if o.exists() and not o.is_dir():
+        raise NotADirectoryError(f"{o} exists and is not a folder (use a folder, or a .safetensors path)")
+    o.mkdir(parents=True, exist_ok=True)
+    np.save(o / "features.npy", feats)
+    (o / "keys.txt").write_text("".join(k.replace("\n", " ") + "\n" for k in data.where), encoding="utf-8")
+    files = ["features.npy", "keys.txt", "embed.json"]
+    if labels is not None:
+        np.save(o / "labels.npy", labels)
+        files.append("labels.npy")
+    (o / "embed.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    info["files"] = [str(o / f) for f in files]
+    return info

@@ -1,0 +1,210 @@
+"""Raw input → encoder batch → hidden states → one vector per sample, for every modality :func:`mmm.load_encoder` builds.
+
+An :class:`InputAdapter` wraps a loaded encoder and knows its modality's raw input:
+
+* ``text``: a string, or a ``(first, second)`` pair, tokenized as ``[CLS] a [SEP]`` /
+  ``[CLS] a [SEP] b [SEP]`` (mmm has no segment embeddings; the HF export's token-type table is
+  zero, so HF gives the same result with any ``token_type_ids``), cut longest-first to the
+  encoder's position table;
+* ``dna``: a base string, tokenized by the encoder's DNA tokenizer, cut to the position table;
+* ``image``: a PIL image, resized and centre-cropped to the encoder's size (the pretraining
+  evaluation transform), ImageNet-normalised;
+* ``audio``: a ``(waveform, sample_rate)`` pair through the encoder's fitted front end; the
+  first sequence's worth of tokens (as the pretraining pipeline cuts clips).
+
+Text and DNA batches are run packed: :class:`~mmm.encoders.TextEncoder` removes the padding
+before the embedder and attends block-diagonally (``cu_seqlens``), as in pretraining, so no
+compute is spent on padded positions. Every cut input is counted in :attr:`InputAdapter.truncated`.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+POOLINGS = ("cls", "mean")
+
+
+class InputAdapter:
+    """Turns raw inputs of one modality into pooled features of ``encoder``.
+
+    Args:
+        encoder: from :func:`mmm.encoders.load_encoder`.
+        modality: ``text``, ``dna``, ``image`` or ``audio``.
+        source: where the encoder came from (for messages).
+    """
+
+    def __init__(self, encoder: nn.Module, modality: str, source: str = "") -> None:
+        self.encoder = encoder
+        self.modality = modality
+        self.source = source
+        self.truncated = 0
+        if modality in ("text", "dna"):
+            self.tokenizer = getattr(encoder, "tokenizer", None)
+            if self.tokenizer is None:
+                raise ValueError(f"{source}: the {modality} encoder has no tokenizer attached (an HF folder needs its "
+                                 "tokenizer.json or vocab.txt next to config.json)")
+            self.max_len = int(encoder.embedder.max_len)
+        elif modality == "image":
+            self.image_size = int(encoder.config.image_size)
+        elif modality == "audio":
+            if encoder.frontend is None:
+                raise ValueError(f"{source}: the audio encoder has no fitted front end; load it from a checkpoint or "
+                                 "a save_encoder folder that holds audio_frontend.json")
+            from mmm.data.audio import max_columns
+
+            self.columns = max_columns(encoder.frontend, encoder.config.max_seconds, encoder.embedder.max_len)
+        else:
+            raise ValueError(f"unknown modality {modality!r}; supported: text, dna, image, audio")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.encoder.hidden_size)
+
+    @property
+    def has_cls(self) -> bool:
+        """Whether the first output token is a [CLS] token (text, DNA, an image encoder with one)."""
+        if self.modality in ("text", "dna"):
+            return True
+        if self.modality == "image":
+            return bool(self.encoder.config.cls_token)
+        return False
+
+    def check_pooling(self, pooling: str) -> str:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        if pooling == "cls" and not self.has_cls:
+            raise ValueError(f"{self.source}: the {self.modality} encoder has no [CLS] token; use --pooling mean")
+        return pooling
+
+    # ------------------------------------------------------------------ one sample
+    def prepare(self, raw: Any, where: str = "") -> Any:
+        """One raw input → what :meth:`forward` batches (token ids, pixels or feature tokens).
+
+        Args:
+            raw: see the module docstring.
+            where: file/row/key of the input, for error messages.
+        """
+        if self.modality == "text":
+            return self._text_ids(raw, where)
+        if self.modality == "dna":
+            if not isinstance(raw, str) or not raw:
+                raise ValueError(f"{where}: a DNA input must be a non-empty string of bases")
+            try:
+                ids = self.tokenizer.encode(raw).ids
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if len(ids) > self.max_len:
+                self.truncated += 1
+                ids = np.concatenate([ids[: self.max_len - 1], ids[-1:]])
+            return ids
+        if self.modality == "image":
+            from mmm.data.image_transforms import eval_transform, normalize
+
+            return normalize(eval_transform(raw, self.image_size))  # (3, S, S)
+        from mmm.data.audio import single_thread, split_columns
+
+        wav, sr = raw
+        front = self.encoder.frontend
+        with single_thread():
+            tokens = front(wav, sr)  # (T, F)
+        rows, _ = front.token_grid(tokens.shape[0])
+        chunks = split_columns(tokens, rows, self.columns)
+        if len(chunks) > 1:
+            self.truncated += 1
+        return chunks[0]
+
+    def _text_ids(self, raw: Any, where: str) -> np.ndarray:
+        tok = self.tokenizer
+        parts = list(raw) if isinstance(raw, (tuple, list)) else [raw]
+        if not 1 <= len(parts) <= 2 or not all(isinstance(p, str) for p in parts):
+            raise ValueError(f"{where}: a text input is a string or a pair of strings")
+        ids = [tok.encode(p)[0] for p in parts]
+        room = self.max_len - 1 - len(ids)  # [CLS] + one [SEP] per part
+        if sum(len(x) for x in ids) > room:
+            self.truncated += 1
+            while sum(len(x) for x in ids) > room:  # longest first, as HF's truncation="longest_first"
+                i = int(np.argmax([len(x) for x in ids]))
+                ids[i] = ids[i][:-1]
+        out = [np.array([tok.cls_id])]
+        for x in ids:
+            out += [x, np.array([tok.sep_id])]
+        return np.concatenate(out).astype(np.int64)
+
+    # ------------------------------------------------------------------ batches
+    def forward(self, items: Sequence[Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Encode prepared items: ``(hidden (B, T, d), mask (B, T) bool)``, mask True on real tokens."""
+        device = next(self.encoder.parameters()).device
+        if self.modality in ("text", "dna"):
+            ids, mask = pad_ids(items, int(self.encoder.pad_id))
+            ids, mask = ids.to(device), mask.to(device)
+            return self.encoder(ids, mask), mask
+        if self.modality == "image":
+            hidden = self.encoder(torch.stack(list(items)).to(device))  # (B, T, d)
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=device)
+            if self.encoder.config.cls_token:
+                mask[:, 0] = False  # mean pooling over patch tokens (MAE's global pool); cls pooling reads row 0
+            return hidden, mask
+        lengths = torch.tensor([len(x) for x in items])
+        feats = torch.zeros(len(items), int(lengths.max()), items[0].shape[1])
+        for i, x in enumerate(items):
+            feats[i, : len(x)] = torch.from_numpy(np.asarray(x, np.float32))
+        mask = torch.arange(feats.shape[1])[None] < lengths[:, None]
+        return self.encoder(feats.to(device), lengths.to(device)), mask.to(device)
+
+    def pooled(self, items: Sequence[Any], pooling: str) -> torch.Tensor:
+        """(B, d) one vector per item: the [CLS] token or the mean over real (patch) tokens."""
+        hidden, mask = self.forward(items)
+        return pool_padded(hidden, mask, pooling)
+
+    @torch.no_grad()
+    def features(self, raws: Sequence[Any], pooling: str, *, batch_size: int = 64,
+                 where: Optional[List[str]] = None) -> np.ndarray:
+        """(n, d) float32 pooled features of raw inputs, in order (eval mode, no gradients).
+
+        Args:
+            raws: raw inputs.
+            pooling: ``cls`` or ``mean``.
+            batch_size: inputs per forward pass.
+            where: a label per input for errors (file/row/key).
+        """
+        self.check_pooling(pooling)
+        was = self.encoder.training
+        self.encoder.eval()
+        out = []
+        for lo in range(0, len(raws), batch_size):
+            items = [self.prepare(r, where[lo + i] if where else f"input {lo + i}")
+                     for i, r in enumerate(raws[lo:lo + batch_size])]
+            out.append(self.pooled(items, pooling).float().cpu().numpy())
+        self.encoder.train(was)
+        return np.concatenate(out) if out else np.zeros((0, self.hidden_size), np.float32)
+
+
+def pad_ids(items: Sequence[np.ndarray], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(ids (B, T) long, mask (B, T) bool)`` of 1-D id arrays."""
+    width = max(len(x) for x in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.bool)
+    for i, x in enumerate(items):
+        ids[i, : len(x)] = torch.as_tensor(np.asarray(x, np.int64))
+        mask[i, : len(x)] = True
+    return ids, mask
+
+
+def pool_padded(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, T, d) hidden states → (B, d): row 0 (``cls``) or the mean over ``mask`` (``mean``)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    m = mask.to(hidden.dtype)[..., None]  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def load_adapter(source: str, modality: str, *, timm_model: Optional[str] = None) -> InputAdapter:
+    """:func:`~mmm.encoders.load_encoder` (``source``: an mmm ``.ckpt``, a ``save_encoder`` folder, an
+    HF BERT folder, a timm ViT file with ``timm_model``) wrapped in an :class:`InputAdapter`."""
+    from mmm.encoders import load_encoder
+
+    enc = load_encoder(source, modality, timm_model=timm_model)
+    return InputAdapter(enc, modality, str(source))

@@ -1,0 +1,55 @@
+"""Tiny labelled tasks and encoders for the downstream tests (built in tmp folders, seconds on CPU)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+WORDS_A = ["returns", "list", "values", "string", "result", "object"]
+WORDS_B = ["raises", "error", "exception", "invalid", "fails", "warning"]
+FILLER = ["the", "a", "of", "this", "function", "module", "and", "is", "to", "for"]
+
+
+def keyword_rows(n: int, seed: int) -> List[Tuple[str, str]]:
+    """``(sentence, label)``: label ``pos`` sentences use only WORDS_A keywords, ``neg`` only WORDS_B."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = list(rng.choice(FILLER, 5)) + list(rng.choice(WORDS_A if label == "pos" else WORDS_B, 3))
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_table(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> Path:
+    """A .tsv / .csv / .jsonl file with ``header`` columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(dict(zip(header, r))) + "\n" for r in rows), encoding="utf-8")
+        return path
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, delimiter="\t" if path.suffix == ".tsv" else ",")
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def shape_images(root: Path, per_class: int = 12) -> Path:
+    """ImageFolder tree ``root/{square,disk}/*.png``: bright squares vs bright disks on black, 16x16."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    for cls in ("disk", "square"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = Image.new("RGB", (16, 16))
+            d = ImageDraw.Draw(img)
+            x, y = (int(v) for v in rng.integers(1, 6, 2))
+            box = [x, y, x + 9, y + 9]
+            (d.ellipse if cls == "disk" else d.rectangle)(box, fill=(255, 255, 255))
+            img.save(root / cls / f"{i}.png")
+    return root
