@@ -8,6 +8,8 @@
     mmm shards stats DIR [--split ...] [--tokenizer DIR] [--max_len 128] [--json OUT]
     mmm export hf CHECKPOINT OUT_DIR
     mmm list [KIND]
+    mmm embed SOURCE INPUT OUT --modality M [--pooling cls|mean]      (features as .npy + keys)
+    mmm finetune SOURCE --modality M --train F --dev F [--text_column ...] [--seeds 3] (mean ± std)
     mmm bench --suite throughput|eval [--quick] [--out DIR] [--compile] [CKPT]
 
 Overrides follow LightningCLI / jsonargparse conventions: ``--section.key value`` or
@@ -259,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("checkpoint", help="mmm checkpoint (.ckpt)")
     h.add_argument("out", help="output folder")
     h.set_defaults(fn=_cmd_export)
+
+    from mmm.downstream.commands import add_commands as add_downstream_commands
+
+    add_downstream_commands(sub)  # mmm embed, mmm finetune
 
     li = sub.add_parser("list", help="list registered components")
     li.add_argument("kind", nargs="?", default=None)
