@@ -1,0 +1,136 @@
+"""``mmm finetune`` and ``mmm embed`` end to end for image, DNA and audio encoders on labelled data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmm.cli import main
+from tests.downstream.helpers import shape_images, write_table
+
+
+def test_image_finetune_and_embed_on_labelled_shards(image_ckpt: Path, tmp_path: Path, capsys) -> None:
+    shards = tmp_path / "shards"
+    assert main(["shards", "build", str(shape_images(tmp_path / "imgs", 16)), str(shards), "--dataset", "image",
+                 "--labels", "folders", "--val_fraction", "0.3"]) == 0
+    out = tmp_path / "ft"
+    assert main(["finetune", str(image_ckpt), "--modality", "image", "--data", str(shards), "--seeds", "2",
+                 "--epochs", "4", "--lr", "1e-3", "--batch_size", "8", "--pooling", "mean", "--out", str(out)]) == 0
+    res = json.loads((out / "finetune.json").read_text())
+    assert res["labels"]["names"] == ["0", "1"] and res["data"]["sizes"]["train"] + res["data"]["sizes"]["dev"] == 32
+    assert len(res["seeds"]) == 2 and 0.0 <= res["dev"]["mean"] <= 1.0
+    assert (out / "seed0" / "model.safetensors").is_file() and (out / "seed0" / "head.safetensors").is_file()
+    emb = tmp_path / "emb"
+    assert main(["embed", str(image_ckpt), str(shards), str(emb), "--modality", "image", "--split", "val",
+                 "--pooling", "cls"]) == 0
+    feats, labels = np.load(emb / "features.npy"), np.load(emb / "labels.npy")
+    assert feats.shape == (res["data"]["sizes"]["dev"], 32) and set(labels.tolist()) <= {0, 1}
+    # a raw image folder embeds too, keyed by relative path
+    assert main(["embed", str(image_ckpt), str(tmp_path / "imgs" / "disk"), str(tmp_path / "e2"), "--modality",
+                 "image"]) == 0
+    assert (tmp_path / "e2" / "keys.txt").read_text().splitlines()[0] == "0.png"
+    # a text file is not an image task: the error names it
+    capsys.readouterr()
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\na\t1\n")
+    assert main(["finetune", str(image_ckpt), "--modality", "image", "--train", str(tmp_path / "t.tsv"),
+                 "--dev", str(tmp_path / "t.tsv")]) == 2
+    assert "reads labelled shards" in capsys.readouterr().err
+
+
+def _dna_encoder(tmp_path: Path) -> Path:
+    import torch
+
+    from mmm.config import EncoderConfig, ModelConfig
+    from mmm.encoders import TextEncoder, save_encoder
+    from mmm.modalities.dna_tokenizer import DNACharTokenizer
+
+    cfg = ModelConfig(encoder=EncoderConfig(dim=32, depth=1, heads=2, mlp_hidden=64))
+    cfg.dna.max_len = 64
+    tok = DNACharTokenizer()
+    torch.manual_seed(0)
+    enc = TextEncoder.from_config(cfg, tok.vocab_size, tok.pad_id, tok, modality="dna")
+    return save_encoder(enc, tmp_path / "dna_enc")
+
+
+def _dna_rows(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        seq = "".join(rng.choice(list("ACGT"), 40))
+        if label:
+            at = int(rng.integers(0, 30))
+            seq = seq[:at] + "GGGGGGGGGG" + seq[at + 10:]
+        rows.append((seq, label))
+    return rows
+
+
+def test_dna_finetune_from_sequence_label_csv_and_embed(tmp_path: Path, capsys) -> None:
+    enc = _dna_encoder(tmp_path)
+    train = write_table(tmp_path / "train.csv", ["sequence", "label"], _dna_rows(64, 0))
+    dev = write_table(tmp_path / "dev.csv", ["sequence", "label"], _dna_rows(32, 1))
+    out = tmp_path / "ft"
+    assert main(["finetune", str(enc), "--modality", "dna", "--train", str(train), "--dev", str(dev), "--seeds", "2",
+                 "--epochs", "8", "--lr", "2e-3", "--batch_size", "16", "--out", str(out)]) == 0
+    res = json.loads((out / "finetune.json").read_text())
+    assert res["dev"]["mean"] > 0.8, res  # a run of 10 Gs is easy to spot
+    assert main(["embed", str(enc), str(train), str(tmp_path / "e"), "--modality", "dna", "--text_column",
+                 "sequence"]) == 0
+    assert np.load(tmp_path / "e" / "features.npy").shape == (64, 32)
+    fa = tmp_path / "x.fa"
+    fa.write_text(">r1 first\nACGT\nACGT\n>r2\nGGGG\n")
+    assert main(["embed", str(enc), str(fa), str(tmp_path / "f"), "--modality", "dna"]) == 0
+    assert (tmp_path / "f" / "keys.txt").read_text().splitlines() == ["x.fa:r1", "x.fa:r2"]
+    # bad bases name the row
+    write_table(tmp_path / "bad.csv", ["sequence", "label"], [("ACGT", 0), ("ACXT", 1)])
+    capsys.readouterr()
+    assert main(["finetune", str(enc), "--modality", "dna", "--train", str(tmp_path / "bad.csv"), "--dev",
+                 str(dev), "--seeds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv:row 3" in err and "'X'" in err, err
+
+
+def _audio_encoder(tmp_path: Path, waves) -> Path:
+    import torch
+
+    from mmm.config import EncoderConfig
+    from mmm.encoders import save_encoder
+    from mmm.modalities.audio import AudioEncoder, AudioEncoderConfig
+    from mmm.modalities.audio_frontend import AudioFrontend, AudioFrontendConfig
+
+    front = AudioFrontend(AudioFrontendConfig(sample_rate=8000, n_mels=16, max_seconds=None)).fit_stats(waves)
+    torch.manual_seed(0)
+    enc = AudioEncoder.from_config(AudioEncoderConfig(encoder=EncoderConfig(dim=32, depth=1, heads=2, mlp_hidden=64),
+                                                      feature_dim=front.token_dim, max_len=8), front)
+    return save_encoder(enc, tmp_path / "audio_enc")
+
+
+def test_audio_finetune_on_labelled_shards(tmp_path: Path) -> None:
+    import soundfile as sf
+
+    sr = 8000
+    t = np.arange(int(0.5 * sr)) / sr
+    rng = np.random.default_rng(0)
+    waves = []
+    for cls, f0 in (("low", 300.0), ("high", 2000.0)):
+        (tmp_path / "wav" / cls).mkdir(parents=True)
+        for i in range(10):
+            w = (0.5 * np.sin(2 * np.pi * f0 * (1 + 0.05 * rng.random()) * t) + 0.01 * rng.normal(size=t.size))
+            sf.write(tmp_path / "wav" / cls / f"{i}.wav", w.astype(np.float32), sr)
+            waves.append((w.astype(np.float32), sr))
+    enc = _audio_encoder(tmp_path, waves)
+    shards = tmp_path / "shards"
+    assert main(["shards", "build", str(tmp_path / "wav"), str(shards), "--dataset", "audio", "--labels", "folders",
+                 "--sample_rate", str(sr), "--val_fraction", "0.3"]) == 0
+    out = tmp_path / "ft"
+    assert main(["finetune", str(enc), "--modality", "audio", "--data", str(shards), "--seeds", "1", "--epochs", "3",
+                 "--lr", "1e-3", "--batch_size", "4", "--out", str(out)]) == 0
+    res = json.loads((out / "finetune.json").read_text())
+    assert res["config"]["pooling"] == "mean" and res["data"]["truncated_inputs"] > 0  # 0.5 s ≈ 12 tokens > 8
+    assert 0.0 <= res["dev"]["mean"] <= 1.0
+    with pytest.raises(ValueError, match="no \\[CLS\\] token"):
+        from mmm.downstream.inputs import load_adapter
+
+        load_adapter(str(enc), "audio").check_pooling("cls")
