@@ -143,3 +143,34 @@ def test_two_ddp_ranks_match_one_rank_with_twice_the_batch(shard_dir, tmp_path, 
         for e in sorted(set(expected)):
             trained = [_sequences(s) for s in rec["steps"] if s["epoch"] == e]
             assert trained == per_epoch[e][r][:len(trained)], f"rank {r}, epoch {e}: not a prefix of its share"
+
+
+def test_two_gloo_ranks_on_parts_of_an_image_mae_and_an_audio_batch_match_one_process(tmp_path):
+    """Exact data-parallel losses beyond text MLM: MAE pixel regression, and audio masked-feature
+    regression plus HuBERT-style cluster prediction, with the ranks holding unequal numbers of hidden
+    patches / frames. DDP's averaged gradients and the mean of the ranks' losses equal one process's
+    on the whole batch."""
+    from ddp_heads import CASES, PARTS, step
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    script = str(REPO / "tests" / "train" / "ddp_heads.py")
+    procs = [subprocess.Popen([sys.executable, script, str(tmp_path)], env={**env, "RANK": str(r)}, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    for p in procs:
+        log, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, log[-4000:]
+    for name, (make_model, make_batch) in CASES.items():
+        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        whole = step(make_model(), make_batch((PARTS[0][0], PARTS[-1][1])))
+        for head, (loss, count) in whole["heads"].items():
+            counts = [r["heads"][head][1] for r in ranks]
+            assert sum(counts) == count and counts[0] != counts[1], (name, head, counts)
+            # each rank's head loss is its sum / (global count / 2): their mean is the whole batch's mean
+            assert abs(sum(r["heads"][head][0] for r in ranks) / 2 - loss) <= TOL, (name, head)
+        assert abs((ranks[0]["loss"] + ranks[1]["loss"]) / 2 - whole["loss"]) <= TOL, name
+        assert set(whole["grads"]) <= set(ranks[0]["grads"]) and whole["grads"], name
+        for n, g in ranks[0]["grads"].items():
+            torch.testing.assert_close(ranks[1]["grads"][n], g, rtol=0, atol=0)  # DDP: one average
+            ref = whole["grads"].get(n, torch.zeros_like(g))  # a parameter no head used has no gradient
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=TOL, msg=lambda m: f"{name} {n}: {m}")
