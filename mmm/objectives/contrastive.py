@@ -14,7 +14,8 @@ other heads': every rank scores all pairs (``local_loss: false``; each rank logs
 and the gather's backward sums every rank's gradient, which DDP's averaging turns back into the
 gradient of that one loss. With ``local_loss: true`` each rank scores its own rows against all
 columns and the ranks' mean is the global loss only when every rank holds the same number of
-pairs, which the gather needs anyway (every rank must bring the same batch size).
+pairs, which the gather needs anyway (every rank must bring the same batch size). Validation
+gathers nothing: each batch is scored against its own pairs, as on one process.
 
 :meth:`ImageTextContrastive.embed_pairs` gives the normalised embeddings for retrieval evaluation.
 """
@@ -30,7 +31,7 @@ from torch import nn
 
 from mmm.batch import ContrastiveTargets, PackedBatch
 from mmm.config import EncoderConfig
-from mmm.objectives.base import ObjectiveOutput, zero_output
+from mmm.objectives.base import ObjectiveOutput, in_lockstep, zero_output
 from mmm.registry import OBJECTIVES
 
 
@@ -110,7 +111,9 @@ class ImageTextContrastive(nn.Module):
                             f"expected ContrastiveTargets")
         image, text = self.embed_pairs(hidden, t)  # (B, E), (B, E)
         scale = self.scale()
-        distributed = dist.is_available() and dist.is_initialized()
+        # gather only in training steps (every rank takes them); validation scores each batch's own pairs,
+        # as one process does, since ranks may hold different numbers of validation batches
+        distributed = in_lockstep(self) and dist.is_available() and dist.is_initialized()
         self.loss_fn.rank = dist.get_rank() if distributed else 0
         self.loss_fn.world_size = dist.get_world_size() if distributed else 1
         loss = self.loss_fn(image, text, scale)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import mmm.objectives  # noqa: F401  (registers the objectives)
-from mmm.batch import FeatureInput, ImageInput, PackedBatch, PairTargets, RegionTargets, TokenInput, TokenTargets
+from mmm.batch import (ContrastiveTargets, FeatureInput, ImageInput, PackedBatch, PairTargets, RegionTargets, TokenInput,
+                       TokenTargets)
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
 from mmm.modalities.audio import AudioEmbedder
@@ -164,3 +165,20 @@ def test_a_head_without_targets_still_joins_the_count_all_reduce(name, monkeypat
     world = FakeWorld(monkeypatch)
     out = _run(name, empty=True)
     assert world.calls == 1 and out.count == 0 and float(out.loss.detach()) == 0.0 and out.loss.requires_grad
+
+
+def test_itc_validation_scores_its_own_pairs_without_a_collective(monkeypatch):
+    # three captions (3 tokens each) then three images (2 tokens each); ClipLoss gathers only in training steps
+    t = ContrastiveTargets(torch.tensor([0, 3, 6]), torch.tensor([9, 10, 11, 12, 13, 14]), torch.tensor([0, 0, 1, 1, 2, 2]))
+    batch = PackedBatch(PackedSeqInfo.from_seqlens([3, 3, 3, 2, 2, 2]), {}, {"itc": t})
+    hidden = torch.randn(15, D, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    head = _create("itc")
+    with torch.no_grad():
+        alone = head(hidden, batch)
+    FakeWorld(monkeypatch)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    with torch.no_grad():
+        val = head(hidden, batch)
+    assert val.count == 3
+    torch.testing.assert_close(val.loss, alone.loss)
