@@ -116,8 +116,8 @@ def _contenders(names: Sequence[str], seq: PackedSeqInfo, max_len: int, qkv: Lis
             fn = {"xformers": xformers_attention, "sdpa": sdpa_attention, "math": math_attention}[name]
             out[name] = _Contender(lambda q, k, v, fn=fn: fn(q, k, v, seq), leaves(qkv), grad, lambda o: o)
         elif name == "sdpa_padded":
-            full = PackedSeqInfo(seq.cu_seqlens, max_len, seq.position_ids)  # every row padded to L
-            mask = full.key_padding()[:, None, None, :]  # (B, 1, 1, L) True = attend
+            full = PackedSeqInfo.from_seqlens(seq.lengths, seq.cu_seqlens.device, max_seqlen=max_len)  # rows padded to L
+            mask = full.key_padding[:, None, None, :]  # (B, 1, 1, L) True = attend
 
             def padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-SUITES = ("throughput", "eval")
+SUITES = ("throughput", "eval", "downstream")
 MICRO_ENV = "MMM_BENCH_MICRO"
 NO_CUDA = "skipped: no CUDA device"
 
@@ -351,6 +351,10 @@ def markdown(report: Dict[str, Any]) -> str:
         lines += ["## GPU: BERT-base MLM step, bf16, MFU", "", _gpu_markdown(s["gpu_mlm"]), ""]
     if "eval" in s:
         lines += ["## Held-out evaluation: trained vs random init", "", _eval_markdown(s["eval"]), ""]
+    if "downstream" in s:
+        from benchmarks import downstream
+
+        lines += ["## Downstream tasks: frozen features and fine-tuning", "", downstream.markdown(s["downstream"]), ""]
     if report["plots"]:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]
     return "\n".join(lines)
@@ -457,6 +461,11 @@ def write_plots(report: Dict[str, Any], out: Path) -> List[str]:
     if "eval" in s:
         _plot_eval(s["eval"], out / "eval_trained_vs_random.png")
         written.append("eval_trained_vs_random.png")
+    if "downstream" in s:
+        from benchmarks import downstream
+
+        downstream.plot(s["downstream"], out / "downstream.png")
+        written.append("downstream.png")
     return written
 
 
@@ -464,7 +473,7 @@ def write_plots(report: Dict[str, Any], out: Path) -> List[str]:
 
 
 def run_suite(suite: str, out: Optional[Union[str, Path]] = None, quick: bool = False,
-              checkpoint: Optional[Union[str, Path]] = None, compile: bool = False,
+              checkpoint: Union[None, str, Path, Sequence[Union[str, Path]]] = None, compile: bool = False,
               log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run one suite and write ``results.json``, ``results.md`` and plots to ``out``.
 
@@ -472,12 +481,21 @@ def run_suite(suite: str, out: Optional[Union[str, Path]] = None, quick: bool = 
         suite: ``throughput`` or ``eval``.
         out: output folder (default ``runs/bench/<suite>``).
         quick: a few minutes on CPU instead of the full sizes.
-        checkpoint: the mmm checkpoint the ``eval`` suite scores (required there, refused otherwise).
+        checkpoint: the mmm checkpoint the ``eval`` suite scores (required there, refused by ``throughput``);
+            one or several checkpoints / encoder folders for ``downstream`` (:mod:`benchmarks.downstream`).
         compile: ``torch.compile`` the mmm model in the CUDA MLM step (throughput only).
         log: progress printer.
     """
     if suite not in SUITES:
         raise ValueError(f"unknown benchmark suite {suite!r}; expected one of {list(SUITES)}")
+    checkpoints = [] if checkpoint is None else [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    if suite == "downstream" and not checkpoints:
+        raise ValueError("the downstream suite needs checkpoints: mmm bench --suite downstream CKPT [CKPT ...]")
+    if suite != "downstream" and len(checkpoints) > 1:
+        raise ValueError(f"the {suite} suite takes at most one checkpoint, got {len(checkpoints)}")
+    if suite == "downstream" and compile:
+        raise ValueError("--compile applies to the throughput suite only")
+    checkpoint = checkpoints[0] if suite != "downstream" and checkpoints else None
     if suite == "eval" and checkpoint is None:
         raise ValueError("the eval suite needs a checkpoint: mmm bench --suite eval CKPT")
     if suite == "throughput" and checkpoint is not None:
@@ -490,6 +508,10 @@ def run_suite(suite: str, out: Optional[Union[str, Path]] = None, quick: bool = 
     machine = machine_info()
     if suite == "throughput":
         sections = run_throughput(sizes, compile, log)
+    elif suite == "downstream":
+        from benchmarks import downstream
+
+        sections = {"downstream": downstream.run(checkpoints, quick, log)}
     else:
         sections = {"eval": run_eval(checkpoint, sizes, log)}  # type: ignore[arg-type]
     report: Dict[str, Any] = {"suite": suite, "quick": quick, "sizes": sizes.name, "machine": machine,
@@ -511,7 +533,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("checkpoint", nargs="?", default=None)
+    p.add_argument("checkpoint", nargs="*", default=None)
     a = p.parse_args(argv)
     report = run_suite(a.suite, a.out, a.quick, a.checkpoint, a.compile)
     print(report["markdown"])

@@ -258,7 +258,7 @@ class PackedBatch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.seq.cu_seqlens[-1])
+        return self.seq.num_tokens
 
     @property
     def num_sequences(self) -> int:
@@ -267,10 +267,10 @@ class PackedBatch:
     def to(self, device: torch.device | str) -> "PackedBatch":
         return PackedBatch(self.seq.to(device), _map_tensors(self.inputs, lambda t: t.to(device, non_blocking=True)),
                            _map_tensors(self.targets, lambda t: t.to(device, non_blocking=True)), self.task,
-                           self.extras, None if self.partners is None else self.partners.to(device))
+                           self.extras, None if self.partners is None else self.partners.to(device, non_blocking=True))
 
     def pin_memory(self) -> "PackedBatch":
-        return PackedBatch(self.seq, _map_tensors(self.inputs, lambda t: t.pin_memory()),
+        return PackedBatch(self.seq.pin_memory(), _map_tensors(self.inputs, lambda t: t.pin_memory()),
                            _map_tensors(self.targets, lambda t: t.pin_memory()), self.task, self.extras,
                            None if self.partners is None else self.partners.pin_memory())
 
@@ -279,7 +279,7 @@ def pack_masked(samples: Sequence[MaskedTokens], modality: str = "text") -> Pack
     """Concatenate masked token sequences into one :class:`PackedBatch` (no padding), longest first.
 
     Sorting by length lets backends without a varlen kernel pad small groups of similar
-    lengths (:meth:`~mmm.core.packing.PackedSeqInfo.groups`); order within a batch is irrelevant
+    lengths (``PackedSeqInfo.pad_groups``); order within a batch is irrelevant
     to the loss.
 
     Args:

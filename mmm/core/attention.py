@@ -8,72 +8,113 @@
 
 Every backend takes (N, H, D) packed queries/keys/values and returns (N, H, D). Choice: the
 config value if it is not ``auto``; otherwise ``$MMM_ATTENTION`` if set; otherwise xformers on
-CUDA when it imports, else SDPA. An optional additive bias (ALiBi) is supported by sdpa and math;
+CUDA when it imports, else SDPA. An optional ALiBi bias is supported by sdpa and math;
 with a bias, an ``auto`` choice on CUDA takes sdpa (xformers' block-diagonal mask cannot carry a
 per-sequence distance bias), and an explicit ``xformers`` request is refused with that reason.
+
+ALiBi never materialises a dense (B, H, T, T) bias on the sdpa path: queries are split into
+blocks whose (B, H, rows, T) bias stays under :data:`ALIBI_BLOCK_ELEMENTS` elements, and each
+block runs under activation checkpointing, so backward keeps q, k, v and the output rather than
+the bias. Memory then grows with the tokens of the batch, not with B·H·T². The math backend
+keeps the dense bias: it is the reference. (FlexAttention, which would compute the bias inside
+the kernel, does not compile on CPU in torch 2.9.1: inductor's CPU lowering fails even for a
+plain ``flex_attention`` call, and its eager fallback materialises the full score matrix.)
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from torch.utils.checkpoint import checkpoint
+
 from mmm.core.packing import PackedSeqInfo
+from mmm.core.position import ALiBi, alibi_block
 from mmm.registry import ATTENTION_BACKENDS
 
 BACKEND_ENV = "MMM_ATTENTION"
-Bias = Optional[Callable[[int, torch.dtype], torch.Tensor]]  # (T_max, dtype) -> (1, H, T, T)
+Bias = Optional[ALiBi]  # the relative-position bias module, or None
+
+ALIBI_BLOCK_ELEMENTS = 1 << 22
+"""Largest (B, H, rows, T) ALiBi bias block the sdpa backend builds at once (16 MiB in fp32)."""
 
 
-def _padded_mask(seq: PackedSeqInfo, bias: Bias, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """Additive/boolean mask for the padded layout, or None when nothing is masked."""
+def _dense_mask(seq: PackedSeqInfo, bias: Bias, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Additive/boolean mask for the whole padded layout, or None when nothing is masked (reference path)."""
     if bias is None:
         if seq.is_uniform:
             return None
-        return seq.key_padding()[:, None, None, :]  # (B, 1, 1, T) True = attend
-    b = bias(seq.max_seqlen, dtype)  # (1, H, T, T)
+        return seq.key_padding[:, None, None, :]  # (B, 1, 1, T) True = attend
+    b = bias.bias(seq.max_seqlen, dtype)  # (1, H, T, T)
     if seq.is_uniform:
         return b
     neg = torch.finfo(dtype).min
-    return b.masked_fill(~seq.key_padding()[:, None, None, :], neg)  # (B, H, T, T)
+    return b.masked_fill(~seq.key_padding[:, None, None, :], neg)  # (B, H, T, T)
 
 
-SDPA_GROUPS = 4  # padded sub-batches per SDPA call site (see PackedSeqInfo.groups)
+def _alibi_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Optional[torch.Tensor],
+                query_pos: torch.Tensor, key_pos: torch.Tensor, slopes: torch.Tensor,
+                dropout_p: float) -> torch.Tensor:
+    """SDPA for a block of query rows with its own ALiBi bias. q (B, H, R, D), k/v (B, H, T, D) → (B, H, R, D)."""
+    mask = alibi_block(slopes, query_pos, key_pos, q.dtype)  # (1, H, R, T)
+    if keys is not None:
+        mask = mask.masked_fill(~keys, torch.finfo(q.dtype).min)  # (B, H, R, T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def _sdpa_alibi(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, seq: PackedSeqInfo, alibi: ALiBi,
+                dropout_p: float) -> torch.Tensor:
+    """(B, H, T, D) padded attention with ALiBi, the bias built and kept per block of query rows only."""
+    b, h, t, _ = qp.shape
+    rows = max(1, ALIBI_BLOCK_ELEMENTS // (b * h * t))
+    keys = None if seq.is_uniform else seq.key_padding[:, None, None, :]  # (B, 1, 1, T)
+    pos = torch.arange(t, device=qp.device)  # (T,) padded positions
+    recompute = torch.is_grad_enabled() and (qp.requires_grad or kp.requires_grad or vp.requires_grad)
+    outs = []
+    for i0 in range(0, t, rows):
+        i1 = min(i0 + rows, t)
+        args = (qp[:, :, i0:i1], kp, vp, keys, pos[i0:i1], pos, alibi.slopes, dropout_p)
+        outs.append(checkpoint(_alibi_rows, *args, use_reentrant=False) if recompute else _alibi_rows(*args))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
 
 def _sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo, bias: Bias,
                  dropout_p: float) -> torch.Tensor:
     qp, kp, vp = (seq.pad(t).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-    mask = _padded_mask(seq, bias, q.dtype)
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, dropout_p=dropout_p)
+    if bias is not None:
+        out = _sdpa_alibi(qp, kp, vp, seq, bias, dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=_dense_mask(seq, None, q.dtype),
+                                             dropout_p=dropout_p)
     return seq.unpad(out.transpose(1, 2))  # (N, H, D)
 
 
 @ATTENTION_BACKENDS.register("sdpa")
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo,
                    bias: Bias = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """PyTorch SDPA on padded views. Args: q, k, v (N, H, D); returns (N, H, D).
+    """PyTorch SDPA on padded views. Args: q, k, v (N, H, D); bias: an :class:`ALiBi` or None; returns (N, H, D).
 
-    Sequences are padded in a few contiguous length groups rather than all to the longest one,
-    which matters on CPU where no varlen kernel exists (packed batches are sorted longest first).
+    Sequences are padded in a few contiguous length groups (``seq.pad_groups``) rather than all to
+    the longest one, which matters on CPU where no varlen kernel exists (packed batches are sorted
+    longest first).
     """
-    if seq.is_uniform or seq.batch_size < 2 * SDPA_GROUPS:
+    if not seq.pad_groups:
         return _sdpa_padded(q, k, v, seq, bias, dropout_p)
-    outs = [_sdpa_padded(q[s:e], k[s:e], v[s:e], sub, bias, dropout_p) for s, e, sub in seq.groups(SDPA_GROUPS)]
+    outs = [_sdpa_padded(q[s:e], k[s:e], v[s:e], sub, bias, dropout_p) for s, e, sub in seq.pad_groups]
     return torch.cat(outs)
 
 
 @ATTENTION_BACKENDS.register("math")
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo,
                    bias: Bias = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Explicit reference attention. Args: q, k, v (N, H, D); returns (N, H, D)."""
+    """Explicit reference attention (dense (B, H, T, T) scores and bias). Args: q, k, v (N, H, D); returns (N, H, D)."""
     qp, kp, vp = (seq.pad(t).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     scores = qp @ kp.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    mask = _padded_mask(seq, bias, scores.dtype)
+    mask = _dense_mask(seq, bias, scores.dtype)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1)
@@ -85,23 +126,25 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: Packe
 @ATTENTION_BACKENDS.register("xformers")
 def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo,
                        bias: Bias = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """xformers memory-efficient attention, block-diagonal over the flat stream (no padding)."""
+    """xformers memory-efficient attention, block-diagonal over the flat stream (no padding).
+
+    The ``BlockDiagonalMask`` comes with the layout (``seq.attn_bias``, built once per batch when
+    it moves to CUDA); a uniform batch needs none and runs as (B, T, H, D).
+    """
     if bias is not None:
         raise ValueError("the xformers backend does not support an additive bias (ALiBi); use attention: sdpa")
     if q.device.type != "cuda":
         raise RuntimeError("xformers memory_efficient_attention has no CPU kernels; use attention: sdpa or math on CPU")
     from xformers.ops import fmha
 
-    mask = _block_diagonal(tuple(seq.seqlens))
-    out = fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=mask, p=dropout_p)  # (1, N, H, D)
+    if seq.is_uniform:
+        shape = (seq.batch_size, seq.max_seqlen) + q.shape[1:]
+        out = fmha.memory_efficient_attention(q.view(shape), k.view(shape), v.view(shape), p=dropout_p)
+        return out.reshape(q.shape)
+    if seq.attn_bias is None:
+        raise RuntimeError("this packed layout has no xformers mask: build it on the GPU (PackedSeqInfo.to('cuda'))")
+    out = fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=seq.attn_bias, p=dropout_p)  # (1, N, H, D)
     return out[0]
-
-
-@functools.lru_cache(maxsize=64)
-def _block_diagonal(seqlens: tuple):
-    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
-
-    return BlockDiagonalMask.from_seqlens(list(seqlens))
 
 
 @functools.lru_cache(maxsize=None)

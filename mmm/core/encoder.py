@@ -8,7 +8,7 @@ layers touch only real tokens.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +17,12 @@ from torch import nn
 from mmm.config import EncoderConfig
 from mmm.core.attention import resolve_backend
 from mmm.core.packing import PackedSeqInfo
-from mmm.core.position import RELATIVE_POSITIONS, ALiBi, Rotary
+from mmm.core.position import RELATIVE_POSITIONS, ALiBi, Rotary, apply_rotary
 from mmm.registry import ATTENTION_BACKENDS
 
 MLP_KINDS = ("gelu", "glu", "geglu", "swiglu")
 _GATES = {"glu": torch.sigmoid, "geglu": F.gelu, "swiglu": F.silu}
+RopeTables = Tuple[torch.Tensor, torch.Tensor]  # rotary (cos, sin), each (N, 1, D), from Rotary.tables
 
 
 class SelfAttention(nn.Module):
@@ -36,13 +37,12 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo, backend: str,
-                alibi: Optional[ALiBi], rotary: Optional[Rotary]) -> torch.Tensor:
+                alibi: Optional[ALiBi], rope: Optional[RopeTables]) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.heads, self.head_dim).unbind(1)  # (N, H, D) each
-        if rotary is not None:
-            q, k = rotary(q, k, seq.position_ids)
-        bias = alibi.bias if alibi is not None else None
-        out = ATTENTION_BACKENDS.get(backend)(q, k, v, seq, bias, self.attn_dropout if self.training else 0.0)
+        if rope is not None:
+            q, k = apply_rotary(q, k, *rope)
+        out = ATTENTION_BACKENDS.get(backend)(q, k, v, seq, alibi, self.attn_dropout if self.training else 0.0)
         return self.proj(out.reshape(n, -1))  # (N, d)
 
 
@@ -81,11 +81,11 @@ class EncoderBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo, backend: str,
-                alibi: Optional[ALiBi], rotary: Optional[Rotary]) -> torch.Tensor:
+                alibi: Optional[ALiBi], rope: Optional[RopeTables]) -> torch.Tensor:
         if self.norm_first:
-            x = x + self.dropout(self.attn(self.norm1(x), seq, backend, alibi, rotary))
+            x = x + self.dropout(self.attn(self.norm1(x), seq, backend, alibi, rope))
             return x + self.dropout(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.attn(x, seq, backend, alibi, rotary)))
+        x = self.norm1(x + self.dropout(self.attn(x, seq, backend, alibi, rope)))
         return self.norm2(x + self.dropout(self.mlp(x)))
 
 
@@ -109,16 +109,35 @@ class TransformerEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else None
         self.alibi = ALiBi(cfg.heads) if cfg.relative_position == "alibi" else None
         self.rotary = Rotary(cfg.dim // cfg.heads) if cfg.relative_position == "rotary" else None
+        self._resolved: Tuple[Optional[tuple], Optional[str]] = (None, None)
+        self._resolve_for_parameters()
+
+    def _resolve_for_parameters(self) -> None:
+        """Resolve the backend for the device the weights are on (at build time and after every move)."""
+        device = next(self.parameters()).device
+        try:
+            self._resolved = ((self.cfg.attention, device.type), self.backend_for(device))
+        except (RuntimeError, ValueError):  # e.g. xformers asked for on CPU: raised by the first forward there
+            self._resolved = (None, None)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._resolve_for_parameters()
+        return out
 
     def backend_for(self, device: torch.device) -> str:
-        """The attention backend this encoder uses on ``device``."""
+        """The attention backend this encoder uses on ``device`` (resolved once per config value and device)."""
+        key, name = self._resolved
+        if key == (self.cfg.attention, device.type):
+            return name
         return resolve_backend(self.cfg.attention, device, has_bias=self.alibi is not None)
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo) -> torch.Tensor:
         """(N, d) packed embeddings → (N, d) packed hidden states."""
         backend = self.backend_for(x.device)
+        rope = self.rotary.tables(seq.position_ids) if self.rotary is not None else None  # once per batch
         for block in self.blocks:
-            x = block(x, seq, backend, self.alibi, self.rotary)
+            x = block(x, seq, backend, self.alibi, rope)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x

@@ -38,7 +38,7 @@ class PartnerCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo, partners: torch.Tensor) -> torch.Tensor:
         """(N, d) tokens, (S,) partner of each sequence (-1: none) → (N, d) update (zero without a partner)."""
-        pad, mask = seq.pad(x), seq.key_padding()  # (S, L, d), (S, L); the layout caches its index
+        pad, mask = seq.pad(x), seq.key_padding  # (S, L, d), (S, L)
         s, width, d = pad.shape
         has = partners >= 0  # (S,)
         other = partners.clamp(min=0)

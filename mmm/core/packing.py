@@ -3,124 +3,179 @@
 Variable-length sequences are concatenated into ``N`` tokens; ``cu_seqlens`` (B+1,) holds the
 offsets, as in FlashAttention's varlen API and MosaicBERT's unpadding. Linear layers run on the
 ``N`` real tokens only. Attention backends without a varlen kernel (SDPA, math) scatter into a
-padded (B, T_max) layout for the attention product alone and gather back; the index tensors for
-that are built once per batch here and shared by every layer.
+padded (B, T_max) layout for the attention product alone and gather back.
+
+Everything a layer needs is computed once, when the batch is made (in the collator, from the
+host-side lengths) or moved to a device: the padded-layout index, the key-padding mask, the
+length groups the SDPA backend pads separately and, on CUDA, the xformers block-diagonal mask.
+A :class:`PackedSeqInfo` is immutable; no layer reads a length back from the device
+(``.tolist()`` / ``int(tensor)`` would stall the GPU once per layer) or fills a cache inside a
+compiled region.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+PAD_GROUPS = 4
+"""Contiguous length groups a batch of ≥ 2·PAD_GROUPS sequences is split into for padded backends."""
 
-@dataclass
+
+@dataclass(frozen=True, eq=False)
 class PackedSeqInfo:
-    """Layout of a packed batch, shared by every encoder layer.
+    """Layout of a packed batch, shared by every encoder layer (build it with :meth:`from_seqlens`).
 
     Args:
         cu_seqlens: (B+1,) int32 offsets of each sequence in the flat stream.
-        max_seqlen: length of the longest sequence.
+        max_seqlen: length of the padded layout (the longest sequence unless padded further).
         position_ids: (N,) int64 position of each token inside its sequence.
+        lengths: the B sequence lengths as host integers (read on the host, never from the device).
+        pad_index: (N,) int64 index of each token in the flattened (B * max_seqlen) padded layout.
+        key_padding: (B, max_seqlen) bool, True at real tokens.
+        is_uniform: every sequence has ``max_seqlen`` tokens (no padding is ever needed).
+        pad_groups: ``(token_start, token_end, layout)`` per contiguous length group, or () when the
+            batch is padded as one (see :meth:`from_seqlens`).
+        attn_bias: the xformers ``BlockDiagonalMask`` of the batch on CUDA, else None.
     """
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
     position_ids: torch.Tensor
-    _pad_index: Optional[torch.Tensor] = None
-    _key_padding: Optional[torch.Tensor] = None
-    _groups: Optional[dict] = None
+    lengths: Tuple[int, ...]
+    pad_index: torch.Tensor
+    key_padding: torch.Tensor
+    is_uniform: bool
+    pad_groups: Tuple[Tuple[int, int, "PackedSeqInfo"], ...] = ()
+    attn_bias: Any = None
 
     @classmethod
-    def from_seqlens(cls, seqlens: Sequence[int], device: torch.device | str | None = None) -> "PackedSeqInfo":
-        """Layout for sequences of the given lengths (all ≥ 1)."""
-        if len(seqlens) == 0:
+    def from_seqlens(cls, seqlens: Sequence[int], device: torch.device | str | None = None,
+                     max_seqlen: Optional[int] = None, pad_groups: int = PAD_GROUPS) -> "PackedSeqInfo":
+        """Layout for sequences of the given lengths (all ≥ 1).
+
+        Args:
+            seqlens: host-side sequence lengths, in stream order.
+            device: where the index tensors live (built on the host and copied once).
+            max_seqlen: pad to this length instead of the longest sequence (benchmarks of padded baselines).
+            pad_groups: split a batch of at least ``2 * pad_groups`` sequences into that many
+                contiguous runs, each padded only to its own longest sequence (collators pack
+                longest first, so a run holds similar lengths); 0 = never split.
+        """
+        lengths = tuple(int(n) for n in seqlens)
+        if len(lengths) == 0:
             raise ValueError("a packed batch needs at least one sequence")
-        if min(seqlens) < 1:
-            raise ValueError(f"sequence lengths must be ≥ 1, got {list(seqlens)}")
-        lens = torch.as_tensor(list(seqlens), dtype=torch.int64)
-        cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+        if min(lengths) < 1:
+            raise ValueError(f"sequence lengths must be ≥ 1, got {list(lengths)}")
+        longest = max(lengths)
+        width = longest if max_seqlen is None else int(max_seqlen)
+        if width < longest:
+            raise ValueError(f"max_seqlen={width} is shorter than the longest sequence ({longest})")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if all(n == width for n in lengths):
+            return cls._uniform(len(lengths), width, device)
+        info = cls._build(lengths, width, pad_groups)
+        return info if device.type == "cpu" else info.to(device)
+
+    @classmethod
+    def _uniform(cls, batch: int, length: int, device: torch.device) -> "PackedSeqInfo":
+        """B sequences of one length, built on ``device`` directly (no host-to-device copy)."""
+        n = batch * length
+        cu = torch.arange(0, n + 1, length, dtype=torch.int32, device=device)
+        pos = torch.arange(length, device=device).repeat(batch)
+        info = cls(cu, length, pos, (length,) * batch, torch.arange(n, device=device),
+                   torch.ones(batch, length, dtype=torch.bool, device=device), True)
+        return info if device.type != "cuda" else info._with_attn_bias()
+
+    @classmethod
+    def _build(cls, lengths: Tuple[int, ...], width: int, pad_groups: int) -> "PackedSeqInfo":
+        lens = torch.tensor(lengths, dtype=torch.int64)
+        b, n = len(lengths), sum(lengths)
+        cu = torch.zeros(b + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(lens, 0)
-        starts = torch.repeat_interleave(cu[:-1].long(), lens)
-        pos = torch.arange(int(cu[-1])) - starts
-        return cls(cu.to(device), int(lens.max()), pos.to(device))
+        seq_of_token = torch.repeat_interleave(torch.arange(b), lens, output_size=n)
+        pos = torch.arange(n) - cu[:-1].long()[seq_of_token]
+        pad_index = seq_of_token * width + pos
+        valid = torch.zeros(b * width, dtype=torch.bool)
+        valid[pad_index] = True
+        groups: Tuple[Tuple[int, int, PackedSeqInfo], ...] = ()
+        if pad_groups > 0 and b >= 2 * pad_groups:
+            bounds = sorted({round(i * b / pad_groups) for i in range(pad_groups + 1)})
+            starts = [0]
+            for length in lengths:
+                starts.append(starts[-1] + length)
+            groups = tuple((starts[i0], starts[i1], cls.from_seqlens(lengths[i0:i1], pad_groups=0))
+                           for i0, i1 in zip(bounds[:-1], bounds[1:]))
+        return cls(cu, width, pos, lengths, pad_index, valid.view(b, width), False, groups)
 
     @property
     def seqlens(self) -> List[int]:
-        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+        """The sequence lengths (host integers; no device read)."""
+        return list(self.lengths)
 
     @property
     def batch_size(self) -> int:
-        return self.cu_seqlens.numel() - 1
+        return self.cu_seqlens.shape[0] - 1
 
     @property
     def num_tokens(self) -> int:
-        return self.position_ids.numel()
-
-    @property
-    def is_uniform(self) -> bool:
-        """True when every sequence has the same length (no padding is ever needed)."""
-        return self.num_tokens == self.batch_size * self.max_seqlen
+        return self.position_ids.shape[0]
 
     def to(self, device: torch.device | str) -> "PackedSeqInfo":
-        return PackedSeqInfo(self.cu_seqlens.to(device), self.max_seqlen, self.position_ids.to(device))
+        """The same layout on ``device`` (non-blocking from pinned memory; the xformers mask is built on CUDA)."""
+        device = torch.device(device)
+        non_blocking = device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        info = PackedSeqInfo(move(self.cu_seqlens), self.max_seqlen, move(self.position_ids), self.lengths,
+                             move(self.pad_index), move(self.key_padding), self.is_uniform,
+                             tuple((s, e, g.to(device)) for s, e, g in self.pad_groups))
+        return info._with_attn_bias() if device.type == "cuda" else info
+
+    def pin_memory(self) -> "PackedSeqInfo":
+        """The same layout in pinned host memory (for non-blocking copies to the GPU)."""
+        return PackedSeqInfo(self.cu_seqlens.pin_memory(), self.max_seqlen, self.position_ids.pin_memory(),
+                             self.lengths, self.pad_index.pin_memory(), self.key_padding.pin_memory(),
+                             self.is_uniform, tuple((s, e, g.pin_memory()) for s, e, g in self.pad_groups))
+
+    def _with_attn_bias(self) -> "PackedSeqInfo":
+        if not self.is_uniform and _xformers_bias_available():
+            from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+            mask = BlockDiagonalMask.from_seqlens(list(self.lengths), device=self.cu_seqlens.device)
+            return PackedSeqInfo(self.cu_seqlens, self.max_seqlen, self.position_ids, self.lengths, self.pad_index,
+                                 self.key_padding, self.is_uniform, self.pad_groups, mask)
+        return self
 
     # -- padded views for backends without a varlen kernel --------------------------------
-
-    def pad_index(self) -> torch.Tensor:
-        """(N,) index of each packed token in the flattened (B * T_max) padded layout."""
-        if self._pad_index is None:
-            seq_of_token = torch.repeat_interleave(
-                torch.arange(self.batch_size, device=self.position_ids.device),
-                (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long(),
-            )
-            self._pad_index = seq_of_token * self.max_seqlen + self.position_ids
-        return self._pad_index
-
-    def key_padding(self) -> torch.Tensor:
-        """(B, T_max) bool, True at real tokens."""
-        if self._key_padding is None:
-            valid = torch.zeros(self.batch_size * self.max_seqlen, dtype=torch.bool, device=self.position_ids.device)
-            valid[self.pad_index()] = True
-            self._key_padding = valid.view(self.batch_size, self.max_seqlen)
-        return self._key_padding
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) packed → (B, T_max, ...) padded with zeros."""
         if self.is_uniform:
             return x.view(self.batch_size, self.max_seqlen, *x.shape[1:])
         out = x.new_zeros(self.batch_size * self.max_seqlen, *x.shape[1:])
-        out[self.pad_index()] = x
+        out = out.index_copy(0, self.pad_index, x)
         return out.view(self.batch_size, self.max_seqlen, *x.shape[1:])
-
-    def groups(self, num_groups: int) -> List[Tuple[int, int, "PackedSeqInfo"]]:
-        """Split into up to ``num_groups`` contiguous runs of sequences, each padded only to its own max.
-
-        Returns ``(token_start, token_end, layout)`` per group. Collators pack sequences longest
-        first (:func:`mmm.batch.pack_masked`), so each run holds similar lengths and padding the
-        runs separately wastes far less attention compute than padding all to ``max_seqlen``.
-        """
-        if self._groups is None:
-            self._groups = {}
-        if num_groups not in self._groups:
-            cu = self.cu_seqlens.tolist()
-            lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-            bounds = [round(i * self.batch_size / num_groups) for i in range(num_groups + 1)]
-            bounds = sorted(set(bounds))
-            groups = []
-            for i0, i1 in zip(bounds[:-1], bounds[1:]):
-                s, e = cu[i0], cu[i1]
-                sub = PackedSeqInfo(self.cu_seqlens[i0:i1 + 1] - cu[i0], max(lens[i0:i1]), self.position_ids[s:e])
-                groups.append((s, e, sub))
-            self._groups[num_groups] = groups
-        return self._groups[num_groups]
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T_max, ...) padded → (N, ...) packed."""
         flat = x.reshape(self.batch_size * self.max_seqlen, *x.shape[2:])
         if self.is_uniform:
             return flat
-        return flat[self.pad_index()]
+        return flat.index_select(0, self.pad_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _xformers_bias_available() -> bool:
+    try:
+        from xformers.ops.fmha.attn_bias import BlockDiagonalMask  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def index_ranges(starts, lengths) -> torch.Tensor:
@@ -135,10 +190,10 @@ def index_ranges(starts, lengths) -> torch.Tensor:
     d = starts.device
     if lengths.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=d)
-    owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=d), lengths)
-    offsets = torch.arange(int(lengths.sum()), device=d) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths,
-                                                                                  lengths)
-    return starts[owner] + offsets
+    total = int(lengths.sum())  # one read; collators call this on host tensors
+    owner = torch.repeat_interleave(torch.arange(lengths.numel(), device=d), lengths, output_size=total)
+    first = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths, output_size=total)
+    return starts[owner] + torch.arange(total, device=d) - first
 
 
 def pack_padded(attention_mask: torch.Tensor) -> PackedSeqInfo:

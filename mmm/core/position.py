@@ -89,10 +89,23 @@ class ALiBi(nn.Module):
         self.register_buffer("slopes", alibi_slopes(heads), persistent=False)
 
     def bias(self, length: int, dtype: torch.dtype) -> torch.Tensor:
-        """(1, H, length, length) additive bias."""
+        """(1, H, length, length) dense additive bias (the reference; the SDPA backend builds it in blocks)."""
         idx = torch.arange(length, device=self.slopes.device)
-        dist = (idx[None, :] - idx[:, None]).abs().to(torch.float32)
-        return (-self.slopes[:, None, None] * dist[None]).unsqueeze(0).to(dtype)
+        return alibi_block(self.slopes, idx, idx, dtype)
+
+
+def alibi_block(slopes: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """(1, H, Q, K) ALiBi bias ``-slope_h * |i - j|`` between the given query and key positions.
+
+    Args:
+        slopes: (H,) per-head slopes (:func:`alibi_slopes`).
+        query_pos: (Q,) positions of the queries inside their sequences.
+        key_pos: (K,) positions of the keys.
+        dtype: dtype of the result.
+    """
+    dist = (key_pos[None, :] - query_pos[:, None]).abs().to(torch.float32)  # (Q, K)
+    return (-slopes[:, None, None] * dist[None]).unsqueeze(0).to(dtype)
 
 
 @POSITIONS.register("rotary")
@@ -111,11 +124,22 @@ class Rotary(nn.Module):
         inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N,) positions → float32 ``(cos, sin)``, each (N, 1, D): computed once per batch, shared by every layer."""
         angles = position_ids.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (N, D/2)
-        cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None, :].to(q.dtype)  # (N, 1, D)
-        sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None, :].to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        angles = torch.cat([angles, angles], -1)[:, None, :]  # (N, 1, D)
+        return angles.cos(), angles.sin()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Rotate (N, H, D) queries and keys by their positions."""
+        return apply_rotary(q, k, *self.tables(position_ids))
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate (N, H, D) queries and keys with precomputed (N, 1, D) tables (:meth:`Rotary.tables`)."""
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

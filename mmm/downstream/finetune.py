@@ -298,13 +298,14 @@ def save_finetuned(model: FinetuneModel, directory: Path) -> Path:
     return directory
 
 
-def finetune(source: PathLike, modality: str, train: Split, dev: Split, test: Optional[Split] = None, *,
+def finetune(source: Union[PathLike, Callable[[], nn.Module]], modality: str, train: Split, dev: Split, test: Optional[Split] = None, *,
              cfg: Optional[FinetuneConfig] = None, out: Optional[PathLike] = None, timm_model: Optional[str] = None,
              device: Optional[str] = None, log: Callable[[str], None] = print) -> FinetuneResult:
     """Fine-tune ``source``'s ``modality`` encoder on ``train``, select on ``dev``, over ``cfg.seeds`` seeds.
 
     Args:
-        source: an mmm ``.ckpt``, a ``save_encoder`` folder, an HF BERT folder or a timm ViT file.
+        source: an mmm ``.ckpt``, a ``save_encoder`` folder, an HF BERT folder or a timm ViT file; or a
+            callable returning a freshly built encoder (called once per seed).
         modality: ``text``, ``dna``, ``image`` or ``audio``.
         train, dev, test: from :mod:`mmm.downstream.data`; labels are encoded by the training split's classes.
         cfg: hyper-parameters (defaults: :class:`FinetuneConfig`).
@@ -322,7 +323,10 @@ def finetune(source: PathLike, modality: str, train: Split, dev: Split, test: Op
     dev_name = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def make_adapter() -> InputAdapter:
-        a = load_adapter(str(source), modality, timm_model=timm_model)
+        if callable(source):  # a factory of fresh encoders (e.g. a checkpoint's architecture at random init)
+            a = InputAdapter(source(), modality, getattr(source, "__name__", "encoder"))
+        else:
+            a = load_adapter(str(source), modality, timm_model=timm_model)
         a.encoder.to(dev_name)
         return a
 
@@ -339,7 +343,7 @@ def finetune(source: PathLike, modality: str, train: Split, dev: Split, test: Op
     res = FinetuneResult(
         metric, cfg.task_type, labels.to_dict(), results, mean_std([r.dev[metric] for r in results]),
         mean_std([r.test[metric] for r in results]) if test else None, asdict(cfg),
-        {"source": str(source), "modality": modality, "train": train.path, "dev": dev.path,
+        {"source": getattr(source, "__name__", str(source)), "modality": modality, "train": train.path, "dev": dev.path,
          "test": test.path if test else None, "sizes": {k: len(v) for k, v in prepared.items()},
          "truncated_inputs": first.truncated,
          "skipped_rows": sum(len(s.skipped) for s in (train, dev, test) if s is not None)})

@@ -9,7 +9,7 @@ def test_from_seqlens_layout():
     assert seq.cu_seqlens.tolist() == [0, 3, 4, 6]
     assert seq.position_ids.tolist() == [0, 1, 2, 0, 0, 1]
     assert seq.max_seqlen == 3 and seq.batch_size == 3 and not seq.is_uniform
-    assert seq.key_padding().tolist() == [[True, True, True], [True, False, False], [True, True, False]]
+    assert seq.key_padding.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
 
 
 def test_pad_unpad_round_trip():

@@ -1,0 +1,277 @@
+"""``mmm bench --suite downstream CKPT [CKPT ...]``: downstream quality of pretrained encoders.
+
+For every checkpoint (an mmm ``.ckpt``, a ``save_encoder`` folder or an HF BERT folder) and every
+embedded task of a modality it has (:data:`TASKS`), three scores on the same splits:
+
+* **linear probe** (logistic regression) and **kNN** (cosine, k = 20, DINO's temperature-weighted
+  votes, T = 0.07) on frozen mean-pooled features (:mod:`mmm.probe`, :mod:`mmm.downstream.knn`);
+* **fine-tuning** end to end (:func:`mmm.downstream.finetune.finetune`), mean ± std over seeds.
+
+An mmm ``.ckpt`` is also scored at its random initialisation (the same architecture built with
+the run's seed), so each row says what pretraining contributed. Tasks (built locally, no download):
+
+=================  ========  =========  ==================================================================
+task               modality  data       what
+=================  ========  =========  ==================================================================
+stdlib-package     text      real       stdlib docstrings → top-level package; split by module (test)
+digits             image     real       scikit-learn's bundled 8x8 handwritten digits at 32x32
+shapes             image     synthetic  the demo's rendered shapes (shape class)
+dna-motifs         dna       synthetic  the demo's synthetic genome windows (planted motif class)
+audio-sounds       audio     synthetic  the demo's synthesized sounds (sound class)
+=================  ========  =========  ==================================================================
+
+Shard tasks train on their ``train`` shards (80 %, the other 20 % is the dev split for early
+stopping and model selection) and report on their ``val`` shards; ``stdlib-package`` has its own
+dev and test modules. Every fine-tuning score is the *test* metric of the best dev state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mmm.downstream.data import Split, read_shards
+from mmm.downstream.tasks import balanced_subsample, stdlib_package_task
+
+MICRO_ENV = "MMM_BENCH_MICRO"
+
+
+@dataclass
+class DownstreamSizes:
+    """How much work each task does."""
+
+    name: str
+    train_per_class: int
+    eval_per_class: int
+    epochs: int
+    seeds: int
+    lr: float = 3e-4
+    batch_size: int = 32
+    random_init: bool = True
+
+
+SIZES = {
+    "full": DownstreamSizes("full", 300, 100, 5, 3),
+    "quick": DownstreamSizes("quick", 60, 30, 2, 3),
+    "micro": DownstreamSizes("micro", 8, 6, 1, 2, batch_size=16),
+}
+
+
+def select_sizes(quick: bool) -> DownstreamSizes:
+    """``micro`` when ``$MMM_BENCH_MICRO`` is set (tests), else ``quick`` or ``full``."""
+    if os.environ.get(MICRO_ENV, "") not in ("", "0"):
+        return SIZES["micro"]
+    return SIZES["quick" if quick else "full"]
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class TaskDef:
+    modality: str
+    data: str  # real | synthetic
+    what: str
+    load: Callable[[DownstreamSizes], Tuple[Split, Split, Split]]
+
+
+def _shard_task(folder: Callable[[], Path], modality: str) -> Callable[[DownstreamSizes], Tuple[Split, Split, Split]]:
+    def load(sizes: DownstreamSizes) -> Tuple[Split, Split, Split]:
+        root = folder()
+        train_all = balanced_subsample(read_shards(root, modality, "train"), sizes.train_per_class + sizes.train_per_class // 4)
+        test = balanced_subsample(read_shards(root, modality, "val"), sizes.eval_per_class, seed=1)
+        n_dev = len(train_all) // 5
+        dev = Split(f"{root}:train[dev]", train_all.inputs[:n_dev], train_all.labels[:n_dev], train_all.where[:n_dev])
+        train = Split(f"{root}:train", train_all.inputs[n_dev:], train_all.labels[n_dev:], train_all.where[n_dev:])
+        return train, dev, Split(f"{root}:val", test.inputs, test.labels, test.where)
+
+    return load
+
+
+def _stdlib(sizes: DownstreamSizes) -> Tuple[Split, Split, Split]:
+    s = stdlib_package_task(sizes.train_per_class, sizes.eval_per_class)
+    return s["train"], s["dev"], s["test"]
+
+
+def _embedded(module: str, fn: str = "embedded_default") -> Callable[[], Path]:
+    def get() -> Path:
+        import importlib
+
+        return Path(getattr(importlib.import_module(f"datasets_def.{module}"), fn)())
+
+    return get
+
+
+TASKS: Dict[str, TaskDef] = {
+    "stdlib-package": TaskDef("text", "real", "Python stdlib docstrings → top-level package, split by module", _stdlib),
+    "digits": TaskDef("image", "real", "scikit-learn handwritten digits (10 classes)",
+                      _shard_task(_embedded("image", "embedded_default_digits"), "image")),
+    "shapes": TaskDef("image", "synthetic", "rendered shapes (shape class)", _shard_task(_embedded("image"), "image")),
+    "dna-motifs": TaskDef("dna", "synthetic", "synthetic genome windows (motif class)", _shard_task(_embedded("dna"), "dna")),
+    "audio-sounds": TaskDef("audio", "synthetic", "synthesized sounds (sound class)",
+                            _shard_task(_embedded("audio"), "audio")),
+}
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+def encoder_modalities(source: Path) -> List[str]:
+    """The modalities :func:`mmm.load_encoder` can build from ``source``."""
+    from mmm.encoders import ENCODER_META_FILE, MODALITIES, read_checkpoint
+
+    if source.is_file():
+        contents = read_checkpoint(source)
+        found = {k.split(".")[1] for k in contents.state_dict if k.startswith("embedders.")}
+        return [m for m in MODALITIES if m in found]
+    if (source / ENCODER_META_FILE).is_file():
+        return [json.loads((source / ENCODER_META_FILE).read_text())["modality"]]
+    if (source / "config.json").is_file():
+        return ["text"]
+    raise ValueError(f"{source}: not an mmm checkpoint, a save_encoder folder or an HF BERT folder")
+
+
+def random_init_factory(checkpoint: Path, modality: str) -> Callable[[], Any]:
+    """A factory of ``checkpoint``'s ``modality`` encoder at random initialisation (the run's model
+    rebuilt with its seed, as the eval suite does), assets (tokenizer, audio statistics) kept."""
+    import torch
+
+    from mmm.encoders import (dna_encoder_from_checkpoint, encoder_from_checkpoint, image_encoder_from_checkpoint,
+                              read_checkpoint)
+    from mmm.modalities.audio import audio_encoder_from_checkpoint
+    from mmm.train.pretrain import build_model_for
+    from mmm.train.tasks import modalities_from_checkpoint
+
+    builders = {"text": encoder_from_checkpoint, "dna": dna_encoder_from_checkpoint,
+                "image": image_encoder_from_checkpoint, "audio": audio_encoder_from_checkpoint}
+
+    def build() -> Any:
+        contents = read_checkpoint(checkpoint)
+        torch.manual_seed(contents.config.seed)
+        model = build_model_for(contents.config, modalities_from_checkpoint(contents))
+        contents.state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return builders[modality](contents)
+
+    build.__name__ = f"{checkpoint} (random init)"
+    return build
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _score_model(source: Any, label: str, modality: str, splits: Tuple[Split, Split, Split], sizes: DownstreamSizes,
+                 log: Callable[[str], None]) -> Dict[str, Any]:
+    from mmm.downstream.data import Labels, encode_labels
+    from mmm.downstream.finetune import FinetuneConfig, finetune
+    from mmm.downstream.inputs import InputAdapter, load_adapter
+    from mmm.downstream.knn import knn_probe
+    from mmm.probe import linear_probe
+
+    train, dev, test = splits
+    t0 = time.perf_counter()
+    adapter = InputAdapter(source(), modality, label) if callable(source) else load_adapter(str(source), modality)
+    labels = Labels.fit(train, "classification")
+    ytr, yte = (np.asarray(encode_labels(s, labels)) for s in (train, test))
+    xtr = adapter.features(train.inputs, "mean", where=train.where)
+    xte = adapter.features(test.inputs, "mean", where=test.where)
+    probe, knn = linear_probe((xtr, ytr), (xte, yte)), knn_probe((xtr, ytr), (xte, yte))
+    pooling = "cls" if adapter.has_cls else "mean"
+    cfg = FinetuneConfig(lr=sizes.lr, batch_size=sizes.batch_size, epochs=sizes.epochs, seeds=sizes.seeds,
+                         pooling=pooling, patience=2)
+    ft = finetune(source, modality, train, dev, test, cfg=cfg, log=lambda s: log(f"    {s}"))
+    return {"model": label, "linear_probe": probe.accuracy, "knn": knn.accuracy, "chance": probe.chance,
+            "finetune": ft.test, "finetune_dev": ft.dev, "finetune_seeds": [s.test["accuracy"] for s in ft.seeds],
+            "pooling_finetune": pooling, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run(checkpoints: Sequence[Any], quick: bool = False, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Every task that applies to each checkpoint; returns the suite section.
+
+    Args:
+        checkpoints: mmm ``.ckpt`` files, ``save_encoder`` folders or HF BERT folders.
+        quick: small tasks (the smoke size under ``$MMM_BENCH_MICRO``).
+        log: progress printer.
+    """
+    if not checkpoints:
+        raise ValueError("the downstream suite needs at least one checkpoint: mmm bench --suite downstream CKPT [CKPT ...]")
+    sizes = select_sizes(quick)
+    models: List[Tuple[str, Any, List[str]]] = []
+    for c in checkpoints:
+        p = Path(c)
+        if not p.exists():
+            raise FileNotFoundError(f"checkpoint {p} does not exist")
+        mods = encoder_modalities(p)
+        models.append((str(p), p, mods))
+        if sizes.random_init and p.is_file():
+            models.append((f"{p} (random init)", p, mods))
+    results: List[Dict[str, Any]] = []
+    for task, td in TASKS.items():
+        users = [(label, p) for label, p, mods in models if td.modality in mods]
+        if not users:
+            continue
+        log(f"== {task} ({td.modality}, {td.data} data): {td.what}")
+        splits = td.load(sizes)
+        for label, p in users:
+            source = random_init_factory(p, td.modality) if label.endswith("(random init)") else p
+            log(f"  {label}")
+            row = _score_model(source, label, td.modality, splits, sizes, log)
+            row.update({"task": task, "modality": td.modality, "data": td.data,
+                        "sizes": {"train": len(splits[0]), "dev": len(splits[1]), "test": len(splits[2])}})
+            results.append(row)
+    if not results:
+        raise ValueError(f"no downstream task applies to the checkpoints' modalities "
+                         f"{sorted({m for _, _, ms in models for m in ms})}; tasks exist for "
+                         f"{sorted({t.modality for t in TASKS.values()})}")
+    return {"sizes": asdict(sizes), "tasks": {k: {"modality": v.modality, "data": v.data, "what": v.what}
+                                              for k, v in TASKS.items()}, "results": results}
+
+
+def markdown(section: Dict[str, Any]) -> str:
+    """The results as a markdown table."""
+    s = section["sizes"]
+    lines = [f"Frozen features: mean-pooled, linear probe (logistic regression) and kNN (cosine, k=20, T=0.07 "
+             f"weighted votes). Fine-tuning: {s['epochs']} epoch(s), lr {s['lr']}, batch {s['batch_size']}, "
+             f"test accuracy of the best dev state, mean ± std over {s['seeds']} seeds. At most "
+             f"{s['train_per_class']} training and {s['eval_per_class']} test samples per class.", "",
+             "| task | data | model | linear probe | kNN | fine-tune (mean ± std) | chance | train / dev / test |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in section["results"]:
+        ft = r["finetune"]
+        z = r["sizes"]
+        lines.append(f"| {r['task']} | {r['data']} | `{r['model']}` | {r['linear_probe']:.3f} | {r['knn']:.3f} | "
+                     f"{ft['mean']:.3f} ± {ft['std']:.3f} | {r['chance']:.3f} | {z['train']} / {z['dev']} / {z['test']} |")
+    return "\n".join(lines)
+
+
+def plot(section: Dict[str, Any], path: Path) -> None:
+    """PNG: per task, the three scores of every model (fine-tuning with its std as an error bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in section["results"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in section["results"] if r["task"] == task]
+        xs = np.arange(len(rows))
+        ax.bar(xs - 0.27, [r["linear_probe"] for r in rows], 0.27, label="linear probe")
+        ax.bar(xs, [r["knn"] for r in rows], 0.27, label="kNN")
+        ax.bar(xs + 0.27, [r["finetune"]["mean"] for r in rows], 0.27, yerr=[r["finetune"]["std"] for r in rows],
+               capsize=3, label="fine-tune")
+        ax.axhline(rows[0]["chance"], color="grey", ls="--", lw=1, label="chance")
+        ax.set_xticks(xs, [Path(r["model"].replace(" (random init)", "")).name[:18]
+                           + ("\n(random init)" if r["model"].endswith("(random init)") else "") for r in rows],
+                      fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{task} ({rows[0]['data']})")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

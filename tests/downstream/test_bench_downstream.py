@@ -1,0 +1,47 @@
+"""``mmm bench --suite downstream --quick`` at smoke size ($MMM_BENCH_MICRO) on two checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmm.cli import main
+
+
+def test_downstream_suite_runs_every_applicable_task(ckpt: Path, image_ckpt: Path, tmp_path: Path, monkeypatch,
+                                                     capsys) -> None:
+    monkeypatch.setenv("MMM_BENCH_MICRO", "1")
+    out = tmp_path / "bench"
+    assert main(["bench", "--suite", "downstream", "--quick", "--out", str(out), str(ckpt), str(image_ckpt)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    rows = report["sections"]["downstream"]["results"]
+    got = {(r["task"], r["model"]) for r in rows}
+    for task, c in (("stdlib-package", ckpt), ("digits", image_ckpt), ("shapes", image_ckpt)):
+        assert (task, str(c)) in got and (task, f"{c} (random init)") in got
+    assert not any(r["task"] in ("dna-motifs", "audio-sounds") for r in rows)  # no such encoder given
+    for r in rows:
+        assert 0 <= r["linear_probe"] <= 1 and 0 <= r["knn"] <= 1
+        assert r["finetune"]["n"] == 2 and len(r["finetune_seeds"]) == 2
+    real = {r["task"]: r["data"] for r in rows}
+    assert real == {"stdlib-package": "real", "digits": "real", "shapes": "synthetic"}
+    md = (out / "results.md").read_text()
+    assert "## Downstream tasks" in md and "| stdlib-package | real |" in md and " ± " in md
+    assert (out / "downstream.png").stat().st_size > 0
+
+
+def test_downstream_suite_needs_a_checkpoint(tmp_path: Path, capsys) -> None:
+    assert main(["bench", "--suite", "downstream", "--out", str(tmp_path)]) == 2
+    assert "needs checkpoints" in capsys.readouterr().err
+
+
+def test_stdlib_task_splits_by_module() -> None:
+    from mmm.downstream.tasks import stdlib_package_task
+
+    s = stdlib_package_task(20, 10)
+    mods = {k: {w.split("#")[0] for w in v.where} for k, v in s.items()}
+    assert not (mods["train"] & mods["dev"]) and not (mods["train"] & mods["test"]) and not (mods["dev"] & mods["test"])
+    assert set(s["dev"].labels) <= set(s["train"].labels) and len(set(s["train"].labels)) >= 4
+    for split, v in s.items():
+        for w, y in zip(v.where, v.labels):
+            assert w.split(".")[0] == y  # the label is the module's top-level package
