@@ -272,11 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="benchmark suites: throughput (mmm vs HF, attention backends, GPU MFU) "
                                       "or eval (a checkpoint vs random init on held-out data)")
-    be.add_argument("--suite", required=True, choices=["throughput", "eval"], help="which suite to run")
+    be.add_argument("--suite", required=True, choices=["throughput", "eval", "downstream"], help="which suite to run")
     be.add_argument("--quick", action="store_true", help="a few minutes on CPU: fewer steps, smaller sweeps")
     be.add_argument("--out", default=None, help="output folder (default runs/bench/<suite>)")
     be.add_argument("--compile", action="store_true", help="torch.compile the mmm model in the GPU MLM step")
-    be.add_argument("checkpoint", nargs="?", default=None, help="mmm checkpoint (.ckpt) for --suite eval")
+    be.add_argument("checkpoint", nargs="*", default=None, help="mmm checkpoint (.ckpt) for --suite eval; one or "
+                    "several checkpoints / encoder folders for --suite downstream")
     be.set_defaults(fn=_cmd_bench)
     return p
 
