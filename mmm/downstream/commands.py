@@ -6,6 +6,7 @@
                  [--task_type classification|regression] [--metric accuracy|f1|matthews|pearson|spearman]
                  [--seeds 3] [--epochs 3] [--lr 5e-5] [--batch_size 32] [--out DIR]
     mmm finetune SOURCE --modality image --data SHARDS      (train / val splits of labelled shards)
+    mmm finetune SOURCE --task stdlib-package [--quick]     (an embedded task, built locally)
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, List
 
 MODALITY_CHOICES = ["text", "dna", "image", "audio"]
+TASK_NAMES = ["stdlib-package", "digits", "shapes", "dna-motifs", "audio-sounds"]
+"""The embedded tasks of :data:`benchmarks.downstream.TASKS` (a test checks they agree)."""
 
 
 def _unexpected(cmd: str, rest: List[str]) -> None:
@@ -42,36 +45,48 @@ def cmd_finetune(ns: argparse.Namespace, rest: List[str]) -> int:
     from mmm.downstream.data import load_split
     from mmm.downstream.finetune import FinetuneConfig, finetune
 
-    if ns.data is not None and (ns.train or ns.dev):
+    modality = ns.modality or "text"
+    if ns.task is not None:
+        from benchmarks.downstream import SIZES, TASKS
+
+        if ns.data or ns.train or ns.dev or ns.test:
+            raise ConfigError("mmm finetune: --task brings its own splits; drop --data/--train/--dev/--test")
+        td = TASKS[ns.task]
+        if ns.modality not in (None, td.modality):
+            raise ConfigError(f"mmm finetune: task {ns.task!r} is for the {td.modality} modality, not {ns.modality}")
+        modality = td.modality
+        train, dev, test = td.load(SIZES["quick" if ns.quick else "full"])
+    elif ns.data is not None and (ns.train or ns.dev):
         raise ConfigError("mmm finetune: give either --data (a shard folder with train and val splits) or --train and --dev")
-    if ns.data is None and not (ns.train and ns.dev):
+    elif ns.data is None and not (ns.train and ns.dev):
         raise ConfigError("mmm finetune: --train and --dev are required (or --data SHARDS with train and val splits)")
-    text_col = ns.text_column or ("sequence" if ns.modality == "dna" else None)
+    text_col = ns.text_column or ("sequence" if modality == "dna" else None)
     columns = [c for c in (text_col, ns.text_pair_column) if c]
     if ns.text_pair_column and not text_col:
         raise ConfigError("mmm finetune: --text_pair_column needs --text_column")
 
     def split(path: Any, shard_split: Any = None) -> Any:
-        return load_split(path, ns.modality, shard_split=shard_split, columns=columns, label_column=ns.label_column,
+        return load_split(path, modality, shard_split=shard_split, columns=columns, label_column=ns.label_column,
                           skip_bad=ns.skip_bad)
 
-    if ns.data is not None:
+    if ns.task is None and ns.data is not None:
         train, dev = split(ns.data, "train"), split(ns.data, "val")
-    else:
+        test = split(ns.test) if ns.test else None
+    elif ns.task is None:
         train, dev = split(ns.train), split(ns.dev)
-    test = split(ns.test) if ns.test else None
+        test = split(ns.test) if ns.test else None
     skipped = sum(len(s.skipped) for s in (train, dev, test) if s is not None)
     if skipped:
         first = next(s.skipped[0] for s in (train, dev, test) if s is not None and s.skipped)
         print(f"skipped {skipped} bad row(s) (--skip_bad), e.g. {first[0]}: {first[1]}")
-    pooling = ns.pooling or ("mean" if ns.modality == "audio" else "cls")
+    pooling = ns.pooling or ("mean" if modality == "audio" else "cls")
     cfg = FinetuneConfig(task_type=ns.task_type, metric=ns.metric, pooling=pooling, lr=ns.lr,
                          weight_decay=ns.weight_decay, batch_size=ns.batch_size, epochs=ns.epochs,
                          max_steps=ns.max_steps, warmup=ns.warmup, eval_every=ns.eval_every, patience=ns.patience,
                          dropout=ns.dropout, seeds=ns.seeds, first_seed=ns.seed)
-    res = finetune(ns.source, ns.modality, train, dev, test, cfg=cfg, out=ns.out, timm_model=ns.timm_model,
+    res = finetune(ns.source, modality, train, dev, test, cfg=cfg, out=ns.out, timm_model=ns.timm_model,
                    device=ns.device)
-    print(f"{ns.modality} fine-tuning, {len(res.seeds)} seed(s): {res.summary()}")
+    print(f"{modality} fine-tuning, {len(res.seeds)} seed(s): {res.summary()}")
     if ns.out:
         print(f"results: {Path(ns.out) / 'finetune.json'}; best checkpoint per seed in {ns.out}/seed*/")
     if ns.json:
@@ -96,7 +111,10 @@ def add_commands(sub: Any) -> None:
 
     f = sub.add_parser("finetune", help="fine-tune an encoder with a classification/regression head over several seeds")
     f.add_argument("source", help="mmm checkpoint (.ckpt), save_encoder folder, HF BERT folder or timm ViT file")
-    f.add_argument("--modality", default="text", choices=MODALITY_CHOICES)
+    f.add_argument("--modality", default=None, choices=MODALITY_CHOICES, help="default text (or the --task's)")
+    f.add_argument("--task", default=None, choices=TASK_NAMES, help="an embedded task (built locally, no download): "
+                   "stdlib-package (text, real), digits (image, real), shapes, dna-motifs, audio-sounds (synthetic)")
+    f.add_argument("--quick", action="store_true", help="with --task: a small version of the task (smoke runs)")
     f.add_argument("--train", default=None, help="training split: .tsv/.csv/.jsonl (text, DNA) or labelled shards")
     f.add_argument("--dev", default=None, help="dev split (early stopping, model selection), same kinds")
     f.add_argument("--test", default=None, help="optional test split, scored with the best dev state")

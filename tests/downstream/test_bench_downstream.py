@@ -45,3 +45,16 @@ def test_stdlib_task_splits_by_module() -> None:
     for split, v in s.items():
         for w, y in zip(v.where, v.labels):
             assert w.split(".")[0] == y  # the label is the module's top-level package
+
+
+def test_finetune_on_an_embedded_task_by_name(ckpt: Path, tmp_path: Path, capsys) -> None:
+    from benchmarks.downstream import TASKS
+    from mmm.downstream.commands import TASK_NAMES
+
+    assert TASK_NAMES == list(TASKS)
+    assert main(["finetune", str(ckpt), "--task", "stdlib-package", "--quick", "--seeds", "1", "--epochs", "1",
+                 "--lr", "3e-4", "--out", str(tmp_path / "ft")]) == 0
+    res = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert res["data"]["modality"] == "text" and len(res["labels"]["names"]) >= 4 and res["test"]["n"] == 1
+    assert main(["finetune", str(ckpt), "--task", "digits", "--modality", "text"]) == 2
+    assert "is for the image modality, not text" in capsys.readouterr().err
