@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
@@ -32,6 +32,28 @@ def lr_lambda(optim: OptimConfig, max_steps: int):
     return f
 
 
+def merge_val_sums(parts: List[Dict[Tuple[str, str], Dict[str, Tuple[float, int]]]]
+                   ) -> Dict[Tuple[str, str], Dict[str, float]]:
+    """Count-weighted means of the ranks' validation sums.
+
+    Args:
+        parts: one dict per rank, ``(prefix, head) -> metric -> (sum of mean x count, count)``.
+
+    Returns:
+        ``(prefix, head) -> metric -> sum / count`` over all ranks; a metric no rank counted anything
+        for is left out (a head with no prediction in the epoch has no mean).
+    """
+    merged: Dict[Tuple[str, str], Dict[str, List[float]]] = {}
+    for part in parts:
+        for key, sums in part.items():
+            for metric, (total, count) in sums.items():
+                s = merged.setdefault(key, {}).setdefault(metric, [0.0, 0])
+                s[0] += total
+                s[1] += count
+    out = {key: {m: total / count for m, (total, count) in sums.items() if count} for key, sums in merged.items()}
+    return {key: means for key, means in out.items() if means}
+
+
 class MaskedModelingModule(L.LightningModule):
     """Trains a :class:`~mmm.model.MaskedModel`.
 
@@ -56,19 +78,21 @@ class MaskedModelingModule(L.LightningModule):
         self.extra_state = extra_state or {}
         self.nonfinite = nonfinite
         self.nonfinite_skipped = 0
-        self._val_sums: Dict[str, list] = {}
+        self._val_sums: Dict[Tuple[str, str], Dict[str, list]] = {}  # (prefix, head) -> metric -> [sum, count]
 
     def transfer_batch_to_device(self, batch: PackedBatch, device: torch.device, dataloader_idx: int) -> PackedBatch:
         return batch.to(device)  # PackedBatch knows its own tensors; Lightning's generic walk does not
 
     def _common_step(self, batch: PackedBatch, stage: str) -> torch.Tensor:
         loss, outputs = self.model(batch)
-        n = batch.num_sequences
-        on_step = stage == "train"
         # a multi-task batch logs under its task (train/itm/loss); single-task runs keep plain keys
         prefix = f"{stage}/{batch.task}" if batch.task else stage
-        log = dict(on_step=on_step, on_epoch=not on_step, add_dataloader_idx=False)
-        if batch.task and stage == "train":
+        if stage == "val":  # logged once per epoch, reduced over every rank's batches
+            self._add_val_sums(prefix, outputs)
+            return loss
+        n = batch.num_sequences
+        log = dict(on_step=True, on_epoch=False, add_dataloader_idx=False)
+        if batch.task:
             self.log("train/loss", loss, batch_size=n, prog_bar=True, **log)
         self.log(f"{prefix}/loss", loss, batch_size=n, prog_bar=not batch.task, **log)
         for name, out in outputs.items():
@@ -76,12 +100,16 @@ class MaskedModelingModule(L.LightningModule):
             for metric, value in out.metrics.items():
                 self.log(f"{prefix}/{name}_{metric}", value, batch_size=max(1, out.count),
                          prog_bar=(metric == "acc" and not batch.task), **log)
-            if stage == "val" and getattr(self.model.objectives[name], "reports_perplexity", False):
-                # exact token-weighted mean loss for perplexity (classification-over-a-vocabulary heads)
-                s = self._val_sums.setdefault(f"{prefix}/{name}", [0.0, 0])
-                s[0] += float(out.loss) * out.count
-                s[1] += out.count
         return loss
+
+    def _add_val_sums(self, prefix: str, outputs: Dict[str, Any]) -> None:
+        """Add a validation batch's loss and metrics of each head, times its count, to this rank's sums."""
+        for name, out in outputs.items():
+            sums = self._val_sums.setdefault((prefix, name), {})
+            for metric, value in (("loss", out.loss), *out.metrics.items()):
+                s = sums.setdefault(metric, [0.0, 0])
+                s[0] = s[0] + value.detach().float() * out.count  # a device tensor until the epoch ends
+                s[1] += out.count
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> Optional[torch.Tensor]:
         loss = self._common_step(batch, "train")

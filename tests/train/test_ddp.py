@@ -1,5 +1,6 @@
 """Lightning DDP on CPU (two gloo processes): 2 ranks x B train like 1 rank x 2B, ranks read disjoint
-samples, and one-pass epochs end together on every rank although the ranks' shares differ in length.
+samples, one-pass epochs end together on every rank although the ranks' shares differ in length,
+and validation logs the same global, count-weighted means on every rank.
 
 The DDP run is real (``strategy="ddp"``, launched the way torchrun-less Lightning launches it: the
 script runs again for rank 1); it records each rank's batches, losses and the all-reduced
@@ -24,6 +25,8 @@ from conftest import REPO, tiny_config
 from datasets_def.text import build_shards
 from mmm.batch import PackedBatch, TokenInput, TokenTargets
 from mmm.core.packing import PackedSeqInfo
+from mmm.data.stream import list_shards
+from mmm.train.datamodule import StreamDataModule
 from mmm.train.pretrain import build_run
 
 BATCH, STEPS, COMPARED_STEPS = 4, 7, 3
@@ -43,6 +46,15 @@ def shard_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp_shards")
     build_shards(src, out, max_chars=200, samples_per_shard=10, seed=0)
     assert len(list(out.glob("train-*.tar"))) == 3
+    # 3 validation shards of 10, 10 and 5 samples: one rank validates on two of them, the other on one
+    val_src, val_out = tmp_path_factory.mktemp("ddp_val_docs"), tmp_path_factory.mktemp("ddp_val_shards")
+    for i in range(25):
+        (val_src / f"val{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, int(rng.integers(8, 30)))) + ".",
+                                                 encoding="utf-8")
+    build_shards(val_src, val_out, max_chars=200, samples_per_shard=10, seed=0)
+    for shard in sorted(val_out.glob("train-*.tar")):
+        shard.rename(out / shard.name.replace("train-", "val-"))
+    assert len(list(out.glob("val-*.tar"))) == 3
     return out
 
 
@@ -143,6 +155,38 @@ def test_two_ddp_ranks_match_one_rank_with_twice_the_batch(shard_dir, tmp_path, 
         for e in sorted(set(expected)):
             trained = [_sequences(s) for s in rec["steps"] if s["epoch"] == e]
             assert trained == per_epoch[e][r][:len(trained)], f"rank {r}, epoch {e}: not a prefix of its share"
+
+    # (c) validation: both ranks log the mean over every rank's validation batches, weighted by masked tokens
+    assert r0["val_batches"] != r1["val_batches"], "the test needs unequal validation shares"
+    model.load_state_dict(r0["val_weights"])
+    model.eval()
+    val_dm = StreamDataModule(dm.cfg, dm.train_urls, list_shards(shard_dir, "val"), dm.make_stages, dm.extra_settings)
+    sums, count, rank_means = {"loss": 0.0, "acc": 0.0}, 0, []
+    for r, rec in enumerate((r0, r1)):
+        with monkeypatch.context() as m:  # rank r's shards (split by RANK) and masks (drawn with its rank)
+            m.setenv("RANK", str(r))
+            m.setenv("WORLD_SIZE", "2")
+            m.setattr(torch.distributed, "is_initialized", lambda: True)
+            m.setattr(torch.distributed, "get_rank", lambda group=None, rank=r: rank)
+            m.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+            batches = list(val_dm.val_dataloader())
+        assert len(batches) == rec["val_batches"]
+        rank_loss, rank_count = 0.0, 0
+        with torch.no_grad():
+            for b in batches:
+                out = model(b)[1]["mlm"]
+                sums["loss"] += float(out.loss) * out.count
+                sums["acc"] += float(out.metrics["acc"]) * out.count
+                count += out.count
+                rank_loss, rank_count = rank_loss + float(out.loss) * out.count, rank_count + out.count
+        rank_means.append(rank_loss / rank_count)
+    loss = sums["loss"] / count
+    expected = {"val/mlm_loss": loss, "val/mlm_acc": sums["acc"] / count, "val/loss": loss,
+                "val/mlm_ppl": float(np.exp(loss))}
+    assert min(abs(m - loss) for m in rank_means) > 1e-3  # one rank's mean would not do
+    for r, rec in enumerate((r0, r1)):
+        for key, value in expected.items():
+            assert abs(rec["val_metrics"][key] - value) <= 1e-5 * max(1.0, abs(value)), (r, key, rec["val_metrics"])
 
 
 def test_two_gloo_ranks_on_parts_of_an_image_mae_and_an_audio_batch_match_one_process(tmp_path):
