@@ -134,20 +134,35 @@ class MaskedModelingModule(L.LightningModule):
         self._val_sums = {}
 
     def on_validation_epoch_end(self) -> None:
-        sums = self._val_sums
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            # ranks may have seen different heads (or none): merge every rank's sums, then all log the same values
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, sums)
-            sums = {}
-            for part in gathered:
-                for key, (total, count) in part.items():
-                    s = sums.setdefault(key, [0.0, 0])
-                    s[0] += total
-                    s[1] += count
-        for key, (total, count) in sorted(sums.items()):
-            if count:
-                self.log(f"{key}_ppl", math.exp(min(50.0, total / count)), add_dataloader_idx=False)
+        """Log every head's validation loss and metrics as count-weighted means over all ranks' batches.
+
+        Heads' validation losses are per-batch means (no collective runs during validation, where
+        ranks may hold different numbers of batches); here every rank's sums of ``mean x count`` are
+        gathered once and merged, so each value is the mean over every prediction of the epoch,
+        the same on every rank and as one process would compute it. ``<prefix>/loss`` is the
+        weighted sum of the heads' means (the training objective), and heads that predict over a
+        vocabulary also log ``<prefix>/<head>_ppl``.
+        """
+        local = {key: {m: (float(total), count) for m, (total, count) in sums.items()}
+                 for key, sums in self._val_sums.items()}
+        parts = [local]
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # ranks may have seen different heads (or no batch): merge every rank's sums, then all log the same values
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, local)
+        # the values are already global and equal on every rank: no further reduction (and no Lightning sync)
+        log = dict(add_dataloader_idx=False, rank_zero_only=True)
+        totals: Dict[str, float] = {}
+        for (prefix, name), means in sorted(merge_val_sums(parts).items()):
+            for metric, value in means.items():
+                self.log(f"{prefix}/{name}_{metric}", value, prog_bar=(metric == "acc" and prefix == "val"), **log)
+            if "loss" in means:
+                totals[prefix] = totals.get(prefix, 0.0) + self.model.weights[name] * means["loss"]
+                if getattr(self.model.objectives[name], "reports_perplexity", False):
+                    self.log(f"{prefix}/{name}_ppl", math.exp(min(50.0, means["loss"])), **log)
+        for prefix, total in sorted(totals.items()):
+            self.log(f"{prefix}/loss", total, prog_bar=prefix == "val", **log)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
