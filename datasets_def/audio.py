@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import shutil
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tu
 import numpy as np
 
 from datasets_def.text import DONE_MARKER, default_cache_dir
+from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
 from datasets_def.skipper import BadInputSkipper
 
@@ -581,49 +581,44 @@ class AudioClip(NamedTuple):
     meta: Dict[str, Any]
 
 
-def iter_clips(shard_dir: PathLike, split: str = "train") -> Iterator[AudioClip]:
+def iter_clips(shard_dir: PathLike, split: str = "train", *, options: Optional[ReadOptions] = None) -> Iterator[AudioClip]:
     """Stream the decoded clips of one split (in shard order), with no extraction to disk.
+
+    Shards are read by :func:`mmm.data.tar.read_samples`, as training reads them: local paths,
+    ``pipe:`` and ``http(s)://`` urls, the member-size guard and the read timeout of ``options``.
 
     Args:
         shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
         split: ``"train"`` or ``"val"``.
+        options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
     """
     from mmm.data.stream import list_shards
     from mmm.modalities.audio_frontend import decode_audio
 
-    for shard in list_shards(shard_dir, split=split):
-        pending: Dict[str, Dict[str, bytes]] = {}
+    for sample in read_samples(list_shards(shard_dir, split=split), options):
+        where = f"{sample['__url__']}:{sample['__key__']}"
+        if "flac" not in sample or "json" not in sample:
+            raise AudioBuildError(f"audio shard {sample['__url__']}: sample {sample['__key__']!r} lacks a 'flac' or "
+                                  f"'json' field (has {sorted(k for k in sample if not k.startswith('__'))})")
         try:
-            with tarfile.open(shard, mode="r|") as tar:
-                for member in tar:
-                    head, _, base = member.name.rpartition("/")
-                    if not member.isfile() or "." not in base or base.startswith("."):
-                        continue
-                    stem, ext = base.split(".", 1)  # webdataset grouping: key up to the basename's first dot
-                    key = f"{head}/{stem}" if head else stem
-                    fh = tar.extractfile(member)
-                    assert fh is not None
-                    fields = pending.setdefault(key, {})
-                    fields[ext.lower()] = fh.read()
-                    if "flac" in fields and "json" in fields:
-                        del pending[key]
-                        wav, sr = decode_audio(fields["flac"], f"{shard}:{key}")
-                        yield AudioClip(key, wav, sr, json.loads(fields["json"].decode("utf-8")))
-        except (tarfile.TarError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exn:
-            raise AudioBuildError(f"cannot read audio shard {shard}: {type(exn).__name__}: {exn}") from exn
-        if pending:
-            raise AudioBuildError(f"audio shard {shard}: sample(s) {sorted(pending)[:3]} lack a 'flac' or 'json' field")
+            meta = json.loads(sample["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+            raise AudioBuildError(f"{where}: field 'json' is not UTF-8 JSON ({type(exn).__name__}: {exn})") from None
+        wav, sr = decode_audio(sample["flac"], where)
+        yield AudioClip(sample["__key__"], wav, sr, meta)
 
 
-def iter_waveforms(shard_dir: PathLike, split: str = "train") -> Iterator[Tuple[np.ndarray, int]]:
+def iter_waveforms(shard_dir: PathLike, split: str = "train", *,
+                   options: Optional[ReadOptions] = None) -> Iterator[Tuple[np.ndarray, int]]:
     """``(waveform (channels, samples), sample_rate)`` of every clip of one split, e.g. for
     ``AudioFrontend.fit_stats`` or for k-means features.
 
     Args:
         shard_dir: directory of shards.
         split: ``"train"`` or ``"val"``.
+        options: read settings (see :func:`iter_clips`).
     """
-    for clip in iter_clips(shard_dir, split):
+    for clip in iter_clips(shard_dir, split, options=options):
         yield clip.waveform, clip.sample_rate
 
 

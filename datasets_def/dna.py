@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import tarfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple,
 import numpy as np
 
 from mmm.modalities.dna_tokenizer import IUPAC_AMBIGUOUS, base_codes, find_invalid_base
+from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
 from datasets_def.skipper import BadInputSkipper
 
@@ -644,56 +644,53 @@ def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
 # reading shards back
 
 
-def iter_samples(shard_dir: PathLike, split: str = "train") -> Iterator[Tuple[str, Dict[str, Any]]]:
+def iter_samples(shard_dir: PathLike, split: str = "train", *,
+                 options: Optional[ReadOptions] = None) -> Iterator[Tuple[str, Dict[str, Any]]]:
     """Stream ``(seq, meta)`` of one split in shard order, with no extraction to disk.
+
+    Shards are read by :func:`mmm.data.tar.read_samples`, as training reads them: local paths,
+    ``pipe:`` and ``http(s)://`` urls, the member-size guard and the read timeout of ``options``.
+    Samples lacking ``seq`` or ``json`` are passed over.
 
     Args:
         shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
         split: ``"train"`` or ``"val"``.
+        options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
     """
     from mmm.data.stream import list_shards
 
-    for shard in list_shards(shard_dir, split=split):
-        current: Dict[str, bytes] = {}
-        key = None
+    for sample in read_samples(list_shards(shard_dir, split=split), options):
+        if "seq" not in sample or "json" not in sample:
+            continue
         try:
-            with tarfile.open(shard, mode="r|") as tar:
-                for member in tar:
-                    if not member.isfile() or "." not in Path(member.name).name:
-                        continue
-                    k, ext = member.name.split(".", 1)
-                    if k != key:
-                        if "seq" in current and "json" in current:
-                            yield current["seq"].decode("ascii"), json.loads(current["json"])
-                        key, current = k, {}
-                    fh = tar.extractfile(member)
-                    assert fh is not None
-                    current[ext] = fh.read()
-            if "seq" in current and "json" in current:
-                yield current["seq"].decode("ascii"), json.loads(current["json"])
-        except (tarfile.TarError, UnicodeDecodeError, json.JSONDecodeError, EOFError) as exn:
-            raise DNABuildError(f"cannot read DNA shard {shard}: {type(exn).__name__}: {exn}") from exn
+            yield sample["seq"].decode("ascii"), json.loads(sample["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+            raise DNABuildError(f"DNA shard {sample['__url__']} sample {sample['__key__']!r}: {type(exn).__name__}: "
+                                f"{exn}; run `mmm shards check --dataset dna` to list every problem") from None
 
 
-def iter_sequences(shard_dir: PathLike, split: str = "train") -> Iterator[str]:
+def iter_sequences(shard_dir: PathLike, split: str = "train", *, options: Optional[ReadOptions] = None) -> Iterator[str]:
     """Stream the window sequences of one split (e.g. to train a BPE tokenizer).
 
     Args:
-        shard_dir: directory of shards.
+        shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
         split: ``"train"`` or ``"val"``.
+        options: read settings (see :func:`iter_samples`).
     """
-    for seq, _ in iter_samples(shard_dir, split):
+    for seq, _ in iter_samples(shard_dir, split, options=options):
         yield seq
 
 
-def labels_of(shard_dir: PathLike, split: str = "train") -> np.ndarray:
+def labels_of(shard_dir: PathLike, split: str = "train", *, options: Optional[ReadOptions] = None) -> np.ndarray:
     """Window labels of one split in shard order, -1 where a window has none (for linear probes).
 
     Args:
         shard_dir: directory of shards.
         split: ``"train"`` or ``"val"``.
+        options: read settings (see :func:`iter_samples`).
     """
-    return np.array([-1 if m.get("label") is None else m["label"] for _, m in iter_samples(shard_dir, split)], dtype=np.int64)
+    return np.array([-1 if m.get("label") is None else m["label"]
+                     for _, m in iter_samples(shard_dir, split, options=options)], dtype=np.int64)
 
 
 def check_sample(sample: Dict[str, Any]) -> Optional[str]:

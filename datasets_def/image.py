@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from PIL import Image, ImageDraw
 
 from datasets_def.text import DONE_MARKER, default_cache_dir
 from mmm.data.image_decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_header
+from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
 from datasets_def.skipper import BadInputSkipper
 
@@ -773,44 +773,31 @@ def embedded_default_digits(cache_dir: Optional[PathLike] = None) -> Path:
 # reading shards back and checking samples
 
 
-def iter_images(shard_dir: PathLike, split: str = "train") -> Iterator[Tuple[Image.Image, Dict[str, Any]]]:
+def iter_images(shard_dir: PathLike, split: str = "train", *,
+                options: Optional[ReadOptions] = None) -> Iterator[Tuple[Image.Image, Dict[str, Any]]]:
     """Stream ``(RGB image, json dict)`` pairs of one split, in shard order, with no extraction to disk.
+
+    Shards are read by :func:`mmm.data.tar.read_samples`, as training reads them: local paths,
+    ``pipe:`` and ``http(s)://`` urls, the member-size guard and the read timeout of ``options``.
 
     Args:
         shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
         split: ``"train"`` or ``"val"``.
+        options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
     """
     from mmm.data.stream import list_shards
 
-    def finish(shard: str, sample: Dict[str, Any]) -> Tuple[Image.Image, Dict[str, Any]]:
-        where = f"{shard}:{sample['__key__']}"
+    for sample in read_samples(list_shards(shard_dir, split=split), options):
+        where = f"{sample['__url__']}:{sample['__key__']}"
         present = [f for f in IMAGE_FIELDS if f in sample]
         if len(present) != 1 or "json" not in sample:
             raise ImageBuildError(f"{where}: expected one image field of {list(IMAGE_FIELDS)} and 'json', "
-                                  f"got {sorted(k for k in sample if k != '__key__')}")
-        return decode_image(sample[present[0]], where), json.loads(sample["json"].decode("utf-8"))
-
-    for shard in list_shards(shard_dir, split=split):
-        current: Optional[Dict[str, Any]] = None
+                                  f"got {sorted(k for k in sample if not k.startswith('__'))}")
         try:
-            with tarfile.open(shard, mode="r|") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = member.name.rsplit("/", 1)[-1]
-                    key, _, ext = base.partition(".")
-                    if current is not None and key != current["__key__"]:
-                        yield finish(shard, current)
-                        current = None
-                    if current is None:
-                        current = {"__key__": key}
-                    fh = tar.extractfile(member)
-                    assert fh is not None
-                    current[ext.lower()] = fh.read()
-        except (tarfile.TarError, EOFError) as exn:
-            raise ImageBuildError(f"cannot read image shard {shard}: {type(exn).__name__}: {exn}") from exn
-        if current is not None:
-            yield finish(shard, current)
+            meta = json.loads(sample["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+            raise ImageBuildError(f"{where}: field 'json' is not UTF-8 JSON ({type(exn).__name__}: {exn})") from None
+        yield decode_image(sample[present[0]], where), meta
 
 
 def check_sample(sample: Dict[str, Any]) -> Optional[str]:

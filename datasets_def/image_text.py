@@ -34,7 +34,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -50,6 +49,7 @@ from datasets_def.image import (IMAGE_FIELDS, MANIFEST, SPLITS, ImageBuildError,
 from mmm.data.image_decode import DEFAULT_MAX_PIXELS, ImageDecodeError
 from mmm.data.image_text import (BOX_DIM, REGION_FIELDS, RegionArrayError, captions_of, check_region_arrays, load_npy,
                                  xyxy_to_geometry)
+from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
 from datasets_def.skipper import BadInputSkipper
 
@@ -419,24 +419,11 @@ def build_shards(
 # embedded default: rendered shapes + simulated detector regions
 
 
-def _raw_samples(shard: str) -> Iterator[Dict[str, bytes]]:
-    """Raw ``{"__key__", field: bytes}`` samples of one tar shard, in order."""
-    current: Optional[Dict[str, bytes]] = None
-    with tarfile.open(shard, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-            if current is not None and key != current["__key__"]:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            fh = tar.extractfile(member)
-            assert fh is not None
-            current[ext] = fh.read()
-    if current is not None:
-        yield current
+def _raw_samples(shard: str, options: Optional[ReadOptions] = None) -> Iterator[Dict[str, bytes]]:
+    """Raw ``{"__key__", field: bytes}`` samples of one tar shard, in order (:func:`mmm.data.tar.read_samples`)."""
+    for sample in read_samples([shard], options):
+        sample.pop("__url__", None)
+        yield sample
 
 
 def object_box(pixels: np.ndarray, color: str) -> Optional[Tuple[int, int, int, int]]:

@@ -19,12 +19,12 @@ import re
 import shutil
 import sys
 import sysconfig
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
 from datasets_def.skipper import BadInputSkipper
 
@@ -466,25 +466,29 @@ def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
 # reading shards back
 
 
-def iter_texts(shard_dir: PathLike, split: str = "train") -> Iterator[str]:
-    """Stream the text chunks of one split (e.g. to train a tokenizer), with no extraction to disk.
+def iter_texts(shard_dir: PathLike, split: str = "train", *, options: Optional[ReadOptions] = None) -> Iterator[str]:
+    """Stream the ``txt`` fields of one split (e.g. to train a tokenizer), with no extraction to disk.
+
+    Shards are read by :func:`mmm.data.tar.read_samples`, as training reads them: local paths,
+    ``pipe:`` and ``http(s)://`` urls, the member-size guard and the read timeout of ``options``.
+    Samples without a ``txt`` field (e.g. of another dataset) are passed over.
 
     Args:
         shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
         split: ``"train"`` or ``"val"``.
+        options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
     """
     from mmm.data.stream import list_shards
 
-    for shard in list_shards(shard_dir, split=split):
+    for sample in read_samples(list_shards(shard_dir, split=split), options):
+        txt = sample.get("txt")
+        if txt is None:
+            continue
         try:
-            with tarfile.open(shard, mode="r|") as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(".txt"):
-                        fh = tar.extractfile(member)
-                        assert fh is not None
-                        yield fh.read().decode("utf-8")
-        except (tarfile.TarError, UnicodeDecodeError, EOFError) as exn:
-            raise TextBuildError(f"cannot read text shard {shard}: {type(exn).__name__}: {exn}") from exn
+            yield txt.decode("utf-8")
+        except UnicodeDecodeError as exn:
+            raise TextBuildError(f"text shard {sample['__url__']} sample {sample['__key__']!r}: 'txt' is not UTF-8 "
+                                 f"at byte offset {exn.start}; run `mmm shards check` to list every problem") from None
 
 
 def check_sample(sample: Dict[str, Any]) -> Optional[str]:

@@ -224,8 +224,11 @@ class DataConfig:
     skip_bad: bool = _f(False, "skip (and count) corrupt samples instead of stopping")
     max_errors: Optional[int] = _f(None, "with skip_bad: stop once this many bad samples were seen", ge=0)
     max_member_bytes: Optional[int] = _f(
-        268435456, "refuse shard members larger than this (read from the tar header, before reading); "
-        "also reports truncated shards; null = webdataset's own reader, no limit", ge=1)
+        268435456, "refuse shard members larger than this (read from the tar header, before reading), in training, "
+        "validation and asset fitting (tokenizers, statistics, codebooks) alike; null = no limit", ge=1)
+    read_timeout_s: Optional[float] = _f(
+        600.0, "seconds a pipe: or http(s):// shard stream may deliver no data before reading stops with an error "
+        "naming the url (training, validation and asset fitting); null = wait forever", gt=0)
     seed: int = _f(0, "seed for shard order, shuffling and masking")
     resampled: bool = _f(False, "draw training shards with replacement, forever (seeded by seed, epoch, rank, worker); "
                          "an epoch is then data.epoch_batches batches per rank instead of one pass over the shards")

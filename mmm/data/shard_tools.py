@@ -6,55 +6,29 @@
   definition's ``check_sample``), duplicate keys, and counts that disagree with ``manifest.json``.
 * :func:`shard_stats` counts samples, characters and tokens (or whitespace words when no
   tokenizer is given), with a power-of-two length histogram and percentiles.
-* :func:`guarded_tarfile_to_samples` replaces ``webdataset.tarfile_to_samples`` in
-  :func:`mmm.data.stream.make_pipeline` when ``max_member_bytes`` is set: it reads the size from
-  each tar header and refuses an oversized member *before* reading it, so a huge (or
-  decompression-bomb) member never lands in memory.
+
+Both read shards through :mod:`mmm.data.tar`, the reader training and asset fitting use: the same
+url forms (local paths, ``pipe:``, ``http(s)://``), the same member-size guard (an oversized
+member is reported, never read) and read timeout, and WebDataset's grouping of members into
+samples. The reader's names (:func:`guarded_tarfile_to_samples`, :class:`MemberTooLarge`,
+:func:`split_member_name`, ...) are re-exported here for existing callers.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Generator, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-import webdataset as wds
-
-from mmm.data.stream import SampleErrorHandler, ShardSpec, list_shards
-
-Handler = Callable[[Exception], bool]
+from mmm.data.stream import ShardSpec, list_shards
+from mmm.data.tar import (DEFAULT_MAX_MEMBER_BYTES, DEFAULT_READ_TIMEOUT_S, MemberTooLarge, ShardReadError,  # noqa: F401
+                          ShardTimeout, guarded_tarfile_to_samples, iter_members, split_member_name)
 
 MANIFEST = "manifest.json"
 _SHARD_NAME = re.compile(r"^(?P<split>.+)-(?P<index>\d+)\.tar$")
-
-
-# --------------------------------------------------------------------------------------------
-# member names -> (key, field), as webdataset groups them
-
-
-def split_member_name(name: str) -> Tuple[Optional[str], Optional[str]]:
-    """``"dir/000_01.txt"`` -> ``("dir/000_01", "txt")``: key up to the first dot of the basename.
-
-    Same rule as WebDataset's grouping (the field is lower-cased); ``(None, None)`` for a name
-    with no extension, which WebDataset readers ignore.
-
-    Args:
-        name: a tar member name.
-    """
-    head, _, base = name.rpartition("/")
-    if "." not in base or base.startswith("."):
-        return None, None
-    stem, ext = base.split(".", 1)
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-def _is_meta(name: str) -> bool:
-    """WebDataset skips members named like ``__meta__`` (and anything under such a folder)."""
-    return re.match(r"__[^/]*__($|/)", name) is not None
 
 
 def _split_of_shard(url: str) -> str:
@@ -67,84 +41,6 @@ def _load_dataset(dataset: str) -> Any:
     from mmm.registry import DATASETS
 
     return DATASETS.create(dataset)
-
-
-class ShardReadError(ValueError):
-    """A tar shard is truncated or corrupt; the message says at which byte / member it broke."""
-
-
-class _TarInfo(tarfile.TarInfo):
-    """Records on the TarFile why reading headers stopped.
-
-    ``TarFile.next`` ends iteration silently on a truncated, empty or invalid header after the
-    first member, exactly as it does on the end-of-archive block, so a shard cut at or inside a
-    header would look complete. The recorded error tells them apart.
-    """
-
-    @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        try:
-            return super().fromtarfile(tarfile_)
-        except tarfile.HeaderError as exn:
-            tarfile_._mmm_stop = exn  # type: ignore[attr-defined]
-            raise
-
-
-_STOP_REASONS = {
-    "EmptyHeaderError": "the stream ends without the end-of-archive marker (truncated at a member boundary)",
-    "TruncatedHeaderError": "the stream ends inside a member header (truncated)",
-    "InvalidHeaderError": "invalid member header",
-}
-
-
-def _iter_members(url: str, read: Callable[[tarfile.TarInfo], bool]) -> Generator[Tuple[tarfile.TarInfo, Optional[bytes]], None, None]:
-    """Stream ``(member, data)`` for the non-directory, non-meta members of one shard.
-
-    ``data`` is the member's bytes when it is a regular file and ``read(member)`` is True, else
-    None (the member is then skipped in the stream, never held in memory). A tar failure raises
-    :class:`ShardReadError` naming the byte and member; the consumer's own code runs between
-    yields, outside this generator, so its exceptions are never mistaken for tar failures.
-    """
-    from webdataset.gopen import gopen
-
-    stream = gopen(url)
-    tar = None
-    reading: Optional[tarfile.TarInfo] = None
-    last: Optional[str] = None
-    try:
-        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_TarInfo)
-        for info in tar:
-            tar.members = []  # streaming: keep no list of every TarInfo
-            if info.isdir() or _is_meta(info.name):
-                continue
-            data = None
-            if info.isreg() and read(info):
-                reading = info
-                fh = tar.extractfile(info)
-                data = fh.read() if fh is not None else b""
-                reading = None
-            last = info.name
-            yield info, data
-        stop = getattr(tar, "_mmm_stop", None)
-        if not isinstance(stop, tarfile.EOFHeaderError):  # anything but the end-of-archive block
-            name = type(stop).__name__
-            after = f"after member {last!r}" if last else "before any member"
-            raise ShardReadError(f"unreadable tar at byte {tar.offset}, {after}: {_STOP_REASONS.get(name, name)}",
-                                 last or "(start of tar)")
-    except ShardReadError:
-        raise
-    except Exception as exn:  # noqa: BLE001 - tarfile/gzip/lzma raise many types for a broken stream
-        if reading is not None:
-            at = f"while reading member {reading.name!r} ({reading.size} bytes from byte {reading.offset_data})"
-        else:
-            offset = getattr(tar, "offset", 0) if tar is not None else 0
-            at = f"at byte {offset}, " + (f"after member {last!r}" if last else "before any member")
-        raise ShardReadError(f"unreadable tar {at}: {type(exn).__name__}: {exn or 'no detail'} (truncated or corrupt)",
-                             reading.name if reading is not None else (last or "(start of tar)")) from exn
-    finally:
-        if tar is not None:
-            tar.close()
-        stream.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,11 +105,14 @@ class ShardCheckReport:
 
 
 def _check_one_shard(url: str, fields: Tuple[str, ...], check_sample: Optional[Callable[[Dict[str, Any]], Optional[str]]],
-                     problems: List[Problem], optional: Tuple[str, ...] = ()) -> Tuple[int, bool]:
+                     problems: List[Problem], optional: Tuple[str, ...] = (),
+                     max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
+                     read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> Tuple[int, bool]:
     """Read one shard; append its problems. Returns (samples seen, whether the whole tar was read).
 
     ``fields`` must be in every sample; ``optional`` ones may be (e.g. one of an image's
     ``jpg``/``png``/``webp``; the dataset's ``check_sample`` says which combinations are valid).
+    A member over ``max_member_bytes`` is a problem (training refuses its sample) and is not read.
     """
     expected = set(fields)
     allowed = expected | set(optional)
@@ -233,13 +132,14 @@ def _check_one_shard(url: str, fields: Tuple[str, ...], check_sample: Optional[C
             problems.append(Problem(url, key, f"missing field(s) {missing} (has {sorted(present)}; expected {sorted(expected)})"))
         if extra:
             problems.append(Problem(url, key, f"unexpected field(s) {extra} (expected {sorted(allowed)})"))
-        if check_sample is not None:
-            bad = check_sample({k: v for k, v in sample.items() if k in allowed})
+        if check_sample is not None:  # fields not read (over the size limit) are reported already
+            bad = check_sample({k: v for k, v in sample.items() if k in allowed and v is not None})
             if bad:
                 problems.append(Problem(url, key, bad))
 
     try:
-        for info, data in _iter_members(url, lambda _info: True):
+        fits = (lambda _info: True) if max_member_bytes is None else (lambda info: info.size <= max_member_bytes)
+        for info, data in iter_members(url, fits, read_timeout_s):
             if not info.isreg():
                 problems.append(Problem(url, info.name, f"not a regular file (tar type {info.type!r}); readers skip it"))
                 continue
@@ -257,11 +157,14 @@ def _check_one_shard(url: str, fields: Tuple[str, ...], check_sample: Optional[C
             if ext in current:
                 problems.append(Problem(url, info.name, f"duplicate key: field {ext!r} of sample {key!r} appears twice"))
                 continue
+            if data is None:
+                problems.append(Problem(url, info.name, f"{info.size} bytes, over max_member_bytes={max_member_bytes}: "
+                                                        f"readers refuse sample {key!r} (member not read)"))
             current[ext] = data
     except ShardReadError as exn:
         problems.append(Problem(url, exn.args[1], f"{exn.args[0]}; the rest of this shard was not checked"))
         return samples, False
-    except OSError as exn:  # the shard could not be opened at all
+    except (OSError, ValueError) as exn:  # the shard could not be opened at all (missing file, unknown url scheme)
         problems.append(Problem(url, "(shard)", f"cannot open shard: {type(exn).__name__}: {exn}"))
         return samples, False
     finish(current)
@@ -324,7 +227,9 @@ def _compare_with_manifest(manifest: Dict[str, Any], manifest_path: str, split_s
                                                           f"but the manifest says {expected_total}"))
 
 
-def check_shards(path: ShardSpec, dataset: str = "text", split: Optional[str] = None) -> ShardCheckReport:
+def check_shards(path: ShardSpec, dataset: str = "text", split: Optional[str] = None, *,
+                 max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
+                 read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> ShardCheckReport:
     """Read every shard and list what is wrong with it; nothing is extracted to disk.
 
     Args:
@@ -333,6 +238,9 @@ def check_shards(path: ShardSpec, dataset: str = "text", split: Optional[str] = 
         dataset: dataset definition name; its ``fields`` are the fields every sample must have,
             and its ``check_sample(sample) -> Optional[str]``, when it has one, checks they decode.
         split: only the shards of this split (``{split}-*.tar``) of a directory; None: all.
+        max_member_bytes: a member larger than this is listed as a problem (training's reader
+            refuses its sample with the same default ``data.max_member_bytes``) and not read; None: no limit.
+        read_timeout_s: a ``pipe:`` / ``http(s)://`` stream silent this long is a problem; None: wait forever.
 
     Raises:
         FileNotFoundError: no shard matched ``path`` / ``split``.
@@ -346,7 +254,7 @@ def check_shards(path: ShardSpec, dataset: str = "text", split: Optional[str] = 
     split_shards: Dict[str, List[str]] = {}
     for url in urls:
         n, whole = _check_one_shard(url, tuple(ds.fields), getattr(ds, "check_sample", None), problems,
-                                    tuple(getattr(ds, "optional_fields", ())))
+                                    tuple(getattr(ds, "optional_fields", ())), max_member_bytes, read_timeout_s)
         counts[url], complete[url] = n, whole
         s = _split_of_shard(url)
         samples[s] = samples.get(s, 0) + n
@@ -470,7 +378,9 @@ def _stop_on_error(exn: Exception) -> bool:
 
 
 def shard_stats(path: ShardSpec, dataset: str = "text", split: Optional[str] = None,
-                tokenizer: Optional[str] = None, max_len: Optional[int] = None, batch_size: int = 256) -> ShardStats:
+                tokenizer: Optional[str] = None, max_len: Optional[int] = None, batch_size: int = 256, *,
+                max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
+                read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> ShardStats:
     """Count samples, characters and tokens (or words) of a text dataset's shards.
 
     A bad sample (missing ``txt``, not UTF-8) or an unreadable shard stops with an error naming
@@ -485,6 +395,8 @@ def shard_stats(path: ShardSpec, dataset: str = "text", split: Optional[str] = N
         max_len: with a tokenizer, also count the sequences each sample becomes when cut at this
             many tokens including ``[CLS]``/``[SEP]`` (the training pipeline's ``encode_chunks``).
         batch_size: texts per tokenizer call.
+        max_member_bytes: a member larger than this stops with an error naming it (not read); None: no limit.
+        read_timeout_s: a ``pipe:`` / ``http(s)://`` stream silent this long stops with an error; None: wait forever.
     """
     ds = _load_dataset(dataset)
     if "txt" not in ds.fields:
@@ -522,7 +434,7 @@ def shard_stats(path: ShardSpec, dataset: str = "text", split: Optional[str] = N
         texts.clear()
 
     batch: List[str] = []
-    reader = guarded_tarfile_to_samples(None, handler=_stop_on_error)
+    reader = guarded_tarfile_to_samples(max_member_bytes, handler=_stop_on_error, read_timeout_s=read_timeout_s)
     for sample in reader(iter([{"url": u} for u in urls])):
         where = f"shard {sample['__url__']} sample {sample['__key__']!r}"
         if "txt" not in sample:
@@ -548,107 +460,3 @@ def shard_stats(path: ShardSpec, dataset: str = "text", split: Optional[str] = N
         sequences=totals["sequences"] if max_len is not None else None,
         samples_split=totals["split"] if max_len is not None else None,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# streaming shard -> sample reader with a member-size limit
-
-
-class MemberTooLarge(ValueError):
-    """A tar member is larger than the pipeline's ``max_member_bytes``; it was not read."""
-
-
-class _Stop(Exception):
-    """The handler said stop (returned False): end the whole stream."""
-
-
-def _handle(handler: Handler, exn: Exception, url: str) -> None:
-    """Give ``exn`` (tagged with the shard url, as webdataset does) to ``handler``; raise _Stop if it says stop."""
-    exn.args = tuple(exn.args) + (url,)
-    if not handler(exn):
-        raise _Stop()
-
-
-def _samples_of_shard(url: str, max_member_bytes: Optional[int], handler: Handler) -> Iterator[Dict[str, Any]]:
-    """Group one shard's members into samples; refused samples and tar failures go to ``handler``."""
-    fits: Callable[[tarfile.TarInfo], bool] = (
-        (lambda info: True) if max_member_bytes is None else (lambda info: info.size <= max_member_bytes)
-    )
-    members = _iter_members(url, fits)
-    try:
-        yield from _group(url, members, max_member_bytes, handler)
-    finally:
-        members.close()
-
-
-def _group(url: str, members: Iterator[Tuple[tarfile.TarInfo, Optional[bytes]]], max_member_bytes: Optional[int],
-           handler: Handler) -> Iterator[Dict[str, Any]]:
-    current: Optional[Dict[str, Any]] = None
-    refused = False
-    while True:
-        try:
-            info, data = next(members)
-        except StopIteration:
-            break
-        except ShardReadError as exn:  # truncated/corrupt: the sample being read and the rest of the shard are dropped
-            _handle(handler, ShardReadError(exn.args[0]), url)
-            return
-        except Exception as exn:  # noqa: BLE001 - the opener failed (missing file, failing pipe: command, ...)
-            _handle(handler, exn, url)
-            return
-        if not info.isreg():
-            continue
-        key, ext = split_member_name(info.name)
-        if key is None or ext is None:
-            continue
-        if current is None or key != current["__key__"]:
-            if current is not None and not refused and len(current) > 2:
-                yield current
-            current, refused = {"__key__": key, "__url__": url}, False
-        if refused:
-            continue  # the rest of a refused sample (each member within the size limit)
-        if ext in current:
-            refused = True
-            _handle(handler, ValueError(f"sample {key!r}: field {ext!r} appears twice (tar member {info.name!r})"), url)
-        elif data is None:
-            refused = True
-            _handle(handler, MemberTooLarge(
-                f"sample {key!r} field {ext!r} is {info.size} bytes, over max_member_bytes={max_member_bytes} "
-                f"(tar member {info.name!r}, not read)"), url)
-        else:
-            current[ext] = data
-    if current is not None and not refused and len(current) > 2:
-        yield current
-
-
-def _guarded_samples(src: Iterable[Dict[str, Any]], max_member_bytes: Optional[int],
-                     handler: Optional[Handler] = None) -> Iterator[Dict[str, Any]]:
-    handler = handler if handler is not None else SampleErrorHandler()
-    try:
-        for source in src:
-            yield from _samples_of_shard(source["url"], max_member_bytes, handler)
-    except _Stop:
-        return
-
-
-def guarded_tarfile_to_samples(max_member_bytes: Optional[int], handler: Optional[Handler] = None) -> Callable[..., Any]:
-    """Pipeline stage: shard urls (``{"url": ...}`` dicts) -> raw samples, refusing oversized members unread.
-
-    A drop-in for ``webdataset.tarfile_to_samples``: samples are ``{"__key__", "__url__",
-    "<field>": bytes}`` grouped by key (basename up to the first dot; fields lower-cased). Each
-    member's size is taken from its tar header; a member over ``max_member_bytes`` is skipped
-    in the stream without being read into memory, and its sample is refused with a
-    :class:`MemberTooLarge` error naming shard, key, field and size. Errors go to ``handler``:
-    the default :class:`~mmm.data.stream.SampleErrorHandler` stops with that message; with
-    ``skip_bad=True`` the whole sample is skipped and counted. A field repeated within a sample
-    is refused the same way; a truncated or corrupt tar drops the sample being read and the
-    rest of that shard.
-
-    Args:
-        max_member_bytes: largest member (field) size in bytes; None: no limit.
-        handler: error handler (None: a new strict ``SampleErrorHandler``).
-    """
-    if max_member_bytes is not None and (isinstance(max_member_bytes, bool) or not isinstance(max_member_bytes, int)
-                                         or max_member_bytes < 1):
-        raise ValueError(f"max_member_bytes must be a positive int or None, got {max_member_bytes!r}")
-    return wds.pipelinefilter(_guarded_samples)(max_member_bytes, handler)

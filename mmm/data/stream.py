@@ -1,6 +1,7 @@
 """Generic WebDataset plumbing shared by every modality: shard lists, error handling, pipelines.
 
-A pipeline reads tar shards written by a ``datasets_def`` dataset definition and hands raw
+A pipeline reads tar shards written by a ``datasets_def`` dataset definition through
+:mod:`mmm.data.tar` (the reader asset fitting and the shard tools use too) and hands raw
 samples (``{"__key__": ..., "__url__": ..., "<ext>": bytes}``) to the modality's own stages.
 Sample and shard errors go to one :class:`SampleErrorHandler`, which either stops with a message
 naming the shard (the default) or skips, counts and reports them (``skip_bad=True``).
@@ -19,6 +20,7 @@ import webdataset as wds
 
 from mmm.data.epoch import EpochCounter, EpochResampledShards, EpochSource, shuffle_samples, take_epoch_share
 from mmm.data.epoch import shuffle_shards as shuffle_shards_by_epoch
+from mmm.data.tar import DEFAULT_READ_TIMEOUT_S, guarded_tarfile_to_samples
 
 logger = logging.getLogger("mmm.data")
 
@@ -220,6 +222,7 @@ def make_pipeline(
     handler: Optional[Callable[[Exception], bool]] = None,
     resampled: bool = False,
     max_member_bytes: Optional[int] = None,
+    read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
     epochs: Optional[EpochCounter] = None,
     epoch_length: Optional[int] = None,
     stamp_errors: bool = False,
@@ -228,7 +231,7 @@ def make_pipeline(
 
     Order: shard list (``ResampledShards`` when ``resampled``) -> shard shuffle seeded by
     ``(seed, epoch)`` (same order on every node/worker) -> ``split_by_node``
-    -> ``split_by_worker`` -> ``tarfile_to_samples`` -> sample shuffle -> ``stages`` -> an
+    -> ``split_by_worker`` -> :func:`mmm.data.tar.guarded_tarfile_to_samples` -> sample shuffle -> ``stages`` -> an
     end-of-iteration error summary. With ``resampled`` every worker draws shards with replacement
     on its own (:class:`~mmm.data.epoch.EpochResampledShards`, seeded by seed, epoch, rank and
     worker), so the shard shuffle and the node/worker splits are left out, and the stream never
@@ -249,8 +252,11 @@ def make_pipeline(
             (:func:`stamp_error_counts`; needs a :class:`SampleErrorHandler`).
         max_member_bytes: refuse samples with a field (tar member) larger than this many bytes,
             checked from the tar header before the member is read (see
-            :func:`mmm.data.shard_tools.guarded_tarfile_to_samples`); refusals go to ``handler``.
-            None: no limit, and webdataset's own ``tarfile_to_samples`` reads the shards.
+            :func:`mmm.data.tar.guarded_tarfile_to_samples`); refusals go to ``handler``.
+            None: no limit.
+        read_timeout_s: a ``pipe:`` / ``http(s)://`` shard stream that delivers no data for this
+            many seconds stops with :class:`~mmm.data.tar.ShardTimeout` naming the url (to
+            ``handler``); None: wait forever.
         epochs: the epoch counter shared with the caller's seeded stages (e.g. masking); each pass
             over the pipeline begins its next epoch (see :mod:`mmm.data.epoch`). None: a new
             counter starting at epoch 0, so pass ``i`` in this process is epoch ``i``.
@@ -275,12 +281,7 @@ def make_pipeline(
             pipeline.append(wds.pipelinefilter(shuffle_shards_by_epoch)(seed, epochs))
         pipeline.append(wds.split_by_node)
         pipeline.append(wds.split_by_worker)
-    if max_member_bytes is None:
-        pipeline.append(wds.tarfile_to_samples(handler=handler))
-    else:
-        from mmm.data.shard_tools import guarded_tarfile_to_samples  # imports this module: keep it local
-
-        pipeline.append(guarded_tarfile_to_samples(max_member_bytes, handler=handler))
+    pipeline.append(guarded_tarfile_to_samples(max_member_bytes, handler=handler, read_timeout_s=read_timeout_s))
     if shuffle_buffer > 0:  # generator keyed by (seed, epoch, rank, worker), made when a pass starts
         pipeline.append(wds.pipelinefilter(shuffle_samples)(shuffle_buffer, min(100, shuffle_buffer), seed, epochs))
     pipeline.extend(stages)

@@ -23,6 +23,7 @@ from torch import nn
 
 from mmm.config import AudioConfig, ComponentConfig, EncoderConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
+from mmm.data.tar import ReadOptions, read_samples
 from mmm.modalities import audio as _audio_embedder  # noqa: F401  (registers the "audio" embedder)
 from mmm.modalities.audio_frontend import FRONTEND_FILE, AudioDecodeError, AudioFrontend, AudioFrontendConfig
 from mmm.modalities.base import Handler, Modality
@@ -48,13 +49,16 @@ def frontend_config(cfg: AudioConfig) -> AudioFrontendConfig:
                                patch_time=cfg.patch_time, max_seconds=None, norm=cfg.norm)
 
 
-def iter_training_clips(urls: List[str], limit: int) -> Iterator[Tuple[np.ndarray, int]]:
-    """``(waveform, sample_rate)`` of up to ``limit`` clips of ``urls`` in order; undecodable ones are skipped."""
+def iter_training_clips(urls: List[str], limit: int,
+                        options: Optional[ReadOptions] = None) -> Iterator[Tuple[np.ndarray, int]]:
+    """``(waveform, sample_rate)`` of up to ``limit`` clips of ``urls`` in order; undecodable ones are skipped.
+
+    Shards are read as training reads them (:func:`mmm.data.tar.read_samples` with ``options``).
+    """
     from mmm.data.audio import read_audio_sample
-    from mmm.data.stream import SampleErrorHandler, make_pipeline
 
     n = bad = 0
-    for sample in make_pipeline(urls, stages=[], shuffle_shards=False, shuffle_buffer=0, handler=SampleErrorHandler()):
+    for sample in read_samples(urls, options):
         if n >= limit:
             break
         try:
@@ -99,18 +103,18 @@ class AudioModality(Modality):
 
     # ------------------------------------------------------------------ assets
 
-    def prepare(self, train_urls: List[str], run_dir: Path) -> None:
+    def prepare(self, train_urls: List[str], run_dir: Path, options: Optional[ReadOptions] = None) -> None:
         from mmm.data.audio import single_thread
 
         with single_thread():
-            self._prepare(train_urls, run_dir / ASSET_DIR)
+            self._prepare(train_urls, run_dir / ASSET_DIR, options)
 
-    def _prepare(self, train_urls: List[str], own: Path) -> None:
+    def _prepare(self, train_urls: List[str], own: Path, options: Optional[ReadOptions] = None) -> None:
         if (own / FRONTEND_FILE).is_file():
             self.frontend = self._frontend_from_text((own / FRONTEND_FILE).read_text(encoding="utf-8"),
                                                      str(own / FRONTEND_FILE))
         else:
-            self.frontend = self.fit_frontend(train_urls)
+            self.frontend = self.fit_frontend(train_urls, options)
             self.frontend.save(own)
         missing = []
         for kind in self.cfg.targets:
@@ -120,21 +124,21 @@ class AudioModality(Modality):
             else:
                 missing.append(kind)
         if missing:
-            for kind, codebook in self.fit_codebooks(train_urls, missing).items():
+            for kind, codebook in self.fit_codebooks(train_urls, missing, options).items():
                 self.codebooks[kind] = codebook
                 (own / codebook_file(kind)).write_text(codebook.to_json(), encoding="utf-8")
 
-    def fit_frontend(self, urls: List[str]) -> AudioFrontend:
+    def fit_frontend(self, urls: List[str], options: Optional[ReadOptions] = None) -> AudioFrontend:
         """Log-mel normalisation statistics over up to ``stats_clips`` training clips."""
         logger.info("fitting audio normalisation statistics on up to %d clips", self.cfg.stats_clips)
         frontend = AudioFrontend(self.frontend_config)
         try:
-            return frontend.fit_stats(iter_training_clips(urls, self.cfg.stats_clips))
+            return frontend.fit_stats(iter_training_clips(urls, self.cfg.stats_clips, options))
         except ValueError as e:
             raise ValueError(f"no training audio to fit the front-end statistics on (shards: {urls[:3]}): "
                              f"{e}") from None
 
-    def fit_codebooks(self, urls: List[str], kinds: List[str]) -> Dict[str, Any]:
+    def fit_codebooks(self, urls: List[str], kinds: List[str], options: Optional[ReadOptions] = None) -> Dict[str, Any]:
         """One k-means codebook per target kind (``target_clusters``, seed 0) over the per-token
         features of up to ``target_clips`` training clips (read once for all kinds)."""
         from mmm.targets.kmeans import Codebook
@@ -142,7 +146,7 @@ class AudioModality(Modality):
         probe = AudioFrontend(self.frontend_config)  # acoustic features need no statistics
         feats: Dict[str, List[np.ndarray]] = {kind: [] for kind in kinds}
         clips = 0
-        for wav, sr in iter_training_clips(urls, self.cfg.target_clips):
+        for wav, sr in iter_training_clips(urls, self.cfg.target_clips, options):
             clips += 1
             for kind in kinds:
                 feats[kind].append(probe.acoustic_features(wav, sr, kind))

@@ -23,6 +23,7 @@ from torch import nn
 
 from mmm.config import ComponentConfig, EncoderConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
+from mmm.data.tar import ReadOptions
 
 Handler = Callable[[Exception], bool]
 
@@ -56,8 +57,13 @@ class Modality(ABC):
         if options:
             raise ValueError(f"modality {self.name!r} takes no task options, got {sorted(options)}")
 
-    def prepare(self, train_urls: List[str], run_dir: Path) -> None:
-        """Make the assets ready: load them from the run folder, or fit them on ``train_urls`` and save."""
+    def prepare(self, train_urls: List[str], run_dir: Path, options: Optional[ReadOptions] = None) -> None:
+        """Make the assets ready: load them from the run folder, or fit them on ``train_urls`` and save.
+
+        ``options`` say how the shards are read (the run's ``data.max_member_bytes``,
+        ``data.read_timeout_s``, ``data.skip_bad``: :meth:`mmm.data.tar.ReadOptions.from_config`),
+        so fitting reads them exactly as training does; None: the defaults.
+        """
 
     def assets(self) -> Dict[str, str]:
         """File name → text of every asset (embedded in checkpoints)."""

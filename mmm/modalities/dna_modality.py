@@ -17,6 +17,7 @@ from torch import nn
 
 from mmm.config import ComponentConfig, DNAConfig, EncoderConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
+from mmm.data.tar import ReadOptions
 from mmm.modalities.base import Handler, Modality
 from mmm.modalities.dna_tokenizer import META_FILE, DNAKmerTokenizer, DNATokenizer, load_dna_tokenizer
 from mmm.registry import EMBEDDERS, MASKERS, MODALITIES, TOKENIZERS
@@ -28,12 +29,13 @@ DNA_MASKERS = ("dna_random", "dna_span")
 DNA_TOKENIZERS = ("dna_char", "dna_kmer", "dna_bpe")
 
 
-def build_dna_tokenizer(cfg: DNAConfig, train_urls: List[str]) -> DNATokenizer:
+def build_dna_tokenizer(cfg: DNAConfig, train_urls: List[str], options: Optional[ReadOptions] = None) -> DNATokenizer:
     """A new tokenizer as ``cfg`` describes: built (char, k-mer) or trained on ``train_urls`` (BPE).
 
     Args:
         cfg: the ``model.dna`` section.
         train_urls: training shards (read only for BPE, up to ``tokenizer_train_docs`` windows).
+        options: how the shards are read (:class:`~mmm.data.tar.ReadOptions`); None: defaults.
     """
     if cfg.tokenizer == "dna_char":
         return TOKENIZERS.create("dna_char")
@@ -44,7 +46,7 @@ def build_dna_tokenizer(cfg: DNAConfig, train_urls: List[str]) -> DNATokenizer:
 
         logger.info("training a DNA BPE tokenizer (vocab %d) on up to %d windows", cfg.vocab_size,
                     cfg.tokenizer_train_docs)
-        seqs = itertools.islice(iter_sequences(train_urls, "train"), cfg.tokenizer_train_docs)
+        seqs = itertools.islice(iter_sequences(train_urls, "train", options=options), cfg.tokenizer_train_docs)
         return TOKENIZERS.create("dna_bpe", sequences=seqs, vocab_size=cfg.vocab_size)
     raise ValueError(f"model.dna.tokenizer must be one of {DNA_TOKENIZERS}, got {cfg.tokenizer!r}")
 
@@ -102,7 +104,7 @@ class DNAModality(Modality):
 
     # ------------------------------------------------------------------ assets
 
-    def prepare(self, train_urls: List[str], run_dir: Path) -> None:
+    def prepare(self, train_urls: List[str], run_dir: Path, options: Optional[ReadOptions] = None) -> None:
         c, own = self.cfg, run_dir / TOKENIZER_DIR
         if (own / META_FILE).is_file():  # a resumed run: keep the tokenizer it trained with
             tok = load_dna_tokenizer(own)
@@ -117,7 +119,7 @@ class DNAModality(Modality):
                 logger.warning("model.dna.tokenizer_path %s is used as given although %s", c.tokenizer_path, problem)
             tok.save(own)
         else:
-            tok = build_dna_tokenizer(c, train_urls)
+            tok = build_dna_tokenizer(c, train_urls, options)
             tok.save(own)
         self.tokenizer = tok
         self._files = tokenizer_files(own)

@@ -22,6 +22,7 @@ from mmm.config import ComponentConfig, EncoderConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.image import ImageSettings, image_stages, read_image_sample, visual_token_features
 from mmm.data.image_transforms import eval_transform
+from mmm.data.tar import ReadOptions, read_samples
 from mmm.modalities.base import Handler, Modality
 from mmm.registry import EMBEDDERS, MASKERS, MODALITIES
 
@@ -52,11 +53,10 @@ def codebook_from_json(text: str, where: str) -> Any:
         raise ValueError(f"{where}: the visual-token codebook cannot be read: {e}") from None
 
 
-def iter_raw_samples(urls: List[str]):
-    """Raw ``{"__key__", field: bytes}`` samples of some shards, in order (no shuffling, no workers)."""
-    from mmm.data.stream import SampleErrorHandler, make_pipeline
-
-    yield from make_pipeline(urls, stages=[], shuffle_shards=False, shuffle_buffer=0, handler=SampleErrorHandler())
+def iter_raw_samples(urls: List[str], options: Optional[ReadOptions] = None):
+    """Raw ``{"__key__", field: bytes}`` samples of some shards, in order (no shuffling, no workers),
+    read as training reads them (:func:`mmm.data.tar.read_samples` with ``options``)."""
+    yield from read_samples(urls, options)
 
 
 @MODALITIES.register("image")
@@ -80,25 +80,25 @@ class ImageModality(Modality):
 
     # ------------------------------------------------------------------ assets
 
-    def prepare(self, train_urls: List[str], run_dir: Path) -> None:
+    def prepare(self, train_urls: List[str], run_dir: Path, options: Optional[ReadOptions] = None) -> None:
         if self.cfg.visual_tokens <= 0:
             return
         own = run_dir / "image" / CODEBOOK_FILE
         if own.is_file():
             self.codebook = codebook_from_json(own.read_text(encoding="utf-8"), str(own))
             return
-        self.codebook = self.fit_codebook(train_urls)
+        self.codebook = self.fit_codebook(train_urls, options)
         own.parent.mkdir(parents=True, exist_ok=True)
         own.write_text(codebook_to_json(self.codebook), encoding="utf-8")
 
-    def fit_codebook(self, urls: List[str]) -> Any:
+    def fit_codebook(self, urls: List[str], options: Optional[ReadOptions] = None) -> Any:
         """k-means over per-patch standardised pixels of up to ``codebook_images`` training images."""
         import torch
 
         from mmm.targets.kmeans import Codebook
 
         images = []
-        for sample in iter_raw_samples(urls):
+        for sample in iter_raw_samples(urls, options):
             img, _ = read_image_sample(sample, self.image_settings)
             images.append(eval_transform(img, self.cfg.image_size))
             if len(images) >= self.cfg.codebook_images:

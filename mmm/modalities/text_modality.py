@@ -11,6 +11,7 @@ from torch import nn
 
 from mmm.config import ComponentConfig, EncoderConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
+from mmm.data.tar import ReadOptions
 from mmm.data.text import text_stages
 from mmm.modalities.base import Handler, Modality
 from mmm.modalities.text_tokenizer import TextTokenizer
@@ -52,7 +53,7 @@ class TextModality(Modality):
         self.cfg = model_cfg.text
         self.tokenizer: Optional[TextTokenizer] = None
 
-    def prepare(self, train_urls: List[str], run_dir: Path) -> None:
+    def prepare(self, train_urls: List[str], run_dir: Path, options: Optional[ReadOptions] = None) -> None:
         t, own = self.cfg, run_dir / TOKENIZER_DIR
         if t.tokenizer_path:
             tok = TextTokenizer.load(t.tokenizer_path)
@@ -63,7 +64,7 @@ class TextModality(Modality):
 
             logger.info("training a %s tokenizer (vocab %d) on up to %d documents", t.tokenizer, t.vocab_size,
                         t.tokenizer_train_docs)
-            texts = itertools.islice(iter_texts(train_urls), t.tokenizer_train_docs)
+            texts = itertools.islice(iter_texts(train_urls, options=options), t.tokenizer_train_docs)
             tok = TOKENIZERS.create(t.tokenizer, texts=texts, vocab_size=t.vocab_size, lowercase=t.lowercase)
         if not (own / "tokenizer.json").is_file():
             tok.save(own)

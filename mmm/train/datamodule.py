@@ -246,7 +246,8 @@ class StreamDataModule(L.LightningDataModule):
         stages = self.make_stages(seed=c.seed, handler=handler, fixed_masking=False, epochs=epochs, train=True)
         pipeline = make_pipeline(self.train_urls, stages=stages, shuffle_shards=c.shuffle_shards,
                                  shuffle_buffer=c.shuffle_buffer, seed=c.seed, handler=handler,
-                                 max_member_bytes=c.max_member_bytes, epochs=epochs, resampled=c.resampled,
+                                 max_member_bytes=c.max_member_bytes, read_timeout_s=c.read_timeout_s,
+                                 epochs=epochs, resampled=c.resampled,
                                  epoch_length=c.epoch_batches if c.resampled else None, stamp_errors=True)
         return self._data_loader(pipeline, self.train_workers)
 
@@ -292,7 +293,8 @@ class StreamDataModule(L.LightningDataModule):
         handler = SampleErrorHandler(skip_bad=c.skip_bad, max_errors=c.max_errors)
         stages = self.make_stages(seed=c.seed + 10_000, handler=handler, fixed_masking=True, epochs=None, train=False)
         pipeline = make_pipeline(self.val_urls, stages=stages, shuffle_shards=False, shuffle_buffer=0,
-                                 seed=c.seed, handler=handler, max_member_bytes=c.max_member_bytes)
+                                 seed=c.seed, handler=handler, max_member_bytes=c.max_member_bytes,
+                                 read_timeout_s=c.read_timeout_s)
         return self._data_loader(pipeline, 0)
 
     def teardown(self, stage: str) -> None:

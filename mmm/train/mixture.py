@@ -244,7 +244,8 @@ class MixtureDataModule(L.LightningDataModule):
             stages = task.make_stages(seed=c.seed, handler=handler, fixed_masking=False, epochs=epochs, train=True)
             pipeline = make_pipeline(task.train_urls, stages=stages, shuffle_shards=c.shuffle_shards,
                                      shuffle_buffer=c.shuffle_buffer, seed=c.seed, handler=handler,
-                                     max_member_bytes=c.max_member_bytes, epochs=epochs)
+                                     max_member_bytes=c.max_member_bytes, read_timeout_s=c.read_timeout_s,
+                                     epochs=epochs)
             return self._loader(pipeline, self._workers(task.train_urls))
 
         return build
@@ -271,7 +272,8 @@ class MixtureDataModule(L.LightningDataModule):
             handler = SampleErrorHandler(skip_bad=c.skip_bad, max_errors=c.max_errors)
             stages = t.make_stages(seed=c.seed + 10_000, handler=handler, fixed_masking=True, epochs=None, train=False)
             pipeline = make_pipeline(t.val_urls, stages=stages, shuffle_shards=False, shuffle_buffer=0, seed=c.seed,
-                                     handler=handler, max_member_bytes=c.max_member_bytes)
+                                     handler=handler, max_member_bytes=c.max_member_bytes,
+                                     read_timeout_s=c.read_timeout_s)
             loaders.append(self._loader(pipeline, 0))
             self.val_task_names.append(t.name)
         return loaders

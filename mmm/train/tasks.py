@@ -26,6 +26,7 @@ import mmm.masking  # noqa: F401  (registers maskers)
 import mmm.modalities  # noqa: F401  (registers modalities)
 from mmm.config import PretrainConfig, TaskConfig
 from mmm.data.stream import list_shards
+from mmm.data.tar import ReadOptions
 from mmm.model import head_name
 from mmm.modalities.base import Modality
 from mmm.registry import DATASETS, MODALITIES
@@ -95,11 +96,14 @@ class RunModalities:
         feeds: task name → the modality its dataset feeds (a base or a composite instance).
         urls: base or composite modality name → training shards of every task that uses it
             (what its assets are fitted on).
+        read_options: how asset fitting reads those shards: the run's ``data.max_member_bytes``,
+            ``data.read_timeout_s`` and ``data.skip_bad``, as training reads them.
     """
 
     base: Dict[str, Modality]
     feeds: Dict[str, Modality]
     urls: Dict[str, List[str]] = field(default_factory=dict)
+    read_options: ReadOptions = field(default_factory=ReadOptions)
 
     @property
     def composites(self) -> Dict[str, Modality]:
@@ -155,15 +159,18 @@ def build_modalities(cfg: PretrainConfig, tasks: List[TaskConfig],
                         urls[name].append(u)
     for feed in {id(f): f for f in feeds.values()}.values():
         feed.bind({name: base[name] for name in feed.uses()})
-    return RunModalities(base, feeds, urls)
+    return RunModalities(base, feeds, urls, ReadOptions.from_config(cfg.data))
 
 
 def prepare_modalities(mods: RunModalities, run_dir: Path) -> None:
-    """Fit or load every modality's assets (base modalities first: composites use their tokenizers)."""
+    """Fit or load every modality's assets (base modalities first: composites use their tokenizers).
+
+    Shards are read with ``mods.read_options`` (the run's ``data.*`` read settings).
+    """
     for name, m in mods.base.items():
-        m.prepare(mods.urls.get(name, []), run_dir)
+        m.prepare(mods.urls.get(name, []), run_dir, mods.read_options)
     for name, m in mods.composites.items():
-        m.prepare(mods.urls.get(name, []), run_dir)
+        m.prepare(mods.urls.get(name, []), run_dir, mods.read_options)
 
 
 def modalities_from_checkpoint(contents: Any) -> RunModalities:

@@ -9,7 +9,7 @@ def _keys(urls, **kw):
     return [s["__key__"] for s in make_pipeline(urls, stages=[], shuffle_shards=False, shuffle_buffer=0, **kw)]
 
 
-@pytest.mark.parametrize("max_member_bytes", [1 << 20, None])  # mmm's header-checked reader and webdataset's
+@pytest.mark.parametrize("max_member_bytes", [1 << 20, None])  # mmm's reader with and without the size limit
 def test_pipe_urls_read_like_local_paths(tmp_path, max_member_bytes):
     src = tmp_path / "docs"
     src.mkdir()

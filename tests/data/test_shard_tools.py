@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+import webdataset as wds
 
 from datasets_def.text import build_shards, check_sample
 from mmm.cli import main
@@ -236,9 +237,10 @@ def keys(pipeline) -> List[str]:
 def test_guarded_reader_matches_webdataset(shards: Path) -> None:
     urls = list_shards(shards)
     ours = list(make_pipeline(urls, stages=[], shuffle_shards=False, shuffle_buffer=0, max_member_bytes=10_000))
-    theirs = list(make_pipeline(urls, stages=[], shuffle_shards=False, shuffle_buffer=0))
+    theirs = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
     assert len(ours) == len(theirs) > 0
     assert ours == theirs  # same keys, urls and field bytes
+    assert list(make_pipeline(urls, stages=[], shuffle_shards=False, shuffle_buffer=0)) == theirs  # no limit
 
 
 @pytest.fixture()

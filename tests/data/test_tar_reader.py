@@ -1,0 +1,257 @@
+"""One tar reader for every path (mmm.data.tar): training, asset fitting and the dataset readers accept the
+same url forms (local, ``pipe:``, ``http://``), apply the same member-size guard and read timeout, and group
+members as WebDataset does."""
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import shutil
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from datasets_def import audio as audiodef
+from datasets_def import dna as dnadef
+from datasets_def import image as imagedef
+from datasets_def import image_text as imagetextdef
+from datasets_def import text as textdef
+from mmm.config import ConfigError, load_config
+from mmm.data.shard_tools import check_shards
+from mmm.data.stream import SampleError, SampleErrorHandler, list_shards, make_pipeline
+from mmm.data.tar import ReadOptions, ShardTimeout, read_samples
+
+REPO = Path(__file__).resolve().parents[2]
+STALL = "pipe:sleep 30"  # a command that never writes
+
+
+def write_tar(path: Path, members: List[tuple]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_shards(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("text_src")
+    for i in range(8):
+        (src / f"d{i}.txt").write_text(f"Document {i} is about masked modeling of many modalities. " * 12)
+    out = tmp_path_factory.mktemp("text_shards")
+    textdef.build_shards(src, out, max_chars=200, samples_per_shard=6)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dna_shards(tmp_path_factory) -> Path:
+    genome = dnadef.synthetic_genome(seed=2, n_records=5, segments_per_record=5, segment=64)
+    src = tmp_path_factory.mktemp("dna_src")
+    out = tmp_path_factory.mktemp("dna_shards")
+    dnadef.build_shards(dnadef.write_fasta(genome.records, src / "g.fa"), out, window=64, samples_per_shard=40)
+    return out
+
+
+def piped(shard_dir: Path, split: str = "train") -> List[str]:
+    return [f"pipe:cat {u}" for u in list_shards(shard_dir, split)]
+
+
+# ------------------------------------------------------------------------------- url forms
+
+
+def test_dataset_readers_take_pipe_urls(text_shards, dna_shards, tmp_path):
+    assert list(textdef.iter_texts(piped(text_shards))) == list(textdef.iter_texts(text_shards)) != []
+    assert list(dnadef.iter_samples(piped(dna_shards))) == list(dnadef.iter_samples(dna_shards)) != []
+    img = tmp_path / "img"
+    for i in range(3):
+        (img / "c").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8 + i, 8), (10 * i, 0, 0)).save(img / "c" / f"{i}.png")
+    imagedef.build_shards(img, tmp_path / "img_shards")
+    got = [m["source"] for _, m in imagedef.iter_images(piped(tmp_path / "img_shards"))]
+    assert got == [m["source"] for _, m in imagedef.iter_images(tmp_path / "img_shards")] and len(got) == 3
+    wav = tmp_path / "wav"
+    wav.mkdir()
+    import soundfile as sf
+
+    sf.write(str(wav / "a.wav"), np.zeros(800, np.float32), 16000)
+    audiodef.build_shards(wav, tmp_path / "wav_shards")
+    (clip,) = audiodef.iter_clips(piped(tmp_path / "wav_shards"))
+    assert clip.meta["source"] == "a.wav" and clip.waveform.shape == (1, 800)
+    (shard,) = list_shards(tmp_path / "img_shards")
+    assert [s["__key__"] for s in imagetextdef._raw_samples(f"pipe:cat {shard}")] == \
+        [s["__key__"] for s in imagetextdef._raw_samples(shard)]
+
+
+def test_http_urls_read_like_local_paths(text_shards):
+    if shutil.which("curl") is None:
+        pytest.skip("webdataset reads http(s):// urls with curl, which is not installed")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(text_shards))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        urls = [f"http://127.0.0.1:{server.server_port}/{Path(u).name}" for u in list_shards(text_shards, "train")]
+        assert list(textdef.iter_texts(urls)) == list(textdef.iter_texts(text_shards))
+        missing = f"http://127.0.0.1:{server.server_port}/train-999999.tar"
+        with pytest.raises(SampleError, match="train-999999.tar"):
+            list(textdef.iter_texts([missing]))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_grouping_is_webdatasets(tmp_path):
+    """Keys, fields (lower-cased, multi-dot), meta members, folders and extension-less names as webdataset."""
+    shard = write_tar(tmp_path / "train-000000.tar", [
+        ("__meta__/info.json", b"{}"), ("README", b"no extension"), ("a/x.json", b"1"), ("a/x.TXT", b"a"),
+        ("a/y.seg.txt", b"b"), ("a/y.json", b"2"), ("z.json", b"3"), ("z.txt", b"c"),
+    ])
+    ours = list(read_samples([str(shard)]))
+    theirs = list(wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()))
+    assert ours == theirs and [s["__key__"] for s in ours] == ["a/x", "a/y", "z"]
+
+
+# ------------------------------------------------------------------------------- asset fitting
+
+
+def _text_cfg(tmp_path: Path, train, **more):
+    return load_config(REPO / "configs" / "text_mlm_tiny.yaml", {
+        "data.train": train, "data.val": None, "model.text.vocab_size": 80, "model.text.tokenizer_train_docs": 40,
+        "trainer.default_root_dir": str(tmp_path / "run"), **more})
+
+
+def test_tokenizer_fitting_reads_pipe_urls(text_shards, dna_shards, tmp_path):
+    from mmm.train.tasks import prepare_run_assets
+
+    n = len(list_shards(text_shards, "train"))
+    pattern = f"pipe:cat {text_shards}/train-{{000000..{n - 1:06d}}}.tar"  # every training shard, piped
+    mods = prepare_run_assets(_text_cfg(tmp_path / "text", pattern))
+    assert mods.base["text"].tokenizer.vocab_size > 20
+    cfg = load_config(REPO / "configs" / "dna_mlm_tiny.yaml", {
+        "data.train": piped(dna_shards)[0], "data.val": None, "model.dna.tokenizer": "dna_bpe",
+        "model.dna.vocab_size": 40, "model.dna.tokenizer_train_docs": 50,
+        "trainer.default_root_dir": str(tmp_path / "dna" / "run")})
+    mods = prepare_run_assets(cfg)
+    assert mods.base["dna"].tokenizer.kind == "dna_bpe"
+
+
+def test_asset_fitting_refuses_an_oversized_member_naming_shard_and_member(tmp_path):
+    from mmm.train.tasks import prepare_run_assets
+
+    shard = write_tar(tmp_path / "train-000000.tar", [
+        ("a.json", b"{}"), ("a.txt", b"a small document about tokens"),
+        ("big.json", b"{}"), ("big.txt", b"word " * 2000),  # 10,000 bytes
+    ])
+    cfg = _text_cfg(tmp_path, str(shard), **{"data.max_member_bytes": 1000})
+    with pytest.raises(SampleError) as info:
+        prepare_run_assets(cfg)
+    for part in (str(shard), "'big.txt'", "10000 bytes", "max_member_bytes=1000"):
+        assert part in str(info.value)
+    assert not (tmp_path / "run" / "tokenizer" / "tokenizer.json").exists()
+    # with data.skip_bad the sample is skipped, as training skips it
+    mods = prepare_run_assets(_text_cfg(tmp_path / "skip", str(shard), **{"data.max_member_bytes": 1000,
+                                                                           "data.skip_bad": True}))
+    assert mods.base["text"].tokenizer is not None
+
+
+def test_image_and_audio_asset_readers_apply_the_guard(tmp_path):
+    from mmm.modalities.audio_modality import iter_training_clips
+    from mmm.modalities.image_modality import iter_raw_samples
+
+    shard = write_tar(tmp_path / "train-000000.tar", [("a.json", b"{}"), ("a.png", b"x" * 5000)])
+    for reader in (lambda o: list(iter_raw_samples([str(shard)], o)),
+                   lambda o: list(iter_training_clips([str(shard)], 10, o))):
+        with pytest.raises(SampleError, match=r"'a.png', not read"):
+            reader(ReadOptions(max_member_bytes=1000))
+
+
+# ------------------------------------------------------------------------------- read timeout
+
+
+def test_a_stalled_pipe_times_out_naming_the_url():
+    start = time.monotonic()
+    with pytest.raises(SampleError, match=r"ShardTimeout in shard pipe:sleep 30: no data from pipe:sleep 30 for 1 s"):
+        list(make_pipeline([STALL], stages=[], shuffle_buffer=0, read_timeout_s=1))
+    with pytest.raises(SampleError, match="pipe:sleep 30"):
+        list(textdef.iter_texts([STALL], options=ReadOptions(read_timeout_s=1.5)))
+    assert time.monotonic() - start < 15
+    handler = SampleErrorHandler(skip_bad=True)  # skip_bad: the stalled shard is skipped and counted
+    assert list(make_pipeline([STALL], stages=[], shuffle_buffer=0, read_timeout_s=1, handler=handler)) == []
+    assert handler.summary()["by_type"] == {"ShardTimeout": 1}
+
+
+def test_a_stall_after_some_data_times_out_and_check_lists_it(tmp_path):
+    members = [m for i in range(40) for m in ((f"{i:03d}.json", b"{}"), (f"{i:03d}.txt", b"t" * 400))]
+    shard = write_tar(tmp_path / "train-000000.tar", members)  # 80 members of 1 KiB in the tar
+    url = f"pipe:head -c 40000 {shard}; sleep 30"  # part of the shard, then nothing
+    handler = SampleErrorHandler(skip_bad=True)
+    got = list(make_pipeline([url], stages=[], shuffle_buffer=0, read_timeout_s=1, handler=handler))
+    assert 0 < len(got) < 40 and handler.summary()["by_type"] == {"ShardTimeout": 1}
+    assert "while reading member" in handler.summary()["messages"][0] or "after member" in handler.summary()["messages"][0]
+    report = check_shards([STALL], read_timeout_s=1)
+    assert len(report.problems) == 1 and "no data from pipe:sleep 30 for 1 s" in report.problems[0].problem
+
+
+def test_read_timeout_is_a_checked_data_setting(tmp_path):
+    cfg = _text_cfg(tmp_path, "embedded", **{"data.read_timeout_s": 2})
+    assert ReadOptions.from_config(cfg.data).read_timeout_s == 2.0
+    assert _text_cfg(tmp_path, "embedded", **{"data.read_timeout_s": None}).data.read_timeout_s is None
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="read_timeout_s"):
+            _text_cfg(tmp_path, "embedded", **{"data.read_timeout_s": bad})
+    with pytest.raises(ValueError, match="read_timeout_s must be a positive number"):
+        ReadOptions(read_timeout_s=0)
+    with pytest.raises(ValueError, match="read_timeout_s must be a positive number"):
+        make_pipeline(["x.tar"], stages=[], read_timeout_s=float("nan"))
+
+
+def test_a_failing_command_and_a_missing_file_are_named(tmp_path):
+    with pytest.raises(SampleError, match=r"pipe:exit 3: the command exited with status 3"):
+        list(read_samples(["pipe:exit 3"]))
+    with pytest.raises(SampleError, match="nope.tar"):
+        list(read_samples([str(tmp_path / "nope.tar")]))
+
+
+# ------------------------------------------------------------------------------- shard tools
+
+
+def test_check_lists_an_oversized_member_without_reading_it(tmp_path):
+    write_tar(tmp_path / "train-000000.tar", [("a.json", b'{"doc": 0}'), ("a.txt", b"fine text"),
+                                              ("b.json", b'{"doc": 1}'), ("b.txt", b"y" * 5000)])
+    report = check_shards(tmp_path, max_member_bytes=1000)
+    assert [(p.where, p.problem) for p in report.problems] == [
+        ("b.txt", "5000 bytes, over max_member_bytes=1000: readers refuse sample 'b' (member not read)")]
+    assert check_shards(tmp_path, max_member_bytes=None).ok
+
+
+def test_stats_apply_the_guard(tmp_path):
+    from mmm.data.shard_tools import shard_stats
+
+    write_tar(tmp_path / "train-000000.tar", [("a.json", b"{}"), ("a.txt", b"y " * 3000)])
+    with pytest.raises(ValueError, match=r"'a.txt', not read"):
+        shard_stats(tmp_path, max_member_bytes=1000)
+    assert shard_stats(tmp_path).total_units == 3000
+
+
+def test_options_from_config_carry_every_read_setting(tmp_path):
+    cfg = _text_cfg(tmp_path, "embedded", **{"data.max_member_bytes": 4096, "data.skip_bad": True,
+                                             "data.max_errors": 3, "data.read_timeout_s": 5.5})
+    opts = ReadOptions.from_config(cfg.data)
+    assert opts == ReadOptions(max_member_bytes=4096, read_timeout_s=5.5, skip_bad=True, max_errors=3)
+    handler = opts.handler()
+    assert handler.skip_bad and handler.max_errors == 3
+    assert isinstance(ShardTimeout("x", "(stream)"), ValueError)
+    from mmm.train.tasks import build_modalities, task_configs
+
+    mods = build_modalities(cfg, task_configs(cfg))
+    assert mods.read_options == opts
+
