@@ -30,7 +30,9 @@ class MaskedModel(nn.Module):
         embedders: modality name → module turning that modality's input into (N_m, d) tokens
             (called through the input's ``embed`` method).
         encoder: the shared :class:`TransformerEncoder`.
-        objectives: head name → module with ``forward(hidden, batch) -> ObjectiveOutput``.
+        objectives: head name → module with ``forward(hidden, batch) -> ObjectiveOutput``; a head that
+            also has ``prepare(batch) -> batch`` rewrites the batch before the encoder reads it
+            (ELECTRA's generator corrupts it there, inside the step).
         weights: head name → loss weight.
         tasks: task name → the heads that task trains (multi-task runs); None = every head scores every batch.
         fusion: cross-modality layers for two-stream image-text batches (LXMERT), or None.
@@ -91,9 +93,14 @@ class MaskedModel(nn.Module):
         return self.tasks[batch.task]
 
     def forward(self, batch: PackedBatch) -> Tuple[torch.Tensor, Dict[str, ObjectiveOutput]]:
+        heads = self.heads_for(batch)
+        for name in heads:  # a head that corrupts the input inside the step (ELECTRA's generator samples) does it first
+            prepare = getattr(self.objectives[name], "prepare", None)
+            if prepare is not None:
+                batch = prepare(batch)
         hidden = self.encode(batch)
         outputs = {}
-        for name in self.heads_for(batch):
+        for name in heads:
             head = self.objectives[name]
             # a head that re-encodes (ITM with mined hard negatives) gets the model itself
             outputs[name] = head(hidden, batch, model=self) if getattr(head, "needs_model", False) else head(hidden, batch)

@@ -1,3 +1,4 @@
 """Objective heads: each a head plus its loss. Importing this package registers them."""
 from mmm.objectives import feature_regression, mim, mlm, token_targets  # noqa: F401  (registers "masked_features", "mae", "simmim", "mlm", "token_targets")
 from mmm.objectives import contrastive, itm, mrm  # noqa: F401  (registers "itc", "itm", "mrfr", "mrc", "mrc_kl")
+from mmm.objectives import electra  # noqa: F401  (registers "electra")
