@@ -2,7 +2,9 @@ import math
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from mmm.core import attention
 from mmm.core.attention import BACKEND_ENV, math_attention, resolve_backend, sdpa_attention, xformers_attention
 from mmm.core.packing import PackedSeqInfo
 from mmm.core.position import ALiBi, alibi_slopes
@@ -122,3 +124,56 @@ def test_gpu_backends_agree_forward_and_backward(dtype, tol):
     for name in ("xformers", "sdpa"):
         for a, b in zip(results[name], results["math"]):
             torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("lengths", [[40, 3, 17, 64, 1, 9, 33, 12, 5, 28, 2], [30, 30], [64, 20, 7]],
+                         ids=["grouped", "uniform", "ragged"])
+def test_blocked_alibi_matches_the_dense_reference_forward_and_backward(monkeypatch, lengths):
+    """Many small query-row blocks (each checkpointed) give the dense-bias reference's outputs and gradients."""
+    monkeypatch.setattr(attention, "ALIBI_BLOCK_ELEMENTS", 1 << 10)  # 2-8 query rows per block here
+    seq = PackedSeqInfo.from_seqlens(lengths)
+    alibi = ALiBi(4)
+    results = []
+    for fn in (sdpa_attention, math_attention):
+        q, k, v = _qkv(seq.num_tokens, requires_grad=True)
+        out = fn(q, k, v, seq, alibi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach()] + [t.grad for t in (q, k, v)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _peak_cpu_bytes(fn) -> int:
+    """Peak of the bytes the CPU allocator holds while ``fn`` runs, from the profiler's allocation records."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage  # allocations minus frees attributed to this op alone
+        peak = max(peak, held)
+    return peak
+
+
+def _alibi_step_peak(fn, lengths, heads=4) -> int:
+    seq = PackedSeqInfo.from_seqlens(lengths)
+    q, k, v = _qkv(seq.num_tokens, h=heads, d=8, requires_grad=True)
+    alibi = ALiBi(heads)
+    return _peak_cpu_bytes(lambda: fn(q, k, v, seq, alibi).sum().backward())
+
+
+def test_alibi_memory_grows_with_tokens_not_with_b_h_t_squared(monkeypatch):
+    """About 1,500 tokens as 3 sequences of ≤ 512 or as one of 1,504: B·H·T² grows 2.9x, the sdpa path's memory does not.
+
+    The dense reference (math) holds (B, H, T, T) scores, bias and probabilities; the sdpa path
+    builds the bias in (B, H, rows, T) blocks and recomputes them in backward, so what it holds
+    is proportional to the (padded) tokens.
+    """
+    monkeypatch.setattr(attention, "ALIBI_BLOCK_ELEMENTS", 1 << 16)  # a 256 KiB bias block
+    short, long = [512, 512, 480], [1504]
+    peaks = {(fn.__name__, name): _alibi_step_peak(fn, lens)
+             for fn in (sdpa_attention, math_attention) for name, lens in (("short", short), ("long", long))}
+    dense_growth = peaks["math_attention", "long"] / peaks["math_attention", "short"]
+    blocked_growth = peaks["sdpa_attention", "long"] / peaks["sdpa_attention", "short"]
+    assert dense_growth > 2.5, peaks
+    assert blocked_growth < 1.3, peaks
+    assert peaks["sdpa_attention", "long"] * 20 < peaks["math_attention", "long"], peaks
