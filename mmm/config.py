@@ -165,6 +165,10 @@ class ModelConfig:
     regions: RegionConfig = _f(default_factory=RegionConfig, help="precomputed image-region features (vision-language)")
     image_text: ImageTextConfig = _f(default_factory=ImageTextConfig, help="image-text pairs (vision-language)")
     init_std: float = _f(0.02, "std of the normal initialisation of linear and embedding weights", gt=0)
+    init_from: Optional[str] = _f(None, "warm start: an mmm .ckpt, a saved encoder folder or an HF BERT folder whose "
+                                  "same-named, same-shaped tensors initialise the model (the rest keep init_std); "
+                                  "prints what was loaded, newly initialised and ignored; a resumed run's checkpoint "
+                                  "replaces them; null = no warm start")
 
 
 @dataclass

@@ -142,7 +142,7 @@ def head_name(o: ObjectiveConfig) -> str:
 
 def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: Dict[str, nn.Module],
                 tasks: Optional[Dict[str, List[str]]] = None) -> MaskedModel:
-    """Assemble and initialise a :class:`MaskedModel`.
+    """Assemble and initialise a :class:`MaskedModel` (warm-started from ``cfg.init_from`` when set).
 
     Args:
         cfg: network configuration.
@@ -174,4 +174,8 @@ def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: 
     for part in [*model.embedders.values(), *model.objectives.values()]:
         if hasattr(part, "reset_parameters"):  # a part's own initialiser (e.g. MAE's patch embedding) wins
             part.reset_parameters()
+    if cfg.init_from:
+        from mmm.warm_start import warm_start
+
+        warm_start(model, cfg.init_from)
     return model

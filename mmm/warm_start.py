@@ -1,0 +1,152 @@
+"""Warm start (``model.init_from``): initialise a model from pretrained weights before training.
+
+Continued pretraining, a CLM → MLM switch, or an ELECTRA discriminator started from an MLM
+encoder all begin from weights another run produced. :func:`warm_start` reads three sources:
+
+* an mmm pretraining checkpoint (``.ckpt``): every tensor of its model, heads included, under
+  the same names;
+* a folder written by :func:`~mmm.encoders.save_encoder`: its embedder and encoder, placed
+  under ``embedders.<its modality>`` and ``encoder``;
+* an HF BERT folder (``config.json`` + weights): the encoder as ``embedders.text`` + ``encoder``,
+  and its ``cls.predictions`` head as ``objectives.mlm.head`` when it has one.
+
+Tensors are matched by name. Each target tensor is *loaded* (the source has it, same shape),
+*newly initialised* (the source lacks it; it keeps the builder's initialisation), and each source
+tensor the model lacks is *ignored*; the three lists are printed. A tensor both have with
+different shapes is an error naming it and both shapes -- nothing is loaded silently cut or padded.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Tuple, Union
+
+import torch
+from torch import nn
+
+PathLike = Union[str, Path]
+
+
+class WarmStartError(ValueError):
+    """The warm-start source cannot initialise this model (unreadable, or a tensor's shape differs)."""
+
+
+@dataclass
+class WarmStartReport:
+    """What :func:`warm_start` did, tensor by tensor (full state-dict names of the target model).
+
+    Args:
+        source: the file or folder read.
+        kind: ``checkpoint``, ``encoder`` or ``hf_bert``.
+        loaded: target tensors set from the source.
+        initialised: target tensors the source does not have (left as the builder initialised them).
+        ignored: source tensors the target does not have.
+    """
+
+    source: Path
+    kind: str
+    loaded: List[str] = field(default_factory=list)
+    initialised: List[str] = field(default_factory=list)
+    ignored: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """Readable text: counts, then the names with layer indices folded (``encoder.blocks.*.mlp.fc1.weight x4``)."""
+        lines = [f"init_from {self.source} ({self.kind}): {len(self.loaded)} tensors loaded, "
+                 f"{len(self.initialised)} newly initialised, {len(self.ignored)} ignored"]
+        for title, names in (("loaded", self.loaded), ("newly initialised", self.initialised),
+                             ("ignored (not in this model)", self.ignored)):
+            if names:
+                lines.append(f"  {title}:")
+                lines.extend(f"    {name}" for name in fold_names(names))
+        return "\n".join(lines)
+
+
+def fold_names(names: List[str]) -> List[str]:
+    """Tensor names with numeric path parts replaced by ``*``, each pattern once with its count."""
+    counts = Counter(re.sub(r"(?<=\.)\d+(?=\.)", "*", n) for n in names)
+    return [p if c == 1 else f"{p} x{c}" for p, c in sorted(counts.items())]
+
+
+def read_source(source: PathLike) -> Tuple[Dict[str, torch.Tensor], str]:
+    """The source's tensors keyed like a :class:`~mmm.model.MaskedModel` state dict, and its kind.
+
+    Args:
+        source: an mmm ``.ckpt``, a :func:`~mmm.encoders.save_encoder` folder or an HF BERT folder.
+    """
+    from mmm.encoders import ENCODER_META_FILE, load_encoder, read_checkpoint
+
+    p = Path(source)
+    if not p.exists():
+        raise WarmStartError(f"model.init_from: {p} does not exist")
+    try:
+        if p.is_file():
+            return dict(read_checkpoint(p).state_dict), "checkpoint"
+        if (p / ENCODER_META_FILE).is_file():
+            meta = json.loads((p / ENCODER_META_FILE).read_text(encoding="utf-8"))
+            modality = meta.get("modality") if isinstance(meta, dict) else None
+            enc = load_encoder(p, modality=modality or "text")
+            return _place_encoder(enc.state_dict(), modality or "text"), "encoder"
+        if (p / "config.json").is_file():
+            from mmm.interop.hf import import_hf_bert, import_hf_bert_mlm
+
+            try:
+                enc, head = import_hf_bert_mlm(p)
+            except ValueError as e:
+                if "no MLM head" not in str(e):
+                    raise
+                enc, head = import_hf_bert(p), None
+            state = _place_encoder(enc.state_dict(), "text")
+            if head is not None:
+                state.update({f"objectives.mlm.head.{k}": v for k, v in head.state_dict().items()})
+            return state, "hf_bert"
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise WarmStartError(f"model.init_from: cannot read {p}: {e}") from None
+    raise WarmStartError(f"model.init_from: {p} is a folder but holds neither {ENCODER_META_FILE} (a saved encoder) "
+                         f"nor config.json (an HF BERT model); pass one of those or an mmm .ckpt file")
+
+
+def _place_encoder(state: Dict[str, torch.Tensor], modality: str) -> Dict[str, torch.Tensor]:
+    """A standalone encoder's ``embedder.*`` / ``encoder.*`` names as a model's ``embedders.<modality>.*`` / ``encoder.*``."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("embedder."):
+            out[f"embedders.{modality}.{k[len('embedder.'):]}"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> WarmStartReport:
+    """Initialise ``model`` from the tensors of ``source`` that it has, by name.
+
+    Args:
+        model: the freshly built model (a :class:`~mmm.model.MaskedModel`).
+        source: an mmm ``.ckpt``, a saved encoder folder or an HF BERT folder.
+        verbose: print the report.
+
+    Raises:
+        WarmStartError: the source is unreadable, or a tensor both have differs in shape (the message
+            names it and both shapes).
+    """
+    src, kind = read_source(source)
+    own = model.state_dict()
+    mismatched = [(k, tuple(src[k].shape), tuple(v.shape)) for k, v in own.items()
+                  if k in src and tuple(src[k].shape) != tuple(v.shape)]
+    if mismatched:
+        name, theirs, ours = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more: {[m[0] for m in mismatched[1:4]]})" if len(mismatched) > 1 else ""
+        raise WarmStartError(f"model.init_from {source}: tensor {name!r} has shape {theirs} there but {ours} in this "
+                             f"model{more}; make the model's sizes (vocabulary, width, depth, max_len) match the source")
+    report = WarmStartReport(Path(source), kind, sorted(k for k in own if k in src),
+                             sorted(k for k in own if k not in src), sorted(k for k in src if k not in own))
+    loaded = {k: src[k] for k in report.loaded}
+    # strict=False: the tensors the source lacks keep their initialisation
+    result = model.load_state_dict(loaded, strict=False)
+    if result.unexpected_keys:  # cannot happen: only the model's own names are passed
+        raise WarmStartError(f"model.init_from {source}: unexpected keys {result.unexpected_keys[:8]}")
+    if verbose:
+        print(report.summary(), flush=True)
+    return report

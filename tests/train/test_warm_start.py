@@ -1,0 +1,133 @@
+"""model.init_from: warm start from an mmm checkpoint, a saved encoder folder or an HF BERT folder,
+with a report of what was loaded, newly initialised and ignored, and shape mismatches refused by name."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmm.config import ObjectiveConfig
+from mmm.encoders import load_encoder, read_checkpoint, save_encoder
+from mmm.model import build_model
+from mmm.registry import EMBEDDERS
+from mmm.warm_start import WarmStartError, fold_names, warm_start
+
+
+def _model(contents, init_from=None, objectives=None, **encoder):
+    """A model shaped like the checkpoint's (its vocabulary and sizes), optionally changed."""
+    cfg = contents.config.model
+    cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **encoder), init_from=init_from)
+    vocab = contents.state_dict["embedders.text.tokens.weight"].shape[0]
+    emb = EMBEDDERS.create("text", vocab_size=vocab, dim=cfg.encoder.dim, max_len=cfg.text.max_len,
+                           position=cfg.text.position, embed_norm=cfg.text.embed_norm, norm_eps=cfg.encoder.norm_eps,
+                           dropout=cfg.encoder.dropout, pad_id=0)
+    torch.manual_seed(123)
+    return build_model(cfg, objectives or contents.config.objectives, {"text": emb})
+
+
+def test_from_checkpoint_loads_every_tensor_and_prints_it(ckpt: Path, capsys):
+    contents = read_checkpoint(ckpt)
+    model = _model(contents, init_from=str(ckpt))
+    out = capsys.readouterr().out
+    state = model.state_dict()
+    assert set(state) == set(contents.state_dict)
+    for k, v in state.items():
+        assert torch.equal(v, contents.state_dict[k]), k
+    assert f"init_from {ckpt} (checkpoint): {len(state)} tensors loaded, 0 newly initialised, 0 ignored" in out
+    assert "encoder.blocks.*.attn.qkv.weight x2" in out
+
+
+def test_a_deeper_model_keeps_the_extra_blocks_initialised(ckpt: Path):
+    contents = read_checkpoint(ckpt)
+    fresh = _model(contents, depth=3)
+    model = _model(contents, depth=3)
+    report = warm_start(model, ckpt, verbose=False)
+    assert all(k.startswith("encoder.blocks.2.") for k in report.initialised) and report.initialised
+    assert not report.ignored
+    for k in report.initialised:  # untouched: the builder's initialisation (same seed)
+        assert torch.equal(model.state_dict()[k], fresh.state_dict()[k])
+    assert torch.equal(model.encoder.blocks[1].mlp.fc1.weight,
+                       contents.state_dict["encoder.blocks.1.mlp.fc1.weight"])
+
+
+def test_an_electra_discriminator_starts_from_an_mlm_checkpoint(ckpt: Path):
+    contents = read_checkpoint(ckpt)
+    electra = [ObjectiveConfig("electra", args={"embedding_sharing": "gdes", "generator_size": 0.25})]
+    model = _model(contents, objectives=electra)
+    report = warm_start(model, ckpt, verbose=False)
+    assert any(k.startswith("objectives.electra.generator.") for k in report.initialised)
+    assert any(k.startswith("objectives.mlm.head.") for k in report.ignored)
+    assert "embedders.text.tokens.weight" in report.loaded
+    # under gdes the discriminator's table is generator table + residual: it equals the MLM table
+    assert torch.allclose(model.embedders["text"].tokens.weight, contents.state_dict["embedders.text.tokens.weight"],
+                          atol=1e-6)
+
+
+def test_a_shape_mismatch_names_the_tensor_and_both_shapes(ckpt: Path):
+    contents = read_checkpoint(ckpt)
+    model = _model(contents, mlp_hidden=96)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WarmStartError, match=r"tensor 'encoder\.blocks\.0\.mlp\.fc1\.weight' has shape \(128, 64\) "
+                                             r"there but \(96, 64\) in this model \(and 5 more"):
+        warm_start(model, ckpt, verbose=False)
+    for k, v in model.state_dict().items():  # nothing was loaded
+        assert torch.equal(v, before[k]), k
+
+
+def test_from_a_saved_encoder_folder(ckpt: Path, tmp_path: Path):
+    contents = read_checkpoint(ckpt)
+    folder = save_encoder(load_encoder(ckpt), tmp_path / "enc")
+    model = _model(contents)
+    report = warm_start(model, folder, verbose=False)
+    assert report.kind == "encoder"
+    assert report.loaded and all(k.startswith(("embedders.text.", "encoder.")) for k in report.loaded)
+    assert report.initialised and all(k.startswith("objectives.") for k in report.initialised)
+    assert not report.ignored
+    for k in report.loaded:
+        assert torch.equal(model.state_dict()[k], contents.state_dict[k]), k
+
+
+def test_from_an_hf_bert_folder(ckpt: Path, tmp_path: Path):
+    pytest.importorskip("transformers")
+    from mmm.interop.hf import export_hf_bert
+
+    contents = read_checkpoint(ckpt)
+    folder = export_hf_bert(ckpt, tmp_path / "hf")  # BertForMaskedLM: encoder + MLM head
+    model = _model(contents)
+    report = warm_start(model, folder, verbose=False)
+    assert report.kind == "hf_bert"
+    assert "objectives.mlm.head.dense.weight" in report.loaded
+    assert not report.initialised
+    for k in report.loaded:
+        assert torch.allclose(model.state_dict()[k], contents.state_dict[k], atol=0, rtol=0), k
+
+
+def test_unreadable_sources_are_errors_naming_them(tmp_path: Path, ckpt: Path):
+    contents = read_checkpoint(ckpt)
+    model = _model(contents)
+    with pytest.raises(WarmStartError, match="does not exist"):
+        warm_start(model, tmp_path / "missing.ckpt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WarmStartError, match="neither mmm_encoder.json"):
+        warm_start(model, tmp_path / "empty")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(WarmStartError, match="junk.ckpt"):
+        warm_start(model, tmp_path / "junk.ckpt")
+
+
+def test_fold_names():
+    assert fold_names(["encoder.blocks.0.a.weight", "encoder.blocks.1.a.weight", "head.bias"]) == [
+        "encoder.blocks.*.a.weight x2", "head.bias"]
+
+
+def test_pretrain_warm_starts_from_init_from(ckpt: Path, tmp_path: Path, capsys):
+    from conftest import tiny_config
+
+    from mmm.train.pretrain import build_run
+
+    run = build_run(tiny_config(tmp_path / "run", **{"model.init_from": str(ckpt), "trainer.max_steps": 1,
+                                                     "data.val": None}))
+    assert "tensors loaded, 0 newly initialised, 0 ignored" in capsys.readouterr().out
+    contents = read_checkpoint(ckpt)
+    assert torch.equal(run.module.model.encoder.blocks[0].attn.qkv.weight,
+                       contents.state_dict["encoder.blocks.0.attn.qkv.weight"])
