@@ -48,6 +48,46 @@ logger = logging.getLogger("mmm.train")
 STATE_VERSION = 1
 
 
+def check_resampling(cfg: DataConfig) -> None:
+    """Refuse ``data.resampled`` without ``data.epoch_batches`` and the reverse (single- and multi-task runs)."""
+    if cfg.resampled and cfg.epoch_batches is None:
+        raise ValueError("data.resampled: true needs data.epoch_batches (batches per epoch on each rank): a "
+                         "resampled stream never ends by itself")
+    if not cfg.resampled and cfg.epoch_batches is not None:
+        raise ValueError("data.epoch_batches applies to data.resampled: true only (without resampling an epoch "
+                         "is one pass over the shards)")
+    if cfg.epoch_batches is not None and cfg.epoch_batches < 1:
+        raise ValueError(f"data.epoch_batches must be >= 1, got {cfg.epoch_batches}")
+
+
+class ErrorTally:
+    """Bad samples/shards met by a training stream's DataLoaders so far, summed over their workers.
+
+    Reads the running per-worker counts that :func:`mmm.data.stream.stamp_error_counts` puts on
+    batches (``extras["data_errors"]``); a DataLoader's workers restart their counts, so call
+    :meth:`new_loader` whenever the stream builds a new one.
+    """
+
+    def __init__(self) -> None:
+        self._base = 0  # errors met by DataLoaders already closed
+        self._seen: Dict[int, int] = {}  # worker -> its latest running count, current DataLoader
+
+    @property
+    def total(self) -> int:
+        return self._base + sum(self._seen.values())
+
+    def add(self, batch: Any) -> None:
+        """Note the worker count a batch carries (if any)."""
+        extras = getattr(batch, "extras", None)
+        info = extras.get("data_errors") if isinstance(extras, dict) else None
+        if info is not None:
+            self._seen[int(info["worker"])] = int(info["total"])
+
+    def new_loader(self) -> None:
+        """The stream starts a new DataLoader: keep what the old one's workers met."""
+        self._base, self._seen = self.total, {}
+
+
 @dataclass(frozen=True)
 class DataPosition:
     """Where the training stream stands: ``batches_done`` batches of ``epoch`` were trained on."""
@@ -104,8 +144,7 @@ class ResumableLoader:
         self._loader: Optional[DataLoader] = None
         self._loader_next_epoch = -1
         self._pass: Optional[_Pass] = None
-        self._errors_base = 0  # errors met by DataLoaders this loader closed
-        self._errors_seen: Dict[int, int] = {}  # worker -> its latest running count, current DataLoader
+        self._errors = ErrorTally()
 
     def position(self) -> DataPosition:
         """Epoch and batches of it trained on so far (a used-up epoch reads as the next one at 0)."""
@@ -119,13 +158,10 @@ class ResumableLoader:
 
     def data_errors(self) -> int:
         """Bad samples/shards met so far by this loader's DataLoaders, summed over their workers."""
-        return self._errors_base + sum(self._errors_seen.values())
+        return self._errors.total
 
     def _tally(self, batch: Any) -> None:
-        extras = getattr(batch, "extras", None)
-        info = extras.get("data_errors") if isinstance(extras, dict) else None
-        if info is not None:
-            self._errors_seen[int(info["worker"])] = int(info["total"])
+        self._errors.add(batch)
 
     def __iter__(self) -> Iterator[PackedBatch]:
         return self._run()
@@ -168,8 +204,7 @@ class ResumableLoader:
     def _loader_for(self, epoch: int) -> DataLoader:
         if self._loader is None or self._loader_next_epoch != epoch:
             self.close()
-            self._errors_base += sum(self._errors_seen.values())
-            self._errors_seen = {}
+            self._errors.new_loader()
             self._loader = self._build(epoch)
         self._loader_next_epoch = epoch + 1
         return self._loader
@@ -213,14 +248,7 @@ class StreamDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig, train_urls: List[str], val_urls: Optional[List[str]],
                  make_stages: Callable[..., List], settings: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
-        if cfg.resampled and cfg.epoch_batches is None:
-            raise ValueError("data.resampled: true needs data.epoch_batches (batches per epoch on each rank): a "
-                             "resampled stream never ends by itself")
-        if not cfg.resampled and cfg.epoch_batches is not None:
-            raise ValueError("data.epoch_batches applies to data.resampled: true only (without resampling an epoch "
-                             "is one pass over the shards)")
-        if cfg.epoch_batches is not None and cfg.epoch_batches < 1:
-            raise ValueError(f"data.epoch_batches must be >= 1, got {cfg.epoch_batches}")
+        check_resampling(cfg)
         self.cfg, self.train_urls, self.val_urls = cfg, train_urls, val_urls
         self.make_stages = make_stages
         self.extra_settings = dict(settings or {})

@@ -6,7 +6,9 @@ and image-text pairs into one shared encoder) work the same way. Here:
 
 * every task has its own WebDataset stream (its shards, stages, batch size and DataLoader
   workers), cycled forever: when one epoch of a task's shards ends, its next epoch begins (each
-  epoch seeded by ``(data.seed, epoch, rank, worker)`` as in a single-task run);
+  epoch seeded by ``(data.seed, epoch, rank, worker)`` as in a single-task run); with
+  ``data.resampled`` every task's stream draws its shards with replacement instead, on every
+  rank and worker on its own (as a resampled single-task stream), and never ends;
 * the task of global batch ``i`` is a pure function of ``(data.seed, i)`` and the weights
   (:class:`TaskSampler`), identical on every rank, so all ranks train the same heads at a step;
 * the data position is the number of batches trained, ``k``. Resuming recomputes how many of
@@ -14,8 +16,12 @@ and image-text pairs into one shared encoder) work the same way. Here:
   (data work only, no model compute) and continues with batch ``k``: the batches after a resume
   are exactly those of an uninterrupted run, provided the shards and settings are unchanged.
 
-A mixture has no epochs of its own: it runs for ``trainer.max_steps``. Per-task batch and
-sample counts are logged (``train/task_batches/<task>``, ``train/task_samples/<task>``).
+Without ``data.resampled`` a mixture has no epochs of its own: it runs for ``trainer.max_steps``.
+With it, an epoch is ``data.epoch_batches`` mixture batches per rank (global batches ``[e·n, (e+1)·n)``),
+so every rank ends its epochs together. Per-task batch and sample counts are logged
+(``train/task_batches/<task>``, ``train/task_samples/<task>``), and the bad samples/shards every
+task's workers met, summed, as ``train/data_errors`` (``batch.extras["data_errors_total"]``, as in
+a single-task run).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from mmm.batch import PackedBatch
 from mmm.config import DataConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.stream import SampleErrorHandler, make_pipeline
+from mmm.train.datamodule import ErrorTally, check_resampling
 
 logger = logging.getLogger("mmm.train")
 
@@ -129,11 +136,13 @@ class TaskStream:
         self.name, self._build = name, build
         self._loader: Optional[DataLoader] = None
         self.samples_drawn = 0
+        self.errors = ErrorTally()  # bad samples/shards its DataLoaders' workers met
 
     def batches(self, skip: int = 0) -> Iterator[PackedBatch]:
         """Batches from epoch 0 on, the first ``skip`` of them read but not yielded (resume)."""
         self.close()
         self._loader = loader = self._build()
+        self.errors.new_loader()
         produced = 0
         while True:
             in_epoch = 0
@@ -141,6 +150,7 @@ class TaskStream:
                 in_epoch += 1
                 produced += 1
                 self.samples_drawn += batch.num_sequences
+                self.errors.add(batch)
                 if produced > skip:
                     yield batch
             if in_epoch == 0:
@@ -165,14 +175,20 @@ class MixtureLoader:
         start: batches already trained (restored from a checkpoint, or 0).
         consumed: running count of batches the trainer finished (not the prefetched one); None =
             count yielded batches.
+        epoch_batches: end each ``iter()`` at the next multiple of this many global batches (an
+            epoch); None = never end.
+
+    Every batch gets ``extras["data_errors_total"]``: the bad samples/shards all task streams met so far.
     """
 
     def __init__(self, streams: List[TaskStream], names: List[str], sampler: TaskSampler, start: int,
-                 consumed: Optional[Callable[[], int]] = None) -> None:
+                 consumed: Optional[Callable[[], int]] = None, epoch_batches: Optional[int] = None) -> None:
         self.streams, self.names, self.sampler = streams, names, sampler
-        self._start, self._consumed = start, consumed
+        self._start, self._consumed, self.epoch_batches = start, consumed, epoch_batches
         self._base: Optional[int] = None
         self._yielded = 0
+        self._iterators: Optional[List[Iterator[PackedBatch]]] = None
+        self._next = -1  # the global batch the live task iterators continue with
 
     def position(self) -> int:
         """Batches trained so far."""
@@ -181,21 +197,29 @@ class MixtureLoader:
         used = self._yielded if self._consumed is None else self._consumed() - self._base
         return self._start + used
 
+    def data_errors(self) -> int:
+        """Bad samples/shards met so far by every task stream's DataLoader workers."""
+        return sum(s.errors.total for s in self.streams)
+
     def __iter__(self) -> Iterator[PackedBatch]:
         start = self.position()
-        counts = self.sampler.counts(start)
-        if start:
-            logger.info("resuming the task mixture at batch %d: fast-forwarding %s (data work only)", start,
-                        ", ".join(f"{n}: {int(c)}" for n, c in zip(self.names, counts)))
-        iterators = [s.batches(skip=int(c)) for s, c in zip(self.streams, counts)]
+        if self._iterators is None or self._next != start:  # first pass, or batches were left unused: rebuild
+            counts = self.sampler.counts(start)
+            if start:
+                logger.info("resuming the task mixture at batch %d: fast-forwarding %s (data work only)", start,
+                            ", ".join(f"{n}: {int(c)}" for n, c in zip(self.names, counts)))
+            self._iterators = [s.batches(skip=int(c)) for s, c in zip(self.streams, counts)]
+        iterators = self._iterators  # after a used-up epoch the streams simply continue
         self._start, self._yielded = start, 0
         self._base = self._consumed() if self._consumed is not None else 0
-        i = start
-        while True:
+        end = None if self.epoch_batches is None else (start // self.epoch_batches + 1) * self.epoch_batches
+        i = self._next = start
+        while end is None or i < end:
             t = self.sampler(i)
             batch = next(iterators[t])
+            batch.extras["data_errors_total"] = self.data_errors()
             self._yielded += 1
-            i += 1
+            i = self._next = i + 1
             yield batch
 
     def source_counts(self) -> Dict[str, Dict[str, int]]:
@@ -205,6 +229,7 @@ class MixtureLoader:
                 for n, b, s in zip(self.names, batches, self.streams)}
 
     def close(self) -> None:
+        self._iterators = None
         for s in self.streams:
             s.close()
 
@@ -221,6 +246,7 @@ class MixtureDataModule(L.LightningDataModule):
         super().__init__()
         if not tasks:
             raise ValueError("MixtureDataModule needs at least one task")
+        check_resampling(cfg)
         self.cfg, self.tasks = cfg, tasks
         self.sampler = TaskSampler([t.weight for t in tasks], cfg.seed)
         self._start = 0
@@ -228,6 +254,8 @@ class MixtureDataModule(L.LightningDataModule):
         self.val_task_names: List[str] = []
 
     def _workers(self, urls: List[str]) -> int:
+        if self.cfg.resampled:  # every worker draws from all shards
+            return self.cfg.num_workers
         return min(self.cfg.num_workers, len(urls))
 
     def _loader(self, pipeline: Any, workers: int) -> DataLoader:
@@ -245,7 +273,7 @@ class MixtureDataModule(L.LightningDataModule):
             pipeline = make_pipeline(task.train_urls, stages=stages, shuffle_shards=c.shuffle_shards,
                                      shuffle_buffer=c.shuffle_buffer, seed=c.seed, handler=handler,
                                      max_member_bytes=c.max_member_bytes, read_timeout_s=c.read_timeout_s,
-                                     epochs=epochs)
+                                     epochs=epochs, resampled=c.resampled, stamp_errors=True)
             return self._loader(pipeline, self._workers(task.train_urls))
 
         return build
@@ -259,7 +287,8 @@ class MixtureDataModule(L.LightningDataModule):
             self._train.close()
         streams = [TaskStream(t.name, self._train_builder(t)) for t in self.tasks]
         self._train = MixtureLoader(streams, [t.name for t in self.tasks], self.sampler, self._start,
-                                    consumed=self._trained_batches if self.trainer is not None else None)
+                                    consumed=self._trained_batches if self.trainer is not None else None,
+                                    epoch_batches=self.cfg.epoch_batches)
         return self._train
 
     def val_dataloader(self) -> List[DataLoader]:
@@ -296,6 +325,8 @@ class MixtureDataModule(L.LightningDataModule):
         c = self.cfg
         out: Dict[str, Any] = {"seed": c.seed, "shuffle_buffer": c.shuffle_buffer, "shuffle_shards": c.shuffle_shards,
                                "world_size": self.trainer.world_size if self.trainer is not None else 1}
+        if c.resampled:  # only then: checkpoints of one-pass mixtures keep the settings they always had
+            out.update(resampled=True, epoch_batches=c.epoch_batches)
         for t in self.tasks:
             digest = hashlib.sha1()
             for url in t.train_urls:
