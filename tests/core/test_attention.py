@@ -177,3 +177,30 @@ def test_alibi_memory_grows_with_tokens_not_with_b_h_t_squared(monkeypatch):
     assert dense_growth > 2.5, peaks
     assert blocked_growth < 1.3, peaks
     assert peaks["sdpa_attention", "long"] * 20 < peaks["math_attention", "long"], peaks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_gpu_blocked_alibi_matches_the_dense_reference(monkeypatch, dtype, tol):
+    monkeypatch.setattr(attention, "ALIBI_BLOCK_ELEMENTS", 1 << 18)  # several row blocks at this size
+    seq = PackedSeqInfo.from_seqlens([300, 128, 64, 17, 1], device="cuda")
+    alibi = ALiBi(8).cuda()
+    results = []
+    for fn in (sdpa_attention, math_attention):
+        q, k, v = _qkv(seq.num_tokens, h=8, d=64, dtype=dtype, device="cuda", requires_grad=True)
+        out = fn(q, k, v, seq, alibi)
+        out.float().pow(2).sum().backward()
+        results.append([out.detach().float()] + [t.grad.float() for t in (q, k, v)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_xformers_takes_the_layout_mask_and_the_uniform_shortcut():
+    pytest.importorskip("xformers")
+    ragged = PackedSeqInfo.from_seqlens([40, 7, 19]).to("cuda")
+    uniform = PackedSeqInfo.from_seqlens([16, 16, 16], device="cuda")
+    assert ragged.attn_bias is not None and uniform.is_uniform and uniform.attn_bias is None
+    for seq in (ragged, uniform):
+        q, k, v = _qkv(seq.num_tokens, h=4, d=32, device="cuda")
+        torch.testing.assert_close(xformers_attention(q, k, v, seq), math_attention(q, k, v, seq), atol=2e-4, rtol=2e-4)

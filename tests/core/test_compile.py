@@ -89,3 +89,29 @@ def _grads(model, batch, run):
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     return grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,rel", [("xformers", "none"), ("sdpa", "none"), ("sdpa", "alibi"), ("sdpa", "rotary")],
+                         ids=["xformers", "sdpa", "sdpa-alibi", "sdpa-rotary"])
+def test_gpu_step_has_no_host_sync_and_compiles_without_breaks(backend, rel):
+    """Once the batch is on the GPU, forward + backward never waits for the device; the forward traces whole."""
+    if backend == "xformers":
+        pytest.importorskip("xformers")
+    torch.manual_seed(0)
+    model = _TextMLM(attention=backend, relative_position=rel).cuda().train()
+    assert model.encoder.backend_for(torch.device("cuda")) == backend
+    batch = _batch(GROUPED).pin_memory().to("cuda")
+    model(batch).backward()  # warm-up outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(batch)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(batch)
+    assert explained.graph_break_count == 0, explained.break_reasons
+

@@ -1,0 +1,293 @@
+"""The device check of issue 18: every GPU measurement and GPU test in one run, written to ``results.md``.
+
+Sections (each one writes its part of the report as soon as it ends, so a run cut short still
+leaves what it measured):
+
+1. ``tests`` — the ``gpu``-marked tests (xformers vs SDPA vs math in fp32 and bf16, forward and
+   backward; the blocked ALiBi path; the uniform xformers layout; a sync-free encoder step), run
+   with pytest in a subprocess.
+2. ``sync`` — one mmm MLM training step (forward in bf16 autocast, backward, fused AdamW) under
+   ``torch.cuda.set_sync_debug_mode("error")`` once the batch is on the device: any host sync
+   inside the step raises, and the report quotes where (:func:`sync_free_step`).
+3. ``mfu`` — BERT-base MLM bf16 training step, mmm (packed, xformers) and HF ``BertForMaskedLM``
+   (padded, SDPA), at sequence lengths 128 and 512: real tokens/s and MFU
+   (:func:`benchmarks.mfu.measure_mlm_step`).
+4. ``mae`` — one MAE ViT-B/16 bf16 training step at 224 px (:func:`mae_step`): images/s, peak memory.
+5. ``attention`` — xformers vs mmm's packed SDPA vs padded SDPA vs math, time and memory
+   (:func:`benchmarks.attention_backends.run_sweep`).
+
+On a machine without CUDA every section is skipped with its reason and the run exits 0. The
+``causal`` variants the issue mentions do not exist: mmm's encoder is bidirectional only.
+
+Usage::
+
+    python -m benchmarks.gpu_check [--out results.md] [--budget-s 330]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
+SECTIONS = ("tests", "sync", "mfu", "mae", "attention")
+GPU_TESTS = ["tests/core", "tests/interop", "tests/benchmarks/test_gpu_check.py"]  # where the gpu-marked tests live
+
+
+# ----------------------------------------------------------------------------- pieces (also run on CPU)
+
+
+@contextmanager
+def sync_debug_errors(device: torch.device) -> Iterator[None]:
+    """Inside: a host-device synchronisation on CUDA raises (no-op on CPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+def sync_free_step(device: torch.device, preset: str = "base", overrides: Optional[Dict[str, Any]] = None,
+                   attention: str = "auto", steps: int = 2) -> Dict[str, Any]:
+    """mmm MLM training steps with every host sync turned into an error once the batch is on ``device``.
+
+    The first step runs outside the check (allocator and kernel warm-up, optimizer state); the
+    next ``steps - 1`` run inside it. Returns ``{"ok": True, "loss": ...}`` or ``{"ok": False,
+    "error": ..., "where": ...}`` with the innermost mmm frame that synced.
+
+    Args:
+        device: where to run (the check is a no-op on CPU; the step still runs).
+        preset: ``benchmarks.text_mlm_step`` preset.
+        overrides: its fields to change (tests shrink the model).
+        attention: mmm attention backend.
+        steps: steps in all (≥ 2).
+    """
+    from benchmarks import text_mlm_step as tms
+
+    cfg = replace(tms.PRESETS[preset], **(overrides or {}))
+    b = tms.make_batches(cfg, 0)
+    packed = b.packed.pin_memory() if device.type == "cuda" else b.packed
+    model = tms.build_mmm(cfg, 0)
+    model.encoder.cfg = replace(model.encoder.cfg, attention=attention)
+    model.to(device).train()
+    opt = tms.mmm_optimizer(model)
+    batch = packed.to(device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> torch.Tensor:
+        with amp:
+            loss = model(batch)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step()
+    try:
+        with sync_debug_errors(device):
+            for _ in range(max(1, steps - 1)):
+                loss = step()
+    except RuntimeError as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "/mmm/" in f.filename]
+        where = f"{frames[-1].filename.split('/mmm/', 1)[-1]}:{frames[-1].lineno} {frames[-1].line}" if frames else "?"
+        return {"ok": False, "error": str(e).splitlines()[0][:300], "where": where,
+                "backend": model.encoder.backend_for(device)}
+    return {"ok": True, "loss": float(loss), "backend": model.encoder.backend_for(device), "device": str(device)}
+
+
+def mae_step(device: torch.device, preset: str = "base", batch: int = 64, steps: int = 5, warmup: int = 2,
+             overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """MAE training step (drop masked patches; bf16 autocast on CUDA): median time, images/s, peak memory.
+
+    Args:
+        device: where to run.
+        preset: ``benchmarks.image_mae_step`` preset (``base`` = ViT-B/16 at 224 px, 8-layer decoder).
+        batch: images per step.
+        steps: timed steps.
+        warmup: untimed steps first.
+        overrides: preset fields to change (tests shrink the model).
+    """
+    from benchmarks import image_mae_step as ims
+
+    cfg = replace(ims.PRESETS[preset], batch=batch, **(overrides or {}))
+    b = ims.make_batches(cfg, 0)
+    model = ims.build_mmm(cfg, 0)
+    model.encoder.cfg = replace(model.encoder.cfg, attention="auto")
+    model.to(device).train()
+    opt = ims.mmm_optimizer(model)
+    packed = b.drop.to(device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    times: List[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        with amp:
+            loss = model(packed)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    med = sorted(times)[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    return {"config": cfg.name, "images": cfg.batch, "median_step_s": med, "images_per_s": cfg.batch / med,
+            "peak_mib": peak, "loss": float(loss.detach()), "backend": model.encoder.backend_for(device),
+            "encoder_tokens": packed.num_tokens}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- sections (CUDA)
+
+
+def section_tests(device: torch.device, budget_s: float) -> str:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rA", *GPU_TESTS]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
+    try:
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=budget_s)
+        out, rc = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as e:
+        out, rc = f"{e.stdout or ''}\n(timed out after {budget_s:.0f} s)", "timeout"
+    lines = [ln for ln in out.splitlines() if ln.startswith(("PASSED", "FAILED", "ERROR", "SKIPPED"))]
+    summary = [ln for ln in out.splitlines() if " passed" in ln or " failed" in ln or "error" in ln.lower()][-1:]
+    return "\n".join([f"`{' '.join(cmd[1:])}` → exit {rc}", "", "```", *lines, *summary, "```"])
+
+
+def section_sync(device: torch.device, budget_s: float) -> str:
+    rows = []
+    for attention in ("xformers", "sdpa"):
+        r = sync_free_step(device, attention=attention, steps=3)
+        rows.append(f"| {r['backend']} | {'no host sync' if r['ok'] else 'SYNC: ' + r['error']} | "
+                    f"{'' if r['ok'] else r['where']} |")
+    return "\n".join(["BERT-base MLM step (bf16 autocast, fused AdamW) with the batch already on the device, under "
+                      "`torch.cuda.set_sync_debug_mode(\"error\")`.", "", "| attention | result | where |",
+                      "|---|---|---|", *rows])
+
+
+def section_mfu(device: torch.device, budget_s: float) -> str:
+    from benchmarks.mfu import measure_mlm_step
+
+    lines = ["BERT-base MLM step (forward in bf16 autocast + backward + fused AdamW), lengths uniform in [L/4, L], "
+             "about 16k real tokens per batch, median of 10 interleaved steps after 3 warm-up steps.", "",
+             "| L | model | median step (ms) | real tokens/s | MFU | mmm / HF |", "|---:|---|---:|---:|---:|---:|"]
+    for L in (128, 512):
+        r = measure_mlm_step(L, 16384, device=device, attention="xformers", steps=10, warmup=3, log=print)
+        for name in ("mmm", "hf"):
+            e = r[name]
+            mfu = "n/a" if e["mfu"] is None else f"{100 * e['mfu']:.1f}%"
+            ratio = f"{r['speedup_real_tokens_per_s']:.2f}×" if name == "mmm" else ""
+            lines.append(f"| {L} | {name} | {e['median_step_s'] * 1e3:.1f} | {e['real_tokens_per_s']:,.0f} | {mfu} "
+                         f"| {ratio} |")
+    return "\n".join(lines)
+
+
+def section_mae(device: torch.device, budget_s: float) -> str:
+    r = mae_step(device)
+    return (f"MAE ViT-B/16, 224 px, 75% masked, 8-layer decoder, {r['images']} images, bf16 autocast, "
+            f"attention {r['backend']}: median step {r['median_step_s'] * 1e3:.1f} ms, "
+            f"{r['images_per_s']:,.0f} images/s, peak {r['peak_mib']:,.0f} MiB, loss {r['loss']:.3f}.")
+
+
+def section_attention(device: torch.device, budget_s: float) -> str:
+    from benchmarks.attention_backends import markdown, run_sweep
+
+    return markdown(run_sweep([128, 512, 2048], 16384, repeats=5, warmup=2, device=device))
+
+
+RUNNERS: Dict[str, Callable[[torch.device, float], str]] = {
+    "tests": section_tests, "sync": section_sync, "mfu": section_mfu, "mae": section_mae,
+    "attention": section_attention,
+}
+TITLES = {"tests": "GPU tests", "sync": "Host syncs in a training step", "mfu": "BERT-base MLM MFU",
+          "mae": "MAE ViT-B step", "attention": "Attention: xformers vs SDPA (packed and padded) vs math"}
+SHARE = {"tests": 0.3, "sync": 0.1, "mfu": 0.3, "mae": 0.1, "attention": 0.2}  # of the time budget, per section
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def environment() -> List[str]:
+    try:
+        import xformers
+
+        xf = xformers.__version__
+    except Exception as e:  # reported, not fatal: the xformers rows then say why they are missing
+        xf = f"not importable ({type(e).__name__})"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return [f"- torch {torch.__version__}, CUDA {torch.version.cuda}, xformers {xf}", f"- device: {gpu}",
+            f"- python {sys.version.split()[0]}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
+
+
+def run(out: Path, budget_s: float = 330.0, sections: Sequence[str] = SECTIONS,
+        device: Optional[torch.device] = None) -> Dict[str, str]:
+    """Run the sections in order and write ``out`` after each; returns section → status.
+
+    Args:
+        out: the markdown report to write.
+        budget_s: wall-clock budget; a section that would start past it is skipped with that reason.
+        sections: which sections to run.
+        device: default CUDA when available; without CUDA every section is skipped.
+    """
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else None)
+    start = time.perf_counter()
+    parts = ["# mmm GPU check", "", *environment(), ""]
+    status: Dict[str, str] = {}
+    for name in sections:
+        left = budget_s - (time.perf_counter() - start)
+        if device is None:
+            status[name] = f"skipped: {NO_CUDA}"
+            body = f"Skipped: {NO_CUDA}."
+        elif left < 10:
+            status[name] = "skipped: time budget spent"
+            body = f"Skipped: the {budget_s:.0f} s budget was spent."
+        else:
+            t0 = time.perf_counter()
+            try:
+                body = RUNNERS[name](device, max(10.0, min(left, SHARE[name] * budget_s * 1.5)))
+                status[name] = "ran"
+            except Exception as e:  # one failing section must not hide the others' numbers
+                body = "Failed:\n\n```\n" + "".join(traceback.format_exception(e))[-3000:] + "```"
+                status[name] = f"failed: {type(e).__name__}: {e}"[:200]
+            body += f"\n\n({time.perf_counter() - t0:.0f} s)"
+        parts += [f"## {TITLES[name]}", "", body, ""]
+        out.write_text("\n".join(parts), encoding="utf-8")
+        print(f"[gpu_check] {name}: {status[name]}", flush=True)
+    if device is None:
+        parts += ["Nothing was measured: run this on a machine with a CUDA GPU (and xformers for its rows)."]
+        out.write_text("\n".join(parts), encoding="utf-8")
+    return status
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="results.md", help="markdown report to write")
+    p.add_argument("--budget-s", type=float, default=330.0, help="wall-clock budget for all sections")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    a = p.parse_args(argv)
+    status = run(Path(a.out), a.budget_s, a.sections)
+    print(f"[gpu_check] wrote {a.out}")
+    return 1 if any(s.startswith("failed") for s in status.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

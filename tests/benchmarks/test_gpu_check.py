@@ -1,0 +1,48 @@
+"""benchmarks/gpu_check.sh: skips cleanly without CUDA; its step functions run on CPU at tiny sizes."""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpu_check
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_BERT = {"depth": 1, "dim": 32, "heads": 2, "mlp_hidden": 64, "vocab": 300, "max_len": 32, "batch": 6}
+TINY_MAE = {"image_size": 32, "patch_size": 8, "dim": 32, "depth": 1, "heads": 2, "mlp_hidden": 64,
+            "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
+
+
+def test_script_exits_0_on_cpu_and_reports_every_skip(tmp_path):
+    out = tmp_path / "results.md"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = out.read_text()
+    for title in gpu_check.TITLES.values():
+        assert f"## {title}\n\nSkipped: {gpu_check.NO_CUDA}." in report
+    assert "Nothing was measured" in report and "torch " in report
+    assert done.stdout.count("skipped: no CUDA device") == len(gpu_check.SECTIONS)
+
+
+def test_sync_free_step_runs_on_cpu():
+    r = gpu_check.sync_free_step(torch.device("cpu"), "small", TINY_BERT, attention="sdpa")
+    assert r["ok"] and r["backend"] == "sdpa" and torch.isfinite(torch.tensor(r["loss"]))
+
+
+def test_mae_step_runs_on_cpu():
+    r = gpu_check.mae_step(torch.device("cpu"), "small", batch=4, steps=1, warmup=0, overrides=TINY_MAE)
+    assert r["images"] == 4 and r["images_per_s"] > 0 and r["peak_mib"] is None
+    assert 4 < r["encoder_tokens"] < 4 * 17  # [CLS] + the visible quarter of 16 patches per image
+
+
+@pytest.mark.gpu
+def test_sync_check_catches_a_host_sync():
+    """The check can fail: a ``.item()`` inside it raises."""
+    x = torch.ones(3, device="cuda")
+    with pytest.raises(RuntimeError, match="synchroniz"):
+        with gpu_check.sync_debug_errors(torch.device("cuda")):
+            x.sum().item()
+    assert torch.cuda.get_sync_debug_mode() == 0
