@@ -265,9 +265,14 @@ class PackedBatch:
         return self.seq.batch_size
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        return PackedBatch(self.seq.to(device), _map_tensors(self.inputs, lambda t: t.to(device, non_blocking=True)),
-                           _map_tensors(self.targets, lambda t: t.to(device, non_blocking=True)), self.task,
-                           self.extras, None if self.partners is None else self.partners.to(device, non_blocking=True))
+        # non-blocking only towards the GPU (from pinned memory it overlaps; towards the host it could be read early)
+        non_blocking = torch.device(device).type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return PackedBatch(self.seq.to(device), _map_tensors(self.inputs, move), _map_tensors(self.targets, move),
+                           self.task, self.extras, None if self.partners is None else move(self.partners))
 
     def pin_memory(self) -> "PackedBatch":
         return PackedBatch(self.seq.pin_memory(), _map_tensors(self.inputs, lambda t: t.pin_memory()),

@@ -283,6 +283,7 @@ class StreamDataModule(L.LightningDataModule):
         # own generator: creating worker iterators must not draw from torch's global RNG (dropout)
         return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                           prefetch_factor=4 if workers > 0 else None,
+                          pin_memory=torch.cuda.is_available(),  # PackedBatch.pin_memory: non-blocking copies to the GPU
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def _trained_batches(self) -> int:

@@ -261,6 +261,7 @@ class MixtureDataModule(L.LightningDataModule):
     def _loader(self, pipeline: Any, workers: int) -> DataLoader:
         return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                           prefetch_factor=4 if workers > 0 else None,
+                          pin_memory=torch.cuda.is_available(),  # PackedBatch.pin_memory: non-blocking copies to the GPU
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def _train_builder(self, task: TaskData) -> Callable[[], DataLoader]:
