@@ -26,6 +26,6 @@ class BadInputSkipper:
     def bad(self, where: str, reason: str) -> None:
         """Report bad input at ``where`` (file, line, field) for ``reason``."""
         if not self.skip_bad:
-            raise self.error(f"{where}: {reason} (pass skip_bad=True to skip and report such input)")
+            raise self.error(f"{where}: {reason} (pass --skip_bad to `mmm shards build`, or skip_bad=True to build_shards, to skip and report such input)")
         logger.warning("skipping %s: %s", where, reason)
         self.skipped.append((where, reason))

@@ -8,6 +8,7 @@
     mmm shards stats DIR [--split ...] [--tokenizer DIR] [--max_len 128] [--json OUT]
     mmm export hf CHECKPOINT OUT_DIR
     mmm list [KIND]
+    mmm --debug <command> ...       (or MMM_DEBUG=1: show the full traceback of an error)
     mmm embed SOURCE INPUT OUT --modality M [--pooling cls|mean]      (features as .npy + keys)
     mmm finetune SOURCE --modality M --train F --dev F [--text_column ...] [--seeds 3] (mean ± std)
     mmm bench --suite throughput|eval [--quick] [--out DIR] [--compile] [CKPT]
@@ -18,14 +19,25 @@ Overrides follow LightningCLI / jsonargparse conventions: ``--section.key value`
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from mmm.config import ConfigError, dump_config, load_config, parse_override_value
 from mmm.data.stream import SampleError
+from mmm.errors import UserError, one_line
 from mmm.registry import RegistryError
+
+DEBUG_ENV = "MMM_DEBUG"
+"""Environment variable: ``MMM_DEBUG=1`` shows the full traceback of an error (as ``mmm --debug``)."""
+
+USER_ERRORS = (UserError, ConfigError, RegistryError, SampleError, ValueError, OSError, FloatingPointError)
+"""Errors about the user's input: printed as their one-line message, exit code 2. Anything else is
+unexpected: printed with its type and a hint to rerun with ``--debug``, exit code 1."""
 
 
 def parse_overrides(args: Sequence[str]) -> Dict[str, Any]:
@@ -50,8 +62,22 @@ def parse_overrides(args: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
+def _require_config(ns: argparse.Namespace, what: str) -> None:
+    """Refuse to run on the built-in defaults by accident: ``--config`` or an explicit ``--defaults``."""
+    if ns.config is not None or ns.defaults:
+        return
+    presets = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    raise ConfigError("no --config given: name a YAML config (e.g. --config configs/text_mlm_tiny.yaml"
+                      + (f"; presets in configs/: {', '.join(presets)}" if presets else "")
+                      + f"), or pass --defaults to {what} with the built-in defaults (trainer.max_steps 1000, "
+                      "trainer.default_root_dir runs/mmm, unless overridden)")
+
+
 def _cmd_pretrain(ns: argparse.Namespace, rest: List[str]) -> int:
-    cfg = load_config(ns.config, parse_overrides(rest))
+    overrides = parse_overrides(rest)
+    if not ns.print_config:
+        _require_config(ns, "train")
+    cfg = load_config(ns.config, overrides)
     if ns.print_config:
         print(dump_config(cfg))
         return 0
@@ -63,7 +89,9 @@ def _cmd_pretrain(ns: argparse.Namespace, rest: List[str]) -> int:
 
 
 def _cmd_prepare(ns: argparse.Namespace, rest: List[str]) -> int:
-    cfg = load_config(ns.config, parse_overrides(rest))
+    overrides = parse_overrides(rest)
+    _require_config(ns, "fit assets")
+    cfg = load_config(ns.config, overrides)
     from mmm.train.tasks import prepare_run_assets
 
     mods = prepare_run_assets(cfg)
@@ -77,13 +105,14 @@ def _cmd_prepare(ns: argparse.Namespace, rest: List[str]) -> int:
 
 def _cmd_demo(ns: argparse.Namespace, rest: List[str]) -> int:
     if rest:
-        raise ConfigError(f"mmm demo: unexpected arguments {rest}")
-    from mmm.demo import run_demo
+        raise ConfigError(f"unexpected arguments {rest}")
+    from mmm.demo import check_demo_args, run_demo
 
+    parts = [p.strip() for p in ns.parts.split(",") if p.strip()] if ns.parts is not None else None
+    check_demo_args(parts, ns.max_steps, ns.config)
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"mmm demo: writing to {out}", flush=True)
-    parts = [p.strip() for p in ns.parts.split(",") if p.strip()] if ns.parts else None
     m = run_demo(out, parts, ns.max_steps, progress_bar=not ns.no_progress, config=ns.config, quick=ns.quick)["parts"]
     if "text" in m:
         tr, un, uni = (m["text"]["held_out"][k] for k in ("trained", "untrained", "unigram"))
@@ -106,7 +135,7 @@ def _cmd_demo(ns: argparse.Namespace, rest: List[str]) -> int:
 
 def _cmd_shards(ns: argparse.Namespace, rest: List[str]) -> int:
     if rest:
-        raise ConfigError(f"mmm shards build: unexpected arguments {rest}")
+        raise ConfigError(f"unexpected arguments {rest}")
     import datasets_def  # noqa: F401
     from mmm.registry import DATASETS
 
@@ -120,8 +149,15 @@ def _cmd_shards(ns: argparse.Namespace, rest: List[str]) -> int:
     if wrong:
         raise ConfigError(f"mmm shards build --dataset {ns.dataset}: option(s) {['--' + k for k in wrong]} do not apply "
                           f"to this dataset")
-    report = ds.build_shards(ns.input, ns.output, val_fraction=ns.val_fraction, seed=ns.seed, skip_bad=ns.skip_bad,
-                             overwrite=ns.overwrite, **options)
+    try:
+        report = ds.build_shards(ns.input, ns.output, val_fraction=ns.val_fraction, seed=ns.seed,
+                                 skip_bad=ns.skip_bad, overwrite=ns.overwrite, **options)
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        # a write deep in a tar writer names no file: a full disk is the output's, anything else is named as a build
+        where = ns.output if e.errno == errno.ENOSPC else f"building {ns.input} into {ns.output}"
+        raise OSError(e.errno, e.strerror or str(e), str(where)) from e
     counts = next((getattr(report, a) for a in ("chunks", "samples", "windows") if isinstance(getattr(report, a, None), dict)), {})
     print(f"wrote {sum(len(s) for s in report.shards.values())} shards to {ns.output}: "
           + ", ".join(f"{split}: {counts.get(split, 0)} samples" for split in sorted(counts)))
@@ -132,7 +168,7 @@ def _cmd_shards(ns: argparse.Namespace, rest: List[str]) -> int:
 
 def _cmd_shards_check(ns: argparse.Namespace, rest: List[str]) -> int:
     if rest:
-        raise ConfigError(f"mmm shards check: unexpected arguments {rest}")
+        raise ConfigError(f"unexpected arguments {rest}")
     from mmm.data.shard_tools import check_shards
 
     report = check_shards(ns.path, dataset=ns.dataset, split=ns.split)
@@ -142,7 +178,7 @@ def _cmd_shards_check(ns: argparse.Namespace, rest: List[str]) -> int:
 
 def _cmd_shards_stats(ns: argparse.Namespace, rest: List[str]) -> int:
     if rest:
-        raise ConfigError(f"mmm shards stats: unexpected arguments {rest}")
+        raise ConfigError(f"unexpected arguments {rest}")
     import json
 
     from mmm.data.shard_tools import shard_stats
@@ -159,7 +195,7 @@ def _cmd_shards_stats(ns: argparse.Namespace, rest: List[str]) -> int:
 
 def _cmd_export(ns: argparse.Namespace, rest: List[str]) -> int:
     if rest:
-        raise ConfigError(f"mmm export: unexpected arguments {rest}")
+        raise ConfigError(f"unexpected arguments {rest}")
     from mmm.interop.hf import export_command
 
     export_command(ns.checkpoint, ns.out)  # prints what was written and how to load it
@@ -175,6 +211,8 @@ def _cmd_list(ns: argparse.Namespace, rest: List[str]) -> int:
     from mmm import registry
 
     kinds = {r.kind: r for r in vars(registry).values() if isinstance(r, registry.Registry)}
+    if ns.kind is not None and ns.kind not in kinds:
+        raise RegistryError(f"unknown kind {ns.kind!r}; known kinds: {', '.join(sorted(kinds))}")
     for kind, reg in sorted(kinds.items()):
         if ns.kind in (None, kind):
             print(f"{kind}: {', '.join(reg.list())}")
@@ -183,7 +221,7 @@ def _cmd_list(ns: argparse.Namespace, rest: List[str]) -> int:
 
 def _cmd_bench(ns: argparse.Namespace, rest: List[str]) -> int:
     if rest:
-        raise ConfigError(f"mmm bench: unexpected arguments {rest}")
+        raise ConfigError(f"unexpected arguments {rest}")
     from benchmarks.suite import run_suite
 
     report = run_suite(ns.suite, ns.out, ns.quick, ns.checkpoint, ns.compile)
@@ -200,13 +238,14 @@ def _add_shard_selection(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmm", description="Multimodal masked modeling.")
+    p.add_argument("--debug", action="store_true", help=f"show the full traceback of an error (also {DEBUG_ENV}=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="pretrain a tiny model per modality on the embedded data and write a report")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     d.add_argument("--parts", default=None, help="comma-separated parts: text,image,dna,audio,vl (default all)")
     d.add_argument("--config", default=None, help="replace the config of the single part chosen with --parts")
-    d.add_argument("--max_steps", type=int, default=None, help="override trainer.max_steps")
+    d.add_argument("--max_steps", type=int, default=None, help="override trainer.max_steps (>= 1)")
     d.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     d.add_argument("--quick", action="store_true", help="small evaluation sets (smoke tests)")
     d.set_defaults(fn=_cmd_demo)
@@ -214,11 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("prepare", help="fit a config's assets (tokenizer, statistics, k-means codebooks) into its "
                                        "run folder without training; pretrain reuses them")
     r.add_argument("--config", default=None, help="YAML config file")
+    r.add_argument("--defaults", action="store_true", help="without --config: the built-in defaults plus overrides")
     r.set_defaults(fn=_cmd_prepare)
 
     t = sub.add_parser("pretrain", help="pretrain from a YAML config; --section.key value overrides")
     t.add_argument("--config", default=None, help="YAML config file")
     t.add_argument("--print_config", action="store_true", help="print the resolved config (with comments) and exit")
+    t.add_argument("--defaults", action="store_true", help="train without --config: the built-in defaults plus overrides")
     t.set_defaults(fn=_cmd_pretrain)
 
     s = sub.add_parser("shards", help="WebDataset shard tools")
@@ -282,16 +323,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command_name(ns: argparse.Namespace) -> str:
+    """``pretrain``, ``shards build``, ``export hf``: the words of the command that failed."""
+    words = [getattr(ns, k, None) for k in ("command", "shards_command", "export_format")]
+    return " ".join(w for w in words if w)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one ``mmm`` command; returns its exit code.
+
+    A failure ends as one line ``mmm <command>: error: ...`` on stderr: a user error (bad config
+    value, missing or corrupt file, refused checkpoint, bad sample, full disk) with its message and
+    exit code 2; anything else with its type, its message and a hint to rerun with ``--debug`` (or
+    ``MMM_DEBUG=1``), exit code 1. With ``--debug`` the traceback is printed first.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints through its own handler
     parser = build_parser()
     ns, rest = parser.parse_known_args(argv)
+    debug = ns.debug or "--debug" in rest or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    rest = [a for a in rest if a != "--debug"]  # `mmm pretrain ... --debug` works too
+    name = _command_name(ns)
     try:
         return ns.fn(ns, rest)
-    except (ConfigError, RegistryError, FileNotFoundError, ValueError, FloatingPointError, SampleError) as e:
-        print(f"mmm {ns.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"mmm {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the last resort: no user sees a raw traceback unless asked for it
+        known = isinstance(e, USER_ERRORS)
+        if debug:
+            traceback.print_exc()
+        print(f"mmm {name}: error: {one_line(e, known)}", file=sys.stderr)
+        return 2 if known else 1
 
 
 if __name__ == "__main__":

@@ -396,6 +396,22 @@ def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> None:
             raise ConfigError(f"{key} must be {wanted}, got {got!r} ({f.metadata.get('help', '')})")
 
 
+def check_config(cfg: Any, where: str = "") -> None:
+    """Check every field of a config built in code (not loaded) against its range, naming the dotted key.
+
+    :func:`load_config` checks while reading; this covers configs made or changed in Python.
+    """
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_config(value, key)
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                check_config(item, f"{key}[{i}]")
+        else:
+            _check_bounds(value, f, key)
+
+
 def to_dict(cfg: Any) -> Dict[str, Any]:
     """Plain-data (YAML/JSON/pickle-safe) form of a config dataclass."""
 
@@ -495,7 +511,9 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dic
         resolve_batch_size(cfg, explicit_batch_size=isinstance(section, dict) and "batch_size" in section)
         return cfg
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        text = str(e)  # a bad value given on the command line is named as the override, not as the file's
+        given = next((k for k in overrides or {} if text.startswith((f"{k}:", f"{k} "))), None)
+        raise ConfigError(f"override --{given}: {text}" if given else f"{where}: {text}") from None
 
 
 def data_parallel_size(trainer: TrainerConfig) -> int:

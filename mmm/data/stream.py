@@ -4,7 +4,7 @@ A pipeline reads tar shards written by a ``datasets_def`` dataset definition thr
 :mod:`mmm.data.tar` (the reader asset fitting and the shard tools use too) and hands raw
 samples (``{"__key__": ..., "__url__": ..., "<ext>": bytes}``) to the modality's own stages.
 Sample and shard errors go to one :class:`SampleErrorHandler`, which either stops with a message
-naming the shard (the default) or skips, counts and reports them (``skip_bad=True``).
+naming the shard (the default) or skips, counts and reports them (``data.skip_bad: true``).
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ class SampleErrorHandler:
     Args:
         skip_bad: False (default) re-raises as :class:`SampleError` naming the shard; True
             skips the sample/shard and continues.
-        max_errors: with ``skip_bad``, raise a ``RuntimeError`` with the counts once more than
+        max_errors: with ``skip_bad``, raise a :class:`SampleError` with the counts and the last error once more than
             this many errors were seen (None = unlimited).
         keep_messages: how many error messages to keep for :meth:`summary`.
     """
@@ -159,10 +159,11 @@ class SampleErrorHandler:
             self.messages.append(text)
         if not self.skip_bad:
             logger.error("%s", text)
-            raise SampleError(f"{text} (set skip_bad=True to skip and count bad samples)") from exn
+            raise SampleError(f"{text} (set data.skip_bad: true, or --data.skip_bad true, to skip and count bad samples)") from exn
         logger.warning("skipping bad sample: %s", text)
         if self.max_errors is not None and self.total > self.max_errors:
-            raise RuntimeError(f"too many bad samples: {self.total} > max_errors={self.max_errors}; {self._counts_text()}; first: {self.messages[:3]}") from exn
+            raise SampleError(f"too many bad samples: {self.total} > data.max_errors={self.max_errors} "
+                              f"({self._counts_text()}); last: {text}") from exn
         return True
 
     def _counts_text(self) -> str:

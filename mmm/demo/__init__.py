@@ -20,6 +20,8 @@ import logging
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from mmm.config import ConfigError
+
 logger = logging.getLogger("mmm.demo")
 
 PARTS: Dict[str, str] = {
@@ -42,25 +44,45 @@ def _runner(part: str) -> Callable[..., Dict[str, object]]:
     return getattr(importlib.import_module(module), fn)
 
 
+def check_demo_args(parts: Optional[Sequence[str]], max_steps: Optional[int], config: Optional[Path]) -> None:
+    """Refuse demo arguments that would be ignored or misread, before anything runs.
+
+    Args:
+        parts: the parts asked for (None = all; an empty list names none and is an error).
+        max_steps: ``trainer.max_steps`` for every part (None = each part's own), at least 1.
+        config: a config replacing one part's (only with exactly one part).
+    """
+    known = available_parts()
+    if parts is not None:
+        if not parts:
+            raise ConfigError(f"--parts names no part; choose from {', '.join(known)} (or leave "
+                              f"--parts out to run them all)")
+        unknown = [p for p in parts if p not in known]
+        if unknown:
+            raise ConfigError(f"unknown part(s) {', '.join(map(repr, unknown))} in --parts; valid parts: "
+                              f"{', '.join(known)}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ConfigError(f"--max_steps must be >= 1 (trainer.max_steps of every part), got {max_steps!r}")
+    if config is not None and (parts is None or len(parts) != 1):
+        raise ConfigError(f"--config replaces one part's config; choose that part with --parts "
+                          f"(got {'all parts' if parts is None else list(parts)})")
+
+
 def run_demo(out_dir: Path, parts: Optional[Sequence[str]] = None, max_steps: Optional[int] = None,
              progress_bar: bool = True, config: Optional[Path] = None, quick: bool = False) -> Dict[str, object]:
     """Run the demo parts; returns the metrics written to ``metrics.json`` (``{"parts": {part: metrics}}``).
 
     Args:
         out_dir: output folder.
-        parts: which parts (default: every available one).
+        parts: which parts (None: every available one; an empty list is an error).
         max_steps: override ``trainer.max_steps`` of every part.
         progress_bar: show Lightning's progress bar.
         config: a config replacing the part's default (only with a single part).
         quick: smaller evaluations (probe and held-out sets), for smoke tests.
     """
     out_dir = Path(out_dir)
-    parts = list(parts) if parts else available_parts()
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown:
-        raise ValueError(f"unknown demo part(s) {unknown}; known: {list(PARTS)}")
-    if config is not None and len(parts) != 1:
-        raise ValueError(f"--config replaces one part's config; choose that part with --parts (got {parts})")
+    check_demo_args(None if parts is None else list(parts), max_steps, config)
+    parts = available_parts() if parts is None else list(parts)
     results: Dict[str, Dict[str, object]] = {}
     sections = ["# mmm demo report", "",
                 "Each part pretrains one modality's tiny config on its embedded data (built locally) and compares "

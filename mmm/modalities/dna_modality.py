@@ -58,6 +58,8 @@ def describe_mismatch(tok: DNATokenizer, cfg: DNAConfig) -> Optional[str]:
     if isinstance(tok, DNAKmerTokenizer) and (tok.k, tok.overlapping) != (cfg.k, cfg.overlapping):
         return (f"it has k={tok.k}, overlapping={tok.overlapping}; the config asks for k={cfg.k}, "
                 f"overlapping={cfg.overlapping}")
+    if cfg.tokenizer == "dna_bpe" and tok.vocab_size > cfg.vocab_size:  # BPE may stop short of the size asked for
+        return f"it holds {tok.vocab_size} tokens; the config asks for vocab_size {cfg.vocab_size}"
     return None
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from mmm.config import ComponentConfig, EncoderConfig, ModelConfig
+from mmm.config import ComponentConfig, ConfigError, EncoderConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.tar import ReadOptions
 from mmm.data.text import text_stages
@@ -20,6 +21,8 @@ from mmm.registry import EMBEDDERS, MASKERS, MODALITIES, TOKENIZERS
 logger = logging.getLogger("mmm.train")
 
 TOKENIZER_DIR = "tokenizer"
+FIT_FILE = "fitted_with.json"
+"""Settings a run-folder tokenizer was trained with (compared when the folder is reused)."""
 
 
 def tokenizer_files(directory: Path) -> Dict[str, str]:
@@ -54,11 +57,18 @@ class TextModality(Modality):
         self.tokenizer: Optional[TextTokenizer] = None
 
     def prepare(self, train_urls: List[str], run_dir: Path, options: Optional[ReadOptions] = None) -> None:
+        """Load ``model.text.tokenizer_path``, reuse the run folder's tokenizer, or train one; a reused
+        tokenizer must be the one the config asks for (it is refused, naming both, otherwise)."""
         t, own = self.cfg, run_dir / TOKENIZER_DIR
+        reuse = (own / "tokenizer.json").is_file()
         if t.tokenizer_path:
             tok = TextTokenizer.load(t.tokenizer_path)
-        elif (own / "tokenizer.json").is_file():
+            if reuse and TextTokenizer.load(own).tokenizer.get_vocab() != tok.tokenizer.get_vocab():
+                raise ConfigError(f"model.text.tokenizer_path {t.tokenizer_path} differs from the tokenizer the run folder "
+                                 f"already holds ({own}); use a new trainer.default_root_dir or delete {own}")
+        elif reuse:
             tok = TextTokenizer.load(own)
+            self._check_reused(tok, own)
         else:
             from datasets_def.text import iter_texts
 
@@ -66,10 +76,36 @@ class TextModality(Modality):
                         t.tokenizer_train_docs)
             texts = itertools.islice(iter_texts(train_urls, options=options), t.tokenizer_train_docs)
             tok = TOKENIZERS.create(t.tokenizer, texts=texts, vocab_size=t.vocab_size, lowercase=t.lowercase)
-        if not (own / "tokenizer.json").is_file():
+        if not reuse:
             tok.save(own)
+            if not t.tokenizer_path:
+                fit = {"tokenizer": t.tokenizer, "vocab_size": t.vocab_size, "lowercase": t.lowercase}
+                (own / FIT_FILE).write_text(json.dumps(fit, indent=2) + "\n", encoding="utf-8")
         self.tokenizer = tok
         self._files = tokenizer_files(own)
+
+    def _check_reused(self, tok: TextTokenizer, own: Path) -> None:
+        """Refuse the run folder's tokenizer when ``model.text`` asks for another one (algorithm,
+        vocabulary size or casing), naming both values and the folder."""
+        t, fit_path = self.cfg, own / FIT_FILE
+        fit: Dict[str, Any] = {"tokenizer": tok.kind, "lowercase": tok.lowercase}
+        if fit_path.is_file():
+            try:
+                fit.update(json.loads(fit_path.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"cannot read {fit_path}: {e}") from None
+        trained = fit.get("vocab_size")
+        problems = [f"model.text.{k} is {getattr(t, k)!r} but it was trained with {fit[k]!r}"
+                    for k in ("tokenizer", "lowercase") if fit[k] != getattr(t, k)]
+        if trained is not None and trained != t.vocab_size:
+            problems.append(f"model.text.vocab_size is {t.vocab_size} but it was trained with vocab_size {trained} "
+                            f"({tok.vocab_size} tokens)")
+        elif trained is None and tok.vocab_size > t.vocab_size:  # a folder from before the fit record
+            problems.append(f"model.text.vocab_size is {t.vocab_size} but it holds {tok.vocab_size} tokens")
+        if problems:
+            raise ConfigError(f"the run folder's tokenizer {own / 'tokenizer.json'} is not the one the config asks for: "
+                             f"{'; '.join(problems)}. Keep the run's settings, use a new trainer.default_root_dir, "
+                             f"or delete {own} to train a new tokenizer")
 
     def assets(self) -> Dict[str, str]:
         return dict(self._files) if self.tokenizer is not None else {}

@@ -20,18 +20,19 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from mmm.config import PretrainConfig, TaskConfig, dump_config, to_dict
+from mmm.config import ConfigError, PretrainConfig, TaskConfig, check_config, dump_config, to_dict
+from mmm.errors import CheckpointError
 from mmm.modalities.base import Modality
 from mmm.model import build_model
 from mmm.train.callbacks import ThroughputMonitor
-from mmm.train.checkpoint_io import AtomicCheckpointIO
+from mmm.train.checkpoint_io import AtomicCheckpointIO, read_resume_checkpoint
 from mmm.train.datamodule import StreamDataModule
 from mmm.train.mixture import MixtureDataModule, MixtureMonitor, TagTask, TaskData
 from mmm.train.module import MaskedModelingModule
@@ -144,18 +145,119 @@ def _strategy(cfg: PretrainConfig, multi_task: bool) -> Any:
     return s
 
 
+def check_settings(cfg: PretrainConfig) -> None:
+    """Refuse settings the run could not honour, before anything is written.
+
+    Every field's range (:func:`~mmm.config.check_config`), then the choices that depend on each
+    other or on this machine: ``trainer.nonfinite_loss`` and its single-process rule, and an
+    ``xformers`` attention backend (CUDA only) on a run without CUDA.
+    """
+    check_config(cfg)
+    if cfg.trainer.nonfinite_loss not in ("stop", "skip"):
+        raise ConfigError(f"trainer.nonfinite_loss must be 'stop' or 'skip', got {cfg.trainer.nonfinite_loss!r}")
+    if cfg.trainer.nonfinite_loss == "skip" and (cfg.trainer.devices not in (1, "1") or cfg.trainer.num_nodes != 1):
+        raise ConfigError("trainer.nonfinite_loss: skip needs a single process (ranks would disagree on which "
+                          "batches step); use stop with several devices")
+    _check_attention_backend(cfg)
+
+
+def _check_attention_backend(cfg: PretrainConfig) -> None:
+    """An explicit ``xformers`` backend (config, or ``$MMM_ATTENTION`` under ``auto``) needs CUDA and xformers."""
+    from mmm.core.attention import BACKEND_ENV, xformers_available
+
+    asked = cfg.model.encoder.attention
+    key = "model.encoder.attention"
+    if asked == "auto" and os.environ.get(BACKEND_ENV):
+        asked, key = os.environ[BACKEND_ENV], f"${BACKEND_ENV} (model.encoder.attention is auto)"
+    if asked != "xformers":
+        return
+    accelerator = str(cfg.trainer.accelerator)
+    if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        raise ConfigError(f"{key}: xformers needs a CUDA GPU (it has no CPU kernels), and this run has none "
+                          f"(trainer.accelerator {accelerator!r}, CUDA available: {torch.cuda.is_available()}); "
+                          f"use auto, sdpa or math")
+    if not xformers_available():
+        raise ConfigError(f"{key}: xformers is not installed (or does not import); install it or use auto, sdpa or math")
+
+
+def read_resume_checkpoint_for(cfg: PretrainConfig, run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The checkpoint ``trainer.ckpt_path`` resumes from (memory-mapped), checked to be readable and
+    to leave steps to train; None when the run starts fresh."""
+    path = resolve_ckpt_path(cfg, run_dir)
+    if path is None:
+        return None
+    ckpt = read_resume_checkpoint(Path(path))
+    step = int(ckpt["global_step"])
+    if step >= cfg.trainer.max_steps:
+        raise ConfigError(f"trainer.max_steps {cfg.trainer.max_steps} leaves nothing to train: the checkpoint {path} "
+                          f"is already at step {step}; set --trainer.max_steps above {step} to train further")
+    return ckpt
+
+
+def _flatten(data: Any, prefix: str = "") -> Dict[str, Any]:
+    """``{"model": {"encoder": {"dim": 64}}}`` → ``{"model.encoder.dim": 64}`` (list entries by index)."""
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list) and any(isinstance(v, (dict, list)) for v in data):
+        items = ((str(i), v) for i, v in enumerate(data))
+    else:
+        return {prefix: list(data) if isinstance(data, tuple) else data}
+    out: Dict[str, Any] = {}
+    for k, v in items:
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_differences(stored: Dict[str, Any], cfg: PretrainConfig) -> List[str]:
+    """``key: stored -> new`` for every setting of ``cfg`` that differs from a checkpoint's stored config
+    (``trainer.ckpt_path`` left out: it always does)."""
+    old, new = _flatten(stored), _flatten(to_dict(cfg))
+    missing = object()
+    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(set(old) | set(new))
+            if k != "trainer.ckpt_path" and old.get(k, missing) != new.get(k, missing)]
+
+
+def check_checkpoint_fits(module: MaskedModelingModule, ckpt: Dict[str, Any], cfg: PretrainConfig, path: str) -> None:
+    """Refuse a checkpoint whose weights do not fit the model ``cfg`` builds, listing the settings that
+    differ from the checkpoint's stored config; when it fits, log those settings (they take effect)."""
+    saved, own = ckpt["state_dict"], module.state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    reshaped = [f"{k} {tuple(saved[k].shape)} -> {tuple(v.shape)}" for k, v in own.items()
+                if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    stored = (ckpt.get("mmm") or {}).get("config")
+    diffs = config_differences(stored, cfg) if isinstance(stored, dict) else []
+    if not (missing or unexpected or reshaped):
+        if diffs:
+            logger.warning("resuming from %s with settings that differ from its config (they take effect): %s",
+                           path, "; ".join(diffs))
+        return
+    examples = (reshaped + [f"{k} not in the checkpoint" for k in missing] +
+                [f"{k} only in the checkpoint" for k in unexpected])
+    count = len(reshaped) + len(missing) + len(unexpected)
+    what = (f"settings that differ from the checkpoint's config: {'; '.join(diffs[:12])}"
+            + (f" (and {len(diffs) - 12} more)" if len(diffs) > 12 else "") if diffs else
+            "the checkpoint stores no config to compare with" if stored is None else
+            "its stored config equals this one (the model code or assets changed)")
+    raise CheckpointError(f"trainer.ckpt_path: {path} does not fit the model this config builds ({count} parameter "
+                          f"tensor(s) differ, e.g. {examples[0]}); {what}. Resume with the checkpoint's settings, or "
+                          f"train into a new trainer.default_root_dir without ckpt_path")
+
+
 def build_run(cfg: PretrainConfig) -> PretrainRun:
-    """Build the modalities' assets, model, data and trainer for ``cfg`` (nothing is trained yet)."""
+    """Build the modalities' assets, model, data and trainer for ``cfg`` (nothing is trained yet).
+
+    Settings and the checkpoint to resume from are checked before the run folder's ``config.yaml``
+    is written, so a refused resume leaves the folder as it was.
+    """
     run_dir = Path(cfg.trainer.default_root_dir)
+    check_settings(cfg)
+    resume = read_resume_checkpoint_for(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_text = dump_config(cfg) + "\n"
     rank = global_rank_from_env()
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(config_text, encoding="utf-8")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.threads is not None:
-        if cfg.trainer.threads < 1:
-            raise ValueError(f"trainer.threads must be >= 1 or null, got {cfg.trainer.threads}")
         torch.set_num_threads(cfg.trainer.threads)
 
     tasks = task_configs(cfg)
@@ -176,12 +278,12 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
             block.compile(dynamic=True)
     extra = {"format": "mmm-pretrain-v1", "config": to_dict(cfg), "assets": mods.assets(),
              "modalities": list(mods.base)}
-    if cfg.trainer.nonfinite_loss not in ("stop", "skip"):
-        raise ValueError(f"trainer.nonfinite_loss must be 'stop' or 'skip', got {cfg.trainer.nonfinite_loss!r}")
-    if cfg.trainer.nonfinite_loss == "skip" and (cfg.trainer.devices not in (1, "1") or cfg.trainer.num_nodes != 1):
-        raise ValueError("trainer.nonfinite_loss: skip needs a single process (ranks would disagree on which "
-                         "batches step); use stop with several devices")
     module = MaskedModelingModule(model, cfg.optim, cfg.trainer.max_steps, extra, nonfinite=cfg.trainer.nonfinite_loss)
+    if resume is not None:
+        check_checkpoint_fits(module, resume, cfg, str(resolve_ckpt_path(cfg, run_dir)))
+        del resume
+    if rank == 0:  # only now: a refused resume must not overwrite the run's config
+        (run_dir / "config.yaml").write_text(config_text, encoding="utf-8")
 
     def stages_of(t: TaskConfig):
         feed, tag = mods.feeds[t.name], [TagTask(t.name)] if t.name else []

@@ -1,0 +1,252 @@
+"""Issue 13 §1: every failure a user can cause ends as one ``mmm <command>: error: ...`` line, no traceback.
+
+Resumes use a copy of the session's tiny 3-step run folder (conftest ``ckpt``), so no test here
+trains more than a step.
+"""
+import errno
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, TINY_OVERRIDES
+from mmm.cli import main
+
+TINY = str(REPO / "configs" / "text_mlm_tiny.yaml")
+
+
+def _tiny_argv(run_dir: Path, **overrides) -> list:
+    """``mmm pretrain`` of the tiny text config with the conftest run's overrides (what the ``ckpt`` run used)."""
+    argv = ["pretrain", "--config", TINY, "--trainer.default_root_dir", str(run_dir), "--data.val", "null"]
+    for k, v in {**TINY_OVERRIDES, **overrides}.items():
+        argv += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    return argv
+
+
+def _error_line(capsys, command: str = "pretrain") -> str:
+    """The single error line on stderr (log lines before it are allowed, a traceback is not)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"mmm {command}: ")]
+    assert len(lines) == 1, err[-3000:]
+    assert err.rstrip().endswith(lines[0]), "the error line must be the last thing printed"
+    return lines[0]
+
+
+@pytest.fixture
+def run_copy(ckpt, tmp_path) -> Path:
+    """A copy of the tiny 3-step run folder (config.yaml, tokenizer/, checkpoints/last.ckpt)."""
+    dst = tmp_path / "run"
+    shutil.copytree(ckpt.parents[1], dst, ignore=shutil.ignore_patterns("logs"))
+    return dst
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_resume_from_a_truncated_checkpoint_names_the_file(run_copy, capsys):
+    last = run_copy / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    code = main(_tiny_argv(run_copy, **{"trainer.ckpt_path": "last", "trainer.max_steps": 5}))
+    line = _error_line(capsys)
+    assert code == 2
+    assert str(last) in line and "truncated or corrupt" in line
+
+
+def test_resume_from_a_checkpoint_carrying_code_is_refused_in_one_line(run_copy, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    ck = torch.load(run_copy / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ck["payload"] = Payload()
+    torch.save(ck, evil)
+    code = main(_tiny_argv(run_copy, **{"trainer.ckpt_path": str(evil), "trainer.max_steps": 5}))
+    line = _error_line(capsys)
+    assert code == 2 and not marker.exists()
+    assert f"refusing to load {evil}" in line and "weights_only" in line
+
+
+def test_resume_with_another_encoder_width_lists_the_changed_settings_and_keeps_config_yaml(run_copy, capsys):
+    before = (run_copy / "config.yaml").read_text()
+    code = main(_tiny_argv(run_copy, **{"trainer.ckpt_path": "last", "trainer.max_steps": 5,
+                                        "model.encoder.dim": 32, "model.encoder.heads": 2}))
+    line = _error_line(capsys)
+    assert code == 2
+    assert "does not fit the model" in line and str(run_copy / "checkpoints" / "last.ckpt") in line
+    assert "model.encoder.dim: 64 -> 32" in line and "model.encoder.heads: 4 -> 2" in line
+    assert (run_copy / "config.yaml").read_text() == before, "a refused resume must not rewrite config.yaml"
+    assert yaml.safe_load(before)["model"]["encoder"]["dim"] == 64
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_xformers_attention_without_cuda_is_refused_before_anything_is_built(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(_tiny_argv(run_dir, **{"model.encoder.attention": "xformers", "trainer.max_steps": 2}))
+    line = _error_line(capsys)
+    assert code == 2
+    assert "model.encoder.attention: xformers needs a CUDA GPU" in line and "sdpa" in line
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "tokenizer").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_xformers_from_the_environment_is_named_as_such(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MMM_ATTENTION", "xformers")
+    assert main(_tiny_argv(tmp_path / "run", **{"trainer.max_steps": 2})) == 2
+    assert "$MMM_ATTENTION (model.encoder.attention is auto): xformers needs a CUDA GPU" in _error_line(capsys)
+
+
+# ------------------------------------------------------------------------------------------ config values
+
+
+@pytest.mark.parametrize("key,value", [("trainer.max_steps", -5), ("data.batch_size", 0), ("data.batch_size", -4),
+                                       ("data.max_errors", -1), ("model.encoder.dropout", 1.5), ("optim.lr", 0)])
+def test_out_of_range_values_are_refused_at_load_naming_the_key(key, value, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_tiny_argv(run_dir, **{key: value})) == 2
+    line = _error_line(capsys)
+    assert f"override --{key}: {key} must be" in line and f"got {value}" in line
+    assert "cannot pack" not in line and not run_dir.exists()
+
+
+def test_out_of_range_value_in_a_yaml_file_names_the_file(tmp_path, capsys):
+    cfg = yaml.safe_load(Path(TINY).read_text())
+    cfg["data"]["batch_size"] = -4
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["pretrain", "--config", str(path)]) == 2
+    assert f"{path}: data.batch_size must be >= 1, got -4" in _error_line(capsys)
+
+
+# ------------------------------------------------------------------------------------------ data errors
+
+
+def _shards_with_bad_samples(folder: Path, good: int, bad: int) -> Path:
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "train-000000.tar", "w") as tar:
+        for i in range(good + bad):
+            payload = (b"\xff\xfe not utf-8 " * 3) if i % 2 and i // 2 < bad else \
+                f"document {i} about masked language models and encoders.".encode()
+            info = tarfile.TarInfo(f"s{i:04d}.txt")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return folder
+
+
+def test_max_errors_exceeded_is_one_line_with_the_limit_and_the_last_error(ckpt, tmp_path, capsys):
+    shards = _shards_with_bad_samples(tmp_path / "shards", good=12, bad=3)
+    argv = _tiny_argv(tmp_path / "run", **{"data.train": str(shards), "data.skip_bad": True, "data.max_errors": 1,
+                                           "trainer.max_steps": 2, "model.text.tokenizer_path": str(ckpt.parents[1] / "tokenizer")})
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    assert "too many bad samples: 2 > data.max_errors=1" in line
+    assert "last: " in line and "'txt' is not UTF-8" in line
+
+
+def test_an_error_from_a_dataloader_worker_is_reduced_to_its_own_line():
+    from torch._utils import ExceptionWrapper
+
+    from mmm.data.stream import SampleError
+    from mmm.errors import one_line
+
+    try:
+        raise SampleError("too many bad samples: 2 > data.max_errors=1 (ValueError=2); last: bad txt")
+    except SampleError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(SampleError) as info:
+        wrapped.reraise()
+    assert "Traceback" in str(info.value)  # what torch hands over: the worker's whole traceback
+    text = one_line(info.value, known=True)
+    assert "\n" not in text and "Traceback" not in text
+    assert text.startswith("too many bad samples: 2 > data.max_errors=1 (ValueError=2); last: bad txt")
+    assert "worker process 0" in text
+
+
+# ------------------------------------------------------------------------------------------ full disk
+
+
+def test_disk_full_while_saving_a_checkpoint_names_the_checkpoint(ckpt, tmp_path, capsys, monkeypatch):
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    def full(self, checkpoint, path, storage_options=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", full)
+    run_dir = tmp_path / "run"
+    argv = _tiny_argv(run_dir, **{"trainer.max_steps": 1, "model.text.tokenizer_path": str(ckpt.parents[1] / "tokenizer")})
+    assert main(argv) == 2
+    line = _error_line(capsys)
+    assert "no space left on device" in line and str(run_dir / "checkpoints") in line
+    assert not list((run_dir / "checkpoints").glob(".*.tmp-*")), "the temporary file must not be left behind"
+
+
+def test_disk_full_while_building_shards_names_the_output(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.txt").write_text("Masked language models read text with holes. " * 40, encoding="utf-8")
+
+    def full(self, tarinfo, fileobj=None, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", full)
+    out = tmp_path / "shards"
+    assert main(["shards", "build", str(src), str(out)]) == 2
+    line = _error_line(capsys, "shards build")
+    assert "no space left on device" in line.lower() and str(out) in line
+
+
+def test_shards_output_under_a_regular_file_is_one_line(tmp_path, capsys):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.txt").write_text("Masked language models read text with holes. " * 40, encoding="utf-8")
+    (tmp_path / "file").write_text("x")
+    assert main(["shards", "build", str(src), str(tmp_path / "file" / "out")]) == 2
+    assert str(tmp_path / "file") in _error_line(capsys, "shards build")
+
+
+# ------------------------------------------------------------------------------------------ last resort
+
+
+def test_an_unexpected_error_is_one_line_with_its_type_and_a_debug_hint(capsys, monkeypatch):
+    import mmm.cli
+
+    def broken(ns, rest):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(mmm.cli, "_cmd_list", broken)
+    monkeypatch.delenv("MMM_DEBUG", raising=False)
+    assert main(["list"]) == 1
+    line = _error_line(capsys, "list")
+    assert line == ("mmm list: error: RuntimeError: boom second line (unexpected error; rerun with --debug or "
+                    "MMM_DEBUG=1 for the traceback)")
+
+    for argv, env in ((["--debug", "list"], None), (["list", "--debug"], None), (["list"], "1")):
+        if env:
+            monkeypatch.setenv("MMM_DEBUG", env)
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "RuntimeError: boom" in err, argv
+
+
+def test_the_command_exits_nonzero_without_a_traceback_in_a_real_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MMM_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "mmm.cli", "pretrain", "--config", TINY, "--data.batch_size", "-4",
+                           "--trainer.default_root_dir", str(tmp_path / "run")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("mmm pretrain: error: override --data.batch_size: "
+                                                            "data.batch_size must be >= 1, got -4")
