@@ -242,8 +242,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with warmup and decay."""
+    """The optimizer (AdamW by default) with warmup and decay."""
 
+    name: str = _f("adamw", "optimizer (mmm.optim registry): adamw (fused), lamb (large batches), sophia (Hutchinson Hessian estimate every hessian_every steps)")
+    args: Dict[str, Any] = _f(default_factory=dict, help="the optimizer's own keyword arguments, e.g. sophia: {rho: 0.04, hessian_every: 10}; adamw: {fused: false}")
     lr: float = _f(5e-4, "peak learning rate", gt=0)
     weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)", ge=0)
     betas: Tuple[float, float] = _f((0.9, 0.98), "Adam betas", ge=0, lt=1)

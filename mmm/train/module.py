@@ -165,14 +165,10 @@ class MaskedModelingModule(L.LightningModule):
             self.log(f"{prefix}/loss", total, prog_bar=prefix == "val", **log)
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "norm" in name or "positions" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused AdamW (one kernel per step, CPU and CUDA) instead of many small ops per tensor
-        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, fused=True)
+        from mmm.optim import build_optimizer
+
+        # optim.name from the OPTIMIZERS registry (default: fused AdamW) over weight_decay_groups
+        opt = build_optimizer(self.model, self.optim)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
