@@ -7,7 +7,8 @@ README would: ``mmm demo`` writes ``runs/demo`` that ``mmm export`` later reads,
 read inputs this test generates under the names the README uses (``corpus/``, ``photos/``,
 ``genome.fa.gz``, ``peaks.bed``, ``clips/``, ``captions.csv``, ``regions/``).
 
-Smoke size: training commands get ``--trainer.max_steps 2`` (a resume gets 4), benchmarks their
+Smoke size: training commands get ``--trainer.max_steps 2`` (a resume gets 4), fine-tuning one seed of
+4 steps, benchmarks their
 ``micro`` sizes (``$MMM_BENCH_MICRO``), and the GPU presets are shrunk to a 1-block CPU model on
 the same shards (their ``bf16``/multi-GPU trainer settings replaced); a ``torchrun``/``srun``
 launch runs its ``mmm pretrain`` as one CPU process on the text shards the README built. Commands
@@ -119,7 +120,9 @@ def smoke(cmd: Command) -> Command:
                 argv += FAST_TRAIN + ["--trainer.max_steps", steps]
         elif sub == "bench":
             cmd.env["MMM_BENCH_MICRO"] = "1"
-        elif sub in ("shards", "export", "list", "embed", "finetune"):  # README examples are smoke-sized already
+        elif sub == "finetune":
+            argv += ["--seeds", "1", "--max_steps", "4"]
+        elif sub in ("shards", "export", "list", "embed"):
             pass
         else:
             raise AssertionError(f"README command {cmd.text!r}: no smoke recipe for `mmm {sub}` in {__file__}")
