@@ -32,7 +32,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -42,6 +42,35 @@ REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
 SECTIONS = ("tests", "sync", "mfu", "mae", "attention")
 GPU_TESTS = ["tests/core", "tests/interop", "tests/benchmarks/test_gpu_check.py"]  # where the gpu-marked tests live
+
+
+@dataclass
+class Sizes:
+    """What each section runs; :data:`FULL` on the GPU, :data:`SMOKE` to exercise the sections on CPU in tests."""
+
+    tests: List[str] = field(default_factory=lambda: list(GPU_TESTS))
+    bert_preset: str = "base"
+    bert_overrides: Dict[str, Any] = field(default_factory=dict)
+    mfu_lengths: List[int] = field(default_factory=lambda: [128, 512])
+    mfu_tokens: int = 16384
+    mfu_steps: int = 10
+    mfu_warmup: int = 3
+    mae_preset: str = "base"
+    mae_batch: int = 64
+    mae_overrides: Dict[str, Any] = field(default_factory=dict)
+    attn_lengths: List[int] = field(default_factory=lambda: [128, 512, 2048])
+    attn_tokens: int = 16384
+    attn_heads: int = 12
+    attn_head_dim: int = 64
+
+
+FULL = Sizes()
+SMOKE = Sizes(tests=["tests/benchmarks/test_gpu_check.py"], bert_preset="small",
+              bert_overrides={"depth": 1, "dim": 32, "heads": 2, "mlp_hidden": 64, "vocab": 300},
+              mfu_lengths=[32], mfu_tokens=128, mfu_steps=1, mfu_warmup=0, mae_preset="small", mae_batch=2,
+              mae_overrides={"image_size": 32, "patch_size": 8, "dim": 32, "depth": 1, "heads": 2, "mlp_hidden": 64,
+                             "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
+              attn_lengths=[16], attn_tokens=64, attn_heads=2, attn_head_dim=8)
 
 
 # ----------------------------------------------------------------------------- pieces (also run on CPU)
@@ -160,8 +189,16 @@ def _sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- sections (CUDA)
 
 
-def section_tests(device: torch.device, budget_s: float) -> str:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rA", *GPU_TESTS]
+def _bert(sizes: Sizes) -> str:
+    return "BERT-base" if sizes == FULL else f"Preset {sizes.bert_preset} (shrunk)"
+
+
+def _attention_for(device: torch.device) -> str:
+    return "xformers" if device.type == "cuda" else "sdpa"
+
+
+def section_tests(device: torch.device, budget_s: float, sizes: Sizes) -> str:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rA", *sizes.tests]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
     try:
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=budget_s)
@@ -173,25 +210,28 @@ def section_tests(device: torch.device, budget_s: float) -> str:
     return "\n".join([f"`{' '.join(cmd[1:])}` → exit {rc}", "", "```", *lines, *summary, "```"])
 
 
-def section_sync(device: torch.device, budget_s: float) -> str:
+def section_sync(device: torch.device, budget_s: float, sizes: Sizes) -> str:
     rows = []
-    for attention in ("xformers", "sdpa"):
-        r = sync_free_step(device, attention=attention, steps=3)
+    for attention in sorted({_attention_for(device), "sdpa"}, reverse=True):
+        r = sync_free_step(device, sizes.bert_preset, sizes.bert_overrides, attention=attention, steps=3)
         rows.append(f"| {r['backend']} | {'no host sync' if r['ok'] else 'SYNC: ' + r['error']} | "
                     f"{'' if r['ok'] else r['where']} |")
-    return "\n".join(["BERT-base MLM step (bf16 autocast, fused AdamW) with the batch already on the device, under "
+    return "\n".join([f"{_bert(sizes)} MLM step (bf16 autocast, fused AdamW) with the batch already on the device, under "
                       "`torch.cuda.set_sync_debug_mode(\"error\")`.", "", "| attention | result | where |",
                       "|---|---|---|", *rows])
 
 
-def section_mfu(device: torch.device, budget_s: float) -> str:
+def section_mfu(device: torch.device, budget_s: float, sizes: Sizes) -> str:
     from benchmarks.mfu import measure_mlm_step
 
-    lines = ["BERT-base MLM step (forward in bf16 autocast + backward + fused AdamW), lengths uniform in [L/4, L], "
-             "about 16k real tokens per batch, median of 10 interleaved steps after 3 warm-up steps.", "",
+    lines = [f"{_bert(sizes)} MLM step (forward in bf16 autocast + backward + fused AdamW), lengths uniform in "
+             f"[L/4, L], about {sizes.mfu_tokens} real tokens per batch, median of {sizes.mfu_steps} interleaved steps "
+             f"after {sizes.mfu_warmup} warm-up steps.", "",
              "| L | model | median step (ms) | real tokens/s | MFU | mmm / HF |", "|---:|---|---:|---:|---:|---:|"]
-    for L in (128, 512):
-        r = measure_mlm_step(L, 16384, device=device, attention="xformers", steps=10, warmup=3, log=print)
+    for L in sizes.mfu_lengths:
+        r = measure_mlm_step(L, sizes.mfu_tokens, device=device, preset=sizes.bert_preset,
+                             attention=_attention_for(device), steps=sizes.mfu_steps, warmup=sizes.mfu_warmup,
+                             overrides=sizes.bert_overrides, log=print)
         for name in ("mmm", "hf"):
             e = r[name]
             mfu = "n/a" if e["mfu"] is None else f"{100 * e['mfu']:.1f}%"
@@ -201,20 +241,74 @@ def section_mfu(device: torch.device, budget_s: float) -> str:
     return "\n".join(lines)
 
 
-def section_mae(device: torch.device, budget_s: float) -> str:
-    r = mae_step(device)
-    return (f"MAE ViT-B/16, 224 px, 75% masked, 8-layer decoder, {r['images']} images, bf16 autocast, "
+def section_mae(device: torch.device, budget_s: float, sizes: Sizes) -> str:
+    r = mae_step(device, sizes.mae_preset, sizes.mae_batch, overrides=sizes.mae_overrides)
+    name = "ViT-B/16, 224 px, 8-layer decoder" if sizes == FULL else f"preset {sizes.mae_preset} (shrunk)"
+    return (f"MAE {name}, 75% masked, {r['images']} images, bf16 autocast on CUDA, "
             f"attention {r['backend']}: median step {r['median_step_s'] * 1e3:.1f} ms, "
-            f"{r['images_per_s']:,.0f} images/s, peak {r['peak_mib']:,.0f} MiB, loss {r['loss']:.3f}.")
+            f"{r['images_per_s']:,.0f} images/s, peak "
+            f"{'n/a' if r['peak_mib'] is None else format(r['peak_mib'], ',.0f')} MiB, loss {r['loss']:.3f}.")
 
 
-def section_attention(device: torch.device, budget_s: float) -> str:
+def section_attention(device: torch.device, budget_s: float, sizes: Sizes) -> str:
     from benchmarks.attention_backends import markdown, run_sweep
 
-    return markdown(run_sweep([128, 512, 2048], 16384, repeats=5, warmup=2, device=device))
+    table = markdown(run_sweep(sizes.attn_lengths, sizes.attn_tokens, heads=sizes.attn_heads,
+                               head_dim=sizes.attn_head_dim, repeats=5, warmup=2, device=device))
+    rows = ["", f"ALiBi, forward + backward at the same batches: mmm's sdpa path (bias built per block of query rows) "
+                f"against the dense (B, H, T, T) bias of the math reference.", "",
+            "| L | backend | median (ms) | peak (MiB) |", "|---:|---|---:|---:|"]
+    for L in sizes.attn_lengths:
+        for name, r in alibi_point(L, sizes.attn_tokens, sizes.attn_heads, sizes.attn_head_dim, device).items():
+            peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:,.1f}"
+            rows.append(f"| {L} | {name} | {r['median_s'] * 1e3:.2f} | {peak} |")
+    return table + "\n" + "\n".join(rows)
 
 
-RUNNERS: Dict[str, Callable[[torch.device, float], str]] = {
+def alibi_point(max_len: int, total_tokens: int, heads: int, head_dim: int, device: torch.device,
+                repeats: int = 5) -> Dict[str, Dict[str, Any]]:
+    """Median forward + backward time and peak memory of ALiBi attention, blocked sdpa vs dense math.
+
+    Args:
+        max_len: longest sequence; lengths uniform in [L/4, L] (:func:`benchmarks.attention_backends.spread_lengths`).
+        total_tokens: real tokens in the batch.
+        heads: attention heads.
+        head_dim: per-head size.
+        device: where to run (bf16 on CUDA, fp32 on CPU; peak memory only on CUDA).
+        repeats: timed repeats after one warm-up.
+    """
+    import numpy as np
+
+    from benchmarks.attention_backends import spread_lengths
+    from mmm.core.attention import math_attention, sdpa_attention
+    from mmm.core.packing import PackedSeqInfo
+    from mmm.core.position import ALiBi
+
+    seq = PackedSeqInfo.from_seqlens(spread_lengths(max_len, max(total_tokens, max_len), np.random.default_rng(0)),
+                                     device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    alibi = ALiBi(heads).to(device)
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, fn in (("sdpa (blocked)", sdpa_attention), ("math (dense)", math_attention)):
+        q, k, v = (torch.randn(seq.num_tokens, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        times = []
+        for i in range(1 + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            t0 = time.perf_counter()
+            fn(q, k, v, seq, alibi).float().sum().backward()
+            _sync(device)
+            if i:
+                times.append(time.perf_counter() - t0)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20 if device.type == "cuda" else None
+        out[name] = {"median_s": sorted(times)[len(times) // 2], "peak_mib": peak}
+    return out
+
+
+RUNNERS: Dict[str, Callable[[torch.device, float, Sizes], str]] = {
     "tests": section_tests, "sync": section_sync, "mfu": section_mfu, "mae": section_mae,
     "attention": section_attention,
 }
@@ -239,7 +333,7 @@ def environment() -> List[str]:
 
 
 def run(out: Path, budget_s: float = 330.0, sections: Sequence[str] = SECTIONS,
-        device: Optional[torch.device] = None) -> Dict[str, str]:
+        device: Optional[torch.device] = None, sizes: Sizes = FULL) -> Dict[str, str]:
     """Run the sections in order and write ``out`` after each; returns section → status.
 
     Args:
@@ -247,6 +341,7 @@ def run(out: Path, budget_s: float = 330.0, sections: Sequence[str] = SECTIONS,
         budget_s: wall-clock budget; a section that would start past it is skipped with that reason.
         sections: which sections to run.
         device: default CUDA when available; without CUDA every section is skipped.
+        sizes: what the sections run (:data:`SMOKE` with ``device=cpu`` exercises them in tests).
     """
     device = device or (torch.device("cuda") if torch.cuda.is_available() else None)
     start = time.perf_counter()
@@ -263,7 +358,7 @@ def run(out: Path, budget_s: float = 330.0, sections: Sequence[str] = SECTIONS,
         else:
             t0 = time.perf_counter()
             try:
-                body = RUNNERS[name](device, max(10.0, min(left, SHARE[name] * budget_s * 1.5)))
+                body = RUNNERS[name](device, max(10.0, min(left, SHARE[name] * budget_s * 1.5)), sizes)
                 status[name] = "ran"
             except Exception as e:  # one failing section must not hide the others' numbers
                 body = "Failed:\n\n```\n" + "".join(traceback.format_exception(e))[-3000:] + "```"
