@@ -31,7 +31,7 @@ from mmm.config import ConfigError, PretrainConfig, TaskConfig, check_config, du
 from mmm.errors import CheckpointError
 from mmm.modalities.base import Modality
 from mmm.model import build_model
-from mmm.train.callbacks import ThroughputMonitor
+from mmm.train.callbacks import StepProgressBar, ThroughputMonitor
 from mmm.train.checkpoint_io import AtomicCheckpointIO, read_resume_checkpoint
 from mmm.train.datamodule import StreamDataModule
 from mmm.train.mixture import MixtureDataModule, MixtureMonitor, TagTask, TaskData
@@ -320,6 +320,8 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     ]
     if multi:
         callbacks.append(MixtureMonitor(tc.log_every_n_steps))
+    if tc.enable_progress_bar:
+        callbacks.append(StepProgressBar())
     trainer = L.Trainer(
         max_steps=tc.max_steps, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
         strategy=_strategy(cfg, multi), precision=tc.precision,
