@@ -218,3 +218,18 @@ def test_pretrain_loads_and_exports_only_the_discriminator(tmp_path: Path, shari
     tensors = load_file(str(out / "model.safetensors"))
     assert torch.equal(tensors["embeddings.word_embeddings.weight"], table)
     assert not any("generator" in k for k in tensors)
+
+
+def test_dna_tokens_work_the_same_way():
+    torch.manual_seed(0)
+    enc = EncoderConfig(dim=D, depth=1, heads=2, mlp_hidden=64, dropout=0.0, attn_dropout=0.0, attention="math")
+    emb = EMBEDDERS.create("text", vocab_size=V, dim=D, max_len=16, dropout=0.0, pad_id=0)
+    model = build_model(ModelConfig(encoder=enc), [ObjectiveConfig("electra", args={"modality": "dna"})], {"dna": emb})
+    batch = pack_masked([MaskedTokens(np.array([1, 3, 3, 9, 2]), np.array([1, 2]), np.array([11, 12]))], modality="dna")
+    _force_head = model.objectives["electra"].generator_head
+    with torch.no_grad():
+        _force_head.bias[20] = 1e4
+    loss, outputs = model(batch)
+    assert outputs["electra"].metrics["replaced"] == pytest.approx(2 / 5)
+    loss.backward()
+    assert model.embedders["dna"].tokens.weight.grad is not None
