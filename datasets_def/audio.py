@@ -27,7 +27,6 @@ no download.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -44,15 +43,17 @@ import numpy as np
 from datasets_def.text import DONE_MARKER, default_cache_dir
 from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
+from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, has_suffix, ignored_manifest, log_ignored,
+                                   prepare_output, read_file, stable_split, write_manifest)
 from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
 
-SPLITS = ("train", "val")
-MANIFEST = "manifest.json"
 EMBEDDED_NAME = "audio-synthetic-v1"
 AUDIO_SUFFIXES = (".wav", ".flac")
 FLAC_MAX_CHANNELS = 8
+MAX_RESAMPLE_RATIO = 16.0
+"""Default refusal threshold: a file whose rate differs from the build rate by more than this factor."""
 META_KEYS = ("source", "window", "start_s", "end_s", "sample_rate", "channels", "label", "label_name", "transcript")
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -77,7 +78,9 @@ class AudioBuildReport:
         seconds: audio seconds per split.
         shards: shard file names per split.
         classes: class names; a sample's ``label`` indexes this list.
-        skipped: ``(file, reason)`` of each bad input skipped with ``skip_bad``.
+        skipped: ``(file, reason)`` of each bad input skipped with ``skip_bad`` (and folders not searched again).
+        resampled: source sample rate -> files resampled from it to the build rate.
+        ignored: files under the input folder that are not .wav / .flac.
     """
 
     output_dir: Path
@@ -88,6 +91,8 @@ class AudioBuildReport:
     shards: Dict[str, List[str]]
     classes: List[str] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    resampled: Dict[int, int] = field(default_factory=dict)
+    ignored: int = 0
 
     @property
     def total_samples(self) -> int:
@@ -99,18 +104,20 @@ class AudioBuildReport:
 # inputs and labels
 
 
-def _find_inputs(input_path: Path) -> List[Tuple[Path, str]]:
-    """(file, source name) pairs of .wav/.flac files, sorted by relative posix path."""
+def _find_inputs(input_path: Path, skipper: BadInputSkipper) -> Tuple[List[Tuple[Path, str]], List[str]]:
+    """((file, source name) pairs of .wav/.flac files sorted by relative posix path, ignored files);
+    see :func:`datasets_def.building.find_files`."""
     if not input_path.exists():
         raise FileNotFoundError(f"audio input path does not exist: {input_path}")
-    if input_path.is_file():
-        if input_path.suffix.lower() not in AUDIO_SUFFIXES:
+    if not input_path.is_dir():
+        if not has_suffix(input_path.name, AUDIO_SUFFIXES):
             raise AudioBuildError(f"{input_path}: expected a .wav or .flac file or a folder of them")
-        return [(input_path, input_path.name)]
-    found = [p for p in input_path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()]
+        return [(input_path, input_path.name)], []
+    found, ignored = find_files(input_path, lambda name: has_suffix(name, AUDIO_SUFFIXES), skipper)
     if not found:
-        raise AudioBuildError(f"no .wav or .flac files found under {input_path} (searched recursively)")
-    return sorted(((p, p.relative_to(input_path).as_posix()) for p in found), key=lambda pair: pair[1])
+        raise AudioBuildError(f"no .wav or .flac files found under {input_path} (searched recursively, "
+                              f"{len(ignored)} other file(s) ignored; skipped: {skipper.skipped[:3]})")
+    return found, ignored
 
 
 @dataclass
@@ -142,7 +149,11 @@ def _read_labels(labels: Optional[PathLike], input_path: Path, sources: List[str
     path = Path(labels).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"labels: expected 'folders' or a CSV file with columns path,label; {path} is not a file")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
+    try:
+        fh = path.open(newline="", encoding="utf-8-sig")
+    except OSError as exn:
+        raise AudioBuildError(f"{path}: cannot read the labels file ({type(exn).__name__}: {exn.strerror or exn})") from None
+    with fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
         if "path" not in cols or ("label" not in cols and "transcript" not in cols):
@@ -162,28 +173,6 @@ def _read_labels(labels: Optional[PathLike], input_path: Path, sources: List[str
         raise AudioBuildError(f"{path}: {len(unknown)} listed path(s) match no input file (paths are relative to "
                               f"{input_path}), e.g. {unknown[:3]}")
     return _Labels(names, transcripts, sorted({n for n in names.values() if n is not None}))
-
-
-def _split_of(source: str, val_fraction: float, seed: int) -> str:
-    """Stable train/val assignment of one input file (same on every machine and run)."""
-    if val_fraction <= 0.0:
-        return "train"
-    digest = hashlib.blake2b(f"{seed}\0{source}".encode("utf-8"), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
-
-
-def _prepare_output(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise AudioBuildError(f"output_dir {output_dir} exists and is not a directory")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    old = sorted(output_dir.glob("*.tar")) + ([output_dir / MANIFEST] if (output_dir / MANIFEST).exists() else [])
-    if old and not overwrite:
-        raise AudioBuildError(
-            f"output_dir {output_dir} already holds shards or a manifest ({old[0].name}, {len(old)} file(s)); "
-            "use an empty directory or pass overwrite=True to delete them first"
-        )
-    for p in old:
-        p.unlink()
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,14 +197,16 @@ def encode_flac(waveform: np.ndarray, sample_rate: int) -> Tuple[bytes, int]:
 
 
 class _ClipWriter:
-    """Cuts clips into windows and writes them to per-split ``ShardWriter``s, counting as it goes."""
+    """Cuts clips into windows and writes them to the split shards (:class:`datasets_def.building.ShardWriters`,
+    written atomically), counting as it goes."""
 
     def __init__(self, out: Path, sample_rate: int, max_seconds: float, samples_per_shard: int) -> None:
         self.out = out
         self.sample_rate = sample_rate
         self.window = max(1, int(round(max_seconds * sample_rate)))
         self.samples_per_shard = samples_per_shard
-        self.writers: Dict[str, Any] = {}
+        self.writers = ShardWriters(out, samples_per_shard, AudioBuildError)
+        self.shards: Dict[str, List[str]] = {}
         self.clips = {s: 0 for s in SPLITS}
         self.samples = {s: 0 for s in SPLITS}
         self.frames = {s: 0 for s in SPLITS}
@@ -225,11 +216,6 @@ class _ClipWriter:
     def write(self, split: str, source: str, waveform: np.ndarray, label: Optional[int], label_name: Optional[str],
               transcript: Optional[str]) -> int:
         """Write one clip (float (channels, samples) at the build rate) as windows; returns their count."""
-        import webdataset as wds  # heavy import kept local: defining the dataset must stay cheap
-
-        if split not in self.writers:
-            self.writers[split] = wds.ShardWriter(str(self.out / f"{split}-%06d.tar"), maxcount=self.samples_per_shard,
-                                                  verbose=0, encoder=False, mtime=0)
         n = waveform.shape[1]
         starts = range(0, n, self.window)
         whole = len(starts) == 1
@@ -242,7 +228,7 @@ class _ClipWriter:
                 "sample_rate": self.sample_rate, "channels": int(waveform.shape[0]), "label": label,
                 "label_name": label_name, "transcript": transcript if whole else None,
             }
-            self.writers[split].write({
+            self.writers.write(split, {
                 "__key__": f"{self.ordinal:09d}_{i:05d}",
                 "flac": data,
                 "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
@@ -254,20 +240,18 @@ class _ClipWriter:
         return len(starts)
 
     def close(self) -> None:
-        for w in self.writers.values():
-            w.close()
+        """Finish the open shards (renamed to their final names)."""
+        self.shards = self.writers.close()
 
     def abort(self) -> None:
-        """Close and delete the shards written so far (the directory held none before)."""
-        self.close()
-        for p in self.out.glob("*.tar"):
-            p.unlink()
+        """Discard the open shards and delete those this build finished (the directory held none before)."""
+        self.writers.abort()
 
     def finish(self, files: int, classes: List[str], skipped: List[Tuple[str, str]], build_args: Dict[str, Any],
                extra: Optional[Dict[str, Any]] = None) -> AudioBuildReport:
-        """Close the writers and write ``manifest.json``."""
+        """Close the writers and write ``manifest.json`` (call :meth:`abort` if this raises)."""
         self.close()
-        shards = {s: sorted(p.name for p in self.out.glob(f"{s}-*.tar")) for s in SPLITS}
+        shards = self.shards
         seconds = {s: self.frames[s] / self.sample_rate for s in SPLITS}
         manifest = {
             "dataset": "audio",
@@ -285,7 +269,7 @@ class _ClipWriter:
             "skipped": [list(s) for s in skipped],
             **(extra or {}),
         }
-        (self.out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_manifest(self.out, manifest, AudioBuildError)
         return AudioBuildReport(self.out, files, dict(self.clips), dict(self.samples), seconds, shards, classes, skipped)
 
 
@@ -318,10 +302,15 @@ def build_shards(
     seed: int = 0,
     skip_bad: bool = False,
     overwrite: bool = False,
+    max_resample_ratio: float = MAX_RESAMPLE_RATIO,
 ) -> AudioBuildReport:
     """Window .wav / .flac files into ``{output_dir}/{split}-{index:06d}.tar`` shards of FLAC clips.
 
-    Also writes ``{output_dir}/manifest.json`` (counts, classes, skipped files, build arguments).
+    Also writes ``{output_dir}/manifest.json`` (counts, classes, skipped files, resampled files
+    per source rate, build arguments). Inputs, the output folder and the shards follow the rules
+    of :mod:`datasets_def.building` (symlinked folders followed, each folder once; extensions in
+    any case; shards written atomically). The build output counts the files resampled from each
+    rate.
 
     Args:
         input_path: a folder (searched recursively, sorted) or a single .wav / .flac file.
@@ -336,25 +325,30 @@ def build_shards(
         seed: salt of the split hash.
         skip_bad: skip (and report) unreadable, corrupt, empty or NaN files instead of raising.
         overwrite: delete existing ``*.tar`` and manifest in ``output_dir`` first.
+        max_resample_ratio: a file whose sample rate differs from ``sample_rate`` by more than
+            this factor (either way) is bad input, not resampled: such a ratio usually means a
+            wrong rate in the file's header, and the clip would be stretched or squeezed.
     """
     from mmm.modalities.audio_frontend import AudioDecodeError, decode_audio, resample
 
     _check_build_args(sample_rate, max_seconds, samples_per_shard, val_fraction)
+    if isinstance(max_resample_ratio, bool) or not isinstance(max_resample_ratio, (int, float)) \
+            or not max_resample_ratio >= 1.0:
+        raise AudioBuildError(f"max_resample_ratio must be a number >= 1, got {max_resample_ratio!r}")
     src = Path(input_path).expanduser()
     out = Path(output_dir).expanduser()
-    inputs = _find_inputs(src)
-    label_table = _read_labels(labels, src, [s for _, s in inputs])
-    _prepare_output(out, overwrite)
-
     skipper = BadInputSkipper(skip_bad, AudioBuildError)
+    inputs, ignored = _find_inputs(src, skipper)
+    label_table = _read_labels(labels, src, [s for _, s in inputs])
+    prepare_output(out, overwrite, AudioBuildError)
+    log_ignored("audio", ignored, ".wav or .flac")
+
     writer = _ClipWriter(out, sample_rate, float(max_seconds), samples_per_shard)
-    resampled = 0
+    resampled: Dict[int, int] = {}
     try:
         for path, source in inputs:
-            try:
-                data = path.read_bytes()
-            except OSError as exn:
-                skipper.bad(source, f"cannot read file: {exn}")
+            data = read_file(path, source, skipper)
+            if data is None:
                 continue
             try:
                 wav, sr = decode_audio(data, source)  # (C, N)
@@ -367,24 +361,37 @@ def build_shards(
                 skipper.bad(source, f"{wav.shape[0]} channels; FLAC stores at most {FLAC_MAX_CHANNELS} (use mono=True)")
                 continue
             if sr != sample_rate:
+                ratio = max(sr / sample_rate, sample_rate / sr)
+                if ratio > max_resample_ratio:
+                    skipper.bad(source, f"sample rate {sr} Hz is {ratio:.1f}x {'above' if sr > sample_rate else 'below'} "
+                                        f"the build's {sample_rate} Hz, beyond max_resample_ratio={max_resample_ratio:g} "
+                                        "(a wrong rate in the header? resampling would stretch or squeeze the clip)")
+                    continue
                 wav = resample(wav, sr, sample_rate)
-                resampled += 1
+                resampled[sr] = resampled.get(sr, 0) + 1
             label, label_name, transcript = label_table.of(source)
-            writer.write(_split_of(source, val_fraction, seed), source, wav, label, label_name, transcript)
+            writer.write(stable_split(val_fraction, seed, source), source, wav, label, label_name, transcript)
+        if writer.ordinal == 0:
+            raise AudioBuildError(f"no audio written from {src} ({len(skipper.skipped)} skipped file(s): "
+                                  f"{skipper.skipped[:3]})")
+        build_args = {
+            "input_path": str(src), "sample_rate": sample_rate, "max_seconds": max_seconds,
+            "labels": None if labels is None else str(labels), "mono": mono, "val_fraction": val_fraction,
+            "seed": seed, "skip_bad": skip_bad, "max_resample_ratio": max_resample_ratio,
+        }
+        extra = {"resampled_files": sum(resampled.values()),
+                 "resampled_from": {str(r): n for r, n in sorted(resampled.items())}, **ignored_manifest(ignored)}
+        report = writer.finish(len(inputs), label_table.classes, skipper.skipped, build_args, extra)
     except BaseException:
         writer.abort()
         raise
-    if writer.ordinal == 0:
-        writer.abort()
-        raise AudioBuildError(f"no audio written from {src} ({len(skipper.skipped)} skipped file(s): {skipper.skipped[:3]})")
-    build_args = {
-        "input_path": str(src), "sample_rate": sample_rate, "max_seconds": max_seconds,
-        "labels": None if labels is None else str(labels), "mono": mono, "val_fraction": val_fraction,
-        "seed": seed, "skip_bad": skip_bad,
-    }
-    report = writer.finish(len(inputs), label_table.classes, skipper.skipped, build_args, {"resampled_files": resampled})
+    report.resampled, report.ignored = dict(sorted(resampled.items())), len(ignored)
+    if resampled:
+        logger.info("audio build: resampled %d file(s) to %d Hz (%s)", sum(resampled.values()), sample_rate,
+                    ", ".join(f"from {r} Hz: {n}" for r, n in sorted(resampled.items())))
     if skipper.skipped:
-        logger.warning("audio build skipped %d bad file(s); see %s", len(skipper.skipped), out / MANIFEST)
+        logger.warning("audio build skipped %d input(s), listed in %s: %s", len(skipper.skipped), out / MANIFEST,
+                       "; ".join(f"{w}: {r}" for w, r in skipper.skipped[:3]) + (" ..." if len(skipper.skipped) > 3 else ""))
     return report
 
 

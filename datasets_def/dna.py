@@ -27,7 +27,6 @@ window for linear-probe evaluation, locally and deterministically, with no downl
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -43,12 +42,12 @@ import numpy as np
 from mmm.modalities.dna_tokenizer import IUPAC_AMBIGUOUS, base_codes, find_invalid_base
 from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
+from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, ignored_manifest, log_ignored,
+                                   prepare_output, stable_split, write_manifest)
 from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
 
-SPLITS = ("train", "val")
-MANIFEST = "manifest.json"
 EMBEDDED_NAME = "dna-synthetic-motifs-v1"
 DONE_MARKER = "DONE"
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
@@ -192,19 +191,20 @@ def _is_fasta_name(name: str) -> bool:
     return name.lower().removesuffix(".gz").endswith(FASTA_SUFFIXES)
 
 
-def _find_inputs(input_path: Path) -> List[Tuple[Path, str]]:
-    """(file, source name) pairs, sorted by relative posix path."""
+def _find_inputs(input_path: Path, skipper: BadInputSkipper) -> Tuple[List[Tuple[Path, str]], List[str]]:
+    """((file, source name) pairs sorted by relative posix path, ignored files); see :func:`datasets_def.building.find_files`."""
     if not input_path.exists():
         raise FileNotFoundError(f"FASTA input path does not exist: {input_path}")
     suffixes = ", ".join(FASTA_SUFFIXES)
-    if input_path.is_file():
+    if not input_path.is_dir():
         if not _is_fasta_name(input_path.name):
             raise DNABuildError(f"{input_path}: expected a FASTA file ({suffixes}, optionally .gz) or a folder of them")
-        return [(input_path, input_path.name)]
-    found = [p for p in input_path.rglob("*") if p.is_file() and _is_fasta_name(p.name)]
+        return [(input_path, input_path.name)], []
+    found, ignored = find_files(input_path, _is_fasta_name, skipper)
     if not found:
-        raise DNABuildError(f"no FASTA files ({suffixes}, optionally .gz) found under {input_path} (searched recursively)")
-    return sorted(((p, p.relative_to(input_path).as_posix()) for p in found), key=lambda pair: pair[1])
+        raise DNABuildError(f"no FASTA files ({suffixes}, optionally .gz) found under {input_path} (searched "
+                            f"recursively, {len(ignored)} other file(s) ignored; skipped: {skipper.skipped[:3]})")
+    return found, ignored
 
 
 def _iter_records(path: Path, source: str, skipper: BadInputSkipper) -> Iterator[Tuple[str, str]]:
@@ -213,7 +213,12 @@ def _iter_records(path: Path, source: str, skipper: BadInputSkipper) -> Iterator
 
     n_records = 0
     try:
-        with _open_text(path) as fh:
+        opened = _open_text(path)
+    except OSError as exn:
+        skipper.bad(source, f"cannot read file ({type(exn).__name__}: {exn.strerror or exn})")
+        return
+    try:
+        with opened as fh:
             first = ""
             lineno = 0
             for lineno, line in enumerate(fh, start=1):
@@ -248,28 +253,6 @@ def _iter_records(path: Path, source: str, skipper: BadInputSkipper) -> Iterator
         skipper.bad(source, f"cannot read as FASTA{after}: {type(exn).__name__}: {exn}")
 
 
-def _split_of(source: str, record: str, val_fraction: float, seed: int) -> str:
-    """Stable train/val assignment of one record (same on every machine and run)."""
-    if val_fraction <= 0.0:
-        return "train"
-    digest = hashlib.blake2b(f"{seed}\0{source}\0{record}".encode("utf-8"), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
-
-
-def _prepare_output(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise DNABuildError(f"output_dir {output_dir} exists and is not a directory")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    old = sorted(output_dir.glob("*.tar")) + ([output_dir / MANIFEST] if (output_dir / MANIFEST).exists() else [])
-    if old and not overwrite:
-        raise DNABuildError(
-            f"output_dir {output_dir} already holds shards or a manifest ({old[0].name}, {len(old)} file(s)); "
-            "use an empty directory or pass overwrite=True to delete them first"
-        )
-    for p in old:
-        p.unlink()
-
-
 # --------------------------------------------------------------------------------------------
 # building shards
 
@@ -289,7 +272,9 @@ class DNABuildReport:
         label_counts: per split, label name (or ``"null"``) -> windows.
         short_records: records dropped for being shorter than ``min_window``, as (source, record).
         windows_dropped_n: windows dropped for an ``N`` fraction above ``max_n_fraction``.
-        skipped: bad inputs skipped with ``skip_bad``, as (where, reason).
+        skipped: bad inputs skipped with ``skip_bad`` (and folders not searched again), as (where, reason).
+        bases_between_windows: record bases in no window because ``stride > window``.
+        ignored: files under the input folder that are not FASTA.
     """
 
     output_dir: Path
@@ -303,6 +288,8 @@ class DNABuildReport:
     short_records: List[Tuple[str, str]] = field(default_factory=list)
     windows_dropped_n: int = 0
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    bases_between_windows: int = 0
+    ignored: int = 0
 
     @property
     def total_windows(self) -> int:
@@ -346,7 +333,9 @@ def build_shards(
             (searched recursively, sorted).
         output_dir: where shards go; must hold no shards/manifest unless ``overwrite``.
         window: window length in bases.
-        stride: distance between window starts (default ``window``: no overlap).
+        stride: distance between window starts (default ``window``: no overlap). A stride larger
+            than the window leaves the bases between windows out of every sample: the build
+            warns with their count (also ``bases_between_windows`` in the manifest).
         labels: optional BED/TSV file labelling windows (see the module docstring).
         min_window: shortest record kept (as one window shorter than ``window``).
         max_n_fraction: drop (and count) windows with a larger fraction of N/ambiguous bases;
@@ -357,8 +346,6 @@ def build_shards(
         skip_bad: skip (and report) bad files and records instead of raising.
         overwrite: delete existing ``*.tar`` and manifest in ``output_dir`` first.
     """
-    import webdataset as wds  # heavy import kept local: defining the dataset must stay cheap
-
     window = _check_int("window", window, 1)
     stride = window if stride is None else _check_int("stride", stride, 1)
     min_window = _check_int("min_window", min_window, 1)
@@ -369,12 +356,13 @@ def build_shards(
         raise DNABuildError(f"max_n_fraction must be in [0, 1], got {max_n_fraction!r}")
     src = Path(input_path).expanduser()
     out = Path(output_dir).expanduser()
-    inputs = _find_inputs(src)
-    intervals = read_labels(labels) if labels is not None else None
-    _prepare_output(out, overwrite)
-
     skipper = BadInputSkipper(skip_bad, DNABuildError)
-    writers: Dict[str, Any] = {}
+    inputs, ignored = _find_inputs(src, skipper)
+    intervals = read_labels(labels) if labels is not None else None
+    prepare_output(out, overwrite, DNABuildError)
+    log_ignored("dna", ignored, "FASTA (" + ", ".join(FASTA_SUFFIXES) + ", optionally .gz)")
+
+    writers = ShardWriters(out, samples_per_shard, DNABuildError)
     records = {s: 0 for s in SPLITS}
     windows = {s: 0 for s in SPLITS}
     bases = {s: 0 for s in SPLITS}
@@ -382,6 +370,7 @@ def build_shards(
     label_counts: Dict[str, Dict[str, int]] = {s: {} for s in SPLITS}
     short: List[Tuple[str, str]] = []
     dropped_n = 0
+    between = gaps = 0
     seen_records: set = set()
     ordinal = 0
     try:
@@ -392,11 +381,11 @@ def build_shards(
                 if not spans:
                     short.append((source, rid))
                     continue
-                split = _split_of(source, rid, val_fraction, seed)
-                if split not in writers:
-                    writers[split] = wds.ShardWriter(
-                        str(out / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0
-                    )
+                split = stable_split(val_fraction, seed, source, rid)
+                if stride > window:
+                    lost = [b[0] - a[1] for a, b in zip(spans, spans[1:]) if b[0] > a[1]]
+                    between += sum(lost)
+                    gaps += len(lost)
                 is_n = base_codes(seq) == 4 if max_n_fraction < 1.0 else None
                 for i, (start, end) in enumerate(spans):
                     if is_n is not None and is_n[start:end].mean() > max_n_fraction:
@@ -406,7 +395,7 @@ def build_shards(
                     name = intervals.names[label] if label is not None else None
                     meta = {"record": rid, "start": start, "end": end, "strand": "+", "label": label,
                             "label_name": name, "source": source}
-                    writers[split].write({
+                    writers.write(split, {
                         "__key__": f"{ordinal:08d}_{i:06d}",
                         "seq": seq[start:end].encode("ascii"),
                         "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
@@ -419,34 +408,30 @@ def build_shards(
                 records[split] += 1
                 record_bases[split] += len(seq)
                 ordinal += 1
+        shards = writers.close()
     except BaseException:
-        for w in writers.values():
-            w.close()
-        for p in out.glob("*.tar"):  # the directory held no shards before: these are ours, incomplete
-            p.unlink()
+        writers.abort()  # the folder held no shards before: these are ours, incomplete
         raise
-    for w in writers.values():
-        w.close()
     if sum(windows.values()) == 0:
-        for p in out.glob("*.tar"):
-            p.unlink()
+        writers.abort()
         raise DNABuildError(
             f"no windows written from {src}: {len(skipper.skipped)} skipped input(s) {skipper.skipped[:3]}, "
             f"{len(short)} record(s) shorter than min_window={min_window}, {dropped_n} window(s) over max_n_fraction"
         )
 
-    shards = {s: sorted(p.name for p in out.glob(f"{s}-*.tar")) for s in SPLITS}
     report = DNABuildReport(
         out, len(inputs), records, windows, bases, shards,
         label_names=dict(intervals.names) if intervals is not None else None,
         label_counts=label_counts if intervals is not None else {},
         short_records=short, windows_dropped_n=dropped_n, skipped=skipper.skipped,
+        bases_between_windows=between, ignored=len(ignored),
     )
     unmatched = sorted(set(intervals.by_record) - seen_records) if intervals is not None else []
     manifest = {
         "dataset": "dna",
         "fields": list(DNADatasetDef.fields),
         "files": len(inputs),
+        **ignored_manifest(ignored),
         "splits": {
             s: {"records": records[s], "samples": windows[s], "shards": len(shards[s]), "bases": bases[s],
                 "record_bases": record_bases[s]}
@@ -461,6 +446,7 @@ def build_shards(
         },
         "short_records": {"count": len(short), "first": [list(s) for s in short[:_MAX_LISTED]]},
         "windows_dropped_n": dropped_n,
+        "bases_between_windows": between,
         "build_args": {
             "input_path": str(src), "window": window, "stride": stride, "labels": None if labels is None else str(labels),
             "min_window": min_window, "max_n_fraction": max_n_fraction, "samples_per_shard": samples_per_shard,
@@ -468,10 +454,33 @@ def build_shards(
         },
         "skipped": [list(s) for s in skipper.skipped],
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if skipper.skipped:
-        logger.warning("dna build skipped %d bad input(s); see %s", len(skipper.skipped), out / MANIFEST)
+    try:
+        write_manifest(out, manifest, DNABuildError)
+    except BaseException:
+        writers.abort()
+        raise
+    _warn_losses(report, window, stride, min_window, max_n_fraction, sum(record_bases.values()), gaps)
     return report
+
+
+def _warn_losses(report: DNABuildReport, window: int, stride: int, min_window: int, max_n_fraction: float,
+                 record_bases: int, gaps: int) -> None:
+    """Build-output lines, with counts, for everything of the input that is in no sample (the manifest lists them too)."""
+    where = report.output_dir / MANIFEST
+    if report.bases_between_windows:
+        share = 100.0 * report.bases_between_windows / max(1, record_bases)
+        logger.warning("dna build: stride=%d > window=%d: %d base(s) (%.1f%% of the records' bases) in %d gap(s) "
+                       "between windows are in no sample (manifest: bases_between_windows)", stride, window,
+                       report.bases_between_windows, share, gaps)
+    if report.short_records:
+        logger.warning("dna build: %d record(s) shorter than min_window=%d bases written as no window, e.g. %s "
+                       "(manifest: short_records)", len(report.short_records), min_window, report.short_records[0])
+    if report.windows_dropped_n:
+        logger.warning("dna build: %d window(s) dropped for more than max_n_fraction=%g N/ambiguous bases "
+                       "(manifest: windows_dropped_n)", report.windows_dropped_n, max_n_fraction)
+    if report.skipped:
+        logger.warning("dna build skipped %d input(s), listed in %s: %s", len(report.skipped), where,
+                       "; ".join(f"{w}: {r}" for w, r in report.skipped[:3]) + (" ..." if len(report.skipped) > 3 else ""))
 
 
 # --------------------------------------------------------------------------------------------

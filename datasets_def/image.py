@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import io
 import json
 import logging
@@ -40,12 +39,12 @@ from datasets_def.text import DONE_MARKER, default_cache_dir
 from mmm.data.image_decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_header
 from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
+from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, ignored_manifest, log_ignored,
+                                   prepare_output, stable_split, write_manifest)
 from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
 
-SPLITS = ("train", "val")
-MANIFEST = "manifest.json"
 IMAGE_FIELDS = ("jpg", "png", "webp")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 EMBEDDED_SHAPES = "image-shapes-v1"
@@ -84,62 +83,27 @@ class ImageBuildReport:
         return sum(self.samples.values())
 
 
-class _SplitWriters:
-    """One ``ShardWriter`` per split, opened on its first sample; counts samples and labels.
+class _SplitWriters(ShardWriters):
+    """The shard writers of an image build (:class:`datasets_def.building.ShardWriters`: atomic
+    shards rotated on ``samples_per_shard`` only), counting samples per label as well."""
 
-    Shards rotate on ``samples_per_shard`` only (no size limit), so every shard but the last of
-    a split is full, which the shard checker relies on.
-    """
-
-    def __init__(self, out: Path, samples_per_shard: int) -> None:
-        self.out = out
-        self.samples_per_shard = samples_per_shard
-        self.writers: Dict[str, Any] = {}
-        self.samples = {s: 0 for s in SPLITS}
+    def __init__(self, out: Path, samples_per_shard: int, error: type = ImageBuildError) -> None:
+        super().__init__(out, samples_per_shard, error)
         self.per_label: Dict[str, Dict[str, int]] = {s: {} for s in SPLITS}
 
-    def write(self, split: str, key: str, ext: str, data: bytes, meta: Dict[str, Any]) -> None:
-        import webdataset as wds  # heavy import kept local: defining the dataset must stay cheap
-
-        if split not in self.writers:
-            self.writers[split] = wds.ShardWriter(str(self.out / f"{split}-%06d.tar"), maxcount=self.samples_per_shard,
-                                                  maxsize=float("inf"), verbose=0, encoder=False, mtime=0)
+    def add(self, split: str, key: str, ext: str, data: bytes, meta: Dict[str, Any],
+            extra: Optional[Dict[str, bytes]] = None) -> None:
+        """Write one sample: the image (field ``ext``), ``json`` from ``meta``, and ``extra`` fields."""
         record = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
-        self.writers[split].write({"__key__": key, ext: data, "json": record})
-        self.samples[split] += 1
+        self.write(split, {"__key__": key, ext: data, "json": record, **(extra or {})})
         name = meta.get("label_name") if meta.get("label_name") is not None else meta.get("label")
         if name is not None:
             counts = self.per_label[split]
             counts[str(name)] = counts.get(str(name), 0) + 1
 
-    def close(self) -> Dict[str, List[str]]:
-        for w in self.writers.values():
-            w.close()
-        return {s: sorted(p.name for p in self.out.glob(f"{s}-*.tar")) for s in SPLITS}
 
-    def abort(self) -> None:
-        for w in self.writers.values():
-            w.close()
-        for p in self.out.glob("*.tar"):  # the directory held no shards before: these are ours, incomplete
-            p.unlink()
-
-
-def _prepare_output(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ImageBuildError(f"output_dir {output_dir} exists and is not a directory")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    old = sorted(output_dir.glob("*.tar")) + ([output_dir / MANIFEST] if (output_dir / MANIFEST).exists() else [])
-    if old and not overwrite:
-        raise ImageBuildError(
-            f"output_dir {output_dir} already holds shards or a manifest ({old[0].name}, {len(old)} file(s)); "
-            "use an empty directory or pass overwrite=True to delete them first"
-        )
-    for p in old:
-        p.unlink()
-
-
-def _write_manifest(out: Path, manifest: Dict[str, Any]) -> None:
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _write_manifest(out: Path, manifest: Dict[str, Any], error: type = ImageBuildError) -> None:
+    write_manifest(out, manifest, error)
 
 
 def _split_manifest(writers: _SplitWriters, shards: Dict[str, List[str]]) -> Dict[str, Dict[str, Any]]:
@@ -195,33 +159,39 @@ def _rel_key(text: str) -> str:
     return rel
 
 
-def _find_images(root: Path) -> Tuple[List[Tuple[Path, str]], int]:
-    """((file, relative posix path) sorted by path, count of ignored non-image files); hidden entries skipped."""
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _find_images(root: Path, skipper: BadInputSkipper,
+                 error: type = ImageBuildError) -> Tuple[List[Tuple[Path, str]], List[str]]:
+    """((file, relative posix path) sorted by path, ignored non-image files); hidden entries skipped.
+
+    Symbolic links to folders are followed (as ImageFolder), each folder once
+    (:func:`datasets_def.building.find_files`).
+    """
     if not root.exists():
         raise FileNotFoundError(f"image input folder does not exist: {root}")
     if not root.is_dir():
-        raise ImageBuildError(f"{root}: expected a folder of images (optionally with class subfolders)")
-    found: List[Tuple[Path, str]] = []
-    ignored = 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):  # as ImageFolder
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            path = Path(dirpath) / name
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                found.append((path, path.relative_to(root).as_posix()))
-            else:
-                ignored += 1
+        raise error(f"{root}: expected a folder of images (optionally with class subfolders)")
+    found, ignored = find_files(root, _is_image_name, skipper, skip_hidden=True)
     if not found:
-        raise ImageBuildError(f"no image files found under {root} (searched recursively for {sorted(IMAGE_SUFFIXES)})")
-    return sorted(found, key=lambda pair: pair[1]), ignored
+        raise error(f"no image files found under {root} (searched recursively for {sorted(IMAGE_SUFFIXES)}; "
+                    f"{len(ignored)} other file(s) ignored; skipped: {skipper.skipped[:3]})")
+    return found, ignored
 
 
 def _read_table(path: Path, column: str) -> Dict[str, str]:
     """``{relative path: value}`` from a CSV (header with ``path`` and ``column``) or a JSONL file."""
     if not path.is_file():
         raise FileNotFoundError(f"{column} file does not exist: {path}")
+    try:
+        return _read_table_file(path, column)
+    except OSError as exn:
+        raise ImageBuildError(f"{path}: cannot read the {column}s file ({type(exn).__name__}: {exn.strerror or exn})") from None
+
+
+def _read_table_file(path: Path, column: str) -> Dict[str, str]:
     table: Dict[str, str] = {}
 
     def add(where: str, rel: Any, value: Any) -> None:
@@ -305,10 +275,7 @@ def _labels_of(images: List[Tuple[Path, str]], root: Path, labels: Union[str, Pa
 
 def _split_of(rel: str, val_fraction: float, seed: int) -> str:
     """Stable train/val assignment of one file (same on every machine and run)."""
-    if val_fraction <= 0.0:
-        return "train"
-    digest = hashlib.blake2b(f"{seed}\0{rel}".encode("utf-8"), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
+    return stable_split(val_fraction, seed, rel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +328,8 @@ def build_shards(
         raise ImageBuildError(f"labels must be 'folders', None or a CSV path, got {labels!r}")
     src = Path(input_path).expanduser()
     out = Path(output_dir).expanduser()
-    images, ignored = _find_images(src)
+    skipper = BadInputSkipper(skip_bad, ImageBuildError)
+    images, ignored = _find_images(src, skipper)
     caption_of = _read_table(Path(captions).expanduser(), "caption") if captions is not None else {}
     if caption_of:
         matched = caption_of.keys() & {rel for _, rel in images}
@@ -371,9 +339,9 @@ def build_shards(
     unmatched_captions = len(caption_of.keys() - {rel for _, rel in images})
     if unmatched_captions:
         logger.warning("captions file %s lists %d path(s) with no image under %s", captions, unmatched_captions, src)
-    skipper = BadInputSkipper(skip_bad, ImageBuildError)
     label_of, label_names = _labels_of(images, src, labels, skipper)
-    _prepare_output(out, overwrite)
+    prepare_output(out, overwrite, ImageBuildError)
+    log_ignored("image", ignored, "images (" + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
 
     keyed = [(i, path, rel) for i, (path, rel) in enumerate(images) if rel in label_of]
     rng = np.random.default_rng(seed)
@@ -391,21 +359,20 @@ def build_shards(
                     skipper.bad(rel, str(exn).removeprefix(f"{rel}: "))
                     continue
                 except OSError as exn:
-                    skipper.bad(rel, f"cannot read file ({type(exn).__name__}: {exn})")
+                    skipper.bad(rel, f"cannot read file ({type(exn).__name__}: {exn.strerror or exn})")
                     continue
                 label, label_name = label_of[rel]
                 meta = {"source": rel, "label": label, "label_name": label_name,
                         "caption": caption_of.get(rel), **info}
                 reencoded += info["reencoded_from"] is not None
-                writers.write(split, f"{index:09d}", ext, payload, meta)
+                writers.add(split, f"{index:09d}", ext, payload, meta)
+        shards = writers.close()
     except BaseException:
         writers.abort()
         raise
-    shards = writers.close()
     total = sum(writers.samples.values())
     if total == 0:
-        for p in out.glob("*.tar"):
-            p.unlink()
+        writers.abort()
         raise ImageBuildError(f"no usable images in {src} ({len(skipper.skipped)} skipped: {skipper.skipped[:3]})")
 
     manifest = {
@@ -413,7 +380,7 @@ def build_shards(
         "fields": list(ImageDatasetDef.fields),
         "image_fields": list(IMAGE_FIELDS),
         "files": len(images),
-        "ignored_files": ignored,
+        **ignored_manifest(ignored),
         "splits": _split_manifest(writers, shards),
         "shard_files": shards,
         "label_names": label_names,
@@ -432,10 +399,15 @@ def build_shards(
         },
         "skipped": [list(s) for s in skipper.skipped],
     }
-    _write_manifest(out, manifest)
+    try:
+        _write_manifest(out, manifest)
+    except BaseException:
+        writers.abort()
+        raise
     if skipper.skipped:
-        logger.warning("image build skipped %d bad file(s); see %s", len(skipper.skipped), out / MANIFEST)
-    return ImageBuildReport(out, len(images), dict(writers.samples), shards, label_names, reencoded, ignored,
+        logger.warning("image build skipped %d input(s), listed in %s: %s", len(skipper.skipped), out / MANIFEST,
+                       "; ".join(f"{w}: {r}" for w, r in skipper.skipped[:3]) + (" ..." if len(skipper.skipped) > 3 else ""))
+    return ImageBuildReport(out, len(images), dict(writers.samples), shards, label_names, reencoded, len(ignored),
                             skipper.skipped)
 
 
@@ -667,7 +639,7 @@ def _build_shapes(out: Path, *, side: int = 32, train_per_combo: int = 200, val_
                     "width": side, "height": side, "reencoded_from": None, "shape": shape, "color": color,
                     "size": size, "position": position, "background": kind, "unseen_combo": is_unseen,
                 }
-                writers.write(split, f"{key:09d}", "png", _encode_png(Image.fromarray(array, mode="RGB"), 1), meta)
+                writers.add(split, f"{key:09d}", "png", _encode_png(Image.fromarray(array, mode="RGB"), 1), meta)
                 key += 1
     shards = writers.close()
     splits = _split_manifest(writers, shards)
@@ -739,7 +711,7 @@ def _build_digits(out: Path, *, side: int = 32, val_count: int = 297, samples_pe
             meta = {"source": f"sklearn.datasets.load_digits[{int(i)}]", "label": label, "label_name": str(label),
                     "caption": f"a handwritten digit {_DIGIT_WORDS[label]}", "width": side, "height": side,
                     "reencoded_from": None}
-            writers.write(split, f"{int(i):09d}", "png", _encode_png(img), meta)
+            writers.add(split, f"{int(i):09d}", "png", _encode_png(img), meta)
     shards = writers.close()
     _write_manifest(out, {
         "dataset": "image",

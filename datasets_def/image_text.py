@@ -43,8 +43,9 @@ import numpy as np
 from PIL import Image
 
 from datasets_def import image as image_def
-from datasets_def.image import (IMAGE_FIELDS, MANIFEST, SPLITS, ImageBuildError, _cached_build, _find_images,
-                                _labels_of, _prepare_output, _rel_key, _split_manifest, _split_of, _SplitWriters,
+from datasets_def.building import ignored_manifest, log_ignored, prepare_output
+from datasets_def.image import (IMAGE_FIELDS, IMAGE_SUFFIXES, MANIFEST, SPLITS, ImageBuildError, _cached_build,
+                                _find_images, _labels_of, _rel_key, _split_manifest, _split_of, _SplitWriters,
                                 _write_manifest, encode_for_shard)
 from mmm.data.image_decode import DEFAULT_MAX_PIXELS, ImageDecodeError
 from mmm.data.image_text import (BOX_DIM, REGION_FIELDS, RegionArrayError, captions_of, check_region_arrays, load_npy,
@@ -89,25 +90,14 @@ class _PairWriters(_SplitWriters):
     """The image set's split writers, writing image-text samples (image, json, txt, region arrays)."""
 
     def __init__(self, out: Path, samples_per_shard: int) -> None:
-        super().__init__(out, samples_per_shard)
+        super().__init__(out, samples_per_shard, ImageTextBuildError)
         self.captions = {s: 0 for s in SPLITS}
 
     def write_pair(self, split: str, key: str, ext: str, data: bytes, meta: Dict[str, Any],
                    arrays: Dict[str, np.ndarray]) -> None:
-        import webdataset as wds  # heavy import kept local, as in datasets_def.image
-
-        if split not in self.writers:
-            self.writers[split] = wds.ShardWriter(str(self.out / f"{split}-%06d.tar"), maxcount=self.samples_per_shard,
-                                                  maxsize=float("inf"), verbose=0, encoder=False, mtime=0)
-        sample = {"__key__": key, ext: data, "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
-                  "txt": "\n".join(meta["captions"]).encode("utf-8")}
-        sample.update({name: npy_bytes(a) for name, a in arrays.items()})
-        self.writers[split].write(sample)
-        self.samples[split] += 1
+        extra = {"txt": "\n".join(meta["captions"]).encode("utf-8"), **{name: npy_bytes(a) for name, a in arrays.items()}}
+        self.add(split, key, ext, data, meta, extra)
         self.captions[split] += len(meta["captions"])
-        name = meta.get("label_name") if meta.get("label_name") is not None else meta.get("label")
-        if name is not None:
-            self.per_label[split][str(name)] = self.per_label[split].get(str(name), 0) + 1
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -139,6 +129,14 @@ def read_captions(path: PathLike) -> Tuple[Dict[str, List[Tuple[str, str]]], Lis
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"captions file does not exist: {path}")
+    try:
+        return _read_captions_file(path)
+    except OSError as exn:
+        raise ImageTextBuildError(f"{path}: cannot read the captions file ({type(exn).__name__}: "
+                                  f"{exn.strerror or exn})") from None
+
+
+def _read_captions_file(path: Path) -> Tuple[Dict[str, List[Tuple[str, str]]], List[Tuple[str, str]]]:
     table: Dict[str, List[Tuple[str, str]]] = {}
     bad: List[Tuple[str, str]] = []
 
@@ -300,8 +298,8 @@ def build_shards(
     region_dir = Path(regions).expanduser() if regions is not None else None
     if region_dir is not None and not region_dir.is_dir():
         raise FileNotFoundError(f"regions folder does not exist: {region_dir}")
-    images, ignored = _find_images(src)
     skipper = BadInputSkipper(skip_bad, ImageTextBuildError)
+    images, ignored = _find_images(src, skipper, ImageTextBuildError)
     caption_table, bad_rows = read_captions(captions)
     for where, reason in bad_rows:
         skipper.bad(where, reason)
@@ -323,7 +321,8 @@ def build_shards(
             if p.resolve() not in wanted:
                 skipper.bad(str(p), f"region file names no image under {src} (expected <image path without "
                                     "extension>.npz)")
-    _prepare_output(out, overwrite)
+    prepare_output(out, overwrite, ImageTextBuildError)
+    log_ignored("image_text", ignored, "images (" + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
 
     rng = np.random.default_rng(seed)
     writers = _PairWriters(out, samples_per_shard)
@@ -343,7 +342,7 @@ def build_shards(
                     skipper.bad(rel, str(exn).removeprefix(f"{rel}: "))
                     continue
                 except OSError as exn:
-                    skipper.bad(rel, f"cannot read file ({type(exn).__name__}: {exn})")
+                    skipper.bad(rel, f"cannot read file ({type(exn).__name__}: {exn.strerror or exn})")
                     continue
                 arrays: Dict[str, np.ndarray] = {}
                 if region_dir is not None:
@@ -376,25 +375,24 @@ def build_shards(
                 if arrays:
                     meta["num_regions"] = int(arrays["features.npy"].shape[0])
                 writers.write_pair(split, f"{index:09d}", ext, payload, meta, arrays)
+        shards = writers.close()
     except BaseException:
         writers.abort()
         raise
-    shards = writers.close()
     if sum(writers.samples.values()) == 0:
-        for p in out.glob("*.tar"):
-            p.unlink()
+        writers.abort()
         raise ImageTextBuildError(f"no usable image-caption pairs in {src} ({len(skipper.skipped)} skipped: "
                                   f"{skipper.skipped[:3]})")
     splits = _split_manifest(writers, shards)
     for s in SPLITS:
         splits[s]["captions"] = writers.captions[s]
-    _write_manifest(out, {
+    manifest = {
         "dataset": "image_text",
         "fields": list(ImageTextDatasetDef.fields),
         "image_fields": list(IMAGE_FIELDS),
         "region_fields": list(REGION_FIELDS) if region_dir is not None else [],
         "files": len(images),
-        "ignored_files": ignored,
+        **ignored_manifest(ignored),
         "splits": splits,
         "shard_files": shards,
         "label_names": label_names,
@@ -408,9 +406,15 @@ def build_shards(
                        "samples_per_shard": samples_per_shard, "val_fraction": val_fraction, "seed": seed,
                        "skip_bad": skip_bad, "max_pixels": max_pixels, "min_size": min_size},
         "skipped": [list(s) for s in skipper.skipped],
-    })
+    }
+    try:
+        _write_manifest(out, manifest, ImageTextBuildError)
+    except BaseException:
+        writers.abort()
+        raise
     if skipper.skipped:
-        logger.warning("image_text build skipped %d bad input(s); see %s", len(skipper.skipped), out / MANIFEST)
+        logger.warning("image_text build skipped %d input(s), listed in %s: %s", len(skipper.skipped), out / MANIFEST,
+                       "; ".join(f"{w}: {r}" for w, r in skipper.skipped[:3]) + (" ..." if len(skipper.skipped) > 3 else ""))
     return ImageTextBuildReport(out, len(images), dict(writers.samples), dict(writers.captions), shards, feature_dim,
                                 soft_dim, converted, skipper.skipped)
 

@@ -29,3 +29,9 @@ class BadInputSkipper:
             raise self.error(f"{where}: {reason} (pass --skip_bad to `mmm shards build`, or skip_bad=True to build_shards, to skip and report such input)")
         logger.warning("skipping %s: %s", where, reason)
         self.skipped.append((where, reason))
+
+    def note(self, where: str, reason: str) -> None:
+        """Record input left out by rule, not for being bad (e.g. a folder reached again through a
+        symbolic link): never raises, always listed in the build output and the manifest."""
+        logger.warning("skipping %s: %s", where, reason)
+        self.skipped.append((where, reason))

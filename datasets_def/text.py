@@ -10,7 +10,6 @@ so the text modality works with no download.
 from __future__ import annotations
 
 import ast
-import hashlib
 import inspect
 import json
 import logging
@@ -26,12 +25,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
+from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, has_suffix, ignored_manifest, log_ignored,
+                                   prepare_output, read_file, stable_split, write_manifest)
 from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
 
-SPLITS = ("train", "val")
-MANIFEST = "manifest.json"
+TEXT_SUFFIXES = (".txt", ".jsonl")
 EMBEDDED_NAME = "text-stdlib-docstrings-v1"
 DONE_MARKER = "DONE"
 PathLike = Union[str, "os.PathLike[str]"]
@@ -112,6 +112,7 @@ class BuildReport:
     characters: Dict[str, int]
     shards: Dict[str, List[str]]
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    ignored: int = 0
 
     @property
     def total_documents(self) -> int:
@@ -124,19 +125,19 @@ class BuildReport:
         return sum(self.chunks.values())
 
 
-def _find_inputs(input_path: Path) -> List[Tuple[Path, str]]:
-    """(file, source name) pairs, sorted by relative posix path."""
+def _find_inputs(input_path: Path, skipper: BadInputSkipper) -> Tuple[List[Tuple[Path, str]], List[str]]:
+    """((file, source name) pairs sorted by relative posix path, ignored files); see :func:`datasets_def.building.find_files`."""
     if not input_path.exists():
         raise FileNotFoundError(f"text input path does not exist: {input_path}")
-    if input_path.is_file():
-        if input_path.suffix not in (".txt", ".jsonl"):
+    if not input_path.is_dir():
+        if not has_suffix(input_path.name, TEXT_SUFFIXES):
             raise TextBuildError(f"{input_path}: expected a .txt or .jsonl file or a folder of them")
-        return [(input_path, input_path.name)]
-    found = [p for p in input_path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()]
+        return [(input_path, input_path.name)], []
+    found, ignored = find_files(input_path, lambda name: has_suffix(name, TEXT_SUFFIXES), skipper)
     if not found:
-        raise TextBuildError(f"no .txt or .jsonl files found under {input_path} (searched recursively)")
-    pairs = [(p, p.relative_to(input_path).as_posix()) for p in found]
-    return sorted(pairs, key=lambda pair: pair[1])
+        raise TextBuildError(f"no .txt or .jsonl files found under {input_path} (searched recursively, "
+                             f"{len(ignored)} other file(s) ignored; skipped: {skipper.skipped[:3]})")
+    return found, ignored
 
 
 def _decode(data: bytes, where: str, base_offset: int, skipper: BadInputSkipper) -> Optional[str]:
@@ -150,8 +151,9 @@ def _decode(data: bytes, where: str, base_offset: int, skipper: BadInputSkipper)
 
 def _iter_documents(path: Path, source: str, jsonl_field: str, skipper: BadInputSkipper) -> Iterator[Tuple[int, str]]:
     """Yield (doc index in file, text) for one input file; bad input goes to ``skipper``."""
-    if path.suffix == ".txt":
-        text = _decode(path.read_bytes(), source, 0, skipper)
+    if path.suffix.lower() == ".txt":
+        data = read_file(path, source, skipper)
+        text = None if data is None else _decode(data, source, 0, skipper)
         if text is None:
             return
         if not text.strip():
@@ -162,7 +164,12 @@ def _iter_documents(path: Path, source: str, jsonl_field: str, skipper: BadInput
     doc = 0
     offset = 0
     any_content = False
-    with path.open("rb") as fh:
+    try:
+        fh = path.open("rb")
+    except OSError as exn:
+        skipper.bad(source, f"cannot read file ({type(exn).__name__}: {exn.strerror or exn})")
+        return
+    with fh:
         for lineno, raw in enumerate(fh, start=1):
             line_offset, offset = offset, offset + len(raw)
             where = f"{source}:{lineno}"
@@ -195,28 +202,6 @@ def _iter_documents(path: Path, source: str, jsonl_field: str, skipper: BadInput
         skipper.bad(source, "empty file (no JSON lines)")
 
 
-def _split_of(source: str, doc: int, val_fraction: float, seed: int) -> str:
-    """Stable train/val assignment of one document (same on every machine and run)."""
-    if val_fraction <= 0.0:
-        return "train"
-    digest = hashlib.blake2b(f"{seed}\0{source}\0{doc}".encode("utf-8"), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
-
-
-def _prepare_output(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise TextBuildError(f"output_dir {output_dir} exists and is not a directory")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    old = sorted(output_dir.glob("*.tar")) + ([output_dir / MANIFEST] if (output_dir / MANIFEST).exists() else [])
-    if old and not overwrite:
-        raise TextBuildError(
-            f"output_dir {output_dir} already holds shards or a manifest ({old[0].name}, {len(old)} file(s)); "
-            "use an empty directory or pass overwrite=True to delete them first"
-        )
-    for p in old:
-        p.unlink()
-
-
 # --------------------------------------------------------------------------------------------
 # building shards
 
@@ -236,7 +221,9 @@ def build_shards(
     """Chunk .txt / .jsonl documents into ``{output_dir}/{split}-{index:06d}.tar`` shards.
 
     One ``.txt`` file is one document; each ``.jsonl`` line is one document (field
-    ``jsonl_field``). Also writes ``{output_dir}/manifest.json``.
+    ``jsonl_field``). Also writes ``{output_dir}/manifest.json``. Inputs, the output folder and
+    the shards follow the rules of :mod:`datasets_def.building` (symlinked folders followed, each
+    folder once; extensions in any case; shards written atomically).
 
     Args:
         input_path: a folder (searched recursively, sorted) or a single .txt / .jsonl file.
@@ -249,8 +236,6 @@ def build_shards(
         skip_bad: skip (and report) bad files/lines instead of raising.
         overwrite: delete existing ``*.tar`` and manifest in ``output_dir`` first.
     """
-    import webdataset as wds  # heavy import kept local: defining the dataset must stay cheap
-
     if not isinstance(max_chars, int) or max_chars < 1:
         raise TextBuildError(f"max_chars must be a positive int, got {max_chars!r}")
     if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
@@ -259,11 +244,12 @@ def build_shards(
         raise TextBuildError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     src = Path(input_path).expanduser()
     out = Path(output_dir).expanduser()
-    inputs = _find_inputs(src)
-    _prepare_output(out, overwrite)
-
     skipper = BadInputSkipper(skip_bad, TextBuildError)
-    writers: Dict[str, Any] = {}
+    inputs, ignored = _find_inputs(src, skipper)
+    prepare_output(out, overwrite, TextBuildError)
+    log_ignored("text", ignored, ".txt or .jsonl")
+
+    writers = ShardWriters(out, samples_per_shard, TextBuildError)
     documents = {s: 0 for s in SPLITS}
     chunks = {s: 0 for s in SPLITS}
     characters = {s: 0 for s in SPLITS}
@@ -271,14 +257,11 @@ def build_shards(
     try:
         for path, source in inputs:
             for doc, text in _iter_documents(path, source, jsonl_field, skipper):
-                split = _split_of(source, doc, val_fraction, seed)
-                if split not in writers:
-                    writers[split] = wds.ShardWriter(
-                        str(out / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0
-                    )
+                split = stable_split(val_fraction, seed, source, doc)
                 for i, chunk in enumerate(split_text(text, max_chars)):
                     meta = {"source": source, "doc": doc, "chunk": i}
-                    writers[split].write(
+                    writers.write(
+                        split,
                         {
                             "__key__": f"{doc_ordinal:09d}_{i:05d}",
                             "txt": chunk.encode("utf-8"),
@@ -289,23 +272,19 @@ def build_shards(
                     characters[split] += len(chunk)
                 documents[split] += 1
                 doc_ordinal += 1
+        shards = writers.close()
     except BaseException:
-        for w in writers.values():
-            w.close()
-        for p in out.glob("*.tar"):  # the directory held no shards before: these are ours, incomplete
-            p.unlink()
+        writers.abort()  # the folder held no shards before: these are ours, incomplete
         raise
-    for w in writers.values():
-        w.close()
     if doc_ordinal == 0:
         raise TextBuildError(f"no documents found in {src} ({len(skipper.skipped)} skipped input(s): {skipper.skipped[:3]})")
 
-    shards = {s: sorted(p.name for p in out.glob(f"{s}-*.tar")) for s in SPLITS}
-    report = BuildReport(out, len(inputs), documents, chunks, characters, shards, skipper.skipped)
+    report = BuildReport(out, len(inputs), documents, chunks, characters, shards, skipper.skipped, len(ignored))
     manifest = {
         "dataset": "text",
         "fields": list(TextDatasetDef.fields),
         "files": len(inputs),
+        **ignored_manifest(ignored),
         "splits": {
             s: {"documents": documents[s], "samples": chunks[s], "shards": len(shards[s]), "characters": characters[s]}
             for s in SPLITS
@@ -322,9 +301,14 @@ def build_shards(
         },
         "skipped": [list(s) for s in skipper.skipped],
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        write_manifest(out, manifest, TextBuildError)
+    except BaseException:
+        writers.abort()
+        raise
     if skipper.skipped:
-        logger.warning("text build skipped %d bad input(s); see %s", len(skipper.skipped), out / MANIFEST)
+        logger.warning("text build skipped %d input(s), listed in %s: %s", len(skipper.skipped), out / MANIFEST,
+                       "; ".join(f"{w}: {r}" for w, r in skipper.skipped[:3]) + (" ..." if len(skipper.skipped) > 3 else ""))
     return report
 
 

@@ -114,10 +114,11 @@ class TransformerEncoder(nn.Module):
 
     def _resolve_for_parameters(self) -> None:
         """Resolve the backend for the device the weights are on (at build time and after every move)."""
-        device = next(self.parameters()).device
+        first = next(self.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
         try:
             self._resolved = ((self.cfg.attention, device.type), self.backend_for(device))
-        except (RuntimeError, ValueError):  # e.g. xformers asked for on CPU: raised by the first forward there
+        except (RuntimeError, ValueError, KeyError):  # e.g. xformers asked for on CPU: raised by the first forward
             self._resolved = (None, None)
 
     def _apply(self, fn, *args, **kwargs):

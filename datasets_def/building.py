@@ -1,0 +1,385 @@
+"""What every shard builder shares: finding inputs, the output folder, stable splits, atomic shard writers, the manifest.
+
+One rule for every dataset definition (text, DNA, image, audio, image-text):
+
+* **Inputs** are found by :func:`find_files`: folders are searched recursively in sorted order,
+  symbolic links to folders are followed (as torchvision's ``ImageFolder`` does), and a folder
+  reached a second time (a symlink loop, or two links to one folder) is not searched again but
+  listed as skipped. Extensions match case-insensitively (``A.TXT`` is a text file). A folder
+  that cannot be listed, or a file link pointing nowhere, is bad input: an error naming it, or
+  skipped and listed with ``skip_bad``. Files of other kinds are counted as ignored.
+* **The output folder** (:func:`prepare_output`) must not be, or lie under, a regular file; it
+  must hold no shards or manifest unless ``overwrite``; temporary files a killed build left
+  behind are removed.
+* **Shards** (:class:`ShardWriters`) are ``{split}-{index:06d}.tar``, rotated on
+  ``samples_per_shard`` only (every shard but a split's last is full, which ``mmm shards check``
+  relies on). Each is written to a temporary name in the same folder, flushed to disk and then
+  renamed, as checkpoints are: an interrupted or disk-full build never leaves a truncated shard
+  under its final name. ``manifest.json`` is written the same way, last.
+* **Splits** (:func:`stable_split`) come from a seeded hash, the same on every machine and run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
+
+from datasets_def.skipper import BadInputSkipper
+
+logger = logging.getLogger("mmm.data")
+
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+_OURS = re.compile(r"^(?:.+-\d+\.tar|" + re.escape(MANIFEST) + r")$")
+MAX_LISTED = 20
+"""Ignored files named in a manifest (the count is always complete)."""
+
+
+def stable_split(val_fraction: float, seed: int, *parts: Any) -> str:
+    """``"train"`` or ``"val"`` for one input unit, by a seeded hash of ``parts`` (same everywhere, every run).
+
+    Args:
+        val_fraction: share of units that go to val.
+        seed: salt of the hash.
+        parts: what identifies the unit (e.g. source file and record id).
+    """
+    if val_fraction <= 0.0:
+        return "train"
+    text = "\0".join(str(p) for p in (seed, *parts))
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def has_suffix(name: str, suffixes: Iterable[str]) -> bool:
+    """Whether ``name`` ends with one of ``suffixes``, ignoring case (``A.TXT`` is a ``.txt``)."""
+    low = name.lower()
+    return any(low.endswith(s.lower()) for s in suffixes)
+
+
+def find_files(root: Path, accept: Callable[[str], bool], skipper: BadInputSkipper, *,
+               skip_hidden: bool = False) -> Tuple[List[Tuple[Path, str]], List[str]]:
+    """The files under folder ``root`` whose name ``accept`` takes, and the names it does not take.
+
+    Symbolic links to folders are followed; each real folder is searched once (a link back to a
+    folder already searched, e.g. a loop, is listed with ``skipper.note``). A folder that cannot
+    be listed, or a link whose target is missing, goes to ``skipper.bad`` (an error naming it, or
+    skipped and listed with ``skip_bad``).
+
+    Args:
+        root: an existing folder.
+        accept: file name -> whether the builder reads it.
+        skipper: where bad and skipped inputs are reported.
+        skip_hidden: pass over names starting with ``.`` (files and folders) without counting them.
+
+    Returns:
+        ``([(path, relative posix path)], [ignored relative paths])``, both sorted by relative path.
+    """
+    found: List[Tuple[Path, str]] = []
+    ignored: List[str] = []
+    searched: Dict[Tuple[int, int], str] = {}
+    pending: List[Tuple[Path, str]] = [(root, "")]
+    while pending:
+        folder, rel = pending.pop()
+        where = rel or str(root)
+        try:
+            st = folder.stat()
+        except OSError as exn:
+            skipper.bad(where, f"cannot open folder ({type(exn).__name__}: {exn.strerror or exn})")
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if ident in searched:
+            target = os.path.realpath(folder)
+            skipper.note(where, f"symbolic link to folder {target} (reached before as {searched[ident]!r}): "
+                                "not searched again (a symlink loop or a second link to one folder)")
+            continue
+        searched[ident] = rel or "."
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exn:
+            skipper.bad(where, f"cannot list folder ({type(exn).__name__}: {exn.strerror or exn})")
+            continue
+        folders = []
+        for entry in entries:
+            if skip_hidden and entry.name.startswith("."):
+                continue
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            path = Path(entry.path)
+            try:
+                mode = os.stat(entry.path).st_mode  # follows symbolic links
+            except OSError as exn:  # a dangling link, a link loop, or no permission to look
+                if entry.is_symlink() and accept(entry.name):
+                    skipper.bad(child, f"symbolic link to {os.readlink(entry.path)!r} cannot be followed "
+                                       f"({type(exn).__name__}: {exn.strerror or exn})")
+                elif accept(entry.name):
+                    skipper.bad(child, f"cannot read file ({type(exn).__name__}: {exn.strerror or exn})")
+                else:
+                    ignored.append(child)
+                continue
+            if stat.S_ISDIR(mode):
+                folders.append((path, child))
+            elif stat.S_ISREG(mode) and accept(entry.name):
+                found.append((path, child))
+            else:
+                ignored.append(child)
+        pending.extend(reversed(folders))  # depth first, in sorted order
+    found.sort(key=lambda pair: pair[1])
+    ignored.sort()
+    return found, ignored
+
+
+def log_ignored(kind: str, ignored: List[str], wanted: str) -> None:
+    """One build-output line counting the files a builder does not read (only when there are some)."""
+    if ignored:
+        more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
+        logger.warning("%s build: ignored %d file(s) that are not %s: %s%s", kind, len(ignored), wanted,
+                       ", ".join(ignored[:3]), more)
+
+
+def ignored_manifest(ignored: List[str]) -> Dict[str, Any]:
+    """Manifest entries for ignored files: their count and the first few names."""
+    return {"ignored_files": len(ignored), "ignored_examples": ignored[:MAX_LISTED]}
+
+
+def read_file(path: Path, where: str, skipper: BadInputSkipper) -> Optional[bytes]:
+    """The bytes of an input file, or None after telling ``skipper`` why it cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as exn:
+        skipper.bad(where, f"cannot read file ({type(exn).__name__}: {exn.strerror or exn})")
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# the output folder
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftover (a failed earlier build in this process)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def clean_temporaries(out: Path, error: Type[Exception]) -> List[str]:
+    """Delete the temporary shard/manifest files (``.train-000000.tar.tmp-PID``) a killed build left in ``out``.
+
+    A temporary file of a process that is still running means another build is writing into
+    ``out``: that is an error naming the process. Returns the names removed.
+    """
+    removed = []
+    for p in sorted(out.iterdir()):
+        m = _TMP.match(p.name)
+        if m is None or not _OURS.match(m.group("name")) or not p.is_file():
+            continue
+        pid = int(m.group("pid"))
+        if _alive(pid):
+            raise error(f"output_dir {out}: {p.name} is being written by process {pid}, another shard build into the "
+                        "same folder; wait for it to finish, or delete the file if that process is not a build")
+        try:
+            p.unlink()
+        except OSError as exn:
+            raise error(f"output_dir {out}: cannot remove the leftover temporary file {p.name}: {exn}") from None
+        removed.append(p.name)
+    if removed:
+        logger.warning("removed %d temporary file(s) an interrupted build left in %s: %s", len(removed), out,
+                       ", ".join(removed[:3]) + (" ..." if len(removed) > 3 else ""))
+    return removed
+
+
+def prepare_output(out: Path, overwrite: bool, error: Type[Exception]) -> None:
+    """Make ``out`` ready for a build: a folder (created if needed) with no shards or manifest.
+
+    Raises ``error`` when ``out`` or a folder above it is a regular file, when it cannot be
+    created, or when it already holds shards or a manifest and ``overwrite`` is False (with
+    ``overwrite`` they are deleted). Temporary files of an interrupted build are removed.
+    """
+    for p in (out, *out.parents):
+        if os.path.lexists(p):
+            if not p.is_dir():
+                what = "exists and is not a directory" if p == out else f"lies under {p}, which is a file, not a folder"
+                raise error(f"output_dir {out} {what}")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exn:
+        raise error(f"cannot create output_dir {out}: {type(exn).__name__}: {exn.strerror or exn}") from None
+    clean_temporaries(out, error)
+    old = sorted(out.glob("*.tar")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
+    if old and not overwrite:
+        raise error(f"output_dir {out} already holds shards or a manifest ({old[0].name}, {len(old)} file(s)); "
+                    "use an empty directory or pass overwrite=True (--overwrite) to delete them first")
+    for p in old:
+        try:
+            p.unlink()
+        except OSError as exn:
+            raise error(f"output_dir {out}: cannot delete the old {p.name} (overwrite): {exn}") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temporary(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def write_manifest(out: Path, manifest: Dict[str, Any], error: Type[Exception] = OSError) -> Path:
+    """Write ``out/manifest.json`` atomically (temporary file, fsync, rename); errors name the file."""
+    final = out / MANIFEST
+    tmp = _temporary(final)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError as exn:
+        raise error(f"cannot write {final}: {type(exn).__name__}: {exn.strerror or exn}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(out)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# shard writers
+
+
+class _Shard:
+    """One shard being written: a tar stream into a temporary file next to its final name."""
+
+    def __init__(self, final: Path) -> None:
+        import webdataset as wds  # heavy import kept local: defining a dataset must stay cheap
+
+        self.final = final
+        self.tmp = _temporary(final)
+        self.fh = open(self.tmp, "wb")
+        self.tar = wds.TarWriter(self.fh, encoder=False, mtime=0)
+        self.count = 0
+
+    def finish(self) -> None:
+        self.tar.close()
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.replace(self.tmp, self.final)
+
+    def discard(self) -> None:
+        for close in (self.tar.close, self.fh.close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - the stream may be half written (disk full): close what can be
+                pass
+        try:
+            self.tmp.unlink()
+        except OSError:
+            pass
+
+
+class ShardWriters:
+    """``{out}/{split}-{index:06d}.tar`` shards of every split, written atomically.
+
+    A split's first shard is opened with its first sample; a shard is finished (fsync, then
+    renamed to its final name) when it holds ``samples_per_shard`` samples, or on :meth:`close`.
+    An ``OSError`` while writing (disk full, ...) raises ``error`` naming the shard; call
+    :meth:`abort` then (a builder's ``except BaseException``): it deletes the temporary file and
+    the shards this build finished, so the folder is as the build found it.
+
+    Args:
+        out: the output folder (made ready by :func:`prepare_output`).
+        samples_per_shard: samples per shard.
+        error: the builder's error type.
+    """
+
+    def __init__(self, out: Path, samples_per_shard: int, error: Type[Exception] = OSError) -> None:
+        self.out = out
+        self.samples_per_shard = samples_per_shard
+        self.error = error
+        self.open: Dict[str, _Shard] = {}
+        self.next_index = {s: 0 for s in SPLITS}
+        self.written: Dict[str, List[str]] = {s: [] for s in SPLITS}
+        self.samples = {s: 0 for s in SPLITS}
+
+    def _fail(self, shard: Path, exn: OSError) -> Exception:
+        return self.error(f"cannot write shard {shard}: {type(exn).__name__}: {exn.strerror or exn} "
+                          "(nothing is left under a shard's final name; free space or choose another output_dir)")
+
+    def write(self, split: str, sample: Dict[str, Any]) -> None:
+        """Add one sample (``{"__key__", field: bytes, ...}``) to ``split``."""
+        shard = self.open.get(split)
+        if shard is None:
+            final = self.out / f"{split}-{self.next_index.setdefault(split, 0):06d}.tar"
+            try:
+                shard = self.open[split] = _Shard(final)
+            except OSError as exn:
+                raise self._fail(final, exn) from None
+            self.next_index[split] += 1
+        try:
+            shard.tar.write(sample)
+        except OSError as exn:
+            raise self._fail(shard.final, exn) from None
+        shard.count += 1
+        self.samples[split] = self.samples.get(split, 0) + 1
+        if shard.count >= self.samples_per_shard:
+            self._finish(split)
+
+    def _finish(self, split: str) -> None:
+        shard = self.open.pop(split)
+        try:
+            shard.finish()
+        except OSError as exn:
+            self.open[split] = shard  # abort() discards it
+            raise self._fail(shard.final, exn) from None
+        self.written.setdefault(split, []).append(shard.final.name)
+
+    def close(self) -> Dict[str, List[str]]:
+        """Finish every open shard; returns the shard names per split (every split of :data:`SPLITS` listed)."""
+        for split in list(self.open):
+            self._finish(split)
+        if self.written:
+            _fsync_dir(self.out)
+        return {s: sorted(self.written.get(s, [])) for s in sorted(set(SPLITS) | set(self.written))}
+
+    def abort(self) -> None:
+        """Discard the open shards and delete the finished ones of this build."""
+        for shard in self.open.values():
+            shard.discard()
+        self.open.clear()
+        for names in self.written.values():
+            for name in names:
+                try:
+                    (self.out / name).unlink()
+                except OSError:
+                    pass
+        self.written = {s: [] for s in SPLITS}
+
+    @property
+    def total(self) -> int:
+        """Samples written so far, over every split."""
+        return sum(self.samples.values())

@@ -1,0 +1,49 @@
+"""A guard applies on every path (issue 13, section 3), seen from the command line.
+
+* ``data.max_member_bytes`` protects asset fitting (the tokenizer is fitted before training starts)
+  as it protects training: an oversized member is refused unread, naming shard and member;
+* a ``pipe:`` shard whose command never writes stops after ``data.read_timeout_s`` with an error
+  naming the url, instead of waiting forever.
+
+The reader itself is tested in ``tests/data/test_tar_reader.py``.
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from pathlib import Path
+
+from mmm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _prepare(tmp_path: Path, train: str, *more: str) -> list:
+    return ["prepare", "--config", str(REPO / "configs" / "text_mlm_tiny.yaml"), "--data.train", train,
+            "--data.val", "null", "--model.text.vocab_size", "60", "--trainer.default_root_dir", str(tmp_path / "run"),
+            *more]
+
+
+def test_mmm_prepare_refuses_an_oversized_member_before_reading_it(tmp_path, capsys):
+    shard = tmp_path / "train-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("a.json", b"{}"), ("a.txt", b"some words to fit a tokenizer on"),
+                           ("big.json", b"{}"), ("big.txt", b"x" * 50_000)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert main(_prepare(tmp_path, str(shard), "--data.max_member_bytes", "4096")) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for part in (str(shard), "'big.txt'", "50000 bytes", "max_member_bytes=4096", "not read"):
+        assert part in err
+    assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+def test_mmm_prepare_stops_on_a_stalled_pipe_naming_the_url(tmp_path, capsys):
+    start = time.monotonic()
+    assert main(_prepare(tmp_path, "pipe:sleep 30", "--data.read_timeout_s", "1")) != 0
+    assert time.monotonic() - start < 20
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no data from pipe:sleep 30 for 1 s" in err
