@@ -14,6 +14,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
+
 from mmm.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +41,32 @@ def test_mmm_prepare_refuses_an_oversized_member_before_reading_it(tmp_path, cap
     for part in (str(shard), "'big.txt'", "50000 bytes", "max_member_bytes=4096", "not read"):
         assert part in err
     assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+def _claims_300_mib(path: Path) -> Path:
+    """A shard whose second sample's header claims a 300 MiB ``txt`` (the bytes are not there: never read)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("a.json", b"{}"), ("a.txt", b"a few words"), ("huge.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("huge.txt")
+        info.size = 300 * 2**20
+        tar.addfile(info)  # header only
+    return path
+
+
+def test_the_default_limit_guards_asset_fitting_and_every_pipeline(tmp_path, capsys):
+    shard = _claims_300_mib(tmp_path / "train-000000.tar")
+    start = time.monotonic()
+    assert main(_prepare(tmp_path, str(shard))) != 0  # data.max_member_bytes left at its default (256 MiB)
+    err = capsys.readouterr().err
+    assert "'huge.txt'" in err and "314572800 bytes, over max_member_bytes=268435456" in err
+    from mmm.data.stream import SampleError, make_pipeline
+
+    with pytest.raises(SampleError, match="'huge.txt', not read"):  # evaluation, probes, demos: the same default
+        list(make_pipeline([str(shard)], stages=[], shuffle_buffer=0))
+    assert time.monotonic() - start < 30
 
 
 def test_mmm_prepare_stops_on_a_stalled_pipe_naming_the_url(tmp_path, capsys):

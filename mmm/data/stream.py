@@ -20,7 +20,7 @@ import webdataset as wds
 
 from mmm.data.epoch import EpochCounter, EpochResampledShards, EpochSource, shuffle_samples, take_epoch_share
 from mmm.data.epoch import shuffle_shards as shuffle_shards_by_epoch
-from mmm.data.tar import DEFAULT_READ_TIMEOUT_S, guarded_tarfile_to_samples
+from mmm.data.tar import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_READ_TIMEOUT_S, guarded_tarfile_to_samples
 
 logger = logging.getLogger("mmm.data")
 
@@ -222,7 +222,7 @@ def make_pipeline(
     seed: int = 0,
     handler: Optional[Callable[[Exception], bool]] = None,
     resampled: bool = False,
-    max_member_bytes: Optional[int] = None,
+    max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
     read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
     epochs: Optional[EpochCounter] = None,
     epoch_length: Optional[int] = None,
@@ -254,7 +254,8 @@ def make_pipeline(
         max_member_bytes: refuse samples with a field (tar member) larger than this many bytes,
             checked from the tar header before the member is read (see
             :func:`mmm.data.tar.guarded_tarfile_to_samples`); refusals go to ``handler``.
-            None: no limit.
+            The default is ``data.max_member_bytes``'s (256 MiB), so evaluation, probes and demos
+            are guarded as training is; None: no limit.
         read_timeout_s: a ``pipe:`` / ``http(s)://`` shard stream that delivers no data for this
             many seconds stops with :class:`~mmm.data.tar.ShardTimeout` naming the url (to
             ``handler``); None: wait forever.
