@@ -142,7 +142,9 @@ def head_name(o: ObjectiveConfig) -> str:
 
 def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: Dict[str, nn.Module],
                 tasks: Optional[Dict[str, List[str]]] = None) -> MaskedModel:
-    """Assemble and initialise a :class:`MaskedModel` (warm-started from ``cfg.init_from`` when set).
+    """Assemble and initialise a :class:`MaskedModel` (freshly initialised; a new run applies
+    ``model.init_from`` itself, see :func:`mmm.warm_start.warm_start`, so that rebuilding a model
+    from a checkpoint's config never reads the warm-start source again).
 
     Args:
         cfg: network configuration.
@@ -174,8 +176,4 @@ def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: 
     for part in [*model.embedders.values(), *model.objectives.values()]:
         if hasattr(part, "reset_parameters"):  # a part's own initialiser (e.g. MAE's patch embedding) wins
             part.reset_parameters()
-    if cfg.init_from:
-        from mmm.warm_start import warm_start
-
-        warm_start(model, cfg.init_from)
     return model

@@ -272,6 +272,10 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
         prepare_modalities(mods, run_dir)  # loads what rank 0 saved
     maskers = {t.name: mods.feeds[t.name].build_masker(t.masking) for t in tasks}
     model = build_model_for(cfg, mods)
+    if cfg.model.init_from and resume is None:  # a resumed run continues from its checkpoint instead
+        from mmm.warm_start import warm_start
+
+        warm_start(model, cfg.model.init_from)
     if cfg.trainer.compile:
         # per block, dynamic shapes: packed batches change N every step (layout lookups graph-break)
         for block in model.encoder.blocks:

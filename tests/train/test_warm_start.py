@@ -9,6 +9,7 @@ import torch
 from mmm.config import ObjectiveConfig
 from mmm.encoders import load_encoder, read_checkpoint, save_encoder
 from mmm.model import build_model
+from mmm.warm_start import warm_start
 from mmm.registry import EMBEDDERS
 from mmm.warm_start import WarmStartError, fold_names, warm_start
 
@@ -22,7 +23,10 @@ def _model(contents, init_from=None, objectives=None, **encoder):
                            position=cfg.text.position, embed_norm=cfg.text.embed_norm, norm_eps=cfg.encoder.norm_eps,
                            dropout=cfg.encoder.dropout, pad_id=0)
     torch.manual_seed(123)
-    return build_model(cfg, objectives or contents.config.objectives, {"text": emb})
+    model = build_model(cfg, objectives or contents.config.objectives, {"text": emb})
+    if init_from:
+        warm_start(model, init_from)
+    return model
 
 
 def test_from_checkpoint_loads_every_tensor_and_prints_it(ckpt: Path, capsys):
@@ -131,3 +135,23 @@ def test_pretrain_warm_starts_from_init_from(ckpt: Path, tmp_path: Path, capsys)
     contents = read_checkpoint(ckpt)
     assert torch.equal(run.module.model.encoder.blocks[0].attn.qkv.weight,
                        contents.state_dict["encoder.blocks.0.attn.qkv.weight"])
+
+
+def test_warm_start_source_is_read_once_not_on_resume_or_load(ckpt: Path, tmp_path: Path):
+    """Resuming, and loading the run's encoder, never read model.init_from again (it may be gone)."""
+    import shutil
+
+    from conftest import tiny_config
+
+    import mmm
+    from mmm.train.pretrain import pretrain
+
+    source = tmp_path / "source.ckpt"
+    shutil.copy(ckpt, source)
+    run_dir = tmp_path / "run"
+    pretrain(tiny_config(run_dir, **{"model.init_from": str(source), "trainer.max_steps": 1, "data.val": None}))
+    source.unlink()
+    assert mmm.load_encoder(run_dir / "checkpoints" / "last.ckpt", modality="text") is not None
+    run = pretrain(tiny_config(run_dir, **{"model.init_from": str(source), "trainer.max_steps": 2, "data.val": None,
+                                           "trainer.ckpt_path": "last"}))
+    assert run.trainer.global_step == 2
