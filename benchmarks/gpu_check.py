@@ -255,8 +255,9 @@ def section_attention(device: torch.device, budget_s: float, sizes: Sizes) -> st
 
     table = markdown(run_sweep(sizes.attn_lengths, sizes.attn_tokens, heads=sizes.attn_heads,
                                head_dim=sizes.attn_head_dim, repeats=5, warmup=2, device=device))
-    rows = ["", f"ALiBi, forward + backward at the same batches: mmm's sdpa path (bias built per block of query rows) "
-                f"against the dense (B, H, T, T) bias of the math reference.", "",
+    rows = ["", "ALiBi, forward + backward at the same batches: mmm's sdpa path (bias built per block of query "
+                "rows) against the dense (B, H, T, T) bias of the math reference, and compiled FlexAttention on "
+                "CUDA (the first call compiles; the median is over the later ones).", "",
             "| L | backend | median (ms) | peak (MiB) |", "|---:|---|---:|---:|"]
     for L in sizes.attn_lengths:
         for name, r in alibi_point(L, sizes.attn_tokens, sizes.attn_heads, sizes.attn_head_dim, device).items():
@@ -267,7 +268,7 @@ def section_attention(device: torch.device, budget_s: float, sizes: Sizes) -> st
 
 def alibi_point(max_len: int, total_tokens: int, heads: int, head_dim: int, device: torch.device,
                 repeats: int = 5) -> Dict[str, Dict[str, Any]]:
-    """Median forward + backward time and peak memory of ALiBi attention, blocked sdpa vs dense math.
+    """Median forward + backward time and peak memory of ALiBi attention: flex (CUDA), blocked sdpa, dense math.
 
     Args:
         max_len: longest sequence; lengths uniform in [L/4, L] (:func:`benchmarks.attention_backends.spread_lengths`).
@@ -280,7 +281,7 @@ def alibi_point(max_len: int, total_tokens: int, heads: int, head_dim: int, devi
     import numpy as np
 
     from benchmarks.attention_backends import spread_lengths
-    from mmm.core.attention import math_attention, sdpa_attention
+    from mmm.core.attention import flex_attention_backend, flex_context, math_attention, sdpa_attention
     from mmm.core.packing import PackedSeqInfo
     from mmm.core.position import ALiBi
 
@@ -289,7 +290,10 @@ def alibi_point(max_len: int, total_tokens: int, heads: int, head_dim: int, devi
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     alibi = ALiBi(heads).to(device)
     out: Dict[str, Dict[str, Any]] = {}
-    for name, fn in (("sdpa (blocked)", sdpa_attention), ("math (dense)", math_attention)):
+    contenders = [("sdpa (blocked)", sdpa_attention, alibi), ("math (dense)", math_attention, alibi)]
+    if device.type == "cuda":  # compiled FlexAttention: the bias inside the kernel
+        contenders.insert(0, ("flex", flex_attention_backend, flex_context(seq, alibi)))
+    for name, fn, bias in contenders:
         q, k, v = (torch.randn(seq.num_tokens, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
         times = []
@@ -299,7 +303,7 @@ def alibi_point(max_len: int, total_tokens: int, heads: int, head_dim: int, devi
                 torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             t0 = time.perf_counter()
-            fn(q, k, v, seq, alibi).float().sum().backward()
+            fn(q, k, v, seq, bias).float().sum().backward()
             _sync(device)
             if i:
                 times.append(time.perf_counter() - t0)

@@ -5,6 +5,8 @@
 * ``sdpa`` — ``torch.nn.functional.scaled_dot_product_attention`` on a padded view built from
   the packed layout (CPU and CUDA).
 * ``math`` — an explicit softmax(QKᵀ/√d + bias)V reference, for tests.
+* ``flex`` — FlexAttention over the flat stream with a per-sequence block mask and ALiBi as a
+  score modification (CUDA, explicit choice only; no attention dropout).
 
 Every backend takes (N, H, D) packed queries/keys/values and returns (N, H, D). Choice: the
 config value if it is not ``auto``; otherwise ``$MMM_ATTENTION`` if set; otherwise xformers on
@@ -18,14 +20,15 @@ block runs under activation checkpointing, so backward keeps q, k, v and the out
 the bias. Memory then grows with the tokens of the batch, not with B·H·T². The math backend
 keeps the dense bias: it is the reference. (FlexAttention, which would compute the bias inside
 the kernel, does not compile on CPU in torch 2.9.1: inductor's CPU lowering fails even for a
-plain ``flex_attention`` call, and its eager fallback materialises the full score matrix.)
+plain ``flex_attention`` call, and its eager fallback materialises the full score matrix; on
+CUDA the ``flex`` backend does it.)
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
-from typing import Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +150,73 @@ def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: P
     return out[0]
 
 
+class FlexContext(NamedTuple):
+    """What the flex backend needs per batch, built once by the encoder (:func:`flex_context`)."""
+
+    block_mask: Any  # torch.nn.attention.flex_attention.BlockMask: attend within one's own sequence
+    score_mod: Optional[Callable]  # ALiBi as a score modification, or None
+
+
+def flex_context(seq: PackedSeqInfo, alibi: Bias) -> FlexContext:
+    """Per-document block mask over the flat stream and, with ALiBi, its score modification.
+
+    Args:
+        seq: the batch layout.
+        alibi: the ALiBi module, or None.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = seq.pad_index // seq.max_seqlen  # (N,) sequence of each token
+    pos = seq.position_ids
+
+    def same_sequence(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    n = seq.num_tokens
+    mask = create_block_mask(same_sequence, None, None, n, n, device=pos.device)
+    if alibi is None:
+        return FlexContext(mask, None)
+    slopes = alibi.slopes
+
+    def alibi_score(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (pos[q_idx] - pos[kv_idx]).abs()
+
+    return FlexContext(mask, alibi_score)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@ATTENTION_BACKENDS.register("flex")
+def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo,
+                           bias: Any = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """FlexAttention over the flat stream: a per-sequence block mask, ALiBi computed inside the kernel (CUDA).
+
+    Args:
+        q, k, v: (N, H, D) packed.
+        seq: the batch layout.
+        bias: a :class:`FlexContext` (the encoder builds one per batch), an :class:`ALiBi`, or None.
+        dropout_p: must be 0 (FlexAttention has no attention dropout).
+
+    On CPU the uncompiled FlexAttention runs (it materialises the (H, N, N) scores: for tests only);
+    on CUDA the compiled kernel never builds the bias or the scores.
+    """
+    if dropout_p > 0:
+        raise ValueError("the flex attention backend has no attention dropout; set encoder.attn_dropout: 0")
+    ctx = bias if isinstance(bias, FlexContext) else flex_context(seq, bias)
+    if q.device.type == "cuda":
+        fn = _compiled_flex()
+    else:
+        from torch.nn.attention.flex_attention import flex_attention as fn
+    out = fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+             score_mod=ctx.score_mod, block_mask=ctx.block_mask)  # (1, H, N, D)
+    return out[0].transpose(0, 1)
+
+
 @functools.lru_cache(maxsize=None)
 def xformers_available() -> bool:
     """True when xformers imports and CUDA is present (its kernels are CUDA-only)."""
@@ -163,7 +233,7 @@ def resolve_backend(requested: str, device: torch.device, has_bias: bool = False
     """Pick the backend name for a device.
 
     Args:
-        requested: config value: ``auto``, ``xformers``, ``sdpa`` or ``math``.
+        requested: config value: ``auto``, ``xformers``, ``sdpa``, ``math`` or ``flex`` (CUDA; chosen only explicitly).
         device: where the tensors live.
         has_bias: whether an additive bias (ALiBi) must be applied.
     """
@@ -173,6 +243,10 @@ def resolve_backend(requested: str, device: torch.device, has_bias: bool = False
     if name == "auto":
         return "xformers" if device.type == "cuda" and xformers_available() and not has_bias else "sdpa"
     ATTENTION_BACKENDS.get(name)  # unknown name → error listing the known ones
+    if name == "flex" and device.type != "cuda":
+        raise RuntimeError(f"attention backend 'flex' requested (config or ${BACKEND_ENV}) but tensors are on {device}; "
+                           "FlexAttention kernels compile for CUDA only here (torch 2.9.1's CPU lowering fails): "
+                           "use sdpa or math")
     if name == "xformers":
         if has_bias:
             raise ValueError("attention backend 'xformers' cannot apply the ALiBi bias; choose sdpa or math")

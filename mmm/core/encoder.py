@@ -8,14 +8,14 @@ layers touch only real tokens.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmm.config import EncoderConfig
-from mmm.core.attention import resolve_backend
+from mmm.core.attention import FlexContext, flex_context, resolve_backend
 from mmm.core.packing import PackedSeqInfo
 from mmm.core.position import RELATIVE_POSITIONS, ALiBi, Rotary, apply_rotary
 from mmm.registry import ATTENTION_BACKENDS
@@ -23,6 +23,7 @@ from mmm.registry import ATTENTION_BACKENDS
 MLP_KINDS = ("gelu", "glu", "geglu", "swiglu")
 _GATES = {"glu": torch.sigmoid, "geglu": F.gelu, "swiglu": F.silu}
 RopeTables = Tuple[torch.Tensor, torch.Tensor]  # rotary (cos, sin), each (N, 1, D), from Rotary.tables
+AttentionBias = Union[None, ALiBi, FlexContext]  # what the backend applies (the flex backend's per-batch context)
 
 
 class SelfAttention(nn.Module):
@@ -37,12 +38,12 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo, backend: str,
-                alibi: Optional[ALiBi], rope: Optional[RopeTables]) -> torch.Tensor:
+                bias: AttentionBias, rope: Optional[RopeTables]) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.heads, self.head_dim).unbind(1)  # (N, H, D) each
         if rope is not None:
             q, k = apply_rotary(q, k, *rope)
-        out = ATTENTION_BACKENDS.get(backend)(q, k, v, seq, alibi, self.attn_dropout if self.training else 0.0)
+        out = ATTENTION_BACKENDS.get(backend)(q, k, v, seq, bias, self.attn_dropout if self.training else 0.0)
         return self.proj(out.reshape(n, -1))  # (N, d)
 
 
@@ -81,11 +82,11 @@ class EncoderBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo, backend: str,
-                alibi: Optional[ALiBi], rope: Optional[RopeTables]) -> torch.Tensor:
+                bias: AttentionBias, rope: Optional[RopeTables]) -> torch.Tensor:
         if self.norm_first:
-            x = x + self.dropout(self.attn(self.norm1(x), seq, backend, alibi, rope))
+            x = x + self.dropout(self.attn(self.norm1(x), seq, backend, bias, rope))
             return x + self.dropout(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.attn(x, seq, backend, alibi, rope)))
+        x = self.norm1(x + self.dropout(self.attn(x, seq, backend, bias, rope)))
         return self.norm2(x + self.dropout(self.mlp(x)))
 
 
@@ -104,6 +105,9 @@ class TransformerEncoder(nn.Module):
             raise ValueError(f"unknown encoder.relative_position {cfg.relative_position!r}; expected one of {RELATIVE_POSITIONS}")
         if cfg.attention != "auto":
             ATTENTION_BACKENDS.get(cfg.attention)
+        if cfg.attention == "flex" and cfg.attn_dropout > 0:
+            raise ValueError(f"encoder.attention=flex has no attention dropout; set encoder.attn_dropout: 0 "
+                             f"(got {cfg.attn_dropout})")
         self.cfg = cfg
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else None
@@ -137,8 +141,9 @@ class TransformerEncoder(nn.Module):
         """(N, d) packed embeddings → (N, d) packed hidden states."""
         backend = self.backend_for(x.device)
         rope = self.rotary.tables(seq.position_ids) if self.rotary is not None else None  # once per batch
+        bias = flex_context(seq, self.alibi) if backend == "flex" else self.alibi  # block mask once per batch
         for block in self.blocks:
-            x = block(x, seq, backend, self.alibi, rope)
+            x = block(x, seq, backend, bias, rope)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x

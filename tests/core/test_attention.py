@@ -5,7 +5,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mmm.core import attention
-from mmm.core.attention import BACKEND_ENV, math_attention, resolve_backend, sdpa_attention, xformers_attention
+from mmm.core.attention import (BACKEND_ENV, flex_attention_backend, flex_context, math_attention, resolve_backend,
+                                sdpa_attention, xformers_attention)
 from mmm.core.packing import PackedSeqInfo
 from mmm.core.position import ALiBi, alibi_slopes
 from mmm.registry import RegistryError
@@ -96,7 +97,9 @@ def test_backend_resolution(monkeypatch):
         resolve_backend("xformers", cpu)
     with pytest.raises(ValueError, match="ALiBi"):
         resolve_backend("xformers", torch.device("cuda"), has_bias=True)
-    with pytest.raises(RegistryError, match="known attention backends: math, sdpa, xformers"):
+    with pytest.raises(RuntimeError, match="flex.*CUDA only"):
+        resolve_backend("flex", cpu)
+    with pytest.raises(RegistryError, match="known attention backends: flex, math, sdpa, xformers"):
         resolve_backend("flash9", cpu)
     monkeypatch.setenv(BACKEND_ENV, "bogus")
     with pytest.raises(RegistryError, match="bogus"):
@@ -204,3 +207,36 @@ def test_gpu_xformers_takes_the_layout_mask_and_the_uniform_shortcut():
     for seq in (ragged, uniform):
         q, k, v = _qkv(seq.num_tokens, h=4, d=32, device="cuda")
         torch.testing.assert_close(xformers_attention(q, k, v, seq), math_attention(q, k, v, seq), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["plain", "alibi"])
+def test_flex_backend_semantics_match_the_reference_forward_and_backward(use_alibi):
+    """Block mask and ALiBi score_mod, checked with uncompiled FlexAttention on CPU (the kernel compiles on CUDA)."""
+    seq = PackedSeqInfo.from_seqlens([40, 17, 9, 1])
+    alibi = ALiBi(4) if use_alibi else None
+    results = []
+    for fn, bias in ((flex_attention_backend, flex_context(seq, alibi)), (math_attention, alibi)):
+        q, k, v = _qkv(seq.num_tokens, requires_grad=True)
+        out = fn(q, k, v, seq, bias)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach()] + [t.grad for t in (q, k, v)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        flex_attention_backend(*_qkv(seq.num_tokens), seq, None, dropout_p=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_gpu_compiled_flex_alibi_matches_the_dense_reference(dtype, tol):
+    seq = PackedSeqInfo.from_seqlens([300, 128, 64, 17, 1], device="cuda")
+    alibi = ALiBi(8).cuda()
+    results = []
+    for fn, bias in ((flex_attention_backend, flex_context(seq, alibi)), (math_attention, alibi)):
+        q, k, v = _qkv(seq.num_tokens, h=8, d=64, dtype=dtype, device="cuda", requires_grad=True)
+        out = fn(q, k, v, seq, bias)
+        out.float().pow(2).sum().backward()
+        results.append([out.detach().float()] + [t.grad.float() for t in (q, k, v)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)

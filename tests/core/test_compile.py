@@ -17,7 +17,8 @@ class _TextMLM(torch.nn.Module):
 
     def __init__(self, **encoder):
         super().__init__()
-        cfg = EncoderConfig(dim=32, depth=2, heads=4, mlp_hidden=64, dropout=0.1, attn_dropout=0.1, **encoder)
+        cfg = EncoderConfig(**{"dim": 32, "depth": 2, "heads": 4, "mlp_hidden": 64, "dropout": 0.1, "attn_dropout": 0.1,
+                               **encoder})
         self.embed = EMBEDDERS.create("text", vocab_size=VOCAB, dim=32, max_len=64)
         self.encoder = TransformerEncoder(cfg)
         self.mlm = MaskedLanguageModeling(32, {"text": self.embed}, cfg)
@@ -92,14 +93,16 @@ def _grads(model, batch, run):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend,rel", [("xformers", "none"), ("sdpa", "none"), ("sdpa", "alibi"), ("sdpa", "rotary")],
-                         ids=["xformers", "sdpa", "sdpa-alibi", "sdpa-rotary"])
+@pytest.mark.parametrize("backend,rel", [("xformers", "none"), ("sdpa", "none"), ("sdpa", "alibi"), ("sdpa", "rotary"),
+                                         ("flex", "alibi")],
+                         ids=["xformers", "sdpa", "sdpa-alibi", "sdpa-rotary", "flex-alibi"])
 def test_gpu_step_has_no_host_sync_and_compiles_without_breaks(backend, rel):
     """Once the batch is on the GPU, forward + backward never waits for the device; the forward traces whole."""
     if backend == "xformers":
         pytest.importorskip("xformers")
     torch.manual_seed(0)
-    model = _TextMLM(attention=backend, relative_position=rel).cuda().train()
+    extra = {"attn_dropout": 0.0} if backend == "flex" else {}
+    model = _TextMLM(attention=backend, relative_position=rel, **extra).cuda().train()
     assert model.encoder.backend_for(torch.device("cuda")) == backend
     batch = _batch(GROUPED).pin_memory().to("cuda")
     model(batch).backward()  # warm-up outside the check

@@ -71,3 +71,5 @@ def test_bad_configs_are_named():
         TransformerEncoder(EncoderConfig(mlp="relu"))
     with pytest.raises(ValueError, match="relative_position 'xpos'"):
         TransformerEncoder(EncoderConfig(relative_position="xpos"))
+    with pytest.raises(ValueError, match="attention=flex has no attention dropout"):
+        TransformerEncoder(EncoderConfig(attention="flex", attn_dropout=0.1))
