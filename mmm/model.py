@@ -32,7 +32,8 @@ class MaskedModel(nn.Module):
         encoder: the shared :class:`TransformerEncoder`.
         objectives: head name → module with ``forward(hidden, batch) -> ObjectiveOutput``; a head that
             also has ``prepare(batch) -> batch`` rewrites the batch before the encoder reads it
-            (ELECTRA's generator corrupts it there, inside the step).
+            (ELECTRA's generator corrupts it there, inside the step); one with
+            ``after_optimizer_step(model)`` is called after every optimizer step (data2vec's EMA teacher).
         weights: head name → loss weight.
         tasks: task name → the heads that task trains (multi-task runs); None = every head scores every batch.
         fusion: cross-modality layers for two-stream image-text batches (LXMERT), or None.
@@ -106,6 +107,14 @@ class MaskedModel(nn.Module):
             outputs[name] = head(hidden, batch, model=self) if getattr(head, "needs_model", False) else head(hidden, batch)
         total = sum(self.weights[name] * out.loss for name, out in outputs.items())
         return total, outputs
+
+    def after_optimizer_step(self) -> None:
+        """Run every head's ``after_optimizer_step(model)`` hook (the trainer calls this after each
+        optimizer step; a data2vec head moves its EMA teacher there)."""
+        for head in self.objectives.values():
+            hook = getattr(head, "after_optimizer_step", None)
+            if hook is not None:
+                hook(self)
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -8,7 +8,7 @@ layers touch only real tokens.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -147,3 +147,15 @@ class TransformerEncoder(nn.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x
+
+    def block_outputs(self, x: torch.Tensor, seq: PackedSeqInfo) -> List[torch.Tensor]:
+        """Every block's (N, d) output, first to last, without the final norm (the layers a
+        data2vec teacher averages its targets over)."""
+        backend = self.backend_for(x.device)
+        rope = self.rotary.tables(seq.position_ids) if self.rotary is not None else None
+        bias = flex_context(seq, self.alibi) if backend == "flex" else self.alibi
+        outputs = []
+        for block in self.blocks:
+            x = block(x, seq, backend, bias, rope)
+            outputs.append(x)
+        return outputs

@@ -2,3 +2,4 @@
 from mmm.objectives import feature_regression, mim, mlm, token_targets  # noqa: F401  (registers "masked_features", "mae", "simmim", "mlm", "token_targets")
 from mmm.objectives import contrastive, itm, mrm  # noqa: F401  (registers "itc", "itm", "mrfr", "mrc", "mrc_kl")
 from mmm.objectives import electra  # noqa: F401  (registers "electra")
+from mmm.objectives import d2v  # noqa: F401  (registers "d2v")

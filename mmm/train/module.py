@@ -78,6 +78,7 @@ class MaskedModelingModule(L.LightningModule):
         self.extra_state = extra_state or {}
         self.nonfinite = nonfinite
         self.nonfinite_skipped = 0
+        self._stepped = True  # the last training batch had a finite loss (its optimizer step changed weights)
         self._val_sums: Dict[Tuple[str, str], Dict[str, list]] = {}  # (prefix, head) -> metric -> [sum, count]
 
     def transfer_batch_to_device(self, batch: PackedBatch, device: torch.device, dataloader_idx: int) -> PackedBatch:
@@ -116,7 +117,8 @@ class MaskedModelingModule(L.LightningModule):
         errors = batch.extras.get("data_errors_total")
         if errors is not None:  # bad samples/shards this rank's data workers met so far (summed over workers)
             self.log("train/data_errors", float(errors), on_step=True, batch_size=1)
-        if torch.isfinite(loss):
+        self._stepped = bool(torch.isfinite(loss))
+        if self._stepped:
             return loss
         where = (f"non-finite training loss ({float(loss.detach())}) at global step {self.global_step}, batch {batch_idx} "
                  f"of epoch {self.current_epoch} ({batch.num_sequences} sequences, {batch.num_tokens} tokens)")
@@ -163,6 +165,11 @@ class MaskedModelingModule(L.LightningModule):
                     self.log(f"{prefix}/{name}_ppl", math.exp(min(50.0, means["loss"])), **log)
         for prefix, total in sorted(totals.items()):
             self.log(f"{prefix}/loss", total, prog_bar=prefix == "val", **log)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self._stepped:  # a batch skipped for a non-finite loss changed no weight: no EMA update either
+            self.model.after_optimizer_step()  # heads' post-step hooks (data2vec's EMA teacher, in fp32)
 
     def configure_optimizers(self):
         from mmm.optim import build_optimizer
