@@ -81,7 +81,7 @@ class ImageConfig:
     image_size: int = _f(32, "input height and width in pixels (the pipeline crops/resizes to it)", ge=1)
     patch_size: int = _f(4, "side of a square patch in pixels; must divide image_size", ge=1)
     cls_token: bool = _f(True, "prepend a learned [CLS] token to every image")
-    position: str = _f("sincos", "patch positions: sincos (fixed 2-D, MAE) or learned")
+    position: str = _f("sincos", "patch positions: sincos (fixed 2-D, MAE), learned, or none (no position in the input: MP3 position prediction)")
     embed_norm: bool = _f(False, "LayerNorm on the patch tokens before the encoder (off for ViT/MAE)")
     drop_masked: bool = _f(True, "MAE mode: hidden patches never enter the encoder; false = SimMIM/BEiT mask-token mode")
     crop_scale: Tuple[float, float] = _f((0.2, 1.0), "random-resized-crop area range for training (MAE)", gt=0, le=1)

@@ -2,7 +2,8 @@
 
 Each image is cut into a ``gh × gw`` grid of ``patch × patch`` patches, projected by a strided
 Conv2d, given an absolute position (a learned table, or the fixed 2-D sin-cos table of MAE,
-He et al. 2022) and optionally preceded by a learned [CLS] token. The output is packed:
+He et al. 2022; or none at all, for position prediction, MP3, Zhai et al. 2022) and optionally
+preceded by a learned [CLS] token. The output is packed:
 ``(N, d)`` tokens plus per-image lengths, ready for the shared
 :class:`~mmm.core.encoder.TransformerEncoder`.
 
@@ -33,7 +34,7 @@ from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
 from mmm.registry import EMBEDDERS
 
-IMAGE_POSITIONS = ("learned", "sincos")
+IMAGE_POSITIONS = ("learned", "sincos", "none")
 
 
 def sincos_2d_table(grid: Tuple[int, int], dim: int) -> torch.Tensor:
@@ -88,7 +89,8 @@ class ImageEmbedder(nn.Module):
         patch_size: side of a square patch; must divide ``image_size``.
         in_chans: input channels.
         cls_token: prepend a learned [CLS] token (with its own position) to every image.
-        position: ``learned`` table, or fixed 2-D ``sincos`` (MAE; a buffer, [CLS] row zero).
+        position: ``learned`` table, fixed 2-D ``sincos`` (MAE; a buffer, [CLS] row zero), or
+            ``none`` (an all-zero buffer: tokens carry no position; exports as a zero timm table).
         embed_norm: LayerNorm on the tokens before the encoder (CLIP-style ``norm_pre``); off for ViT/MAE.
         norm_eps: epsilon of that LayerNorm.
         dropout: dropout on the output tokens.
@@ -119,6 +121,8 @@ class ImageEmbedder(nn.Module):
         table_len = self.num_prefix_tokens + self.num_patches
         if position == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, table_len, dim))
+        elif position == "none":  # adding zeros is exact: no position reaches the encoder
+            self.register_buffer("pos_embed", torch.zeros(1, table_len, dim), persistent=False)
         else:
             table = torch.cat([torch.zeros(self.num_prefix_tokens, dim), sincos_2d_table(self.grid, dim)])
             self.register_buffer("pos_embed", table[None], persistent=False)  # (1, cls+P, d)
@@ -258,7 +262,7 @@ class ImageEncoderConfig:
     patch_size: int = _f(4, "side of a square patch in pixels")
     in_chans: int = _f(3, "input channels")
     cls_token: bool = _f(True, "prepend a learned [CLS] token")
-    position: str = _f("learned", "absolute patch positions: learned, sincos (fixed 2-D, MAE)")
+    position: str = _f("learned", "absolute patch positions: learned, sincos (fixed 2-D, MAE), none (MP3)")
     embed_norm: bool = _f(False, "LayerNorm on the tokens before the encoder (CLIP-style pre-norm)")
     norm_eps: float = _f(1e-6, "epsilon of the embedding LayerNorm")
     dropout: float = _f(0.0, "dropout on the embedded tokens")

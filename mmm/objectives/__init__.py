@@ -3,3 +3,4 @@ from mmm.objectives import feature_regression, mim, mlm, token_targets  # noqa: 
 from mmm.objectives import contrastive, itm, mrm  # noqa: F401  (registers "itc", "itm", "mrfr", "mrc", "mrc_kl")
 from mmm.objectives import electra  # noqa: F401  (registers "electra")
 from mmm.objectives import d2v  # noqa: F401  (registers "d2v")
+from mmm.objectives import position_prediction  # noqa: F401  (registers "mp3")
