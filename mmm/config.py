@@ -58,6 +58,8 @@ class EncoderConfig:
     attn_dropout: float = _f(0.1, "dropout on attention probabilities", ge=0, lt=1)
     relative_position: str = _f("none", "relative positions inside attention: none, alibi, rotary")
     attention: str = _f("auto", "attention backend: auto, xformers, sdpa, math (env MMM_ATTENTION overrides auto)")
+    experts: bool = _f(False, "modality experts (VLMo / ONE-PEACE): shared attention, one MLP per modality of the model "
+                       "chosen by each token's modality; load_encoder(ckpt, modality=m) folds expert m into the plain MLP")
 
 
 @dataclass

@@ -186,6 +186,13 @@ class CheckpointContents:
             found = sorted({k.split(".")[1] for k in self.state_dict if k.startswith("embedders.")})
             raise ValueError(f"{self.path}: the checkpoint has no {modality!r} embedder (modalities: {found})")
         state.update({k: v for k, v in self.state_dict.items() if k.startswith("encoder.")})
+        if any(".mlp.experts." in k for k in state):  # modality experts: this modality's MLP becomes the plain one
+            from mmm.core.encoder import fold_modality_experts
+
+            if modality not in (self.modality_order or []):
+                raise ValueError(f"{self.path}: the encoder has modality experts but the checkpoint's modality list "
+                                 f"{self.modality_order!r} does not place {modality!r} among them")
+            state = fold_modality_experts(state, self.modality_order.index(modality))
         return state
 
 

@@ -6,7 +6,7 @@ objective list into those parts via the registries.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -73,9 +73,26 @@ class MaskedModel(nn.Module):
             x = x.index_copy(0, index, part)
         return x
 
+    def token_modalities(self, batch: PackedBatch) -> Union[int, torch.Tensor]:
+        """Each token's modality index (the embedders' order): an int when one modality fills the
+        stream, else (N,) int64 (what the encoder's modality experts route by)."""
+        names = list(batch.inputs)
+        if len(names) == 1 and batch.inputs[names[0]].index is None:
+            return self.modality_ids[names[0]]
+        ids = torch.full((batch.num_tokens,), -1, dtype=torch.long, device=batch.seq.cu_seqlens.device)
+        for name in names:
+            index = batch.inputs[name].index
+            if index is None:
+                raise ValueError("a batch with several modality inputs must give each one its stream index")
+            ids = ids.index_fill(0, index, self.modality_ids[name])
+        return ids
+
     def encode(self, batch: PackedBatch) -> torch.Tensor:
         """(N, d) hidden states of a packed batch (fused across paired sequences when it has ``partners``)."""
-        hidden = self.encoder(self.embed(batch), batch.seq)
+        if self.encoder.experts:  # modality experts: every token passes its own modality's MLP
+            hidden = self.encoder(self.embed(batch), batch.seq, modality=self.token_modalities(batch))
+        else:
+            hidden = self.encoder(self.embed(batch), batch.seq)
         if batch.partners is None:
             return hidden
         if self.fusion is None:
@@ -164,7 +181,7 @@ def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: 
     if not objectives:
         raise ValueError("config.objectives is empty: at least one objective is needed")
     embedders = dict(embedders)
-    encoder = TransformerEncoder(cfg.encoder)
+    encoder = TransformerEncoder(cfg.encoder, experts=len(embedders) if cfg.encoder.experts else 0)
     heads: Dict[str, nn.Module] = {}
     for o in objectives:
         key = head_name(o)

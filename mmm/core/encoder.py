@@ -8,7 +8,7 @@ layers touch only real tokens.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ MLP_KINDS = ("gelu", "glu", "geglu", "swiglu")
 _GATES = {"glu": torch.sigmoid, "geglu": F.gelu, "swiglu": F.silu}
 RopeTables = Tuple[torch.Tensor, torch.Tensor]  # rotary (cos, sin), each (N, 1, D), from Rotary.tables
 AttentionBias = Union[None, ALiBi, FlexContext]  # what the backend applies (the flex backend's per-batch context)
+Route = Union[None, int, List[torch.Tensor]]  # modality experts: one expert for all tokens, or each expert's token rows
 
 
 class SelfAttention(nn.Module):
@@ -69,25 +70,46 @@ class MLP(nn.Module):
         return self.fc2(h)
 
 
-class EncoderBlock(nn.Module):
-    """Attention + MLP with residuals, pre- or post-LayerNorm."""
+class ModalityExperts(nn.Module):
+    """One :class:`MLP` per modality (VLMo's mixture of modality experts, Bao et al. 2022; ONE-PEACE,
+    Wang et al. 2023): each token passes only the feed-forward network of its own modality."""
 
-    def __init__(self, cfg: EncoderConfig) -> None:
+    def __init__(self, cfg: EncoderConfig, count: int) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(count))
+
+    def forward(self, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """(N, d) → (N, d); ``route``: one expert index for every token, or each expert's (N_k,) rows."""
+        if route is None:
+            raise ValueError("this encoder has modality experts: pass each token's modality (encoder(x, seq, modality=...))")
+        if isinstance(route, int):
+            return self.experts[route](x)
+        out = x.new_zeros(x.shape)
+        for expert, rows in zip(self.experts, route):  # an expert with no token still joins the graph (DDP)
+            out = out.index_copy(0, rows, expert(x.index_select(0, rows)))
+        return out
+
+
+class EncoderBlock(nn.Module):
+    """Attention + MLP with residuals, pre- or post-LayerNorm; ``experts`` > 0: one MLP per modality."""
+
+    def __init__(self, cfg: EncoderConfig, experts: int = 0) -> None:
         super().__init__()
         self.norm_first = cfg.norm_first
         self.attn = SelfAttention(cfg)
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = ModalityExperts(cfg, experts) if experts else MLP(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo, backend: str,
-                bias: AttentionBias, rope: Optional[RopeTables]) -> torch.Tensor:
+                bias: AttentionBias, rope: Optional[RopeTables], route: Route = None) -> torch.Tensor:
+        mlp = self.mlp if route is None else lambda h: self.mlp(h, route)
         if self.norm_first:
             x = x + self.dropout(self.attn(self.norm1(x), seq, backend, bias, rope))
-            return x + self.dropout(self.mlp(self.norm2(x)))
+            return x + self.dropout(mlp(self.norm2(x)))
         x = self.norm1(x + self.dropout(self.attn(x, seq, backend, bias, rope)))
-        return self.norm2(x + self.dropout(self.mlp(x)))
+        return self.norm2(x + self.dropout(mlp(x)))
 
 
 class TransformerEncoder(nn.Module):
@@ -95,10 +117,15 @@ class TransformerEncoder(nn.Module):
 
     Args:
         cfg: the encoder configuration.
+        experts: number of modality experts (one MLP per modality in every block, chosen by each
+            token's modality; :class:`~mmm.model.MaskedModel` passes ``len(embedders)`` when
+            ``cfg.experts`` is set); 0 = one shared MLP (a standalone encoder, experts folded).
     """
 
-    def __init__(self, cfg: EncoderConfig) -> None:
+    def __init__(self, cfg: EncoderConfig, experts: int = 0) -> None:
         super().__init__()
+        if experts < 0:
+            raise ValueError(f"experts must be >= 0, got {experts}")
         if cfg.dim % cfg.heads:
             raise ValueError(f"encoder.dim={cfg.dim} is not divisible by encoder.heads={cfg.heads}")
         if cfg.relative_position not in RELATIVE_POSITIONS:
@@ -109,7 +136,8 @@ class TransformerEncoder(nn.Module):
             raise ValueError(f"encoder.attention=flex has no attention dropout; set encoder.attn_dropout: 0 "
                              f"(got {cfg.attn_dropout})")
         self.cfg = cfg
-        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
+        self.experts = int(experts)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg, experts) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else None
         self.alibi = ALiBi(cfg.heads) if cfg.relative_position == "alibi" else None
         self.rotary = Rotary(cfg.dim // cfg.heads) if cfg.relative_position == "rotary" else None
@@ -137,25 +165,72 @@ class TransformerEncoder(nn.Module):
             return name
         return resolve_backend(self.cfg.attention, device, has_bias=self.alibi is not None)
 
-    def forward(self, x: torch.Tensor, seq: PackedSeqInfo) -> torch.Tensor:
-        """(N, d) packed embeddings → (N, d) packed hidden states."""
+    def route(self, modality: Union[None, int, torch.Tensor]) -> Route:
+        """What the blocks' modality experts read: None without experts, else one expert index or,
+        for a (N,) tensor of per-token modality indices, each expert's rows (computed once per batch)."""
+        if not self.experts:
+            return None
+        if modality is None:
+            raise ValueError(f"this encoder has {self.experts} modality experts: pass each token's modality index "
+                             f"(an int for a single-modality stream, or an (N,) tensor)")
+        if isinstance(modality, int):
+            if not 0 <= modality < self.experts:
+                raise ValueError(f"modality index {modality} out of range for {self.experts} experts")
+            return modality
+        return [(modality == k).nonzero().squeeze(1) for k in range(self.experts)]
+
+    def forward(self, x: torch.Tensor, seq: PackedSeqInfo,
+                modality: Union[None, int, torch.Tensor] = None) -> torch.Tensor:
+        """(N, d) packed embeddings → (N, d) packed hidden states.
+
+        Args:
+            x: (N, d) tokens.
+            seq: their layout.
+            modality: with modality experts, each token's modality index (an int for all, or (N,) int64).
+        """
         backend = self.backend_for(x.device)
         rope = self.rotary.tables(seq.position_ids) if self.rotary is not None else None  # once per batch
         bias = flex_context(seq, self.alibi) if backend == "flex" else self.alibi  # block mask once per batch
+        route = self.route(modality)
         for block in self.blocks:
-            x = block(x, seq, backend, bias, rope)
+            x = block(x, seq, backend, bias, rope) if route is None else block(x, seq, backend, bias, rope, route)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x
 
-    def block_outputs(self, x: torch.Tensor, seq: PackedSeqInfo) -> List[torch.Tensor]:
+    def block_outputs(self, x: torch.Tensor, seq: PackedSeqInfo,
+                      modality: Union[None, int, torch.Tensor] = None) -> List[torch.Tensor]:
         """Every block's (N, d) output, first to last, without the final norm (the layers a
-        data2vec teacher averages its targets over)."""
+        data2vec teacher averages its targets over); ``modality`` as in :meth:`forward`."""
         backend = self.backend_for(x.device)
         rope = self.rotary.tables(seq.position_ids) if self.rotary is not None else None
         bias = flex_context(seq, self.alibi) if backend == "flex" else self.alibi
+        route = self.route(modality)
         outputs = []
         for block in self.blocks:
-            x = block(x, seq, backend, bias, rope)
+            x = block(x, seq, backend, bias, rope) if route is None else block(x, seq, backend, bias, rope, route)
             outputs.append(x)
         return outputs
+
+
+def fold_modality_experts(state: Dict[str, torch.Tensor], expert: int, prefix: str = "encoder.") -> Dict[str, torch.Tensor]:
+    """A state dict with modality experts turned into one of a plain encoder: expert ``expert``'s MLP
+    becomes each block's ``mlp`` (exact for that modality's tokens); the other experts are dropped.
+    A state without experts is returned unchanged.
+
+    Args:
+        state: weights (e.g. a checkpoint's ``encoder.*``).
+        expert: the modality's index (its place in the model's modality order).
+        prefix: the encoder's key prefix in ``state``.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    marker = ".mlp.experts."
+    for key, value in state.items():
+        if not key.startswith(prefix) or marker not in key:
+            out[key] = value
+            continue
+        head, tail = key.split(marker, 1)
+        index, rest = tail.split(".", 1)
+        if int(index) == expert:
+            out[f"{head}.mlp.{rest}"] = value
+    return out

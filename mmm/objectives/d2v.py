@@ -99,12 +99,13 @@ class EMATeacher(nn.Module):
     Args:
         embedder: the student's embedder of the modality (deep-copied).
         encoder_cfg: the shared encoder's config (the teacher builds its own encoder from it).
+        experts: the student encoder's number of modality experts (0 = none).
     """
 
-    def __init__(self, embedder: nn.Module, encoder_cfg: EncoderConfig) -> None:
+    def __init__(self, embedder: nn.Module, encoder_cfg: EncoderConfig, experts: int = 0) -> None:
         super().__init__()
         self.embedder = copy.deepcopy(embedder)
-        self.encoder = TransformerEncoder(encoder_cfg)
+        self.encoder = TransformerEncoder(encoder_cfg, experts=experts)
         self.register_buffer("modality_vector", torch.zeros(encoder_cfg.dim))
         self.register_buffer("uses_modality_vector", torch.zeros((), dtype=torch.bool))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
@@ -271,7 +272,9 @@ class SelfDistillation(nn.Module):
         self.ema_decay, self.ema_end_decay, self.ema_anneal_steps = float(ema_decay), float(ema_end_decay), int(ema_anneal_steps)
         self.target_norm, self.final_norm = target_norm, bool(final_norm)
         self.loss, self.loss_beta = loss, float(loss_beta)
-        self.teacher = EMATeacher(emb, encoder_cfg)
+        experts = len(embedders) if encoder_cfg.experts else 0
+        self.teacher = EMATeacher(emb, encoder_cfg, experts)
+        self.expert = list(embedders).index(modality) if experts else None  # the model's modality order
         self.is_image = hasattr(emb, "visible_index")
         self.grid_decoder = None
         if self.is_image and decoder_depth:
@@ -328,7 +331,7 @@ class SelfDistillation(nn.Module):
             x, _ = teacher.embedder(inp.pixels.float())  # (B*T, d) every patch
         if bool(teacher.uses_modality_vector):
             x = x + teacher.modality_vector.to(x.dtype)
-        layers = teacher.encoder.block_outputs(x, seq)[-self.top_k:]
+        layers = teacher.encoder.block_outputs(x, seq, modality=self.expert)[-self.top_k:]
         total = None
         for h in layers:
             h = h.float()

@@ -318,3 +318,26 @@ def test_four_steps_equal_two_then_resume_two(tmp_path: Path, preset, tiny):
     assert int(a["objectives.d2v.teacher.updates"]) == 4
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_a_teacher_of_an_encoder_with_modality_experts_copies_and_routes_them():
+    torch.manual_seed(0)
+    text = EMBEDDERS.create("text", vocab_size=V, dim=D, max_len=16, dropout=0.0, pad_id=0)
+    image = ImageEmbedder(D, image_size=8, patch_size=4, cls_token=True, position="sincos")
+    model = build_model(ModelConfig(encoder=_enc(experts=True)), [ObjectiveConfig("d2v", args={"top_k": 2})],
+                        {"image": image, "text": text})
+    head = model.objectives["d2v"]
+    assert head.teacher.encoder.experts == 2 and head.expert == 1  # text is the model's second modality
+    batch = _text_batch()
+    loss, _ = model(batch)
+    assert torch.isfinite(loss) and bool(head.teacher.uses_modality_vector)
+    # the targets go through the text expert: changing the (teacher's) image expert leaves them alone
+    target = head.targets(batch)
+    with torch.no_grad():
+        for p in head.teacher.encoder.blocks[0].mlp.experts[0].parameters():
+            p.add_(1.0)
+    assert torch.equal(head.targets(batch), target)
+    with torch.no_grad():
+        for p in head.teacher.encoder.blocks[0].mlp.experts[1].parameters():
+            p.add_(1.0)
+    assert not torch.allclose(head.targets(batch), target)
