@@ -123,12 +123,12 @@ TASKS: Dict[str, TaskDef] = {
 
 def encoder_modalities(source: Path) -> List[str]:
     """The modalities :func:`mmm.load_encoder` can build from ``source``."""
-    from mmm.encoders import ENCODER_META_FILE, MODALITIES, read_checkpoint
+    from mmm.encoders import ENCODER_META_FILE, encoder_modalities, read_checkpoint
 
     if source.is_file():
         contents = read_checkpoint(source)
         found = {k.split(".")[1] for k in contents.state_dict if k.startswith("embedders.")}
-        return [m for m in MODALITIES if m in found]
+        return [m for m in encoder_modalities() if m in found]
     if (source / ENCODER_META_FILE).is_file():
         return [json.loads((source / ENCODER_META_FILE).read_text())["modality"]]
     if (source / "config.json").is_file():
@@ -141,21 +141,16 @@ def random_init_factory(checkpoint: Path, modality: str) -> Callable[[], Any]:
     rebuilt with its seed, as the eval suite does), assets (tokenizer, audio statistics) kept."""
     import torch
 
-    from mmm.encoders import (dna_encoder_from_checkpoint, encoder_from_checkpoint, image_encoder_from_checkpoint,
-                              read_checkpoint)
-    from mmm.modalities.audio import audio_encoder_from_checkpoint
+    from mmm.encoders import encoder_from_checkpoint, read_checkpoint
     from mmm.train.pretrain import build_model_for
     from mmm.train.tasks import modalities_from_checkpoint
-
-    builders = {"text": encoder_from_checkpoint, "dna": dna_encoder_from_checkpoint,
-                "image": image_encoder_from_checkpoint, "audio": audio_encoder_from_checkpoint}
 
     def build() -> Any:
         contents = read_checkpoint(checkpoint)
         torch.manual_seed(contents.config.seed)
         model = build_model_for(contents.config, modalities_from_checkpoint(contents))
         contents.state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return builders[modality](contents)
+        return encoder_from_checkpoint(contents, modality)
 
     build.__name__ = f"{checkpoint} (random init)"
     return build

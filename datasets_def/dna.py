@@ -39,8 +39,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple,
 
 import numpy as np
 
-from mmm.modalities.dna_tokenizer import IUPAC_AMBIGUOUS, base_codes, find_invalid_base
-from mmm.data.tar import ReadOptions, read_samples
+from mmm.modalities.dna_tokenizer import base_codes, find_invalid_base
+from mmm.data.stream import list_shards
+from mmm.data.tar import ReadOptions
+from mmm.modalities import dna_codec
+from mmm.modalities.dna_codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
 from mmm.registry import DATASETS
 from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, ignored_manifest, log_ignored,
                                    prepare_output, stable_split, write_manifest)
@@ -51,7 +54,6 @@ logger = logging.getLogger("mmm.data")
 EMBEDDED_NAME = "dna-synthetic-motifs-v1"
 DONE_MARKER = "DONE"
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
-SHARD_ALPHABET = frozenset("ACGTN" + IUPAC_AMBIGUOUS)
 _MAX_LISTED = 100  # short records / unmatched label records listed by name in the manifest
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -655,39 +657,20 @@ def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
 
 def iter_samples(shard_dir: PathLike, split: str = "train", *,
                  options: Optional[ReadOptions] = None) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """Stream ``(seq, meta)`` of one split in shard order, with no extraction to disk.
-
-    Shards are read by :func:`mmm.data.tar.read_samples`, as training reads them: local paths,
-    ``pipe:`` and ``http(s)://`` urls, the member-size guard and the read timeout of ``options``.
-    Samples lacking ``seq`` or ``json`` are passed over.
+    """Stream ``(seq, meta)`` of one split in shard order, with no extraction to disk
+    (:func:`mmm.modalities.dna_codec.iter_samples`: read as training reads them).
 
     Args:
         shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
         split: ``"train"`` or ``"val"``.
         options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
     """
-    from mmm.data.stream import list_shards
-
-    for sample in read_samples(list_shards(shard_dir, split=split), options):
-        if "seq" not in sample or "json" not in sample:
-            continue
-        try:
-            yield sample["seq"].decode("ascii"), json.loads(sample["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-            raise DNABuildError(f"DNA shard {sample['__url__']} sample {sample['__key__']!r}: {type(exn).__name__}: "
-                                f"{exn}; run `mmm shards check --dataset dna` to list every problem") from None
+    return dna_codec.iter_samples(list_shards(shard_dir, split=split), options)
 
 
 def iter_sequences(shard_dir: PathLike, split: str = "train", *, options: Optional[ReadOptions] = None) -> Iterator[str]:
-    """Stream the window sequences of one split (e.g. to train a BPE tokenizer).
-
-    Args:
-        shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
-        split: ``"train"`` or ``"val"``.
-        options: read settings (see :func:`iter_samples`).
-    """
-    for seq, _ in iter_samples(shard_dir, split, options=options):
-        yield seq
+    """Stream the window sequences of one split (e.g. to train a BPE tokenizer); see :func:`iter_samples`."""
+    return dna_codec.iter_sequences(list_shards(shard_dir, split=split), options)
 
 
 def labels_of(shard_dir: PathLike, split: str = "train", *, options: Optional[ReadOptions] = None) -> np.ndarray:
@@ -702,64 +685,16 @@ def labels_of(shard_dir: PathLike, split: str = "train", *, options: Optional[Re
                      for _, m in iter_samples(shard_dir, split, options=options)], dtype=np.int64)
 
 
-def check_sample(sample: Dict[str, Any]) -> Optional[str]:
-    """Say what is wrong with one raw shard sample's fields, or None when they decode.
-
-    ``seq`` must be non-empty uppercase ASCII over ``A C G T N`` and the IUPAC ambiguity codes;
-    ``json`` a JSON object with ``record`` (str), ``start`` and ``end`` (ints, ``end - start`` equal
-    to the sequence length). Fields absent from ``sample`` are not checked here.
-
-    Args:
-        sample: ``{"<field>": bytes, ...}`` as read from a shard (``__key__`` etc. are ignored).
-    """
-    problems: List[str] = []
-    length = None
-    raw = sample.get("seq")
-    if raw is not None:
-        try:
-            seq = bytes(raw).decode("ascii")
-        except UnicodeDecodeError as exn:
-            problems.append(f"field 'seq' is not ASCII at byte offset {exn.start}")
-        else:
-            length = len(seq)
-            bad = None if set(seq) <= SHARD_ALPHABET else next(i for i, c in enumerate(seq) if c not in SHARD_ALPHABET)
-            if not seq:
-                problems.append("field 'seq' is empty")
-            elif bad is not None:
-                problems.append(f"field 'seq' has invalid base {seq[bad]!r} at position {bad} "
-                                "(expected uppercase A C G T N or IUPAC codes R Y S W K M B D H V)")
-    meta = sample.get("json")
-    if meta is not None:
-        try:
-            record = json.loads(bytes(meta).decode("utf-8"))
-        except UnicodeDecodeError as exn:
-            problems.append(f"field 'json' is not valid UTF-8 at byte offset {exn.start} ({exn.reason})")
-        except json.JSONDecodeError as exn:
-            problems.append(f"field 'json' is not valid JSON ({exn.msg} at line {exn.lineno} column {exn.colno})")
-        else:
-            if not isinstance(record, dict):
-                problems.append(f"field 'json' must be a JSON object, got {type(record).__name__}")
-            else:
-                if not isinstance(record.get("record"), str):
-                    problems.append("field 'json' needs a string 'record'")
-                start, end = record.get("start"), record.get("end")
-                if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
-                    problems.append(f"field 'json' needs integers 0 <= start < end, got {start!r} and {end!r}")
-                elif length is not None and end - start != length:
-                    problems.append(f"field 'json' says end - start = {end - start} but 'seq' has {length} bases")
-    return "; ".join(problems) or None
-
-
 @DATASETS.register("dna")
 class DNADatasetDef:
     """The ``dna`` dataset: FASTA windows in WebDataset shards (fields ``seq`` and ``json``)."""
 
     name = "dna"
-    fields = ("seq", "json")
+    fields = dna_codec.FIELDS
 
     build_shards = staticmethod(build_shards)
     embedded_default = staticmethod(embedded_default)
-    check_sample = staticmethod(check_sample)
+    check_sample = staticmethod(dna_codec.check_sample)
     iter_sequences = staticmethod(iter_sequences)
     iter_samples = staticmethod(iter_samples)
     labels_of = staticmethod(labels_of)

@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
-from mmm.data.tar import ReadOptions, read_samples
+from mmm.data.stream import list_shards
+from mmm.data.tar import ReadOptions
+from mmm.modalities import text_codec
+from mmm.modalities.text_codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
 from mmm.registry import DATASETS
 from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, has_suffix, ignored_manifest, log_ignored,
                                    prepare_output, read_file, stable_split, write_manifest)
@@ -453,59 +456,15 @@ def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
 def iter_texts(shard_dir: PathLike, split: str = "train", *, options: Optional[ReadOptions] = None) -> Iterator[str]:
     """Stream the ``txt`` fields of one split (e.g. to train a tokenizer), with no extraction to disk.
 
-    Shards are read by :func:`mmm.data.tar.read_samples`, as training reads them: local paths,
-    ``pipe:`` and ``http(s)://`` urls, the member-size guard and the read timeout of ``options``.
-    Samples without a ``txt`` field (e.g. of another dataset) are passed over.
+    Shards are read as training reads them (:func:`mmm.modalities.text_codec.iter_texts`): local
+    paths, ``pipe:`` and ``http(s)://`` urls, the member-size guard and the read timeout of ``options``.
 
     Args:
         shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
         split: ``"train"`` or ``"val"``.
         options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
     """
-    from mmm.data.stream import list_shards
-
-    for sample in read_samples(list_shards(shard_dir, split=split), options):
-        txt = sample.get("txt")
-        if txt is None:
-            continue
-        try:
-            yield txt.decode("utf-8")
-        except UnicodeDecodeError as exn:
-            raise TextBuildError(f"text shard {sample['__url__']} sample {sample['__key__']!r}: 'txt' is not UTF-8 "
-                                 f"at byte offset {exn.start}; run `mmm shards check` to list every problem") from None
-
-
-def check_sample(sample: Dict[str, Any]) -> Optional[str]:
-    """Say what is wrong with one raw shard sample's fields, or None when they decode.
-
-    ``txt`` must be non-blank UTF-8 and ``json`` a UTF-8 JSON object; fields absent from
-    ``sample`` are not checked here (the shard checker reports missing fields itself).
-
-    Args:
-        sample: ``{"<field>": bytes, ...}`` as read from a shard (``__key__`` etc. are ignored).
-    """
-    problems: List[str] = []
-    txt = sample.get("txt")
-    if txt is not None:
-        try:
-            text = bytes(txt).decode("utf-8")
-        except UnicodeDecodeError as exn:
-            problems.append(f"field 'txt' is not valid UTF-8 at byte offset {exn.start} ({exn.reason})")
-        else:
-            if not text.strip():
-                problems.append(f"field 'txt' is empty (expected non-blank text, got {len(txt)} byte(s))")
-    meta = sample.get("json")
-    if meta is not None:
-        try:
-            record = json.loads(bytes(meta).decode("utf-8"))
-        except UnicodeDecodeError as exn:
-            problems.append(f"field 'json' is not valid UTF-8 at byte offset {exn.start} ({exn.reason})")
-        except json.JSONDecodeError as exn:
-            problems.append(f"field 'json' is not valid JSON ({exn.msg} at line {exn.lineno} column {exn.colno})")
-        else:
-            if not isinstance(record, dict):
-                problems.append(f"field 'json' must be a JSON object, got {type(record).__name__}")
-    return "; ".join(problems) or None
+    return text_codec.iter_texts(list_shards(shard_dir, split=split), options)
 
 
 @DATASETS.register("text")
@@ -514,10 +473,10 @@ class TextDatasetDef:
 
     name = "text"
     modality = "text"
-    fields = ("txt", "json")
+    fields = text_codec.FIELDS
 
     build_shards = staticmethod(build_shards)
     embedded_default = staticmethod(embedded_default)
-    check_sample = staticmethod(check_sample)
+    check_sample = staticmethod(text_codec.check_sample)
     iter_texts = staticmethod(iter_texts)
     split_text = staticmethod(split_text)

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Un
 import yaml
 
 from mmm.errors import UserError
+from mmm.registry import MODALITIES
 
 T = TypeVar("T")
 
@@ -155,22 +156,97 @@ class ImageTextConfig:
     cross_layers: int = _f(5, "two_stream: number of cross-modality layers after the shared encoder (LXMERT: 5)", ge=0)
 
 
-@dataclass
+def model_sections() -> List[dataclasses.Field]:
+    """One field per registered modality that declares a config section (``config_class``), in the
+    modalities' ``order``: the ``model.<name>`` keys besides the fixed ones of :class:`ModelConfig`.
+
+    The modalities register themselves (:data:`mmm.registry.MODALITIES`, filled on first lookup),
+    so a new modality's section needs no edit here.
+    """
+    found = []
+    for name in MODALITIES.list():
+        entry = MODALITIES.get(name)
+        cls = getattr(entry, "config_class", None)
+        if cls is not None:
+            found.append((getattr(entry, "order", 100), name, cls, getattr(entry, "config_help", "")))
+    out = []
+    for _, name, cls, help_text in sorted(found, key=lambda t: (t[0], t[1])):
+        f = field(default_factory=cls, metadata={"help": help_text or f"{name} modality"})
+        f.name, f.type = name, cls
+        out.append(f)
+    return out
+
+
+@dataclass(init=False, eq=False, repr=False)
 class ModelConfig:
-    """Everything that defines the network."""
+    """Everything that defines the network: the shared encoder, one section per registered modality
+    (``model.text``, ``model.image``, ... -- each modality registers its section's dataclass, see
+    :func:`model_sections`; read as attributes, ``cfg.text``) and the initialisation.
+
+    Args:
+        encoder: the shared encoder.
+        init_std: see the field.
+        init_from: see the field.
+        sections: name → section (e.g. from :func:`dataclasses.replace`); sections not given take
+            their defaults.
+        named: sections by name (``text=TextConfig(...)``), as for a plain dataclass.
+    """
 
     encoder: EncoderConfig = _f(default_factory=EncoderConfig, help="shared encoder")
-    text: TextConfig = _f(default_factory=TextConfig, help="text modality")
-    image: ImageConfig = _f(default_factory=ImageConfig, help="image modality")
-    dna: DNAConfig = _f(default_factory=DNAConfig, help="DNA modality")
-    audio: AudioConfig = _f(default_factory=AudioConfig, help="audio modality")
-    regions: RegionConfig = _f(default_factory=RegionConfig, help="precomputed image-region features (vision-language)")
-    image_text: ImageTextConfig = _f(default_factory=ImageTextConfig, help="image-text pairs (vision-language)")
     init_std: float = _f(0.02, "std of the normal initialisation of linear and embedding weights", gt=0)
     init_from: Optional[str] = _f(None, "warm start: an mmm .ckpt, a saved encoder folder or an HF BERT folder whose "
                                   "same-named, same-shaped tensors initialise the model (the rest keep init_std); "
                                   "prints what was loaded, newly initialised and ignored; a resumed run's checkpoint "
                                   "replaces them; null = no warm start")
+    sections: Dict[str, Any] = field(default_factory=dict, repr=False, metadata={"sections": True})
+
+    _FIXED = ("encoder", "init_std", "init_from", "sections")
+
+    def __init__(self, encoder: Optional[EncoderConfig] = None, init_std: float = 0.02, init_from: Optional[str] = None,
+                 sections: Optional[Dict[str, Any]] = None, **named: Any) -> None:
+        self.encoder = encoder if encoder is not None else EncoderConfig()
+        self.init_std = init_std
+        self.init_from = init_from
+        given = {**(sections or {}), **named}
+        known = {f.name: f for f in model_sections()}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise TypeError(f"ModelConfig got unknown section(s) {unknown}; registered sections: {sorted(known)}")
+        self.sections = {name: given[name] if name in given else f.default_factory() for name, f in known.items()}
+
+    @classmethod
+    def config_fields(cls) -> List[dataclasses.Field]:
+        """The keys of ``model``: ``encoder``, the registered sections, ``init_std``, ``init_from``."""
+        own = {f.name: f for f in dataclasses.fields(cls)}
+        return [own["encoder"], *model_sections(), own["init_std"], own["init_from"]]
+
+    def __getattr__(self, name: str) -> Any:  # only reached when normal lookup fails: a section
+        sections = self.__dict__.get("sections")
+        if name.startswith("_") or sections is None:
+            raise AttributeError(name)
+        if name not in sections:
+            if name in {f.name for f in model_sections()}:  # registered after this config was made
+                sections[name] = MODALITIES.get(name).config_class()
+            else:
+                raise AttributeError(f"ModelConfig has no section {name!r}; sections: {sorted(sections)}")
+        return sections[name]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        sections = self.__dict__.get("sections")
+        if name not in self._FIXED and sections is not None and name in sections:
+            sections[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def __eq__(self, other: Any) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.encoder, self.init_std, self.init_from, self.sections) == \
+            (other.encoder, other.init_std, other.init_from, other.sections)
+
+    def __repr__(self) -> str:
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in self.config_fields()]
+        return f"ModelConfig({', '.join(parts)})"
 
 
 @dataclass
@@ -300,6 +376,20 @@ class PretrainConfig:
 # ----------------------------------------------------------------------------- parsing
 
 
+def config_fields(cls: Any) -> List[dataclasses.Field]:
+    """The keys of a config dataclass (class or instance): its fields, or, for a config with
+    registered sections (:class:`ModelConfig`), its ``config_fields()``."""
+    own = getattr(cls, "config_fields", None)
+    return own() if own is not None else list(dataclasses.fields(cls))
+
+
+def _field_types(cls: Any) -> Dict[str, Any]:
+    """Key name → type of every key of :func:`config_fields` (resolved annotations)."""
+    cls = cls if isinstance(cls, type) else type(cls)
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, f.type) for f in config_fields(cls)}
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -370,8 +460,8 @@ def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "") -> T:
         data: the mapping (e.g. parsed YAML).
         where: a prefix for error messages (file name and dotted key path).
     """
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _field_types(cls)
+    fields = {f.name: f for f in config_fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
@@ -405,7 +495,7 @@ def check_config(cfg: Any, where: str = "") -> None:
 
     :func:`load_config` checks while reading; this covers configs made or changed in Python.
     """
-    for f in dataclasses.fields(cfg):
+    for f in config_fields(cfg):
         value, key = getattr(cfg, f.name), f"{where}.{f.name}" if where else f.name
         if dataclasses.is_dataclass(value):
             check_config(value, key)
@@ -421,7 +511,7 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
 
     def conv(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            return {f.name: conv(getattr(v, f.name)) for f in config_fields(v)}
         if isinstance(v, (list, tuple)):
             return [conv(x) for x in v]
         if isinstance(v, dict):
@@ -459,10 +549,10 @@ def apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any], cls: Type[A
                 continue
             item_type = None
             if tp is not None and dataclasses.is_dataclass(tp):
-                names = {f.name for f in dataclasses.fields(tp)}
-                if part not in names:
-                    raise ConfigError(f"unknown override --{dotted}: {'.'.join(parts[:i + 1])!r} is not a key; valid: {sorted(names)}")
-                hint = typing.get_type_hints(tp)[part]
+                types = _field_types(tp)
+                if part not in types:
+                    raise ConfigError(f"unknown override --{dotted}: {'.'.join(parts[:i + 1])!r} is not a key; valid: {sorted(types)}")
+                hint = types[part]
                 args = typing.get_args(hint)
                 if typing.get_origin(hint) in (list, List) and args and dataclasses.is_dataclass(args[0]):
                     item_type = args[0]
@@ -564,7 +654,7 @@ def dump_config(cfg: Any, indent: int = 0) -> str:
     """YAML text of a config with each field's help as a comment above it."""
     lines: List[str] = []
     pad = "  " * indent
-    for f in dataclasses.fields(cfg):
+    for f in config_fields(cfg):
         value = getattr(cfg, f.name)
         help_text = f.metadata.get("help", "")
         if help_text:

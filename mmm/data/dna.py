@@ -1,7 +1,7 @@
 """DNA stages of the streaming pipeline: decode → strand → cut to fit, tokenize, mask → pack.
 
-Shard samples come from :mod:`datasets_def.dna` (fields ``seq``: ASCII bases, ``json``: window
-metadata with an optional ``label``). A window that needs more than ``max_len`` tokens is cut,
+Shard samples (fields ``seq``: ASCII bases, ``json``: window metadata with an optional ``label``)
+are decoded by the DNA codec (:mod:`mmm.modalities.dna_codec`). A window that needs more than ``max_len`` tokens is cut,
 by bases, into the fewest near-equal pieces that fit (at most ``ceil(L / tokenizer.max_bases(max_len))``),
 each its own sequence: every base reaches a batch exactly once, none is truncated or dropped.
 
@@ -14,7 +14,6 @@ strands and masks. Batches carry the window labels in ``extras`` for linear prob
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -25,27 +24,17 @@ import webdataset as wds
 
 from mmm.batch import PackedBatch, pack_masked
 from mmm.data.epoch import EpochCounter, SeededMap
+from mmm.data.errors import decode_each
 from mmm.masking.base import MaskedTokens
-from mmm.modalities.dna_tokenizer import DNAEncoding, DNATokenizer, find_invalid_base, reverse_complement
+from mmm.modalities.dna_codec import DNAWindow, decode_window
+from mmm.modalities.dna_tokenizer import DNAEncoding, DNATokenizer, reverse_complement
 
 Handler = Callable[[Exception], bool]
 
+read_dna_sample = decode_window
+"""Decode one raw shard sample (the DNA codec's :func:`~mmm.modalities.dna_codec.decode_window`)."""
+
 __all__ = ["DNAWindow", "DNAPiece", "read_dna_sample", "cut_bases", "fit_pieces", "collate_dna", "dna_stages"]
-
-
-@dataclass
-class DNAWindow:
-    """One decoded shard sample.
-
-    Args:
-        seq: the bases (as stored: uppercase ``ACGTN`` and IUPAC codes).
-        label: the window's class from its json, -1 when absent or null.
-        key: the shard sample's key.
-    """
-
-    seq: str
-    label: int
-    key: str
 
 
 @dataclass
@@ -65,61 +54,6 @@ class DNAPiece:
     key: str
     offset: int
     reverse: bool
-
-
-def _label_of(meta: Dict[str, Any], where: str) -> int:
-    label = meta.get("label")
-    if label is None:
-        return -1
-    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-        raise ValueError(f"{where}: json 'label' must be a non-negative integer or null, got {label!r}")
-    return label
-
-
-def read_dna_sample(sample: Dict[str, Any]) -> DNAWindow:
-    """Decode one raw shard sample; errors are ``ValueError`` s naming the key (and the shard url).
-
-    Args:
-        sample: ``{"__key__", "__url__", "seq": bytes, "json": bytes}``; ``json`` is optional.
-    """
-    key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-    if "seq" not in sample:
-        fields = sorted(k for k in sample if not k.startswith("__"))
-        raise ValueError(f"sample {key}: no 'seq' field (has {fields})", url)
-    try:
-        seq = bytes(sample["seq"]).decode("ascii")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"sample {key}: 'seq' is not ASCII (byte offset {e.start})", url) from None
-    if not seq:
-        raise ValueError(f"sample {key}: 'seq' is empty", url)
-    bad = find_invalid_base(seq)
-    if bad is not None:
-        raise ValueError(f"sample {key}: 'seq' has invalid base {bad[1]!r} at position {bad[0]} "
-                         "(allowed: A C G T N and IUPAC codes R Y S W K M B D H V)", url)
-    label = -1
-    if "json" in sample:
-        try:
-            meta = json.loads(bytes(sample["json"]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"sample {key}: 'json' is not valid UTF-8 JSON ({e})", url) from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"sample {key}: 'json' must be an object, got {type(meta).__name__}", url)
-        try:
-            label = _label_of(meta, f"sample {key}")
-        except ValueError as e:
-            raise ValueError(str(e), url) from None
-    return DNAWindow(seq, label, key)
-
-
-def _decode(src: Iterator[Dict[str, Any]], handler: Handler) -> Iterator[DNAWindow]:
-    for sample in src:
-        try:
-            window = read_dna_sample(sample)
-        except ValueError as e:
-            if handler(e):  # counts; raises unless skipping is configured
-                continue
-            raise
-        yield window
 
 
 def cut_bases(length: int, pieces: int) -> List[int]:
@@ -249,7 +183,7 @@ def dna_stages(tokenizer: DNATokenizer, masker: Optional[Any], *, max_len: int, 
         raise ValueError(f"reverse_complement must be a probability in [0, 1], got {reverse_complement}")
     tokenizer.max_bases(max_len)  # checks max_len
     return [
-        wds.pipelinefilter(_decode)(handler),
+        wds.pipelinefilter(decode_each)(decode_window, handler),
         SeededMap(_StrandCutMask(tokenizer, masker, max_len, reverse_complement if train else 0.0), seed,
                   fixed_masking, epochs),
         wds.pipelinefilter(_flatten)(),

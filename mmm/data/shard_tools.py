@@ -37,8 +37,7 @@ def _split_of_shard(url: str) -> str:
 
 
 def _load_dataset(dataset: str) -> Any:
-    import datasets_def  # noqa: F401  (registers the dataset definitions)
-    from mmm.registry import DATASETS
+    from mmm.registry import DATASETS  # (its first lookup imports the dataset definitions)
 
     return DATASETS.create(dataset)
 

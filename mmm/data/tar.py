@@ -16,7 +16,7 @@ apply the same guards and group members into samples the same way:
   consecutive members with the same key (path up to the first dot of the basename) form one
   sample, the field is the rest of the name, lower-cased; names without an extension and
   ``__meta__``-style names are ignored.
-* **Errors** go to one handler (:class:`~mmm.data.stream.SampleErrorHandler`): it stops with a
+* **Errors** go to one handler (:class:`~mmm.data.errors.SampleErrorHandler`): it stops with a
   message naming the shard, or (``skip_bad``) skips, counts and reports.
 
 :class:`ReadOptions` carries the settings (``data.max_member_bytes``, ``data.read_timeout_s``,
@@ -32,6 +32,8 @@ import subprocess
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Generator, Iterable, Iterator, Optional, Sequence, Tuple
+
+from mmm.data.errors import SampleErrorHandler
 
 Handler = Callable[[Exception], bool]
 
@@ -109,9 +111,7 @@ class ReadOptions:
             raise ValueError(f"data.{e}") from None
 
     def handler(self) -> Any:
-        """A new :class:`~mmm.data.stream.SampleErrorHandler` with this policy."""
-        from mmm.data.stream import SampleErrorHandler  # stream imports this module
-
+        """A new :class:`~mmm.data.errors.SampleErrorHandler` with this policy."""
         return SampleErrorHandler(skip_bad=self.skip_bad, max_errors=self.max_errors)
 
 

@@ -12,31 +12,14 @@ import webdataset as wds
 
 from mmm.batch import pack_masked
 from mmm.data.epoch import EpochCounter, SeededMap
+from mmm.data.errors import decode_each
 from mmm.masking.base import TokenMasker
+from mmm.modalities.text_codec import decode_text
 
 if TYPE_CHECKING:  # the modalities package imports this module (its text plugin builds these stages)
     from mmm.modalities.text_tokenizer import TextTokenizer
 
 Handler = Callable[[Exception], bool]
-
-
-def _decode_text(src: Iterator[dict], handler: Handler) -> Iterator[str]:
-    for sample in src:
-        key = sample.get("__key__", "?")
-        url = sample.get("__url__", "?")
-        try:
-            if "txt" not in sample:
-                fields = sorted(k for k in sample if not k.startswith("__"))
-                raise ValueError(f"sample {key}: no 'txt' field (has {fields})", url)
-            try:
-                text = sample["txt"].decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"sample {key}: 'txt' is not UTF-8 ({e})", url) from None
-        except ValueError as e:
-            if handler(e):  # counts; raises unless skipping is configured
-                continue
-            raise
-        yield text
 
 
 def _tokenize(src: Iterator[str], tokenizer: TextTokenizer, max_len: int) -> Iterator[tuple]:
@@ -73,7 +56,7 @@ def text_stages(tokenizer: TextTokenizer, masker: TokenMasker, *, max_len: int, 
         modality: the name batches key the tokens and targets under.
     """
     return [
-        wds.pipelinefilter(_decode_text)(handler),
+        wds.pipelinefilter(decode_each)(decode_text, handler),
         wds.pipelinefilter(_tokenize)(tokenizer, max_len),
         SeededMap(_MaskTokens(masker), seed, fixed_masking, epochs),
         wds.batched(batch_size, collation_fn=partial(pack_masked, modality=modality), partial=True),

@@ -35,8 +35,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from mmm.config import EncoderConfig, ModelConfig, TextConfig
-from mmm.encoders import (TextEncoder, encoder_from_checkpoint, load_encoder, load_weights, read_checkpoint,
-                          safe_torch_load)
+from mmm.checkpoint import load_weights, read_checkpoint, safe_torch_load
+from mmm.encoders import TextEncoder, encoder_from_checkpoint, load_encoder
 from mmm.modalities.text_tokenizer import META_FILE, TOKENIZER_FILE, VOCAB_FILE, WORDPIECE_SPECIALS, TextTokenizer
 from mmm.objectives.mlm import MLMHead
 

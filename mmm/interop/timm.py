@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from mmm.config import EncoderConfig
-from mmm.encoders import load_weights, safe_torch_load
+from mmm.checkpoint import load_weights, safe_torch_load
 from mmm.modalities.image import ImageEncoder, ImageEncoderConfig
 
 PathLike = Union[str, Path]

@@ -88,6 +88,8 @@ class DNARandomMasker:
         vocab: vocabulary description (from ``DNATokenizer.vocab()``).
     """
 
+    masks = "dna"  # the input kind it hides; a modality accepts the maskers of its kinds
+
     def __init__(self, ratio: float = 0.15, mask_prob: float = 0.8, random_prob: float = 0.1, *, vocab: TokenVocab) -> None:
         self._bert = BertRandomMasker(ratio, mask_prob, random_prob, vocab=vocab)  # validates the arguments
         self.ratio, self.mask_prob, self.random_prob, self.vocab = ratio, mask_prob, random_prob, vocab
@@ -124,6 +126,8 @@ class DNASpanMasker:
         random_prob: fraction of masked runs replaced by random non-special tokens.
         vocab: vocabulary description (from ``DNATokenizer.vocab()``).
     """
+
+    masks = "dna"  # the input kind it hides; a modality accepts the maskers of its kinds
 
     def __init__(
         self,

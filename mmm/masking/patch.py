@@ -93,6 +93,8 @@ class MaeRandomMasker:
             kept within [1, P - 1].
     """
 
+    masks = "patch"  # the input kind it hides; a modality accepts the maskers of its kinds
+
     def __init__(self, ratio: float = 0.75) -> None:
         self.ratio = _check_ratio("ratio", ratio)
 
@@ -124,6 +126,8 @@ class BeitBlockMasker:
         min_aspect: smallest block aspect ratio (height / width), in (0, 1]; the largest is its inverse.
         attempts: block draws per step before masking stops.
     """
+
+    masks = "patch"  # the input kind it hides; a modality accepts the maskers of its kinds
 
     def __init__(
         self,
@@ -198,6 +202,8 @@ class SimMIMRandomMasker:
         ratio: fraction of cells hidden (SimMIM: 0.6); the count is kept within [1, cells - 1].
         mask_patch: side of a mask cell in model patches.
     """
+
+    masks = "patch"  # the input kind it hides; a modality accepts the maskers of its kinds
 
     def __init__(self, ratio: float = 0.6, mask_patch: int = 2) -> None:
         self.ratio = _check_ratio("ratio", ratio)

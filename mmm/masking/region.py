@@ -26,6 +26,8 @@ class RegionRandomMasker:
         ratio: fraction of regions to hide (UNITER: 0.15), in (0, 1).
     """
 
+    masks = "region"  # the input kind it hides; a modality accepts the maskers of its kinds
+
     def __init__(self, ratio: float = 0.15) -> None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
             raise ValueError(f"region_random: ratio must be a number in (0, 1), got {ratio!r}")

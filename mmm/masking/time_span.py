@@ -62,6 +62,8 @@ class TimeSpanMasker:
         min_masks: least number of spans per sequence (at least 1 is always used).
     """
 
+    masks = "audio"  # the input kind it hides; a modality accepts the maskers of its kinds
+
     def __init__(self, p: float = 0.13, span: int = 5, min_masks: int = 1) -> None:
         self.p = _check_fraction("p", p, closed_high=True)
         if isinstance(span, bool) or not isinstance(span, (int, np.integer)) or span < 1:
@@ -131,6 +133,8 @@ class SpecPatchMasker:
         ratio: fraction to hide, in (0, 1) (0.8 in AudioMAE pretraining).
         structure: ``"none"``, ``"time"``, ``"freq"`` or ``"time_freq"``.
     """
+
+    masks = "audio"  # the input kind it hides; a modality accepts the maskers of its kinds
 
     def __init__(self, ratio: float = 0.8, structure: str = "none") -> None:
         self.ratio = _check_fraction("ratio", ratio, closed_high=False)

@@ -165,6 +165,8 @@ class _Masker(ABC):
     Subclasses implement :meth:`choose`, returning chosen positions and their group index.
     """
 
+    masks = "token"  # the input kind it hides; a modality accepts the maskers of its kinds
+
     def __init__(self, ratio: float, mask_prob: float, random_prob: float, vocab: TokenVocab) -> None:
         if not isinstance(vocab, TokenVocab):
             raise TypeError(f"vocab must be a mmm.masking.base.TokenVocab, got {type(vocab).__name__}")

@@ -65,6 +65,16 @@ class AudioEmbedder(nn.Module):
         with torch.no_grad():
             nn.init.normal_(self.mask_embedding, std=0.02)
 
+    def fold_modality_vector(self, vector: torch.Tensor) -> None:
+        """Absorb a constant ``vector`` added to every output token into the weights (exact in eval
+        mode; called under ``torch.no_grad``): into the LayerNorm's bias when there is one (output =
+        dropout(LN(x))), else into the projection's bias and the mask embedding."""
+        if self.norm is not None and self.norm.bias is not None:
+            self.norm.bias += vector
+            return
+        self.proj.bias += vector
+        self.mask_embedding += vector
+
     def forward(self, features: torch.Tensor, position_ids: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(N, F) features, (N,) positions, (N,) bool mask (True = hidden) or None → (N, d).
@@ -115,6 +125,8 @@ class AudioEncoder(nn.Module):
         frontend: the fitted :class:`~mmm.modalities.audio_frontend.AudioFrontend` the model was
             trained with (needed by :meth:`encode_waveform` only).
     """
+
+    modality = "audio"
 
     def __init__(self, embedder: AudioEmbedder, encoder: TransformerEncoder, config: AudioEncoderConfig,
                  frontend: Optional[Any] = None) -> None:
@@ -213,28 +225,4 @@ class AudioEncoder(nn.Module):
         return torch.cat(outs, dim=1).reshape(rows * cols, self.hidden_size)
 
 
-def audio_encoder_config(model_cfg: Any) -> AudioEncoderConfig:
-    """The standalone :class:`AudioEncoderConfig` of a run's :class:`~mmm.config.ModelConfig`."""
-    from mmm.modalities.audio_modality import frontend_config
-
-    a, e = model_cfg.audio, model_cfg.encoder
-    return AudioEncoderConfig(encoder=e, feature_dim=frontend_config(a).token_dim, max_len=a.max_tokens,
-                              position=a.position, embed_norm=a.embed_norm, norm_eps=e.norm_eps, dropout=e.dropout,
-                              max_seconds=a.max_seconds)
-
-
-def audio_encoder_from_checkpoint(contents: Any) -> AudioEncoder:
-    """Build the :class:`AudioEncoder` of a read checkpoint (:class:`~mmm.encoders.CheckpointContents`),
-    with its fitted front end (eval mode)."""
-    from mmm.encoders import finish_modality_encoder, load_weights
-    from mmm.modalities.audio_modality import AudioModality
-
-    modality = AudioModality(contents.config.model)
-    modality.load_assets(contents.assets.get("audio", {}), str(contents.path))
-    enc = AudioEncoder.from_config(audio_encoder_config(contents.config.model), modality.frontend)
-    load_weights(enc, contents.modality_state("audio"), contents.path)
-    return finish_modality_encoder(enc, contents, "audio")
-
-
-__all__ = ["AudioEmbedder", "AudioEncoder", "AudioEncoderConfig", "audio_encoder_config",
-           "audio_encoder_from_checkpoint"]
+__all__ = ["AudioEmbedder", "AudioEncoder", "AudioEncoderConfig"]

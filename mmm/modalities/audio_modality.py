@@ -21,18 +21,18 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 from torch import nn
 
+from mmm.checkpoint import load_weights
 from mmm.config import AudioConfig, ComponentConfig, EncoderConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.tar import ReadOptions, read_samples
-from mmm.modalities import audio as _audio_embedder  # noqa: F401  (registers the "audio" embedder)
+from mmm.modalities.audio import AudioEncoder, AudioEncoderConfig  # (importing it registers the "audio" embedder)
 from mmm.modalities.audio_frontend import FRONTEND_FILE, AudioDecodeError, AudioFrontend, AudioFrontendConfig
 from mmm.modalities.base import Handler, Modality
-from mmm.registry import EMBEDDERS, MASKERS, MODALITIES
+from mmm.registry import EMBEDDERS, MODALITIES
 
 logger = logging.getLogger("mmm.train")
 
 ASSET_DIR = "audio"
-AUDIO_MASKERS = ("time_span", "spec_patch")
 TARGET_KINDS = ("mfcc", "logmel", "chroma")
 
 
@@ -78,6 +78,12 @@ class AudioModality(Modality):
     """Audio as log-mel feature tokens (time slices or AudioMAE patches) for masked acoustic modeling."""
 
     name = "audio"
+    order = 40
+    config_class = AudioConfig
+    config_help = "audio modality"
+    masks = ("audio",)
+    masks_what = "audio tokens"
+    masker_hint = " (time_span: wav2vec 2.0 / HuBERT spans over time; spec_patch: AudioMAE patches)"
 
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
@@ -211,10 +217,7 @@ class AudioModality(Modality):
                                 norm_eps=encoder_cfg.norm_eps, dropout=encoder_cfg.dropout)
 
     def build_masker(self, masking: ComponentConfig) -> Any:
-        if masking.name not in AUDIO_MASKERS:
-            raise ValueError(f"masking.name {masking.name!r} does not mask audio tokens; use one of {AUDIO_MASKERS} "
-                             "(time_span: wav2vec 2.0 / HuBERT spans over time; spec_patch: AudioMAE patches)")
-        masker = MASKERS.create(masking.name, **masking.args)
+        masker = self.create_masker(masking)
         if masking.name == "spec_patch" and self.cfg.token == "time" and masker.structure in ("freq", "time_freq"):
             raise ValueError(f"masking spec_patch with structure {masker.structure!r} hides frequency rows, but "
                              "model.audio.token is 'time' (one row: everything would be hidden); use token: patch, "
@@ -247,3 +250,60 @@ class AudioModality(Modality):
         c = self.cfg
         return {"token": c.token, "token_dim": self.frontend_config.token_dim, "hop_ms": c.hop_ms,
                 "max_seconds": c.max_seconds, "max_tokens": c.max_tokens, "targets": list(c.targets)}
+
+    # ------------------------------------------------------------------ standalone encoder
+
+    @classmethod
+    def encoder_from_checkpoint(cls, contents: Any) -> nn.Module:
+        """The :class:`~mmm.modalities.audio.AudioEncoder` of a read checkpoint, with its fitted
+        front end (eval mode)."""
+        modality = contents.modality(cls.name)
+        enc = AudioEncoder.from_config(audio_encoder_config(contents.config.model), modality.frontend)
+        load_weights(enc, contents.modality_state(cls.name), contents.path)
+        return contents.finish_encoder(enc, cls.name)
+
+    @classmethod
+    def encoder_meta(cls, encoder: nn.Module) -> Dict[str, Any]:
+        """The front end's file name (or None without one); a front end must be fitted and fit the embedder."""
+        if encoder.frontend is not None and not encoder.frontend.fitted:
+            raise ValueError("save_encoder: the audio encoder's front end has no normalisation statistics; fit it "
+                             "(AudioFrontend.fit_stats) or detach it (frontend=None) before saving")
+        if encoder.frontend is not None and encoder.frontend.token_dim != encoder.embedder.feature_dim:
+            raise ValueError(f"save_encoder: the front end gives {encoder.frontend.token_dim} values per token but "
+                             f"the encoder expects {encoder.embedder.feature_dim}")
+        return {"frontend": FRONTEND_FILE if encoder.frontend is not None else None}
+
+    @classmethod
+    def save_encoder_files(cls, encoder: nn.Module, directory: Path) -> None:
+        if encoder.frontend is not None:
+            encoder.frontend.save(directory)
+
+    @classmethod
+    def load_saved_encoder(cls, directory: Path, meta: Dict[str, Any]) -> nn.Module:
+        from mmm.encoders import ENCODER_META_FILE, load_saved_weights, parse_encoder_config
+
+        meta_path = directory / ENCODER_META_FILE
+        acfg = parse_encoder_config(AudioEncoderConfig, meta, directory)
+        frontend = None
+        name = meta.get("frontend")
+        if name is not None:
+            if not isinstance(name, str) or Path(name).name != name:
+                raise ValueError(f"{meta_path}: 'frontend' must be a file name in the folder, got {name!r}")
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{meta_path} names the audio front end {name}, but {directory / name} is missing")
+            frontend = AudioFrontend.load(directory / name)
+            if not frontend.fitted:
+                raise ValueError(f"{directory / name}: the audio front end has no normalisation statistics")
+            if frontend.token_dim != acfg.feature_dim:
+                raise ValueError(f"{directory / name}: the front end gives {frontend.token_dim} values per token but "
+                                 f"{meta_path} says feature_dim={acfg.feature_dim}")
+        return load_saved_weights(AudioEncoder.from_config(acfg, frontend), directory)
+
+
+def audio_encoder_config(model_cfg: ModelConfig) -> AudioEncoderConfig:
+    """The standalone :class:`~mmm.modalities.audio.AudioEncoderConfig` of a run's :class:`~mmm.config.ModelConfig`."""
+    a, e = model_cfg.audio, model_cfg.encoder
+    return AudioEncoderConfig(encoder=e, feature_dim=frontend_config(a).token_dim, max_len=a.max_tokens,
+                              position=a.position, embed_norm=a.embed_norm, norm_eps=e.norm_eps, dropout=e.dropout,
+                              max_seconds=a.max_seconds)
+

@@ -12,6 +12,13 @@ A modality (text, image, audio, DNA, ...) is one :class:`Modality` subclass regi
 
 Assets are small text files (:meth:`~Modality.assets`) embedded in every checkpoint, so a
 checkpoint alone rebuilds the model and its input processing.
+
+A modality also declares, as class attributes, its config section (``config_class``: the
+dataclass read from ``model.<name>``, so :class:`~mmm.config.ModelConfig` holds it without naming
+it) and, as class methods, its standalone encoder: how :func:`mmm.load_encoder` builds it from a
+checkpoint, saves it to a folder and reads it back (:meth:`~Modality.encoder_from_checkpoint`,
+:meth:`~Modality.encoder_meta`, :meth:`~Modality.save_encoder_files`,
+:meth:`~Modality.load_saved_encoder`, :meth:`~Modality.load_foreign_encoder`).
 """
 from __future__ import annotations
 
@@ -24,8 +31,20 @@ from torch import nn
 from mmm.config import ComponentConfig, EncoderConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.tar import ReadOptions
+from mmm.registry import MASKERS
 
 Handler = Callable[[Exception], bool]
+
+
+def masker_kind(name: str) -> Optional[str]:
+    """The input kind registered masker ``name`` masks (its class's ``masks``), or None (unknown name
+    or no declaration)."""
+    return getattr(MASKERS.get(name), "masks", None) if name in MASKERS else None
+
+
+def maskers_for(*kinds: str) -> List[str]:
+    """The registered maskers that mask one of ``kinds``, sorted."""
+    return [n for n in MASKERS.list() if masker_kind(n) in kinds]
 
 
 class Modality(ABC):
@@ -36,6 +55,19 @@ class Modality(ABC):
     """
 
     name: str = ""
+    order: int = 100
+    """Place among the modalities in config sections and listings (the built-in ones use 10..60)."""
+    config_class: Optional[type] = None
+    """The dataclass of this modality's ``model.<name>`` section, or None when it has none."""
+    config_help: str = ""
+    """The section's one-line help (a comment in ``--print_config``)."""
+    masks: Tuple[str, ...] = ()
+    """The input kinds this modality's maskers may mask, matched against each masker class's own
+    ``masks`` declaration (``token``, ``dna``, ``patch``, ``region``, ``audio``, ...); empty: any masker."""
+    masks_what: str = ""
+    """How errors name what this modality's maskers hide (e.g. "image patches")."""
+    masker_hint: str = ""
+    """Appended to the error that refuses a masker (which one to pick when)."""
 
     def __init__(self, model_cfg: ModelConfig) -> None:
         self.model_cfg = model_cfg
@@ -102,3 +134,49 @@ class Modality(ABC):
     def settings(self) -> Dict[str, Any]:
         """Settings the training stream depends on (compared on resume)."""
         return {}
+
+    def check_masker(self, name: str) -> None:
+        """Refuse masker ``name`` unless it masks an input kind of :attr:`masks` (its class's
+        ``masks`` declaration); the error lists the maskers that fit. An unknown name is the
+        registry's error (it lists every masker)."""
+        MASKERS.get(name)
+        if self.masks and masker_kind(name) not in self.masks:
+            raise ValueError(f"masking.name {name!r} does not mask {self.masks_what or self.name + ' inputs'}; "
+                             f"use one of {tuple(maskers_for(*self.masks))}{self.masker_hint}")
+
+    def create_masker(self, masking: ComponentConfig, **kwargs: Any) -> Any:
+        """Build the masker ``masking`` names (with ``kwargs`` added to its args), checked by :meth:`check_masker`."""
+        self.check_masker(masking.name)
+        return MASKERS.create(masking.name, **kwargs, **masking.args)
+
+    # ------------------------------------------------------------------ standalone encoder
+
+    @classmethod
+    def encoder_from_checkpoint(cls, contents: Any) -> nn.Module:
+        """This modality's standalone encoder (embedder + shared encoder, eval mode) of a read
+        checkpoint (:class:`~mmm.checkpoint.CheckpointContents`); a modality without one raises."""
+        raise ValueError(f"modality {cls.name!r} has no standalone encoder")
+
+    @classmethod
+    def encoder_meta(cls, encoder: nn.Module) -> Dict[str, Any]:
+        """Entries of ``mmm_encoder.json`` beyond ``format``, ``modality`` and ``model`` (the
+        encoder's ``config``); raises when the encoder cannot be saved as it is."""
+        return {}
+
+    @classmethod
+    def save_encoder_files(cls, encoder: nn.Module, directory: Path) -> None:
+        """Write what the encoder needs besides its weights into ``directory`` (a tokenizer, a front end)."""
+
+    @classmethod
+    def load_saved_encoder(cls, directory: Path, meta: Dict[str, Any]) -> nn.Module:
+        """The encoder of a :func:`~mmm.encoders.save_encoder` folder whose ``mmm_encoder.json`` is
+        ``meta`` (format and modality already checked; eval mode)."""
+        raise ValueError(f"{directory}: modality {cls.name!r} has no standalone encoder to load")
+
+    @classmethod
+    def load_foreign_encoder(cls, source: Path, **options: Any) -> Optional[nn.Module]:
+        """An encoder from a source mmm did not write (e.g. an HF or timm file), or None when
+        ``source`` is none this modality reads. ``options`` are the caller's source options."""
+        if options:
+            raise ValueError(f"load_encoder: modality {cls.name!r} takes no options, got {sorted(options)}")
+        return None

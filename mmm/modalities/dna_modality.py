@@ -18,14 +18,15 @@ from torch import nn
 from mmm.config import ComponentConfig, DNAConfig, EncoderConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.tar import ReadOptions
+from mmm.modalities import dna_codec
+from mmm.encoders import TokenEncoderParts
 from mmm.modalities.base import Handler, Modality
 from mmm.modalities.dna_tokenizer import META_FILE, DNAKmerTokenizer, DNATokenizer, load_dna_tokenizer
-from mmm.registry import EMBEDDERS, MASKERS, MODALITIES, TOKENIZERS
+from mmm.registry import EMBEDDERS, MODALITIES, TOKENIZERS
 
 logger = logging.getLogger("mmm.train")
 
 TOKENIZER_DIR = "dna_tokenizer"
-DNA_MASKERS = ("dna_random", "dna_span")
 DNA_TOKENIZERS = ("dna_char", "dna_kmer", "dna_bpe")
 
 
@@ -42,11 +43,9 @@ def build_dna_tokenizer(cfg: DNAConfig, train_urls: List[str], options: Optional
     if cfg.tokenizer == "dna_kmer":
         return TOKENIZERS.create("dna_kmer", k=cfg.k, overlapping=cfg.overlapping)
     if cfg.tokenizer == "dna_bpe":
-        from datasets_def.dna import iter_sequences
-
         logger.info("training a DNA BPE tokenizer (vocab %d) on up to %d windows", cfg.vocab_size,
                     cfg.tokenizer_train_docs)
-        seqs = itertools.islice(iter_sequences(train_urls, "train", options=options), cfg.tokenizer_train_docs)
+        seqs = itertools.islice(dna_codec.iter_sequences(train_urls, options), cfg.tokenizer_train_docs)
         return TOKENIZERS.create("dna_bpe", sequences=seqs, vocab_size=cfg.vocab_size)
     raise ValueError(f"model.dna.tokenizer must be one of {DNA_TOKENIZERS}, got {cfg.tokenizer!r}")
 
@@ -86,10 +85,17 @@ def tokenizer_from_files(files: Dict[str, str], where: str) -> DNATokenizer:
 
 
 @MODALITIES.register("dna")
-class DNAModality(Modality):
+class DNAModality(TokenEncoderParts, Modality):
     """DNA windows for masked nucleotide modeling: tokenizer loaded, reused from the run folder, or built."""
 
     name = "dna"
+    order = 30
+    config_class = DNAConfig
+    config_help = "DNA modality"
+    masks = ("dna",)
+    masks_what = "DNA"
+    masker_hint = " (dna_span for overlapping k-mers)"
+    load_tokenizer = staticmethod(load_dna_tokenizer)
 
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
@@ -147,14 +153,13 @@ class DNAModality(Modality):
                                 dropout=encoder_cfg.dropout, pad_id=tok.pad_id)
 
     def build_masker(self, masking: ComponentConfig) -> Any:
-        if masking.name not in DNA_MASKERS:
-            raise ValueError(f"masking.name {masking.name!r} does not mask DNA; use one of {DNA_MASKERS} "
-                             "(dna_span for overlapping k-mers)")
+        self.check_masker(masking.name)
         tok = self._tok()
+        masker = self.create_masker(masking, vocab=tok.vocab())
         if masking.name == "dna_random" and isinstance(tok, DNAKmerTokenizer) and tok.overlapping and tok.k > 1:
             logger.warning("dna_random with overlapping %d-mers leaks: neighbouring k-mers spell a masked one; "
                            "dna_span masks whole base spans instead", tok.k)
-        return MASKERS.create(masking.name, vocab=tok.vocab(), **masking.args)
+        return masker
 
     def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
                epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:

@@ -149,6 +149,18 @@ class ImageEmbedder(nn.Module):
         """Learned tokens and the position table are not decayed (MAE, timm ViT)."""
         return {"cls_token", "mask_token", "pos_embed"}
 
+    def fold_modality_vector(self, vector: torch.Tensor) -> None:
+        """Absorb a constant ``vector`` added to every output token into the weights (exact in eval
+        mode; called under ``torch.no_grad``): into the LayerNorm's bias when there is one (output =
+        dropout(LN(x))), else into the patch projection's bias, the mask token and the [CLS] token."""
+        if self.norm is not None and self.norm.bias is not None:
+            self.norm.bias += vector
+            return
+        self.patch_embed.proj.bias += vector  # visible patches
+        self.mask_token += vector  # hidden patches (mask-token mode)
+        if self.cls_token is not None:
+            self.cls_token += vector
+
     def check_pixels(self, pixels: Any, what: str = "pixels") -> None:
         """Raise a clear error unless ``pixels`` is a (B, in_chans, image_size, image_size) float tensor."""
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
@@ -287,6 +299,8 @@ class ImageEncoder(nn.Module):
         encoder: the shared :class:`~mmm.core.encoder.TransformerEncoder`.
         config: the configuration both were built from (kept for saving and export).
     """
+
+    modality = "image"
 
     def __init__(self, embedder: ImageEmbedder, encoder: TransformerEncoder, config: ImageEncoderConfig) -> None:
         super().__init__()

@@ -18,18 +18,19 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 from torch import nn
 
-from mmm.config import ComponentConfig, EncoderConfig, ModelConfig
+from mmm.checkpoint import load_weights
+from mmm.config import ComponentConfig, EncoderConfig, ImageConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.image import ImageSettings, image_stages, read_image_sample, visual_token_features
 from mmm.data.image_transforms import eval_transform
 from mmm.data.tar import ReadOptions, read_samples
 from mmm.modalities.base import Handler, Modality
-from mmm.registry import EMBEDDERS, MASKERS, MODALITIES
+from mmm.modalities.image import ImageEncoder, ImageEncoderConfig
+from mmm.registry import EMBEDDERS, MODALITIES
 
 logger = logging.getLogger("mmm.train")
 
 CODEBOOK_FILE = "visual_codebook.json"
-PATCH_MASKERS = ("mae_random", "beit_block", "simmim_random")
 
 
 def codebook_to_json(codebook: Any) -> str:
@@ -64,6 +65,11 @@ class ImageModality(Modality):
     """Images as patch tokens (ViT, Dosovitskiy et al. 2021) for masked image modeling."""
 
     name = "image"
+    order = 20
+    config_class = ImageConfig
+    config_help = "image modality"
+    masks = ("patch",)
+    masks_what = "image patches"
 
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
@@ -129,9 +135,7 @@ class ImageModality(Modality):
                                 norm_eps=encoder_cfg.norm_eps, dropout=encoder_cfg.dropout)
 
     def build_masker(self, masking: ComponentConfig) -> Any:
-        if masking.name not in PATCH_MASKERS:
-            raise ValueError(f"masking.name {masking.name!r} does not mask image patches; use one of {PATCH_MASKERS}")
-        return MASKERS.create(masking.name, **masking.args)
+        return self.create_masker(masking)
 
     def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
                epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:
@@ -143,3 +147,44 @@ class ImageModality(Modality):
     def settings(self) -> Dict[str, Any]:
         c = self.cfg
         return {"image_size": c.image_size, "patch_size": c.patch_size, "drop_masked": c.drop_masked}
+
+    # ------------------------------------------------------------------ standalone encoder
+
+    @classmethod
+    def encoder_from_checkpoint(cls, contents: Any) -> nn.Module:
+        """The :class:`~mmm.modalities.image.ImageEncoder` of a read checkpoint (eval mode)."""
+        enc = ImageEncoder.from_config(image_encoder_config(contents.config.model))
+        load_weights(enc, contents.modality_state(cls.name), contents.path)
+        return contents.finish_encoder(enc, cls.name)
+
+    @classmethod
+    def load_saved_encoder(cls, directory: Path, meta: Dict[str, Any]) -> nn.Module:
+        from mmm.encoders import load_saved_weights, parse_encoder_config
+
+        return load_saved_weights(ImageEncoder.from_config(parse_encoder_config(ImageEncoderConfig, meta, directory)),
+                                  directory)
+
+    @classmethod
+    def load_foreign_encoder(cls, source: Path, timm_model: Optional[str] = None,
+                             timm_kwargs: Optional[Dict[str, Any]] = None) -> Optional[nn.Module]:
+        """A timm ViT weights file (``.safetensors`` / ``.pth`` / ``.bin``) named by ``timm_model``
+        (with ``timm_kwargs`` for ``timm.create_model``), through :mod:`mmm.interop.timm`."""
+        if timm_model is not None or timm_kwargs is not None:
+            if not source.is_file():
+                raise ValueError("timm_model/timm_kwargs describe a timm ViT weights file: use them with "
+                                 "modality='image' and a file path")
+            from mmm.interop.timm import load_timm_encoder
+
+            return load_timm_encoder(source, timm_model, timm_kwargs)
+        if source.is_file() and source.suffix in (".safetensors", ".pth", ".bin"):
+            raise ValueError(f"{source} looks like a weights file: for a timm ViT pass timm_model='vit_...' "
+                             "(and timm_kwargs if it is not the named model's default size)")
+        return None
+
+
+def image_encoder_config(cfg: ModelConfig) -> ImageEncoderConfig:
+    """The standalone :class:`~mmm.modalities.image.ImageEncoderConfig` of a run's model config."""
+    i, e = cfg.image, cfg.encoder
+    return ImageEncoderConfig(encoder=e, image_size=i.image_size, patch_size=i.patch_size, in_chans=3,
+                              cls_token=i.cls_token, position=i.position, embed_norm=i.embed_norm,
+                              norm_eps=e.norm_eps, dropout=e.dropout)

@@ -18,36 +18,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
-from mmm.config import ComponentConfig, EncoderConfig, ModelConfig
+from mmm.config import ComponentConfig, EncoderConfig, ImageTextConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.image import ImageSettings
 from mmm.data.image_text import IMAGE_INPUTS, MODES, ImageTextSettings, image_text_stages
-from mmm.masking.patch import BeitBlockMasker, MaeRandomMasker, SimMIMRandomMasker
-from mmm.masking.region import RegionRandomMasker
-from mmm.masking.token import _Masker as TokenMaskerBase
-from mmm.modalities.base import Handler, Modality
-from mmm.modalities.image_modality import PATCH_MASKERS
-from mmm.modalities.regions import REGION_MASKERS
+from mmm.modalities.base import Handler, Modality, masker_kind, maskers_for
 from mmm.registry import MODALITIES
 
-TOKEN_MASKERS = ("bert_random", "whole_word", "span", "ngram")
 OPTIONS = ("mode",)
-_PATCH_TYPES = (MaeRandomMasker, BeitBlockMasker, SimMIMRandomMasker)
-
-
-def masker_kind(masker: Any) -> Optional[str]:
-    """``"token"``, ``"patch"`` or ``"region"`` for a built masker; None for anything else.
-
-    Args:
-        masker: a masker from a registry entry.
-    """
-    if isinstance(masker, TokenMaskerBase):
-        return "token"
-    if isinstance(masker, _PATCH_TYPES):
-        return "patch"
-    if isinstance(masker, RegionRandomMasker):
-        return "region"
-    return None
 
 
 @MODALITIES.register("image_text")
@@ -55,6 +33,9 @@ class ImageTextModality(Modality):
     """Image-caption pairs as one sequence (text, then patches or regions) for mlm / mrm / itm / itc tasks."""
 
     name = "image_text"
+    order = 60
+    config_class = ImageTextConfig
+    config_help = "image-text pairs (vision-language)"
 
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
@@ -95,18 +76,23 @@ class ImageTextModality(Modality):
         raise ValueError(f"modality 'image_text' is a composite and has no embedder of its own; its batches feed the "
                          f"embedders of {list(self.uses())} (build those modalities' embedders)")
 
+    def _vision_kind(self) -> str:
+        return "patch" if self.vision_name == "image" else "region"
+
     def build_masker(self, masking: ComponentConfig) -> Any:
-        name = masking.name
-        if name in TOKEN_MASKERS:
+        """A token masker (the caption, built by the text modality) or a patch / region masker (the
+        image, built by the vision modality), told apart by the masker's ``masks`` declaration."""
+        name, kind = masking.name, masker_kind(masking.name)
+        if kind == "token":
             return self._part("text").build_masker(masking)
-        if name in PATCH_MASKERS or name in REGION_MASKERS:
-            want = PATCH_MASKERS if self.vision_name == "image" else REGION_MASKERS
-            if name not in want:
+        if kind in ("patch", "region"):
+            if kind != self._vision_kind():
                 raise ValueError(f"masking.name {name!r} does not fit model.image_text.image_input: "
-                                 f"{self.cfg.image_input}; image tokens are masked with one of {list(want)}")
+                                 f"{self.cfg.image_input}; image tokens are masked with one of "
+                                 f"{maskers_for(self._vision_kind())}")
             return self._part(self.vision_name).build_masker(masking)
-        raise ValueError(f"masking.name {name!r} is not an image-text masker; use a token masker {list(TOKEN_MASKERS)} "
-                         f"(mode mlm) or {list(PATCH_MASKERS) + list(REGION_MASKERS)} (mode mrm)")
+        raise ValueError(f"masking.name {name!r} is not an image-text masker; use a token masker "
+                         f"{maskers_for('token')} (mode mlm) or {maskers_for('patch', 'region')} (mode mrm)")
 
     def settings_for(self, mode: str) -> ImageTextSettings:
         """The data stages' settings for one task mode.
@@ -147,16 +133,15 @@ class ImageTextModality(Modality):
             mode: the task's mode.
             masker: from :meth:`build_masker` (ignored by itm and itc).
         """
-        kind = masker_kind(masker)
+        kind = getattr(masker, "masks", None)
         if mode == "mlm" and kind != "token":
-            raise ValueError(f"image_text mode mlm masks the caption: it needs a token masker {list(TOKEN_MASKERS)}, "
+            raise ValueError(f"image_text mode mlm masks the caption: it needs a token masker {maskers_for('token')}, "
                              f"got {type(masker).__name__}")
         if mode == "mrm":
-            want = "patch" if self.vision_name == "image" else "region"
+            want = self._vision_kind()
             if kind != want:
-                names = PATCH_MASKERS if want == "patch" else REGION_MASKERS
                 raise ValueError(f"image_text mode mrm masks the image ({self.cfg.image_input}): it needs a {want} "
-                                 f"masker {list(names)}, got {type(masker).__name__}")
+                                 f"masker {maskers_for(want)}, got {type(masker).__name__}")
 
     def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
                epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:

@@ -21,14 +21,13 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from mmm.config import ComponentConfig, EncoderConfig, ModelConfig
+from mmm.config import ComponentConfig, EncoderConfig, ModelConfig, RegionConfig
 from mmm.core.position import AbsolutePositions
 from mmm.data.epoch import EpochCounter
 from mmm.modalities.base import Handler, Modality
-from mmm.registry import EMBEDDERS, MASKERS, MODALITIES
+from mmm.registry import EMBEDDERS, MODALITIES
 
 REGION_POSITIONS = ("none", "learned")
-REGION_MASKERS = ("region_random",)
 
 
 @EMBEDDERS.register("regions")
@@ -105,6 +104,12 @@ class RegionModality(Modality):
     """
 
     name = "regions"
+    order = 50
+    config_class = RegionConfig
+    config_help = "precomputed image-region features (vision-language)"
+    masks = ("region",)
+    masks_what = "image regions"
+    masker_hint = " (regions are masked through image_text tasks with options.mode: mrm)"
 
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
@@ -119,10 +124,7 @@ class RegionModality(Modality):
                                 dropout=encoder_cfg.dropout)
 
     def build_masker(self, masking: ComponentConfig) -> Any:
-        if masking.name not in REGION_MASKERS:
-            raise ValueError(f"masking.name {masking.name!r} does not mask image regions; use one of {REGION_MASKERS} "
-                             "(regions are masked through image_text tasks with options.mode: mrm)")
-        return MASKERS.create(masking.name, **masking.args)
+        return self.create_masker(masking)
 
     def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
                epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:

@@ -41,6 +41,15 @@ class TextEmbedder(nn.Module):
     def max_len(self) -> int:
         return self.positions.max_len
 
+    def fold_modality_vector(self, vector: torch.Tensor) -> None:
+        """Absorb a constant ``vector`` added to every output token into the weights (exact in eval
+        mode; called under ``torch.no_grad``): into the LayerNorm's bias when there is one (output =
+        dropout(LN(x))), else into the token table (every token takes exactly one row)."""
+        if self.norm is not None and self.norm.bias is not None:
+            self.norm.bias += vector
+        else:
+            self.tokens.weight += vector
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """(N,) ids and (N,) positions → (N, d)."""
         x = self.tokens(input_ids)

@@ -10,13 +10,15 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from mmm.config import ComponentConfig, ConfigError, EncoderConfig, ModelConfig
+from mmm.config import ComponentConfig, ConfigError, EncoderConfig, ModelConfig, TextConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.tar import ReadOptions
 from mmm.data.text import text_stages
+from mmm.modalities.text_codec import iter_texts
+from mmm.encoders import TokenEncoderParts
 from mmm.modalities.base import Handler, Modality
 from mmm.modalities.text_tokenizer import TextTokenizer
-from mmm.registry import EMBEDDERS, MASKERS, MODALITIES, TOKENIZERS
+from mmm.registry import EMBEDDERS, MODALITIES, TOKENIZERS
 
 logger = logging.getLogger("mmm.train")
 
@@ -46,10 +48,16 @@ def tokenizer_from_files(files: Dict[str, str], where: str) -> TextTokenizer:
 
 
 @MODALITIES.register("text")
-class TextModality(Modality):
+class TextModality(TokenEncoderParts, Modality):
     """Text (BERT-style MLM): tokenizer loaded, reused from the run folder, or trained on the shards."""
 
     name = "text"
+    order = 10
+    config_class = TextConfig
+    config_help = "text modality"
+    masks = ("token",)
+    masks_what = "text tokens"
+    load_tokenizer = staticmethod(TextTokenizer.load)
 
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
@@ -70,8 +78,6 @@ class TextModality(Modality):
             tok = TextTokenizer.load(own)
             self._check_reused(tok, own)
         else:
-            from datasets_def.text import iter_texts
-
             logger.info("training a %s tokenizer (vocab %d) on up to %d documents", t.tokenizer, t.vocab_size,
                         t.tokenizer_train_docs)
             texts = itertools.islice(iter_texts(train_urls, options=options), t.tokenizer_train_docs)
@@ -126,7 +132,7 @@ class TextModality(Modality):
                                 dropout=encoder_cfg.dropout, pad_id=tok.pad_id)
 
     def build_masker(self, masking: ComponentConfig) -> Any:
-        return MASKERS.create(masking.name, vocab=self._tok().vocab(), **masking.args)
+        return self.create_masker(masking, vocab=self._tok().vocab())
 
     def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
                epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:
@@ -136,3 +142,15 @@ class TextModality(Modality):
 
     def settings(self) -> Dict[str, Any]:
         return {"max_len": self.cfg.max_len}
+
+    # ------------------------------------------------------------------ standalone encoder
+
+    @classmethod
+    def load_foreign_encoder(cls, source: Path, **options: Any) -> Optional[nn.Module]:
+        """An HF BERT folder (``config.json`` + weights), through :func:`mmm.interop.hf.import_hf_bert`."""
+        super().load_foreign_encoder(source, **options)
+        if source.is_dir() and (source / "config.json").is_file():
+            from mmm.interop.hf import import_hf_bert
+
+            return import_hf_bert(source)
+        return None

@@ -72,7 +72,7 @@ def read_weight_file(path: Path) -> Dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # a header that is not JSON, a truncated file
             raise ValueError(f"{path} is not a readable safetensors file: {type(e).__name__}: {e}") from None
-    from mmm.encoders import safe_torch_load  # (mmm.encoders imports the model, which imports the objectives)
+    from mmm.checkpoint import safe_torch_load
 
     obj = safe_torch_load(path)  # raises ValueError naming the file on a code-carrying pickle
     for key in ("state_dict", "model"):
@@ -87,7 +87,7 @@ def read_weight_file(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:
-    from mmm.encoders import load_weights  # (mmm.encoders imports the model, which imports the objectives)
+    from mmm.checkpoint import load_weights
 
     load_weights(module, dict(state), f"teacher weights {source}",
                  hint="check teacher.model and teacher.kwargs, e.g. img_size / num_classes")

@@ -16,10 +16,9 @@ from mmm.config import ComponentConfig, EncoderConfig, ModelConfig, load_config
 from mmm.data.audio import single_thread
 from mmm.data.stream import SampleErrorHandler, list_shards, make_pipeline
 from mmm.masking.time_span import SpecPatchMasker, TimeSpanMasker
-from mmm.modalities.audio import (AudioEmbedder, AudioEncoder, AudioEncoderConfig, audio_encoder_config,
-                                  audio_encoder_from_checkpoint)
+from mmm.modalities.audio import AudioEmbedder, AudioEncoder, AudioEncoderConfig
 from mmm.modalities.audio_frontend import FRONTEND_FILE, AudioFrontend
-from mmm.modalities.audio_modality import AudioModality, codebook_file
+from mmm.modalities.audio_modality import AudioModality, audio_encoder_config, codebook_file
 from mmm.registry import EMBEDDERS, MODALITIES
 
 SR = 16000
@@ -235,7 +234,7 @@ def test_short_pretrain_checkpoint_gives_the_trained_features(shards, tmp_path) 
     run = pretrain(load_config(REPO / "configs" / "audio_mam_tiny.yaml", overrides))
     contents = read_checkpoint(run.last_checkpoint)
     assert set(contents.assets["audio"]) == {FRONTEND_FILE, codebook_file("mfcc")}
-    enc = audio_encoder_from_checkpoint(contents)
+    enc = AudioModality.encoder_from_checkpoint(contents)
     assert isinstance(enc, AudioEncoder) and not enc.training
     assert torch.equal(enc.embedder.proj.weight, contents.state_dict["embedders.audio.proj.weight"])
 

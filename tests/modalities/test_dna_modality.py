@@ -9,6 +9,7 @@ import datasets_def.dna as dnadef
 import mmm.modalities.dna_modality  # noqa: F401  (registers "dna")
 from mmm.config import ComponentConfig, EncoderConfig, ModelConfig, load_config
 from mmm.data.stream import list_shards
+from mmm.modalities import dna_codec
 from mmm.modalities.dna_modality import TOKENIZER_DIR, DNAModality
 from mmm.modalities.dna_tokenizer import HF_FILE, META_FILE, DNAKmerTokenizer
 from mmm.registry import MODALITIES
@@ -65,14 +66,14 @@ def test_kmer_tokenizer_is_saved_reused_and_checked(shard_dir, tmp_path):
 def test_bpe_is_trained_on_at_most_tokenizer_train_docs_and_reused(shard_dir, tmp_path, monkeypatch):
     urls = list_shards(shard_dir, "train")
     seen = []
-    real = dnadef.iter_sequences
+    real = dna_codec.iter_sequences
 
     def counting(*args, **kw):
         for s in real(*args, **kw):
             seen.append(s)
             yield s
 
-    monkeypatch.setattr(dnadef, "iter_sequences", counting)
+    monkeypatch.setattr(dna_codec, "iter_sequences", counting)
     m = DNAModality(_model_cfg(tokenizer="dna_bpe", vocab_size=48, tokenizer_train_docs=7))
     m.prepare(urls, tmp_path)
     assert len(seen) == 7
