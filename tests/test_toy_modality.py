@@ -1,0 +1,282 @@
+"""A brand-new modality defined entirely in this file, trained and loaded through the public API.
+
+"toy" samples are strings of decimal digits (shard field ``digits``). Everything a modality
+brings is here -- codec, embedder, masker, config section, standalone encoder, dataset definition
+with a shard builder, registration -- and nothing under ``mmm/`` names it: the run builder, the
+config loader, checkpoints and :func:`mmm.load_encoder` find it through the registries.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from torch import nn
+
+import mmm
+from mmm.batch import pack_masked
+from mmm.config import (ComponentConfig, ConfigError, EncoderConfig, ModelConfig, PretrainConfig, _f, dump_config,
+                        from_dict, load_config, to_dict)
+from mmm.core.encoder import TransformerEncoder
+from mmm.core.packing import PackedSeqInfo
+from mmm.data.epoch import SeededMap
+from mmm.masking.base import MaskedTokens
+from mmm.modalities.base import Modality
+from mmm.registry import DATASETS, EMBEDDERS, MASKERS, MODALITIES
+
+PAD, MASK, FIRST_DIGIT = 0, 1, 2
+VOCAB = FIRST_DIGIT + 10
+
+
+# ----------------------------------------------------------------------------- codec
+
+
+def decode_digits(sample: Dict[str, Any]) -> np.ndarray:
+    """Token ids of one shard sample (``digits``: ASCII decimal digits); ValueError names the key."""
+    key = sample.get("__key__", "?")
+    raw = sample.get("digits")
+    if raw is None:
+        raise ValueError(f"sample {key}: no 'digits' field")
+    text = bytes(raw).decode("ascii", errors="replace")
+    if not text or not text.isdigit():
+        raise ValueError(f"sample {key}: 'digits' must be non-empty decimal digits, got {text[:20]!r}")
+    return np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.int64) - ord("0") + FIRST_DIGIT
+
+
+def check_digits(sample: Dict[str, Any]) -> Optional[str]:
+    try:
+        decode_digits(sample)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+# ----------------------------------------------------------------------------- config section, embedder, encoder
+
+
+@dataclass
+class ToyConfig:
+    """The toy modality's ``model.toy`` section."""
+
+    max_len: int = _f(16, "longest digit string in tokens", ge=1)
+
+
+@EMBEDDERS.register("toy")
+class ToyEmbedder(nn.Module):
+    def __init__(self, dim: int, max_len: int) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(VOCAB, dim)
+        self.positions = nn.Embedding(max_len, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.tokens(ids) + self.positions(position_ids))  # (N, d)
+
+    def fold_modality_vector(self, vector: torch.Tensor) -> None:
+        self.norm.bias += vector
+
+
+@dataclass
+class ToyEncoderConfig:
+    encoder: EncoderConfig = _f(default_factory=EncoderConfig, help="shared encoder")
+    max_len: int = _f(16, "position table size")
+
+
+class ToyEncoder(nn.Module):
+    modality = "toy"
+
+    def __init__(self, config: ToyEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedder = ToyEmbedder(config.encoder.dim, config.max_len)
+        self.encoder = TransformerEncoder(config.encoder)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids of equal-length strings → (B, T, d)."""
+        b, t = ids.shape
+        seq = PackedSeqInfo.from_seqlens([t] * b)
+        return self.encoder(self.embedder(ids.reshape(-1), seq.position_ids), seq).view(b, t, -1)
+
+
+# ----------------------------------------------------------------------------- masker
+
+
+@MASKERS.register("toy_random")
+class ToyMasker:
+    masks = "toy"
+
+    def __init__(self, ratio: float = 0.25) -> None:
+        self.ratio = ratio
+
+    def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> MaskedTokens:
+        n = max(1, round(self.ratio * len(ids)))
+        positions = np.sort(rng.choice(len(ids), size=n, replace=False)).astype(np.int64)
+        corrupted = ids.copy()
+        corrupted[positions] = MASK
+        return MaskedTokens(corrupted, positions, ids[positions])
+
+
+# ----------------------------------------------------------------------------- modality
+
+
+def _decode(src, handler):
+    for sample in src:
+        try:
+            yield decode_digits(sample)
+        except ValueError as e:
+            if handler(e):
+                continue
+            raise
+
+
+class _Mask:
+    def __init__(self, masker: ToyMasker, max_len: int) -> None:
+        self.masker, self.max_len = masker, max_len
+
+    def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> MaskedTokens:
+        return self.masker(ids[:self.max_len], rng)
+
+
+@MODALITIES.register("toy")
+class ToyModality(Modality):
+    name = "toy"
+    config_class = ToyConfig
+    config_help = "toy digit strings"
+    masks = ("toy",)
+
+    def build_embedder(self, encoder_cfg: EncoderConfig) -> nn.Module:
+        return EMBEDDERS.create("toy", dim=encoder_cfg.dim, max_len=self.model_cfg.toy.max_len)
+
+    def build_masker(self, masking: ComponentConfig) -> Any:
+        return self.create_masker(masking)
+
+    def stages(self, masker, *, batch_size, seed, handler, fixed_masking, epochs, train, options=None) -> List:
+        self.reject_options(options)
+        return [wds.pipelinefilter(_decode)(handler),
+                SeededMap(_Mask(masker, self.model_cfg.toy.max_len), seed, fixed_masking, epochs),
+                wds.batched(batch_size, collation_fn=partial(pack_masked, modality="toy"), partial=True)]
+
+    @classmethod
+    def encoder_from_checkpoint(cls, contents) -> nn.Module:
+        from mmm.checkpoint import load_weights
+
+        cfg = contents.config.model
+        enc = ToyEncoder(ToyEncoderConfig(cfg.encoder, cfg.toy.max_len))
+        load_weights(enc, contents.modality_state("toy"), contents.path)
+        return contents.finish_encoder(enc, "toy")
+
+    @classmethod
+    def load_saved_encoder(cls, directory: Path, meta: Dict[str, Any]) -> nn.Module:
+        from mmm.encoders import load_saved_weights, parse_encoder_config
+
+        return load_saved_weights(ToyEncoder(parse_encoder_config(ToyEncoderConfig, meta, directory)), directory)
+
+
+# ----------------------------------------------------------------------------- dataset definition
+
+
+def build_toy_shards(output_dir: Path, count: int = 64, seed: int = 0) -> Dict[str, Any]:
+    """Random digit strings → ``train-*.tar`` / ``val-*.tar`` with a manifest (the shared building helpers)."""
+    from datasets_def.building import ShardWriters, prepare_output, stable_split, write_manifest
+
+    out = Path(output_dir)
+    prepare_output(out, overwrite=False, error=ValueError)
+    writers = ShardWriters(out, samples_per_shard=16, error=ValueError)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        digits = "".join(map(str, rng.integers(0, 10, size=int(rng.integers(4, 13)))))
+        writers.write(stable_split(0.2, seed, i), {"__key__": f"{i:05d}", "digits": digits.encode("ascii")})
+    shards = writers.close()
+    manifest = {"dataset": "toy", "splits": {s: {"shards": shards[s], "samples": writers.samples.get(s, 0)}
+                                              for s in shards}}
+    write_manifest(out, manifest, ValueError)
+    return manifest
+
+
+@DATASETS.register("toy")
+class ToyDatasetDef:
+    name = "toy"
+    modality = "toy"
+    fields = ("digits",)
+    build_shards = staticmethod(build_toy_shards)
+    check_sample = staticmethod(check_digits)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _config(tmp_path: Path, shards: Path) -> Path:
+    cfg = {
+        "model": {"encoder": {"dim": 32, "depth": 1, "heads": 2, "mlp_hidden": 64, "dropout": 0.0,
+                              "attn_dropout": 0.0},
+                  "toy": {"max_len": 12}},
+        "masking": {"name": "toy_random", "args": {"ratio": 0.3}},
+        "objectives": [{"name": "mlm", "args": {"modality": "toy"}}],
+        "data": {"dataset": "toy", "train": str(shards), "val": None, "batch_size": 8, "num_workers": 0,
+                 "shuffle_buffer": 0},
+        "trainer": {"max_steps": 2, "precision": "32-true", "log_every_n_steps": 1, "checkpoint_every_n_steps": 2,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "toy.yaml"
+    path.write_text(json.dumps(cfg), encoding="utf-8")  # JSON is YAML
+    return path
+
+
+@pytest.fixture()
+def toy_shards(tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    DATASETS.create("toy").build_shards(out)
+    return out
+
+
+def test_the_config_holds_the_registered_section(tmp_path: Path, toy_shards: Path) -> None:
+    cfg = load_config(_config(tmp_path, toy_shards), {"model.toy.max_len": 10})
+    assert isinstance(cfg.model.toy, ToyConfig) and cfg.model.toy.max_len == 10
+    assert "# toy digit strings\n  toy:\n    # longest digit string in tokens\n    max_len: 10" in dump_config(cfg)
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.toy.width'; valid keys here: \['max_len'\]"):
+        from_dict(PretrainConfig, {"model": {"toy": {"width": 3}}})
+    with pytest.raises(ConfigError, match=r"unknown override --model.toy.width"):
+        load_config(None, {"model.toy.width": 3})
+    assert to_dict(ModelConfig(toy=ToyConfig(max_len=5)))["toy"] == {"max_len": 5}
+
+
+def test_the_masker_is_checked_by_what_it_masks(tmp_path: Path) -> None:
+    toy = ToyModality(ModelConfig())
+    with pytest.raises(ValueError, match=r"'bert_random' does not mask toy inputs; use one of \('toy_random',\)"):
+        toy.build_masker(ComponentConfig("bert_random", {}))
+    with pytest.raises(ValueError, match=r"'toy_random' does not mask DNA; use one of \('dna_random', 'dna_span'\)"):
+        MODALITIES.create("dna", model_cfg=ModelConfig()).build_masker(ComponentConfig("toy_random", {}))
+
+
+def test_pretrain_save_and_load_a_new_modality(tmp_path: Path, toy_shards: Path) -> None:
+    from mmm.encoders import save_encoder
+    from mmm.train.pretrain import pretrain
+
+    assert DATASETS.create("toy").check_sample({"digits": b"12a"}) is not None
+    run = pretrain(load_config(_config(tmp_path, toy_shards)))
+    ckpt = run.last_checkpoint
+    assert ckpt.is_file()
+
+    enc = mmm.load_encoder(ckpt, modality="toy")
+    assert isinstance(enc, ToyEncoder) and not enc.training
+    ids = torch.tensor([[2, 3, 4, 5, 6], [7, 8, 9, 10, 11]])
+    hidden = enc(ids)
+    assert hidden.shape == (2, 5, 32) and torch.isfinite(hidden).all()
+    # the encoder is the trained model's embedder + encoder: the same hidden states on one sequence
+    model = run.module.model.eval()
+    seq = PackedSeqInfo.from_seqlens([5])
+    with torch.no_grad():
+        expected = model.encoder(model.embedders["toy"](ids[0], seq.position_ids), seq)
+    torch.testing.assert_close(hidden[0], expected)
+
+    back = mmm.load_encoder(save_encoder(enc, tmp_path / "saved"), modality="toy")
+    assert isinstance(back, ToyEncoder)
+    torch.testing.assert_close(back(ids), hidden)
+    with pytest.raises(ValueError, match=r"unknown modality 'toyz'; supported: \[.*'toy'"):
+        mmm.load_encoder(ckpt, modality="toyz")
