@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import lightning as L
 import numpy as np
@@ -20,7 +20,8 @@ import numpy as np
 import mmm.modalities.audio_modality  # noqa: F401  (registers the "audio" modality and embedder)
 import mmm.objectives.feature_regression  # noqa: F401  (registers "masked_features")
 from mmm.config import PretrainConfig
-from mmm.demo.common import held_out_loss, part_config, plot_losses, probe_models, read_metrics, torch_threads
+from mmm.demo.common import (bold_better, held_out_loss, part_config, plot_losses, probe_models, read_metrics,
+                             table_row, torch_threads)
 from mmm.model import head_name
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
 
@@ -31,7 +32,8 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "audio_mam_tiny.yaml"
 
 
 def run_audio_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
-                   progress_bar: bool = True, quick: bool = False) -> Dict[str, object]:
+                   progress_bar: bool = True, quick: bool = False,
+                   schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
     """Run the audio part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
 
     Args:
@@ -39,11 +41,12 @@ def run_audio_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Opti
         config: pretraining config (default ``configs/audio_mam_tiny.yaml``).
         max_steps: override ``trainer.max_steps``.
         progress_bar: show Lightning's progress bar.
+        schedule: config overrides applied before ``max_steps`` (``mmm demo --full``: the longer schedule).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = Path(config) if config else DEFAULT_CONFIG
-    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar)
+    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar, schedule)
     with torch_threads(cfg.trainer.threads):
         metrics = _train_and_evaluate(cfg, out_dir)
     metrics["config"] = str(config)
@@ -102,10 +105,10 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         "",
         "| model | " + " | ".join(f"held-out `{h}` loss" for h in heads) + " | linear-probe accuracy (sound class) |",
         "|---|" + "---|" * len(heads) + "---|",
-        "| untrained (same init) | " + " | ".join(f"{m['held_out_loss']['untrained'][h]:.3f}" for h in heads)
-        + f" | {pu['accuracy']:.3f} |",
-        "| **trained** | " + " | ".join(f"**{m['held_out_loss']['trained'][h]:.3f}**" for h in heads)
-        + f" | **{pt['accuracy']:.3f}** |",
+        *(table_row(cells) for cells in bold_better(
+            {name: [m["held_out_loss"][key][h] for h in heads] + [m["linear_probe"][key]["accuracy"]]
+             for name, key in (("untrained (same init)", "untrained"), ("trained", "trained"))},
+            higher_is_better=[False] * len(heads) + [True]).values()),
         "",
         f"Probe: logistic regression on frozen mean-pooled features of {pt['train_samples']} training clips, scored "
         f"on {pt['test_samples']} held-out clips ({pt['classes']} classes, majority-class chance {pt['chance']:.3f}).",

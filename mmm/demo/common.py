@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import csv
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -15,11 +15,13 @@ from mmm.probe import ProbeScore, extract_features, linear_probe
 
 
 def part_config(config: Optional[Path], default: Path, out_dir: Path, max_steps: Optional[int],
-                progress_bar: bool) -> PretrainConfig:
-    """A demo part's config: ``config`` (or the part's ``default``) with its run folder under
-    ``out_dir/run``, the progress bar setting and an optional ``trainer.max_steps``."""
-    overrides: Dict[str, Any] = {"trainer.default_root_dir": str(Path(out_dir) / "run"),
-                                 "trainer.enable_progress_bar": progress_bar}
+                progress_bar: bool, schedule: Optional[Dict[str, Any]] = None) -> PretrainConfig:
+    """A demo part's config: ``config`` (or the part's ``default``) with the ``schedule`` overrides
+    (``mmm demo --full``: :data:`mmm.demo.FULL_SCHEDULES`), its run folder under ``out_dir/run``, the
+    progress bar setting and an optional ``trainer.max_steps`` (applied last)."""
+    overrides: Dict[str, Any] = dict(schedule or {})
+    overrides.update({"trainer.default_root_dir": str(Path(out_dir) / "run"),
+                      "trainer.enable_progress_bar": progress_bar})
     if max_steps is not None:
         overrides["trainer.max_steps"] = max_steps
     return load_config(Path(config) if config else default, overrides)
@@ -120,3 +122,53 @@ def probe_models(models: Dict[str, MaskedModel], modality: Any, train_urls: List
                                 pooling=pooling)
         scores[name] = linear_probe(train, test)
     return scores
+
+
+def bold_better(rows: Dict[str, Sequence[Optional[float]]], higher_is_better: Sequence[bool],
+                fmt: Union[str, Sequence[str]] = "{:.3f}") -> Dict[str, List[str]]:
+    """Markdown cells of rows compared column by column, the better value of each column in bold.
+
+    In each column, the value that is strictly best among the rows (as printed with ``fmt``: values
+    that print the same are a tie, and a tie bolds nothing) is bold. A row's label is bold when its
+    row is best or tied in every column and strictly best in at least one: the better row, whichever
+    it is (the trained model, or its initialisation where training did not help).
+
+    Args:
+        rows: row label → one value per column (None or NaN: shown as ``–`` and not compared).
+        higher_is_better: per column, True when a larger value is better (accuracy, recall), False
+            when a smaller one is (loss, perplexity).
+        fmt: format of a value, or one format per column.
+
+    Returns:
+        row label → ``[label cell, value cell, ...]``, in the order of ``rows``.
+    """
+    fmts = [fmt] * len(higher_is_better) if isinstance(fmt, str) else list(fmt)
+    widths = {len(values) for values in rows.values()} | {len(fmts)}
+    if widths - {len(higher_is_better)}:
+        raise ValueError(f"every row (and fmt) needs {len(higher_is_better)} values, one per column; "
+                         f"got {sorted(widths)}")
+
+    def shown(v: Optional[float], col: int) -> Optional[str]:
+        return None if v is None or v != v else fmts[col].format(v)
+
+    outcome: Dict[str, List[str]] = {label: [] for label in rows}  # per column: win | tie | lose | none
+    for col, higher in enumerate(higher_is_better):
+        scored = {label: float(shown(values[col], col)) for label, values in rows.items()
+                  if shown(values[col], col) is not None}
+        top = (max if higher else min)(scored.values()) if len(scored) > 1 else None
+        winners = [label for label, v in scored.items() if v == top]
+        for label in rows:
+            outcome[label].append("none" if top is None or label not in scored else
+                                  "lose" if label not in winners else "win" if len(winners) == 1 else "tie")
+    out: Dict[str, List[str]] = {}
+    for label, values in rows.items():
+        cells = [shown(v, c) or "–" for c, v in enumerate(values)]
+        cells = [f"**{cell}**" if o == "win" else cell for cell, o in zip(cells, outcome[label])]
+        better = "win" in outcome[label] and "lose" not in outcome[label]
+        out[label] = [f"**{label}**" if better else label] + cells
+    return out
+
+
+def table_row(cells: Sequence[str]) -> str:
+    """``| a | b | c |``: one markdown table row."""
+    return "| " + " | ".join(cells) + " |"

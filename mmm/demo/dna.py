@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import lightning as L
 import numpy as np
 
 from mmm.config import PretrainConfig
-from mmm.demo.common import held_out_loss, part_config, plot_losses, probe_models, read_metrics, torch_threads
+from mmm.demo.common import (bold_better, held_out_loss, part_config, plot_losses, probe_models, read_metrics,
+                             table_row, torch_threads)
 from mmm.probe import linear_probe
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
 
@@ -29,7 +30,8 @@ BASELINE_K = 4
 
 
 def run_dna_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
-                 progress_bar: bool = True, quick: bool = False) -> Dict[str, object]:
+                 progress_bar: bool = True, quick: bool = False,
+                 schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
     """Run the DNA part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
 
     Args:
@@ -37,10 +39,11 @@ def run_dna_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Option
         config: pretraining config (default ``configs/dna_mlm_tiny.yaml``).
         max_steps: override ``trainer.max_steps``.
         progress_bar: show Lightning's progress bar.
+        schedule: config overrides applied before ``max_steps`` (``mmm demo --full``: the longer schedule).
         quick: a small probe and held-out set, for smoke tests.
     """
     config = Path(config) if config else DEFAULT_CONFIG
-    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar)
+    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar, schedule)
     with torch_threads(cfg.trainer.threads):
         metrics = _train_and_evaluate(cfg, out_dir, quick)
     metrics["config"] = str(config)
@@ -126,10 +129,11 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
     e, d = cfg.model.encoder, cfg.model.dna
     tok = f"{d.k}-mers ({'overlapping' if d.overlapping else 'non-overlapping'})" if d.tokenizer == "dna_kmer" else d.tokenizer
     pt, pu, kb = m["linear_probe"]["trained"], m["linear_probe"]["untrained"], m["kmer_baseline"]
-    rows = [f"| {name} | " + " | ".join(f"{v:.3f}" for v in m["held_out_loss"][key].values())
-            + f" | {m['linear_probe'][key]['accuracy']:.3f} |" for name, key in
-            (("untrained (same init)", "untrained"), ("**trained**", "trained"))]
     heads = list(m["held_out_loss"]["trained"])
+    rows = [table_row(cells) for cells in bold_better(
+        {name: [m["held_out_loss"][key][h] for h in heads] + [m["linear_probe"][key]["accuracy"]]
+         for name, key in (("untrained (same init)", "untrained"), ("trained", "trained"))},
+        higher_is_better=[False] * len(heads) + [True]).values()]
     lines = [
         "## DNA: masked language modeling on a synthetic genome",
         "",

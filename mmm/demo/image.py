@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import lightning as L
 import numpy as np
@@ -20,7 +20,8 @@ import torch
 from mmm.config import PretrainConfig
 from mmm.data.image_transforms import denormalize
 from mmm.data.stream import SampleErrorHandler, make_pipeline
-from mmm.demo.common import held_out_loss, part_config, plot_losses, probe_models, read_metrics
+from mmm.demo.common import (bold_better, held_out_loss, part_config, plot_losses, probe_models, read_metrics,
+                             table_row)
 from mmm.model import MaskedModel
 from mmm.objectives.mim import patchify, unpatchify
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
@@ -79,7 +80,8 @@ def reconstruction_figure(model: MaskedModel, modality, masker, urls, out: Path,
 
 
 def run_image_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
-                   progress_bar: bool = True, quick: bool = False) -> Dict[str, object]:
+                   progress_bar: bool = True, quick: bool = False,
+                   schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
     """Run the image part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
 
     Args:
@@ -87,10 +89,11 @@ def run_image_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Opti
         config: pretraining config (default ``configs/image_mae_tiny.yaml``).
         max_steps: override ``trainer.max_steps``.
         progress_bar: show Lightning's progress bar.
+        schedule: config overrides applied before ``max_steps`` (``mmm demo --full``: the longer schedule).
         quick: a small probe (300 training / 200 held-out images) and held-out set, for smoke tests.
     """
     config = Path(config) if config else DEFAULT_CONFIG
-    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar)
+    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar, schedule)
     t0 = time.perf_counter()
     run = pretrain(cfg)
     train_seconds = time.perf_counter() - t0
@@ -131,6 +134,8 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
     e, i = cfg.model.encoder, cfg.model.image
     lt, lu = m["held_out_loss"]["trained"]["mae"], m["held_out_loss"]["untrained"]["mae"]
     pt, pu = m["linear_probe"]["trained"], m["linear_probe"]["untrained"]
+    rows = bold_better({"untrained (same init)": [lu, pu["accuracy"]], "trained": [lt, pt["accuracy"]]},
+                       higher_is_better=[False, True])
     lines = [
         "## Image: masked autoencoder (MAE)",
         "",
@@ -140,8 +145,8 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         "",
         "| model | held-out MAE loss | linear-probe accuracy (shape class) |",
         "|---|---|---|",
-        f"| untrained (same init) | {lu:.3f} | {pu['accuracy']:.3f} |",
-        f"| **trained** | **{lt:.3f}** | **{pt['accuracy']:.3f}** |",
+        table_row(rows["untrained (same init)"]),
+        table_row(rows["trained"]),
         "",
         f"Probe: logistic regression on frozen mean-pooled features of {pt['train_samples']} training images, "
         f"scored on {pt['test_samples']} held-out images ({pt['classes']} classes, majority-class chance "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import lightning as L
 import numpy as np
@@ -23,7 +23,7 @@ from mmm.evaluate import MLMScore, evaluate_mlm, evaluate_unigram, unigram_log_p
 from mmm.model import MaskedModel
 from mmm.modalities.text_tokenizer import TextTokenizer
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
-from mmm.demo.common import part_config, read_metrics
+from mmm.demo.common import bold_better, part_config, read_metrics, table_row
 
 logger = logging.getLogger("mmm.demo")
 
@@ -90,7 +90,8 @@ def fill_in_examples(models: Dict[str, MaskedModel], tokenizer: TextTokenizer, t
 
 
 def run_text_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
-                  progress_bar: bool = True, quick: bool = False) -> Dict[str, object]:
+                  progress_bar: bool = True, quick: bool = False,
+                  schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
     """Run the text part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
 
     Args:
@@ -98,10 +99,11 @@ def run_text_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optio
         config: pretraining config (default ``configs/text_mlm_tiny.yaml``).
         max_steps: override ``trainer.max_steps``.
         progress_bar: show Lightning's progress bar.
+        schedule: config overrides applied before ``max_steps`` (``mmm demo --full``: the longer schedule).
         quick: accepted for a uniform part signature (the text evaluation is already small).
     """
     config = Path(config) if config else DEFAULT_CONFIG
-    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar)
+    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar, schedule)
     t0 = time.perf_counter()
     run = pretrain(cfg)
     train_seconds = time.perf_counter() - t0
@@ -142,6 +144,9 @@ def run_text_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optio
 def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
     tr, un, uni = m["held_out"]["trained"], m["held_out"]["untrained"], m["held_out"]["unigram"]
     e = cfg.model.encoder
+    rows = bold_better({name: [r["accuracy"], r["perplexity"], r["loss"]]
+                        for name, r in (("untrained (same init)", un), ("trained", tr))},
+                       higher_is_better=[True, False, False], fmt=["{:.3f}", "{:.1f}", "{:.3f}"])
     lines = [
         "## Text: masked language modeling (BERT)",
         "",
@@ -156,9 +161,9 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         "",
         "| model | masked-token accuracy | perplexity | loss (nats) |",
         "|---|---|---|---|",
-        f"| untrained (same init) | {un['accuracy']:.3f} | {un['perplexity']:.1f} | {un['loss']:.3f} |",
+        table_row(rows["untrained (same init)"]),
         f"| unigram frequency baseline | {uni['accuracy']:.3f} | {uni['perplexity']:.1f} | {uni['loss']:.3f} |",
-        f"| **trained** | **{tr['accuracy']:.3f}** | **{tr['perplexity']:.1f}** | **{tr['loss']:.3f}** |",
+        table_row(rows["trained"]),
         "",
         f"Median training throughput: {m['median_tokens_per_sec']:.0f} real tokens/s." if m["median_tokens_per_sec"] else "",
         "",

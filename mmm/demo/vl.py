@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import lightning as L
 
 from mmm.config import PretrainConfig
-from mmm.demo.common import part_config, read_metrics, torch_threads
+from mmm.demo.common import bold_better, part_config, read_metrics, table_row, torch_threads
 from mmm.evaluate_vl import evaluate_vl
 from mmm.train.pretrain import build_model_for, pretrain
 from mmm.train.tasks import resolve_shards
@@ -76,7 +76,8 @@ def plot_task_losses(series: Dict[str, list], out: Path) -> None:
 
 
 def run_vl_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
-                progress_bar: bool = True, quick: bool = False) -> Dict[str, object]:
+                progress_bar: bool = True, quick: bool = False,
+                schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
     """Run the vision-language part in ``out_dir``; returns its metrics (``report`` holds its markdown).
 
     Args:
@@ -84,10 +85,11 @@ def run_vl_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optiona
         config: pretraining config (default ``configs/vl_uniter_tiny.yaml``).
         max_steps: override ``trainer.max_steps``.
         progress_bar: show Lightning's progress bar.
+        schedule: config overrides applied before ``max_steps`` (``mmm demo --full``: the longer schedule).
         quick: a small held-out set, for smoke tests.
     """
     config = Path(config) if config else DEFAULT_CONFIG
-    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar)
+    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar, schedule)
     with torch_threads(cfg.trainer.threads):
         metrics = _train_and_evaluate(cfg, out_dir, quick)
     metrics["config"] = str(config)
@@ -138,6 +140,11 @@ def _fmt(r: Dict, way: str) -> str:
     return " / ".join(f"{r[way][k]:.3f}" for k in sorted(r[way], key=int))
 
 
+def _values(r: Dict, itm: Optional[float]) -> List[Optional[float]]:
+    """One model's comparable numbers on a split: t2i R@1/5/10, i2t R@1/5/10, ITM accuracy."""
+    return [r[way][k] for way in ("t2i", "i2t") for k in sorted(r[way], key=int)] + [itm]
+
+
 def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
     e, vt = cfg.model.encoder, cfg.model.image_text
     tr, un = m["scores"]["trained"], m["scores"]["untrained"]
@@ -156,13 +163,15 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         "| model | split | text→image R@1 / 5 / 10 | image→text R@1 / 5 / 10 | ITM accuracy |",
         "|---|---|---|---|---|",
     ]
-    for name, s in (("untrained (same init)", un), ("**trained**", tr)):
-        lines.append(f"| {name} | all val | {_fmt(s['retrieval'], 't2i')} | {_fmt(s['retrieval'], 'i2t')} | "
-                     f"{s['itm_accuracy']:.3f} |")
-        if s.get("unseen_retrieval"):
-            ua = s["unseen_itm_accuracy"]
-            lines.append(f"| {name} | unseen compositions | {_fmt(s['unseen_retrieval'], 't2i')} | "
-                         f"{_fmt(s['unseen_retrieval'], 'i2t')} | {ua:.3f} |" if ua is not None else "")
+    splits = [("all val", "retrieval", "itm_accuracy")]
+    if tr.get("unseen_retrieval") and un.get("unseen_retrieval"):
+        splits.append(("unseen compositions", "unseen_retrieval", "unseen_itm_accuracy"))
+    for split, key, itm in splits:
+        values = {name: _values(s[key], s.get(itm)) for name, s in (("untrained (same init)", un), ("trained", tr))}
+        k = len(tr[key]["t2i"])  # recall levels per direction
+        for cells in bold_better(values, higher_is_better=[True] * (2 * k + 1)).values():
+            lines.append(table_row([cells[0], split, " / ".join(cells[1:k + 1]), " / ".join(cells[k + 1:2 * k + 1]),
+                                    cells[-1]]))
     r, u = tr["retrieval"], tr.get("unseen_retrieval")
     lines.append(f"| chance | all val | {_fmt(r, 't2i_chance')} | {_fmt(r, 'i2t_chance')} | 0.500 |")
     if u:

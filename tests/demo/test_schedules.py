@@ -1,0 +1,27 @@
+"""``mmm demo --full``: the longer schedules are overrides of the part presets, listed in one place."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from mmm.config import ConfigError, load_config
+from mmm.demo import FULL_SCHEDULES, PARTS, check_demo_args
+from mmm.demo.common import part_config
+
+
+@pytest.mark.parametrize("part", sorted(PARTS))
+def test_every_part_has_a_longer_schedule_that_applies_to_its_preset(part, tmp_path) -> None:
+    module = importlib.import_module(PARTS[part].split(":")[0])
+    preset = load_config(module.DEFAULT_CONFIG)
+    full = part_config(None, module.DEFAULT_CONFIG, tmp_path, None, False, FULL_SCHEDULES[part])
+    assert full.trainer.max_steps > preset.trainer.max_steps  # longer than the default demo
+    assert full.trainer.default_root_dir == str(tmp_path / "run")
+    # --max_steps still wins over the schedule
+    assert part_config(None, module.DEFAULT_CONFIG, tmp_path, 7, False, FULL_SCHEDULES[part]).trainer.max_steps == 7
+
+
+def test_full_is_refused_with_a_replacement_config(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="--full"):
+        check_demo_args(["text"], None, tmp_path / "my.yaml", full=True)
+    check_demo_args(["text"], None, None, full=True)
