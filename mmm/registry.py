@@ -106,9 +106,9 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], what: str) -> N
 # One registry per kind of part. Modules register into these on import; each registry names the
 # packages that fill it and imports them on first lookup. Dataset definitions live outside the
 # library (``datasets_def``) and are reached by name only, never imported by a library module.
-MODALITIES: Registry = Registry("modality", plugins=("mmm.modalities",))
-TOKENIZERS: Registry = Registry("tokenizer", plugins=("mmm.modalities",))
-EMBEDDERS: Registry = Registry("embedder", plugins=("mmm.modalities",))
+MODALITIES: Registry = Registry("modality", plugins=("mmm.modalities.builtin",))
+TOKENIZERS: Registry = Registry("tokenizer", plugins=("mmm.modalities.builtin",))
+EMBEDDERS: Registry = Registry("embedder", plugins=("mmm.modalities.builtin",))
 MASKERS: Registry = Registry("masker", plugins=("mmm.masking",))
 OBJECTIVES: Registry = Registry("objective", plugins=("mmm.objectives",))
 DATASETS: Registry = Registry("dataset", plugins=("datasets_def",))

@@ -139,3 +139,32 @@ def test_library_layers_never_import_dataset_definitions() -> None:
                  if m.startswith("mmm") and not m.startswith(MAY_IMPORT_DATASETS)}
     offenders = {m: t for m, t in offenders.items() if t}
     assert not offenders, f"library modules importing datasets_def (reach datasets by name through DATASETS): {offenders}"
+
+
+_IMPORT_EACH = """
+import importlib, sys
+bad = []
+for name in sys.argv[1:]:
+    for loaded in [k for k in sys.modules if k == "mmm" or k.startswith(("mmm.", "datasets_def"))]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        bad.append(f"{name}: {type(e).__name__}: {e}")
+print("\\n".join(bad))
+"""
+
+
+def test_every_module_imports_as_the_first_one() -> None:
+    """Python runs a package's ``__init__`` before any of its modules, so a package that imports its
+    modules eagerly can close a cycle the graph above does not show (``mmm.data.text`` imports a codec
+    of ``mmm.modalities``, whose modalities import ``mmm.data.text``). Import each library module
+    first, in a fresh set of project modules, in one subprocess."""
+    import subprocess
+    import sys
+
+    names = [m for m in _modules() if not m.startswith("benchmarks")]
+    out = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *names], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not out.stdout.strip(), f"modules that fail when imported first:\n{out.stdout}"

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 from torch import nn
 
 import mmm.masking  # noqa: F401  (registers maskers)
-import mmm.modalities  # noqa: F401  (registers modalities)
+import mmm.modalities.builtin  # noqa: F401  (registers modalities)
 from mmm.config import PretrainConfig, TaskConfig
 from mmm.data.stream import list_shards
 from mmm.data.tar import ReadOptions
