@@ -325,7 +325,7 @@ class OptimConfig:
     name: str = _f("adamw", "optimizer (mmm.optim registry): adamw (fused), lamb (large batches), sophia (Hutchinson Hessian estimate every hessian_every steps)")
     args: Dict[str, Any] = _f(default_factory=dict, help="the optimizer's own keyword arguments, e.g. sophia: {rho: 0.04, hessian_every: 10}; adamw: {fused: false}")
     lr: float = _f(5e-4, "peak learning rate", gt=0)
-    weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases and norms)", ge=0)
+    weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases, norms, or what modules list in no_weight_decay(): learned tokens, position tables)", ge=0)
     betas: Tuple[float, float] = _f((0.9, 0.98), "Adam betas", ge=0, lt=1)
     eps: float = _f(1e-6, "Adam epsilon", gt=0)
     warmup_steps: int = _f(100, "linear warmup steps", ge=0)

@@ -11,7 +11,7 @@ from mmm.cli import main
 def test_list_shows_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "attention backend: math, sdpa, xformers" in out and "dataset: audio, dna, image, image_text, text" in out
+    assert "attention backend: flex, math, sdpa, xformers" in out and "dataset: audio, dna, image, image_text, text" in out
     maskers = next(line for line in out.splitlines() if line.startswith("masker: "))
     assert {"bert_random", "whole_word", "mae_random", "beit_block", "dna_span", "time_span"} <= set(maskers[8:].split(", "))
     modalities = next(line for line in out.splitlines() if line.startswith("modality: "))

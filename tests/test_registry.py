@@ -36,7 +36,7 @@ def test_project_registries_are_populated():
     import mmm.model  # noqa: F401
     from mmm.registry import ATTENTION_BACKENDS, DATASETS, EMBEDDERS, MASKERS, OBJECTIVES, TOKENIZERS
 
-    assert set(ATTENTION_BACKENDS.list()) == {"math", "sdpa", "xformers"}
+    assert set(ATTENTION_BACKENDS.list()) == {"flex", "math", "sdpa", "xformers"}
     assert {"bert_random", "whole_word", "span", "ngram"} <= set(MASKERS.list())
     assert "mlm" in OBJECTIVES and "text" in EMBEDDERS and "text" in DATASETS
     assert {"wordpiece", "bpe"} <= set(TOKENIZERS.list())
