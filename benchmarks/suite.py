@@ -9,7 +9,11 @@
 3. :mod:`benchmarks.loader` — the shard pipeline's sequences/s with 0, 1, 2 DataLoader workers for
    text and images, vs the same samples read one file per sample, vs the tiny configs' training
    step rate (ratios, one run);
-4. on CUDA only, :func:`benchmarks.mfu.measure_mlm_step` — the BERT-base MLM step with the
+4. :mod:`benchmarks.e2e_pretrain` — whole training loops, ``mmm pretrain`` vs HF ``Trainer`` with
+   ``run_mlm``'s recipe on the embedded corpus (data loading included, start-up removed): real
+   tokens/s, model FLOPs per token, achieved GFLOP/s and the machine's GEMM rate at the model's
+   shapes; the tiny size, plus BERT-base unless ``--quick``;
+5. on CUDA only, :func:`benchmarks.mfu.measure_mlm_step` — the BERT-base MLM step with the
    forward in bf16 autocast and xformers attention, vs HF, at L = 128 and 512 (lengths uniform in
    [L/4, L], ~16k real tokens per batch), with model FLOPs utilisation. ``--compile`` wraps the
    mmm model in ``torch.compile`` there (the first, untimed warm-up steps absorb compilation).
@@ -67,6 +71,7 @@ class Sizes:
     eval_batches: Optional[int] = None
     mae_args: List[str] = field(default_factory=lambda: ["--steps", "8"])
     loader_args: List[str] = field(default_factory=list)
+    e2e_sizes: List[str] = field(default_factory=lambda: ["tiny", "base"])
 
 
 FULL_LENGTHS = [128, 256, 512, 1024, 2048, 4096]
@@ -75,7 +80,7 @@ SIZES: Dict[str, Sizes] = {
                   attn_repeats=10, attn_warmup=2),
     "quick": Sizes("quick", ["small"], ["--steps", "5", "--warmup", "1"], [128, 256, 512, 1024], FULL_LENGTHS,
                    attn_repeats=3, attn_warmup=1, gpu_steps=10, gpu_warmup=3, eval_batches=5, mae_args=["--quick"],
-                   loader_args=["--quick"]),
+                   loader_args=["--quick"], e2e_sizes=["tiny"]),
     "micro": Sizes("micro", ["small"], ["--steps", "2", "--warmup", "1", "--no-memory", "--depth", "1", "--dim", "32",
                                         "--heads", "2", "--mlp-hidden", "64", "--vocab", "300", "--max-len", "32",
                                         "--batch", "4"],
@@ -85,7 +90,7 @@ SIZES: Dict[str, Sizes] = {
                    mae_args=["--config", "small", "--image-size", "16", "--patch-size", "4", "--dim", "32", "--depth", "1",
                              "--heads", "2", "--mlp-hidden", "64", "--decoder-dim", "16", "--decoder-depth", "1",
                              "--decoder-heads", "2", "--batch", "4", "--steps", "2"],
-                   loader_args=["--micro", "--modalities", "text", "--workers", "0,1"]),
+                   loader_args=["--micro", "--modalities", "text", "--workers", "0,1"], e2e_sizes=["micro"]),
 }
 
 
@@ -159,6 +164,12 @@ def run_throughput(sizes: Sizes, compile: bool = False, log: Callable[[str], Non
     log("== loader throughput vs training step rate (CPU)")
     sections["loader"] = {"device": "cpu", **{k: v for k, v in loader.main(sizes.loader_args).items()
                                                if k in ("env", "results")}}
+
+    from benchmarks import e2e_pretrain
+
+    log("== whole pretraining runs: mmm pretrain vs HF Trainer (CPU, fp32)")
+    e2e = e2e_pretrain.run_benchmark([e2e_pretrain.SIZES[n] for n in sizes.e2e_sizes], log=log)
+    sections["e2e_pretrain"] = {"device": "cpu", "env": e2e["env"], "results": e2e["results"]}
 
     cuda = torch.cuda.is_available()
     log("== attention backends")
@@ -345,6 +356,11 @@ def markdown(report: Dict[str, Any]) -> str:
 
         lines += ["## Loader throughput vs training step rate", "",
                   loader.markdown(s["loader"]["results"], s["loader"]["env"]), ""]
+    if "e2e_pretrain" in s:
+        from benchmarks import e2e_pretrain
+
+        lines += ["## Whole pretraining runs: mmm vs HF Trainer", "",
+                  e2e_pretrain.markdown(s["e2e_pretrain"]["results"], s["e2e_pretrain"]["env"]), ""]
     if "attention_backends" in s:
         lines += ["## Attention backends", "", attention_backends.markdown(s["attention_backends"]), ""]
     if "gpu_mlm" in s:

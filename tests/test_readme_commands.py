@@ -132,6 +132,8 @@ def smoke(cmd: Command) -> Command:
             argv += BENCH_MICRO
         elif argv[2] == "benchmarks.loader":
             argv += ["--micro", "--modalities", "text", "--workers", "0"]
+        elif argv[2] in ("benchmarks.e2e_pretrain", "benchmarks.finetune_speed"):
+            argv += ["--micro"]
         else:
             raise AssertionError(f"README command {cmd.text!r}: no smoke recipe for {argv[2]} in {__file__}")
     else:

@@ -31,7 +31,9 @@ def test_throughput_suite_writes_sections_markdown_and_plots(tmp_path, micro):
     assert data["suite"] == "throughput" and data["sizes"] == "micro"
     assert set(data["machine"]) >= {"cpu", "torch_threads", "gpu", "torch", "xformers", "transformers", "date"}
     s = data["sections"]
-    assert set(s) == {"text_mlm_step", "image_mae_step", "loader", "attention_backends", "gpu_mlm"}
+    assert set(s) == {"text_mlm_step", "image_mae_step", "loader", "e2e_pretrain", "attention_backends", "gpu_mlm"}
+    (e2e,) = s["e2e_pretrain"]["results"]
+    assert e2e["size"] == "micro" and e2e["mmm"]["tokens_per_s"] > 0 and e2e["hf"]["tokens_per_s"] > 0
     assert [r["modality"] for r in s["loader"]["results"]] == ["text"]
     assert s["loader"]["results"][0]["train"]["sequences_per_s"] > 0
     (step,) = s["text_mlm_step"]["results"]
@@ -55,6 +57,7 @@ def test_throughput_suite_writes_sections_markdown_and_plots(tmp_path, micro):
     md = (tmp_path / "results.md").read_text()
     assert md.strip() == report["markdown"].strip()
     assert "| mmm (packed) |" in md and "| sdpa_padded |" in md and "## Loader throughput" in md
+    assert "## Whole pretraining runs: mmm vs HF Trainer" in md and "| mmm pretrain (packed) |" in md
     assert data["plots"] == ["throughput_mmm_vs_hf.png", "attention_backends.png"]
     _check_pngs(tmp_path, data["plots"])
 

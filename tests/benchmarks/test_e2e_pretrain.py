@@ -1,0 +1,80 @@
+"""The whole-run benchmark (mmm pretrain vs HF Trainer) at micro size: files, FLOPs and the time split."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers' Trainer needs it
+
+from benchmarks import e2e_pretrain as bench  # noqa: E402
+from benchmarks.flops import BertShape, step_flops  # noqa: E402
+
+
+def test_micro_run_writes_results_and_counts_flops(tmp_path):
+    report = bench.main(["--micro", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                        log=lambda _: None)
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["results"] == json.loads(json.dumps(report["results"]))
+    assert (tmp_path / "out" / "results.md").read_text().strip() == report["markdown"].strip()
+    (r,) = data["results"]
+    size = bench.SIZES["micro"]
+    assert r["size"] == "micro" and r["threads"] == bench.DEFAULT_THREADS
+    shape = BertShape(**r["shape"])
+    assert shape.dim == 32 and shape.depth == 1 and shape.vocab == r["vocab"] <= 300
+    for name in ("mmm", "hf"):
+        e = r[name]
+        (run,) = e["runs"]
+        assert run["steps"] == size.steps - size.skip and run["seconds"] > 0
+        assert sum(run["step_seconds"]) == pytest.approx(run["seconds"], rel=1e-9)
+        assert sum(run["step_tokens"]) == run["tokens"] and sum(run["step_flops"]) == run["flops"]
+        assert e["window_tokens_per_s"] == pytest.approx(run["tokens"] / run["seconds"])
+        assert e["window_gflops_per_s"] == pytest.approx(run["flops"] / run["seconds"] / 1e9)
+        rates = zip(run["step_tokens"], run["step_flops"], run["step_seconds"])
+        assert e["tokens_per_s"] == pytest.approx(statistics.median(n / dt for n, _, dt in rates))
+        assert e["gflops_per_s"] == pytest.approx(statistics.median(
+            f / dt for f, dt in zip(run["step_flops"], run["step_seconds"])) / 1e9)
+        assert e["matmul_limit"]["gflops_per_s"] > 0
+        assert e["fraction_of_limit"] == pytest.approx(e["gflops_per_s"] / e["matmul_limit"]["gflops_per_s"])
+    # HF: B full blocks of max_len tokens, logits at every position
+    block, batch = r["max_len"], r["batch_size"]
+    assert r["hf"]["runs"][0]["tokens"] == (size.steps - size.skip) * batch * block
+    assert r["hf"]["flops_per_token"] == pytest.approx(step_flops(shape, [block] * batch, batch * block) / (batch * block))
+    # mmm: packed sequences of at most max_len, the head on the masked ~15% only: fewer FLOPs per token
+    m = r["mmm"]["runs"][0]
+    assert 0 < m["predicted_per_step"] < m["tokens_per_step"] <= batch * block
+    assert r["mmm"]["flops_per_token"] < r["hf"]["flops_per_token"]
+    assert r["flops_ceiling"] == pytest.approx(r["hf"]["flops_per_token"] / r["mmm"]["flops_per_token"])
+    # the split of mmm's timed steps adds up to their time
+    assert sum(m["split_s"].values()) == pytest.approx(m["seconds"], rel=1e-9)
+    assert all(v >= 0 for v in m["split_s"].values())
+    assert sum(r["mmm"]["split_share"].values()) == pytest.approx(1.0)
+    assert "| mmm pretrain (packed) |" in report["markdown"] and "between steps" in report["markdown"]
+
+
+def test_window_times_steps_after_the_skipped_ones():
+    steps = [{"end": t, "tokens": n, "flops": 10 * n} for t, n in ((1.0, 5), (1.5, 7), (2.5, 9), (3.0, 11))]
+    w = bench.window(steps, skip=1)
+    assert w["steps"] == 3 and w["seconds"] == pytest.approx(2.0)
+    assert w["tokens"] == 27 and w["tokens_per_s"] == pytest.approx(13.5)
+    assert w["flops_per_token"] == pytest.approx(10.0) and w["gflops_per_s"] == pytest.approx(135 / 1e9)
+    with pytest.raises(ValueError):
+        bench.window(steps, skip=0)
+    with pytest.raises(ValueError):
+        bench.window(steps, skip=4)
+
+
+def test_group_texts_is_run_mlm_grouping():
+    from mmm.modalities.text_tokenizer import train_wordpiece
+
+    texts = ["the cat sat on the mat", "a dog ran", "the mat was red and the dog sat"] * 5
+    tok = train_wordpiece(texts, vocab_size=60, min_frequency=1)
+    hf_tok = bench.hf_tokenizer(tok)
+    blocks = bench.group_texts(hf_tok, texts, 8)
+    stream = [i for t in texts for i in [tok.cls_id, *tok.encode(t)[0].tolist(), tok.sep_id]]
+    assert len(blocks) == len(stream) // 8
+    assert [i for b in blocks for i in b["input_ids"]] == stream[:len(blocks) * 8]
+    specials = [i for b in blocks for i in b["special_tokens_mask"]]
+    assert specials == [int(i in (tok.cls_id, tok.sep_id)) for i in stream[:len(blocks) * 8]]
