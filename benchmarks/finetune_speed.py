@@ -23,10 +23,9 @@ texts that both tokenize identically).
 every optimizer step is recorded (mmm: a global ``torch.optim`` step post-hook; HF: the
 ``Trainer``'s ``on_step_end``), and examples/s is the examples of steps ``skip + 1 …`` over the time
 from the end of step ``skip`` to the end of the last one (start-up and the first steps removed).
-mmm and HF run back to back ``rounds`` times, alternating which goes first. The headline
-examples/s is the median over every timed step of every round (robust to a neighbour's job on a
-shared machine); the window mean (all timed examples over all timed time, median over rounds) is
-reported beside it.
+mmm and HF run back to back ``rounds`` times, alternating which goes first; medians over rounds
+(a step's cost follows the lengths in its batch, so the rate of a whole window is the measure, not
+a median of per-step rates).
 
 **Ceiling.** Packing saves at most the padded positions HF computes on: with a share ``p`` of
 padded positions in HF's batches (counted on the batches HF trained on in the timed steps), mmm
@@ -247,24 +246,21 @@ def run(size: Size, threads: int, work: Path, source: Optional[str] = None,
     timed = {name: [b for x in rs for b in x["batches"][size.skip:]] for name, rs in runs.items()}
     share = padding_share(timed["hf"])
     ceiling = 1.0 / (1.0 - share)
-    def per_step(rs):  # median over every timed step of every round
-        return statistics.median(n / dt for x in rs for n, dt in zip(x["step_examples"], x["step_seconds"]))
-
-    m, h = per_step(runs["mmm"]), per_step(runs["hf"])
+    m = statistics.median(x["examples_per_s"] for x in runs["mmm"])
+    h = statistics.median(x["examples_per_s"] for x in runs["hf"])
     ratio = m / h
     out = {
         "size": size.name, "task": "stdlib-package", "train_examples": len(rows), "classes": labels.num_classes,
         "same_token_ids": same, "batch_size": size.batch_size, "steps": size.steps, "skip": size.skip,
         "rounds": size.rounds, "threads": threads, "encoder": json.loads((encoder_dir / "mmm_encoder.json").read_text()),
         "source": source or "fresh initialisation",
-        "mmm": {"examples_per_s": m, "window_examples_per_s": statistics.median(x["examples_per_s"] for x in runs["mmm"]),
-                "runs": runs["mmm"], "padding_share_computed": 0.0,
+        "mmm": {"examples_per_s": m, "runs": runs["mmm"], "padding_share_computed": 0.0,
                 "padding_share_in_batches": padding_share(timed["mmm"])},
-        "hf": {"examples_per_s": h, "window_examples_per_s": statistics.median(x["examples_per_s"] for x in runs["hf"]),
-               "runs": runs["hf"], "padding_share_computed": share, "optimizer": runs["hf"][0]["optimizer"]},
+        "hf": {"examples_per_s": h, "runs": runs["hf"], "padding_share_computed": share,
+               "optimizer": runs["hf"][0]["optimizer"]},
         "ratio": ratio,
-        "window_ratio": statistics.median(x["examples_per_s"] for x in runs["mmm"]) /
-        statistics.median(x["examples_per_s"] for x in runs["hf"]),
+        "paired_ratio": statistics.median(a["examples_per_s"] / b["examples_per_s"]
+                                          for a, b in zip(runs["mmm"], runs["hf"])),
         "load_averages_after_runs": {n: [x["load_average_after"] for x in rs] for n, rs in runs.items()},
         "ceiling": ceiling, "share_of_ceiling": ratio / ceiling,
         "target_share_of_ceiling": TARGET_SHARE_OF_CEILING,
@@ -283,19 +279,19 @@ def markdown(r: Dict[str, Any], env: Dict[str, Any]) -> str:
              f"{r['skip'] + 1}–{r['steps']} of each run timed, {r['rounds']} rounds, {env['threads']} torch thread(s), "
              f"torch {env['torch']}, transformers {env['transformers']}"
              + (f", load average {load[0]:.2f} at the start" if load else "") + ".", "",
-             "| contender | examples/s (window mean) | padded positions computed | mmm/HF (window) | ceiling 1/(1−p) "
+             "| contender | examples/s | padded positions computed | mmm/HF (paired) | ceiling 1/(1−p) "
              "| share of ceiling |",
              "|---|---:|---:|---:|---:|---:|",
-             f"| mmm finetune (packed) | {r['mmm']['examples_per_s']:.1f} ({r['mmm']['window_examples_per_s']:.1f}) | 0% | "
-             f"**{r['ratio']:.2f}×** ({r['window_ratio']:.2f}×) | "
+             f"| mmm finetune (packed) | {r['mmm']['examples_per_s']:.1f} | 0% | "
+             f"**{r['ratio']:.2f}×** ({r['paired_ratio']:.2f}×) | "
              f"{r['ceiling']:.2f}× | **{100 * r['share_of_ceiling']:.0f}%** "
              f"({'≥' if r['reaches_target'] else '<'} {100 * r['target_share_of_ceiling']:.0f}% target) |",
-             f"| HF Trainer, BertForSequenceClassification + DataCollatorWithPadding | {r['hf']['examples_per_s']:.1f} "
-             f"({r['hf']['window_examples_per_s']:.1f}) | "
+             f"| HF Trainer, BertForSequenceClassification + DataCollatorWithPadding | {r['hf']['examples_per_s']:.1f} | "
              f"{100 * r['hf']['padding_share_computed']:.1f}% | | | |", "",
              f"Identical token ids on both sides for {100 * r['same_token_ids']:.1f}% of the training texts. "
-             "Examples/s: median over every timed step of every round; in brackets the window mean (all timed "
-             "examples over all timed time of a run, median over rounds). p = share of padded positions in the "
+             "Examples/s: all timed examples over all timed time of a run, median over rounds (a step's cost "
+             "follows its batch's lengths, so per-step rates are not medians of one quantity); paired: the median "
+             "of the rounds' mmm/HF ratios. p = share of padded positions in the "
              "batches HF trained on in the timed steps. Load average (1 min) after each run: mmm "
              + ", ".join(str(x) for x in r["load_averages_after_runs"]["mmm"]) + "; HF "
              + ", ".join(str(x) for x in r["load_averages_after_runs"]["hf"]) + "."]
