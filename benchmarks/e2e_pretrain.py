@@ -66,9 +66,9 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -175,7 +175,8 @@ def bert_config(cfg, vocab: int):
     return BertConfig(vocab_size=vocab, hidden_size=e.dim, num_hidden_layers=e.depth, num_attention_heads=e.heads,
                       intermediate_size=e.mlp_hidden, hidden_act="gelu", hidden_dropout_prob=e.dropout,
                       attention_probs_dropout_prob=e.attn_dropout, max_position_embeddings=t.max_len,
-                      layer_norm_eps=e.norm_eps, type_vocab_size=2, tie_word_embeddings=True)
+                      layer_norm_eps=e.norm_eps, type_vocab_size=2, tie_word_embeddings=True,
+                      attn_implementation="sdpa")
 
 
 def model_shape(cfg, vocab: int) -> BertShape:
@@ -302,7 +303,6 @@ def run_hf(size: Size, work: Path, threads: int, cfg, blocks, hf_tok, shape: Ber
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = BertForMaskedLM(bert_config(cfg, shape.vocab))
-    model.config._attn_implementation = "sdpa"
     o, tc = cfg.optim, cfg.trainer
     args = TrainingArguments(
         output_dir=str(work / f"hf_{tag}"), per_device_train_batch_size=cfg.data.batch_size, max_steps=size.steps,
