@@ -31,6 +31,17 @@ TINY_OVERRIDES = {
 }
 
 
+def tiny_argv(run_dir: Path, **overrides) -> list:
+    """``mmm pretrain`` arguments of the tiny text config with :data:`TINY_OVERRIDES` (what the ``ckpt`` run used)."""
+    import json
+
+    argv = ["pretrain", "--config", str(REPO / "configs" / "text_mlm_tiny.yaml"), "--trainer.default_root_dir",
+            str(run_dir), "--data.val", "null"]
+    for k, v in {**TINY_OVERRIDES, **overrides}.items():
+        argv += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    return argv
+
+
 def tiny_config(run_dir: Path, **overrides):
     """configs/text_mlm_tiny.yaml shrunk to seconds on CPU (the embedded corpus, a 500-token vocabulary)."""
     from mmm.config import load_config

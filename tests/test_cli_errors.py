@@ -17,18 +17,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_OVERRIDES
+from conftest import REPO, TINY_OVERRIDES, tiny_argv
 from mmm.cli import main
 
 TINY = str(REPO / "configs" / "text_mlm_tiny.yaml")
 
 
-def _tiny_argv(run_dir: Path, **overrides) -> list:
-    """``mmm pretrain`` of the tiny text config with the conftest run's overrides (what the ``ckpt`` run used)."""
-    argv = ["pretrain", "--config", TINY, "--trainer.default_root_dir", str(run_dir), "--data.val", "null"]
-    for k, v in {**TINY_OVERRIDES, **overrides}.items():
-        argv += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
-    return argv
+_tiny_argv = tiny_argv
 
 
 def _error_line(capsys, command: str = "pretrain") -> str:

@@ -8,18 +8,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_OVERRIDES, tiny_config
+from conftest import REPO, TINY_OVERRIDES, tiny_argv, tiny_config
 from mmm.cli import main
 from mmm.config import ConfigError
 
 TINY = str(REPO / "configs" / "text_mlm_tiny.yaml")
 
 
-def _tiny_argv(run_dir: Path, **overrides) -> list:
-    argv = ["pretrain", "--config", TINY, "--trainer.default_root_dir", str(run_dir), "--data.val", "null"]
-    for k, v in {**TINY_OVERRIDES, **overrides}.items():
-        argv += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
-    return argv
+_tiny_argv = tiny_argv
 
 
 def _error(capsys, command: str = "pretrain") -> str:
