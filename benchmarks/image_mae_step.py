@@ -5,7 +5,7 @@ and lets the encoder see only the rest; a narrow decoder reconstructs the hidden
 script times one fp32 training step (forward + backward + fused ``AdamW.step()`` + ``zero_grad``)
 on CPU for three contenders, all on the same batch of random images:
 
-* ``mmm_drop`` -- mmm MAE: :class:`~mmm.modalities.image.ImageEmbedder` with ``drop_masked=True``
+* ``mmm_drop`` -- mmm MAE: :class:`~mmm.modalities.image.embedder.ImageEmbedder` with ``drop_masked=True``
   (the encoder sees [CLS] + the visible 25% of the patches, packed), objective ``mae``;
 * ``mmm_mask_token`` -- the same model (a copy with identical weights) in mask-token mode
   (``drop_masked=False``: every patch enters the encoder, hidden ones as the learned mask
@@ -62,7 +62,7 @@ from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig, OptimConfig
 from mmm.core.packing import PackedSeqInfo
 from mmm.masking.patch import MaeRandomMasker
 from mmm.model import MaskedModel, build_model
-from mmm.modalities.image import ImageEmbedder
+from mmm.modalities.image.embedder import ImageEmbedder
 
 CONTENDERS = ("mmm_drop", "mmm_mask_token", "hf")
 TITLES = {"mmm_drop": "mmm MAE (drop masked)", "mmm_mask_token": "mmm mask-token encoder",

@@ -329,7 +329,7 @@ def build_shards(
             this factor (either way) is bad input, not resampled: such a ratio usually means a
             wrong rate in the file's header, and the clip would be stretched or squeezed.
     """
-    from mmm.modalities.audio_frontend import AudioDecodeError, decode_audio, resample
+    from mmm.modalities.audio.frontend import AudioDecodeError, decode_audio, resample
 
     _check_build_args(sample_rate, max_seconds, samples_per_shard, val_fraction)
     if isinstance(max_resample_ratio, bool) or not isinstance(max_resample_ratio, (int, float)) \
@@ -600,7 +600,7 @@ def iter_clips(shard_dir: PathLike, split: str = "train", *, options: Optional[R
         options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
     """
     from mmm.data.stream import list_shards
-    from mmm.modalities.audio_frontend import decode_audio
+    from mmm.modalities.audio.frontend import decode_audio
 
     for sample in read_samples(list_shards(shard_dir, split=split), options):
         where = f"{sample['__url__']}:{sample['__key__']}"
@@ -665,7 +665,7 @@ def check_sample(sample: Dict[str, Any]) -> Optional[str]:
     Args:
         sample: ``{"<field>": bytes, ...}`` as read from a shard (``__key__`` etc. are ignored).
     """
-    from mmm.modalities.audio_frontend import AudioDecodeError, decode_audio
+    from mmm.modalities.audio.frontend import AudioDecodeError, decode_audio
 
     problems: List[str] = []
     decoded: Optional[Tuple[np.ndarray, int]] = None

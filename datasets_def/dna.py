@@ -39,11 +39,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple,
 
 import numpy as np
 
-from mmm.modalities.dna_tokenizer import base_codes, find_invalid_base
+from mmm.modalities.dna.tokenizer import base_codes, find_invalid_base
 from mmm.data.stream import list_shards
 from mmm.data.tar import ReadOptions
-from mmm.modalities import dna_codec
-from mmm.modalities.dna_codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
+from mmm.modalities.dna import codec as dna_codec
+from mmm.modalities.dna.codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
 from mmm.registry import DATASETS
 from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, ignored_manifest, log_ignored,
                                    prepare_output, stable_split, write_manifest)
@@ -658,7 +658,7 @@ def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
 def iter_samples(shard_dir: PathLike, split: str = "train", *,
                  options: Optional[ReadOptions] = None) -> Iterator[Tuple[str, Dict[str, Any]]]:
     """Stream ``(seq, meta)`` of one split in shard order, with no extraction to disk
-    (:func:`mmm.modalities.dna_codec.iter_samples`: read as training reads them).
+    (:func:`mmm.modalities.dna.codec.iter_samples`: read as training reads them).
 
     Args:
         shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from datasets_def.text import DONE_MARKER, default_cache_dir
-from mmm.data.image_decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_header
+from mmm.modalities.image.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_header
 from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
 from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, ignored_manifest, log_ignored,
@@ -776,7 +776,7 @@ def check_sample(sample: Dict[str, Any]) -> Optional[str]:
     """Say what is wrong with one raw shard sample, or None when it is sound.
 
     Exactly one image field of :data:`IMAGE_FIELDS` must be present, hold that encoding (a
-    ``png`` field holds PNG data) and decode (:func:`~mmm.data.image_decode.decode_image`);
+    ``png`` field holds PNG data) and decode (:func:`~mmm.modalities.image.decode.decode_image`);
     ``json`` must be a JSON object whose ``width`` / ``height``, when present, match the image.
 
     Args:

@@ -47,8 +47,8 @@ from datasets_def.building import ignored_manifest, log_ignored, prepare_output
 from datasets_def.image import (IMAGE_FIELDS, IMAGE_SUFFIXES, MANIFEST, SPLITS, ImageBuildError, _cached_build,
                                 _find_images, _labels_of, _rel_key, _split_manifest, _split_of, _SplitWriters,
                                 _write_manifest, encode_for_shard)
-from mmm.data.image_decode import DEFAULT_MAX_PIXELS, ImageDecodeError
-from mmm.data.image_text import (BOX_DIM, REGION_FIELDS, RegionArrayError, captions_of, check_region_arrays, load_npy,
+from mmm.modalities.image.decode import DEFAULT_MAX_PIXELS, ImageDecodeError
+from mmm.modalities.image_text.pipeline import (BOX_DIM, REGION_FIELDS, RegionArrayError, captions_of, check_region_arrays, load_npy,
                                  xyxy_to_geometry)
 from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
@@ -655,7 +655,7 @@ def check_sample(sample: Dict[str, Any]) -> Optional[str]:
     The image fields and ``json`` are checked as :func:`datasets_def.image.check_sample` does;
     ``json`` must hold ``captions`` (non-empty strings) and ``txt`` must be those captions joined
     by newlines; region fields, when present, must be ``features.npy`` with ``boxes.npy`` (and
-    optional ``soft.npy``) passing :func:`mmm.data.image_text.check_region_arrays`.
+    optional ``soft.npy``) passing :func:`mmm.modalities.image_text.pipeline.check_region_arrays`.
 
     Args:
         sample: ``{"<field>": bytes, ...}`` as read from a shard (``__key__`` etc. are ignored).

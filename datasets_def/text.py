@@ -25,8 +25,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from mmm.data.stream import list_shards
 from mmm.data.tar import ReadOptions
-from mmm.modalities import text_codec
-from mmm.modalities.text_codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
+from mmm.modalities.text import codec as text_codec
+from mmm.modalities.text.codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
 from mmm.registry import DATASETS
 from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, has_suffix, ignored_manifest, log_ignored,
                                    prepare_output, read_file, stable_split, write_manifest)
@@ -456,7 +456,7 @@ def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
 def iter_texts(shard_dir: PathLike, split: str = "train", *, options: Optional[ReadOptions] = None) -> Iterator[str]:
     """Stream the ``txt`` fields of one split (e.g. to train a tokenizer), with no extraction to disk.
 
-    Shards are read as training reads them (:func:`mmm.modalities.text_codec.iter_texts`): local
+    Shards are read as training reads them (:func:`mmm.modalities.text.codec.iter_texts`): local
     paths, ``pipe:`` and ``http(s)://`` urls, the member-size guard and the read timeout of ``options``.
 
     Args:

@@ -5,7 +5,7 @@ A :class:`TextEncoder` is the text embedder plus the shared
 objective heads and without Lightning. It takes the right-padded ``(input_ids, attention_mask)``
 pair HF ``transformers`` models take and returns ``(B, T, H)`` hidden states, so it can stand in
 for a ``BertModel`` in downstream code. DNA encoders are :class:`TextEncoder` s over nucleotide
-tokens; image and audio have their own (:mod:`mmm.modalities.image`, :mod:`mmm.modalities.audio`).
+tokens; image and audio have their own (:mod:`mmm.modalities.image.embedder`, :mod:`mmm.modalities.audio.embedder`).
 
 :func:`load_encoder` reads, for any registered modality that has a standalone encoder:
 
@@ -51,7 +51,7 @@ class TextEncoder(nn.Module):
     meaningless values there; compare the two on real tokens only.)
 
     Args:
-        embedder: a :class:`~mmm.modalities.text.TextEmbedder`.
+        embedder: a :class:`~mmm.modalities.text.embedder.TextEmbedder`.
         encoder: the shared :class:`~mmm.core.encoder.TransformerEncoder`.
         config: the model configuration both were built from (kept for :func:`save_encoder`).
         tokenizer: the matching tokenizer, or None; exposed as ``self.tokenizer``.
@@ -265,7 +265,7 @@ def save_encoder(encoder: nn.Module, directory: PathLike) -> Path:
 
     Args:
         encoder: a standalone encoder: a :class:`TextEncoder` (text or DNA), an
-            :class:`~mmm.modalities.image.ImageEncoder`, an :class:`~mmm.modalities.audio.AudioEncoder`,
+            :class:`~mmm.modalities.image.embedder.ImageEncoder`, an :class:`~mmm.modalities.audio.embedder.AudioEncoder`,
             or another registered modality's, named by its ``modality`` attribute and holding its
             ``config`` dataclass.
         directory: output folder, created if needed.
@@ -322,9 +322,9 @@ def load_encoder(source: PathLike, modality: str = "text", **options: Any) -> nn
             ViT weights file (image, with ``timm_model``).
         modality: which encoder to build (:func:`encoder_modalities`): ``text`` or ``dna``
             (:class:`TextEncoder` over token ids, ``(ids, mask) -> (B, T, H)``, with the tokenizer
-            attached), ``image`` (:class:`~mmm.modalities.image.ImageEncoder`, ``(B, C, H, W) ->
+            attached), ``image`` (:class:`~mmm.modalities.image.embedder.ImageEncoder`, ``(B, C, H, W) ->
             (B, N, D)``, CLS first when the model has one), ``audio``
-            (:class:`~mmm.modalities.audio.AudioEncoder`, ``(B, T, F)`` feature tokens -> ``(B, T, d)``,
+            (:class:`~mmm.modalities.audio.embedder.AudioEncoder`, ``(B, T, F)`` feature tokens -> ``(B, T, d)``,
             and ``encode_waveform`` with the fitted front end attached), or any other registered one.
         options: options of a source the modality reads itself (None values count as not given);
             image: ``timm_model`` (the timm model name of a weights file, ``.safetensors`` / ``.pth``

@@ -14,10 +14,10 @@ import torch
 
 from mmm.batch import PackedBatch
 from mmm.data.stream import SampleErrorHandler, make_pipeline
-from mmm.data.text import text_stages
+from mmm.modalities.text.pipeline import text_stages
 from mmm.masking.base import TokenMasker
 from mmm.model import MaskedModel
-from mmm.modalities.text_tokenizer import TextTokenizer
+from mmm.modalities.text.tokenizer import TextTokenizer
 
 
 @dataclass

@@ -109,7 +109,7 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], what: str) -> N
 MODALITIES: Registry = Registry("modality", plugins=("mmm.modalities.builtin",))
 TOKENIZERS: Registry = Registry("tokenizer", plugins=("mmm.modalities.builtin",))
 EMBEDDERS: Registry = Registry("embedder", plugins=("mmm.modalities.builtin",))
-MASKERS: Registry = Registry("masker", plugins=("mmm.masking",))
+MASKERS: Registry = Registry("masker", plugins=("mmm.masking", "mmm.modalities.builtin"))
 OBJECTIVES: Registry = Registry("objective", plugins=("mmm.objectives",))
 DATASETS: Registry = Registry("dataset", plugins=("datasets_def",))
 ATTENTION_BACKENDS: Registry = Registry("attention backend", plugins=("mmm.core.attention",))

@@ -121,8 +121,8 @@ def strongly_connected(graph: Dict[str, Set[str]]) -> List[List[str]]:
 def test_the_graph_sees_module_and_function_level_imports() -> None:
     graph = import_graph()
     assert "mmm.config" in graph["mmm.checkpoint"]  # module level
-    assert "mmm.interop.hf" in graph["mmm.modalities.text_modality"]  # inside a method
-    assert "mmm.modalities.dna_codec" in graph["mmm.modalities.dna_modality"]  # from package import module
+    assert "mmm.interop.hf" in graph["mmm.modalities.text.modality"]  # inside a method
+    assert "mmm.modalities.dna.codec" in graph["mmm.modalities.dna.modality"]  # from package import module
     cyclic = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert [c for c in strongly_connected(cyclic) if len(c) > 1] == [["a", "b", "c"]]
 
@@ -157,8 +157,8 @@ print("\\n".join(bad))
 
 def test_every_module_imports_as_the_first_one() -> None:
     """Python runs a package's ``__init__`` before any of its modules, so a package that imports its
-    modules eagerly can close a cycle the graph above does not show (``mmm.data.text`` imports a codec
-    of ``mmm.modalities``, whose modalities import ``mmm.data.text``). Import each library module
+    modules eagerly can close a cycle the graph above does not show (``mmm.modalities.text.pipeline`` imports a codec
+    of ``mmm.modalities``, whose modalities import ``mmm.modalities.text.pipeline``). Import each library module
     first, in a fresh set of project modules, in one subprocess."""
     import subprocess
     import sys

@@ -8,7 +8,7 @@ from mmm import load_encoder
 from mmm.batch import ImageInput, PackedBatch
 from mmm.core.packing import PackedSeqInfo
 from mmm.encoders import read_checkpoint, save_encoder
-from mmm.modalities.image import ImageEncoder
+from mmm.modalities.image.embedder import ImageEncoder
 from mmm.train.pretrain import build_model_for, modality_from_checkpoint
 
 

@@ -111,7 +111,7 @@ def test_run_folder_tokenizer_of_another_algorithm_is_refused(run_copy, capsys):
 
 
 def test_tokenizer_path_that_differs_from_the_run_folders_is_refused(run_copy, tmp_path, capsys):
-    from mmm.modalities.text_tokenizer import train_wordpiece
+    from mmm.modalities.text.tokenizer import train_wordpiece
 
     other = tmp_path / "other_tok"
     train_wordpiece(["completely different words here"] * 20 + ["zebra quartz"] * 5, vocab_size=60).save(other)

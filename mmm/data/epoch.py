@@ -1,7 +1,7 @@
 """Epoch numbering and per-epoch seeding for streaming pipelines.
 
 Every random choice of a pipeline built by :func:`mmm.data.stream.make_pipeline` (shard order,
-sample shuffle buffer, and the masks of :mod:`mmm.data.text`) is drawn from a generator seeded by
+sample shuffle buffer, and the masks of :mod:`mmm.modalities.text.pipeline`) is drawn from a generator seeded by
 ``(seed, epoch)`` -- plus ``(rank, worker)`` where the choice is local to one worker. The epoch
 comes from an :class:`EpochCounter` shared by the pipeline's stages: it starts at an explicit
 value and goes up by one on every pass over the pipeline *in the process that iterates it* (a

@@ -389,7 +389,7 @@ def shard_stats(path: ShardSpec, dataset: str = "text", split: Optional[str] = N
         path: shard directory, ``.tar`` file, pattern or list (as for :func:`list_shards`).
         dataset: dataset definition name; it must have a ``txt`` field.
         split: only this split's shards of a directory; None: all.
-        tokenizer: directory of a saved :class:`~mmm.modalities.text_tokenizer.TextTokenizer`;
+        tokenizer: directory of a saved :class:`~mmm.modalities.text.tokenizer.TextTokenizer`;
             None counts whitespace-separated words instead of tokens.
         max_len: with a tokenizer, also count the sequences each sample becomes when cut at this
             many tokens including ``[CLS]``/``[SEP]`` (the training pipeline's ``encode_chunks``).
@@ -408,7 +408,7 @@ def shard_stats(path: ShardSpec, dataset: str = "text", split: Optional[str] = N
         raise ValueError(f"shard stats: batch_size must be >= 1, got {batch_size}")
     tok = None
     if tokenizer is not None:
-        from mmm.modalities.text_tokenizer import TextTokenizer
+        from mmm.modalities.text.tokenizer import TextTokenizer
 
         tok = TextTokenizer.load(tokenizer)
     urls = list_shards(path, split=split)

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 import lightning as L
 import numpy as np
 
-import mmm.modalities.audio_modality  # noqa: F401  (registers the "audio" modality and embedder)
+import mmm.modalities.audio.modality  # noqa: F401  (registers the "audio" modality and embedder)
 import mmm.objectives.feature_regression  # noqa: F401  (registers "masked_features")
 from mmm.config import PretrainConfig
 from mmm.demo.common import (bold_better, held_out_loss, part_config, plot_losses, probe_models, read_metrics,

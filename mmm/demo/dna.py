@@ -98,7 +98,7 @@ def kmer_count_features(urls: List[str], k: int = 4, max_samples: Optional[int] 
         k: k-mer length (4 gives 256 features).
         max_samples: stop after this many labelled windows.
     """
-    from mmm.data.dna import read_dna_sample
+    from mmm.modalities.dna.pipeline import read_dna_sample
     from mmm.data.stream import SampleErrorHandler, make_pipeline
 
     code = np.full(256, -1, dtype=np.int64)

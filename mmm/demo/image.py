@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mmm.config import PretrainConfig
-from mmm.data.image_transforms import denormalize
+from mmm.modalities.image.transforms import denormalize
 from mmm.data.stream import SampleErrorHandler, make_pipeline
 from mmm.demo.common import (bold_better, held_out_loss, part_config, plot_losses, probe_models, read_metrics,
                              table_row)

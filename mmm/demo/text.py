@@ -21,7 +21,7 @@ from mmm.config import PretrainConfig
 from mmm.masking.base import MaskedTokens
 from mmm.evaluate import MLMScore, evaluate_mlm, evaluate_unigram, unigram_log_probs
 from mmm.model import MaskedModel
-from mmm.modalities.text_tokenizer import TextTokenizer
+from mmm.modalities.text.tokenizer import TextTokenizer
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
 from mmm.demo.common import bold_better, part_config, read_metrics, table_row
 

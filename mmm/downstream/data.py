@@ -210,18 +210,18 @@ def encode_labels(split: Split, labels: Labels) -> List[Union[int, float]]:
 def _decode_shard_sample(sample: Dict[str, Any], modality: str) -> Tuple[Any, Optional[int]]:
     """(raw input, label or None) of a raw tar sample."""
     if modality == "image":
-        from mmm.data.image import ImageSettings, read_image_sample
+        from mmm.modalities.image.pipeline import ImageSettings, read_image_sample
 
         img, meta = read_image_sample(sample, ImageSettings(image_size=32, patch_size=4, cls_token=False,
                                                             drop_masked=False, min_size=1))
         return img, meta.get("label")
     if modality == "audio":
-        from mmm.data.audio import read_audio_sample
+        from mmm.modalities.audio.pipeline import read_audio_sample
 
         wav, sr, meta = read_audio_sample(sample)
         return (wav, sr), meta.get("label")
     if modality == "dna":
-        from mmm.data.dna import read_dna_sample
+        from mmm.modalities.dna.pipeline import read_dna_sample
 
         w = read_dna_sample(sample)
         return w.seq, (None if w.label < 0 else w.label)
@@ -306,12 +306,12 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
         rel = f.relative_to(root).as_posix()
         suffix = f.suffix.lower()
         if modality == "image" and suffix in IMAGE_SUFFIXES:
-            from mmm.data.image_decode import decode_image
+            from mmm.modalities.image.decode import decode_image
 
             out.inputs.append(decode_image(f.read_bytes(), str(f)))
             out.where.append(rel)
         elif modality == "audio" and suffix in AUDIO_SUFFIXES:
-            from mmm.modalities.audio_frontend import decode_audio
+            from mmm.modalities.audio.frontend import decode_audio
 
             out.inputs.append(decode_audio(f.read_bytes(), str(f)))
             out.where.append(rel)

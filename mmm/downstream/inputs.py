@@ -53,7 +53,7 @@ class InputAdapter:
             if encoder.frontend is None:
                 raise ValueError(f"{source}: the audio encoder has no fitted front end; load it from a checkpoint or "
                                  "a save_encoder folder that holds audio_frontend.json")
-            from mmm.data.audio import max_columns
+            from mmm.modalities.audio.pipeline import max_columns
 
             self.columns = max_columns(encoder.frontend, encoder.config.max_seconds, encoder.embedder.max_len)
         else:
@@ -101,10 +101,10 @@ class InputAdapter:
                 ids = np.concatenate([ids[: self.max_len - 1], ids[-1:]])
             return ids
         if self.modality == "image":
-            from mmm.data.image_transforms import eval_transform, normalize
+            from mmm.modalities.image.transforms import eval_transform, normalize
 
             return normalize(eval_transform(raw, self.image_size))  # (3, S, S)
-        from mmm.data.audio import single_thread, split_columns
+        from mmm.modalities.audio.pipeline import single_thread, split_columns
 
         wav, sr = raw
         front = self.encoder.frontend

@@ -37,7 +37,7 @@ import torch
 from mmm.config import EncoderConfig, ModelConfig, TextConfig
 from mmm.checkpoint import load_weights, read_checkpoint, safe_torch_load
 from mmm.encoders import TextEncoder, encoder_from_checkpoint, load_encoder
-from mmm.modalities.text_tokenizer import META_FILE, TOKENIZER_FILE, VOCAB_FILE, WORDPIECE_SPECIALS, TextTokenizer
+from mmm.modalities.text.tokenizer import META_FILE, TOKENIZER_FILE, VOCAB_FILE, WORDPIECE_SPECIALS, TextTokenizer
 from mmm.objectives.mlm import MLMHead
 
 PathLike = Union[str, Path]

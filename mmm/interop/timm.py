@@ -25,7 +25,7 @@ norms inside attention or the MLP, non-(exact-)GELU or gated MLPs, non-LayerNorm
 norms, non-square images or patches, a patch-embedding norm, models without absolute positions,
 and block/attention classes other than timm's plain ``Block``/``Attention``. Parts after
 ``forward_features`` (``fc_norm``, ``attn_pool``, ``head``) belong to the classifier and are
-neither imported nor needed for parity: :class:`~mmm.modalities.image.ImageEncoder` equals
+neither imported nor needed for parity: :class:`~mmm.modalities.image.embedder.ImageEncoder` equals
 ``forward_features``.
 
 Weight files are read with safetensors or ``torch.load(weights_only=True)`` only, so a file
@@ -42,7 +42,7 @@ from torch import nn
 
 from mmm.config import EncoderConfig
 from mmm.checkpoint import load_weights, safe_torch_load
-from mmm.modalities.image import ImageEncoder, ImageEncoderConfig
+from mmm.modalities.image.embedder import ImageEncoder, ImageEncoderConfig
 
 PathLike = Union[str, Path]
 
@@ -383,7 +383,7 @@ def _model_from_state(state: Mapping[str, torch.Tensor], model_name: Optional[st
 
 def import_timm_vit(source: Union[nn.Module, Mapping[str, torch.Tensor], PathLike], model_name: Optional[str] = None,
                     model_kwargs: Optional[Dict[str, Any]] = None) -> ImageEncoder:
-    """Build an mmm :class:`~mmm.modalities.image.ImageEncoder` (eval mode) equal to a timm ViT's ``forward_features``.
+    """Build an mmm :class:`~mmm.modalities.image.embedder.ImageEncoder` (eval mode) equal to a timm ViT's ``forward_features``.
 
     Args:
         source: a timm ``VisionTransformer`` instance; or its state_dict; or a local weights file

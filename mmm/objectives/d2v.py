@@ -187,7 +187,7 @@ class GridDecoder(nn.Module):
     def __init__(self, dim: int, embedder: nn.Module, encoder_cfg: EncoderConfig, depth: int, width: int,
                  heads: int) -> None:
         super().__init__()
-        from mmm.modalities.image import sincos_2d_table
+        from mmm.modalities.image.embedder import sincos_2d_table
 
         self.prefix, self.num_patches = embedder.num_prefix_tokens, embedder.num_patches
         self._embedder = [embedder]  # a reference (visible_index), not a submodule

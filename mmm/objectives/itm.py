@@ -16,7 +16,7 @@ Negatives (``negatives``):
   ``itc`` batch (captions and images encoded alone), the head takes the ``itc`` head's
   similarities, draws for every image a non-matching caption and for every caption a
   non-matching image with probability ∝ softmax(similarity) (captions with the same text never
-  count as negatives), re-pairs them (:func:`mmm.data.pairing.joint_pairs`) and encodes the B
+  count as negatives), re-pairs them (:func:`mmm.modalities.image_text.pairing.joint_pairs`) and encodes the B
   positives and 2B hard negatives jointly with the model's encoder. Train ``itc`` on the same
   task (``objectives: [itc, itm]``, ``options: {mode: itc}``). ``itm`` batches still score as
   with ``batch`` negatives (evaluation).
@@ -126,7 +126,7 @@ class ImageTextMatching(nn.Module):
     def mine_hard_pairs(self, hidden: torch.Tensor, batch: PackedBatch, model) -> PackedBatch:
         """The B matched pairs plus, per image, a caption and, per caption, an image drawn ∝ softmax(similarity)
         among the non-matching ones (captions of identical text excluded), as one joint batch."""
-        from mmm.data.pairing import joint_pairs
+        from mmm.modalities.image_text.pairing import joint_pairs
 
         if getattr(model, "fusion", None) is not None:
             raise ValueError("objective itm: negatives: hard re-pairs into the single-stream layout; it does not "

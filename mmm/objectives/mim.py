@@ -79,7 +79,7 @@ class MaskedAutoencoder(nn.Module):
         emb = embedders.get(modality)
         if emb is None or not hasattr(emb, "visible_index"):
             raise ValueError(f"objective mae: no image embedder named {modality!r} (modalities: {sorted(embedders)})")
-        from mmm.modalities.image import sincos_2d_table
+        from mmm.modalities.image.embedder import sincos_2d_table
 
         self.modality, self.norm_pix_loss = modality, norm_pix_loss
         self.patch, self.channels, self.grid = emb.patch_size, emb.in_chans, emb.grid

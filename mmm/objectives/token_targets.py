@@ -2,7 +2,7 @@
 
 One head serves every "predict the discrete id of what was hidden" objective whose ids are not
 the input vocabulary: BEiT's masked visual-token prediction (Bao et al. 2022; here the ids come
-from a k-means codebook over patch pixels, :mod:`mmm.modalities.image_modality`) and HuBERT's
+from a k-means codebook over patch pixels, :mod:`mmm.modalities.image.modality`) and HuBERT's
 masked prediction of k-means cluster ids of acoustic features (Hsu et al. 2021; several target
 sets at once, each with its own head, as MERT combines acoustic and musical teachers).
 The pipeline puts a :class:`~mmm.batch.TokenTargets` under ``batch.targets[target]``.

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmm.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
+from mmm.modalities.image.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["FrozenTeacher", "TeacherOutput", "TEACHER_KINDS", "build_teacher", "read_weight_file"]
 
@@ -97,7 +97,7 @@ class FrozenTeacher:
     """A frozen image encoder giving per-patch features (and soft labels) on mmm's patch grid.
 
     Build it with :func:`build_teacher`. Calling it maps mmm's normalised pixels (ImageNet
-    mean/std, :func:`mmm.data.image_transforms.normalize`) to the teacher's input (resize to its
+    mean/std, :func:`mmm.modalities.image.transforms.normalize`) to the teacher's input (resize to its
     ``input_size``, its own mean/std), runs it under ``torch.no_grad`` in eval mode, and
     bilinearly resamples its token grid onto ``grid`` when the two differ.
 

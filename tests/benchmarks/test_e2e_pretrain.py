@@ -67,7 +67,7 @@ def test_window_times_steps_after_the_skipped_ones():
 
 
 def test_group_texts_is_run_mlm_grouping():
-    from mmm.modalities.text_tokenizer import train_wordpiece
+    from mmm.modalities.text.tokenizer import train_wordpiece
 
     texts = ["the cat sat on the mat", "a dog ran", "the mat was red and the dog sat"] * 5
     tok = train_wordpiece(texts, vocab_size=60, min_frequency=1)

@@ -9,7 +9,7 @@ from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig
 from mmm.core.encoder import TransformerEncoder, fold_modality_experts
 from mmm.core.packing import PackedSeqInfo
 from mmm.model import build_model
-from mmm.modalities.image import ImageEmbedder, ImageEncoder
+from mmm.modalities.image.embedder import ImageEmbedder, ImageEncoder
 from mmm.registry import EMBEDDERS
 
 D = 32

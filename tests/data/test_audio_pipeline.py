@@ -15,11 +15,11 @@ import torch
 
 from datasets_def.audio import build_shards, iter_clips
 from mmm.config import ModelConfig
-from mmm.data.audio import collate_audio, max_columns, read_audio_sample, split_columns
+from mmm.modalities.audio.pipeline import collate_audio, max_columns, read_audio_sample, split_columns
 from mmm.data.stream import SampleError, SampleErrorHandler, list_shards, make_pipeline
-from mmm.masking.time_span import SpecPatchMasker, TimeSpanMasker
-from mmm.modalities.audio_frontend import AudioDecodeError
-from mmm.modalities.audio_modality import AudioModality
+from mmm.modalities.audio.masking import SpecPatchMasker, TimeSpanMasker
+from mmm.modalities.audio.frontend import AudioDecodeError
+from mmm.modalities.audio.modality import AudioModality
 
 SR = 16000
 TINY_AUDIO = dict(n_mels=16, frames_per_token=4, max_seconds=1.0, max_tokens=64, stats_clips=10, target_clusters=4,

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from datasets_def.dna import build_shards, write_fasta
-from mmm.data.dna import DNAPiece, collate_dna, cut_bases, dna_stages, fit_pieces
+from mmm.modalities.dna.pipeline import DNAPiece, collate_dna, cut_bases, dna_stages, fit_pieces
 from mmm.data.stream import SampleError, SampleErrorHandler, list_shards, make_pipeline
 from mmm.masking.base import MaskedTokens
-from mmm.masking.dna import DNASpanMasker
-from mmm.modalities.dna_tokenizer import DNACharTokenizer, DNAKmerTokenizer, reverse_complement, train_dna_bpe
+from mmm.modalities.dna.masking import DNASpanMasker
+from mmm.modalities.dna.tokenizer import DNACharTokenizer, DNAKmerTokenizer, reverse_complement, train_dna_bpe
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmm.data.image_decode import BACKGROUND, ImageDecodeError, decode_image, read_header, to_rgb
+from mmm.modalities.image.decode import BACKGROUND, ImageDecodeError, decode_image, read_header, to_rgb
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

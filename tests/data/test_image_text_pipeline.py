@@ -14,8 +14,8 @@ import mmm.masking  # noqa: F401  (registers maskers)
 from datasets_def import image as image_def
 from datasets_def import image_text as it
 from mmm.batch import ImageInput, RegionInput, TokenInput
-from mmm.data.image import ImageSettings
-from mmm.data.image_text import ImageTextSettings, choose_itm_negatives, image_text_stages
+from mmm.modalities.image.pipeline import ImageSettings
+from mmm.modalities.image_text.pipeline import ImageTextSettings, choose_itm_negatives, image_text_stages
 from mmm.data.stream import SampleError, SampleErrorHandler, list_shards, make_pipeline
 from mmm.registry import MASKERS, TOKENIZERS
 
@@ -274,7 +274,7 @@ def test_masks_and_negatives_keyed_by_epoch_for_exact_resume(shards, tok):
 def test_itm_and_itc_batches_never_hold_one_image_twice_and_lose_no_pair():
     from collections import namedtuple
 
-    from mmm.data.image_text import batches_of_distinct_images
+    from mmm.modalities.image_text.pipeline import batches_of_distinct_images
 
     P = namedtuple("P", "key n")
     rng = np.random.default_rng(0)

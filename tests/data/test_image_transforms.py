@@ -8,7 +8,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from mmm.data.image_transforms import (
+from mmm.modalities.image.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     denormalize,

@@ -203,7 +203,7 @@ def test_stats_word_counts_are_exact(corpus: Path, tmp_path: Path) -> None:
 
 def test_stats_with_tokenizer_counts_tokens_and_sequences(shards: Path, tmp_path: Path) -> None:
     from datasets_def.text import iter_texts
-    from mmm.modalities.text_tokenizer import train_wordpiece
+    from mmm.modalities.text.tokenizer import train_wordpiece
 
     texts = list(iter_texts(shards, "train")) + list(iter_texts(shards, "val"))
     tok = train_wordpiece(texts, vocab_size=60, min_frequency=1)

@@ -164,8 +164,8 @@ def test_asset_fitting_refuses_an_oversized_member_naming_shard_and_member(tmp_p
 
 
 def test_image_and_audio_asset_readers_apply_the_guard(tmp_path):
-    from mmm.modalities.audio_modality import iter_training_clips
-    from mmm.modalities.image_modality import iter_raw_samples
+    from mmm.modalities.audio.modality import iter_training_clips
+    from mmm.modalities.image.modality import iter_raw_samples
 
     shard = write_tar(tmp_path / "train-000000.tar", [("a.json", b"{}"), ("a.png", b"x" * 5000)])
     for reader in (lambda o: list(iter_raw_samples([str(shard)], o)),

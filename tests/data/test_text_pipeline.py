@@ -8,9 +8,9 @@ import pytest
 import datasets_def  # noqa: F401
 from datasets_def.text import build_shards, iter_texts
 from mmm.data.stream import SampleError, SampleErrorHandler, list_shards, make_pipeline
-from mmm.data.text import text_stages
+from mmm.modalities.text.pipeline import text_stages
 from mmm.masking.token import BertRandomMasker
-from mmm.modalities.text_tokenizer import train_wordpiece
+from mmm.modalities.text.tokenizer import train_wordpiece
 
 WORDS = "the quick brown fox jumps over a lazy dog while masked models predict hidden tokens".split()
 

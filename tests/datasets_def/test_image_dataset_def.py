@@ -126,7 +126,7 @@ def test_skip_bad_builds_labels_and_keeps_original_bytes(folder, tmp_path: Path)
 
 
 def test_shards_read_through_the_stream_pipeline(folder, tmp_path: Path) -> None:
-    from mmm.data.image_decode import decode_image
+    from mmm.modalities.image.decode import decode_image
     from mmm.data.stream import list_shards, make_pipeline
 
     root, _ = folder

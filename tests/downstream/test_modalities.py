@@ -44,7 +44,7 @@ def _dna_encoder(tmp_path: Path) -> Path:
 
     from mmm.config import EncoderConfig, ModelConfig
     from mmm.encoders import TextEncoder, save_encoder
-    from mmm.modalities.dna_tokenizer import DNACharTokenizer
+    from mmm.modalities.dna.tokenizer import DNACharTokenizer
 
     cfg = ModelConfig(encoder=EncoderConfig(dim=32, depth=1, heads=2, mlp_hidden=64))
     cfg.dna.max_len = 64
@@ -97,8 +97,8 @@ def _audio_encoder(tmp_path: Path, waves) -> Path:
 
     from mmm.config import EncoderConfig
     from mmm.encoders import save_encoder
-    from mmm.modalities.audio import AudioEncoder, AudioEncoderConfig
-    from mmm.modalities.audio_frontend import AudioFrontend, AudioFrontendConfig
+    from mmm.modalities.audio.embedder import AudioEncoder, AudioEncoderConfig
+    from mmm.modalities.audio.frontend import AudioFrontend, AudioFrontendConfig
 
     front = AudioFrontend(AudioFrontendConfig(sample_rate=8000, n_mels=16, max_seconds=None)).fit_stats(waves)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ timm = pytest.importorskip("timm")
 
 from mmm.config import EncoderConfig  # noqa: E402
 from mmm.interop.timm import export_timm_vit, import_timm_vit, load_timm_encoder, to_timm_model  # noqa: E402
-from mmm.modalities.image import ImageEncoder  # noqa: E402
+from mmm.modalities.image.embedder import ImageEncoder  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 NAME = "vit_tiny_patch16_224"

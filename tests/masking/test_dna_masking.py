@@ -1,12 +1,12 @@
-"""Tests for mmm.masking.dna: determinism, budgets, specials, and the k-mer leak that span masking closes."""
+"""Tests for mmm.modalities.dna.masking: determinism, budgets, specials, and the k-mer leak that span masking closes."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from mmm.masking.base import MaskedTokens
-from mmm.masking.dna import DNARandomMasker, DNASpanMasker, hidden_bases, maskable_tokens
-from mmm.modalities.dna_tokenizer import UNK_ID, DNACharTokenizer, DNAEncoding, DNAKmerTokenizer
+from mmm.modalities.dna.masking import DNARandomMasker, DNASpanMasker, hidden_bases, maskable_tokens
+from mmm.modalities.dna.tokenizer import UNK_ID, DNACharTokenizer, DNAEncoding, DNAKmerTokenizer
 from mmm.registry import MASKERS, RegistryError
 
 K6 = DNAKmerTokenizer(6, overlapping=True)

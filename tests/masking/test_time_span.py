@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmm.masking.time_span import SpecPatchMasker, TimeSpanMasker
+from mmm.modalities.audio.masking import SpecPatchMasker, TimeSpanMasker
 from mmm.registry import MASKERS
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mmm.modalities.audio_frontend import (
+from mmm.modalities.audio.frontend import (
     AudioDecodeError,
     AudioFrontend,
     AudioFrontendConfig,

@@ -13,12 +13,12 @@ import torch
 import mmm.objectives.feature_regression  # noqa: F401  (registers "masked_features")
 from datasets_def.audio import build_shards, iter_clips
 from mmm.config import ComponentConfig, EncoderConfig, ModelConfig, load_config
-from mmm.data.audio import single_thread
+from mmm.modalities.audio.pipeline import single_thread
 from mmm.data.stream import SampleErrorHandler, list_shards, make_pipeline
-from mmm.masking.time_span import SpecPatchMasker, TimeSpanMasker
-from mmm.modalities.audio import AudioEmbedder, AudioEncoder, AudioEncoderConfig
-from mmm.modalities.audio_frontend import FRONTEND_FILE, AudioFrontend
-from mmm.modalities.audio_modality import AudioModality, audio_encoder_config, codebook_file
+from mmm.modalities.audio.masking import SpecPatchMasker, TimeSpanMasker
+from mmm.modalities.audio.embedder import AudioEmbedder, AudioEncoder, AudioEncoderConfig
+from mmm.modalities.audio.frontend import FRONTEND_FILE, AudioFrontend
+from mmm.modalities.audio.modality import AudioModality, audio_encoder_config, codebook_file
 from mmm.registry import EMBEDDERS, MODALITIES
 
 SR = 16000

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 import datasets_def.dna as dnadef
-import mmm.modalities.dna_modality  # noqa: F401  (registers "dna")
+import mmm.modalities.dna.modality  # noqa: F401  (registers "dna")
 from mmm.config import ComponentConfig, EncoderConfig, ModelConfig, load_config
 from mmm.data.stream import list_shards
-from mmm.modalities import dna_codec
-from mmm.modalities.dna_modality import TOKENIZER_DIR, DNAModality
-from mmm.modalities.dna_tokenizer import HF_FILE, META_FILE, DNAKmerTokenizer
+from mmm.modalities.dna import codec as dna_codec
+from mmm.modalities.dna.modality import TOKENIZER_DIR, DNAModality
+from mmm.modalities.dna.tokenizer import HF_FILE, META_FILE, DNAKmerTokenizer
 from mmm.registry import MODALITIES
 
 REPO = Path(__file__).resolve().parents[2]

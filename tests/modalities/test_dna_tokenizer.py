@@ -1,4 +1,4 @@
-"""Tests for mmm.modalities.dna_tokenizer: offsets, alphabet handling, each scheme, save/load."""
+"""Tests for mmm.modalities.dna.tokenizer: offsets, alphabet handling, each scheme, save/load."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmm.masking.base import TokenVocab
-from mmm.modalities.dna_tokenizer import (
+from mmm.modalities.dna.tokenizer import (
     CLS_ID,
     SEP_ID,
     UNK_ID,

@@ -7,7 +7,7 @@ import torch
 from mmm.config import EncoderConfig, from_dict, to_dict
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
-from mmm.modalities.image import ImageEmbedder, ImageEncoder, ImageEncoderConfig, sincos_2d_table
+from mmm.modalities.image.embedder import ImageEmbedder, ImageEncoder, ImageEncoderConfig, sincos_2d_table
 from mmm.registry import EMBEDDERS
 
 DIM = 64

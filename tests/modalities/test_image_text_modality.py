@@ -199,7 +199,7 @@ def test_learned_region_positions_reach_the_embedder_through_the_batch():
     import torch
 
     from mmm.batch import RegionInput
-    from mmm.modalities.regions import RegionEmbedder
+    from mmm.modalities.image_text.regions import RegionEmbedder
 
     emb = RegionEmbedder(dim=16, feature_dim=8, max_regions=4, position="learned", dropout=0.0).eval()
     with torch.no_grad():  # the model builder initialises position tables normal(0.02); here make them large

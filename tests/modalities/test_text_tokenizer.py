@@ -1,4 +1,4 @@
-"""Tests for mmm.modalities.text_tokenizer: training, save/load, encoding, chunking."""
+"""Tests for mmm.modalities.text.tokenizer: training, save/load, encoding, chunking."""
 from __future__ import annotations
 
 import builtins
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mmm.masking.base import TokenVocab
-from mmm.modalities.text_tokenizer import TextTokenizer, train_bpe, train_wordpiece
+from mmm.modalities.text.tokenizer import TextTokenizer, train_bpe, train_wordpiece
 from mmm.registry import TOKENIZERS, RegistryError
 
 

@@ -17,7 +17,7 @@ from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig, OptimConfig
 from mmm.core.packing import PackedSeqInfo
 from mmm.masking.base import MaskedTokens
 from mmm.model import build_model
-from mmm.modalities.image import ImageEmbedder
+from mmm.modalities.image.embedder import ImageEmbedder
 from mmm.objectives.d2v import ema_decay_at, instance_norm_packed
 from mmm.optim import build_optimizer
 from mmm.registry import EMBEDDERS, OBJECTIVES

@@ -9,7 +9,7 @@ from mmm.batch import FeatureInput, PackedBatch, TokenInput
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig
 from mmm.core.packing import PackedSeqInfo
 from mmm.model import build_model
-from mmm.modalities.audio import AudioEmbedder
+from mmm.modalities.audio.embedder import AudioEmbedder
 from mmm.objectives.feature_regression import MaskedFeatureRegression, normalize_tokens
 from mmm.registry import OBJECTIVES
 

@@ -14,8 +14,8 @@ from mmm.batch import (ContrastiveTargets, FeatureInput, ImageInput, PackedBatch
                        TokenTargets)
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
-from mmm.modalities.audio import AudioEmbedder
-from mmm.modalities.image import ImageEmbedder
+from mmm.modalities.audio.embedder import AudioEmbedder
+from mmm.modalities.image.embedder import ImageEmbedder
 from mmm.objectives.base import global_mean
 from mmm.registry import EMBEDDERS, OBJECTIVES
 

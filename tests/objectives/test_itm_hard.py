@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from test_image_text_pipeline import F, run, settings, shards, tok  # noqa: E402,F401  (fixtures)
 
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig  # noqa: E402
-from mmm.data.pairing import joint_pairs  # noqa: E402
+from mmm.modalities.image_text.pairing import joint_pairs  # noqa: E402
 from mmm.model import build_model  # noqa: E402
 from mmm.registry import EMBEDDERS  # noqa: E402
 

@@ -7,7 +7,7 @@ from mmm.batch import ImageInput, PackedBatch
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig
 from mmm.core.packing import PackedSeqInfo
 from mmm.model import build_model
-from mmm.modalities.image import ImageEmbedder
+from mmm.modalities.image.embedder import ImageEmbedder
 from mmm.objectives.mim import normalize_patches, patchify, unpatchify
 
 

@@ -9,7 +9,7 @@ from mmm.batch import FeatureInput, ImageInput, PackedBatch
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig
 from mmm.core.packing import PackedSeqInfo
 from mmm.model import build_model
-from mmm.modalities.image import ImageEmbedder, ImageEncoder
+from mmm.modalities.image.embedder import ImageEmbedder, ImageEncoder
 from mmm.objectives.mim import patchify, unpatchify
 from mmm.registry import EMBEDDERS, OBJECTIVES
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from mmm.batch import ImageInput, PackedBatch, RegionTargets
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
-from mmm.data.image_transforms import IMAGENET_MEAN, IMAGENET_STD
-from mmm.modalities.image import ImageEmbedder
+from mmm.modalities.image.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mmm.modalities.image.embedder import ImageEmbedder
 import mmm.objectives  # noqa: F401  (registers the objectives)
 from mmm.registry import OBJECTIVES
 from mmm.targets.teacher import build_teacher, read_weight_file

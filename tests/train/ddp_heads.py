@@ -40,7 +40,7 @@ def _encoder() -> EncoderConfig:
 
 
 def image_model() -> nn.Module:
-    from mmm.modalities.image import ImageEmbedder
+    from mmm.modalities.image.embedder import ImageEmbedder
 
     torch.manual_seed(0)
     emb = ImageEmbedder(DIM, image_size=16, patch_size=4, cls_token=True, position="sincos")
@@ -64,7 +64,7 @@ def image_batch(part: Tuple[int, int]) -> PackedBatch:
 
 
 def audio_model() -> nn.Module:
-    from mmm.modalities.audio import AudioEmbedder
+    from mmm.modalities.audio.embedder import AudioEmbedder
 
     torch.manual_seed(0)
     emb = AudioEmbedder(feature_dim=6, dim=DIM, max_len=16, dropout=0.0)

@@ -30,8 +30,8 @@ def test_visual_token_targets_sit_on_hidden_patches(tmp_path):
     where = img.mask.nonzero()
     assert torch.equal(tok.positions, where[:, 0] * t + 1 + where[:, 1])
     # and the labels are the codebook's ids of those patches
-    from mmm.data.image import visual_token_features
-    from mmm.data.image_transforms import denormalize
+    from mmm.modalities.image.pipeline import visual_token_features
+    from mmm.modalities.image.transforms import denormalize
 
     raw = denormalize(img.pixels, to_uint8=True)
     feats = visual_token_features(raw, 4)[img.mask.numpy()]

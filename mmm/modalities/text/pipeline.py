@@ -14,10 +14,10 @@ from mmm.batch import pack_masked
 from mmm.data.epoch import EpochCounter, SeededMap
 from mmm.data.errors import decode_each
 from mmm.masking.base import TokenMasker
-from mmm.modalities.text_codec import decode_text
+from mmm.modalities.text.codec import decode_text
 
 if TYPE_CHECKING:  # the modalities package imports this module (its text plugin builds these stages)
-    from mmm.modalities.text_tokenizer import TextTokenizer
+    from mmm.modalities.text.tokenizer import TextTokenizer
 
 Handler = Callable[[Exception], bool]
 

@@ -21,11 +21,11 @@ from torch import nn
 from mmm.checkpoint import load_weights
 from mmm.config import ComponentConfig, EncoderConfig, ImageConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
-from mmm.data.image import ImageSettings, image_stages, read_image_sample, visual_token_features
-from mmm.data.image_transforms import eval_transform
+from mmm.modalities.image.pipeline import ImageSettings, image_stages, read_image_sample, visual_token_features
+from mmm.modalities.image.transforms import eval_transform
 from mmm.data.tar import ReadOptions, read_samples
 from mmm.modalities.base import Handler, Modality
-from mmm.modalities.image import ImageEncoder, ImageEncoderConfig
+from mmm.modalities.image.embedder import ImageEncoder, ImageEncoderConfig
 from mmm.registry import EMBEDDERS, MODALITIES
 
 logger = logging.getLogger("mmm.train")
@@ -152,7 +152,7 @@ class ImageModality(Modality):
 
     @classmethod
     def encoder_from_checkpoint(cls, contents: Any) -> nn.Module:
-        """The :class:`~mmm.modalities.image.ImageEncoder` of a read checkpoint (eval mode)."""
+        """The :class:`~mmm.modalities.image.embedder.ImageEncoder` of a read checkpoint (eval mode)."""
         enc = ImageEncoder.from_config(image_encoder_config(contents.config.model))
         load_weights(enc, contents.modality_state(cls.name), contents.path)
         return contents.finish_encoder(enc, cls.name)
@@ -183,7 +183,7 @@ class ImageModality(Modality):
 
 
 def image_encoder_config(cfg: ModelConfig) -> ImageEncoderConfig:
-    """The standalone :class:`~mmm.modalities.image.ImageEncoderConfig` of a run's model config."""
+    """The standalone :class:`~mmm.modalities.image.embedder.ImageEncoderConfig` of a run's model config."""
     i, e = cfg.image, cfg.encoder
     return ImageEncoderConfig(encoder=e, image_size=i.image_size, patch_size=i.patch_size, in_chans=3,
                               cls_token=i.cls_token, position=i.position, embed_norm=i.embed_norm,

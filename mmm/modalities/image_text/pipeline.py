@@ -44,9 +44,9 @@ from mmm.batch import (ContrastiveTargets, ImageInput, PackedBatch, PairTargets,
                        TokenInput, TokenTargets)
 from mmm.core.packing import PackedSeqInfo, index_ranges
 from mmm.data.epoch import EpochCounter, SeededMap
-from mmm.data.image import ImageSettings, read_image_sample
-from mmm.data.image_decode import ImageDecodeError
-from mmm.data.image_transforms import eval_transform, normalize
+from mmm.modalities.image.pipeline import ImageSettings, read_image_sample
+from mmm.modalities.image.decode import ImageDecodeError
+from mmm.modalities.image.transforms import eval_transform, normalize
 
 logger = logging.getLogger("mmm.data")
 
@@ -399,7 +399,7 @@ def encode_caption(tokenizer: Any, caption: str, max_len: int) -> Tuple[np.ndarr
     """``([CLS] ids [SEP], word ids, cut)`` of a caption, cut to ``max_len`` tokens.
 
     Args:
-        tokenizer: a :class:`~mmm.modalities.text_tokenizer.TextTokenizer`.
+        tokenizer: a :class:`~mmm.modalities.text.tokenizer.TextTokenizer`.
         caption: the caption text.
         max_len: most tokens, [CLS] and [SEP] included (>= 3).
     """

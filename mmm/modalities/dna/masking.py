@@ -1,4 +1,4 @@
-"""DNA maskers over a :class:`~mmm.modalities.dna_tokenizer.DNAEncoding`, registered in :data:`mmm.registry.MASKERS`.
+"""DNA maskers over a :class:`~mmm.modalities.dna.tokenizer.DNAEncoding`, registered in :data:`mmm.registry.MASKERS`.
 
 * ``"dna_random"`` -- BERT masking of tokens (Devlin et al. 2019), as DNABERT-2 and the Nucleotide
   Transformer use with non-overlapping tokens; delegates to the text ``bert_random`` masker.
@@ -25,7 +25,7 @@ from mmm.masking.token import BertRandomMasker, corrupt_groups
 from mmm.registry import MASKERS
 
 if TYPE_CHECKING:  # imported for type hints only: keeps mmm.masking free of modality imports
-    from mmm.modalities.dna_tokenizer import DNAEncoding
+    from mmm.modalities.dna.tokenizer import DNAEncoding
 
 __all__ = ["DNARandomMasker", "DNASpanMasker", "maskable_tokens", "hidden_bases"]
 

@@ -20,7 +20,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from mmm.data.image_decode import to_rgb
+from mmm.modalities.image.decode import to_rgb
 
 __all__ = [
     "IMAGENET_MEAN",

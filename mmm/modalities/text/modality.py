@@ -13,11 +13,11 @@ from torch import nn
 from mmm.config import ComponentConfig, ConfigError, EncoderConfig, ModelConfig, TextConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.tar import ReadOptions
-from mmm.data.text import text_stages
-from mmm.modalities.text_codec import iter_texts
+from mmm.modalities.text.pipeline import text_stages
+from mmm.modalities.text.codec import iter_texts
 from mmm.encoders import TokenEncoderParts
 from mmm.modalities.base import Handler, Modality
-from mmm.modalities.text_tokenizer import TextTokenizer
+from mmm.modalities.text.tokenizer import TextTokenizer
 from mmm.registry import EMBEDDERS, MODALITIES, TOKENIZERS
 
 logger = logging.getLogger("mmm.train")

@@ -1,7 +1,7 @@
 """The DNA codec: decode and validate one shard sample (fields ``seq`` and ``json``).
 
 One set of rules, used by every side of a DNA shard: the training stages
-(:mod:`mmm.data.dna`), asset fitting (BPE on the training windows), ``mmm shards check``
+(:mod:`mmm.modalities.dna.pipeline`), asset fitting (BPE on the training windows), ``mmm shards check``
 (:func:`check_sample`) and the shard writer (:mod:`datasets_def.dna`), so what the builder writes,
 the checker accepts and the reader decodes cannot drift apart.
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from mmm.data.tar import ReadOptions, read_samples
-from mmm.modalities.dna_tokenizer import find_invalid_base
+from mmm.modalities.dna.tokenizer import find_invalid_base
 
 FIELDS = ("seq", "json")
 

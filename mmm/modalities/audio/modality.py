@@ -25,8 +25,8 @@ from mmm.checkpoint import load_weights
 from mmm.config import AudioConfig, ComponentConfig, EncoderConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.tar import ReadOptions, read_samples
-from mmm.modalities.audio import AudioEncoder, AudioEncoderConfig  # (importing it registers the "audio" embedder)
-from mmm.modalities.audio_frontend import FRONTEND_FILE, AudioDecodeError, AudioFrontend, AudioFrontendConfig
+from mmm.modalities.audio.embedder import AudioEncoder, AudioEncoderConfig  # (importing it registers the "audio" embedder)
+from mmm.modalities.audio.frontend import FRONTEND_FILE, AudioDecodeError, AudioFrontend, AudioFrontendConfig
 from mmm.modalities.base import Handler, Modality
 from mmm.registry import EMBEDDERS, MODALITIES
 
@@ -55,7 +55,7 @@ def iter_training_clips(urls: List[str], limit: int,
 
     Shards are read as training reads them (:func:`mmm.data.tar.read_samples` with ``options``).
     """
-    from mmm.data.audio import read_audio_sample
+    from mmm.modalities.audio.pipeline import read_audio_sample
 
     n = bad = 0
     for sample in read_samples(urls, options):
@@ -110,7 +110,7 @@ class AudioModality(Modality):
     # ------------------------------------------------------------------ assets
 
     def prepare(self, train_urls: List[str], run_dir: Path, options: Optional[ReadOptions] = None) -> None:
-        from mmm.data.audio import single_thread
+        from mmm.modalities.audio.pipeline import single_thread
 
         with single_thread():
             self._prepare(train_urls, run_dir / ASSET_DIR, options)
@@ -225,7 +225,7 @@ class AudioModality(Modality):
         return masker
 
     def _columns(self) -> int:
-        from mmm.data.audio import max_columns
+        from mmm.modalities.audio.pipeline import max_columns
 
         return max_columns(self._frontend(), self.cfg.max_seconds, self.cfg.max_tokens)
 
@@ -238,7 +238,7 @@ class AudioModality(Modality):
                epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:
         """Audio has no augmentation: training and evaluation streams differ only in their masks."""
         self.reject_options(options)
-        from mmm.data.audio import audio_stages
+        from mmm.modalities.audio.pipeline import audio_stages
 
         missing = [k for k in self.cfg.targets if k not in self.codebooks]
         if masker is not None and missing:
@@ -255,7 +255,7 @@ class AudioModality(Modality):
 
     @classmethod
     def encoder_from_checkpoint(cls, contents: Any) -> nn.Module:
-        """The :class:`~mmm.modalities.audio.AudioEncoder` of a read checkpoint, with its fitted
+        """The :class:`~mmm.modalities.audio.embedder.AudioEncoder` of a read checkpoint, with its fitted
         front end (eval mode)."""
         modality = contents.modality(cls.name)
         enc = AudioEncoder.from_config(audio_encoder_config(contents.config.model), modality.frontend)
@@ -301,7 +301,7 @@ class AudioModality(Modality):
 
 
 def audio_encoder_config(model_cfg: ModelConfig) -> AudioEncoderConfig:
-    """The standalone :class:`~mmm.modalities.audio.AudioEncoderConfig` of a run's :class:`~mmm.config.ModelConfig`."""
+    """The standalone :class:`~mmm.modalities.audio.embedder.AudioEncoderConfig` of a run's :class:`~mmm.config.ModelConfig`."""
     a, e = model_cfg.audio, model_cfg.encoder
     return AudioEncoderConfig(encoder=e, feature_dim=frontend_config(a).token_dim, max_len=a.max_tokens,
                               position=a.position, embed_norm=a.embed_norm, norm_eps=e.norm_eps, dropout=e.dropout,

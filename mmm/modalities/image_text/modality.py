@@ -20,8 +20,8 @@ from torch import nn
 
 from mmm.config import ComponentConfig, EncoderConfig, ImageTextConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
-from mmm.data.image import ImageSettings
-from mmm.data.image_text import IMAGE_INPUTS, MODES, ImageTextSettings, image_text_stages
+from mmm.modalities.image.pipeline import ImageSettings
+from mmm.modalities.image_text.pipeline import IMAGE_INPUTS, MODES, ImageTextSettings, image_text_stages
 from mmm.modalities.base import Handler, Modality, masker_kind, maskers_for
 from mmm.registry import MODALITIES
 

@@ -1,9 +1,9 @@
 """Audio stages of the streaming pipeline: decode → front end → split → mask → targets → pack.
 
 A shard sample (``flac`` + ``json``) is decoded with
-:func:`~mmm.modalities.audio_frontend.decode_audio` (bad samples go to the pipeline's counting
+:func:`~mmm.modalities.audio.frontend.decode_audio` (bad samples go to the pipeline's counting
 handler) and turned into normalised feature tokens by the run's fitted
-:class:`~mmm.modalities.audio_frontend.AudioFrontend`. A clip longer than one sequence
+:class:`~mmm.modalities.audio.frontend.AudioFrontend`. A clip longer than one sequence
 (``max_seconds`` / ``max_tokens``) is cut along time into several sequences, none dropped.
 Masks come from the ``time_span`` masker (wav2vec 2.0 / HuBERT spans over time columns) or the
 ``spec_patch`` masker (AudioMAE, over the patch grid), drawn from a generator keyed by
@@ -26,8 +26,8 @@ import webdataset as wds
 from mmm.batch import FeatureInput, PackedBatch, TokenTargets
 from mmm.core.packing import PackedSeqInfo
 from mmm.data.epoch import EpochCounter, SeededMap
-from mmm.masking.time_span import SpecPatchMasker, TimeSpanMasker
-from mmm.modalities.audio_frontend import AudioDecodeError, decode_audio
+from mmm.modalities.audio.masking import SpecPatchMasker, TimeSpanMasker
+from mmm.modalities.audio.frontend import AudioDecodeError, decode_audio
 
 Handler = Callable[[Exception], bool]
 AUDIO_FIELDS = ("flac", "wav")
@@ -65,7 +65,7 @@ def max_columns(frontend: Any, max_seconds: Optional[float], max_tokens: int) ->
     capped so that the sequence has at most ``max_tokens`` tokens.
 
     Args:
-        frontend: the :class:`~mmm.modalities.audio_frontend.AudioFrontend` (its config).
+        frontend: the :class:`~mmm.modalities.audio.frontend.AudioFrontend` (its config).
         max_seconds: longest audio per sequence; None = only ``max_tokens`` limits.
         max_tokens: size of the position table.
     """
@@ -220,7 +220,7 @@ def audio_stages(frontend: Any, codebooks: Mapping[str, Any], masker: Optional[A
     """Pipeline stages turning audio shard samples into :class:`~mmm.batch.PackedBatch` es.
 
     Args:
-        frontend: fitted :class:`~mmm.modalities.audio_frontend.AudioFrontend` (with ``max_seconds=None``:
+        frontend: fitted :class:`~mmm.modalities.audio.frontend.AudioFrontend` (with ``max_seconds=None``:
             cutting is done here, never dropping audio).
         codebooks: target kind (``mfcc``, ``logmel``, ``chroma``) → k-means
             :class:`~mmm.targets.kmeans.Codebook`; targets are computed only when ``masker`` is set.

@@ -4,7 +4,7 @@ The embedder follows wav2vec 2.0's feature projection (Baevski et al. 2020): Lay
 token's features, then a linear map to the encoder width. Hidden tokens (HuBERT, Hsu et al. 2021,
 and wav2vec 2.0 mask the *projected* features) are replaced by one learned ``mask_embedding``;
 absolute positions are added, then an optional LayerNorm and dropout. Tokens come from
-:class:`~mmm.modalities.audio_frontend.AudioFrontend` (stacked log-mel frames or AudioMAE-style
+:class:`~mmm.modalities.audio.frontend.AudioFrontend` (stacked log-mel frames or AudioMAE-style
 spectrogram patches).
 
 :class:`AudioEncoder` is the embedder plus the shared
@@ -122,7 +122,7 @@ class AudioEncoder(nn.Module):
         embedder: an :class:`AudioEmbedder`.
         encoder: the shared :class:`~mmm.core.encoder.TransformerEncoder`.
         config: the configuration both were built from.
-        frontend: the fitted :class:`~mmm.modalities.audio_frontend.AudioFrontend` the model was
+        frontend: the fitted :class:`~mmm.modalities.audio.frontend.AudioFrontend` the model was
             trained with (needed by :meth:`encode_waveform` only).
     """
 
@@ -208,7 +208,7 @@ class AudioEncoder(nn.Module):
         Returns:
             (T_tokens, d) float tensor, tokens in the front end's order.
         """
-        from mmm.data.audio import max_columns, single_thread, split_columns
+        from mmm.modalities.audio.pipeline import max_columns, single_thread, split_columns
 
         if self.frontend is None:
             raise RuntimeError("AudioEncoder.encode_waveform needs the fitted front end (load the encoder from a "

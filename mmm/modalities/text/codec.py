@@ -1,6 +1,6 @@
 """The text codec: decode and validate one shard sample (fields ``txt`` and ``json``).
 
-One set of rules for every side of a text shard: the training stages (:mod:`mmm.data.text`),
+One set of rules for every side of a text shard: the training stages (:mod:`mmm.modalities.text.pipeline`),
 tokenizer training on the training shards, ``mmm shards check`` (:func:`check_sample`) and the
 shard writer (:mod:`datasets_def.text`).
 """

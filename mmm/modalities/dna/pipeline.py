@@ -1,7 +1,7 @@
 """DNA stages of the streaming pipeline: decode → strand → cut to fit, tokenize, mask → pack.
 
 Shard samples (fields ``seq``: ASCII bases, ``json``: window metadata with an optional ``label``)
-are decoded by the DNA codec (:mod:`mmm.modalities.dna_codec`). A window that needs more than ``max_len`` tokens is cut,
+are decoded by the DNA codec (:mod:`mmm.modalities.dna.codec`). A window that needs more than ``max_len`` tokens is cut,
 by bases, into the fewest near-equal pieces that fit (at most ``ceil(L / tokenizer.max_bases(max_len))``),
 each its own sequence: every base reaches a batch exactly once, none is truncated or dropped.
 
@@ -26,13 +26,13 @@ from mmm.batch import PackedBatch, pack_masked
 from mmm.data.epoch import EpochCounter, SeededMap
 from mmm.data.errors import decode_each
 from mmm.masking.base import MaskedTokens
-from mmm.modalities.dna_codec import DNAWindow, decode_window
-from mmm.modalities.dna_tokenizer import DNAEncoding, DNATokenizer, reverse_complement
+from mmm.modalities.dna.codec import DNAWindow, decode_window
+from mmm.modalities.dna.tokenizer import DNAEncoding, DNATokenizer, reverse_complement
 
 Handler = Callable[[Exception], bool]
 
 read_dna_sample = decode_window
-"""Decode one raw shard sample (the DNA codec's :func:`~mmm.modalities.dna_codec.decode_window`)."""
+"""Decode one raw shard sample (the DNA codec's :func:`~mmm.modalities.dna.codec.decode_window`)."""
 
 __all__ = ["DNAWindow", "DNAPiece", "read_dna_sample", "cut_bases", "fit_pieces", "collate_dna", "dna_stages"]
 
@@ -174,7 +174,7 @@ def dna_stages(tokenizer: DNATokenizer, masker: Optional[Any], *, max_len: int, 
         seed: seed of strands and masks.
         handler: bad-sample handler (counts, and skips or raises).
         fixed_masking: the same strands and masks on every pass (validation).
-        epochs: the pipeline's epoch counter (see :func:`mmm.data.text.text_stages`).
+        epochs: the pipeline's epoch counter (see :func:`mmm.modalities.text.pipeline.text_stages`).
         train: training stream; reverse complementing happens only here.
         reverse_complement: probability of reverse-complementing a training sequence.
         modality: the name batches key the tokens and targets under.

@@ -3,7 +3,7 @@
 Tokenizers (``model.dna.tokenizer``): single nucleotides (HyenaDNA, Nguyen et al. 2023),
 overlapping k-mers (DNABERT, Ji et al. 2021), non-overlapping k-mers (Nucleotide Transformer,
 Dalla-Torre et al. 2023) or BPE learned on the training shards (DNABERT-2, Zhou et al. 2024); see
-:mod:`mmm.modalities.dna_tokenizer`. The embedder is the text one (token + position embeddings).
+:mod:`mmm.modalities.dna.tokenizer`. The embedder is the text one (token + position embeddings).
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from torch import nn
 from mmm.config import ComponentConfig, DNAConfig, EncoderConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.tar import ReadOptions
-from mmm.modalities import dna_codec
+from mmm.modalities.dna import codec as dna_codec
 from mmm.encoders import TokenEncoderParts
 from mmm.modalities.base import Handler, Modality
-from mmm.modalities.dna_tokenizer import META_FILE, DNAKmerTokenizer, DNATokenizer, load_dna_tokenizer
+from mmm.modalities.dna.tokenizer import META_FILE, DNAKmerTokenizer, DNATokenizer, load_dna_tokenizer
 from mmm.registry import EMBEDDERS, MODALITIES, TOKENIZERS
 
 logger = logging.getLogger("mmm.train")
@@ -164,7 +164,7 @@ class DNAModality(TokenEncoderParts, Modality):
     def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
                epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:
         self.reject_options(options)
-        from mmm.data.dna import dna_stages  # lazy: mmm.data.dna imports the modalities package
+        from mmm.modalities.dna.pipeline import dna_stages  # lazy: mmm.modalities.dna.pipeline imports the modalities package
 
         return dna_stages(self._tok(), masker, max_len=self.cfg.max_len, batch_size=batch_size, seed=seed,
                           handler=handler, fixed_masking=fixed_masking, epochs=epochs, train=train,

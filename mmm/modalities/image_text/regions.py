@@ -12,7 +12,7 @@ places the region). Masked region modeling hides a region by zeroing its feature
 projection, as UNITER does; its box stays visible.
 
 Regions have no stand-alone stream: they come from image-text shards, through the ``image_text``
-modality (:mod:`mmm.modalities.image_text_modality`), which builds their batches.
+modality (:mod:`mmm.modalities.image_text.modality`), which builds their batches.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Text embedder: token + absolute position embeddings, LayerNorm, dropout (BERT, Devlin et al. 2019).
 
-The tokenizer lives in :mod:`mmm.modalities.text_tokenizer`; this module turns packed token ids
+The tokenizer lives in :mod:`mmm.modalities.text.tokenizer`; this module turns packed token ids
 into the (N, d) embeddings the shared encoder reads.
 """
 from __future__ import annotations

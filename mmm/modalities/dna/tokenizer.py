@@ -16,7 +16,7 @@ Three schemes are registered in :data:`mmm.registry.TOKENIZERS`:
 
 Every scheme returns a :class:`DNAEncoding`: token ids plus, for each token, the half-open base
 range ``[start, end)`` it covers in the input, so that maskers can reason about bases rather than
-tokens (see :mod:`mmm.masking.dna`).
+tokens (see :mod:`mmm.modalities.dna.masking`).
 
 Input alphabet. ``A C G T N`` in either case; lowercase (soft-masked repeats in genome
 assemblies) is uppercased, see :func:`soft_mask` to keep that information. The IUPAC ambiguity

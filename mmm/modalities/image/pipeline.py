@@ -1,7 +1,7 @@
 """Image stages of the streaming pipeline: decode → augment → mask → collate into a packed batch.
 
 Decoding converts every PIL mode to RGB and refuses bombs, truncated files and tiny images
-(:mod:`mmm.data.image_decode`); bad samples go to the pipeline's counting handler. Augmentation
+(:mod:`mmm.modalities.image.decode`); bad samples go to the pipeline's counting handler. Augmentation
 (MAE's random resized crop + flip) and patch masks draw from a generator keyed by
 (seed, rank, worker, epoch), so a resumed run sees the same crops and masks. Images stay uint8
 until the collate step normalises the whole batch at once.
@@ -20,8 +20,8 @@ import webdataset as wds
 from mmm.batch import ImageInput, PackedBatch, TokenTargets
 from mmm.core.packing import PackedSeqInfo
 from mmm.data.epoch import EpochCounter, SeededMap
-from mmm.data.image_decode import ImageDecodeError, decode_image
-from mmm.data.image_transforms import eval_transform, normalize, train_transform
+from mmm.modalities.image.decode import ImageDecodeError, decode_image
+from mmm.modalities.image.transforms import eval_transform, normalize, train_transform
 
 Handler = Callable[[Exception], bool]
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")

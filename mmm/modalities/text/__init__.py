@@ -1,0 +1,1 @@
+"""The text modality: its codec, tokenizer or front end, data pipeline, embedder, maskers and modality."""
