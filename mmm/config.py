@@ -288,6 +288,18 @@ class TaskConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One phase of a phased run: a share of the steps during which only some heads train.
+
+    The CLM-vs-MLM study (Gisserot-Boukhlef et al. 2025) trains ``clm`` for the first share of the
+    steps and ``mlm`` for the rest; the phase of a step is a function of the global step alone.
+    """
+
+    objectives: List[str] = _f(default_factory=list, help="heads (objective label or name) trained in this phase")
+    fraction: float = _f(1.0, "share of trainer.max_steps this phase lasts (the phases' fractions sum to 1)", gt=0, le=1)
+
+
+@dataclass
 class DataConfig:
     """Where samples come from and how they are batched."""
 
@@ -367,6 +379,7 @@ class PretrainConfig:
     )
     objectives: List[ObjectiveConfig] = _f(default_factory=lambda: [ObjectiveConfig()], help="objective heads")
     tasks: List[TaskConfig] = _f(default_factory=list, help="multi-task run: tasks sampled per step (each names its dataset, masking and heads); empty = one task from data, masking and objectives")
+    phases: List[PhaseConfig] = _f(default_factory=list, help="phased run: consecutive phases, each training some heads for a fraction of the steps (e.g. clm for 0.4, then mlm); empty = every head at every step")
     data: DataConfig = _f(default_factory=DataConfig, help="data")
     optim: OptimConfig = _f(default_factory=OptimConfig, help="optimizer")
     trainer: TrainerConfig = _f(default_factory=TrainerConfig, help="Lightning trainer")
