@@ -5,24 +5,27 @@ embedded task of a modality it has (:data:`TASKS`), three scores on the same spl
 
 * **linear probe** (logistic regression) and **kNN** (cosine, k = 20, DINO's temperature-weighted
   votes, T = 0.07) on frozen mean-pooled features (:mod:`mmm.probe`, :mod:`mmm.downstream.knn`);
-* **fine-tuning** end to end (:func:`mmm.downstream.finetune.finetune`), mean ± std over seeds.
+* **fine-tuning** end to end (:func:`mmm.downstream.finetune.finetune`).
 
-An mmm ``.ckpt`` is also scored at its random initialisation (the same architecture built with
-the run's seed), so each row says what pretraining contributed. Tasks (built locally, no download):
+An mmm ``.ckpt`` is also scored at its random initialisation (the same architecture, built with
+the run's seed plus the evaluation seed), so each row says what pretraining contributed. Every
+score is a mean ± std over seeds (:func:`_score_model` says what a seed changes). Tasks (built locally, no download):
 
-=================  ========  =========  ==================================================================
-task               modality  data       what
-=================  ========  =========  ==================================================================
-stdlib-package     text      real       stdlib docstrings → top-level package; split by module (test)
-digits             image     real       scikit-learn's bundled 8x8 handwritten digits at 32x32
-shapes             image     synthetic  the demo's rendered shapes (shape class)
-dna-motifs         dna       synthetic  the demo's synthetic genome windows (planted motif class)
-audio-sounds       audio     synthetic  the demo's synthesized sounds (sound class)
-=================  ========  =========  ==================================================================
+===================  ========  =========  ================================================================
+task                 modality  data       what
+===================  ========  =========  ================================================================
+stdlib-package       text      real       stdlib docstrings → top-level package; split by module (test)
+docstring-signature  text      real       (signature, docstring) pairs, does the docstring belong to the
+                                          signature? negatives from the same module; split by module
+digits               image     real       scikit-learn's bundled 8x8 handwritten digits at 32x32
+shapes               image     synthetic  the demo's rendered shapes (shape class)
+dna-motifs           dna       synthetic  the demo's synthetic genome windows (planted motif class)
+audio-sounds         audio     synthetic  the demo's synthesized sounds (sound class)
+===================  ========  =========  ================================================================
 
 Shard tasks train on their ``train`` shards (80 %, the other 20 % is the dev split for early
-stopping and model selection) and report on their ``val`` shards; ``stdlib-package`` has its own
-dev and test modules. Every fine-tuning score is the *test* metric of the best dev state.
+stopping and model selection) and report on their ``val`` shards; the two stdlib tasks have their
+own dev and test modules. Every fine-tuning score is the *test* metric of the best dev state.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mmm.downstream.data import Split, read_shards
-from mmm.downstream.tasks import balanced_subsample, stdlib_package_task
+from mmm.downstream.tasks import balanced_subsample, docstring_signature_task, stdlib_package_task
 
 MICRO_ENV = "MMM_BENCH_MICRO"
 
@@ -98,6 +101,11 @@ def _stdlib(sizes: DownstreamSizes) -> Tuple[Split, Split, Split]:
     return s["train"], s["dev"], s["test"]
 
 
+def _pairs(sizes: DownstreamSizes) -> Tuple[Split, Split, Split]:
+    s = docstring_signature_task(sizes.train_per_class, sizes.eval_per_class)
+    return s["train"], s["dev"], s["test"]
+
+
 def _embedded(module: str, fn: str = "embedded_default") -> Callable[[], Path]:
     def get() -> Path:
         import importlib
@@ -109,6 +117,8 @@ def _embedded(module: str, fn: str = "embedded_default") -> Callable[[], Path]:
 
 TASKS: Dict[str, TaskDef] = {
     "stdlib-package": TaskDef("text", "real", "Python stdlib docstrings → top-level package, split by module", _stdlib),
+    "docstring-signature": TaskDef("text", "real", "(function signature, docstring) pairs → belongs / does not "
+                                   "(negatives from the same module), split by module", _pairs),
     "digits": TaskDef("image", "real", "scikit-learn handwritten digits (10 classes)",
                       _shard_task(_embedded("image", "embedded_default_digits"), "image")),
     "shapes": TaskDef("image", "synthetic", "rendered shapes (shape class)", _shard_task(_embedded("image"), "image")),
@@ -136,9 +146,10 @@ def encoder_modalities(source: Path) -> List[str]:
     raise ValueError(f"{source}: not an mmm checkpoint, a save_encoder folder or an HF BERT folder")
 
 
-def random_init_factory(checkpoint: Path, modality: str) -> Callable[[], Any]:
-    """A factory of ``checkpoint``'s ``modality`` encoder at random initialisation (the run's model
-    rebuilt with its seed, as the eval suite does), assets (tokenizer, audio statistics) kept."""
+def random_init_factory(checkpoint: Path, modality: str, seed_offset: int = 0) -> Callable[[], Any]:
+    """A factory of ``checkpoint``'s ``modality`` encoder at random initialisation: the run's model rebuilt
+    with seed ``config.seed + seed_offset`` (offset 0 is the pretraining run's own initialisation), assets
+    (tokenizer, audio statistics) kept."""
     import torch
 
     from mmm.encoders import encoder_from_checkpoint, read_checkpoint
@@ -147,41 +158,64 @@ def random_init_factory(checkpoint: Path, modality: str) -> Callable[[], Any]:
 
     def build() -> Any:
         contents = read_checkpoint(checkpoint)
-        torch.manual_seed(contents.config.seed)
+        torch.manual_seed(contents.config.seed + seed_offset)
         model = build_model_for(contents.config, modalities_from_checkpoint(contents))
         contents.state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return encoder_from_checkpoint(contents, modality)
 
-    build.__name__ = f"{checkpoint} (random init)"
+    build.__name__ = f"{checkpoint} (random init, seed offset {seed_offset})"
     return build
 
 
 # ----------------------------------------------------------------------------- running
 
+PROBE_FRACTION = 0.8
+"""Share of the training split each seed's frozen-feature probes are fitted on (a seeded draw)."""
 
-def _score_model(source: Any, label: str, modality: str, splits: Tuple[Split, Split, Split], sizes: DownstreamSizes,
-                 log: Callable[[str], None]) -> Dict[str, Any]:
+
+def _score_model(checkpoint: Path, label: str, modality: str, random_init: bool,
+                 splits: Tuple[Split, Split, Split], sizes: DownstreamSizes, log: Callable[[str], None]) -> Dict[str, Any]:
+    """Frozen-feature probes and fine-tuning of one encoder on one task, once per seed.
+
+    Seed ``s``: the linear probe and kNN are fitted on a seeded :data:`PROBE_FRACTION` of the training
+    split (so both rows vary with the probe's data); fine-tuning uses seed ``s`` for its head, dropout and
+    data order; and a random-initialisation row builds its encoder with seed offset ``s`` (3 different
+    initialisations), both for its frozen features and as the start of its fine-tuning.
+    """
     from mmm.downstream.data import Labels, encode_labels
     from mmm.downstream.finetune import FinetuneConfig, finetune
     from mmm.downstream.inputs import InputAdapter, load_adapter
     from mmm.downstream.knn import knn_probe
+    from mmm.downstream.metrics import mean_std
     from mmm.probe import linear_probe
 
     train, dev, test = splits
     t0 = time.perf_counter()
-    adapter = InputAdapter(source(), modality, label) if callable(source) else load_adapter(str(source), modality)
     labels = Labels.fit(train, "classification")
     ytr, yte = (np.asarray(encode_labels(s, labels)) for s in (train, test))
-    xtr = adapter.features(train.inputs, "mean", where=train.where)
-    xte = adapter.features(test.inputs, "mean", where=test.where)
-    probe, knn = linear_probe((xtr, ytr), (xte, yte)), knn_probe((xtr, ytr), (xte, yte))
-    pooling = "cls" if adapter.has_cls else "mean"
-    cfg = FinetuneConfig(lr=sizes.lr, batch_size=sizes.batch_size, epochs=sizes.epochs, seeds=sizes.seeds,
-                         pooling=pooling, patience=2)
-    ft = finetune(source, modality, train, dev, test, cfg=cfg, log=lambda s: log(f"    {s}"))
-    return {"model": label, "linear_probe": probe.accuracy, "knn": knn.accuracy, "chance": probe.chance,
-            "finetune": ft.test, "finetune_dev": ft.dev, "finetune_seeds": [s.test["accuracy"] for s in ft.seeds],
-            "pooling_finetune": pooling, "seconds": round(time.perf_counter() - t0, 1)}
+    probes, knns, fts, fts_dev, chance, pooling, feats = [], [], [], [], 0.0, "mean", None
+    for seed in range(sizes.seeds):
+        source: Any = random_init_factory(checkpoint, modality, seed) if random_init else checkpoint
+        if random_init or feats is None:  # a pretrained encoder's features are the same for every seed
+            adapter = InputAdapter(source(), modality, label) if callable(source) else load_adapter(str(source), modality)
+            feats = (adapter.features(train.inputs, "mean", where=train.where),
+                     adapter.features(test.inputs, "mean", where=test.where))
+            pooling = "cls" if adapter.has_cls else "mean"
+        xtr, xte = feats
+        keep = np.sort(np.random.default_rng(seed).permutation(len(ytr))[: max(2, int(PROBE_FRACTION * len(ytr)))])
+        probe = linear_probe((xtr[keep], ytr[keep]), (xte, yte), seed=seed)
+        probes.append(probe.accuracy)
+        knns.append(knn_probe((xtr[keep], ytr[keep]), (xte, yte)).accuracy)
+        chance = probe.chance
+        cfg = FinetuneConfig(lr=sizes.lr, batch_size=sizes.batch_size, epochs=sizes.epochs, seeds=1, first_seed=seed,
+                             pooling=pooling, patience=2)
+        ft = finetune(source, modality, train, dev, test, cfg=cfg, log=lambda s: log(f"    {s}"))
+        fts.append(ft.seeds[0].test["accuracy"])
+        fts_dev.append(ft.seeds[0].dev["accuracy"])
+        log(f"    seed {seed}: linear probe {probes[-1]:.3f}, kNN {knns[-1]:.3f}, fine-tune test {fts[-1]:.3f}")
+    return {"model": label, "linear_probe": mean_std(probes), "knn": mean_std(knns), "chance": chance,
+            "linear_probe_seeds": probes, "knn_seeds": knns, "finetune": mean_std(fts), "finetune_dev": mean_std(fts_dev),
+            "finetune_seeds": fts, "pooling_finetune": pooling, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def run(checkpoints: Sequence[Any], quick: bool = False, log: Callable[[str], None] = print) -> Dict[str, Any]:
@@ -195,32 +229,31 @@ def run(checkpoints: Sequence[Any], quick: bool = False, log: Callable[[str], No
     if not checkpoints:
         raise ValueError("the downstream suite needs at least one checkpoint: mmm bench --suite downstream CKPT [CKPT ...]")
     sizes = select_sizes(quick)
-    models: List[Tuple[str, Any, List[str]]] = []
+    models: List[Tuple[str, Path, bool, List[str]]] = []
     for c in checkpoints:
         p = Path(c)
         if not p.exists():
             raise FileNotFoundError(f"checkpoint {p} does not exist")
         mods = encoder_modalities(p)
-        models.append((str(p), p, mods))
+        models.append((str(p), p, False, mods))
         if sizes.random_init and p.is_file():
-            models.append((f"{p} (random init)", p, mods))
+            models.append((f"{p} (random init)", p, True, mods))
     results: List[Dict[str, Any]] = []
     for task, td in TASKS.items():
-        users = [(label, p) for label, p, mods in models if td.modality in mods]
+        users = [(label, p, init) for label, p, init, mods in models if td.modality in mods]
         if not users:
             continue
         log(f"== {task} ({td.modality}, {td.data} data): {td.what}")
         splits = td.load(sizes)
-        for label, p in users:
-            source = random_init_factory(p, td.modality) if label.endswith("(random init)") else p
+        for label, p, init in users:
             log(f"  {label}")
-            row = _score_model(source, label, td.modality, splits, sizes, log)
+            row = _score_model(p, label, td.modality, init, splits, sizes, log)
             row.update({"task": task, "modality": td.modality, "data": td.data,
                         "sizes": {"train": len(splits[0]), "dev": len(splits[1]), "test": len(splits[2])}})
             results.append(row)
     if not results:
         raise ValueError(f"no downstream task applies to the checkpoints' modalities "
-                         f"{sorted({m for _, _, ms in models for m in ms})}; tasks exist for "
+                         f"{sorted({m for _, _, _, ms in models for m in ms})}; tasks exist for "
                          f"{sorted({t.modality for t in TASKS.values()})}")
     return {"sizes": asdict(sizes), "tasks": {k: {"modality": v.modality, "data": v.data, "what": v.what}
                                               for k, v in TASKS.items()}, "results": results}
@@ -229,17 +262,21 @@ def run(checkpoints: Sequence[Any], quick: bool = False, log: Callable[[str], No
 def markdown(section: Dict[str, Any]) -> str:
     """The results as a markdown table."""
     s = section["sizes"]
-    lines = [f"Frozen features: mean-pooled, linear probe (logistic regression) and kNN (cosine, k=20, T=0.07 "
-             f"weighted votes). Fine-tuning: {s['epochs']} epoch(s), lr {s['lr']}, batch {s['batch_size']}, "
-             f"test accuracy of the best dev state, mean ± std over {s['seeds']} seeds. At most "
-             f"{s['train_per_class']} training and {s['eval_per_class']} test samples per class.", "",
-             "| task | data | model | linear probe | kNN | fine-tune (mean ± std) | chance | train / dev / test |",
+    lines = [f"Test accuracy, mean ± std over {s['seeds']} seeds. Frozen features: mean-pooled, linear probe "
+             f"(logistic regression) and kNN (cosine, k=20, T=0.07 weighted votes), each seed fitted on a seeded "
+             f"{PROBE_FRACTION:.0%} of the training split. Fine-tuning: {s['epochs']} epoch(s), lr {s['lr']}, batch "
+             f"{s['batch_size']}, the best dev state. A random-init row uses a different initialisation per seed. At "
+             f"most {s['train_per_class']} training and {s['eval_per_class']} test samples per class.", "",
+             "| task | data | model | linear probe | kNN | fine-tune | chance | train / dev / test |",
              "|---|---|---|---:|---:|---:|---:|---|"]
+
+    def ms(v: Dict[str, float]) -> str:
+        return f"{v['mean']:.3f} ± {v['std']:.3f}"
+
     for r in section["results"]:
-        ft = r["finetune"]
         z = r["sizes"]
-        lines.append(f"| {r['task']} | {r['data']} | `{r['model']}` | {r['linear_probe']:.3f} | {r['knn']:.3f} | "
-                     f"{ft['mean']:.3f} ± {ft['std']:.3f} | {r['chance']:.3f} | {z['train']} / {z['dev']} / {z['test']} |")
+        lines.append(f"| {r['task']} | {r['data']} | `{r['model']}` | {ms(r['linear_probe'])} | {ms(r['knn'])} | "
+                     f"{ms(r['finetune'])} | {r['chance']:.3f} | {z['train']} / {z['dev']} / {z['test']} |")
     return "\n".join(lines)
 
 
@@ -255,8 +292,9 @@ def plot(section: Dict[str, Any], path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in section["results"] if r["task"] == task]
         xs = np.arange(len(rows))
-        ax.bar(xs - 0.27, [r["linear_probe"] for r in rows], 0.27, label="linear probe")
-        ax.bar(xs, [r["knn"] for r in rows], 0.27, label="kNN")
+        ax.bar(xs - 0.27, [r["linear_probe"]["mean"] for r in rows], 0.27, yerr=[r["linear_probe"]["std"] for r in rows],
+               capsize=3, label="linear probe")
+        ax.bar(xs, [r["knn"]["mean"] for r in rows], 0.27, yerr=[r["knn"]["std"] for r in rows], capsize=3, label="kNN")
         ax.bar(xs + 0.27, [r["finetune"]["mean"] for r in rows], 0.27, yerr=[r["finetune"]["std"] for r in rows],
                capsize=3, label="fine-tune")
         ax.axhline(rows[0]["chance"], color="grey", ls="--", lw=1, label="chance")

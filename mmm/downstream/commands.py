@@ -7,6 +7,7 @@
                  [--seeds 3] [--epochs 3] [--lr 5e-5] [--batch_size 32] [--out DIR]
     mmm finetune SOURCE --modality image --data SHARDS      (train / val splits of labelled shards)
     mmm finetune SOURCE --task stdlib-package [--quick]     (an embedded task, built locally)
+    mmm finetune SOURCE --task docstring-signature          (the embedded sentence-pair task)
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, List
 
 MODALITY_CHOICES = ["text", "dna", "image", "audio"]
-TASK_NAMES = ["stdlib-package", "digits", "shapes", "dna-motifs", "audio-sounds"]
+TASK_NAMES = ["stdlib-package", "docstring-signature", "digits", "shapes", "dna-motifs", "audio-sounds"]
 """The embedded tasks of :data:`benchmarks.downstream.TASKS` (a test checks they agree)."""
 
 
@@ -113,7 +114,7 @@ def add_commands(sub: Any) -> None:
     f.add_argument("source", help="mmm checkpoint (.ckpt), save_encoder folder, HF BERT folder or timm ViT file")
     f.add_argument("--modality", default=None, choices=MODALITY_CHOICES, help="default text (or the --task's)")
     f.add_argument("--task", default=None, choices=TASK_NAMES, help="an embedded task (built locally, no download): "
-                   "stdlib-package (text, real), digits (image, real), shapes, dna-motifs, audio-sounds (synthetic)")
+                   "stdlib-package, docstring-signature (text, real; a sentence-pair task), digits (image, real), shapes, dna-motifs, audio-sounds (synthetic)")
     f.add_argument("--quick", action="store_true", help="with --task: a small version of the task (smoke runs)")
     f.add_argument("--train", default=None, help="training split: .tsv/.csv/.jsonl (text, DNA) or labelled shards")
     f.add_argument("--dev", default=None, help="dev split (early stopping, model selection), same kinds")

@@ -4,6 +4,12 @@
   this code, each labelled by the top-level package it comes from (``asyncio``, ``email``, ...).
   The split is by *module*: every module's docstrings go to one split only (train, dev or test),
   so a model cannot score by recognising a module it saw in training.
+* ``docstring-signature`` (text pairs, **real data**): does this docstring belong to this function
+  signature? Every documented function of the standard library gives one matching pair (its own
+  signature and docstring, label 1) and one mismatched pair (its signature with the docstring of
+  another function *of the same module*, label 0), so the labels are balanced, every signature
+  occurs once with each label, and a negative cannot be told apart by its module's vocabulary.
+  Split by module as well.
 * Shard-based tasks (image digits, image shapes, DNA motifs, audio sounds) are read from the
   embedded shard sets ``datasets_def`` builds; :func:`balanced_subsample` caps their size. The
   digits are real (scikit-learn's bundled handwritten digits); the rendered shapes, the DNA motif
@@ -93,6 +99,99 @@ def stdlib_package_task(max_train_per_class: Optional[int] = 150, max_eval_per_c
     return out
 
 
+PAIR_EXCLUDED = ("site-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip",
+                 "__phello__")
+"""Path parts of stdlib files the ``docstring-signature`` task skips (test suites, GUI code, vendored files)."""
+PAIR_MIN_CHARS = 20
+PAIR_MAX_CHARS = 300
+
+
+def _functions(path: Path) -> List[Tuple[str, str]]:
+    """``(signature, docstring)`` of the documented functions and methods of one source file.
+
+    The signature is ``Qual.name(arguments) -> annotation`` as written in the source (``ast.unparse``);
+    the docstring has its whitespace collapsed and is cut to :data:`PAIR_MAX_CHARS`.
+    """
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    out: List[Tuple[str, str]] = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(child)
+                text = " ".join(doc.split()) if doc else ""
+                if len(text) >= PAIR_MIN_CHARS:
+                    sig = f"{prefix}{child.name}({ast.unparse(child.args)})"
+                    if child.returns is not None:
+                        sig += f" -> {ast.unparse(child.returns)}"
+                    out.append((sig, text[:PAIR_MAX_CHARS]))
+                visit(child, f"{prefix}{child.name}.")  # nested functions keep their own docstrings
+
+    visit(tree, "")
+    return out
+
+
+def _module_pairs(module: str, functions: Sequence[Tuple[str, str]]) -> List[Tuple[Tuple[str, str], str, str]]:
+    """One matching and one mismatched pair per function of ``module`` (``((signature, docstring), label, module)``).
+
+    The mismatched docstring is drawn (seeded by the module and the signature) from the functions of the
+    same module whose docstring and signature both differ from this one's, so no negative repeats a
+    positive's text; a function with no such partner is left out (with its positive, to keep the balance).
+    """
+    rows = []
+    for sig, doc in functions:
+        others = sorted({d for s, d in functions if d != doc and s != sig})
+        if not others:
+            continue
+        wrong = others[_stable(f"{module}:{sig}") % len(others)]
+        rows += [((sig, doc), "1", module), ((sig, wrong), "0", module)]
+    return rows
+
+
+def docstring_signature_task(max_train_per_class: Optional[int] = 300, max_eval_per_class: Optional[int] = 100,
+                             stdlib: Optional[Union[str, Path]] = None) -> Dict[str, Split]:
+    """The ``docstring-signature`` sentence-pair task: ``{"train", "dev", "test"}`` splits of
+    ``((signature, docstring), "1" | "0")``, split by module (:data:`SPLIT_PATTERN` over modules in hash order).
+
+    Args:
+        max_train_per_class: functions kept in train (a seeded choice; each gives one row of each label); None = all.
+        max_eval_per_class: the same for dev and test.
+        stdlib: the standard-library folder (default: this interpreter's).
+    """
+    root = Path(stdlib or sysconfig.get_paths()["stdlib"])
+    files = sorted((p for p in root.rglob("*.py") if not set(p.relative_to(root).parts) & set(PAIR_EXCLUDED)),
+                   key=lambda p: _stable(p.relative_to(root).as_posix()))
+    per_split: Dict[str, List[List[Tuple[Tuple[str, str], str, str]]]] = {s: [] for s in ("train", "dev", "test")}
+    i = 0
+    for f in files:
+        module = f.relative_to(root).with_suffix("").as_posix().replace("/", ".")
+        rows = _module_pairs(module, _functions(f))
+        if not rows:
+            continue
+        split = SPLIT_PATTERN[i % len(SPLIT_PATTERN)]
+        per_split[split] += [rows[j:j + 2] for j in range(0, len(rows), 2)]  # (positive, negative) of one function
+        i += 1
+    if any(not v for v in per_split.values()):
+        raise RuntimeError(f"{root}: too few documented functions for the docstring-signature task "
+                           f"({ {k: len(v) for k, v in per_split.items()} } per split)")
+    out = {}
+    for split, functions in per_split.items():
+        cap = max_train_per_class if split == "train" else max_eval_per_class
+        rng = np.random.default_rng({"train": 0, "dev": 1, "test": 2}[split])
+        keep = range(len(functions)) if cap is None or len(functions) <= cap else rng.choice(len(functions), cap,
+                                                                                             replace=False)
+        items = [row for j in keep for row in functions[j]]
+        items = [items[j] for j in rng.permutation(len(items))]
+        out[split] = Split(f"docstring-signature:{split}", [x for x, _, _ in items], [y for _, y, _ in items],
+                           [f"{mod}#{j}" for j, (_, _, mod) in enumerate(items)])
+    return out
+
+
 def balanced_rows(rows: Sequence[Tuple], cap: Optional[int], seed: int, label_index: int = 1) -> List[Tuple]:
     """At most ``cap`` rows per label (a seeded choice), in a seeded shuffled order."""
     rng = np.random.default_rng(seed)
@@ -112,16 +211,26 @@ def balanced_subsample(split: Split, per_class: Optional[int], seed: int = 0) ->
     return Split(split.path, [r[0] for r in kept], [r[1] for r in kept], [r[2] for r in kept], list(split.skipped))
 
 
-def write_stdlib_task(out_dir: Union[str, Path], **kw) -> Dict[str, Path]:
-    """Write the ``stdlib-package`` splits as ``train.tsv``, ``dev.tsv``, ``test.tsv`` (columns
-    ``text``, ``label``, ``module``) for ``mmm finetune --text_column text``; returns the paths."""
+def write_stdlib_task(out_dir: Union[str, Path], task: str = "stdlib-package", **kw) -> Dict[str, Path]:
+    """Write a stdlib task's splits as ``train.tsv``, ``dev.tsv``, ``test.tsv``; returns the paths.
+
+    ``stdlib-package`` has columns ``text``, ``label``, ``module`` (``mmm finetune --text_column text``);
+    ``docstring-signature`` has ``signature``, ``docstring``, ``label``, ``module``
+    (``--text_column signature --text_pair_column docstring``).
+    """
+    makers = {"stdlib-package": stdlib_package_task, "docstring-signature": docstring_signature_task}
+    if task not in makers:
+        raise ValueError(f"unknown stdlib task {task!r}; choose from {sorted(makers)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, s in stdlib_package_task(**kw).items():
+    for name, s in makers[task](**kw).items():
         p = out / f"{name}.tsv"
-        lines = ["text\tlabel\tmodule"] + [f"{t.replace(chr(9), ' ')}\t{y}\t{w.split('#')[0]}"
-                                          for t, y, w in zip(s.inputs, s.labels, s.where)]
+        header = "text\tlabel\tmodule" if task == "stdlib-package" else "signature\tdocstring\tlabel\tmodule"
+        lines = [header]
+        for x, y, w in zip(s.inputs, s.labels, s.where):
+            cells = [x] if isinstance(x, str) else list(x)
+            lines.append("\t".join([c.replace(chr(9), " ") for c in cells] + [str(y), w.split("#")[0]]))
         p.write_text("\n".join(lines) + "\n", encoding="utf-8")
         paths[name] = p
     return paths

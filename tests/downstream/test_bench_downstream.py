@@ -17,14 +17,16 @@ def test_downstream_suite_runs_every_applicable_task(ckpt: Path, image_ckpt: Pat
     report = json.loads((out / "results.json").read_text())
     rows = report["sections"]["downstream"]["results"]
     got = {(r["task"], r["model"]) for r in rows}
-    for task, c in (("stdlib-package", ckpt), ("digits", image_ckpt), ("shapes", image_ckpt)):
+    for task, c in (("stdlib-package", ckpt), ("docstring-signature", ckpt), ("digits", image_ckpt),
+                    ("shapes", image_ckpt)):
         assert (task, str(c)) in got and (task, f"{c} (random init)") in got
     assert not any(r["task"] in ("dna-motifs", "audio-sounds") for r in rows)  # no such encoder given
     for r in rows:
-        assert 0 <= r["linear_probe"] <= 1 and 0 <= r["knn"] <= 1
-        assert r["finetune"]["n"] == 2 and len(r["finetune_seeds"]) == 2
+        for key in ("linear_probe", "knn", "finetune"):
+            assert r[key]["n"] == 2 and len(r[f"{key}_seeds"]) == 2 and all(0 <= v <= 1 for v in r[f"{key}_seeds"])
+            assert r[key]["mean"] == pytest.approx(sum(r[f"{key}_seeds"]) / 2)
     real = {r["task"]: r["data"] for r in rows}
-    assert real == {"stdlib-package": "real", "digits": "real", "shapes": "synthetic"}
+    assert real == {"stdlib-package": "real", "docstring-signature": "real", "digits": "real", "shapes": "synthetic"}
     md = (out / "results.md").read_text()
     assert "## Downstream tasks" in md and "| stdlib-package | real |" in md and " ± " in md
     assert (out / "downstream.png").stat().st_size > 0
@@ -58,3 +60,13 @@ def test_finetune_on_an_embedded_task_by_name(ckpt: Path, tmp_path: Path, capsys
     assert res["data"]["modality"] == "text" and len(res["labels"]["names"]) >= 4 and res["test"]["n"] == 1
     assert main(["finetune", str(ckpt), "--task", "digits", "--modality", "text"]) == 2
     assert "is for the image modality, not text" in capsys.readouterr().err
+
+
+def test_random_init_rows_use_one_initialisation_per_seed(ckpt: Path) -> None:
+    import torch
+
+    from benchmarks.downstream import random_init_factory
+
+    a, b, a2 = (random_init_factory(ckpt, "text", s)() for s in (0, 1, 0))
+    wa, wb, wa2 = (e.embedder.tokens.weight for e in (a, b, a2))
+    assert torch.equal(wa, wa2) and not torch.equal(wa, wb)
