@@ -32,19 +32,17 @@ import json
 import logging
 import math
 import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-from datasets_def.text import DONE_MARKER, default_cache_dir
-from mmm.data.tar import ReadOptions, read_samples
+from mmm.data.tar import ReadOptions
 from mmm.registry import DATASETS
-from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, has_suffix, ignored_manifest, log_ignored,
-                                   prepare_output, read_file, stable_split, write_manifest)
+from datasets_def.building import (SPLITS, ShardWriters, cached_build, check_build_args, find_files, finish_build,
+                                   has_suffix, ignored_manifest, log_ignored, prepare_output, read_file, read_split,
+                                   stable_split)
 from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
@@ -196,25 +194,21 @@ def encode_flac(waveform: np.ndarray, sample_rate: int) -> Tuple[bytes, int]:
     return buf.getvalue(), clipped
 
 
-class _ClipWriter:
-    """Cuts clips into windows and writes them to the split shards (:class:`datasets_def.building.ShardWriters`,
-    written atomically), counting as it goes."""
+class _ClipWriter(ShardWriters):
+    """Cuts clips into windows and writes them to the split shards (:class:`datasets_def.building.ShardWriters`:
+    written atomically, deleted by ``abort``), counting clips and audio as it goes."""
 
     def __init__(self, out: Path, sample_rate: int, max_seconds: float, samples_per_shard: int) -> None:
-        self.out = out
+        super().__init__(out, samples_per_shard, AudioBuildError)
         self.sample_rate = sample_rate
         self.window = max(1, int(round(max_seconds * sample_rate)))
-        self.samples_per_shard = samples_per_shard
-        self.writers = ShardWriters(out, samples_per_shard, AudioBuildError)
-        self.shards: Dict[str, List[str]] = {}
         self.clips = {s: 0 for s in SPLITS}
-        self.samples = {s: 0 for s in SPLITS}
         self.frames = {s: 0 for s in SPLITS}
         self.clipped = 0
         self.ordinal = 0
 
-    def write(self, split: str, source: str, waveform: np.ndarray, label: Optional[int], label_name: Optional[str],
-              transcript: Optional[str]) -> int:
+    def write_clip(self, split: str, source: str, waveform: np.ndarray, label: Optional[int],
+                   label_name: Optional[str], transcript: Optional[str]) -> int:
         """Write one clip (float (channels, samples) at the build rate) as windows; returns their count."""
         n = waveform.shape[1]
         starts = range(0, n, self.window)
@@ -228,31 +222,22 @@ class _ClipWriter:
                 "sample_rate": self.sample_rate, "channels": int(waveform.shape[0]), "label": label,
                 "label_name": label_name, "transcript": transcript if whole else None,
             }
-            self.writers.write(split, {
+            self.write(split, {
                 "__key__": f"{self.ordinal:09d}_{i:05d}",
                 "flac": data,
                 "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
             })
         self.clips[split] += 1
-        self.samples[split] += len(starts)
         self.frames[split] += n
         self.ordinal += 1
         return len(starts)
 
-    def close(self) -> None:
-        """Finish the open shards (renamed to their final names)."""
-        self.shards = self.writers.close()
-
-    def abort(self) -> None:
-        """Discard the open shards and delete those this build finished (the directory held none before)."""
-        self.writers.abort()
-
     def finish(self, files: int, classes: List[str], skipped: List[Tuple[str, str]], build_args: Dict[str, Any],
                extra: Optional[Dict[str, Any]] = None) -> AudioBuildReport:
-        """Close the writers and write ``manifest.json`` (call :meth:`abort` if this raises)."""
-        self.close()
-        shards = self.shards
+        """Close the shards and write ``manifest.json`` (:func:`datasets_def.building.finish_build`)."""
+        shards = self.close()
         seconds = {s: self.frames[s] / self.sample_rate for s in SPLITS}
+        samples = {s: self.samples[s] for s in SPLITS}
         manifest = {
             "dataset": "audio",
             "fields": list(AudioDatasetDef.fields),
@@ -260,7 +245,7 @@ class _ClipWriter:
             "sample_rate": self.sample_rate,
             "classes": classes,
             "splits": {
-                s: {"clips": self.clips[s], "samples": self.samples[s], "shards": len(shards[s]), "seconds": seconds[s]}
+                s: {"clips": self.clips[s], "samples": samples[s], "shards": len(shards[s]), "seconds": seconds[s]}
                 for s in SPLITS
             },
             "shard_files": shards,
@@ -269,8 +254,8 @@ class _ClipWriter:
             "skipped": [list(s) for s in skipped],
             **(extra or {}),
         }
-        write_manifest(self.out, manifest, AudioBuildError)
-        return AudioBuildReport(self.out, files, dict(self.clips), dict(self.samples), seconds, shards, classes, skipped)
+        finish_build("audio", self, manifest, skipped, AudioBuildError)
+        return AudioBuildReport(self.out, files, dict(self.clips), samples, seconds, shards, classes, skipped)
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,10 +268,7 @@ def _check_build_args(sample_rate: int, max_seconds: float, samples_per_shard: i
     if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not math.isfinite(max_seconds) \
             or max_seconds * sample_rate < 1:
         raise AudioBuildError(f"max_seconds must be a positive number (at least one sample), got {max_seconds!r}")
-    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-        raise AudioBuildError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
-    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
-        raise AudioBuildError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    check_build_args(samples_per_shard, val_fraction, AudioBuildError)
 
 
 def build_shards(
@@ -343,9 +325,8 @@ def build_shards(
     prepare_output(out, overwrite, AudioBuildError)
     log_ignored("audio", ignored, ".wav or .flac")
 
-    writer = _ClipWriter(out, sample_rate, float(max_seconds), samples_per_shard)
     resampled: Dict[int, int] = {}
-    try:
+    with _ClipWriter(out, sample_rate, float(max_seconds), samples_per_shard) as writer:
         for path, source in inputs:
             data = read_file(path, source, skipper)
             if data is None:
@@ -370,7 +351,7 @@ def build_shards(
                 wav = resample(wav, sr, sample_rate)
                 resampled[sr] = resampled.get(sr, 0) + 1
             label, label_name, transcript = label_table.of(source)
-            writer.write(stable_split(val_fraction, seed, source), source, wav, label, label_name, transcript)
+            writer.write_clip(stable_split(val_fraction, seed, source), source, wav, label, label_name, transcript)
         if writer.ordinal == 0:
             raise AudioBuildError(f"no audio written from {src} ({len(skipper.skipped)} skipped file(s): "
                                   f"{skipper.skipped[:3]})")
@@ -382,16 +363,10 @@ def build_shards(
         extra = {"resampled_files": sum(resampled.values()),
                  "resampled_from": {str(r): n for r, n in sorted(resampled.items())}, **ignored_manifest(ignored)}
         report = writer.finish(len(inputs), label_table.classes, skipper.skipped, build_args, extra)
-    except BaseException:
-        writer.abort()
-        raise
     report.resampled, report.ignored = dict(sorted(resampled.items())), len(ignored)
     if resampled:
         logger.info("audio build: resampled %d file(s) to %d Hz (%s)", sum(resampled.values()), sample_rate,
                     ", ".join(f"from {r} Hz: {n}" for r, n in sorted(resampled.items())))
-    if skipper.skipped:
-        logger.warning("audio build skipped %d input(s), listed in %s: %s", len(skipper.skipped), out / MANIFEST,
-                       "; ".join(f"{w}: {r}" for w, r in skipper.skipped[:3]) + (" ..." if len(skipper.skipped) > 3 else ""))
     return report
 
 
@@ -512,22 +487,20 @@ def synthesize_clip(name: str, rng: np.random.Generator, sr: int = SYNTH_SAMPLE_
     return np.clip(y, -0.99, 0.99)[None, :], detail
 
 
-def _write_synthetic(out: Path, clips_per_class: int, val_per_class: int, samples_per_shard: int) -> AudioBuildReport:
-    """Synthesize the corpus into ``out`` (round-robin over classes, so every shard mixes them)."""
-    writer = _ClipWriter(out, SYNTH_SAMPLE_RATE, 10.0, samples_per_shard)
-    try:
+def _write_synthetic(out: Path, clips_per_class: int = SYNTH_CLIPS_PER_CLASS, val_per_class: int = SYNTH_VAL_PER_CLASS,
+                     samples_per_shard: int = 256) -> str:
+    """Synthesize the corpus into ``out`` (round-robin over classes, so every shard mixes them); returns its size."""
+    with _ClipWriter(out, SYNTH_SAMPLE_RATE, 10.0, samples_per_shard) as writer:
         for i in range(clips_per_class):
             for label, name in enumerate(SYNTH_CLASSES):
                 rng = np.random.default_rng([SYNTH_SEED, label, i])
                 wav, detail = synthesize_clip(name, rng)
                 split = "val" if i < val_per_class else "train"
-                writer.write(split, f"synthetic/{name}/{i:04d}-{detail}", wav, label, name, None)
-    except BaseException:
-        writer.abort()
-        raise
-    build_args = {"synthetic": EMBEDDED_NAME, "seed": SYNTH_SEED, "clips_per_class": clips_per_class,
-                  "val_per_class": val_per_class, "sample_rate": SYNTH_SAMPLE_RATE}
-    return writer.finish(clips_per_class * len(SYNTH_CLASSES), list(SYNTH_CLASSES), [], build_args)
+                writer.write_clip(split, f"synthetic/{name}/{i:04d}-{detail}", wav, label, name, None)
+        build_args = {"synthetic": EMBEDDED_NAME, "seed": SYNTH_SEED, "clips_per_class": clips_per_class,
+                      "val_per_class": val_per_class, "sample_rate": SYNTH_SAMPLE_RATE}
+        report = writer.finish(clips_per_class * len(SYNTH_CLASSES), list(SYNTH_CLASSES), [], build_args)
+    return f"{report.total_samples} clips, {sum(report.seconds.values()):.0f} s of audio"
 
 
 def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
@@ -545,34 +518,7 @@ def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
     Returns:
         The directory holding ``train-*.tar``, ``val-*.tar`` and ``manifest.json``.
     """
-    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "datasets"
-    final = root / EMBEDDED_NAME
-    if (final / DONE_MARKER).is_file():
-        return final
-    if final.exists():
-        raise AudioBuildError(f"{final} exists but has no {DONE_MARKER} marker (not built by mmm?); delete it to rebuild")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{EMBEDDED_NAME}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    start = time.perf_counter()
-    try:
-        tmp.mkdir(parents=True)
-        report = _write_synthetic(tmp, SYNTH_CLIPS_PER_CLASS, SYNTH_VAL_PER_CLASS, samples_per_shard=256)
-        (tmp / DONE_MARKER).write_text("ok\n", encoding="utf-8")
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / DONE_MARKER).is_file():  # lost a race only if the winner finished
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            return final
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("built embedded audio corpus %s: %d clips, %.0f s of audio in %.1f s", final, report.total_samples,
-                sum(report.seconds.values()), time.perf_counter() - start)
-    return final
+    return cached_build(EMBEDDED_NAME, cache_dir, _write_synthetic, AudioBuildError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,26 +537,15 @@ class AudioClip(NamedTuple):
 def iter_clips(shard_dir: PathLike, split: str = "train", *, options: Optional[ReadOptions] = None) -> Iterator[AudioClip]:
     """Stream the decoded clips of one split (in shard order), with no extraction to disk.
 
-    Shards are read by :func:`mmm.data.tar.read_samples`, as training reads them: local paths,
-    ``pipe:`` and ``http(s)://`` urls, the member-size guard and the read timeout of ``options``.
-
     Args:
-        shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
-        split: ``"train"`` or ``"val"``.
-        options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
+        shard_dir, split, options: as :func:`datasets_def.building.read_split` reads them.
     """
-    from mmm.data.stream import list_shards
     from mmm.modalities.audio.frontend import decode_audio
 
-    for sample in read_samples(list_shards(shard_dir, split=split), options):
-        where = f"{sample['__url__']}:{sample['__key__']}"
-        if "flac" not in sample or "json" not in sample:
-            raise AudioBuildError(f"audio shard {sample['__url__']}: sample {sample['__key__']!r} lacks a 'flac' or "
-                                  f"'json' field (has {sorted(k for k in sample if not k.startswith('__'))})")
-        try:
-            meta = json.loads(sample["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-            raise AudioBuildError(f"{where}: field 'json' is not UTF-8 JSON ({type(exn).__name__}: {exn})") from None
+    def fields(sample: Dict[str, Any]) -> Optional[str]:
+        return None if "flac" in sample else "lacks the 'flac' field"
+
+    for sample, where, meta in read_split(shard_dir, split, options, fields, AudioBuildError):
         wav, sr = decode_audio(sample["flac"], where)
         yield AudioClip(sample["__key__"], wav, sr, meta)
 

@@ -17,6 +17,12 @@ One rule for every dataset definition (text, DNA, image, audio, image-text):
   renamed, as checkpoints are: an interrupted or disk-full build never leaves a truncated shard
   under its final name. ``manifest.json`` is written the same way, last.
 * **Splits** (:func:`stable_split`) come from a seeded hash, the same on every machine and run.
+* **A build ends** with :func:`finish_build`: the manifest is written last (the shards are
+  deleted when it cannot be) and skipped inputs are counted in the build output.
+* **Embedded sets** (:func:`cached_build`) are built once into ``{cache_dir}/datasets/{name}``,
+  in a temporary folder renamed into place when complete (a ``DONE`` marker written last).
+* **Reading a split back** (:func:`read_split`) goes through :func:`mmm.data.tar.read_samples`,
+  as training reads shards.
 """
 from __future__ import annotations
 
@@ -25,9 +31,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Type, Union
 
 from datasets_def.skipper import BadInputSkipper
 
@@ -39,6 +47,17 @@ _TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 _OURS = re.compile(r"^(?:.+-\d+\.tar|" + re.escape(MANIFEST) + r")$")
 MAX_LISTED = 20
 """Ignored files named in a manifest (the count is always complete)."""
+DONE_MARKER = "DONE"
+"""Written last into an embedded set's folder: the set is complete."""
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def check_build_args(samples_per_shard: Any, val_fraction: Any, error: Type[Exception]) -> None:
+    """Refuse a ``samples_per_shard`` that is not a positive int or a ``val_fraction`` outside [0, 1)."""
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise error(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+        raise error(f"val_fraction must be in [0, 1), got {val_fraction!r}")
 
 
 def stable_split(val_fraction: float, seed: int, *parts: Any) -> str:
@@ -383,3 +402,122 @@ class ShardWriters:
     def total(self) -> int:
         """Samples written so far, over every split."""
         return sum(self.samples.values())
+
+    def __enter__(self) -> "ShardWriters":
+        return self
+
+    def __exit__(self, kind: Any, exn: Any, tb: Any) -> None:
+        if kind is not None:
+            self.abort()  # the folder held no shards before: these are ours, incomplete
+
+
+# --------------------------------------------------------------------------------------------
+# the end of a build
+
+
+def finish_build(kind: str, writers: ShardWriters, manifest: Dict[str, Any], skipped: List[Tuple[str, str]],
+                 error: Type[Exception]) -> None:
+    """Write ``manifest.json`` last (if it cannot be written, the build's shards are deleted), then
+    one build-output line counting the skipped inputs (only when there are some).
+
+    Args:
+        kind: the dataset kind, for the build output (``"text"``).
+        writers: the build's closed shard writers.
+        manifest: the manifest.
+        skipped: ``(where, reason)`` of the inputs skipped with ``skip_bad``.
+        error: the builder's error type.
+    """
+    try:
+        write_manifest(writers.out, manifest, error)
+    except BaseException:
+        writers.abort()
+        raise
+    if skipped:
+        logger.warning("%s build skipped %d input(s), listed in %s: %s", kind, len(skipped), writers.out / MANIFEST,
+                       "; ".join(f"{w}: {r}" for w, r in skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# embedded sets: a cached, atomic build
+
+
+def default_cache_dir() -> Path:
+    """``$MMM_CACHE_DIR`` or ``~/.cache/mmm``."""
+    return Path(os.environ.get("MMM_CACHE_DIR") or Path.home() / ".cache" / "mmm").expanduser()
+
+
+def cached_build(name: str, cache_dir: Optional[PathLike], build: Callable[[Path], str],
+                 error: Type[Exception]) -> Path:
+    """``{cache_dir}/datasets/{name}``, built once by ``build(tmp_dir)`` and renamed into place.
+
+    ``build`` writes the set into an empty temporary folder next to the final one and returns a
+    few words for the build output (``"3000 windows"``); ``DONE`` is written after it, then the
+    folder is renamed, so an interrupted build never leaves a partial set. When two processes
+    build at once, the first rename wins and the other's copy is deleted.
+
+    Args:
+        name: the set's folder name (``"text-stdlib-docstrings-v1"``).
+        cache_dir: cache root; None: :func:`default_cache_dir`.
+        build: writes the set into the folder it is given.
+        error: the builder's error type (a folder of that name that mmm did not build).
+    """
+    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "datasets"
+    final = root / name
+    if (final / DONE_MARKER).is_file():
+        return final
+    if final.exists():
+        raise error(f"{final} exists but has no {DONE_MARKER} marker (not built by mmm?); delete it to rebuild")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    start = time.perf_counter()
+    try:
+        tmp.mkdir(parents=True)
+        summary = build(tmp)
+        (tmp / DONE_MARKER).write_text("ok\n", encoding="utf-8")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / DONE_MARKER).is_file():  # lost a race only if the winner finished
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("built embedded set %s: %s in %.1f s", final, summary, time.perf_counter() - start)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# reading a split back
+
+
+def read_split(shard_dir: PathLike, split: str, options: Any, fields: Callable[[Dict[str, Any]], Optional[str]],
+               error: Type[Exception]) -> Iterator[Tuple[Dict[str, Any], str, Dict[str, Any]]]:
+    """``(raw sample, "url:key", json dict)`` of every sample of one split, in shard order, with no extraction to disk.
+
+    Shards are read by :func:`mmm.data.tar.read_samples`, as training reads them: local paths,
+    ``pipe:`` and ``http(s)://`` urls, the member-size guard and the read timeout of ``options``.
+
+    Args:
+        shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
+        split: ``"train"`` or ``"val"``.
+        options: a :class:`mmm.data.tar.ReadOptions` (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
+        fields: raw sample -> what is wrong with its fields (besides ``json``), or None.
+        error: raised naming the sample when ``fields`` objects or ``json`` is missing or not UTF-8 JSON.
+    """
+    from mmm.data.stream import list_shards
+    from mmm.data.tar import read_samples
+
+    for sample in read_samples(list_shards(shard_dir, split=split), options):
+        where = f"{sample['__url__']}:{sample['__key__']}"
+        problem = fields(sample) or (None if "json" in sample else "lacks the 'json' field")
+        if problem:
+            raise error(f"{where}: {problem} (has {sorted(k for k in sample if not k.startswith('__'))})")
+        try:
+            meta = json.loads(sample["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+            raise error(f"{where}: field 'json' is not UTF-8 JSON ({type(exn).__name__}: {exn})") from None
+        yield sample, where, meta

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,14 +44,13 @@ from mmm.data.tar import ReadOptions
 from mmm.modalities.dna import codec as dna_codec
 from mmm.modalities.dna.codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
 from mmm.registry import DATASETS
-from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, ignored_manifest, log_ignored,
-                                   prepare_output, stable_split, write_manifest)
+from datasets_def.building import (DONE_MARKER, SPLITS, ShardWriters, cached_build, default_cache_dir,  # noqa: F401
+                                   find_files, finish_build, ignored_manifest, log_ignored, prepare_output, stable_split)
 from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
 
 EMBEDDED_NAME = "dna-synthetic-motifs-v1"
-DONE_MARKER = "DONE"
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
 _MAX_LISTED = 100  # short records / unmatched label records listed by name in the manifest
 PathLike = Union[str, "os.PathLike[str]"]
@@ -364,7 +362,6 @@ def build_shards(
     prepare_output(out, overwrite, DNABuildError)
     log_ignored("dna", ignored, "FASTA (" + ", ".join(FASTA_SUFFIXES) + ", optionally .gz)")
 
-    writers = ShardWriters(out, samples_per_shard, DNABuildError)
     records = {s: 0 for s in SPLITS}
     windows = {s: 0 for s in SPLITS}
     bases = {s: 0 for s in SPLITS}
@@ -375,7 +372,7 @@ def build_shards(
     between = gaps = 0
     seen_records: set = set()
     ordinal = 0
-    try:
+    with ShardWriters(out, samples_per_shard, DNABuildError) as writers:
         for path, source in inputs:
             for rid, seq in _iter_records(path, source, skipper):
                 seen_records.add(rid)
@@ -411,9 +408,6 @@ def build_shards(
                 record_bases[split] += len(seq)
                 ordinal += 1
         shards = writers.close()
-    except BaseException:
-        writers.abort()  # the folder held no shards before: these are ours, incomplete
-        raise
     if sum(windows.values()) == 0:
         writers.abort()
         raise DNABuildError(
@@ -456,19 +450,15 @@ def build_shards(
         },
         "skipped": [list(s) for s in skipper.skipped],
     }
-    try:
-        write_manifest(out, manifest, DNABuildError)
-    except BaseException:
-        writers.abort()
-        raise
+    finish_build("dna", writers, manifest, skipper.skipped, DNABuildError)
     _warn_losses(report, window, stride, min_window, max_n_fraction, sum(record_bases.values()), gaps)
     return report
 
 
 def _warn_losses(report: DNABuildReport, window: int, stride: int, min_window: int, max_n_fraction: float,
                  record_bases: int, gaps: int) -> None:
-    """Build-output lines, with counts, for everything of the input that is in no sample (the manifest lists them too)."""
-    where = report.output_dir / MANIFEST
+    """Build-output lines, with counts, for everything of the input that is in no sample (the manifest lists them
+    too; skipped inputs are counted by :func:`datasets_def.building.finish_build`)."""
     if report.bases_between_windows:
         share = 100.0 * report.bases_between_windows / max(1, record_bases)
         logger.warning("dna build: stride=%d > window=%d: %d base(s) (%.1f%% of the records' bases) in %d gap(s) "
@@ -480,9 +470,6 @@ def _warn_losses(report: DNABuildReport, window: int, stride: int, min_window: i
     if report.windows_dropped_n:
         logger.warning("dna build: %d window(s) dropped for more than max_n_fraction=%g N/ambiguous bases "
                        "(manifest: windows_dropped_n)", report.windows_dropped_n, max_n_fraction)
-    if report.skipped:
-        logger.warning("dna build skipped %d input(s), listed in %s: %s", len(report.skipped), where,
-                       "; ".join(f"{w}: {r}" for w, r in report.skipped[:3]) + (" ..." if len(report.skipped) > 3 else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -587,11 +574,6 @@ def _write_bed(rows: Sequence[Tuple[str, int, int, str]], path: Path) -> None:
     path.write_text("".join(f"{r}\t{s}\t{e}\t{n}\n" for r, s, e, n in rows), encoding="ascii")
 
 
-def default_cache_dir() -> Path:
-    """``$MMM_CACHE_DIR`` or ``~/.cache/mmm``."""
-    return Path(os.environ.get("MMM_CACHE_DIR") or Path.home() / ".cache" / "mmm").expanduser()
-
-
 def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
     """The embedded DNA corpus: a synthetic genome with planted motif classes, built once and cached.
 
@@ -608,47 +590,28 @@ def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
     Returns:
         The directory holding ``train-*.tar``, ``val-*.tar`` and ``manifest.json``.
     """
-    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "datasets"
-    final = root / EMBEDDED_NAME
-    if (final / DONE_MARKER).is_file():
-        return final
-    if final.exists():
-        raise DNABuildError(f"{final} exists but has no {DONE_MARKER} marker (not built by mmm?); delete it to rebuild")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{EMBEDDED_NAME}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    start = time.perf_counter()
+    return cached_build(EMBEDDED_NAME, cache_dir, _build_synthetic, DNABuildError)
+
+
+def _build_synthetic(out: Path) -> str:
+    """Write the synthetic motif genome's windows into ``out`` (shards, beds, ``source.json``); returns the counts."""
     settings = {"seed": 0, "n_records": 40, "segments_per_record": 75, "segment": 256, "motif_len": 12, "instances": 3}
-    try:
-        genome = synthetic_genome(**settings)
-        source = tmp / "source"
-        source.mkdir(parents=True)
-        fasta = write_fasta(genome.records, source / "synthetic.fa")
-        _write_bed(genome.segments, tmp / "labels.bed")
-        _write_bed(genome.motifs, tmp / "motifs.bed")
-        report = build_shards(fasta, tmp, window=settings["segment"], labels=tmp / "labels.bed",
-                              samples_per_shard=1000, val_fraction=0.2, seed=5)
-        shutil.rmtree(source)
-        if not (report.windows["train"] and report.windows["val"]):
-            raise DNABuildError(f"synthetic genome split is degenerate: {report.windows}")
-        info = {"generator": "datasets_def.dna.synthetic_genome", "settings": settings,
-                "classes": list(CLASS_NAMES), "pwms": {k: np.round(v, 4).tolist() for k, v in genome.pwms.items()},
-                "windows": report.windows, "label_counts": report.label_counts}
-        (tmp / "source.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        (tmp / DONE_MARKER).write_text("ok\n", encoding="utf-8")
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / DONE_MARKER).is_file():  # lost a race only if the winner finished
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            return final
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("built embedded DNA corpus %s: %s windows in %.1f s", final, report.windows, time.perf_counter() - start)
-    return final
+    genome = synthetic_genome(**settings)
+    source = out / "source"
+    source.mkdir(parents=True)
+    fasta = write_fasta(genome.records, source / "synthetic.fa")
+    _write_bed(genome.segments, out / "labels.bed")
+    _write_bed(genome.motifs, out / "motifs.bed")
+    report = build_shards(fasta, out, window=settings["segment"], labels=out / "labels.bed",
+                          samples_per_shard=1000, val_fraction=0.2, seed=5)
+    shutil.rmtree(source)
+    if not (report.windows["train"] and report.windows["val"]):
+        raise DNABuildError(f"synthetic genome split is degenerate: {report.windows}")
+    info = {"generator": "datasets_def.dna.synthetic_genome", "settings": settings,
+            "classes": list(CLASS_NAMES), "pwms": {k: np.round(v, 4).tolist() for k, v in genome.pwms.items()},
+            "windows": report.windows, "label_counts": report.label_counts}
+    (out / "source.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return f"{report.windows} windows"
 
 
 # --------------------------------------------------------------------------------------------

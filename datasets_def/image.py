@@ -26,21 +26,19 @@ import json
 import logging
 import math
 import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datasets_def.text import DONE_MARKER, default_cache_dir
 from mmm.modalities.image.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_header
-from mmm.data.tar import ReadOptions, read_samples
+from mmm.data.tar import ReadOptions
 from mmm.registry import DATASETS
-from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, ignored_manifest, log_ignored,
-                                   prepare_output, stable_split, write_manifest)
+from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, cached_build, check_build_args,  # noqa: F401
+                                   find_files, finish_build, ignored_manifest, log_ignored, prepare_output, read_split,
+                                   stable_split, write_manifest)
 from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
@@ -100,10 +98,6 @@ class _SplitWriters(ShardWriters):
         if name is not None:
             counts = self.per_label[split]
             counts[str(name)] = counts.get(str(name), 0) + 1
-
-
-def _write_manifest(out: Path, manifest: Dict[str, Any], error: type = ImageBuildError) -> None:
-    write_manifest(out, manifest, error)
 
 
 def _split_manifest(writers: _SplitWriters, shards: Dict[str, List[str]]) -> Dict[str, Dict[str, Any]]:
@@ -278,6 +272,33 @@ def _split_of(rel: str, val_fraction: float, seed: int) -> str:
     return stable_split(val_fraction, seed, rel)
 
 
+def _encoded_images(items: List[Tuple[int, Path, str]], val_fraction: float, seed: int, skipper: BadInputSkipper, *,
+                    max_pixels: int, min_size: int) -> Iterator[Tuple[str, int, str, str, bytes, Dict[str, Any]]]:
+    """``(split, index, rel, ext, payload, info)`` of every image that decodes (:func:`encode_for_shard`), split by
+    split, in a seeded random order within each (so a shard mixes classes); the others go to ``skipper``.
+
+    Args:
+        items: ``(index, file, relative path)`` of the images to write.
+        val_fraction, seed: the stable split (:func:`_split_of`); ``seed`` also seeds the order.
+        skipper: where images that cannot be read or decoded are reported.
+        max_pixels, min_size: as :func:`encode_for_shard`.
+    """
+    rng = np.random.default_rng(seed)
+    for split in SPLITS:
+        members = [item for item in items if _split_of(item[2], val_fraction, seed) == split]
+        for j in rng.permutation(len(members)):
+            index, path, rel = members[j]
+            try:
+                ext, payload, info = encode_for_shard(path.read_bytes(), rel, max_pixels=max_pixels, min_size=min_size)
+            except ImageDecodeError as exn:
+                skipper.bad(rel, str(exn).removeprefix(f"{rel}: "))
+                continue
+            except OSError as exn:
+                skipper.bad(rel, f"cannot read file ({type(exn).__name__}: {exn.strerror or exn})")
+                continue
+            yield split, index, rel, ext, payload, info
+
+
 # --------------------------------------------------------------------------------------------
 # building shards from a folder
 
@@ -320,10 +341,7 @@ def build_shards(
         max_pixels: refuse images with more pixels (checked on the header, before decoding).
         min_size: refuse images narrower or shorter than this many pixels.
     """
-    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-        raise ImageBuildError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ImageBuildError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    check_build_args(samples_per_shard, val_fraction, ImageBuildError)
     if not (labels is None or labels == "folders" or isinstance(labels, (str, os.PathLike))):
         raise ImageBuildError(f"labels must be 'folders', None or a CSV path, got {labels!r}")
     src = Path(input_path).expanduser()
@@ -344,32 +362,15 @@ def build_shards(
     log_ignored("image", ignored, "images (" + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
 
     keyed = [(i, path, rel) for i, (path, rel) in enumerate(images) if rel in label_of]
-    rng = np.random.default_rng(seed)
-    writers = _SplitWriters(out, samples_per_shard)
     reencoded = 0
-    try:
-        for split in SPLITS:
-            members = [item for item in keyed if _split_of(item[2], val_fraction, seed) == split]
-            for j in rng.permutation(len(members)):
-                index, path, rel = members[j]
-                try:
-                    data = path.read_bytes()
-                    ext, payload, info = encode_for_shard(data, rel, max_pixels=max_pixels, min_size=min_size)
-                except ImageDecodeError as exn:
-                    skipper.bad(rel, str(exn).removeprefix(f"{rel}: "))
-                    continue
-                except OSError as exn:
-                    skipper.bad(rel, f"cannot read file ({type(exn).__name__}: {exn.strerror or exn})")
-                    continue
-                label, label_name = label_of[rel]
-                meta = {"source": rel, "label": label, "label_name": label_name,
-                        "caption": caption_of.get(rel), **info}
-                reencoded += info["reencoded_from"] is not None
-                writers.add(split, f"{index:09d}", ext, payload, meta)
+    with _SplitWriters(out, samples_per_shard) as writers:
+        for split, index, rel, ext, payload, info in _encoded_images(keyed, val_fraction, seed, skipper,
+                                                                    max_pixels=max_pixels, min_size=min_size):
+            label, label_name = label_of[rel]
+            meta = {"source": rel, "label": label, "label_name": label_name, "caption": caption_of.get(rel), **info}
+            reencoded += info["reencoded_from"] is not None
+            writers.add(split, f"{index:09d}", ext, payload, meta)
         shards = writers.close()
-    except BaseException:
-        writers.abort()
-        raise
     total = sum(writers.samples.values())
     if total == 0:
         writers.abort()
@@ -399,51 +400,9 @@ def build_shards(
         },
         "skipped": [list(s) for s in skipper.skipped],
     }
-    try:
-        _write_manifest(out, manifest)
-    except BaseException:
-        writers.abort()
-        raise
-    if skipper.skipped:
-        logger.warning("image build skipped %d input(s), listed in %s: %s", len(skipper.skipped), out / MANIFEST,
-                       "; ".join(f"{w}: {r}" for w, r in skipper.skipped[:3]) + (" ..." if len(skipper.skipped) > 3 else ""))
+    finish_build("image", writers, manifest, skipper.skipped, ImageBuildError)
     return ImageBuildReport(out, len(images), dict(writers.samples), shards, label_names, reencoded, len(ignored),
                             skipper.skipped)
-
-
-# --------------------------------------------------------------------------------------------
-# embedded sets: a cached, atomic build
-
-
-def _cached_build(name: str, cache_dir: Optional[PathLike], build: Callable[[Path], None]) -> Path:
-    """``{cache_dir}/datasets/{name}``, built by ``build(tmp_dir)`` once and renamed into place."""
-    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "datasets"
-    final = root / name
-    if (final / DONE_MARKER).is_file():
-        return final
-    if final.exists():
-        raise ImageBuildError(f"{final} exists but has no {DONE_MARKER} marker (not built by mmm?); "
-                              "delete it to rebuild")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    start = time.perf_counter()
-    try:
-        tmp.mkdir(parents=True)
-        build(tmp)
-        (tmp / DONE_MARKER).write_text("ok\n", encoding="utf-8")
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / DONE_MARKER).is_file():  # lost a race only if the winner finished
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("built embedded image set %s in %.1f s", final, time.perf_counter() - start)
-    return final
 
 
 # --------------------------------------------------------------------------------------------
@@ -606,8 +565,8 @@ def render_scene(shape: str, color: str, size: str, position: str, rng: np.rando
 
 
 def _build_shapes(out: Path, *, side: int = 32, train_per_combo: int = 200, val_per_combo: int = 28,
-                  samples_per_shard: int = 1000, seed: int = 0, batch: int = 64) -> None:
-    """Render the shapes set into ``out``: seen combos in train, every combo in val."""
+                  samples_per_shard: int = 1000, seed: int = 0, batch: int = 64) -> str:
+    """Render the shapes set into ``out``: seen combos in train, every combo in val; returns its size."""
     out.mkdir(parents=True, exist_ok=True)
     held_out = set(HELD_OUT_COMBOS)
     combos = [(s, c) for s in SHAPES for c in COLORS]
@@ -644,7 +603,7 @@ def _build_shapes(out: Path, *, side: int = 32, train_per_combo: int = 200, val_
     shards = writers.close()
     splits = _split_manifest(writers, shards)
     splits["val"]["unseen_combo_samples"] = unseen
-    _write_manifest(out, {
+    write_manifest(out, {
         "dataset": "image",
         "name": EMBEDDED_SHAPES,
         "fields": list(ImageDatasetDef.fields),
@@ -660,7 +619,8 @@ def _build_shapes(out: Path, *, side: int = 32, train_per_combo: int = 200, val_
         "build_args": {"samples_per_shard": samples_per_shard, "train_per_combo": train_per_combo,
                        "val_per_combo": val_per_combo, "seed": seed, "side": side},
         "skipped": [],
-    })
+    }, ImageBuildError)
+    return f"{writers.total} images"
 
 
 def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
@@ -682,7 +642,7 @@ def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
     Returns:
         The directory holding ``train-*.tar``, ``val-*.tar`` and ``manifest.json``.
     """
-    return _cached_build(EMBEDDED_SHAPES, cache_dir, _build_shapes)
+    return cached_build(EMBEDDED_SHAPES, cache_dir, _build_shapes, ImageBuildError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,8 +652,8 @@ _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 
 
 def _build_digits(out: Path, *, side: int = 32, val_count: int = 297, samples_per_shard: int = 1000,
-                  seed: int = 0) -> None:
-    """Write scikit-learn's 1797 8x8 digits as ``side`` x ``side`` RGB PNGs: 1500 train, 297 val."""
+                  seed: int = 0) -> str:
+    """Write scikit-learn's 1797 8x8 digits as ``side`` x ``side`` RGB PNGs: 1500 train, 297 val; returns the size."""
     out.mkdir(parents=True, exist_ok=True)
     from sklearn.datasets import load_digits  # reads a file bundled with scikit-learn; no download
 
@@ -713,7 +673,7 @@ def _build_digits(out: Path, *, side: int = 32, val_count: int = 297, samples_pe
                     "reencoded_from": None}
             writers.add(split, f"{int(i):09d}", "png", _encode_png(img), meta)
     shards = writers.close()
-    _write_manifest(out, {
+    write_manifest(out, {
         "dataset": "image",
         "name": EMBEDDED_DIGITS,
         "fields": list(ImageDatasetDef.fields),
@@ -724,7 +684,8 @@ def _build_digits(out: Path, *, side: int = 32, val_count: int = 297, samples_pe
         "label_names": [str(d) for d in range(10)],
         "build_args": {"samples_per_shard": samples_per_shard, "val_count": val_count, "seed": seed, "side": side},
         "skipped": [],
-    })
+    }, ImageBuildError)
+    return f"{writers.total} images"
 
 
 def embedded_default_digits(cache_dir: Optional[PathLike] = None) -> Path:
@@ -738,7 +699,7 @@ def embedded_default_digits(cache_dir: Optional[PathLike] = None) -> Path:
     Args:
         cache_dir: cache root; default ``$MMM_CACHE_DIR`` or ``~/.cache/mmm``.
     """
-    return _cached_build(EMBEDDED_DIGITS, cache_dir, _build_digits)
+    return cached_build(EMBEDDED_DIGITS, cache_dir, _build_digits, ImageBuildError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -749,27 +710,16 @@ def iter_images(shard_dir: PathLike, split: str = "train", *,
                 options: Optional[ReadOptions] = None) -> Iterator[Tuple[Image.Image, Dict[str, Any]]]:
     """Stream ``(RGB image, json dict)`` pairs of one split, in shard order, with no extraction to disk.
 
-    Shards are read by :func:`mmm.data.tar.read_samples`, as training reads them: local paths,
-    ``pipe:`` and ``http(s)://`` urls, the member-size guard and the read timeout of ``options``.
-
     Args:
-        shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
-        split: ``"train"`` or ``"val"``.
-        options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
+        shard_dir, split, options: as :func:`datasets_def.building.read_split` reads them.
     """
-    from mmm.data.stream import list_shards
-
-    for sample in read_samples(list_shards(shard_dir, split=split), options):
-        where = f"{sample['__url__']}:{sample['__key__']}"
+    def fields(sample: Dict[str, Any]) -> Optional[str]:
         present = [f for f in IMAGE_FIELDS if f in sample]
-        if len(present) != 1 or "json" not in sample:
-            raise ImageBuildError(f"{where}: expected one image field of {list(IMAGE_FIELDS)} and 'json', "
-                                  f"got {sorted(k for k in sample if not k.startswith('__'))}")
-        try:
-            meta = json.loads(sample["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-            raise ImageBuildError(f"{where}: field 'json' is not UTF-8 JSON ({type(exn).__name__}: {exn})") from None
-        yield decode_image(sample[present[0]], where), meta
+        return None if len(present) == 1 else f"expected one image field of {list(IMAGE_FIELDS)}"
+
+    for sample, where, meta in read_split(shard_dir, split, options, fields, ImageBuildError):
+        field_name = next(f for f in IMAGE_FIELDS if f in sample)
+        yield decode_image(sample[field_name], where), meta
 
 
 def check_sample(sample: Dict[str, Any]) -> Optional[str]:

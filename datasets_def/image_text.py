@@ -43,11 +43,11 @@ import numpy as np
 from PIL import Image
 
 from datasets_def import image as image_def
-from datasets_def.building import ignored_manifest, log_ignored, prepare_output
-from datasets_def.image import (IMAGE_FIELDS, IMAGE_SUFFIXES, MANIFEST, SPLITS, ImageBuildError, _cached_build,
-                                _find_images, _labels_of, _rel_key, _split_manifest, _split_of, _SplitWriters,
-                                _write_manifest, encode_for_shard)
-from mmm.modalities.image.decode import DEFAULT_MAX_PIXELS, ImageDecodeError
+from datasets_def.building import (cached_build, check_build_args, finish_build, ignored_manifest, log_ignored,
+                                   prepare_output, write_manifest)
+from datasets_def.image import (IMAGE_FIELDS, IMAGE_SUFFIXES, MANIFEST, SPLITS, ImageBuildError, ImageBuildReport,
+                                _encoded_images, _find_images, _labels_of, _rel_key, _split_manifest, _SplitWriters)
+from mmm.modalities.image.decode import DEFAULT_MAX_PIXELS
 from mmm.modalities.image_text.pipeline import (BOX_DIM, REGION_FIELDS, RegionArrayError, captions_of, check_region_arrays, load_npy,
                                  xyxy_to_geometry)
 from mmm.data.tar import ReadOptions, read_samples
@@ -67,23 +67,14 @@ class ImageTextBuildError(ImageBuildError):
 
 
 @dataclass
-class ImageTextBuildReport:
-    """What a shard build wrote. Per-split dicts are keyed by ``"train"`` / ``"val"``."""
+class ImageTextBuildReport(ImageBuildReport):
+    """What a shard build wrote: an image build's report (:class:`datasets_def.image.ImageBuildReport`; ``samples``
+    counts images) with the captions per split and the region arrays' sizes."""
 
-    output_dir: Path
-    files: int
-    samples: Dict[str, int]
-    captions: Dict[str, int]
-    shards: Dict[str, List[str]]
+    captions: Dict[str, int] = field(default_factory=dict)
     feature_dim: Optional[int] = None
     soft_dim: Optional[int] = None
     boxes_converted: int = 0
-    skipped: List[Tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def total_samples(self) -> int:
-        """Samples (images) over both splits."""
-        return sum(self.samples.values())
 
 
 class _PairWriters(_SplitWriters):
@@ -289,10 +280,7 @@ def build_shards(
     """
     if captions is None:
         raise ImageTextBuildError("the image_text dataset needs a captions file (captions=... / --captions x.csv)")
-    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-        raise ImageTextBuildError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ImageTextBuildError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    check_build_args(samples_per_shard, val_fraction, ImageTextBuildError)
     src = Path(input_path).expanduser()
     out = Path(output_dir).expanduser()
     region_dir = Path(regions).expanduser() if regions is not None else None
@@ -324,61 +312,45 @@ def build_shards(
     prepare_output(out, overwrite, ImageTextBuildError)
     log_ignored("image_text", ignored, "images (" + ", ".join(sorted(IMAGE_SUFFIXES)) + ")")
 
-    rng = np.random.default_rng(seed)
-    writers = _PairWriters(out, samples_per_shard)
     soft_dim: Optional[int] = None
     dims_from = "" if feature_dim is None else "feature_dim"
     converted = 0
     first_written = ""  # the first region file written: it sets whether the dataset has soft labels
-    try:
-        for split in SPLITS:
-            members = [item for item in usable if _split_of(item[2], val_fraction, seed) == split]
-            for j in rng.permutation(len(members)):
-                index, path, rel = members[j]
+    with _PairWriters(out, samples_per_shard) as writers:
+        for split, index, rel, ext, payload, info in _encoded_images(usable, val_fraction, seed, skipper,
+                                                                    max_pixels=max_pixels, min_size=min_size):
+            arrays: Dict[str, np.ndarray] = {}
+            if region_dir is not None:
+                rp = _region_path(region_dir, rel)
+                if not rp.is_file():
+                    skipper.bad(rel, f"no region file {rp} (every image needs one when regions are given)")
+                    continue
                 try:
-                    ext, payload, info = encode_for_shard(path.read_bytes(), rel, max_pixels=max_pixels,
-                                                          min_size=min_size)
-                except ImageDecodeError as exn:
-                    skipper.bad(rel, str(exn).removeprefix(f"{rel}: "))
+                    arrays, conv = read_region_file(rp, info["width"], info["height"], feature_dim=feature_dim,
+                                                    soft_dim=soft_dim)
+                except RegionArrayError as exn:
+                    reason = str(exn).removeprefix(f"{rp}: ")
+                    skipper.bad(str(rp), reason + (f" (the dataset's sizes were set by {dims_from})"
+                                                   if dims_from and "expected" in reason else ""))
                     continue
-                except OSError as exn:
-                    skipper.bad(rel, f"cannot read file ({type(exn).__name__}: {exn.strerror or exn})")
+                if not first_written:
+                    first_written = str(rp)
+                    if feature_dim is None:
+                        feature_dim, dims_from = int(arrays["features.npy"].shape[1]), str(rp)
+                    soft_dim = int(arrays["soft.npy"].shape[1]) if "soft.npy" in arrays else None
+                elif (soft_dim is None) != ("soft.npy" not in arrays):
+                    skipper.bad(str(rp), f"array 'soft' is {'missing' if soft_dim else 'present'} but "
+                                         f"{first_written} {'has' if soft_dim else 'has none'} (soft labels for "
+                                         "every image or for none)")
                     continue
-                arrays: Dict[str, np.ndarray] = {}
-                if region_dir is not None:
-                    rp = _region_path(region_dir, rel)
-                    if not rp.is_file():
-                        skipper.bad(rel, f"no region file {rp} (every image needs one when regions are given)")
-                        continue
-                    try:
-                        arrays, conv = read_region_file(rp, info["width"], info["height"], feature_dim=feature_dim,
-                                                        soft_dim=soft_dim)
-                    except RegionArrayError as exn:
-                        reason = str(exn).removeprefix(f"{rp}: ")
-                        skipper.bad(str(rp), reason + (f" (the dataset's sizes were set by {dims_from})"
-                                                       if dims_from and "expected" in reason else ""))
-                        continue
-                    if not first_written:
-                        first_written = str(rp)
-                        if feature_dim is None:
-                            feature_dim, dims_from = int(arrays["features.npy"].shape[1]), str(rp)
-                        soft_dim = int(arrays["soft.npy"].shape[1]) if "soft.npy" in arrays else None
-                    elif (soft_dim is None) != ("soft.npy" not in arrays):
-                        skipper.bad(str(rp), f"array 'soft' is {'missing' if soft_dim else 'present'} but "
-                                             f"{first_written} {'has' if soft_dim else 'has none'} (soft labels for "
-                                             "every image or for none)")
-                        continue
-                    converted += conv
-                label, label_name = label_of[rel]
-                meta = {"source": rel, "captions": [c for _, c in caption_table[rel]], "label": label,
-                        "label_name": label_name, **info}
-                if arrays:
-                    meta["num_regions"] = int(arrays["features.npy"].shape[0])
-                writers.write_pair(split, f"{index:09d}", ext, payload, meta, arrays)
+                converted += conv
+            label, label_name = label_of[rel]
+            meta = {"source": rel, "captions": [c for _, c in caption_table[rel]], "label": label,
+                    "label_name": label_name, **info}
+            if arrays:
+                meta["num_regions"] = int(arrays["features.npy"].shape[0])
+            writers.write_pair(split, f"{index:09d}", ext, payload, meta, arrays)
         shards = writers.close()
-    except BaseException:
-        writers.abort()
-        raise
     if sum(writers.samples.values()) == 0:
         writers.abort()
         raise ImageTextBuildError(f"no usable image-caption pairs in {src} ({len(skipper.skipped)} skipped: "
@@ -407,16 +379,10 @@ def build_shards(
                        "skip_bad": skip_bad, "max_pixels": max_pixels, "min_size": min_size},
         "skipped": [list(s) for s in skipper.skipped],
     }
-    try:
-        _write_manifest(out, manifest, ImageTextBuildError)
-    except BaseException:
-        writers.abort()
-        raise
-    if skipper.skipped:
-        logger.warning("image_text build skipped %d input(s), listed in %s: %s", len(skipper.skipped), out / MANIFEST,
-                       "; ".join(f"{w}: {r}" for w, r in skipper.skipped[:3]) + (" ..." if len(skipper.skipped) > 3 else ""))
-    return ImageTextBuildReport(out, len(images), dict(writers.samples), dict(writers.captions), shards, feature_dim,
-                                soft_dim, converted, skipper.skipped)
+    finish_build("image_text", writers, manifest, skipper.skipped, ImageTextBuildError)
+    return ImageTextBuildReport(out, len(images), dict(writers.samples), shards, label_names, ignored=len(ignored),
+                                skipped=skipper.skipped, captions=dict(writers.captions), feature_dim=feature_dim,
+                                soft_dim=soft_dim, boxes_converted=converted)
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,8 +518,8 @@ def _scene_regions(pixels: np.ndarray, meta: Dict[str, Any], rng: np.random.Gene
 
 
 def _build_image_text(out: Path, *, source: Path, samples_per_shard: int = 1000, seed: int = 0,
-                      background_boxes: int = 3, grid: int = 4) -> None:
-    """Write the embedded image-text set into ``out`` from the rendered shapes shards at ``source``."""
+                      background_boxes: int = 3, grid: int = 4) -> str:
+    """Write the embedded image-text set into ``out`` from the rendered shapes shards at ``source``; returns its size."""
     from mmm.data.stream import list_shards
 
     out.mkdir(parents=True, exist_ok=True)
@@ -588,7 +554,7 @@ def _build_image_text(out: Path, *, source: Path, samples_per_shard: int = 1000,
     splits["val"]["unseen_combo_samples"] = unseen
     source_manifest = json.loads((source / MANIFEST).read_text(encoding="utf-8"))
     feature_dim = 3 * grid * grid + 16
-    _write_manifest(out, {
+    write_manifest(out, {
         "dataset": "image_text",
         "name": EMBEDDED_IMAGE_TEXT,
         "source": image_def.EMBEDDED_SHAPES,
@@ -613,7 +579,8 @@ def _build_image_text(out: Path, *, source: Path, samples_per_shard: int = 1000,
         "build_args": {"samples_per_shard": samples_per_shard, "seed": seed, "background_boxes": background_boxes,
                        "grid": grid},
         "skipped": [],
-    })
+    }, ImageTextBuildError)
+    return f"{writers.total} image-text samples"
 
 
 def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
@@ -642,7 +609,7 @@ def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
         The directory holding ``train-*.tar``, ``val-*.tar`` and ``manifest.json``.
     """
     source = image_def.embedded_default(cache_dir)
-    return _cached_build(EMBEDDED_IMAGE_TEXT, cache_dir, partial(_build_image_text, source=source))
+    return cached_build(EMBEDDED_IMAGE_TEXT, cache_dir, partial(_build_image_text, source=source), ImageTextBuildError)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,25 +18,24 @@ import re
 import shutil
 import sys
 import sysconfig
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 from mmm.data.stream import list_shards
 from mmm.data.tar import ReadOptions
 from mmm.modalities.text import codec as text_codec
 from mmm.modalities.text.codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
 from mmm.registry import DATASETS
-from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, find_files, has_suffix, ignored_manifest, log_ignored,
-                                   prepare_output, read_file, stable_split, write_manifest)
+from datasets_def.building import (DONE_MARKER, SPLITS, ShardWriters, cached_build, check_build_args,  # noqa: F401
+                                   default_cache_dir, find_files, finish_build, has_suffix, ignored_manifest,
+                                   log_ignored, prepare_output, read_file, stable_split)
 from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 EMBEDDED_NAME = "text-stdlib-docstrings-v1"
-DONE_MARKER = "DONE"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -241,10 +240,7 @@ def build_shards(
     """
     if not isinstance(max_chars, int) or max_chars < 1:
         raise TextBuildError(f"max_chars must be a positive int, got {max_chars!r}")
-    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-        raise TextBuildError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise TextBuildError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    check_build_args(samples_per_shard, val_fraction, TextBuildError)
     src = Path(input_path).expanduser()
     out = Path(output_dir).expanduser()
     skipper = BadInputSkipper(skip_bad, TextBuildError)
@@ -252,12 +248,11 @@ def build_shards(
     prepare_output(out, overwrite, TextBuildError)
     log_ignored("text", ignored, ".txt or .jsonl")
 
-    writers = ShardWriters(out, samples_per_shard, TextBuildError)
     documents = {s: 0 for s in SPLITS}
     chunks = {s: 0 for s in SPLITS}
     characters = {s: 0 for s in SPLITS}
     doc_ordinal = 0
-    try:
+    with ShardWriters(out, samples_per_shard, TextBuildError) as writers:
         for path, source in inputs:
             for doc, text in _iter_documents(path, source, jsonl_field, skipper):
                 split = stable_split(val_fraction, seed, source, doc)
@@ -276,9 +271,6 @@ def build_shards(
                 documents[split] += 1
                 doc_ordinal += 1
         shards = writers.close()
-    except BaseException:
-        writers.abort()  # the folder held no shards before: these are ours, incomplete
-        raise
     if doc_ordinal == 0:
         raise TextBuildError(f"no documents found in {src} ({len(skipper.skipped)} skipped input(s): {skipper.skipped[:3]})")
 
@@ -304,14 +296,7 @@ def build_shards(
         },
         "skipped": [list(s) for s in skipper.skipped],
     }
-    try:
-        write_manifest(out, manifest, TextBuildError)
-    except BaseException:
-        writers.abort()
-        raise
-    if skipper.skipped:
-        logger.warning("text build skipped %d input(s), listed in %s: %s", len(skipper.skipped), out / MANIFEST,
-                       "; ".join(f"{w}: {r}" for w, r in skipper.skipped[:3]) + (" ..." if len(skipper.skipped) > 3 else ""))
+    finish_build("text", writers, manifest, skipper.skipped, TextBuildError)
     return report
 
 
@@ -382,17 +367,38 @@ def _stdlib_documents(stdlib: Path) -> Tuple[List[Tuple[str, str]], List[Tuple[s
     return docs, unreadable
 
 
-def default_cache_dir() -> Path:
-    """``$MMM_CACHE_DIR`` or ``~/.cache/mmm``."""
-    return Path(os.environ.get("MMM_CACHE_DIR") or Path.home() / ".cache" / "mmm").expanduser()
+def _build_stdlib(out: Path) -> str:
+    """Write the stdlib-docstring corpus into ``out`` (shards, manifest, ``source.json``); returns its counts."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docs, unreadable = _stdlib_documents(stdlib)
+    source_dir = out / "source"
+    source_dir.mkdir(parents=True)
+    jsonl = source_dir / "stdlib-docstrings.jsonl"
+    with jsonl.open("w", encoding="utf-8") as fh:
+        for module, text in docs:
+            fh.write(json.dumps({"module": module, "text": text}, ensure_ascii=False) + "\n")
+    report = build_shards(jsonl, out, val_fraction=0.05, seed=0)
+    shutil.rmtree(source_dir)
+    info = {
+        "python": sys.version.split()[0],
+        "stdlib": str(stdlib),
+        "modules": len(docs),
+        "unparsable_files": [list(u) for u in unreadable],
+        "documents": report.documents,
+        "characters": report.characters,
+    }
+    (out / "source.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return (f"{report.total_documents} documents, {report.total_chunks} chunks, "
+            f"{sum(report.characters.values())} characters")
 
 
 def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
     """The embedded default text corpus (stdlib docstrings), built once, cached, no download.
 
-    Built at ``{cache_dir}/datasets/text-stdlib-docstrings-v1/`` in a temporary directory that
-    is renamed into place once complete (a ``DONE`` marker is written last), so an interrupted
-    build never leaves a partial corpus. Deterministic for a given Python installation.
+    Built at ``{cache_dir}/datasets/text-stdlib-docstrings-v1/`` by
+    :func:`datasets_def.building.cached_build` (a temporary directory renamed into place once
+    complete, a ``DONE`` marker written last), so an interrupted build never leaves a partial
+    corpus. Deterministic for a given Python installation.
 
     Args:
         cache_dir: cache root; default ``$MMM_CACHE_DIR`` or ``~/.cache/mmm``.
@@ -400,53 +406,7 @@ def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
     Returns:
         The directory holding ``train-*.tar``, ``val-*.tar`` and ``manifest.json``.
     """
-    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "datasets"
-    final = root / EMBEDDED_NAME
-    if (final / DONE_MARKER).is_file():
-        return final
-    if final.exists():
-        raise TextBuildError(f"{final} exists but has no {DONE_MARKER} marker (not built by mmm?); delete it to rebuild")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{EMBEDDED_NAME}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    start = time.perf_counter()
-    try:
-        stdlib = Path(sysconfig.get_paths()["stdlib"])
-        docs, unreadable = _stdlib_documents(stdlib)
-        source_dir = tmp / "source"
-        source_dir.mkdir(parents=True)
-        jsonl = source_dir / "stdlib-docstrings.jsonl"
-        with jsonl.open("w", encoding="utf-8") as fh:
-            for module, text in docs:
-                fh.write(json.dumps({"module": module, "text": text}, ensure_ascii=False) + "\n")
-        report = build_shards(jsonl, tmp, val_fraction=0.05, seed=0)
-        shutil.rmtree(source_dir)
-        info = {
-            "python": sys.version.split()[0],
-            "stdlib": str(stdlib),
-            "modules": len(docs),
-            "unparsable_files": [list(u) for u in unreadable],
-            "documents": report.documents,
-            "characters": report.characters,
-        }
-        (tmp / "source.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        (tmp / DONE_MARKER).write_text("ok\n", encoding="utf-8")
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / DONE_MARKER).is_file():  # lost a race only if the winner finished
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            return final
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info(
-        "built embedded text corpus %s: %d documents, %d chunks, %d characters in %.1f s",
-        final, report.total_documents, report.total_chunks, sum(report.characters.values()), time.perf_counter() - start,
-    )
-    return final
+    return cached_build(EMBEDDED_NAME, cache_dir, _build_stdlib, TextBuildError)
 
 
 # --------------------------------------------------------------------------------------------
