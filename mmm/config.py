@@ -61,6 +61,9 @@ class EncoderConfig:
     attention: str = _f("auto", "attention backend: auto, xformers, sdpa, math (env MMM_ATTENTION overrides auto)")
     experts: bool = _f(False, "modality experts (VLMo / ONE-PEACE): shared attention, one MLP per modality of the model "
                        "chosen by each token's modality; load_encoder(ckpt, modality=m) folds expert m into the plain MLP")
+    mto_layers: int = _f(0, "masked token optimisation (MTO, Choi et al. 2024): in the first N blocks, tokens holding a "
+                         "mask embedding (mask-token image patches, audio frames, hidden regions) are left out of "
+                         "the other tokens' attention keys; 0 = off", ge=0)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import mmm.objectives  # noqa: F401  (registers objectives)
 from mmm.batch import PackedBatch
 from mmm.config import ModelConfig, ObjectiveConfig
 from mmm.core.encoder import TransformerEncoder
+from mmm.masking.mto import encode_with_mto, mask_token_rows
 from mmm.objectives.base import ObjectiveOutput
 from mmm.registry import EMBEDDERS, OBJECTIVES
 
@@ -89,7 +90,12 @@ class MaskedModel(nn.Module):
 
     def encode(self, batch: PackedBatch) -> torch.Tensor:
         """(N, d) hidden states of a packed batch (fused across paired sequences when it has ``partners``)."""
-        if self.encoder.experts:  # modality experts: every token passes its own modality's MLP
+        mto = self.encoder.cfg.mto_layers
+        rows = mask_token_rows(batch, self.embedders) if mto else None
+        if rows is not None:  # MTO: the first blocks leave the mask-embedding tokens out of the others' keys
+            modality = self.token_modalities(batch) if self.encoder.experts else None
+            hidden = encode_with_mto(self.encoder, self.embed(batch), batch.seq, rows, mto, modality)
+        elif self.encoder.experts:  # modality experts: every token passes its own modality's MLP
             hidden = self.encoder(self.embed(batch), batch.seq, modality=self.token_modalities(batch))
         else:
             hidden = self.encoder(self.embed(batch), batch.seq)
