@@ -6,9 +6,9 @@ checkpoint or saved encoder, since speed does not depend on the weights) on the 
 ``stdlib-package`` task (:func:`mmm.downstream.tasks.stdlib_package_task`, real docstrings):
 
 * **mmm**: :func:`mmm.downstream.finetune.finetune`, the loop behind ``mmm finetune`` (one seed,
-  batch 32, AdamW, linear warmup/decay, clipping at 1.0). Its text batches run packed: the encoder
-  drops the padding before the embedder and attends block-diagonally, so it computes on real
-  tokens only;
+  batch 32, fused AdamW, linear warmup/decay, clipping at 1.0). Its text batches run packed: the
+  token ids of a batch are concatenated into one stream that the embedder and the encoder read
+  with ``cu_seqlens`` (block-diagonal attention), so it computes on real tokens only;
 * **HF**: the encoder exported with :func:`mmm.interop.hf.export_hf_bert`, loaded as
   ``BertForSequenceClassification``, trained by ``transformers.Trainer`` with its default dynamic
   padding (``DataCollatorWithPadding``: every batch padded to its longest row), the texts tokenized
@@ -131,12 +131,12 @@ def run_mmm(size: Size, encoder_dir: Path, splits, threads: int) -> Dict[str, An
 
     def record_batch(module, args):
         if module.training:  # dev scoring runs in eval mode
-            ids, mask = args[0], args[1]
-            batches.append({"rows": int(ids.shape[0]), "width": int(ids.shape[1]), "real": int(mask.sum())})
+            seq = args[1]  # the packed layout the Transformer reads; width = the batch's longest row
+            batches.append({"rows": seq.batch_size, "width": seq.max_seqlen, "real": seq.num_tokens})
 
     def fresh_encoder():
         enc = load_encoder(str(encoder_dir), "text")
-        enc.register_forward_pre_hook(record_batch)
+        enc.encoder.register_forward_pre_hook(record_batch)
         return enc
 
     fresh_encoder.__name__ = str(encoder_dir)

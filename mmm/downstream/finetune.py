@@ -3,9 +3,9 @@
 The head is BERT's sequence-classification head (Devlin et al. 2019; HF
 ``BertForSequenceClassification``): the pooled vector ([CLS] or mean) → ``dense`` (d → d) + tanh
 → dropout → ``classifier`` (d → classes, or 1 for regression), initialised N(0, 0.02) with zero
-biases. Loss: cross-entropy (classification) or mean squared error (regression). AdamW (no decay
-on biases and LayerNorm weights), linear warmup then linear decay to 0, gradient clipping at 1.0
-(HF ``Trainer``'s defaults). The dev metric is scored after every epoch (or every ``eval_every``
+biases. Loss: cross-entropy (classification) or mean squared error (regression). AdamW (torch's
+fused kernel; no decay on biases and LayerNorm weights), linear warmup then linear decay to 0,
+gradient clipping at 1.0 (HF ``Trainer``'s defaults, its ``adamw_torch_fused`` included). The dev metric is scored after every epoch (or every ``eval_every``
 steps); training stops after ``patience`` evaluations without improvement, and the best state is
 restored (and written, with ``out``) before the test split is scored.
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mmm.downstream.data import Labels, Split, encode_labels
-from mmm.downstream.inputs import InputAdapter, load_adapter, pool_padded
+from mmm.downstream.inputs import InputAdapter, load_adapter
 from mmm.downstream.metrics import METRICS, check_metric, mean_std, score_all
 
 PathLike = Union[str, Path]
@@ -97,8 +97,7 @@ class FinetuneModel(nn.Module):
 
     def forward(self, items: Sequence[Any]) -> torch.Tensor:
         """Prepared items → (B, outputs) logits."""
-        hidden, mask = self.adapter.forward(items)  # (B, T, d), (B, T)
-        return self.head(pool_padded(hidden, mask, self.pooling))
+        return self.head(self.adapter.pooled(items, self.pooling))  # (B, d) → (B, outputs)
 
 
 def set_dropout(module: nn.Module, p: float) -> None:
@@ -118,6 +117,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
             continue
         (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def fused_adamw_ok(model: nn.Module) -> bool:
+    """Whether torch's fused AdamW kernel (one kernel for all parameters, as HF ``Trainer``'s default
+    ``adamw_torch_fused``) takes ``model``'s parameters: floating point, on CPU or CUDA."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in model.parameters())
 
 
 def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -218,7 +223,7 @@ def train_one_seed(make_adapter: Callable[[], InputAdapter], train: Tuple[List[A
         set_dropout(model, cfg.dropout)
     device = next(adapter.encoder.parameters()).device
     model.to(device).train()
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=fused_adamw_ok(model))
     per_epoch = math.ceil(len(train[0]) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(total, int(round(cfg.warmup * total))))

@@ -12,9 +12,9 @@ An :class:`InputAdapter` wraps a loaded encoder and knows its modality's raw inp
 * ``audio``: a ``(waveform, sample_rate)`` pair through the encoder's fitted front end; the
   first sequence's worth of tokens (as the pretraining pipeline cuts clips).
 
-Text and DNA batches are run packed: :class:`~mmm.encoders.TextEncoder` removes the padding
-before the embedder and attends block-diagonally (``cu_seqlens``), as in pretraining, so no
-compute is spent on padded positions. Every cut input is counted in :attr:`InputAdapter.truncated`.
+Text and DNA batches are run packed: :meth:`InputAdapter.pooled` concatenates the token ids into
+one flat stream that the embedder and the encoder read with ``cu_seqlens`` (block-diagonal
+attention), as in pretraining, so no compute is spent on padding and no padded tensor is built. Every cut input is counted in :attr:`InputAdapter.truncated`.
 """
 from __future__ import annotations
 
@@ -155,9 +155,32 @@ class InputAdapter:
         return self.encoder(feats.to(device), lengths.to(device)), mask.to(device)
 
     def pooled(self, items: Sequence[Any], pooling: str) -> torch.Tensor:
-        """(B, d) one vector per item: the [CLS] token or the mean over real (patch) tokens."""
+        """(B, d) one vector per item: the [CLS] token or the mean over real (patch) tokens.
+
+        Text and DNA go through :meth:`encode_packed` (no padded tensor anywhere); the other
+        modalities pool :meth:`forward`'s padded output.
+        """
+        if self.modality in ("text", "dna"):
+            from mmm.probe import pool
+
+            hidden, seq = self.encode_packed(items)
+            return hidden.index_select(0, seq.cu_seqlens[:-1].long()) if pooling == "cls" else pool(hidden, seq.cu_seqlens)
         hidden, mask = self.forward(items)
         return pool_padded(hidden, mask, pooling)
+
+    def encode_packed(self, items: Sequence[np.ndarray]) -> Tuple[torch.Tensor, Any]:
+        """Text / DNA token-id arrays → ``(hidden (N, d), PackedSeqInfo)`` of one flat stream.
+
+        The ids are concatenated and embedded and encoded as they are (as in pretraining), so
+        unlike :meth:`forward` no padded (B, T) batch is built, checked, unpadded and padded back.
+        Items come from :meth:`prepare`, which keeps every one within the position table.
+        """
+        from mmm.core.packing import PackedSeqInfo
+
+        device = next(self.encoder.parameters()).device
+        seq = PackedSeqInfo.from_seqlens([len(x) for x in items], device=device)
+        ids = torch.from_numpy(np.concatenate([np.asarray(x, np.int64) for x in items])).to(device)  # (N,)
+        return self.encoder.encoder(self.encoder.embedder(ids, seq.position_ids), seq), seq  # (N, d)
 
     @torch.no_grad()
     def features(self, raws: Sequence[Any], pooling: str, *, batch_size: int = 64,

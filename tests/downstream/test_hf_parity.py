@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mmm.downstream.data import Labels, encode_labels, read_table
-from mmm.downstream.finetune import (ClassificationHead, FinetuneConfig, batch_order, linear_warmup_decay,
-                                     param_groups, train_one_seed)
+from mmm.downstream.finetune import (ClassificationHead, FinetuneConfig, batch_order, fused_adamw_ok,
+                                     linear_warmup_decay, param_groups, train_one_seed)
 from mmm.downstream.inputs import load_adapter, pad_ids
 from tests.downstream.helpers import keyword_rows, write_table
 
@@ -43,7 +43,7 @@ def test_first_training_losses_match_hf_bert_for_sequence_classification(ckpt: P
     # mmm has no segment embeddings: the export's zero token-type table stays a constant, not a parameter
     hf.bert.embeddings.token_type_embeddings.weight.requires_grad_(False)
     hf.train()
-    opt = torch.optim.AdamW(param_groups(hf, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(hf, cfg.weight_decay), lr=cfg.lr, fused=fused_adamw_ok(hf))
     total = int(np.ceil(len(items) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(total, int(round(cfg.warmup * total))))
     hf_losses = []

@@ -156,3 +156,18 @@ def test_finetune_skip_bad_counts_rows(saved: Path, tmp_path: Path, capsys) -> N
     assert main(["finetune", str(saved), "--train", str(train), "--dev", str(train), "--text_column", "sentence",
                  "--seeds", "1", "--epochs", "1", "--skip_bad"]) == 0
     assert "skipped 4 bad row(s)" in capsys.readouterr().out  # 2 rows, read as train and as dev
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_packed_pooling_equals_the_padded_encoder(ckpt: Path, pooling: str) -> None:
+    from mmm.downstream.inputs import load_adapter, pool_padded
+
+    adapter = load_adapter(str(ckpt), "text")
+    items = [adapter.prepare(x) for x in LINES] + [adapter.prepare(("A pair's first text.", LINES[3]))]
+    with torch.no_grad():
+        hidden, mask = adapter.forward(items)  # the padded path: TextEncoder on a (B, T) batch
+        ref = pool_padded(hidden, mask, pooling)
+        got = adapter.pooled(items, pooling)
+        flat, seq = adapter.encode_packed(items)
+    assert flat.shape == (sum(len(x) for x in items), 64) and seq.seqlens == [len(x) for x in items]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
