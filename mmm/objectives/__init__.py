@@ -4,3 +4,4 @@ from mmm.objectives import contrastive, itm, mrm  # noqa: F401  (registers "itc"
 from mmm.objectives import electra  # noqa: F401  (registers "electra")
 from mmm.objectives import d2v  # noqa: F401  (registers "d2v")
 from mmm.objectives import position_prediction  # noqa: F401  (registers "mp3")
+from mmm.objectives import distill  # noqa: F401  (registers "distill")
