@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import lightning as L
 import numpy as np
 
 import mmm.modalities.audio.modality  # noqa: F401  (registers the "audio" modality and embedder)
 import mmm.objectives.feature_regression  # noqa: F401  (registers "masked_features")
 from mmm.config import PretrainConfig
-from mmm.demo.common import (bold_better, held_out_loss, part_config, plot_losses, probe_models, read_metrics,
-                             table_row, torch_threads)
+from mmm.demo.common import bold_better, plot_losses, run_part, table_row, train_part
 from mmm.model import head_name
-from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
 
 logger = logging.getLogger("mmm.demo")
 
@@ -36,55 +32,28 @@ def run_audio_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Opti
                    schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
     """Run the audio part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
 
-    Args:
-        out_dir: folder for the run, the figure and the metrics.
-        config: pretraining config (default ``configs/audio_mam_tiny.yaml``).
-        max_steps: override ``trainer.max_steps``.
-        progress_bar: show Lightning's progress bar.
-        schedule: config overrides applied before ``max_steps`` (``mmm demo --full``: the longer schedule).
+    Arguments as :func:`mmm.demo.common.run_part` (``config`` defaults to ``configs/audio_mam_tiny.yaml``).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = Path(config) if config else DEFAULT_CONFIG
-    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar, schedule)
-    with torch_threads(cfg.trainer.threads):
-        metrics = _train_and_evaluate(cfg, out_dir)
-    metrics["config"] = str(config)
-    metrics["report"] = _report(metrics, cfg, out_dir.name)
-    return metrics
+    return run_part(out_dir, config, DEFAULT_CONFIG, max_steps, progress_bar, schedule, _train_and_evaluate, _report)
 
 
 def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path) -> Dict[str, object]:
-    t0 = time.perf_counter()
-    run = pretrain(cfg)
-    train_seconds = time.perf_counter() - t0
-
-    trained = run.module.model.cpu().eval()
-    L.seed_everything(cfg.seed, verbose=False)
-    untrained = build_model_for(cfg, run.modality).eval()
-    train_urls = resolve_shards(cfg.data.train, cfg.data.dataset, "train")
-    val_urls = resolve_shards(cfg.data.val or "embedded", cfg.data.dataset, "val")
-    models = {"trained": trained, "untrained": untrained}
-    losses = {name: held_out_loss(m, run.modality, run.masker, val_urls, batch_size=cfg.data.batch_size)
-              for name, m in models.items()}
-    t1 = time.perf_counter()
-    probes = probe_models(models, run.modality, train_urls, val_urls)
-    probe_seconds = time.perf_counter() - t1
-    series = read_metrics(run.csv_logger.log_dir and Path(run.csv_logger.log_dir) / "metrics.csv")
+    part = train_part(cfg)
+    losses = part.held_out_losses(cfg.data.batch_size)
+    probes, probe_seconds = part.probes()
     untrained_total = sum(o.weight * losses["untrained"][head_name(o)] for o in cfg.objectives)
-    hlines = [(untrained_total, "untrained model, held-out", "--")]
-    plot_losses(series, out_dir / "loss_curve.png", "mmm demo: tiny masked acoustic model on embedded sounds",
-                "weighted sum of the objectives' losses", hlines)
-    per_sec = [v for _, v in series.get("train/seqs_per_sec", [])]
+    plot_losses(part.series, out_dir / "loss_curve.png", "mmm demo: tiny masked acoustic model on embedded sounds",
+                "weighted sum of the objectives' losses", [(untrained_total, "untrained model, held-out", "--")])
+    per_sec = [v for _, v in part.series.get("train/seqs_per_sec", [])]
     return {
         "threads": cfg.trainer.threads,
         "steps": cfg.trainer.max_steps,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(part.train_seconds, 1),
         "probe_seconds": round(probe_seconds, 1),
         "median_sequences_per_sec": float(np.median(per_sec)) if per_sec else None,
         "held_out_loss": losses,
-        "linear_probe": {k: vars(v) for k, v in probes.items()},
-        "checkpoint": str(run.last_checkpoint),
+        "linear_probe": probes,
+        "checkpoint": str(part.run.last_checkpoint),
     }
 
 

@@ -1,17 +1,22 @@
-"""Pieces every part of ``mmm demo`` shares: metrics CSV reading, loss plots, held-out losses, probes."""
+"""Pieces every part of ``mmm demo`` shares: the part skeleton (config, pretraining, the same network
+at its initialisation), metrics CSV reading, loss plots, held-out losses, probes."""
 from __future__ import annotations
 
 import contextlib
 import csv
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import lightning as L
 import torch
 
 from mmm.data.stream import SampleErrorHandler, make_pipeline
 from mmm.config import PretrainConfig, load_config
 from mmm.model import MaskedModel
 from mmm.probe import ProbeScore, extract_features, linear_probe
+from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
 
 
 def part_config(config: Optional[Path], default: Path, out_dir: Path, max_steps: Optional[int],
@@ -25,6 +30,78 @@ def part_config(config: Optional[Path], default: Path, out_dir: Path, max_steps:
     if max_steps is not None:
         overrides["trainer.max_steps"] = max_steps
     return load_config(Path(config) if config else default, overrides)
+
+
+def run_part(out_dir: Path, config: Optional[Path], default: Path, max_steps: Optional[int], progress_bar: bool,
+             schedule: Optional[Dict[str, Any]], evaluate: Callable[[PretrainConfig, Path], Dict[str, object]],
+             report: Callable[[Dict, PretrainConfig, str], str]) -> Dict[str, object]:
+    """One demo part: its config (:func:`part_config`), ``evaluate(cfg, out_dir)`` (train, score, plot) under the
+    config's thread count (:func:`torch_threads`), then ``report(metrics, cfg, folder name)`` as ``metrics["report"]``.
+
+    Args:
+        out_dir: folder for the run, the figures and the metrics (created).
+        config: pretraining config; None: ``default``.
+        default: the part's default config.
+        max_steps, progress_bar, schedule: as :func:`part_config`.
+        evaluate: the part's training and evaluation; returns its metrics.
+        report: the part's markdown section from its metrics.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = Path(config) if config else default
+    cfg = part_config(config, default, out_dir, max_steps, progress_bar, schedule)
+    with torch_threads(cfg.trainer.threads):
+        metrics = evaluate(cfg, out_dir)
+    metrics["config"] = str(config)
+    metrics["report"] = report(metrics, cfg, out_dir.name)
+    return metrics
+
+
+@dataclass
+class TrainedPart:
+    """A demo part's pretraining run and the same network at its initialisation, both on the CPU in eval mode."""
+
+    run: Any
+    """The :class:`~mmm.train.pretrain.PretrainRun`."""
+    train_seconds: float
+    models: Dict[str, MaskedModel]
+    """``{"trained": ..., "untrained": ...}``: the untrained one is built from the run's seed, so it starts where
+    training started."""
+    series: Dict[str, List[tuple]]
+    """The run's logged metrics (:func:`read_metrics`)."""
+    train_urls: List[str]
+    val_urls: List[str]
+    """The shards of a single-task run's dataset (``data.val`` or the embedded set's val split); empty for a
+    multi-task run."""
+
+    def held_out_losses(self, batch_size: int, quick: bool = False) -> Dict[str, Dict[str, float]]:
+        """``{model: {head: loss}}`` on :attr:`val_urls` (:func:`held_out_loss`: identical masks for both models;
+        3 batches with ``quick``, else 20)."""
+        return {name: held_out_loss(m, self.run.modality, self.run.masker, self.val_urls, batch_size=batch_size,
+                                    max_batches=3 if quick else 20) for name, m in self.models.items()}
+
+    def probes(self, **kwargs: Any) -> Tuple[Dict[str, Dict[str, Any]], float]:
+        """Each model's linear probe (:func:`probe_models` on :attr:`train_urls` / :attr:`val_urls`; ``kwargs``
+        passed on) as plain dicts, and the seconds it took."""
+        t0 = time.perf_counter()
+        scores = probe_models(self.models, self.run.modality, self.train_urls, self.val_urls, **kwargs)
+        return {k: vars(v) for k, v in scores.items()}, time.perf_counter() - t0
+
+
+def train_part(cfg: PretrainConfig) -> TrainedPart:
+    """Pretrain ``cfg`` (:func:`mmm.train.pretrain.pretrain`), timed, and build its untrained twin."""
+    t0 = time.perf_counter()
+    run = pretrain(cfg)
+    train_seconds = time.perf_counter() - t0
+    trained = run.module.model.cpu().eval()
+    L.seed_everything(cfg.seed, verbose=False)
+    untrained = build_model_for(cfg, run.modalities if len(run.modalities.feeds) > 1 else run.modality).eval()
+    series = read_metrics(run.csv_logger.log_dir and Path(run.csv_logger.log_dir) / "metrics.csv")
+    train_urls = val_urls = []
+    if not cfg.tasks:
+        train_urls = resolve_shards(cfg.data.train, cfg.data.dataset, "train")
+        val_urls = resolve_shards(cfg.data.val or "embedded", cfg.data.dataset, "val")
+    return TrainedPart(run, train_seconds, {"trained": trained, "untrained": untrained}, series, train_urls, val_urls)
 
 
 @contextlib.contextmanager

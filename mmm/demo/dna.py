@@ -12,14 +12,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import lightning as L
 import numpy as np
 
 from mmm.config import PretrainConfig
-from mmm.demo.common import (bold_better, held_out_loss, part_config, plot_losses, probe_models, read_metrics,
-                             table_row, torch_threads)
+from mmm.demo.common import bold_better, plot_losses, run_part, table_row, train_part
 from mmm.probe import linear_probe
-from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "dna_mlm_tiny.yaml"
@@ -34,57 +31,36 @@ def run_dna_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Option
                  schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
     """Run the DNA part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
 
-    Args:
-        out_dir: folder for the run, the figure and the metrics.
-        config: pretraining config (default ``configs/dna_mlm_tiny.yaml``).
-        max_steps: override ``trainer.max_steps``.
-        progress_bar: show Lightning's progress bar.
-        schedule: config overrides applied before ``max_steps`` (``mmm demo --full``: the longer schedule).
-        quick: a small probe and held-out set, for smoke tests.
+    Arguments as :func:`mmm.demo.common.run_part` (``config`` defaults to ``configs/dna_mlm_tiny.yaml``); ``quick``:
+    a small probe and held-out set, for smoke tests.
     """
-    config = Path(config) if config else DEFAULT_CONFIG
-    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar, schedule)
-    with torch_threads(cfg.trainer.threads):
-        metrics = _train_and_evaluate(cfg, out_dir, quick)
-    metrics["config"] = str(config)
-    metrics["report"] = _report(metrics, cfg, out_dir.name)
-    return metrics
+    return run_part(out_dir, config, DEFAULT_CONFIG, max_steps, progress_bar, schedule,
+                    lambda cfg, out: _train_and_evaluate(cfg, out, quick), _report)
 
 
 def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict[str, object]:
-    t0 = time.perf_counter()
-    run = pretrain(cfg)
-    train_seconds = time.perf_counter() - t0
-
-    trained = run.module.model.cpu().eval()
-    L.seed_everything(cfg.seed, verbose=False)
-    untrained = build_model_for(cfg, run.modality).eval()
-    train_urls = resolve_shards(cfg.data.train, cfg.data.dataset, "train")
-    val_urls = resolve_shards(cfg.data.val or "embedded", cfg.data.dataset, "val")
-    models = {"trained": trained, "untrained": untrained}
-    losses = {name: held_out_loss(m, run.modality, run.masker, val_urls, batch_size=cfg.data.batch_size,
-                                  max_batches=3 if quick else 20) for name, m in models.items()}
-    t1 = time.perf_counter()
+    part = train_part(cfg)
+    losses = part.held_out_losses(cfg.data.batch_size, quick)
     max_train, max_test = (300, 200) if quick else (2000, 1000)
-    probes = probe_models(models, run.modality, train_urls, val_urls, max_train=max_train, max_test=max_test,
-                          batch_size=cfg.data.batch_size, pooling=PROBE_POOLING)
+    probes, probe_seconds = part.probes(max_train=max_train, max_test=max_test, batch_size=cfg.data.batch_size,
+                                        pooling=PROBE_POOLING)
     # the reference a user would otherwise pick: 4-mer counts of the same windows, same probe
-    kmer = linear_probe(kmer_count_features(train_urls, BASELINE_K, max_train),
-                        kmer_count_features(val_urls, BASELINE_K, max_test))
-    probe_seconds = time.perf_counter() - t1
-    series = read_metrics(run.csv_logger.log_dir and Path(run.csv_logger.log_dir) / "metrics.csv")
+    t0 = time.perf_counter()
+    kmer = linear_probe(kmer_count_features(part.train_urls, BASELINE_K, max_train),
+                        kmer_count_features(part.val_urls, BASELINE_K, max_test))
+    probe_seconds += time.perf_counter() - t0
     head = next(iter(losses["untrained"]), None)
-    plot_losses(series, out_dir / "loss_curve.png", "mmm demo: tiny DNA MLM on the synthetic genome",
+    plot_losses(part.series, out_dir / "loss_curve.png", "mmm demo: tiny DNA MLM on the synthetic genome",
                 "cross-entropy (nats)", [(losses["untrained"][head], "untrained model, held-out", "--")] if head else [])
     return {
         "steps": cfg.trainer.max_steps,
         "threads": cfg.trainer.threads,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(part.train_seconds, 1),
         "probe_seconds": round(probe_seconds, 1),
         "held_out_loss": losses,
-        "linear_probe": {k: vars(v) for k, v in probes.items()},
+        "linear_probe": probes,
         "kmer_baseline": {"k": BASELINE_K, **vars(kmer)},
-        "checkpoint": str(run.last_checkpoint),
+        "checkpoint": str(part.run.last_checkpoint),
     }
 
 

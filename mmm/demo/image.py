@@ -9,22 +9,18 @@ masked input / MAE reconstruction) and the loss curve.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import lightning as L
 import numpy as np
 import torch
 
 from mmm.config import PretrainConfig
 from mmm.modalities.image.transforms import denormalize
 from mmm.data.stream import SampleErrorHandler, make_pipeline
-from mmm.demo.common import (bold_better, held_out_loss, part_config, plot_losses, probe_models, read_metrics,
-                             table_row)
+from mmm.demo.common import bold_better, plot_losses, run_part, table_row, train_part
 from mmm.model import MaskedModel
 from mmm.objectives.mim import patchify, unpatchify
-from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
 
 logger = logging.getLogger("mmm.demo")
 
@@ -84,50 +80,31 @@ def run_image_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Opti
                    schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
     """Run the image part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
 
-    Args:
-        out_dir: folder for the run, the figures and the metrics.
-        config: pretraining config (default ``configs/image_mae_tiny.yaml``).
-        max_steps: override ``trainer.max_steps``.
-        progress_bar: show Lightning's progress bar.
-        schedule: config overrides applied before ``max_steps`` (``mmm demo --full``: the longer schedule).
-        quick: a small probe (300 training / 200 held-out images) and held-out set, for smoke tests.
+    Arguments as :func:`mmm.demo.common.run_part` (``config`` defaults to ``configs/image_mae_tiny.yaml``);
+    ``quick``: a small probe (300 training / 200 held-out images) and held-out set, for smoke tests.
     """
-    config = Path(config) if config else DEFAULT_CONFIG
-    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar, schedule)
-    t0 = time.perf_counter()
-    run = pretrain(cfg)
-    train_seconds = time.perf_counter() - t0
+    return run_part(out_dir, config, DEFAULT_CONFIG, max_steps, progress_bar, schedule,
+                    lambda cfg, out: _train_and_evaluate(cfg, out, quick), _report)
 
-    trained = run.module.model.cpu().eval()
-    L.seed_everything(cfg.seed, verbose=False)
-    untrained = build_model_for(cfg, run.modality).eval()
-    train_urls = resolve_shards(cfg.data.train, cfg.data.dataset, "train")
-    val_urls = resolve_shards(cfg.data.val or "embedded", cfg.data.dataset, "val")
-    models = {"trained": trained, "untrained": untrained}
-    losses = {name: held_out_loss(m, run.modality, run.masker, val_urls, batch_size=cfg.data.batch_size,
-                                  max_batches=3 if quick else 20) for name, m in models.items()}
-    t1 = time.perf_counter()
-    probes = probe_models(models, run.modality, train_urls, val_urls, max_train=300 if quick else 2000,
-                          max_test=200 if quick else 1000)
-    probe_seconds = time.perf_counter() - t1
-    reconstruction_figure(trained, run.modality, run.masker, val_urls, out_dir / "reconstruction.png")
-    series = read_metrics(run.csv_logger.log_dir and Path(run.csv_logger.log_dir) / "metrics.csv")
-    plot_losses(series, out_dir / "loss_curve.png", "mmm demo: tiny MAE on embedded shapes",
-                "MSE on normalised hidden patches",
-                [(losses["untrained"]["mae"], "untrained model, held-out", "--")])
-    images_per_sec = [v for _, v in series.get("train/samples_per_sec", [])]
-    metrics = {
-        "config": str(config),
+
+def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict[str, object]:
+    part = train_part(cfg)
+    losses = part.held_out_losses(cfg.data.batch_size, quick)
+    probes, probe_seconds = part.probes(max_train=300 if quick else 2000, max_test=200 if quick else 1000)
+    reconstruction_figure(part.models["trained"], part.run.modality, part.run.masker, part.val_urls,
+                          out_dir / "reconstruction.png")
+    plot_losses(part.series, out_dir / "loss_curve.png", "mmm demo: tiny MAE on embedded shapes",
+                "MSE on normalised hidden patches", [(losses["untrained"]["mae"], "untrained model, held-out", "--")])
+    images_per_sec = [v for _, v in part.series.get("train/samples_per_sec", [])]
+    return {
         "steps": cfg.trainer.max_steps,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(part.train_seconds, 1),
         "probe_seconds": round(probe_seconds, 1),
         "median_images_per_sec": float(np.median(images_per_sec)) if images_per_sec else None,
         "held_out_loss": losses,
-        "linear_probe": {k: vars(v) for k, v in probes.items()},
-        "checkpoint": str(run.last_checkpoint),
+        "linear_probe": probes,
+        "checkpoint": str(part.run.last_checkpoint),
     }
-    metrics["report"] = _report(metrics, cfg, out_dir.name)
-    return metrics
 
 
 def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:

@@ -8,11 +8,9 @@ masks → the report section, ``loss_curve.png`` and the metrics.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import lightning as L
 import numpy as np
 import torch
 
@@ -22,8 +20,7 @@ from mmm.masking.base import MaskedTokens
 from mmm.evaluate import MLMScore, evaluate_mlm, evaluate_unigram, unigram_log_probs
 from mmm.model import MaskedModel
 from mmm.modalities.text.tokenizer import TextTokenizer
-from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
-from mmm.demo.common import bold_better, part_config, read_metrics, table_row
+from mmm.demo.common import bold_better, run_part, table_row, train_part
 
 logger = logging.getLogger("mmm.demo")
 
@@ -94,51 +91,35 @@ def run_text_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optio
                   schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
     """Run the text part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
 
-    Args:
-        out_dir: folder for the run and the report.
-        config: pretraining config (default ``configs/text_mlm_tiny.yaml``).
-        max_steps: override ``trainer.max_steps``.
-        progress_bar: show Lightning's progress bar.
-        schedule: config overrides applied before ``max_steps`` (``mmm demo --full``: the longer schedule).
-        quick: accepted for a uniform part signature (the text evaluation is already small).
+    Arguments as :func:`mmm.demo.common.run_part` (``config`` defaults to ``configs/text_mlm_tiny.yaml``);
+    ``quick``: accepted for a uniform part signature (the text evaluation is already small).
     """
-    config = Path(config) if config else DEFAULT_CONFIG
-    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar, schedule)
-    t0 = time.perf_counter()
-    run = pretrain(cfg)
-    train_seconds = time.perf_counter() - t0
+    return run_part(out_dir, config, DEFAULT_CONFIG, max_steps, progress_bar, schedule, _train_and_evaluate, _report)
 
-    tok = run.tokenizer
-    trained = run.module.model.cpu()
-    L.seed_everything(cfg.seed, verbose=False)
-    untrained = build_model_for(cfg, run.modality)
-    masker = run.masker
-    val_urls = resolve_shards(cfg.data.val or "embedded", cfg.data.dataset, "val")
-    scores: Dict[str, MLMScore] = {
-        name: evaluate_mlm(m, tok, masker, val_urls, max_len=cfg.model.text.max_len, batch_size=cfg.data.batch_size)
-        for name, m in (("trained", trained), ("untrained", untrained))
-    }
+
+def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path) -> Dict[str, object]:
     from datasets_def.text import iter_texts
 
-    train_urls = resolve_shards(cfg.data.train, cfg.data.dataset, "train")
-    scores["unigram"] = evaluate_unigram(unigram_log_probs(tok, iter_texts(train_urls)), tok, masker, val_urls,
-                                         max_len=cfg.model.text.max_len, batch_size=cfg.data.batch_size)
+    part = train_part(cfg)
+    tok, masker = part.run.tokenizer, part.run.masker
+    scores: Dict[str, MLMScore] = {
+        name: evaluate_mlm(m, tok, masker, part.val_urls, max_len=cfg.model.text.max_len, batch_size=cfg.data.batch_size)
+        for name, m in part.models.items()
+    }
+    scores["unigram"] = evaluate_unigram(unigram_log_probs(tok, iter_texts(part.train_urls)), tok, masker,
+                                         part.val_urls, max_len=cfg.model.text.max_len, batch_size=cfg.data.batch_size)
 
-    examples = fill_in_examples({"trained": trained, "untrained": untrained}, tok, list(iter_texts(val_urls, split="val"))[:40])
-    series = read_metrics(run.csv_logger.log_dir and Path(run.csv_logger.log_dir) / "metrics.csv")
-    plot_loss_curve(series, out_dir / "loss_curve.png", scores["untrained"].loss, scores["unigram"].loss)
-    tokens_per_sec = [v for _, v in series.get("train/tokens_per_sec", [])]
-    metrics = {
-        "config": str(config),
+    examples = fill_in_examples(part.models, tok, list(iter_texts(part.val_urls, split="val"))[:40])
+    plot_loss_curve(part.series, out_dir / "loss_curve.png", scores["untrained"].loss, scores["unigram"].loss)
+    tokens_per_sec = [v for _, v in part.series.get("train/tokens_per_sec", [])]
+    return {
         "steps": cfg.trainer.max_steps,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(part.train_seconds, 1),
         "median_tokens_per_sec": float(np.median(tokens_per_sec)) if tokens_per_sec else None,
         "held_out": {k: vars(v) for k, v in scores.items()},
-        "checkpoint": str(run.last_checkpoint),
+        "checkpoint": str(part.run.last_checkpoint),
         "examples": examples,
     }
-    metrics["report"] = _report(metrics, cfg, out_dir.name)
-    return metrics
 
 
 def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:

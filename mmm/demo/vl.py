@@ -13,12 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import lightning as L
-
 from mmm.config import PretrainConfig
-from mmm.demo.common import bold_better, part_config, read_metrics, table_row, torch_threads
+from mmm.demo.common import bold_better, run_part, table_row, train_part
 from mmm.evaluate_vl import evaluate_vl
-from mmm.train.pretrain import build_model_for, pretrain
 from mmm.train.tasks import resolve_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,21 +77,11 @@ def run_vl_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optiona
                 schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
     """Run the vision-language part in ``out_dir``; returns its metrics (``report`` holds its markdown).
 
-    Args:
-        out_dir: folder for the run, the figure and the metrics.
-        config: pretraining config (default ``configs/vl_uniter_tiny.yaml``).
-        max_steps: override ``trainer.max_steps``.
-        progress_bar: show Lightning's progress bar.
-        schedule: config overrides applied before ``max_steps`` (``mmm demo --full``: the longer schedule).
-        quick: a small held-out set, for smoke tests.
+    Arguments as :func:`mmm.demo.common.run_part` (``config`` defaults to ``configs/vl_uniter_tiny.yaml``);
+    ``quick``: a small held-out set, for smoke tests.
     """
-    config = Path(config) if config else DEFAULT_CONFIG
-    cfg: PretrainConfig = part_config(config, DEFAULT_CONFIG, out_dir, max_steps, progress_bar, schedule)
-    with torch_threads(cfg.trainer.threads):
-        metrics = _train_and_evaluate(cfg, out_dir, quick)
-    metrics["config"] = str(config)
-    metrics["report"] = _report(metrics, cfg, out_dir.name)
-    return metrics
+    return run_part(out_dir, config, DEFAULT_CONFIG, max_steps, progress_bar, schedule,
+                    lambda cfg, out: _train_and_evaluate(cfg, out, quick), _report)
 
 
 def _vl_task(cfg: PretrainConfig):
@@ -105,34 +92,28 @@ def _vl_task(cfg: PretrainConfig):
 
 
 def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict[str, object]:
-    t0 = time.perf_counter()
-    run = pretrain(cfg)
-    train_seconds = time.perf_counter() - t0
+    part = train_part(cfg)
     task = _vl_task(cfg)
-    feed = run.modalities.feeds[task.name]
+    feed = part.run.modalities.feeds[task.name]
     val_spec = task.val or "embedded"
     val_urls = resolve_shards(val_spec, task.dataset, "val")
     is_unseen = unseen_predicate(Path(val_urls[0]).parent)
     itm_head = next((h for t in cfg.tasks if t.options.get("mode") == "itm" for h in t.objectives), None)
     itc_head = task.objectives[0]
 
-    trained = run.module.model.cpu().eval()
-    L.seed_everything(cfg.seed, verbose=False)
-    untrained = build_model_for(cfg, run.modalities).eval()
     t1 = time.perf_counter()
     scores = {name: evaluate_vl(m, feed, val_urls, itc_head=itc_head, itm_head=itm_head, is_unseen=is_unseen,
                                 batch_size=64, max_batches=4 if quick else None).as_dict()
-              for name, m in (("trained", trained), ("untrained", untrained))}
+              for name, m in part.models.items()}
     eval_seconds = time.perf_counter() - t1
-    series = read_metrics(run.csv_logger.log_dir and Path(run.csv_logger.log_dir) / "metrics.csv")
-    plot_task_losses(series, out_dir / "loss_curve.png")
+    plot_task_losses(part.series, out_dir / "loss_curve.png")
     return {
         "steps": cfg.trainer.max_steps,
         "threads": cfg.trainer.threads,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(part.train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "scores": scores,
-        "checkpoint": str(run.last_checkpoint),
+        "checkpoint": str(part.run.last_checkpoint),
     }
 
 
