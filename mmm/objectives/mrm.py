@@ -17,7 +17,7 @@ tree, so it is not trained and not saved.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -147,20 +147,6 @@ class RegionTargetSource:
         return target.float()
 
 
-def _classifier_parts(name: str, dim: int, embedders, encoder_cfg: EncoderConfig, num_classes: Optional[int],
-                      teacher, modality: str, target: str):
-    """``(source, num_classes, head)`` of a region classifier (``mrc``, ``mrc_kl``): targets from the
-    shards' soft labels or a classifier teacher, the class count resolved against both."""
-    src = RegionTargetSource(name, embedders, modality, target, teacher)
-    t = src.teacher
-    if t is not None and not t.has_classifier:
-        raise ValueError(f"objective {name}: the teacher {teacher.get('model')!r} ({teacher.get('kind')}) has no "
-                         f"classifier head, so it gives no soft labels; use a classifier teacher (a timm model with "
-                         f"num_classes > 0) or mrfr")
-    classes = src.resolve_dim("num_classes", num_classes, t.num_classes if t else None)
-    return src, classes, RegionHead(dim, classes, encoder_cfg.norm_eps)
-
-
 @OBJECTIVES.register("mrfr")
 class MaskedRegionFeatureRegression(nn.Module):
     """UNITER's MRFR: regress each hidden region's (or patch's teacher) feature, MSE; logs cosine similarity.
@@ -197,9 +183,10 @@ class MaskedRegionFeatureRegression(nn.Module):
         return ObjectiveOutput(loss, {"cos": cos}, t.count)
 
 
-@OBJECTIVES.register("mrc")
-class MaskedRegionClassification(nn.Module):
-    """UNITER's MRC: classify each hidden region, cross-entropy against ``argmax(soft_labels)``; logs accuracy.
+class RegionClassifier(nn.Module):
+    """The part ``mrc`` and ``mrc_kl`` share: targets (the shards' soft labels or a classifier
+    teacher's), the class count resolved against both, and a :class:`RegionHead` over the hidden
+    image tokens; each variant supplies only its loss, :meth:`score`.
 
     Args:
         dim: encoder width (given by the builder).
@@ -211,53 +198,59 @@ class MaskedRegionClassification(nn.Module):
         target: key of the region targets in ``batch.targets``.
     """
 
+    objective = ""  # the registry name, set by each variant (for messages)
+    metrics: Tuple[str, ...] = ()  # what :meth:`score` logs besides the loss
+
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
                  num_classes: Optional[int] = None, teacher: Optional[Dict[str, Any]] = None,
                  modality: str = "image", target: str = "mrm") -> None:
         super().__init__()
-        self.source, self.num_classes, self.head = _classifier_parts("mrc", dim, embedders, encoder_cfg,
-                                                                     num_classes, teacher, modality, target)
+        name = self.objective
+        self.source = RegionTargetSource(name, embedders, modality, target, teacher)
+        t = self.source.teacher
+        if t is not None and not t.has_classifier:
+            raise ValueError(f"objective {name}: the teacher {teacher.get('model')!r} ({teacher.get('kind')}) has no "
+                             f"classifier head, so it gives no soft labels; use a classifier teacher (a timm model "
+                             f"with num_classes > 0) or mrfr")
+        self.num_classes = self.source.resolve_dim("num_classes", num_classes, t.num_classes if t else None)
+        self.head = RegionHead(dim, self.num_classes, encoder_cfg.norm_eps)
+
+    def score(self, logits: torch.Tensor, soft: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``(loss summed over the M regions, metrics)`` from (M, C) float32 logits and soft labels."""
+        raise NotImplementedError
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
-        """(N, d) encoder output → cross-entropy with the hard pseudo-labels."""
+        """(N, d) encoder output → the variant's loss on the hidden regions, averaged over them."""
         t = self.source.get(batch)
         if t is None:
-            return zero_output(hidden, self, ("acc",))
-        labels = self.source.soft_labels(t, batch, self.num_classes).argmax(-1)  # (M,)
+            return zero_output(hidden, self, self.metrics)
+        soft = self.source.soft_labels(t, batch, self.num_classes)  # (M, C)
         logits = self.head(hidden.index_select(0, t.positions)).float()  # (M, C)
-        loss = global_mean(F.cross_entropy(logits, labels, reduction="sum"), t.count, in_lockstep(self))
+        loss_sum, metrics = self.score(logits, soft)
+        # summed over regions / global region count: exact under DDP (the plain mean on one rank)
+        return ObjectiveOutput(global_mean(loss_sum, t.count, in_lockstep(self)), metrics, t.count)
+
+
+@OBJECTIVES.register("mrc")
+class MaskedRegionClassification(RegionClassifier):
+    """UNITER's MRC: classify each hidden region, cross-entropy against ``argmax(soft_labels)``; logs
+    accuracy. Arguments as :class:`RegionClassifier`."""
+
+    objective = "mrc"
+    metrics = ("acc",)
+
+    def score(self, logits: torch.Tensor, soft: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        labels = soft.argmax(-1)  # (M,) hard pseudo-labels
         acc = (logits.detach().argmax(-1) == labels).float().mean()
-        return ObjectiveOutput(loss, {"acc": acc}, t.count)
+        return F.cross_entropy(logits, labels, reduction="sum"), {"acc": acc}
 
 
 @OBJECTIVES.register("mrc_kl")
-class MaskedRegionClassificationKL(nn.Module):
+class MaskedRegionClassificationKL(RegionClassifier):
     """UNITER's MRC-kl: ``KL(soft_labels ‖ softmax(prediction))`` averaged over hidden regions.
+    Arguments as :class:`RegionClassifier`."""
 
-    Args:
-        dim: encoder width (given by the builder).
-        embedders: the model's embedders (given by the builder).
-        encoder_cfg: the shared encoder's config (given by the builder; its LayerNorm epsilon is used).
-        num_classes: number of classes C of the soft labels (the detector's); None = the teacher's.
-        teacher: frozen classifier teacher spec ``{kind, model, path, kwargs}``; None = soft labels from the shards.
-        modality: the image modality a teacher reads pixels from.
-        target: key of the region targets in ``batch.targets``.
-    """
+    objective = "mrc_kl"
 
-    def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
-                 num_classes: Optional[int] = None, teacher: Optional[Dict[str, Any]] = None,
-                 modality: str = "image", target: str = "mrm") -> None:
-        super().__init__()
-        self.source, self.num_classes, self.head = _classifier_parts("mrc_kl", dim, embedders, encoder_cfg,
-                                                                     num_classes, teacher, modality, target)
-
-    def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
-        """(N, d) encoder output → KL divergence from the soft labels."""
-        t = self.source.get(batch)
-        if t is None:
-            return zero_output(hidden, self)
-        soft = self.source.soft_labels(t, batch, self.num_classes)  # (M, C)
-        log_q = self.head(hidden.index_select(0, t.positions)).float().log_softmax(-1)  # (M, C)
-        kl_sum = F.kl_div(log_q, soft, reduction="sum")  # Σ p (log p − log q) over the M regions
-        loss = global_mean(kl_sum, t.count, in_lockstep(self))  # / M on one rank ("batchmean"), exact under DDP
-        return ObjectiveOutput(loss, {}, t.count)
+    def score(self, logits: torch.Tensor, soft: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        return F.kl_div(logits.log_softmax(-1), soft, reduction="sum"), {}  # Σ p (log p − log q) over the regions

@@ -10,7 +10,9 @@ is added here. Each task of a run is one stream of this modality with ``options:
 embedder and either the ``image`` patch embedder or the ``regions`` embedder
 (``model.image_text.image_input``), whose modalities the run builder creates and hands over with
 :meth:`ImageTextModality.bind`. The text modality trains the tokenizer on the same shards (their
-``txt`` field holds the captions), so this modality has no assets of its own.
+``txt`` field holds the captions), and with ``model.image.visual_tokens`` the image modality fits
+its k-means visual-token codebook on them too (masked visual-token modeling, objective ``mvm``),
+so this modality has no assets of its own.
 """
 from __future__ import annotations
 
@@ -102,11 +104,14 @@ class ImageTextModality(Modality):
         """
         c, m = self.cfg, self.model_cfg
         image: Optional[ImageSettings] = None
+        codebook = None
         if self.vision_name == "image":
             image = self._part("image").image_settings
+            if mode == "mrm":  # masked visual-token targets from the image modality's own codebook (one fit per run)
+                codebook = getattr(self._part("image"), "codebook", None)
         r = m.regions
         return ImageTextSettings(mode, c.image_input, c.max_text_len, float(c.itm_negatives), image, r.feature_dim,
-                                 r.box_dim, r.max_regions, c.layout)
+                                 r.box_dim, r.max_regions, c.layout, codebook)
 
     def check_options(self, options: Optional[Dict[str, Any]]) -> str:
         """The task's ``mode``; raises on a missing or unknown mode or any other option.

@@ -10,7 +10,10 @@ visible. Each task of a run picks a ``mode``:
   :class:`~mmm.batch.TokenTargets` at the masked text positions of the stream.
 * ``mrm``: image tokens are masked (patches in mask-token mode, or regions); ``targets["mrm"]``
   are :class:`~mmm.batch.RegionTargets` -- region features and detector soft labels from the
-  shards, or for patches the ``(image, patch)`` index a teacher encoder fills targets for.
+  shards, or for patches the ``(image, patch)`` index a teacher encoder fills targets for. With
+  patches and the image modality's k-means codebook (``model.image.visual_tokens``), the hidden
+  patches also get their visual-token ids, ``targets["image_tokens"]`` (masked visual-token
+  modeling, VIOLET / E-ViLM; the same key and codes as the image modality's BEiT-style targets).
 * ``itm``: nothing is masked; a fraction ``itm_negatives`` of the pairs get the caption of
   another pair of the batch whose caption text differs (UNITER's ITM negatives, drawn from the
   seeded generator); ``targets["itm"]`` are :class:`~mmm.batch.PairTargets`.
@@ -44,7 +47,7 @@ from mmm.batch import (ContrastiveTargets, ImageInput, PackedBatch, PairTargets,
                        TokenInput, TokenTargets)
 from mmm.core.packing import PackedSeqInfo, index_ranges
 from mmm.data.epoch import EpochCounter, SeededMap
-from mmm.modalities.image.pipeline import ImageSettings, read_image_sample
+from mmm.modalities.image.pipeline import ImageSettings, read_image_sample, visual_token_features
 from mmm.modalities.image.decode import ImageDecodeError
 from mmm.modalities.image.transforms import eval_transform, normalize
 
@@ -224,6 +227,8 @@ class ImageTextSettings:
         max_regions: most regions per image (regions).
         layout: ``single`` (caption then image in one sequence, UNITER) or ``two_stream`` (caption and
             image as two sequences of the batch, paired through ``PackedBatch.partners``, LXMERT).
+        codebook: the image modality's visual-token codebook (:class:`~mmm.targets.kmeans.Codebook`),
+            or None; with patches, mode ``mrm`` batches then carry ``targets["image_tokens"]``.
     """
 
     mode: str
@@ -235,6 +240,7 @@ class ImageTextSettings:
     box_dim: int = BOX_DIM
     max_regions: int = 100
     layout: str = "single"
+    codebook: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -542,7 +548,7 @@ class _Collate:
             lab = np.concatenate([p.text_labels for p in samples])
             targets["text"] = TokenTargets(torch.from_numpy(pos.astype(np.int64)), torch.from_numpy(lab.astype(np.int64)))
         elif s.mode == "mrm":
-            targets["mrm"] = self._mrm_targets(samples, image_starts)
+            targets.update(self._mrm_targets(samples, image_starts))
         else:  # itm
             inner = [t - 2 for t in t_len]  # text tokens without [CLS]/[SEP]
             patches = [i - s.image_prefix for i in i_len]
@@ -554,13 +560,18 @@ class _Collate:
                 image_pair=torch.repeat_interleave(torch.arange(b), torch.tensor(patches)))
         return PackedBatch(seq, inputs, targets, extras=extras, partners=partners)
 
-    def _mrm_targets(self, samples: Sequence[PairSample], image_starts: Sequence[int]) -> RegionTargets:
+    def _mrm_targets(self, samples: Sequence[PairSample], image_starts: Sequence[int]) -> Dict[str, Any]:
+        """``{"mrm": RegionTargets}``, plus ``"image_tokens"`` (visual-token ids) for patches with a codebook."""
         s = self.settings
         owner = np.concatenate([np.full(int(p.image_mask.sum()), i, dtype=np.int64) for i, p in enumerate(samples)])
         hidden = np.concatenate([np.nonzero(p.image_mask)[0].astype(np.int64) for p in samples])  # patch / region index
         positions = torch.from_numpy(np.asarray(image_starts, dtype=np.int64)[owner] + s.image_prefix + hidden)
         if s.image_input == "patches":
-            return RegionTargets(positions, pixel_index=torch.from_numpy(np.stack([owner, hidden], axis=1)))
+            out: Dict[str, Any] = {"mrm": RegionTargets(positions,
+                                                        pixel_index=torch.from_numpy(np.stack([owner, hidden], axis=1)))}
+            if s.codebook is not None:
+                out["image_tokens"] = TokenTargets(positions, self._visual_tokens(samples, owner, hidden))
+            return out
         feats = np.concatenate([p.regions.features[p.image_mask] for p in samples])  # (M, F)
         with_soft = [p.regions.soft is not None for p in samples]
         soft = None
@@ -570,7 +581,18 @@ class _Collate:
             have = [p.key for p, w in zip(samples, with_soft) if not w][:3]
             raise ValueError(f"image_text mrm: some samples of a batch have 'soft.npy' and some do not (without: "
                              f"{have}); a dataset carries detector soft labels for every image or for none")
-        return RegionTargets(positions, features=torch.from_numpy(feats), soft_labels=soft)
+        return {"mrm": RegionTargets(positions, features=torch.from_numpy(feats), soft_labels=soft)}
+
+    def _visual_tokens(self, samples: Sequence[PairSample], owner: np.ndarray, hidden: np.ndarray) -> torch.Tensor:
+        """(M,) int64 codebook ids of the hidden patches, from the original (unmasked) pixels."""
+        s, cb = self.settings, self.settings.codebook
+        images = torch.stack([p.pixels for p in samples])  # (B, 3, S, S) uint8, as the codebook was fitted on
+        feats = visual_token_features(images, s.image.patch_size)  # (B, P, F)
+        if feats.shape[-1] != cb.dim:
+            raise ValueError(f"image_text mrm: the visual-token codebook has {cb.dim}-d entries but patches of "
+                             f"{s.image.patch_size}x{s.image.patch_size} pixels give {feats.shape[-1]} features; "
+                             "refit it for model.image.patch_size")
+        return torch.from_numpy(cb.assign(feats[owner, hidden]))
 
     def _contrastive(self, samples: Sequence[PairSample], ids: torch.Tensor, text_pos: torch.Tensor,
                      t_len: List[int], i_len: List[int], extras: Dict[str, Any]) -> PackedBatch:
