@@ -8,7 +8,11 @@
 * ``flex`` — FlexAttention over the flat stream with a per-sequence block mask and ALiBi as a
   score modification (CUDA, explicit choice only; no attention dropout).
 
-Every backend takes (N, H, D) packed queries/keys/values and returns (N, H, D). Choice: the
+Every backend takes (N, H, D) packed queries/keys/values and returns (N, H, D); ``causal=True``
+makes each token attend only to itself and the earlier tokens of its own sequence (xformers'
+``BlockDiagonalCausalMask``, SDPA's ``is_causal`` on the padded view, a lower-triangular mask in
+math and flex), with or without ALiBi (whose ``-slope·|i - j|`` is then the causal ``-slope·(i - j)``
+of Press et al.). Choice: the
 config value if it is not ``auto``; otherwise ``$MMM_ATTENTION`` if set; otherwise xformers on
 CUDA when it imports, else SDPA. An optional ALiBi bias is supported by sdpa and math;
 with a bias, an ``auto`` choice on CUDA takes sdpa (xformers' block-diagonal mask cannot carry a
@@ -46,32 +50,45 @@ ALIBI_BLOCK_ELEMENTS = 1 << 22
 """Largest (B, H, rows, T) ALiBi bias block the sdpa backend builds at once (16 MiB in fp32)."""
 
 
-def _dense_mask(seq: PackedSeqInfo, bias: Bias, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def _causal_keys(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(R, K) bool, True where key position ≤ query position (padding keys of a padded layout sit
+    after every real token of their sequence, so this alone also hides them from real queries)."""
+    return keys[None, :] <= rows[:, None]
+
+
+def _dense_mask(seq: PackedSeqInfo, bias: Bias, dtype: torch.dtype, causal: bool = False) -> Optional[torch.Tensor]:
     """Additive/boolean mask for the whole padded layout, or None when nothing is masked (reference path)."""
+    if causal:
+        pos = torch.arange(seq.max_seqlen, device=seq.key_padding.device)
+        keys = _causal_keys(pos, pos)[None, None]  # (1, 1, T, T) True = attend
+    else:
+        keys = None if seq.is_uniform else seq.key_padding[:, None, None, :]  # (B, 1, 1, T) True = attend
     if bias is None:
-        if seq.is_uniform:
-            return None
-        return seq.key_padding[:, None, None, :]  # (B, 1, 1, T) True = attend
+        return keys
     b = bias.bias(seq.max_seqlen, dtype)  # (1, H, T, T)
-    if seq.is_uniform:
+    if keys is None:
         return b
-    neg = torch.finfo(dtype).min
-    return b.masked_fill(~seq.key_padding[:, None, None, :], neg)  # (B, H, T, T)
+    return b.masked_fill(~keys, torch.finfo(dtype).min)  # (B or 1, H, T, T)
 
 
 def _alibi_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Optional[torch.Tensor],
                 query_pos: torch.Tensor, key_pos: torch.Tensor, slopes: torch.Tensor,
-                dropout_p: float) -> torch.Tensor:
-    """SDPA for a block of query rows with its own ALiBi bias. q (B, H, R, D), k/v (B, H, T, D) → (B, H, R, D)."""
-    mask = alibi_block(slopes, query_pos, key_pos, q.dtype)  # (1, H, R, T)
-    if keys is not None:
-        mask = mask.masked_fill(~keys, torch.finfo(q.dtype).min)  # (B, H, R, T)
+                dropout_p: float, causal: bool) -> torch.Tensor:
+    """SDPA for a block of query rows with its own ALiBi bias. q (B, H, R, D), k/v (B, H, K, D) → (B, H, R, D)."""
+    mask = alibi_block(slopes, query_pos, key_pos, q.dtype)  # (1, H, R, K)
+    if causal:
+        mask = mask.masked_fill(~_causal_keys(query_pos, key_pos), torch.finfo(q.dtype).min)
+    elif keys is not None:
+        mask = mask.masked_fill(~keys, torch.finfo(q.dtype).min)  # (B, H, R, K)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 def _sdpa_alibi(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, seq: PackedSeqInfo, alibi: ALiBi,
-                dropout_p: float) -> torch.Tensor:
-    """(B, H, T, D) padded attention with ALiBi, the bias built and kept per block of query rows only."""
+                dropout_p: float, causal: bool) -> torch.Tensor:
+    """(B, H, T, D) padded attention with ALiBi, the bias built and kept per block of query rows only.
+
+    Causal: a block of rows [i0, i1) reads only the keys before i1 (the later ones are masked anyway).
+    """
     b, h, t, _ = qp.shape
     rows = max(1, ALIBI_BLOCK_ELEMENTS // (b * h * t))
     keys = None if seq.is_uniform else seq.key_padding[:, None, None, :]  # (B, 1, 1, T)
@@ -80,16 +97,20 @@ def _sdpa_alibi(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, seq: Packe
     outs = []
     for i0 in range(0, t, rows):
         i1 = min(i0 + rows, t)
-        args = (qp[:, :, i0:i1], kp, vp, keys, pos[i0:i1], pos, alibi.slopes, dropout_p)
+        kv_end = i1 if causal else t
+        args = (qp[:, :, i0:i1], kp[:, :, :kv_end], vp[:, :, :kv_end], keys, pos[i0:i1], pos[:kv_end], alibi.slopes,
+                dropout_p, causal)
         outs.append(checkpoint(_alibi_rows, *args, use_reentrant=False) if recompute else _alibi_rows(*args))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
 
 def _sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo, bias: Bias,
-                 dropout_p: float) -> torch.Tensor:
+                 dropout_p: float, causal: bool) -> torch.Tensor:
     qp, kp, vp = (seq.pad(t).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     if bias is not None:
-        out = _sdpa_alibi(qp, kp, vp, seq, bias, dropout_p)
+        out = _sdpa_alibi(qp, kp, vp, seq, bias, dropout_p, causal)
+    elif causal:  # key padding sits after every real query: the causal mask alone is exact
+        out = F.scaled_dot_product_attention(qp, kp, vp, dropout_p=dropout_p, is_causal=True)
     else:
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=_dense_mask(seq, None, q.dtype),
                                              dropout_p=dropout_p)
@@ -98,26 +119,28 @@ def _sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedS
 
 @ATTENTION_BACKENDS.register("sdpa")
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo,
-                   bias: Bias = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """PyTorch SDPA on padded views. Args: q, k, v (N, H, D); bias: an :class:`ALiBi` or None; returns (N, H, D).
+                   bias: Bias = None, dropout_p: float = 0.0, causal: bool = False) -> torch.Tensor:
+    """PyTorch SDPA on padded views. Args: q, k, v (N, H, D); bias: an :class:`ALiBi` or None;
+    causal: attend only to earlier tokens of one's own sequence; returns (N, H, D).
 
     Sequences are padded in a few contiguous length groups (``seq.pad_groups``) rather than all to
     the longest one, which matters on CPU where no varlen kernel exists (packed batches are sorted
     longest first).
     """
     if not seq.pad_groups:
-        return _sdpa_padded(q, k, v, seq, bias, dropout_p)
-    outs = [_sdpa_padded(q[s:e], k[s:e], v[s:e], sub, bias, dropout_p) for s, e, sub in seq.pad_groups]
+        return _sdpa_padded(q, k, v, seq, bias, dropout_p, causal)
+    outs = [_sdpa_padded(q[s:e], k[s:e], v[s:e], sub, bias, dropout_p, causal) for s, e, sub in seq.pad_groups]
     return torch.cat(outs)
 
 
 @ATTENTION_BACKENDS.register("math")
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo,
-                   bias: Bias = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Explicit reference attention (dense (B, H, T, T) scores and bias). Args: q, k, v (N, H, D); returns (N, H, D)."""
+                   bias: Bias = None, dropout_p: float = 0.0, causal: bool = False) -> torch.Tensor:
+    """Explicit reference attention (dense (B, H, T, T) scores and bias). Args: q, k, v (N, H, D);
+    causal: a lower-triangular mask per sequence; returns (N, H, D)."""
     qp, kp, vp = (seq.pad(t).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     scores = qp @ kp.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    mask = _dense_mask(seq, bias, scores.dtype)
+    mask = _dense_mask(seq, bias, scores.dtype, causal)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1)
@@ -128,11 +151,12 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: Packe
 
 @ATTENTION_BACKENDS.register("xformers")
 def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo,
-                       bias: Bias = None, dropout_p: float = 0.0) -> torch.Tensor:
+                       bias: Bias = None, dropout_p: float = 0.0, causal: bool = False) -> torch.Tensor:
     """xformers memory-efficient attention, block-diagonal over the flat stream (no padding).
 
-    The ``BlockDiagonalMask`` comes with the layout (``seq.attn_bias``, built once per batch when
-    it moves to CUDA); a uniform batch needs none and runs as (B, T, H, D).
+    The ``BlockDiagonalMask`` (``causal``: ``BlockDiagonalCausalMask``) comes with the layout
+    (``seq.attn_bias`` / ``seq.causal_attn_bias``, built once per batch when it moves to CUDA); a
+    uniform batch needs none (``causal``: a ``LowerTriangularMask``) and runs as (B, T, H, D).
     """
     if bias is not None:
         raise ValueError("the xformers backend does not support an additive bias (ALiBi); use attention: sdpa")
@@ -142,11 +166,13 @@ def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: P
 
     if seq.is_uniform:
         shape = (seq.batch_size, seq.max_seqlen) + q.shape[1:]
-        out = fmha.memory_efficient_attention(q.view(shape), k.view(shape), v.view(shape), p=dropout_p)
+        mask = fmha.attn_bias.LowerTriangularMask() if causal else None
+        out = fmha.memory_efficient_attention(q.view(shape), k.view(shape), v.view(shape), attn_bias=mask, p=dropout_p)
         return out.reshape(q.shape)
-    if seq.attn_bias is None:
+    mask = seq.causal_attn_bias if causal else seq.attn_bias
+    if mask is None:
         raise RuntimeError("this packed layout has no xformers mask: build it on the GPU (PackedSeqInfo.to('cuda'))")
-    out = fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=seq.attn_bias, p=dropout_p)  # (1, N, H, D)
+    out = fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=mask, p=dropout_p)  # (1, N, H, D)
     return out[0]
 
 
@@ -155,14 +181,17 @@ class FlexContext(NamedTuple):
 
     block_mask: Any  # torch.nn.attention.flex_attention.BlockMask: attend within one's own sequence
     score_mod: Optional[Callable]  # ALiBi as a score modification, or None
+    causal: bool = False  # the block mask also hides every later token
 
 
-def flex_context(seq: PackedSeqInfo, alibi: Bias) -> FlexContext:
+def flex_context(seq: PackedSeqInfo, alibi: Bias, causal: bool = False) -> FlexContext:
     """Per-document block mask over the flat stream and, with ALiBi, its score modification.
 
     Args:
         seq: the batch layout.
         alibi: the ALiBi module, or None.
+        causal: mask every later token of the sequence too (tokens of one sequence are contiguous
+            and in order in the stream, so "earlier in the sequence" is "earlier in the stream").
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -172,16 +201,19 @@ def flex_context(seq: PackedSeqInfo, alibi: Bias) -> FlexContext:
     def same_sequence(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
 
+    def same_sequence_causal(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
     n = seq.num_tokens
-    mask = create_block_mask(same_sequence, None, None, n, n, device=pos.device)
+    mask = create_block_mask(same_sequence_causal if causal else same_sequence, None, None, n, n, device=pos.device)
     if alibi is None:
-        return FlexContext(mask, None)
+        return FlexContext(mask, None, causal)
     slopes = alibi.slopes
 
     def alibi_score(score, b, h, q_idx, kv_idx):
         return score - slopes[h] * (pos[q_idx] - pos[kv_idx]).abs()
 
-    return FlexContext(mask, alibi_score)
+    return FlexContext(mask, alibi_score, causal)
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,7 +225,7 @@ def _compiled_flex() -> Callable:
 
 @ATTENTION_BACKENDS.register("flex")
 def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo,
-                           bias: Any = None, dropout_p: float = 0.0) -> torch.Tensor:
+                           bias: Any = None, dropout_p: float = 0.0, causal: bool = False) -> torch.Tensor:
     """FlexAttention over the flat stream: a per-sequence block mask, ALiBi computed inside the kernel (CUDA).
 
     Args:
@@ -201,13 +233,17 @@ def flex_attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
         seq: the batch layout.
         bias: a :class:`FlexContext` (the encoder builds one per batch), an :class:`ALiBi`, or None.
         dropout_p: must be 0 (FlexAttention has no attention dropout).
+        causal: attend only to earlier tokens of one's own sequence (must match a given context's).
 
     On CPU the uncompiled FlexAttention runs (it materialises the (H, N, N) scores: for tests only);
     on CUDA the compiled kernel never builds the bias or the scores.
     """
     if dropout_p > 0:
         raise ValueError("the flex attention backend has no attention dropout; set encoder.attn_dropout: 0")
-    ctx = bias if isinstance(bias, FlexContext) else flex_context(seq, bias)
+    ctx = bias if isinstance(bias, FlexContext) else flex_context(seq, bias, causal)
+    if ctx.causal != causal:
+        raise ValueError(f"flex attention called with causal={causal} but its block mask was built with "
+                         f"causal={ctx.causal}; build the context with flex_context(seq, alibi, causal={causal})")
     if q.device.type == "cuda":
         fn = _compiled_flex()
     else:

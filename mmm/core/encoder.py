@@ -4,7 +4,9 @@ One class expresses BERT (post-LayerNorm, GELU MLP; Devlin et al. 2019), ViT (pr
 final norm; Dosovitskiy et al. 2021) and MosaicBERT-style variants (gated GLU/GeGLU/SwiGLU MLPs
 from Shazeer 2020, ALiBi or rotary positions) purely through :class:`~mmm.config.EncoderConfig`.
 Tokens arrive packed as (N, d) with a :class:`~mmm.core.packing.PackedSeqInfo`; all linear
-layers touch only real tokens.
+layers touch only real tokens. ``forward(..., causal=True)`` runs the same weights as a causal
+(left-to-right) encoder: every token attends only to itself and the earlier tokens of its own
+sequence, in every attention backend (for causal language modelling, e.g. a CLM phase before MLM).
 """
 from __future__ import annotations
 
@@ -39,12 +41,13 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo, backend: str,
-                bias: AttentionBias, rope: Optional[RopeTables]) -> torch.Tensor:
+                bias: AttentionBias, rope: Optional[RopeTables], causal: bool = False) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.heads, self.head_dim).unbind(1)  # (N, H, D) each
         if rope is not None:
             q, k = apply_rotary(q, k, *rope)
-        out = ATTENTION_BACKENDS.get(backend)(q, k, v, seq, bias, self.attn_dropout if self.training else 0.0)
+        out = ATTENTION_BACKENDS.get(backend)(q, k, v, seq, bias, self.attn_dropout if self.training else 0.0,
+                                              causal=causal)
         return self.proj(out.reshape(n, -1))  # (N, d)
 
 
@@ -102,13 +105,13 @@ class EncoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, seq: PackedSeqInfo, backend: str,
-                bias: AttentionBias, rope: Optional[RopeTables], route: Route = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq: PackedSeqInfo, backend: str, bias: AttentionBias,
+                rope: Optional[RopeTables], route: Route = None, causal: bool = False) -> torch.Tensor:
         mlp = self.mlp if route is None else lambda h: self.mlp(h, route)
         if self.norm_first:
-            x = x + self.dropout(self.attn(self.norm1(x), seq, backend, bias, rope))
+            x = x + self.dropout(self.attn(self.norm1(x), seq, backend, bias, rope, causal))
             return x + self.dropout(mlp(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.attn(x, seq, backend, bias, rope)))
+        x = self.norm1(x + self.dropout(self.attn(x, seq, backend, bias, rope, causal)))
         return self.norm2(x + self.dropout(mlp(x)))
 
 
@@ -180,35 +183,37 @@ class TransformerEncoder(nn.Module):
         return [(modality == k).nonzero().squeeze(1) for k in range(self.experts)]
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo,
-                modality: Union[None, int, torch.Tensor] = None) -> torch.Tensor:
+                modality: Union[None, int, torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
         """(N, d) packed embeddings → (N, d) packed hidden states.
 
         Args:
             x: (N, d) tokens.
             seq: their layout.
             modality: with modality experts, each token's modality index (an int for all, or (N,) int64).
+            causal: each token attends only to itself and the earlier tokens of its own sequence
+                (causal language modelling); False = bidirectional (masked modelling).
         """
         backend = self.backend_for(x.device)
         rope = self.rotary.tables(seq.position_ids) if self.rotary is not None else None  # once per batch
-        bias = flex_context(seq, self.alibi) if backend == "flex" else self.alibi  # block mask once per batch
+        bias = flex_context(seq, self.alibi, causal) if backend == "flex" else self.alibi  # block mask once per batch
         route = self.route(modality)
         for block in self.blocks:
-            x = block(x, seq, backend, bias, rope) if route is None else block(x, seq, backend, bias, rope, route)
+            x = block(x, seq, backend, bias, rope, route, causal)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x
 
-    def block_outputs(self, x: torch.Tensor, seq: PackedSeqInfo,
-                      modality: Union[None, int, torch.Tensor] = None) -> List[torch.Tensor]:
+    def block_outputs(self, x: torch.Tensor, seq: PackedSeqInfo, modality: Union[None, int, torch.Tensor] = None,
+                      causal: bool = False) -> List[torch.Tensor]:
         """Every block's (N, d) output, first to last, without the final norm (the layers a
-        data2vec teacher averages its targets over); ``modality`` as in :meth:`forward`."""
+        data2vec teacher averages its targets over); ``modality`` and ``causal`` as in :meth:`forward`."""
         backend = self.backend_for(x.device)
         rope = self.rotary.tables(seq.position_ids) if self.rotary is not None else None
-        bias = flex_context(seq, self.alibi) if backend == "flex" else self.alibi
+        bias = flex_context(seq, self.alibi, causal) if backend == "flex" else self.alibi
         route = self.route(modality)
         outputs = []
         for block in self.blocks:
-            x = block(x, seq, backend, bias, rope) if route is None else block(x, seq, backend, bias, rope, route)
+            x = block(x, seq, backend, bias, rope, route, causal)
             outputs.append(x)
         return outputs
 

@@ -87,8 +87,17 @@ class CrossModalFusion(nn.Module):
         self.layers = nn.ModuleList(CrossModalityLayer(cfg) for _ in range(depth))
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else None
 
-    def forward(self, x: torch.Tensor, seq: PackedSeqInfo, partners: torch.Tensor, backend: str) -> torch.Tensor:
-        """(N, d) encoder output, (S,) partner per sequence → (N, d) fused states."""
+    def forward(self, x: torch.Tensor, seq: PackedSeqInfo, partners: torch.Tensor, backend: str,
+                causal: bool = False) -> torch.Tensor:
+        """(N, d) encoder output, (S,) partner per sequence → (N, d) fused states.
+
+        ``causal`` must stay False: a token reads its whole partner sequence here, so the fusion
+        layers have no causal form (a causal objective needs the single-stream layout).
+        """
+        if causal:
+            raise ValueError("the two-stream cross-modality layers (model.image_text.layout: two_stream) attend to the "
+                             "whole partner sequence and have no causal form; use a bidirectional objective with "
+                             "them, or layout: single for a causal one")
         if partners.numel() != seq.batch_size:
             raise ValueError(f"partners has {partners.numel()} entries but the batch has {seq.batch_size} sequences")
         for layer in self.layers:

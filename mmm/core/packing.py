@@ -7,7 +7,8 @@ padded (B, T_max) layout for the attention product alone and gather back.
 
 Everything a layer needs is computed once, when the batch is made (in the collator, from the
 host-side lengths) or moved to a device: the padded-layout index, the key-padding mask, the
-length groups the SDPA backend pads separately and, on CUDA, the xformers block-diagonal mask.
+length groups the SDPA backend pads separately and, on CUDA, the xformers block-diagonal masks
+(bidirectional and causal).
 A :class:`PackedSeqInfo` is immutable; no layer reads a length back from the device
 (``.tolist()`` / ``int(tensor)`` would stall the GPU once per layer) or fills a cache inside a
 compiled region.
@@ -39,6 +40,7 @@ class PackedSeqInfo:
         pad_groups: ``(token_start, token_end, layout)`` per contiguous length group, or () when the
             batch is padded as one (see :meth:`from_seqlens`).
         attn_bias: the xformers ``BlockDiagonalMask`` of the batch on CUDA, else None.
+        causal_attn_bias: its causal form (``BlockDiagonalCausalMask``, sharing the same offsets), else None.
     """
 
     cu_seqlens: torch.Tensor
@@ -50,6 +52,7 @@ class PackedSeqInfo:
     is_uniform: bool
     pad_groups: Tuple[Tuple[int, int, "PackedSeqInfo"], ...] = ()
     attn_bias: Any = None
+    causal_attn_bias: Any = None
 
     @classmethod
     def from_seqlens(cls, seqlens: Sequence[int], device: torch.device | str | None = None,
@@ -148,7 +151,7 @@ class PackedSeqInfo:
 
             mask = BlockDiagonalMask.from_seqlens(list(self.lengths), device=self.cu_seqlens.device)
             return PackedSeqInfo(self.cu_seqlens, self.max_seqlen, self.position_ids, self.lengths, self.pad_index,
-                                 self.key_padding, self.is_uniform, self.pad_groups, mask)
+                                 self.key_padding, self.is_uniform, self.pad_groups, mask, mask.make_causal())
         return self
 
     # -- padded views for backends without a varlen kernel --------------------------------

@@ -15,8 +15,9 @@ VOCAB = 50
 class _TextMLM(torch.nn.Module):
     """Embedder → encoder → MLM objective, the text pretraining forward."""
 
-    def __init__(self, **encoder):
+    def __init__(self, causal=False, **encoder):
         super().__init__()
+        self.causal = causal
         cfg = EncoderConfig(**{"dim": 32, "depth": 2, "heads": 4, "mlp_hidden": 64, "dropout": 0.1, "attn_dropout": 0.1,
                                **encoder})
         self.embed = EMBEDDERS.create("text", vocab_size=VOCAB, dim=32, max_len=64)
@@ -24,7 +25,7 @@ class _TextMLM(torch.nn.Module):
         self.mlm = MaskedLanguageModeling(32, {"text": self.embed}, cfg)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        hidden = self.encoder(batch.inputs["text"].embed(self.embed), batch.seq)
+        hidden = self.encoder(batch.inputs["text"].embed(self.embed), batch.seq, causal=self.causal)
         return self.mlm(hidden, batch).loss
 
 
@@ -42,9 +43,9 @@ FEW = [11, 9, 6, 3]
 GROUPED = [13, 12, 10, 9, 7, 7, 5, 4, 3]  # ≥ 8 sequences: the sdpa backend pads them in length groups
 
 
-def _check(backend, rel, lengths, dynamic_backward):
+def _check(backend, rel, lengths, dynamic_backward, causal=False):
     torch.manual_seed(0)
-    model = _TextMLM(attention=backend, relative_position=rel).train()
+    model = _TextMLM(attention=backend, relative_position=rel, causal=causal).train()
     batch = _batch(lengths)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(assume_static_by_default=False):  # dynamic shapes, as trainer.compile uses
@@ -69,6 +70,12 @@ def test_encoder_and_mlm_head_have_no_graph_breaks(backend, rel):
 
 def test_length_grouped_sdpa_path_has_no_graph_breaks():
     _check("sdpa", "alibi", GROUPED, dynamic_backward=False)
+
+
+@pytest.mark.parametrize("rel", ["none", "alibi"])
+def test_causal_encoder_has_no_graph_breaks(rel):
+    """encoder(..., causal=True): SDPA's is_causal path, and ALiBi's causal row blocks."""
+    _check("sdpa", rel, FEW, dynamic_backward=False, causal=True)
 
 
 @pytest.mark.slow
