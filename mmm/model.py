@@ -6,7 +6,7 @@ objective list into those parts via the registries.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -34,7 +34,8 @@ class MaskedModel(nn.Module):
         objectives: head name → module with ``forward(hidden, batch) -> ObjectiveOutput``; a head that
             also has ``prepare(batch) -> batch`` rewrites the batch before the encoder reads it
             (ELECTRA's generator corrupts it there, inside the step); one with
-            ``after_optimizer_step(model)`` is called after every optimizer step (data2vec's EMA teacher).
+            ``after_optimizer_step(model)`` is called after every optimizer step (data2vec's EMA teacher);
+            one with ``causal = True`` (next-token prediction) reads a causal encoder pass of its own.
         weights: head name → loss weight.
         tasks: task name → the heads that task trains (multi-task runs); None = every head scores every batch.
         fusion: cross-modality layers for two-stream image-text batches (LXMERT), or None.
@@ -88,19 +89,28 @@ class MaskedModel(nn.Module):
             ids = ids.index_fill(0, index, self.modality_ids[name])
         return ids
 
-    def encode(self, batch: PackedBatch) -> torch.Tensor:
-        """(N, d) hidden states of a packed batch (fused across paired sequences when it has ``partners``)."""
+    def encode(self, batch: PackedBatch, causal: bool = False) -> torch.Tensor:
+        """(N, d) hidden states of a packed batch (fused across paired sequences when it has ``partners``).
+
+        Args:
+            batch: the packed batch.
+            causal: each token attends only to itself and earlier tokens of its sequence (next-token heads).
+        """
+        kw = {"causal": True} if causal else {}
         mto = self.encoder.cfg.mto_layers
-        rows = mask_token_rows(batch, self.embedders) if mto else None
+        rows = mask_token_rows(batch, self.embedders) if mto and not causal else None
         if rows is not None:  # MTO: the first blocks leave the mask-embedding tokens out of the others' keys
             modality = self.token_modalities(batch) if self.encoder.experts else None
             hidden = encode_with_mto(self.encoder, self.embed(batch), batch.seq, rows, mto, modality)
         elif self.encoder.experts:  # modality experts: every token passes its own modality's MLP
-            hidden = self.encoder(self.embed(batch), batch.seq, modality=self.token_modalities(batch))
+            hidden = self.encoder(self.embed(batch), batch.seq, modality=self.token_modalities(batch), **kw)
         else:
-            hidden = self.encoder(self.embed(batch), batch.seq)
+            hidden = self.encoder(self.embed(batch), batch.seq, **kw)
         if batch.partners is None:
             return hidden
+        if causal:
+            raise ValueError("causal encoding of a two-stream (paired) batch is not supported: the cross-modality "
+                             "layers attend both ways")
         if self.fusion is None:
             raise ValueError("the batch pairs its sequences (two-stream layout) but the model has no cross-modality "
                              "layers; set model.image_text.layout: two_stream")
@@ -116,20 +126,45 @@ class MaskedModel(nn.Module):
                              f"score it")
         return self.tasks[batch.task]
 
-    def forward(self, batch: PackedBatch) -> Tuple[torch.Tensor, Dict[str, ObjectiveOutput]]:
-        heads = self.heads_for(batch)
+    def forward(self, batch: PackedBatch, heads: Optional[Sequence[str]] = None
+                ) -> Tuple[torch.Tensor, Dict[str, ObjectiveOutput]]:
+        """Weighted loss and each scoring head's output.
+
+        Heads with ``causal = True`` (next-token prediction) read their own, causal encoder pass;
+        the others share one bidirectional pass, so a model with both kinds encodes a batch twice.
+
+        Args:
+            batch: the packed batch.
+            heads: only these heads score it (a phased run's current phase); None = :meth:`heads_for`.
+        """
+        names = self.heads_for(batch)
+        if heads is not None:
+            names = [n for n in names if n in heads]
+            if not names:
+                raise ValueError(f"none of the heads {list(heads)} scores this batch (its heads: "
+                                 f"{self.heads_for(batch)})")
+        outputs: Dict[str, ObjectiveOutput] = {}
+        for causal in (False, True):
+            group = [n for n in names if bool(getattr(self.objectives[n], "causal", False)) == causal]
+            if group:
+                outputs.update(self._score(batch, group, causal))
+        outputs = {name: outputs[name] for name in names}
+        total = sum(self.weights[name] * out.loss for name, out in outputs.items())
+        return total, outputs
+
+    def _score(self, batch: PackedBatch, heads: List[str], causal: bool) -> Dict[str, ObjectiveOutput]:
+        """One encoder pass (causal or not) and the outputs of ``heads`` on it."""
         for name in heads:  # a head that corrupts the input inside the step (ELECTRA's generator samples) does it first
             prepare = getattr(self.objectives[name], "prepare", None)
             if prepare is not None:
                 batch = prepare(batch)
-        hidden = self.encode(batch)
+        hidden = self.encode(batch, causal=causal)
         outputs = {}
         for name in heads:
             head = self.objectives[name]
             # a head that re-encodes (ITM with mined hard negatives) gets the model itself
             outputs[name] = head(hidden, batch, model=self) if getattr(head, "needs_model", False) else head(hidden, batch)
-        total = sum(self.weights[name] * out.loss for name, out in outputs.items())
-        return total, outputs
+        return outputs
 
     def after_optimizer_step(self) -> None:
         """Run every head's ``after_optimizer_step(model)`` hook (the trainer calls this after each
@@ -196,6 +231,10 @@ def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: 
                              f"'label' (e.g. label: {o.name}_{o.args.get('modality', 'x')})")
         heads[key] = OBJECTIVES.create(o.name, dim=cfg.encoder.dim, embedders=embedders, encoder_cfg=cfg.encoder,
                                        **o.args)
+    for head in heads.values():  # a head that shares a part of another head (CLM reusing the MLM head) takes it here
+        bind = getattr(head, "bind_heads", None)
+        if bind is not None:
+            bind(heads)
     fusion = None
     if cfg.image_text.layout == "two_stream":
         from mmm.core.fusion import CrossModalFusion

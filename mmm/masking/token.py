@@ -275,9 +275,16 @@ class _ContiguousWordsMasker(_Masker):
     Each run starts at a word drawn uniformly among words not yet chosen, grows over following
     unchosen adjacent words up to the drawn length, and is cut as soon as the token budget is
     reached. Runs therefore never overlap and never cross a special token.
+
+    Args:
+        ratio, mask_prob, random_prob, vocab: as for every masker.
+        length_weights: (L,) unnormalised weights of run lengths 1..L in words.
     """
 
-    length_probs: np.ndarray  # P(length = 1), P(length = 2), ...
+    def __init__(self, ratio: float, mask_prob: float, random_prob: float, vocab: TokenVocab,
+                 length_weights: np.ndarray) -> None:
+        super().__init__(ratio, mask_prob, random_prob, vocab)
+        self.length_probs = length_weights / length_weights.sum()  # P(length = 1), P(length = 2), ...
 
     def sample_lengths(self, rng: np.random.Generator, size: int) -> np.ndarray:
         """Draw ``size`` run lengths (in words) from :attr:`length_probs`.
@@ -334,24 +341,14 @@ class SpanMasker(_ContiguousWordsMasker):
         vocab: vocabulary description.
     """
 
-    def __init__(
-        self,
-        ratio: float = 0.15,
-        p: float = 0.2,
-        max_span: int = 10,
-        mask_prob: float = 0.8,
-        random_prob: float = 0.1,
-        *,
-        vocab: TokenVocab,
-    ) -> None:
-        super().__init__(ratio, mask_prob, random_prob, vocab)
+    def __init__(self, ratio: float = 0.15, p: float = 0.2, max_span: int = 10, mask_prob: float = 0.8,
+                 random_prob: float = 0.1, *, vocab: TokenVocab) -> None:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < float(p) <= 1.0:
             raise ValueError(f"p (geometric success probability) must be in (0, 1], got {p!r}")
         self.p = float(p)
         self.max_span = _check_positive_int("max_span", max_span)
         k = np.arange(1, self.max_span + 1)
-        probs = self.p * (1.0 - self.p) ** (k - 1)
-        self.length_probs = probs / probs.sum()
+        super().__init__(ratio, mask_prob, random_prob, vocab, self.p * (1.0 - self.p) ** (k - 1))
 
 
 @MASKERS.register("ngram")
@@ -366,16 +363,7 @@ class NgramMasker(_ContiguousWordsMasker):
         vocab: vocabulary description.
     """
 
-    def __init__(
-        self,
-        ratio: float = 0.15,
-        max_n: int = 3,
-        mask_prob: float = 0.8,
-        random_prob: float = 0.1,
-        *,
-        vocab: TokenVocab,
-    ) -> None:
-        super().__init__(ratio, mask_prob, random_prob, vocab)
+    def __init__(self, ratio: float = 0.15, max_n: int = 3, mask_prob: float = 0.8, random_prob: float = 0.1, *,
+                 vocab: TokenVocab) -> None:
         self.max_n = _check_positive_int("max_n", max_n)
-        inv = 1.0 / np.arange(1, self.max_n + 1)
-        self.length_probs = inv / inv.sum()
+        super().__init__(ratio, mask_prob, random_prob, vocab, 1.0 / np.arange(1, self.max_n + 1))

@@ -5,9 +5,17 @@ vocabulary projection, so the (M, V) logits cover only the M predicted tokens in
 N tokens: with 15-30% masking and a 30k vocabulary that is most of a small model's step
 (MosaicBERT, Portes et al. 2023, does the same). The projection is tied to the token embedding
 by default (Press & Wolf 2017), with an untied option.
+
+``decoder_layers: k`` adds an enhanced MLM decoder (DrBERT, "Unveiling the Potential of Masked
+Language Modeling Decoder in BERT pretraining"; DeBERTa's enhanced mask decoder before it): k
+extra Transformer blocks of the encoder's shape over the whole packed sequence, between the
+encoder and the head, used only in pretraining. They belong to this head, so
+:func:`~mmm.encoders.load_encoder` and the HF export (``embedders.*`` and ``encoder.*`` only) drop
+them and fine-tuning costs nothing extra.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, Optional
 
 import torch
@@ -16,6 +24,7 @@ from torch import nn
 
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
+from mmm.core.encoder import TransformerEncoder
 from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep
 from mmm.registry import OBJECTIVES
 
@@ -65,12 +74,13 @@ class MaskedLanguageModeling(nn.Module):
         encoder_cfg: the shared encoder's config (given by the builder; its LayerNorm epsilon is used).
         tie_weights: reuse the token embedding as the output projection (config).
         modality: which token modality this head predicts (config).
+        decoder_layers: extra Transformer blocks before the head, pretraining only (DrBERT); 0 = none (config).
     """
 
     reports_perplexity = True  # the trainer logs val/<head>_ppl from the token-weighted loss
 
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
-                 tie_weights: bool = True, modality: str = "text") -> None:
+                 tie_weights: bool = True, modality: str = "text", decoder_layers: int = 0) -> None:
         super().__init__()
         if modality not in embedders:
             raise ValueError(f"objective mlm: modality {modality!r} has no embedder in this model "
@@ -79,7 +89,12 @@ class MaskedLanguageModeling(nn.Module):
         if not isinstance(tokens, nn.Embedding):
             raise ValueError(f"objective mlm: the {modality!r} embedder has no token table; MLM needs a discrete "
                              f"token modality")
+        if isinstance(decoder_layers, bool) or not isinstance(decoder_layers, int) or decoder_layers < 0:
+            raise ValueError(f"objective mlm: decoder_layers must be an int >= 0, got {decoder_layers!r}")
         self.modality = modality
+        # DrBERT's enhanced decoder: blocks of the encoder's shape (no experts), dropped at export
+        self.decoder = (TransformerEncoder(dataclasses.replace(encoder_cfg, depth=decoder_layers, experts=False))
+                        if decoder_layers else None)
         self.head = MLMHead(dim, tokens.num_embeddings, encoder_cfg.norm_eps, tokens if tie_weights else None)
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
@@ -89,6 +104,8 @@ class MaskedLanguageModeling(nn.Module):
         if t is None or t.positions.numel() == 0:
             zero = hidden.sum() * 0.0  # keeps the graph connected; no prediction this batch
             return ObjectiveOutput(global_mean(zero, 0, sync), {"acc": zero.detach()}, 0)
+        if self.decoder is not None:
+            hidden = self.decoder(hidden, batch.seq)  # (N, d): the decoder sees the whole sequence
         logits = self.head(hidden.index_select(0, t.positions))  # (M, V)
         # sum / (global count / world size): exact under DDP gradient averaging (a plain mean on one rank)
         loss = global_mean(F.cross_entropy(logits.float(), t.labels, reduction="sum"), int(t.labels.numel()), sync)

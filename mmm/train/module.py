@@ -11,6 +11,7 @@ import torch
 from mmm.batch import PackedBatch
 from mmm.config import OptimConfig
 from mmm.model import MaskedModel
+from mmm.train.phases import PhaseSchedule
 
 log = logging.getLogger("mmm.train")
 
@@ -65,10 +66,13 @@ class MaskedModelingModule(L.LightningModule):
             checkpoint is self-contained and loads with ``torch.load(weights_only=True)``.
         nonfinite: on a NaN/inf training loss, ``stop`` with a message naming the step and batch,
             or ``skip`` the batch (no optimizer step) and count it in ``train/nonfinite_skipped``.
+        phases: a phased run's schedule: a training step trains only the heads of the phase of
+            its global step (logged as ``train/phase``); validation scores every head.
     """
 
     def __init__(self, model: MaskedModel, optim: OptimConfig, max_steps: int,
-                 extra_state: Optional[Dict[str, Any]] = None, nonfinite: str = "stop") -> None:
+                 extra_state: Optional[Dict[str, Any]] = None, nonfinite: str = "stop",
+                 phases: Optional[PhaseSchedule] = None) -> None:
         super().__init__()
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
@@ -80,12 +84,27 @@ class MaskedModelingModule(L.LightningModule):
         self.nonfinite_skipped = 0
         self._stepped = True  # the last training batch had a finite loss (its optimizer step changed weights)
         self._val_sums: Dict[Tuple[str, str], Dict[str, list]] = {}  # (prefix, head) -> metric -> [sum, count]
+        self.phases = phases
+        self._phase: Optional[int] = None  # the phase of the last training step (logged when it changes)
 
     def transfer_batch_to_device(self, batch: PackedBatch, device: torch.device, dataloader_idx: int) -> PackedBatch:
         return batch.to(device)  # PackedBatch knows its own tensors; Lightning's generic walk does not
 
+    def _train_heads(self) -> Optional[Tuple[str, ...]]:
+        """The heads this training step trains: its phase's in a phased run (a function of the global
+        step, so a resumed run is in the same phase), None (every head) otherwise."""
+        if self.phases is None:
+            return None
+        index = self.phases.index_at(self.global_step)
+        if index != self._phase:
+            log.info("step %d: phase %d of %d trains %s", self.global_step, index, len(self.phases.ends),
+                     ", ".join(self.phases.heads[index]))
+            self._phase = index
+        self.log("train/phase", float(index), on_step=True, on_epoch=False, batch_size=1)
+        return self.phases.heads[index]
+
     def _common_step(self, batch: PackedBatch, stage: str) -> torch.Tensor:
-        loss, outputs = self.model(batch)
+        loss, outputs = self.model(batch, heads=self._train_heads() if stage == "train" else None)
         # a multi-task batch logs under its task (train/itm/loss); single-task runs keep plain keys
         prefix = f"{stage}/{batch.task}" if batch.task else stage
         if stage == "val":  # logged once per epoch, reduced over every rank's batches

@@ -36,6 +36,7 @@ from mmm.train.checkpoint_io import AtomicCheckpointIO, read_resume_checkpoint
 from mmm.train.datamodule import StreamDataModule
 from mmm.train.mixture import MixtureDataModule, MixtureMonitor, TagTask, TaskData
 from mmm.train.module import MaskedModelingModule
+from mmm.train.phases import build_schedule
 from mmm.train.tasks import (RunModalities, build_modalities, modalities_from_checkpoint, modality_of,  # noqa: F401
                              prepare_modalities, resolve_shards, task_configs)
 
@@ -127,14 +128,14 @@ def wait_for_assets(run_dir: Path, digest: str, rank: int, timeout: float = ASSE
 def _strategy(cfg: PretrainConfig, multi_task: bool) -> Any:
     """``trainer.strategy`` as the Trainer takes it.
 
-    * DDP of a multi-task run must allow unused parameters (one task's heads and embedders idle at
-      each step);
+    * DDP of a multi-task or phased run (``multi_task``) must allow unused parameters (one task's
+      or phase's heads and embedders idle at each step);
     * ``fsdp`` shards every Transformer block as its own FSDP unit (without a wrap policy the whole
       model would be one unit, gathered whole at every step).
     """
     s = cfg.trainer.strategy
     if multi_task and s == "ddp":
-        logger.info("multi-task run: using ddp_find_unused_parameters_true (each step trains one task's heads)")
+        logger.info("multi-task or phased run: using ddp_find_unused_parameters_true (each step trains some heads)")
         return "ddp_find_unused_parameters_true"
     if s == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
@@ -252,6 +253,7 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     """
     run_dir = Path(cfg.trainer.default_root_dir)
     check_settings(cfg)
+    phases = build_schedule(cfg)  # checked before anything is written
     resume = read_resume_checkpoint_for(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_text = dump_config(cfg) + "\n"
@@ -282,7 +284,8 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
             block.compile(dynamic=True)
     extra = {"format": "mmm-pretrain-v1", "config": to_dict(cfg), "assets": mods.assets(),
              "modalities": list(mods.base)}
-    module = MaskedModelingModule(model, cfg.optim, cfg.trainer.max_steps, extra, nonfinite=cfg.trainer.nonfinite_loss)
+    module = MaskedModelingModule(model, cfg.optim, cfg.trainer.max_steps, extra, nonfinite=cfg.trainer.nonfinite_loss,
+                                  phases=phases)
     if resume is not None:
         check_checkpoint_fits(module, resume, cfg, str(resolve_ckpt_path(cfg, run_dir)))
         del resume
@@ -328,7 +331,7 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
         callbacks.append(StepProgressBar())
     trainer = L.Trainer(
         max_steps=tc.max_steps, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
-        strategy=_strategy(cfg, multi), precision=tc.precision,
+        strategy=_strategy(cfg, multi or phases is not None), precision=tc.precision,
         gradient_clip_val=tc.gradient_clip_val, accumulate_grad_batches=tc.accumulate_grad_batches,
         log_every_n_steps=tc.log_every_n_steps, val_check_interval=tc.val_check_interval if has_val else None,
         check_val_every_n_epoch=None, limit_val_batches=tc.limit_val_batches if has_val else 0,
