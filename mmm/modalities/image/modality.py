@@ -140,8 +140,11 @@ class ImageModality(Modality):
     def stages(self, masker: Any, *, batch_size: int, seed: int, handler: Handler, fixed_masking: bool,
                epochs: Optional[EpochCounter], train: bool, options: Optional[Dict[str, Any]] = None) -> List:
         self.reject_options(options)
+        # MAE mode leaves hidden patches out of the encoder, so its batches carry no visual-token targets;
+        # the codebook then serves only image-text streams (objective mvm), which mask in mask-token mode
+        codebook = None if self.cfg.drop_masked else self.codebook
         return image_stages(self.image_settings, masker, batch_size=batch_size, seed=seed, handler=handler,
-                            fixed_masking=fixed_masking, epochs=epochs, train=train, codebook=self.codebook,
+                            fixed_masking=fixed_masking, epochs=epochs, train=train, codebook=codebook,
                             modality=self.name)
 
     def settings(self) -> Dict[str, Any]:
