@@ -29,7 +29,8 @@ trained without validation), the embedded corpus's val split, and the output say
 Output folder (``--out``, default ``runs/bench/<suite>``): ``results.json`` (results plus the
 machine: CPU model, threads, GPU, library versions, date), ``results.md`` (markdown tables) and
 PNG plots. ``--quick`` keeps a CPU run to a few minutes (fewer steps and repeats, small preset
-only, eval on 5 batches). Setting ``MMM_BENCH_MICRO=1`` shrinks everything to toy sizes (seconds;
+only, eval on 5 batches). ``--suite recipes --modality M`` (:mod:`benchmarks.recipes`) pretrains
+the modality's recipes at an equal training-FLOP budget and scores each downstream. Setting ``MMM_BENCH_MICRO=1`` shrinks everything to toy sizes (seconds;
 used by the tests, meaningless as a measurement).
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-SUITES = ("throughput", "eval", "downstream")
+SUITES = ("throughput", "eval", "downstream", "recipes")
 MICRO_ENV = "MMM_BENCH_MICRO"
 NO_CUDA = "skipped: no CUDA device"
 
@@ -371,6 +372,10 @@ def markdown(report: Dict[str, Any]) -> str:
         from benchmarks import downstream
 
         lines += ["## Downstream tasks: frozen features and fine-tuning", "", downstream.markdown(s["downstream"]), ""]
+    if "recipes" in s:
+        from benchmarks import recipes
+
+        lines += [f"## Recipes at equal compute: {s['recipes']['modality']}", "", recipes.markdown(s["recipes"]), ""]
     if report["plots"]:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]] + [""]
     return "\n".join(lines)
@@ -482,6 +487,12 @@ def write_plots(report: Dict[str, Any], out: Path) -> List[str]:
 
         downstream.plot(s["downstream"], out / "downstream.png")
         written.append("downstream.png")
+    if "recipes" in s:
+        from benchmarks import recipes
+
+        name = f"recipes_{s['recipes']['modality']}.png"
+        recipes.plot(s["recipes"], out / name)
+        written.append(name)
     return written
 
 
@@ -490,7 +501,7 @@ def write_plots(report: Dict[str, Any], out: Path) -> List[str]:
 
 def run_suite(suite: str, out: Optional[Union[str, Path]] = None, quick: bool = False,
               checkpoint: Union[None, str, Path, Sequence[Union[str, Path]]] = None, compile: bool = False,
-              log: Callable[[str], None] = print) -> Dict[str, Any]:
+              log: Callable[[str], None] = print, modality: Optional[str] = None) -> Dict[str, Any]:
     """Run one suite and write ``results.json``, ``results.md`` and plots to ``out``.
 
     Args:
@@ -501,9 +512,19 @@ def run_suite(suite: str, out: Optional[Union[str, Path]] = None, quick: bool = 
             one or several checkpoints / encoder folders for ``downstream`` (:mod:`benchmarks.downstream`).
         compile: ``torch.compile`` the mmm model in the CUDA MLM step (throughput only).
         log: progress printer.
+        modality: the modality whose recipes ``--suite recipes`` compares (required there, refused elsewhere).
     """
     if suite not in SUITES:
         raise ValueError(f"unknown benchmark suite {suite!r}; expected one of {list(SUITES)}")
+    if suite == "recipes":
+        from benchmarks import recipes
+
+        if modality not in recipes.MODALITIES:
+            raise ValueError(f"the recipes suite needs --modality, one of {list(recipes.MODALITIES)}; got {modality!r}")
+        if checkpoint or compile:
+            raise ValueError("the recipes suite takes no checkpoint and no --compile (it pretrains its own models)")
+    elif modality is not None:
+        raise ValueError(f"--modality applies to the recipes suite only (got --suite {suite})")
     checkpoints = [] if checkpoint is None else [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     if suite == "downstream" and not checkpoints:
         raise ValueError("the downstream suite needs checkpoints: mmm bench --suite downstream CKPT [CKPT ...]")
@@ -519,7 +540,7 @@ def run_suite(suite: str, out: Optional[Union[str, Path]] = None, quick: bool = 
     if suite == "eval" and compile:
         raise ValueError("--compile applies to the throughput suite only")
     sizes = select_sizes(quick)
-    out_dir = Path(out) if out is not None else Path("runs") / "bench" / suite
+    out_dir = Path(out) if out is not None else Path("runs") / "bench" / (f"recipes_{modality}" if modality else suite)
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     if suite == "throughput":
@@ -528,9 +549,19 @@ def run_suite(suite: str, out: Optional[Union[str, Path]] = None, quick: bool = 
         from benchmarks import downstream
 
         sections = {"downstream": downstream.run(checkpoints, quick, log)}
+    elif suite == "recipes":
+        from benchmarks import recipes
+
+        sections = {"recipes": recipes.run(modality, quick, out_dir, log)}  # type: ignore[arg-type]
     else:
         sections = {"eval": run_eval(checkpoint, sizes, log)}  # type: ignore[arg-type]
-    report: Dict[str, Any] = {"suite": suite, "quick": quick, "sizes": sizes.name, "machine": machine,
+    if suite == "recipes":
+        from benchmarks import recipes
+
+        sizes_name = recipes.select_sizes(quick).name
+    else:
+        sizes_name = sizes.name
+    report: Dict[str, Any] = {"suite": suite, "quick": quick, "sizes": sizes_name, "machine": machine,
                               "sections": sections, "plots": []}
     report["plots"] = write_plots(report, out_dir)
     report["markdown"] = markdown(report)
@@ -549,9 +580,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--modality", default=None)
     p.add_argument("checkpoint", nargs="*", default=None)
     a = p.parse_args(argv)
-    report = run_suite(a.suite, a.out, a.quick, a.checkpoint, a.compile)
+    report = run_suite(a.suite, a.out, a.quick, a.checkpoint, a.compile, modality=a.modality)
     print(report["markdown"])
     return report
 

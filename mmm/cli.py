@@ -12,6 +12,7 @@
     mmm embed SOURCE INPUT OUT --modality M [--pooling cls|mean]      (features as .npy + keys)
     mmm finetune SOURCE --modality M --train F --dev F [--text_column ...] [--seeds 3] (mean ± std)
     mmm bench --suite throughput|eval [--quick] [--out DIR] [--compile] [CKPT]
+    mmm bench --suite recipes --modality text|dna|image|audio|vl [--quick]   (methods at equal training FLOPs)
 
 Overrides follow LightningCLI / jsonargparse conventions: ``--section.key value`` or
 ``--section.key=value``, values parsed as YAML; an unknown key is an error naming it.
@@ -225,7 +226,7 @@ def _cmd_bench(ns: argparse.Namespace, rest: List[str]) -> int:
         raise ConfigError(f"unexpected arguments {rest}")
     from benchmarks.suite import run_suite
 
-    report = run_suite(ns.suite, ns.out, ns.quick, ns.checkpoint, ns.compile)
+    report = run_suite(ns.suite, ns.out, ns.quick, ns.checkpoint, ns.compile, modality=ns.modality)
     print(f"\nmmm bench: results in {Path(report['out']).resolve()}\n")
     print(report["markdown"])
     return 0
@@ -317,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="benchmark suites: throughput (mmm vs HF, attention backends, GPU MFU) "
                                       "or eval (a checkpoint vs random init on held-out data)")
-    be.add_argument("--suite", required=True, choices=["throughput", "eval", "downstream"], help="which suite to run")
+    be.add_argument("--suite", required=True, choices=["throughput", "eval", "downstream", "recipes"],
+                    help="which suite to run")
+    be.add_argument("--modality", default=None, choices=["text", "dna", "image", "audio", "vl"],
+                    help="--suite recipes: the modality whose pretraining recipes are compared at equal training FLOPs")
     be.add_argument("--quick", action="store_true", help="a few minutes on CPU: fewer steps, smaller sweeps")
     be.add_argument("--out", default=None, help="output folder (default runs/bench/<suite>)")
     be.add_argument("--compile", action="store_true", help="torch.compile the mmm model in the GPU MLM step")

@@ -1,0 +1,522 @@
+"""``mmm bench --suite recipes --modality M``: pretraining recipes compared at equal compute, downstream.
+
+Per modality, a group of *recipes* (a preset in ``configs/`` plus overrides) with a named
+baseline. Each recipe is pretrained on the modality's embedded data with the **same training
+FLOP budget** (not the same number of steps), then its encoder is scored on the modality's
+embedded downstream task(s) of :mod:`benchmarks.downstream`, three ways: fine-tuning end to end,
+and a linear probe and kNN on frozen mean-pooled features. Three pretraining seeds per recipe
+(each followed by its own downstream evaluation; fine-tuning seeded with the pretraining seed),
+mean ± std over them. The baseline's architecture at random initialisation (one per seed) is the
+reference row.
+
+Equal compute (:mod:`benchmarks.recipe_budget`): each recipe's FLOPs per training step are
+counted over real batches of its own pipeline (forward + backward, ELECTRA's generator and a
+data2vec teacher's forward included); the budget is the baseline's FLOPs per step times the
+size's ``baseline_steps``, and every recipe trains ``round(budget / its FLOPs per step)`` steps,
+its warm-up scaled by the same fraction of the run as in its preset. The same recipes' whole
+training steps are also timed side by side in interleaved rounds (tokens/s; ELECTRA's throughput
+relative to MLM at the same encoder size is the generator's cost). All runs use
+``trainer.threads`` (1 by default) and no validation during pretraining.
+
+A recipe whose preset is not in ``configs/`` (yet) is listed as skipped with the reason, not run.
+
+Sizes: ``full`` (text: about 30 minutes on a quiet 2-core CPU), ``--quick`` (a few minutes),
+and ``$MMM_BENCH_MICRO`` (one seed, a few steps, the smallest downstream sizes: the test's smoke
+size, meaningless as a measurement).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from benchmarks.downstream import TASKS, DownstreamSizes, random_init_factory
+from benchmarks.recipe_budget import RecipeCost, measure_recipe, steps_for_budget, time_steps
+
+MICRO_ENV = "MMM_BENCH_MICRO"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A pretraining recipe: a preset and overrides (dotted keys, as ``mmm pretrain --section.key``).
+
+    Args:
+        name: short name in tables.
+        preset: file stem in ``configs/``.
+        overrides: dotted-key overrides applied on top of the preset.
+        what: one line for the report.
+    """
+
+    name: str
+    preset: str
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    what: str = ""
+
+
+@dataclass(frozen=True)
+class RecipeGroup:
+    """The recipes compared for one modality, the baseline among them, and the downstream tasks."""
+
+    modality: str
+    baseline: str
+    recipes: Tuple[Recipe, ...]
+    tasks: Tuple[str, ...]
+
+
+GROUPS: Dict[str, RecipeGroup] = {
+    "text": RecipeGroup("text", "mlm-15", (
+        Recipe("mlm-15", "text_mlm_tiny", {}, "BERT MLM, 15 % of tokens, 80/10/10"),
+        Recipe("mlm-30", "text_mlm_tiny", {"masking.args.ratio": 0.3}, "BERT MLM, 30 % of tokens (Wettig et al. 2023)"),
+        Recipe("electra", "text_electra_tiny", {}, "ELECTRA replaced-token detection, generator 1/4 width"),
+        Recipe("electra-gdes", "text_electra_gdes_tiny", {}, "ELECTRA with DeBERTaV3's gradient-disentangled embedding sharing"),
+        Recipe("clm-mlm", "text_clm_mlm_tiny", {}, "causal LM, then MLM"),
+        Recipe("rts", "text_rts_tiny", {}, "random token substitution detection"),
+    ), ("stdlib-package",)),
+    "dna": RecipeGroup("dna", "mlm", (
+        Recipe("mlm", "dna_mlm_tiny", {}, "masked 6-mer modeling over whole base spans, 15 %"),
+        Recipe("electra", "dna_electra_tiny", {}, "ELECTRA replaced-6-mer detection, generator 1/4 width"),
+        Recipe("d2v", "dna_d2v_tiny", {}, "data2vec-style self-distillation"),
+        Recipe("mto", "dna_mto_tiny", {}, "MTO"),
+    ), ("dna-motifs",)),
+    "image": RecipeGroup("image", "mae", (
+        Recipe("mae", "image_mae_tiny", {}, "MAE: drop-masked encoder, pixel decoder"),
+        Recipe("simmim", "image_simmim_tiny", {}, "SimMIM: mask tokens, linear pixel head"),
+        Recipe("d2v", "image_d2v_tiny", {}, "data2vec-style self-distillation"),
+        Recipe("mp3", "image_mp3_tiny", {}, "MP3 position prediction"),
+        Recipe("mto", "image_mto_tiny", {}, "MTO"),
+    ), ("digits", "shapes")),
+    "audio": RecipeGroup("audio", "mam", (
+        Recipe("mam", "audio_mam_tiny", {}, "masked acoustic modeling"),
+        Recipe("d2v", "audio_d2v_tiny", {}, "data2vec-style self-distillation"),
+        Recipe("mto", "audio_mto_tiny", {}, "MTO"),
+    ), ("audio-sounds",)),
+    "vl": RecipeGroup("vl", "uniter", (
+        Recipe("uniter", "vl_uniter_tiny", {}, "UNITER-style MLM + MRM + ITM"),
+        Recipe("lxmert", "vl_lxmert_tiny", {}, "LXMERT-style objectives"),
+        Recipe("mrm-visual-tokens", "vl_mrm_tokens_tiny", {}, "visual-token MRM"),
+        Recipe("lightclip", "vl_lightclip_tiny", {}, "LightCLIP soft ITC labels"),
+    ), ("stdlib-package", "digits", "shapes")),
+}
+"""The recipe groups of ``--modality``; presets not (yet) in ``configs/`` are skipped with a note."""
+
+MODALITIES = tuple(GROUPS)
+
+
+@dataclass
+class RecipeSizes:
+    """How much work the suite does.
+
+    Args:
+        name: full | quick | micro.
+        baseline_steps: per modality, the steps of the baseline recipe; budget = that x its FLOPs/step.
+        seeds: pretraining seeds per recipe.
+        flop_batches: batches the FLOPs per step are averaged over.
+        timing_rounds, timing_steps: interleaved timing of the recipes' training steps.
+        downstream: sizes of the downstream evaluation (fine-tuning ``seeds`` is per pretraining seed).
+        overrides: applied to every recipe (e.g. fewer data workers for the smoke size).
+    """
+
+    name: str
+    baseline_steps: Dict[str, int]
+    seeds: int
+    flop_batches: int
+    timing_rounds: int
+    timing_steps: int
+    downstream: DownstreamSizes
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+SIZES: Dict[str, RecipeSizes] = {
+    "full": RecipeSizes("full", {"text": 250, "dna": 300, "image": 300, "audio": 250, "vl": 300}, seeds=3,
+                        flop_batches=4, timing_rounds=3, timing_steps=5,
+                        downstream=DownstreamSizes("recipes-full", 150, 60, 3, 1)),
+    "quick": RecipeSizes("quick", {m: 20 for m in MODALITIES}, seeds=2, flop_batches=2, timing_rounds=2,
+                         timing_steps=3, downstream=DownstreamSizes("recipes-quick", 40, 20, 1, 1)),
+    "micro": RecipeSizes("micro", {m: 5 for m in MODALITIES}, seeds=1, flop_batches=1, timing_rounds=1,
+                         timing_steps=1, downstream=DownstreamSizes("micro", 8, 6, 1, 1, batch_size=16),
+                         overrides={"data.num_workers": 0, "data.batch_size": 8, "data.shuffle_buffer": 0}),
+}
+
+MICRO_MODEL: Dict[str, Dict[str, Any]] = {
+    "text": {"model.encoder.dim": 64, "model.encoder.depth": 2, "model.encoder.mlp_hidden": 128,
+             "model.text.vocab_size": 500, "model.text.tokenizer_train_docs": 50, "model.text.max_len": 64},
+}
+"""The smoke size's smaller model per modality (on top of ``SIZES["micro"].overrides``)."""
+
+
+def select_sizes(quick: bool) -> RecipeSizes:
+    """``micro`` when ``$MMM_BENCH_MICRO`` is set (tests), else ``quick`` or ``full``."""
+    if os.environ.get(MICRO_ENV, "") not in ("", "0"):
+        return SIZES["micro"]
+    return SIZES["quick" if quick else "full"]
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def recipe_config(recipe: Recipe, extra: Optional[Dict[str, Any]] = None) -> Any:
+    """The recipe's :class:`~mmm.config.PretrainConfig`: its preset, its overrides, then ``extra``."""
+    from mmm.config import load_config
+
+    return load_config(CONFIGS / f"{recipe.preset}.yaml", {**recipe.overrides, **(extra or {})})
+
+
+def run_overrides(preset_cfg: Any, steps: int, seed: int, root: Path, threads: int, sizes: RecipeSizes) -> Dict[str, Any]:
+    """Overrides that turn a recipe into one budgeted run: ``steps`` steps, warm-up at the preset's
+    fraction of its run, ``seed`` for weights and data, no validation, one checkpoint at the end."""
+    t = preset_cfg.trainer
+    warmup_fraction = preset_cfg.optim.warmup_steps / max(1, t.max_steps)
+    return {**sizes.overrides, "seed": seed, "data.seed": seed, "data.val": None, "trainer.max_steps": steps,
+            "optim.warmup_steps": int(round(warmup_fraction * steps)), "trainer.threads": threads,
+            "trainer.checkpoint_every_n_steps": steps, "trainer.log_every_n_steps": max(1, min(10, steps)),
+            "trainer.enable_progress_bar": False, "trainer.default_root_dir": str(root)}
+
+
+def phase_steps(cfg: Any, cost: RecipeCost) -> List[int]:
+    """Steps of each phase in a run of ``cfg`` (its ``trainer.max_steps``), as the run schedules them;
+    ``[max_steps]`` for a run without phases."""
+    if len(cost.phases) == 1:
+        return [cfg.trainer.max_steps]
+    from mmm.train.phases import build_schedule  # only phased configs get here
+
+    ends = list(build_schedule(cfg).ends)
+    return [e - s for s, e in zip([0] + ends[:-1], ends)]
+
+
+def spent_flops(steps_per_phase: List[int], flops_per_phase: List[float]) -> float:
+    """FLOPs of a run: each phase's steps x its measured FLOPs per step."""
+    if len(steps_per_phase) != len(flops_per_phase):
+        raise ValueError(f"{len(steps_per_phase)} phase step counts for {len(flops_per_phase)} phases")
+    return float(sum(n * f for n, f in zip(steps_per_phase, flops_per_phase)))
+
+
+def plan_steps(budget: float, cost: RecipeCost, cfg_for: Callable[[int], Any]) -> Tuple[int, List[int]]:
+    """Steps (and their split over phases) nearest to ``budget``: ``round(budget / FLOPs per step)``; for a
+    phased run the nearest of a few step counts around it as its phases are scheduled.
+
+    Args:
+        budget: FLOPs every recipe spends.
+        cost: the recipe's measured cost.
+        cfg_for: the recipe's run config for a number of steps.
+    """
+    from mmm.config import ConfigError
+
+    steps = steps_for_budget(budget, cost.flops_per_step)
+    if len(cost.phases) == 1:
+        return steps, [steps]
+    best: Optional[Tuple[float, int, List[int]]] = None
+    for n in range(max(1, steps - 2), steps + 3):
+        try:
+            split = phase_steps(cfg_for(n), cost)
+        except ConfigError:  # a phase would get no step
+            continue
+        gap = abs(spent_flops(split, cost.phase_flops) - budget)
+        if best is None or gap < best[0]:
+            best = (gap, n, split)
+    if best is None:
+        raise ValueError(f"recipe {cost.name}: the budget of {budget:.3g} FLOPs ({steps} steps) is too small to give "
+                         f"each of its {len(cost.phases)} phases a step; raise the baseline steps")
+    return best[1], best[2]
+
+
+def shared_assets(cfg: Any, folder: Path) -> Dict[str, Any]:
+    """Fit the baseline's assets once into ``folder``; overrides that make every recipe with the same
+    text tokenizer settings load that tokenizer (same vocabulary for all, no refitting per run)."""
+    from mmm.train.tasks import prepare_run_assets
+
+    mods = prepare_run_assets(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer,
+                                                                                  default_root_dir=str(folder))))
+    text = mods.base.get("text")
+    if text is None or cfg.model.text.tokenizer_path is not None:
+        return {}
+    return {"model.text.tokenizer_path": str(folder / text.tokenizer_dir)}
+
+
+def budget_problems(section: Dict[str, Any]) -> List[str]:
+    """What breaks equal compute in a suite section (empty when every recipe is within one step's worth
+    of the budget): each recipe's FLOPs are recomputed from its planned steps per phase and its measured
+    FLOPs per step of each phase, and its runs must have trained the planned steps.
+
+    Args:
+        section: :func:`run`'s result.
+    """
+    problems, budget = [], section["budget_flops"]
+    for r in section["recipes"]:
+        name, plan, cost = r["name"], section["plan"][r["name"]], section["cost"][r["name"]]
+        phase_flops = [p["flops_per_step"] for p in cost["phases"]] if "phases" in cost else [cost["flops_per_step"]]
+        if sum(plan["phase_steps"]) != plan["steps"]:
+            problems.append(f"{name}: phase steps {plan['phase_steps']} do not add up to {plan['steps']} steps")
+        spent = spent_flops(plan["phase_steps"], phase_flops)
+        step = max(phase_flops)
+        if abs(spent - budget) > step:
+            problems.append(f"{name}: {plan['steps']} steps spend {spent:.4g} FLOPs, {abs(spent - budget) / step:.2f} "
+                            f"steps' worth away from the budget {budget:.4g}")
+        trained = {run["steps"] for run in section["runs"].get(name, [])}
+        if trained != {plan["steps"]}:
+            problems.append(f"{name}: runs trained {sorted(trained)} steps, planned {plan['steps']}")
+    return problems
+
+
+def _same_text_tokenizer(a: Any, b: Any) -> bool:
+    keys = ("tokenizer", "vocab_size", "lowercase", "tokenizer_path")
+    return all(getattr(a.model.text, k, None) == getattr(b.model.text, k, None) for k in keys)
+
+
+def available(group: RecipeGroup) -> Tuple[List[Recipe], List[Dict[str, str]]]:
+    """The group's recipes whose preset exists, and the skipped ones with the reason."""
+    present, skipped = [], []
+    for r in group.recipes:
+        if (CONFIGS / f"{r.preset}.yaml").is_file():
+            present.append(r)
+        else:
+            skipped.append({"recipe": r.name, "preset": r.preset, "reason": f"configs/{r.preset}.yaml is not in this checkout"})
+    if not any(r.name == group.baseline for r in present):
+        raise ValueError(f"the {group.modality} baseline recipe {group.baseline!r} has no preset in {CONFIGS}")
+    return present, skipped
+
+
+# ----------------------------------------------------------------------------- downstream
+
+
+def score_encoder(source: Any, label: str, modality: str, splits: Tuple[Any, Any, Any], sizes: DownstreamSizes,
+                  seed: int, log: Callable[[str], None]) -> Dict[str, float]:
+    """Linear probe, kNN and fine-tuning (seeded with ``seed``) of one encoder on one task's splits.
+
+    Args:
+        source: an mmm ``.ckpt`` path, or a factory of an encoder (random initialisation).
+        label: the encoder's name in logs.
+        modality: the task's modality.
+        splits: train, dev, test.
+        sizes: downstream sizes (epochs, lr, batch; fine-tuning seeds from ``seed`` on).
+        seed: the pretraining seed (first fine-tuning seed).
+        log: progress printer.
+    """
+    from mmm.downstream.data import Labels, encode_labels
+    from mmm.downstream.finetune import FinetuneConfig, finetune
+    from mmm.downstream.inputs import InputAdapter, load_adapter
+    from mmm.downstream.knn import knn_probe
+    from mmm.probe import linear_probe
+
+    train, dev, test = splits
+    adapter = InputAdapter(source(), modality, label) if callable(source) else load_adapter(str(source), modality)
+    labels = Labels.fit(train, "classification")
+    ytr, yte = (np.asarray(encode_labels(s, labels)) for s in (train, test))
+    xtr = adapter.features(train.inputs, "mean", where=train.where)
+    xte = adapter.features(test.inputs, "mean", where=test.where)
+    probe, knn = linear_probe((xtr, ytr), (xte, yte)), knn_probe((xtr, ytr), (xte, yte))
+    cfg = FinetuneConfig(lr=sizes.lr, batch_size=sizes.batch_size, epochs=sizes.epochs, seeds=sizes.seeds,
+                         first_seed=seed, pooling="cls" if adapter.has_cls else "mean", patience=2)
+    ft = finetune(source, modality, train, dev, test, cfg=cfg, log=lambda s: log(f"      {s}"))
+    return {"finetune": float(ft.test["mean"]), "linear_probe": float(probe.accuracy), "knn": float(knn.accuracy),
+            "chance": float(probe.chance)}
+
+
+def _mean_std(values: List[float]) -> Dict[str, Any]:
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a),
+            "values": [float(v) for v in a]}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = print,
+        threads: int = 1) -> Dict[str, Any]:
+    """Measure, budget, pretrain and evaluate every available recipe of ``modality``; returns the suite section.
+
+    Args:
+        modality: a key of :data:`GROUPS`.
+        quick: small sizes (the smoke size under ``$MMM_BENCH_MICRO``).
+        out: output folder (pretraining runs go to ``out/runs/<recipe>/seed<s>``).
+        log: progress printer.
+        threads: torch threads of every measurement and run.
+    """
+    import torch
+
+    if modality not in GROUPS:
+        raise ValueError(f"unknown --modality {modality!r} for the recipes suite; expected one of {list(GROUPS)}")
+    sizes = select_sizes(quick)
+    group = GROUPS[modality]
+    recipes, skipped = available(group)
+    for s in skipped:
+        log(f"  skipped {s['recipe']}: {s['reason']}")
+    torch.set_num_threads(threads)
+    base = {**sizes.overrides, **(MICRO_MODEL.get(modality, {}) if sizes.name == "micro" else {}),
+            "trainer.threads": threads}
+    baseline = next(r for r in recipes if r.name == group.baseline)
+    baseline_cfg = recipe_config(baseline, base)
+    assets = shared_assets(baseline_cfg, out / "assets")
+    extra: Dict[str, Dict[str, Any]] = {  # per recipe: the shared tokenizer where its text settings match
+        r.name: {**base, **(assets if assets and _same_text_tokenizer(recipe_config(r, base), baseline_cfg) else {})}
+        for r in recipes}
+
+    log(f"== {modality}: FLOPs per training step ({sizes.flop_batches} batch(es) each)")
+    costs: List[RecipeCost] = []
+    for r in recipes:
+        c = measure_recipe(r.name, recipe_config(r, extra[r.name]), sizes.flop_batches)
+        log(f"  {r.name}: {c.flops_per_step / 1e9:.2f} GFLOP/step, {c.tokens_per_step:.0f} tokens/step")
+        costs.append(c)
+    log(f"== {modality}: training-step throughput, {sizes.timing_rounds} interleaved round(s) of {sizes.timing_steps}")
+    time_steps(costs, rounds=sizes.timing_rounds, steps=sizes.timing_steps, log=log)
+    for c in costs:
+        c.release()
+    cost = {c.name: c.summary() for c in costs}
+    baseline_fps = cost[group.baseline]["flops_per_step"]
+    budget = baseline_fps * sizes.baseline_steps[modality]
+    plan = {}
+    presets = {r.name: recipe_config(r) for r in recipes}
+    for r, c in zip(recipes, costs):
+        def cfg_for(n: int, r: Recipe = r) -> Any:
+            return recipe_config(r, {**extra[r.name], **run_overrides(presets[r.name], n, 0, out, threads, sizes)})
+
+        steps, split = plan_steps(budget, c, cfg_for)
+        spent = spent_flops(split, c.phase_flops)
+        plan[r.name] = {"steps": steps, "phase_steps": split, "flops": spent,
+                        "budget_error_steps": (spent - budget) / c.flops_per_step}
+        log(f"  {r.name}: {steps} steps, {spent / 1e12:.3f} TFLOP of {budget / 1e12:.3f}")
+
+    tasks = {t: TASKS[t] for t in group.tasks}
+    splits = {t: td.load(sizes.downstream) for t, td in tasks.items()}
+    scores: Dict[str, Dict[str, Dict[str, List[float]]]] = {}  # recipe -> task -> metric -> per seed
+    runs: Dict[str, List[Dict[str, Any]]] = {}
+    baseline_ckpts: List[Tuple[int, Path]] = []
+    for r in recipes:
+        for seed in range(sizes.seeds):
+            root = out / "runs" / r.name / f"seed{seed}"
+            cfg = recipe_config(r, {**extra[r.name],
+                                    **run_overrides(presets[r.name], plan[r.name]["steps"], seed, root, threads, sizes)})
+            log(f"== {modality}/{r.name} seed {seed}: pretraining {cfg.trainer.max_steps} steps")
+            from mmm.train.pretrain import pretrain
+
+            t0 = time.perf_counter()
+            pr = pretrain(cfg)
+            wall = time.perf_counter() - t0
+            torch.set_num_threads(threads)
+            ckpt = pr.last_checkpoint
+            runs.setdefault(r.name, []).append({"seed": seed, "steps": int(pr.trainer.global_step), "wall_s": round(wall, 1),
+                                                "checkpoint": str(ckpt)})
+            if r.name == group.baseline:
+                baseline_ckpts.append((seed, ckpt))
+            for t, td in tasks.items():
+                if td.modality not in _encoder_modalities(ckpt):
+                    continue
+                s = score_encoder(ckpt, f"{r.name} seed {seed}", td.modality, splits[t], sizes.downstream, seed, log)
+                log(f"    {t}: fine-tune {s['finetune']:.3f}, linear probe {s['linear_probe']:.3f}, kNN {s['knn']:.3f}")
+                for k, v in s.items():
+                    scores.setdefault(r.name, {}).setdefault(t, {}).setdefault(k, []).append(v)
+    init = "random init"
+    for seed, ckpt in baseline_ckpts:
+        for t, td in tasks.items():
+            if td.modality not in _encoder_modalities(ckpt):
+                continue
+            log(f"== {modality}/{init} seed {seed}: {t}")
+            s = score_encoder(random_init_factory(ckpt, td.modality), f"{init} seed {seed}", td.modality, splits[t],
+                              sizes.downstream, seed, log)
+            for k, v in s.items():
+                scores.setdefault(init, {}).setdefault(t, {}).setdefault(k, []).append(v)
+
+    rows = []
+    for name in [r.name for r in recipes] + [init]:
+        for t in tasks:
+            if t not in scores.get(name, {}):
+                continue
+            sc = scores[name][t]
+            row: Dict[str, Any] = {"recipe": name, "task": t, "data": tasks[t].data, "chance": sc["chance"][0],
+                                   **{k: _mean_std(sc[k]) for k in ("finetune", "linear_probe", "knn")}}
+            if name != init:
+                walls = [x["wall_s"] for x in runs[name]]
+                row.update({"steps": plan[name]["steps"], "flops": plan[name]["flops"],
+                            "budget_error_steps": plan[name]["budget_error_steps"],
+                            "wall_s": _mean_std(walls), **{k: cost[name].get(k) for k in
+                                                           ("flops_per_step", "tokens_per_s", "step_seconds_median")}})
+            rows.append(row)
+    section = {"modality": modality, "baseline": group.baseline, "sizes": dataclasses.asdict(sizes), "threads": threads,
+               "budget_flops": budget, "baseline_steps": sizes.baseline_steps[modality],
+               "recipes": [{"name": r.name, "preset": r.preset, "overrides": r.overrides, "what": r.what} for r in recipes],
+               "skipped": skipped, "cost": cost, "plan": plan, "runs": runs, "results": rows,
+               "splits": {t: [len(x) for x in sp] for t, sp in splits.items()}}
+    section["budget_problems"] = budget_problems(section)
+    for p in section["budget_problems"]:
+        log(f"  unequal budget: {p}")
+    return section
+
+
+def _encoder_modalities(ckpt: Path) -> List[str]:
+    from benchmarks.downstream import encoder_modalities
+
+    return encoder_modalities(ckpt)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(ms: Dict[str, Any]) -> str:
+    return f"{ms['mean']:.3f} ± {ms['std']:.3f}"
+
+
+def markdown(section: Dict[str, Any]) -> str:
+    """Cost and downstream tables of one modality's section."""
+    s, m = section["sizes"], section["modality"]
+    ds = s["downstream"]
+    base = section["baseline"]
+    base_tps = section["cost"][base].get("tokens_per_s")
+    lines = [f"Equal compute: every recipe trains {section['budget_flops'] / 1e12:.3f} TFLOP (the {base} baseline's "
+             f"FLOPs per step × {section['baseline_steps']} steps; counted forward + backward over real batches, "
+             f"generator / teacher included), {s['seeds']} pretraining seed(s), {section['threads']} thread(s) per run.",
+             "", "| recipe | preset | GFLOP / step | steps | budget used | tokens / step | train tokens/s | "
+             f"vs {base} | wall s / run |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in section["recipes"]:
+        c, p = section["cost"][r["name"]], section["plan"][r["name"]]
+        walls = [x["wall_s"] for x in section["runs"][r["name"]]]
+        tps = c.get("tokens_per_s")
+        ratio = f"{tps / base_tps:.2f}×" if tps and base_tps else "n/a"
+        preset = f"`{r['preset']}`" + "".join(f" {k}={v}" for k, v in r["overrides"].items())
+        lines.append(f"| {r['name']} | {preset} | {c['flops_per_step'] / 1e9:.2f} | {p['steps']} | "
+                     f"{p['flops'] / section['budget_flops']:.3f} | {c['tokens_per_step']:.0f} | "
+                     f"{f'{tps:,.0f}' if tps else 'n/a'} | {ratio} | {np.mean(walls):.0f} |")
+    lines += ["", f"Downstream ({m}): fine-tuning {ds['epochs']} epoch(s) at lr {ds['lr']} (test accuracy of the best dev "
+              f"state), linear probe and kNN on frozen mean-pooled features; at most {ds['train_per_class']} training "
+              f"and {ds['eval_per_class']} test samples per class; mean ± std over pretraining seeds.", "",
+              "| task | recipe | fine-tune | linear probe | kNN | chance |", "|---|---|---:|---:|---:|---:|"]
+    for r in section["results"]:
+        lines.append(f"| {r['task']} ({r['data']}) | {r['recipe']} | {_fmt(r['finetune'])} | {_fmt(r['linear_probe'])} | "
+                     f"{_fmt(r['knn'])} | {r['chance']:.3f} |")
+    if section.get("budget_problems"):
+        lines += ["", "**Unequal budgets:** " + "; ".join(section["budget_problems"]) + "."]
+    if section["skipped"]:
+        lines += ["", "Skipped: " + "; ".join(f"{x['recipe']} ({x['reason']})" for x in section["skipped"]) + "."]
+    return "\n".join(lines)
+
+
+def plot(section: Dict[str, Any], path: Path) -> None:
+    """PNG: per task, fine-tune / linear probe / kNN of every recipe, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in section["results"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(5.0, 1.1 * len(section["recipes"]) + 2.5) * len(tasks), 3.8),
+                             squeeze=False)
+    metrics = (("finetune", "fine-tune"), ("linear_probe", "linear probe"), ("knn", "kNN"))
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in section["results"] if r["task"] == task]
+        xs = np.arange(len(rows))
+        for i, (key, label) in enumerate(metrics):
+            ax.bar(xs + (i - 1) * 0.27, [r[key]["mean"] for r in rows], 0.27, yerr=[r[key]["std"] for r in rows],
+                   capsize=3, label=label)
+        ax.axhline(rows[0]["chance"], color="grey", ls="--", lw=1, label="chance")
+        ax.set_xticks(xs, [r["recipe"] for r in rows], fontsize=8, rotation=20)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{section['modality']}: {task}, equal FLOPs ({section['budget_flops'] / 1e12:.2f} TFLOP)")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,102 @@
+"""``mmm bench --suite recipes``: FLOP counting, equal budgets, and the text suite end to end at smoke size."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import recipe_budget, recipes, suite
+from mmm.cli import main as cli_main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_attention_is_counted_forward_and_backward():
+    B, H, L, D = 2, 3, 16, 8
+    q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as plain:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    with FlopCounterMode(display=False, custom_mapping=recipe_budget._extra_flop_formulas()) as counted:
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+    if plain.get_total_flops() == 0:  # the CPU kernel, unknown to FlopCounterMode: added by recipe_budget
+        # forward QK^T and PV: 2 x (2 B H L L D); backward (PyTorch's formula, as for its GPU kernels):
+        # the recomputed scores and four gradient products, 5 x (2 B H L L D)
+        assert counted.get_total_flops() == 7 * 2 * B * H * L * L * D
+    else:
+        assert counted.get_total_flops() == plain.get_total_flops()
+
+
+def test_steps_for_budget_rounds_to_the_nearest_step():
+    assert recipe_budget.steps_for_budget(1000.0, 100.0) == 10
+    assert recipe_budget.steps_for_budget(1000.0, 130.0) == 8  # 7.69 -> 8
+    assert recipe_budget.steps_for_budget(10.0, 100.0) == 1  # at least one step
+    for fps in (77.0, 130.0, 333.0):
+        assert abs(recipe_budget.budget_error(1000.0, fps, recipe_budget.steps_for_budget(1000.0, fps))) <= 0.5
+    with pytest.raises(ValueError, match="flops_per_step"):
+        recipe_budget.steps_for_budget(1000.0, 0.0)
+
+
+def test_spent_flops_by_phase():
+    assert recipes.spent_flops([2, 3], [10.0, 20.0]) == 80.0
+    with pytest.raises(ValueError, match="phase"):
+        recipes.spent_flops([5], [10.0, 20.0])
+
+
+def test_recipes_suite_refuses_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="--modality"):
+        suite.run_suite("recipes", tmp_path)
+    with pytest.raises(ValueError, match="one of"):
+        suite.run_suite("recipes", tmp_path, modality="smell")
+    with pytest.raises(ValueError, match="recipes suite only"):
+        suite.run_suite("throughput", tmp_path, modality="text")
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--suite", "recipes", "--modality", "smell"])
+
+
+def test_every_modality_has_its_baseline_preset():
+    for m, group in recipes.GROUPS.items():
+        present, skipped = recipes.available(group)
+        assert group.baseline in [r.name for r in present], m
+        assert all((recipes.CONFIGS / f"{r.preset}.yaml").is_file() for r in present)
+        assert all("not in this checkout" in s["reason"] for s in skipped)
+        assert all(t in recipes.TASKS for t in group.tasks)
+
+
+def test_text_suite_smoke_equal_budgets_and_outputs(tmp_path, monkeypatch):
+    monkeypatch.setenv(suite.MICRO_ENV, "1")
+    assert cli_main(["bench", "--suite", "recipes", "--modality", "text", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["suite"] == "recipes" and data["sizes"] == "micro"
+    sec = data["sections"]["recipes"]
+    names = [r["name"] for r in sec["recipes"]]
+    assert names[:4] == ["mlm-15", "mlm-30", "electra", "electra-gdes"]
+    budget = sec["budget_flops"]
+    assert budget == pytest.approx(sec["cost"]["mlm-15"]["flops_per_step"] * sec["baseline_steps"])
+    # ELECTRA's generator costs FLOPs; 30 % masking predicts more positions: both above MLM 15 % per step
+    assert sec["cost"]["electra"]["flops_per_step"] > sec["cost"]["mlm-15"]["flops_per_step"]
+    assert sec["cost"]["mlm-30"]["flops_per_step"] > sec["cost"]["mlm-15"]["flops_per_step"]
+    for name in names:
+        plan, cost = sec["plan"][name], sec["cost"][name]
+        assert abs(plan["flops"] - budget) <= cost["flops_per_step"], name  # within a step's worth
+        assert [run["steps"] for run in sec["runs"][name]] == [plan["steps"]] * sec["sizes"]["seeds"]
+        assert cost["tokens_per_s"] > 0 and cost["step_seconds_median"] > 0
+    assert sec["budget_problems"] == []
+    # the check recomputes the FLOPs from the steps: one step more for ELECTRA is off budget
+    tampered = copy.deepcopy(sec)
+    tampered["plan"]["electra"]["steps"] += 2
+    tampered["plan"]["electra"]["phase_steps"] = [tampered["plan"]["electra"]["steps"]]
+    assert any(p.startswith("electra:") for p in recipes.budget_problems(tampered))
+
+    rows = {(r["recipe"], r["task"]): r for r in sec["results"]}
+    for name in names + ["random init"]:
+        r = rows[(name, "stdlib-package")]
+        for metric in ("finetune", "linear_probe", "knn"):
+            assert 0.0 <= r[metric]["mean"] <= 1.0 and r[metric]["n"] == sec["sizes"]["seeds"]
+    md = (tmp_path / "results.md").read_text()
+    assert "## Recipes at equal compute: text" in md and "| electra |" in md and "| stdlib-package (real) | random init |" in md
+    png = (tmp_path / "recipes_text.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 1000
