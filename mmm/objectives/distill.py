@@ -29,12 +29,12 @@ The teacher is frozen: its weights never require gradients, it runs under ``torc
 mode and in fp32 whatever the training precision, and it is held outside the module tree (like
 :class:`mmm.targets.teacher.FrozenTeacher`), so it is in neither the ``state_dict`` (checkpoints,
 exports) nor the optimizer; it follows the batch to its device lazily. When the teacher is wider or
-narrower than the student, a learned linear map takes the student's states to the teacher's width
-(``projection``).
+narrower than the student (``teacher_dim``), a learned linear map takes the student's states to the
+teacher's width.
 
-The teacher file is read when the head is built, so rebuilding a model from a run's config (e.g. to
-evaluate all of its heads) needs the teacher file too; :func:`~mmm.encoders.load_encoder` of the
-student's checkpoint does not (it builds only the embedder and encoder).
+The teacher file is read at the first training or validation step, not when the head is built, so
+a model rebuilt from a run's config (to evaluate it, or to check a preset) does not need it; the
+teacher is then checked against the student (vocabulary, patch grid or feature size, width).
 """
 from __future__ import annotations
 
@@ -125,31 +125,42 @@ class FrozenTeacherDistillation(nn.Module):
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: Optional[EncoderConfig] = None,
                  teacher: Union[str, Mapping[str, Any], None] = None, modality: str = "text",
                  teacher_input: str = "masked", loss: str = "mse", target_norm: str = "none",
-                 projection: Optional[bool] = None) -> None:
+                 teacher_dim: Optional[int] = None) -> None:
         super().__init__()
         if modality not in embedders:
             raise ValueError(f"objective distill: modality {modality!r} has no embedder in this model "
                              f"(modalities: {sorted(embedders)})")
         if teacher is None:
             raise ValueError("objective distill: args.teacher is required (a path, or {path, timm_model, timm_kwargs})")
+        parse_teacher_spec(teacher)  # the spec's shape now; the file at the first step
         if teacher_input not in TEACHER_INPUTS:
             raise ValueError(f"objective distill: teacher_input must be one of {TEACHER_INPUTS}, got {teacher_input!r}")
         if loss not in LOSSES:
             raise ValueError(f"objective distill: loss must be one of {LOSSES}, got {loss!r}")
         if target_norm not in TARGET_NORMS:
             raise ValueError(f"objective distill: target_norm must be one of {TARGET_NORMS}, got {target_norm!r}")
-        if projection is not None and not isinstance(projection, bool):
-            raise ValueError(f"objective distill: projection must be true, false or null, got {projection!r}")
+        if teacher_dim is not None and (not isinstance(teacher_dim, int) or teacher_dim < 1):
+            raise ValueError(f"objective distill: teacher_dim must be a positive integer or null, got {teacher_dim!r}")
         self.modality, self.teacher_input, self.loss, self.target_norm = modality, teacher_input, loss, target_norm
-        module = load_teacher(teacher, modality)
-        _check_compatible(module.embedder, embedders[modality], modality)
-        self.teacher = _Frozen(module)
-        self.teacher_dim = int(module.encoder.cfg.dim)
-        if projection is False and self.teacher_dim != dim:
-            raise ValueError(f"objective distill: the teacher is {self.teacher_dim} wide and the student {dim}; "
-                             f"projection: false needs equal widths (leave it null for a learned map)")
-        use_proj = projection if projection is not None else self.teacher_dim != dim
-        self.proj = nn.Linear(dim, self.teacher_dim) if use_proj else None
+        self.teacher_spec = teacher
+        self._student_embedder = [embedders[modality]]  # a reference for the compatibility check, not a submodule
+        self.teacher_dim = int(teacher_dim or dim)
+        self.proj = nn.Linear(dim, self.teacher_dim) if self.teacher_dim != dim else None
+        self._frozen: Optional[_Frozen] = None
+
+    @property
+    def teacher(self) -> _Frozen:
+        """The frozen teacher, read from its file on first use and checked against the student."""
+        if self._frozen is None:
+            module = load_teacher(self.teacher_spec, self.modality)
+            _check_compatible(module.embedder, self._student_embedder[0], self.modality)
+            width = int(module.encoder.cfg.dim)
+            if width != self.teacher_dim:
+                raise ValueError(f"objective distill: the teacher is {width} wide but this head expects "
+                                 f"{self.teacher_dim}; set args.teacher_dim: {width} (a learned map then takes the "
+                                 f"student's states to that width)")
+            self._frozen = _Frozen(module)
+        return self._frozen
 
     # ------------------------------------------------------------------ layout
 

@@ -106,14 +106,14 @@ def test_loss_reads_visible_tokens_only(text_teacher):
 
 
 def test_wider_teacher_gets_a_learned_projection(text_teacher):
-    model = _text_model(text_teacher, dim=16)
+    model = _text_model(text_teacher, dim=16, teacher_dim=D)
     head = model.objectives["distill"]
     assert head.proj is not None and head.proj.weight.shape == (D, 16)
     out = model(_text_batch())[1]["distill"]
     out.loss.backward()
     assert head.proj.weight.grad is not None and torch.isfinite(out.loss)
-    with pytest.raises(ValueError, match="projection: false"):
-        _text_model(text_teacher, dim=16, projection=False)
+    with pytest.raises(ValueError, match="set args.teacher_dim: 32"):
+        _text_model(text_teacher, dim=16)(_text_batch())
 
 
 @pytest.fixture
@@ -172,9 +172,10 @@ def test_bad_teachers_are_refused(text_teacher, tmp_path):
     with pytest.raises(ValueError, match="vocabulary of 40 ids but the student 41"):
         emb = EMBEDDERS.create("text", vocab_size=V + 1, dim=D, max_len=16, dropout=0.0, pad_id=0)
         build_model(ModelConfig(encoder=_enc()), [ObjectiveConfig("distill", args={"teacher": str(text_teacher)})],
-                    {"text": emb})
+                    {"text": emb}).objectives["distill"].teacher
+    missing = _text_model(tmp_path / "nowhere")  # building the head reads no file
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        _text_model(tmp_path / "nowhere")
+        missing(_text_batch())
     with pytest.raises(ValueError, match="teacher_input"):
         _text_model(text_teacher, teacher_input="clean")
     with pytest.raises(ValueError, match="unknown teacher keys"):
