@@ -40,9 +40,9 @@ import numpy as np
 
 from mmm.data.tar import ReadOptions
 from mmm.registry import DATASETS
-from datasets_def.building import (SPLITS, ShardWriters, cached_build, check_build_args, find_files, finish_build,
-                                   has_suffix, ignored_manifest, log_ignored, prepare_output, read_file, read_split,
-                                   stable_split)
+from datasets_def.building import (SPLITS, ShardWriters, cached_build, check_build_args, find_inputs,
+                                   finish_build, has_suffix, ignored_manifest, log_ignored, prepare_output,
+                                   read_file, read_split, stable_split)
 from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
@@ -104,18 +104,9 @@ class AudioBuildReport:
 
 def _find_inputs(input_path: Path, skipper: BadInputSkipper) -> Tuple[List[Tuple[Path, str]], List[str]]:
     """((file, source name) pairs of .wav/.flac files sorted by relative posix path, ignored files);
-    see :func:`datasets_def.building.find_files`."""
-    if not input_path.exists():
-        raise FileNotFoundError(f"audio input path does not exist: {input_path}")
-    if not input_path.is_dir():
-        if not has_suffix(input_path.name, AUDIO_SUFFIXES):
-            raise AudioBuildError(f"{input_path}: expected a .wav or .flac file or a folder of them")
-        return [(input_path, input_path.name)], []
-    found, ignored = find_files(input_path, lambda name: has_suffix(name, AUDIO_SUFFIXES), skipper)
-    if not found:
-        raise AudioBuildError(f"no .wav or .flac files found under {input_path} (searched recursively, "
-                              f"{len(ignored)} other file(s) ignored; skipped: {skipper.skipped[:3]})")
-    return found, ignored
+    see :func:`datasets_def.building.find_inputs`."""
+    return find_inputs(input_path, lambda name: has_suffix(name, AUDIO_SUFFIXES), "audio", "a .wav or .flac file",
+                       ".wav or .flac files", skipper, AudioBuildError)
 
 
 @dataclass

@@ -157,6 +157,37 @@ def find_files(root: Path, accept: Callable[[str], bool], skipper: BadInputSkipp
     return found, ignored
 
 
+def find_inputs(input_path: Path, accept: Callable[[str], bool], kind: str, one: str, many: str,
+                skipper: BadInputSkipper, error: Type[Exception], *, single_file: bool = True,
+                skip_hidden: bool = False) -> Tuple[List[Tuple[Path, str]], List[str]]:
+    """The input files of a build: ``input_path`` itself when it is one such file, else :func:`find_files` under it.
+
+    Args:
+        input_path: a file or a folder.
+        accept: file name -> whether the builder reads it.
+        kind: the dataset kind, in messages (``"text"``).
+        one, many: what the builder reads, in messages (``"a .txt or .jsonl file"``, ``".txt or .jsonl files"``).
+        skipper: where bad and skipped inputs are reported.
+        error: raised when ``input_path`` is a file of another kind, or a folder holding none to read.
+        single_file: whether one file may be given instead of a folder.
+        skip_hidden: as :func:`find_files`.
+
+    Returns:
+        ``([(path, source name)], [ignored relative paths])``, sorted by relative path (a single file: its name).
+    """
+    if not input_path.exists():
+        raise FileNotFoundError(f"{kind} input path does not exist: {input_path}")
+    if not input_path.is_dir():
+        if not single_file or not accept(input_path.name):
+            raise error(f"{input_path}: expected {one + ' or a folder of them' if single_file else 'a folder of ' + many}")
+        return [(input_path, input_path.name)], []
+    found, ignored = find_files(input_path, accept, skipper, skip_hidden=skip_hidden)
+    if not found:
+        raise error(f"no {many} found under {input_path} (searched recursively, {len(ignored)} other file(s) "
+                    f"ignored; skipped: {skipper.skipped[:3]})")
+    return found, ignored
+
+
 def log_ignored(kind: str, ignored: List[str], wanted: str) -> None:
     """One build-output line counting the files a builder does not read (only when there are some)."""
     if ignored:

@@ -45,7 +45,8 @@ from mmm.modalities.dna import codec as dna_codec
 from mmm.modalities.dna.codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
 from mmm.registry import DATASETS
 from datasets_def.building import (DONE_MARKER, SPLITS, ShardWriters, cached_build, default_cache_dir,  # noqa: F401
-                                   find_files, finish_build, ignored_manifest, log_ignored, prepare_output, stable_split)
+                                   find_inputs, finish_build, ignored_manifest, log_ignored, prepare_output,
+                                   stable_split)
 from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
@@ -192,19 +193,10 @@ def _is_fasta_name(name: str) -> bool:
 
 
 def _find_inputs(input_path: Path, skipper: BadInputSkipper) -> Tuple[List[Tuple[Path, str]], List[str]]:
-    """((file, source name) pairs sorted by relative posix path, ignored files); see :func:`datasets_def.building.find_files`."""
-    if not input_path.exists():
-        raise FileNotFoundError(f"FASTA input path does not exist: {input_path}")
-    suffixes = ", ".join(FASTA_SUFFIXES)
-    if not input_path.is_dir():
-        if not _is_fasta_name(input_path.name):
-            raise DNABuildError(f"{input_path}: expected a FASTA file ({suffixes}, optionally .gz) or a folder of them")
-        return [(input_path, input_path.name)], []
-    found, ignored = find_files(input_path, _is_fasta_name, skipper)
-    if not found:
-        raise DNABuildError(f"no FASTA files ({suffixes}, optionally .gz) found under {input_path} (searched "
-                            f"recursively, {len(ignored)} other file(s) ignored; skipped: {skipper.skipped[:3]})")
-    return found, ignored
+    """((file, source name) pairs sorted by relative posix path, ignored files); see :func:`datasets_def.building.find_inputs`."""
+    kinds = f"({', '.join(FASTA_SUFFIXES)}, optionally .gz)"
+    return find_inputs(input_path, _is_fasta_name, "FASTA", f"a FASTA file {kinds}", f"FASTA files {kinds}", skipper,
+                       DNABuildError)
 
 
 def _iter_records(path: Path, source: str, skipper: BadInputSkipper) -> Iterator[Tuple[str, str]]:

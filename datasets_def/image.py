@@ -34,10 +34,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mmm.modalities.image.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_header
+from mmm.data.jsonl import json_objects
 from mmm.data.tar import ReadOptions
 from mmm.registry import DATASETS
-from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, cached_build, check_build_args,  # noqa: F401
-                                   find_files, finish_build, ignored_manifest, log_ignored, prepare_output, read_split,
+from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, cached_build, check_build_args, find_inputs,  # noqa: F401
+                                   finish_build, ignored_manifest, log_ignored, prepare_output, read_split,
                                    stable_split, write_manifest)
 from datasets_def.skipper import BadInputSkipper
 
@@ -159,20 +160,11 @@ def _is_image_name(name: str) -> bool:
 
 def _find_images(root: Path, skipper: BadInputSkipper,
                  error: type = ImageBuildError) -> Tuple[List[Tuple[Path, str]], List[str]]:
-    """((file, relative posix path) sorted by path, ignored non-image files); hidden entries skipped.
-
-    Symbolic links to folders are followed (as ImageFolder), each folder once
-    (:func:`datasets_def.building.find_files`).
-    """
-    if not root.exists():
-        raise FileNotFoundError(f"image input folder does not exist: {root}")
-    if not root.is_dir():
-        raise error(f"{root}: expected a folder of images (optionally with class subfolders)")
-    found, ignored = find_files(root, _is_image_name, skipper, skip_hidden=True)
-    if not found:
-        raise error(f"no image files found under {root} (searched recursively for {sorted(IMAGE_SUFFIXES)}; "
-                    f"{len(ignored)} other file(s) ignored; skipped: {skipper.skipped[:3]})")
-    return found, ignored
+    """((file, relative posix path) sorted by path, ignored non-image files) of a folder of images (optionally with
+    class subfolders); hidden entries skipped. Symbolic links to folders are followed (as ImageFolder), each folder
+    once (:func:`datasets_def.building.find_inputs`)."""
+    return find_inputs(root, _is_image_name, "image", "an image", f"image files ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                       skipper, error, single_file=False, skip_hidden=True)
 
 
 def _read_table(path: Path, column: str) -> Dict[str, str]:
@@ -200,15 +192,7 @@ def _read_table_file(path: Path, column: str) -> Dict[str, str]:
 
     if path.suffix.lower() == ".jsonl":
         with path.open(encoding="utf-8-sig") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exn:
-                    raise ImageBuildError(f"{path}:{lineno}: invalid JSON ({exn.msg})") from exn
-                if not isinstance(record, dict):
-                    raise ImageBuildError(f"{path}:{lineno}: expected a JSON object with 'path' and {column!r}")
+            for lineno, record in json_objects(fh, lambda n: f"{path}:{n}", ImageBuildError):
                 add(f"{path}:{lineno}", record.get("path"), record.get(column))
         return table
     with path.open(encoding="utf-8-sig", newline="") as fh:

@@ -50,6 +50,7 @@ from datasets_def.image import (IMAGE_FIELDS, IMAGE_SUFFIXES, MANIFEST, SPLITS, 
 from mmm.modalities.image.decode import DEFAULT_MAX_PIXELS
 from mmm.modalities.image_text.pipeline import (BOX_DIM, REGION_FIELDS, RegionArrayError, captions_of, check_region_arrays, load_npy,
                                  xyxy_to_geometry)
+from mmm.data.jsonl import json_objects
 from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
 from datasets_def.skipper import BadInputSkipper
@@ -143,15 +144,9 @@ def _read_captions_file(path: Path) -> Tuple[Dict[str, List[Tuple[str, str]]], L
 
     if path.suffix.lower() == ".jsonl":
         with path.open(encoding="utf-8-sig") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
+            for lineno, record in json_objects(fh, lambda n: f"{path}:{n}", ImageTextBuildError):
                 where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exn:
-                    raise ImageTextBuildError(f"{where}: invalid JSON ({exn.msg})") from exn
-                if not isinstance(record, dict) or ("caption" in record) == ("captions" in record):
+                if ("caption" in record) == ("captions" in record):
                     raise ImageTextBuildError(f"{where}: expected a JSON object with 'path' and one of 'caption' "
                                               f"(a string) or 'captions' (a list of strings)")
                 caps = record["captions"] if "captions" in record else [record["caption"]]

@@ -28,7 +28,7 @@ from mmm.modalities.text import codec as text_codec
 from mmm.modalities.text.codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
 from mmm.registry import DATASETS
 from datasets_def.building import (DONE_MARKER, SPLITS, ShardWriters, cached_build, check_build_args,  # noqa: F401
-                                   default_cache_dir, find_files, finish_build, has_suffix, ignored_manifest,
+                                   default_cache_dir, find_inputs, finish_build, has_suffix, ignored_manifest,
                                    log_ignored, prepare_output, read_file, stable_split)
 from datasets_def.skipper import BadInputSkipper
 
@@ -128,18 +128,9 @@ class BuildReport:
 
 
 def _find_inputs(input_path: Path, skipper: BadInputSkipper) -> Tuple[List[Tuple[Path, str]], List[str]]:
-    """((file, source name) pairs sorted by relative posix path, ignored files); see :func:`datasets_def.building.find_files`."""
-    if not input_path.exists():
-        raise FileNotFoundError(f"text input path does not exist: {input_path}")
-    if not input_path.is_dir():
-        if not has_suffix(input_path.name, TEXT_SUFFIXES):
-            raise TextBuildError(f"{input_path}: expected a .txt or .jsonl file or a folder of them")
-        return [(input_path, input_path.name)], []
-    found, ignored = find_files(input_path, lambda name: has_suffix(name, TEXT_SUFFIXES), skipper)
-    if not found:
-        raise TextBuildError(f"no .txt or .jsonl files found under {input_path} (searched recursively, "
-                             f"{len(ignored)} other file(s) ignored; skipped: {skipper.skipped[:3]})")
-    return found, ignored
+    """((file, source name) pairs sorted by relative posix path, ignored files); see :func:`datasets_def.building.find_inputs`."""
+    return find_inputs(input_path, lambda name: has_suffix(name, TEXT_SUFFIXES), "text", "a .txt or .jsonl file",
+                       ".txt or .jsonl files", skipper, TextBuildError)
 
 
 def _decode(data: bytes, where: str, base_offset: int, skipper: BadInputSkipper) -> Optional[str]:

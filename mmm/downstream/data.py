@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from mmm.data.jsonl import json_objects
+
 PathLike = Union[str, Path]
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
@@ -66,17 +68,7 @@ def _table_rows(path: Path) -> List[Tuple[int, Dict[str, Any]]]:
         raise DownstreamDataError(f"{path}: the file is empty")
     rows: List[Tuple[int, Dict[str, Any]]] = []
     if suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DownstreamDataError(f"{path}: row {n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DownstreamDataError(f"{path}: row {n}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((n, obj))
-        return rows
+        return list(json_objects(text.splitlines(), lambda n: f"{path}: row {n}", DownstreamDataError))
     delimiter = "\t" if suffix == ".tsv" else ","
     quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL  # GLUE TSVs hold bare quotes
     reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
