@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Dict
 
 import numpy as np
 
 import mmm.modalities.audio.modality  # noqa: F401  (registers the "audio" modality and embedder)
 import mmm.objectives.feature_regression  # noqa: F401  (registers "masked_features")
 from mmm.config import PretrainConfig
-from mmm.demo.common import bold_better, plot_losses, run_part, table_row, train_part
+from mmm.demo.common import bold_better, demo_part, plot_losses, table_row, train_part
 from mmm.model import head_name
 
 logger = logging.getLogger("mmm.demo")
@@ -27,17 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "audio_mam_tiny.yaml"
 
 
-def run_audio_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
-                   progress_bar: bool = True, quick: bool = False,
-                   schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
-    """Run the audio part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
-
-    Arguments as :func:`mmm.demo.common.run_part` (``config`` defaults to ``configs/audio_mam_tiny.yaml``).
-    """
-    return run_part(out_dir, config, DEFAULT_CONFIG, max_steps, progress_bar, schedule, _train_and_evaluate, _report)
-
-
-def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path) -> Dict[str, object]:
+def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict[str, object]:
     part = train_part(cfg)
     losses = part.held_out_losses(cfg.data.batch_size)
     probes, probe_seconds = part.probes()
@@ -46,14 +36,11 @@ def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path) -> Dict[str, object]
                 "weighted sum of the objectives' losses", [(untrained_total, "untrained model, held-out", "--")])
     per_sec = [v for _, v in part.series.get("train/seqs_per_sec", [])]
     return {
-        "threads": cfg.trainer.threads,
-        "steps": cfg.trainer.max_steps,
-        "train_seconds": round(part.train_seconds, 1),
+        **part.summary(cfg),
         "probe_seconds": round(probe_seconds, 1),
         "median_sequences_per_sec": float(np.median(per_sec)) if per_sec else None,
         "held_out_loss": losses,
         "linear_probe": probes,
-        "checkpoint": str(part.run.last_checkpoint),
     }
 
 
@@ -89,3 +76,6 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+run_audio_demo = demo_part("audio", DEFAULT_CONFIG, _train_and_evaluate, _report)

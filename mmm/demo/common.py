@@ -32,29 +32,48 @@ def part_config(config: Optional[Path], default: Path, out_dir: Path, max_steps:
     return load_config(Path(config) if config else default, overrides)
 
 
-def run_part(out_dir: Path, config: Optional[Path], default: Path, max_steps: Optional[int], progress_bar: bool,
-             schedule: Optional[Dict[str, Any]], evaluate: Callable[[PretrainConfig, Path], Dict[str, object]],
-             report: Callable[[Dict, PretrainConfig, str], str]) -> Dict[str, object]:
-    """One demo part: its config (:func:`part_config`), ``evaluate(cfg, out_dir)`` (train, score, plot) under the
-    config's thread count (:func:`torch_threads`), then ``report(metrics, cfg, folder name)`` as ``metrics["report"]``.
+PartRunner = Callable[..., Dict[str, object]]
+
+
+def demo_part(title: str, default: Path, evaluate: Callable[[PretrainConfig, Path, bool], Dict[str, object]],
+              report: Callable[[Dict, PretrainConfig, str], str]) -> PartRunner:
+    """The runner of one ``mmm demo`` part (``run_text_demo(out_dir, config=None, max_steps=None,
+    progress_bar=True, quick=False, schedule=None)``), every part with the same arguments.
+
+    The runner builds the part's config (:func:`part_config`), runs ``evaluate(cfg, out_dir, quick)``
+    (train, score, plot) under the config's thread count (:func:`torch_threads`) and returns its
+    metrics with ``config`` and ``report`` (``report(metrics, cfg, folder name)``, the part's markdown
+    section) added.
 
     Args:
-        out_dir: folder for the run, the figures and the metrics (created).
-        config: pretraining config; None: ``default``.
+        title: the part's name in the runner's docstring (``"text"``).
         default: the part's default config.
-        max_steps, progress_bar, schedule: as :func:`part_config`.
         evaluate: the part's training and evaluation; returns its metrics.
         report: the part's markdown section from its metrics.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = Path(config) if config else default
-    cfg = part_config(config, default, out_dir, max_steps, progress_bar, schedule)
-    with torch_threads(cfg.trainer.threads):
-        metrics = evaluate(cfg, out_dir)
-    metrics["config"] = str(config)
-    metrics["report"] = report(metrics, cfg, out_dir.name)
-    return metrics
+    def run(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None, progress_bar: bool = True,
+            quick: bool = False, schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = Path(config) if config else default
+        cfg = part_config(config, default, out_dir, max_steps, progress_bar, schedule)
+        with torch_threads(cfg.trainer.threads):
+            metrics = evaluate(cfg, out_dir, quick)
+        metrics["config"] = str(config)
+        metrics["report"] = report(metrics, cfg, out_dir.name)
+        return metrics
+
+    run.__doc__ = f"""Run the {title} part of ``mmm demo`` in ``out_dir``; returns its metrics (``report``: its markdown).
+
+        Args:
+            out_dir: folder for the run, the figures and the metrics.
+            config: pretraining config (default ``{default.relative_to(default.parents[1])}``).
+            max_steps: override ``trainer.max_steps``.
+            progress_bar: show Lightning's progress bar.
+            quick: a small held-out set and probe, for smoke tests.
+            schedule: config overrides applied before ``max_steps`` (``mmm demo --full``: the longer schedule).
+        """
+    return run
 
 
 @dataclass
@@ -73,6 +92,11 @@ class TrainedPart:
     val_urls: List[str]
     """The shards of a single-task run's dataset (``data.val`` or the embedded set's val split); empty for a
     multi-task run."""
+
+    def summary(self, cfg: PretrainConfig) -> Dict[str, object]:
+        """The metrics every part reports: steps, thread count, training seconds, the last checkpoint."""
+        return {"steps": cfg.trainer.max_steps, "threads": cfg.trainer.threads,
+                "train_seconds": round(self.train_seconds, 1), "checkpoint": str(self.run.last_checkpoint)}
 
     def held_out_losses(self, batch_size: int, quick: bool = False) -> Dict[str, Dict[str, float]]:
         """``{model: {head: loss}}`` on :attr:`val_urls` (:func:`held_out_loss`: identical masks for both models;
@@ -137,8 +161,9 @@ def read_metrics(csv_path: Optional[Path]) -> Dict[str, List[tuple]]:
 
 
 def plot_losses(series: Dict[str, List[tuple]], out: Path, title: str, ylabel: str,
-                hlines: Sequence[tuple] = ()) -> None:
-    """PNG of the training and validation loss, with optional reference lines ``(value, label, style)``."""
+                hlines: Sequence[tuple] = (), loss: str = "loss") -> None:
+    """PNG of the training and validation loss (legend: ``train {loss}``, ``held-out {loss}``), with optional
+    reference lines ``(value, label, style)`` (style ``--`` grey, others red)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,10 +172,10 @@ def plot_losses(series: Dict[str, List[tuple]], out: Path, title: str, ylabel: s
     fig, ax = plt.subplots(figsize=(7, 4))
     if "train/loss" in series:
         s, v = zip(*series["train/loss"])
-        ax.plot(s, v, label="train loss", lw=1)
+        ax.plot(s, v, label=f"train {loss}", lw=1)
     if "val/loss" in series:
         s, v = zip(*series["val/loss"])
-        ax.plot(s, v, "o-", label="held-out loss")
+        ax.plot(s, v, "o-", label=f"held-out {loss}")
     for value, label, style in hlines:
         ax.axhline(value, ls=style, color="grey" if style == "--" else "tab:red", label=label)
     ax.set_xlabel("optimizer step")

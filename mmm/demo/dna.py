@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from mmm.config import PretrainConfig
-from mmm.demo.common import bold_better, plot_losses, run_part, table_row, train_part
+from mmm.demo.common import bold_better, demo_part, plot_losses, table_row, train_part
 from mmm.probe import linear_probe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -24,18 +24,6 @@ PROBE_POOLING = "mean"
 """How the probe pools a window's final hidden states."""
 BASELINE_K = 4
 """k of the k-mer-count baseline probe."""
-
-
-def run_dna_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
-                 progress_bar: bool = True, quick: bool = False,
-                 schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
-    """Run the DNA part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
-
-    Arguments as :func:`mmm.demo.common.run_part` (``config`` defaults to ``configs/dna_mlm_tiny.yaml``); ``quick``:
-    a small probe and held-out set, for smoke tests.
-    """
-    return run_part(out_dir, config, DEFAULT_CONFIG, max_steps, progress_bar, schedule,
-                    lambda cfg, out: _train_and_evaluate(cfg, out, quick), _report)
 
 
 def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict[str, object]:
@@ -53,14 +41,11 @@ def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict
     plot_losses(part.series, out_dir / "loss_curve.png", "mmm demo: tiny DNA MLM on the synthetic genome",
                 "cross-entropy (nats)", [(losses["untrained"][head], "untrained model, held-out", "--")] if head else [])
     return {
-        "steps": cfg.trainer.max_steps,
-        "threads": cfg.trainer.threads,
-        "train_seconds": round(part.train_seconds, 1),
+        **part.summary(cfg),
         "probe_seconds": round(probe_seconds, 1),
         "held_out_loss": losses,
         "linear_probe": probes,
         "kmer_baseline": {"k": BASELINE_K, **vars(kmer)},
-        "checkpoint": str(part.run.last_checkpoint),
     }
 
 
@@ -133,3 +118,6 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+run_dna_demo = demo_part("DNA", DEFAULT_CONFIG, _train_and_evaluate, _report)

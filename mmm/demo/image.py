@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch
 from mmm.config import PretrainConfig
 from mmm.modalities.image.transforms import denormalize
 from mmm.data.stream import SampleErrorHandler, make_pipeline
-from mmm.demo.common import bold_better, plot_losses, run_part, table_row, train_part
+from mmm.demo.common import bold_better, demo_part, plot_losses, table_row, train_part
 from mmm.model import MaskedModel
 from mmm.objectives.mim import patchify, unpatchify
 
@@ -75,18 +75,6 @@ def reconstruction_figure(model: MaskedModel, modality, masker, urls, out: Path,
     plt.close(fig)
 
 
-def run_image_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
-                   progress_bar: bool = True, quick: bool = False,
-                   schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
-    """Run the image part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
-
-    Arguments as :func:`mmm.demo.common.run_part` (``config`` defaults to ``configs/image_mae_tiny.yaml``);
-    ``quick``: a small probe (300 training / 200 held-out images) and held-out set, for smoke tests.
-    """
-    return run_part(out_dir, config, DEFAULT_CONFIG, max_steps, progress_bar, schedule,
-                    lambda cfg, out: _train_and_evaluate(cfg, out, quick), _report)
-
-
 def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict[str, object]:
     part = train_part(cfg)
     losses = part.held_out_losses(cfg.data.batch_size, quick)
@@ -97,13 +85,11 @@ def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict
                 "MSE on normalised hidden patches", [(losses["untrained"]["mae"], "untrained model, held-out", "--")])
     images_per_sec = [v for _, v in part.series.get("train/samples_per_sec", [])]
     return {
-        "steps": cfg.trainer.max_steps,
-        "train_seconds": round(part.train_seconds, 1),
+        **part.summary(cfg),
         "probe_seconds": round(probe_seconds, 1),
         "median_images_per_sec": float(np.median(images_per_sec)) if images_per_sec else None,
         "held_out_loss": losses,
         "linear_probe": probes,
-        "checkpoint": str(part.run.last_checkpoint),
     }
 
 
@@ -137,3 +123,6 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+run_image_demo = demo_part("image", DEFAULT_CONFIG, _train_and_evaluate, _report)

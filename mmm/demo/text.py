@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -20,38 +20,12 @@ from mmm.masking.base import MaskedTokens
 from mmm.evaluate import MLMScore, evaluate_mlm, evaluate_unigram, unigram_log_probs
 from mmm.model import MaskedModel
 from mmm.modalities.text.tokenizer import TextTokenizer
-from mmm.demo.common import bold_better, run_part, table_row, train_part
+from mmm.demo.common import bold_better, demo_part, plot_losses, table_row, train_part
 
 logger = logging.getLogger("mmm.demo")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "text_mlm_tiny.yaml"
-
-
-def plot_loss_curve(series: Dict[str, List[tuple]], out: Path, untrained_loss: float, unigram_loss: float) -> None:
-    """PNG of the training loss, validation loss, and the untrained / unigram held-out losses."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if "train/loss" in series:
-        s, v = zip(*series["train/loss"])
-        ax.plot(s, v, label="train MLM loss", lw=1)
-    if "val/loss" in series:
-        s, v = zip(*series["val/loss"])
-        ax.plot(s, v, "o-", label="held-out MLM loss")
-    ax.axhline(untrained_loss, color="grey", ls="--", label="untrained model, held-out")
-    ax.axhline(unigram_loss, color="tab:red", ls=":", label="unigram frequency baseline, held-out")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title("mmm demo: tiny text MLM on Python stdlib docstrings")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
 
 
 @torch.no_grad()
@@ -86,18 +60,7 @@ def fill_in_examples(models: Dict[str, MaskedModel], tokenizer: TextTokenizer, t
     return rows
 
 
-def run_text_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
-                  progress_bar: bool = True, quick: bool = False,
-                  schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
-    """Run the text part in ``out_dir``; returns its metrics (``report`` holds its markdown section).
-
-    Arguments as :func:`mmm.demo.common.run_part` (``config`` defaults to ``configs/text_mlm_tiny.yaml``);
-    ``quick``: accepted for a uniform part signature (the text evaluation is already small).
-    """
-    return run_part(out_dir, config, DEFAULT_CONFIG, max_steps, progress_bar, schedule, _train_and_evaluate, _report)
-
-
-def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path) -> Dict[str, object]:
+def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict[str, object]:
     from datasets_def.text import iter_texts
 
     part = train_part(cfg)
@@ -110,14 +73,15 @@ def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path) -> Dict[str, object]
                                          part.val_urls, max_len=cfg.model.text.max_len, batch_size=cfg.data.batch_size)
 
     examples = fill_in_examples(part.models, tok, list(iter_texts(part.val_urls, split="val"))[:40])
-    plot_loss_curve(part.series, out_dir / "loss_curve.png", scores["untrained"].loss, scores["unigram"].loss)
+    plot_losses(part.series, out_dir / "loss_curve.png", "mmm demo: tiny text MLM on Python stdlib docstrings",
+                "cross-entropy (nats)", [(scores["untrained"].loss, "untrained model, held-out", "--"),
+                                         (scores["unigram"].loss, "unigram frequency baseline, held-out", ":")],
+                loss="MLM loss")
     tokens_per_sec = [v for _, v in part.series.get("train/tokens_per_sec", [])]
     return {
-        "steps": cfg.trainer.max_steps,
-        "train_seconds": round(part.train_seconds, 1),
+        **part.summary(cfg),
         "median_tokens_per_sec": float(np.median(tokens_per_sec)) if tokens_per_sec else None,
         "held_out": {k: vars(v) for k, v in scores.items()},
-        "checkpoint": str(part.run.last_checkpoint),
         "examples": examples,
     }
 
@@ -160,3 +124,6 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         lines.append(f"| {snippet} | {ex['answer']} | {ex['trained']} | {ex['untrained']} |")
     lines += ["", f"Checkpoint: `{m['checkpoint']}` (load the text encoder with `mmm.load_encoder(path)`).", ""]
     return "\n".join(lines)
+
+
+run_text_demo = demo_part("text", DEFAULT_CONFIG, _train_and_evaluate, _report)

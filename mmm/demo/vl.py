@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from mmm.config import PretrainConfig
-from mmm.demo.common import bold_better, run_part, table_row, train_part
+from mmm.demo.common import bold_better, demo_part, table_row, train_part
 from mmm.evaluate_vl import evaluate_vl
 from mmm.train.tasks import resolve_shards
 
@@ -72,18 +72,6 @@ def plot_task_losses(series: Dict[str, list], out: Path) -> None:
     plt.close(fig)
 
 
-def run_vl_demo(out_dir: Path, config: Optional[Path] = None, max_steps: Optional[int] = None,
-                progress_bar: bool = True, quick: bool = False,
-                schedule: Optional[Dict[str, Any]] = None) -> Dict[str, object]:
-    """Run the vision-language part in ``out_dir``; returns its metrics (``report`` holds its markdown).
-
-    Arguments as :func:`mmm.demo.common.run_part` (``config`` defaults to ``configs/vl_uniter_tiny.yaml``);
-    ``quick``: a small held-out set, for smoke tests.
-    """
-    return run_part(out_dir, config, DEFAULT_CONFIG, max_steps, progress_bar, schedule,
-                    lambda cfg, out: _train_and_evaluate(cfg, out, quick), _report)
-
-
 def _vl_task(cfg: PretrainConfig):
     for t in cfg.tasks:
         if t.options.get("mode") == "itc":
@@ -108,12 +96,9 @@ def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict
     eval_seconds = time.perf_counter() - t1
     plot_task_losses(part.series, out_dir / "loss_curve.png")
     return {
-        "steps": cfg.trainer.max_steps,
-        "threads": cfg.trainer.threads,
-        "train_seconds": round(part.train_seconds, 1),
+        **part.summary(cfg),
         "eval_seconds": round(eval_seconds, 1),
         "scores": scores,
-        "checkpoint": str(part.run.last_checkpoint),
     }
 
 
@@ -167,3 +152,6 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+run_vl_demo = demo_part("vision-language", DEFAULT_CONFIG, _train_and_evaluate, _report)
