@@ -18,7 +18,7 @@ import numpy as np
 import mmm.modalities.audio.modality  # noqa: F401  (registers the "audio" modality and embedder)
 import mmm.objectives.feature_regression  # noqa: F401  (registers "masked_features")
 from mmm.config import PretrainConfig
-from mmm.demo.common import bold_better, demo_part, plot_losses, table_row, train_part
+from mmm.demo.common import bold_better, demo_part, plot_losses, report_end, table_row, train_part
 from mmm.model import head_name
 
 logger = logging.getLogger("mmm.demo")
@@ -29,18 +29,15 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "audio_mam_tiny.yaml"
 
 def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict[str, object]:
     part = train_part(cfg)
-    losses = part.held_out_losses(cfg.data.batch_size)
-    probes, probe_seconds = part.probes()
-    untrained_total = sum(o.weight * losses["untrained"][head_name(o)] for o in cfg.objectives)
+    scores = part.losses_and_probes(cfg.data.batch_size)
+    untrained_total = sum(o.weight * scores["held_out_loss"]["untrained"][head_name(o)] for o in cfg.objectives)
     plot_losses(part.series, out_dir / "loss_curve.png", "mmm demo: tiny masked acoustic model on embedded sounds",
                 "weighted sum of the objectives' losses", [(untrained_total, "untrained model, held-out", "--")])
     per_sec = [v for _, v in part.series.get("train/seqs_per_sec", [])]
     return {
         **part.summary(cfg),
-        "probe_seconds": round(probe_seconds, 1),
+        **scores,
         "median_sequences_per_sec": float(np.median(per_sec)) if per_sec else None,
-        "held_out_loss": losses,
-        "linear_probe": probes,
     }
 
 
@@ -68,12 +65,9 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         "",
         f"Probe: logistic regression on frozen mean-pooled features of {pt['train_samples']} training clips, scored "
         f"on {pt['test_samples']} held-out clips ({pt['classes']} classes, majority-class chance {pt['chance']:.3f}).",
-        "",
-        f"![loss curve]({folder}/loss_curve.png)",
-        "",
-        f"Checkpoint: `{m['checkpoint']}` (`mmm.load_encoder(path, modality=\"audio\")`; "
-        "`mmm.save_encoder(enc, folder)` keeps the weights and the fitted front end together).",
-        "",
+        *report_end(folder, [("loss curve", "loss_curve.png")], m["checkpoint"],
+                    "`mmm.load_encoder(path, modality=\"audio\")`; "
+                    "`mmm.save_encoder(enc, folder)` keeps the weights and the fitted front end together"),
     ]
     return "\n".join(lines)
 

@@ -98,18 +98,16 @@ class TrainedPart:
         return {"steps": cfg.trainer.max_steps, "threads": cfg.trainer.threads,
                 "train_seconds": round(self.train_seconds, 1), "checkpoint": str(self.run.last_checkpoint)}
 
-    def held_out_losses(self, batch_size: int, quick: bool = False) -> Dict[str, Dict[str, float]]:
-        """``{model: {head: loss}}`` on :attr:`val_urls` (:func:`held_out_loss`: identical masks for both models;
-        3 batches with ``quick``, else 20)."""
-        return {name: held_out_loss(m, self.run.modality, self.run.masker, self.val_urls, batch_size=batch_size,
-                                    max_batches=3 if quick else 20) for name, m in self.models.items()}
-
-    def probes(self, **kwargs: Any) -> Tuple[Dict[str, Dict[str, Any]], float]:
-        """Each model's linear probe (:func:`probe_models` on :attr:`train_urls` / :attr:`val_urls`; ``kwargs``
-        passed on) as plain dicts, and the seconds it took."""
+    def losses_and_probes(self, loss_batch_size: int, quick: bool = False, **probe: Any) -> Dict[str, Any]:
+        """``held_out_loss`` ``{model: {head: loss}}`` on :attr:`val_urls` (:func:`held_out_loss`: identical masks
+        for both models; 3 batches with ``quick``, else 20), ``linear_probe`` ``{model: score dict}``
+        (:func:`probe_models` on :attr:`train_urls` / :attr:`val_urls`, ``probe`` passed on) and ``probe_seconds``."""
+        losses = {name: held_out_loss(m, self.run.modality, self.run.masker, self.val_urls, batch_size=loss_batch_size,
+                                      max_batches=3 if quick else 20) for name, m in self.models.items()}
         t0 = time.perf_counter()
-        scores = probe_models(self.models, self.run.modality, self.train_urls, self.val_urls, **kwargs)
-        return {k: vars(v) for k, v in scores.items()}, time.perf_counter() - t0
+        scores = probe_models(self.models, self.run.modality, self.train_urls, self.val_urls, **probe)
+        return {"held_out_loss": losses, "linear_probe": {k: vars(v) for k, v in scores.items()},
+                "probe_seconds": round(time.perf_counter() - t0, 1)}
 
 
 def train_part(cfg: PretrainConfig) -> TrainedPart:
@@ -269,6 +267,15 @@ def bold_better(rows: Dict[str, Sequence[Optional[float]]], higher_is_better: Se
         better = "win" in outcome[label] and "lose" not in outcome[label]
         out[label] = [f"**{label}**" if better else label] + cells
     return out
+
+
+def report_end(folder: str, figures: Sequence[Tuple[str, str]], checkpoint: str, how: str) -> List[str]:
+    """The last lines of a part's report: its figures (``(alt text, file name)`` in the part's folder) and the
+    checkpoint with ``how`` to load it."""
+    lines: List[str] = []
+    for alt, name in figures:
+        lines += ["", f"![{alt}]({folder}/{name})"]
+    return lines + ["", f"Checkpoint: `{checkpoint}` ({how}).", ""]
 
 
 def table_row(cells: Sequence[str]) -> str:

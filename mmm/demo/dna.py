@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from mmm.config import PretrainConfig
-from mmm.demo.common import bold_better, demo_part, plot_losses, table_row, train_part
+from mmm.demo.common import bold_better, demo_part, plot_losses, report_end, table_row, train_part
 from mmm.probe import linear_probe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,25 +28,19 @@ BASELINE_K = 4
 
 def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict[str, object]:
     part = train_part(cfg)
-    losses = part.held_out_losses(cfg.data.batch_size, quick)
     max_train, max_test = (300, 200) if quick else (2000, 1000)
-    probes, probe_seconds = part.probes(max_train=max_train, max_test=max_test, batch_size=cfg.data.batch_size,
-                                        pooling=PROBE_POOLING)
+    scores = part.losses_and_probes(cfg.data.batch_size, quick, max_train=max_train, max_test=max_test,
+                                    batch_size=cfg.data.batch_size, pooling=PROBE_POOLING)
     # the reference a user would otherwise pick: 4-mer counts of the same windows, same probe
     t0 = time.perf_counter()
     kmer = linear_probe(kmer_count_features(part.train_urls, BASELINE_K, max_train),
                         kmer_count_features(part.val_urls, BASELINE_K, max_test))
-    probe_seconds += time.perf_counter() - t0
-    head = next(iter(losses["untrained"]), None)
+    scores["probe_seconds"] = round(scores["probe_seconds"] + time.perf_counter() - t0, 1)
+    untrained = scores["held_out_loss"]["untrained"]
+    head = next(iter(untrained), None)
     plot_losses(part.series, out_dir / "loss_curve.png", "mmm demo: tiny DNA MLM on the synthetic genome",
-                "cross-entropy (nats)", [(losses["untrained"][head], "untrained model, held-out", "--")] if head else [])
-    return {
-        **part.summary(cfg),
-        "probe_seconds": round(probe_seconds, 1),
-        "held_out_loss": losses,
-        "linear_probe": probes,
-        "kmer_baseline": {"k": BASELINE_K, **vars(kmer)},
-    }
+                "cross-entropy (nats)", [(untrained[head], "untrained model, held-out", "--")] if head else [])
+    return {**part.summary(cfg), **scores, "kmer_baseline": {"k": BASELINE_K, **vars(kmer)}}
 
 
 def kmer_count_features(urls: List[str], k: int = 4, max_samples: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -111,11 +105,8 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         f"windows, scored on {pt['test_samples']} held-out windows ({pt['classes']} classes, chance "
         f"{pt['chance']:.3f}; untrained {pu['accuracy']:.3f}). The last row fits the same probe on the windows' "
         f"{kb['k']}-mer counts ({4 ** kb['k']} features), the reference a bag-of-k-mers model would give.",
-        "",
-        f"![loss curve]({folder}/loss_curve.png)",
-        "",
-        f"Checkpoint: `{m['checkpoint']}` (`mmm.load_encoder(path, modality=\"dna\")`).",
-        "",
+        *report_end(folder, [("loss curve", "loss_curve.png")], m["checkpoint"],
+                    "`mmm.load_encoder(path, modality=\"dna\")`"),
     ]
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ import torch
 from mmm.config import PretrainConfig
 from mmm.modalities.image.transforms import denormalize
 from mmm.data.stream import SampleErrorHandler, make_pipeline
-from mmm.demo.common import bold_better, demo_part, plot_losses, table_row, train_part
+from mmm.demo.common import bold_better, demo_part, plot_losses, report_end, table_row, train_part
 from mmm.model import MaskedModel
 from mmm.objectives.mim import patchify, unpatchify
 
@@ -77,19 +77,18 @@ def reconstruction_figure(model: MaskedModel, modality, masker, urls, out: Path,
 
 def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict[str, object]:
     part = train_part(cfg)
-    losses = part.held_out_losses(cfg.data.batch_size, quick)
-    probes, probe_seconds = part.probes(max_train=300 if quick else 2000, max_test=200 if quick else 1000)
+    scores = part.losses_and_probes(cfg.data.batch_size, quick, max_train=300 if quick else 2000,
+                                    max_test=200 if quick else 1000)
     reconstruction_figure(part.models["trained"], part.run.modality, part.run.masker, part.val_urls,
                           out_dir / "reconstruction.png")
     plot_losses(part.series, out_dir / "loss_curve.png", "mmm demo: tiny MAE on embedded shapes",
-                "MSE on normalised hidden patches", [(losses["untrained"]["mae"], "untrained model, held-out", "--")])
+                "MSE on normalised hidden patches",
+                [(scores["held_out_loss"]["untrained"]["mae"], "untrained model, held-out", "--")])
     images_per_sec = [v for _, v in part.series.get("train/samples_per_sec", [])]
     return {
         **part.summary(cfg),
-        "probe_seconds": round(probe_seconds, 1),
+        **scores,
         "median_images_per_sec": float(np.median(images_per_sec)) if images_per_sec else None,
-        "held_out_loss": losses,
-        "linear_probe": probes,
     }
 
 
@@ -114,13 +113,8 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
         f"Probe: logistic regression on frozen mean-pooled features of {pt['train_samples']} training images, "
         f"scored on {pt['test_samples']} held-out images ({pt['classes']} classes, majority-class chance "
         f"{pt['chance']:.3f}).",
-        "",
-        f"![reconstructions]({folder}/reconstruction.png)",
-        "",
-        f"![loss curve]({folder}/loss_curve.png)",
-        "",
-        f"Checkpoint: `{m['checkpoint']}` (`mmm.load_encoder(path, modality=\"image\")`; exportable to timm).",
-        "",
+        *report_end(folder, [("reconstructions", "reconstruction.png"), ("loss curve", "loss_curve.png")],
+                    m["checkpoint"], "`mmm.load_encoder(path, modality=\"image\")`; exportable to timm"),
     ]
     return "\n".join(lines)
 

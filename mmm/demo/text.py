@@ -20,7 +20,7 @@ from mmm.masking.base import MaskedTokens
 from mmm.evaluate import MLMScore, evaluate_mlm, evaluate_unigram, unigram_log_probs
 from mmm.model import MaskedModel
 from mmm.modalities.text.tokenizer import TextTokenizer
-from mmm.demo.common import bold_better, demo_part, plot_losses, table_row, train_part
+from mmm.demo.common import bold_better, demo_part, plot_losses, report_end, table_row, train_part
 
 logger = logging.getLogger("mmm.demo")
 
@@ -122,7 +122,7 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
     for ex in m["examples"]:
         snippet = ex["text"].replace("|", "\\|")
         lines.append(f"| {snippet} | {ex['answer']} | {ex['trained']} | {ex['untrained']} |")
-    lines += ["", f"Checkpoint: `{m['checkpoint']}` (load the text encoder with `mmm.load_encoder(path)`).", ""]
+    lines += report_end(folder, [], m["checkpoint"], "load the text encoder with `mmm.load_encoder(path)`")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from mmm.config import PretrainConfig
-from mmm.demo.common import bold_better, demo_part, table_row, train_part
+from mmm.demo.common import bold_better, demo_part, report_end, table_row, train_part
 from mmm.evaluate_vl import evaluate_vl
 from mmm.train.tasks import resolve_shards
 
@@ -145,11 +145,8 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
     lines += [
         "",
         "On the unseen subset, retrieval ranks only the unseen images and captions among themselves.",
-        "",
-        f"![loss curves]({folder}/loss_curve.png)",
-        "",
-        f"Checkpoint: `{m['checkpoint']}` (`mmm.load_encoder(path, modality=\"text\")` gives its text encoder).",
-        "",
+        *report_end(folder, [("loss curves", "loss_curve.png")], m["checkpoint"],
+                    "`mmm.load_encoder(path, modality=\"text\")` gives its text encoder"),
     ]
     return "\n".join(lines)
 
