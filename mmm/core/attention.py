@@ -129,7 +129,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: Packe
     """
     if not seq.pad_groups:
         return _sdpa_padded(q, k, v, seq, bias, dropout_p, causal)
-    outs = [_sdpa_padded(q[s:e], k[s:e], v[s:e], sub, bias, dropout_p, causal) for s, e, sub in seq.pad_groups]
+    # split, not slices: a slice's backward writes a zero-filled (N, H, D) gradient per group and sums them
+    sizes = [e - s for s, e, _ in seq.pad_groups]
+    outs = [_sdpa_padded(qg, kg, vg, sub, bias, dropout_p, causal)
+            for qg, kg, vg, (_, _, sub) in zip(q.split(sizes), k.split(sizes), v.split(sizes), seq.pad_groups)]
     return torch.cat(outs)
 
 

@@ -22,7 +22,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 PAD_GROUPS = 4
-"""Contiguous length groups a batch of ≥ 2·PAD_GROUPS sequences is split into for padded backends."""
+"""Most contiguous length groups a batch of ≥ 2·PAD_GROUPS sequences is split into for padded backends."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,9 +63,9 @@ class PackedSeqInfo:
             seqlens: host-side sequence lengths, in stream order.
             device: where the index tensors live (built on the host and copied once).
             max_seqlen: pad to this length instead of the longest sequence (benchmarks of padded baselines).
-            pad_groups: split a batch of at least ``2 * pad_groups`` sequences into that many
-                contiguous runs, each padded only to its own longest sequence (collators pack
-                longest first, so a run holds similar lengths); 0 = never split.
+            pad_groups: split a batch of at least ``2 * pad_groups`` sequences into at most that
+                many contiguous runs, each padded only to its own longest sequence (collators pack
+                longest first, so a run holds similar lengths; see :func:`group_bounds`); 0 = never split.
         """
         lengths = tuple(int(n) for n in seqlens)
         if len(lengths) == 0:
@@ -104,8 +104,8 @@ class PackedSeqInfo:
         valid = torch.zeros(b * width, dtype=torch.bool)
         valid[pad_index] = True
         groups: Tuple[Tuple[int, int, PackedSeqInfo], ...] = ()
-        if pad_groups > 0 and b >= 2 * pad_groups:
-            bounds = sorted({round(i * b / pad_groups) for i in range(pad_groups + 1)})
+        bounds = group_bounds(lengths, pad_groups)
+        if bounds:
             starts = [0]
             for length in lengths:
                 starts.append(starts[-1] + length)
@@ -170,6 +170,42 @@ class PackedSeqInfo:
         if self.is_uniform:
             return flat
         return flat.index_select(0, self.pad_index)
+
+
+def group_bounds(lengths: Sequence[int], groups: int = PAD_GROUPS) -> List[int]:
+    """Where the length groups of a padded backend start and end, as sequence indices ``[0, …, B]``;
+    ``[]`` = pad the batch as one.
+
+    A batch of at least ``2 * groups`` sequences is split into at most ``groups`` contiguous runs.
+    The leading run of sequences as long as the first one (collators pack longest first, and
+    chunked text fills most of a batch with full ``max_len`` chunks) is a group of its own: it needs
+    no padding, no gather and no mask (its padded view is the stream itself). The remaining
+    sequences are cut into equal-count runs, each padded to its own longest, and neighbouring runs
+    padded to the same width are merged (the same padding in one kernel call).
+
+    Args:
+        lengths: the sequence lengths in stream order.
+        groups: the most groups; 0 = never split.
+    """
+    b = len(lengths)
+    if groups <= 0 or b < 2 * groups:
+        return []
+    run = 1
+    while run < b and lengths[run] == lengths[0]:
+        run += 1
+    head = [0, run] if 2 <= run < b else [0]
+    rest, start = b - head[-1], head[-1]
+    cuts = groups - (len(head) - 1)
+    bounds = sorted(set(head + [start + round(i * rest / cuts) for i in range(1, cuts + 1)]))
+    merged = bounds[:2]
+    for end in bounds[2:]:
+        before, here = lengths[merged[-2]:merged[-1]], lengths[merged[-1]:end]
+        ragged = min(before) < max(before) and min(here) < max(here)
+        if ragged and max(before) == max(here):
+            merged[-1] = end
+        else:
+            merged.append(end)
+    return merged if len(merged) > 2 else []
 
 
 @functools.lru_cache(maxsize=None)

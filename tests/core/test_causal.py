@@ -20,7 +20,8 @@ from mmm.core.position import ALiBi
 
 RAGGED = [7, 1, 12, 5]
 GROUPED = [9, 3, 12, 1, 6, 4, 8, 2, 5]  # ≥ 8 sequences: the sdpa backend pads them in length groups
-LAYOUTS = {"ragged": RAGGED, "grouped": GROUPED, "uniform": [6, 6, 6]}
+FULL_RUN = [12, 12, 12, 12, 12, 9, 7, 3, 1]  # a leading full-length run: a uniform group of its own
+LAYOUTS = {"ragged": RAGGED, "grouped": GROUPED, "full_run": FULL_RUN, "uniform": [6, 6, 6]}
 
 flex_on_cpu = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mmm.core.packing import PackedSeqInfo, pack_padded
+from mmm.core.packing import PackedSeqInfo, group_bounds, pack_padded
 
 
 def test_from_seqlens_layout():
@@ -36,3 +36,21 @@ def test_pack_padded_and_errors():
         pack_padded(torch.tensor([[1, 1], [0, 0]]))
     with pytest.raises(ValueError, match="≥ 1"):
         PackedSeqInfo.from_seqlens([2, 0])
+
+
+def test_length_groups_put_the_leading_full_length_run_alone():
+    """Chunked text: the run of full-length sequences needs no padding (a uniform group, a view of the
+    stream); the rest is cut into equal-count groups, and neighbouring ragged groups of one width merge."""
+    lengths = [128] * 22 + [127, 126, 89, 70, 65, 51, 50, 46, 21, 13]
+    assert group_bounds(lengths) == [0, 22, 25, 29, 32]
+    seq = PackedSeqInfo.from_seqlens(lengths)
+    first = seq.pad_groups[0]
+    assert first[:2] == (0, 22 * 128) and first[2].is_uniform
+    assert [g[2].max_seqlen for g in seq.pad_groups] == [128, 127, 70, 46]
+    x = torch.randn(seq.num_tokens, 3)
+    assert torch.equal(torch.cat([g.unpad(g.pad(x[s:e])) for s, e, g in seq.pad_groups]), x)
+    assert group_bounds([10, 10, 9, 9, 8, 8, 7, 7, 6, 6]) == [0, 2, 5, 7, 10]
+    assert group_bounds([9, 8, 9, 8, 9, 8, 5, 4]) == [0, 6, 8]  # three ragged groups padded to 9: one call
+    assert group_bounds([9, 8, 9, 8, 9, 8, 9, 8]) == []  # every group padded to 9: pad the batch as one
+    assert group_bounds([40, 3, 17, 64, 1, 9, 33, 12, 5, 28, 2]) == [0, 3, 6, 8, 11]  # no run: equal counts
+    assert group_bounds([5, 4, 3]) == [] and group_bounds(lengths, groups=0) == []
