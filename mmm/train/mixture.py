@@ -1,4 +1,6 @@
-"""Multi-task training data: one stream per task, a seeded task draw per step, exact resume.
+"""Multi-task training data: one stream per task, a seeded task draw per step, exact resume
+(the data module of every run is :class:`mmm.train.datamodule.StreamDataModule`; this module
+holds the mixture's parts).
 
 UNITER (Chen et al. 2020) trains several objectives by sampling one task per mini-batch with fixed
 ratios (itm:mlm:mrfr:mrc-kl = 2:2:1:1); mixtures across modalities (text, images, audio, DNA
@@ -25,27 +27,19 @@ a single-task run).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from mmm.batch import PackedBatch
-from mmm.config import DataConfig
-from mmm.data.epoch import EpochCounter
-from mmm.data.stream import SampleErrorHandler, make_pipeline
-from mmm.train.datamodule import ErrorTally, check_resampling
+from mmm.train.loaders import ErrorTally, shutdown_workers
 
 logger = logging.getLogger("mmm.train")
 
-STATE_VERSION = 1
 _BLOCK = 4096
 
 
@@ -160,9 +154,7 @@ class TaskStream:
     def close(self) -> None:
         """Stop the DataLoader's persistent workers."""
         loader, self._loader = self._loader, None
-        it = getattr(loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        shutdown_workers(loader)
 
 
 class MixtureLoader:
@@ -234,136 +226,15 @@ class MixtureLoader:
             s.close()
 
 
-class MixtureDataModule(L.LightningDataModule):
-    """Train/val loaders of a multi-task run (see the module docstring).
-
-    Args:
-        cfg: data settings (seed, workers, shuffling, error policy).
-        tasks: the tasks' data.
-    """
-
-    def __init__(self, cfg: DataConfig, tasks: List[TaskData]) -> None:
-        super().__init__()
-        if not tasks:
-            raise ValueError("MixtureDataModule needs at least one task")
-        check_resampling(cfg)
-        self.cfg, self.tasks = cfg, tasks
-        self.sampler = TaskSampler([t.weight for t in tasks], cfg.seed)
-        self._start = 0
-        self._train: Optional[MixtureLoader] = None
-        self.val_task_names: List[str] = []
-
-    def _workers(self, urls: List[str]) -> int:
-        if self.cfg.resampled:  # every worker draws from all shards
-            return self.cfg.num_workers
-        return min(self.cfg.num_workers, len(urls))
-
-    def _loader(self, pipeline: Any, workers: int) -> DataLoader:
-        return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                          prefetch_factor=4 if workers > 0 else None,
-                          pin_memory=torch.cuda.is_available(),  # PackedBatch.pin_memory: non-blocking copies to the GPU
-                          generator=torch.Generator().manual_seed(self.cfg.seed))
-
-    def _train_builder(self, task: TaskData) -> Callable[[], DataLoader]:
-        c = self.cfg
-
-        def build() -> DataLoader:
-            epochs = EpochCounter(0)
-            handler = SampleErrorHandler(skip_bad=c.skip_bad, max_errors=c.max_errors)
-            stages = task.make_stages(seed=c.seed, handler=handler, fixed_masking=False, epochs=epochs, train=True)
-            pipeline = make_pipeline(task.train_urls, stages=stages, shuffle_shards=c.shuffle_shards,
-                                     shuffle_buffer=c.shuffle_buffer, seed=c.seed, handler=handler,
-                                     max_member_bytes=c.max_member_bytes, read_timeout_s=c.read_timeout_s,
-                                     epochs=epochs, resampled=c.resampled, stamp_errors=True)
-            return self._loader(pipeline, self._workers(task.train_urls))
-
-        return build
-
-    def _trained_batches(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
-
-    def train_dataloader(self) -> MixtureLoader:
-        if self._train is not None:
-            self._start = self._train.position()
-            self._train.close()
-        streams = [TaskStream(t.name, self._train_builder(t)) for t in self.tasks]
-        self._train = MixtureLoader(streams, [t.name for t in self.tasks], self.sampler, self._start,
-                                    consumed=self._trained_batches if self.trainer is not None else None,
-                                    epoch_batches=self.cfg.epoch_batches)
-        return self._train
-
-    def val_dataloader(self) -> List[DataLoader]:
-        """One worker-free, unshuffled, fixed-mask loader per task that has validation shards."""
-        c, loaders = self.cfg, []
-        self.val_task_names = []
-        for t in self.tasks:
-            if not t.val_urls:
-                continue
-            handler = SampleErrorHandler(skip_bad=c.skip_bad, max_errors=c.max_errors)
-            stages = t.make_stages(seed=c.seed + 10_000, handler=handler, fixed_masking=True, epochs=None, train=False)
-            pipeline = make_pipeline(t.val_urls, stages=stages, shuffle_shards=False, shuffle_buffer=0, seed=c.seed,
-                                     handler=handler, max_member_bytes=c.max_member_bytes,
-                                     read_timeout_s=c.read_timeout_s)
-            loaders.append(self._loader(pipeline, 0))
-            self.val_task_names.append(t.name)
-        return loaders
-
-    def teardown(self, stage: str) -> None:
-        if self._train is not None:
-            self._train.close()
-
-    def source_counts(self) -> Dict[str, Dict[str, int]]:
-        """Per-task batch and sample counts of the training stream so far."""
-        if self._train is None:
-            return {t.name: {"batches": int(b), "samples": 0}
-                    for t, b in zip(self.tasks, self.sampler.counts(self._start))}
-        return self._train.source_counts()
-
-    # ------------------------------------------------------------------ checkpoint state
-
-    def data_settings(self) -> Dict[str, Any]:
-        """What the mixture's batches depend on besides the position (compared on resume)."""
-        c = self.cfg
-        out: Dict[str, Any] = {"seed": c.seed, "shuffle_buffer": c.shuffle_buffer, "shuffle_shards": c.shuffle_shards,
-                               "world_size": self.trainer.world_size if self.trainer is not None else 1}
-        if c.resampled:  # only then: checkpoints of one-pass mixtures keep the settings they always had
-            out.update(resampled=True, epoch_batches=c.epoch_batches)
-        for t in self.tasks:
-            digest = hashlib.sha1()
-            for url in t.train_urls:
-                size = os.path.getsize(url) if os.path.isfile(url) else -1
-                digest.update(f"{os.path.basename(url)}\0{size}\n".encode())
-            out[f"task/{t.name}"] = {"weight": t.weight, "shards": len(t.train_urls), "shards_sha1": digest.hexdigest(),
-                                     "num_workers": self._workers(t.train_urls), **t.settings}
-        return out
-
-    def state_dict(self) -> Dict[str, Any]:
-        pos = self._train.position() if self._train is not None else self._start
-        return {"version": STATE_VERSION, "kind": "mixture", "batches_done": pos, "settings": self.data_settings()}
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if state_dict.get("version") != STATE_VERSION or state_dict.get("kind") != "mixture":
-            raise ValueError("MixtureDataModule: the checkpoint's data state is not a task-mixture state of version "
-                             f"{STATE_VERSION} (got kind={state_dict.get('kind')!r}, version={state_dict.get('version')!r}); "
-                             f"was it written by a single-task run?")
-        saved, now = state_dict["settings"], self.data_settings()
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        self._start = int(state_dict["batches_done"])
-        if changed:
-            warnings.warn(f"resuming the task mixture with different data settings ({', '.join(changed)}): training "
-                          f"continues at batch {self._start}, but the batches are no longer those an uninterrupted "
-                          f"run would have seen", stacklevel=2)
-
-
 class MixtureMonitor(L.Callback):
-    """Logs per-task batch and sample counts of a :class:`MixtureDataModule` every ``every`` steps."""
+    """Logs per-task batch and sample counts of a multi-task run's data module every ``every`` steps."""
 
     def __init__(self, every: int = 10) -> None:
         self.every = max(1, every)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         dm = trainer.datamodule
-        if not isinstance(dm, MixtureDataModule) or (trainer.global_step % self.every):
+        if getattr(dm, "sampler", None) is None or (trainer.global_step % self.every):
             return
         for name, c in dm.source_counts().items():
             pl_module.log(f"train/task_batches/{name}", float(c["batches"]), on_step=True, batch_size=1)

@@ -34,7 +34,7 @@ from mmm.model import build_model
 from mmm.train.callbacks import StepProgressBar, ThroughputMonitor
 from mmm.train.checkpoint_io import AtomicCheckpointIO, read_resume_checkpoint
 from mmm.train.datamodule import StreamDataModule
-from mmm.train.mixture import MixtureDataModule, MixtureMonitor, TagTask, TaskData
+from mmm.train.mixture import MixtureMonitor, TagTask, TaskData
 from mmm.train.module import MaskedModelingModule
 from mmm.train.phases import build_schedule
 from mmm.train.tasks import (RunModalities, build_modalities, modalities_from_checkpoint, modality_of,  # noqa: F401
@@ -302,16 +302,15 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
         return make
 
     multi = len(tasks) > 1
-    if multi:
-        datamodule = MixtureDataModule(cfg.data, [
-            TaskData(t.name, t.weight, train_urls[t.name], val_urls[t.name], stages_of(t),
-                     {"batch_size": t.batch_size or cfg.data.batch_size, "dataset": t.dataset,
-                      "masking": to_dict(t.masking), "options": dict(t.options), **mods.feeds[t.name].settings()})
-            for t in tasks])
-    else:
-        t = tasks[0]
-        datamodule = StreamDataModule(cfg.data, train_urls[t.name], val_urls[t.name], stages_of(t),
-                                      mods.feeds[t.name].settings())
+
+    def settings_of(t: TaskConfig) -> Dict[str, Any]:  # what a resume compares (a single task: its feed's settings)
+        task = {"batch_size": t.batch_size or cfg.data.batch_size, "dataset": t.dataset, "masking": to_dict(t.masking),
+                "options": dict(t.options)} if multi else {}
+        return {**task, **mods.feeds[t.name].settings()}
+
+    # a single-task run is a mixture of one: one data module either way
+    datamodule = StreamDataModule(cfg.data, [TaskData(t.name, t.weight, train_urls[t.name], val_urls[t.name],
+                                                      stages_of(t), settings_of(t)) for t in tasks])
     tc = cfg.trainer
     has_val = any(val_urls.values())
     # logs/version_N: a resumed run starts a new version instead of overwriting the earlier metrics.csv

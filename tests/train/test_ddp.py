@@ -9,6 +9,7 @@ batches of every step (2B sequences), from the same initial weights.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -87,7 +88,7 @@ def _rank_stream(dm, epoch: int, rank: int, world: int, monkeypatch) -> List[Lis
     with monkeypatch.context() as m:
         m.setenv("RANK", str(rank))
         m.setenv("WORLD_SIZE", str(world))
-        batches = list(dm._train_loader(epoch))
+        batches = list(dm.task_loader(epoch=epoch))
     return [_sequences({"ids": b.inputs["text"].ids, "positions": b.targets["text"].positions,
                         "labels": b.targets["text"].labels, "cu_seqlens": b.seq.cu_seqlens}) for b in batches]
 
@@ -160,7 +161,7 @@ def test_two_ddp_ranks_match_one_rank_with_twice_the_batch(shard_dir, tmp_path, 
     assert r0["val_batches"] != r1["val_batches"], "the test needs unequal validation shares"
     model.load_state_dict(r0["val_weights"])
     model.eval()
-    val_dm = StreamDataModule(dm.cfg, dm.train_urls, list_shards(shard_dir, "val"), dm.make_stages, dm.extra_settings)
+    val_dm = StreamDataModule(dm.cfg, [dataclasses.replace(dm.tasks[0], val_urls=list_shards(shard_dir, "val"))])
     sums, count, rank_means = {"loss": 0.0, "acc": 0.0}, 0, []
     for r, rec in enumerate((r0, r1)):
         with monkeypatch.context() as m:  # rank r's shards (split by RANK) and masks (drawn with its rank)

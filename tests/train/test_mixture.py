@@ -209,10 +209,10 @@ def resampled_run(tmp_path_factory):
 
 
 def test_resampled_mixture_epochs_are_epoch_batches_long_and_continue_the_streams(resampled_run, monkeypatch):
-    from mmm.train.mixture import MixtureDataModule
+    from mmm.train.datamodule import StreamDataModule
 
     dm = resampled_run.datamodule
-    assert isinstance(dm, MixtureDataModule)
+    assert isinstance(dm, StreamDataModule) and dm.sampler is not None  # the one data module, with two tasks
     loader = dm.train_dataloader()
     e0 = [_fingerprint(b) for b in itertools.islice(loader, 5)]
     state = dm.state_dict()
@@ -223,7 +223,7 @@ def test_resampled_mixture_epochs_are_epoch_batches_long_and_continue_the_stream
     assert state["settings"]["resampled"] is True and state["settings"]["epoch_batches"] == 3
     loader.close()
     # a resumed run at batch 3 draws the same next epoch as the streams that went on
-    again = MixtureDataModule(dm.cfg, dm.tasks)
+    again = StreamDataModule(dm.cfg, dm.tasks)
     again.load_state_dict(state)
     resumed = again.train_dataloader()
     assert [_fingerprint(b) for b in itertools.islice(resumed, 5)] == e1
@@ -232,19 +232,19 @@ def test_resampled_mixture_epochs_are_epoch_batches_long_and_continue_the_stream
     assert len(dm.tasks[0].train_urls) == 1
     monkeypatch.setenv("RANK", "7")
     monkeypatch.setenv("WORLD_SIZE", "8")
-    other = MixtureDataModule(dm.cfg, dm.tasks).train_dataloader()
+    other = StreamDataModule(dm.cfg, dm.tasks).train_dataloader()
     assert len([_fingerprint(b) for b in itertools.islice(other, 5)]) == 3
     other.close()
 
 
 def test_mixture_refuses_half_a_resampling_setting(resampled_run):
-    from mmm.train.mixture import MixtureDataModule
+    from mmm.train.datamodule import StreamDataModule
 
     dm = resampled_run.datamodule
     with pytest.raises(ValueError, match="needs data.epoch_batches"):
-        MixtureDataModule(dataclasses.replace(dm.cfg, epoch_batches=None), dm.tasks)
+        StreamDataModule(dataclasses.replace(dm.cfg, epoch_batches=None), dm.tasks)
     with pytest.raises(ValueError, match="applies to data.resampled"):
-        MixtureDataModule(dataclasses.replace(dm.cfg, resampled=False), dm.tasks)
+        StreamDataModule(dataclasses.replace(dm.cfg, resampled=False), dm.tasks)
 
 
 def _text_shards_with_a_corrupt_one(out: Path) -> Path:

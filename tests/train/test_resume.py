@@ -172,7 +172,7 @@ def test_loader_restarts_an_abandoned_epoch_where_it_stopped(shard_dir, tmp_path
     partial = [next(it).inputs["text"].ids.sum().item() for _ in range(2)]
     assert loader.position() == DataPosition(1, 2)
     rest = [b.inputs["text"].ids.sum().item() for b in loader]
-    whole_epoch1 = [b.inputs["text"].ids.sum().item() for b in dm._train_loader(1)]
+    whole_epoch1 = [b.inputs["text"].ids.sum().item() for b in dm.task_loader(epoch=1)]
     assert partial + rest == whole_epoch1 and whole_epoch1 != first
     loader.close()
 

@@ -43,8 +43,7 @@ def run(shard_dir, tmp_path_factory):
 
 def _dm(run, **data) -> StreamDataModule:
     base = run.datamodule
-    return StreamDataModule(dataclasses.replace(run.cfg.data, **data), base.train_urls, None, base.make_stages,
-                            base.extra_settings)
+    return StreamDataModule(dataclasses.replace(run.cfg.data, **data), [dataclasses.replace(base.tasks[0], val_urls=None)])
 
 
 def _fp(batch) -> tuple:
@@ -61,12 +60,12 @@ def test_resampled_epochs_have_a_fixed_length_and_depend_only_on_their_number(ru
     assert len(e0) == len(e1) == 5 and e0 != e1
     assert all(len(fp[0]) > 0 for fp in e0)
     assert loader.position() == DataPosition(2, 0)
-    assert [_fp(b) for b in dm._train_loader(1)] == e1  # a fresh process at epoch 1 draws the same
+    assert [_fp(b) for b in dm.task_loader(epoch=1)] == e1  # a fresh process at epoch 1 draws the same
     loader.close()
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     other_rank = [_fp(b) for b in _dm(run, resampled=True, epoch_batches=5, num_workers=workers,
-                                      shuffle_buffer=8)._train_loader(0)]
+                                      shuffle_buffer=8).task_loader()]
     assert len(other_rank) == 5 and other_rank != e0  # every rank draws its own stream, same length
 
 
@@ -102,7 +101,7 @@ def test_resampled_settings_are_checked(run):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_ranks_agreeing_end_a_one_pass_epoch_when_the_shortest_share_ends(run, workers):
     dm = _dm(run, num_workers=workers)
-    full = [[_fp(b) for b in dm._train_loader(e)] for e in (0, 1)]
+    full = [[_fp(b) for b in dm.task_loader(epoch=e)] for e in (0, 1)]
     other_rank_batches = 3  # the other rank has 3 batches in each epoch
     assert all(len(f) > other_rank_batches for f in full)
     calls: List[bool] = []
@@ -119,7 +118,7 @@ def test_ranks_agreeing_end_a_one_pass_epoch_when_the_shortest_share_ends(run, w
                 self.left = other_rank_batches  # its next epoch
             return ok
 
-    loader = ResumableLoader(dm._train_loader, DataPosition(0, 0), agree=OtherRank())
+    loader = ResumableLoader(lambda e: dm.task_loader(epoch=e), DataPosition(0, 0), agree=OtherRank())
     e0 = [_fp(b) for b in loader]
     assert e0 == full[0][:other_rank_batches] and loader.position() == DataPosition(1, 0)
     assert calls == [True] * (other_rank_batches + 1)  # one agreement per batch asked for, the last one ends it
@@ -153,7 +152,7 @@ def test_bad_sample_counts_are_summed_over_workers(run, shard_dir, tmp_path, wor
 
     base = run.datamodule
     dm = StreamDataModule(dataclasses.replace(run.cfg.data, num_workers=workers, skip_bad=True),
-                          list_shards(shards, "train"), None, base.make_stages, base.extra_settings)
+                          [dataclasses.replace(base.tasks[0], train_urls=list_shards(shards, "train"), val_urls=None)])
     loader = dm.train_dataloader()
     batches = list(loader)
     per_worker = {}
