@@ -96,7 +96,7 @@ def test_tokenizer_path_and_assets_round_trip(shard_dir, tmp_path):
     restored.load_assets(first.assets(), "ckpt.ckpt")
     for seq, _ in dnadef.iter_samples(shard_dir, "val"):
         np.testing.assert_array_equal(restored.tokenizer.encode(seq).ids, first.tokenizer.encode(seq).ids)
-    with pytest.raises(ValueError, match=f"ckpt.ckpt: the DNA assets hold no {META_FILE}"):
+    with pytest.raises(ValueError, match=f"ckpt.ckpt: the DNA tokenizer files hold no {META_FILE}"):
         restored.load_assets({"x.txt": "hi"}, "ckpt.ckpt")
     with pytest.raises(ValueError, match="not a plain file name"):
         restored.load_assets({META_FILE: "{}", "../x": ""}, "ckpt.ckpt")

@@ -24,6 +24,7 @@ from mmm.config import EncoderConfig, _f
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import pack_padded
 from mmm.core.position import AbsolutePositions
+from mmm.modalities.standalone import EmbedderEncoder
 from mmm.registry import EMBEDDERS
 
 
@@ -115,7 +116,7 @@ class AudioEncoderConfig:
         return {"dim": self.encoder.dim, **kw}
 
 
-class AudioEncoder(nn.Module):
+class AudioEncoder(EmbedderEncoder):
     """Audio embedder + shared Transformer encoder: ``(B, T, F)`` feature tokens → ``(B, T, d)``.
 
     Args:
@@ -130,12 +131,7 @@ class AudioEncoder(nn.Module):
 
     def __init__(self, embedder: AudioEmbedder, encoder: TransformerEncoder, config: AudioEncoderConfig,
                  frontend: Optional[Any] = None) -> None:
-        super().__init__()
-        if embedder.dim != encoder.cfg.dim:
-            raise ValueError(f"embedder dim {embedder.dim} does not match encoder dim {encoder.cfg.dim}")
-        self.embedder = embedder
-        self.encoder = encoder
-        self.config = config
+        super().__init__(embedder, encoder, config)
         self.frontend = frontend
 
     @classmethod
@@ -147,10 +143,6 @@ class AudioEncoder(nn.Module):
             frontend: optional fitted front end to attach.
         """
         return cls(AudioEmbedder(**config.embedder_kwargs()), TransformerEncoder(config.encoder), config, frontend)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.encoder.cfg.dim
 
     def forward(self, features: torch.Tensor, lengths: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -13,7 +13,6 @@ at its stream position.
 """
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -26,6 +25,7 @@ import webdataset as wds
 from mmm.batch import FeatureInput, PackedBatch, TokenTargets
 from mmm.core.packing import PackedSeqInfo
 from mmm.data.epoch import EpochCounter, SeededMap
+from mmm.data.fields import first_field, sample_json, sample_where
 from mmm.modalities.audio.masking import SpecPatchMasker, TimeSpanMasker
 from mmm.modalities.audio.frontend import AudioDecodeError, decode_audio
 
@@ -123,21 +123,8 @@ def split_columns(values: np.ndarray, rows: int, columns: int) -> List[np.ndarra
 
 def read_audio_sample(sample: Mapping[str, Any]) -> Tuple[np.ndarray, int, Dict[str, Any]]:
     """(waveform (C, S) float32, sample rate, json metadata) of a raw shard sample; errors name shard and key."""
-    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-    fields = [f for f in AUDIO_FIELDS if f in sample]
-    if not fields:
-        have = sorted(k for k in sample if not k.startswith("__"))
-        raise AudioDecodeError(f"{where}: no audio field (expected one of {list(AUDIO_FIELDS)}, has {have})")
-    wav, sr = decode_audio(sample[fields[0]], where)
-    meta: Dict[str, Any] = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(bytes(sample["json"]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise AudioDecodeError(f"{where}: field 'json' is not valid UTF-8 JSON ({e})") from None
-        if not isinstance(meta, dict):
-            raise AudioDecodeError(f"{where}: field 'json' must be an object, got {type(meta).__name__}")
-    return wav, sr, meta
+    wav, sr = decode_audio(sample[first_field(sample, AUDIO_FIELDS, "audio", AudioDecodeError)], sample_where(sample))
+    return wav, sr, sample_json(sample, AudioDecodeError)
 
 
 def _decode(src: Iterator[dict], handler: Handler) -> Iterator[Tuple[np.ndarray, int, Dict[str, Any], str, str]]:

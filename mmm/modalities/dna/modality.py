@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import itertools
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from torch import nn
 
-from mmm.config import ComponentConfig, DNAConfig, EncoderConfig, ModelConfig
+from mmm.config import ComponentConfig, DNAConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.tar import ReadOptions
 from mmm.modalities.dna import codec as dna_codec
 from mmm.encoders import TokenEncoderParts
 from mmm.modalities.base import Handler, Modality
+from mmm.modalities.tokenizer_asset import TokenizerAsset
 from mmm.modalities.dna.tokenizer import META_FILE, DNAKmerTokenizer, DNATokenizer, load_dna_tokenizer
-from mmm.registry import EMBEDDERS, MODALITIES, TOKENIZERS
+from mmm.registry import MODALITIES, TOKENIZERS
 
 logger = logging.getLogger("mmm.train")
 
@@ -62,30 +61,8 @@ def describe_mismatch(tok: DNATokenizer, cfg: DNAConfig) -> Optional[str]:
     return None
 
 
-def tokenizer_files(directory: Path) -> Dict[str, str]:
-    """The text files of a saved DNA tokenizer (embedded in checkpoints)."""
-    return {p.name: p.read_text(encoding="utf-8") for p in sorted(directory.iterdir()) if p.is_file()}
-
-
-def tokenizer_from_files(files: Dict[str, str], where: str) -> DNATokenizer:
-    """Rebuild a DNA tokenizer from :func:`tokenizer_files` output (``where`` names the source in errors)."""
-    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-        raise ValueError(f"{where}: DNA tokenizer files must map file names to file text")
-    if META_FILE not in files:
-        raise ValueError(f"{where}: the DNA assets hold no {META_FILE} (files: {sorted(files)})")
-    with tempfile.TemporaryDirectory(prefix="mmm_dna_tok_") as tmp:
-        for name, text in files.items():
-            if Path(name).name != name:
-                raise ValueError(f"{where}: DNA tokenizer file name {name!r} is not a plain file name")
-            (Path(tmp) / name).write_text(text, encoding="utf-8")
-        try:
-            return load_dna_tokenizer(tmp)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"{where}: the embedded DNA tokenizer cannot be loaded: {e}") from None
-
-
 @MODALITIES.register("dna")
-class DNAModality(TokenEncoderParts, Modality):
+class DNAModality(TokenizerAsset, TokenEncoderParts, Modality):
     """DNA windows for masked nucleotide modeling: tokenizer loaded, reused from the run folder, or built."""
 
     name = "dna"
@@ -96,6 +73,9 @@ class DNAModality(TokenEncoderParts, Modality):
     masks_what = "DNA"
     masker_hint = " (dna_span for overlapping k-mers)"
     load_tokenizer = staticmethod(load_dna_tokenizer)
+    tokenizer_dir = TOKENIZER_DIR
+    saved_marker = META_FILE
+    what = "DNA tokenizer"
 
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
@@ -108,49 +88,24 @@ class DNAModality(TokenEncoderParts, Modality):
         if self.cfg.max_len < 3:
             raise ValueError(f"model.dna.max_len must be >= 3 ([CLS], one token, [SEP]), got {self.cfg.max_len}")
         self.tokenizer: Optional[DNATokenizer] = None
-        self._files: Dict[str, str] = {}
 
-    # ------------------------------------------------------------------ assets
+    # ------------------------------------------------------------------ the tokenizer (mmm.modalities.tokenizer_asset)
 
-    def prepare(self, train_urls: List[str], run_dir: Path, options: Optional[ReadOptions] = None) -> None:
-        c, own = self.cfg, run_dir / TOKENIZER_DIR
-        if (own / META_FILE).is_file():  # a resumed run: keep the tokenizer it trained with
-            tok = load_dna_tokenizer(own)
-            problem = describe_mismatch(tok, c)
-            if problem:
-                raise ValueError(f"the run folder's DNA tokenizer {own} does not match model.dna: {problem}; "
-                                 "use a new trainer.default_root_dir or delete that folder")
-        elif c.tokenizer_path:
-            tok = load_dna_tokenizer(c.tokenizer_path)
-            problem = describe_mismatch(tok, c)
-            if problem:
-                logger.warning("model.dna.tokenizer_path %s is used as given although %s", c.tokenizer_path, problem)
-            tok.save(own)
-        else:
-            tok = build_dna_tokenizer(c, train_urls, options)
-            tok.save(own)
-        self.tokenizer = tok
-        self._files = tokenizer_files(own)
+    def train_tokenizer(self, train_urls: List[str], options: Optional[ReadOptions]) -> DNATokenizer:
+        return build_dna_tokenizer(self.cfg, train_urls, options)
 
-    def assets(self) -> Dict[str, str]:
-        return dict(self._files) if self.tokenizer is not None else {}
+    def check_reused(self, tok: DNATokenizer, own: Path) -> None:
+        problem = describe_mismatch(tok, self.cfg)
+        if problem:
+            raise ValueError(f"the run folder's DNA tokenizer {own} does not match model.dna: {problem}; "
+                             "use a new trainer.default_root_dir or delete that folder")
 
-    def load_assets(self, files: Dict[str, str], where: str) -> None:
-        self.tokenizer = tokenizer_from_files(files, where)
-        self._files = dict(files)
-
-    def _tok(self) -> DNATokenizer:
-        if self.tokenizer is None:
-            raise RuntimeError("dna modality: call prepare() or load_assets() first (no tokenizer yet)")
-        return self.tokenizer
+    def check_given(self, tok: DNATokenizer) -> None:
+        problem = describe_mismatch(tok, self.cfg)
+        if problem:
+            logger.warning("model.dna.tokenizer_path %s is used as given although %s", self.cfg.tokenizer_path, problem)
 
     # ------------------------------------------------------------------ parts
-
-    def build_embedder(self, encoder_cfg: EncoderConfig) -> nn.Module:
-        c, tok = self.cfg, self._tok()
-        return EMBEDDERS.create("text", vocab_size=tok.vocab_size, dim=encoder_cfg.dim, max_len=c.max_len,
-                                position=c.position, embed_norm=c.embed_norm, norm_eps=encoder_cfg.norm_eps,
-                                dropout=encoder_cfg.dropout, pad_id=tok.pad_id)
 
     def build_masker(self, masking: ComponentConfig) -> Any:
         self.check_masker(masking.name)

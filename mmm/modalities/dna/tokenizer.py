@@ -41,6 +41,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from mmm.masking.base import TokenVocab
+from mmm.modalities.tokenizer_asset import RoleIds, save_folder
 from mmm.registry import TOKENIZERS
 
 __all__ = [
@@ -221,40 +222,16 @@ def _wrap(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, add_special_tok
     return DNAEncoding(ids=ids, starts=starts, ends=ends)
 
 
-class DNATokenizer(ABC):
+class DNATokenizer(RoleIds, ABC):
     """What every DNA tokenizer offers; subclasses implement :meth:`_tokenize` and the vocabulary."""
 
     kind: str
+    role_ids = {"pad": PAD_ID, "unk": UNK_ID, "cls": CLS_ID, "sep": SEP_ID, "mask": MASK_ID}
 
     @property
     @abstractmethod
     def vocab_size(self) -> int:
         """Number of token ids, specials included."""
-
-    @property
-    def pad_id(self) -> int:
-        return PAD_ID
-
-    @property
-    def unk_id(self) -> int:
-        return UNK_ID
-
-    @property
-    def cls_id(self) -> int:
-        return CLS_ID
-
-    @property
-    def sep_id(self) -> int:
-        return SEP_ID
-
-    @property
-    def mask_id(self) -> int:
-        return MASK_ID
-
-    @property
-    def special_ids(self) -> frozenset:
-        """Ids of the five special tokens (never masked, never drawn as random replacements)."""
-        return frozenset(range(len(SPECIAL_TOKENS)))
 
     def vocab(self) -> TokenVocab:
         """The :class:`TokenVocab` a masker needs for this tokenizer."""
@@ -330,10 +307,7 @@ class DNATokenizer(ABC):
         Args:
             directory: output folder, created if needed.
         """
-        out = Path(directory)
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"cannot save tokenizer: {out} exists and is not a directory")
-        out.mkdir(parents=True, exist_ok=True)
+        out = save_folder(directory)
         (out / META_FILE).write_text(json.dumps(self._meta(), indent=2) + "\n", encoding="utf-8")
         return out
 

@@ -8,7 +8,6 @@ until the collate step normalises the whole batch at once.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -20,6 +19,7 @@ import webdataset as wds
 from mmm.batch import ImageInput, PackedBatch, TokenTargets
 from mmm.core.packing import PackedSeqInfo
 from mmm.data.epoch import EpochCounter, SeededMap
+from mmm.data.fields import first_field, sample_json, sample_where
 from mmm.modalities.image.decode import ImageDecodeError, decode_image
 from mmm.modalities.image.transforms import eval_transform, normalize, train_transform
 
@@ -66,23 +66,9 @@ class ImageSettings:
 
 def read_image_sample(sample: Dict[str, Any], settings: ImageSettings) -> Tuple[Any, Dict[str, Any]]:
     """(RGB PIL image, json metadata) of a raw shard sample; errors name the shard and key."""
-    key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
-    where = f"{url}:{key}"
-    fields = [f for f in IMAGE_FIELDS if f in sample]
-    if not fields:
-        have = sorted(k for k in sample if not k.startswith("__"))
-        raise ImageDecodeError(f"{where}: no image field (expected one of {list(IMAGE_FIELDS)}, has {have})")
-    img = decode_image(sample[fields[0]], where, max_pixels=settings.max_pixels, min_size=settings.min_size,
-                       policy=settings.small_images)
-    meta: Dict[str, Any] = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(bytes(sample["json"]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ImageDecodeError(f"{where}: field 'json' is not valid UTF-8 JSON ({e})") from None
-        if not isinstance(meta, dict):
-            raise ImageDecodeError(f"{where}: field 'json' must be an object, got {type(meta).__name__}")
-    return img, meta
+    img = decode_image(sample[first_field(sample, IMAGE_FIELDS, "image", ImageDecodeError)], sample_where(sample),
+                       max_pixels=settings.max_pixels, min_size=settings.min_size, policy=settings.small_images)
+    return img, sample_json(sample, ImageDecodeError)
 
 
 def _decode(src: Iterator[dict], settings: ImageSettings, handler: Handler) -> Iterator[Tuple[Any, Dict, str]]:

@@ -23,6 +23,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from mmm.masking.base import TokenVocab
+from mmm.modalities.tokenizer_asset import RoleIds, save_folder
 from mmm.registry import TOKENIZERS
 
 ROLES: Tuple[str, ...] = ("pad", "unk", "cls", "sep", "mask")
@@ -40,7 +41,7 @@ PathLike = Union[str, Path]
 Encoded = Tuple[np.ndarray, np.ndarray]
 
 
-class TextTokenizer:
+class TextTokenizer(RoleIds):
     """A trained HF tokenizer plus the special-token roles masked modeling needs.
 
     Args:
@@ -66,40 +67,14 @@ class TextTokenizer:
         self.roles: Dict[str, str] = {r: roles[r] for r in ROLES}
         self.lowercase = bool(lowercase)
         self.kind = kind
-        self._ids = ids
-        self._special_ids = frozenset(ids.values())
-        self._special_arr = np.array(sorted(self._special_ids), dtype=np.int64)
+        self.role_ids = ids
+        self._special_arr = np.array(sorted(self.special_ids), dtype=np.int64)
 
     # ------------------------------------------------------------------ properties
     @property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included."""
         return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
-
-    @property
-    def pad_id(self) -> int:
-        return self._ids["pad"]
-
-    @property
-    def unk_id(self) -> int:
-        return self._ids["unk"]
-
-    @property
-    def cls_id(self) -> int:
-        return self._ids["cls"]
-
-    @property
-    def sep_id(self) -> int:
-        return self._ids["sep"]
-
-    @property
-    def mask_id(self) -> int:
-        return self._ids["mask"]
-
-    @property
-    def special_ids(self) -> frozenset:
-        """Ids of the five role tokens."""
-        return self._special_ids
 
     def vocab(self) -> TokenVocab:
         """The :class:`TokenVocab` a masker needs for this tokenizer."""
@@ -267,10 +242,7 @@ class TextTokenizer:
         Returns:
             The folder as a :class:`~pathlib.Path`.
         """
-        out = Path(directory)
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"cannot save tokenizer: {out} exists and is not a directory")
-        out.mkdir(parents=True, exist_ok=True)
+        out = save_folder(directory)
         self.tokenizer.save(str(out / TOKENIZER_FILE))
         meta = {"format_version": _META_VERSION, "kind": self.kind, "lowercase": self.lowercase, "roles": self.roles}
         (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
