@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.report import emit
+from benchmarks.report import argument_parser, emit, with_threads
 from mmm.batch import ImageInput, PackedBatch
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig, OptimConfig
 from mmm.core.packing import PackedSeqInfo
@@ -453,8 +453,7 @@ def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="small preset, 3 timed steps, 1 warm-up (under a minute)")
     p.add_argument("--config", default=None, choices=[*PRESETS, "all"], help="preset (default: all; small with --quick)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per contender (default 8; 3 with --quick)")
@@ -488,13 +487,7 @@ def configs_from_args(args: argparse.Namespace) -> List[BenchConfig]:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the benchmark; returns the JSON-able result (also written to ``--json`` if given)."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return with_threads(args.threads, lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> Dict[str, Any]:

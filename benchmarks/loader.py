@@ -5,7 +5,7 @@ the script builds the tiny run (its tokenizer, masker and model, on the embedded
 first ``--samples`` raw samples of the training shards, and writes them twice into a work folder:
 
 * ``shards/``: 4 tar shards (the format ``mmm shards build`` writes), read by the training
-  pipeline itself (:meth:`~mmm.train.datamodule.StreamDataModule._train_loader`: shard shuffle,
+  pipeline itself (:meth:`~mmm.train.datamodule.StreamDataModule.task_loader`: shard shuffle,
   node/worker split, tar reading, shuffle buffer, decode, tokenize or augment, mask, pack);
 * ``files/``: one file per sample field (``{key}.txt``, ``{key}.png``, ...), read in a seeded random
   order by a minimal folder dataset that hands the same raw samples to the same modality stages.
@@ -47,7 +47,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from benchmarks.report import emit
+from benchmarks.report import argument_parser, emit, with_threads
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"text": "configs/text_mlm_tiny.yaml", "image": "configs/image_mae_tiny.yaml"}
@@ -187,8 +187,8 @@ def run_modality(modality: str, work: Path, workers: Sequence[int], batches: int
                  "trainer.enable_progress_bar": False, **(MICRO_OVERRIDES[modality] if micro else {})}
     run = build_run(load_config(REPO / CONFIGS[modality], overrides))
     cfg = run.cfg
-    urls, folder = write_copies(raw_samples(run.datamodule.train_urls, samples), work)
-    base = run.datamodule
+    urls, folder = write_copies(raw_samples(run.datamodule.tasks[0].train_urls, samples), work)
+    base = run.datamodule.tasks[0]
     result: Dict[str, Any] = {"modality": modality, "config": CONFIGS[modality], "batch_size": cfg.data.batch_size,
                               "shuffle_buffer": cfg.data.shuffle_buffer, "samples": samples, "shards": len(urls),
                               "loaders": []}
@@ -200,9 +200,9 @@ def run_modality(modality: str, work: Path, workers: Sequence[int], batches: int
                           num_workers=w, prefetch_factor=4 if w else None)
 
     for w in workers:
-        dm = StreamDataModule(dataclasses.replace(cfg.data, num_workers=w), urls, None, base.make_stages,
-                              base.extra_settings)
-        for source, loader in (("shards", dm._train_loader(0)), ("files", folder_loader(w))):
+        dm = StreamDataModule(dataclasses.replace(cfg.data, num_workers=w),
+                              [dataclasses.replace(base, train_urls=urls, val_urls=None)])
+        for source, loader in (("shards", dm.task_loader()), ("files", folder_loader(w))):
             r = time_loader(loader, batches)
             _shutdown(loader)
             result["loaders"].append({"source": source, "workers": w, **r})
@@ -210,8 +210,8 @@ def run_modality(modality: str, work: Path, workers: Sequence[int], batches: int
                 f"({r['batches']} batches)")
 
     prepared = []
-    for b in StreamDataModule(dataclasses.replace(cfg.data, num_workers=0), urls, None, base.make_stages,
-                              base.extra_settings)._train_loader(0):
+    for b in StreamDataModule(dataclasses.replace(cfg.data, num_workers=0),
+                              [dataclasses.replace(base, train_urls=urls, val_urls=None)]).task_loader():
         prepared.append(b)
         if len(prepared) == 4:
             break
@@ -249,7 +249,7 @@ def markdown(results: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argument_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="fewer batches and steps (under a minute on 2 cores)")
     p.add_argument("--micro", action="store_true", help="toy models and counts (tests; not a measurement)")
     p.add_argument("--modalities", default="text,image")
@@ -267,16 +267,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the benchmark; returns the JSON-able result (also written to ``--json`` if given)."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        if args.work:
-            return _run(args, Path(args.work))
-        with tempfile.TemporaryDirectory(prefix="mmm_loader_bench_") as tmp:
-            return _run(args, Path(tmp))
-    finally:
-        torch.set_num_threads(threads)
+    return with_threads(args.threads, lambda: _in_work_folder(args))
+
+
+def _in_work_folder(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.work:
+        return _run(args, Path(args.work))
+    with tempfile.TemporaryDirectory(prefix="mmm_loader_bench_") as tmp:
+        return _run(args, Path(tmp))
 
 
 def _run(args: argparse.Namespace, work: Path) -> Dict[str, Any]:

@@ -1,8 +1,44 @@
-"""Shared output of the benchmark scripts: print the markdown table, optionally save JSON and markdown."""
+"""What the benchmark scripts share: their command line's frame, the thread count they run with, the rows of a
+two-contender table, and the output (the markdown table printed, optionally JSON and markdown files)."""
 from __future__ import annotations
 
+import argparse
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its module docstring's first paragraph as the description, the rest kept as written."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def with_threads(threads: Optional[int], run: Callable[[], T]) -> T:
+    """``run()`` with ``torch.set_num_threads(threads)`` (a benchmark's ``--threads``; None: unchanged), restored after."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(before)
+
+
+def contender_rows(result: Dict[str, Any],
+                   contenders: Sequence[Tuple[str, str]]) -> Iterator[Tuple[str, Dict[str, Any], bool]]:
+    """``(title, measurements, first)`` per contender of one result, for a table that shows the shared cells
+    (label, ratios) on the first contender's row only.
+
+    Args:
+        result: one configuration's result, holding each contender's measurements under its key.
+        contenders: ``(key, title)`` per contender, the reference last (``(("mmm", "mmm"), ("hf", "HF"))``).
+    """
+    for i, (key, title) in enumerate(contenders):
+        yield title, result[key], i == 0
 
 
 def emit(table: str, payload: Any, json_path: Optional[str] = None, markdown_path: Optional[str] = None) -> None:

@@ -50,7 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from benchmarks.report import emit
+from benchmarks.report import argument_parser, contender_rows, emit, with_threads
 from mmm.batch import PackedBatch, pack_masked
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig, OptimConfig, TextConfig
 from mmm.masking.base import MaskedTokens, TokenVocab
@@ -375,9 +375,7 @@ def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:
         c = r["config"]
         label = (f"{c['name']} ({c['depth']}L d{c['dim']}, V={c['vocab']}, B={c['batch']}, L={c['max_len']}, "
                  f"dropout {c['dropout']})")
-        for name, title in (("mmm", "mmm (packed)"), ("hf", "HF BertForMaskedLM sdpa")):
-            e = r[name]
-            first = name == "mmm"
+        for title, e, first in contender_rows(r, (("mmm", "mmm (packed)"), ("hf", "HF BertForMaskedLM sdpa"))):
             speed = f"**{r['speedup_real_tokens_per_s']:.2f}×**" if first else ""
             paired = f"{r['speedup_paired_median']:.2f}×" if first else ""
             target = (f"≥ {r['target_speedup']}×" if r["target_speedup"] else "") if first else ""
@@ -400,8 +398,7 @@ def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--config", default="small", choices=[*PRESETS, "all"])
     p.add_argument("--steps", type=int, default=10, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
@@ -437,13 +434,7 @@ def configs_from_args(args: argparse.Namespace) -> List[BenchConfig]:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the benchmark; returns the JSON-able result (also written to ``--json`` if given)."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return with_threads(args.threads, lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> Dict[str, Any]:
