@@ -16,6 +16,7 @@ Usage::
 
     python -m benchmarks.modality_quality --config configs/multimodal_tiny.yaml --out runs/mq.json
         [--set trainer.max_steps=300 --set seed=1 ...] [--quick]
+    python -m benchmarks.modality_quality --checkpoint RUN/checkpoints/last.ckpt --out runs/mq.json
 """
 from __future__ import annotations
 
@@ -49,17 +50,25 @@ def parse_overrides(items: List[str]) -> Dict[str, Any]:
     return out
 
 
-def evaluate_run(cfg: PretrainConfig, run: Any, quick: bool = False) -> Dict[str, Any]:
-    """Scores of the trained model and of its initialisation, per task (see the module docstring)."""
-    trained = run.module.model.cpu().eval()
+def evaluate_run(cfg: PretrainConfig, modalities: Any, trained: Any, counts: Dict[str, Any],
+                 quick: bool = False) -> Dict[str, Any]:
+    """Scores of the trained model and of its initialisation, per task (see the module docstring).
+
+    Args:
+        cfg: the run's configuration.
+        modalities: its :class:`~mmm.train.tasks.RunModalities` (assets prepared or loaded).
+        trained: the trained :class:`~mmm.model.MaskedModel`.
+        counts: task → ``{"batches": n, ...}`` (steps each task trained), or empty.
+        quick: small probes and held-out sets.
+    """
+    trained = trained.cpu().eval()
     L.seed_everything(cfg.seed, verbose=False)
-    untrained = build_model_for(cfg, run.modalities).eval()
+    untrained = build_model_for(cfg, modalities).eval()
     models = {"trained": trained, "untrained": untrained}
-    counts = run.datamodule.source_counts()
     out: Dict[str, Any] = {}
     seen = set()
     for task in cfg.tasks:
-        feed = run.modalities.feeds[task.name]
+        feed = modalities.feeds[task.name]
         val = resolve_shards(task.val or "embedded", task.dataset, "val")
         entry: Dict[str, Any] = {"dataset": task.dataset, "steps": counts.get(task.name, {}).get("batches")}
         mode = task.options.get("mode")
@@ -90,19 +99,35 @@ def evaluate_run(cfg: PretrainConfig, run: Any, quick: bool = False) -> Dict[str
 
 def main(argv: List[str] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--config", type=Path, help="config to train and then score")
+    p.add_argument("--checkpoint", type=Path, help="score this checkpoint of a run instead of training (its config)")
     p.add_argument("--set", action="append", default=[], help="config override key=value (YAML value); repeatable")
     p.add_argument("--out", required=True, type=Path, help="JSON results file")
     p.add_argument("--quick", action="store_true", help="small probes and held-out sets (smoke tests)")
     args = p.parse_args(argv)
+    if (args.config is None) == (args.checkpoint is None):
+        raise SystemExit("give --config (train, then score) or --checkpoint (score a saved run)")
     over = {"trainer.enable_progress_bar": False, **parse_overrides(args.set)}
-    cfg = load_config(args.config, over)
     t0 = time.perf_counter()
-    with torch_threads(cfg.trainer.threads):
-        run = pretrain(cfg)
-        train_s = time.perf_counter() - t0
-        scores = evaluate_run(cfg, run, args.quick)
-    result = {"config": str(args.config), "overrides": over, "steps": cfg.trainer.max_steps,
+    if args.checkpoint is not None:
+        from mmm.checkpoint import read_checkpoint
+        from mmm.train.tasks import modalities_from_checkpoint
+
+        contents = read_checkpoint(args.checkpoint)
+        cfg = contents.config
+        mods = modalities_from_checkpoint(contents)
+        trained = build_model_for(cfg, mods)
+        trained.load_state_dict(contents.state_dict)
+        with torch_threads(cfg.trainer.threads):
+            scores = evaluate_run(cfg, mods, trained, {}, args.quick)
+        train_s = 0.0
+    else:
+        cfg = load_config(args.config, over)
+        with torch_threads(cfg.trainer.threads):
+            run = pretrain(cfg)
+            train_s = time.perf_counter() - t0
+            scores = evaluate_run(cfg, run.modalities, run.module.model, run.datamodule.source_counts(), args.quick)
+    result = {"config": str(args.config or args.checkpoint), "overrides": over, "steps": cfg.trainer.max_steps,
               "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t0 - train_s, 1),
               "load_average": os.getloadavg(), "scores": scores}
     args.out.parent.mkdir(parents=True, exist_ok=True)
