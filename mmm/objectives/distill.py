@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmm.batch import FeatureInput, ImageInput, PackedBatch, TokenInput
+from mmm.batch import FeatureInput, PackedBatch, TokenInput
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
 from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_output
