@@ -26,6 +26,7 @@ def test_micro_run_writes_results_with_ceiling(tmp_path):
         assert run["examples"] == sum(b["rows"] for b in run["batches"][size.skip:])
         assert len(run["batches"]) == size.steps and all(b["rows"] <= size.batch_size for b in run["batches"])
         assert r[name]["examples_per_s"] == pytest.approx(run["examples"] / run["seconds"])
+        assert r[name]["examples_per_cpu_s"] == pytest.approx(run["examples"] / run["cpu_seconds"])
         assert sum(run["step_seconds"]) == pytest.approx(run["seconds"], rel=1e-9)
         assert sum(run["step_examples"]) == run["examples"]
     hf_batches = r["hf"]["runs"][0]["batches"][size.skip:]
@@ -34,6 +35,7 @@ def test_micro_run_writes_results_with_ceiling(tmp_path):
     assert r["ceiling"] == pytest.approx(1 / (1 - share))
     assert r["ratio"] == pytest.approx(r["mmm"]["examples_per_s"] / r["hf"]["examples_per_s"])
     assert r["share_of_ceiling"] == pytest.approx(r["ratio"] / r["ceiling"])
+    assert r["cpu_ratio"] == pytest.approx(r["mmm"]["examples_per_cpu_s"] / r["hf"]["examples_per_cpu_s"])
     assert r["reaches_target"] == (r["share_of_ceiling"] >= 0.9)
     assert "ceiling 1/(1−p)" in report["markdown"]
 
@@ -46,3 +48,7 @@ def test_padding_share_and_window():
                  "step_examples": [8, 4]}
     with pytest.raises(ValueError):
         bench.examples_window([1.0, 2.0], [8, 8], skip=2)
+
+
+def test_cpu_window_is_the_same_window_in_cpu_time():
+    assert bench.cpu_window([0.5, 1.0, 2.0], [8, 8, 4], skip=1) == {"cpu_seconds": 1.5, "examples_per_cpu_s": 8.0}
