@@ -83,8 +83,7 @@ class MaskedAutoencoder(nn.Module):
 
         self.modality, self.norm_pix_loss = modality, norm_pix_loss
         self.patch, self.channels, self.grid = emb.patch_size, emb.in_chans, emb.grid
-        self.prefix, self.num_patches = emb.num_prefix_tokens, emb.num_patches
-        self._embedder = [emb]  # a reference, not a submodule (its weights belong to the embedder)
+        self.prefix, self.num_patches = emb.num_prefix_tokens, emb.num_patches  # the geometry, read once
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim))
         table = torch.cat([torch.zeros(self.prefix, decoder_dim), sincos_2d_table(self.grid, decoder_dim)])
@@ -116,13 +115,14 @@ class MaskedAutoencoder(nn.Module):
 
     def _decoder_states(self, hidden: torch.Tensor, batch: PackedBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         """Decoder outputs at every patch and the mask: ((B, P, d_dec), (B, P) bool)."""
+        from mmm.modalities.image.embedder import visible_slots
+
         inp, h = _image_part(hidden, batch, self.modality)
         if inp.mask is None:
             raise ValueError("objective mae needs masked images (configure a patch masker, e.g. mae_random)")
         b, t = inp.num_images, self.prefix + self.num_patches
-        layout = inp.mask if inp.drop_masked else torch.zeros_like(inp.mask)
-        idx = self._embedder[0].visible_index(layout)
-        slot = idx.image * t + self.prefix + idx.patch  # [CLS] (patch -1) lands in column 0
+        dropped = inp.mask if inp.drop_masked else torch.zeros_like(inp.mask)  # (B, P) patches not encoded
+        slot = visible_slots(dropped, self.prefix)  # (N_img,) each encoded token's cell, [CLS] in column 0
         x = self.decoder_embed(h)  # (N_img, d_dec)
         full = self.mask_token.to(x.dtype).expand(b * t, -1).index_copy(0, slot, x)  # (B*T, d_dec)
         full = (full.view(b, t, -1) + self.decoder_pos.to(x.dtype)).view(b * t, -1)

@@ -7,7 +7,7 @@ import torch
 from mmm.config import EncoderConfig, from_dict, to_dict
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
-from mmm.modalities.image.embedder import ImageEmbedder, ImageEncoder, ImageEncoderConfig, sincos_2d_table
+from mmm.modalities.image.embedder import ImageEmbedder, ImageEncoder, ImageEncoderConfig, sincos_2d_table, visible_slots
 from mmm.registry import EMBEDDERS
 
 DIM = 64
@@ -93,6 +93,10 @@ def test_drop_masked_keeps_visible_patches_in_order_and_indexes_them():
     assert l2.tolist() == visible.tolist()
     torch.testing.assert_close(t2, plain.patch_tokens(x)[~mask])
     assert bool((plain.visible_index(mask).patch >= 0).all())
+    # the slots a head computes from the mask alone (no embedder at hand) are the same, with and without [CLS]
+    for e, prefix in ((emb, 1), (plain, 0)):
+        i = e.visible_index(mask)
+        assert visible_slots(mask, prefix).tolist() == (i.image * (16 + prefix) + prefix + i.patch).tolist()
 
 
 def test_mask_token_replaces_hidden_patches_simmim():

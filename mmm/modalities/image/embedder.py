@@ -32,6 +32,7 @@ from torch import nn
 from mmm.config import EncoderConfig, _f
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
+from mmm.modalities.standalone import EmbedderEncoder
 from mmm.registry import EMBEDDERS
 
 IMAGE_POSITIONS = ("learned", "sincos", "none")
@@ -59,6 +60,25 @@ def sincos_2d_table(grid: Tuple[int, int], dim: int) -> torch.Tensor:
         return torch.cat([angles.sin(), angles.cos()], dim=1)  # (P, dim/2)
 
     return torch.cat([encode(cols), encode(rows)], dim=1).float()  # (P, dim)
+
+
+def visible_slots(dropped: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Where each image token an embedder encoded sits in the ``(B, prefix + P)`` layout, flattened.
+
+    An image's tokens are its prefix ([CLS]) then its patches not dropped, row-major, so token
+    ``n`` of the batch's image tokens belongs at flat slot ``slots[n]`` (a decoder scatters encoder
+    outputs back onto the full grid with it). A function of the mask and the prefix length only:
+    heads get it without a reference to the embedder.
+
+    Args:
+        dropped: (B, P) bool, True = patch not encoded (all False when masked patches are kept as mask tokens).
+        prefix: tokens before the patches ([CLS]: 1, else 0).
+
+    Returns:
+        (N_img,) long.
+    """
+    kept = torch.cat([dropped.new_zeros(dropped.shape[0], prefix), dropped], dim=1).logical_not()  # (B, prefix + P)
+    return kept.flatten().nonzero().squeeze(1)
 
 
 class PatchIndex(NamedTuple):
@@ -288,7 +308,7 @@ class ImageEncoderConfig:
 _EMBEDDER_FIELDS = tuple(f.name for f in dataclasses.fields(ImageEncoderConfig) if f.name != "encoder")
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(EmbedderEncoder):
     """Image embedder + shared Transformer encoder: ``(B, C, H, W)`` images → ``(B, T, d)`` token features.
 
     ``T = cls + num_patches``, [CLS] first when the embedder has one; the output is the encoder's
@@ -303,12 +323,7 @@ class ImageEncoder(nn.Module):
     modality = "image"
 
     def __init__(self, embedder: ImageEmbedder, encoder: TransformerEncoder, config: ImageEncoderConfig) -> None:
-        super().__init__()
-        if embedder.dim != encoder.cfg.dim:
-            raise ValueError(f"embedder dim {embedder.dim} does not match encoder dim {encoder.cfg.dim}")
-        self.embedder = embedder
-        self.encoder = encoder
-        self.config = config
+        super().__init__(embedder, encoder, config)
 
     @classmethod
     def from_config(cls, config: ImageEncoderConfig) -> "ImageEncoder":
@@ -334,10 +349,6 @@ class ImageEncoder(nn.Module):
         if unknown:
             raise TypeError(f"unknown image embedder argument(s) {unknown}; accepted: {list(_EMBEDDER_FIELDS)}")
         return cls.from_config(ImageEncoderConfig(encoder=encoder_cfg, **embedder_kwargs))
-
-    @property
-    def hidden_size(self) -> int:
-        return self.encoder.cfg.dim
 
     @property
     def num_prefix_tokens(self) -> int:
