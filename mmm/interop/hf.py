@@ -36,6 +36,7 @@ import torch
 
 from mmm.config import EncoderConfig, ModelConfig, TextConfig
 from mmm.checkpoint import load_weights, read_checkpoint, safe_torch_load
+from mmm.interop.require import require
 from mmm.encoders import TextEncoder, encoder_from_checkpoint, load_encoder
 from mmm.modalities.text.tokenizer import META_FILE, TOKENIZER_FILE, VOCAB_FILE, WORDPIECE_SPECIALS, TextTokenizer
 from mmm.objectives.mlm import MLMHead
@@ -49,14 +50,6 @@ BIN_FILE = "pytorch_model.bin"
 GELU_ACTS = ("gelu", "gelu_python")  # both exact erf GELU in transformers
 _IGNORED_PREFIXES = ("pooler.", "cls.seq_relationship.", "embeddings.position_ids")
 _HEAD_PREFIX = "objectives.mlm.head."
-
-
-def _require_transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError("exporting to HF BERT needs the `transformers` package: pip install transformers") from None
-    return transformers
 
 
 # ----------------------------------------------------------------------------- export
@@ -169,7 +162,7 @@ def export_hf_bert(encoder_or_ckpt: Union[TextEncoder, PathLike], out_dir: PathL
     Returns:
         The output folder.
     """
-    transformers = _require_transformers()
+    transformers = require("transformers", "exporting to HF BERT")
     from safetensors.torch import save_file
 
     if isinstance(encoder_or_ckpt, TextEncoder):

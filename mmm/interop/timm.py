@@ -42,6 +42,7 @@ from torch import nn
 
 from mmm.config import EncoderConfig
 from mmm.checkpoint import load_weights, safe_torch_load
+from mmm.interop.require import require
 from mmm.modalities.image.embedder import ImageEncoder, ImageEncoderConfig
 
 PathLike = Union[str, Path]
@@ -51,14 +52,6 @@ TIMM_MODEL_NAME = "vit_base_patch16_224"
 TIMM_NORM_EPS = 1e-6  # timm ViT's LayerNorm default
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
-
-
-def _require_timm() -> Any:
-    try:
-        import timm
-    except ImportError:
-        raise ImportError("timm interop needs the `timm` package: pip install timm") from None
-    return timm
 
 
 # ----------------------------------------------------------------------------- export
@@ -147,7 +140,7 @@ def to_timm_model(encoder: ImageEncoder) -> nn.Module:
     Args:
         encoder: the mmm image encoder.
     """
-    timm = _require_timm()
+    timm = require("timm", "timm interop")
     kwargs, state = export_timm_vit(encoder)
     model = timm.create_model(TIMM_MODEL_NAME, pretrained=False, **kwargs)
     model.load_state_dict(state, strict=True)
@@ -355,7 +348,7 @@ def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
 
 def _model_from_state(state: Mapping[str, torch.Tensor], model_name: Optional[str],
                       model_kwargs: Optional[Dict[str, Any]], source: str) -> nn.Module:
-    timm = _require_timm()
+    timm = require("timm", "timm interop")
     if not model_name:
         raise ValueError(f"{source}: a state_dict does not say which ViT it is; pass model_name "
                          "(a timm model name such as 'vit_base_patch16_224') and model_kwargs if it was customised")

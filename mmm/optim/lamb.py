@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
 
+from mmm.optim.closure import evaluate_closure
 from mmm.registry import OPTIMIZERS
 
 
@@ -40,10 +41,7 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from mmm.optim.closure import evaluate_closure
 from mmm.registry import OPTIMIZERS
 
 HessianFn = Callable[[Sequence[torch.Tensor]], List[torch.Tensor]]
@@ -143,10 +144,7 @@ class Sophia(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return loss
