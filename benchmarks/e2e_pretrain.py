@@ -31,7 +31,11 @@ run, tokenizing HF's corpus, DataLoader workers, the first steps) is removed by 
 alternating which goes first. Real tokens/s and GFLOP/s are the medians over every timed step of
 every round (robust to a neighbour's job on a shared machine); the *window mean* beside them is
 all timed tokens over all timed time of a run (median over rounds), what an undisturbed run gets
-including rare slow steps.
+including rare slow steps. On a machine shared with other jobs the wall clock of a step is
+mostly waiting for a core, so every step also records the training thread's CPU time
+(``time.thread_time``; one torch thread runs every op in that thread): GFLOP/s per CPU-second is
+the same comparison without the waiting. It leaves out mmm's DataLoader worker (another process,
+on another core when the machine is quiet) and keeps HF's collation (in the training thread).
 
 **FLOPs.** :mod:`benchmarks.flops` counts each step's model FLOPs from its batch (mmm: its
 sequence lengths and masked count; HF: ``B`` blocks of 128, logits at every position). Achieved
@@ -223,7 +227,7 @@ def _mmm_clock(shape: BertShape):
             seqlens = list(batch.seq.seqlens)
             predicted = int(batch.targets["text"].count)
             self.steps.append(dict(
-                end=end, start=t["start"], tokens=int(batch.num_tokens), predicted=predicted,
+                end=end, cpu=time.thread_time(), start=t["start"], tokens=int(batch.num_tokens), predicted=predicted,
                 flops=step_flops(shape, seqlens, predicted),
                 forward=t["backward"] - t["start"], backward=t["after_backward"] - t["backward"],
                 optimizer=t["opt_end"] - t["after_backward"], after_step=end - t["opt_end"]))
@@ -240,7 +244,8 @@ def _hf_clock(flops_per_step: int, tokens_per_step: int):
             self.steps: List[Dict[str, Any]] = []
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.steps.append(dict(end=time.perf_counter(), tokens=tokens_per_step, flops=flops_per_step))
+            self.steps.append(dict(end=time.perf_counter(), cpu=time.thread_time(), tokens=tokens_per_step,
+                                   flops=flops_per_step))
 
     return HfClock()
 
@@ -258,6 +263,8 @@ def window(steps: List[Dict[str, Any]], skip: int) -> Dict[str, Any]:
            "tokens_per_step": statistics.median(s["tokens"] for s in timed),
            "step_seconds": [s["end"] - p["end"] for s, p in zip(timed, previous)],
            "step_tokens": [s["tokens"] for s in timed], "step_flops": [s["flops"] for s in timed]}
+    if "cpu" in timed[0]:  # the training thread's CPU time per step (what a step costs without waiting for a core)
+        out["step_cpu_seconds"] = [s["cpu"] - p["cpu"] for s, p in zip(timed, previous)]
     if "predicted" in timed[0]:  # mmm: masked positions per step and the split at Lightning's hooks
         out["predicted_per_step"] = statistics.median(s["predicted"] for s in timed)
         split = {p: sum(s[p] for s in timed) for p in ("forward", "backward", "optimizer", "after_step")}
@@ -396,6 +403,8 @@ def run_size(size: Size, threads: int, work: Path, log: Callable[[str], None] = 
              "flops_per_token": sum(x["flops"] for x in rs) / sum(x["tokens"] for x in rs),
              "tokens_per_step": per_step, "matmul_limit": limit}
         e["fraction_of_limit"] = e["gflops_per_s"] / limit["gflops_per_s"]
+        cpu = [(f, dt) for x in rs for f, dt in zip(x["step_flops"], x.get("step_cpu_seconds", ())) if dt > 0]
+        e["cpu_gflops_per_s"] = statistics.median(f / dt for f, dt in cpu) / 1e9 if cpu else None
         if name == "mmm":
             totals = {p: sum(x["split_s"][p] for x in rs) for p in rs[0]["split_s"]}
             whole = sum(x["seconds"] for x in rs)
@@ -408,9 +417,12 @@ def run_size(size: Size, threads: int, work: Path, log: Callable[[str], None] = 
     out["window_tokens_per_s_ratio"] = m["window_tokens_per_s"] / h["window_tokens_per_s"]
     out["window_gflops_ratio"] = m["window_gflops_per_s"] / h["window_gflops_per_s"]
     out["target_gflops_ratio"] = TARGETS.get(size.name)
+    if m["cpu_gflops_per_s"] and h["cpu_gflops_per_s"]:
+        out["cpu_gflops_ratio"] = m["cpu_gflops_per_s"] / h["cpu_gflops_per_s"]
     out["square_1024_gflops_per_s"] = 2 * 1024 ** 3 / time_gemm(1024, 1024, 1024, size.matmul_repeats) / 1e9
     log(f"[{size.name}] mmm/HF: {out['tokens_per_s_ratio']:.2f}x real tokens/s, {out['gflops_ratio']:.2f}x GFLOP/s "
-        f"(FLOPs-per-token ceiling {out['flops_ceiling']:.2f}x)")
+        f"(FLOPs-per-token ceiling {out['flops_ceiling']:.2f}x); per CPU-second of the training thread "
+        f"{out.get('cpu_gflops_ratio', float('nan')):.2f}x GFLOP/s")
     return out
 
 
@@ -451,6 +463,11 @@ def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:
               "over rounds). FLOPs ceiling = HF's model FLOPs per token / mmm's: the tokens/s ratio both would reach "
               "at equal GFLOP/s. Matmul limit: fp32 `torch.mm` GFLOP/s on that contender's own linear-layer GEMMs "
               "(forward and both gradients, at its median batch), same threads, this run.", ""]
+    for r in results:
+        if r.get("cpu_gflops_ratio"):
+            lines += [f"Per CPU-second of the training thread ({r['size']}; robust to other jobs on the machine, "
+                      f"leaves out mmm's DataLoader worker): mmm {r['mmm']['cpu_gflops_per_s']:.1f}, "
+                      f"HF {r['hf']['cpu_gflops_per_s']:.1f} GFLOP/s, **{r['cpu_gflops_ratio']:.2f}×**.", ""]
     for r in results:
         loads = {n: ", ".join(str(x.get("load_average_after")) for x in r[n]["runs"]) for n in ("mmm", "hf")}
         lines += [f"Load average (1 min) after each run, {r['size']}: mmm {loads['mmm']}; HF {loads['hf']}.", ""]

@@ -37,6 +37,9 @@ def test_micro_run_writes_results_and_counts_flops(tmp_path):
         assert e["gflops_per_s"] == pytest.approx(statistics.median(
             f / dt for f, dt in zip(run["step_flops"], run["step_seconds"])) / 1e9)
         assert e["matmul_limit"]["gflops_per_s"] > 0
+        cpu = [f / dt for f, dt in zip(run["step_flops"], run["step_cpu_seconds"]) if dt > 0]
+        assert len(run["step_cpu_seconds"]) == len(run["step_seconds"]) and all(dt >= 0 for dt in run["step_cpu_seconds"])
+        assert e["cpu_gflops_per_s"] == pytest.approx(statistics.median(cpu) / 1e9)
         assert e["fraction_of_limit"] == pytest.approx(e["gflops_per_s"] / e["matmul_limit"]["gflops_per_s"])
     # HF: B full blocks of max_len tokens, logits at every position
     block, batch = r["max_len"], r["batch_size"]
@@ -51,7 +54,9 @@ def test_micro_run_writes_results_and_counts_flops(tmp_path):
     assert sum(m["split_s"].values()) == pytest.approx(m["seconds"], rel=1e-9)
     assert all(v >= 0 for v in m["split_s"].values())
     assert sum(r["mmm"]["split_share"].values()) == pytest.approx(1.0)
+    assert r["cpu_gflops_ratio"] == pytest.approx(r["mmm"]["cpu_gflops_per_s"] / r["hf"]["cpu_gflops_per_s"])
     assert "| mmm pretrain (packed) |" in report["markdown"] and "between steps" in report["markdown"]
+    assert "Per CPU-second of the training thread" in report["markdown"]
 
 
 def test_window_times_steps_after_the_skipped_ones():
