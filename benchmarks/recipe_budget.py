@@ -145,8 +145,10 @@ def measure_recipe(name: str, cfg: Any, batches: int = 4) -> RecipeCost:
     if batches < 1:
         raise ValueError(f"measure_recipe needs at least one batch, got batches={batches}")
     with tempfile.TemporaryDirectory(prefix="mmm_recipe_cost_") as tmp:
-        probe = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, default_root_dir=tmp,
-                                                                     enable_progress_bar=False))
+        # in-process loading (num_workers 0): a few batches, and no worker process outlives the probe
+        probe = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0),
+                                    trainer=dataclasses.replace(cfg.trainer, default_root_dir=tmp,
+                                                                enable_progress_bar=False))
         run = build_run(probe)
         run.datamodule.setup("fit")
         loader = run.datamodule.train_dataloader()

@@ -99,8 +99,10 @@ GROUPS: Dict[str, RecipeGroup] = {
     "vl": RecipeGroup("vl", "uniter", (
         Recipe("uniter", "vl_uniter_tiny", {}, "UNITER-style MLM + MRM + ITM"),
         Recipe("lxmert", "vl_lxmert_tiny", {}, "LXMERT-style objectives"),
-        Recipe("mrm-visual-tokens", "vl_mrm_tokens_tiny", {}, "visual-token MRM"),
-        Recipe("lightclip", "vl_lightclip_tiny", {}, "LightCLIP soft ITC labels"),
+        Recipe("mrm-visual-tokens", "vl_uniter_vtok_tiny", {}, "UNITER with visual-token MRM"),
+        Recipe("itc", "vl_itc_soft_tiny", {"objectives.0.args.duplicate_captions": False,
+                                           "objectives.0.args.label_smoothing": 0.0}, "CLIP contrastive, one-hot targets"),
+        Recipe("itc-soft", "vl_itc_soft_tiny", {}, "LightCLIP-style soft ITC labels"),
     ), ("stdlib-package", "digits", "shapes")),
 }
 """The recipe groups of ``--modality``; presets not (yet) in ``configs/`` are skipped with a note."""
@@ -232,10 +234,11 @@ def shared_assets(cfg: Any, folder: Path) -> Dict[str, Any]:
 
     mods = prepare_run_assets(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer,
                                                                                   default_root_dir=str(folder))))
-    text = mods.base.get("text")
-    if text is None or cfg.model.text.tokenizer_path is not None:
+    from mmm.modalities.text.modality import TOKENIZER_DIR
+
+    if "text" not in mods.base or cfg.model.text.tokenizer_path is not None:
         return {}
-    return {"model.text.tokenizer_path": str(folder / text.tokenizer_dir)}
+    return {"model.text.tokenizer_path": str(folder / TOKENIZER_DIR)}
 
 
 def budget_problems(section: Dict[str, Any]) -> List[str]:
@@ -257,6 +260,8 @@ def budget_problems(section: Dict[str, Any]) -> List[str]:
         if abs(spent - budget) > step:
             problems.append(f"{name}: {plan['steps']} steps spend {spent:.4g} FLOPs, {abs(spent - budget) / step:.2f} "
                             f"steps' worth away from the budget {budget:.4g}")
+        if section.get("only") is not None and name not in section["only"]:
+            continue  # trained in another part (see merge)
         trained = {run["steps"] for run in section["runs"].get(name, [])}
         if trained != {plan["steps"]}:
             problems.append(f"{name}: runs trained {sorted(trained)} steps, planned {plan['steps']}")
@@ -327,7 +332,7 @@ def _mean_std(values: List[float]) -> Dict[str, Any]:
 
 
 def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = print,
-        threads: int = 1) -> Dict[str, Any]:
+        threads: int = 1, only: Optional[List[str]] = None, sizes: Optional[RecipeSizes] = None) -> Dict[str, Any]:
     """Measure, budget, pretrain and evaluate every available recipe of ``modality``; returns the suite section.
 
     Args:
@@ -336,14 +341,21 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
         out: output folder (pretraining runs go to ``out/runs/<recipe>/seed<s>``).
         log: progress printer.
         threads: torch threads of every measurement and run.
+        only: pretrain and evaluate only these recipes (every recipe is still measured, so the budget is
+            the same); parts run in separate processes are joined by :func:`merge`. None = all.
+        sizes: explicit sizes instead of :func:`select_sizes` (``python -m benchmarks.recipes``'s overrides).
     """
     import torch
 
     if modality not in GROUPS:
         raise ValueError(f"unknown --modality {modality!r} for the recipes suite; expected one of {list(GROUPS)}")
-    sizes = select_sizes(quick)
+    sizes = sizes or select_sizes(quick)
     group = GROUPS[modality]
     recipes, skipped = available(group)
+    if only is not None:
+        unknown = sorted(set(only) - {r.name for r in recipes})
+        if unknown:
+            raise ValueError(f"--only: {unknown} are not available {modality} recipes; available: {[r.name for r in recipes]}")
     for s in skipped:
         log(f"  skipped {s['recipe']}: {s['reason']}")
     torch.set_num_threads(threads)
@@ -362,8 +374,9 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
         c = measure_recipe(r.name, recipe_config(r, extra[r.name]), sizes.flop_batches)
         log(f"  {r.name}: {c.flops_per_step / 1e9:.2f} GFLOP/step, {c.tokens_per_step:.0f} tokens/step")
         costs.append(c)
-    log(f"== {modality}: training-step throughput, {sizes.timing_rounds} interleaved round(s) of {sizes.timing_steps}")
-    time_steps(costs, rounds=sizes.timing_rounds, steps=sizes.timing_steps, log=log)
+    if sizes.timing_rounds > 0:
+        log(f"== {modality}: training-step throughput, {sizes.timing_rounds} interleaved round(s) of {sizes.timing_steps}")
+        time_steps(costs, rounds=sizes.timing_rounds, steps=sizes.timing_steps, log=log)
     for c in costs:
         c.release()
     cost = {c.name: c.summary() for c in costs}
@@ -387,6 +400,8 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
     runs: Dict[str, List[Dict[str, Any]]] = {}
     baseline_ckpts: List[Tuple[int, Path]] = []
     for r in recipes:
+        if only is not None and r.name not in only:
+            continue
         for seed in range(sizes.seeds):
             root = out / "runs" / r.name / f"seed{seed}"
             cfg = recipe_config(r, {**extra[r.name],
@@ -410,41 +425,86 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
                 log(f"    {t}: fine-tune {s['finetune']:.3f}, linear probe {s['linear_probe']:.3f}, kNN {s['knn']:.3f}")
                 for k, v in s.items():
                     scores.setdefault(r.name, {}).setdefault(t, {}).setdefault(k, []).append(v)
-    init = "random init"
     for seed, ckpt in baseline_ckpts:
         for t, td in tasks.items():
             if td.modality not in _encoder_modalities(ckpt):
                 continue
-            log(f"== {modality}/{init} seed {seed}: {t}")
-            s = score_encoder(random_init_factory(ckpt, td.modality), f"{init} seed {seed}", td.modality, splits[t],
-                              sizes.downstream, seed, log)
+            log(f"== {modality}/{RANDOM_INIT} seed {seed}: {t}")
+            s = score_encoder(random_init_factory(ckpt, td.modality), f"{RANDOM_INIT} seed {seed}", td.modality,
+                              splits[t], sizes.downstream, seed, log)
             for k, v in s.items():
-                scores.setdefault(init, {}).setdefault(t, {}).setdefault(k, []).append(v)
+                scores.setdefault(RANDOM_INIT, {}).setdefault(t, {}).setdefault(k, []).append(v)
 
-    rows = []
-    for name in [r.name for r in recipes] + [init]:
-        for t in tasks:
+    section = {"modality": modality, "baseline": group.baseline, "sizes": dataclasses.asdict(sizes), "threads": threads,
+               "budget_flops": budget, "baseline_steps": sizes.baseline_steps[modality], "only": only,
+               "recipes": [{"name": r.name, "preset": r.preset, "overrides": r.overrides, "what": r.what} for r in recipes],
+               "skipped": skipped, "cost": cost, "plan": plan, "runs": runs, "scores": scores,
+               "tasks": {t: td.data for t, td in tasks.items()},
+               "splits": {t: [len(x) for x in sp] for t, sp in splits.items()}}
+    return _finish(section, log)
+
+
+RANDOM_INIT = "random init"
+
+
+def _finish(section: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, Any]:
+    """Add the result rows (mean ± std per recipe and task) and the budget check to a section."""
+    rows, scores = [], section["scores"]
+    for name in [r["name"] for r in section["recipes"]] + [RANDOM_INIT]:
+        for t, data in section["tasks"].items():
             if t not in scores.get(name, {}):
                 continue
             sc = scores[name][t]
-            row: Dict[str, Any] = {"recipe": name, "task": t, "data": tasks[t].data, "chance": sc["chance"][0],
+            row: Dict[str, Any] = {"recipe": name, "task": t, "data": data, "chance": sc["chance"][0],
                                    **{k: _mean_std(sc[k]) for k in ("finetune", "linear_probe", "knn")}}
-            if name != init:
-                walls = [x["wall_s"] for x in runs[name]]
-                row.update({"steps": plan[name]["steps"], "flops": plan[name]["flops"],
-                            "budget_error_steps": plan[name]["budget_error_steps"],
-                            "wall_s": _mean_std(walls), **{k: cost[name].get(k) for k in
-                                                           ("flops_per_step", "tokens_per_s", "step_seconds_median")}})
+            if name != RANDOM_INIT:
+                plan, cost = section["plan"][name], section["cost"][name]
+                row.update({"steps": plan["steps"], "flops": plan["flops"], "budget_error_steps": plan["budget_error_steps"],
+                            "wall_s": _mean_std([x["wall_s"] for x in section["runs"][name]]),
+                            **{k: cost.get(k) for k in ("flops_per_step", "tokens_per_s", "step_seconds_median")}})
             rows.append(row)
-    section = {"modality": modality, "baseline": group.baseline, "sizes": dataclasses.asdict(sizes), "threads": threads,
-               "budget_flops": budget, "baseline_steps": sizes.baseline_steps[modality],
-               "recipes": [{"name": r.name, "preset": r.preset, "overrides": r.overrides, "what": r.what} for r in recipes],
-               "skipped": skipped, "cost": cost, "plan": plan, "runs": runs, "results": rows,
-               "splits": {t: [len(x) for x in sp] for t, sp in splits.items()}}
+    section["results"] = rows
     section["budget_problems"] = budget_problems(section)
     for p in section["budget_problems"]:
         log(f"  unequal budget: {p}")
     return section
+
+
+def merge(sections: List[Dict[str, Any]], log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Join sections of one modality whose recipes ran in separate processes (``only``).
+
+    The budget, plan and costs are the first section's; every section must have measured the same budget
+    (within 0.5 %, FLOP counts of the same batches) and the same plan of steps, and a recipe may be trained
+    in one section only. Throughput is the first section's side-by-side timing.
+
+    Args:
+        sections: :func:`run` results.
+        log: progress printer.
+    """
+    if not sections:
+        raise ValueError("merge needs at least one section")
+    first = sections[0]
+    out = {**first, "only": None, "runs": {}, "scores": {}, "parts": []}
+    for sec in sections:
+        if sec["modality"] != first["modality"] or sec["sizes"]["name"] != first["sizes"]["name"]:
+            raise ValueError(f"cannot merge {sec['modality']}/{sec['sizes']['name']} into "
+                             f"{first['modality']}/{first['sizes']['name']}")
+        if abs(sec["budget_flops"] - first["budget_flops"]) > 0.005 * first["budget_flops"]:
+            raise ValueError(f"budgets differ: {sec['budget_flops']:.4g} vs {first['budget_flops']:.4g} FLOPs")
+        for name, runs in sec["runs"].items():
+            if name in out["runs"]:
+                raise ValueError(f"recipe {name} was trained in two sections")
+            if sec["plan"][name]["steps"] != first["plan"][name]["steps"]:
+                raise ValueError(f"recipe {name}: {sec['plan'][name]['steps']} steps in one section, "
+                                 f"{first['plan'][name]['steps']} in the first")
+            out["runs"][name] = runs
+        for name, by_task in sec["scores"].items():
+            if name in out["scores"]:
+                raise ValueError(f"recipe {name} was scored in two sections")
+            out["scores"][name] = by_task
+        out["parts"].append({"only": sec.get("only"), "budget_flops": sec["budget_flops"],
+                             "cost": {k: {m: v.get(m) for m in ("flops_per_step", "tokens_per_s")} for k, v in sec["cost"].items()}})
+    return _finish(out, log)
 
 
 def _encoder_modalities(ckpt: Path) -> List[str]:
@@ -473,7 +533,7 @@ def markdown(section: Dict[str, Any]) -> str:
              f"vs {base} | wall s / run |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in section["recipes"]:
         c, p = section["cost"][r["name"]], section["plan"][r["name"]]
-        walls = [x["wall_s"] for x in section["runs"][r["name"]]]
+        walls = [x["wall_s"] for x in section["runs"].get(r["name"], [])] or [float("nan")]
         tps = c.get("tokens_per_s")
         ratio = f"{tps / base_tps:.2f}×" if tps and base_tps else "n/a"
         preset = f"`{r['preset']}`" + "".join(f" {k}={v}" for k, v in r["overrides"].items())
@@ -520,3 +580,74 @@ def plot(section: Dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- parts and merging
+
+
+def write_report(section: Dict[str, Any], out: Path, quick: bool) -> Dict[str, Any]:
+    """Write ``results.json``, ``results.md`` and the plot for a section, as ``mmm bench`` does."""
+    import json
+
+    from benchmarks import suite
+
+    out.mkdir(parents=True, exist_ok=True)
+    report: Dict[str, Any] = {"suite": "recipes", "quick": quick, "sizes": section["sizes"]["name"],
+                              "machine": suite.machine_info(), "sections": {"recipes": section}, "plots": []}
+    report["plots"] = suite.write_plots(report, out)
+    report["markdown"] = suite.markdown(report)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(report["markdown"] + "\n", encoding="utf-8")
+    return report
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """``python -m benchmarks.recipes --modality M [--quick] [--only a,b] --out DIR`` runs a part (or all) of
+    the suite; ``python -m benchmarks.recipes --merge DIR [DIR ...] --out DIR`` joins parts' ``results.json``.
+    Parts let the recipes of one modality run in parallel processes at the same budget."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p.add_argument("--modality", choices=MODALITIES)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", default=None, help="comma-separated recipe names to pretrain and evaluate")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--merge", nargs="+", default=None, help="folders of parts' results.json to join (the first one's "
+                   "throughput timing is reported)")
+    p.add_argument("--baseline-steps", type=int, default=None, help="budget = the baseline's FLOPs/step x this")
+    p.add_argument("--seeds", type=int, default=None, help="pretraining seeds per recipe")
+    p.add_argument("--downstream", choices=["recipes-full", "recipes-quick", "quick", "full"], default=None,
+                   help="downstream sizes (recipes-*: this suite's; quick/full: benchmarks.downstream's, one fine-tuning seed)")
+    p.add_argument("--no-timing", action="store_true", help="skip the side-by-side throughput timing (a part "
+                   "whose timing another part measures)")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    if a.merge:
+        parts = [json.loads((Path(d) / "results.json").read_text(encoding="utf-8")) for d in a.merge]
+        section = merge([x["sections"]["recipes"] for x in parts])
+        report = write_report(section, out, parts[0]["quick"])
+    else:
+        if a.modality is None:
+            p.error("--modality is required unless --merge is given")
+        only = [x.strip() for x in a.only.split(",") if x.strip()] if a.only else None
+        sizes = select_sizes(a.quick)
+        if any(x is not None for x in (a.baseline_steps, a.seeds, a.downstream)) or a.no_timing:
+            from benchmarks.downstream import SIZES as DOWNSTREAM_SIZES
+
+            ds = {x.name: x for x in (SIZES["full"].downstream, SIZES["quick"].downstream)}
+            if a.downstream in ("quick", "full"):
+                ds[a.downstream] = dataclasses.replace(DOWNSTREAM_SIZES[a.downstream], seeds=1)
+            sizes = dataclasses.replace(
+                sizes, name=f"{sizes.name}+custom",
+                baseline_steps={**sizes.baseline_steps, **({a.modality: a.baseline_steps} if a.baseline_steps else {})},
+                seeds=a.seeds or sizes.seeds, downstream=ds[a.downstream] if a.downstream else sizes.downstream,
+                timing_rounds=0 if a.no_timing else sizes.timing_rounds)
+        report = write_report(run(a.modality, a.quick, out, threads=a.threads, only=only, sizes=sizes), out, a.quick)
+    print(report["markdown"])
+    return report
+
+
+if __name__ == "__main__":
+    main()
