@@ -59,7 +59,7 @@ class DownstreamSizes:
 
 
 SIZES = {
-    "full": DownstreamSizes("full", 300, 100, 5, 3),
+    "full": DownstreamSizes("full", 150, 50, 4, 3),
     "quick": DownstreamSizes("quick", 60, 30, 2, 3),
     "micro": DownstreamSizes("micro", 8, 6, 1, 2, batch_size=16),
 }
