@@ -158,3 +158,25 @@ def test_short_pretrain_learns_and_the_checkpoint_restores_the_tokenizer(shard_d
     x, y = extract_features(run.module.model, restored, list_shards(shard_dir, "val"), batch_size=8)
     labels = dnadef.labels_of(shard_dir, "val")
     assert x.shape == (len(y), 32) and len(y) >= len(labels) and set(y.tolist()) <= set(labels.tolist())
+
+
+def test_tokenizer_path_is_kept_on_resume_and_a_different_one_refused(shard_dir, tmp_path, caplog):
+    """One order for every token modality (mmm.modalities.tokenizer_asset): a run started from a
+    tokenizer_path resumes with it even where it differs from model.dna (warned once, at the start),
+    and a resume naming a different tokenizer_path is refused."""
+    from mmm.config import ConfigError
+
+    urls = list_shards(shard_dir, "train")
+    given = tmp_path / "k4"
+    DNAKmerTokenizer(4, overlapping=False).save(given)
+    first = DNAModality(_model_cfg(tokenizer="dna_kmer", k=3, tokenizer_path=str(given)))
+    with caplog.at_level("WARNING", logger="mmm.train"):
+        first.prepare(urls, tmp_path / "run")
+    assert "is used as given" in caplog.text and first.tokenizer.k == 4
+    resumed = DNAModality(_model_cfg(tokenizer="dna_kmer", k=3, tokenizer_path=str(given)))
+    resumed.prepare(urls, tmp_path / "run")  # the run folder's tokenizer is the one it started with
+    assert resumed.assets() == first.assets()
+    other = tmp_path / "k5"
+    DNAKmerTokenizer(5, overlapping=False).save(other)
+    with pytest.raises(ConfigError, match="tokenizer_path .*k5 differs from the DNA tokenizer the run folder"):
+        DNAModality(_model_cfg(tokenizer="dna_kmer", k=3, tokenizer_path=str(other))).prepare(urls, tmp_path / "run")

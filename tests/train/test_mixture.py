@@ -282,3 +282,20 @@ def test_mixture_counts_bad_samples_of_its_task_streams_and_the_trainer_logs_the
         logged = [float(r["train/data_errors"]) for r in csv.DictReader(fh) if r.get("train/data_errors")]
     # running totals over both workers and every pass over the text shards (each meets the corrupt samples again)
     assert len(logged) == 8 and logged == sorted(logged) and all(v >= BAD and v % BAD == 0 for v in logged)
+
+
+def test_one_data_module_for_one_task_or_several_refuses_the_other_kinds_state(resampled_run):
+    """A single-task run is the same data module with one task: epoch positions; several tasks: a batch count.
+    A checkpoint's data state of the other kind is refused by name, not misread."""
+    from mmm.train.datamodule import DataPosition, StreamDataModule
+
+    mixture = resampled_run.datamodule
+    single = StreamDataModule(mixture.cfg, mixture.tasks[:1])
+    assert single.sampler is None and single.position() == DataPosition(0, 0) and mixture.position() == 0
+    state = single.state_dict()
+    assert (state["epoch"], state["batches_done"], "kind" in state) == (0, 0, False)
+    assert state["settings"]["shards"] == len(mixture.tasks[0].train_urls)
+    with pytest.raises(ValueError, match="not a task-mixture state.*written by a single-task run"):
+        mixture.load_state_dict(state)
+    with pytest.raises(ValueError, match="not a single-task state.*written by a multi-task run"):
+        single.load_state_dict(mixture.state_dict())
