@@ -61,34 +61,57 @@ def steps_to(curve: Dict[int, float], target: float) -> Optional[int]:
     return None
 
 
+def steps_to_interpolated(curve: Dict[int, float], target: float) -> Optional[float]:
+    """The step at which the loss crosses ``target``, linear between validation points (None: never)."""
+    points = sorted(curve.items())
+    if points and points[0][1] <= target:
+        return float(points[0][0])
+    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        if v1 <= target < v0:
+            return s0 + (s1 - s0) * (v0 - target) / (v0 - v1)
+    return None
+
+
 def main(argv: List[str] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--out", type=Path, default=Path("runs/mto_steps"))
+    p.add_argument("--from-logs", type=Path, nargs="+", default=None,
+                   help="only summarise the JSON run lines of earlier invocations' output (e.g. one per seed)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     runs: Dict[str, List[Dict[str, object]]] = {"baseline": [], "mto": []}
-    for seed in a.seeds:
-        for name, layers in (("baseline", 0), ("mto", None)):
-            r = run_one(seed, a.steps, a.val_every, layers, a.out)
-            runs[name].append(r)
-            print(json.dumps({"run": name, **r}), flush=True)
+    if a.from_logs:
+        for log in a.from_logs:
+            for line in log.read_text(encoding="utf-8").splitlines():
+                if line.startswith('{"run"'):
+                    r = json.loads(line)
+                    r["val"] = {int(k): v for k, v in r["val"].items()}
+                    runs[r.pop("run")].append(r)
+    else:
+        for seed in a.seeds:
+            for name, layers in (("baseline", 0), ("mto", None)):
+                r = run_one(seed, a.steps, a.val_every, layers, a.out)
+                runs[name].append(r)
+                print(json.dumps({"run": name, **r}), flush=True)
     steps = sorted(set.intersection(*(set(r["val"]) for r in runs["baseline"])))
     layers = runs["mto"][0]["mto_layers"]
-    print(f"\n{len(a.seeds)} seeds x {a.steps} steps, validation every {a.val_every} steps; MTO = mto_layers {layers}")
+    print(f"\n{len(runs['mto'])} seeds, validation every {steps[0]} steps; MTO = mto_layers {layers}")
     print("| baseline step s | baseline val loss at s (mean ± std) | MTO val loss at s | "
-          "first step MTO ≤ baseline's loss at s (per seed) |")
-    print("|---|---|---|---|")
+          "first validation step MTO ≤ baseline's loss at s (per seed) | interpolated (per seed) |")
+    print("|---|---|---|---|---|")
     for s in steps:
         base = [r["val"][s] for r in runs["baseline"]]
         mto = [r["val"].get(s, float("nan")) for r in runs["mto"]]
         target = statistics.mean(base)
         reach = [steps_to(r["val"], target) for r in runs["mto"]]
+        interp = [steps_to_interpolated(r["val"], target) for r in runs["mto"]]
         sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
         print(f"| {s} | {target:.4f} ± {sd(base):.4f} | {statistics.mean(mto):.4f} ± {sd(mto):.4f} | "
-              f"{', '.join('never' if x is None else str(x) for x in reach)} |")
+              f"{', '.join('never' if x is None else str(x) for x in reach)} | "
+              f"{', '.join('never' if x is None else f'{x:.0f}' for x in interp)} |")
     for name, rs in runs.items():
         print(f"{name}: wall time per run " + ", ".join(f"{r['seconds']} s" for r in rs))
 
