@@ -20,7 +20,8 @@ relative to MLM at the same encoder size is the generator's cost). All runs use
 
 A recipe whose preset is not in ``configs/`` (yet) is listed as skipped with the reason, not run.
 
-Sizes: ``full`` (text: about 30 minutes on a quiet 2-core CPU), ``--quick`` (a few minutes),
+Sizes: ``full`` (text: sized from measured step and fine-tuning times for about 30 minutes on a
+quiet 2-core CPU; not yet timed end to end), ``--quick`` (a few minutes),
 and ``$MMM_BENCH_MICRO`` (one seed, a few steps, the smallest downstream sizes: the test's smoke
 size, meaningless as a measurement).
 """
