@@ -40,7 +40,7 @@ import numpy as np
 
 from mmm.data.tar import ReadOptions
 from mmm.registry import DATASETS
-from datasets_def.building import (SPLITS, ShardWriters, cached_build, check_build_args, find_inputs,
+from datasets_def.building import (BuildReport, SPLITS, ShardWriters, build_args, cached_build, check_build_args, find_inputs,
                                    finish_build, has_suffix, ignored_manifest, log_ignored, prepare_output,
                                    read_file, read_split, stable_split)
 from datasets_def.skipper import BadInputSkipper
@@ -64,38 +64,21 @@ class AudioBuildError(ValueError):
 # report and bad-input policy
 
 
-@dataclass
-class AudioBuildReport:
-    """What :func:`build_shards` wrote. Per-split dicts are keyed by ``"train"`` / ``"val"``.
+@dataclass(kw_only=True)
+class AudioBuildReport(BuildReport):
+    """What :func:`build_shards` wrote (:class:`datasets_def.building.BuildReport`; a sample is a window).
 
     Args:
-        output_dir: the shard directory.
-        files: input files found.
         clips: files written per split.
-        samples: windows (shard samples) per split.
         seconds: audio seconds per split.
-        shards: shard file names per split.
         classes: class names; a sample's ``label`` indexes this list.
-        skipped: ``(file, reason)`` of each bad input skipped with ``skip_bad`` (and folders not searched again).
         resampled: source sample rate -> files resampled from it to the build rate.
-        ignored: files under the input folder that are not .wav / .flac.
     """
 
-    output_dir: Path
-    files: int
     clips: Dict[str, int]
-    samples: Dict[str, int]
     seconds: Dict[str, float]
-    shards: Dict[str, List[str]]
     classes: List[str] = field(default_factory=list)
-    skipped: List[Tuple[str, str]] = field(default_factory=list)
     resampled: Dict[int, int] = field(default_factory=dict)
-    ignored: int = 0
-
-    @property
-    def total_samples(self) -> int:
-        """Shard samples over both splits."""
-        return sum(self.samples.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +206,7 @@ class _ClipWriter(ShardWriters):
         self.ordinal += 1
         return len(starts)
 
-    def finish(self, files: int, classes: List[str], skipped: List[Tuple[str, str]], build_args: Dict[str, Any],
+    def finish(self, files: int, classes: List[str], skipped: List[Tuple[str, str]], args: Dict[str, Any],
                extra: Optional[Dict[str, Any]] = None) -> AudioBuildReport:
         """Close the shards and write ``manifest.json`` (:func:`datasets_def.building.finish_build`)."""
         shards = self.close()
@@ -241,12 +224,12 @@ class _ClipWriter(ShardWriters):
             },
             "shard_files": shards,
             "clipped_samples": self.clipped,
-            "build_args": {**build_args, "samples_per_shard": self.samples_per_shard},
-            "skipped": [list(s) for s in skipped],
+            "build_args": {**args, "samples_per_shard": self.samples_per_shard},
             **(extra or {}),
         }
         finish_build("audio", self, manifest, skipped, AudioBuildError)
-        return AudioBuildReport(self.out, files, dict(self.clips), samples, seconds, shards, classes, skipped)
+        return AudioBuildReport(output_dir=self.out, files=files, samples=samples, shards=shards, skipped=skipped,
+                                clips=dict(self.clips), seconds=seconds, classes=classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,14 +329,12 @@ def build_shards(
         if writer.ordinal == 0:
             raise AudioBuildError(f"no audio written from {src} ({len(skipper.skipped)} skipped file(s): "
                                   f"{skipper.skipped[:3]})")
-        build_args = {
-            "input_path": str(src), "sample_rate": sample_rate, "max_seconds": max_seconds,
-            "labels": None if labels is None else str(labels), "mono": mono, "val_fraction": val_fraction,
-            "seed": seed, "skip_bad": skip_bad, "max_resample_ratio": max_resample_ratio,
-        }
+        args = build_args(src, samples_per_shard, val_fraction, seed, skip_bad, sample_rate=sample_rate,
+                          max_seconds=max_seconds, labels=None if labels is None else str(labels), mono=mono,
+                          max_resample_ratio=max_resample_ratio)
         extra = {"resampled_files": sum(resampled.values()),
                  "resampled_from": {str(r): n for r, n in sorted(resampled.items())}, **ignored_manifest(ignored)}
-        report = writer.finish(len(inputs), label_table.classes, skipper.skipped, build_args, extra)
+        report = writer.finish(len(inputs), label_table.classes, skipper.skipped, args, extra)
     report.resampled, report.ignored = dict(sorted(resampled.items())), len(ignored)
     if resampled:
         logger.info("audio build: resampled %d file(s) to %d Hz (%s)", sum(resampled.values()), sample_rate,
@@ -488,9 +469,9 @@ def _write_synthetic(out: Path, clips_per_class: int = SYNTH_CLIPS_PER_CLASS, va
                 wav, detail = synthesize_clip(name, rng)
                 split = "val" if i < val_per_class else "train"
                 writer.write_clip(split, f"synthetic/{name}/{i:04d}-{detail}", wav, label, name, None)
-        build_args = {"synthetic": EMBEDDED_NAME, "seed": SYNTH_SEED, "clips_per_class": clips_per_class,
-                      "val_per_class": val_per_class, "sample_rate": SYNTH_SAMPLE_RATE}
-        report = writer.finish(clips_per_class * len(SYNTH_CLASSES), list(SYNTH_CLASSES), [], build_args)
+        args = {"synthetic": EMBEDDED_NAME, "seed": SYNTH_SEED, "clips_per_class": clips_per_class,
+                "val_per_class": val_per_class, "sample_rate": SYNTH_SAMPLE_RATE}
+        report = writer.finish(clips_per_class * len(SYNTH_CLASSES), list(SYNTH_CLASSES), [], args)
     return f"{report.total_samples} clips, {sum(report.seconds.values()):.0f} s of audio"
 
 

@@ -34,6 +34,7 @@ import re
 import shutil
 import stat
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Type, Union
 
@@ -50,6 +51,33 @@ MAX_LISTED = 20
 DONE_MARKER = "DONE"
 """Written last into an embedded set's folder: the set is complete."""
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(kw_only=True)
+class BuildReport:
+    """What every shard build reports; each dataset kind's report adds its own counts. Per-split dicts are
+    keyed by ``"train"`` / ``"val"``.
+
+    Args:
+        output_dir: the shard folder.
+        files: input files read.
+        samples: shard samples per split.
+        shards: shard file names per split.
+        skipped: ``(where, reason)`` of each bad input skipped with ``skip_bad`` (and folders not searched again).
+        ignored: files under the input folder of another kind.
+    """
+
+    output_dir: Path
+    files: int
+    samples: Dict[str, int]
+    shards: Dict[str, List[str]]
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    ignored: int = 0
+
+    @property
+    def total_samples(self) -> int:
+        """Shard samples over both splits."""
+        return sum(self.samples.values())
 
 
 def check_build_args(samples_per_shard: Any, val_fraction: Any, error: Type[Exception]) -> None:
@@ -446,10 +474,17 @@ class ShardWriters:
 # the end of a build
 
 
+def build_args(input_path: Path, samples_per_shard: int, val_fraction: float, seed: int, skip_bad: bool,
+               **own: Any) -> Dict[str, Any]:
+    """A manifest's ``build_args``: the arguments every builder takes, around the builder's ``own`` ones."""
+    return {"input_path": str(input_path), **own, "samples_per_shard": samples_per_shard,
+            "val_fraction": val_fraction, "seed": seed, "skip_bad": skip_bad}
+
+
 def finish_build(kind: str, writers: ShardWriters, manifest: Dict[str, Any], skipped: List[Tuple[str, str]],
                  error: Type[Exception]) -> None:
-    """Write ``manifest.json`` last (if it cannot be written, the build's shards are deleted), then
-    one build-output line counting the skipped inputs (only when there are some).
+    """Write ``manifest.json`` last, with the ``skipped`` inputs listed (if it cannot be written, the build's
+    shards are deleted), then one build-output line counting the skipped inputs (only when there are some).
 
     Args:
         kind: the dataset kind, for the build output (``"text"``).
@@ -458,6 +493,7 @@ def finish_build(kind: str, writers: ShardWriters, manifest: Dict[str, Any], ski
         skipped: ``(where, reason)`` of the inputs skipped with ``skip_bad``.
         error: the builder's error type.
     """
+    manifest = {**manifest, "skipped": [list(s) for s in skipped]}
     try:
         write_manifest(writers.out, manifest, error)
     except BaseException:

@@ -44,7 +44,7 @@ from mmm.data.tar import ReadOptions
 from mmm.modalities.dna import codec as dna_codec
 from mmm.modalities.dna.codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
 from mmm.registry import DATASETS
-from datasets_def.building import (DONE_MARKER, SPLITS, ShardWriters, cached_build, default_cache_dir,  # noqa: F401
+from datasets_def.building import (BuildReport, DONE_MARKER, SPLITS, ShardWriters, build_args, cached_build, default_cache_dir,  # noqa: F401
                                    find_inputs, finish_build, ignored_manifest, log_ignored, prepare_output,
                                    stable_split)
 from datasets_def.skipper import BadInputSkipper
@@ -249,44 +249,37 @@ def _iter_records(path: Path, source: str, skipper: BadInputSkipper) -> Iterator
 # building shards
 
 
-@dataclass
-class DNABuildReport:
-    """What :func:`build_shards` wrote. Per-split dicts are keyed by ``"train"`` / ``"val"``.
+@dataclass(kw_only=True)
+class DNABuildReport(BuildReport):
+    """What :func:`build_shards` wrote (:class:`datasets_def.building.BuildReport`; a sample is a window).
 
     Args:
-        output_dir: the shard directory.
-        files: FASTA files read.
         records: records per split.
-        windows: samples (windows) per split.
         bases: bases in the windows per split (overlapping windows count bases twice).
-        shards: shard file names per split.
         label_names: label id -> name, when a labels file was given.
         label_counts: per split, label name (or ``"null"``) -> windows.
         short_records: records dropped for being shorter than ``min_window``, as (source, record).
         windows_dropped_n: windows dropped for an ``N`` fraction above ``max_n_fraction``.
-        skipped: bad inputs skipped with ``skip_bad`` (and folders not searched again), as (where, reason).
         bases_between_windows: record bases in no window because ``stride > window``.
-        ignored: files under the input folder that are not FASTA.
     """
 
-    output_dir: Path
-    files: int
     records: Dict[str, int]
-    windows: Dict[str, int]
     bases: Dict[str, int]
-    shards: Dict[str, List[str]]
     label_names: Optional[Dict[int, str]] = None
     label_counts: Dict[str, Dict[str, int]] = field(default_factory=dict)
     short_records: List[Tuple[str, str]] = field(default_factory=list)
     windows_dropped_n: int = 0
-    skipped: List[Tuple[str, str]] = field(default_factory=list)
     bases_between_windows: int = 0
-    ignored: int = 0
+
+    @property
+    def windows(self) -> Dict[str, int]:
+        """Windows (samples) per split."""
+        return self.samples
 
     @property
     def total_windows(self) -> int:
         """Samples over both splits."""
-        return sum(self.windows.values())
+        return self.total_samples
 
     @property
     def total_records(self) -> int:
@@ -408,7 +401,7 @@ def build_shards(
         )
 
     report = DNABuildReport(
-        out, len(inputs), records, windows, bases, shards,
+        output_dir=out, files=len(inputs), samples=windows, shards=shards, records=records, bases=bases,
         label_names=dict(intervals.names) if intervals is not None else None,
         label_counts=label_counts if intervals is not None else {},
         short_records=short, windows_dropped_n=dropped_n, skipped=skipper.skipped,
@@ -435,12 +428,9 @@ def build_shards(
         "short_records": {"count": len(short), "first": [list(s) for s in short[:_MAX_LISTED]]},
         "windows_dropped_n": dropped_n,
         "bases_between_windows": between,
-        "build_args": {
-            "input_path": str(src), "window": window, "stride": stride, "labels": None if labels is None else str(labels),
-            "min_window": min_window, "max_n_fraction": max_n_fraction, "samples_per_shard": samples_per_shard,
-            "val_fraction": val_fraction, "seed": seed, "skip_bad": skip_bad,
-        },
-        "skipped": [list(s) for s in skipper.skipped],
+        "build_args": build_args(src, samples_per_shard, val_fraction, seed, skip_bad, window=window, stride=stride,
+                                 labels=None if labels is None else str(labels), min_window=min_window,
+                                 max_n_fraction=max_n_fraction),
     }
     finish_build("dna", writers, manifest, skipper.skipped, DNABuildError)
     _warn_losses(report, window, stride, min_window, max_n_fraction, sum(record_bases.values()), gaps)
@@ -612,14 +602,8 @@ def _build_synthetic(out: Path) -> str:
 
 def iter_samples(shard_dir: PathLike, split: str = "train", *,
                  options: Optional[ReadOptions] = None) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """Stream ``(seq, meta)`` of one split in shard order, with no extraction to disk
-    (:func:`mmm.modalities.dna.codec.iter_samples`: read as training reads them).
-
-    Args:
-        shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
-        split: ``"train"`` or ``"val"``.
-        options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
-    """
+    """Stream ``(seq, meta)`` of one split in shard order, with no extraction to disk, read as training reads
+    them (:func:`mmm.modalities.dna.codec.iter_samples`); arguments as :func:`datasets_def.building.read_split`."""
     return dna_codec.iter_samples(list_shards(shard_dir, split=split), options)
 
 

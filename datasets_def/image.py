@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -37,7 +37,7 @@ from mmm.modalities.image.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, de
 from mmm.data.jsonl import json_objects
 from mmm.data.tar import ReadOptions
 from mmm.registry import DATASETS
-from datasets_def.building import (MANIFEST, SPLITS, ShardWriters, cached_build, check_build_args, find_inputs,  # noqa: F401
+from datasets_def.building import (BuildReport, MANIFEST, SPLITS, ShardWriters, build_args, cached_build, check_build_args, find_inputs,  # noqa: F401
                                    finish_build, ignored_manifest, log_ignored, prepare_output, read_split,
                                    stable_split, write_manifest)
 from datasets_def.skipper import BadInputSkipper
@@ -63,23 +63,13 @@ class ImageBuildError(ValueError):
 # writing samples
 
 
-@dataclass
-class ImageBuildReport:
-    """What a shard build wrote. Per-split dicts are keyed by ``"train"`` / ``"val"``."""
+@dataclass(kw_only=True)
+class ImageBuildReport(BuildReport):
+    """What a shard build wrote (:class:`datasets_def.building.BuildReport`; a sample is an image), with the
+    label names and the count of images re-encoded for the shards."""
 
-    output_dir: Path
-    files: int
-    samples: Dict[str, int]
-    shards: Dict[str, List[str]]
     label_names: Optional[List[str]] = None
     reencoded: int = 0
-    ignored: int = 0
-    skipped: List[Tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def total_samples(self) -> int:
-        """Samples over both splits."""
-        return sum(self.samples.values())
 
 
 class _SplitWriters(ShardWriters):
@@ -371,22 +361,14 @@ def build_shards(
         "label_names": label_names,
         "reencoded": reencoded,
         "captions_unmatched": unmatched_captions,
-        "build_args": {
-            "input_path": str(src),
-            "labels": labels if labels is None or labels == "folders" else str(labels),
-            "captions": None if captions is None else str(captions),
-            "samples_per_shard": samples_per_shard,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "skip_bad": skip_bad,
-            "max_pixels": max_pixels,
-            "min_size": min_size,
-        },
-        "skipped": [list(s) for s in skipper.skipped],
+        "build_args": build_args(src, samples_per_shard, val_fraction, seed, skip_bad,
+                                 labels=labels if labels is None or labels == "folders" else str(labels),
+                                 captions=None if captions is None else str(captions), max_pixels=max_pixels,
+                                 min_size=min_size),
     }
     finish_build("image", writers, manifest, skipper.skipped, ImageBuildError)
-    return ImageBuildReport(out, len(images), dict(writers.samples), shards, label_names, reencoded, len(ignored),
-                            skipper.skipped)
+    return ImageBuildReport(output_dir=out, files=len(images), samples=dict(writers.samples), shards=shards,
+                            skipped=skipper.skipped, ignored=len(ignored), label_names=label_names, reencoded=reencoded)
 
 
 # --------------------------------------------------------------------------------------------

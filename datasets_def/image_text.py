@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from datasets_def import image as image_def
-from datasets_def.building import (cached_build, check_build_args, finish_build, ignored_manifest, log_ignored,
+from datasets_def.building import (build_args, cached_build, check_build_args, finish_build, ignored_manifest, log_ignored,
                                    prepare_output, write_manifest)
 from datasets_def.image import (IMAGE_FIELDS, IMAGE_SUFFIXES, MANIFEST, SPLITS, ImageBuildError, ImageBuildReport,
                                 _encoded_images, _find_images, _labels_of, _rel_key, _split_manifest, _SplitWriters)
@@ -67,7 +67,7 @@ class ImageTextBuildError(ImageBuildError):
     """Bad input or output for an image-text shard build; the message names the file, line or field."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ImageTextBuildReport(ImageBuildReport):
     """What a shard build wrote: an image build's report (:class:`datasets_def.image.ImageBuildReport`; ``samples``
     counts images) with the captions per split and the region arrays' sizes."""
@@ -367,17 +367,16 @@ def build_shards(
         "box_dim": BOX_DIM if region_dir is not None else None,
         "soft_dim": soft_dim,
         "boxes_converted_from_xyxy": converted,
-        "build_args": {"input_path": str(src), "captions": str(captions),
-                       "regions": None if region_dir is None else str(region_dir),
-                       "labels": labels if labels is None or labels == "folders" else str(labels),
-                       "samples_per_shard": samples_per_shard, "val_fraction": val_fraction, "seed": seed,
-                       "skip_bad": skip_bad, "max_pixels": max_pixels, "min_size": min_size},
-        "skipped": [list(s) for s in skipper.skipped],
+        "build_args": build_args(src, samples_per_shard, val_fraction, seed, skip_bad, captions=str(captions),
+                                 regions=None if region_dir is None else str(region_dir),
+                                 labels=labels if labels is None or labels == "folders" else str(labels),
+                                 max_pixels=max_pixels, min_size=min_size),
     }
     finish_build("image_text", writers, manifest, skipper.skipped, ImageTextBuildError)
-    return ImageTextBuildReport(out, len(images), dict(writers.samples), shards, label_names, ignored=len(ignored),
-                                skipped=skipper.skipped, captions=dict(writers.captions), feature_dim=feature_dim,
-                                soft_dim=soft_dim, boxes_converted=converted)
+    return ImageTextBuildReport(output_dir=out, files=len(images), samples=dict(writers.samples), shards=shards,
+                                skipped=skipper.skipped, ignored=len(ignored), label_names=label_names,
+                                captions=dict(writers.captions), feature_dim=feature_dim, soft_dim=soft_dim,
+                                boxes_converted=converted)
 
 
 # --------------------------------------------------------------------------------------------

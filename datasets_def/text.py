@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 import sysconfig
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
@@ -27,7 +27,7 @@ from mmm.data.tar import ReadOptions
 from mmm.modalities.text import codec as text_codec
 from mmm.modalities.text.codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
 from mmm.registry import DATASETS
-from datasets_def.building import (DONE_MARKER, SPLITS, ShardWriters, cached_build, check_build_args,  # noqa: F401
+from datasets_def.building import (BuildReport, DONE_MARKER, SPLITS, ShardWriters, build_args, cached_build, check_build_args,  # noqa: F401
                                    default_cache_dir, find_inputs, finish_build, has_suffix, ignored_manifest,
                                    log_ignored, prepare_output, read_file, stable_split)
 from datasets_def.skipper import BadInputSkipper
@@ -103,18 +103,18 @@ def split_text(text: str, max_chars: int) -> List[str]:
 # reading inputs
 
 
-@dataclass
-class BuildReport:
-    """What :func:`build_shards` wrote. Per-split dicts are keyed by ``"train"`` / ``"val"``."""
+@dataclass(kw_only=True)
+class TextBuildReport(BuildReport):
+    """What :func:`build_shards` wrote (:class:`datasets_def.building.BuildReport`; a sample is a chunk), with
+    the documents and characters per split."""
 
-    output_dir: Path
-    files: int
     documents: Dict[str, int]
-    chunks: Dict[str, int]
     characters: Dict[str, int]
-    shards: Dict[str, List[str]]
-    skipped: List[Tuple[str, str]] = field(default_factory=list)
-    ignored: int = 0
+
+    @property
+    def chunks(self) -> Dict[str, int]:
+        """Chunks (samples) per split."""
+        return self.samples
 
     @property
     def total_documents(self) -> int:
@@ -124,7 +124,7 @@ class BuildReport:
     @property
     def total_chunks(self) -> int:
         """Samples over both splits."""
-        return sum(self.chunks.values())
+        return self.total_samples
 
 
 def _find_inputs(input_path: Path, skipper: BadInputSkipper) -> Tuple[List[Tuple[Path, str]], List[str]]:
@@ -210,7 +210,7 @@ def build_shards(
     seed: int = 0,
     skip_bad: bool = False,
     overwrite: bool = False,
-) -> BuildReport:
+) -> TextBuildReport:
     """Chunk .txt / .jsonl documents into ``{output_dir}/{split}-{index:06d}.tar`` shards.
 
     One ``.txt`` file is one document; each ``.jsonl`` line is one document (field
@@ -265,7 +265,8 @@ def build_shards(
     if doc_ordinal == 0:
         raise TextBuildError(f"no documents found in {src} ({len(skipper.skipped)} skipped input(s): {skipper.skipped[:3]})")
 
-    report = BuildReport(out, len(inputs), documents, chunks, characters, shards, skipper.skipped, len(ignored))
+    report = TextBuildReport(output_dir=out, files=len(inputs), samples=chunks, shards=shards, skipped=skipper.skipped,
+                             ignored=len(ignored), documents=documents, characters=characters)
     manifest = {
         "dataset": "text",
         "fields": list(TextDatasetDef.fields),
@@ -276,16 +277,8 @@ def build_shards(
             for s in SPLITS
         },
         "shard_files": shards,
-        "build_args": {
-            "input_path": str(src),
-            "max_chars": max_chars,
-            "samples_per_shard": samples_per_shard,
-            "jsonl_field": jsonl_field,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "skip_bad": skip_bad,
-        },
-        "skipped": [list(s) for s in skipper.skipped],
+        "build_args": build_args(src, samples_per_shard, val_fraction, seed, skip_bad, max_chars=max_chars,
+                                 jsonl_field=jsonl_field),
     }
     finish_build("text", writers, manifest, skipper.skipped, TextBuildError)
     return report
@@ -405,16 +398,9 @@ def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
 
 
 def iter_texts(shard_dir: PathLike, split: str = "train", *, options: Optional[ReadOptions] = None) -> Iterator[str]:
-    """Stream the ``txt`` fields of one split (e.g. to train a tokenizer), with no extraction to disk.
-
-    Shards are read as training reads them (:func:`mmm.modalities.text.codec.iter_texts`): local
-    paths, ``pipe:`` and ``http(s)://`` urls, the member-size guard and the read timeout of ``options``.
-
-    Args:
-        shard_dir: directory of shards (or anything :func:`mmm.data.stream.list_shards` accepts).
-        split: ``"train"`` or ``"val"``.
-        options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
-    """
+    """Stream the ``txt`` fields of one split (e.g. to train a tokenizer), with no extraction to disk, read as
+    training reads them (:func:`mmm.modalities.text.codec.iter_texts`); arguments as
+    :func:`datasets_def.building.read_split`."""
     return text_codec.iter_texts(list_shards(shard_dir, split=split), options)
 
 
