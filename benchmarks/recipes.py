@@ -590,13 +590,17 @@ def write_report(section: Dict[str, Any], out: Path, quick: bool) -> Dict[str, A
     """Write ``results.json``, ``results.md`` and the plot for a section, as ``mmm bench`` does."""
     import json
 
-    from benchmarks import suite
+    from benchmarks.report import machine_info, report_header
 
     out.mkdir(parents=True, exist_ok=True)
     report: Dict[str, Any] = {"suite": "recipes", "quick": quick, "sizes": section["sizes"]["name"],
-                              "machine": suite.machine_info(), "sections": {"recipes": section}, "plots": []}
-    report["plots"] = suite.write_plots(report, out)
-    report["markdown"] = suite.markdown(report)
+                              "machine": machine_info(), "sections": {"recipes": section}, "plots": []}
+    plot_name = f"recipes_{section['modality']}.png"
+    plot(section, out / plot_name)
+    report["plots"] = [plot_name]
+    report["markdown"] = "\n".join(
+        report_header(report) + [f"## Recipes at equal compute: {section['modality']}", "", markdown(section), "",
+                                 "## Plots", "", f"![{plot_name}]({plot_name})", ""])
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "results.md").write_text(report["markdown"] + "\n", encoding="utf-8")
     return report

@@ -3,8 +3,12 @@ two-contender table, and the output (the markdown table printed, optionally JSON
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
+import os
+import platform
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -58,3 +62,39 @@ def emit(table: str, payload: Any, json_path: Optional[str] = None, markdown_pat
     if markdown_path:
         with open(markdown_path, "w") as f:
             f.write(table + "\n")
+
+
+def machine_info() -> Dict[str, Any]:
+    """CPU model, threads, GPU name and library versions of this run."""
+
+    def version(pkg: str) -> Optional[str]:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__, "xformers": version("xformers"), "transformers": version("transformers"),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def report_header(report: Dict[str, Any]) -> List[str]:
+    """The first markdown lines of a suite report: its title and the machine it ran on."""
+    m = report["machine"]
+    return [f"# mmm bench: {report['suite']}{' (quick)' if report['quick'] else ''}", "",
+            f"{m['date']} · CPU {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads) · "
+            f"GPU {m['gpu'] or 'none'} · torch {m['torch']}, xformers {m['xformers']}, "
+            f"transformers {m['transformers']} · sizes: {report['sizes']}", ""]

@@ -46,6 +46,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from benchmarks.report import machine_info, report_header
+
 SUITES = ("throughput", "eval", "downstream", "recipes")
 MICRO_ENV = "MMM_BENCH_MICRO"
 NO_CUDA = "skipped: no CUDA device"
@@ -107,33 +109,6 @@ def select_sizes(quick: bool) -> Sizes:
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def machine_info() -> Dict[str, Any]:
-    """CPU model, threads, GPU name and library versions of this run."""
-
-    def version(pkg: str) -> Optional[str]:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu = platform.processor() or None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__, "xformers": version("xformers"), "transformers": version("transformers"),
-        "python": platform.python_version(), "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -340,10 +315,7 @@ def markdown(report: Dict[str, Any]) -> str:
     from benchmarks import attention_backends, text_mlm_step
 
     m = report["machine"]
-    lines = [f"# mmm bench: {report['suite']}{' (quick)' if report['quick'] else ''}", "",
-             f"{m['date']} · CPU {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads) · "
-             f"GPU {m['gpu'] or 'none'} · torch {m['torch']}, xformers {m['xformers']}, "
-             f"transformers {m['transformers']} · sizes: {report['sizes']}", ""]
+    lines = report_header(report)
     s = report["sections"]
     if "text_mlm_step" in s:
         env = {"device": "cpu", "threads": m["torch_threads"], "torch": m["torch"], "transformers": m["transformers"]}

@@ -11,7 +11,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-import mmm.objectives  # noqa: F401  (registers objectives)
 from mmm.batch import PackedBatch
 from mmm.config import ModelConfig, ObjectiveConfig
 from mmm.core.encoder import TransformerEncoder
