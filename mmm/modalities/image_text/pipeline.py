@@ -47,6 +47,7 @@ from mmm.batch import (ContrastiveTargets, ImageInput, PackedBatch, PairTargets,
                        TokenInput, TokenTargets)
 from mmm.core.packing import PackedSeqInfo, index_ranges
 from mmm.data.epoch import EpochCounter, SeededMap
+from mmm.data.fields import sample_json
 from mmm.modalities.image.pipeline import ImageSettings, read_image_sample, visual_token_features
 from mmm.modalities.image.decode import ImageDecodeError
 from mmm.modalities.image.transforms import eval_transform, normalize
@@ -287,18 +288,6 @@ class PairItem:
     regions: Optional[Regions] = None
 
 
-def _meta(sample: Dict[str, Any], where: str) -> Dict[str, Any]:
-    if "json" not in sample:
-        return {}
-    try:
-        meta = json.loads(bytes(sample["json"]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where}: field 'json' is not valid UTF-8 JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{where}: field 'json' must be an object, got {type(meta).__name__}")
-    return meta
-
-
 def captions_of(sample: Dict[str, Any], meta: Dict[str, Any], where: str) -> List[str]:
     """The captions of a raw sample: json ``captions`` (a list of strings), else the lines of ``txt``.
 
@@ -343,7 +332,7 @@ def read_pair_sample(sample: Dict[str, Any], settings: ImageTextSettings) -> Pai
         img, meta = read_image_sample(sample, settings.image)  # decode guards: bombs, truncation, tiny images
         pixels = eval_transform(img, settings.image.image_size)  # (3, S, S) uint8
     else:
-        meta = _meta(sample, where)
+        meta = sample_json(sample, ValueError)
         regions = decode_regions(sample, where, feature_dim=settings.feature_dim, box_dim=settings.box_dim,
                                  max_regions=settings.max_regions)
     label = meta.get("label")
