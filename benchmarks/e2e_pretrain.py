@@ -67,7 +67,6 @@ import logging
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -76,6 +75,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from benchmarks.report import run_in_work_folder
 from benchmarks.flops import BertShape, gemm_flops, gemm_shapes, step_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -550,16 +550,8 @@ def run_benchmark(sizes: Sequence[Size], threads: Optional[int] = None, work: Op
     threads = threads or DEFAULT_THREADS
     before = torch.get_num_threads()
     env = environment(threads)
-    try:
-        with tempfile.TemporaryDirectory(prefix="mmm_e2e_") as tmp:
-            root = Path(work) if work else Path(tmp)
-            results = [run_size(s, threads, root / s.name, log) for s in sizes]
-    finally:
-        torch.set_num_threads(before)
-    try:
-        env["load_average_end"] = list(os.getloadavg())
-    except OSError:
-        pass
+    results = run_in_work_folder("mmm_e2e_", work, lambda root: [run_size(s, threads, root / s.name, log) for s in sizes],
+                                 env, before)
     return {"env": env, "results": results, "markdown": markdown(results, env)}
 
 

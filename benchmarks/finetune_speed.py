@@ -46,7 +46,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from benchmarks.report import run_in_work_folder
 from benchmarks.e2e_pretrain import CONFIG, DEFAULT_THREADS, MICRO_ENV, environment, load_average, train_tokenizer
 
 TARGET_SHARE_OF_CEILING = 0.9
@@ -349,15 +349,8 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     env = environment(threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix="mmm_ftspeed_") as tmp:
-            result = run(size, threads, Path(args.work) if args.work else Path(tmp), args.source, log)
-    finally:
-        torch.set_num_threads(before)
-    try:
-        env["load_average_end"] = list(os.getloadavg())
-    except OSError:
-        pass
+    result = run_in_work_folder("mmm_ftspeed_", args.work and Path(args.work),
+                                lambda folder: run(size, threads, folder, args.source, log), env, before)
     table = markdown(result, env)
     report = {"benchmark": "finetune_speed", "env": env, "result": result, "markdown": table}
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

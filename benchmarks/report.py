@@ -8,6 +8,8 @@ import importlib.metadata
 import json
 import os
 import platform
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
@@ -98,3 +100,19 @@ def report_header(report: Dict[str, Any]) -> List[str]:
             f"{m['date']} · CPU {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads) · "
             f"GPU {m['gpu'] or 'none'} · torch {m['torch']}, xformers {m['xformers']}, "
             f"transformers {m['transformers']} · sizes: {report['sizes']}", ""]
+
+
+def run_in_work_folder(prefix: str, work: Optional[Path], run: Callable[[Path], T], env: Dict[str, Any],
+                       threads_before: int) -> T:
+    """``run(folder)`` in ``work`` (or a temporary folder named ``prefix*``, removed after); then the torch thread
+    count is restored to ``threads_before`` and ``env["load_average_end"]`` records the load the run ended at."""
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            result = run(Path(work) if work else Path(tmp))
+    finally:
+        torch.set_num_threads(threads_before)
+    try:
+        env["load_average_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return result
