@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from benchmarks.report import accuracy_axis, save_panels
 from mmm.downstream.data import Split, read_shards
 from mmm.downstream.tasks import balanced_subsample, docstring_signature_task, stdlib_package_task
 
@@ -297,14 +298,8 @@ def plot(section: Dict[str, Any], path: Path) -> None:
         ax.bar(xs, [r["knn"]["mean"] for r in rows], 0.27, yerr=[r["knn"]["std"] for r in rows], capsize=3, label="kNN")
         ax.bar(xs + 0.27, [r["finetune"]["mean"] for r in rows], 0.27, yerr=[r["finetune"]["std"] for r in rows],
                capsize=3, label="fine-tune")
-        ax.axhline(rows[0]["chance"], color="grey", ls="--", lw=1, label="chance")
+        accuracy_axis(ax, rows[0]["chance"], f"{task} ({rows[0]['data']})")
         ax.set_xticks(xs, [Path(r["model"].replace(" (random init)", "")).name[:18]
                            + ("\n(random init)" if r["model"].endswith("(random init)") else "") for r in rows],
                       fontsize=7)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"{task} ({rows[0]['data']})")
-    axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels(fig, axes, path)

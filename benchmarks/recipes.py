@@ -38,6 +38,7 @@ import numpy as np
 
 from benchmarks.downstream import TASKS, DownstreamSizes, random_init_factory
 from benchmarks.recipe_budget import RecipeCost, measure_recipe, steps_for_budget, time_steps
+from benchmarks.report import accuracy_axis, save_panels
 
 MICRO_ENV = "MMM_BENCH_MICRO"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -572,15 +573,10 @@ def plot(section: Dict[str, Any], path: Path) -> None:
         for i, (key, label) in enumerate(metrics):
             ax.bar(xs + (i - 1) * 0.27, [r[key]["mean"] for r in rows], 0.27, yerr=[r[key]["std"] for r in rows],
                    capsize=3, label=label)
-        ax.axhline(rows[0]["chance"], color="grey", ls="--", lw=1, label="chance")
+        accuracy_axis(ax, rows[0]["chance"],
+                      f"{section['modality']}: {task}, equal FLOPs ({section['budget_flops'] / 1e12:.2f} TFLOP)")
         ax.set_xticks(xs, [r["recipe"] for r in rows], fontsize=8, rotation=20)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"{section['modality']}: {task}, equal FLOPs ({section['budget_flops'] / 1e12:.2f} TFLOP)")
-    axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels(fig, axes, path)
 
 
 # ----------------------------------------------------------------------------- parts and merging

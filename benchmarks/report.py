@@ -116,3 +116,21 @@ def run_in_work_folder(prefix: str, work: Optional[Path], run: Callable[[Path], 
     except OSError:
         pass
     return result
+
+
+def accuracy_axis(ax: Any, chance: float, title: str) -> None:
+    """A test-accuracy panel's common dressing: the chance line, a 0..1 axis, its label and title."""
+    ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+
+
+def save_panels(fig: Any, axes: Any, path: Path) -> None:
+    """Legend on the first panel, tight layout, written to ``path`` as PNG, figure closed."""
+    import matplotlib.pyplot as plt
+
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
