@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from mmm.batch import PackedBatch
 
 
 @dataclass
@@ -78,3 +81,14 @@ def zero_output(hidden: torch.Tensor, module: nn.Module, metrics=(), sync_count:
     if sync_count:
         zero = global_mean(zero, 0, in_lockstep(module))
     return ObjectiveOutput(zero, {m: zero.detach() for m in metrics}, 0)
+
+
+def sole_input(batch: "PackedBatch", modality: str, objective: str):
+    """The batch's ``modality`` input when it fills the packed stream alone (a teacher re-encodes it as the
+    batch's sequences), None when the batch has none; a ``ValueError`` naming ``objective`` when the batch
+    mixes modalities."""
+    inp = batch.inputs.get(modality)
+    if inp is not None and inp.index is not None:
+        raise ValueError(f"objective {objective}: the {modality!r} tokens must fill the packed stream alone (the "
+                         f"teacher encodes them as the batch's sequences); this batch mixes modalities")
+    return inp

@@ -50,7 +50,7 @@ from mmm.batch import FeatureInput, ImageInput, PackedBatch, TokenInput
 from mmm.config import EncoderConfig
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, zero_output
 from mmm.registry import OBJECTIVES
 
 TARGET_NORMS = ("layer", "instance")
@@ -384,12 +384,9 @@ class SelfDistillation(nn.Module):
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch, model: Optional[nn.Module] = None) -> ObjectiveOutput:
         names = ("target_var", "pred_var", "ema_decay")
-        inp = batch.inputs.get(self.modality)
+        inp = sole_input(batch, self.modality, "d2v")
         if inp is None:
             return zero_output(hidden, self, names)
-        if inp.index is not None:
-            raise ValueError(f"objective d2v: the {self.modality!r} tokens must fill the packed stream alone (the "
-                             f"teacher encodes them as the batch's sequences); this batch mixes modalities")
         if model is not None and not bool(self.teacher.initialized):
             self.sync_teacher(model)  # the first step: the teacher starts as the student (after any warm start)
         if self._hidden_count(batch) == 0:

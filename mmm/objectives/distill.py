@@ -48,7 +48,7 @@ from torch import nn
 from mmm.batch import FeatureInput, PackedBatch, TokenInput
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, zero_output
 from mmm.registry import OBJECTIVES
 
 TEACHER_INPUTS = ("masked", "full")
@@ -228,12 +228,9 @@ class FrozenTeacherDistillation(nn.Module):
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         names = ("cosine",)
-        inp = batch.inputs.get(self.modality)
+        inp = sole_input(batch, self.modality, "distill")
         if inp is None:
             return zero_output(hidden, self, names)
-        if inp.index is not None:
-            raise ValueError(f"objective distill: the {self.modality!r} tokens must fill the packed stream alone (the "
-                             f"teacher encodes them as the batch's sequences); this batch mixes modalities")
         rows, teacher_rows = self.visible_rows(batch)
         if rows.numel() == 0:
             return zero_output(hidden, self, names)
