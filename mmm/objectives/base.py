@@ -83,12 +83,16 @@ def zero_output(hidden: torch.Tensor, module: nn.Module, metrics=(), sync_count:
     return ObjectiveOutput(zero, {m: zero.detach() for m in metrics}, 0)
 
 
-def sole_input(batch: "PackedBatch", modality: str, objective: str):
-    """The batch's ``modality`` input when it fills the packed stream alone (a teacher re-encodes it as the
-    batch's sequences), None when the batch has none; a ``ValueError`` naming ``objective`` when the batch
-    mixes modalities."""
+def sole_input(batch: "PackedBatch", modality: str, objective: str,
+               why: str = "the teacher encodes them as the batch's sequences"):
+    """The batch's ``modality`` input when it fills the packed stream alone (a teacher, a generator or a causal
+    pass reads it as the batch's sequences), None when the batch has none; a ``ValueError`` naming
+    ``objective`` and ``why`` it needs that when the batch mixes modalities."""
     inp = batch.inputs.get(modality)
-    if inp is not None and inp.index is not None:
-        raise ValueError(f"objective {objective}: the {modality!r} tokens must fill the packed stream alone (the "
-                         f"teacher encodes them as the batch's sequences); this batch mixes modalities")
+    if inp is None:
+        return None
+    ids = getattr(inp, "ids", None)
+    if inp.index is not None or (ids is not None and ids.numel() != batch.num_tokens):
+        raise ValueError(f"objective {objective}: the {modality!r} tokens must fill the packed stream alone "
+                         f"({why}); this batch mixes modalities")
     return inp

@@ -33,7 +33,7 @@ from torch import nn
 from mmm.batch import PackedBatch, TokenTargets
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, zero_output
 from mmm.objectives.mlm import MLMHead
 from mmm.registry import OBJECTIVES
 
@@ -103,12 +103,9 @@ class CausalLanguageModeling(nn.Module):
     def prepare(self, batch: PackedBatch) -> PackedBatch:
         """The batch this head's causal pass reads: original ids (or, with MEAP, the masker's corrupted
         ids) and the next-token targets under ``targets[f"{modality}_next"]``. The input batch is not modified."""
-        inp = batch.inputs.get(self.modality)
+        inp = sole_input(batch, self.modality, "clm", "next tokens are read along each sequence")
         if inp is None:
             return batch
-        if inp.index is not None or inp.ids.numel() != batch.num_tokens:
-            raise ValueError(f"objective clm: the {self.modality!r} tokens must fill the packed stream alone (next "
-                             f"tokens are read along each sequence); this batch mixes modalities")
         t = batch.targets.get(self.modality)
         original = inp.ids if t is None or t.positions.numel() == 0 else inp.ids.index_copy(0, t.positions, t.labels)
         positions = next_token_positions(batch.seq)  # (N - S,)

@@ -35,7 +35,7 @@ from torch import nn
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
 from mmm.core.encoder import TransformerEncoder
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, zero_output
 from mmm.registry import EMBEDDERS, OBJECTIVES
 
 EMBEDDING_SHARING = ("shared", "gdes", "none")
@@ -251,12 +251,9 @@ class ReplacedTokenDetection(nn.Module):
         the sampled ids at the masked positions of ``inputs[modality]`` and a :class:`ReplacedTokens`
         under ``targets[f"{modality}_replaced"]``; a batch without this modality is returned as is.
         """
-        inp = batch.inputs.get(self.modality)
+        inp = sole_input(batch, self.modality, "electra", "the generator encodes them as the batch's sequences")
         if inp is None:
             return batch
-        if inp.index is not None or inp.ids.numel() != batch.num_tokens:
-            raise ValueError(f"objective electra: the {self.modality!r} tokens must fill the packed stream alone "
-                             f"(the generator encodes them as the batch's sequences); this batch mixes modalities")
         ids = inp.ids  # (N,)
         t = batch.targets.get(self.modality)
         sync = in_lockstep(self)
