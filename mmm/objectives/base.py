@@ -96,3 +96,22 @@ def sole_input(batch: "PackedBatch", modality: str, objective: str,
         raise ValueError(f"objective {objective}: the {modality!r} tokens must fill the packed stream alone "
                          f"({why}); this batch mixes modalities")
     return inp
+
+
+def modality_embedder(embedders: Dict[str, nn.Module], modality: str, objective: str) -> nn.Module:
+    """The embedder of ``modality`` a head is built on; a ``ValueError`` naming ``objective`` and the model's
+    modalities when it has none."""
+    if modality not in embedders:
+        raise ValueError(f"objective {objective}: modality {modality!r} has no embedder in this model "
+                         f"(modalities: {sorted(embedders)})")
+    return embedders[modality]
+
+
+def token_table(embedders: Dict[str, nn.Module], modality: str, objective: str, needs: str) -> nn.Embedding:
+    """The token table (``.tokens``) of ``modality``'s embedder, for heads over a discrete vocabulary; a
+    ``ValueError`` saying the head ``needs`` a discrete token modality otherwise."""
+    tokens = getattr(modality_embedder(embedders, modality, objective), "tokens", None)
+    if not isinstance(tokens, nn.Embedding):
+        raise ValueError(f"objective {objective}: the {modality!r} embedder has no token table; {needs} needs a "
+                         f"discrete token modality")
+    return tokens

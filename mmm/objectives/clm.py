@@ -33,7 +33,7 @@ from torch import nn
 from mmm.batch import PackedBatch, TokenTargets
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, token_table, zero_output
 from mmm.objectives.mlm import MLMHead
 from mmm.registry import OBJECTIVES
 
@@ -73,13 +73,7 @@ class CausalLanguageModeling(nn.Module):
                  modality: str = "text", tie_weights: bool = True, share_head: Optional[str] = None,
                  meap: bool = False) -> None:
         super().__init__()
-        if modality not in embedders:
-            raise ValueError(f"objective clm: modality {modality!r} has no embedder in this model "
-                             f"(modalities: {sorted(embedders)})")
-        tokens = getattr(embedders[modality], "tokens", None)
-        if not isinstance(tokens, nn.Embedding):
-            raise ValueError(f"objective clm: the {modality!r} embedder has no token table; next-token prediction "
-                             f"needs a discrete token modality")
+        tokens = token_table(embedders, modality, "clm", "next-token prediction")
         self.modality = modality
         self.target_key = f"{modality}_next"
         self.share_head = share_head

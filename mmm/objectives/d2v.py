@@ -50,7 +50,7 @@ from mmm.batch import FeatureInput, ImageInput, PackedBatch, TokenInput
 from mmm.config import EncoderConfig
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, modality_embedder, sole_input, zero_output
 from mmm.registry import OBJECTIVES
 
 TARGET_NORMS = ("layer", "instance")
@@ -252,9 +252,7 @@ class SelfDistillation(nn.Module):
                  loss: str = "mse", loss_beta: float = 1.0, decoder_depth: int = 0, decoder_dim: int = 128,
                  decoder_heads: int = 4) -> None:
         super().__init__()
-        if modality not in embedders:
-            raise ValueError(f"objective d2v: modality {modality!r} has no embedder in this model "
-                             f"(modalities: {sorted(embedders)})")
+        modality_embedder(embedders, modality, "d2v")
         if not 1 <= top_k <= encoder_cfg.depth:
             raise ValueError(f"objective d2v: top_k must be in [1, encoder depth {encoder_cfg.depth}], got {top_k}")
         if not (0.0 <= ema_decay <= 1.0 and 0.0 <= ema_end_decay <= 1.0) or ema_anneal_steps < 0:

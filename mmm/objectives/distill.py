@@ -48,7 +48,7 @@ from torch import nn
 from mmm.batch import FeatureInput, PackedBatch, TokenInput
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, modality_embedder, sole_input, zero_output
 from mmm.registry import OBJECTIVES
 
 TEACHER_INPUTS = ("masked", "full")
@@ -127,9 +127,7 @@ class FrozenTeacherDistillation(nn.Module):
                  teacher_input: str = "masked", loss: str = "mse", target_norm: str = "none",
                  teacher_dim: Optional[int] = None) -> None:
         super().__init__()
-        if modality not in embedders:
-            raise ValueError(f"objective distill: modality {modality!r} has no embedder in this model "
-                             f"(modalities: {sorted(embedders)})")
+        modality_embedder(embedders, modality, "distill")
         if teacher is None:
             raise ValueError("objective distill: args.teacher is required (a path, or {path, timm_model, timm_kwargs})")
         parse_teacher_spec(teacher)  # the spec's shape now; the file at the first step

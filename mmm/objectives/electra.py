@@ -35,7 +35,7 @@ from torch import nn
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
 from mmm.core.encoder import TransformerEncoder
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, token_table, zero_output
 from mmm.registry import EMBEDDERS, OBJECTIVES
 
 EMBEDDING_SHARING = ("shared", "gdes", "none")
@@ -197,13 +197,8 @@ class ReplacedTokenDetection(nn.Module):
                  modality: str = "text", generator_size: float = 0.25, generator_depth: Optional[int] = None,
                  rtd_weight: float = 50.0, embedding_sharing: str = "shared", temperature: float = 1.0) -> None:
         super().__init__()
-        if modality not in embedders:
-            raise ValueError(f"objective electra: modality {modality!r} has no embedder in this model "
-                             f"(modalities: {sorted(embedders)})")
+        token_table(embedders, modality, "electra", "replaced-token detection")
         disc = embedders[modality]
-        if not isinstance(getattr(disc, "tokens", None), nn.Embedding):
-            raise ValueError(f"objective electra: the {modality!r} embedder has no token table; replaced-token "
-                             f"detection needs a discrete token modality")
         if embedding_sharing not in EMBEDDING_SHARING:
             raise ValueError(f"objective electra: embedding_sharing must be one of {EMBEDDING_SHARING}, "
                              f"got {embedding_sharing!r}")

@@ -25,7 +25,7 @@ from torch import nn
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
 from mmm.core.encoder import TransformerEncoder
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, token_table
 from mmm.registry import OBJECTIVES
 
 
@@ -82,13 +82,7 @@ class MaskedLanguageModeling(nn.Module):
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
                  tie_weights: bool = True, modality: str = "text", decoder_layers: int = 0) -> None:
         super().__init__()
-        if modality not in embedders:
-            raise ValueError(f"objective mlm: modality {modality!r} has no embedder in this model "
-                             f"(modalities: {sorted(embedders)})")
-        tokens = getattr(embedders[modality], "tokens", None)
-        if not isinstance(tokens, nn.Embedding):
-            raise ValueError(f"objective mlm: the {modality!r} embedder has no token table; MLM needs a discrete "
-                             f"token modality")
+        tokens = token_table(embedders, modality, "mlm", "MLM")
         if isinstance(decoder_layers, bool) or not isinstance(decoder_layers, int) or decoder_layers < 0:
             raise ValueError(f"objective mlm: decoder_layers must be an int >= 0, got {decoder_layers!r}")
         self.modality = modality

@@ -25,7 +25,7 @@ from torch import nn
 
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, modality_embedder, zero_output
 from mmm.registry import OBJECTIVES
 
 
@@ -55,9 +55,7 @@ class RandomTokenSubstitution(nn.Module):
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
                  modality: str = "text") -> None:
         super().__init__()
-        if modality not in embedders:
-            raise ValueError(f"objective rts: modality {modality!r} has no embedder in this model "
-                             f"(modalities: {sorted(embedders)})")
+        modality_embedder(embedders, modality, "rts")
         self.modality = modality
         # one logit per token: dense -> GELU -> linear, ELECTRA's discriminator head
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
