@@ -206,6 +206,20 @@ def head_name(o: ObjectiveConfig) -> str:
     return o.label or o.name
 
 
+def check_head_selection(where: str, chosen: Sequence[str], heads: Sequence[str], error: type = ValueError) -> None:
+    """Refuse a list of heads (a task's or a phase's ``objectives``) that is empty, names a head the run does
+    not have, or names one twice; ``where`` (e.g. ``tasks[0].objectives``) and the run's heads in the message."""
+    known = sorted(heads)
+    if not chosen:
+        raise error(f"{where} is empty: list the heads it trains (heads: {known})")
+    unknown = [h for h in chosen if h not in heads]
+    if unknown:
+        raise error(f"{where}: {unknown[0]!r} is not a head of this run; heads are the objectives' labels or "
+                    f"names: {known}")
+    if len(set(chosen)) != len(chosen):
+        raise error(f"{where} lists a head twice: {list(chosen)}")
+
+
 def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: Dict[str, nn.Module],
                 tasks: Optional[Dict[str, List[str]]] = None) -> MaskedModel:
     """Assemble and initialise a :class:`MaskedModel` (freshly initialised; a new run applies

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
 from mmm.config import ConfigError, PhaseConfig, PretrainConfig
-from mmm.model import head_name
+from mmm.model import check_head_selection, head_name
 
 FRACTION_TOLERANCE = 1e-6
 
@@ -72,14 +72,7 @@ def check_phases(phases: Sequence[PhaseConfig], heads: Sequence[str], multi_task
     known = set(heads)
     used = set()
     for i, phase in enumerate(phases):
-        if not phase.objectives:
-            raise ConfigError(f"phases[{i}].objectives is empty: list the heads this phase trains (heads: {sorted(known)})")
-        unknown = [h for h in phase.objectives if h not in known]
-        if unknown:
-            raise ConfigError(f"phases[{i}].objectives: {unknown[0]!r} is not a head of this run; heads are the "
-                              f"objectives' labels or names: {sorted(known)}")
-        if len(set(phase.objectives)) != len(phase.objectives):
-            raise ConfigError(f"phases[{i}].objectives lists a head twice: {phase.objectives}")
+        check_head_selection(f"phases[{i}].objectives", phase.objectives, heads, ConfigError)
         if not 0 < phase.fraction <= 1:
             raise ConfigError(f"phases[{i}].fraction must be in (0, 1], got {phase.fraction!r}")
         used.update(phase.objectives)

@@ -27,7 +27,7 @@ import mmm.modalities.builtin  # noqa: F401  (registers modalities)
 from mmm.config import PretrainConfig, TaskConfig
 from mmm.data.stream import list_shards
 from mmm.data.tar import ReadOptions
-from mmm.model import head_name
+from mmm.model import check_head_selection, head_name
 from mmm.modalities.base import Modality
 from mmm.registry import DATASETS, MODALITIES
 
@@ -71,12 +71,7 @@ def task_configs(cfg: PretrainConfig) -> List[TaskConfig]:
         seen.add(t.name)
         if not t.weight > 0:
             raise ValueError(f"{where}.weight must be > 0 (task {t.name!r}), got {t.weight}")
-        if not t.objectives:
-            raise ValueError(f"{where}.objectives is empty: task {t.name!r} must train at least one of {heads}")
-        unknown = [h for h in t.objectives if h not in heads]
-        if unknown:
-            raise ValueError(f"{where}.objectives names {unknown}, which are not heads of this run; "
-                             f"heads (objective label or name): {heads}")
+        check_head_selection(f"{where}.objectives (task {t.name!r})", t.objectives, heads)
         if t.batch_size is not None and t.batch_size < 1:
             raise ValueError(f"{where}.batch_size must be >= 1 or null, got {t.batch_size}")
         used.update(t.objectives)
