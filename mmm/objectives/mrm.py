@@ -122,29 +122,27 @@ class RegionTargetSource:
                              f"has {p} patches")
         return out, inverse, patch
 
+    def _given_or_taught(self, t: RegionTargets, batch: PackedBatch, field: str, size: int, what: str,
+                         head: str) -> torch.Tensor:
+        """(M, size) float32 targets: the batch's ``field`` when the shards carry it, else the teacher's at the
+        hidden regions/patches; an error naming both shapes when the width is not the head's ``size``."""
+        target = getattr(t, field)
+        if target is None:
+            out, img, patch = self._teacher_targets(t, batch, field)
+            target = getattr(out, field)[img, patch]  # (M, size)
+        if target.dim() != 2 or target.shape[-1] != size:
+            raise ValueError(f"objective {self.objective}: the batch's {what} have shape {tuple(target.shape)}, "
+                             f"but the {head}")
+        return target.float()
+
     def features(self, t: RegionTargets, batch: PackedBatch, dim: int) -> torch.Tensor:
         """(M, F) float32 regression targets."""
-        if t.features is not None:
-            target = t.features
-        else:
-            out, img, patch = self._teacher_targets(t, batch, "features")
-            target = out.features[img, patch]  # (M, F)
-        if target.dim() != 2 or target.shape[-1] != dim:
-            raise ValueError(f"objective {self.objective}: the batch's target features have shape "
-                             f"{tuple(target.shape)}, but the head regresses feature_dim={dim}")
-        return target.float()
+        return self._given_or_taught(t, batch, "features", dim, "target features", f"head regresses feature_dim={dim}")
 
     def soft_labels(self, t: RegionTargets, batch: PackedBatch, classes: int) -> torch.Tensor:
         """(M, C) float32 class distributions."""
-        if t.soft_labels is not None:
-            target = t.soft_labels
-        else:
-            out, img, patch = self._teacher_targets(t, batch, "soft_labels")
-            target = out.soft_labels[img, patch]  # (M, C)
-        if target.dim() != 2 or target.shape[-1] != classes:
-            raise ValueError(f"objective {self.objective}: the batch's soft labels have shape {tuple(target.shape)}, "
-                             f"but the classifier predicts num_classes={classes}")
-        return target.float()
+        return self._given_or_taught(t, batch, "soft_labels", classes, "soft labels",
+                                     f"classifier predicts num_classes={classes}")
 
 
 @OBJECTIVES.register("mrfr")
