@@ -193,6 +193,13 @@ class _Masker(ABC):
         """
         return 0 if n_maskable == 0 else max(1, int(round(self.ratio * n_maskable)))
 
+    def word_candidates(self, ids: np.ndarray, word_ids: np.ndarray):
+        """The maskable positions, their words (starts, lengths, joined-to-next flags, from :func:`find_words`)
+        and the token budget, for the maskers that choose whole words or word runs."""
+        cand = maskable_positions(ids, word_ids, self.vocab)
+        starts, lengths, joined = find_words(cand, word_ids)
+        return cand, starts, lengths, joined, self.budget(cand.size)
+
     @abstractmethod
     def choose(self, ids: np.ndarray, word_ids: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
         """Chosen ``(positions, groups)`` before corruption; see :func:`corrupt_groups`.
@@ -256,9 +263,7 @@ class WholeWordMasker(_Masker):
         super().__init__(ratio, mask_prob, random_prob, vocab)
 
     def choose(self, ids: np.ndarray, word_ids: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-        cand = maskable_positions(ids, word_ids, self.vocab)
-        starts, lengths, _ = find_words(cand, word_ids)
-        budget = self.budget(cand.size)
+        cand, starts, lengths, _, budget = self.word_candidates(ids, word_ids)
         if budget == 0:
             return cand[:0], cand[:0]
         order = rng.permutation(starts.size)
@@ -296,9 +301,7 @@ class _ContiguousWordsMasker(_Masker):
         return rng.choice(np.arange(1, self.length_probs.size + 1), size=size, p=self.length_probs)
 
     def choose(self, ids: np.ndarray, word_ids: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-        cand = maskable_positions(ids, word_ids, self.vocab)
-        starts, lengths, joined = find_words(cand, word_ids)
-        budget = self.budget(cand.size)
+        cand, starts, lengths, joined, budget = self.word_candidates(ids, word_ids)
         if budget == 0:
             return cand[:0], cand[:0]
         n_words = starts.size
