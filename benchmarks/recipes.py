@@ -91,7 +91,7 @@ GROUPS: Dict[str, RecipeGroup] = {
         Recipe("simmim", "image_simmim_tiny", {}, "SimMIM: mask tokens, linear pixel head"),
         Recipe("d2v", "image_d2v_tiny", {}, "data2vec-style self-distillation"),
         Recipe("mp3", "image_mp3_tiny", {}, "MP3 position prediction"),
-        Recipe("mto", "image_mto_tiny", {}, "MTO"),
+        Recipe("simmim-mto", "image_simmim_mto_tiny", {}, "SimMIM with masked-token optimisation (MTO) in the first 2 blocks"),
     ), ("digits", "shapes")),
     "audio": RecipeGroup("audio", "mam", (
         Recipe("mam", "audio_mam_tiny", {}, "masked acoustic modeling"),

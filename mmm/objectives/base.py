@@ -1,4 +1,11 @@
-"""What every objective head returns."""
+"""What every objective head returns, and the helpers heads share.
+
+Every head is built by :func:`mmm.model.build_model` as ``Head(dim, embedders, encoder_cfg, **args)``:
+``dim`` is the encoder width, ``embedders`` the model's embedders by modality (for tied token tables,
+patch grids and vocabulary sizes), ``encoder_cfg`` the shared encoder's config; ``args`` come from the
+objective's ``args`` in the config. Head docstrings describe the three builder arguments only where the
+head reads something particular from them.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

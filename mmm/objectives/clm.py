@@ -56,9 +56,7 @@ class CausalLanguageModeling(nn.Module):
     """Next-token cross-entropy over every token with a successor in its sequence (causal encoder pass).
 
     Args:
-        dim: encoder width (given by the model builder).
-        embedders: the model's embedders (given by the builder).
-        encoder_cfg: the shared encoder's config (given by the builder).
+        dim, embedders, encoder_cfg: given by the model builder (see :mod:`mmm.objectives.base`).
         modality: the token modality (``text`` or ``dna``) the head predicts (config).
         tie_weights: the output projection is the token embedding (config; ignored with ``share_head``).
         share_head: name (label) of an ``mlm`` head whose transform and projection this head uses

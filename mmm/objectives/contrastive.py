@@ -122,9 +122,7 @@ class ImageTextContrastive(nn.Module):
     """Projections, learned temperature and the CLIP loss over in-batch (and cross-rank) pairs.
 
     Args:
-        dim: encoder width (given by the builder).
-        embedders: the model's embedders (given by the builder; unused).
-        encoder_cfg: the shared encoder's config (given by the builder; unused).
+        dim, embedders, encoder_cfg: given by the model builder (see :mod:`mmm.objectives.base`).
         embed_dim: size of the joint embedding space; None = ``dim``.
         init_temperature: initial softmax temperature (CLIP: 0.07, i.e. logit scale 14.3).
         max_logit_scale: clamp of the logit scale (CLIP: 100).

@@ -41,9 +41,7 @@ class ImageTextMatching(nn.Module):
     """ITM head (pooler → linear(2)) and, optionally, the WRA optimal-transport loss.
 
     Args:
-        dim: encoder width (given by the builder).
-        embedders: the model's embedders (given by the builder; unused).
-        encoder_cfg: the shared encoder's config (given by the builder; unused).
+        dim, embedders, encoder_cfg: given by the model builder (see :mod:`mmm.objectives.base`).
         wra_weight: weight of the word-region alignment loss added to the ITM loss (0 = off; UNITER: 0.1).
         ot_beta: IPOT proximal step β (UNITER: 0.5).
         ot_iterations: IPOT outer iterations (UNITER: 50).

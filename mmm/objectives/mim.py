@@ -150,9 +150,7 @@ class SimMIMRegression(nn.Module):
     """SimMIM: one linear layer from each hidden patch's encoding to its raw pixels, L1 loss.
 
     Args:
-        dim: encoder width (given by the builder).
-        embedders: the model's embedders (given by the builder).
-        encoder_cfg: the shared encoder's config (given by the builder; unused).
+        dim, embedders, encoder_cfg: given by the model builder (see :mod:`mmm.objectives.base`).
         modality: the image modality's name.
     """
 

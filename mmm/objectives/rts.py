@@ -46,9 +46,7 @@ class RandomTokenSubstitution(nn.Module):
     """Binary cross-entropy of "original or substituted" over every token of the modality.
 
     Args:
-        dim: encoder width (given by the model builder).
-        embedders: the model's embedders (given by the builder).
-        encoder_cfg: the shared encoder's config (given by the builder).
+        dim, embedders, encoder_cfg: given by the model builder (see :mod:`mmm.objectives.base`).
         modality: the token modality (``text`` or ``dna``) whose tokens are classified (config).
     """
 
