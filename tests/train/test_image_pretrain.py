@@ -56,3 +56,13 @@ def test_simmim_run_learns_and_its_codebook_travels_in_the_checkpoint(tmp_path):
     rows = [r for r in csv.DictReader(open(run.csv_logger.log_dir + "/metrics.csv")) if r.get("train/visual_tokens_loss")]
     losses = [float(r["train/visual_tokens_loss"]) for r in rows]
     assert np.mean(losses[-5:]) < losses[0] - 0.15, losses
+
+
+def test_visual_token_targets_in_mae_mode_are_refused_not_silently_untrained(tmp_path):
+    """MAE mode keeps hidden patches out of the encoder, so image batches carry no visual-token targets: a
+    token_targets head on image_tokens there would never train, so building the model refuses it by name."""
+    import pytest
+
+    cfg = _simmim_config(tmp_path / "run", **{"model.image.drop_masked": True})
+    with pytest.raises(ValueError, match=r"'visual_tokens' \(token_targets on image_tokens\) needs mask-token mode"):
+        build_run(cfg)
