@@ -18,8 +18,8 @@ def _poison(run, bad_calls):
     original = model.forward
     calls = {"n": 0}
 
-    def forward(batch):
-        loss, outs = original(batch)
+    def forward(batch, **kwargs):
+        loss, outs = original(batch, **kwargs)
         i = calls["n"]
         calls["n"] += 1
         return (loss * float("nan"), outs) if (model.training and i in bad_calls) else (loss, outs)
