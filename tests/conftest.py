@@ -85,3 +85,15 @@ def image_ckpt(tmp_path_factory) -> Path:
     run = pretrain(tiny_image_config(run_dir, **{"trainer.max_steps": 3, "data.val": None}))
     assert run.last_checkpoint.is_file()
     return run.last_checkpoint
+
+
+def fit_head(head, hidden, batch, steps: int = 30, lr: float = 1e-2):
+    """Train ``head`` and the ``hidden`` states it reads on one batch with Adam; the last step's output (a head
+    that can learn its targets drives the loss well below where it started)."""
+    opt = torch.optim.Adam([hidden, *head.parameters()], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = head(hidden, batch)
+        out.loss.backward()
+        opt.step()
+    return out

@@ -1,6 +1,8 @@
 """ITM head and WRA (IPOT optimal transport) on hand-built packed batches."""
 import pytest
 import torch
+
+from conftest import fit_head
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
@@ -47,13 +49,8 @@ def test_itm_loss_grads_and_learning():
     others[cls] = False
     assert hidden.grad[cls].abs().sum() > 0 and hidden.grad[others].abs().sum() == 0  # only [CLS] feeds ITM
     assert all(p.grad is not None for p in head.parameters())
-    opt = torch.optim.Adam([hidden, *head.parameters()], lr=1e-2)
     first = out.loss.item()
-    for _ in range(30):
-        opt.zero_grad()
-        out = head(hidden, batch)
-        out.loss.backward()
-        opt.step()
+    out = fit_head(head, hidden, batch)
     assert out.loss.item() < 0.5 * first and float(out.metrics["acc"]) == 1.0
 
 
