@@ -83,8 +83,7 @@ GROUPS: Dict[str, RecipeGroup] = {
     "dna": RecipeGroup("dna", "mlm", (
         Recipe("mlm", "dna_mlm_tiny", {}, "masked 6-mer modeling over whole base spans, 15 %"),
         Recipe("electra", "dna_electra_tiny", {}, "ELECTRA replaced-6-mer detection, generator 1/4 width"),
-        Recipe("d2v", "dna_d2v_tiny", {}, "data2vec-style self-distillation"),
-        Recipe("mto", "dna_mto_tiny", {}, "MTO"),
+        Recipe("d2v", "dna_d2v_tiny", {}, "data2vec-style self-distillation, EMA teacher's top-2 blocks"),
     ), ("dna-motifs",)),
     "image": RecipeGroup("image", "mae", (
         Recipe("mae", "image_mae_tiny", {}, "MAE: drop-masked encoder, pixel decoder"),
@@ -95,8 +94,9 @@ GROUPS: Dict[str, RecipeGroup] = {
     ), ("digits", "shapes")),
     "audio": RecipeGroup("audio", "mam", (
         Recipe("mam", "audio_mam_tiny", {}, "masked acoustic modeling"),
-        Recipe("d2v", "audio_d2v_tiny", {}, "data2vec-style self-distillation"),
-        Recipe("mto", "audio_mto_tiny", {}, "MTO"),
+        Recipe("d2v", "audio_d2v_tiny", {}, "data2vec-style self-distillation, EMA teacher's top-3 blocks"),
+        Recipe("mto", "audio_mto_tiny", {}, "MAM with masked-token optimisation (MTO) in the first 2 blocks"),
+        Recipe("mp3", "audio_mp3_tiny", {}, "MP3 position prediction, no position embedding"),
     ), ("audio-sounds",)),
     "vl": RecipeGroup("vl", "uniter", (
         Recipe("uniter", "vl_uniter_tiny", {}, "UNITER-style MLM + MRM + ITM"),
@@ -107,7 +107,12 @@ GROUPS: Dict[str, RecipeGroup] = {
         Recipe("itc-soft", "vl_itc_soft_tiny", {}, "LightCLIP-style soft ITC labels"),
     ), ("stdlib-package", "digits", "shapes")),
 }
-"""The recipe groups of ``--modality``; presets not (yet) in ``configs/`` are skipped with a note."""
+"""The recipe groups of ``--modality``; presets not (yet) in ``configs/`` are skipped with a note.
+
+DNA has no MTO recipe: MTO (:mod:`mmm.masking.mto`) acts on inputs that the embedder replaces by a
+mask embedding (image patches, audio frames, regions); DNA, like text, hides tokens by swapping ids
+before the embedder (BERT's 80/10/10: ``[MASK]``, a random 6-mer, or the token kept), so a hidden token
+is an ordinary vocabulary entry and ``mto_layers`` has nothing to act on there."""
 
 MODALITIES = tuple(GROUPS)
 
