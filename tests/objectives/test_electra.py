@@ -15,7 +15,7 @@ from mmm.batch import pack_masked
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig
 from mmm.masking.base import MaskedTokens
 from mmm.model import build_model
-from mmm.objectives.electra import GDESEmbedding, generator_encoder_config
+from mmm.objectives.electra import GDESEmbedding, generator_encoder_config, sample_tokens
 from mmm.registry import EMBEDDERS, OBJECTIVES
 
 V, D = 40, 32
@@ -81,6 +81,34 @@ def test_samples_are_drawn_from_the_generator_distribution():
         out = model.objectives["electra"].prepare(batch)
         seen |= set(out.inputs["text"].ids[batch.targets["text"].positions].tolist())
     assert seen == {20, 30}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sample_frequencies_match_the_softmax(temperature):
+    # 40,000 draws from each of two rows; every token's count within 5 standard deviations of n p,
+    # and a token of probability 0 (logit -inf) never drawn
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0, float("-inf"), 0.5, -3.0, 1.5],
+                           [float("-inf"), -2.0, 3.0, 0.0, 0.0, float("-inf"), 1.0, -0.5]])
+    n = 40_000
+    torch.manual_seed(0)
+    drawn = sample_tokens(logits.repeat_interleave(n, 0), temperature).view(2, n)
+    p = torch.softmax(logits / temperature, -1).double()  # (2, V)
+    counts = torch.stack([torch.bincount(row, minlength=logits.shape[1]) for row in drawn]).double()
+    sd = (n * p * (1 - p)).sqrt()
+    assert torch.all((counts - n * p).abs() <= 5 * sd + 1e-9), (counts, n * p)
+    assert counts[p == 0].sum() == 0
+    assert drawn.dtype == torch.int64
+
+
+def test_sampling_follows_the_global_seed_and_each_rows_own_logits():
+    logits = torch.randn(64, 4101, generator=torch.Generator().manual_seed(3))
+    logits[torch.arange(64), torch.arange(64) * 50] = 1e4  # row i: token 50 i, all but surely
+    torch.manual_seed(5)
+    a = sample_tokens(logits)
+    torch.manual_seed(5)
+    b = sample_tokens(logits)
+    assert torch.equal(a, b)
+    assert torch.equal(a, torch.arange(64) * 50)
 
 
 def test_labels_count_a_sample_equal_to_the_original_as_original():
