@@ -6,7 +6,7 @@ objective list into those parts via the registries.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from mmm.config import ModelConfig, ObjectiveConfig
 from mmm.core.encoder import TransformerEncoder
 from mmm.masking.mto import encode_with_mto, mask_token_rows
 from mmm.objectives.base import ObjectiveOutput
-from mmm.registry import EMBEDDERS, OBJECTIVES
+from mmm.registry import EMBEDDERS, OBJECTIVES, STEPS
 
 
 class MaskedModel(nn.Module):
@@ -32,17 +32,21 @@ class MaskedModel(nn.Module):
         encoder: the shared :class:`TransformerEncoder`.
         objectives: head name → module with ``forward(hidden, batch) -> ObjectiveOutput``; a head that
             also has ``prepare(batch) -> batch`` rewrites the batch before the encoder reads it
-            (ELECTRA's generator corrupts it there, inside the step); one with
-            ``after_optimizer_step(model)`` is called after every optimizer step (data2vec's EMA teacher);
+            (ELECTRA's generator corrupts it there, inside the step); one with ``before_scoring(model, batch)``
+            is called before each pass it scores (data2vec fills its teacher from the model at the first);
+            one with ``after_optimizer_step(model)`` after every optimizer step (data2vec's EMA teacher);
             one with ``causal = True`` (next-token prediction) reads a causal encoder pass of its own.
+            Heads never receive the model in ``forward``.
         weights: head name → loss weight.
         tasks: task name → the heads that task trains (multi-task runs); None = every head scores every batch.
         fusion: cross-modality layers for two-stream image-text batches (LXMERT), or None.
+        steps: head name → step strategy (:mod:`mmm.steps`) that turns the shared pass into that head's
+            ``(hidden, batch)`` on the batches it ``applies`` to (ITM on mined hard negatives, as ALBEF).
     """
 
     def __init__(self, embedders: Dict[str, nn.Module], encoder: TransformerEncoder, objectives: Dict[str, nn.Module],
                  weights: Dict[str, float], tasks: Optional[Dict[str, List[str]]] = None,
-                 fusion: Optional[nn.Module] = None) -> None:
+                 fusion: Optional[nn.Module] = None, steps: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
         if not embedders:
             raise ValueError("MaskedModel needs at least one embedder")
@@ -54,6 +58,10 @@ class MaskedModel(nn.Module):
         self.modality_ids = {name: i for i, name in enumerate(embedders)}
         self.modality_embed = nn.Embedding(len(embedders), encoder.cfg.dim) if len(embedders) > 1 else None
         self.fusion = fusion
+        self.steps = dict(steps or {})  # parameter-free: not submodules, nothing in the state dict
+        unknown = sorted(set(self.steps) - set(self.objectives))
+        if unknown:
+            raise ValueError(f"MaskedModel: step strategies for {unknown}, which are not heads ({list(self.objectives)})")
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """(N, d) input tokens of the packed stream, every modality in its place."""
@@ -153,6 +161,10 @@ class MaskedModel(nn.Module):
 
     def _score(self, batch: PackedBatch, heads: List[str], causal: bool) -> Dict[str, ObjectiveOutput]:
         """One encoder pass (causal or not) and the outputs of ``heads`` on it."""
+        for name in heads:
+            before = getattr(self.objectives[name], "before_scoring", None)
+            if before is not None:  # data2vec's teacher starts as the student at the first step
+                before(self, batch)
         for name in heads:  # a head that corrupts the input inside the step (ELECTRA's generator samples) does it first
             prepare = getattr(self.objectives[name], "prepare", None)
             if prepare is not None:
@@ -160,9 +172,12 @@ class MaskedModel(nn.Module):
         hidden = self.encode(batch, causal=causal)
         outputs = {}
         for name in heads:
-            head = self.objectives[name]
-            # a head that re-encodes (ITM with mined hard negatives) gets the model itself
-            outputs[name] = head(hidden, batch, model=self) if getattr(head, "needs_model", False) else head(hidden, batch)
+            step = self.steps.get(name)
+            if step is not None and step.applies(batch):  # e.g. mined ITM pairs, encoded again
+                head_hidden, head_batch = step(self, hidden, batch)
+                outputs[name] = self.objectives[name](head_hidden, head_batch)
+            else:
+                outputs[name] = self.objectives[name](hidden, batch)
         return outputs
 
     def after_optimizer_step(self) -> None:
@@ -261,7 +276,12 @@ def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: 
         fusion = CrossModalFusion(cfg.encoder, cfg.image_text.cross_layers)
     elif cfg.image_text.layout != "single":
         raise ValueError(f"model.image_text.layout must be single or two_stream, got {cfg.image_text.layout!r}")
-    model = MaskedModel(embedders, encoder, heads, {head_name(o): o.weight for o in objectives}, tasks, fusion)
+    steps = {}
+    for key, head in heads.items():  # a head that reads a model-level step's output (ITM on mined negatives) names it
+        if getattr(head, "step", None) is not None:
+            name, args = head.step
+            steps[key] = STEPS.create(name, head=key, heads=heads, two_stream=fusion is not None, **args)
+    model = MaskedModel(embedders, encoder, heads, {head_name(o): o.weight for o in objectives}, tasks, fusion, steps)
     init_weights(model, cfg.init_std)
     for part in [*model.embedders.values(), *model.objectives.values()]:
         if hasattr(part, "reset_parameters"):  # a part's own initialiser (e.g. MAE's patch embedding) wins

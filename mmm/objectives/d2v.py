@@ -244,8 +244,6 @@ class SelfDistillation(nn.Module):
         decoder_heads: the decoder's attention heads (config).
     """
 
-    needs_model = True  # forward gets the model: the teacher is filled from, and follows, its weights
-
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
                  modality: str = "text", top_k: int = 4, ema_decay: float = 0.999, ema_end_decay: float = 0.9999,
                  ema_anneal_steps: int = 10000, target_norm: str = "layer", final_norm: bool = False,
@@ -304,6 +302,12 @@ class SelfDistillation(nn.Module):
     def current_decay(self) -> float:
         """The decay the next EMA update uses."""
         return ema_decay_at(int(self.teacher.updates), self.ema_decay, self.ema_end_decay, self.ema_anneal_steps)
+
+    def before_scoring(self, model: nn.Module, batch: PackedBatch) -> None:
+        """Fill the teacher with the student at the first batch of this head's modality (called by the
+        model before each pass this head scores; after any warm start, before any optimizer step)."""
+        if self.modality in batch.inputs and not bool(self.teacher.initialized):
+            self.sync_teacher(model)
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Move the teacher towards the student (called by the model after every optimizer step)."""
@@ -380,13 +384,11 @@ class SelfDistillation(nn.Module):
             positions = batch.targets[self.modality].positions
         return self.decoder(hidden, batch.seq, positions)
 
-    def forward(self, hidden: torch.Tensor, batch: PackedBatch, model: Optional[nn.Module] = None) -> ObjectiveOutput:
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         names = ("target_var", "pred_var", "ema_decay")
         inp = sole_input(batch, self.modality, "d2v")
         if inp is None:
             return zero_output(hidden, self, names)
-        if model is not None and not bool(self.teacher.initialized):
-            self.sync_teacher(model)  # the first step: the teacher starts as the student (after any warm start)
         if self._hidden_count(batch) == 0:
             return zero_output(hidden, self, names)
         pred = self.predictions(hidden, batch).float()  # (M, d)

@@ -12,14 +12,12 @@
 Negatives (``negatives``):
 
 * ``batch`` -- the data stage swapped captions in-batch (``itm`` batches, UNITER's random ITM);
-* ``hard`` -- mined by contrastive similarity (ALBEF, Li et al. 2021; UNITER's ITM-hard): on an
-  ``itc`` batch (captions and images encoded alone), the head takes the ``itc`` head's
-  similarities, draws for every image a non-matching caption and for every caption a
-  non-matching image with probability ∝ softmax(similarity) (captions with the same text never
-  count as negatives), re-pairs them (:func:`mmm.modalities.image_text.pairing.joint_pairs`) and encodes the B
-  positives and 2B hard negatives jointly with the model's encoder. Train ``itc`` on the same
-  task (``objectives: [itc, itm]``, ``options: {mode: itc}``). ``itm`` batches still score as
-  with ``batch`` negatives (evaluation).
+* ``hard`` -- mined by contrastive similarity (ALBEF, Li et al. 2021; UNITER's ITM-hard) on ``itc``
+  batches, by the model: the head names the step strategy
+  :class:`~mmm.steps.hard_negatives.HardNegativeMining` (``step``), which the builder gives the
+  model; the model runs it between its shared pass and this head, and the head scores the mined
+  joint batch it returns like any other. Train ``itc`` on the same task (``objectives: [itc, itm]``,
+  ``options: {mode: itc}``). ``itm`` batches still score as with ``batch`` negatives (evaluation).
 """
 from __future__ import annotations
 
@@ -47,11 +45,10 @@ class ImageTextMatching(nn.Module):
         ot_iterations: IPOT outer iterations (UNITER: 50).
         ot_inner: Sinkhorn scalings per IPOT iteration (UNITER: 1).
         target: key of the :class:`~mmm.batch.PairTargets` in ``batch.targets``.
-        negatives: ``batch`` (in-batch caption swaps from the data) or ``hard`` (mined by similarity).
+        negatives: ``batch`` (in-batch caption swaps from the data) or ``hard`` (mined by similarity: the
+            head asks the model for the ``itm_hard_negatives`` step strategy, see ``step``).
         similarity_head: with ``hard``, the contrastive head whose projections rank the candidates.
     """
-
-    needs_model = True  # hard negatives re-encode the mined pairs with the model's encoder
 
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
                  wra_weight: float = 0.0, ot_beta: float = 0.5, ot_iterations: int = 50, ot_inner: int = 1,
@@ -60,6 +57,9 @@ class ImageTextMatching(nn.Module):
         if negatives not in ("batch", "hard"):
             raise ValueError(f"objective itm: negatives must be 'batch' or 'hard', got {negatives!r}")
         self.negatives, self.similarity_head = negatives, similarity_head
+        # the model-level step strategy (registry name, arguments) whose output this head reads, or None
+        self.step = ("itm_hard_negatives", {"similarity_head": similarity_head, "target": target}) \
+            if negatives == "hard" else None
         if wra_weight < 0:
             raise ValueError(f"objective itm: wra_weight must be ≥ 0 (0 = WRA off), got {wra_weight}")
         if ot_beta <= 0 or ot_iterations < 1 or ot_inner < 1:
@@ -89,21 +89,15 @@ class ImageTextMatching(nn.Module):
         """(B,) 1 where the head judges the caption to match the image (evaluation)."""
         return self.logits(hidden, t).argmax(-1)
 
-    def forward(self, hidden: torch.Tensor, batch: PackedBatch, model=None) -> ObjectiveOutput:
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         """(N, d) encoder output → ITM cross-entropy (+ ``wra_weight`` · WRA) and accuracy.
 
         Args:
             hidden: the batch's encoder output.
-            batch: an ``itm`` batch, or with ``negatives: hard`` an ``itc`` batch.
-            model: the :class:`~mmm.model.MaskedModel` (given by it; hard negatives encode with it).
+            batch: an ``itm`` batch, or with ``negatives: hard`` the joint batch the model's step strategy
+                mined from an ``itc`` batch.
         """
         t = batch.targets.get(self.target)
-        if t is None and self.negatives == "hard" and "itc" in batch.targets:
-            if model is None:
-                raise ValueError("objective itm with negatives: hard needs the model (MaskedModel passes it)")
-            batch = self.mine_hard_pairs(hidden, batch, model)
-            hidden = model.encode(batch)  # (N', d) the positives and the mined negatives, jointly
-            t = batch.targets[self.target]
         if t is None or t.count == 0:
             return zero_output(hidden, self, self._metrics)
         if not isinstance(t, PairTargets):
@@ -119,39 +113,3 @@ class ImageTextMatching(nn.Module):
             metrics["wra"] = (ot_sum / t.count).detach()
         # summed over this rank's pairs / global pair count: exact under DDP (the mean over pairs on one rank)
         return ObjectiveOutput(global_mean(loss_sum, t.count, in_lockstep(self)), metrics, t.count)
-
-    @torch.no_grad()
-    def mine_hard_pairs(self, hidden: torch.Tensor, batch: PackedBatch, model) -> PackedBatch:
-        """The B matched pairs plus, per image, a caption and, per caption, an image drawn ∝ softmax(similarity)
-        among the non-matching ones (captions of identical text excluded), as one joint batch."""
-        from mmm.modalities.image_text.pairing import joint_pairs
-
-        if getattr(model, "fusion", None) is not None:
-            raise ValueError("objective itm: negatives: hard re-pairs into the single-stream layout; it does not "
-                             "support model.image_text.layout: two_stream yet")
-        if self.similarity_head not in model.objectives:
-            raise ValueError(f"objective itm: negatives: hard ranks candidates with the {self.similarity_head!r} head, "
-                             f"which the model lacks (heads: {list(model.objectives)})")
-        head = model.objectives[self.similarity_head]
-        image, text = head.embed_pairs(hidden, batch.targets["itc"])  # (B, E), (B, E)
-        sim = image @ text.T  # (B images, B captions)
-        captions = batch.extras.get("captions") or [str(i) for i in range(sim.shape[0])]
-        same = torch.tensor([[a == b for b in captions] for a in captions], device=sim.device)  # (B, B)
-        scale = float(head.scale()) if hasattr(head, "scale") else 1.0
-        logits = (sim * scale).masked_fill(same, float("-inf"))
-        b = sim.shape[0]
-        text_of, image_of, labels = list(range(b)), list(range(b)), [1] * b
-        rows = torch.isfinite(logits).any(1)  # an image with at least one non-matching caption
-        if rows.any():
-            neg_text = torch.multinomial(logits[rows].softmax(-1), 1).squeeze(1)
-            for i, j in zip(rows.nonzero().squeeze(1).tolist(), neg_text.tolist()):
-                text_of.append(j), image_of.append(i), labels.append(0)
-        cols = torch.isfinite(logits).any(0)
-        if cols.any():
-            neg_image = torch.multinomial(logits[:, cols].T.softmax(-1), 1).squeeze(1)
-            for j, i in zip(cols.nonzero().squeeze(1).tolist(), neg_image.tolist()):
-                text_of.append(j), image_of.append(i), labels.append(0)
-        vision_key = next(k for k in batch.inputs if k != "text")  # image (patches) or regions
-        joint = joint_pairs(batch, text_of, image_of, labels, vision_key)
-        joint.extras["pairs"] = {"text": text_of, "image": image_of}  # caption / image index of each joint pair
-        return joint

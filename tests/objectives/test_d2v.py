@@ -188,7 +188,7 @@ def test_text_targets_are_the_teachers_top_k_on_unmasked_ids_at_hidden_positions
     assert torch.equal(head.targets(_text_batch(mask_ids=(7, 3, 30))), target)
     # ... and the loss scores hidden positions only: no gradient reaches the visible tokens' states
     hidden = torch.randn(batch.num_tokens, D, requires_grad=True)
-    head(hidden, batch, model=model).loss.backward()
+    head(hidden, batch).loss.backward()
     scored = hidden.grad.abs().sum(1) > 0
     want_scored = torch.zeros(batch.num_tokens, dtype=torch.bool)
     want_scored[positions] = True
@@ -239,7 +239,7 @@ def test_mask_token_image_and_audio_frames_score_hidden_tokens_only():
     head = model.objectives["d2v"]
     model(batch)
     hidden = torch.randn(batch.num_tokens, D, requires_grad=True)
-    out = head(hidden, batch, model=model)
+    out = head(hidden, batch)
     out.loss.backward()
     scored = (hidden.grad.abs().sum(1) > 0).view(2, 17)
     assert not scored[:, 0].any() and torch.equal(scored[:, 1:], mask) and out.count == 14

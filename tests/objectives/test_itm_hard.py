@@ -1,6 +1,8 @@
-"""ITM with hard negatives mined by contrastive similarity: re-pairing a contrastive batch, mining, training."""
+"""ITM with hard negatives mined by contrastive similarity: re-pairing a contrastive batch, mining (the model's
+step strategy, mmm/steps/hard_negatives.py), training."""
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from test_image_text_pipeline import F, run, settings, shards, tok  # noqa: E402
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig  # noqa: E402
 from mmm.modalities.image_text.pairing import joint_pairs  # noqa: E402
 from mmm.model import build_model  # noqa: E402
+from mmm.objectives.itm import ImageTextMatching  # noqa: E402
+from mmm.steps.hard_negatives import HardNegativeMining  # noqa: E402
 from mmm.registry import EMBEDDERS  # noqa: E402
 
 
@@ -52,7 +56,7 @@ def test_hard_negatives_are_non_matching_and_follow_similarity(shards, tok, imag
     itc = run(shards, tok, settings("itc", image_input), batch_size=6)[0]
     model = _vl_model(image_input, tok.vocab_size, "hard")
     hidden = model.encode(itc)
-    mined = model.objectives["itm"].mine_hard_pairs(hidden, itc, model)
+    _, mined = model.steps["itm"](model, hidden, itc)
     t, b = mined.targets["itm"], itc.targets["itc"].count
     assert t.count == 3 * b and t.labels.tolist() == [1] * b + [0] * (2 * b)
     caps = itc.extras["captions"]
@@ -84,18 +88,57 @@ def test_similar_pairs_are_drawn_more_often_as_negatives(shards, tok):
     head.embed_pairs = fake_embed
     with torch.no_grad():
         head.logit_scale.fill_(4.6)  # scale 100: the softmax is nearly one-hot
-    mined = model.objectives["itm"].mine_hard_pairs(model.encode(itc), itc, model)
+    _, mined = model.steps["itm"](model, model.encode(itc), itc)
     pairs = mined.extras["pairs"]
     assert pairs["text"][b:2 * b] == target  # image i got the caption it is (by far) most similar to
 
 
 def test_hard_mode_needs_the_contrastive_head(shards, tok):
-    itc = run(shards, tok, settings("itc", "regions"))[0]
     cfg = ModelConfig(encoder=EncoderConfig(dim=32, depth=1, heads=2, mlp_hidden=64))
     embedders = {"text": EMBEDDERS.create("text", vocab_size=tok.vocab_size, dim=32, max_len=64),
                  "regions": EMBEDDERS.create("regions", dim=32, feature_dim=F)}
-    model = build_model(cfg, [ObjectiveConfig("itm", args={"negatives": "hard"})], embedders)
-    with pytest.raises(ValueError, match="ranks candidates with the 'itc' head"):
-        model(itc)
+    with pytest.raises(ValueError, match="ranks candidates with the 'itc' head"):  # refused when the model is built
+        build_model(cfg, [ObjectiveConfig("itm", args={"negatives": "hard"})], embedders)
     with pytest.raises(ValueError, match="negatives must be 'batch' or 'hard'"):
         build_model(cfg, [ObjectiveConfig("itm", args={"negatives": "soft"})], embedders)
+
+
+def test_the_itm_head_never_sees_the_model_the_model_runs_the_mining_step(shards, tok):
+    """The head's forward takes (hidden, batch) only; the model's step strategy mines and re-encodes, and the
+    model's loss and gradients are exactly those of that strategy's batch scored by the head."""
+    assert list(inspect.signature(ImageTextMatching.forward).parameters) == ["self", "hidden", "batch"]
+    assert not hasattr(ImageTextMatching, "needs_model")
+    assert _vl_model("regions", tok.vocab_size, "batch").steps == {}
+    itc = run(shards, tok, settings("itc", "regions"), batch_size=6)[0]
+    model = _vl_model("regions", tok.vocab_size, "hard")
+    step = model.steps["itm"]
+    assert isinstance(step, HardNegativeMining) and step.similarity_head == "itc"
+    assert step.applies(itc) and not step.applies(run(shards, tok, settings("itm", "regions"))[0])
+
+    torch.manual_seed(3)
+    _, outputs = model(itc, heads=["itm"])
+    outputs["itm"].loss.backward()
+    via_model = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # the same draws
+    hidden, joint = step(model, model.encode(itc), itc)
+    b = itc.targets["itc"].count
+    assert hidden.shape[0] == joint.num_tokens and joint.targets["itm"].count == 3 * b
+    direct = model.objectives["itm"](hidden, joint)
+    direct.loss.backward()
+    assert torch.equal(direct.loss, outputs["itm"].loss) and direct.count == outputs["itm"].count == 3 * b
+    by_hand = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(by_hand) == set(via_model) and any(n.startswith("encoder.") for n in by_hand)
+    assert all(torch.equal(by_hand[n], via_model[n]) for n in by_hand)
+
+
+def test_hard_mode_refuses_two_streams_and_a_similarity_head_that_embeds_no_pairs(tok):
+    cfg = ModelConfig(encoder=EncoderConfig(dim=32, depth=1, heads=2, mlp_hidden=64))
+    embedders = {"text": EMBEDDERS.create("text", vocab_size=tok.vocab_size, dim=32, max_len=64),
+                 "regions": EMBEDDERS.create("regions", dim=32, feature_dim=F)}
+    hard = ObjectiveConfig("itm", args={"negatives": "hard", "similarity_head": "mlm"})
+    with pytest.raises(ValueError, match="similarity_head 'mlm' is a MaskedLanguageModeling.*name a contrastive head"):
+        build_model(cfg, [ObjectiveConfig("mlm"), hard], embedders)
+    cfg.image_text.layout = "two_stream"
+    with pytest.raises(ValueError, match="does not support model.image_text.layout: two_stream"):
+        build_model(cfg, [ObjectiveConfig("itc"), ObjectiveConfig("itm", args={"negatives": "hard"})], embedders)

@@ -1,0 +1,106 @@
+"""Hard negatives for image-text matching, mined by contrastive similarity (ALBEF, Li et al. 2021,
+Sec. 3.2; UNITER's ITM-hard, Chen et al. 2020).
+
+On a contrastive (``itc``) batch the captions and images are encoded alone. The strategy takes the
+contrastive head's image-caption similarities on that pass, draws for every image a non-matching
+caption and for every caption a non-matching image with probability ∝ softmax(scale ·
+similarity) (captions with identical text never count as negatives), re-pairs the B positives and
+the 2B negatives into joint sequences (:func:`mmm.modalities.image_text.pairing.joint_pairs`,
+UNITER's single-stream layout) and encodes them with the model's encoder in the same step. The
+ITM head then scores that batch like any other: it never sees the model.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from mmm.batch import PackedBatch
+from mmm.modalities.image_text.pairing import joint_pairs
+from mmm.registry import STEPS
+
+SOURCE = "itc"  # the contrastive targets mining reads (joint_pairs reads the same key)
+
+
+@STEPS.register("itm_hard_negatives")
+class HardNegativeMining:
+    """Mine ITM negatives from the contrastive head's similarities and encode them jointly.
+
+    Args:
+        head: the ITM head this strategy feeds (named in errors).
+        heads: every head of the model, by name (the similarity head is looked up here).
+        two_stream: the model fuses paired sequences (``model.image_text.layout: two_stream``); refused.
+        similarity_head: the contrastive head whose projections rank the candidates (``embed_pairs``,
+            ``scale``).
+        target: key of the ITM head's pair targets (a batch that has them is scored as it is; the mined
+            batch carries them under this key).
+    """
+
+    def __init__(self, head: str, heads: Dict[str, nn.Module], two_stream: bool = False,
+                 similarity_head: str = "itc", target: str = "itm") -> None:
+        if two_stream:
+            raise ValueError(f"objective {head}: negatives: hard re-pairs into the single-stream layout; it does "
+                             f"not support model.image_text.layout: two_stream yet")
+        if similarity_head not in heads:
+            raise ValueError(f"objective {head}: negatives: hard ranks candidates with the {similarity_head!r} head, "
+                             f"which the model lacks (heads: {list(heads)}); set similarity_head to a contrastive "
+                             f"head of the run")
+        if not callable(getattr(heads[similarity_head], "embed_pairs", None)):
+            raise ValueError(f"objective {head}: similarity_head {similarity_head!r} is a "
+                             f"{type(heads[similarity_head]).__name__}, which embeds no image-caption pairs; name a "
+                             f"contrastive head (e.g. itc)")
+        self.head, self.similarity_head, self.target = head, similarity_head, target
+
+    def applies(self, batch: PackedBatch) -> bool:
+        """A contrastive batch without pairs of its own (an ``itm`` batch keeps its in-batch negatives)."""
+        return self.target not in batch.targets and SOURCE in batch.targets
+
+    def __call__(self, model: nn.Module, hidden: torch.Tensor, batch: PackedBatch) -> Tuple[torch.Tensor, PackedBatch]:
+        """The mined joint batch and its encoder output, (N', d), for the ITM head.
+
+        Args:
+            model: the :class:`~mmm.model.MaskedModel` running the step (its encoder encodes the pairs).
+            hidden: (N, d) the shared pass over ``batch``.
+            batch: the contrastive batch.
+        """
+        joint = self.mine(model.objectives[self.similarity_head], hidden, batch)
+        return model.encode(joint), joint  # (N', d) the positives and the mined negatives, jointly
+
+    @torch.no_grad()
+    def mine(self, similarity: nn.Module, hidden: torch.Tensor, batch: PackedBatch) -> PackedBatch:
+        """The B matched pairs, then per image a caption and per caption an image drawn ∝ softmax(similarity)
+        among the non-matching ones (captions of identical text excluded), as one joint batch whose
+        ``extras["pairs"]`` gives each pair's caption and image index.
+
+        Args:
+            similarity: the contrastive head.
+            hidden: (N, d) encoder output of ``batch``.
+            batch: the contrastive batch (B captions, then B images).
+        """
+        image, text = similarity.embed_pairs(hidden, batch.targets[SOURCE])  # (B, E), (B, E)
+        sim = image @ text.T  # (B images, B captions)
+        b = sim.shape[0]
+        captions = batch.extras.get("captions") or [str(i) for i in range(b)]
+        same = torch.tensor([[x == y for y in captions] for x in captions], device=sim.device)  # (B, B)
+        scale = float(similarity.scale()) if hasattr(similarity, "scale") else 1.0
+        logits = (sim * scale).masked_fill(same, float("-inf"))  # (B, B)
+        text_of: List[int] = list(range(b))
+        image_of: List[int] = list(range(b))
+        rows = torch.isfinite(logits).any(1)  # an image with at least one non-matching caption
+        if rows.any():
+            drawn = torch.multinomial(logits[rows].softmax(-1), 1).squeeze(1)
+            for i, j in zip(rows.nonzero().squeeze(1).tolist(), drawn.tolist()):
+                text_of.append(j), image_of.append(i)
+        cols = torch.isfinite(logits).any(0)  # a caption with at least one non-matching image
+        if cols.any():
+            drawn = torch.multinomial(logits[:, cols].T.softmax(-1), 1).squeeze(1)
+            for j, i in zip(cols.nonzero().squeeze(1).tolist(), drawn.tolist()):
+                text_of.append(j), image_of.append(i)
+        labels = [1] * b + [0] * (len(text_of) - b)
+        vision_key = next(k for k in batch.inputs if k != "text")  # image (patches) or regions
+        joint = joint_pairs(batch, text_of, image_of, labels, vision_key)
+        joint.extras["pairs"] = {"text": text_of, "image": image_of}  # caption / image index of each joint pair
+        if self.target != "itm":
+            joint.targets[self.target] = joint.targets.pop("itm")
+        return joint
