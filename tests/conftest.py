@@ -1,18 +1,44 @@
-"""Shared test set-up: GPU tests skip cleanly without CUDA; caches go to a per-session tmp dir."""
+"""Shared test set-up: GPU tests skip cleanly without CUDA; caches go to a per-session tmp dir; under
+pytest-xdist (``-n``, set in pyproject.toml) each worker gets its share of the cores and the README chains,
+the longest tests, are handed out first; the slowest README commands are listed at the end of the run."""
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+README_CHAIN_TEST = "tests/test_readme_commands.py::test_every_readme_command_runs_at_smoke_size"
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # one worker per core: no worker's thread pool oversubscribes them
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # for the processes tests start
+
 
 def pytest_collection_modifyitems(config, items):
+    # The README chains (minutes each) first, so that no worker starts one when the rest of the suite is done.
+    # The same order in every worker (xdist requires it): a stable sort on a fixed key.
+    items.sort(key=lambda item: not item.nodeid.startswith(README_CHAIN_TEST))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The slowest README commands (wall and CPU seconds), from the ``readme_seconds`` each chain test records."""
+    reports = terminalreporter.getreports("passed") + terminalreporter.getreports("failed")
+    rows = [tuple(row) for report in reports if report.when == "call"
+            for name, value in report.user_properties if name == "readme_seconds" for row in value]
+    if not rows:
+        return
+    rows.sort(reverse=True)
+    terminalreporter.write_sep("=", f"slowest README commands (wall s, CPU s) of {len(rows)}; "
+                                    f"all: {sum(r[0] for r in rows):.0f} s wall, {sum(r[1] for r in rows):.0f} s CPU")
+    for wall, cpu, text in rows[:15]:
+        terminalreporter.write_line(f"{wall:7.1f} {cpu:7.1f}  {text}")
 
 
 @pytest.fixture(scope="session", autouse=True)

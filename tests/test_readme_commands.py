@@ -2,10 +2,20 @@
 
 The commands are read from the README's ``bash`` code blocks, so a command added to or changed in
 the README is tested without editing this file; a command this file has no smoke recipe for fails
-the test (add a recipe to :func:`smoke`). They run in one working folder, as a user following the
-README would: ``mmm demo`` writes ``runs/demo`` that ``mmm export`` later reads, the shard builders
-read inputs this test generates under the names the README uses (``corpus/``, ``photos/``,
-``genome.fa.gz``, ``peaks.bed``, ``clips/``, ``captions.csv``, ``regions/``).
+the test (add a recipe to :func:`smoke`). The shard builders read inputs this test generates under
+the names the README uses (``corpus/``, ``photos/``, ``genome.fa.gz``, ``peaks.bed``, ``clips/``,
+``captions.csv``, ``regions/``).
+
+Chains: commands that name a common path run one after the other, in README order, in one working
+folder, as a user following the README would (``mmm demo`` writes ``runs/demo`` that ``mmm export``
+later reads). The paths a command names are read from its command line, its parsed ``mmm``
+arguments with their defaults (``mmm demo --out`` is ``runs/demo``) and, for ``pretrain`` and
+``prepare``, every path in its resolved config (``trainer.default_root_dir``, ``data.train``,
+``model.init_from``, a teacher checkpoint); two commands share a chain when a path of one is, or
+lies inside, a path of the other (see :func:`command_paths` and :func:`chains`). Each chain is one
+test, in its own folder with its own copy of the inputs, so independent chains run in parallel
+under pytest-xdist, and a dependency the grouping missed fails (the file is not there) instead of
+racing. The embedded-data cache is the pytest worker's (``$MMM_CACHE_DIR`` of the session).
 
 Smoke size: training commands get ``--trainer.max_steps 2`` (a resume gets 4), fine-tuning one seed of
 4 steps, benchmarks their
@@ -13,7 +23,8 @@ Smoke size: training commands get ``--trainer.max_steps 2`` (a resume gets 4), f
 the same shards (their ``bf16``/multi-GPU trainer settings replaced); a ``torchrun``/``srun``
 launch runs its ``mmm pretrain`` as one CPU process on the text shards the README built. Commands
 that cannot run here (the test suite itself) are listed with the reason by
-:func:`test_commands_skipped_here_are_listed_with_a_reason`.
+:func:`test_commands_skipped_here_are_listed_with_a_reason`. Each command's wall and CPU seconds
+are recorded (``readme_seconds``) and the slowest are listed at the end of the run (``conftest.py``).
 """
 from __future__ import annotations
 
@@ -21,13 +32,15 @@ import csv
 import gzip
 import os
 import re
+import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, List, Optional
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import numpy as np
 import pytest
@@ -142,6 +155,100 @@ def smoke(cmd: Command) -> Command:
     return cmd
 
 
+# ----------------------------------------------------------------------------- chains of dependent commands
+
+USER_INPUTS = ("corpus", "photos", "captions.csv", "regions", "genome.fa.gz", "peaks.bed", "clips")
+"""What :func:`write_user_inputs` writes: read by commands, written by none, so naming one joins no chain."""
+_RELATIVE_PATH = re.compile(r"^[\w.\-]+(?:/[\w.\-]+)*/?$")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside nested dicts, lists and tuples."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _mmm_strings(argv: List[str]) -> List[str]:
+    """The string values of an ``mmm`` command's parsed arguments (defaults included) and, for ``pretrain`` and
+    ``prepare``, of its resolved config. A command that does not parse names nothing more (it fails when it runs)."""
+    from mmm.cli import build_parser, parse_overrides
+    from mmm.config import load_config, to_dict
+
+    try:
+        ns, rest = build_parser().parse_known_args(argv[1:])
+    except SystemExit:
+        return []
+    out = [v for k, v in vars(ns).items() if k != "fn"]
+    if ns.command in ("pretrain", "prepare") and not getattr(ns, "print_config", False):
+        try:  # the README's configs/... are relative to the working folder, where configs/ is the repository's
+            config = None if ns.config is None else REPO / ns.config
+            out += _strings(to_dict(load_config(config, parse_overrides(rest))))
+        except Exception:  # noqa: BLE001 - a config that does not load fails the command itself, with its message
+            pass
+    return list(_strings(out))
+
+
+def command_paths(cmd: Command) -> Set[PurePosixPath]:
+    """The working-folder paths ``cmd`` names: relative paths with a ``/`` (``runs/demo``, ``shards/text/``,
+    ``runs/text_mlm_tiny/checkpoints/last.ckpt``) from its command line and, for ``mmm``, its parsed arguments and
+    resolved config (:func:`_mmm_strings`); ``configs/`` and the inputs (read, never written) are left out."""
+    strings = list(cmd.argv[1:])
+    if cmd.argv[0].endswith("mmm"):
+        strings += _mmm_strings(cmd.argv)
+    out = set()
+    for s in strings:
+        if "/" not in s or not _RELATIVE_PATH.match(s) or s.startswith(("./", "../")):
+            continue
+        path = PurePosixPath(s)
+        if path.parts[0] not in ("configs", ".venv") + USER_INPUTS:
+            out.add(path)
+    return out
+
+
+def _overlap(a: Set[PurePosixPath], b: Set[PurePosixPath]) -> bool:
+    return any(x == y or x in y.parents or y in x.parents for x in a for y in b)
+
+
+@dataclass
+class Chain:
+    """Commands that share a path, in README order; one test runs them in one folder."""
+
+    commands: List[Command]
+    paths: Set[PurePosixPath]
+
+    @property
+    def name(self) -> str:
+        """A test id: the first command's program, sub-command and preset (``mmm-pretrain-text_mlm_tiny``)."""
+        argv = self.commands[0].argv
+        words = [Path(argv[0]).name] + [w for w in argv[1:3] if not w.startswith("-") and "/" not in w]
+        return "-".join(words + [Path(w).stem for w in argv if w.endswith(".yaml")][:1])
+
+
+def chains(commands: List[Command]) -> List[Chain]:
+    """``commands`` (smoke forms, skipped ones left out) grouped so that two commands whose paths overlap
+    (:func:`command_paths`: the same path, or one inside the other) are in one chain, each chain in README
+    order; chains ordered by their first command."""
+    groups: List[Chain] = []
+    for cmd in commands:
+        paths = command_paths(cmd)
+        joined = [g for g in groups if _overlap(g.paths, paths)]
+        merged = Chain([c for g in joined for c in g.commands] + [cmd], set(paths).union(*(g.paths for g in joined)))
+        merged.commands.sort(key=commands.index)
+        groups = [g for g in groups if not any(g is j for j in joined)] + [merged]
+    groups.sort(key=lambda g: commands.index(g.commands[0]))
+    return groups
+
+
+def readme_chains() -> List[Chain]:
+    return chains([c for c in map(smoke, readme_commands()) if not c.skip])
+
+
 # ----------------------------------------------------------------------------- inputs the README names
 
 
@@ -219,23 +326,84 @@ def test_commands_skipped_here_are_listed_with_a_reason():
     assert len(ran) >= 20, "the README lost most of its commands?"
 
 
-def test_every_readme_command_runs_at_smoke_size(tmp_path):
+README_CHAINS = readme_chains()
+
+
+def _smoke_lines(tmp_path: Path, *lines: str) -> List[Command]:
+    readme = tmp_path / "README.md"
+    readme.write_text("```bash\n" + "\n".join(lines) + "\n```\n", encoding="utf-8")
+    return [smoke(c) for c in readme_commands(readme)]
+
+
+def test_chains_join_commands_that_name_a_common_path(tmp_path):
+    cmds = _smoke_lines(
+        tmp_path,
+        ".venv/bin/mmm demo",                                                       # writes runs/demo (--out default)
+        ".venv/bin/mmm pretrain --config configs/text_mlm_tiny.yaml",               # runs/text_mlm_tiny (its config)
+        ".venv/bin/mmm pretrain --config configs/text_electra_tiny.yaml",           # runs/text_electra_tiny
+        ".venv/bin/mmm shards build photos/ shards/images --dataset image --labels folders",
+        ".venv/bin/mmm export hf runs/demo/text/run/checkpoints/last.ckpt exported/",  # inside runs/demo
+        ".venv/bin/mmm pretrain --config configs/text_distill_tiny.yaml",           # its config reads runs/text_mlm_tiny
+        ".venv/bin/mmm embed runs/demo/image/run/checkpoints/last.ckpt shards/images feats --modality image",
+    )
+    texts = [c.text for c in cmds]
+    # embed joins the demo's chain (runs/demo/...) and the image shards' chain (shards/images)
+    assert [[texts.index(c.text) for c in ch.commands] for ch in chains(cmds)] == [[0, 3, 4, 6], [1, 5], [2]]
+
+
+def test_command_paths_leave_out_inputs_configs_and_option_values(tmp_path):
+    build, resume = _smoke_lines(tmp_path, ".venv/bin/mmm shards build corpus/ shards/text --val_fraction 0.01",
+                                 ".venv/bin/mmm pretrain --config configs/text_mlm_tiny.yaml --trainer.ckpt_path last")
+    assert command_paths(build) == {PurePosixPath("shards/text")}
+    assert PurePosixPath("runs/text_mlm_tiny") in command_paths(resume)
+    assert not any(p.parts[0] in ("configs", "corpus") for p in command_paths(resume) | command_paths(build))
+
+
+def test_every_readme_command_is_in_one_chain_in_readme_order():
+    ran = [c for c in map(smoke, readme_commands()) if not c.skip]
+    listed = [c.text for ch in README_CHAINS for c in ch.commands]
+    assert sorted(listed) == sorted(c.text for c in ran)
+    order = [c.text for c in ran]
+    for ch in README_CHAINS:
+        positions = [order.index(c.text) for c in ch.commands]
+        assert positions == sorted(positions), ch.name
+    for a, b in ((x, y) for i, x in enumerate(README_CHAINS) for y in README_CHAINS[i + 1:]):
+        assert not _overlap(a.paths, b.paths), (a.name, b.name)
+
+
+
+
+@pytest.fixture(scope="module")
+def user_inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("readme_inputs")
+    write_user_inputs(root)
+    return root
+
+
+def _run(cmd: Command, cwd: Path, env: Dict[str, str]):
+    """Run ``cmd``; its process, wall seconds and CPU seconds (its own and its waited-for children's)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd.argv, cwd=cwd, env={**env, **cmd.env}, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return proc, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+@pytest.mark.parametrize("chain", README_CHAINS, ids=[f"{i:02d}-{c.name}" for i, c in enumerate(README_CHAINS)])
+def test_every_readme_command_runs_at_smoke_size(chain, user_inputs, tmp_path, record_property):
     work = tmp_path / "user"
-    work.mkdir()
-    write_user_inputs(work)
+    shutil.copytree(user_inputs, work)
     (work / "configs").symlink_to(REPO / "configs")
     (work / ".venv").symlink_to(VENV_BIN.parent)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MMM_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # $MMM_CACHE_DIR: the session's (conftest)
     env.pop("MMM_BENCH_MICRO", None)
     failures, seconds = [], []
-    for cmd in map(smoke, readme_commands()):
-        if cmd.skip:
-            continue
-        start = time.perf_counter()
-        proc = subprocess.run(cmd.argv, cwd=work, env={**env, **cmd.env}, capture_output=True, text=True, timeout=600)
-        seconds.append((time.perf_counter() - start, cmd.text))
+    for cmd in chain.commands:
+        proc, wall, cpu = _run(cmd, work, env)
+        seconds.append((round(wall, 1), round(cpu, 1), cmd.text))
         if proc.returncode != 0:
             failures.append(f"$ {cmd.text}\n  ran as: {shlex.join(cmd.argv)}\n  exit {proc.returncode}\n"
                             f"{(proc.stdout + proc.stderr)[-3000:]}")
-    print("\n".join(f"{t:6.1f} s  {text}" for t, text in sorted(seconds, reverse=True)))  # where the time goes (-s)
+    record_property("readme_seconds", seconds)  # listed, slowest first, at the end of the run (conftest.py)
     assert not failures, "README commands failed:\n\n" + "\n\n".join(failures)
