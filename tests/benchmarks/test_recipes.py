@@ -66,6 +66,26 @@ def test_every_modality_has_its_baseline_preset():
         assert all(t in recipes.TASKS for t in group.tasks)
 
 
+def test_every_recipe_config_loads_with_its_overrides():
+    for m, group in recipes.GROUPS.items():
+        present, _ = recipes.available(group)
+        for r in present:
+            cfg = recipes.recipe_config(r)  # a bad override key or value is a ConfigError here
+            assert cfg.trainer.max_steps > 0, (m, r.name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", ["dna", "audio"])
+def test_dna_and_audio_suites_run_every_recipe_at_smoke_size(modality, tmp_path, monkeypatch):
+    monkeypatch.setenv(suite.MICRO_ENV, "1")
+    assert cli_main(["bench", "--suite", "recipes", "--modality", modality, "--quick", "--out", str(tmp_path)]) == 0
+    sec = json.loads((tmp_path / "results.json").read_text())["sections"]["recipes"]
+    assert sec["skipped"] == [] and sec["budget_problems"] == []
+    assert [r["name"] for r in sec["recipes"]] == [r.name for r in recipes.GROUPS[modality].recipes]
+    rows = {(r["recipe"], r["task"]) for r in sec["results"]}
+    assert {(r.name, t) for r in recipes.GROUPS[modality].recipes for t in recipes.GROUPS[modality].tasks} <= rows
+
+
 def test_text_suite_smoke_equal_budgets_and_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv(suite.MICRO_ENV, "1")
     assert cli_main(["bench", "--suite", "recipes", "--modality", "text", "--quick", "--out", str(tmp_path)]) == 0
