@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 from mmm.config import ConfigError
 
@@ -41,6 +41,71 @@ def save_folder(directory: PathLike) -> Path:
         raise NotADirectoryError(f"cannot save tokenizer: {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+class SavedTokenizer:
+    """A tokenizer saved as a folder: a metadata JSON (``meta_file``: ``format_version``, ``kind`` and the
+    tokenizer's settings, :meth:`saved_meta`) beside the tokenizer's own files. Mixed into the text and
+    DNA tokenizers, which save and load alike: a subclass gives :meth:`saved_meta` and
+    :meth:`from_saved`, and extends :meth:`save` with its own files."""
+
+    meta_file: str
+    meta_keys: Tuple[str, ...] = ("kind",)
+    meta_version: int = 1
+    what: str = "tokenizer"
+    kind: str
+
+    def saved_meta(self) -> Dict[str, Any]:
+        """The settings :meth:`from_saved` rebuilds this tokenizer from (``kind`` and ``meta_keys`` at least)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_saved(cls, directory: Path, meta: Dict[str, Any]) -> "SavedTokenizer":
+        """The tokenizer a checked metadata dict (and the folder's other files) describe.
+
+        Args:
+            directory: the saved folder.
+            meta: its metadata, already checked by :meth:`load`.
+        """
+        raise NotImplementedError
+
+    def save(self, directory: PathLike) -> Path:
+        """Write the metadata JSON into ``directory`` (created if needed) and return the folder; a subclass
+        writes its own files after it.
+
+        Args:
+            directory: output folder.
+        """
+        out = save_folder(directory)
+        meta = {"format_version": self.meta_version, **self.saved_meta()}
+        (out / self.meta_file).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return out
+
+    @classmethod
+    def load(cls, directory: PathLike) -> Any:
+        """Restore a tokenizer written by :meth:`save`; it must be of this class (any of its kinds).
+
+        Args:
+            directory: the folder passed to :meth:`save`.
+        """
+        d = Path(directory)
+        path = d / cls.meta_file
+        if not path.is_file():
+            why = "no such folder" if not d.is_dir() else f"not a folder saved by a {cls.what}?"
+            raise FileNotFoundError(f"{cls.what} metadata {path} is missing ({why})")
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exn:
+            raise ValueError(f"cannot read {cls.what} metadata {path}: {exn}") from exn
+        if not isinstance(meta, dict) or not set(cls.meta_keys) <= set(meta):
+            raise ValueError(f"{cls.what} metadata {path} must be a JSON object with {', '.join(cls.meta_keys)}")
+        if meta.get("format_version", cls.meta_version) > cls.meta_version:
+            raise ValueError(f"{cls.what} metadata {path} has format_version {meta['format_version']}; this mmm "
+                             f"reads up to {cls.meta_version}")
+        tok = cls.from_saved(d, meta)
+        if not isinstance(tok, cls):
+            raise ValueError(f"{d} holds a {tok.kind!r} tokenizer, not a {cls.__name__}")
+        return tok
 
 
 def _role(name: str) -> property:

@@ -32,7 +32,6 @@ lexicographic order. BPE keeps the same five specials at 0..4.
 from __future__ import annotations
 
 import itertools
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from mmm.masking.base import TokenVocab
-from mmm.modalities.tokenizer_asset import RoleIds, save_folder
+from mmm.modalities.tokenizer_asset import RoleIds, SavedTokenizer
 from mmm.registry import TOKENIZERS
 
 __all__ = [
@@ -222,10 +221,11 @@ def _wrap(ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, add_special_tok
     return DNAEncoding(ids=ids, starts=starts, ends=ends)
 
 
-class DNATokenizer(RoleIds, ABC):
+class DNATokenizer(RoleIds, SavedTokenizer, ABC):
     """What every DNA tokenizer offers; subclasses implement :meth:`_tokenize` and the vocabulary."""
 
     kind: str
+    meta_file, meta_version, what = META_FILE, _META_VERSION, "DNA tokenizer"
     role_ids = {"pad": PAD_ID, "unk": UNK_ID, "cls": CLS_ID, "sep": SEP_ID, "mask": MASK_ID}
 
     @property
@@ -298,30 +298,31 @@ class DNATokenizer(RoleIds, ABC):
         return table
 
     # ------------------------------------------------------------------ persistence
-    def _meta(self) -> Dict[str, Any]:
-        return {"format_version": _META_VERSION, "kind": self.kind, "special_tokens": list(SPECIAL_TOKENS)}
-
-    def save(self, directory: PathLike) -> Path:
-        """Write ``mmm_dna_tokenizer.json`` (and ``tokenizer.json`` for BPE): JSON files only.
-
-        Args:
-            directory: output folder, created if needed.
-        """
-        out = save_folder(directory)
-        (out / META_FILE).write_text(json.dumps(self._meta(), indent=2) + "\n", encoding="utf-8")
-        return out
+    def saved_meta(self) -> Dict[str, Any]:
+        """``kind`` and the special tokens (a k-mer tokenizer adds ``k`` and ``overlapping``)."""
+        return {"kind": self.kind, "special_tokens": list(SPECIAL_TOKENS)}
 
     @classmethod
-    def load(cls, directory: PathLike) -> "DNATokenizer":
-        """Restore a tokenizer written by :meth:`save`; it must be of this class's kind.
+    def from_saved(cls, directory: Path, meta: Dict[str, Any]) -> "DNATokenizer":
+        """The DNA tokenizer of ``meta["kind"]`` (BPE reads ``tokenizer.json`` beside the metadata); what
+        :meth:`load` (:meth:`~mmm.modalities.tokenizer_asset.SavedTokenizer.load`) builds."""
+        kind = meta["kind"]
+        if kind == "dna_char":
+            return DNACharTokenizer()
+        if kind == "dna_kmer":
+            return DNAKmerTokenizer(k=meta.get("k"), overlapping=meta.get("overlapping"))
+        if kind == "dna_bpe":
+            from tokenizers import Tokenizer
 
-        Args:
-            directory: the folder passed to :meth:`save`.
-        """
-        tok = load_dna_tokenizer(directory)
-        if not isinstance(tok, cls):
-            raise ValueError(f"{directory} holds a {tok.kind!r} tokenizer, not a {cls.__name__}")
-        return tok
+            hf = directory / HF_FILE
+            if not hf.is_file():
+                raise FileNotFoundError(f"BPE tokenizer file {hf} is missing")
+            try:
+                return DNABPETokenizer(Tokenizer.from_file(str(hf)))
+            except Exception as exn:  # the Rust side raises a plain Exception on bad JSON
+                raise ValueError(f"cannot read BPE tokenizer {hf}: {exn}") from exn
+        raise ValueError(f"{directory / META_FILE}: unknown DNA tokenizer kind {kind!r}; known: dna_char, dna_kmer, "
+                         f"dna_bpe")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
@@ -449,8 +450,8 @@ class DNAKmerTokenizer(DNATokenizer):
                 out[t] = table[i]
         return "".join(out)
 
-    def _meta(self) -> Dict[str, Any]:
-        return {**super()._meta(), "k": self.k, "overlapping": self.overlapping}
+    def saved_meta(self) -> Dict[str, Any]:
+        return {**super().saved_meta(), "k": self.k, "overlapping": self.overlapping}
 
     def __repr__(self) -> str:
         return f"DNAKmerTokenizer(k={self.k}, overlapping={self.overlapping}, vocab_size={self.vocab_size})"
@@ -569,31 +570,4 @@ def load_dna_tokenizer(directory: PathLike) -> DNATokenizer:
     Args:
         directory: the folder holding ``mmm_dna_tokenizer.json``.
     """
-    d = Path(directory)
-    meta_path = d / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"DNA tokenizer metadata {meta_path} is missing (not saved by a DNA tokenizer?)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exn:
-        raise ValueError(f"cannot read DNA tokenizer metadata {meta_path}: {exn}") from exn
-    if not isinstance(meta, dict) or "kind" not in meta:
-        raise ValueError(f"DNA tokenizer metadata {meta_path} must be a JSON object with a 'kind'")
-    if meta.get("format_version", _META_VERSION) > _META_VERSION:
-        raise ValueError(f"{meta_path} has format_version {meta['format_version']}; this mmm reads up to {_META_VERSION}")
-    kind = meta["kind"]
-    if kind == "dna_char":
-        return DNACharTokenizer()
-    if kind == "dna_kmer":
-        return DNAKmerTokenizer(k=meta.get("k"), overlapping=meta.get("overlapping"))
-    if kind == "dna_bpe":
-        from tokenizers import Tokenizer
-
-        hf = d / HF_FILE
-        if not hf.is_file():
-            raise FileNotFoundError(f"BPE tokenizer file {hf} is missing")
-        try:
-            return DNABPETokenizer(Tokenizer.from_file(str(hf)))
-        except Exception as exn:  # the Rust side raises a plain Exception on bad JSON
-            raise ValueError(f"cannot read BPE tokenizer {hf}: {exn}") from exn
-    raise ValueError(f"{meta_path}: unknown DNA tokenizer kind {kind!r}; known: dna_char, dna_kmer, dna_bpe")
+    return DNATokenizer.load(directory)

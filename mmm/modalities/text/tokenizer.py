@@ -15,7 +15,6 @@ pre-tokenized word), so whole-word maskers work the same for ``##`` pieces and f
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Sequence, Tuple, Union
 
@@ -23,7 +22,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from mmm.masking.base import TokenVocab
-from mmm.modalities.tokenizer_asset import RoleIds, save_folder
+from mmm.modalities.tokenizer_asset import RoleIds, SavedTokenizer
 from mmm.registry import TOKENIZERS
 
 ROLES: Tuple[str, ...] = ("pad", "unk", "cls", "sep", "mask")
@@ -41,7 +40,7 @@ PathLike = Union[str, Path]
 Encoded = Tuple[np.ndarray, np.ndarray]
 
 
-class TextTokenizer(RoleIds):
+class TextTokenizer(RoleIds, SavedTokenizer):
     """A trained HF tokenizer plus the special-token roles masked modeling needs.
 
     Args:
@@ -50,6 +49,8 @@ class TextTokenizer(RoleIds):
         lowercase: whether the normalizer lowercases (recorded so a saved tokenizer says so).
         kind: the scheme, ``"wordpiece"`` or ``"bpe"``; decides whether ``vocab.txt`` is written.
     """
+
+    meta_file, meta_keys, meta_version = META_FILE, ("kind", "lowercase", "roles"), _META_VERSION
 
     def __init__(self, tokenizer: Tokenizer, roles: Mapping[str, str], lowercase: bool, kind: str) -> None:
         if kind not in ("wordpiece", "bpe"):
@@ -242,10 +243,8 @@ class TextTokenizer(RoleIds):
         Returns:
             The folder as a :class:`~pathlib.Path`.
         """
-        out = save_folder(directory)
+        out = super().save(directory)  # mmm_tokenizer.json
         self.tokenizer.save(str(out / TOKENIZER_FILE))
-        meta = {"format_version": _META_VERSION, "kind": self.kind, "lowercase": self.lowercase, "roles": self.roles}
-        (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if self.kind == "wordpiece":
             by_id = sorted(self.tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
             if [i for _, i in by_id] != list(range(len(by_id))):
@@ -253,31 +252,17 @@ class TextTokenizer(RoleIds):
             (out / VOCAB_FILE).write_text("".join(tok + "\n" for tok, _ in by_id), encoding="utf-8")
         return out
 
-    @classmethod
-    def load(cls, directory: PathLike) -> "TextTokenizer":
-        """Restore a tokenizer written by :meth:`save`.
+    def saved_meta(self) -> Dict[str, object]:
+        """``kind``, ``lowercase`` and ``roles`` (what :meth:`from_saved` needs beside ``tokenizer.json``)."""
+        return {"kind": self.kind, "lowercase": self.lowercase, "roles": self.roles}
 
-        Args:
-            directory: the folder passed to :meth:`save`.
-        """
-        d = Path(directory)
-        if not d.is_dir():
-            raise FileNotFoundError(f"tokenizer directory {d} does not exist or is not a directory")
-        tok_path, meta_path = d / TOKENIZER_FILE, d / META_FILE
-        for p in (tok_path, meta_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"tokenizer file {p} is missing (expected {TOKENIZER_FILE} and {META_FILE})")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read tokenizer metadata {meta_path}: {e}") from e
-        if not isinstance(meta, dict) or not {"kind", "lowercase", "roles"} <= set(meta):
-            raise ValueError(f"tokenizer metadata {meta_path} must be an object with kind, lowercase and roles")
-        if meta.get("format_version", _META_VERSION) > _META_VERSION:
-            raise ValueError(
-                f"tokenizer metadata {meta_path} has format_version {meta['format_version']}; "
-                f"this mmm reads up to {_META_VERSION}"
-            )
+    @classmethod
+    def from_saved(cls, directory: Path, meta: Dict[str, object]) -> "TextTokenizer":
+        """The tokenizer in ``directory/tokenizer.json`` with the roles and settings of ``meta`` (see
+        :meth:`~mmm.modalities.tokenizer_asset.SavedTokenizer.load`, which :meth:`load` is)."""
+        tok_path = directory / TOKENIZER_FILE
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"tokenizer file {tok_path} is missing (expected {TOKENIZER_FILE} and {META_FILE})")
         try:
             tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as e:  # the Rust side raises a plain Exception on bad JSON or schema
