@@ -18,7 +18,7 @@ from torch import nn
 
 from mmm.config import EncoderConfig
 from mmm.core.attention import FlexContext, flex_context, resolve_backend
-from mmm.core.packing import PackedSeqInfo
+from mmm.core.packing import LongestFirst, PackedSeqInfo
 from mmm.core.position import RELATIVE_POSITIONS, ALiBi, Rotary, apply_rotary
 from mmm.registry import ATTENTION_BACKENDS
 
@@ -193,28 +193,40 @@ class TransformerEncoder(nn.Module):
             causal: each token attends only to itself and the earlier tokens of its own sequence
                 (causal language modelling); False = bidirectional (masked modelling).
         """
-        backend = self.backend_for(x.device)
-        rope = self.rotary.tables(seq.position_ids) if self.rotary is not None else None  # once per batch
-        bias = flex_context(seq, self.alibi, causal) if backend == "flex" else self.alibi  # block mask once per batch
-        route = self.route(modality)
+        x, seq, order, run = self._batch_setup(x, seq, modality, causal)
         for block in self.blocks:
-            x = block(x, seq, backend, bias, rope, route, causal)
+            x = block(x, seq, *run)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return x
+        return x if order is None else x.index_select(0, order.scatter)  # (N, d) in the batch's order
+
+    def _batch_setup(self, x: torch.Tensor, seq: PackedSeqInfo, modality: Union[None, int, torch.Tensor],
+                     causal: bool) -> Tuple[torch.Tensor, PackedSeqInfo, Optional[LongestFirst], tuple]:
+        """What every block reads, computed once per batch: ``(x, seq, order, (backend, bias, rope, route, causal))``.
+
+        On the sdpa backend a batch not in longest-first order (fine-tuning, embedding) is reordered
+        here once (``order``; :class:`~mmm.core.packing.LongestFirst`), so that its length groups hold
+        similar lengths; the caller scatters the outputs back with ``order.scatter``.
+        """
+        backend = self.backend_for(x.device)
+        order = seq.longest_first if backend == "sdpa" else None
+        if order is not None:
+            x, seq = x.index_select(0, order.gather), order.layout  # (N, d) longest first
+            if isinstance(modality, torch.Tensor):
+                modality = modality.index_select(0, order.gather)
+        rope = self.rotary.tables(seq.position_ids) if self.rotary is not None else None  # once per batch
+        bias = flex_context(seq, self.alibi, causal) if backend == "flex" else self.alibi  # block mask once per batch
+        return x, seq, order, (backend, bias, rope, self.route(modality), causal)
 
     def block_outputs(self, x: torch.Tensor, seq: PackedSeqInfo, modality: Union[None, int, torch.Tensor] = None,
                       causal: bool = False) -> List[torch.Tensor]:
         """Every block's (N, d) output, first to last, without the final norm (the layers a
         data2vec teacher averages its targets over); ``modality`` and ``causal`` as in :meth:`forward`."""
-        backend = self.backend_for(x.device)
-        rope = self.rotary.tables(seq.position_ids) if self.rotary is not None else None
-        bias = flex_context(seq, self.alibi, causal) if backend == "flex" else self.alibi
-        route = self.route(modality)
+        x, seq, order, run = self._batch_setup(x, seq, modality, causal)
         outputs = []
         for block in self.blocks:
-            x = block(x, seq, backend, bias, rope, route, causal)
-            outputs.append(x)
+            x = block(x, seq, *run)
+            outputs.append(x if order is None else x.index_select(0, order.scatter))
         return outputs
 
 

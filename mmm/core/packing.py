@@ -17,12 +17,26 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 PAD_GROUPS = 4
 """Most contiguous length groups a batch of ≥ 2·PAD_GROUPS sequences is split into for padded backends."""
+
+
+class LongestFirst(NamedTuple):
+    """A batch's stream reordered so that its sequences run longest first (each sequence's tokens
+    stay contiguous and in order), for the length groups of padded backends.
+
+    Collators pack longest first already; fine-tuning and embedding batches come in data order, where
+    contiguous groups would each be padded to nearly the batch's longest sequence. The encoder gathers
+    the stream into this order once per forward, runs every layer on ``layout``, and scatters back.
+    """
+
+    gather: torch.Tensor  # (N,) int64: token i of the reordered stream is token gather[i] of the batch
+    scatter: torch.Tensor  # (N,) int64: token j of the batch is token scatter[j] of the reordered stream
+    layout: "PackedSeqInfo"  # the reordered stream's layout, with its contiguous length groups
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,6 +55,8 @@ class PackedSeqInfo:
             batch is padded as one (see :meth:`from_seqlens`).
         attn_bias: the xformers ``BlockDiagonalMask`` of the batch on CUDA, else None.
         causal_attn_bias: its causal form (``BlockDiagonalCausalMask``, sharing the same offsets), else None.
+        longest_first: for a batch not in longest-first order whose sorted form has length groups,
+            the reordering to it (:class:`LongestFirst`); else None.
     """
 
     cu_seqlens: torch.Tensor
@@ -53,6 +69,7 @@ class PackedSeqInfo:
     pad_groups: Tuple[Tuple[int, int, "PackedSeqInfo"], ...] = ()
     attn_bias: Any = None
     causal_attn_bias: Any = None
+    longest_first: Optional[LongestFirst] = None
 
     @classmethod
     def from_seqlens(cls, seqlens: Sequence[int], device: torch.device | str | None = None,
@@ -65,7 +82,9 @@ class PackedSeqInfo:
             max_seqlen: pad to this length instead of the longest sequence (benchmarks of padded baselines).
             pad_groups: split a batch of at least ``2 * pad_groups`` sequences into at most that
                 many contiguous runs, each padded only to its own longest sequence (collators pack
-                longest first, so a run holds similar lengths; see :func:`group_bounds`); 0 = never split.
+                longest first, so a run holds similar lengths; see :func:`group_bounds`); a batch in
+                another order also gets the grouped layout of its longest-first reordering
+                (``longest_first``); 0 = never split.
         """
         lengths = tuple(int(n) for n in seqlens)
         if len(lengths) == 0:
@@ -111,7 +130,24 @@ class PackedSeqInfo:
                 starts.append(starts[-1] + length)
             groups = tuple((starts[i0], starts[i1], cls.from_seqlens(lengths[i0:i1], pad_groups=0))
                            for i0, i1 in zip(bounds[:-1], bounds[1:]))
-        return cls(cu, width, pos, lengths, pad_index, valid.view(b, width), False, groups)
+        return cls(cu, width, pos, lengths, pad_index, valid.view(b, width), False, groups,
+                   longest_first=cls._longest_first(lengths, cu, width, pad_groups))
+
+    @classmethod
+    def _longest_first(cls, lengths: Tuple[int, ...], cu: torch.Tensor, width: int,
+                       pad_groups: int) -> Optional[LongestFirst]:
+        """The reordering to longest first, when the batch is not in that order and its sorted form has groups."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their order
+        if pad_groups <= 0 or len(lengths) < 2 * pad_groups or order == list(range(len(lengths))):
+            return None
+        layout = cls._build(tuple(lengths[i] for i in order), width, pad_groups)
+        if not layout.pad_groups:
+            return None
+        idx = torch.tensor(order)
+        gather = index_ranges(cu[:-1].long()[idx], torch.tensor(lengths)[idx])  # (N,)
+        scatter = torch.empty_like(gather)
+        scatter[gather] = torch.arange(gather.shape[0])
+        return LongestFirst(gather, scatter, layout)
 
     @property
     def seqlens(self) -> List[int]:
@@ -134,16 +170,21 @@ class PackedSeqInfo:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
 
+        lf = self.longest_first
         info = PackedSeqInfo(move(self.cu_seqlens), self.max_seqlen, move(self.position_ids), self.lengths,
                              move(self.pad_index), move(self.key_padding), self.is_uniform,
-                             tuple((s, e, g.to(device)) for s, e, g in self.pad_groups))
+                             tuple((s, e, g.to(device)) for s, e, g in self.pad_groups),
+                             longest_first=lf and LongestFirst(move(lf.gather), move(lf.scatter), lf.layout.to(device)))
         return info._with_attn_bias() if device.type == "cuda" else info
 
     def pin_memory(self) -> "PackedSeqInfo":
         """The same layout in pinned host memory (for non-blocking copies to the GPU)."""
+        lf = self.longest_first
         return PackedSeqInfo(self.cu_seqlens.pin_memory(), self.max_seqlen, self.position_ids.pin_memory(),
                              self.lengths, self.pad_index.pin_memory(), self.key_padding.pin_memory(),
-                             self.is_uniform, tuple((s, e, g.pin_memory()) for s, e, g in self.pad_groups))
+                             self.is_uniform, tuple((s, e, g.pin_memory()) for s, e, g in self.pad_groups),
+                             longest_first=lf and LongestFirst(lf.gather.pin_memory(), lf.scatter.pin_memory(),
+                                                               lf.layout.pin_memory()))
 
     def _with_attn_bias(self) -> "PackedSeqInfo":
         if not self.is_uniform and _xformers_bias_available():
@@ -151,7 +192,8 @@ class PackedSeqInfo:
 
             mask = BlockDiagonalMask.from_seqlens(list(self.lengths), device=self.cu_seqlens.device)
             return PackedSeqInfo(self.cu_seqlens, self.max_seqlen, self.position_ids, self.lengths, self.pad_index,
-                                 self.key_padding, self.is_uniform, self.pad_groups, mask, mask.make_causal())
+                                 self.key_padding, self.is_uniform, self.pad_groups, mask, mask.make_causal(),
+                                 self.longest_first)
         return self
 
     # -- padded views for backends without a varlen kernel --------------------------------
@@ -161,7 +203,7 @@ class PackedSeqInfo:
         if self.is_uniform:
             return x.view(self.batch_size, self.max_seqlen, *x.shape[1:])
         out = x.new_zeros(self.batch_size * self.max_seqlen, *x.shape[1:])
-        out = out.index_copy(0, self.pad_index, x)
+        out.index_copy_(0, self.pad_index, x)  # in place: the out-of-place form clones the zeros first
         return out.view(self.batch_size, self.max_seqlen, *x.shape[1:])
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:

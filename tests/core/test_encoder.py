@@ -73,3 +73,26 @@ def test_bad_configs_are_named():
         TransformerEncoder(EncoderConfig(relative_position="xpos"))
     with pytest.raises(ValueError, match="attention=flex has no attention dropout"):
         TransformerEncoder(EncoderConfig(attention="flex", attn_dropout=0.1))
+
+
+@pytest.mark.parametrize("name", ["bert_post_ln", "mosaic_geglu_alibi", "swiglu_rotary"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_a_batch_in_data_order_runs_longest_first_on_sdpa_and_matches_math(name, causal):
+    """The sdpa path reorders a batch not sorted by length once (its length groups then hold similar
+    lengths) and scatters back: outputs, every block's output and all gradients equal the math reference."""
+    enc = _encoder(**VARIANTS[name])
+    seq = PackedSeqInfo.from_seqlens([7, 30, 2, 18, 1, 25, 9, 14, 3, 22, 11])
+    assert seq.longest_first is not None
+    x0 = torch.randn(seq.num_tokens, 32)
+    outs, blocks, grads = {}, {}, {}
+    for backend in ("sdpa", "math"):
+        enc.cfg.attention = backend
+        enc.zero_grad()
+        x = x0.clone().requires_grad_()
+        out = enc(x, seq, causal=causal)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs[backend], grads[backend] = out.detach(), [x.grad] + [p.grad for p in enc.parameters()]
+        blocks[backend] = [b.detach() for b in enc.block_outputs(x0, seq, causal=causal)]
+    torch.testing.assert_close(outs["sdpa"], outs["math"], atol=1e-5, rtol=1e-5)
+    for a, b in zip(blocks["sdpa"] + grads["sdpa"], blocks["math"] + grads["math"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -109,3 +109,14 @@ def test_folding_an_expert_gives_a_plain_encoder_equal_to_that_modalitys_path():
     weight = torch.ones(1)
     unchanged = fold_modality_experts({"encoder.blocks.0.mlp.fc1.weight": weight}, 0)  # no experts: as it was
     assert list(unchanged) == ["encoder.blocks.0.mlp.fc1.weight"] and unchanged["encoder.blocks.0.mlp.fc1.weight"] is weight
+
+
+def test_experts_route_each_token_after_the_longest_first_reordering():
+    """On sdpa a batch in data order is reordered for its length groups; each token still passes its own expert."""
+    torch.manual_seed(0)
+    enc = TransformerEncoder(_cfg(attention="sdpa"), experts=2).eval()
+    seq = PackedSeqInfo.from_seqlens([4, 9, 2, 7, 1, 6, 3, 8])
+    assert seq.longest_first is not None
+    x = torch.randn(seq.num_tokens, D)
+    route = torch.randint(0, 2, (seq.num_tokens,))
+    torch.testing.assert_close(enc(x, seq, modality=route), _reference(enc, x, seq, route), atol=1e-5, rtol=1e-5)

@@ -54,3 +54,26 @@ def test_length_groups_put_the_leading_full_length_run_alone():
     assert group_bounds([9, 8, 9, 8, 9, 8, 9, 8]) == []  # every group padded to 9: pad the batch as one
     assert group_bounds([40, 3, 17, 64, 1, 9, 33, 12, 5, 28, 2]) == [0, 3, 6, 8, 11]  # no run: equal counts
     assert group_bounds([5, 4, 3]) == [] and group_bounds(lengths, groups=0) == []
+
+
+def test_a_batch_in_data_order_carries_its_longest_first_reordering():
+    """Fine-tuning batches come in data order: their length groups are formed on the batch reordered
+    longest first (each sequence kept whole and in order), and ``scatter`` undoes ``gather``."""
+    lengths = [40, 3, 17, 64, 1, 9, 33, 12, 5, 28, 2]
+    seq = PackedSeqInfo.from_seqlens(lengths)
+    lf = seq.longest_first
+    assert lf is not None and lf.layout.lengths == tuple(sorted(lengths, reverse=True))
+    assert lf.layout.pad_groups and lf.layout.longest_first is None
+    n = seq.num_tokens
+    assert torch.equal(lf.gather[lf.scatter], torch.arange(n)) and torch.equal(lf.scatter[lf.gather], torch.arange(n))
+    x = torch.arange(n)
+    cu = seq.cu_seqlens.tolist()
+    by_length = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    assert torch.equal(x[lf.gather], torch.cat([x[cu[i]:cu[i + 1]] for i in by_length]))
+    assert torch.equal(lf.layout.position_ids, seq.position_ids[lf.gather])
+    # already longest first, too few sequences, or no grouping asked: nothing to reorder
+    assert PackedSeqInfo.from_seqlens(sorted(lengths, reverse=True)).longest_first is None
+    assert PackedSeqInfo.from_seqlens([3, 9, 5]).longest_first is None
+    assert PackedSeqInfo.from_seqlens(lengths, pad_groups=0).longest_first is None
+    moved = seq.to("cpu")
+    assert moved.longest_first is not None and torch.equal(moved.longest_first.gather, lf.gather)
