@@ -189,8 +189,7 @@ class GridDecoder(nn.Module):
         super().__init__()
         from mmm.modalities.image.embedder import sincos_2d_table
 
-        self.prefix, self.num_patches = embedder.num_prefix_tokens, embedder.num_patches
-        self._embedder = [embedder]  # a reference (visible_index), not a submodule
+        self.prefix, self.num_patches = embedder.num_prefix_tokens, embedder.num_patches  # the geometry, read once
         self.embed = nn.Linear(dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, width))
         table = torch.cat([torch.zeros(self.prefix, width), sincos_2d_table(embedder.grid, width)])
@@ -208,9 +207,10 @@ class GridDecoder(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N_visible, d) encodings and the (B, P) mask → (M, d) predictions at the hidden patches (mask order)."""
+        from mmm.modalities.image.embedder import visible_slots
+
         b, t = mask.shape[0], self.prefix + self.num_patches
-        idx = self._embedder[0].visible_index(mask)
-        slot = idx.image * t + self.prefix + idx.patch  # [CLS] (patch -1) lands in column 0
+        slot = visible_slots(mask, self.prefix)  # (N_visible,) each encoded token's cell, [CLS] in column 0
         x = self.embed(hidden)  # (N_visible, width)
         full = self.mask_token.to(x.dtype).expand(b * t, -1).index_copy(0, slot, x)  # (B*T, width)
         full = (full.view(b, t, -1) + self.pos.to(x.dtype)).view(b * t, -1)

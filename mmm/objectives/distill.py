@@ -141,7 +141,7 @@ class FrozenTeacherDistillation(nn.Module):
             raise ValueError(f"objective distill: teacher_dim must be a positive integer or null, got {teacher_dim!r}")
         self.modality, self.teacher_input, self.loss, self.target_norm = modality, teacher_input, loss, target_norm
         self.teacher_spec = teacher
-        self._student_embedder = [embedders[modality]]  # a reference for the compatibility check, not a submodule
+        self.student_reads = _reads(embedders[modality])  # numbers the teacher must match, checked when it loads
         self.teacher_dim = int(teacher_dim or dim)
         self.proj = nn.Linear(dim, self.teacher_dim) if self.teacher_dim != dim else None
         self._frozen: Optional[_Frozen] = None
@@ -151,7 +151,7 @@ class FrozenTeacherDistillation(nn.Module):
         """The frozen teacher, read from its file on first use and checked against the student."""
         if self._frozen is None:
             module = load_teacher(self.teacher_spec, self.modality)
-            _check_compatible(module.embedder, self._student_embedder[0], self.modality)
+            _check_compatible(module.embedder, self.student_reads, self.modality)
             width = int(module.encoder.cfg.dim)
             if width != self.teacher_dim:
                 raise ValueError(f"objective distill: the teacher is {width} wide but this head expects "
@@ -178,19 +178,16 @@ class FrozenTeacherDistillation(nn.Module):
         if isinstance(inp, FeatureInput):
             rows = torch.arange(n, device=device) if inp.mask is None else (~inp.mask).nonzero().squeeze(1)
             return rows, rows
+        from mmm.modalities.image.embedder import visible_slots
+
         emb = self.teacher.module.embedder
-        b, t = inp.num_images, emb.num_prefix_tokens + emb.num_patches
-        mask = inp.mask if inp.mask is not None else torch.zeros(b, emb.num_patches, dtype=torch.bool,
+        mask = inp.mask if inp.mask is not None else torch.zeros(inp.num_images, emb.num_patches, dtype=torch.bool,
                                                                  device=inp.pixels.device)
-        if inp.drop_masked:  # the student's stream holds only the visible patches (and [CLS])
-            rows = torch.arange(n, device=device)
-            if self.teacher_input == "masked":
-                return rows, rows
-            idx = emb.visible_index(mask)
-            return rows, idx.image * t + emb.num_prefix_tokens + idx.patch  # [CLS] (patch -1) → column 0
-        grid = torch.cat([torch.ones(b, emb.num_prefix_tokens, dtype=torch.bool, device=mask.device), ~mask], 1)
-        rows = grid.reshape(-1).nonzero().squeeze(1)  # (B*T) layout, visible = prefix + unmasked patches
-        return rows, rows
+        slots = visible_slots(mask, emb.num_prefix_tokens)  # (V,) [CLS] and unmasked patches in the (B*T) layout
+        if not inp.drop_masked:
+            return slots, slots
+        rows = torch.arange(n, device=device)  # the student's stream holds only the visible patches (and [CLS])
+        return rows, (rows if self.teacher_input == "masked" else slots)
 
     # ------------------------------------------------------------------ the teacher
 
@@ -249,23 +246,44 @@ class FrozenTeacherDistillation(nn.Module):
         return ObjectiveOutput(global_mean(loss_sum, count, in_lockstep(self)), {"cosine": cos.detach().mean()}, count)
 
 
-def _check_compatible(teacher: nn.Module, student: nn.Module, modality: str) -> None:
-    """Refuse a teacher that cannot read the student's batches (vocabulary, patch grid, feature size)."""
-    tokens = getattr(student, "tokens", None)
+GRID = ("num_prefix_tokens", "num_patches", "patch_size")
+
+
+def _reads(embedder: nn.Module) -> Optional[Tuple[str, Tuple[Any, ...]]]:
+    """What an embedder's input must be, as numbers: ``("vocabulary", (ids,))``, ``("grid", (prefix tokens,
+    patches, patch size))`` or ``("features", (size,))``; None when none applies."""
+    tokens = getattr(embedder, "tokens", None)
     if isinstance(tokens, nn.Embedding):
-        theirs = getattr(getattr(teacher, "tokens", None), "num_embeddings", None)
-        if theirs != tokens.num_embeddings:
-            raise ValueError(f"objective distill: the {modality!r} teacher has a vocabulary of {theirs} ids but the "
-                             f"student {tokens.num_embeddings}; the teacher must share the student's tokenizer")
+        return "vocabulary", (tokens.num_embeddings,)
+    if hasattr(embedder, "num_patches"):
+        return "grid", tuple(getattr(embedder, a) for a in GRID)
+    if hasattr(embedder, "feature_dim"):
+        return "features", (embedder.feature_dim,)
+    return None
+
+
+def _check_compatible(teacher: nn.Module, student: Optional[Tuple[str, Tuple[Any, ...]]], modality: str) -> None:
+    """Refuse a teacher that cannot read the student's batches (vocabulary, patch grid, feature size).
+
+    Args:
+        teacher: the teacher's embedder.
+        student: what the student's embedder reads (:func:`_reads`).
+        modality: named in errors.
+    """
+    if student is None:
         return
-    if hasattr(student, "num_patches"):
-        mine = (student.num_prefix_tokens, student.num_patches, student.patch_size)
-        theirs = tuple(getattr(teacher, a, None) for a in ("num_prefix_tokens", "num_patches", "patch_size"))
+    kind, mine = student
+    if kind == "vocabulary":
+        theirs = getattr(getattr(teacher, "tokens", None), "num_embeddings", None)
+        if theirs != mine[0]:
+            raise ValueError(f"objective distill: the {modality!r} teacher has a vocabulary of {theirs} ids but the "
+                             f"student {mine[0]}; the teacher must share the student's tokenizer")
+    elif kind == "grid":
+        theirs = tuple(getattr(teacher, a, None) for a in GRID)
         if mine != theirs:
             raise ValueError(f"objective distill: the image teacher's (prefix tokens, patches, patch size) are "
                              f"{theirs} but the student's {mine}; the tokens must line up (timm_kwargs img_size / "
                              f"class_token can set the teacher's)")
-        return
-    if hasattr(student, "feature_dim") and getattr(teacher, "feature_dim", None) != student.feature_dim:
+    elif getattr(teacher, "feature_dim", None) != mine[0]:
         raise ValueError(f"objective distill: the {modality!r} teacher reads {getattr(teacher, 'feature_dim', None)}"
-                         f"-value tokens but the student {student.feature_dim}; the front ends must match")
+                         f"-value tokens but the student {mine[0]}; the front ends must match")
