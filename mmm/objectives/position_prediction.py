@@ -68,7 +68,7 @@ class PositionPrediction(nn.Module):
             raise ValueError(f"objective mp3: the {modality!r} embedder is neither an image patch embedder nor an "
                              f"audio feature embedder")
         self.modality, self.label_smoothing = modality, float(label_smoothing)
-        self._embedder = [emb]  # a reference (visible_index), not a submodule
+        self.prefix = int(getattr(emb, "num_prefix_tokens", 0))  # image: [CLS] before the patches
         if hidden:
             self.head = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=encoder_cfg.norm_eps),
                                       nn.Linear(hidden, self.num_positions))
@@ -82,11 +82,12 @@ class PositionPrediction(nn.Module):
         if inp is None:
             return None
         if isinstance(inp, ImageInput):
-            emb = self._embedder[0]
+            from mmm.modalities.image.embedder import visible_patches
+
             dropped = inp.mask is not None and inp.drop_masked
-            layout = inp.mask if dropped else torch.zeros(inp.num_images, emb.num_patches, dtype=torch.bool,
+            layout = inp.mask if dropped else torch.zeros(inp.num_images, self.num_positions, dtype=torch.bool,
                                                             device=inp.pixels.device)
-            idx = emb.visible_index(layout)  # where each token of the stream came from
+            idx = visible_patches(layout, self.prefix)  # where each token of the stream came from
             keep = idx.patch >= 0  # not [CLS]
             if inp.mask is not None and not dropped:  # mask embeddings carry nothing to locate
                 keep &= ~inp.mask[idx.image, idx.patch.clamp_min(0)]

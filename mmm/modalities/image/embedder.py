@@ -88,6 +88,27 @@ class PatchIndex(NamedTuple):
     patch: torch.Tensor
 
 
+def visible_patches(dropped: torch.Tensor, prefix: int) -> PatchIndex:
+    """Where each image token an embedder encoded came from: its image and grid cell (−1 for the prefix
+    tokens, [CLS]), in stream order. A function of the mask and the prefix length only (as
+    :func:`visible_slots`), so a head needs no reference to the embedder.
+
+    Args:
+        dropped: (B, P) bool, True = patch not encoded (all False when masked patches are kept as mask tokens).
+        prefix: tokens before the patches ([CLS]: 1, else 0).
+    """
+    b, p = dropped.shape
+    dev = dropped.device
+    keep = ~dropped
+    patch = torch.arange(p, device=dev).expand(b, -1)  # (B, P)
+    image = torch.arange(b, device=dev)[:, None].expand(-1, p)  # (B, P)
+    if prefix:
+        patch = torch.cat([patch.new_full((b, prefix), -1), patch], dim=1)
+        image = torch.cat([image[:, :1].expand(-1, prefix), image], dim=1)
+        keep = torch.cat([keep.new_ones(b, prefix), keep], dim=1)
+    return PatchIndex(image[keep], patch[keep])
+
+
 class PatchEmbed(nn.Module):
     """Strided convolution: (B, C, H, W) → (B, P, d), patches in row-major grid order."""
 
@@ -270,16 +291,7 @@ class ImageEmbedder(nn.Module):
             mask: (B, P) bool, True = hidden patch.
         """
         b = mask.shape[0] if isinstance(mask, torch.Tensor) else 0
-        mask = self._check_mask(mask, b)
-        dev = mask.device
-        keep = ~mask
-        patch = torch.arange(self.num_patches, device=dev).expand(b, -1)  # (B, P)
-        image = torch.arange(b, device=dev)[:, None].expand(-1, self.num_patches)  # (B, P)
-        if self.cls_token is not None:
-            patch = torch.cat([patch.new_full((b, 1), -1), patch], dim=1)
-            image = torch.cat([image[:, :1], image], dim=1)
-            keep = torch.cat([keep.new_ones(b, 1), keep], dim=1)
-        return PatchIndex(image[keep], patch[keep])
+        return visible_patches(self._check_mask(mask, b), self.num_prefix_tokens)
 
 
 # ----------------------------------------------------------------------------- standalone encoder
