@@ -5,6 +5,11 @@ Every head is built by :func:`mmm.model.build_model` as ``Head(dim, embedders, e
 patch grids and vocabulary sizes), ``encoder_cfg`` the shared encoder's config; ``args`` come from the
 objective's ``args`` in the config. Head docstrings describe the three builder arguments only where the
 head reads something particular from them.
+
+A head is called as ``head(hidden, batch)`` and never receives the model. A head whose input must first
+be derived from the shared pass and encoded again (ITM on mined hard negatives) names a model-level step
+strategy in its ``step`` attribute, ``(registry name, args)``; the builder creates it (:mod:`mmm.steps`)
+and the model runs it before calling the head.
 """
 from __future__ import annotations
 
