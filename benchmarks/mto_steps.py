@@ -1,7 +1,8 @@
 """Steps to a target loss with and without masked token optimisation (MTO), several seeds.
 
-Trains ``configs/image_simmim_mto_tiny.yaml`` (SimMIM + visual tokens on the embedded shapes) with
-``model.encoder.mto_layers`` set to 0 (the plain SimMIM preset) and to the preset's value, same seeds,
+Trains an MTO preset (``--preset``; by default ``configs/image_simmim_mto_tiny.yaml``, SimMIM + visual
+tokens on the embedded shapes; ``audio_mto_tiny`` is MAM on the embedded sounds) with
+``model.encoder.mto_layers`` set to 0 (the plain preset it derives from) and to the preset's value, same seeds,
 data order, initialisation and steps -- equal FLOPs per step (MTO changes which keys each query may
 read, not how many products are computed) -- validating every ``--val-every`` steps on the same
 fixed batches. For each validation step ``s`` of the baseline it reports the baseline's mean
@@ -10,6 +11,7 @@ paper's claim (about half the epochs to the baselines' converged accuracy) would
 reaching the baseline's step-``s`` loss at about ``s / 2``. Also prints each run's wall time.
 
     nice -n 10 python benchmarks/mto_steps.py --seeds 0 1 --steps 400 --val-every 50 --out /tmp/mto
+    nice -n 10 python benchmarks/mto_steps.py --preset audio_mto_tiny --seeds 0 1 --steps 150 --out /tmp/mto_audio
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from typing import Dict, List, Optional
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PRESET = REPO_ROOT / "configs" / "image_simmim_mto_tiny.yaml"
+PRESET = "image_simmim_mto_tiny"
+"""The default ``--preset`` (a file stem in ``configs/``)."""
 
 
 def val_curve(run_dir: Path) -> Dict[int, float]:
@@ -35,8 +38,9 @@ def val_curve(run_dir: Path) -> Dict[int, float]:
     return {step + 1: value for step, value in series.get("val/loss", [])}  # logged at step index s-1
 
 
-def run_one(seed: int, steps: int, val_every: int, mto_layers: Optional[int], out: Path) -> Dict[str, object]:
-    """Train one run; its validation curve and wall time."""
+def run_one(seed: int, steps: int, val_every: int, mto_layers: Optional[int], out: Path,
+            preset: str = PRESET) -> Dict[str, object]:
+    """Train one run of ``configs/<preset>.yaml``; its validation curve and wall time."""
     from mmm.config import load_config
     from mmm.train.pretrain import pretrain
 
@@ -46,7 +50,12 @@ def run_one(seed: int, steps: int, val_every: int, mto_layers: Optional[int], ou
                  "trainer.default_root_dir": str(run_dir), "trainer.threads": 1}
     if mto_layers is not None:
         overrides["model.encoder.mto_layers"] = mto_layers
-    cfg = load_config(PRESET, overrides)
+    path = REPO_ROOT / "configs" / f"{preset}.yaml"
+    if not path.is_file():
+        raise ValueError(f"--preset {preset!r}: no {path}")
+    if not load_config(path).model.encoder.mto_layers:
+        raise ValueError(f"--preset {preset!r}: model.encoder.mto_layers is 0 there; give an MTO preset")
+    cfg = load_config(path, overrides)
     t0 = time.perf_counter()
     pretrain(cfg)
     return {"seed": seed, "mto_layers": cfg.model.encoder.mto_layers, "seconds": round(time.perf_counter() - t0, 1),
@@ -78,6 +87,7 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--out", type=Path, default=Path("runs/mto_steps"))
+    p.add_argument("--preset", default=PRESET, help="MTO preset (file stem in configs/); its baseline is mto_layers 0")
     p.add_argument("--from-logs", type=Path, nargs="+", default=None,
                    help="only summarise the JSON run lines of earlier invocations' output (e.g. one per seed)")
     a = p.parse_args(argv)
@@ -93,7 +103,7 @@ def main(argv: List[str] = None) -> None:
     else:
         for seed in a.seeds:
             for name, layers in (("baseline", 0), ("mto", None)):
-                r = run_one(seed, a.steps, a.val_every, layers, a.out)
+                r = run_one(seed, a.steps, a.val_every, layers, a.out, a.preset)
                 runs[name].append(r)
                 print(json.dumps({"run": name, **r}), flush=True)
     steps = sorted(set.intersection(*(set(r["val"]) for r in runs["baseline"])))
