@@ -51,6 +51,7 @@ from mmm.config import EncoderConfig
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
 from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, modality_embedder, sole_input, zero_output
+from mmm.objectives.grid_decoder import decode_grid, decoder_blocks, grid_positions
 from mmm.registry import OBJECTIVES
 
 TARGET_NORMS = ("layer", "instance")
@@ -167,9 +168,7 @@ class StreamDecoder(nn.Module):
         self.blocks = None
         if depth:
             self.embed = nn.Linear(dim, width)
-            self.blocks = TransformerEncoder(EncoderConfig(
-                dim=width, depth=depth, heads=heads, mlp="gelu", norm_first=True, final_norm=True, norm_eps=1e-6,
-                dropout=0.0, attn_dropout=0.0, attention=encoder_cfg.attention))
+            self.blocks = decoder_blocks(width, depth, heads, encoder_cfg.attention)
         self.proj = nn.Linear(width if depth else dim, dim)
 
     def forward(self, hidden: torch.Tensor, seq: PackedSeqInfo, positions: torch.Tensor) -> torch.Tensor:
@@ -187,16 +186,11 @@ class GridDecoder(nn.Module):
     def __init__(self, dim: int, embedder: nn.Module, encoder_cfg: EncoderConfig, depth: int, width: int,
                  heads: int) -> None:
         super().__init__()
-        from mmm.modalities.image.embedder import sincos_2d_table
-
-        self.prefix, self.num_patches = embedder.num_prefix_tokens, embedder.num_patches  # the geometry, read once
+        self.prefix = embedder.num_prefix_tokens  # the geometry, read once
         self.embed = nn.Linear(dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, width))
-        table = torch.cat([torch.zeros(self.prefix, width), sincos_2d_table(embedder.grid, width)])
-        self.register_buffer("pos", table, persistent=False)  # (prefix + P, width)
-        self.blocks = TransformerEncoder(EncoderConfig(
-            dim=width, depth=depth, heads=heads, mlp="gelu", norm_first=True, final_norm=True, norm_eps=1e-6,
-            dropout=0.0, attn_dropout=0.0, attention=encoder_cfg.attention))
+        self.register_buffer("pos", grid_positions(self.prefix, embedder.grid, width), persistent=False)
+        self.blocks = decoder_blocks(width, depth, heads, encoder_cfg.attention)
         self.proj = nn.Linear(width, dim)
 
     def no_weight_decay(self) -> set:
@@ -207,15 +201,8 @@ class GridDecoder(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N_visible, d) encodings and the (B, P) mask → (M, d) predictions at the hidden patches (mask order)."""
-        from mmm.modalities.image.embedder import visible_slots
-
-        b, t = mask.shape[0], self.prefix + self.num_patches
-        slot = visible_slots(mask, self.prefix)  # (N_visible,) each encoded token's cell, [CLS] in column 0
-        x = self.embed(hidden)  # (N_visible, width)
-        full = self.mask_token.to(x.dtype).expand(b * t, -1).index_copy(0, slot, x)  # (B*T, width)
-        full = (full.view(b, t, -1) + self.pos.to(x.dtype)).view(b * t, -1)
-        out = self.blocks(full, PackedSeqInfo.from_seqlens([t] * b, device=full.device)).view(b, t, -1)
-        return self.proj(out[:, self.prefix:][mask])  # (M, d)
+        out = decode_grid(self.embed(hidden), mask, self.prefix, self.mask_token, self.pos, self.blocks)  # (B, P, w)
+        return self.proj(out[mask])  # (M, d)
 
 
 @OBJECTIVES.register("d2v")

@@ -21,9 +21,8 @@ from torch import nn
 
 from mmm.batch import ImageInput, PackedBatch
 from mmm.config import EncoderConfig
-from mmm.core.encoder import TransformerEncoder
-from mmm.core.packing import PackedSeqInfo
 from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep
+from mmm.objectives.grid_decoder import decode_grid, decoder_blocks, grid_positions
 from mmm.registry import OBJECTIVES
 
 
@@ -79,18 +78,14 @@ class MaskedAutoencoder(nn.Module):
         emb = embedders.get(modality)
         if emb is None or not hasattr(emb, "visible_index"):
             raise ValueError(f"objective mae: no image embedder named {modality!r} (modalities: {sorted(embedders)})")
-        from mmm.modalities.image.embedder import sincos_2d_table
-
         self.modality, self.norm_pix_loss = modality, norm_pix_loss
         self.patch, self.channels, self.grid = emb.patch_size, emb.in_chans, emb.grid
-        self.prefix, self.num_patches = emb.num_prefix_tokens, emb.num_patches  # the geometry, read once
+        self.prefix = emb.num_prefix_tokens  # [CLS] before the patches
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim))
-        table = torch.cat([torch.zeros(self.prefix, decoder_dim), sincos_2d_table(self.grid, decoder_dim)])
-        self.register_buffer("decoder_pos", table, persistent=False)  # (prefix + P, d_dec)
-        self.decoder = TransformerEncoder(EncoderConfig(
-            dim=decoder_dim, depth=decoder_depth, heads=decoder_heads, mlp="gelu", norm_first=True, final_norm=True,
-            norm_eps=1e-6, dropout=0.0, attn_dropout=0.0, attention=encoder_cfg.attention))
+        self.register_buffer("decoder_pos", grid_positions(self.prefix, self.grid, decoder_dim),
+                             persistent=False)  # (prefix + P, d_dec)
+        self.decoder = decoder_blocks(decoder_dim, decoder_depth, decoder_heads, encoder_cfg.attention)
         self.pred = nn.Linear(decoder_dim, self.patch * self.patch * self.channels)
 
     def no_weight_decay(self) -> Set[str]:
@@ -115,19 +110,13 @@ class MaskedAutoencoder(nn.Module):
 
     def _decoder_states(self, hidden: torch.Tensor, batch: PackedBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         """Decoder outputs at every patch and the mask: ((B, P, d_dec), (B, P) bool)."""
-        from mmm.modalities.image.embedder import visible_slots
-
         inp, h = _image_part(hidden, batch, self.modality)
         if inp.mask is None:
             raise ValueError("objective mae needs masked images (configure a patch masker, e.g. mae_random)")
-        b, t = inp.num_images, self.prefix + self.num_patches
         dropped = inp.mask if inp.drop_masked else torch.zeros_like(inp.mask)  # (B, P) patches not encoded
-        slot = visible_slots(dropped, self.prefix)  # (N_img,) each encoded token's cell, [CLS] in column 0
-        x = self.decoder_embed(h)  # (N_img, d_dec)
-        full = self.mask_token.to(x.dtype).expand(b * t, -1).index_copy(0, slot, x)  # (B*T, d_dec)
-        full = (full.view(b, t, -1) + self.decoder_pos.to(x.dtype)).view(b * t, -1)
-        out = self.decoder(full, PackedSeqInfo.from_seqlens([t] * b, device=full.device))  # (B*T, d_dec)
-        return out.view(b, t, -1)[:, self.prefix:], inp.mask  # (B, P, d_dec)
+        out = decode_grid(self.decoder_embed(h), dropped, self.prefix, self.mask_token, self.decoder_pos,
+                          self.decoder)  # (B, P, d_dec)
+        return out, inp.mask
 
     def target(self, batch: PackedBatch) -> torch.Tensor:
         """(B, P, p*p*C) the pixels the decoder regresses (normalised per patch with ``norm_pix_loss``)."""
