@@ -14,7 +14,7 @@ from test_image_text_pipeline import F, run, settings, shards, tok  # noqa: E402
 
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig  # noqa: E402
 from mmm.modalities.image_text.pairing import joint_pairs  # noqa: E402
-from mmm.model import build_model  # noqa: E402
+from mmm.model import MaskedModel, build_model  # noqa: E402
 from mmm.objectives.itm import ImageTextMatching  # noqa: E402
 from mmm.steps.hard_negatives import HardNegativeMining  # noqa: E402
 from mmm.registry import EMBEDDERS  # noqa: E402
@@ -114,6 +114,8 @@ def test_the_itm_head_never_sees_the_model_the_model_runs_the_mining_step(shards
     step = model.steps["itm"]
     assert isinstance(step, HardNegativeMining) and step.similarity_head == "itc"
     assert step.applies(itc) and not step.applies(run(shards, tok, settings("itm", "regions"))[0])
+    with pytest.raises(ValueError, match=r"step strategies for \['mlm'\], which are not heads"):
+        MaskedModel(dict(model.embedders), model.encoder, dict(model.objectives), model.weights, steps={"mlm": step})
 
     torch.manual_seed(3)
     _, outputs = model(itc, heads=["itm"])
