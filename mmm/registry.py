@@ -1,8 +1,8 @@
 """One tiny generic registry: a dict, a decorator and a factory (timm ``_registry`` style).
 
-Each kind of pluggable part (tokenizers, embedders, maskers, objectives, datasets, attention
-backends, position encodings) has its own :class:`Registry`. Entries register themselves when
-their module is imported; ``create(name, **kw)`` builds one and validates the keyword arguments
+Each kind of pluggable part (tokenizers, embedders, maskers, objectives, step strategies, datasets,
+attention backends, position encodings) has its own :class:`Registry`. Entries register themselves
+when their module is imported; ``create(name, **kw)`` builds one and validates the keyword arguments
 against the entry's signature so that a typo in a YAML config is reported by name instead of
 being swallowed.
 
