@@ -144,7 +144,7 @@ class RecipeSizes:
 SIZES: Dict[str, RecipeSizes] = {
     "full": RecipeSizes("full", {"text": 250, "dna": 300, "image": 300, "audio": 250, "vl": 300}, seeds=3,
                         flop_batches=4, timing_rounds=3, timing_steps=5,
-                        downstream=DownstreamSizes("recipes-full", 150, 60, 3, 1)),
+                        downstream=DownstreamSizes("recipes-full", 150, 60, 10, 1)),
     "quick": RecipeSizes("quick", {m: 20 for m in MODALITIES}, seeds=2, flop_batches=2, timing_rounds=2,
                          timing_steps=3, downstream=DownstreamSizes("recipes-quick", 40, 20, 1, 1)),
     "micro": RecipeSizes("micro", {m: 5 for m in MODALITIES}, seeds=1, flop_batches=1, timing_rounds=1,
