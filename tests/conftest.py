@@ -1,6 +1,6 @@
 """Shared test set-up: GPU tests skip cleanly without CUDA; caches go to a per-session tmp dir; under
-pytest-xdist (``-n``, set in pyproject.toml) each worker gets its share of the cores and the README chains,
-the longest tests, are handed out first; the slowest README commands are listed at the end of the run."""
+pytest-xdist (``-n``, set in pyproject.toml) each worker gets its share of the cores and starts on its share of
+the README chains, the longest tests; the slowest README commands are listed at the end of the run."""
 import os
 from pathlib import Path
 
@@ -15,16 +15,35 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # one worker per core: no worke
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # for the processes tests start
 
 
+@pytest.hookimpl(trylast=True)  # after `-m 'not slow'` has deselected: the order of the tests that run
 def pytest_collection_modifyitems(config, items):
-    # The README chains (minutes each) first, so that no worker starts one when the rest of the suite is done.
-    # The same order in every worker (xdist requires it): a stable sort on a fixed key.
-    items.sort(key=lambda item: not item.nodeid.startswith(README_CHAIN_TEST))
+    _long_tests_first_on_every_worker(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _long_tests_first_on_every_worker(items) -> None:
+    """Deal the README chains (minutes each; most commands first) to the fronts of the blocks that xdist's
+    ``--dist worksteal`` hands the workers at the start (consecutive, sizes as below), the other tests after them:
+    each worker starts on its share of the long tests, and a worker that runs out steals short tests from the
+    end of another's block. The same order in every worker (xdist requires it): it depends on the items only."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    chains = sorted((it for it in items if it.nodeid.startswith(README_CHAIN_TEST)),
+                    key=lambda it: -len(it.callspec.params["chain"].commands))
+    rest = [it for it in items if not it.nodeid.startswith(README_CHAIN_TEST)]
+    order, left = [], len(items)
+    for k in range(workers):
+        size = left // (workers - k)
+        left -= size
+        dealt = chains[k::workers]
+        take = max(0, size - len(dealt))
+        order += dealt + rest[:take]
+        rest = rest[take:]
+    items[:] = order + rest
 
 
 def pytest_terminal_summary(terminalreporter):
