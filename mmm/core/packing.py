@@ -19,6 +19,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 PAD_GROUPS = 4
@@ -222,8 +223,9 @@ def group_bounds(lengths: Sequence[int], groups: int = PAD_GROUPS) -> List[int]:
     The leading run of sequences as long as the first one (collators pack longest first, and
     chunked text fills most of a batch with full ``max_len`` chunks) is a group of its own: it needs
     no padding, no gather and no mask (its padded view is the stream itself). The remaining
-    sequences are cut into equal-count runs, each padded to its own longest, and neighbouring runs
-    padded to the same width are merged (the same padding in one kernel call).
+    sequences are cut where the attention work of the padded groups plus a fixed cost per group,
+    ``sum(rows · width² + GROUP_CALL_WORK)``, is least (:func:`_least_work_cuts`), so a group is
+    split off only where the padding it saves outweighs another kernel call.
 
     Args:
         lengths: the sequence lengths in stream order.
@@ -236,18 +238,41 @@ def group_bounds(lengths: Sequence[int], groups: int = PAD_GROUPS) -> List[int]:
     while run < b and lengths[run] == lengths[0]:
         run += 1
     head = [0, run] if 2 <= run < b else [0]
-    rest, start = b - head[-1], head[-1]
+    start = head[-1]
     cuts = groups - (len(head) - 1)
-    bounds = sorted(set(head + [start + round(i * rest / cuts) for i in range(1, cuts + 1)]))
-    merged = bounds[:2]
-    for end in bounds[2:]:
-        before, here = lengths[merged[-2]:merged[-1]], lengths[merged[-1]:end]
-        ragged = min(before) < max(before) and min(here) < max(here)
-        if ragged and max(before) == max(here):
-            merged[-1] = end
-        else:
-            merged.append(end)
-    return merged if len(merged) > 2 else []
+    bounds = head + [start + i for i in _least_work_cuts(lengths[start:], cuts)[1:]]
+    return bounds if len(bounds) > 2 else []
+
+
+GROUP_CALL_WORK = 2048
+"""What one more length group costs, in the ``rows · width²`` units of attention work: the kernel
+calls, pads and gathers of a group per layer (fitted at width 128, where one group's fixed cost is
+about that of attending over 2048 token pairs)."""
+
+
+def _least_work_cuts(lengths: Sequence[int], groups: int) -> List[int]:
+    """Bounds ``[0, …, len(lengths)]`` of at most ``groups`` contiguous runs with the least
+    ``sum(rows · width² + GROUP_CALL_WORK)``, width = a run's longest sequence (dynamic programming
+    over host integers, vectorised per run count; a tie goes to fewer runs)."""
+    lens = np.asarray(lengths, dtype=np.float64)
+    b = len(lens)
+    work = np.full((b + 1, b + 1), np.inf)  # work[i, j]: one run of lengths[i:j]
+    for i in range(b):
+        width = np.maximum.accumulate(lens[i:])
+        work[i, i + 1:] = np.arange(1, b - i + 1) * width * width + GROUP_CALL_WORK
+    best = np.full(b + 1, np.inf)
+    best[0] = 0.0
+    back, totals = [], []
+    for _ in range(groups):
+        cand = best[:, None] + work  # (from i, to j)
+        back.append(cand.argmin(0))
+        best = cand.min(0)
+        totals.append(best[b])
+    g = int(np.argmin(totals)) + 1  # argmin: the first (fewest runs) on a tie
+    bounds = [b]
+    for k in range(g - 1, -1, -1):
+        bounds.append(int(back[k][bounds[-1]]))
+    return bounds[::-1]
 
 
 @functools.lru_cache(maxsize=None)

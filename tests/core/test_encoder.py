@@ -81,7 +81,7 @@ def test_a_batch_in_data_order_runs_longest_first_on_sdpa_and_matches_math(name,
     """The sdpa path reorders a batch not sorted by length once (its length groups then hold similar
     lengths) and scatters back: outputs, every block's output and all gradients equal the math reference."""
     enc = _encoder(**VARIANTS[name])
-    seq = PackedSeqInfo.from_seqlens([7, 30, 2, 18, 1, 25, 9, 14, 3, 22, 11])
+    seq = PackedSeqInfo.from_seqlens([30, 70, 2, 50, 1, 64, 9, 40, 3, 56, 11])
     assert seq.longest_first is not None
     x0 = torch.randn(seq.num_tokens, 32)
     outs, blocks, grads = {}, {}, {}

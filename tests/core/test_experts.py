@@ -115,7 +115,7 @@ def test_experts_route_each_token_after_the_longest_first_reordering():
     """On sdpa a batch in data order is reordered for its length groups; each token still passes its own expert."""
     torch.manual_seed(0)
     enc = TransformerEncoder(_cfg(attention="sdpa"), experts=2).eval()
-    seq = PackedSeqInfo.from_seqlens([4, 9, 2, 7, 1, 6, 3, 8])
+    seq = PackedSeqInfo.from_seqlens([40, 90, 20, 70, 10, 60, 30, 80])
     assert seq.longest_first is not None
     x = torch.randn(seq.num_tokens, D)
     route = torch.randint(0, 2, (seq.num_tokens,))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mmm.core.packing import PackedSeqInfo, group_bounds, pack_padded
+from mmm.core.packing import GROUP_CALL_WORK, PackedSeqInfo, group_bounds, pack_padded
 
 
 def test_from_seqlens_layout():
@@ -40,20 +40,37 @@ def test_pack_padded_and_errors():
 
 def test_length_groups_put_the_leading_full_length_run_alone():
     """Chunked text: the run of full-length sequences needs no padding (a uniform group, a view of the
-    stream); the rest is cut into equal-count groups, and neighbouring ragged groups of one width merge."""
+    stream); the rest is cut where the padded attention work plus a fixed cost per group is least."""
     lengths = [128] * 22 + [127, 126, 89, 70, 65, 51, 50, 46, 21, 13]
-    assert group_bounds(lengths) == [0, 22, 25, 29, 32]
+    assert group_bounds(lengths) == [0, 22, 24, 27, 32]
     seq = PackedSeqInfo.from_seqlens(lengths)
     first = seq.pad_groups[0]
     assert first[:2] == (0, 22 * 128) and first[2].is_uniform
-    assert [g[2].max_seqlen for g in seq.pad_groups] == [128, 127, 70, 46]
+    assert [g[2].max_seqlen for g in seq.pad_groups] == [128, 127, 89, 51]
     x = torch.randn(seq.num_tokens, 3)
     assert torch.equal(torch.cat([g.unpad(g.pad(x[s:e])) for s, e, g in seq.pad_groups]), x)
-    assert group_bounds([10, 10, 9, 9, 8, 8, 7, 7, 6, 6]) == [0, 2, 5, 7, 10]
-    assert group_bounds([9, 8, 9, 8, 9, 8, 5, 4]) == [0, 6, 8]  # three ragged groups padded to 9: one call
-    assert group_bounds([9, 8, 9, 8, 9, 8, 9, 8]) == []  # every group padded to 9: pad the batch as one
-    assert group_bounds([40, 3, 17, 64, 1, 9, 33, 12, 5, 28, 2]) == [0, 3, 6, 8, 11]  # no run: equal counts
+    # short sequences: padding to 9 costs less than another kernel call, so the batch is padded as one
+    assert group_bounds([9, 8, 9, 8, 9, 8, 5, 4]) == [] and group_bounds([10, 10, 9, 9, 8, 8, 7, 7, 6, 6]) == [0, 2, 10]
+    assert group_bounds([40, 3, 17, 64, 1, 9, 33, 12, 5, 28, 2]) == [0, 1, 3, 4, 11]  # any order: still least work
     assert group_bounds([5, 4, 3]) == [] and group_bounds(lengths, groups=0) == []
+
+
+def test_length_groups_are_the_least_work_cut():
+    """The dynamic programme finds the same least ``rows · width² + GROUP_CALL_WORK`` as trying every cut."""
+    import itertools
+    import random
+
+    def work(lens, bounds):
+        return sum((j - i) * max(lens[i:j]) ** 2 + GROUP_CALL_WORK for i, j in zip(bounds[:-1], bounds[1:]))
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lens = sorted((rng.randint(1, 128) for _ in range(rng.randint(8, 12))), reverse=True)
+        lens[0] += 1  # no leading run of equal lengths: every sequence is up for cutting
+        got = group_bounds(lens, groups=4) or [0, len(lens)]
+        best = min(work(lens, [0, *cuts, len(lens)]) for k in range(4)
+                   for cuts in itertools.combinations(range(1, len(lens)), k))
+        assert len(got) - 1 <= 4 and work(lens, got) == best
 
 
 def test_a_batch_in_data_order_carries_its_longest_first_reordering():
