@@ -533,6 +533,8 @@ def cached_build(name: str, cache_dir: Optional[PathLike], build: Callable[[Path
     if (final / DONE_MARKER).is_file():
         return final
     if final.exists():
+        if (final / DONE_MARKER).is_file():  # another process renamed its finished build into place just now
+            return final
         raise error(f"{final} exists but has no {DONE_MARKER} marker (not built by mmm?); delete it to rebuild")
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.tmp-{os.getpid()}"
