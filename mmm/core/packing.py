@@ -15,9 +15,10 @@ compiled region.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -171,30 +172,30 @@ class PackedSeqInfo:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
 
-        lf = self.longest_first
-        info = PackedSeqInfo(move(self.cu_seqlens), self.max_seqlen, move(self.position_ids), self.lengths,
-                             move(self.pad_index), move(self.key_padding), self.is_uniform,
-                             tuple((s, e, g.to(device)) for s, e, g in self.pad_groups),
-                             longest_first=lf and LongestFirst(move(lf.gather), move(lf.scatter), lf.layout.to(device)))
+        info = self._mapped(move, lambda g: g.to(device))
         return info._with_attn_bias() if device.type == "cuda" else info
 
     def pin_memory(self) -> "PackedSeqInfo":
         """The same layout in pinned host memory (for non-blocking copies to the GPU)."""
+        return self._mapped(torch.Tensor.pin_memory, PackedSeqInfo.pin_memory)
+
+    def _mapped(self, move: Callable[[torch.Tensor], torch.Tensor],
+                nested: Callable[["PackedSeqInfo"], "PackedSeqInfo"]) -> "PackedSeqInfo":
+        """This layout with every tensor passed through ``move`` and every nested layout (length groups,
+        the longest-first reordering) through ``nested``; without xformers masks (``to`` rebuilds them)."""
         lf = self.longest_first
-        return PackedSeqInfo(self.cu_seqlens.pin_memory(), self.max_seqlen, self.position_ids.pin_memory(),
-                             self.lengths, self.pad_index.pin_memory(), self.key_padding.pin_memory(),
-                             self.is_uniform, tuple((s, e, g.pin_memory()) for s, e, g in self.pad_groups),
-                             longest_first=lf and LongestFirst(lf.gather.pin_memory(), lf.scatter.pin_memory(),
-                                                               lf.layout.pin_memory()))
+        return dataclasses.replace(
+            self, cu_seqlens=move(self.cu_seqlens), position_ids=move(self.position_ids),
+            pad_index=move(self.pad_index), key_padding=move(self.key_padding),
+            pad_groups=tuple((s, e, nested(g)) for s, e, g in self.pad_groups), attn_bias=None, causal_attn_bias=None,
+            longest_first=lf and LongestFirst(move(lf.gather), move(lf.scatter), nested(lf.layout)))
 
     def _with_attn_bias(self) -> "PackedSeqInfo":
         if not self.is_uniform and _xformers_bias_available():
             from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 
             mask = BlockDiagonalMask.from_seqlens(list(self.lengths), device=self.cu_seqlens.device)
-            return PackedSeqInfo(self.cu_seqlens, self.max_seqlen, self.position_ids, self.lengths, self.pad_index,
-                                 self.key_padding, self.is_uniform, self.pad_groups, mask, mask.make_causal(),
-                                 self.longest_first)
+            return dataclasses.replace(self, attn_bias=mask, causal_attn_bias=mask.make_causal())
         return self
 
     # -- padded views for backends without a varlen kernel --------------------------------
