@@ -69,6 +69,7 @@ class RecipeGroup:
     baseline: str
     recipes: Tuple[Recipe, ...]
     tasks: Tuple[str, ...]
+    retrieval: bool = False  # also score zero-shot image<->text retrieval and ITM on the held-out pairs (vision-language)
 
 
 TEXT_PRE_LN = {"model.encoder.norm_first": True, "model.encoder.final_norm": True}
@@ -115,7 +116,7 @@ GROUPS: Dict[str, RecipeGroup] = {
         Recipe("itc", "vl_itc_soft_tiny", {"objectives.0.args.duplicate_captions": False,
                                            "objectives.0.args.label_smoothing": 0.0}, "CLIP contrastive, one-hot targets"),
         Recipe("itc-soft", "vl_itc_soft_tiny", {}, "LightCLIP-style soft ITC labels"),
-    ), ("stdlib-package", "digits", "shapes")),
+    ), ("stdlib-package", "digits", "shapes"), retrieval=True),
 }
 """The recipe groups of ``--modality``; presets not (yet) in ``configs/`` are skipped with a note.
 
@@ -339,6 +340,47 @@ def score_encoder(source: Any, label: str, modality: str, splits: Tuple[Any, Any
             "chance": float(probe.chance)}
 
 
+VL_METRICS = ("t2i@1", "i2t@1", "t2i@5", "i2t@5", "itm")
+"""Zero-shot retrieval recalls (text→image, image→text) and ITM accuracy, the vision-language table's columns."""
+
+
+def score_vl(model: Any, cfg: Any, modalities: Any, micro: bool) -> Dict[str, Optional[float]]:
+    """Held-out zero-shot retrieval R@1/5 both ways and ITM accuracy of a vision-language model
+    (:func:`mmm.evaluate_vl.evaluate_vl` on the ``itc`` task's validation shards, the demo's protocol:
+    a hit is an item described by the same caption text), with the chance levels of the same relevance sets.
+
+    Args:
+        model: the run's model (trained, or at initialisation).
+        cfg: its config (the ``itc`` task names the head; an ``itm`` task, if any, the ITM head).
+        modalities: the run's :class:`~mmm.train.tasks.RunModalities`.
+        micro: score two batches per mode only (the smoke size).
+    """
+    from mmm.evaluate_vl import evaluate_vl
+    from mmm.train.tasks import resolve_shards
+
+    task = next((t for t in cfg.tasks if t.options.get("mode") == "itc"), None)
+    if task is None:
+        raise ValueError(f"recipes suite: a vision-language recipe needs an image_text task of mode itc for retrieval; "
+                         f"tasks: {[t.name for t in cfg.tasks]}")
+    itm_head = next((h for t in cfg.tasks if t.options.get("mode") == "itm" for h in t.objectives), None)
+    urls = resolve_shards(task.val or "embedded", task.dataset, "val")
+    score = evaluate_vl(model.cpu().eval(), modalities.feeds[task.name], urls, itc_head=task.objectives[0],
+                        itm_head=itm_head, max_batches=2 if micro else None)
+    r = score.retrieval
+    out: Dict[str, Optional[float]] = {f"{way}@{k}": float(getattr(r, way)[str(k)]) for way in ("t2i", "i2t") for k in (1, 5)}
+    out.update({f"chance {way}@{k}": float(getattr(r, f"{way}_chance")[str(k)]) for way in ("t2i", "i2t") for k in (1, 5)})
+    out["itm"] = float(score.itm_accuracy) if itm_head is not None else None
+    return out
+
+
+def untrained_vl_scores(cfg: Any, root: Path, micro: bool) -> Dict[str, Optional[float]]:
+    """:func:`score_vl` of ``cfg``'s model at initialisation (built with the run's seed, never trained)."""
+    from mmm.train.pretrain import build_run
+
+    run = build_run(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, default_root_dir=str(root))))
+    return score_vl(run.module.model, cfg, run.modalities, micro)
+
+
 def _mean_std(values: List[float]) -> Dict[str, Any]:
     a = np.asarray(values, dtype=float)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a),
@@ -414,8 +456,10 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
     tasks = {t: TASKS[t] for t in group.tasks}
     splits = {t: td.load(sizes.downstream) for t, td in tasks.items()}
     scores: Dict[str, Dict[str, Dict[str, List[float]]]] = {}  # recipe -> task -> metric -> per seed
+    vl_scores: Dict[str, Dict[str, List[Optional[float]]]] = {}  # recipe -> metric -> per seed (group.retrieval)
     runs: Dict[str, List[Dict[str, Any]]] = {}
     baseline_ckpts: List[Tuple[int, Path]] = []
+    baseline_cfgs: List[Tuple[int, Any]] = []
     for r in recipes:
         if only is not None and r.name not in only:
             continue
@@ -435,6 +479,12 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
                                                 "checkpoint": str(ckpt)})
             if r.name == group.baseline:
                 baseline_ckpts.append((seed, ckpt))
+                baseline_cfgs.append((seed, cfg))
+            if group.retrieval:
+                v = score_vl(pr.module.model, cfg, pr.modalities, sizes.name == "micro")
+                log("    retrieval: " + ", ".join(f"{k} {x:.3f}" for k, x in v.items() if x is not None and "chance" not in k))
+                for k, x in v.items():
+                    vl_scores.setdefault(r.name, {}).setdefault(k, []).append(x)
             for t, td in tasks.items():
                 if td.modality not in _encoder_modalities(ckpt):
                     continue
@@ -442,6 +492,11 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
                 log(f"    {t}: fine-tune {s['finetune']:.3f}, linear probe {s['linear_probe']:.3f}, kNN {s['knn']:.3f}")
                 for k, v in s.items():
                     scores.setdefault(r.name, {}).setdefault(t, {}).setdefault(k, []).append(v)
+    for seed, cfg in baseline_cfgs if group.retrieval else []:
+        log(f"== {modality}/{RANDOM_INIT} seed {seed}: retrieval")
+        v = untrained_vl_scores(cfg, out / "runs" / RANDOM_INIT.replace(" ", "_") / f"seed{seed}", sizes.name == "micro")
+        for k, x in v.items():
+            vl_scores.setdefault(RANDOM_INIT, {}).setdefault(k, []).append(x)
     for seed, ckpt in baseline_ckpts:
         for t, td in tasks.items():
             if td.modality not in _encoder_modalities(ckpt):
@@ -455,7 +510,7 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
     section = {"modality": modality, "baseline": group.baseline, "sizes": dataclasses.asdict(sizes), "threads": threads,
                "budget_flops": budget, "baseline_steps": sizes.baseline_steps[modality], "only": only,
                "recipes": [{"name": r.name, "preset": r.preset, "overrides": r.overrides, "what": r.what} for r in recipes],
-               "skipped": skipped, "cost": cost, "plan": plan, "runs": runs, "scores": scores,
+               "skipped": skipped, "cost": cost, "plan": plan, "runs": runs, "scores": scores, "vl_scores": vl_scores,
                "tasks": {t: td.data for t, td in tasks.items()},
                "splits": {t: [len(x) for x in sp] for t, sp in splits.items()}}
     return _finish(section, log)
@@ -481,6 +536,10 @@ def _finish(section: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, An
                             **{k: cost.get(k) for k in ("flops_per_step", "tokens_per_s", "step_seconds_median")}})
             rows.append(row)
     section["results"] = rows
+    section["vl_results"] = [
+        {"recipe": name, **{k: (_mean_std(v) if all(x is not None for x in v) else None) for k, v in sc.items()}}
+        for name in [r["name"] for r in section["recipes"]] + [RANDOM_INIT]
+        for sc in [section.get("vl_scores", {}).get(name)] if sc]
     section["budget_problems"] = budget_problems(section)
     for p in section["budget_problems"]:
         log(f"  unequal budget: {p}")
@@ -501,7 +560,7 @@ def merge(sections: List[Dict[str, Any]], log: Callable[[str], None] = print) ->
     if not sections:
         raise ValueError("merge needs at least one section")
     first = sections[0]
-    out = {**first, "only": None, "runs": {}, "scores": {}, "parts": []}
+    out = {**first, "only": None, "runs": {}, "scores": {}, "vl_scores": {}, "parts": []}
     for sec in sections:
         if sec["modality"] != first["modality"] or sec["sizes"]["name"] != first["sizes"]["name"]:
             raise ValueError(f"cannot merge {sec['modality']}/{sec['sizes']['name']} into "
@@ -519,6 +578,10 @@ def merge(sections: List[Dict[str, Any]], log: Callable[[str], None] = print) ->
             if name in out["scores"]:
                 raise ValueError(f"recipe {name} was scored in two sections")
             out["scores"][name] = by_task
+        for name, by_metric in sec.get("vl_scores", {}).items():
+            if name in out["vl_scores"]:
+                raise ValueError(f"recipe {name} was scored (retrieval) in two sections")
+            out["vl_scores"][name] = by_metric
         out["parts"].append({"only": sec.get("only"), "budget_flops": sec["budget_flops"],
                              "cost": {k: {m: v.get(m) for m in ("flops_per_step", "tokens_per_s")} for k, v in sec["cost"].items()}})
     return _finish(out, log)
@@ -564,6 +627,17 @@ def markdown(section: Dict[str, Any]) -> str:
     for r in section["results"]:
         lines.append(f"| {r['task']} ({r['data']}) | {r['recipe']} | {_fmt(r['finetune'])} | {_fmt(r['linear_probe'])} | "
                      f"{_fmt(r['knn'])} | {r['chance']:.3f} |")
+    if section.get("vl_results"):
+        first = section["vl_results"][0]
+        lines += ["", "Zero-shot retrieval on the held-out image-caption pairs (images and captions encoded alone, "
+                  "contrastive projections, cosine ranking; a hit is an item with the same caption text) and ITM "
+                  "accuracy (in-batch negatives, chance 0.5); mean ± std over pretraining seeds.", "",
+                  "| recipe | " + " | ".join(f"{k} R" if k != "itm" else "ITM acc." for k in VL_METRICS) + " |",
+                  "|---|" + "---:|" * len(VL_METRICS)]
+        for r in section["vl_results"]:
+            lines.append(f"| {r['recipe']} | " + " | ".join(_fmt(r[k]) if r.get(k) else "—" for k in VL_METRICS) + " |")
+        lines.append("| chance | " + " | ".join(f"{first[f'chance {k}']['mean']:.3f}" if k != "itm" else "0.500"
+                                                for k in VL_METRICS) + " |")
     if section.get("budget_problems"):
         lines += ["", "**Unequal budgets:** " + "; ".join(section["budget_problems"]) + "."]
     if section["skipped"]:

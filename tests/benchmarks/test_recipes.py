@@ -120,3 +120,22 @@ def test_text_suite_smoke_equal_budgets_and_outputs(tmp_path, monkeypatch):
     assert "## Recipes at equal compute: text" in md and "| electra |" in md and "| stdlib-package (real) | random init |" in md
     png = (tmp_path / "recipes_text.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 1000
+
+
+@pytest.mark.slow
+def test_vl_suite_scores_retrieval_and_itm_for_every_recipe_and_the_initialisation(tmp_path, monkeypatch):
+    monkeypatch.setenv(suite.MICRO_ENV, "1")
+    assert cli_main(["bench", "--suite", "recipes", "--modality", "vl", "--quick", "--out", str(tmp_path)]) == 0
+    sec = json.loads((tmp_path / "results.json").read_text())["sections"]["recipes"]
+    assert sec["skipped"] == [] and sec["budget_problems"] == []
+    vl = {r["recipe"]: r for r in sec["vl_results"]}
+    assert set(vl) == {r.name for r in recipes.GROUPS["vl"].recipes} | {"random init"}
+    for name, row in vl.items():
+        for k in ("t2i@1", "i2t@1", "t2i@5", "i2t@5"):
+            assert 0.0 <= row[k]["mean"] <= 1.0 and row[k]["n"] == sec["sizes"]["seeds"], (name, k)
+            assert row[f"chance {k}"]["mean"] < 1.0
+        assert row["t2i@5"]["mean"] >= row["t2i@1"]["mean"]
+    # ITM accuracy where the recipe has an itm head; the contrastive-only recipes have none
+    assert vl["uniter"]["itm"] is not None and vl["itc"]["itm"] is None and vl["itc-soft"]["itm"] is None
+    md = (tmp_path / "results.md").read_text()
+    assert "Zero-shot retrieval on the held-out image-caption pairs" in md and "| itc-soft |" in md
