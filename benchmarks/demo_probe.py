@@ -11,7 +11,7 @@ fraction of the run as in its preset. Every seed trains both; the report is mean
 margin per preset.
 
     python -m benchmarks.demo_probe --part image --candidate configs/image_mp3_tiny.yaml --seeds 0 1 2 --out runs/dp
-    python -m benchmarks.demo_probe --part image --only candidate ...   # one preset per process, then --merge
+    python -m benchmarks.demo_probe --part image --only candidate ...   # one preset per process (own --out each)
 """
 from __future__ import annotations
 
@@ -62,10 +62,6 @@ def run_one(part: str, config: Path, steps: int, warmup: int, seed: int, out: Pa
             "train_seconds": round(trained.train_seconds, 1)}
 
 
-def _warmup(cfg: Any, steps: int) -> int:
-    return int(round(cfg.optim.warmup_steps / max(1, cfg.trainer.max_steps) * steps))
-
-
 def summary(rows: List[Dict[str, float]]) -> Dict[str, str]:
     def ms(k: str) -> str:
         v = [r[k] for r in rows]
@@ -84,6 +80,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="smoke size: a small probe split")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    from benchmarks.recipes import scaled_warmup
     from mmm.config import load_config
 
     if not a.candidate.is_file():
@@ -100,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             if a.only and name != a.only:
                 continue
             steps = plan["steps"][name]
-            r = run_one(a.part, path, steps, _warmup(cfg, steps), seed, a.out / name / f"seed{seed}", a.quick)
+            r = run_one(a.part, path, steps, scaled_warmup(cfg, steps), seed, a.out / name / f"seed{seed}", a.quick)
             print(f"{name} ({path.name}) seed {seed}, {steps} steps: {json.dumps(r)}", flush=True)
             results.setdefault(name, []).append(r)
     report = {"part": a.part, "candidate": str(a.candidate), "plan": plan, "seeds": a.seeds, "results": results,

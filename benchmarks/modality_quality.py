@@ -32,7 +32,7 @@ import yaml
 
 from mmm.config import PretrainConfig, load_config
 from mmm.demo.common import held_out_loss, probe_models, torch_threads
-from mmm.evaluate_vl import evaluate_vl
+from mmm.evaluate_vl import evaluate_vl, itm_head_name
 from mmm.train.pretrain import build_model_for, pretrain
 from mmm.train.tasks import resolve_shards
 
@@ -76,7 +76,7 @@ def evaluate_run(cfg: PretrainConfig, modalities: Any, trained: Any, counts: Dic
             if mode != "itc":
                 out[task.name] = entry
                 continue
-            itm = next((h for t in cfg.tasks if t.options.get("mode") == "itm" for h in t.objectives), None)
+            itm = itm_head_name(cfg)
             entry.update({name: evaluate_vl(m, feed, val, itc_head=task.objectives[0], itm_head=itm, batch_size=64,
                                             max_batches=2 if quick else None).as_dict()
                           for name, m in models.items()})

@@ -187,13 +187,16 @@ def recipe_config(recipe: Recipe, extra: Optional[Dict[str, Any]] = None) -> Any
     return load_config(CONFIGS / f"{recipe.preset}.yaml", {**recipe.overrides, **(extra or {})})
 
 
+def scaled_warmup(preset_cfg: Any, steps: int) -> int:
+    """Warm-up steps of a ``steps``-step run at the same fraction of the run as in the preset."""
+    return int(round(preset_cfg.optim.warmup_steps / max(1, preset_cfg.trainer.max_steps) * steps))
+
+
 def run_overrides(preset_cfg: Any, steps: int, seed: int, root: Path, threads: int, sizes: RecipeSizes) -> Dict[str, Any]:
     """Overrides that turn a recipe into one budgeted run: ``steps`` steps, warm-up at the preset's
-    fraction of its run, ``seed`` for weights and data, no validation, one checkpoint at the end."""
-    t = preset_cfg.trainer
-    warmup_fraction = preset_cfg.optim.warmup_steps / max(1, t.max_steps)
+    fraction of its run (:func:`scaled_warmup`), ``seed`` for weights and data, no validation, one checkpoint at the end."""
     return {**sizes.overrides, "seed": seed, "data.seed": seed, "data.val": None, "trainer.max_steps": steps,
-            "optim.warmup_steps": int(round(warmup_fraction * steps)), "trainer.threads": threads,
+            "optim.warmup_steps": scaled_warmup(preset_cfg, steps), "trainer.threads": threads,
             "trainer.checkpoint_every_n_steps": steps, "trainer.log_every_n_steps": max(1, min(10, steps)),
             "trainer.enable_progress_bar": False, "trainer.default_root_dir": str(root)}
 
@@ -355,14 +358,14 @@ def score_vl(model: Any, cfg: Any, modalities: Any, micro: bool) -> Dict[str, Op
         modalities: the run's :class:`~mmm.train.tasks.RunModalities`.
         micro: score two batches per mode only (the smoke size).
     """
-    from mmm.evaluate_vl import evaluate_vl
+    from mmm.evaluate_vl import evaluate_vl, itc_task, itm_head_name
     from mmm.train.tasks import resolve_shards
 
-    task = next((t for t in cfg.tasks if t.options.get("mode") == "itc"), None)
+    task = itc_task(cfg)
     if task is None:
         raise ValueError(f"recipes suite: a vision-language recipe needs an image_text task of mode itc for retrieval; "
                          f"tasks: {[t.name for t in cfg.tasks]}")
-    itm_head = next((h for t in cfg.tasks if t.options.get("mode") == "itm" for h in t.objectives), None)
+    itm_head = itm_head_name(cfg)
     urls = resolve_shards(task.val or "embedded", task.dataset, "val")
     score = evaluate_vl(model.cpu().eval(), modalities.feeds[task.name], urls, itc_head=task.objectives[0],
                         itm_head=itm_head, max_batches=2 if micro else None)
@@ -373,12 +376,15 @@ def score_vl(model: Any, cfg: Any, modalities: Any, micro: bool) -> Dict[str, Op
     return out
 
 
-def untrained_vl_scores(cfg: Any, root: Path, micro: bool) -> Dict[str, Optional[float]]:
-    """:func:`score_vl` of ``cfg``'s model at initialisation (built with the run's seed, never trained)."""
-    from mmm.train.pretrain import build_run
+def untrained_vl_scores(cfg: Any, modalities: Any, micro: bool) -> Dict[str, Optional[float]]:
+    """:func:`score_vl` of ``cfg``'s network at initialisation: built with the run's seed from the trained run's
+    modalities (their fitted assets), as the demo builds its untrained twin (:func:`mmm.demo.common.train_part`)."""
+    import lightning as L
 
-    run = build_run(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, default_root_dir=str(root))))
-    return score_vl(run.module.model, cfg, run.modalities, micro)
+    from mmm.train.pretrain import build_model_for
+
+    L.seed_everything(cfg.seed, verbose=False)
+    return score_vl(build_model_for(cfg, modalities), cfg, modalities, micro)
 
 
 def _mean_std(values: List[float]) -> Dict[str, Any]:
@@ -459,7 +465,6 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
     vl_scores: Dict[str, Dict[str, List[Optional[float]]]] = {}  # recipe -> metric -> per seed (group.retrieval)
     runs: Dict[str, List[Dict[str, Any]]] = {}
     baseline_ckpts: List[Tuple[int, Path]] = []
-    baseline_cfgs: List[Tuple[int, Any]] = []
     for r in recipes:
         if only is not None and r.name not in only:
             continue
@@ -479,12 +484,15 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
                                                 "checkpoint": str(ckpt)})
             if r.name == group.baseline:
                 baseline_ckpts.append((seed, ckpt))
-                baseline_cfgs.append((seed, cfg))
             if group.retrieval:
-                v = score_vl(pr.module.model, cfg, pr.modalities, sizes.name == "micro")
-                log("    retrieval: " + ", ".join(f"{k} {x:.3f}" for k, x in v.items() if x is not None and "chance" not in k))
-                for k, x in v.items():
-                    vl_scores.setdefault(r.name, {}).setdefault(k, []).append(x)
+                scored = [(r.name, score_vl(pr.module.model, cfg, pr.modalities, sizes.name == "micro"))]
+                if r.name == group.baseline:
+                    scored.append((RANDOM_INIT, untrained_vl_scores(cfg, pr.modalities, sizes.name == "micro")))
+                for name, v in scored:
+                    log(f"    retrieval ({name}): " + ", ".join(f"{k} {x:.3f}" for k, x in v.items()
+                                                             if x is not None and "chance" not in k))
+                    for k, x in v.items():
+                        vl_scores.setdefault(name, {}).setdefault(k, []).append(x)
             for t, td in tasks.items():
                 if td.modality not in _encoder_modalities(ckpt):
                     continue
@@ -492,11 +500,6 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
                 log(f"    {t}: fine-tune {s['finetune']:.3f}, linear probe {s['linear_probe']:.3f}, kNN {s['knn']:.3f}")
                 for k, v in s.items():
                     scores.setdefault(r.name, {}).setdefault(t, {}).setdefault(k, []).append(v)
-    for seed, cfg in baseline_cfgs if group.retrieval else []:
-        log(f"== {modality}/{RANDOM_INIT} seed {seed}: retrieval")
-        v = untrained_vl_scores(cfg, out / "runs" / RANDOM_INIT.replace(" ", "_") / f"seed{seed}", sizes.name == "micro")
-        for k, x in v.items():
-            vl_scores.setdefault(RANDOM_INIT, {}).setdefault(k, []).append(x)
     for seed, ckpt in baseline_ckpts:
         for t, td in tasks.items():
             if td.modality not in _encoder_modalities(ckpt):

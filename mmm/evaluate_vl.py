@@ -56,6 +56,16 @@ class VLScore:
         return asdict(self)
 
 
+def itc_task(cfg):
+    """The config's first ``image_text`` task of mode ``itc`` (its head gives the retrieval projections), or None."""
+    return next((t for t in cfg.tasks if t.options.get("mode") == "itc"), None)
+
+
+def itm_head_name(cfg) -> Optional[str]:
+    """The head of the config's ``itm``-mode task (ITM accuracy), or None when the run has none."""
+    return next((h for t in cfg.tasks if t.options.get("mode") == "itm" for h in t.objectives), None)
+
+
 def _chance(relevant: Sequence[int], pool: int, k: int) -> float:
     """Mean probability that a random ranking of ``pool`` items puts one of ``m`` relevant ones in the top k."""
     k = min(k, pool)

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional
 
 from mmm.config import PretrainConfig
 from mmm.demo.common import bold_better, demo_part, report_end, table_row, train_part
-from mmm.evaluate_vl import evaluate_vl
+from mmm.evaluate_vl import evaluate_vl, itc_task, itm_head_name
 from mmm.train.tasks import resolve_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -73,9 +73,9 @@ def plot_task_losses(series: Dict[str, list], out: Path) -> None:
 
 
 def _vl_task(cfg: PretrainConfig):
-    for t in cfg.tasks:
-        if t.options.get("mode") == "itc":
-            return t
+    task = itc_task(cfg)
+    if task is not None:
+        return task
     raise ValueError("the vision-language demo needs a config with an image_text task of mode itc (retrieval)")
 
 
@@ -86,7 +86,7 @@ def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict
     val_spec = task.val or "embedded"
     val_urls = resolve_shards(val_spec, task.dataset, "val")
     is_unseen = unseen_predicate(Path(val_urls[0]).parent)
-    itm_head = next((h for t in cfg.tasks if t.options.get("mode") == "itm" for h in t.objectives), None)
+    itm_head = itm_head_name(cfg)
     itc_head = task.objectives[0]
 
     t1 = time.perf_counter()
