@@ -39,6 +39,21 @@ class ObjectiveOutput:
     count: int = 0
 
 
+def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Share of rows whose label's logit is the row's highest (detached scalar).
+
+    Args:
+        logits: (M, V) scores.
+        labels: (M,) int64 class indices.
+
+    The same as ``(logits.argmax(-1) == labels).mean()`` except on an exact tie for the top score,
+    which counts as correct here; it reads the row maximum (a vectorised reduction) instead of
+    ``argmax``, whose CPU kernel is about ten times slower on an MLM head's (M, V) logits.
+    """
+    logits = logits.detach()
+    return (logits.gather(1, labels[:, None]).squeeze(1) >= logits.amax(-1)).float().mean()
+
+
 def global_mean(loss_sum: torch.Tensor, count: int, sync: bool = True) -> torch.Tensor:
     """``loss_sum`` divided by the *global* prediction count per rank, so data-parallel training is exact.
 

@@ -33,7 +33,7 @@ from torch import nn
 from mmm.batch import PackedBatch, TokenTargets
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, token_table, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, token_table, top1_accuracy, zero_output
 from mmm.objectives.mlm import MLMHead
 from mmm.registry import OBJECTIVES
 
@@ -119,5 +119,5 @@ class CausalLanguageModeling(nn.Module):
         logits = self.head(hidden.index_select(0, t.positions))  # (M, V), M = N - S
         loss = global_mean(F.cross_entropy(logits.float(), t.labels, reduction="sum"), int(t.labels.numel()),
                            in_lockstep(self))
-        acc = (logits.argmax(-1) == t.labels).float().mean()
+        acc = top1_accuracy(logits, t.labels)
         return ObjectiveOutput(loss, {"acc": acc.detach()}, int(t.labels.numel()))

@@ -35,7 +35,7 @@ from torch import nn
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
 from mmm.core.encoder import TransformerEncoder
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, token_table, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, token_table, top1_accuracy, zero_output
 from mmm.registry import EMBEDDERS, OBJECTIVES
 
 EMBEDDING_SHARING = ("shared", "gdes", "none")
@@ -278,7 +278,7 @@ class ReplacedTokenDetection(nn.Module):
             return dataclasses.replace(batch, targets={**batch.targets, self.target_key: gen})
         logits = self.generator_head(gen_hidden.index_select(0, t.positions))  # (M, V)
         gen_loss = global_mean(F.cross_entropy(logits.float(), t.labels, reduction="sum"), t.labels.numel(), sync)
-        gen_acc = (logits.detach().argmax(-1) == t.labels).float().mean()
+        gen_acc = top1_accuracy(logits, t.labels)
         sampled = sample_tokens(logits, self.temperature)  # (M,) drawn here, in the step
         original = ids.index_copy(0, t.positions, t.labels)  # (N,) the uncorrupted sequence
         corrupted = ids.index_copy(0, t.positions, sampled)  # (N,)

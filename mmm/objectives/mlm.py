@@ -25,7 +25,7 @@ from torch import nn
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
 from mmm.core.encoder import TransformerEncoder
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, token_table
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, token_table, top1_accuracy
 from mmm.registry import OBJECTIVES
 
 
@@ -103,5 +103,5 @@ class MaskedLanguageModeling(nn.Module):
         logits = self.head(hidden.index_select(0, t.positions))  # (M, V)
         # sum / (global count / world size): exact under DDP gradient averaging (a plain mean on one rank)
         loss = global_mean(F.cross_entropy(logits.float(), t.labels, reduction="sum"), int(t.labels.numel()), sync)
-        acc = (logits.argmax(-1) == t.labels).float().mean()
+        acc = top1_accuracy(logits, t.labels)
         return ObjectiveOutput(loss, {"acc": acc.detach()}, int(t.labels.numel()))
