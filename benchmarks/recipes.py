@@ -549,12 +549,31 @@ def _finish(section: Dict[str, Any], log: Callable[[str], None]) -> Dict[str, An
     return section
 
 
+TIMING_ONLY_SIZES = ("name", "timing_rounds", "timing_steps")
+"""Size fields that do not change a recipe's training or scores (a part may skip the throughput timing)."""
+
+
+def sizes_that_differ(a: Dict[str, Any], b: Dict[str, Any], modality: str) -> List[str]:
+    """The size fields (``dataclasses.asdict`` of :class:`RecipeSizes`) that make two parts' results
+    incomparable, as ``field: a vs b``: everything but the name and the timing, and of the baseline
+    steps only this modality's.
+    """
+    def relevant(sizes: Dict[str, Any]) -> Dict[str, Any]:
+        out = {k: v for k, v in sizes.items() if k not in TIMING_ONLY_SIZES}
+        out["baseline_steps"] = sizes["baseline_steps"].get(modality)
+        return out
+
+    ra, rb = relevant(a), relevant(b)
+    return [f"{k}: {ra.get(k)!r} vs {rb.get(k)!r}" for k in sorted(set(ra) | set(rb)) if ra.get(k) != rb.get(k)]
+
+
 def merge(sections: List[Dict[str, Any]], log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Join sections of one modality whose recipes ran in separate processes (``only``).
 
     The budget, plan and costs are the first section's; every section must have measured the same budget
-    (within 0.5 %, FLOP counts of the same batches) and the same plan of steps, and a recipe may be trained
-    in one section only. Throughput is the first section's side-by-side timing.
+    (within 0.5 %, FLOP counts of the same batches), the same plan of steps and the same sizes apart from
+    the timing (:func:`sizes_that_differ`: a ``--no-timing`` part joins a timed one), and a recipe may be
+    trained in one section only. Throughput is the first section's side-by-side timing.
 
     Args:
         sections: :func:`run` results.
@@ -565,9 +584,12 @@ def merge(sections: List[Dict[str, Any]], log: Callable[[str], None] = print) ->
     first = sections[0]
     out = {**first, "only": None, "runs": {}, "scores": {}, "vl_scores": {}, "parts": []}
     for sec in sections:
-        if sec["modality"] != first["modality"] or sec["sizes"]["name"] != first["sizes"]["name"]:
-            raise ValueError(f"cannot merge {sec['modality']}/{sec['sizes']['name']} into "
-                             f"{first['modality']}/{first['sizes']['name']}")
+        if sec["modality"] != first["modality"]:
+            raise ValueError(f"cannot merge a {sec['modality']} section into a {first['modality']} one")
+        differ = sizes_that_differ(sec["sizes"], first["sizes"], first["modality"])
+        if differ:
+            raise ValueError(f"cannot merge {sec['sizes']['name']} into {first['sizes']['name']}: they differ in "
+                             + "; ".join(differ))
         if abs(sec["budget_flops"] - first["budget_flops"]) > 0.005 * first["budget_flops"]:
             raise ValueError(f"budgets differ: {sec['budget_flops']:.4g} vs {first['budget_flops']:.4g} FLOPs")
         for name, runs in sec["runs"].items():
@@ -585,7 +607,7 @@ def merge(sections: List[Dict[str, Any]], log: Callable[[str], None] = print) ->
             if name in out["vl_scores"]:
                 raise ValueError(f"recipe {name} was scored (retrieval) in two sections")
             out["vl_scores"][name] = by_metric
-        out["parts"].append({"only": sec.get("only"), "budget_flops": sec["budget_flops"],
+        out["parts"].append({"only": sec.get("only"), "sizes": sec["sizes"]["name"], "budget_flops": sec["budget_flops"],
                              "cost": {k: {m: v.get(m) for m in ("flops_per_step", "tokens_per_s")} for k, v in sec["cost"].items()}})
     return _finish(out, log)
 

@@ -139,3 +139,38 @@ def test_vl_suite_scores_retrieval_and_itm_for_every_recipe_and_the_initialisati
     assert vl["uniter"]["itm"] is not None and vl["itc"]["itm"] is None and vl["itc-soft"]["itm"] is None
     md = (tmp_path / "results.md").read_text()
     assert "Zero-shot retrieval on the held-out image-caption pairs" in md and "| itc-soft |" in md
+
+
+def _part(recipe: str, sizes: recipes.RecipeSizes, finetune: float) -> dict:
+    """A section as ``run(..., only=[recipe])`` returns it, with one recipe trained and scored."""
+    import dataclasses
+
+    both = ["mlm-15", "mlm-30"]
+    return {"modality": "text", "baseline": "mlm-15", "sizes": dataclasses.asdict(sizes), "threads": 1,
+            "budget_flops": 1000.0, "baseline_steps": sizes.baseline_steps["text"], "only": [recipe],
+            "recipes": [{"name": n, "preset": "text_mlm_tiny", "overrides": {}, "what": n} for n in both],
+            "skipped": [],
+            "cost": {n: {"flops_per_step": 100.0, "tokens_per_s": 1.0, "step_seconds_median": 0.1} for n in both},
+            "plan": {n: {"steps": 10, "phase_steps": [10], "flops": 1000.0, "budget_error_steps": 0.0} for n in both},
+            "runs": {recipe: [{"steps": 10, "wall_s": 5.0}]},
+            "scores": {recipe: {"t": {"chance": [0.2], "finetune": [finetune], "linear_probe": [0.5], "knn": [0.4]}}},
+            "vl_scores": {}, "tasks": {"t": "synthetic"}, "splits": {"t": [10, 5, 5]}}
+
+
+def test_merge_joins_a_timed_part_and_a_no_timing_part_but_not_different_sizes():
+    import dataclasses
+
+    timed = recipes.SIZES["full"]
+    untimed = dataclasses.replace(timed, name="full+custom", timing_rounds=0)  # what --no-timing makes
+    merged = recipes.merge([_part("mlm-15", timed, 0.6), _part("mlm-30", untimed, 0.7)], log=lambda _: None)
+    assert {r["recipe"]: r["finetune"]["mean"] for r in merged["results"]} == {"mlm-15": 0.6, "mlm-30": 0.7}
+    assert [p["sizes"] for p in merged["parts"]] == ["full", "full+custom"]
+    assert merged["budget_problems"] == []
+    # another modality's baseline steps do not matter; this one's, the seeds or the downstream sizes do
+    other = dataclasses.replace(timed, name="x", baseline_steps={**timed.baseline_steps, "dna": 1})
+    recipes.merge([_part("mlm-15", timed, 0.6), _part("mlm-30", other, 0.7)], log=lambda _: None)
+    for change in ({"seeds": 1}, {"baseline_steps": {**timed.baseline_steps, "text": 99}}):
+        bad = dataclasses.replace(timed, name="full+custom", **change)
+        field_name = next(iter(change))
+        with pytest.raises(ValueError, match=f"differ in {field_name}"):
+            recipes.merge([_part("mlm-15", timed, 0.6), _part("mlm-30", bad, 0.7)], log=lambda _: None)
