@@ -257,12 +257,6 @@ def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: 
         if key in heads:
             raise ValueError(f"objective {key!r} is listed twice in config.objectives; give one of them a distinct "
                              f"'label' (e.g. label: {o.name}_{o.args.get('modality', 'x')})")
-        image = getattr(cfg, "image", None)
-        if (o.name == "token_targets" and o.args.get("target", "image_tokens") == "image_tokens" and "image" in embedders
-                and image is not None and image.drop_masked):
-            raise ValueError(f"objective {key!r} (token_targets on image_tokens) needs mask-token mode: set "
-                             f"model.image.drop_masked: false (MAE mode keeps hidden patches out of the encoder, so "
-                             f"image batches carry no visual-token targets and the head would never train)")
         heads[key] = OBJECTIVES.create(o.name, dim=cfg.encoder.dim, embedders=embedders, encoder_cfg=cfg.encoder,
                                        **o.args)
     for head in heads.values():  # a head that shares a part of another head (CLM reusing the MLM head) takes it here

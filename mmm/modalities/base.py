@@ -24,11 +24,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from mmm.config import ComponentConfig, EncoderConfig, ModelConfig
+from mmm.config import ComponentConfig, EncoderConfig, ModelConfig, ObjectiveConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.tar import ReadOptions
 from mmm.registry import MASKERS
@@ -83,6 +83,10 @@ class Modality(ABC):
         Called by the run builder before :meth:`prepare`; a composite modality keeps them to use
         their tokenizer, settings and maskers. Base modalities need nothing.
         """
+
+    def check_objectives(self, objectives: Sequence[ObjectiveConfig]) -> None:
+        """Refuse, by name, an objective that this modality's settings can never feed (called when the
+        run's model is built, before any data is read); default: every objective is accepted."""
 
     def reject_options(self, options: Optional[Dict[str, Any]]) -> None:
         """Raise when a task passes stream options to a modality that takes none."""

@@ -345,11 +345,14 @@ def build_model_for(cfg: PretrainConfig, modalities: Union[Modality, RunModaliti
     ``modalities`` (a run's :class:`~mmm.train.tasks.RunModalities`, or the one modality of a
     single-task run; assets prepared or loaded)."""
     if isinstance(modalities, RunModalities):
-        embedders = modalities.build_embedders(cfg.model.encoder)
+        base = modalities.base
     elif set(modalities.uses()) == {modalities.name}:
-        embedders = {modalities.name: modalities.build_embedder(cfg.model.encoder)}
+        base = {modalities.name: modalities}
     else:
         raise ValueError(f"modality {modalities.name!r} is a composite: pass the run's RunModalities")
+    for m in base.values():  # e.g. image refuses visual-token targets in MAE mode, before any data is read
+        m.check_objectives(cfg.objectives)
+    embedders = {name: m.build_embedder(cfg.model.encoder) for name, m in base.items()}
     tasks = {t.name: list(t.objectives) for t in cfg.tasks}
     return build_model(cfg.model, cfg.objectives, embedders, tasks or None)
 

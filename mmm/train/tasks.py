@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from torch import nn
 
 import mmm.masking  # noqa: F401  (registers maskers)
 import mmm.modalities.builtin  # noqa: F401  (registers modalities)
@@ -115,9 +114,6 @@ class RunModalities:
         out.update({name: m.assets() for name, m in self.composites.items()})
         return out
 
-    def build_embedders(self, encoder_cfg: Any) -> Dict[str, nn.Module]:
-        """One embedder per base modality, in :attr:`base` order."""
-        return {name: m.build_embedder(encoder_cfg) for name, m in self.base.items()}
 
 
 def build_modalities(cfg: PretrainConfig, tasks: List[TaskConfig],

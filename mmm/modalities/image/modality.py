@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from torch import nn
 
 from mmm.checkpoint import load_weights
-from mmm.config import ComponentConfig, EncoderConfig, ImageConfig, ModelConfig
+from mmm.config import ComponentConfig, EncoderConfig, ImageConfig, ModelConfig, ObjectiveConfig
 from mmm.data.epoch import EpochCounter
 from mmm.modalities.image.pipeline import ImageSettings, image_stages, read_image_sample, visual_token_features
 from mmm.modalities.image.transforms import eval_transform
@@ -133,6 +133,18 @@ class ImageModality(Modality):
         return EMBEDDERS.create("image", dim=encoder_cfg.dim, image_size=c.image_size, patch_size=c.patch_size,
                                 in_chans=3, cls_token=c.cls_token, position=c.position, embed_norm=c.embed_norm,
                                 norm_eps=encoder_cfg.norm_eps, dropout=encoder_cfg.dropout)
+
+    def check_objectives(self, objectives: Sequence[ObjectiveConfig]) -> None:
+        """MAE mode keeps hidden patches out of the encoder, so image batches carry no visual-token
+        targets: a ``token_targets`` head on ``image_tokens`` would never train, and is refused."""
+        if not self.cfg.drop_masked:
+            return
+        for o in objectives:
+            if o.name == "token_targets" and o.args.get("target", "image_tokens") == "image_tokens":
+                raise ValueError(f"objective {o.label or o.name!r} (token_targets on image_tokens) needs mask-token "
+                                 f"mode: set model.image.drop_masked: false (MAE mode keeps hidden patches out of the "
+                                 f"encoder, so image batches carry no visual-token targets and the head would never "
+                                 f"train)")
 
     def build_masker(self, masking: ComponentConfig) -> Any:
         return self.create_masker(masking)
