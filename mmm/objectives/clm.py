@@ -33,7 +33,8 @@ from torch import nn
 from mmm.batch import PackedBatch, TokenTargets
 from mmm.config import EncoderConfig
 from mmm.core.packing import PackedSeqInfo
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, token_table, top1_accuracy, zero_output
+from mmm.objectives.base import (ObjectiveOutput, global_mean, in_lockstep, sole_input, token_table, top1_accuracy,
+                                 zero_output)
 from mmm.objectives.mlm import MLMHead
 from mmm.registry import OBJECTIVES
 

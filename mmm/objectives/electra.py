@@ -35,7 +35,8 @@ from torch import nn
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
 from mmm.core.encoder import TransformerEncoder
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, sole_input, token_table, top1_accuracy, zero_output
+from mmm.objectives.base import (ObjectiveOutput, global_mean, in_lockstep, sole_input, token_table, top1_accuracy,
+                                 zero_output)
 from mmm.registry import EMBEDDERS, OBJECTIVES
 
 EMBEDDING_SHARING = ("shared", "gdes", "none")
