@@ -50,6 +50,13 @@ forward (``training_step``: model forward, loss, ``self.log``), backward, optimi
 clipping + fused AdamW), after the step (LR scheduler, callbacks' batch-end hooks) and between
 steps (the next batch from the DataLoader worker, moving it, Lightning's loop and its logger).
 
+**Page faults.** Each step also records the process's minor page faults. With glibc's default
+settings a large tensor (HF's (B, T, V) logits are 67 MB at tiny) is ``mmap``-ed afresh every step
+and the kernel zero-fills it a page at a time on first touch, which is slow inside a virtual
+machine and varies with the host. ``--keep-freed-memory`` makes malloc keep freed memory for reuse
+(:func:`keep_freed_memory`, both contenders alike), so the comparison is of the two training loops'
+own work; the default leaves the allocator as a user has it.
+
 Sizes: ``tiny`` (the config as it is), ``base`` (BERT-base: 12 × 768, 12 heads, MLP 3072,
 vocabulary 30522 asked for, of which the embedded corpus yields about 8.7k pieces; dropout 0.1;
 batch 8; short runs), ``micro`` (toy sizes for the tests, meaningless as a measurement; also under
@@ -58,7 +65,7 @@ batch 8; short runs), ``micro`` (toy sizes for the tests, meaningless as a measu
 Usage::
 
     python -m benchmarks.e2e_pretrain [--quick | --sizes tiny,base] [--rounds R] [--threads T]
-        [--out DIR]   # writes DIR/results.json and DIR/results.md (default runs/bench/e2e_pretrain)
+        [--keep-freed-memory] [--out DIR]   # writes DIR/results.json and DIR/results.md (default runs/bench/e2e_pretrain)
 """
 from __future__ import annotations
 
@@ -227,7 +234,8 @@ def _mmm_clock(shape: BertShape):
             seqlens = list(batch.seq.seqlens)
             predicted = int(batch.targets["text"].count)
             self.steps.append(dict(
-                end=end, cpu=time.thread_time(), start=t["start"], tokens=int(batch.num_tokens), predicted=predicted,
+                end=end, cpu=time.thread_time(), faults=minor_faults(), start=t["start"], tokens=int(batch.num_tokens),
+                predicted=predicted,
                 flops=step_flops(shape, seqlens, predicted),
                 forward=t["backward"] - t["start"], backward=t["after_backward"] - t["backward"],
                 optimizer=t["opt_end"] - t["after_backward"], after_step=end - t["opt_end"]))
@@ -244,10 +252,48 @@ def _hf_clock(flops_per_step: int, tokens_per_step: int):
             self.steps: List[Dict[str, Any]] = []
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.steps.append(dict(end=time.perf_counter(), cpu=time.thread_time(), tokens=tokens_per_step,
-                                   flops=flops_per_step))
+            self.steps.append(dict(end=time.perf_counter(), cpu=time.thread_time(), faults=minor_faults(),
+                                   tokens=tokens_per_step, flops=flops_per_step))
 
     return HfClock()
+
+
+def minor_faults() -> Optional[int]:
+    """Minor page faults of this process so far (None where the OS does not count them). A fresh
+    allocation that glibc serves with ``mmap`` (large tensors, by default) is zero-filled by the kernel
+    one page at a time on first touch, and each such fault is costly inside a virtual machine."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> str:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel, so a step's
+    large tensors stop costing page faults (``mallopt``: no ``mmap`` below 1 GiB, no heap trimming).
+    Applies to this process from now on, both contenders alike; returns what it set.
+
+    Raises:
+        RuntimeError: not a glibc system (the allocator cannot be tuned this way).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not name:
+        raise RuntimeError(f"--keep-freed-memory tunes glibc's malloc; this is {platform.system()} "
+                           f"(C library: {name or 'not found'})")
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        raise RuntimeError(f"--keep-freed-memory: the C library {name} has no mallopt (not glibc)")
+    ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+    if not ok:
+        raise RuntimeError(f"--keep-freed-memory: mallopt refused the settings on {name}")
+    return "glibc malloc keeps freed memory (mallopt M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB)"
 
 
 def window(steps: List[Dict[str, Any]], skip: int) -> Dict[str, Any]:
@@ -263,6 +309,8 @@ def window(steps: List[Dict[str, Any]], skip: int) -> Dict[str, Any]:
            "tokens_per_step": statistics.median(s["tokens"] for s in timed),
            "step_seconds": [s["end"] - p["end"] for s, p in zip(timed, previous)],
            "step_tokens": [s["tokens"] for s in timed], "step_flops": [s["flops"] for s in timed]}
+    if timed[0].get("faults") is not None:  # the process's minor page faults per timed step
+        out["minor_faults_per_step"] = (timed[-1]["faults"] - previous[0]["faults"]) / len(timed)
     if "cpu" in timed[0]:  # the training thread's CPU time per step (what a step costs without waiting for a core)
         out["step_cpu_seconds"] = [s["cpu"] - p["cpu"] for s, p in zip(timed, previous)]
     if "predicted" in timed[0]:  # mmm: masked positions per step and the split at Lightning's hooks
@@ -403,6 +451,8 @@ def run_size(size: Size, threads: int, work: Path, log: Callable[[str], None] = 
              "flops_per_token": sum(x["flops"] for x in rs) / sum(x["tokens"] for x in rs),
              "tokens_per_step": per_step, "matmul_limit": limit}
         e["fraction_of_limit"] = e["gflops_per_s"] / limit["gflops_per_s"]
+        faults = [x["minor_faults_per_step"] for x in rs if x.get("minor_faults_per_step") is not None]
+        e["minor_faults_per_step"] = statistics.median(faults) if faults else None
         cpu = [(f, dt) for x in rs for f, dt in zip(x["step_flops"], x.get("step_cpu_seconds", ())) if dt > 0]
         e["cpu_gflops_per_s"] = statistics.median(f / dt for f, dt in cpu) / 1e9 if cpu else None
         if name == "mmm":
@@ -468,6 +518,12 @@ def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:
             lines += [f"Per CPU-second of the training thread ({r['size']}; robust to other jobs on the machine, "
                       f"leaves out mmm's DataLoader worker): mmm {r['mmm']['cpu_gflops_per_s']:.1f}, "
                       f"HF {r['hf']['cpu_gflops_per_s']:.1f} GFLOP/s, **{r['cpu_gflops_ratio']:.2f}×**.", ""]
+    lines += [f"Memory allocator: {env.get('allocator', 'default')}.", ""]
+    for r in results:
+        f = {n: r[n].get("minor_faults_per_step") for n in ("mmm", "hf")}
+        if all(v is not None for v in f.values()):
+            lines += [f"Minor page faults per timed step ({r['size']}, the training process; median over runs): "
+                      f"mmm {f['mmm']:,.0f}, HF {f['hf']:,.0f}.", ""]
     for r in results:
         loads = {n: ", ".join(str(x.get("load_average_after")) for x in r[n]["runs"]) for n in ("mmm", "hf")}
         lines += [f"Load average (1 min) after each run, {r['size']}: mmm {loads['mmm']}; HF {loads['hf']}.", ""]
@@ -513,6 +569,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads for both (default 1)")
     p.add_argument("--out", default="runs/bench/e2e_pretrain", help="folder for results.json and results.md")
     p.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc malloc keeps freed memory (no per-step page faults for large tensors), both sides")
     return p.parse_args(argv)
 
 
@@ -538,7 +596,7 @@ def select_sizes(args: argparse.Namespace) -> List[Size]:
 
 
 def run_benchmark(sizes: Sequence[Size], threads: Optional[int] = None, work: Optional[Path] = None,
-                  log: Callable[[str], None] = print) -> Dict[str, Any]:
+                  log: Callable[[str], None] = print, allocator: str = "default") -> Dict[str, Any]:
     """Every size in one run; returns ``{"env", "results", "markdown"}`` (writes nothing but the runs' folders).
 
     Args:
@@ -546,10 +604,11 @@ def run_benchmark(sizes: Sequence[Size], threads: Optional[int] = None, work: Op
         threads: torch threads for both contenders (default :data:`DEFAULT_THREADS`).
         work: folder for the runs (default: a temporary one, removed afterwards).
         log: progress printer.
+        allocator: how the memory allocator is set up (reported; see :func:`keep_freed_memory`).
     """
     threads = threads or DEFAULT_THREADS
     before = torch.get_num_threads()
-    env = environment(threads)
+    env = {**environment(threads), "allocator": allocator}
     results = run_in_work_folder("mmm_e2e_", work, lambda root: [run_size(s, threads, root / s.name, log) for s in sizes],
                                  env, before)
     return {"env": env, "results": results, "markdown": markdown(results, env)}
@@ -560,8 +619,10 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     import json
 
     args = parse_args(argv)
+    sizes = select_sizes(args)
+    allocator = keep_freed_memory() if args.keep_freed_memory else "glibc default (large tensors mmapped, freed memory returned)"
     report = {"benchmark": "e2e_pretrain",
-              **run_benchmark(select_sizes(args), args.threads, Path(args.work) if args.work else None, log)}
+              **run_benchmark(sizes, args.threads, Path(args.work) if args.work else None, log, allocator)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -57,6 +57,11 @@ def test_micro_run_writes_results_and_counts_flops(tmp_path):
     assert r["cpu_gflops_ratio"] == pytest.approx(r["mmm"]["cpu_gflops_per_s"] / r["hf"]["cpu_gflops_per_s"])
     assert "| mmm pretrain (packed) |" in report["markdown"] and "between steps" in report["markdown"]
     assert "Per CPU-second of the training thread" in report["markdown"]
+    # page faults are counted per timed step (Linux); the allocator is reported as the user has it
+    if bench.minor_faults() is not None:
+        assert all(r[n]["minor_faults_per_step"] >= 0 for n in ("mmm", "hf"))
+        assert "Minor page faults per timed step (micro" in report["markdown"]
+    assert "Memory allocator: glibc default" in report["markdown"]
 
 
 def test_window_times_steps_after_the_skipped_ones():
@@ -83,3 +88,25 @@ def test_group_texts_is_run_mlm_grouping():
     assert [i for b in blocks for i in b["input_ids"]] == stream[:len(blocks) * 8]
     specials = [i for b in blocks for i in b["special_tokens_mask"]]
     assert specials == [int(i in (tok.cls_id, tok.sep_id)) for i in stream[:len(blocks) * 8]]
+
+
+def test_keep_freed_memory_stops_the_page_faults_of_a_reallocated_large_tensor():
+    import platform
+
+    import torch
+
+    if platform.system() != "Linux" or bench.minor_faults() is None:
+        pytest.skip("glibc's mallopt and the kernel's fault counts are Linux-only")
+
+    def faults_of_one_64mb_tensor() -> int:
+        before = bench.minor_faults()
+        x = torch.empty(16 * 1024 * 1024)  # 64 MiB: above glibc's largest default mmap threshold (32 MiB)
+        x.fill_(1.0)
+        del x
+        return bench.minor_faults() - before
+
+    faults_of_one_64mb_tensor()
+    assert faults_of_one_64mb_tensor() > 8000  # default: mmapped afresh, 16k pages zero-filled on first touch
+    assert "keeps freed memory" in bench.keep_freed_memory()
+    faults_of_one_64mb_tensor()  # served from the heap, which keeps it once freed
+    assert faults_of_one_64mb_tensor() < 1000
