@@ -21,13 +21,15 @@ Per contender and batch, in CPU time of this thread, interleaved over ``rounds``
   projection; HF: the same at every position), the loss and their backward.
 
 FLOPs per part come from :func:`benchmarks.flops.step_flops_parts` (encoder = linear + attention).
-The last line of the report answers: at HF's own per-part rates, what would mmm's whole-step GFLOP/s
-ratio be? That is the ratio that equally efficient code would show, the reference for the ≥ 1.1×
-target of issue 18.
+HF's head time includes the page faults of its large logits tensors under glibc's default
+allocator; ``--keep-freed-memory`` removes them (both sides). The last line of the report answers:
+at HF's own per-part rates, what would mmm's whole-step GFLOP/s ratio be? That is the ratio that
+equally efficient code would show, the reference for the ≥ 1.1× target of issue 18.
 
 Usage::
 
-    python -m benchmarks.step_parts [--size tiny|base] [--batches N] [--rounds R] [--micro] [--out DIR]
+    python -m benchmarks.step_parts [--size tiny|base] [--batches N] [--rounds R] [--keep-freed-memory] [--micro]
+        [--out DIR]
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from benchmarks.e2e_pretrain import SIZES, bert_config, load_size_config, model_shape
+from benchmarks.e2e_pretrain import SIZES, bert_config, keep_freed_memory, load_size_config, model_shape
 from benchmarks.flops import BertShape, step_flops_parts
 
 
@@ -188,7 +190,8 @@ def summarise(shape: BertShape, flops: Dict[str, List[Dict[str, int]]], times: D
 
 
 def markdown(r: Dict[str, Any]) -> str:
-    lines = [f"Step parts, {r['size']} ({r['batches']} batches, {r['rounds']} interleaved rounds, median CPU time, 1 thread)",
+    lines = [f"Step parts, {r['size']} ({r['batches']} batches, {r['rounds']} interleaved rounds, median CPU time, 1 thread; "
+             f"allocator: {r.get('allocator', 'glibc default')})",
              "", "| contender | part | share of FLOPs | share of time | GFLOP/s | mmm/HF |", "|---|---|---:|---:|---:|---:|"]
     for s in ("mmm", "hf"):
         c = r["contenders"][s]
@@ -212,11 +215,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--size", choices=["tiny", "base"], default="tiny", help="benchmarks.e2e_pretrain's sizes")
     p.add_argument("--micro", action="store_true", help="toy size for the tests (meaningless as a measurement)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc malloc keeps freed memory (benchmarks.e2e_pretrain.keep_freed_memory)")
     p.add_argument("--out", default="runs/bench/step_parts")
     a = p.parse_args(argv)
     if a.batches < 3 or a.rounds < 1:
         p.error(f"--batches must be >= 3 and --rounds >= 1 (got {a.batches}, {a.rounds})")
-    r = run("micro" if a.micro else a.size, a.batches, a.rounds)
+    allocator = keep_freed_memory() if a.keep_freed_memory else "glibc default"
+    r = {**run("micro" if a.micro else a.size, a.batches, a.rounds), "allocator": allocator}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(r, indent=2), encoding="utf-8")
