@@ -55,7 +55,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from benchmarks.report import run_in_work_folder
-from benchmarks.e2e_pretrain import CONFIG, DEFAULT_THREADS, MICRO_ENV, environment, load_average, train_tokenizer
+from benchmarks.e2e_pretrain import (CONFIG, DEFAULT_THREADS, MICRO_ENV, environment, load_average, minor_faults,
+                                    train_tokenizer)
 
 TARGET_SHARE_OF_CEILING = 0.9
 
@@ -122,6 +123,13 @@ def cpu_window(cpu_ends: List[float], examples: List[int], skip: int) -> Dict[st
     return {"cpu_seconds": w["seconds"], "examples_per_cpu_s": w["examples_per_s"]}
 
 
+def faults_window(fault_ends: List[Optional[int]], skip: int) -> Dict[str, Optional[float]]:
+    """The process's minor page faults per timed step (steps ``skip + 1 …``; None where not counted)."""
+    if len(fault_ends) <= skip or fault_ends[-1] is None or fault_ends[skip - 1] is None:
+        return {"minor_faults_per_step": None}
+    return {"minor_faults_per_step": (fault_ends[-1] - fault_ends[skip - 1]) / (len(fault_ends) - skip)}
+
+
 def padding_share(batches: Sequence[Dict[str, int]]) -> float:
     """Padded positions / all positions over padded batches (``rows``, ``width``, ``real``)."""
     total = sum(b["rows"] * b["width"] for b in batches)
@@ -155,8 +163,10 @@ def run_mmm(size: Size, encoder_dir: Path, splits, threads: int) -> Dict[str, An
     cfg = FinetuneConfig(batch_size=size.batch_size, epochs=size.steps // per_epoch + 1, max_steps=size.steps,
                          eval_every=size.steps + 1, dropout=0.0, seeds=1)  # no dev scoring inside the run
     torch.set_num_threads(threads)
+    fault_ends: List[Optional[int]] = []
     hook = register_optimizer_step_post_hook(lambda *_: (ends.append(time.perf_counter()),
-                                                         cpu_ends.append(time.process_time())))
+                                                         cpu_ends.append(time.process_time()),
+                                                         fault_ends.append(minor_faults())))
     try:
         finetune(fresh_encoder, "text", splits["train"], splits["dev"], cfg=cfg, device="cpu", log=lambda _: None)
     finally:
@@ -164,7 +174,8 @@ def run_mmm(size: Size, encoder_dir: Path, splits, threads: int) -> Dict[str, An
     if len(ends) != size.steps:
         raise RuntimeError(f"mmm fine-tuning took {len(ends)} optimizer steps, expected {size.steps}")
     return {**examples_window(ends, [b["rows"] for b in batches], size.skip),
-            **cpu_window(cpu_ends, [b["rows"] for b in batches], size.skip), "batches": batches[:size.steps]}
+            **cpu_window(cpu_ends, [b["rows"] for b in batches], size.skip), **faults_window(fault_ends, size.skip),
+            "batches": batches[:size.steps]}
 
 
 def hf_features(hf_dir: Path, splits, labels: List[int], max_len: int):
@@ -193,6 +204,7 @@ def run_hf(size: Size, hf_dir: Path, tok, rows, num_labels: int, work: Path, thr
     batches: List[Dict[str, int]] = []
     ends: List[float] = []
     cpu_ends: List[float] = []
+    fault_ends: List[Optional[int]] = []
     pad = DataCollatorWithPadding(tok)
 
     def collate(features):
@@ -205,6 +217,7 @@ def run_hf(size: Size, hf_dir: Path, tok, rows, num_labels: int, work: Path, thr
         def on_step_end(self, args, state, control, **kwargs):
             ends.append(time.perf_counter())
             cpu_ends.append(time.process_time())
+            fault_ends.append(minor_faults())
 
     f = FinetuneConfig()
     torch.manual_seed(0)
@@ -222,8 +235,8 @@ def run_hf(size: Size, hf_dir: Path, tok, rows, num_labels: int, work: Path, thr
     if len(ends) != size.steps:
         raise RuntimeError(f"HF fine-tuning took {len(ends)} optimizer steps, expected {size.steps}")
     return {**examples_window(ends, [b["rows"] for b in batches], size.skip),
-            **cpu_window(cpu_ends, [b["rows"] for b in batches], size.skip), "batches": batches[:size.steps],
-            "optimizer": str(args.optim)}
+            **cpu_window(cpu_ends, [b["rows"] for b in batches], size.skip), **faults_window(fault_ends, size.skip),
+            "batches": batches[:size.steps], "optimizer": str(args.optim)}
 
 
 # ----------------------------------------------------------------------------- one comparison
@@ -280,6 +293,9 @@ def run(size: Size, threads: int, work: Path, source: Optional[str] = None,
         "paired_ratio": statistics.median(a["examples_per_s"] / b["examples_per_s"]
                                           for a, b in zip(runs["mmm"], runs["hf"])),
         "load_averages_after_runs": {n: [x["load_average_after"] for x in rs] for n, rs in runs.items()},
+        "minor_faults_per_step": {n: (statistics.median(x["minor_faults_per_step"] for x in rs)
+                                      if all(x["minor_faults_per_step"] is not None for x in rs) else None)
+                                  for n, rs in runs.items()},
         "cpu_ratio": cpu_m / cpu_h, "cpu_share_of_ceiling": cpu_m / cpu_h / ceiling,
         "ceiling": ceiling, "share_of_ceiling": ratio / ceiling,
         "target_share_of_ceiling": TARGET_SHARE_OF_CEILING,
@@ -310,14 +326,19 @@ def markdown(r: Dict[str, Any], env: Dict[str, Any]) -> str:
              f"{100 * r['hf']['padding_share_computed']:.1f}% | | | |", "",
              f"Per CPU-second of the process (wall-clock waits for a core left out): mmm "
              f"{r['mmm']['examples_per_cpu_s']:.1f}, HF {r['hf']['examples_per_cpu_s']:.1f} examples; "
-             f"**{r['cpu_ratio']:.2f}×**, {100 * r['cpu_share_of_ceiling']:.0f}% of the ceiling.", "",
-             f"Identical token ids on both sides for {100 * r['same_token_ids']:.1f}% of the training texts. "
-             "Examples/s: all timed examples over all timed time of a run, median over rounds (a step's cost "
-             "follows its batch's lengths, so per-step rates are not medians of one quantity); paired: the median "
-             "of the rounds' mmm/HF ratios. p = share of padded positions in the "
-             "batches HF trained on in the timed steps. Load average (1 min) after each run: mmm "
-             + ", ".join(str(x) for x in r["load_averages_after_runs"]["mmm"]) + "; HF "
-             + ", ".join(str(x) for x in r["load_averages_after_runs"]["hf"]) + "."]
+             f"**{r['cpu_ratio']:.2f}×**, {100 * r['cpu_share_of_ceiling']:.0f}% of the ceiling.", ""]
+    faults = r.get("minor_faults_per_step") or {}
+    if all(faults.get(n) is not None for n in ("mmm", "hf")):
+        lines += [f"Minor page faults per timed step (the process; median over rounds): mmm {faults['mmm']:,.0f}, "
+                  f"HF {faults['hf']:,.0f}.", ""]
+    lines.append(
+        f"Identical token ids on both sides for {100 * r['same_token_ids']:.1f}% of the training texts. "
+        "Examples/s: all timed examples over all timed time of a run, median over rounds (a step's cost "
+        "follows its batch's lengths, so per-step rates are not medians of one quantity); paired: the median "
+        "of the rounds' mmm/HF ratios. p = share of padded positions in the "
+        "batches HF trained on in the timed steps. Load average (1 min) after each run: mmm "
+        + ", ".join(str(x) for x in r["load_averages_after_runs"]["mmm"]) + "; HF "
+        + ", ".join(str(x) for x in r["load_averages_after_runs"]["hf"]) + ".")
     return "\n".join(lines)
 
 

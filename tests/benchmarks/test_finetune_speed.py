@@ -38,6 +38,9 @@ def test_micro_run_writes_results_with_ceiling(tmp_path):
     assert r["cpu_ratio"] == pytest.approx(r["mmm"]["examples_per_cpu_s"] / r["hf"]["examples_per_cpu_s"])
     assert r["reaches_target"] == (r["share_of_ceiling"] >= 0.9)
     assert "ceiling 1/(1−p)" in report["markdown"]
+    if bench.minor_faults() is not None:  # page faults per timed step, both sides (Linux)
+        assert all(r["minor_faults_per_step"][n] >= 0 for n in ("mmm", "hf"))
+        assert "Minor page faults per timed step" in report["markdown"]
 
 
 def test_padding_share_and_window():
@@ -52,3 +55,9 @@ def test_padding_share_and_window():
 
 def test_cpu_window_is_the_same_window_in_cpu_time():
     assert bench.cpu_window([0.5, 1.0, 2.0], [8, 8, 4], skip=1) == {"cpu_seconds": 1.5, "examples_per_cpu_s": 8.0}
+
+
+def test_faults_window_counts_the_timed_steps_only():
+    assert bench.faults_window([100, 160, 400, 460], skip=1) == {"minor_faults_per_step": 120.0}
+    assert bench.faults_window([None, None, None], skip=1) == {"minor_faults_per_step": None}
+    assert bench.faults_window([5], skip=1) == {"minor_faults_per_step": None}
