@@ -271,6 +271,9 @@ def minor_faults() -> Optional[int]:
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
+DEFAULT_ALLOCATOR = "glibc default (large tensors mmapped, freed memory returned)"
+"""How the report names an allocator left as the user has it (:func:`keep_freed_memory` otherwise)."""
+
 
 def keep_freed_memory() -> str:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel, so a step's
@@ -522,7 +525,7 @@ def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:
             lines += [f"Per CPU-second of the training thread ({r['size']}; robust to other jobs on the machine, "
                       f"leaves out mmm's DataLoader worker): mmm {r['mmm']['cpu_gflops_per_s']:.1f}, "
                       f"HF {r['hf']['cpu_gflops_per_s']:.1f} GFLOP/s, **{r['cpu_gflops_ratio']:.2f}×**.", ""]
-    lines += [f"Memory allocator: {env.get('allocator', 'default')}.", ""]
+    lines += [f"Memory allocator: {env.get('allocator', DEFAULT_ALLOCATOR)}.", ""]
     for r in results:
         f = {n: r[n].get("minor_faults_per_step") for n in ("mmm", "hf")}
         if all(v is not None for v in f.values()):
@@ -600,7 +603,7 @@ def select_sizes(args: argparse.Namespace) -> List[Size]:
 
 
 def run_benchmark(sizes: Sequence[Size], threads: Optional[int] = None, work: Optional[Path] = None,
-                  log: Callable[[str], None] = print, allocator: str = "default") -> Dict[str, Any]:
+                  log: Callable[[str], None] = print, allocator: str = DEFAULT_ALLOCATOR) -> Dict[str, Any]:
     """Every size in one run; returns ``{"env", "results", "markdown"}`` (writes nothing but the runs' folders).
 
     Args:
@@ -624,7 +627,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
 
     args = parse_args(argv)
     sizes = select_sizes(args)
-    allocator = keep_freed_memory() if args.keep_freed_memory else "glibc default (large tensors mmapped, freed memory returned)"
+    allocator = keep_freed_memory() if args.keep_freed_memory else DEFAULT_ALLOCATOR
     report = {"benchmark": "e2e_pretrain",
               **run_benchmark(sizes, args.threads, Path(args.work) if args.work else None, log, allocator)}
     out = Path(args.out)

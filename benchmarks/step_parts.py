@@ -36,17 +36,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import logging
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from benchmarks.e2e_pretrain import SIZES, bert_config, keep_freed_memory, load_size_config, model_shape
+from benchmarks.e2e_pretrain import (DEFAULT_ALLOCATOR, SIZES, _quiet_lightning, bert_config, keep_freed_memory,
+                                    load_size_config, model_shape)
 from benchmarks.flops import BertShape, step_flops_parts
 
 
@@ -54,9 +53,7 @@ def mmm_batches(size_name: str, count: int, work: Path):
     """``count`` training batches from the mmm pipeline of the size's config, and its module."""
     from mmm.train.pretrain import build_run
 
-    for name in ("lightning", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"lightning.*")
+    _quiet_lightning()
     cfg = load_size_config(SIZES[size_name], work / "mmm", threads=1)
     run = build_run(cfg)
     run.datamodule.setup("fit")
@@ -87,6 +84,13 @@ def _cpu(fn: Callable[[], None]) -> float:
     return time.thread_time() - t0
 
 
+def _backward_from_fixed_gradient(hidden: torch.Tensor, cache: Dict[str, torch.Tensor]) -> None:
+    """Backward from one random gradient per batch, drawn at the first call and reused after."""
+    if "g" not in cache:
+        cache["g"] = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1))
+    hidden.backward(cache["g"])
+
+
 def mmm_parts(module, batch) -> Dict[str, Callable[[], None]]:
     """The step and the encoder-only pass of mmm on one packed batch."""
     model = module.model
@@ -96,21 +100,18 @@ def mmm_parts(module, batch) -> Dict[str, Callable[[], None]]:
         module.zero_grad(set_to_none=True)
         module._common_step(batch, "train").backward()
 
-    grad = {}
+    grad: Dict[str, torch.Tensor] = {}
 
     def encoder() -> None:
         module.zero_grad(set_to_none=True)
-        hidden = model.encode(batch)
-        if "g" not in grad:
-            grad["g"] = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1))
-        hidden.backward(grad["g"])
+        _backward_from_fixed_gradient(model.encode(batch), grad)
 
     return {"step": step, "encoder": encoder}
 
 
 def hf_parts(model, batch) -> Dict[str, Callable[[], None]]:
     """The step and the encoder-only pass (``model.bert``) of HF on one batch."""
-    grad = {}
+    grad: Dict[str, torch.Tensor] = {}
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -119,9 +120,7 @@ def hf_parts(model, batch) -> Dict[str, Callable[[], None]]:
     def encoder() -> None:
         model.zero_grad(set_to_none=True)
         hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        if "g" not in grad:
-            grad["g"] = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1))
-        hidden.backward(grad["g"])
+        _backward_from_fixed_gradient(hidden, grad)
 
     return {"step": step, "encoder": encoder}
 
@@ -191,7 +190,7 @@ def summarise(shape: BertShape, flops: Dict[str, List[Dict[str, int]]], times: D
 
 def markdown(r: Dict[str, Any]) -> str:
     lines = [f"Step parts, {r['size']} ({r['batches']} batches, {r['rounds']} interleaved rounds, median CPU time, 1 thread; "
-             f"allocator: {r.get('allocator', 'glibc default')})",
+             f"allocator: {r.get('allocator', DEFAULT_ALLOCATOR)})",
              "", "| contender | part | share of FLOPs | share of time | GFLOP/s | mmm/HF |", "|---|---|---:|---:|---:|---:|"]
     for s in ("mmm", "hf"):
         c = r["contenders"][s]
@@ -221,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     a = p.parse_args(argv)
     if a.batches < 3 or a.rounds < 1:
         p.error(f"--batches must be >= 3 and --rounds >= 1 (got {a.batches}, {a.rounds})")
-    allocator = keep_freed_memory() if a.keep_freed_memory else "glibc default"
+    allocator = keep_freed_memory() if a.keep_freed_memory else DEFAULT_ALLOCATOR
     r = {**run("micro" if a.micro else a.size, a.batches, a.rounds), "allocator": allocator}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -103,5 +103,4 @@ class MaskedLanguageModeling(nn.Module):
         logits = self.head(hidden.index_select(0, t.positions))  # (M, V)
         # sum / (global count / world size): exact under DDP gradient averaging (a plain mean on one rank)
         loss = global_mean(F.cross_entropy(logits.float(), t.labels, reduction="sum"), int(t.labels.numel()), sync)
-        acc = top1_accuracy(logits, t.labels)
-        return ObjectiveOutput(loss, {"acc": acc.detach()}, int(t.labels.numel()))
+        return ObjectiveOutput(loss, {"acc": top1_accuracy(logits, t.labels)}, int(t.labels.numel()))
