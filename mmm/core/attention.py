@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from torch.utils.checkpoint import checkpoint
 
+from mmm.core.dropout import dropout
 from mmm.core.packing import PackedSeqInfo
 from mmm.core.position import ALiBi, alibi_block
 from mmm.registry import ATTENTION_BACKENDS
@@ -71,6 +72,27 @@ def _dense_mask(seq: PackedSeqInfo, bias: Bias, dtype: torch.dtype, causal: bool
     return b.masked_fill(~keys, torch.finfo(dtype).min)  # (B or 1, H, T, T)
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], dropout_p: float,
+            causal: bool = False) -> torch.Tensor:
+    """SDPA of (B, H, R, D) queries over (B, H, K, D) keys/values; ``mask``: bool (True = attend) or additive.
+
+    With attention dropout on CPU, SDPA falls back to its math kernel, whose dropout mask takes one
+    Mersenne-Twister draw per attention probability, and whose "safe" softmax re-checks every row
+    for being fully masked. This path computes the same softmax(QKᵀ/√D + mask)·V explicitly with
+    :func:`mmm.core.dropout.dropout` (four mask elements per 64-bit draw) and a plain softmax: no
+    row here is ever fully masked (every query sees at least its own sequence's first key).
+    """
+    if dropout_p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)  # (B, H, R, K)
+    if causal:
+        pos = torch.arange(k.shape[-2], device=q.device)
+        scores = scores.masked_fill(~_causal_keys(pos[-q.shape[-2]:], pos), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return dropout(torch.softmax(scores, dim=-1), dropout_p) @ v
+
+
 def _alibi_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Optional[torch.Tensor],
                 query_pos: torch.Tensor, key_pos: torch.Tensor, slopes: torch.Tensor,
                 dropout_p: float, causal: bool) -> torch.Tensor:
@@ -80,7 +102,7 @@ def _alibi_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Optiona
         mask = mask.masked_fill(~_causal_keys(query_pos, key_pos), torch.finfo(q.dtype).min)
     elif keys is not None:
         mask = mask.masked_fill(~keys, torch.finfo(q.dtype).min)  # (B, H, R, K)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return _attend(q, k, v, mask, dropout_p)
 
 
 def _sdpa_alibi(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, seq: PackedSeqInfo, alibi: ALiBi,
@@ -110,10 +132,9 @@ def _sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedS
     if bias is not None:
         out = _sdpa_alibi(qp, kp, vp, seq, bias, dropout_p, causal)
     elif causal:  # key padding sits after every real query: the causal mask alone is exact
-        out = F.scaled_dot_product_attention(qp, kp, vp, dropout_p=dropout_p, is_causal=True)
+        out = _attend(qp, kp, vp, None, dropout_p, causal=True)
     else:
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=_dense_mask(seq, None, q.dtype),
-                                             dropout_p=dropout_p)
+        out = _attend(qp, kp, vp, _dense_mask(seq, None, q.dtype), dropout_p)
     return seq.unpad(out.transpose(1, 2))  # (N, H, D)
 
 
@@ -146,9 +167,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: Packe
     mask = _dense_mask(seq, bias, scores.dtype, causal)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores, dim=-1)
-    if dropout_p > 0:
-        probs = F.dropout(probs, dropout_p)
+    probs = dropout(torch.softmax(scores, dim=-1), dropout_p)
     return seq.unpad((probs @ vp).transpose(1, 2))
 
 

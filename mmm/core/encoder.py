@@ -18,6 +18,7 @@ from torch import nn
 
 from mmm.config import EncoderConfig
 from mmm.core.attention import FlexContext, flex_context, resolve_backend
+from mmm.core.dropout import Dropout
 from mmm.core.packing import LongestFirst, PackedSeqInfo
 from mmm.core.position import RELATIVE_POSITIONS, ALiBi, Rotary, apply_rotary
 from mmm.registry import ATTENTION_BACKENDS
@@ -103,7 +104,7 @@ class EncoderBlock(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = ModalityExperts(cfg, experts) if experts else MLP(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo, backend: str, bias: AttentionBias,
                 rope: Optional[RopeTables], route: Route = None, causal: bool = False) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmm.config import EncoderConfig
+from mmm.core.dropout import Dropout
 from mmm.core.encoder import EncoderBlock
 from mmm.core.packing import PackedSeqInfo
 
@@ -61,7 +62,7 @@ class CrossModalityLayer(nn.Module):
         self.norm_first = cfg.norm_first
         self.cross = PartnerCrossAttention(cfg)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.block = EncoderBlock(cfg)
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo, partners: torch.Tensor, backend: str) -> torch.Tensor:

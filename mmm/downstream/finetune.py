@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmm.core.dropout import Dropout
 from mmm.downstream.data import Labels, Split, encode_labels
 from mmm.downstream.inputs import InputAdapter, load_adapter
 from mmm.downstream.metrics import METRICS, check_metric, mean_std, score_all
@@ -74,7 +75,7 @@ class ClassificationHead(nn.Module):
     def __init__(self, dim: int, outputs: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.dense = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(dim, outputs)
         for lin in (self.dense, self.classifier):
             nn.init.normal_(lin.weight, std=0.02)

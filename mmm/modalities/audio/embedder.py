@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mmm.config import EncoderConfig, _f
+from mmm.core.dropout import Dropout
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import pack_padded
 from mmm.core.position import AbsolutePositions
@@ -54,7 +55,7 @@ class AudioEmbedder(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(dim))
         self.positions = AbsolutePositions(position, max_len, dim)
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if embed_norm else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.reset_parameters()
 
     @property

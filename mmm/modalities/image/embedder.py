@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mmm.config import EncoderConfig, _f
+from mmm.core.dropout import Dropout
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
 from mmm.modalities.standalone import EmbedderEncoder
@@ -168,7 +169,7 @@ class ImageEmbedder(nn.Module):
             table = torch.cat([torch.zeros(self.num_prefix_tokens, dim), sincos_2d_table(self.grid, dim)])
             self.register_buffer("pos_embed", table[None], persistent=False)  # (1, cls+P, d)
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if embed_norm else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mmm.config import ComponentConfig, EncoderConfig, ModelConfig, RegionConfig
+from mmm.core.dropout import Dropout
 from mmm.core.position import AbsolutePositions
 from mmm.data.epoch import EpochCounter
 from mmm.modalities.base import Handler, Modality
@@ -59,7 +60,7 @@ class RegionEmbedder(nn.Module):
         self.box_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.positions = AbsolutePositions(position, max_regions, dim) if position == "learned" else None
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, features: torch.Tensor, boxes: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

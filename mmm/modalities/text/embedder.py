@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmm.core.dropout import Dropout
 from mmm.core.position import AbsolutePositions
 from mmm.registry import EMBEDDERS
 
@@ -35,7 +36,7 @@ class TextEmbedder(nn.Module):
         self.tokens = nn.Embedding(vocab_size, dim)
         self.positions = AbsolutePositions(position, max_len, dim)
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if embed_norm else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     @property
     def max_len(self) -> int:
