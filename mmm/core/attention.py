@@ -3,7 +3,9 @@
 * ``xformers`` — ``memory_efficient_attention`` with a ``BlockDiagonalMask`` over the flat token
   stream: no padding at all (CUDA only; xformers has no CPU kernels).
 * ``sdpa`` — ``torch.nn.functional.scaled_dot_product_attention`` on a padded view built from
-  the packed layout (CPU and CUDA).
+  the packed layout (CPU and CUDA). With attention dropout on CPU, where SDPA would fall back to
+  its math kernel anyway, the same softmax(QKᵀ/√D + mask)·V is computed explicitly with
+  :func:`mmm.core.dropout.dropout`'s cheaper mask.
 * ``math`` — an explicit softmax(QKᵀ/√d + bias)V reference, for tests.
 * ``flex`` — FlexAttention over the flat stream with a per-sequence block mask and ALiBi as a
   score modification (CUDA, explicit choice only; no attention dropout).
