@@ -86,13 +86,19 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[to
     """
     if dropout_p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+    if causal and mask is not None:
+        raise ValueError("pass either a mask or causal=True, not both (as SDPA)")
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # as SDPA's math kernel: scores and softmax in fp32
+        q, k, v = q.float(), k.float(), v.float()
+        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)  # (B, H, R, K)
-    if causal:
-        pos = torch.arange(k.shape[-2], device=q.device)
-        scores = scores.masked_fill(~_causal_keys(pos[-q.shape[-2]:], pos), float("-inf"))
+    if causal:  # top-left aligned, as SDPA's is_causal: query row i sees keys 0..i
+        keys = torch.arange(k.shape[-2], device=q.device)
+        scores = scores.masked_fill(~_causal_keys(keys[:q.shape[-2]], keys), float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return dropout(torch.softmax(scores, dim=-1), dropout_p) @ v
+    return (dropout(torch.softmax(scores, dim=-1), dropout_p) @ v).to(dtype)
 
 
 def _alibi_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Optional[torch.Tensor],

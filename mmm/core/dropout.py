@@ -10,7 +10,8 @@ above a threshold: forward and backward take about half the time. On other devic
 
 The drop probability is rounded to a multiple of 1/65536 (``p = 0.1`` drops with probability
 6554/65536 = 0.1000061); kept elements are scaled by ``1 / (1 - rounded p)``, so the expectation
-of every output equals its input exactly. As in ``F.dropout`` on CPU, the output is the input times
+of every output equals its input (up to the scale's rounding in the tensor's dtype, as in
+``F.dropout``). As in ``F.dropout`` on CPU, the output is the input times
 a scaled float mask, which autograd keeps for backward.
 """
 from __future__ import annotations
@@ -47,10 +48,10 @@ def keep_mask(shape: Tuple[int, ...], p: float, generator: Optional[torch.Genera
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the cheaper mask on CPU (see the module docstring)."""
-    if not training or p == 0.0:
-        return x
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, got {p}")
+    if not training or p == 0.0:
+        return x
     if x.device.type != "cpu" or not x.is_floating_point() or torch.compiler.is_compiling():
         return F.dropout(x, p, training)  # fused on GPU; a compiled graph generates its own mask
     rounded = rounded_probability(p)
@@ -66,4 +67,6 @@ class Dropout(nn.Dropout):
     """``nn.Dropout`` with the cheaper CPU mask of :func:`dropout` (same attribute ``p``, no state)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return F.dropout(x, self.p, self.training, inplace=True)
         return dropout(x, self.p, self.training)

@@ -129,3 +129,43 @@ def test_checkpointed_alibi_blocks_redraw_the_same_dropout_mask_in_backward(monk
         results.append([out.detach()] + [t.grad for t in (q, k, v)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["plain", "alibi"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_explicit_attention_path_masks_like_sdpa_on_uneven_length_groups(use_alibi, causal):
+    """A drop probability that rounds to 0 takes the explicit path with an all-keep mask: its masking
+    (key padding per length group, causal, ALiBi) must give SDPA's outputs and gradients exactly."""
+    seq = PackedSeqInfo.from_seqlens([120, 118, 90, 80, 64, 40, 33, 20, 9, 5])
+    assert seq.pad_groups  # several length groups, each padded
+    bias = ALiBi(4) if use_alibi else None
+    results = []
+    for p in (1e-7, 0.0):
+        assert rounded_probability(p) == 0.0
+        q, k, v = _qkv(seq.num_tokens)
+        out = sdpa_attention(q, k, v, seq, bias, dropout_p=p, causal=causal)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach()] + [t.grad for t in (q, k, v)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_attention_computes_half_types_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
+    keys = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])[:, None, None, :]
+    exact = attention._attend(q, k, v, keys, 1e-7)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = attention._attend(q.to(dtype), k.to(dtype), v.to(dtype), keys, 1e-7)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), exact, atol=0.05, rtol=0.05)
+    with pytest.raises(ValueError, match="either a mask or causal"):
+        attention._attend(q, k, v, keys, 0.1, causal=True)
+
+
+def test_dropout_module_honours_inplace_and_validates_p_in_eval():
+    x = torch.randn(100)
+    y = Dropout(0.5, inplace=True)(x)
+    assert y.data_ptr() == x.data_ptr()
+    with pytest.raises(ValueError, match="got -0.1"):
+        dropout(x, -0.1, training=False)
