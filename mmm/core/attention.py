@@ -74,6 +74,13 @@ def _dense_mask(seq: PackedSeqInfo, bias: Bias, dtype: torch.dtype, causal: bool
     return b.masked_fill(~keys, torch.finfo(dtype).min)  # (B or 1, H, T, T)
 
 
+def _masked(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention scores with ``mask`` applied: bool (True = attend; False → -inf) or additive; None = as they are."""
+    if mask is None:
+        return scores
+    return scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], dropout_p: float,
             causal: bool = False) -> torch.Tensor:
     """SDPA of (B, H, R, D) queries over (B, H, K, D) keys/values; ``mask``: bool (True = attend) or additive.
@@ -96,9 +103,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[to
     if causal:  # top-left aligned, as SDPA's is_causal: query row i sees keys 0..i
         keys = torch.arange(k.shape[-2], device=q.device)
         scores = scores.masked_fill(~_causal_keys(keys[:q.shape[-2]], keys), float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return (dropout(torch.softmax(scores, dim=-1), dropout_p) @ v).to(dtype)
+    return (dropout(torch.softmax(_masked(scores, mask), dim=-1), dropout_p) @ v).to(dtype)
 
 
 def _alibi_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Optional[torch.Tensor],
@@ -172,10 +177,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: Packe
     causal: a lower-triangular mask per sequence; returns (N, H, D)."""
     qp, kp, vp = (seq.pad(t).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     scores = qp @ kp.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    mask = _dense_mask(seq, bias, scores.dtype, causal)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = dropout(torch.softmax(scores, dim=-1), dropout_p)
+    probs = dropout(torch.softmax(_masked(scores, _dense_mask(seq, bias, scores.dtype, causal)), dim=-1), dropout_p)
     return seq.unpad((probs @ vp).transpose(1, 2))
 
 

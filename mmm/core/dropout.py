@@ -16,6 +16,7 @@ a scaled float mask, which autograd keeps for backward.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -37,12 +38,10 @@ def keep_mask(shape: Tuple[int, ...], p: float, generator: Optional[torch.Genera
     Draws ``ceil(numel / 4)`` full-range 64-bit integers from ``generator`` (default: torch's CPU
     generator) and reads them as 16-bit numbers uniform on [-32768, 32767].
     """
-    numel = 1
-    for size in shape:
-        numel *= int(size)
+    numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64)
     words.random_(-(1 << 63), None, generator=generator)  # every 64-bit pattern equally likely
-    threshold = round(p * MASK_LEVELS) - MASK_LEVELS // 2  # P(number < threshold) = rounded p
+    threshold = int(rounded_probability(p) * MASK_LEVELS) - MASK_LEVELS // 2  # P(number < threshold) = rounded p
     return (words.view(torch.int16)[:numel] >= threshold).view(shape)
 
 
