@@ -81,15 +81,18 @@ def _masked(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], dropout_p: float,
-            causal: bool = False) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], dropout_p: float,
+           causal: bool = False) -> torch.Tensor:
     """SDPA of (B, H, R, D) queries over (B, H, K, D) keys/values; ``mask``: bool (True = attend) or additive.
 
     With attention dropout on CPU, SDPA falls back to its math kernel, whose dropout mask takes one
     Mersenne-Twister draw per attention probability, and whose "safe" softmax re-checks every row
     for being fully masked. This path computes the same softmax(QKᵀ/√D + mask)·V explicitly with
-    :func:`mmm.core.dropout.dropout` (four mask elements per 64-bit draw) and a plain softmax: no
-    row here is ever fully masked (every query sees at least its own sequence's first key).
+    :func:`mmm.core.dropout.dropout` (four mask elements per 64-bit draw) and a plain softmax.
+    Callers guarantee that no row is fully masked (a fully masked row would give NaN here where SDPA
+    gives 0): the padded backends' queries all see their own sequence's first key, the LXMERT
+    cross-attention lets a partnerless sequence see padding, and MTO's key masks keep every token's
+    own key.
     """
     if dropout_p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
@@ -115,7 +118,7 @@ def _alibi_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Optiona
         mask = mask.masked_fill(~_causal_keys(query_pos, key_pos), torch.finfo(q.dtype).min)
     elif keys is not None:
         mask = mask.masked_fill(~keys, torch.finfo(q.dtype).min)  # (B, H, R, K)
-    return _attend(q, k, v, mask, dropout_p)
+    return attend(q, k, v, mask, dropout_p)
 
 
 def _sdpa_alibi(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor, seq: PackedSeqInfo, alibi: ALiBi,
@@ -145,9 +148,9 @@ def _sdpa_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedS
     if bias is not None:
         out = _sdpa_alibi(qp, kp, vp, seq, bias, dropout_p, causal)
     elif causal:  # key padding sits after every real query: the causal mask alone is exact
-        out = _attend(qp, kp, vp, None, dropout_p, causal=True)
+        out = attend(qp, kp, vp, None, dropout_p, causal=True)
     else:
-        out = _attend(qp, kp, vp, _dense_mask(seq, None, q.dtype), dropout_p)
+        out = attend(qp, kp, vp, _dense_mask(seq, None, q.dtype), dropout_p)
     return seq.unpad(out.transpose(1, 2))  # (N, H, D)
 
 

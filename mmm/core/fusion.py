@@ -13,10 +13,10 @@ cross-attention.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmm.config import EncoderConfig
+from mmm.core.attention import attend
 from mmm.core.dropout import Dropout
 from mmm.core.encoder import EncoderBlock
 from mmm.core.packing import PackedSeqInfo
@@ -47,8 +47,8 @@ class PartnerCrossAttention(nn.Module):
         k, v = self.kv(pad[other]).view(s, width, 2, self.heads, self.head_dim).unbind(2)  # (S, L, H, D) each
         keys = mask[other] & has[:, None]  # (S, L) real partner tokens
         keys = keys | ~keys.any(1, keepdim=True)  # a sequence without a partner attends to padding; zeroed below
-        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=keys[:, None, None, :],
-                                             dropout_p=self.attn_dropout if self.training else 0.0)  # (S, H, L, D)
+        out = attend(q, k.transpose(1, 2), v.transpose(1, 2), keys[:, None, None, :],
+                     self.attn_dropout if self.training else 0.0)  # (S, H, L, D)
         out = self.proj(out.transpose(1, 2).reshape(s, width, d))  # (S, L, d)
         out = out * has[:, None, None].to(out.dtype)
         return seq.unpad(out)  # (N, d)

@@ -29,9 +29,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 
 from mmm.batch import FeatureInput, ImageInput, PackedBatch, RegionInput
+from mmm.core.attention import attend
 from mmm.core.encoder import EncoderBlock, SelfAttention, TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
 from mmm.core.position import apply_rotary
@@ -98,7 +98,7 @@ def keymasked_attention(attn: SelfAttention, x: torch.Tensor, seq: PackedSeqInfo
     else:
         mask = allowed
     dropout = attn.attn_dropout if attn.training else 0.0
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, dropout_p=dropout)  # (B, H, T, D)
+    out = attend(qp, kp, vp, mask, dropout)  # (B, H, T, D); every row sees at least itself
     return attn.proj(seq.unpad(out.transpose(1, 2)).reshape(n, -1))  # (N, d)
 
 

@@ -87,7 +87,7 @@ def test_explicit_attention_with_dropout_is_softmax_times_the_drawn_mask():
     q, k, v = (torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64) for _ in range(3))
     keys = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])[:, None, None, :]
     torch.manual_seed(5)
-    out = attention._attend(q, k, v, keys, 0.2)
+    out = attention.attend(q, k, v, keys, 0.2)
     torch.manual_seed(5)
     keep = keep_mask((2, 3, 9, 9), 0.2)
     probs = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~keys, float("-inf")), -1)
@@ -154,13 +154,13 @@ def test_explicit_attention_computes_half_types_in_fp32():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
     keys = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])[:, None, None, :]
-    exact = attention._attend(q, k, v, keys, 1e-7)
+    exact = attention.attend(q, k, v, keys, 1e-7)
     for dtype in (torch.bfloat16, torch.float16):
-        out = attention._attend(q.to(dtype), k.to(dtype), v.to(dtype), keys, 1e-7)
+        out = attention.attend(q.to(dtype), k.to(dtype), v.to(dtype), keys, 1e-7)
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), exact, atol=0.05, rtol=0.05)
     with pytest.raises(ValueError, match="either a mask or causal"):
-        attention._attend(q, k, v, keys, 0.1, causal=True)
+        attention.attend(q, k, v, keys, 0.1, causal=True)
 
 
 def test_dropout_module_honours_inplace_and_validates_p_in_eval():

@@ -55,3 +55,24 @@ def test_fusion_mixes_only_within_a_pair_and_checks_the_partner_count():
         fusion(x, seq, partners[:3], "sdpa")
     with pytest.raises(ValueError, match="cross_layers must be >= 1"):
         CrossModalFusion(CFG, depth=0)
+
+
+def test_partner_cross_attention_with_attention_dropout_takes_the_explicit_cpu_path():
+    """With attention dropout on CPU the cross-attention runs :func:`mmm.core.attention.attend`'s explicit
+    softmax; at a dropout of 1e-7 it must equal the dropout-free result, partnerless sequence included
+    (a fully masked row there would give NaN)."""
+    torch.manual_seed(0)
+    att = PartnerCrossAttention(CFG).eval()
+    lengths = [5, 3, 4, 7, 2]
+    partners = torch.tensor([2, 3, 0, 1, -1])
+    x = torch.randn(sum(lengths), 16)
+    seq = PackedSeqInfo.from_seqlens(lengths)
+    want = att(x, seq, partners)
+    att.train()
+    att.attn_dropout = 1e-7
+    got = att(x, seq, partners)
+    assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-5)
+    att.attn_dropout = 0.5
+    torch.manual_seed(1)
+    dropped = att(x, seq, partners)
+    assert not torch.allclose(dropped[:-2], want[:-2], atol=1e-3) and torch.equal(dropped[-2:], torch.zeros(2, 16))

@@ -116,3 +116,21 @@ def test_config_refuses_negative_layers():
 
     with pytest.raises(ConfigError, match="mto_layers"):
         load_config(None, {"model.encoder.mto_layers": -1})
+
+
+@pytest.mark.parametrize("kw", [{}, {"relative_position": "alibi"}])
+def test_keymasked_attention_with_dropout_takes_the_explicit_cpu_path(kw):
+    """Attention dropout on CPU runs :func:`mmm.core.attention.attend`'s explicit softmax; at a dropout of
+    1e-7 the key-masked block must equal its dropout-free output (padding rows keep their own key)."""
+    torch.manual_seed(0)
+    enc = TransformerEncoder(_enc(depth=1, **kw))
+    seq = PackedSeqInfo.from_seqlens([5, 2, 4])
+    x = torch.randn(11, D)
+    hidden = torch.zeros(11, dtype=torch.bool)
+    hidden[[1, 3, 9]] = True
+    block = enc.blocks[0].eval()
+    want = keymasked_block(block, x, seq, ~hidden, enc.alibi, None)
+    block.train()
+    block.attn.attn_dropout = 1e-7
+    got = keymasked_block(block, x, seq, ~hidden, enc.alibi, None)
+    assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-5)
