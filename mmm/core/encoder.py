@@ -19,8 +19,9 @@ from torch import nn
 from mmm.config import EncoderConfig
 from mmm.core.attention import FlexContext, flex_context, resolve_backend
 from mmm.core.dropout import Dropout
+from mmm.core.output_rows import OutputRows, attend_rows
 from mmm.core.packing import LongestFirst, PackedSeqInfo
-from mmm.core.position import RELATIVE_POSITIONS, ALiBi, Rotary, apply_rotary
+from mmm.core.position import RELATIVE_POSITIONS, ALiBi, Rotary, apply_rotary, rotate
 from mmm.registry import ATTENTION_BACKENDS
 
 MLP_KINDS = ("gelu", "glu", "geglu", "swiglu")
@@ -50,6 +51,23 @@ class SelfAttention(nn.Module):
         out = ATTENTION_BACKENDS.get(backend)(q, k, v, seq, bias, self.attn_dropout if self.training else 0.0,
                                               causal=causal)
         return self.proj(out.reshape(n, -1))  # (N, d)
+
+    def forward_rows(self, x: torch.Tensor, seq: PackedSeqInfo, rows: OutputRows, alibi: Optional[ALiBi],
+                     rope: Optional[RopeTables], causal: bool = False) -> torch.Tensor:
+        """The attention output of ``rows`` only: their queries over every token's keys/values, (N, d) → (M, d).
+
+        ``rope``: the stream's rotary tables (batch order) or None; ``alibi``: the ALiBi module or None.
+        """
+        n, d = x.shape
+        weight, bias = self.qkv.weight, self.qkv.bias
+        k, v = F.linear(x, weight[d:], None if bias is None else bias[d:]).view(n, 2, self.heads, self.head_dim).unbind(1)
+        q = F.linear(x.index_select(0, rows.index), weight[:d], None if bias is None else bias[:d])
+        q = q.view(-1, self.heads, self.head_dim)  # (M, H, D)
+        if rope is not None:
+            cos, sin = rope
+            q, k = rotate(q, cos.index_select(0, rows.index), sin.index_select(0, rows.index)), rotate(k, cos, sin)
+        out = attend_rows(q, k, v, seq, rows, alibi, self.attn_dropout if self.training else 0.0, causal)
+        return self.proj(out.reshape(len(rows), -1))  # (M, d)
 
 
 class MLP(nn.Module):
@@ -114,6 +132,17 @@ class EncoderBlock(nn.Module):
             return x + self.dropout(mlp(self.norm2(x)))
         x = self.norm1(x + self.dropout(self.attn(x, seq, backend, bias, rope, causal)))
         return self.norm2(x + self.dropout(mlp(x)))
+
+    def forward_rows(self, x: torch.Tensor, seq: PackedSeqInfo, rows: OutputRows, alibi: Optional[ALiBi],
+                     rope: Optional[RopeTables], route: Route = None, causal: bool = False) -> torch.Tensor:
+        """This block's output at ``rows`` only, (N, d) → (M, d) (every token still serves as key/value)."""
+        mlp = self.mlp if route is None else lambda h: self.mlp(h, route)
+        picked = x.index_select(0, rows.index)  # (M, d)
+        if self.norm_first:
+            picked = picked + self.dropout(self.attn.forward_rows(self.norm1(x), seq, rows, alibi, rope, causal))
+            return picked + self.dropout(mlp(self.norm2(picked)))
+        picked = self.norm1(picked + self.dropout(self.attn.forward_rows(x, seq, rows, alibi, rope, causal)))
+        return self.norm2(picked + self.dropout(mlp(picked)))
 
 
 class TransformerEncoder(nn.Module):
@@ -184,8 +213,9 @@ class TransformerEncoder(nn.Module):
         return [(modality == k).nonzero().squeeze(1) for k in range(self.experts)]
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo,
-                modality: Union[None, int, torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
-        """(N, d) packed embeddings → (N, d) packed hidden states.
+                modality: Union[None, int, torch.Tensor] = None, causal: bool = False,
+                rows: Optional[OutputRows] = None) -> torch.Tensor:
+        """(N, d) packed embeddings → (N, d) packed hidden states, or (M, d) at ``rows``.
 
         Args:
             x: (N, d) tokens.
@@ -193,13 +223,33 @@ class TransformerEncoder(nn.Module):
             modality: with modality experts, each token's modality index (an int for all, or (N,) int64).
             causal: each token attends only to itself and the earlier tokens of its own sequence
                 (causal language modelling); False = bidirectional (masked modelling).
+            rows: only these rows' final states are wanted (:class:`~mmm.core.output_rows.OutputRows`,
+                e.g. every sequence's [CLS]): the last block then computes them alone (MosaicBERT);
+                the result equals the full forward's rows.
         """
+        layout, stream_modality = seq, modality
         x, seq, order, run = self._batch_setup(x, seq, modality, causal)
-        for block in self.blocks:
+        last = len(self.blocks) - (rows is not None)
+        for block in self.blocks[:last]:
             x = block(x, seq, *run)
+        if order is not None:
+            x = x.index_select(0, order.scatter)  # (N, d) in the batch's order
+        if rows is not None:
+            x = self._last_block_rows(x, layout, stream_modality, rows, run[2] if order is None else None, causal)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return x if order is None else x.index_select(0, order.scatter)  # (N, d) in the batch's order
+        return x  # (N, d) or (M, d)
+
+    def _last_block_rows(self, x: torch.Tensor, seq: PackedSeqInfo, modality: Union[None, int, torch.Tensor],
+                         rows: OutputRows, rope: Optional[RopeTables], causal: bool) -> torch.Tensor:
+        """The last block at ``rows`` of the (N, d) batch-order stream (``rope``: its tables, or None to build them)."""
+        if not self.blocks:
+            return x.index_select(0, rows.index)
+        if rope is None and self.rotary is not None:
+            rope = self.rotary.tables(seq.position_ids)
+        if isinstance(modality, torch.Tensor):
+            modality = modality.index_select(0, rows.index)
+        return self.blocks[-1].forward_rows(x, seq, rows, self.alibi, rope, self.route(modality), causal)
 
     def _batch_setup(self, x: torch.Tensor, seq: PackedSeqInfo, modality: Union[None, int, torch.Tensor],
                      causal: bool) -> Tuple[torch.Tensor, PackedSeqInfo, Optional[LongestFirst], tuple]:

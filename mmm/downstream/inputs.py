@@ -163,24 +163,30 @@ class InputAdapter:
         if self.modality in ("text", "dna"):
             from mmm.probe import pool
 
+            if pooling == "cls":  # the last block runs for [CLS] alone (MosaicBERT's final-layer subset)
+                return self.encode_packed(items, first_tokens_only=True)[0]
             hidden, seq = self.encode_packed(items)
-            return hidden.index_select(0, seq.cu_seqlens[:-1].long()) if pooling == "cls" else pool(hidden, seq.cu_seqlens)
+            return pool(hidden, seq.cu_seqlens)
         hidden, mask = self.forward(items)
         return pool_padded(hidden, mask, pooling)
 
-    def encode_packed(self, items: Sequence[np.ndarray]) -> Tuple[torch.Tensor, Any]:
+    def encode_packed(self, items: Sequence[np.ndarray], first_tokens_only: bool = False) -> Tuple[torch.Tensor, Any]:
         """Text / DNA token-id arrays → ``(hidden (N, d), PackedSeqInfo)`` of one flat stream.
 
         The ids are concatenated and embedded and encoded as they are (as in pretraining), so
         unlike :meth:`forward` no padded (B, T) batch is built, checked, unpadded and padded back.
         Items come from :meth:`prepare`, which keeps every one within the position table.
+        ``first_tokens_only``: return only each sequence's first token, (B, d), whose last block
+        then runs for those rows alone (:class:`~mmm.core.output_rows.OutputRows`).
         """
+        from mmm.core.output_rows import OutputRows
         from mmm.core.packing import PackedSeqInfo
 
         device = next(self.encoder.parameters()).device
         seq = PackedSeqInfo.from_seqlens([len(x) for x in items], device=device)
         ids = torch.from_numpy(np.concatenate([np.asarray(x, np.int64) for x in items])).to(device)  # (N,)
-        return self.encoder.encoder(self.encoder.embedder(ids, seq.position_ids), seq), seq  # (N, d)
+        rows = OutputRows.first_tokens(seq) if first_tokens_only else None
+        return self.encoder.encoder(self.encoder.embedder(ids, seq.position_ids), seq, rows=rows), seq
 
     @torch.no_grad()
     def features(self, raws: Sequence[Any], pooling: str, *, batch_size: int = 64,

@@ -1,0 +1,66 @@
+"""The last block computed only at the rows a head reads (MosaicBERT's final-layer subset): the same
+states and gradients as the full forward's rows, for every position scheme, norm placement and backend."""
+import pytest
+import torch
+
+from mmm.config import EncoderConfig
+from mmm.core.encoder import TransformerEncoder
+from mmm.core.output_rows import OutputRows
+from mmm.core.packing import PackedSeqInfo
+
+LENGTHS = [7, 3, 12, 5, 9, 2, 11, 4, 6]  # not longest first: the sdpa backend reorders it into length groups
+
+
+def _encoder(**kw):
+    base = dict(dim=32, depth=2, heads=4, mlp_hidden=48, dropout=0.0, attn_dropout=0.0, attention="sdpa")
+    torch.manual_seed(0)
+    return TransformerEncoder(EncoderConfig(**{**base, **kw}))
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"relative_position": "alibi"}, {"relative_position": "rotary"},
+    {"norm_first": True, "final_norm": True}, {"norm_first": True, "relative_position": "alibi"},
+    {"attention": "math"}, {"attention": "math", "relative_position": "rotary"}, {"mlp": "swiglu"},
+])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("which", ["first", "some"])
+def test_rows_equal_the_full_forward_and_its_gradients(kw, causal, which):
+    enc = _encoder(**kw)
+    seq = PackedSeqInfo.from_seqlens(LENGTHS)
+    n = sum(LENGTHS)
+    picked = [0, 5, 7, 8, 9, 21, 22, 30, 44, 58] if which == "some" else None
+    rows = OutputRows.first_tokens(seq) if picked is None else OutputRows.of(seq, picked)
+    x = torch.randn(n, 32, requires_grad=True)
+    full = enc(x, seq, causal=causal).index_select(0, rows.index)
+    assert rows.index.tolist() == (picked or [0, 7, 10, 22, 27, 36, 38, 49, 53])
+    got = enc(x, seq, causal=causal, rows=rows)
+    assert got.shape == (len(rows), 32)
+    assert torch.allclose(got, full, atol=1e-5), (got - full).abs().max()
+    w = torch.randn_like(got)
+    gx_full, *gp_full = torch.autograd.grad((full * w).sum(), [x, *enc.parameters()], allow_unused=True)
+    gx, *gp = torch.autograd.grad((got * w).sum(), [x, *enc.parameters()], allow_unused=True)
+    assert torch.allclose(gx, gx_full, atol=1e-5)
+    for a, b in zip(gp, gp_full):
+        assert (a is None and (b is None or not b.abs().any())) or torch.allclose(a, b, atol=1e-5)
+
+
+def test_rows_with_modality_experts_and_a_uniform_batch():
+    enc = _encoder()
+    enc = TransformerEncoder(enc.cfg, experts=2)
+    seq = PackedSeqInfo.from_seqlens([6, 6, 6])
+    modality = torch.tensor([0] * 6 + [1] * 6 + [0] * 6)
+    x = torch.randn(18, 32)
+    rows = OutputRows.of(seq, [0, 3, 6, 13, 17])
+    want = enc(x, seq, modality=modality)[rows.index]
+    assert torch.allclose(enc(x, seq, modality=modality, rows=rows), want, atol=1e-5)
+
+
+def test_rows_are_checked():
+    seq = PackedSeqInfo.from_seqlens([3, 4])
+    for bad, match in [([], "empty"), ([2, 1], "strictly increasing"), ([0, 7], r"\[0, 7\)"),
+                       ([[0, 1]], "1-D"), ([0.5], "integers")]:
+        with pytest.raises(ValueError, match=match):
+            OutputRows.of(seq, bad)
+    rows = OutputRows.of(seq, torch.tensor([1, 2, 4]))
+    assert rows.width == 2 and rows.positions.tolist() == [1, 2, 1]
+    assert rows.query_positions.tolist() == [[1, 2], [1, 0]]
