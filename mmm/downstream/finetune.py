@@ -57,6 +57,7 @@ class FinetuneConfig:
     seeds: int = 3
     first_seed: int = 0
     eval_batch_size: int = 64
+    cls_last_block: bool = True  # [CLS] pooling of text/DNA: run the last block for [CLS] alone (same result)
 
     def resolved_metric(self) -> str:
         return check_metric(self.metric or ("accuracy" if self.task_type == "classification" else "pearson"),
@@ -89,16 +90,18 @@ class ClassificationHead(nn.Module):
 class FinetuneModel(nn.Module):
     """An encoder (through its :class:`InputAdapter`) + a :class:`ClassificationHead`."""
 
-    def __init__(self, adapter: InputAdapter, head: ClassificationHead, pooling: str) -> None:
+    def __init__(self, adapter: InputAdapter, head: ClassificationHead, pooling: str, cls_last_block: bool = True) -> None:
         super().__init__()
         self.adapter = adapter
         self.encoder = adapter.encoder
         self.head = head
         self.pooling = adapter.check_pooling(pooling)
+        self.cls_last_block = cls_last_block
 
     def forward(self, items: Sequence[Any]) -> torch.Tensor:
         """Prepared items → (B, outputs) logits."""
-        return self.head(self.adapter.pooled(items, self.pooling))  # (B, d) → (B, outputs)
+        pooled = self.adapter.pooled(items, self.pooling, cls_last_block=self.cls_last_block)  # (B, d)
+        return self.head(pooled)  # (B, outputs)
 
 
 def set_dropout(module: nn.Module, p: float) -> None:
@@ -219,7 +222,7 @@ def train_one_seed(make_adapter: Callable[[], InputAdapter], train: Tuple[List[A
     torch.manual_seed(seed)
     adapter = make_adapter()
     head = ClassificationHead(adapter.hidden_size, outputs, 0.1 if cfg.dropout is None else cfg.dropout)
-    model = FinetuneModel(adapter, head, cfg.pooling)
+    model = FinetuneModel(adapter, head, cfg.pooling, cfg.cls_last_block)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     device = next(adapter.encoder.parameters()).device

@@ -154,16 +154,21 @@ class InputAdapter:
         mask = torch.arange(feats.shape[1])[None] < lengths[:, None]
         return self.encoder(feats.to(device), lengths.to(device)), mask.to(device)
 
-    def pooled(self, items: Sequence[Any], pooling: str) -> torch.Tensor:
+    def pooled(self, items: Sequence[Any], pooling: str, cls_last_block: bool = True) -> torch.Tensor:
         """(B, d) one vector per item: the [CLS] token or the mean over real (patch) tokens.
 
         Text and DNA go through :meth:`encode_packed` (no padded tensor anywhere); the other
-        modalities pool :meth:`forward`'s padded output.
+        modalities pool :meth:`forward`'s padded output. ``cls_last_block``: with ``cls`` pooling of
+        text/DNA, run the encoder's last block for the [CLS] rows alone (MosaicBERT's final-layer
+        subset; the same vectors); False runs it for every token (a benchmark's reference).
         """
         if self.modality in ("text", "dna"):
             from mmm.probe import pool
 
-            if pooling == "cls":  # the last block runs for [CLS] alone (MosaicBERT's final-layer subset)
+            if pooling == "cls" and not cls_last_block:
+                hidden, seq = self.encode_packed(items)
+                return hidden.index_select(0, seq.cu_seqlens[:-1].long())
+            if pooling == "cls":
                 return self.encode_packed(items, first_tokens_only=True)[0]
             hidden, seq = self.encode_packed(items)
             return pool(hidden, seq.cu_seqlens)

@@ -171,3 +171,31 @@ def test_packed_pooling_equals_the_padded_encoder(ckpt: Path, pooling: str) -> N
         flat, seq = adapter.encode_packed(items)
     assert flat.shape == (sum(len(x) for x in items), 64) and seq.seqlens == [len(x) for x in items]
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_cls_pooling_runs_the_last_block_for_cls_alone_with_the_same_logits_and_gradients(ckpt: Path) -> None:
+    """``cls_last_block`` (MosaicBERT's final-layer subset) changes no number: logits and every gradient
+    of a fine-tuning step equal those of the whole last block; only [CLS] rows reach the last MLP."""
+    from mmm.downstream.finetune import ClassificationHead, FinetuneModel
+    from mmm.downstream.inputs import load_adapter
+
+    adapter = load_adapter(str(ckpt), "text")
+    items = [adapter.prepare(x) for x in LINES] + [adapter.prepare(("A pair's first text.", LINES[3]))]
+    torch.manual_seed(0)
+    model = FinetuneModel(adapter, ClassificationHead(64, 3, 0.0), "cls").train()
+    rows_seen = []
+    hook = model.encoder.encoder.blocks[-1].mlp.register_forward_hook(lambda m, a, o: rows_seen.append(a[0].shape[0]))
+    results = []
+    for subset in (True, False):
+        model.cls_last_block = subset
+        model.zero_grad(set_to_none=True)
+        logits = model(items)
+        logits.square().sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    hook.remove()
+    assert rows_seen == [len(items), sum(len(x) for x in items)]
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)
