@@ -64,3 +64,23 @@ def test_rows_are_checked():
     rows = OutputRows.of(seq, torch.tensor([1, 2, 4]))
     assert rows.width == 2 and rows.positions.tolist() == [1, 2, 1]
     assert rows.query_positions.tolist() == [[1, 2], [1, 0]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["auto", "sdpa"])  # auto: xformers where it imports
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_rows_on_cuda_equal_the_full_forward(attention, dtype, tol):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    enc = _encoder(attention=attention).cuda()
+    seq = PackedSeqInfo.from_seqlens(LENGTHS, device="cuda")
+    rows = OutputRows.first_tokens(seq)
+    assert rows.index.device.type == "cuda"
+    x = torch.randn(sum(LENGTHS), 32, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        full = enc(x, seq).index_select(0, rows.index)
+        got = enc(x, seq, rows=rows)
+    torch.testing.assert_close(got.float(), full.float(), atol=tol, rtol=tol)
+    (gx_full,) = torch.autograd.grad(full.float().sum(), x)
+    (gx,) = torch.autograd.grad(got.float().sum(), x)
+    torch.testing.assert_close(gx, gx_full, atol=tol, rtol=tol)
