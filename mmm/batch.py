@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmm.core.output_rows import OutputRows
 from mmm.core.packing import PackedSeqInfo
 from mmm.masking.base import MaskedTokens
 
@@ -247,6 +248,9 @@ class PackedBatch:
             by the loss.
         partners: (S,) int64, for the two-stream layout (LXMERT): the sequence each sequence is
             paired with (-1: none); the model's cross-modality layers fuse each pair. None = single stream.
+        output_rows: the rows whose final hidden states the model's heads read, found on the host
+            before the batch moved to its device (:meth:`~mmm.model.MaskedModel.output_rows`), for
+            the final-layer subset; None = found in the forward, or none.
     """
 
     seq: PackedSeqInfo
@@ -255,6 +259,7 @@ class PackedBatch:
     task: str = ""
     extras: Dict[str, Any] = field(default_factory=dict)
     partners: Optional[torch.Tensor] = None
+    output_rows: Optional[OutputRows] = None
 
     @property
     def num_tokens(self) -> int:
@@ -272,12 +277,13 @@ class PackedBatch:
             return t.to(device, non_blocking=non_blocking)
 
         return PackedBatch(self.seq.to(device), _map_tensors(self.inputs, move), _map_tensors(self.targets, move),
-                           self.task, self.extras, None if self.partners is None else move(self.partners))
+                           self.task, self.extras, None if self.partners is None else move(self.partners),
+                           None if self.output_rows is None else self.output_rows.to(device))
 
     def pin_memory(self) -> "PackedBatch":
         return PackedBatch(self.seq.pin_memory(), _map_tensors(self.inputs, lambda t: t.pin_memory()),
                            _map_tensors(self.targets, lambda t: t.pin_memory()), self.task, self.extras,
-                           None if self.partners is None else self.partners.pin_memory())
+                           None if self.partners is None else self.partners.pin_memory(), self.output_rows)
 
 
 def pack_masked(samples: Sequence[MaskedTokens], modality: str = "text") -> PackedBatch:

@@ -64,6 +64,9 @@ class EncoderConfig:
     mto_layers: int = _f(0, "masked token optimisation (MTO, Choi et al. 2024): in the first N blocks, tokens holding a "
                          "mask embedding (mask-token image patches, audio frames, hidden regions) are left out of "
                          "the other tokens' attention keys; 0 = off", ge=0)
+    final_layer_subset: bool = _f(False, "MosaicBERT's final-layer subset: when every head of a pass names the rows "
+                                  "it reads (MLM: the masked positions), the last block runs for those rows alone "
+                                  "(the same loss and gradients, less compute); other passes run it in full")
 
 
 @dataclass

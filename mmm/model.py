@@ -14,6 +14,7 @@ from torch import nn
 from mmm.batch import PackedBatch
 from mmm.config import ModelConfig, ObjectiveConfig
 from mmm.core.encoder import TransformerEncoder
+from mmm.core.output_rows import OutputRows
 from mmm.masking.mto import encode_with_mto, mask_token_rows
 from mmm.objectives.base import ObjectiveOutput
 from mmm.registry import EMBEDDERS, OBJECTIVES, STEPS
@@ -96,13 +97,43 @@ class MaskedModel(nn.Module):
             ids = ids.index_fill(0, index, self.modality_ids[name])
         return ids
 
-    def encode(self, batch: PackedBatch, causal: bool = False) -> torch.Tensor:
+    def output_rows(self, batch: PackedBatch, heads: Optional[Sequence[str]] = None) -> Optional[OutputRows]:
+        """The rows of ``batch`` whose final hidden states ``heads`` (default: :meth:`heads_for`) read, for
+        the final-layer subset (``encoder.final_layer_subset``, MosaicBERT); None when it is off, when a
+        head does not name its rows (:meth:`reads_rows`; e.g. ELECTRA, ITM, MLM's enhanced decoder), for
+        MTO and two-stream batches, or when the rows are not on the host (reading them back from a
+        device would stall it: the training module finds them before the batch moves).
+        """
+        if not self.encoder.cfg.final_layer_subset or self.encoder.cfg.mto_layers or batch.partners is not None:
+            return None
+        parts = []
+        for name in self.heads_for(batch) if heads is None else heads:
+            reads = getattr(self.objectives[name], "reads_rows", None)
+            rows = reads(batch) if reads is not None else None
+            if rows is None or rows.device.type != "cpu":
+                return None
+            parts.append(rows.reshape(-1))
+        rows = torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long)  # sorted
+        if rows.numel() == 0:
+            return None
+        return OutputRows.of(batch.seq, rows)  # built from the layout's host-side lengths, on its device
+
+    def encode(self, batch: PackedBatch, causal: bool = False, rows: Optional[OutputRows] = None) -> torch.Tensor:
         """(N, d) hidden states of a packed batch (fused across paired sequences when it has ``partners``).
 
         Args:
             batch: the packed batch.
             causal: each token attends only to itself and earlier tokens of its sequence (next-token heads).
+            rows: run the last block for these rows alone (:meth:`output_rows`); the other rows of the
+                result are zero, so only heads that read no other row may take it.
         """
+        if rows is not None:
+            if causal or batch.partners is not None or self.encoder.cfg.mto_layers:
+                raise ValueError("the final-layer subset is for bidirectional single-stream passes without MTO")
+            modality = self.token_modalities(batch) if self.encoder.experts else None
+            x = self.embed(batch)
+            picked = self.encoder(x, batch.seq, modality=modality, rows=rows)  # (M, d)
+            return picked.new_zeros(x.shape[0], picked.shape[1]).index_copy(0, rows.index, picked)
         kw = {"causal": True} if causal else {}
         mto = self.encoder.cfg.mto_layers
         rows = mask_token_rows(batch, self.embedders) if mto and not causal else None
@@ -169,7 +200,10 @@ class MaskedModel(nn.Module):
             prepare = getattr(self.objectives[name], "prepare", None)
             if prepare is not None:
                 batch = prepare(batch)
-        hidden = self.encode(batch, causal=causal)
+        rows = None
+        if not causal:  # found on the host before the move (training module), else here when the batch is on the host
+            rows = batch.output_rows if batch.output_rows is not None else self.output_rows(batch, heads)
+        hidden = self.encode(batch, causal=causal, rows=rows)
         outputs = {}
         for name in heads:
             step = self.steps.get(name)

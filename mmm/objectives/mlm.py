@@ -91,6 +91,14 @@ class MaskedLanguageModeling(nn.Module):
                         if decoder_layers else None)
         self.head = MLMHead(dim, tokens.num_embeddings, encoder_cfg.norm_eps, tokens if tie_weights else None)
 
+    def reads_rows(self, batch: PackedBatch) -> Optional[torch.Tensor]:
+        """The stream rows of the final hidden states this head reads (its masked positions), for the
+        final-layer subset; None with the enhanced decoder, which reads every token."""
+        if self.decoder is not None:
+            return None
+        t = batch.targets.get(self.modality)
+        return t.positions if t is not None else torch.zeros(0, dtype=torch.long)
+
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         """(N, d) encoder output → loss and masked-token accuracy."""
         t = batch.targets.get(self.modality)

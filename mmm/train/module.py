@@ -1,6 +1,8 @@
 """The thin LightningModule: one ``_common_step``; objectives return their losses, it sums and logs."""
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 from typing import Any, Dict, List, Optional, Tuple
@@ -88,6 +90,9 @@ class MaskedModelingModule(L.LightningModule):
         self._phase: Optional[int] = None  # the phase of the last training step (logged when it changes)
 
     def transfer_batch_to_device(self, batch: PackedBatch, device: torch.device, dataloader_idx: int) -> PackedBatch:
+        if torch.device(device).type != "cpu" and batch.output_rows is None:
+            # the final-layer subset's rows, found while the batch is still on the host (no device read later)
+            batch = dataclasses.replace(batch, output_rows=self.model.output_rows(batch))
         return batch.to(device)  # PackedBatch knows its own tensors; Lightning's generic walk does not
 
     def _train_heads(self) -> Optional[Tuple[str, ...]]:
