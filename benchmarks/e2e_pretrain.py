@@ -192,6 +192,9 @@ def bert_config(cfg, vocab: int):
 
 def model_shape(cfg, vocab: int) -> BertShape:
     e = cfg.model.encoder
+    if e.final_layer_subset:  # the FLOP count passes every token through every block
+        raise ValueError("e2e_pretrain counts every token through every block: run it with "
+                         "model.encoder.final_layer_subset: false")
     return BertShape(dim=e.dim, depth=e.depth, mlp_hidden=e.mlp_hidden, vocab=vocab)
 
 
