@@ -41,7 +41,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
 SECTIONS = ("tests", "sync", "mfu", "mae", "attention")
-GPU_TESTS = ["tests/core", "tests/interop", "tests/benchmarks/test_gpu_check.py"]  # where the gpu-marked tests live
+GPU_TESTS = ["tests/core", "tests/interop", "tests/test_final_layer_subset.py",  # where the gpu-marked tests live
+             "tests/benchmarks/test_gpu_check.py"]
 
 
 @dataclass

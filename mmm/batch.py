@@ -283,7 +283,8 @@ class PackedBatch:
     def pin_memory(self) -> "PackedBatch":
         return PackedBatch(self.seq.pin_memory(), _map_tensors(self.inputs, lambda t: t.pin_memory()),
                            _map_tensors(self.targets, lambda t: t.pin_memory()), self.task, self.extras,
-                           None if self.partners is None else self.partners.pin_memory(), self.output_rows)
+                           None if self.partners is None else self.partners.pin_memory(),
+                           None if self.output_rows is None else self.output_rows.pin_memory())
 
 
 def pack_masked(samples: Sequence[MaskedTokens], modality: str = "text") -> PackedBatch:

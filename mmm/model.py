@@ -108,6 +108,8 @@ class MaskedModel(nn.Module):
             return None
         parts = []
         for name in self.heads_for(batch) if heads is None else heads:
+            if bool(getattr(self.objectives[name], "causal", False)):
+                continue  # next-token heads read their own causal pass, which never takes the subset
             reads = getattr(self.objectives[name], "reads_rows", None)
             rows = reads(batch) if reads is not None else None
             if rows is None or rows.device.type != "cpu":

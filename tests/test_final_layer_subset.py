@@ -20,14 +20,14 @@ def _model(subset, objectives=(ObjectiveConfig("mlm"),), **enc_kw):
     torch.manual_seed(0)
     enc = EncoderConfig(**{**dict(dim=D, depth=2, heads=2, mlp_hidden=64, dropout=0.0, attn_dropout=0.0,
                                   attention="sdpa", final_layer_subset=subset), **enc_kw})
-    emb = EMBEDDERS.create("text", vocab_size=V, dim=D, max_len=32, dropout=0.0, pad_id=0)
+    emb = EMBEDDERS.create("text", vocab_size=V, dim=D, max_len=128, dropout=0.0, pad_id=0)
     return build_model(ModelConfig(encoder=enc), list(objectives), {"text": emb})
 
 
 def _batch(seed=0):
     rng = np.random.default_rng(seed)
     samples = []
-    for n in (9, 4, 14, 6, 11, 5, 8, 7, 12, 3):  # not longest first: the encoder reorders it into length groups
+    for n in (70, 9, 120, 33, 95, 5, 60, 14, 110, 41, 8, 88, 25, 64, 3, 100, 17, 50, 77, 12, 30, 6):  # packed longest first
         ids = rng.integers(3, V, n)
         pos = np.sort(rng.choice(np.arange(1, n), size=max(1, n // 4), replace=False))
         samples.append(MaskedTokens(ids, pos, rng.integers(3, V, len(pos))))
@@ -45,13 +45,14 @@ def _loss_and_grads(model, batch):
                                     {"norm_first": True, "final_norm": True}, {"attention": "math"}])
 def test_the_subset_gives_the_full_loss_and_gradients(enc_kw, monkeypatch):
     batch = _batch()
+    assert batch.seq.pad_groups  # packed longest first, attended in length groups (reordering: tests/core)
     full, sub = _model(False, **enc_kw), _model(True, **enc_kw)
     rows = sub.output_rows(batch)
     assert full.output_rows(batch) is None
     assert rows is not None and rows.index.tolist() == batch.targets["text"].positions.tolist()
     seen = []
-    monkeypatch.setattr(type(sub.encoder.blocks[-1].mlp), "forward",
-                        lambda self, h, _f=type(sub.encoder.blocks[-1].mlp).forward: (seen.append(h.shape[0]), _f(self, h))[1])
+    mlp = type(sub.encoder.blocks[-1].mlp)
+    monkeypatch.setattr(mlp, "forward", lambda self, h, _f=mlp.forward: (seen.append(h.shape[0]), _f(self, h))[1])
     (lf, gf), (ls, gs) = _loss_and_grads(full, batch), _loss_and_grads(sub, batch)
     n, m = batch.num_tokens, len(rows)
     assert seen == [n, n, n, m]  # full: every block at N rows; subset: the last at the M masked rows
@@ -66,11 +67,44 @@ def test_heads_that_do_not_name_their_rows_keep_the_full_pass():
     assert _model(True, objectives=(ObjectiveConfig("mlm", args={"decoder_layers": 1}),)).output_rows(batch) is None
     assert _model(True, mto_layers=1).output_rows(batch) is None
     model = _model(True)
-    assert model.output_rows(dataclasses.replace(batch, partners=torch.full((10,), -1))) is None
+    assert model.output_rows(dataclasses.replace(batch, partners=torch.full((batch.num_sequences,), -1))) is None
     empty = dataclasses.replace(batch, targets={})
     assert model.output_rows(empty) is None  # nothing is read: the full pass (the head's zero loss keeps its graph)
     loss, _ = model(empty)
     assert float(loss.detach()) == 0.0
+
+
+def test_a_causal_head_runs_its_own_full_pass_and_leaves_the_subset_to_the_others():
+    model = _model(True, objectives=(ObjectiveConfig("mlm"), ObjectiveConfig("clm")))
+    full = _model(False, objectives=(ObjectiveConfig("mlm"), ObjectiveConfig("clm")))
+    batch = _batch()
+    rows = model.output_rows(batch)  # the CLM head reads its causal pass, which never takes the subset
+    assert rows is not None and rows.index.tolist() == batch.targets["text"].positions.tolist()
+    (lf, gf), (ls, gs) = _loss_and_grads(full, batch), _loss_and_grads(model, batch)
+    torch.testing.assert_close(ls, lf, atol=1e-6, rtol=1e-6)
+    for name in gf:
+        torch.testing.assert_close(gs[name], gf[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_training_module_asks_for_the_current_phases_heads_only():
+    from types import SimpleNamespace
+
+    from mmm.config import OptimConfig
+    from mmm.train.module import MaskedModelingModule
+    from mmm.train.phases import PhaseSchedule
+
+    model = _model(True, objectives=(ObjectiveConfig("mlm"), ObjectiveConfig("electra", args={"generator_depth": 1})))
+    batch = _batch()
+    assert model.output_rows(batch) is None  # ELECTRA reads every token
+    module = MaskedModelingModule(model, OptimConfig(), max_steps=10,
+                                  phases=PhaseSchedule(heads=(("mlm",), ("mlm", "electra")), ends=(5, 10)))
+    assert module._transfer_heads(batch) is None  # no trainer: every head
+    module._trainer = SimpleNamespace(training=True, global_step=0)
+    assert module._transfer_heads(batch) == ["mlm"]  # global step 0: the MLM phase
+    assert model.output_rows(batch, module._transfer_heads(batch)) is not None
+    module._trainer = SimpleNamespace(training=True, global_step=6)
+    assert module._transfer_heads(batch) == ["mlm", "electra"]
+    assert model.output_rows(batch, module._transfer_heads(batch)) is None
 
 
 def test_rows_found_before_the_move_are_used_and_carried():

@@ -60,7 +60,8 @@ class SelfAttention(nn.Module):
         """
         n, d = x.shape
         weight, bias = self.qkv.weight, self.qkv.bias
-        k, v = F.linear(x, weight[d:], None if bias is None else bias[d:]).view(n, 2, self.heads, self.head_dim).unbind(1)
+        kv = F.linear(x, weight[d:], None if bias is None else bias[d:])  # (N, 2d): keys and values of every token
+        k, v = kv.view(n, 2, self.heads, self.head_dim).unbind(1)
         q = F.linear(x.index_select(0, rows.index), weight[:d], None if bias is None else bias[:d])
         q = q.view(-1, self.heads, self.head_dim)  # (M, H, D)
         if rope is not None:
@@ -125,7 +126,12 @@ class EncoderBlock(nn.Module):
         self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo, backend: str, bias: AttentionBias,
-                rope: Optional[RopeTables], route: Route = None, causal: bool = False) -> torch.Tensor:
+                rope: Optional[RopeTables], route: Route = None, causal: bool = False,
+                rows: Optional[OutputRows] = None) -> torch.Tensor:
+        """(N, d) → (N, d); with ``rows``, (N, d) → (M, d) at those rows only (:meth:`forward_rows`; ``bias``
+        is then the ALiBi module or None). Both go through ``forward``, so FSDP and compile wrappers see them."""
+        if rows is not None:
+            return self.forward_rows(x, seq, rows, bias, rope, route, causal)
         mlp = self.mlp if route is None else lambda h: self.mlp(h, route)
         if self.norm_first:
             x = x + self.dropout(self.attn(self.norm1(x), seq, backend, bias, rope, causal))
@@ -249,7 +255,8 @@ class TransformerEncoder(nn.Module):
             rope = self.rotary.tables(seq.position_ids)
         if isinstance(modality, torch.Tensor):
             modality = modality.index_select(0, rows.index)
-        return self.blocks[-1].forward_rows(x, seq, rows, self.alibi, rope, self.route(modality), causal)
+        backend = self.backend_for(x.device)  # unused by the rows path; the call goes through the block's wrappers
+        return self.blocks[-1](x, seq, backend, self.alibi, rope, self.route(modality), causal, rows=rows)
 
     def _batch_setup(self, x: torch.Tensor, seq: PackedSeqInfo, modality: Union[None, int, torch.Tensor],
                      causal: bool) -> Tuple[torch.Tensor, PackedSeqInfo, Optional[LongestFirst], tuple]:

@@ -84,18 +84,34 @@ class OutputRows:
         padded = np.zeros(len(lengths) * width, np.int64)
         padded[pad_index] = positions
         device = seq.cu_seqlens.device
-        return cls(torch.from_numpy(rows.copy()).to(device), torch.from_numpy(pad_index).to(device),
-                   torch.from_numpy(positions).to(device), torch.from_numpy(padded).view(len(lengths), width).to(device),
-                   width)
+        padded_positions = torch.from_numpy(padded).view(len(lengths), width)
+        built = cls(torch.from_numpy(rows.copy()), torch.from_numpy(pad_index), torch.from_numpy(positions),
+                    padded_positions, width)
+        return built if device.type == "cpu" else built.to(device)
 
     def __len__(self) -> int:
         return self.index.shape[0]
 
     def to(self, device: torch.device | str) -> "OutputRows":
-        """The same rows with their index tensors on ``device``."""
-        return dataclasses.replace(self, index=self.index.to(device), pad_index=self.pad_index.to(device),
-                                   positions=self.positions.to(device),
-                                   query_positions=self.query_positions.to(device))
+        """The same rows with their index tensors on ``device`` (to a GPU: pinned, non-blocking copies, so
+        the host does not wait for the device's queue)."""
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if cuda and t.device.type == "cpu" and not t.is_pinned():
+                t = t.pin_memory()
+            return t.to(device, non_blocking=cuda)
+
+        return self._mapped(move)
+
+    def pin_memory(self) -> "OutputRows":
+        """The same rows in pinned host memory (for non-blocking copies to the GPU)."""
+        return self._mapped(torch.Tensor.pin_memory)
+
+    def _mapped(self, move) -> "OutputRows":
+        return dataclasses.replace(self, index=move(self.index), pad_index=move(self.pad_index),
+                                   positions=move(self.positions), query_positions=move(self.query_positions))
 
 
 def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo, rows: OutputRows,

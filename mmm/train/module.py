@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import math
 from typing import Any, Dict, List, Optional, Tuple
@@ -92,8 +91,17 @@ class MaskedModelingModule(L.LightningModule):
     def transfer_batch_to_device(self, batch: PackedBatch, device: torch.device, dataloader_idx: int) -> PackedBatch:
         if torch.device(device).type != "cpu" and batch.output_rows is None:
             # the final-layer subset's rows, found while the batch is still on the host (no device read later)
-            batch = dataclasses.replace(batch, output_rows=self.model.output_rows(batch))
+            batch = dataclasses.replace(batch, output_rows=self.model.output_rows(batch, self._transfer_heads(batch)))
         return batch.to(device)  # PackedBatch knows its own tensors; Lightning's generic walk does not
+
+    def _transfer_heads(self, batch: PackedBatch) -> Optional[List[str]]:
+        """The heads that will score a batch moved now: those of the current phase while training a phased
+        run, else None (every head of the batch). Unlike :meth:`_train_heads` it logs nothing."""
+        trainer = self._trainer
+        if self.phases is None or trainer is None or not trainer.training:
+            return None
+        phase = self.phases.heads[self.phases.index_at(self.global_step)]
+        return [name for name in self.model.heads_for(batch) if name in phase]
 
     def _train_heads(self) -> Optional[Tuple[str, ...]]:
         """The heads this training step trains: its phase's in a phased run (a function of the global

@@ -8,7 +8,7 @@ from mmm.core.encoder import TransformerEncoder
 from mmm.core.output_rows import OutputRows
 from mmm.core.packing import PackedSeqInfo
 
-LENGTHS = [7, 3, 12, 5, 9, 2, 11, 4, 6]  # not longest first: the sdpa backend reorders it into length groups
+LENGTHS = [70, 9, 120, 33, 95, 5, 60, 14, 110, 41, 8, 88, 25, 64, 1, 100, 17, 50, 77, 12, 30, 6]  # not longest first
 
 
 def _encoder(**kw):
@@ -27,12 +27,14 @@ def _encoder(**kw):
 def test_rows_equal_the_full_forward_and_its_gradients(kw, causal, which):
     enc = _encoder(**kw)
     seq = PackedSeqInfo.from_seqlens(LENGTHS)
+    assert seq.longest_first is not None  # the sdpa backend runs the first blocks on the reordered layout
     n = sum(LENGTHS)
-    picked = [0, 5, 7, 8, 9, 21, 22, 30, 44, 58] if which == "some" else None
+    picked = [0, 5, 69, 70, 78, 79, 150, 199, 300, 301, 302, 700, 701, n - 1] if which == "some" else None
     rows = OutputRows.first_tokens(seq) if picked is None else OutputRows.of(seq, picked)
     x = torch.randn(n, 32, requires_grad=True)
     full = enc(x, seq, causal=causal).index_select(0, rows.index)
-    assert rows.index.tolist() == (picked or [0, 7, 10, 22, 27, 36, 38, 49, 53])
+    starts = [sum(LENGTHS[:i]) for i in range(len(LENGTHS))]
+    assert rows.index.tolist() == (picked or starts)
     got = enc(x, seq, causal=causal, rows=rows)
     assert got.shape == (len(rows), 32)
     assert torch.allclose(got, full, atol=1e-5), (got - full).abs().max()
@@ -42,6 +44,17 @@ def test_rows_equal_the_full_forward_and_its_gradients(kw, causal, which):
     assert torch.allclose(gx, gx_full, atol=1e-5)
     for a, b in zip(gp, gp_full):
         assert (a is None and (b is None or not b.abs().any())) or torch.allclose(a, b, atol=1e-5)
+
+
+def test_the_rows_path_goes_through_the_last_blocks_call():
+    """FSDP and compile wrap each block's ``forward``: the rows must reach the last block through it."""
+    enc = _encoder()
+    seq = PackedSeqInfo.from_seqlens(LENGTHS)
+    calls = []
+    enc.blocks[-1].register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("rows")), with_kwargs=True)
+    rows = OutputRows.first_tokens(seq)
+    enc(torch.randn(seq.num_tokens, 32), seq, rows=rows)
+    assert calls == [rows]
 
 
 def test_rows_with_modality_experts_and_a_uniform_batch():
