@@ -97,3 +97,58 @@ def test_rows_on_cuda_equal_the_full_forward(attention, dtype, tol):
     (gx_full,) = torch.autograd.grad(full.float().sum(), x)
     (gx,) = torch.autograd.grad(got.float().sum(), x)
     torch.testing.assert_close(gx, gx_full, atol=tol, rtol=tol)
+
+
+def _fsdp_rank(rank: int, port: int, use_orig_params: bool, out) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from mmm.core.encoder import EncoderBlock
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        enc = _encoder()
+        seq = PackedSeqInfo.from_seqlens(LENGTHS)
+        rows = OutputRows.first_tokens(seq)
+        x = torch.randn(seq.num_tokens, 32, generator=torch.Generator().manual_seed(1))
+
+        class Wrapped(torch.nn.Module):  # FSDP wraps the root and every block, as pretrain's fsdp strategy
+            def __init__(self):
+                super().__init__()
+                self.encoder = enc
+
+            def forward(self, x, rows):
+                return self.encoder(x, seq, rows=rows)
+
+        model = FSDP(Wrapped(), auto_wrap_policy=ModuleWrapPolicy({EncoderBlock}), device_id=torch.device("cpu"),
+                     use_orig_params=use_orig_params)
+        full = model(x, None).index_select(0, rows.index)
+        got = model(x, rows)
+        got.sum().backward()
+        out.put((rank, float((got - full).abs().max())))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_rows_under_fsdp_with_each_block_sharded(use_orig_params):
+    """With every block its own FSDP unit, the rows path must gather the last block's weights (it goes through
+    the block's wrapped forward); 2 ranks on CPU (gloo)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_fsdp_rank, args=(r, port, use_orig_params, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    results = dict(out.get(timeout=5) for _ in procs)
+    assert sorted(results) == [0, 1] and max(results.values()) < 1e-5, results
