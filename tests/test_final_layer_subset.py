@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmm.batch import pack_masked
+from mmm.batch import TokenTargets, pack_masked
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig
 from mmm.masking.base import MaskedTokens
 from mmm.model import build_model
@@ -58,6 +58,24 @@ def test_the_subset_gives_the_full_loss_and_gradients(enc_kw, monkeypatch):
     assert seen == [n, n, n, m]  # full: every block at N rows; subset: the last at the M masked rows
     torch.testing.assert_close(ls, lf, atol=1e-6, rtol=1e-6)
     assert gs.keys() == gf.keys()
+    for name in gf:
+        torch.testing.assert_close(gs[name], gf[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_rows_of_several_heads_are_joined():
+    """MLM and a token-target head (HuBERT / BEiT style) on the text stream: the last block runs at the union
+    of their rows; loss and gradients equal the full pass's."""
+    heads = (ObjectiveConfig("mlm"), ObjectiveConfig("token_targets", args={"target": "units", "num_classes": 7}))
+    batch = _batch()
+    n = batch.num_tokens
+    units = torch.arange(3, n, 11)  # other rows than the masked ones, some shared
+    batch.targets["units"] = TokenTargets(units, units % 7)
+    full, sub = _model(False, objectives=heads), _model(True, objectives=heads)
+    rows = sub.output_rows(batch)
+    want = torch.unique(torch.cat([batch.targets["text"].positions, units]))
+    assert rows is not None and rows.index.tolist() == want.tolist()
+    (lf, gf), (ls, gs) = _loss_and_grads(full, batch), _loss_and_grads(sub, batch)
+    torch.testing.assert_close(ls, lf, atol=1e-6, rtol=1e-6)
     for name in gf:
         torch.testing.assert_close(gs[name], gf[name], atol=1e-6, rtol=1e-5, msg=name)
 

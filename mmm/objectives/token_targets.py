@@ -45,6 +45,11 @@ class TokenTargetClassification(nn.Module):
         self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=eps))
         self.classifier = nn.Linear(dim, num_classes)
 
+    def reads_rows(self, batch: PackedBatch) -> Optional[torch.Tensor]:
+        """The stream rows this head reads (its target positions), for the final-layer subset."""
+        t = batch.targets.get(self.target)
+        return t.positions if t is not None else torch.zeros(0, dtype=torch.long)
+
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         t = batch.targets.get(self.target)
         if t is None or t.positions.numel() == 0:
