@@ -159,8 +159,8 @@ class InputAdapter:
 
         Text and DNA go through :meth:`encode_packed` (no padded tensor anywhere); the other
         modalities pool :meth:`forward`'s padded output. ``cls_last_block``: with ``cls`` pooling of
-        text/DNA, run the encoder's last block for the [CLS] rows alone (MosaicBERT's final-layer
-        subset; the same vectors); False runs it for every token (a benchmark's reference).
+        text, DNA and images, run the encoder's last block for the [CLS] rows alone (MosaicBERT's
+        final-layer subset; the same vectors); False runs it for every token (a benchmark's reference).
         """
         if self.modality in ("text", "dna"):
             from mmm.probe import pool
@@ -172,6 +172,9 @@ class InputAdapter:
                 return self.encode_packed(items, first_tokens_only=True)[0]
             hidden, seq = self.encode_packed(items)
             return pool(hidden, seq.cu_seqlens)
+        if self.modality == "image" and pooling == "cls" and cls_last_block:  # [CLS] alone in the last block
+            device = next(self.encoder.parameters()).device
+            return self.encoder(torch.stack(list(items)).to(device), first_token_only=True)  # (B, d)
         hidden, mask = self.forward(items)
         return pool_padded(hidden, mask, pooling)
 

@@ -134,3 +134,35 @@ def test_audio_finetune_on_labelled_shards(tmp_path: Path) -> None:
         from mmm.downstream.inputs import load_adapter
 
         load_adapter(str(enc), "audio").check_pooling("cls")
+
+
+def test_image_cls_pooling_runs_the_last_block_for_cls_alone_with_the_same_logits_and_gradients(image_ckpt: Path):
+    """Image fine-tuning on [CLS] takes the final-layer subset too: the same logits and every gradient."""
+    import torch
+
+    from mmm.downstream.finetune import ClassificationHead, FinetuneModel
+    from mmm.downstream.inputs import load_adapter
+
+    adapter = load_adapter(str(image_ckpt), "image")
+    enc = adapter.encoder
+    size = enc.embedder.image_size
+    torch.manual_seed(0)
+    items = [torch.randn(3, size, size) for _ in range(5)]  # normalised pixels, as prepare() makes them
+    model = FinetuneModel(adapter, ClassificationHead(adapter.hidden_size, 3, 0.0), "cls").train()
+    rows_seen = []
+    hook = enc.encoder.blocks[-1].mlp.register_forward_hook(lambda m, a, o: rows_seen.append(a[0].shape[0]))
+    results = []
+    for subset in (True, False):
+        model.cls_last_block = subset
+        model.zero_grad(set_to_none=True)
+        logits = model(items)
+        logits.square().sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    hook.remove()
+    tokens = enc.embedder.num_prefix_tokens + enc.embedder.num_patches
+    assert rows_seen == [5, 5 * tokens]
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)

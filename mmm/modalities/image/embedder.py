@@ -32,6 +32,7 @@ from torch import nn
 from mmm.config import EncoderConfig, _f
 from mmm.core.dropout import Dropout
 from mmm.core.encoder import TransformerEncoder
+from mmm.core.output_rows import OutputRows
 from mmm.core.packing import PackedSeqInfo
 from mmm.modalities.standalone import EmbedderEncoder
 from mmm.registry import EMBEDDERS
@@ -367,19 +368,24 @@ class ImageEncoder(EmbedderEncoder):
     def num_prefix_tokens(self) -> int:
         return self.embedder.num_prefix_tokens
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, first_token_only: bool = False) -> torch.Tensor:
         """Encode a batch of images.
 
         Args:
             images: (B, C, H, W) float images, already resized and normalised.
+            first_token_only: return only each image's first token ([CLS] when the encoder has one),
+                (B, d); the last block then runs for those rows alone
+                (:class:`~mmm.core.output_rows.OutputRows`, MosaicBERT's final-layer subset).
 
         Returns:
-            (B, cls + P, d) token features.
+            (B, cls + P, d) token features, or (B, d) with ``first_token_only``.
         """
         self.embedder.check_pixels(images, what="images")
         tokens, lengths = self.embedder(images)  # (B*T, d)
         b, t = images.shape[0], int(self.embedder.num_prefix_tokens + self.embedder.num_patches)
         seq = PackedSeqInfo.from_seqlens([t] * b, device=tokens.device)
+        if first_token_only:
+            return self.encoder(tokens, seq, rows=OutputRows.first_tokens(seq))  # (B, d)
         return self.encoder(tokens, seq).view(b, t, -1)  # (B, T, d)
 
 
