@@ -235,8 +235,7 @@ class TransformerEncoder(nn.Module):
         """
         layout, stream_modality = seq, modality
         x, seq, order, run = self._batch_setup(x, seq, modality, causal)
-        last = len(self.blocks) - (rows is not None)
-        for block in self.blocks[:last]:
+        for block in self.blocks if rows is None else self.blocks[:-1]:  # with rows, the last block runs below
             x = block(x, seq, *run)
         if order is not None:
             x = x.index_select(0, order.scatter)  # (N, d) in the batch's order
