@@ -53,3 +53,30 @@ def shape_images(root: Path, per_class: int = 12) -> Path:
             (d.ellipse if cls == "disk" else d.rectangle)(box, fill=(255, 255, 255))
             img.save(root / cls / f"{i}.png")
     return root
+
+
+def check_cls_last_block(model, last_mlp, items) -> List[int]:
+    """One fine-tuning step of ``model`` (a ``FinetuneModel`` on [CLS]) with and without its final-layer subset
+    (``cls_last_block``): asserts the same logits and every gradient, and returns the rows ``last_mlp`` (the
+    last block's MLP) saw in each, subset first."""
+    import torch
+
+    rows_seen: List[int] = []
+    hook = last_mlp.register_forward_hook(lambda m, a, o: rows_seen.append(a[0].shape[0]))
+    results = []
+    try:
+        for subset in (True, False):
+            model.cls_last_block = subset
+            model.zero_grad(set_to_none=True)
+            logits = model(items)
+            logits.square().sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((logits.detach(), grads))
+    finally:
+        hook.remove()
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)
+    return rows_seen

@@ -10,7 +10,7 @@ import torch
 
 from mmm.cli import main
 from mmm.encoders import load_encoder, save_encoder
-from tests.downstream.helpers import keyword_rows, write_table
+from tests.downstream.helpers import check_cls_last_block, keyword_rows, write_table
 
 LINES = ["Return the list of values.", "Raise an error when the file is missing.", "A short docstring.",
          "The quick brown fox returns a string.", "Open the socket and read bytes from it."]
@@ -183,19 +183,5 @@ def test_cls_pooling_runs_the_last_block_for_cls_alone_with_the_same_logits_and_
     items = [adapter.prepare(x) for x in LINES] + [adapter.prepare(("A pair's first text.", LINES[3]))]
     torch.manual_seed(0)
     model = FinetuneModel(adapter, ClassificationHead(64, 3, 0.0), "cls").train()
-    rows_seen = []
-    hook = model.encoder.encoder.blocks[-1].mlp.register_forward_hook(lambda m, a, o: rows_seen.append(a[0].shape[0]))
-    results = []
-    for subset in (True, False):
-        model.cls_last_block = subset
-        model.zero_grad(set_to_none=True)
-        logits = model(items)
-        logits.square().sum().backward()
-        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    hook.remove()
+    rows_seen = check_cls_last_block(model, model.encoder.encoder.blocks[-1].mlp, items)
     assert rows_seen == [len(items), sum(len(x) for x in items)]
-    (a, ga), (b, gb) = results
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert ga.keys() == gb.keys()
-    for name in ga:
-        torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)
