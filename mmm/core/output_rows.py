@@ -49,8 +49,7 @@ class OutputRows:
     @classmethod
     def first_tokens(cls, seq: PackedSeqInfo) -> "OutputRows":
         """The first token ([CLS]) of every sequence."""
-        starts = np.concatenate([[0], np.cumsum(seq.lengths)[:-1]])
-        return cls._build(seq, starts)
+        return cls._build(seq, _starts(seq))
 
     @classmethod
     def of(cls, seq: PackedSeqInfo, rows: Union[Sequence[int], np.ndarray, torch.Tensor]) -> "OutputRows":
@@ -74,7 +73,7 @@ class OutputRows:
     @classmethod
     def _build(cls, seq: PackedSeqInfo, rows: np.ndarray) -> "OutputRows":
         lengths = np.asarray(seq.lengths, np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        starts = _starts(seq)
         seq_of_row = np.searchsorted(starts, rows, side="right") - 1  # (M,)
         first = np.searchsorted(seq_of_row, np.arange(len(lengths)), side="left")  # first row of each sequence
         slot = np.arange(len(rows)) - first[seq_of_row]  # rank of each row within its sequence
@@ -112,6 +111,11 @@ class OutputRows:
     def _mapped(self, move) -> "OutputRows":
         return dataclasses.replace(self, index=move(self.index), pad_index=move(self.pad_index),
                                    positions=move(self.positions), query_positions=move(self.query_positions))
+
+
+def _starts(seq: PackedSeqInfo) -> np.ndarray:
+    """(B,) int64 first row of every sequence in the stream, from the layout's host-side lengths."""
+    return np.concatenate([[0], np.cumsum(seq.lengths)[:-1]]).astype(np.int64)
 
 
 def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSeqInfo, rows: OutputRows,

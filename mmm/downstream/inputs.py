@@ -165,13 +165,10 @@ class InputAdapter:
         if self.modality in ("text", "dna"):
             from mmm.probe import pool
 
-            if pooling == "cls" and not cls_last_block:
-                hidden, seq = self.encode_packed(items)
-                return hidden.index_select(0, seq.cu_seqlens[:-1].long())
-            if pooling == "cls":
+            if pooling == "cls" and cls_last_block:
                 return self.encode_packed(items, first_tokens_only=True)[0]
             hidden, seq = self.encode_packed(items)
-            return pool(hidden, seq.cu_seqlens)
+            return pool(hidden, seq.cu_seqlens, "first" if pooling == "cls" else "mean")
         if self.modality == "image" and pooling == "cls" and cls_last_block:  # [CLS] alone in the last block
             device = next(self.encoder.parameters()).device
             return self.encoder(torch.stack(list(items)).to(device), first_token_only=True)  # (B, d)
