@@ -89,6 +89,20 @@ def _cmd_pretrain(ns: argparse.Namespace, rest: List[str]) -> int:
     return 0
 
 
+def _cmd_check_syncs(ns: argparse.Namespace, rest: List[str]) -> int:
+    overrides = parse_overrides(rest)
+    _require_config(ns, "check")
+    cfg = load_config(ns.config, overrides)
+    from mmm.train.step_reads import step_host_reads
+
+    reads = step_host_reads(cfg)
+    print(reads.report())
+    unplanned = reads.unplanned()
+    print(f"{len(unplanned)} place(s) in one training step would make a CUDA device wait for the host"
+          + (" (each is a host-device sync on a GPU)" if unplanned else ""))
+    return 1 if unplanned else 0
+
+
 def _cmd_prepare(ns: argparse.Namespace, rest: List[str]) -> int:
     overrides = parse_overrides(rest)
     _require_config(ns, "fit assets")
@@ -266,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print_config", action="store_true", help="print the resolved config (with comments) and exit")
     t.add_argument("--defaults", action="store_true", help="train without --config: the built-in defaults plus overrides")
     t.set_defaults(fn=_cmd_pretrain)
+
+    cs = sub.add_parser("check-syncs", help="run one training step of a config on the CPU and list every call in it "
+                                            "that would make a GPU wait for the host; exit 1 if any (beyond the "
+                                            "per-step loss check)")
+    cs.add_argument("--config", default=None, help="YAML config file")
+    cs.add_argument("--defaults", action="store_true", help="without --config: the built-in defaults plus overrides")
+    cs.set_defaults(fn=_cmd_check_syncs)
 
     s = sub.add_parser("shards", help="WebDataset shard tools")
     ssub = s.add_subparsers(dest="shards_command", required=True)

@@ -15,6 +15,7 @@ from mmm.batch import PackedBatch
 from mmm.config import ModelConfig, ObjectiveConfig
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.output_rows import OutputRows
+from mmm.host_reads import on_host
 from mmm.masking.mto import encode_with_mto, mask_token_rows
 from mmm.objectives.base import ObjectiveOutput
 from mmm.registry import EMBEDDERS, OBJECTIVES, STEPS
@@ -191,6 +192,20 @@ class MaskedModel(nn.Module):
         outputs = {name: outputs[name] for name in names}
         total = sum(self.weights[name] * out.loss for name, out in outputs.items())
         return total, outputs
+
+    def check_batch(self, batch: PackedBatch, heads: Optional[Sequence[str]] = None) -> None:
+        """Each scoring head's checks of ``batch`` that read its values (e.g. label ranges), made while the
+        batch is on the host: the training module runs them before it copies a batch to a GPU, so the step
+        never waits on the device for them (a head runs its own check in ``forward`` for a CPU batch).
+
+        Heads opt in with a ``check_batch(batch)`` method that raises a ``ValueError`` naming the problem.
+        """
+        names = self.heads_for(batch) if heads is None else [n for n in self.heads_for(batch) if n in heads]
+        with on_host():
+            for name in names:
+                check = getattr(self.objectives[name], "check_batch", None)
+                if check is not None:
+                    check(batch)
 
     def _score(self, batch: PackedBatch, heads: List[str], causal: bool) -> Dict[str, ObjectiveOutput]:
         """One encoder pass (causal or not) and the outputs of ``heads`` on it."""

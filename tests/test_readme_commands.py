@@ -133,6 +133,8 @@ def smoke(cmd: Command) -> Command:
                 argv += FAST_TRAIN + ["--trainer.max_steps", steps]
         elif sub == "bench":
             cmd.env["MMM_BENCH_MICRO"] = "1"
+        elif sub == "check-syncs":
+            argv += ["--data.batch_size", "4", "--data.num_workers", "0"]
         elif sub == "finetune":
             argv += ["--seeds", "1", "--max_steps", "4"]
         elif sub in ("shards", "export", "list", "embed"):

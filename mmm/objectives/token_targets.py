@@ -17,6 +17,7 @@ from torch import nn
 
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
+from mmm.host_reads import on_host
 from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_output
 from mmm.registry import OBJECTIVES
 
@@ -50,13 +51,24 @@ class TokenTargetClassification(nn.Module):
         t = batch.targets.get(self.target)
         return t.positions if t is not None else torch.zeros(0, dtype=torch.long)
 
+    def check_batch(self, batch: PackedBatch) -> None:
+        """Every target id is in [0, ``num_classes``): on the host, before the batch moves to a GPU
+        (:meth:`mmm.model.MaskedModel.check_batch`), or in ``forward`` for a batch on the CPU."""
+        t = batch.targets.get(self.target)
+        if t is None or t.labels.numel() == 0:
+            return
+        with on_host():
+            low, top = int(t.labels.min()), int(t.labels.max())
+        if top >= self.num_classes or low < 0:
+            raise ValueError(f"objective token_targets: target {self.target!r} has ids in [{low}, {top}] but "
+                             f"num_classes={self.num_classes}; set num_classes to the codebook size")
+
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         t = batch.targets.get(self.target)
         if t is None or t.positions.numel() == 0:
             return zero_output(hidden, self, ("acc",))
-        if int(t.labels.max()) >= self.num_classes:
-            raise ValueError(f"objective token_targets: target {self.target!r} has id {int(t.labels.max())} but "
-                             f"num_classes={self.num_classes}; set num_classes to the codebook size")
+        if t.labels.device.type == "cpu":  # a batch bound for a GPU is checked before it moves (check_batch)
+            self.check_batch(batch)
         logits = self.classifier(self.transform(hidden.index_select(0, t.positions)))  # (M, K)
         # cross-entropy summed / global count of targets: exact under DDP (the plain mean on one rank)
         loss = global_mean(F.cross_entropy(logits.float(), t.labels, reduction="sum"), t.count, in_lockstep(self))

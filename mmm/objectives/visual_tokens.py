@@ -53,6 +53,10 @@ class MaskedVisualTokenModeling(nn.Module):
         self.modality, self.target = modality, target
         self.head = TokenTargetClassification(dim, embedders, encoder_cfg, target=target, num_classes=num_classes)
 
+    def check_batch(self, batch: PackedBatch) -> None:
+        """The codebook ids' range, on the host (:meth:`TokenTargetClassification.check_batch`)."""
+        self.head.check_batch(batch)
+
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         """(N, d) encoder output → cross-entropy over the codebook at the hidden patches."""
         if self.target not in batch.targets:

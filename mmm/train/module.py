@@ -89,6 +89,8 @@ class MaskedModelingModule(L.LightningModule):
         self._phase: Optional[int] = None  # the phase of the last training step (logged when it changes)
 
     def transfer_batch_to_device(self, batch: PackedBatch, device: torch.device, dataloader_idx: int) -> PackedBatch:
+        if torch.device(device).type != "cpu" and batch.seq.cu_seqlens.device.type == "cpu":
+            self.model.check_batch(batch, self._transfer_heads(batch))  # value checks on the host, not in the step
         if torch.device(device).type != "cpu" and batch.output_rows is None:
             # the final-layer subset's rows, found while the batch is still on the host (no device read later)
             batch = dataclasses.replace(batch, output_rows=self.model.output_rows(batch, self._transfer_heads(batch)))

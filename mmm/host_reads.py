@@ -1,0 +1,138 @@
+"""Find, on the CPU, the calls that would make a CUDA training step wait for the device.
+
+On a GPU, an op whose result the host must read (``.item()``, ``bool(t)``, ``.tolist()``), or whose
+output size depends on values (``nonzero``, boolean-mask indexing, ``unique``,
+``repeat_interleave`` without ``output_size``), blocks the host until the device has caught up, so
+kernels stop queueing ahead. ``torch.cuda.set_sync_debug_mode("error")`` finds such calls, but
+only on a GPU. :class:`HostReadDetector` finds them on any device: it is a ``TorchFunctionMode``
+that records each such call made by Python code (calls inside torch's own kernels are not seen,
+as on CUDA they would not be host reads either), with the innermost frame of ``mmm`` that made it.
+
+Use it where no GPU is available, e.g. ``mmm check-syncs`` (:mod:`mmm.train.step_reads`) and the
+test suite, which run a training step of every pretraining config under it. Values a step reads from host-side
+tensors on purpose (the packed layout's lengths, which stay on the host on every device) are
+Python ints already and never reach the detector.
+"""
+from __future__ import annotations
+
+import contextvars
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_PACKAGE = str(Path(__file__).resolve().parent)  # .../mmm
+
+# calls that read a device value on the host, whatever their arguments
+_READS: Dict[Callable, str] = {
+    torch.Tensor.item: "Tensor.item()",
+    torch.Tensor.tolist: "Tensor.tolist()",
+    torch.Tensor.numpy: "Tensor.numpy()",
+    torch.Tensor.__bool__: "bool(tensor)",
+    torch.Tensor.__int__: "int(tensor)",
+    torch.Tensor.__float__: "float(tensor)",
+    torch.Tensor.__index__: "tensor used as a Python int",
+    torch.Tensor.nonzero: "nonzero (value-dependent size)",
+    torch.nonzero: "nonzero (value-dependent size)",
+    torch.argwhere: "argwhere (value-dependent size)",
+    torch.Tensor.masked_select: "masked_select (value-dependent size)",
+    torch.masked_select: "masked_select (value-dependent size)",
+    torch.Tensor.unique: "unique (value-dependent size)",
+    torch.unique: "unique (value-dependent size)",
+    torch.unique_consecutive: "unique_consecutive (value-dependent size)",
+    torch.equal: "torch.equal (returns a Python bool)",
+    torch.allclose: "torch.allclose (returns a Python bool)",
+    torch.bincount: "bincount (its size depends on the largest value)",
+    torch.Tensor.bincount: "bincount (its size depends on the largest value)",
+}
+
+
+_ON_HOST: contextvars.ContextVar[bool] = contextvars.ContextVar("mmm_on_host", default=False)
+
+
+@contextmanager
+def on_host() -> Iterator[None]:
+    """Marks code that runs only while its tensors are on the host (e.g. a batch check made before
+    the batch moves to a GPU): the detector does not record reads inside it."""
+    token = _ON_HOST.set(True)
+    try:
+        yield
+    finally:
+        _ON_HOST.reset(token)
+
+
+def _has_bool_tensor(index: Any) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+def _conditional(func: Callable, args: Tuple, kwargs: Dict) -> Optional[str]:
+    """The name of a host read that only some arguments of ``func`` make, or None."""
+    if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1 and _has_bool_tensor(args[1]):
+        return "boolean-mask indexing (value-dependent size)"
+    if func in (torch.Tensor.repeat_interleave, torch.repeat_interleave):
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        if isinstance(repeats, torch.Tensor) and repeats.numel() > 1 and kwargs.get("output_size") is None:
+            return "repeat_interleave without output_size"
+    if func is torch.where and len(args) == 1 and not kwargs:
+        return "torch.where(condition) (value-dependent size)"
+    return None
+
+
+@dataclass(frozen=True)
+class HostRead:
+    """One call that would block the host on a CUDA device."""
+
+    what: str  # the kind of read
+    where: str  # "mmm/objectives/mlm.py:123 in forward", or the outermost frame outside torch when no mmm frame made it
+
+    def __str__(self) -> str:
+        return f"{self.what} at {self.where}"
+
+
+def _caller() -> str:
+    frames = [f for f in traceback.extract_stack() if f.filename != __file__]  # not this module's own frames
+    for frame in reversed(frames):
+        if frame.filename.startswith(_PACKAGE):
+            rel = Path(frame.filename).relative_to(Path(_PACKAGE).parent)
+            return f"{rel}:{frame.lineno} in {frame.name}"
+    for frame in reversed(frames):
+        if "/torch/" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno} in {frame.name}"
+    return "<unknown>"
+
+
+class HostReadDetector(TorchFunctionMode):
+    """Records every call, while active, that would read a device value on the host.
+
+    Example::
+
+        with HostReadDetector() as reads:
+            loss = model(batch)
+        assert not reads.found, reads.report()
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: List[HostRead] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        what = _READS.get(func) or _conditional(func, args, kwargs)
+        if what is not None and not _ON_HOST.get():
+            self.found.append(HostRead(what, _caller()))
+        return func(*args, **kwargs)
+
+    def sites(self) -> List[HostRead]:
+        """Each distinct (kind, place) once, in the order first met."""
+        return list(dict.fromkeys(self.found))
+
+    def report(self) -> str:
+        if not self.found:
+            return "no host reads"
+        return "\n".join(f"  {r} ({self.found.count(r)}x)" for r in self.sites())
+

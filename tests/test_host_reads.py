@@ -1,0 +1,174 @@
+"""The CPU stand-in for CUDA's sync debug mode (mmm.host_reads), and what it finds in each tiny config.
+
+CI has no GPU, so ``torch.cuda.set_sync_debug_mode("error")`` never runs there. The detector
+records, on the CPU, each call that would make a CUDA step wait for the host; the per-config test
+pins the places each pretraining config's step still has, so a new one fails the suite, and a
+fixed one must be taken off the list (the list stays true).
+"""
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmm.batch import PackedBatch, TokenTargets
+from mmm.config import load_config
+from mmm.core.packing import PackedSeqInfo
+from mmm.host_reads import HostReadDetector, on_host
+from mmm.train.step_reads import step_host_reads
+from mmm.registry import OBJECTIVES
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _reads(fn):
+    with HostReadDetector() as d:
+        fn()
+    return [r.what for r in d.found]
+
+
+def test_each_kind_of_host_read_is_recorded():
+    x, mask, reps = torch.randn(6), torch.tensor([True, False] * 3), torch.tensor([1, 2, 0])
+    assert _reads(lambda: x.sum().item()) == ["Tensor.item()"]
+    assert _reads(lambda: bool(x.sum() > 0)) == ["bool(tensor)"]
+    assert _reads(lambda: int(x.argmax())) == ["int(tensor)"]
+    assert _reads(lambda: x.tolist()) == ["Tensor.tolist()"]
+    assert _reads(lambda: mask.nonzero()) == ["nonzero (value-dependent size)"]
+    assert _reads(lambda: x[mask]) == ["boolean-mask indexing (value-dependent size)"]
+    assert _reads(lambda: x.clone().__setitem__(mask, 0.0)) == ["boolean-mask indexing (value-dependent size)"]
+    assert _reads(lambda: torch.repeat_interleave(torch.arange(3), reps)) == ["repeat_interleave without output_size"]
+    assert _reads(lambda: torch.where(mask)) == ["torch.where(condition) (value-dependent size)"]
+    assert _reads(lambda: torch.unique(reps)) == ["unique (value-dependent size)"]
+    assert _reads(lambda: torch.bincount(reps)) == ["bincount (its size depends on the largest value)"]
+
+
+def test_sync_free_equivalents_are_not_recorded():
+    x, mask, reps = torch.randn(6), torch.tensor([True, False] * 3), torch.tensor([1, 2, 0])
+    assert _reads(lambda: x.index_select(0, torch.tensor([0, 2]))) == []
+    assert _reads(lambda: torch.repeat_interleave(torch.arange(3), reps, output_size=3)) == []
+    assert _reads(lambda: torch.where(mask, x, 0.0)) == []
+    assert _reads(lambda: x[1:4] + x.max()) == []
+    assert _reads(lambda: x.masked_fill(mask, 0.0)) == []
+
+
+def test_reads_inside_on_host_are_not_recorded():
+    x = torch.randn(4)
+
+    def check():
+        with on_host():
+            float(x.max())
+        float(x.min())
+
+    assert _reads(check) == ["float(tensor)"]
+
+
+def test_a_read_is_placed_at_the_innermost_mmm_frame():
+    from mmm.modalities.image.embedder import visible_slots
+
+    with HostReadDetector() as d:
+        visible_slots(torch.tensor([[True, False], [False, False]]), prefix=1)
+    assert [str(r).split(":")[0] for r in d.sites()] == ["nonzero (value-dependent size) at mmm/modalities/image/embedder.py"]
+    assert d.sites()[0].where.endswith("in visible_slots")
+
+
+# what each tiny config's training step still reads on the host, by (file, function); every text, DNA
+# and vision-language MLM-family step reads nothing but the per-step loss check (mmm.train.step_reads.BY_DESIGN)
+KNOWN = {
+    "audio_d2v_tiny.yaml": {("mmm/objectives/d2v.py", f) for f in ("_hidden_count", "_teacher_layout", "before_scoring",
+                                                                   "current_decay", "predictions", "targets")},
+    "audio_mam_tiny.yaml": {("mmm/objectives/feature_regression.py", "forward")},
+    "audio_mp3_tiny.yaml": {("mmm/objectives/position_prediction.py", "scored")},
+    "audio_mto_tiny.yaml": {("mmm/masking/mto.py", "_input_rows"), ("mmm/masking/mto.py", "mask_token_rows"),
+                            ("mmm/objectives/feature_regression.py", "forward")},
+    "dna_d2v_tiny.yaml": {("mmm/objectives/d2v.py", f) for f in ("before_scoring", "current_decay", "targets")},
+    "dna_electra_tiny.yaml": set(),
+    "dna_mlm_tiny.yaml": set(),
+    "image_d2v_tiny.yaml": {("mmm/modalities/image/embedder.py", "forward"),
+                            ("mmm/modalities/image/embedder.py", "visible_slots")}
+                           | {("mmm/objectives/d2v.py", f) for f in ("_hidden_count", "_teacher_layout", "before_scoring",
+                                                                     "current_decay", "forward", "instance_norm_packed",
+                                                                     "targets")},
+    "image_mae_tiny.yaml": {("mmm/modalities/image/embedder.py", "forward"),
+                            ("mmm/modalities/image/embedder.py", "visible_slots"), ("mmm/objectives/mim.py", "forward")},
+    "image_mp3_tiny.yaml": {("mmm/modalities/image/embedder.py", "forward"),
+                            ("mmm/modalities/image/embedder.py", "visible_patches"),
+                            ("mmm/objectives/position_prediction.py", "scored")},
+    "image_simmim_mto_tiny.yaml": {("mmm/masking/mto.py", "_input_rows"), ("mmm/masking/mto.py", "mask_token_rows"),
+                                   ("mmm/objectives/mim.py", "forward")},
+    "image_simmim_tiny.yaml": {("mmm/objectives/mim.py", "forward")},
+    "multimodal_experts_tiny.yaml": {("mmm/modalities/image/embedder.py", "forward"),
+                                     ("mmm/modalities/image/embedder.py", "visible_slots"),
+                                     ("mmm/objectives/mim.py", "forward")},
+    "multimodal_tiny.yaml": {("mmm/modalities/image/embedder.py", "forward"),
+                             ("mmm/modalities/image/embedder.py", "visible_slots"), ("mmm/objectives/mim.py", "forward")},
+    "text_clm_mlm_tiny.yaml": {("mmm/objectives/clm.py", "next_token_positions")},
+    "text_d2v_tiny.yaml": {("mmm/objectives/d2v.py", f) for f in ("before_scoring", "current_decay", "targets")},
+    "text_drbert_tiny.yaml": set(),
+    "text_electra_gdes_tiny.yaml": set(),
+    "text_electra_tiny.yaml": set(),
+    "text_mlm_lamb_tiny.yaml": set(),
+    "text_mlm_sophia_tiny.yaml": set(),
+    "text_mlm_tiny.yaml": set(),
+    "text_rts_tiny.yaml": set(),
+    "text_slm_tiny.yaml": set(),
+    "vl_itc_soft_tiny.yaml": {("mmm/objectives/contrastive.py", "mean_pool")},
+    "vl_lxmert_tiny.yaml": set(),
+    "vl_uniter_tiny.yaml": set(),
+    "vl_uniter_vtok_tiny.yaml": set(),
+}
+NEED_A_TEACHER_RUN = {"dna_distill_tiny.yaml", "text_distill_tiny.yaml"}  # load another run's checkpoint
+
+
+def test_every_tiny_config_is_listed():
+    assert {p.name for p in CONFIGS.glob("*_tiny.yaml")} == set(KNOWN) | NEED_A_TEACHER_RUN
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN))
+def test_host_reads_of_each_tiny_config_training_step(name):
+    cfg = load_config(CONFIGS / name, {"data.batch_size": 4, "data.num_workers": 0,
+                                       "trainer.default_root_dir": tempfile.mkdtemp(prefix="mmm_syncs_")})
+    reads = step_host_reads(cfg)
+    found = {(r.where.split(":")[0], r.where.rsplit(" in ", 1)[-1]) for r in reads.unplanned()}
+    assert found == KNOWN[name], reads.report()
+    assert [r.where.rsplit(" in ", 1)[-1] for r in dict.fromkeys(reads.forward) if r not in reads.unplanned()] \
+        == ["training_step"]  # the loss check, and nothing else by design
+    assert reads.backward == []
+
+
+def _vtok_batch(labels):
+    seq = PackedSeqInfo.from_seqlens([3, 3])
+    positions = torch.arange(len(labels))
+    return PackedBatch(seq, {}, {"image_tokens": TokenTargets(positions, torch.tensor(labels))})
+
+
+def test_token_target_ids_are_checked_on_the_host_and_named():
+    head = OBJECTIVES.create("token_targets", dim=8, embedders={}, num_classes=5)
+    head.check_batch(_vtok_batch([0, 4, 2]))  # in range: fine
+    with pytest.raises(ValueError, match=r"target 'image_tokens' has ids in \[0, 7\] but num_classes=5"):
+        head.check_batch(_vtok_batch([0, 7, 2]))
+    with pytest.raises(ValueError, match=r"ids in \[-1, 2\]"):
+        head.check_batch(_vtok_batch([-1, 2]))
+    with HostReadDetector() as d:  # on the CPU forward checks too, inside on_host: nothing recorded
+        head(torch.randn(6, 8), _vtok_batch([0, 4, 2]))
+    assert d.found == []
+    with pytest.raises(ValueError, match=r"has ids in \[0, 7\]"):
+        head(torch.randn(6, 8), _vtok_batch([0, 7, 2]))
+
+
+def test_the_model_checks_a_cpu_batch_in_forward_and_a_gpu_bound_batch_before_the_copy(monkeypatch, tmp_path):
+    from mmm.train.pretrain import build_run
+
+    cfg = load_config(CONFIGS / "text_mlm_tiny.yaml", {"data.batch_size": 4, "data.num_workers": 0,
+                                                       "trainer.default_root_dir": str(tmp_path)})
+    run = build_run(cfg)
+    run.datamodule.setup("fit")
+    batch = next(iter(run.datamodule.train_dataloader()))
+    model = run.module.model
+    checked = []
+    real_check = model.check_batch
+    monkeypatch.setattr(model, "check_batch", lambda b, heads=None: checked.append(b) or real_check(b, heads))
+    monkeypatch.setattr(PackedBatch, "to", lambda self, device: self)  # no GPU here: the copy itself is not tested
+    run.module.transfer_batch_to_device(batch, torch.device("cuda"), 0)
+    assert checked == [batch]
+    run.module.transfer_batch_to_device(batch, torch.device("cpu"), 0)  # a CPU batch: each head checks in forward
+    assert checked == [batch]
