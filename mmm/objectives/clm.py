@@ -32,7 +32,7 @@ from torch import nn
 
 from mmm.batch import PackedBatch, TokenTargets
 from mmm.config import EncoderConfig
-from mmm.core.packing import PackedSeqInfo
+from mmm.core.packing import PackedSeqInfo, mask_positions
 from mmm.objectives.base import (ObjectiveOutput, global_mean, in_lockstep, sole_input, token_table, top1_accuracy,
                                  zero_output)
 from mmm.objectives.mlm import MLMHead
@@ -46,10 +46,10 @@ def next_token_positions(seq: PackedSeqInfo) -> torch.Tensor:
         seq: the packed layout (``cu_seqlens`` of S sequences over N tokens).
     """
     cu = seq.cu_seqlens.long()
-    keep = torch.ones(int(cu[-1]), dtype=torch.bool, device=cu.device)
-    ends = cu[1:] - 1
-    keep[ends[cu[1:] > cu[:-1]]] = False  # an empty sequence has no last token
-    return keep.nonzero().squeeze(1)
+    n = seq.num_tokens
+    last = torch.where(cu[1:] > cu[:-1], cu[1:] - 1, n)  # (S,) each sequence's last token; n for an empty one
+    keep = torch.ones(n + 1, dtype=torch.bool, device=cu.device).index_fill_(0, last, False)[:n]
+    return mask_positions(keep, n - sum(1 for length in seq.seqlens if length > 0))  # sizes from the host lengths
 
 
 @OBJECTIVES.register("clm")

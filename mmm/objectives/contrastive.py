@@ -54,7 +54,7 @@ from mmm.registry import OBJECTIVES
 def mean_pool(tokens: torch.Tensor, owner: torch.Tensor, count: int) -> torch.Tensor:
     """(R, d) tokens, (R,) owner in [0, count) → (count, d) per-owner means (zero for an owner without tokens)."""
     sums = tokens.new_zeros(count, tokens.shape[-1]).index_add(0, owner, tokens)  # (B, d)
-    n = torch.bincount(owner, minlength=count).clamp_min(1).to(tokens.dtype)  # (B,)
+    n = tokens.new_zeros(count).index_add_(0, owner, tokens.new_ones(owner.shape[0])).clamp_min(1)  # (B,) no bincount: its size is read back
     return sums / n[:, None]
 
 
