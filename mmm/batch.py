@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from mmm.core.output_rows import OutputRows
-from mmm.core.packing import PackedSeqInfo
+from mmm.core.packing import PackedSeqInfo, mask_positions
+from mmm.host_reads import on_host
 from mmm.masking.base import MaskedTokens
 
 
@@ -81,12 +82,34 @@ class ImageInput:
         drop_masked: hidden patches are left out of the stream (MAE) instead of being replaced
             by the learned mask embedding (SimMIM / BEiT).
         index: (N_m,) stream positions; None = the whole stream in order.
+        hidden_count: how many patches ``mask`` hides, a host integer; counted on construction when the
+            mask is on the host (the collator), and kept when the batch moves to a GPU, so the model can
+            gather hidden or visible patches there without reading the mask back.
     """
 
     pixels: torch.Tensor
     mask: Optional[torch.Tensor] = None
     drop_masked: bool = False
     index: Optional[torch.Tensor] = None
+    hidden_count: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.mask is None or self.mask.device.type != "cpu":
+            return
+        with on_host():
+            count = int(self.mask.sum())
+        if self.hidden_count is None:
+            self.hidden_count = count
+        elif self.hidden_count != count:  # e.g. a new mask given with dataclasses.replace and an old count
+            raise ValueError(f"ImageInput: hidden_count {self.hidden_count} but the mask hides {count} patches")
+
+    def hidden_positions(self) -> torch.Tensor:
+        """(M,) int64 indices, into the (B * P) patches, of the hidden ones, row-major (the order of
+        ``x[mask]``); with ``hidden_count`` known, no device read."""
+        if self.mask is None:
+            raise ValueError("this image input has no mask, so no hidden patches")
+        flat = self.mask.flatten()
+        return flat.nonzero().squeeze(1) if self.hidden_count is None else mask_positions(flat, self.hidden_count)
 
     @property
     def num_images(self) -> int:
@@ -94,7 +117,7 @@ class ImageInput:
 
     def embed(self, embedder: nn.Module) -> torch.Tensor:
         """(N_m, d) embeddings: per image, CLS (when the embedder has one) then its (visible) patches."""
-        tokens, _ = embedder(self.pixels, self.mask, self.drop_masked)
+        tokens, _ = embedder(self.pixels, self.mask, self.drop_masked, hidden_count=self.hidden_count)
         return tokens
 
 

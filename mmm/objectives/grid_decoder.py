@@ -61,7 +61,7 @@ def decode_grid(x: torch.Tensor, dropped: torch.Tensor, prefix: int, mask_token:
     from mmm.modalities.image.embedder import visible_slots
 
     b, t = dropped.shape[0], prefix + dropped.shape[1]
-    slot = visible_slots(dropped, prefix)  # (N_img,) each token's cell, [CLS] in column 0
+    slot = visible_slots(dropped, prefix, count=x.shape[0])  # (N_img,) each token's cell, [CLS] in column 0
     full = mask_token.to(x.dtype).expand(b * t, -1).index_copy(0, slot, x)  # (B*T, w)
     full = (full.view(b, t, -1) + positions.to(x.dtype)).view(b * t, -1)
     out = blocks(full, PackedSeqInfo.from_seqlens([t] * b, device=full.device))  # (B*T, w)

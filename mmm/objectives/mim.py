@@ -124,9 +124,10 @@ class MaskedAutoencoder(nn.Module):
         return normalize_patches(t) if self.norm_pix_loss else t
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
-        out, mask = self._decoder_states(hidden, batch)
-        pred = self.pred(out[mask])  # (M, p*p*C): only hidden patches are projected and scored
-        target = patchify(batch.inputs[self.modality].pixels.float(), self.patch)[mask]
+        out, _ = self._decoder_states(hidden, batch)
+        rows = batch.inputs[self.modality].hidden_positions()  # (M,) into the B*P patches, no device read
+        pred = self.pred(out.flatten(0, 1).index_select(0, rows))  # (M, p*p*C): only hidden patches are projected
+        target = patchify(batch.inputs[self.modality].pixels.float(), self.patch).flatten(0, 1).index_select(0, rows)
         if self.norm_pix_loss:
             target = normalize_patches(target)
         # per-patch mean squared error, summed; / global patch count: exact under DDP (MAE's mean on one rank)
@@ -159,8 +160,9 @@ class SimMIMRegression(nn.Module):
             raise ValueError("objective simmim needs mask-token mode (model.image.drop_masked: false) and a patch masker")
         t = self.prefix + self.num_patches
         grid = h.view(inp.num_images, t, -1)[:, self.prefix:]  # (B, P, d)
-        pred = self.pred(grid[inp.mask])  # (M, p*p*C)
-        target = patchify(inp.pixels.float(), self.patch)[inp.mask]
+        rows = inp.hidden_positions()  # (M,) into the B*P patches, no device read
+        pred = self.pred(grid.flatten(0, 1).index_select(0, rows))  # (M, p*p*C)
+        target = patchify(inp.pixels.float(), self.patch).flatten(0, 1).index_select(0, rows)
         count = pred.shape[0]
         loss_sum = F.l1_loss(pred.float(), target, reduction="sum") / pred.shape[-1]  # per-patch mean L1, summed
         return ObjectiveOutput(global_mean(loss_sum, count, in_lockstep(self)), {}, count)

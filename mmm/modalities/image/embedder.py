@@ -33,7 +33,8 @@ from mmm.config import EncoderConfig, _f
 from mmm.core.dropout import Dropout
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.output_rows import OutputRows
-from mmm.core.packing import PackedSeqInfo
+from mmm.core.packing import PackedSeqInfo, mask_positions
+from mmm.host_reads import on_host
 from mmm.modalities.standalone import EmbedderEncoder
 from mmm.registry import EMBEDDERS
 
@@ -64,7 +65,7 @@ def sincos_2d_table(grid: Tuple[int, int], dim: int) -> torch.Tensor:
     return torch.cat([encode(cols), encode(rows)], dim=1).float()  # (P, dim)
 
 
-def visible_slots(dropped: torch.Tensor, prefix: int) -> torch.Tensor:
+def visible_slots(dropped: torch.Tensor, prefix: int, count: Optional[int] = None) -> torch.Tensor:
     """Where each image token an embedder encoded sits in the ``(B, prefix + P)`` layout, flattened.
 
     An image's tokens are its prefix ([CLS]) then its patches not dropped, row-major, so token
@@ -75,12 +76,14 @@ def visible_slots(dropped: torch.Tensor, prefix: int) -> torch.Tensor:
     Args:
         dropped: (B, P) bool, True = patch not encoded (all False when masked patches are kept as mask tokens).
         prefix: tokens before the patches ([CLS]: 1, else 0).
+        count: N_img, when the caller knows it on the host (e.g. the encoded tokens' row count): then
+            no device read.
 
     Returns:
         (N_img,) long.
     """
     kept = torch.cat([dropped.new_zeros(dropped.shape[0], prefix), dropped], dim=1).logical_not()  # (B, prefix + P)
-    return kept.flatten().nonzero().squeeze(1)
+    return kept.flatten().nonzero().squeeze(1) if count is None else mask_positions(kept.flatten(), count)
 
 
 class PatchIndex(NamedTuple):
@@ -238,7 +241,7 @@ class ImageEmbedder(nn.Module):
         return x + self.pos_embed[:, self.num_prefix_tokens:].to(x.dtype)
 
     def forward(self, pixels: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                drop_masked: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                drop_masked: bool = False, hidden_count: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Embed a batch of images into one packed token stream.
 
         Args:
@@ -246,6 +249,9 @@ class ImageEmbedder(nn.Module):
             mask: (B, P) bool, True = hidden patch; None = nothing hidden.
             drop_masked: with ``mask``, drop hidden patches (MAE) instead of replacing their
                 embeddings by ``mask_token`` + position (SimMIM/BEiT).
+            hidden_count: ``mask``'s number of hidden patches, a host integer
+                (:class:`~mmm.batch.ImageInput` counts it before the batch leaves the host): dropping
+                then gathers by index, with no device read.
 
         Returns:
             ``tokens`` (N, d) packed image after image, [CLS] first in each when enabled, and
@@ -270,12 +276,18 @@ class ImageEmbedder(nn.Module):
             tokens = x.reshape(-1, d)  # (B*T, d)
             lengths = torch.full((b,), x.shape[1], dtype=torch.int64, device=x.device)
         else:
-            tokens = x[keep]  # (N, d), row-major = image by image, grid order inside each
+            if hidden_count is None:
+                tokens = x[keep]  # (N, d), row-major = image by image, grid order inside each
+            else:  # the same rows, gathered at a size known on the host
+                tokens = x.reshape(-1, d).index_select(0, mask_positions(keep.flatten(), keep.numel() - hidden_count))
             lengths = keep.sum(1)
-            if bool((lengths == 0).any()):
-                empty = int((lengths == 0).nonzero()[0, 0])
-                raise ValueError(f"image {empty} has every patch masked and no [CLS] token, so it has no tokens "
-                                 "left; keep at least one visible patch per image (or enable cls_token)")
+            if keep.device.type == "cpu":  # on a GPU the batch's layout, built on the host, already refused it
+                with on_host():
+                    if bool((lengths == 0).any()):
+                        empty = int((lengths == 0).nonzero()[0, 0])
+                        raise ValueError(f"image {empty} has every patch masked and no [CLS] token, so it has no "
+                                         "tokens left; keep at least one visible patch per image (or enable "
+                                         "cls_token)")
         if self.norm is not None:
             tokens = self.norm(tokens)
         return self.dropout(tokens), lengths
