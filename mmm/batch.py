@@ -49,6 +49,25 @@ def _map_tensors(obj: Any, fn) -> Any:
     return obj
 
 
+def _counted_on_host(mask: Optional[torch.Tensor], given: Optional[int], what: str) -> Optional[int]:
+    """How many entries ``mask`` sets: counted when the mask is on the host (checked against ``given``
+    when both are there), else ``given`` (carried over from the host when a batch moved)."""
+    if mask is None or mask.device.type != "cpu":
+        return given
+    with on_host():
+        count = int(mask.sum())
+    if given is not None and given != count:  # e.g. a new mask given with dataclasses.replace and an old count
+        raise ValueError(f"{what}: hidden_count {given} but the mask hides {count}")
+    return count
+
+
+def _set_positions(mask: torch.Tensor, count: Optional[int]) -> torch.Tensor:
+    """(count,) int64 indices of the set entries of the flattened ``mask``, with no device read when
+    ``count`` is known (``nonzero`` otherwise)."""
+    flat = mask.flatten()
+    return flat.nonzero().squeeze(1) if count is None else mask_positions(flat, count)
+
+
 @dataclass
 class TokenInput:
     """Discrete token ids (text, DNA).
@@ -94,22 +113,14 @@ class ImageInput:
     hidden_count: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.mask is None or self.mask.device.type != "cpu":
-            return
-        with on_host():
-            count = int(self.mask.sum())
-        if self.hidden_count is None:
-            self.hidden_count = count
-        elif self.hidden_count != count:  # e.g. a new mask given with dataclasses.replace and an old count
-            raise ValueError(f"ImageInput: hidden_count {self.hidden_count} but the mask hides {count} patches")
+        self.hidden_count = _counted_on_host(self.mask, self.hidden_count, "ImageInput")
 
     def hidden_positions(self) -> torch.Tensor:
         """(M,) int64 indices, into the (B * P) patches, of the hidden ones, row-major (the order of
         ``x[mask]``); with ``hidden_count`` known, no device read."""
         if self.mask is None:
             raise ValueError("this image input has no mask, so no hidden patches")
-        flat = self.mask.flatten()
-        return flat.nonzero().squeeze(1) if self.hidden_count is None else mask_positions(flat, self.hidden_count)
+        return _set_positions(self.mask, self.hidden_count)
 
     @property
     def num_images(self) -> int:
@@ -130,12 +141,23 @@ class FeatureInput:
         position_ids: (N_m,) int64 position of each token inside its sequence.
         mask: (N_m,) bool, True = replaced by the learned mask embedding; None = nothing hidden.
         index: (N_m,) stream positions; None = the whole stream in order.
+        hidden_count: how many tokens ``mask`` hides, a host integer (as :class:`ImageInput`'s).
     """
 
     features: torch.Tensor
     position_ids: torch.Tensor
     mask: Optional[torch.Tensor] = None
     index: Optional[torch.Tensor] = None
+    hidden_count: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.hidden_count = _counted_on_host(self.mask, self.hidden_count, "FeatureInput")
+
+    def hidden_positions(self) -> torch.Tensor:
+        """(M,) int64 rows of this input's hidden tokens, in order; with ``hidden_count`` known, no device read."""
+        if self.mask is None:
+            raise ValueError("this feature input has no mask, so no hidden tokens")
+        return _set_positions(self.mask, self.hidden_count)
 
     def embed(self, embedder: nn.Module) -> torch.Tensor:
         """(N_m, d) embeddings."""

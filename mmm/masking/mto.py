@@ -45,7 +45,7 @@ def mask_token_rows(batch: PackedBatch, embedders: Mapping[str, Any]) -> Optiona
         batch: the packed batch.
         embedders: the model's embedders by input name (an image embedder gives its [CLS] count).
     """
-    flags = None
+    flags, hidden = None, 0  # hidden: the rows' count from the inputs' host counts; None once one is unknown
     for name, inp in batch.inputs.items():
         rows = _input_rows(inp, embedders[name] if name in embedders else None)
         if rows is None:
@@ -54,7 +54,9 @@ def mask_token_rows(batch: PackedBatch, embedders: Mapping[str, Any]) -> Optiona
             flags = torch.zeros(batch.num_tokens, dtype=torch.bool, device=rows.device)
         index = getattr(inp, "index", None)
         flags[rows if index is None else index[rows]] = True
-    if flags is None or not bool(flags.any()):
+        count = getattr(inp, "hidden_count", None)
+        hidden = None if hidden is None or count is None else hidden + count
+    if flags is None or hidden == 0 or (hidden is None and not bool(flags.any())):
         return None
     return flags
 
@@ -65,9 +67,12 @@ def _input_rows(inp: Any, embedder: Any) -> Optional[torch.Tensor]:
         if inp.mask is None or inp.drop_masked:
             return None
         prefix = int(getattr(embedder, "num_prefix_tokens", 0))
-        image, patch = inp.mask.nonzero(as_tuple=True)  # mask-token layout: (B, prefix + P), row-major
-        return image * (prefix + inp.mask.shape[1]) + prefix + patch
-    if isinstance(inp, (FeatureInput, RegionInput)):
+        flat = inp.hidden_positions()  # (M,) image * P + patch, row-major; no device read with a host count
+        p = inp.mask.shape[1]
+        return torch.div(flat, p, rounding_mode="floor") * (prefix + p) + prefix + flat % p  # in (B, prefix + P)
+    if isinstance(inp, FeatureInput):
+        return None if inp.mask is None else inp.hidden_positions()
+    if isinstance(inp, RegionInput):
         return None if inp.mask is None else inp.mask.nonzero().squeeze(1)
     return None
 

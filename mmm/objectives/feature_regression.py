@@ -69,11 +69,12 @@ class MaskedFeatureRegression(nn.Module):
         if not isinstance(inp, FeatureInput):
             raise ValueError(f"objective masked_features needs a feature input named {self.modality!r}; the batch has "
                              f"{sorted(batch.inputs)}")
-        if inp.mask is None or not bool(inp.mask.any()):
+        if inp.mask is None or inp.hidden_count == 0 or (inp.hidden_count is None and not bool(inp.mask.any())):
             return zero_output(hidden, self)
         h = hidden if inp.index is None else hidden.index_select(0, inp.index)  # (N_m, d)
-        pred = self.head(h[inp.mask])  # (M, F)
-        target = self.target(inp.features[inp.mask])  # (M, F)
+        rows = inp.hidden_positions()  # (M,) no device read when the count came from the host
+        pred = self.head(h.index_select(0, rows))  # (M, F)
+        target = self.target(inp.features.index_select(0, rows))  # (M, F)
         count = int(target.shape[0])
         # per-token mean squared error, summed; / global token count: exact under DDP (the plain mean on one rank)
         loss_sum = F.mse_loss(pred.float(), target, reduction="sum") / self.feature_dim
