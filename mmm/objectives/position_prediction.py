@@ -25,8 +25,14 @@ from torch import nn
 
 from mmm.batch import FeatureInput, ImageInput, PackedBatch
 from mmm.config import EncoderConfig
+from mmm.core.packing import mask_positions
 from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_output
 from mmm.registry import OBJECTIVES
+
+
+def _rows(keep: torch.Tensor, count: Optional[int]) -> torch.Tensor:
+    """(count,) rows where ``keep`` is True: with the count known on the host, no device read."""
+    return keep.nonzero().squeeze(1) if count is None else mask_positions(keep, count)
 
 
 @OBJECTIVES.register("mp3")
@@ -87,16 +93,20 @@ class PositionPrediction(nn.Module):
             dropped = inp.mask is not None and inp.drop_masked
             layout = inp.mask if dropped else torch.zeros(inp.num_images, self.num_positions, dtype=torch.bool,
                                                             device=inp.pixels.device)
-            idx = visible_patches(layout, self.prefix)  # where each token of the stream came from
+            b, p, hidden = inp.num_images, self.num_positions, inp.hidden_count  # hidden: a host count, or None
+            known = inp.mask is None or hidden is not None
+            tokens = b * (self.prefix + p) - (hidden if dropped else 0) if known else None
+            idx = visible_patches(layout, self.prefix, count=tokens)  # where each token of the stream came from
             keep = idx.patch >= 0  # not [CLS]
             if inp.mask is not None and not dropped:  # mask embeddings carry nothing to locate
                 keep &= ~inp.mask[idx.image, idx.patch.clamp_min(0)]
-            rows = keep.nonzero().squeeze(1)
-            return rows, idx.patch[rows]
+            rows = _rows(keep, b * p - (hidden or 0) if known else None)
+            return rows, idx.patch.index_select(0, rows)
         if isinstance(inp, FeatureInput):
             keep = torch.ones_like(inp.position_ids, dtype=torch.bool) if inp.mask is None else ~inp.mask
-            rows = keep.nonzero().squeeze(1)
-            return rows, inp.position_ids[rows]
+            known = inp.mask is None or inp.hidden_count is not None
+            rows = _rows(keep, keep.shape[0] - (inp.hidden_count or 0) if known else None)
+            return rows, inp.position_ids.index_select(0, rows)
         raise ValueError(f"objective mp3: the {self.modality!r} input is a {type(inp).__name__}, expected image "
                          f"patches or audio features")
 

@@ -124,3 +124,34 @@ def test_an_encoder_without_positions_still_exports_to_timm():
     ref = to_timm_model(enc).eval()
     with torch.no_grad():
         assert torch.allclose(ref.forward_features(images), enc(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["dropped", "mask_tokens", "no_mask", "audio"])
+def test_scored_rows_at_a_host_count_equal_the_boolean_mask_ones(case):
+    """The host's hidden count lets ``scored`` gather at a known size; the rows equal the nonzero path's."""
+    from mmm.host_reads import HostReadDetector
+
+    torch.manual_seed(1)
+    if case == "audio":
+        emb = EMBEDDERS.create("audio", feature_dim=6, dim=D, max_len=12, position="none", dropout=0.0)
+        head = OBJECTIVES.create("mp3", dim=D, embedders={"audio": emb}, encoder_cfg=_enc(), modality="audio")
+        seq = PackedSeqInfo.from_seqlens([6, 4])
+        mask = torch.rand(10) < 0.4
+        batch = PackedBatch(seq, {"audio": FeatureInput(torch.randn(10, 6), seq.position_ids, mask)})
+        inp = batch.inputs["audio"]
+    else:
+        head = _model().objectives["mp3"]
+        mask = None if case == "no_mask" else torch.rand(3, 16) < 0.5
+        if mask is not None:
+            mask[:, 0] = False
+        batch = _batch(torch.randn(3, 3, 16, 16), mask, drop_masked=case == "dropped")
+        inp = batch.inputs["image"]
+    with HostReadDetector() as d:
+        rows, labels = head.scored(batch)
+    assert d.found == []
+    known = inp.hidden_count
+    inp.hidden_count = None  # the path without a host count: boolean masks and nonzero
+    old_rows, old_labels = head.scored(batch)
+    inp.hidden_count = known
+    assert rows.tolist() == old_rows.tolist() and labels.tolist() == old_labels.tolist()
+    assert rows.numel() > 0

@@ -93,7 +93,7 @@ class PatchIndex(NamedTuple):
     patch: torch.Tensor
 
 
-def visible_patches(dropped: torch.Tensor, prefix: int) -> PatchIndex:
+def visible_patches(dropped: torch.Tensor, prefix: int, count: Optional[int] = None) -> PatchIndex:
     """Where each image token an embedder encoded came from: its image and grid cell (−1 for the prefix
     tokens, [CLS]), in stream order. A function of the mask and the prefix length only (as
     :func:`visible_slots`), so a head needs no reference to the embedder.
@@ -101,6 +101,7 @@ def visible_patches(dropped: torch.Tensor, prefix: int) -> PatchIndex:
     Args:
         dropped: (B, P) bool, True = patch not encoded (all False when masked patches are kept as mask tokens).
         prefix: tokens before the patches ([CLS]: 1, else 0).
+        count: the number of encoded tokens, when the caller knows it on the host: then no device read.
     """
     b, p = dropped.shape
     dev = dropped.device
@@ -111,7 +112,10 @@ def visible_patches(dropped: torch.Tensor, prefix: int) -> PatchIndex:
         patch = torch.cat([patch.new_full((b, prefix), -1), patch], dim=1)
         image = torch.cat([image[:, :1].expand(-1, prefix), image], dim=1)
         keep = torch.cat([keep.new_ones(b, prefix), keep], dim=1)
-    return PatchIndex(image[keep], patch[keep])
+    if count is None:
+        return PatchIndex(image[keep], patch[keep])
+    flat = mask_positions(keep.flatten(), count)
+    return PatchIndex(image.flatten().index_select(0, flat), patch.flatten().index_select(0, flat))
 
 
 class PatchEmbed(nn.Module):
