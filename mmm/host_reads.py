@@ -80,6 +80,10 @@ def _conditional(func: Callable, args: Tuple, kwargs: Dict) -> Optional[str]:
             return "repeat_interleave without output_size"
     if func is torch.where and len(args) == 1 and not kwargs:
         return "torch.where(condition) (value-dependent size)"
+    if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") not in (None, "cpu"):
+        data = args[0] if args else kwargs.get("data")
+        if not (isinstance(data, torch.Tensor) and data.device == torch.device(kwargs["device"])):
+            return "Python values copied to a tensor's device (a blocking copy on CUDA)"
     return None
 
 

@@ -2,8 +2,8 @@
 
 CI has no GPU, so ``torch.cuda.set_sync_debug_mode("error")`` never runs there. The detector
 records, on the CPU, each call that would make a CUDA step wait for the host; the per-config test
-pins the places each pretraining config's step still has, so a new one fails the suite, and a
-fixed one must be taken off the list (the list stays true).
+runs one training step of every tiny config under it and fails on any read but the per-step loss
+check.
 """
 import tempfile
 from pathlib import Path
@@ -71,57 +71,23 @@ def test_a_read_is_placed_at_the_innermost_mmm_frame():
     assert d.sites()[0].where.endswith("in visible_slots")
 
 
-# what each tiny config's training step still reads on the host, by (file, function); every step but
-# data2vec's reads nothing but the per-step loss check (mmm.train.step_reads.BY_DESIGN)
-KNOWN = {
-    "audio_d2v_tiny.yaml": {("mmm/objectives/d2v.py", f) for f in ("_hidden_count", "_teacher_layout", "before_scoring",
-                                                                   "current_decay", "predictions", "targets")},
-    "audio_mam_tiny.yaml": set(),
-    "audio_mp3_tiny.yaml": set(),
-    "audio_mto_tiny.yaml": set(),
-    "dna_d2v_tiny.yaml": {("mmm/objectives/d2v.py", f) for f in ("before_scoring", "current_decay", "targets")},
-    "dna_electra_tiny.yaml": set(),
-    "dna_mlm_tiny.yaml": set(),
-    "image_d2v_tiny.yaml": {("mmm/objectives/d2v.py", f) for f in ("_hidden_count", "_teacher_layout", "before_scoring",
-                                                                   "current_decay", "forward", "instance_norm_packed",
-                                                                   "targets")},
-    "image_mae_tiny.yaml": set(),
-    "image_mp3_tiny.yaml": set(),
-    "image_simmim_mto_tiny.yaml": set(),
-    "image_simmim_tiny.yaml": set(),
-    "multimodal_experts_tiny.yaml": set(),
-    "multimodal_tiny.yaml": set(),
-    "text_clm_mlm_tiny.yaml": set(),
-    "text_d2v_tiny.yaml": {("mmm/objectives/d2v.py", f) for f in ("before_scoring", "current_decay", "targets")},
-    "text_drbert_tiny.yaml": set(),
-    "text_electra_gdes_tiny.yaml": set(),
-    "text_electra_tiny.yaml": set(),
-    "text_mlm_lamb_tiny.yaml": set(),
-    "text_mlm_sophia_tiny.yaml": set(),
-    "text_mlm_tiny.yaml": set(),
-    "text_rts_tiny.yaml": set(),
-    "text_slm_tiny.yaml": set(),
-    "vl_itc_soft_tiny.yaml": set(),
-    "vl_lxmert_tiny.yaml": set(),
-    "vl_uniter_tiny.yaml": set(),
-    "vl_uniter_vtok_tiny.yaml": set(),
-}
 NEED_A_TEACHER_RUN = {"dna_distill_tiny.yaml", "text_distill_tiny.yaml"}  # load another run's checkpoint
+TINY = sorted(p.name for p in CONFIGS.glob("*_tiny.yaml") if p.name not in NEED_A_TEACHER_RUN)
 
 
-def test_every_tiny_config_is_listed():
-    assert {p.name for p in CONFIGS.glob("*_tiny.yaml")} == set(KNOWN) | NEED_A_TEACHER_RUN
+def test_the_check_covers_every_other_tiny_config():
+    assert len(TINY) >= 28 and {"text_mlm_tiny.yaml", "image_mae_tiny.yaml", "audio_mam_tiny.yaml",
+                                "vl_uniter_tiny.yaml", "text_d2v_tiny.yaml"} <= set(TINY)
 
 
-@pytest.mark.parametrize("name", sorted(KNOWN))
-def test_host_reads_of_each_tiny_config_training_step(name):
+@pytest.mark.parametrize("name", TINY)
+def test_a_training_step_of_each_tiny_config_reads_nothing_back(name):
+    """Nothing but the per-step loss check (mmm.train.step_reads.BY_DESIGN) in training_step or backward."""
     cfg = load_config(CONFIGS / name, {"data.batch_size": 4, "data.num_workers": 0,
                                        "trainer.default_root_dir": tempfile.mkdtemp(prefix="mmm_syncs_")})
     reads = step_host_reads(cfg)
-    found = {(r.where.split(":")[0], r.where.rsplit(" in ", 1)[-1]) for r in reads.unplanned()}
-    assert found == KNOWN[name], reads.report()
-    assert [r.where.rsplit(" in ", 1)[-1] for r in dict.fromkeys(reads.forward) if r not in reads.unplanned()] \
-        == ["training_step"]  # the loss check, and nothing else by design
+    assert reads.unplanned() == [], reads.report()
+    assert [r.where.rsplit(" in ", 1)[-1] for r in dict.fromkeys(reads.forward)] == ["training_step"]  # the loss check
     assert reads.backward == []
 
 

@@ -62,6 +62,20 @@ _HASH_MODULI = (2_147_483_647, 2_147_483_629)  # two primes below 2**31: ids * w
 _HASH_BASES = (1_000_003, 998_244_353)
 
 
+def powers_mod(base: int, count: int, mod: int, device: torch.device) -> torch.Tensor:
+    """(count,) int64 ``base ** (i + 1) % mod`` for i = 0 … count - 1, computed on ``device`` by
+    square-and-multiply over the exponents' bits (no list of Python values copied over: on CUDA that
+    copy would block). ``mod`` < 2**31, so every product fits in int64."""
+    exponent = torch.arange(1, count + 1, device=device)
+    out = torch.ones(count, dtype=torch.long, device=device)
+    square = base % mod
+    for _ in range(max(count, 1).bit_length()):
+        out = torch.where(exponent % 2 == 1, out * square % mod, out)
+        exponent = exponent // 2
+        square = square * square % mod
+    return out
+
+
 def caption_keys(batch: PackedBatch, text_positions: torch.Tensor, text_input: str = "text") -> torch.Tensor:
     """(B,) int64 key of each caption's token ids (equal ids → equal key; different → different but
     with a ~2**-62 chance), computed on the device without a host sync.
@@ -89,7 +103,7 @@ def caption_keys(batch: PackedBatch, text_positions: torch.Tensor, text_input: s
     ids = torch.where(offset < length[:, None], stream[rows], torch.zeros_like(rows))  # (B, L)
     key = torch.zeros(ids.shape[0], dtype=torch.long, device=device)
     for mod, base in zip(_HASH_MODULI, _HASH_BASES):
-        weights = torch.tensor([pow(base, i + 1, mod) for i in range(width)], dtype=torch.long, device=device)
+        weights = powers_mod(base, width, mod, device)  # (L,) base**(i+1) % mod, made on the device
         h = ((ids % mod) * weights % mod).sum(1) % mod  # (B,) each term < 2**31, the sum < 2**40
         h = (h + length * pow(base, width + 1, mod)) % mod
         key = key * mod + h

@@ -40,7 +40,7 @@ trick) are not implemented.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -80,13 +80,33 @@ def instance_norm_packed(x: torch.Tensor, seq: PackedSeqInfo, eps: float = 1e-5)
         seq: their layout.
         eps: variance floor.
     """
-    lengths = torch.as_tensor(seq.lengths, device=x.device)
-    owner = torch.repeat_interleave(torch.arange(len(seq.lengths), device=x.device), lengths)  # (N,)
+    lengths = seq.cu_seqlens.to(device=x.device, dtype=torch.long).diff()  # (S,) from the layout, no host copy
+    owner = torch.repeat_interleave(torch.arange(len(seq.lengths), device=x.device), lengths,
+                                    output_size=x.shape[0])  # (N,)
     count = lengths.to(x.dtype)[:, None]  # (S, 1)
     mean = x.new_zeros(len(seq.lengths), x.shape[1]).index_add_(0, owner, x) / count  # (S, d)
     centred = x - mean[owner]
     var = x.new_zeros(len(seq.lengths), x.shape[1]).index_add_(0, owner, centred * centred) / count
     return centred * torch.rsqrt(var[owner] + eps)
+
+
+class TeacherState(NamedTuple):
+    """The :class:`EMATeacher` buffers a step branches on, as host values."""
+
+    initialized: bool
+    updates: int
+    uses_modality_vector: bool
+
+
+def _forget_host_state(module: nn.Module, incompatible_keys) -> None:
+    module._host = None
+
+
+def _grid_rows(inp: ImageInput, prefix: int, tokens_per_image: int) -> torch.Tensor:
+    """(M,) rows of the hidden patches in a (B, prefix + P) mask-token layout, mask order."""
+    flat = inp.hidden_positions()  # image * P + patch; no device read with the host count
+    p = inp.mask.shape[1]
+    return torch.div(flat, p, rounding_mode="floor") * tokens_per_image + prefix + flat % p
 
 
 class EMATeacher(nn.Module):
@@ -111,6 +131,8 @@ class EMATeacher(nn.Module):
         self.register_buffer("uses_modality_vector", torch.zeros((), dtype=torch.bool))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._host: Optional[TeacherState] = TeacherState(False, 0, False)  # the buffers' values, on the host
+        self.register_load_state_dict_post_hook(_forget_host_state)  # loaded buffers: read them again once
         self.requires_grad_(False)
         self.float()
         super().train(False)
@@ -126,6 +148,14 @@ class EMATeacher(nn.Module):
             return t.to(device=moved.device, dtype=torch.float32)
 
         return super()._apply(device_only, *args, **kwargs)
+
+    def state(self) -> "TeacherState":
+        """``initialized``, ``updates`` and ``uses_modality_vector`` as host values. Kept in step with the
+        buffers, so a training step reads none of them from the device; read from the buffers once after
+        a checkpoint is loaded into them."""
+        if self._host is None:
+            self._host = TeacherState(bool(self.initialized), int(self.updates), bool(self.uses_modality_vector))
+        return self._host
 
     def tracked(self) -> List[Tuple[str, torch.Tensor]]:
         """(name, tensor) of every weight the EMA moves: embedder and encoder parameters."""
@@ -146,6 +176,8 @@ class EMATeacher(nn.Module):
             self.modality_vector.copy_(modality_vector.detach().float())
             self.uses_modality_vector.fill_(True)
         self.initialized.fill_(True)
+        self._host = self.state()._replace(initialized=True, uses_modality_vector=self.state().uses_modality_vector
+                                           or modality_vector is not None)
 
     @torch.no_grad()
     def ema_from(self, student: List[torch.Tensor], modality_vector: Optional[torch.Tensor], decay: float) -> None:
@@ -158,6 +190,7 @@ class EMATeacher(nn.Module):
         torch._foreach_mul_(teacher, decay)
         torch._foreach_add_(teacher, source, alpha=1.0 - decay)
         self.updates += 1
+        self._host = self.state()._replace(updates=self.state().updates + 1)
 
 
 class StreamDecoder(nn.Module):
@@ -199,10 +232,17 @@ class GridDecoder(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(N_visible, d) encodings and the (B, P) mask → (M, d) predictions at the hidden patches (mask order)."""
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, hidden_rows: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """(N_visible, d) encodings and the (B, P) mask → (M, d) predictions at the hidden patches (mask order).
+
+        ``hidden_rows``: the hidden patches' (M,) indices into the B * P grid, when known
+        (:meth:`~mmm.batch.ImageInput.hidden_positions`); else they are found from the mask.
+        """
         out = decode_grid(self.embed(hidden), mask, self.prefix, self.mask_token, self.pos, self.blocks)  # (B, P, w)
-        return self.proj(out[mask])  # (M, d)
+        if hidden_rows is None:
+            return self.proj(out[mask])  # (M, d)
+        return self.proj(out.flatten(0, 1).index_select(0, hidden_rows))  # (M, d)
 
 
 @OBJECTIVES.register("d2v")
@@ -288,17 +328,17 @@ class SelfDistillation(nn.Module):
 
     def current_decay(self) -> float:
         """The decay the next EMA update uses."""
-        return ema_decay_at(int(self.teacher.updates), self.ema_decay, self.ema_end_decay, self.ema_anneal_steps)
+        return ema_decay_at(self.teacher.state().updates, self.ema_decay, self.ema_end_decay, self.ema_anneal_steps)
 
     def before_scoring(self, model: nn.Module, batch: PackedBatch) -> None:
         """Fill the teacher with the student at the first batch of this head's modality (called by the
         model before each pass this head scores; after any warm start, before any optimizer step)."""
-        if self.modality in batch.inputs and not bool(self.teacher.initialized):
+        if self.modality in batch.inputs and not self.teacher.state().initialized:
             self.sync_teacher(model)
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Move the teacher towards the student (called by the model after every optimizer step)."""
-        if not bool(self.teacher.initialized):
+        if not self.teacher.state().initialized:
             self.sync_teacher(model)
             return
         named, vector = self._student(model)
@@ -318,7 +358,7 @@ class SelfDistillation(nn.Module):
             x = teacher.embedder(inp.features.float(), inp.position_ids, None)
         else:
             x, _ = teacher.embedder(inp.pixels.float())  # (B*T, d) every patch
-        if bool(teacher.uses_modality_vector):
+        if teacher.state().uses_modality_vector:
             x = x + teacher.modality_vector.to(x.dtype)
         layers = teacher.encoder.block_outputs(x, seq, modality=self.expert)[-self.top_k:]
         total = None
@@ -338,11 +378,11 @@ class SelfDistillation(nn.Module):
         if isinstance(inp, TokenInput):
             return batch.targets[self.modality].positions, batch.seq
         if isinstance(inp, FeatureInput):
-            return inp.mask.nonzero().squeeze(1), batch.seq
+            return inp.hidden_positions(), batch.seq
         emb = self.teacher.embedder
         b, t = inp.num_images, emb.num_prefix_tokens + emb.num_patches
-        image, patch = inp.mask.nonzero(as_tuple=True)  # row-major = the order of pixels[mask]
-        return image * t + emb.num_prefix_tokens + patch, PackedSeqInfo.from_seqlens([t] * b, device=inp.mask.device)
+        return (_grid_rows(inp, emb.num_prefix_tokens, t),  # row-major = the order of pixels[mask]
+                PackedSeqInfo.from_seqlens([t] * b, device=inp.mask.device))
 
     # ------------------------------------------------------------------ the student
 
@@ -351,7 +391,9 @@ class SelfDistillation(nn.Module):
         if isinstance(inp, TokenInput):
             t = batch.targets.get(self.modality)
             return 0 if t is None else int(t.positions.numel())
-        return 0 if inp.mask is None else int(inp.mask.sum())
+        if inp.mask is None:
+            return 0
+        return int(inp.mask.sum()) if inp.hidden_count is None else inp.hidden_count
 
     def predictions(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """(M, d) the student's predictions at the hidden positions (same order as :meth:`targets`)."""
@@ -360,13 +402,12 @@ class SelfDistillation(nn.Module):
             if self.grid_decoder is None:
                 raise ValueError("objective d2v: drop-masked images (model.image.drop_masked: true) need a decoder "
                                  "over the grid; set decoder_depth >= 1")
-            return self.grid_decoder(hidden, inp.mask)
+            return self.grid_decoder(hidden, inp.mask, inp.hidden_positions())
         if isinstance(inp, ImageInput):
-            t = self.teacher.embedder.num_prefix_tokens + self.teacher.embedder.num_patches
-            image, patch = inp.mask.nonzero(as_tuple=True)
-            positions = image * t + self.teacher.embedder.num_prefix_tokens + patch
+            emb = self.teacher.embedder
+            positions = _grid_rows(inp, emb.num_prefix_tokens, emb.num_prefix_tokens + emb.num_patches)
         elif isinstance(inp, FeatureInput):
-            positions = inp.mask.nonzero().squeeze(1)
+            positions = inp.hidden_positions()
         else:
             positions = batch.targets[self.modality].positions
         return self.decoder(hidden, batch.seq, positions)
@@ -386,5 +427,5 @@ class SelfDistillation(nn.Module):
         else:
             loss_sum = F.smooth_l1_loss(pred, target, reduction="sum", beta=self.loss_beta) / d
         metrics = {"target_var": target.var(0).mean().detach(), "pred_var": pred.detach().var(0).mean(),
-                   "ema_decay": torch.tensor(self.current_decay(), device=pred.device)}
+                   "ema_decay": pred.new_full((), self.current_decay())}
         return ObjectiveOutput(global_mean(loss_sum, count, in_lockstep(self)), metrics, count)

@@ -105,3 +105,15 @@ def test_mean_pool():
     tokens = torch.arange(10.0).view(5, 2)
     pooled = mean_pool(tokens, torch.tensor([2, 0, 2, 0, 2]), 4)
     assert pooled.tolist() == [[4.0, 5.0], [0.0, 0.0], [4.0, 5.0], [0.0, 0.0]]
+
+
+def test_powers_mod_match_python_and_copy_nothing_to_the_device():
+    from mmm.host_reads import HostReadDetector
+    from mmm.objectives.contrastive import _HASH_BASES, _HASH_MODULI, powers_mod
+
+    for base, mod in zip(_HASH_BASES, _HASH_MODULI):
+        for count in (0, 1, 2, 7, 128, 513):
+            with HostReadDetector() as d:
+                got = powers_mod(base, count, mod, torch.device("cpu"))
+            assert d.found == []
+            assert got.tolist() == [pow(base, i + 1, mod) for i in range(count)]

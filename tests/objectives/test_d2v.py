@@ -341,3 +341,24 @@ def test_a_teacher_of_an_encoder_with_modality_experts_copies_and_routes_them():
         for p in head.teacher.encoder.blocks[0].mlp.experts[1].parameters():
             p.add_(1.0)
     assert not torch.allclose(head.targets(batch), target)
+
+
+def test_teacher_state_is_kept_on_the_host_and_read_again_after_a_load():
+    """A step branches on the teacher's buffers through host copies (no device read); a loaded state
+    dict (a resumed run) replaces them, so they are read from the loaded buffers once."""
+    from mmm.host_reads import HostReadDetector
+    from mmm.objectives.d2v import TeacherState
+
+    model, batch = _text_model(), _text_batch()
+    head = model.objectives["d2v"]
+    assert head.teacher.state() == TeacherState(False, 0, False)
+    with HostReadDetector() as d:
+        model(batch)[0].backward()
+        model.after_optimizer_step()
+        model.after_optimizer_step()
+    assert d.found == []
+    assert head.teacher.state() == TeacherState(True, 2, bool(head.teacher.uses_modality_vector))
+    assert int(head.teacher.updates) == 2 and bool(head.teacher.initialized)
+    fresh = _text_model(seed=1)
+    fresh.load_state_dict(model.state_dict())  # the parent's load reaches the teacher's hook
+    assert fresh.objectives["d2v"].teacher.state() == head.teacher.state()
