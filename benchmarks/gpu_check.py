@@ -6,9 +6,10 @@ leaves what it measured):
 1. ``tests`` — the ``gpu``-marked tests (xformers vs SDPA vs math in fp32 and bf16, forward and
    backward; the blocked ALiBi path; the uniform xformers layout; a sync-free encoder step), run
    with pytest in a subprocess.
-2. ``sync`` — one mmm MLM training step (forward in bf16 autocast, backward, fused AdamW) under
-   ``torch.cuda.set_sync_debug_mode("error")`` once the batch is on the device: any host sync
-   inside the step raises, and the report quotes where (:func:`sync_free_step`).
+2. ``sync`` — mmm MLM and MAE training steps (forward in bf16 autocast, backward, fused AdamW) under
+   ``torch.cuda.set_sync_debug_mode("error")`` and :class:`mmm.host_reads.HostReadDetector` once the
+   batch is on the device: any host sync inside the step fails it, and the report quotes where
+   (:func:`sync_free_step`, :func:`sync_free_mae_step`).
 3. ``mfu`` — BERT-base MLM bf16 training step, mmm (packed, xformers) and HF ``BertForMaskedLM``
    (padded, SDPA), at sequence lengths 128 and 512: real tokens/s and MFU
    (:func:`benchmarks.mfu.measure_mlm_step`).
@@ -91,16 +92,46 @@ def sync_debug_errors(device: torch.device) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(before)
 
 
+def _checked_steps(device: torch.device, model: torch.nn.Module, batch: Any, opt: Any, steps: int) -> Dict[str, Any]:
+    """Training steps (bf16 autocast on CUDA, backward, optimizer) of ``model`` on ``batch``; every
+    step after the first runs under CUDA's sync debug mode and :class:`mmm.host_reads.HostReadDetector`
+    (the CPU stand-in: on a machine without CUDA the check is that one). Returns ``{"ok": True,
+    "loss": ...}`` or ``{"ok": False, "error": ..., "where": ...}`` with the innermost mmm frame."""
+    from mmm.host_reads import HostReadDetector
+
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> torch.Tensor:
+        with amp:
+            loss = model(batch)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step()  # allocator and kernel warm-up, optimizer state: outside the check
+    backend = model.encoder.backend_for(device)
+    try:
+        with sync_debug_errors(device), HostReadDetector() as reads:
+            for _ in range(max(1, steps - 1)):
+                loss = step()
+    except RuntimeError as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "/mmm/" in f.filename]
+        where = f"{frames[-1].filename.split('/mmm/', 1)[-1]}:{frames[-1].lineno} {frames[-1].line}" if frames else "?"
+        return {"ok": False, "error": str(e).splitlines()[0][:300], "where": where, "backend": backend}
+    if reads.found:
+        first = reads.sites()[0]
+        return {"ok": False, "error": f"host read: {first.what} ({len(reads.sites())} place(s))", "where": first.where,
+                "backend": backend}
+    return {"ok": True, "loss": float(loss), "backend": backend, "device": str(device)}
+
+
 def sync_free_step(device: torch.device, preset: str = "base", overrides: Optional[Dict[str, Any]] = None,
                    attention: str = "auto", steps: int = 2) -> Dict[str, Any]:
-    """mmm MLM training steps with every host sync turned into an error once the batch is on ``device``.
-
-    The first step runs outside the check (allocator and kernel warm-up, optimizer state); the
-    next ``steps - 1`` run inside it. Returns ``{"ok": True, "loss": ...}`` or ``{"ok": False,
-    "error": ..., "where": ...}`` with the innermost mmm frame that synced.
+    """mmm MLM training steps with every host sync an error once the batch is on ``device`` (:func:`_checked_steps`).
 
     Args:
-        device: where to run (the check is a no-op on CPU; the step still runs).
+        device: where to run (on CPU the host-read detector is the check).
         preset: ``benchmarks.text_mlm_step`` preset.
         overrides: its fields to change (tests shrink the model).
         attention: mmm attention backend.
@@ -114,29 +145,29 @@ def sync_free_step(device: torch.device, preset: str = "base", overrides: Option
     model = tms.build_mmm(cfg, 0)
     model.encoder.cfg = replace(model.encoder.cfg, attention=attention)
     model.to(device).train()
-    opt = tms.mmm_optimizer(model)
-    batch = packed.to(device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return _checked_steps(device, model, packed.to(device), tms.mmm_optimizer(model), steps)
 
-    def step() -> torch.Tensor:
-        with amp:
-            loss = model(batch)[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
 
-    step()
-    try:
-        with sync_debug_errors(device):
-            for _ in range(max(1, steps - 1)):
-                loss = step()
-    except RuntimeError as e:
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if "/mmm/" in f.filename]
-        where = f"{frames[-1].filename.split('/mmm/', 1)[-1]}:{frames[-1].lineno} {frames[-1].line}" if frames else "?"
-        return {"ok": False, "error": str(e).splitlines()[0][:300], "where": where,
-                "backend": model.encoder.backend_for(device)}
-    return {"ok": True, "loss": float(loss), "backend": model.encoder.backend_for(device), "device": str(device)}
+def sync_free_mae_step(device: torch.device, preset: str = "base", batch: int = 64,
+                       overrides: Optional[Dict[str, Any]] = None, steps: int = 2) -> Dict[str, Any]:
+    """The same check for an MAE training step (visible patches gathered in the embedder, hidden ones in the head).
+
+    Args:
+        device: where to run.
+        preset: ``benchmarks.image_mae_step`` preset.
+        batch: images per step.
+        overrides: preset fields to change (tests shrink the model).
+        steps: steps in all (≥ 2).
+    """
+    from benchmarks import image_mae_step as ims
+
+    cfg = replace(ims.PRESETS[preset], batch=batch, **(overrides or {}))
+    b = ims.make_batches(cfg, 0)
+    packed = b.drop.pin_memory() if device.type == "cuda" else b.drop
+    model = ims.build_mmm(cfg, 0)
+    model.encoder.cfg = replace(model.encoder.cfg, attention="auto")
+    model.to(device).train()
+    return _checked_steps(device, model, packed.to(device), ims.mmm_optimizer(model), steps)
 
 
 def mae_step(device: torch.device, preset: str = "base", batch: int = 64, steps: int = 5, warmup: int = 2,
@@ -215,11 +246,14 @@ def section_sync(device: torch.device, budget_s: float, sizes: Sizes) -> str:
     rows = []
     for attention in sorted({_attention_for(device), "sdpa"}, reverse=True):
         r = sync_free_step(device, sizes.bert_preset, sizes.bert_overrides, attention=attention, steps=3)
-        rows.append(f"| {r['backend']} | {'no host sync' if r['ok'] else 'SYNC: ' + r['error']} | "
+        rows.append(f"| {_bert(sizes)} MLM | {r['backend']} | {'no host sync' if r['ok'] else 'SYNC: ' + r['error']} | "
                     f"{'' if r['ok'] else r['where']} |")
-    return "\n".join([f"{_bert(sizes)} MLM step (bf16 autocast, fused AdamW) with the batch already on the device, under "
-                      "`torch.cuda.set_sync_debug_mode(\"error\")`.", "", "| attention | result | where |",
-                      "|---|---|---|", *rows])
+    r = sync_free_mae_step(device, sizes.mae_preset, min(sizes.mae_batch, 8), sizes.mae_overrides, steps=3)
+    rows.append(f"| MAE ({sizes.mae_preset}) | {r['backend']} | {'no host sync' if r['ok'] else 'SYNC: ' + r['error']} "
+                f"| {'' if r['ok'] else r['where']} |")
+    return "\n".join(["Training steps (bf16 autocast, fused AdamW) with the batch already on the device, under "
+                      "`torch.cuda.set_sync_debug_mode(\"error\")` and mmm's host-read detector.", "",
+                      "| step | attention | result | where |", "|---|---|---|---|", *rows])
 
 
 def section_mfu(device: torch.device, budget_s: float, sizes: Sizes) -> str:

@@ -57,3 +57,9 @@ def test_every_section_runs_at_smoke_size_on_cpu(tmp_path):
     assert "no host sync" in report  # the check is a no-op on CPU, but the step ran
     assert "| 32 | mmm |" in report and "| 32 | hf |" in report  # MFU rows (n/a on CPU)
     assert "images/s" in report and "sdpa_padded" in report and "| 16 | sdpa (blocked) |" in report
+
+
+def test_sync_free_mae_step_runs_on_cpu_under_the_host_read_detector():
+    r = gpu_check.sync_free_mae_step(torch.device("cpu"), "small", batch=4, overrides=TINY_MAE, steps=2)
+    assert r["ok"], r
+    assert torch.isfinite(torch.tensor(r["loss"]))
