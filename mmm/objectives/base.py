@@ -74,7 +74,7 @@ def global_mean(loss_sum: torch.Tensor, count: int, sync: bool = True) -> torch.
     """
     dist = torch.distributed
     if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        total = torch.tensor(float(count), device=loss_sum.device)
+        total = loss_sum.new_full((), float(count), dtype=torch.float32)  # a fill: no host-to-device copy
         dist.all_reduce(total)
         denominator = total / dist.get_world_size()
         return loss_sum / denominator.clamp_min(1e-12)  # no prediction on any rank: loss_sum is 0 too
