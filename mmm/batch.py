@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -103,7 +103,9 @@ class ImageInput:
         index: (N_m,) stream positions; None = the whole stream in order.
         hidden_count: how many patches ``mask`` hides, a host integer; counted on construction when the
             mask is on the host (the collator), and kept when the batch moves to a GPU, so the model can
-            gather hidden or visible patches there without reading the mask back.
+            gather hidden or visible patches there without reading the mask back. A mask already on a GPU
+            is not recounted: when you build or replace one there, give its true count or None (then the
+            count is read back), since a wrong count gathers the wrong rows.
     """
 
     pixels: torch.Tensor
@@ -244,6 +246,9 @@ class PairTargets:
         text_pair: (T,) int64 pair index of each of those text tokens.
         image_positions: (R,) int64 stream positions of the image tokens (regions or patches, no CLS).
         image_pair: (R,) int64 pair index of each of those image tokens.
+        longest: the most text and the most image tokens of one pair, host integers: counted on
+            construction while the tensors are on the host and kept when the batch moves, so WRA pads
+            its per-pair sets with no device read.
     """
 
     cls_positions: torch.Tensor
@@ -252,6 +257,13 @@ class PairTargets:
     text_pair: torch.Tensor
     image_positions: torch.Tensor
     image_pair: torch.Tensor
+    longest: Optional[Tuple[int, int]] = None
+
+    def __post_init__(self) -> None:
+        if self.longest is None and self.text_pair.device.type == "cpu" and self.image_pair.device.type == "cpu":
+            with on_host():
+                self.longest = tuple(int(torch.bincount(p, minlength=1).max()) if p.numel() else 0
+                                     for p in (self.text_pair, self.image_pair))
 
     @property
     def count(self) -> int:

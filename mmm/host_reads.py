@@ -48,6 +48,9 @@ _READS: Dict[Callable, str] = {
     torch.allclose: "torch.allclose (returns a Python bool)",
     torch.bincount: "bincount (its size depends on the largest value)",
     torch.Tensor.bincount: "bincount (its size depends on the largest value)",
+    torch.Tensor.cpu: "Tensor.cpu() (a copy to the host)",
+    torch.is_nonzero: "torch.is_nonzero (returns a Python bool)",
+    torch.Tensor.new_tensor: "Tensor.new_tensor(values) (a blocking copy on CUDA)",
 }
 
 
@@ -74,10 +77,16 @@ def _conditional(func: Callable, args: Tuple, kwargs: Dict) -> Optional[str]:
     """The name of a host read that only some arguments of ``func`` make, or None."""
     if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1 and _has_bool_tensor(args[1]):
         return "boolean-mask indexing (value-dependent size)"
+    if func in (torch.Tensor.index_put, torch.Tensor.index_put_) and len(args) > 1 and _has_bool_tensor(tuple(args[1])):
+        return "boolean-mask indexing (value-dependent size)"
     if func in (torch.Tensor.repeat_interleave, torch.repeat_interleave):
-        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
-        if isinstance(repeats, torch.Tensor) and repeats.numel() > 1 and kwargs.get("output_size") is None:
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats", args[0] if func is torch.repeat_interleave else None)
+        if isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None:
             return "repeat_interleave without output_size"
+    if func is torch.Tensor.to and "cpu" in (*[a for a in args[1:] if isinstance(a, str)], kwargs.get("device")):
+        return "Tensor.to('cpu') (a copy to the host)"  # the string only: in a CPU run a tensor's device is the CPU too
+    if func is torch.nn.functional.one_hot and (args[1] if len(args) > 1 else kwargs.get("num_classes", -1)) == -1:
+        return "one_hot without num_classes (its size depends on the largest value)"
     if func is torch.where and len(args) == 1 and not kwargs:
         return "torch.where(condition) (value-dependent size)"
     if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") not in (None, "cpu"):

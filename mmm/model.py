@@ -13,7 +13,7 @@ from torch import nn
 
 from mmm.batch import PackedBatch
 from mmm.config import ModelConfig, ObjectiveConfig
-from mmm.core.encoder import TransformerEncoder
+from mmm.core.encoder import TokenModality, TransformerEncoder
 from mmm.core.output_rows import OutputRows
 from mmm.host_reads import on_host
 from mmm.masking.mto import encode_with_mto, mask_token_rows
@@ -84,9 +84,10 @@ class MaskedModel(nn.Module):
             x = x.index_copy(0, index, part)
         return x
 
-    def token_modalities(self, batch: PackedBatch) -> Union[int, torch.Tensor]:
+    def token_modalities(self, batch: PackedBatch) -> Union[int, TokenModality]:
         """Each token's modality index (the embedders' order): an int when one modality fills the
-        stream, else (N,) int64 (what the encoder's modality experts route by)."""
+        stream, else a :class:`~mmm.core.encoder.TokenModality` — (N,) int64 and each index's token
+        count from the inputs' sizes (what the encoder's modality experts route by, with no device read)."""
         names = list(batch.inputs)
         if len(names) == 1 and batch.inputs[names[0]].index is None:
             return self.modality_ids[names[0]]
@@ -96,7 +97,10 @@ class MaskedModel(nn.Module):
             if index is None:
                 raise ValueError("a batch with several modality inputs must give each one its stream index")
             ids = ids.index_fill(0, index, self.modality_ids[name])
-        return ids
+        counts = [0] * max(self.encoder.experts, max(self.modality_ids.values()) + 1)
+        for name in names:
+            counts[self.modality_ids[name]] += batch.inputs[name].index.shape[0]
+        return TokenModality(ids, tuple(counts))
 
     def output_rows(self, batch: PackedBatch, heads: Optional[Sequence[str]] = None) -> Optional[OutputRows]:
         """The rows of ``batch`` whose final hidden states ``heads`` (default: :meth:`heads_for`) read, for

@@ -82,10 +82,12 @@ def test_the_check_covers_every_other_tiny_config():
 
 @pytest.mark.parametrize("name", TINY)
 def test_a_training_step_of_each_tiny_config_reads_nothing_back(name):
-    """Nothing but the per-step loss check (mmm.train.step_reads.BY_DESIGN) in training_step or backward."""
+    """Nothing but the per-step loss check (mmm.train.step_reads.BY_DESIGN) in training_step or backward,
+    for one batch of each task of a multi-task config."""
     cfg = load_config(CONFIGS / name, {"data.batch_size": 4, "data.num_workers": 0,
                                        "trainer.default_root_dir": tempfile.mkdtemp(prefix="mmm_syncs_")})
     reads = step_host_reads(cfg)
+    assert sorted(reads.tasks) == sorted(t.name for t in cfg.tasks) or reads.tasks == [""]  # a batch of every task
     assert reads.unplanned() == [], reads.report()
     assert [r.where.rsplit(" in ", 1)[-1] for r in dict.fromkeys(reads.forward)] == ["training_step"]  # the loss check
     assert reads.backward == []
@@ -201,3 +203,17 @@ def test_image_input_refuses_a_stale_hidden_count():
     with pytest.raises(ValueError, match="ImageInput: hidden_count 1 but the mask hides 3"):
         dataclasses.replace(inp, mask=torch.tensor([[True, True, True, False]]))
     assert dataclasses.replace(inp, pixels=torch.ones(1, 3, 8, 8)).hidden_count == 1  # moves and copies keep it
+
+
+def test_copies_to_the_host_and_other_hidden_reads_are_recorded():
+    x, reps = torch.randn(4), torch.tensor([2, 1])
+    assert _reads(lambda: x.cpu()) == ["Tensor.cpu() (a copy to the host)"]
+    assert _reads(lambda: x.to("cpu")) == ["Tensor.to('cpu') (a copy to the host)"]
+    assert _reads(lambda: x.to(torch.float64)) == []
+    assert _reads(lambda: torch.nn.functional.one_hot(reps)) == [
+        "one_hot without num_classes (its size depends on the largest value)"]
+    assert _reads(lambda: torch.nn.functional.one_hot(reps, 3)) == []
+    assert _reads(lambda: torch.repeat_interleave(reps)) == ["repeat_interleave without output_size"]
+    assert _reads(lambda: x.new_tensor([1.0])) == ["Tensor.new_tensor(values) (a blocking copy on CUDA)"]
+    assert _reads(lambda: x.clone().index_put_((x > 0,), torch.tensor(0.0))) == [
+        "boolean-mask indexing (value-dependent size)"]

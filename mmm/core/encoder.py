@@ -10,7 +10,7 @@ sequence, in every attention backend (for causal language modelling, e.g. a CLM 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from mmm.config import EncoderConfig
 from mmm.core.attention import FlexContext, flex_context, resolve_backend
 from mmm.core.dropout import Dropout
 from mmm.core.output_rows import OutputRows, attend_rows
-from mmm.core.packing import LongestFirst, PackedSeqInfo
+from mmm.core.packing import LongestFirst, PackedSeqInfo, mask_positions
 from mmm.core.position import RELATIVE_POSITIONS, ALiBi, Rotary, apply_rotary, rotate
 from mmm.registry import ATTENTION_BACKENDS
 
@@ -29,6 +29,22 @@ _GATES = {"glu": torch.sigmoid, "geglu": F.gelu, "swiglu": F.silu}
 RopeTables = Tuple[torch.Tensor, torch.Tensor]  # rotary (cos, sin), each (N, 1, D), from Rotary.tables
 AttentionBias = Union[None, ALiBi, FlexContext]  # what the backend applies (the flex backend's per-batch context)
 Route = Union[None, int, List[torch.Tensor]]  # modality experts: one expert for all tokens, or each expert's token rows
+
+
+class TokenModality(NamedTuple):
+    """Each token's modality index with every expert's token count, counted on the host (the inputs'
+    sizes): the experts' rows are then found with no device read (:meth:`TransformerEncoder.route`)."""
+
+    ids: torch.Tensor  # (N,) int64
+    counts: Tuple[int, ...]  # tokens of each modality index
+
+
+def _pick(modality, index: torch.Tensor, keeps_counts: bool):
+    """``modality`` at the rows ``index``: a permutation keeps a :class:`TokenModality`'s counts, a subset does not."""
+    if isinstance(modality, TokenModality):
+        ids = modality.ids.index_select(0, index)
+        return modality._replace(ids=ids) if keeps_counts else ids
+    return modality.index_select(0, index) if isinstance(modality, torch.Tensor) else modality
 
 
 class SelfAttention(nn.Module):
@@ -204,11 +220,16 @@ class TransformerEncoder(nn.Module):
             return name
         return resolve_backend(self.cfg.attention, device, has_bias=self.alibi is not None)
 
-    def route(self, modality: Union[None, int, torch.Tensor]) -> Route:
+    def route(self, modality: Union[None, int, torch.Tensor, TokenModality]) -> Route:
         """What the blocks' modality experts read: None without experts, else one expert index or,
-        for a (N,) tensor of per-token modality indices, each expert's rows (computed once per batch)."""
+        for a (N,) tensor of per-token modality indices, each expert's rows (computed once per batch;
+        with a :class:`TokenModality`'s host counts, without a device read)."""
         if not self.experts:
             return None
+        if isinstance(modality, TokenModality):
+            if len(modality.counts) != self.experts:
+                raise ValueError(f"{len(modality.counts)} modality token counts for {self.experts} experts")
+            return [mask_positions(modality.ids == k, n) for k, n in enumerate(modality.counts)]
         if modality is None:
             raise ValueError(f"this encoder has {self.experts} modality experts: pass each token's modality index "
                              f"(an int for a single-modality stream, or an (N,) tensor)")
@@ -252,8 +273,7 @@ class TransformerEncoder(nn.Module):
             return x.index_select(0, rows.index)
         if rope is None and self.rotary is not None:
             rope = self.rotary.tables(seq.position_ids)
-        if isinstance(modality, torch.Tensor):
-            modality = modality.index_select(0, rows.index)
+        modality = _pick(modality, rows.index, keeps_counts=False)
         backend = self.backend_for(x.device)  # unused by the rows path; the call goes through the block's wrappers
         return self.blocks[-1](x, seq, backend, self.alibi, rope, self.route(modality), causal, rows=rows)
 
@@ -269,8 +289,7 @@ class TransformerEncoder(nn.Module):
         order = seq.longest_first if backend == "sdpa" else None
         if order is not None:
             x, seq = x.index_select(0, order.gather), order.layout  # (N, d) longest first
-            if isinstance(modality, torch.Tensor):
-                modality = modality.index_select(0, order.gather)
+            modality = _pick(modality, order.gather, keeps_counts=True)
         rope = self.rotary.tables(seq.position_ids) if self.rotary is not None else None  # once per batch
         bias = flex_context(seq, self.alibi, causal) if backend == "flex" else self.alibi  # block mask once per batch
         return x, seq, order, (backend, bias, rope, self.route(modality), causal)

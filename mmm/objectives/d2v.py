@@ -170,14 +170,15 @@ class EMATeacher(nn.Module):
             diff = sorted(set(n for n, _ in mine) ^ set(n for n, _ in student))[:6]
             raise ValueError(f"objective d2v: the teacher's weights do not mirror the student's (differing: {diff}); "
                              f"the teacher copies a plain embedder + encoder")
+        before = self.state()  # read before the buffers change
         for (_, t), (_, s) in zip(mine, student):
             t.copy_(s.detach().float())
         if modality_vector is not None:
             self.modality_vector.copy_(modality_vector.detach().float())
             self.uses_modality_vector.fill_(True)
         self.initialized.fill_(True)
-        self._host = self.state()._replace(initialized=True, uses_modality_vector=self.state().uses_modality_vector
-                                           or modality_vector is not None)
+        self._host = before._replace(initialized=True,
+                                     uses_modality_vector=before.uses_modality_vector or modality_vector is not None)
 
     @torch.no_grad()
     def ema_from(self, student: List[torch.Tensor], modality_vector: Optional[torch.Tensor], decay: float) -> None:
@@ -188,9 +189,10 @@ class EMATeacher(nn.Module):
             teacher.append(self.modality_vector)
             source.append(modality_vector.detach().float())
         torch._foreach_mul_(teacher, decay)
+        before = self.state()  # read before the buffer moves (after a load the mirror is read from the buffers)
         torch._foreach_add_(teacher, source, alpha=1.0 - decay)
         self.updates += 1
-        self._host = self.state()._replace(updates=self.state().updates + 1)
+        self._host = before._replace(updates=before.updates + 1)
 
 
 class StreamDecoder(nn.Module):

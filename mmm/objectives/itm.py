@@ -74,8 +74,11 @@ class ImageTextMatching(nn.Module):
     def wra(self, hidden: torch.Tensor, t: PairTargets) -> torch.Tensor:
         """(B,) OT distance between each pair's text-token and image-token hidden states."""
         b = t.count
-        text, text_mask = pad_by_group(hidden.index_select(0, t.text_positions).float(), t.text_pair, b)  # (B, n, d)
-        image, image_mask = pad_by_group(hidden.index_select(0, t.image_positions).float(), t.image_pair, b)  # (B, m, d)
+        text_len, image_len = t.longest if t.longest is not None else (None, None)  # host counts: no device read
+        text, text_mask = pad_by_group(hidden.index_select(0, t.text_positions).float(), t.text_pair, b,
+                                       text_len)  # (B, n, d)
+        image, image_mask = pad_by_group(hidden.index_select(0, t.image_positions).float(), t.image_pair, b,
+                                         image_len)  # (B, m, d)
         cost = cosine_cost(text, image)  # (B, n, m)
         distance, _ = ot_distance(cost, text_mask, image_mask, **self.ot_args)  # (B,)
         return distance
@@ -107,8 +110,7 @@ class ImageTextMatching(nn.Module):
         metrics = {"acc": (logits.detach().argmax(-1) == t.labels).float().mean()}
         if self.wra_weight > 0:
             distance = self.wra(hidden, t)  # (B,)
-            positive = t.labels == 1
-            ot_sum = distance[positive].sum() - distance[~positive].sum()
+            ot_sum = torch.where(t.labels == 1, distance, -distance).sum()  # matched pairs closer, others farther
             loss_sum = loss_sum + self.wra_weight * ot_sum
             metrics["wra"] = (ot_sum / t.count).detach()
         # summed over this rank's pairs / global pair count: exact under DDP (the mean over pairs on one rank)

@@ -12,26 +12,31 @@ Everything runs batched over padded problems with masks; padded rows/columns get
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 
-def pad_by_group(x: torch.Tensor, group: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def pad_by_group(x: torch.Tensor, group: torch.Tensor, num_groups: int,
+                 longest: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scatter rows into a padded per-group tensor, keeping their order inside each group.
 
     Args:
         x: (K, D) rows.
         group: (K,) int64 group of each row (0 ≤ group < num_groups; any order).
         num_groups: G.
+        longest: the largest group's size when the host knows it (then no device read); else it is read.
 
     Returns:
         ``(padded (G, L, D), mask (G, L) bool)`` with L the largest group (at least 1); ``mask``
         is True at real rows.
     """
-    counts = torch.bincount(group, minlength=num_groups)  # (G,)
-    length = max(int(counts.max()) if group.numel() else 0, 1)
+    counts = torch.zeros(num_groups, dtype=torch.long, device=group.device).index_add_(
+        0, group, torch.ones_like(group))  # (G,) rows per group
+    if longest is None:
+        longest = int(counts.max()) if group.numel() else 0
+    length = max(longest, 1)
     order = torch.argsort(group, stable=True)  # rows grouped, original order inside a group
     starts = torch.cumsum(counts, 0) - counts  # (G,)
     g_sorted = group[order]

@@ -80,10 +80,12 @@ def test_the_model_routes_by_the_packed_batchs_modality_ids():
     seq = PackedSeqInfo.from_seqlens([8])
     batch = PackedBatch(seq, {"text": TokenInput(torch.tensor([1, 5, 2]), torch.arange(3), torch.arange(3)),
                               "image": ImageInput(torch.randn(1, 3, 8, 8), index=torch.arange(3, 8))})
-    ids = model.token_modalities(batch)
-    assert torch.equal(ids, torch.tensor([0, 0, 0, 1, 1, 1, 1, 1]))
+    routed = model.token_modalities(batch)
+    ids = routed.ids
+    assert torch.equal(ids, torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])) and routed.counts == (3, 5)  # counts from the host
     with torch.no_grad():
         assert torch.allclose(model.encode(batch), model.encoder(model.embed(batch), seq, modality=ids), atol=1e-6)
+        assert [r.tolist() for r in model.encoder.route(routed)] == [r.tolist() for r in model.encoder.route(ids)]
         text_only = PackedBatch(PackedSeqInfo.from_seqlens([3]), {"text": TokenInput(torch.tensor([1, 5, 2]),
                                                                                       torch.arange(3))})
         assert model.token_modalities(text_only) == 0

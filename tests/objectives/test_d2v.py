@@ -362,3 +362,15 @@ def test_teacher_state_is_kept_on_the_host_and_read_again_after_a_load():
     fresh = _text_model(seed=1)
     fresh.load_state_dict(model.state_dict())  # the parent's load reaches the teacher's hook
     assert fresh.objectives["d2v"].teacher.state() == head.teacher.state()
+
+
+def test_an_update_right_after_a_load_counts_once():
+    """The mirror is read before the buffer moves, so a load then an EMA update agree (1, not 2)."""
+    model = _text_model()
+    teacher = model.objectives["d2v"].teacher
+    head = model.objectives["d2v"]
+    head.sync_teacher(model)
+    teacher.load_state_dict(teacher.state_dict())  # the mirror is dropped, to be read from the buffers
+    named, vector = head._student(model)
+    teacher.ema_from([p for _, p in named], vector, 0.5)
+    assert int(teacher.updates) == 1 and teacher.state().updates == 1

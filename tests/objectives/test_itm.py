@@ -150,3 +150,18 @@ def test_itm_rejects_bad_args():
         _itm(wra_weight=-1.0)
     with pytest.raises(ValueError, match="ot_iterations"):
         _itm(ot_iterations=0)
+
+
+def test_pad_by_group_at_a_host_known_longest_group_reads_nothing_back():
+    from mmm.batch import PairTargets
+    from mmm.host_reads import HostReadDetector
+
+    x, group = torch.arange(6.0)[:, None], torch.tensor([1, 0, 1, 2, 0, 1])
+    pairs = PairTargets(torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long), torch.arange(6), group,
+                        torch.arange(2), torch.tensor([3, 3]))
+    assert pairs.longest == (3, 2)  # counted on the host at construction
+    with HostReadDetector() as d:
+        padded, mask = pad_by_group(x, group, 4, longest=pairs.longest[0])
+    assert d.found == []
+    old_padded, old_mask = pad_by_group(x, group, 4)
+    assert torch.equal(padded, old_padded) and torch.equal(mask, old_mask)
