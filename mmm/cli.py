@@ -98,7 +98,7 @@ def _cmd_check_syncs(ns: argparse.Namespace, rest: List[str]) -> int:
     reads = step_host_reads(cfg)
     print(reads.report())
     unplanned = reads.unplanned()
-    print(f"{len(unplanned)} place(s) in one training step would make a CUDA device wait for the host"
+    print(f"{len(unplanned)} place(s) in the training step (one per task) would make a CUDA device wait for the host"
           + (" (each is a host-device sync on a GPU)" if unplanned else ""))
     return 1 if unplanned else 0
 
