@@ -217,3 +217,25 @@ def test_copies_to_the_host_and_other_hidden_reads_are_recorded():
     assert _reads(lambda: x.new_tensor([1.0])) == ["Tensor.new_tensor(values) (a blocking copy on CUDA)"]
     assert _reads(lambda: x.clone().index_put_((x > 0,), torch.tensor(0.0))) == [
         "boolean-mask indexing (value-dependent size)"]
+
+
+def test_simmim_reads_the_hidden_rows_of_the_stream_as_the_boolean_mask_did():
+    import torch.nn.functional as F
+
+    from mmm.batch import ImageInput
+    from mmm.objectives.mim import patchify
+
+    torch.manual_seed(0)
+    emb = _image_embedder(cls_token=True)
+    head = OBJECTIVES.create("simmim", dim=16, embedders={"image": emb})
+    pixels, mask = torch.randn(3, 3, 16, 16), torch.rand(3, 16) < 0.5
+    seq = PackedSeqInfo.from_seqlens([17] * 3)
+    batch = PackedBatch(seq, {"image": ImageInput(pixels, mask)})
+    hidden = torch.randn(51, 16)
+    with HostReadDetector() as d:
+        out = head(hidden, batch)
+    assert d.found == []
+    grid = hidden.view(3, 17, 16)[:, 1:]  # the old gather: the patch grid under the boolean mask
+    pred, target = head.pred(grid[mask]), patchify(pixels, 4)[mask]
+    want = F.l1_loss(pred, target, reduction="sum") / pred.shape[-1] / int(mask.sum())
+    torch.testing.assert_close(out.loss, want)

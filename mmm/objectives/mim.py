@@ -158,11 +158,11 @@ class SimMIMRegression(nn.Module):
         inp, h = _image_part(hidden, batch, self.modality)
         if inp.mask is None or inp.drop_masked:
             raise ValueError("objective simmim needs mask-token mode (model.image.drop_masked: false) and a patch masker")
-        t = self.prefix + self.num_patches
-        grid = h.view(inp.num_images, t, -1)[:, self.prefix:]  # (B, P, d)
-        rows = inp.hidden_positions()  # (M,) into the B*P patches, no device read
-        pred = self.pred(grid.flatten(0, 1).index_select(0, rows))  # (M, p*p*C)
-        target = patchify(inp.pixels.float(), self.patch).flatten(0, 1).index_select(0, rows)
+        flat = inp.hidden_positions()  # (M,) image * P + patch, no device read
+        p = self.num_patches
+        rows = torch.div(flat, p, rounding_mode="floor") * (self.prefix + p) + self.prefix + flat % p  # rows of h
+        pred = self.pred(h.index_select(0, rows))  # (M, p*p*C), no copy of the (B, P, d) grid
+        target = patchify(inp.pixels.float(), self.patch).flatten(0, 1).index_select(0, flat)
         count = pred.shape[0]
         loss_sum = F.l1_loss(pred.float(), target, reduction="sum") / pred.shape[-1]  # per-patch mean L1, summed
         return ObjectiveOutput(global_mean(loss_sum, count, in_lockstep(self)), {}, count)
