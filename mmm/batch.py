@@ -61,13 +61,6 @@ def _counted_on_host(mask: Optional[torch.Tensor], given: Optional[int], what: s
     return count
 
 
-def _set_positions(mask: torch.Tensor, count: Optional[int]) -> torch.Tensor:
-    """(count,) int64 indices of the set entries of the flattened ``mask``, with no device read when
-    ``count`` is known (``nonzero`` otherwise)."""
-    flat = mask.flatten()
-    return flat.nonzero().squeeze(1) if count is None else mask_positions(flat, count)
-
-
 @dataclass
 class TokenInput:
     """Discrete token ids (text, DNA).
@@ -122,7 +115,13 @@ class ImageInput:
         ``x[mask]``); with ``hidden_count`` known, no device read."""
         if self.mask is None:
             raise ValueError("this image input has no mask, so no hidden patches")
-        return _set_positions(self.mask, self.hidden_count)
+        return mask_positions(self.mask.flatten(), self.hidden_count)
+
+    def hidden_token_rows(self, prefix: int) -> torch.Tensor:
+        """(M,) rows of the hidden patches in the mask-token layout, ``prefix`` ([CLS]) tokens then the P
+        patches of each image, in the order of :meth:`hidden_positions`."""
+        flat, p = self.hidden_positions(), self.mask.shape[1]  # flat = image * P + patch
+        return torch.div(flat, p, rounding_mode="floor") * (prefix + p) + prefix + flat % p
 
     @property
     def num_images(self) -> int:
@@ -159,7 +158,7 @@ class FeatureInput:
         """(M,) int64 rows of this input's hidden tokens, in order; with ``hidden_count`` known, no device read."""
         if self.mask is None:
             raise ValueError("this feature input has no mask, so no hidden tokens")
-        return _set_positions(self.mask, self.hidden_count)
+        return mask_positions(self.mask, self.hidden_count)
 
     def embed(self, embedder: nn.Module) -> torch.Tensor:
         """(N_m, d) embeddings."""

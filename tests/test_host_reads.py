@@ -65,10 +65,10 @@ def test_reads_inside_on_host_are_not_recorded():
 def test_a_read_is_placed_at_the_innermost_mmm_frame():
     from mmm.modalities.image.embedder import visible_slots
 
-    with HostReadDetector() as d:
+    with HostReadDetector() as d:  # without a count, visible_slots -> mask_positions -> nonzero
         visible_slots(torch.tensor([[True, False], [False, False]]), prefix=1)
-    assert [str(r).split(":")[0] for r in d.sites()] == ["nonzero (value-dependent size) at mmm/modalities/image/embedder.py"]
-    assert d.sites()[0].where.endswith("in visible_slots")
+    assert [str(r).split(":")[0] for r in d.sites()] == ["nonzero (value-dependent size) at mmm/core/packing.py"]
+    assert d.sites()[0].where.endswith("in mask_positions")
 
 
 NEED_A_TEACHER_RUN = {"dna_distill_tiny.yaml", "text_distill_tiny.yaml"}  # load another run's checkpoint

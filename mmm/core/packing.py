@@ -318,13 +318,16 @@ def pack_padded(attention_mask: torch.Tensor) -> PackedSeqInfo:
     return PackedSeqInfo.from_seqlens(lengths.tolist(), device=attention_mask.device)
 
 
-def mask_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """(count,) int64 indices of the True entries of a 1-D bool ``mask`` whose number of True entries
-    (``count``) the host already knows, in order, with no device read (``nonzero`` would need one to
-    size its output). Searches the running count of True entries for each of 1 … ``count``.
+def mask_positions(mask: torch.Tensor, count: Optional[int]) -> torch.Tensor:
+    """(count,) int64 indices of the True entries of a 1-D bool ``mask``, in order. When the host
+    already knows their number (``count``) there is no device read (``nonzero`` would need one to size
+    its output): the running count of True entries is searched for each of 1 … ``count``. With
+    ``count`` None this is ``nonzero``, which reads it back.
     """
     if mask.dim() != 1 or mask.dtype != torch.bool:
         raise ValueError(f"mask_positions: expected a 1-D bool mask, got {tuple(mask.shape)} {mask.dtype}")
+    if count is None:
+        return mask.nonzero().squeeze(1)
     running = torch.cumsum(mask, 0)  # (N,) int64
     wanted = torch.arange(1, count + 1, device=mask.device, dtype=running.dtype)
     return torch.searchsorted(running, wanted)

@@ -67,9 +67,7 @@ def _input_rows(inp: Any, embedder: Any) -> Optional[torch.Tensor]:
         if inp.mask is None or inp.drop_masked:
             return None
         prefix = int(getattr(embedder, "num_prefix_tokens", 0))
-        flat = inp.hidden_positions()  # (M,) image * P + patch, row-major; no device read with a host count
-        p = inp.mask.shape[1]
-        return torch.div(flat, p, rounding_mode="floor") * (prefix + p) + prefix + flat % p  # in (B, prefix + P)
+        return inp.hidden_token_rows(prefix)  # in (B, prefix + P); no device read with a host count
     if isinstance(inp, FeatureInput):
         return None if inp.mask is None else inp.hidden_positions()
     if isinstance(inp, RegionInput):

@@ -102,13 +102,6 @@ def _forget_host_state(module: nn.Module, incompatible_keys) -> None:
     module._host = None
 
 
-def _grid_rows(inp: ImageInput, prefix: int, tokens_per_image: int) -> torch.Tensor:
-    """(M,) rows of the hidden patches in a (B, prefix + P) mask-token layout, mask order."""
-    flat = inp.hidden_positions()  # image * P + patch; no device read with the host count
-    p = inp.mask.shape[1]
-    return torch.div(flat, p, rounding_mode="floor") * tokens_per_image + prefix + flat % p
-
-
 class EMATeacher(nn.Module):
     """A frozen fp32 copy of one modality's encoding path (embedder, shared encoder, modality vector).
 
@@ -383,7 +376,7 @@ class SelfDistillation(nn.Module):
             return inp.hidden_positions(), batch.seq
         emb = self.teacher.embedder
         b, t = inp.num_images, emb.num_prefix_tokens + emb.num_patches
-        return (_grid_rows(inp, emb.num_prefix_tokens, t),  # row-major = the order of pixels[mask]
+        return (inp.hidden_token_rows(emb.num_prefix_tokens),  # row-major = the order of pixels[mask]
                 PackedSeqInfo.from_seqlens([t] * b, device=inp.mask.device))
 
     # ------------------------------------------------------------------ the student
@@ -406,8 +399,7 @@ class SelfDistillation(nn.Module):
                                  "over the grid; set decoder_depth >= 1")
             return self.grid_decoder(hidden, inp.mask, inp.hidden_positions())
         if isinstance(inp, ImageInput):
-            emb = self.teacher.embedder
-            positions = _grid_rows(inp, emb.num_prefix_tokens, emb.num_prefix_tokens + emb.num_patches)
+            positions = inp.hidden_token_rows(self.teacher.embedder.num_prefix_tokens)
         elif isinstance(inp, FeatureInput):
             positions = inp.hidden_positions()
         else:

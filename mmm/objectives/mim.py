@@ -158,11 +158,8 @@ class SimMIMRegression(nn.Module):
         inp, h = _image_part(hidden, batch, self.modality)
         if inp.mask is None or inp.drop_masked:
             raise ValueError("objective simmim needs mask-token mode (model.image.drop_masked: false) and a patch masker")
-        flat = inp.hidden_positions()  # (M,) image * P + patch, no device read
-        p = self.num_patches
-        rows = torch.div(flat, p, rounding_mode="floor") * (self.prefix + p) + self.prefix + flat % p  # rows of h
-        pred = self.pred(h.index_select(0, rows))  # (M, p*p*C), no copy of the (B, P, d) grid
-        target = patchify(inp.pixels.float(), self.patch).flatten(0, 1).index_select(0, flat)
+        pred = self.pred(h.index_select(0, inp.hidden_token_rows(self.prefix)))  # (M, p*p*C), no copy of the grid
+        target = patchify(inp.pixels.float(), self.patch).flatten(0, 1).index_select(0, inp.hidden_positions())
         count = pred.shape[0]
         loss_sum = F.l1_loss(pred.float(), target, reduction="sum") / pred.shape[-1]  # per-patch mean L1, summed
         return ObjectiveOutput(global_mean(loss_sum, count, in_lockstep(self)), {}, count)

@@ -30,11 +30,6 @@ from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, zero_
 from mmm.registry import OBJECTIVES
 
 
-def _rows(keep: torch.Tensor, count: Optional[int]) -> torch.Tensor:
-    """(count,) rows where ``keep`` is True: with the count known on the host, no device read."""
-    return keep.nonzero().squeeze(1) if count is None else mask_positions(keep, count)
-
-
 @OBJECTIVES.register("mp3")
 class PositionPrediction(nn.Module):
     """Classify every visible token's position, from an input without position embeddings.
@@ -100,12 +95,12 @@ class PositionPrediction(nn.Module):
             keep = idx.patch >= 0  # not [CLS]
             if inp.mask is not None and not dropped:  # mask embeddings carry nothing to locate
                 keep &= ~inp.mask[idx.image, idx.patch.clamp_min(0)]
-            rows = _rows(keep, b * p - (hidden or 0) if known else None)
+            rows = mask_positions(keep, b * p - (hidden or 0) if known else None)
             return rows, idx.patch.index_select(0, rows)
         if isinstance(inp, FeatureInput):
             keep = torch.ones_like(inp.position_ids, dtype=torch.bool) if inp.mask is None else ~inp.mask
             known = inp.mask is None or inp.hidden_count is not None
-            rows = _rows(keep, keep.shape[0] - (inp.hidden_count or 0) if known else None)
+            rows = mask_positions(keep, keep.shape[0] - (inp.hidden_count or 0) if known else None)
             return rows, inp.position_ids.index_select(0, rows)
         raise ValueError(f"objective mp3: the {self.modality!r} input is a {type(inp).__name__}, expected image "
                          f"patches or audio features")

@@ -89,11 +89,13 @@ class MaskedModelingModule(L.LightningModule):
         self._phase: Optional[int] = None  # the phase of the last training step (logged when it changes)
 
     def transfer_batch_to_device(self, batch: PackedBatch, device: torch.device, dataloader_idx: int) -> PackedBatch:
-        if torch.device(device).type != "cpu" and batch.seq.cu_seqlens.device.type == "cpu":
-            self.model.check_batch(batch, self._transfer_heads(batch))  # value checks on the host, not in the step
-        if torch.device(device).type != "cpu" and batch.output_rows is None:
-            # the final-layer subset's rows, found while the batch is still on the host (no device read later)
-            batch = dataclasses.replace(batch, output_rows=self.model.output_rows(batch, self._transfer_heads(batch)))
+        if torch.device(device).type != "cpu":
+            heads = self._transfer_heads(batch)
+            if batch.seq.cu_seqlens.device.type == "cpu":
+                self.model.check_batch(batch, heads)  # value checks on the host, not in the step
+            if batch.output_rows is None:
+                # the final-layer subset's rows, found while the batch is still on the host (no device read later)
+                batch = dataclasses.replace(batch, output_rows=self.model.output_rows(batch, heads))
         return batch.to(device)  # PackedBatch knows its own tensors; Lightning's generic walk does not
 
     def _transfer_heads(self, batch: PackedBatch) -> Optional[List[str]]:

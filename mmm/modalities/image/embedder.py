@@ -83,7 +83,7 @@ def visible_slots(dropped: torch.Tensor, prefix: int, count: Optional[int] = Non
         (N_img,) long.
     """
     kept = torch.cat([dropped.new_zeros(dropped.shape[0], prefix), dropped], dim=1).logical_not()  # (B, prefix + P)
-    return kept.flatten().nonzero().squeeze(1) if count is None else mask_positions(kept.flatten(), count)
+    return mask_positions(kept.flatten(), count)
 
 
 class PatchIndex(NamedTuple):
@@ -112,8 +112,6 @@ def visible_patches(dropped: torch.Tensor, prefix: int, count: Optional[int] = N
         patch = torch.cat([patch.new_full((b, prefix), -1), patch], dim=1)
         image = torch.cat([image[:, :1].expand(-1, prefix), image], dim=1)
         keep = torch.cat([keep.new_ones(b, prefix), keep], dim=1)
-    if count is None:
-        return PatchIndex(image[keep], patch[keep])
     flat = mask_positions(keep.flatten(), count)
     return PatchIndex(image.flatten().index_select(0, flat), patch.flatten().index_select(0, flat))
 
@@ -280,10 +278,8 @@ class ImageEmbedder(nn.Module):
             tokens = x.reshape(-1, d)  # (B*T, d)
             lengths = torch.full((b,), x.shape[1], dtype=torch.int64, device=x.device)
         else:
-            if hidden_count is None:
-                tokens = x[keep]  # (N, d), row-major = image by image, grid order inside each
-            else:  # the same rows, gathered at a size known on the host
-                tokens = x.reshape(-1, d).index_select(0, mask_positions(keep.flatten(), keep.numel() - hidden_count))
+            kept = mask_positions(keep.flatten(), None if hidden_count is None else keep.numel() - hidden_count)
+            tokens = x.reshape(-1, d).index_select(0, kept)  # (N, d), row-major = image by image, grid order inside each
             lengths = keep.sum(1)
             if keep.device.type == "cpu":  # on a GPU the batch's layout, built on the host, already refused it
                 with on_host():
