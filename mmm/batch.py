@@ -176,6 +176,7 @@ class RegionInput:
         position_ids: (N_m,) int64 position of each region inside its sequence.
         mask: (N_m,) bool, True = hidden region; None = nothing hidden.
         index: (N_m,) stream positions; None = the whole stream in order.
+        hidden_count: how many regions ``mask`` hides, a host integer (as :class:`ImageInput`'s).
     """
 
     features: torch.Tensor
@@ -183,6 +184,16 @@ class RegionInput:
     position_ids: torch.Tensor
     mask: Optional[torch.Tensor] = None
     index: Optional[torch.Tensor] = None
+    hidden_count: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.hidden_count = _counted_on_host(self.mask, self.hidden_count, "RegionInput")
+
+    def hidden_positions(self) -> torch.Tensor:
+        """(M,) int64 rows of this input's hidden regions, in order; with ``hidden_count`` known, no device read."""
+        if self.mask is None:
+            raise ValueError("this region input has no mask, so no hidden regions")
+        return mask_positions(self.mask, self.hidden_count)
 
     def embed(self, embedder: nn.Module) -> torch.Tensor:
         """(N_m, d) embeddings."""
@@ -220,12 +231,30 @@ class RegionTargets:
         soft_labels: (M, C) float class distributions (detector soft labels), or None.
         pixel_index: (M, 2) int64 ``(image in ImageInput.pixels, patch index)`` of each hidden
             patch, for teacher targets; None with region inputs.
+        teacher_images: (U,) int64 the images that have a hidden patch, ascending (the teacher runs on
+            these only), and teacher_slot: (M,) int64 each target's row among them; with patch_range,
+            the ``(lowest, highest)`` patch index as host integers. All three are derived from
+            ``pixel_index`` on construction while it is on the host and kept when the batch moves, so a
+            teacher step reads nothing back from the device.
     """
 
     positions: torch.Tensor
     features: Optional[torch.Tensor] = None
     soft_labels: Optional[torch.Tensor] = None
     pixel_index: Optional[torch.Tensor] = None
+    teacher_images: Optional[torch.Tensor] = None
+    teacher_slot: Optional[torch.Tensor] = None
+    patch_range: Optional[Tuple[int, int]] = None
+
+    def __post_init__(self) -> None:
+        p = self.pixel_index
+        if p is None or p.device.type != "cpu" or self.teacher_images is not None or p.numel() == 0:
+            return
+        if p.dim() != 2 or p.shape[1] != 2:
+            raise ValueError(f"RegionTargets: pixel_index must be (M, 2) (image, patch), got {tuple(p.shape)}")
+        with on_host():
+            self.teacher_images, self.teacher_slot = torch.unique(p[:, 0], return_inverse=True)
+            self.patch_range = (int(p[:, 1].min()), int(p[:, 1].max()))
 
     @property
     def count(self) -> int:

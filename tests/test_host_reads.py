@@ -93,6 +93,21 @@ def test_a_training_step_of_each_tiny_config_reads_nothing_back(name):
     assert reads.backward == []
 
 
+def test_a_training_step_of_the_text_distillation_config_reads_nothing_back(ckpt):
+    """text_distill_tiny.yaml loads a teacher run's checkpoint: here the session's 3-step tiny run (its sizes)."""
+    from tests.conftest import TINY_OVERRIDES
+
+    run_dir = ckpt.parent.parent
+    sizes = {k: v for k, v in TINY_OVERRIDES.items() if k.startswith("model.encoder.") or k == "model.text.max_len"}
+    cfg = load_config(CONFIGS / "text_distill_tiny.yaml", {
+        **sizes, "data.batch_size": 4, "data.num_workers": 0, "data.shuffle_buffer": 0,
+        "model.init_from": str(ckpt), "model.text.tokenizer_path": str(run_dir / "tokenizer"),
+        "objectives.1.args.teacher": str(ckpt), "trainer.default_root_dir": tempfile.mkdtemp(prefix="mmm_syncs_")})
+    reads = step_host_reads(cfg)
+    assert reads.unplanned() == [], reads.report()
+    assert reads.backward == []
+
+
 def _vtok_batch(labels):
     seq = PackedSeqInfo.from_seqlens([3, 3])
     positions = torch.arange(len(labels))
@@ -239,3 +254,23 @@ def test_simmim_reads_the_hidden_rows_of_the_stream_as_the_boolean_mask_did():
     pred, target = head.pred(grid[mask]), patchify(pixels, 4)[mask]
     want = F.l1_loss(pred, target, reduction="sum") / pred.shape[-1] / int(mask.sum())
     torch.testing.assert_close(out.loss, want)
+
+
+def test_region_inputs_count_their_hidden_regions_on_the_host_and_mto_uses_the_count():
+    from mmm.batch import RegionInput
+    from mmm.masking.mto import mask_token_rows
+
+    mask = torch.tensor([False, True, False, True, True, False])
+    regions = RegionInput(torch.randn(6, 5), torch.rand(6, 7), torch.arange(6), mask, index=torch.arange(2, 8))
+    assert regions.hidden_count == 3
+    batch = PackedBatch(PackedSeqInfo.from_seqlens([4, 4]), {"regions": regions})
+    with HostReadDetector() as d:
+        rows = regions.hidden_positions()
+        flags = mask_token_rows(batch, {})
+    assert d.found == []
+    assert rows.tolist() == [1, 3, 4]
+    assert flags.nonzero().squeeze(1).tolist() == [3, 5, 6]  # the rows moved to their stream positions
+    with pytest.raises(ValueError, match="RegionInput: hidden_count 2 but the mask hides 3"):
+        RegionInput(regions.features, regions.boxes, regions.position_ids, mask, hidden_count=2)
+    with pytest.raises(ValueError, match="no hidden regions"):
+        RegionInput(regions.features, regions.boxes, regions.position_ids).hidden_positions()

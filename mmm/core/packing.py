@@ -23,6 +23,8 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from mmm.host_reads import on_host
+
 PAD_GROUPS = 4
 """Most contiguous length groups a batch of ≥ 2·PAD_GROUPS sequences is split into for padded backends."""
 
@@ -100,7 +102,8 @@ class PackedSeqInfo:
         device = torch.device(device) if device is not None else torch.device("cpu")
         if all(n == width for n in lengths):
             return cls._uniform(len(lengths), width, device)
-        info = cls._build(lengths, width, pad_groups)
+        with on_host():  # the layout is built from host lengths in host tensors, then copied once
+            info = cls._build(lengths, width, pad_groups)
         return info if device.type == "cpu" else info.to(device)
 
     @classmethod

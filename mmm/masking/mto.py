@@ -68,10 +68,8 @@ def _input_rows(inp: Any, embedder: Any) -> Optional[torch.Tensor]:
             return None
         prefix = int(getattr(embedder, "num_prefix_tokens", 0))
         return inp.hidden_token_rows(prefix)  # in (B, prefix + P); no device read with a host count
-    if isinstance(inp, FeatureInput):
+    if isinstance(inp, (FeatureInput, RegionInput)):
         return None if inp.mask is None else inp.hidden_positions()
-    if isinstance(inp, RegionInput):
-        return None if inp.mask is None else inp.mask.nonzero().squeeze(1)
     return None
 
 

@@ -47,7 +47,7 @@ from torch import nn
 
 from mmm.batch import FeatureInput, PackedBatch, TokenInput
 from mmm.config import EncoderConfig
-from mmm.core.packing import PackedSeqInfo
+from mmm.core.packing import PackedSeqInfo, mask_positions
 from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, modality_embedder, sole_input, zero_output
 from mmm.registry import OBJECTIVES
 
@@ -169,21 +169,29 @@ class FrozenTeacherDistillation(nn.Module):
         n = batch.num_tokens
         device = batch.seq.cu_seqlens.device
         if isinstance(inp, TokenInput):
-            keep = torch.ones(n, dtype=torch.bool, device=device)
             t = batch.targets.get(self.modality)
-            if t is not None:
+            if t is None:
+                rows = torch.arange(n, device=device)
+            else:  # the hidden positions are distinct stream rows: n - M visible, known on the host
+                keep = torch.ones(n, dtype=torch.bool, device=device)
                 keep[t.positions] = False
-            rows = keep.nonzero().squeeze(1)
+                rows = mask_positions(keep, n - t.count)
             return rows, rows
         if isinstance(inp, FeatureInput):
-            rows = torch.arange(n, device=device) if inp.mask is None else (~inp.mask).nonzero().squeeze(1)
+            if inp.mask is None:
+                rows = torch.arange(n, device=device)
+            else:
+                visible = None if inp.hidden_count is None else inp.mask.numel() - inp.hidden_count
+                rows = mask_positions(inp.mask.logical_not().flatten(), visible)
             return rows, rows
         from mmm.modalities.image.embedder import visible_slots
 
         emb = self.teacher.module.embedder
         mask = inp.mask if inp.mask is not None else torch.zeros(inp.num_images, emb.num_patches, dtype=torch.bool,
                                                                  device=inp.pixels.device)
-        slots = visible_slots(mask, emb.num_prefix_tokens)  # (V,) [CLS] and unmasked patches in the (B*T) layout
+        visible = None if inp.mask is not None and inp.hidden_count is None else (
+            mask.shape[0] * (emb.num_prefix_tokens + mask.shape[1]) - (inp.hidden_count or 0))
+        slots = visible_slots(mask, emb.num_prefix_tokens, visible)  # (V,) [CLS] and unmasked patches in the (B*T) layout
         if not inp.drop_masked:
             return slots, slots
         rows = torch.arange(n, device=device)  # the student's stream holds only the visible patches (and [CLS])

@@ -114,11 +114,15 @@ class RegionTargetSource:
             raise ValueError(f"objective {self.objective}: teacher targets need an image input named "
                              f"{self.modality!r}; the batch has {sorted(batch.inputs)}")
         image, patch = t.pixel_index.unbind(-1)  # (M,), (M,)
-        used, inverse = torch.unique(image, return_inverse=True)  # run the teacher only on images with hidden patches
-        out = self.teacher(inp.pixels.index_select(0, used))  # (B_used, P, F) [, (B_used, P, C)]
+        if t.teacher_images is not None:  # found on the host when the targets were built: no device read
+            used, inverse, (low, high) = t.teacher_images, t.teacher_slot, t.patch_range
+        else:  # targets built on the device
+            used, inverse = torch.unique(image, return_inverse=True)
+            low, high = int(patch.min()), int(patch.max())
+        out = self.teacher(inp.pixels.index_select(0, used))  # run only on images with hidden patches: (U, P, F) [, (U, P, C)]
         p = out.features.shape[1]
-        if int(patch.max()) >= p or int(patch.min()) < 0:
-            raise ValueError(f"objective {self.objective}: pixel_index names patch {int(patch.max())}, but the grid "
+        if high >= p or low < 0:
+            raise ValueError(f"objective {self.objective}: pixel_index names patches {low}..{high}, but the grid "
                              f"has {p} patches")
         return out, inverse, patch
 

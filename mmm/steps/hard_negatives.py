@@ -23,6 +23,13 @@ from mmm.registry import STEPS
 SOURCE = "itc"  # the contrastive targets mining reads (joint_pairs reads the same key)
 
 
+def _take(logits: torch.Tensor, rows: List[int]) -> torch.Tensor:
+    """The given rows of ``logits``; all of them (the usual case: every caption distinct) without a copy."""
+    if rows == list(range(logits.shape[0])):
+        return logits
+    return logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True))
+
+
 @STEPS.register("itm_hard_negatives")
 class HardNegativeMining:
     """Mine ITM negatives from the contrastive head's similarities and encode them jointly.
@@ -82,21 +89,20 @@ class HardNegativeMining:
         sim = image @ text.T  # (B images, B captions)
         b = sim.shape[0]
         captions = batch.extras.get("captions") or [str(i) for i in range(b)]
-        same = torch.tensor([[x == y for y in captions] for x in captions], device=sim.device)  # (B, B)
-        scale = float(similarity.scale()) if hasattr(similarity, "scale") else 1.0
-        logits = (sim * scale).masked_fill(same, float("-inf"))  # (B, B)
-        text_of: List[int] = list(range(b))
-        image_of: List[int] = list(range(b))
-        rows = torch.isfinite(logits).any(1)  # an image with at least one non-matching caption
-        if rows.any():
-            drawn = torch.multinomial(logits[rows].softmax(-1), 1).squeeze(1)
-            for i, j in zip(rows.nonzero().squeeze(1).tolist(), drawn.tolist()):
-                text_of.append(j), image_of.append(i)
-        cols = torch.isfinite(logits).any(0)  # a caption with at least one non-matching image
-        if cols.any():
-            drawn = torch.multinomial(logits[:, cols].T.softmax(-1), 1).squeeze(1)
-            for j, i in zip(cols.nonzero().squeeze(1).tolist(), drawn.tolist()):
-                text_of.append(j), image_of.append(i)
+        same = [[x == y for y in captions] for x in captions]  # (B, B) on the host: which pairs may not be negatives
+        scale = similarity.scale() if hasattr(similarity, "scale") else 1.0  # a tensor: no read of its value
+        logits = (sim * scale).masked_fill(torch.tensor(same).to(sim.device, non_blocking=True), float("-inf"))
+        rows = [i for i in range(b) if not all(same[i])]  # images with at least one non-matching caption
+        cols = [j for j in range(b) if not all(row[j] for row in same)]  # captions with a non-matching image
+        drawn = []
+        if rows:
+            drawn.append(torch.multinomial(_take(logits, rows).softmax(-1), 1).squeeze(1))
+        if cols:
+            drawn.append(torch.multinomial(_take(logits.T, cols).softmax(-1), 1).squeeze(1))
+        # the one read of a mining step: the joint batch's layout depends on which caption/image was drawn
+        picks = torch.cat(drawn).tolist() if drawn else []
+        text_of = list(range(b)) + picks[:len(rows)] + cols
+        image_of = list(range(b)) + rows + picks[len(rows):]
         labels = [1] * b + [0] * (len(text_of) - b)
         vision_key = next(k for k in batch.inputs if k != "text")  # image (patches) or regions
         joint = joint_pairs(batch, text_of, image_of, labels, vision_key)

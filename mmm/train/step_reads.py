@@ -12,7 +12,9 @@ import torch
 from mmm.host_reads import HostRead, HostReadDetector
 
 BY_DESIGN = {("mmm/train/module.py", "training_step", "bool(tensor)"):
-             "the non-finite loss check (trainer.nonfinite_loss): one read per step, after the forward is queued"}
+             "the non-finite loss check (trainer.nonfinite_loss): one read per step, after the forward is queued",
+             ("mmm/steps/hard_negatives.py", "mine", "Tensor.tolist()"):
+             "ITM hard negatives: the mined pairs' layout depends on the drawn indices (one read per mining step)"}
 """Host reads a training step makes on purpose: (file, function, kind) → why."""
 
 

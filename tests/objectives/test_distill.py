@@ -183,3 +183,28 @@ def test_bad_teachers_are_refused(text_teacher, tmp_path):
     with pytest.raises(ValueError, match="args.teacher is required"):
         emb = EMBEDDERS.create("text", vocab_size=V, dim=D, max_len=16, dropout=0.0, pad_id=0)
         build_model(ModelConfig(encoder=_enc()), [ObjectiveConfig("distill")], {"text": emb})
+
+
+@pytest.mark.parametrize("case", ["text", "image-mask-tokens", "image-dropped-full-teacher"])
+def test_a_distillation_step_reads_nothing_back(text_teacher, image_teacher, case):
+    """The visible rows come from host counts (the MLM targets' count, the image's hidden_count), as the GPU path
+    needs; the rows equal the boolean-mask ones the tests above spell out."""
+    from mmm.host_reads import HostReadDetector
+
+    if case == "text":
+        model = _text_model(text_teacher)
+        model.objectives["distill"].teacher  # loaded from its file before the step, as on the first step of a run
+        batch = _text_batch()
+        with HostReadDetector() as d:
+            loss, _ = model(batch)
+            loss.backward()
+        assert model.objectives["distill"].visible_rows(batch)[0].tolist() == [0, 3, 4, 5, 7, 8]
+    else:
+        full = case == "image-dropped-full-teacher"
+        head = _image_head(image_teacher, **({"teacher_input": "full"} if full else {}))
+        head.teacher
+        batch, _ = _image_batch(drop_masked=full)
+        hidden = torch.randn(batch.num_tokens, D, requires_grad=True)
+        with HostReadDetector() as d:
+            head(hidden, batch).loss.backward()
+    assert d.found == []

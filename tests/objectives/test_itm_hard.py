@@ -144,3 +144,22 @@ def test_hard_mode_refuses_two_streams_and_a_similarity_head_that_embeds_no_pair
     cfg.image_text.layout = "two_stream"
     with pytest.raises(ValueError, match="does not support model.image_text.layout: two_stream"):
         build_model(cfg, [ObjectiveConfig("itc"), ObjectiveConfig("itm", args={"negatives": "hard"})], embedders)
+
+
+@pytest.mark.parametrize("image_input", ["patches", "regions"])
+def test_a_hard_negative_step_reads_back_once_the_drawn_indices(shards, tok, image_input):
+    """The joint batch's layout depends on the drawn captions and images: one read per mining step (planned in
+    mmm.train.step_reads.BY_DESIGN), nothing else in the forward or backward of the whole model step."""
+    from mmm.host_reads import HostReadDetector
+    from mmm.train.step_reads import by_design
+
+    torch.manual_seed(0)
+    itc = run(shards, tok, settings("itc", image_input), batch_size=6)[0]
+    model = _vl_model(image_input, tok.vocab_size, "hard")
+    with HostReadDetector() as d:
+        loss, outputs = model(itc)
+        loss.backward()
+    sites = d.sites()
+    assert [(s.what, s.where.rsplit(" in ", 1)[-1]) for s in sites] == [("Tensor.tolist()", "mine")]
+    assert by_design(sites[0]) is not None
+    assert outputs["itm"].count == 3 * itc.targets["itc"].count

@@ -209,3 +209,30 @@ def test_built_model_carries_no_teacher_weights(vit):
     batch = PackedBatch(PackedSeqInfo.from_seqlens([17, 17]), {"image": ImageInput(pixels, mask)}, {"mrm": t})
     loss, out = model(batch)
     assert torch.isfinite(loss) and out["mrfr"].count == int(mask.sum())
+
+
+@pytest.mark.parametrize("name", ["mrfr", "mrc_kl"])
+def test_teacher_targets_read_nothing_back_and_match_the_device_side_path(vit, name):
+    """The teacher's images and patch range are found on the host when the targets are built; the same loss
+    as targets built without them (the unique/min/max path a device-built batch takes)."""
+    import dataclasses
+
+    from mmm.host_reads import HostReadDetector
+
+    _, path = vit
+    head = _teacher_objective(name, path)
+    batch = _pixel_batch()
+    t = batch.targets["mrm"]
+    assert t.teacher_images.tolist() == [0, 1] and t.teacher_slot.tolist() == [0, 0, 1, 1] and t.patch_range == (0, 15)
+    hidden = torch.randn(34, 16, requires_grad=True)
+    with HostReadDetector() as d:
+        fast = head(hidden, batch).loss
+        fast.backward()
+    assert d.found == []
+    bare = dataclasses.replace(batch, targets={"mrm": RegionTargets(t.positions, pixel_index=t.pixel_index.clone())})
+    bare.targets["mrm"].teacher_images = None  # as if built on a device
+    torch.testing.assert_close(head(hidden, bare).loss, fast, rtol=0, atol=0)
+    wrong = dataclasses.replace(batch, targets={"mrm": RegionTargets(t.positions,
+                                                                     pixel_index=t.pixel_index + torch.tensor([0, 2]))})
+    with pytest.raises(ValueError, match=r"names patches 2\.\.17, but the grid has 16 patches"):
+        head(hidden, wrong)

@@ -15,6 +15,7 @@ import torch
 
 from mmm.batch import ContrastiveTargets, ImageInput, PackedBatch, PairTargets, RegionInput, TokenInput
 from mmm.core.packing import PackedSeqInfo, index_ranges
+from mmm.host_reads import on_host
 
 
 def joint_pairs(batch: PackedBatch, text: Sequence[int], image: Sequence[int], labels: Sequence[int],
@@ -38,44 +39,51 @@ def joint_pairs(batch: PackedBatch, text: Sequence[int], image: Sequence[int], l
     text_in, vis = batch.inputs["text"], batch.inputs[vision_key]
     device = text_in.ids.device
     b = t.count
-    text_idx = torch.as_tensor(list(text), dtype=torch.long, device=device)
-    image_idx = torch.as_tensor(list(image), dtype=torch.long, device=device)
-    if text_idx.shape != image_idx.shape or len(labels) != text_idx.numel():
-        raise ValueError(f"joint_pairs: text ({text_idx.numel()}), image ({image_idx.numel()}) and labels "
+    text, image, labels = [int(j) for j in text], [int(i) for i in image], [int(y) for y in labels]
+    if len(text) != len(image) or len(labels) != len(text):
+        raise ValueError(f"joint_pairs: text ({len(text)}), image ({len(image)}) and labels "
                          f"({len(labels)}) must have one entry per pair")
-    seqlens = (batch.seq.cu_seqlens[1:] - batch.seq.cu_seqlens[:-1]).long().to(device)  # (2B,)
-    t_len, i_len = seqlens[:b], seqlens[b:]
-    t_start = torch.cumsum(t_len, 0) - t_len  # start of each caption inside text_in.ids
-    pooled = torch.bincount(t.image_owner.to(device), minlength=b)  # image tokens without prefix
-    prefix = int((i_len - pooled).min()) if b else 0  # [CLS] of patch images, 0 for regions
-
-    k_t, k_i = t_len[text_idx], i_len[image_idx]  # (K,)
-    lengths = k_t + k_i
-    seq = PackedSeqInfo.from_seqlens(lengths.tolist())
-    starts = seq.cu_seqlens[:-1].long().to(device)
-    src_text = index_ranges(t_start[text_idx], k_t)  # rows of text_in.ids, pair after pair
-    ids = text_in.ids.index_select(0, src_text)
-    pos = text_in.position_ids.index_select(0, src_text)
-    text_index = index_ranges(starts, k_t)
-    image_starts = starts + k_t
-    image_index = index_ranges(image_starts, k_i)
+    # every size and index is computed on the host from the layout's host lengths: no device read
+    t_len, i_len = list(batch.seq.lengths[:b]), list(batch.seq.lengths[b:])  # captions, then images
+    extra = sum(i_len) - t.image_positions.shape[0]  # image tokens not pooled: each image's [CLS], or none (regions)
+    prefix = extra // b if b else 0
+    if prefix * b != extra:
+        raise ValueError(f"joint_pairs: the {b} images hold {extra} tokens that are not pooled, not the same "
+                         f"number per image")
+    k_t, k_i = [t_len[j] for j in text], [i_len[i] for i in image]  # (K,) per pair
+    seq = PackedSeqInfo.from_seqlens([a + c for a, c in zip(k_t, k_i)])
+    starts = seq.cu_seqlens[:-1].long()  # host tensors until the copies below
+    k = len(text)
+    with on_host():
+        t_start = torch.tensor([0] + t_len[:-1]).cumsum(0)  # start of each caption inside text_in.ids
+        longest = (max(k_t, default=2) - 2, max(k_i, default=prefix) - prefix)  # per pair: caption words, image tokens
+        k_t, k_i = torch.tensor(k_t, dtype=torch.long), torch.tensor(k_i, dtype=torch.long)
+        src_text = index_ranges(t_start[text], k_t)  # rows of text_in.ids, pair after pair
+        text_index = index_ranges(starts, k_t)
+        image_starts = starts + k_t
+        image_index = index_ranges(image_starts, k_i)
+        src_regions = index_ranges((torch.tensor([0] + i_len[:-1]).cumsum(0))[image], k_i)
+        inner, patches = k_t - 2, k_i - prefix  # caption tokens without [CLS] / [SEP]; image tokens without [CLS]
+        pair = torch.arange(k)
+        host = {"src_text": src_text, "text_index": text_index, "image_index": image_index,
+                "src_regions": src_regions, "image": torch.tensor(image, dtype=torch.long), "cls": starts,
+                "labels": torch.tensor(labels, dtype=torch.long), "text_positions": index_ranges(starts + 1, inner),
+                "text_pair": torch.repeat_interleave(pair, inner, output_size=int(inner.sum())),
+                "image_positions": index_ranges(image_starts + prefix, patches),
+                "image_pair": torch.repeat_interleave(pair, patches, output_size=int(patches.sum()))}
+    on = {name: x.to(device, non_blocking=True) for name, x in host.items()}
+    ids = text_in.ids.index_select(0, on["src_text"])
+    pos = text_in.position_ids.index_select(0, on["src_text"])
     if isinstance(vis, ImageInput):
-        vision = ImageInput(vis.pixels.index_select(0, image_idx), None, drop_masked=False, index=image_index)
+        vision = ImageInput(vis.pixels.index_select(0, on["image"]), None, drop_masked=False, index=on["image_index"])
     elif isinstance(vis, RegionInput):
-        r_start = torch.cumsum(i_len, 0) - i_len
-        src = index_ranges(r_start[image_idx], k_i)
+        src = on["src_regions"]
         vision = RegionInput(vis.features.index_select(0, src), vis.boxes.index_select(0, src),
-                             vis.position_ids.index_select(0, src), None, image_index)
+                             vis.position_ids.index_select(0, src), None, on["image_index"])
     else:
         raise TypeError(f"joint_pairs: unsupported image input {type(vis).__name__}")
-    inner = k_t - 2  # caption tokens without [CLS] / [SEP]
-    patches = k_i - prefix
-    k = text_idx.numel()
     targets = {"itm": PairTargets(
-        cls_positions=starts, labels=torch.as_tensor(list(labels), dtype=torch.long, device=device),
-        text_positions=index_ranges(starts + 1, inner),
-        text_pair=torch.repeat_interleave(torch.arange(k, device=device), inner),
-        image_positions=index_ranges(image_starts + prefix, patches),
-        image_pair=torch.repeat_interleave(torch.arange(k, device=device), patches))}
+        cls_positions=on["cls"], labels=on["labels"], text_positions=on["text_positions"], text_pair=on["text_pair"],
+        image_positions=on["image_positions"], image_pair=on["image_pair"], longest=longest)}
     return PackedBatch(seq.to(device), {"text": TokenInput(ids, pos, text_index), vision_key: vision}, targets,
                        task=batch.task)
