@@ -93,14 +93,22 @@ def _cmd_check_syncs(ns: argparse.Namespace, rest: List[str]) -> int:
     overrides = parse_overrides(rest)
     _require_config(ns, "check")
     cfg = load_config(ns.config, overrides)
-    from mmm.train.step_reads import step_host_reads
+    from mmm.train.step_reads import loop_host_reads, step_host_reads
 
     reads = step_host_reads(cfg)
     print(reads.report())
     unplanned = reads.unplanned()
     print(f"{len(unplanned)} place(s) in the training step (one per task) would make a CUDA device wait for the host"
           + (" (each is a host-device sync on a GPU)" if unplanned else ""))
-    return 1 if unplanned else 0
+    if not ns.loop:
+        return 1 if unplanned else 0
+    loop = loop_host_reads(cfg, ns.loop)
+    between = loop.between_logging()
+    print(f"\n{ns.loop} steps through Lightning's loop (logging every {cfg.trainer.log_every_n_steps} steps at "
+          f"{', '.join(map(str, loop.logged))}):")
+    print(loop.report())
+    print(f"{len(between)} place(s) read back between logging steps (beyond the training step's planned reads)")
+    return 1 if unplanned or between else 0
 
 
 def _cmd_prepare(ns: argparse.Namespace, rest: List[str]) -> int:
@@ -286,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "per-step loss check)")
     cs.add_argument("--config", default=None, help="YAML config file")
     cs.add_argument("--defaults", action="store_true", help="without --config: the built-in defaults plus overrides")
+    cs.add_argument("--loop", type=int, default=0, metavar="STEPS",
+                    help="also train STEPS steps through Lightning's loop (logging, progress bar, callbacks, optimizer) "
+                         "and list the reads per step; exit 1 if any falls between logging steps")
     cs.set_defaults(fn=_cmd_check_syncs)
 
     s = sub.add_parser("shards", help="WebDataset shard tools")

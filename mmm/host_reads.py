@@ -108,15 +108,20 @@ class HostRead:
 
 
 def _caller() -> str:
-    frames = [f for f in traceback.extract_stack() if f.filename != __file__]  # not this module's own frames
-    for frame in reversed(frames):
-        if frame.filename.startswith(_PACKAGE):
-            rel = Path(frame.filename).relative_to(Path(_PACKAGE).parent)
-            return f"{rel}:{frame.lineno} in {frame.name}"
-    for frame in reversed(frames):
-        if "/torch/" not in frame.filename:
-            return f"{frame.filename}:{frame.lineno} in {frame.name}"
-    return "<unknown>"
+    """The innermost frame outside torch that made the read: an ``mmm`` line, or another library's line
+    followed by the innermost ``mmm`` line that led to it (e.g. Lightning's logging, called from a fit)."""
+    frames = [f for f in traceback.extract_stack() if f.filename != __file__ and "/torch/" not in f.filename]
+    ours = [f for f in frames if f.filename.startswith(_PACKAGE)]
+    mmm = (f"{Path(ours[-1].filename).relative_to(Path(_PACKAGE).parent)}:{ours[-1].lineno} in {ours[-1].name}"
+           if ours else None)
+    if not frames:
+        return "<unknown>"
+    inner = frames[-1]
+    if ours and inner is ours[-1]:
+        return mmm
+    parts = Path(inner.filename).parts
+    where = "/".join(parts[parts.index("site-packages") + 1:]) if "site-packages" in parts else inner.filename
+    return f"{where}:{inner.lineno} in {inner.name}" + (f", from {mmm}" if mmm else "")
 
 
 class HostReadDetector(TorchFunctionMode):
@@ -129,15 +134,22 @@ class HostReadDetector(TorchFunctionMode):
         assert not reads.found, reads.report()
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tag: Optional[Callable[[], Any]] = None) -> None:
+        """Args:
+            tag: called at each read; its values, in ``tags``, go with ``found`` (e.g. the trainer's step).
+        """
         super().__init__()
         self.found: List[HostRead] = []
+        self.tags: List[Any] = []
+        self._tag = tag
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         what = _READS.get(func) or _conditional(func, args, kwargs)
         if what is not None and not _ON_HOST.get():
             self.found.append(HostRead(what, _caller()))
+            if self._tag is not None:
+                self.tags.append(self._tag())
         return func(*args, **kwargs)
 
     def sites(self) -> List[HostRead]:

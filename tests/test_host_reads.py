@@ -274,3 +274,56 @@ def test_region_inputs_count_their_hidden_regions_on_the_host_and_mto_uses_the_c
         RegionInput(regions.features, regions.boxes, regions.position_ids, mask, hidden_count=2)
     with pytest.raises(ValueError, match="no hidden regions"):
         RegionInput(regions.features, regions.boxes, regions.position_ids).hidden_positions()
+
+
+def _loop_config(name, **overrides):
+    return load_config(CONFIGS / name, {"data.batch_size": 4, "data.num_workers": 0, "trainer.log_every_n_steps": 5,
+                                        "trainer.enable_progress_bar": True,
+                                        "trainer.default_root_dir": tempfile.mkdtemp(prefix="mmm_loop_"), **overrides})
+
+
+@pytest.mark.parametrize("name", ["text_mlm_tiny.yaml", "vl_uniter_tiny.yaml"])
+def test_the_training_loop_reads_nothing_back_between_logging_steps(name):
+    """Lightning's loop with mmm's callbacks (throughput, progress bar, LR monitor, the multi-task mixture
+    monitor), gradient clipping and fused AdamW: between logging steps, only the per-step loss check."""
+    from mmm.train.step_reads import loop_host_reads
+
+    loop = loop_host_reads(_loop_config(name), steps=12)
+    assert loop.logged == [0, 5, 10]
+    assert loop.between_logging() == [], loop.report()
+    for k in (2, 3, 7, 8):  # the quiet steps: each still makes its planned loss check
+        assert [r.where.rsplit(" in ", 1)[-1] for r in loop.by_step[k]] == ["training_step"], loop.report()
+    at_logging = [r.where for r in loop.by_step[5]]  # the detector does see Lightning's own reads when it logs
+    assert any(w.startswith("lightning/") for w in at_logging) and any("bar_metrics" in w for w in at_logging)
+
+
+def test_a_callback_logging_a_python_number_every_step_is_found(monkeypatch):
+    """What the loop check is for: Lightning copies a Python number given to self.log to the module's device."""
+    from mmm.train.callbacks import ThroughputMonitor
+    from mmm.train.step_reads import loop_host_reads
+
+    def floats(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.log("train/tokens_per_sec", float(batch.num_tokens), on_step=True, batch_size=1)
+
+    monkeypatch.setattr(ThroughputMonitor, "on_train_batch_end", floats)
+    between = loop_host_reads(_loop_config("text_mlm_tiny.yaml"), steps=8).between_logging()
+    assert [r.what for r in between] == ["Python values copied to a tensor's device (a blocking copy on CUDA)"]
+    assert between[0].where.startswith("lightning/pytorch/core/module.py")  # Lightning's copy, in a test's callback
+
+
+def test_the_progress_bar_shows_the_loss_accuracy_and_throughput_read_when_it_redraws():
+    from mmm.train.host_metrics import bar_metrics, log_host_value
+
+    metrics = {"train/loss": torch.tensor(2.5), "train/mlm_acc": torch.tensor(0.25), "train/tokens_per_sec": 900.0,
+               "train/mlm_loss": torch.tensor(2.5), "train/itm/itm_acc": torch.tensor(0.5), "val/loss": torch.tensor(3.0)}
+    assert bar_metrics(metrics) == {"train/loss": 2.5, "train/mlm_acc": 0.25, "train/tokens_per_sec": 900.0}
+    logged = {}
+
+    class Module:
+        def log(self, name, value, **kwargs):
+            logged[name] = (value, kwargs)
+
+    log_host_value(Module(), "train/phase", 2)
+    value, kwargs = logged["train/phase"]
+    assert value.device.type == "cpu" and value.dtype == torch.float32 and float(value) == 2.0
+    assert kwargs == {"on_step": True, "batch_size": 1}

@@ -1,11 +1,14 @@
-"""Training callbacks: real-token throughput, a progress bar in optimizer steps."""
+"""Training callbacks: real-token throughput, a progress bar in optimizer steps (neither makes a GPU step wait:
+see :mod:`mmm.train.host_metrics`)."""
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+
+from mmm.train.host_metrics import bar_metrics, log_host_value
 
 
 class ThroughputMonitor(L.Callback):
@@ -23,9 +26,9 @@ class ThroughputMonitor(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self._last is not None:
-            dt = max(now - self._last, 1e-9)
-            pl_module.log("train/tokens_per_sec", batch.num_tokens / dt, on_step=True, batch_size=1, prog_bar=True)
-            pl_module.log("train/seqs_per_sec", batch.num_sequences / dt, on_step=True, batch_size=1)
+            dt = max(now - self._last, 1e-9)  # host numbers, logged on the host (no copy to the GPU)
+            log_host_value(pl_module, "train/tokens_per_sec", batch.num_tokens / dt)
+            log_host_value(pl_module, "train/seqs_per_sec", batch.num_sequences / dt)
         self._last = now
 
 
@@ -58,10 +61,17 @@ class StepProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         if bar is None or bar.disable:
             return
-        if self._should_update(trainer.global_step, bar.total or trainer.global_step):
-            bar.n = trainer.global_step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+        step = trainer.global_step
+        if self._should_update(step, bar.total or step):
+            bar.n = step
+            if step % max(1, trainer.log_every_n_steps) == 0 or step == bar.total:  # the numbers: read as the logger does
+                bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             bar.refresh()
+
+    def get_metrics(self, trainer, pl_module) -> Dict[str, Any]:
+        """Lightning's (the version, metrics logged with ``prog_bar``) and the training metrics of
+        :data:`mmm.train.host_metrics.BAR_METRICS`, read from ``trainer.callback_metrics`` now."""
+        return {**super().get_metrics(trainer, pl_module), **bar_metrics(trainer.callback_metrics)}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.train_progress_bar is not None and not self.train_progress_bar.disable:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from mmm.batch import PackedBatch
 from mmm.config import DataConfig
+from mmm.host_reads import on_host
 
 logger = logging.getLogger("mmm.train")
 
@@ -169,7 +170,8 @@ class ResumableLoader:
 
     def _run(self) -> Iterator[PackedBatch]:
         start = self.position()
-        it = iter(self._loader_for(start.epoch))
+        with on_host():  # the data pipeline is host work (here when num_workers is 0), never a device read
+            it = iter(self._loader_for(start.epoch))
         skipped = 0
         if start.batches_done:
             logger.info("resuming the training stream at epoch %d: skipping %d batch(es) already trained on "
@@ -177,7 +179,8 @@ class ResumableLoader:
         ran_out = False
         while skipped < start.batches_done:
             try:
-                self._tally(next(it))
+                with on_host():
+                    self._tally(next(it))
             except StopIteration:
                 ran_out = True
                 msg = (f"the training data ran out while fast-forwarding: epoch {start.epoch} has {skipped} batch(es) "
@@ -190,7 +193,8 @@ class ResumableLoader:
             skipped += 1
         self._pass = p = _Pass(start.epoch, skipped, self._consumed() if self._consumed is not None else 0)
         while True:
-            batch = None if ran_out else next(it, None)
+            with on_host():
+                batch = None if ran_out else next(it, None)
             if self._agree is not None and not self._agree(batch is not None):
                 break  # some rank has no batch left: the epoch ends on every rank
             if batch is None:

@@ -36,6 +36,8 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from mmm.batch import PackedBatch
+from mmm.host_reads import on_host
+from mmm.train.host_metrics import log_host_value
 from mmm.train.loaders import ErrorTally, shutdown_workers
 
 logger = logging.getLogger("mmm.train")
@@ -208,7 +210,8 @@ class MixtureLoader:
         i = self._next = start
         while end is None or i < end:
             t = self.sampler(i)
-            batch = next(iterators[t])
+            with on_host():  # the data pipeline is host work (here when num_workers is 0), never a device read
+                batch = next(iterators[t])
             batch.extras["data_errors_total"] = self.data_errors()
             self._yielded += 1
             i = self._next = i + 1
@@ -237,5 +240,5 @@ class MixtureMonitor(L.Callback):
         if getattr(dm, "sampler", None) is None or (trainer.global_step % self.every):
             return
         for name, c in dm.source_counts().items():
-            pl_module.log(f"train/task_batches/{name}", float(c["batches"]), on_step=True, batch_size=1)
-            pl_module.log(f"train/task_samples/{name}", float(c["samples"]), on_step=True, batch_size=1)
+            log_host_value(pl_module, f"train/task_batches/{name}", c["batches"])
+            log_host_value(pl_module, f"train/task_samples/{name}", c["samples"])

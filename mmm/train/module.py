@@ -12,6 +12,7 @@ import torch
 from mmm.batch import PackedBatch
 from mmm.config import OptimConfig
 from mmm.model import MaskedModel
+from mmm.train.host_metrics import log_host_value
 from mmm.train.phases import PhaseSchedule
 
 log = logging.getLogger("mmm.train")
@@ -117,7 +118,7 @@ class MaskedModelingModule(L.LightningModule):
             log.info("step %d: phase %d of %d trains %s", self.global_step, index, len(self.phases.ends),
                      ", ".join(self.phases.heads[index]))
             self._phase = index
-        self.log("train/phase", float(index), on_step=True, on_epoch=False, batch_size=1)
+        log_host_value(self, "train/phase", index, on_epoch=False)
         return self.phases.heads[index]
 
     def _common_step(self, batch: PackedBatch, stage: str) -> torch.Tensor:
@@ -128,15 +129,16 @@ class MaskedModelingModule(L.LightningModule):
             self._add_val_sums(prefix, outputs)
             return loss
         n = batch.num_sequences
+        # no prog_bar: Lightning would read each such value back after every step; the progress bar reads
+        # the ones it shows when it redraws its numbers (mmm.train.host_metrics)
         log = dict(on_step=True, on_epoch=False, add_dataloader_idx=False)
         if batch.task:
-            self.log("train/loss", loss, batch_size=n, prog_bar=True, **log)
-        self.log(f"{prefix}/loss", loss, batch_size=n, prog_bar=not batch.task, **log)
+            self.log("train/loss", loss, batch_size=n, **log)
+        self.log(f"{prefix}/loss", loss, batch_size=n, **log)
         for name, out in outputs.items():
             self.log(f"{prefix}/{name}_loss", out.loss, batch_size=max(1, out.count), **log)
             for metric, value in out.metrics.items():
-                self.log(f"{prefix}/{name}_{metric}", value, batch_size=max(1, out.count),
-                         prog_bar=(metric == "acc" and not batch.task), **log)
+                self.log(f"{prefix}/{name}_{metric}", value, batch_size=max(1, out.count), **log)
         return loss
 
     def _add_val_sums(self, prefix: str, outputs: Dict[str, Any]) -> None:
@@ -152,7 +154,7 @@ class MaskedModelingModule(L.LightningModule):
         loss = self._common_step(batch, "train")
         errors = batch.extras.get("data_errors_total")
         if errors is not None:  # bad samples/shards this rank's data workers met so far (summed over workers)
-            self.log("train/data_errors", float(errors), on_step=True, batch_size=1)
+            log_host_value(self, "train/data_errors", errors)
         self._stepped = bool(torch.isfinite(loss))
         if self._stepped:
             return loss
@@ -161,7 +163,7 @@ class MaskedModelingModule(L.LightningModule):
         if self.nonfinite == "stop":
             raise FloatingPointError(f"{where}; lower optim.lr or set trainer.nonfinite_loss: skip to drop such batches")
         self.nonfinite_skipped += 1
-        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, batch_size=1)
+        log_host_value(self, "train/nonfinite_skipped", self.nonfinite_skipped)
         log.warning("%s: skipped (no optimizer step); %d skipped so far", where, self.nonfinite_skipped)
         return None  # Lightning skips backward and the optimizer step
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -80,3 +80,74 @@ def step_host_reads(cfg, max_batches: int = 64) -> StepReads:
             return out
     raise RuntimeError(f"check-syncs: tasks {sorted(wanted - set(out.tasks))} drew no batch in the first "
                        f"{max_batches} batches; raise their weight or check their data")
+
+
+@dataclass
+class LoopReads:
+    """The host reads of a short training run through Lightning's loop, per optimizer step.
+
+    ``by_step[k]``: the reads made while ``trainer.global_step`` was ``k`` (the training step of batch
+    ``k``, then its callbacks after the optimizer step, already counted as step ``k + 1``).
+    ``logged``: the steps at which Lightning's logger and the progress bar read their values (every
+    ``trainer.log_every_n_steps``), where reads are expected.
+    """
+
+    by_step: Dict[int, List[HostRead]]
+    steps: int
+    logged: List[int]
+
+    def between_logging(self) -> List[HostRead]:
+        """Distinct reads not in :data:`BY_DESIGN` at steps 1 … steps − 1 (after the set-up, before the end)
+        at least two steps away from a logging step (Lightning decides to log one step ahead, and its LR
+        monitor reads at the start of the step before)."""
+        quiet = [k for k in range(1, self.steps) if all(abs(k - m) > 1 for m in self.logged)]
+        return [r for r in dict.fromkeys(r for k in quiet for r in self.by_step.get(k, [])) if by_design(r) is None]
+
+    def report(self) -> str:
+        """One line per distinct read: how often, at which steps, and why when it is planned."""
+        steps: Dict[HostRead, List[int]] = {}
+        for k in sorted(self.by_step):
+            for r in self.by_step[k]:
+                steps.setdefault(r, []).append(k)
+        lines = []
+        for r, at in steps.items():
+            why = by_design(r)
+            lines.append(f"{r}: {len(at)}x at steps {_ranges(sorted(set(at)))}" + (f" [by design: {why}]" if why else ""))
+        return "\n".join(lines or ["no host reads"])
+
+
+def _ranges(values: List[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` → ``"0-2, 5, 7-8"``."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)
+
+
+def loop_host_reads(cfg, steps: int = 12) -> LoopReads:
+    """Train ``cfg`` for ``steps`` optimizer steps on the CPU through ``trainer.fit`` (Lightning's loop,
+    logging, progress bar, callbacks, gradient clipping, the optimizer and the LR schedule) and record
+    every host read, per step. Validation and checkpoints are off; the run folder is ``cfg``'s.
+
+    Reads at the logging steps are Lightning writing its logs (one read per logged tensor, every
+    ``trainer.log_every_n_steps``); :meth:`LoopReads.between_logging` lists the others.
+    """
+    from mmm.train.pretrain import build_run
+
+    if steps < 4:
+        raise ValueError(f"check-syncs --loop: give at least 4 steps (set-up, two steps between, the end), got {steps}")
+    tc = dataclasses.replace(cfg.trainer, accelerator="cpu", max_steps=steps, checkpoint_every_n_steps=10 * steps,
+                             val_check_interval=10 * steps)
+    cfg = dataclasses.replace(cfg, trainer=tc, data=dataclasses.replace(cfg.data, val=None))
+    run = build_run(cfg)
+    with HostReadDetector(tag=lambda: run.trainer.global_step) as detector:
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    by_step: Dict[int, List[HostRead]] = {}
+    for read, step in zip(detector.found, detector.tags):
+        by_step.setdefault(int(step), []).append(read)
+    every = max(1, tc.log_every_n_steps)
+    return LoopReads(by_step, steps, [k for k in range(steps + 1) if k % every == 0])

@@ -1,0 +1,47 @@
+"""Per-step metrics that do not make a GPU step wait for the host.
+
+Lightning turns every metric logged with ``prog_bar=True`` into a Python number after every batch
+(``.item()``: on CUDA the host waits for the step to finish), and turns a Python number given to
+``self.log`` into a tensor on the module's device (a blocking copy on CUDA). A run that logs its loss to
+the bar and its throughput as floats therefore syncs several times per step, although the logger only
+writes every ``log_every_n_steps``. Here:
+
+* numbers the host already has (throughput, the phase, data-error counts) are logged as CPU tensors
+  (:func:`log_host_value`): nothing is copied to the device and reading them back costs nothing;
+* training metrics are logged without ``prog_bar``; the progress bar picks the ones it shows from
+  ``trainer.callback_metrics`` (device tensors, not converted) when it redraws its numbers, every
+  ``log_every_n_steps`` (:func:`bar_metrics`), as the logger does.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Mapping
+
+import torch
+
+BAR_METRICS = re.compile(r"^train/(loss|tokens_per_sec|[^/]+_acc)$")
+"""Training metrics the progress bar shows: the loss, the real-token throughput and, for a single-task
+run, each head's accuracy (``train/mlm_acc``; a multi-task run's per-task metrics stay in the logs)."""
+
+
+def log_host_value(module: Any, name: str, value: float, **kwargs: Any) -> None:
+    """``module.log(name, value)`` for a number the host already has, kept on the host (a CPU tensor).
+
+    Args:
+        module: the LightningModule logging.
+        name: the metric's key.
+        value: a Python number.
+        kwargs: ``self.log`` options; ``on_step=True`` and ``batch_size=1`` unless given.
+    """
+    kwargs.setdefault("on_step", True)
+    kwargs.setdefault("batch_size", 1)
+    module.log(name, torch.tensor(float(value), dtype=torch.float32), **kwargs)
+
+
+def bar_metrics(callback_metrics: Mapping[str, Any]) -> Dict[str, float]:
+    """The training metrics the progress bar shows (:data:`BAR_METRICS`), as numbers (one read each)."""
+    out = {}
+    for name, value in callback_metrics.items():
+        if BAR_METRICS.match(name):
+            out[name] = float(value.item() if isinstance(value, torch.Tensor) else value)
+    return out
