@@ -89,7 +89,10 @@ def test_a_training_step_of_each_tiny_config_reads_nothing_back(name):
     reads = step_host_reads(cfg)
     assert sorted(reads.tasks) == sorted(t.name for t in cfg.tasks) or reads.tasks == [""]  # a batch of every task
     assert reads.unplanned() == [], reads.report()
-    assert [r.where.rsplit(" in ", 1)[-1] for r in dict.fromkeys(reads.forward)] == ["training_step"]  # the loss check
+    # the loss check reads the loss unless the optimizer skips a bad step on the device (fused AdamW, the default)
+    read_every_step = cfg.optim.name != "adamw" or cfg.optim.args.get("fused") is False
+    expected = ["admit"] if read_every_step else []
+    assert [r.where.rsplit(" in ", 1)[-1] for r in dict.fromkeys(reads.forward)] == expected, reads.report()
     assert reads.backward == []
 
 
@@ -285,14 +288,14 @@ def _loop_config(name, **overrides):
 @pytest.mark.parametrize("name", ["text_mlm_tiny.yaml", "vl_uniter_tiny.yaml"])
 def test_the_training_loop_reads_nothing_back_between_logging_steps(name):
     """Lightning's loop with mmm's callbacks (throughput, progress bar, LR monitor, the multi-task mixture
-    monitor), gradient clipping and fused AdamW: between logging steps, only the per-step loss check."""
+    monitor), gradient clipping and fused AdamW: between logging steps, no host read at all."""
     from mmm.train.step_reads import loop_host_reads
 
     loop = loop_host_reads(_loop_config(name), steps=12)
     assert loop.logged == [0, 5, 10]
     assert loop.between_logging() == [], loop.report()
-    for k in (2, 3, 7, 8):  # the quiet steps: each still makes its planned loss check
-        assert [r.where.rsplit(" in ", 1)[-1] for r in loop.by_step[k]] == ["training_step"], loop.report()
+    for k in (2, 3, 7, 8):  # the quiet steps: fused AdamW skips a non-finite step itself, so nothing is read at all
+        assert loop.by_step.get(k, []) == [], loop.report()
     at_logging = [r.where for r in loop.by_step[5]]  # the detector does see Lightning's own reads when it logs
     assert any(w.startswith("lightning/") for w in at_logging) and any("bar_metrics" in w for w in at_logging)
 

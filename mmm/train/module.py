@@ -13,6 +13,7 @@ from mmm.batch import PackedBatch
 from mmm.config import OptimConfig
 from mmm.model import MaskedModel
 from mmm.train.host_metrics import log_host_value
+from mmm.train.nonfinite import NonFiniteGuard, StepInfo, device_skip_blockers
 from mmm.train.phases import PhaseSchedule
 
 log = logging.getLogger("mmm.train")
@@ -76,15 +77,13 @@ class MaskedModelingModule(L.LightningModule):
                  extra_state: Optional[Dict[str, Any]] = None, nonfinite: str = "stop",
                  phases: Optional[PhaseSchedule] = None) -> None:
         super().__init__()
-        if nonfinite not in ("stop", "skip"):
-            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        self.nonfinite_guard = NonFiniteGuard(nonfinite)  # raises on a policy other than stop / skip
         self.model = model
         self.optim = optim
         self.max_steps = max_steps
         self.extra_state = extra_state or {}
         self.nonfinite = nonfinite
-        self.nonfinite_skipped = 0
-        self._stepped = True  # the last training batch had a finite loss (its optimizer step changed weights)
+        self._stepped = True  # the last training batch was trained on (post-step hooks run)
         self._val_sums: Dict[Tuple[str, str], Dict[str, list]] = {}  # (prefix, head) -> metric -> [sum, count]
         self.phases = phases
         self._phase: Optional[int] = None  # the phase of the last training step (logged when it changes)
@@ -155,17 +154,39 @@ class MaskedModelingModule(L.LightningModule):
         errors = batch.extras.get("data_errors_total")
         if errors is not None:  # bad samples/shards this rank's data workers met so far (summed over workers)
             log_host_value(self, "train/data_errors", errors)
-        self._stepped = bool(torch.isfinite(loss))
+        info = StepInfo(self.global_step, batch_idx, self.current_epoch, batch.num_sequences, batch.num_tokens)
+        self._stepped = self.nonfinite_guard.admit(loss, info)  # stop raises; on the device, always True
         if self._stepped:
             return loss
-        where = (f"non-finite training loss ({float(loss.detach())}) at global step {self.global_step}, batch {batch_idx} "
-                 f"of epoch {self.current_epoch} ({batch.num_sequences} sequences, {batch.num_tokens} tokens)")
-        if self.nonfinite == "stop":
-            raise FloatingPointError(f"{where}; lower optim.lr or set trainer.nonfinite_loss: skip to drop such batches")
-        self.nonfinite_skipped += 1
         log_host_value(self, "train/nonfinite_skipped", self.nonfinite_skipped)
-        log.warning("%s: skipped (no optimizer step); %d skipped so far", where, self.nonfinite_skipped)
         return None  # Lightning skips backward and the optimizer step
+
+    @property
+    def nonfinite_skipped(self) -> int:
+        """Training batches with a non-finite loss skipped so far (on the device: as of the last logging step)."""
+        return self.nonfinite_guard.skipped
+
+    def on_train_start(self) -> None:
+        """Check non-finite losses on the device when the run allows it (:mod:`mmm.train.nonfinite`)."""
+        trainer = self.trainer
+        blockers = device_skip_blockers(trainer.optimizers[0] if trainer.optimizers else None,
+                                        trainer.precision, trainer.world_size)
+        if not blockers:
+            self.nonfinite_guard.use_device(trainer.optimizers[0])
+        else:
+            log.info("non-finite loss check: read every step (%s)", "; ".join(blockers))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """On the device, the non-finite count is read at logging steps, when Lightning reads its metrics."""
+        guard = self.nonfinite_guard
+        if guard.on_device and self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            before = guard.skipped
+            guard.read()  # stop raises here
+            if guard.skipped != before:
+                log_host_value(self, "train/nonfinite_skipped", guard.skipped)
+
+    def on_train_end(self) -> None:
+        self.nonfinite_guard.read()  # the steps since the last logging step (stop raises here)
 
     def validation_step(self, batch: PackedBatch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         return self._common_step(batch, "val")
@@ -206,6 +227,7 @@ class MaskedModelingModule(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.nonfinite_guard.after_optimizer_step()
         if self._stepped:  # a batch skipped for a non-finite loss changed no weight: no EMA update either
             self.model.after_optimizer_step()  # heads' post-step hooks (data2vec's EMA teacher, in fp32)
 

@@ -10,9 +10,11 @@ from typing import Dict, List, Optional
 import torch
 
 from mmm.host_reads import HostRead, HostReadDetector
+from mmm.train.nonfinite import device_skip_blockers
 
-BY_DESIGN = {("mmm/train/module.py", "training_step", "bool(tensor)"):
-             "the non-finite loss check (trainer.nonfinite_loss): one read per step, after the forward is queued",
+BY_DESIGN = {("mmm/train/nonfinite.py", "admit", "bool(tensor)"):
+             "the non-finite loss check (trainer.nonfinite_loss) where it cannot run on the device (not a fused "
+             "Adam/AdamW, fp16's GradScaler, several processes): one read per step, after the forward is queued",
              ("mmm/steps/hard_negatives.py", "mine", "Tensor.tolist()"):
              "ITM hard negatives: the mined pairs' layout depends on the drawn indices (one read per mining step)"}
 """Host reads a training step makes on purpose: (file, function, kind) → why."""
@@ -62,6 +64,9 @@ def step_host_reads(cfg, max_batches: int = 64) -> StepReads:
     run.datamodule.setup("fit")
     module = run.module.train()
     module.log = lambda *args, **kwargs: None  # no Trainer attached: logging is not what is checked
+    optimizer = module.configure_optimizers()["optimizer"]
+    if not device_skip_blockers(optimizer, cfg.trainer.precision, 1):  # as on_train_start decides in a run
+        module.nonfinite_guard.use_device(optimizer)
     wanted = {t.name for t in cfg.tasks} or {""}
     out = StepReads([], [])
     for i, batch in enumerate(itertools.islice(run.datamodule.train_dataloader(), max_batches)):

@@ -27,23 +27,81 @@ def _poison(run, bad_calls):
     model.forward = forward
 
 
-def test_nonfinite_loss_stops_naming_the_step(tmp_path):
-    run = build_run(tiny_config(tmp_path / "run", **{"trainer.max_steps": 6, "data.val": None}))
-    _poison(run, {3})
-    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at global step 3, batch 3 of epoch 0"):
-        run.trainer.fit(run.module, datamodule=run.datamodule)
+READ_EVERY_STEP = {"optim.args": {"fused": False}}  # PyTorch's per-tensor AdamW: no found_inf, the loss is read
 
 
-def test_nonfinite_loss_skip_drops_and_counts(tmp_path):
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, where):
+    """On the device the stop comes at the next logging step (here the end of the 6 steps, before step 10);
+    the message names the step, batch and loss either way."""
     run = build_run(tiny_config(tmp_path / "run", **{"trainer.max_steps": 6, "data.val": None,
-                                                     "trainer.nonfinite_loss": "skip"}))
+                                                     **(READ_EVERY_STEP if where == "host" else {})}))
+    _poison(run, {3})
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at global step 3, batch 3 of epoch 0 "
+                                                 r"\(8 sequences, \d+ tokens\)"):
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.module.nonfinite_guard.on_device == (where == "device")
+
+
+def test_nonfinite_loss_skip_drops_and_counts_reading_every_step(tmp_path):
+    run = build_run(tiny_config(tmp_path / "run", **{"trainer.max_steps": 6, "data.val": None,
+                                                     "trainer.nonfinite_loss": "skip", **READ_EVERY_STEP}))
     _poison(run, {1, 4})
     before = [p.detach().clone() for p in run.module.model.parameters()]
     run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert not run.module.nonfinite_guard.on_device
     assert run.module.nonfinite_skipped == 2
-    assert run.trainer.global_step == 6  # skipped batches do not count as optimizer steps
+    assert run.trainer.global_step == 6  # skipped batches do not count as optimizer steps: 8 batches for 6 steps
     assert all(torch.isfinite(p).all() for p in run.module.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, run.module.model.parameters()))
+
+
+def test_nonfinite_loss_skip_on_the_device_leaves_weights_and_moments_as_they_were(tmp_path):
+    """Fused AdamW skips the bad steps' updates itself (found_inf); they count as steps that changed nothing, and
+    the host reads the count at logging steps (every 3 here) and at the end."""
+    run = build_run(tiny_config(tmp_path / "run", **{"trainer.max_steps": 8, "data.val": None,
+                                                     "trainer.nonfinite_loss": "skip", "trainer.log_every_n_steps": 3}))
+    _poison(run, {1, 4, 7})
+    seen = []
+    read = run.module.nonfinite_guard.read
+
+    def counted():
+        out = read()
+        seen.append((run.trainer.global_step, run.module.nonfinite_guard.skipped))
+        return out
+
+    run.module.nonfinite_guard.read = counted
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.module.nonfinite_guard.on_device
+    assert seen == [(3, 1), (6, 2), (8, 3)]  # logging steps 3 and 6, then the end
+    assert run.module.nonfinite_skipped == 3 and run.trainer.global_step == 8
+    opt = run.trainer.optimizers[0]
+    steps = {float(opt.state[p]["step"]) for p in run.module.model.parameters() if p in opt.state}
+    assert steps == {5.0}  # 8 optimizer steps, 3 of them skipped by the kernel
+    assert all(torch.isfinite(p).all() for p in run.module.model.parameters())
+    assert all(torch.isfinite(opt.state[p]["exp_avg_sq"]).all() for p in opt.state)
+
+
+def test_a_skipped_step_on_the_device_changes_nothing(tmp_path, ckpt):
+    """Three steps whose last loss is NaN end with exactly the weights and moments of two clean steps."""
+    tokenizer = str(ckpt.parent.parent / "tokenizer")  # one tokenizer for both runs (training one twice may differ)
+
+    def train(steps, bad):
+        run = build_run(tiny_config(tmp_path / f"run{steps}", **{
+            "trainer.max_steps": steps, "data.val": None, "trainer.nonfinite_loss": "skip",
+            "model.text.tokenizer_path": tokenizer,
+            "optim.schedule": "constant", "optim.warmup_steps": 0}))  # the same lr at every step of both runs
+        _poison(run, bad)
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+        assert run.module.nonfinite_guard.on_device and run.module.nonfinite_skipped == len(bad)
+        opt = run.trainer.optimizers[0]
+        return [(p.detach().clone(), opt.state[p]["exp_avg"].clone()) for p in run.module.model.parameters()
+                if p in opt.state]
+
+    clean, poisoned = train(2, set()), train(3, {2})
+    assert len(clean) == len(poisoned)
+    for (w, m), (w2, m2) in zip(clean, poisoned):
+        assert torch.equal(w, w2) and torch.equal(m, m2)
 
 
 def test_skip_policy_is_refused_for_several_processes(tmp_path):
