@@ -280,9 +280,21 @@ def test_region_inputs_count_their_hidden_regions_on_the_host_and_mto_uses_the_c
 
 
 def _loop_config(name, **overrides):
-    return load_config(CONFIGS / name, {"data.batch_size": 4, "data.num_workers": 0, "trainer.log_every_n_steps": 5,
-                                        "trainer.enable_progress_bar": True,
+    return load_config(CONFIGS / name, {"data.batch_size": 4, "data.num_workers": 0, "trainer.enable_progress_bar": True,
                                         "trainer.default_root_dir": tempfile.mkdtemp(prefix="mmm_loop_"), **overrides})
+
+
+def test_the_checks_leave_the_config_s_run_folder_alone(tmp_path):
+    """check-syncs runs in a temporary folder: a run folder's config.yaml and last.ckpt stay as they were."""
+    from mmm.train.step_reads import loop_host_reads
+
+    run_dir = tmp_path / "run"
+    cfg = _loop_config("text_mlm_tiny.yaml", **{"trainer.default_root_dir": str(run_dir)})
+    step_host_reads(cfg)
+    loop_host_reads(cfg, steps=8)
+    assert not run_dir.exists()
+    with pytest.raises(ValueError, match="at least 8 steps"):
+        loop_host_reads(cfg, steps=6)
 
 
 @pytest.mark.parametrize("name", ["text_mlm_tiny.yaml", "vl_uniter_tiny.yaml"])
@@ -292,11 +304,11 @@ def test_the_training_loop_reads_nothing_back_between_logging_steps(name):
     from mmm.train.step_reads import loop_host_reads
 
     loop = loop_host_reads(_loop_config(name), steps=12)
-    assert loop.logged == [0, 5, 10]
+    assert loop.logged == [0, 6, 12] and loop.quiet_steps() == [2, 3, 4, 8, 9, 10]
     assert loop.between_logging() == [], loop.report()
-    for k in (2, 3, 7, 8):  # the quiet steps: fused AdamW skips a non-finite step itself, so nothing is read at all
+    for k in loop.quiet_steps():  # fused AdamW skips a non-finite step itself, so nothing is read at all
         assert loop.by_step.get(k, []) == [], loop.report()
-    at_logging = [r.where for r in loop.by_step[5]]  # the detector does see Lightning's own reads when it logs
+    at_logging = [r.where for r in loop.by_step[6]]  # the detector does see Lightning's own reads when it logs
     assert any(w.startswith("lightning/") for w in at_logging) and any("bar_metrics" in w for w in at_logging)
 
 
@@ -318,8 +330,11 @@ def test_the_progress_bar_shows_the_loss_accuracy_and_throughput_read_when_it_re
     from mmm.train.host_metrics import bar_metrics, log_host_value
 
     metrics = {"train/loss": torch.tensor(2.5), "train/mlm_acc": torch.tensor(0.25), "train/tokens_per_sec": 900.0,
-               "train/mlm_loss": torch.tensor(2.5), "train/itm/itm_acc": torch.tensor(0.5), "val/loss": torch.tensor(3.0)}
-    assert bar_metrics(metrics) == {"train/loss": 2.5, "train/mlm_acc": 0.25, "train/tokens_per_sec": 900.0}
+               "train/mlm_loss": torch.tensor(2.5), "train/electra_generator_acc": torch.tensor(0.5),
+               "val/loss": torch.tensor(3.0)}
+    assert bar_metrics(metrics, ["train/mlm_acc"]) == {"train/loss": 2.5, "train/tokens_per_sec": 900.0,
+                                                       "train/mlm_acc": 0.25}
+    assert bar_metrics({}, ["train/mlm_acc"]) == {}  # nothing logged yet
     logged = {}
 
     class Module:

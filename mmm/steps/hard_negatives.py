@@ -23,6 +23,14 @@ from mmm.registry import STEPS
 SOURCE = "itc"  # the contrastive targets mining reads (joint_pairs reads the same key)
 
 
+def _draw(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """(R,) one column per row, drawn ∝ softmax(logits); a row whose similarities are not finite (a diverged
+    step: its loss is not finite either, and trainer.nonfinite_loss decides) draws uniformly among ``allowed``."""
+    probs = logits.softmax(-1)
+    probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, allowed.float())
+    return torch.multinomial(probs, 1).squeeze(1)
+
+
 def _take(logits: torch.Tensor, rows: List[int]) -> torch.Tensor:
     """The given rows of ``logits``; all of them (the usual case: every caption distinct) without a copy."""
     if rows == list(range(logits.shape[0])):
@@ -91,14 +99,15 @@ class HardNegativeMining:
         captions = batch.extras.get("captions") or [str(i) for i in range(b)]
         same = [[x == y for y in captions] for x in captions]  # (B, B) on the host: which pairs may not be negatives
         scale = similarity.scale() if hasattr(similarity, "scale") else 1.0  # a tensor: no read of its value
-        logits = (sim * scale).masked_fill(torch.tensor(same).to(sim.device, non_blocking=True), float("-inf"))
+        excluded = torch.tensor(same).to(sim.device, non_blocking=True)  # (B, B)
+        logits = (sim * scale).masked_fill(excluded, float("-inf"))
         rows = [i for i in range(b) if not all(same[i])]  # images with at least one non-matching caption
         cols = [j for j in range(b) if not all(row[j] for row in same)]  # captions with a non-matching image
         drawn = []
         if rows:
-            drawn.append(torch.multinomial(_take(logits, rows).softmax(-1), 1).squeeze(1))
+            drawn.append(_draw(_take(logits, rows), _take(~excluded, rows)))
         if cols:
-            drawn.append(torch.multinomial(_take(logits.T, cols).softmax(-1), 1).squeeze(1))
+            drawn.append(_draw(_take(logits.T, cols), _take(~excluded.T, cols)))
         # the one read of a mining step: the joint batch's layout depends on which caption/image was drawn
         picks = torch.cat(drawn).tolist() if drawn else []
         text_of = list(range(b)) + picks[:len(rows)] + cols

@@ -70,8 +70,10 @@ class StepProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer, pl_module) -> Dict[str, Any]:
         """Lightning's (the version, metrics logged with ``prog_bar``) and the training metrics of
-        :data:`mmm.train.host_metrics.BAR_METRICS`, read from ``trainer.callback_metrics`` now."""
-        return {**super().get_metrics(trainer, pl_module), **bar_metrics(trainer.callback_metrics)}
+        :data:`mmm.train.host_metrics.BAR_METRICS` and the module's ``bar_keys``, read from
+        ``trainer.callback_metrics`` now."""
+        keys = getattr(pl_module, "bar_keys", ())
+        return {**super().get_metrics(trainer, pl_module), **bar_metrics(trainer.callback_metrics, keys)}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.train_progress_bar is not None and not self.train_progress_bar.disable:

@@ -14,14 +14,13 @@ writes every ``log_every_n_steps``. Here:
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Iterable, Mapping
 
 import torch
 
-BAR_METRICS = re.compile(r"^train/(loss|tokens_per_sec|[^/]+_acc)$")
-"""Training metrics the progress bar shows: the loss, the real-token throughput and, for a single-task
-run, each head's accuracy (``train/mlm_acc``; a multi-task run's per-task metrics stay in the logs)."""
+BAR_METRICS = ("train/loss", "train/tokens_per_sec")
+"""Training metrics the progress bar always shows; the module adds its own (``bar_keys``: a single-task
+run's heads' ``acc``, e.g. ``train/mlm_acc``; a multi-task run's per-task metrics stay in the logs)."""
 
 
 def log_host_value(module: Any, name: str, value: float, **kwargs: Any) -> None:
@@ -38,10 +37,12 @@ def log_host_value(module: Any, name: str, value: float, **kwargs: Any) -> None:
     module.log(name, torch.tensor(float(value), dtype=torch.float32), **kwargs)
 
 
-def bar_metrics(callback_metrics: Mapping[str, Any]) -> Dict[str, float]:
-    """The training metrics the progress bar shows (:data:`BAR_METRICS`), as numbers (one read each)."""
+def bar_metrics(callback_metrics: Mapping[str, Any], keys: Iterable[str] = ()) -> Dict[str, float]:
+    """The training metrics the progress bar shows (:data:`BAR_METRICS` and ``keys``) that were logged, as
+    numbers (one read each)."""
     out = {}
-    for name, value in callback_metrics.items():
-        if BAR_METRICS.match(name):
+    for name in (*BAR_METRICS, *keys):
+        value = callback_metrics.get(name)
+        if value is not None:
             out[name] = float(value.item() if isinstance(value, torch.Tensor) else value)
     return out

@@ -84,6 +84,7 @@ class MaskedModelingModule(L.LightningModule):
         self.extra_state = extra_state or {}
         self.nonfinite = nonfinite
         self._stepped = True  # the last training batch was trained on (post-step hooks run)
+        self.bar_keys: Dict[str, None] = {}  # training metrics the progress bar shows besides loss and tokens/s
         self._val_sums: Dict[Tuple[str, str], Dict[str, list]] = {}  # (prefix, head) -> metric -> [sum, count]
         self.phases = phases
         self._phase: Optional[int] = None  # the phase of the last training step (logged when it changes)
@@ -138,6 +139,8 @@ class MaskedModelingModule(L.LightningModule):
             self.log(f"{prefix}/{name}_loss", out.loss, batch_size=max(1, out.count), **log)
             for metric, value in out.metrics.items():
                 self.log(f"{prefix}/{name}_{metric}", value, batch_size=max(1, out.count), **log)
+                if metric == "acc" and not batch.task:
+                    self.bar_keys.setdefault(f"{prefix}/{name}_{metric}")
         return loss
 
     def _add_val_sums(self, prefix: str, outputs: Dict[str, Any]) -> None:
@@ -169,10 +172,12 @@ class MaskedModelingModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Check non-finite losses on the device when the run allows it (:mod:`mmm.train.nonfinite`)."""
         trainer = self.trainer
-        blockers = device_skip_blockers(trainer.optimizers[0] if trainer.optimizers else None,
-                                        trainer.precision, trainer.world_size)
+        blockers = device_skip_blockers(trainer.optimizers[0] if trainer.optimizers else None, trainer.precision,
+                                        trainer.world_size, trainer.accumulate_grad_batches)
         if not blockers:
             self.nonfinite_guard.use_device(trainer.optimizers[0])
+            log.info("non-finite loss check: on the device (the fused optimizer skips a bad step), read every %d "
+                     "steps and before each checkpoint", trainer.log_every_n_steps)
         else:
             log.info("non-finite loss check: read every step (%s)", "; ".join(blockers))
 
@@ -231,6 +236,29 @@ class MaskedModelingModule(L.LightningModule):
         if self._stepped:  # a batch skipped for a non-finite loss changed no weight: no EMA update either
             self.model.after_optimizer_step()  # heads' post-step hooks (data2vec's EMA teacher, in fp32)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip ``trainer.gradient_clip_val`` without a host read, also for a fused optimizer under bf16.
+
+        Lightning's mixed-precision plugin refuses any clipping with a fused Adam/AdamW (the optimizer could
+        unscale fp16 gradients itself), even under bf16, where nothing is scaled; its FSDP plugin refuses
+        norm clipping, which must go through the sharded root module. Without a GradScaler the gradients
+        are the true ones, so they are clipped here: ``FullyShardedDataParallel.clip_grad_norm_`` under
+        FSDP, ``torch.nn.utils.clip_grad_norm_`` otherwise (both compute the norm and scale on the device).
+        With fp16's GradScaler, Lightning's own path (it unscales first) is kept.
+        """
+        if not gradient_clip_val:
+            return
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        if scaled or gradient_clip_algorithm == "value":  # (a str enum in Lightning; mmm's configs clip by norm)
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        root = self.trainer.strategy.model
+        if callable(getattr(root, "clip_grad_norm_", None)):  # FSDP: the norm over every rank's shards
+            root.clip_grad_norm_(gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self):
         from mmm.optim import build_optimizer
 
@@ -240,12 +268,15 @@ class MaskedModelingModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self.nonfinite_guard.read()  # no checkpoint after an unreported bad step (stop raises: none is written)
         checkpoint["mmm"] = self.extra_state
+        checkpoint["mmm_nonfinite_skipped"] = self.nonfinite_guard.skipped
         # dropout draws from torch's global generator: save it so a resumed run continues bit-for-bit
         checkpoint["mmm_rng"] = {"torch": torch.get_rng_state(),
                                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self.nonfinite_guard.skipped = int(checkpoint.get("mmm_nonfinite_skipped", 0))  # a resumed run counts on
         rng = checkpoint.get("mmm_rng")
         if rng:
             torch.set_rng_state(rng["torch"])

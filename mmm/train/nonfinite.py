@@ -8,11 +8,13 @@ non-zero the kernel leaves the weights, moments and step count as they were. So 
 
 * the optimizer is a fused Adam/AdamW (it supports ``found_inf``),
 * no ``GradScaler`` manages ``found_inf`` itself (precision is not ``16-mixed``),
-* one process trains (ranks would not agree on a rank-local loss),
+* one process trains (ranks would not agree on a rank-local loss), and
+* gradients are not accumulated (the kernel skips a whole optimizer step; reading drops one batch),
 
 each step only queues ``found_inf = not isfinite(loss)`` for the optimizer and counts it on the device;
 the host reads the count at logging steps (``trainer.log_every_n_steps``, when Lightning reads its
-metrics anyway) and at the end of training. ``stop`` then raises, naming the first bad step and its
+metrics anyway), before every checkpoint is written (so a checkpoint never follows an unreported bad
+step, and ``stop`` writes none after it) and at the end of training. ``stop`` then raises, naming the first bad step and its
 batch (kept on the host for the steps since the last read); ``skip`` logs the count. A bad step is an
 optimizer step that changed nothing: it counts in ``global_step`` and the LR schedule, as a step
 ``GradScaler`` skips does, and the heads' post-step hooks run as after any step (data2vec's EMA
@@ -31,6 +33,10 @@ import torch
 log = logging.getLogger("mmm.train")
 
 
+MAX_PENDING = 4096
+"""Most steps between two reads of the device count (their descriptions are kept on the host until then)."""
+
+
 @dataclass(frozen=True)
 class StepInfo:
     """What an error message says about a training step: host values, kept until the next check."""
@@ -46,17 +52,31 @@ class StepInfo:
                 f"{self.epoch} ({self.sequences} sequences, {self.tokens} tokens)")
 
 
-def device_skip_blockers(optimizer: Any, precision: str, world_size: int) -> List[str]:
+def world_size(trainer_cfg: Any) -> int:
+    """Processes a run of ``trainer_cfg`` (:class:`mmm.config.TrainerConfig`) trains in; ``auto`` devices count as
+    one (what it means on a CPU; on a machine with several GPUs the run itself decides, in ``on_train_start``)."""
+    from mmm.config import ConfigError, data_parallel_size
+
+    try:
+        return data_parallel_size(trainer_cfg)
+    except ConfigError:
+        return int(trainer_cfg.num_nodes)
+
+
+def device_skip_blockers(optimizer: Any, precision: str, world_size: int, accumulate: int = 1) -> List[str]:
     """Why the check cannot be made on the device for this run (empty: it can)."""
     out = []
     fused = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
     if not fused:
         out.append(f"the optimizer ({type(optimizer).__name__}) is not a fused Adam/AdamW, which can skip an update "
                    f"on the device")
-    if str(precision).startswith("16"):
+    if str(precision) in ("16", "16-mixed"):
         out.append(f"precision {precision} uses a GradScaler, which sets the optimizer's found_inf itself")
     if world_size > 1:
         out.append(f"{world_size} processes: each would decide on its own loss")
+    if accumulate > 1:
+        out.append(f"gradients are accumulated over {accumulate} batches: a bad one would cost the whole step its "
+                   f"good ones, where reading drops only the bad batch")
     return out
 
 
@@ -73,11 +93,11 @@ class NonFiniteGuard:
         self.policy = policy
         self.optimizer: Optional[torch.optim.Optimizer] = None  # set: the check runs on the device
         self.skipped = 0  # bad steps found so far (host count)
-        self._bad: Optional[torch.Tensor] = None  # device: bad steps so far
+        self._bad: Optional[torch.Tensor] = None  # device: bad steps of this process so far
+        self._seen = 0  # _bad's value at the last read (skipped may start higher: a resumed run's count)
         self._first: Optional[torch.Tensor] = None  # device: the earliest unreported bad step's index in _pending
         self._first_loss: Optional[torch.Tensor] = None  # device: that step's loss
         self._pending: List[StepInfo] = []  # the steps since the last read
-        self._found: Optional[torch.Tensor] = None  # this optimizer step's flag (micro-batches OR-ed)
 
     def use_device(self, optimizer: torch.optim.Optimizer) -> None:
         """Check on the device from now on, through ``optimizer``'s ``found_inf``."""
@@ -103,6 +123,8 @@ class NonFiniteGuard:
         return False
 
     def _queue(self, loss: torch.Tensor, info: StepInfo) -> None:
+        if len(self._pending) >= MAX_PENDING:  # no logging step or checkpoint for that long: read now
+            self.read()
         bad = ~torch.isfinite(loss.detach())  # 0-d bool on the loss's device: nothing read
         index = len(self._pending)
         self._pending.append(info)
@@ -114,12 +136,10 @@ class NonFiniteGuard:
         self._first = torch.where(first, torch.full_like(self._first, index), self._first)
         self._first_loss = torch.where(first, loss.detach().float(), self._first_loss)
         self._bad = self._bad + bad.long()
-        self._found = bad if self._found is None else self._found | bad  # gradient accumulation: any micro-batch
-        self.optimizer.found_inf = self._found.float()  # read by the fused kernel inside this optimizer step
+        self.optimizer.found_inf = bad.float()  # read by the fused kernel inside this optimizer step
 
     def after_optimizer_step(self) -> None:
-        """The next training_step starts a new optimizer step's flag."""
-        self._found = None
+        """The flag served its optimizer step."""
         if self.optimizer is not None and hasattr(self.optimizer, "found_inf"):
             del self.optimizer.found_inf
 
@@ -132,9 +152,10 @@ class NonFiniteGuard:
         total, first = int(total), int(first)  # one read of the three
         pending, self._pending = self._pending, []
         self._first = torch.full_like(self._first, -1)
-        if total == self.skipped:
+        new, self._seen = total - self._seen, total
+        if new == 0:
             return None
-        new, self.skipped = total - self.skipped, total
+        self.skipped += new
         where = pending[first].describe(str(value)) if 0 <= first < len(pending) else "non-finite training loss"
         if self.policy == "stop":
             raise FloatingPointError(f"{where}; its update was skipped on the device; lower optim.lr or set "

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
 from mmm.host_reads import HostRead, HostReadDetector
-from mmm.train.nonfinite import device_skip_blockers
+from mmm.train.nonfinite import device_skip_blockers, world_size
 
 BY_DESIGN = {("mmm/train/nonfinite.py", "admit", "bool(tensor)"):
              "the non-finite loss check (trainer.nonfinite_loss) where it cannot run on the device (not a fused "
@@ -59,14 +62,31 @@ def step_host_reads(cfg, max_batches: int = 64) -> StepReads:
     """
     from mmm.train.pretrain import build_run
 
-    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, accelerator="cpu"))
-    run = build_run(cfg)
-    run.datamodule.setup("fit")
-    module = run.module.train()
-    module.log = lambda *args, **kwargs: None  # no Trainer attached: logging is not what is checked
-    optimizer = module.configure_optimizers()["optimizer"]
-    if not device_skip_blockers(optimizer, cfg.trainer.precision, 1):  # as on_train_start decides in a run
-        module.nonfinite_guard.use_device(optimizer)
+    with _scratch_run(cfg) as scratch:
+        run = build_run(scratch)
+        run.datamodule.setup("fit")
+        module = run.module.train()
+        module.log = lambda *args, **kwargs: None  # no Trainer attached: logging is not what is checked
+        optimizer = module.configure_optimizers()["optimizer"]
+        tc = cfg.trainer  # as on_train_start decides in the run the config describes
+        if not device_skip_blockers(optimizer, tc.precision, world_size(tc), tc.accumulate_grad_batches):
+            module.nonfinite_guard.use_device(optimizer)
+        return _step_each_task(cfg, run, module, max_batches)
+
+
+@contextmanager
+def _scratch_run(cfg) -> Iterator[Any]:
+    """``cfg`` run in a temporary folder (removed after), on the CPU, in one process, not resuming: a check
+    never touches the run folder the config names (its ``config.yaml``, checkpoints, logs)."""
+    folder = tempfile.mkdtemp(prefix="mmm_check_syncs_")
+    try:
+        yield dataclasses.replace(cfg, trainer=dataclasses.replace(
+            cfg.trainer, accelerator="cpu", devices=1, num_nodes=1, ckpt_path=None, default_root_dir=folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _step_each_task(cfg, run, module, max_batches: int) -> "StepReads":
     wanted = {t.name for t in cfg.tasks} or {""}
     out = StepReads([], [])
     for i, batch in enumerate(itertools.islice(run.datamodule.train_dataloader(), max_batches)):
@@ -102,11 +122,14 @@ class LoopReads:
     logged: List[int]
 
     def between_logging(self) -> List[HostRead]:
-        """Distinct reads not in :data:`BY_DESIGN` at steps 1 … steps − 1 (after the set-up, before the end)
-        at least two steps away from a logging step (Lightning decides to log one step ahead, and its LR
-        monitor reads at the start of the step before)."""
-        quiet = [k for k in range(1, self.steps) if all(abs(k - m) > 1 for m in self.logged)]
+        """Distinct reads not in :data:`BY_DESIGN` at the quiet steps (:meth:`quiet_steps`)."""
+        quiet = self.quiet_steps()
         return [r for r in dict.fromkeys(r for k in quiet for r in self.by_step.get(k, [])) if by_design(r) is None]
+
+    def quiet_steps(self) -> List[int]:
+        """Steps at least two away from a logging step (step 0, with the set-up, is one): Lightning's LR
+        monitor reads at the start of the step before a logging step, and its logger at or right after it."""
+        return [k for k in range(1, self.steps) if all(abs(k - m) > 1 for m in self.logged)]
 
     def report(self) -> str:
         """One line per distinct read: how often, at which steps, and why when it is planned."""
@@ -136,23 +159,25 @@ def _ranges(values: List[int]) -> str:
 def loop_host_reads(cfg, steps: int = 12) -> LoopReads:
     """Train ``cfg`` for ``steps`` optimizer steps on the CPU through ``trainer.fit`` (Lightning's loop,
     logging, progress bar, callbacks, gradient clipping, the optimizer and the LR schedule) and record
-    every host read, per step. Validation and checkpoints are off; the run folder is ``cfg``'s.
+    every host read, per step. It runs in a temporary folder (the config's run folder is not touched),
+    in one process, without validation; Lightning logs at steps 0, ``steps // 2`` and ``steps``.
 
-    Reads at the logging steps are Lightning writing its logs (one read per logged tensor, every
-    ``trainer.log_every_n_steps``); :meth:`LoopReads.between_logging` lists the others.
+    Reads at and next to the logging steps are Lightning writing its logs (one read per logged tensor)
+    and its LR monitor; :meth:`LoopReads.between_logging` lists the others.
     """
     from mmm.train.pretrain import build_run
 
-    if steps < 4:
-        raise ValueError(f"check-syncs --loop: give at least 4 steps (set-up, two steps between, the end), got {steps}")
-    tc = dataclasses.replace(cfg.trainer, accelerator="cpu", max_steps=steps, checkpoint_every_n_steps=10 * steps,
-                             val_check_interval=10 * steps)
-    cfg = dataclasses.replace(cfg, trainer=tc, data=dataclasses.replace(cfg.data, val=None))
-    run = build_run(cfg)
-    with HostReadDetector(tag=lambda: run.trainer.global_step) as detector:
-        run.trainer.fit(run.module, datamodule=run.datamodule)
+    if steps < 8:
+        raise ValueError(f"check-syncs --loop: give at least 8 steps (logging at the start, the middle and the end, "
+                         f"and steps between), got {steps}")
+    every = steps // 2  # logs at 0, steps/2 and the end: quiet windows in both halves, whatever the config's interval
+    with _scratch_run(cfg) as scratch:
+        tc = dataclasses.replace(scratch.trainer, max_steps=steps, log_every_n_steps=every,
+                                 checkpoint_every_n_steps=10 * steps, val_check_interval=10 * steps)
+        run = build_run(dataclasses.replace(scratch, trainer=tc, data=dataclasses.replace(scratch.data, val=None)))
+        with HostReadDetector(tag=lambda: run.trainer.global_step) as detector:
+            run.trainer.fit(run.module, datamodule=run.datamodule)
     by_step: Dict[int, List[HostRead]] = {}
     for read, step in zip(detector.found, detector.tags):
         by_step.setdefault(int(step), []).append(read)
-    every = max(1, tc.log_every_n_steps)
     return LoopReads(by_step, steps, [k for k in range(steps + 1) if k % every == 0])

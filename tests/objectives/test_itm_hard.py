@@ -163,3 +163,16 @@ def test_a_hard_negative_step_reads_back_once_the_drawn_indices(shards, tok, ima
     assert [(s.what, s.where.rsplit(" in ", 1)[-1]) for s in sites] == [("Tensor.tolist()", "mine")]
     assert by_design(sites[0]) is not None
     assert outputs["itm"].count == 3 * itc.targets["itc"].count
+
+
+def test_mining_on_non_finite_similarities_draws_allowed_negatives_and_leaves_the_loss_to_the_policy(shards, tok):
+    """A diverged step (NaN states) still mines: uniformly among the non-matching captions and images; the
+    loss is then not finite and trainer.nonfinite_loss decides, as for any other head."""
+    itc = run(shards, tok, settings("itc", "regions"), batch_size=6)[0]
+    model = _vl_model("regions", tok.vocab_size, "hard")
+    hidden = torch.full((itc.num_tokens, 32), float("nan"))
+    mined = model.steps["itm"].mine(model.objectives["itc"], hidden, itc)
+    b, caps, pairs = itc.targets["itc"].count, itc.extras["captions"], mined.extras["pairs"]
+    assert len(pairs["text"]) == 3 * b
+    for j, i in zip(pairs["text"][b:], pairs["image"][b:]):
+        assert caps[j] != caps[i]

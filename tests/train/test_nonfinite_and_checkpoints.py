@@ -73,7 +73,8 @@ def test_nonfinite_loss_skip_on_the_device_leaves_weights_and_moments_as_they_we
     run.module.nonfinite_guard.read = counted
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.module.nonfinite_guard.on_device
-    assert seen == [(3, 1), (6, 2), (8, 3)]  # logging steps 3 and 6, then the end
+    assert seen[:2] == [(3, 1), (6, 2)]  # logging steps 3 and 6
+    assert set(seen[2:]) == {(8, 3)} and len(seen) == 4  # the end: before the last checkpoint, and on_train_end
     assert run.module.nonfinite_skipped == 3 and run.trainer.global_step == 8
     opt = run.trainer.optimizers[0]
     steps = {float(opt.state[p]["step"]) for p in run.module.model.parameters() if p in opt.state}
@@ -95,13 +96,36 @@ def test_a_skipped_step_on_the_device_changes_nothing(tmp_path, ckpt):
         run.trainer.fit(run.module, datamodule=run.datamodule)
         assert run.module.nonfinite_guard.on_device and run.module.nonfinite_skipped == len(bad)
         opt = run.trainer.optimizers[0]
-        return [(p.detach().clone(), opt.state[p]["exp_avg"].clone()) for p in run.module.model.parameters()
-                if p in opt.state]
+        return [[p.detach().clone()] + [opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq", "step")]
+                for p in run.module.model.parameters() if p in opt.state]
 
     clean, poisoned = train(2, set()), train(3, {2})
-    assert len(clean) == len(poisoned)
-    for (w, m), (w2, m2) in zip(clean, poisoned):
-        assert torch.equal(w, w2) and torch.equal(m, m2)
+    assert len(clean) == len(poisoned) > 0
+    for a, b in zip(clean, poisoned):  # weight, both moments and Adam's step count
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_on_the_device_stop_writes_no_checkpoint_after_the_bad_step_and_skip_counts_across_a_resume(tmp_path):
+    """The count is read before every checkpoint: stop raises there (nothing written at or after the bad step),
+    and with skip the count travels in the checkpoint."""
+    run = build_run(tiny_config(tmp_path / "stop", **{"trainer.max_steps": 6, "data.val": None,
+                                                      "trainer.checkpoint_every_n_steps": 2}))
+    _poison(run, {2})
+    with pytest.raises(FloatingPointError, match="at global step 2, batch 2"):
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    ckpts = tmp_path / "stop" / "checkpoints"  # written at step 2, before the bad batch; the one due at step 4 was not
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step2.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    skip = {"data.val": None, "trainer.nonfinite_loss": "skip"}
+    first = build_run(tiny_config(tmp_path / "skip", **{"trainer.max_steps": 3, **skip}))
+    _poison(first, {1})
+    first.trainer.fit(first.module, datamodule=first.datamodule)
+    assert first.module.nonfinite_skipped == 1
+    again = build_run(tiny_config(tmp_path / "skip", **{"trainer.max_steps": 5, "trainer.ckpt_path": "last", **skip}))
+    _poison(again, {0})
+    again.trainer.fit(again.module, datamodule=again.datamodule, ckpt_path=str(tmp_path / "skip/checkpoints/last.ckpt"))
+    assert again.module.nonfinite_skipped == 2
 
 
 def test_skip_policy_is_refused_for_several_processes(tmp_path):
