@@ -16,6 +16,10 @@ leaves what it measured):
 4. ``mae`` — one MAE ViT-B/16 bf16 training step at 224 px (:func:`mae_step`): images/s, peak memory.
 5. ``attention`` — xformers vs mmm's packed SDPA vs padded SDPA vs math, time and memory
    (:func:`benchmarks.attention_backends.run_sweep`).
+6. ``loop`` (run third) — the BERT-base preset (bf16-mixed, fused AdamW, gradient clipping, the non-finite loss
+   check on the device) trained for 16 steps through Lightning's ``trainer.fit`` on the embedded
+   corpus (:func:`mmm.train.step_reads.loop_host_reads`): that it trains at all, the host reads at
+   steps away from logging (mmm's detector) and every sync CUDA's debug mode reports there.
 
 On a machine without CUDA every section is skipped with its reason and the run exits 0. The
 ``causal`` variants the issue mentions do not exist: mmm's encoder is bidirectional only.
@@ -41,7 +45,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
-SECTIONS = ("tests", "sync", "mfu", "mae", "attention")
+SECTIONS = ("tests", "sync", "loop", "mfu", "mae", "attention")
 GPU_TESTS = ["tests/core", "tests/interop", "tests/test_final_layer_subset.py",  # where the gpu-marked tests live
              "tests/benchmarks/test_gpu_check.py"]
 
@@ -60,6 +64,11 @@ class Sizes:
     mae_preset: str = "base"
     mae_batch: int = 64
     mae_overrides: Dict[str, Any] = field(default_factory=dict)
+    loop_config: str = "text_mlm_bert_base.yaml"
+    loop_overrides: Dict[str, Any] = field(default_factory=lambda: {
+        "data.train": "embedded", "data.val": None, "data.global_batch_size": None, "data.batch_size": 64,
+        "data.num_workers": 2, "trainer.enable_progress_bar": False})
+    loop_steps: int = 16
     attn_lengths: List[int] = field(default_factory=lambda: [128, 512, 2048])
     attn_tokens: int = 16384
     attn_heads: int = 12
@@ -72,7 +81,13 @@ SMOKE = Sizes(tests=["tests/benchmarks/test_gpu_check.py"], bert_preset="small",
               mfu_lengths=[32], mfu_tokens=128, mfu_steps=1, mfu_warmup=0, mae_preset="small", mae_batch=2,
               mae_overrides={"image_size": 32, "patch_size": 8, "dim": 32, "depth": 1, "heads": 2, "mlp_hidden": 64,
                              "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2},
-              attn_lengths=[16], attn_tokens=64, attn_heads=2, attn_head_dim=8)
+              attn_lengths=[16], attn_tokens=64, attn_heads=2, attn_head_dim=8,
+              loop_config="text_mlm_tiny.yaml",
+              loop_overrides={"data.batch_size": 4, "data.num_workers": 0, "model.encoder.dim": 32,
+                              "model.encoder.depth": 1, "model.encoder.heads": 2, "model.encoder.mlp_hidden": 64,
+                              "model.text.vocab_size": 300, "model.text.tokenizer_train_docs": 50,
+                              "trainer.enable_progress_bar": False},
+              loop_steps=8)
 
 
 # ----------------------------------------------------------------------------- pieces (also run on CPU)
@@ -256,6 +271,26 @@ def section_sync(device: torch.device, budget_s: float, sizes: Sizes) -> str:
                       "| step | attention | result | where |", "|---|---|---|---|", *rows])
 
 
+def section_loop(device: torch.device, budget_s: float, sizes: Sizes) -> str:
+    from mmm.config import load_config
+    from mmm.train.step_reads import loop_host_reads
+
+    cfg = load_config(REPO / "configs" / sizes.loop_config, dict(sizes.loop_overrides))
+    loop = loop_host_reads(cfg, sizes.loop_steps, accelerator=device.type)
+    between, cuda = loop.between_logging(), loop.cuda_between_logging()
+    rows = [f"| {sizes.loop_config} | {cfg.trainer.precision}, {cfg.optim.name} | {loop.trained} of {loop.steps} | "
+            f"{', '.join(map(str, loop.quiet_steps()))} | {len(between)}{': ' + str(between[0]) if between else ''} | "
+            f"{len(cuda) if device.type == 'cuda' else 'n/a (no CUDA)'}{': ' + cuda[0] if cuda else ''} |"]
+    return "\n".join([
+        "Lightning's whole loop (logging, progress bar off, callbacks, clipping, optimizer, LR schedule), "
+        "logging at steps 0, N/2 and N; the quiet steps are those two or more away from a logging step.", "",
+        "| config | precision, optimizer | steps trained | quiet steps | host reads there (mmm's detector) | "
+        "syncs there (CUDA's debug mode) |", "|---|---|---:|---|---|---|", *rows, "",
+        "All reads and syncs, by step:", "", "```", loop.report(),
+        *(f"CUDA sync at step {k}: {', '.join(dict.fromkeys(v))} ({len(v)}x)" for k, v in sorted(loop.cuda_syncs.items())),
+        "```"])
+
+
 def section_mfu(device: torch.device, budget_s: float, sizes: Sizes) -> str:
     from benchmarks.mfu import measure_mlm_step
 
@@ -349,11 +384,12 @@ def alibi_point(max_len: int, total_tokens: int, heads: int, head_dim: int, devi
 
 RUNNERS: Dict[str, Callable[[torch.device, float, Sizes], str]] = {
     "tests": section_tests, "sync": section_sync, "mfu": section_mfu, "mae": section_mae,
-    "attention": section_attention,
+    "attention": section_attention, "loop": section_loop,
 }
 TITLES = {"tests": "GPU tests", "sync": "Host syncs in a training step", "mfu": "BERT-base MLM MFU",
-          "mae": "MAE ViT-B step", "attention": "Attention: xformers vs SDPA (packed and padded) vs math"}
-SHARE = {"tests": 0.3, "sync": 0.1, "mfu": 0.3, "mae": 0.1, "attention": 0.2}  # of the time budget, per section
+          "mae": "MAE ViT-B step", "attention": "Attention: xformers vs SDPA (packed and padded) vs math",
+          "loop": "A whole training loop through Lightning (bf16 preset)"}
+SHARE = {"tests": 0.25, "sync": 0.1, "loop": 0.15, "mfu": 0.25, "mae": 0.1, "attention": 0.15}  # of the time budget, per section
 
 
 # ----------------------------------------------------------------------------- driver

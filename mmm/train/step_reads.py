@@ -6,7 +6,8 @@ import dataclasses
 import itertools
 import shutil
 import tempfile
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -75,15 +76,42 @@ def step_host_reads(cfg, max_batches: int = 64) -> StepReads:
 
 
 @contextmanager
-def _scratch_run(cfg) -> Iterator[Any]:
-    """``cfg`` run in a temporary folder (removed after), on the CPU, in one process, not resuming: a check
-    never touches the run folder the config names (its ``config.yaml``, checkpoints, logs)."""
+def _scratch_run(cfg, accelerator: str = "cpu") -> Iterator[Any]:
+    """``cfg`` run in a temporary folder (removed after), on ``accelerator``, in one process, not resuming: a
+    check never touches the run folder the config names (its ``config.yaml``, checkpoints, logs)."""
     folder = tempfile.mkdtemp(prefix="mmm_check_syncs_")
     try:
         yield dataclasses.replace(cfg, trainer=dataclasses.replace(
-            cfg.trainer, accelerator="cpu", devices=1, num_nodes=1, ckpt_path=None, default_root_dir=folder))
+            cfg.trainer, accelerator=accelerator, devices=1, num_nodes=1, ckpt_path=None, default_root_dir=folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+CUDA_SYNC_WARNING = "called a synchronizing CUDA operation"
+"""What ``torch.cuda.set_sync_debug_mode("warn")`` warns."""
+
+
+@contextmanager
+def _cuda_syncs_by_step(trainer, into: Dict[int, List[str]]) -> Iterator[None]:
+    """On CUDA: every synchronisation CUDA's sync debug mode reports (also those inside torch, which the
+    detector does not see), filed under the trainer's step as the warning's source line."""
+    before = torch.cuda.get_sync_debug_mode()
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if CUDA_SYNC_WARNING in str(message):
+            into.setdefault(int(trainer.global_step), []).append(f"{filename}:{lineno}")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():  # restores showwarning and the filters after
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
 
 
 def _step_each_task(cfg, run, module, max_batches: int) -> "StepReads":
@@ -120,6 +148,12 @@ class LoopReads:
     by_step: Dict[int, List[HostRead]]
     steps: int
     logged: List[int]
+    cuda_syncs: Dict[int, List[str]] = dataclasses.field(default_factory=dict)  # on CUDA: what its debug mode saw
+    trained: int = 0  # the optimizer steps the run made
+
+    def cuda_between_logging(self) -> List[str]:
+        """Distinct places CUDA's sync debug mode reported at the quiet steps (on CUDA only)."""
+        return list(dict.fromkeys(w for k in self.quiet_steps() for w in self.cuda_syncs.get(k, [])))
 
     def between_logging(self) -> List[HostRead]:
         """Distinct reads not in :data:`BY_DESIGN` at the quiet steps (:meth:`quiet_steps`)."""
@@ -156,7 +190,7 @@ def _ranges(values: List[int]) -> str:
     return ", ".join(out)
 
 
-def loop_host_reads(cfg, steps: int = 12) -> LoopReads:
+def loop_host_reads(cfg, steps: int = 12, accelerator: str = "cpu") -> LoopReads:
     """Train ``cfg`` for ``steps`` optimizer steps on the CPU through ``trainer.fit`` (Lightning's loop,
     logging, progress bar, callbacks, gradient clipping, the optimizer and the LR schedule) and record
     every host read, per step. It runs in a temporary folder (the config's run folder is not touched),
@@ -171,13 +205,16 @@ def loop_host_reads(cfg, steps: int = 12) -> LoopReads:
         raise ValueError(f"check-syncs --loop: give at least 8 steps (logging at the start, the middle and the end, "
                          f"and steps between), got {steps}")
     every = steps // 2  # logs at 0, steps/2 and the end: quiet windows in both halves, whatever the config's interval
-    with _scratch_run(cfg) as scratch:
+    cuda: Dict[int, List[str]] = {}
+    with _scratch_run(cfg, accelerator) as scratch:
         tc = dataclasses.replace(scratch.trainer, max_steps=steps, log_every_n_steps=every,
                                  checkpoint_every_n_steps=10 * steps, val_check_interval=10 * steps)
         run = build_run(dataclasses.replace(scratch, trainer=tc, data=dataclasses.replace(scratch.data, val=None)))
-        with HostReadDetector(tag=lambda: run.trainer.global_step) as detector:
+        with HostReadDetector(tag=lambda: run.trainer.global_step) as detector, \
+                (_cuda_syncs_by_step(run.trainer, cuda) if accelerator == "cuda" else nullcontext()):
             run.trainer.fit(run.module, datamodule=run.datamodule)
+        trained = int(run.trainer.global_step)
     by_step: Dict[int, List[HostRead]] = {}
     for read, step in zip(detector.found, detector.tags):
         by_step.setdefault(int(step), []).append(read)
-    return LoopReads(by_step, steps, [k for k in range(steps + 1) if k % every == 0])
+    return LoopReads(by_step, steps, [k for k in range(steps + 1) if k % every == 0], cuda, trained)

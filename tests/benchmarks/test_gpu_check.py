@@ -57,6 +57,22 @@ def test_every_section_runs_at_smoke_size_on_cpu(tmp_path):
     assert "no host sync" in report  # the check is a no-op on CPU, but the step ran
     assert "| 32 | mmm |" in report and "| 32 | hf |" in report  # MFU rows (n/a on CPU)
     assert "images/s" in report and "sdpa_padded" in report and "| 16 | sdpa (blocked) |" in report
+    assert "| text_mlm_tiny.yaml | 32-true, adamw | 8 of 8 | 2, 6 | 0 | n/a (no CUDA) |" in report  # the loop section
+
+
+@pytest.mark.gpu
+def test_the_loop_check_files_cuda_syncs_under_the_step():
+    from mmm.train.step_reads import _cuda_syncs_by_step
+
+    class Trainer:
+        global_step = 3
+
+    found = {}
+    x = torch.ones(3, device="cuda")
+    with _cuda_syncs_by_step(Trainer(), found):
+        x.sum().item()
+    assert list(found) == [3] and len(found[3]) == 1
+    assert torch.cuda.get_sync_debug_mode() == 0
 
 
 def test_sync_free_mae_step_runs_on_cpu_under_the_host_read_detector():
