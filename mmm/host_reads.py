@@ -6,7 +6,8 @@ output size depends on values (``nonzero``, boolean-mask indexing, ``unique``,
 kernels stop queueing ahead. ``torch.cuda.set_sync_debug_mode("error")`` finds such calls, but
 only on a GPU. :class:`HostReadDetector` finds them on any device: it is a ``TorchFunctionMode``
 that records each such call made by Python code (calls inside torch's own kernels are not seen,
-as on CUDA they would not be host reads either), with the innermost frame of ``mmm`` that made it.
+as on CUDA they would not be host reads either), with the innermost frame of ``mmm`` that made it
+(or another library's line, such as Lightning's, and the ``mmm`` line that led there).
 
 Use it where no GPU is available, e.g. ``mmm check-syncs`` (:mod:`mmm.train.step_reads`) and the
 test suite, which run a training step of every pretraining config under it. Values a step reads from host-side

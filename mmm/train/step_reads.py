@@ -1,5 +1,6 @@
-"""The host reads of one training step of a config (``mmm check-syncs``): what
-:class:`mmm.host_reads.HostReadDetector` records in ``training_step`` and in backward, on the CPU."""
+"""The host reads of a config's training (``mmm check-syncs``): what :class:`mmm.host_reads.HostReadDetector`
+records in ``training_step`` and backward for one batch per task (:func:`step_host_reads`), and, step by step,
+in a short run through Lightning's loop with its logging, callbacks and optimizer (:func:`loop_host_reads`)."""
 from __future__ import annotations
 
 import dataclasses
