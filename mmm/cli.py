@@ -104,8 +104,8 @@ def _cmd_check_syncs(ns: argparse.Namespace, rest: List[str]) -> int:
         return 1 if unplanned else 0
     loop = loop_host_reads(cfg, ns.loop)
     between = loop.between_logging()
-    print(f"\n{ns.loop} steps through Lightning's loop (logging every {cfg.trainer.log_every_n_steps} steps at "
-          f"{', '.join(map(str, loop.logged))}):")
+    print(f"\n{ns.loop} steps through Lightning's loop (logging at steps {', '.join(map(str, loop.logged))}; "
+          f"checked: {', '.join(map(str, loop.quiet_steps()))}):")
     print(loop.report())
     print(f"{len(between)} place(s) read back between logging steps (beyond the training step's planned reads)")
     return 1 if unplanned or between else 0
