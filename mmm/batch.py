@@ -133,8 +133,25 @@ class ImageInput:
         return tokens
 
 
+class _HiddenRows:
+    """What :class:`FeatureInput` and :class:`RegionInput` share: a (N_m,) ``mask`` of hidden rows whose count
+    (``hidden_count``) is taken on the host while the mask is there and kept when the batch moves."""
+
+    _rows = ("input", "rows")  # (what it is, what its rows are), for messages
+
+    def __post_init__(self) -> None:
+        self.hidden_count = _counted_on_host(self.mask, self.hidden_count, type(self).__name__)
+
+    def hidden_positions(self) -> torch.Tensor:
+        """(M,) int64 rows of this input's hidden rows, in order; with ``hidden_count`` known, no device read."""
+        if self.mask is None:
+            what, rows = self._rows
+            raise ValueError(f"this {what} has no mask, so no hidden {rows}")
+        return mask_positions(self.mask, self.hidden_count)
+
+
 @dataclass
-class FeatureInput:
+class FeatureInput(_HiddenRows):
     """Continuous feature tokens (audio frames or spectrogram patches).
 
     Args:
@@ -150,15 +167,7 @@ class FeatureInput:
     mask: Optional[torch.Tensor] = None
     index: Optional[torch.Tensor] = None
     hidden_count: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        self.hidden_count = _counted_on_host(self.mask, self.hidden_count, "FeatureInput")
-
-    def hidden_positions(self) -> torch.Tensor:
-        """(M,) int64 rows of this input's hidden tokens, in order; with ``hidden_count`` known, no device read."""
-        if self.mask is None:
-            raise ValueError("this feature input has no mask, so no hidden tokens")
-        return mask_positions(self.mask, self.hidden_count)
+    _rows = ("feature input", "tokens")
 
     def embed(self, embedder: nn.Module) -> torch.Tensor:
         """(N_m, d) embeddings."""
@@ -166,7 +175,7 @@ class FeatureInput:
 
 
 @dataclass
-class RegionInput:
+class RegionInput(_HiddenRows):
     """Precomputed image-region features (UNITER / LXMERT: a detector's region outputs).
 
     Args:
@@ -185,15 +194,7 @@ class RegionInput:
     mask: Optional[torch.Tensor] = None
     index: Optional[torch.Tensor] = None
     hidden_count: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        self.hidden_count = _counted_on_host(self.mask, self.hidden_count, "RegionInput")
-
-    def hidden_positions(self) -> torch.Tensor:
-        """(M,) int64 rows of this input's hidden regions, in order; with ``hidden_count`` known, no device read."""
-        if self.mask is None:
-            raise ValueError("this region input has no mask, so no hidden regions")
-        return mask_positions(self.mask, self.hidden_count)
+    _rows = ("region input", "regions")
 
     def embed(self, embedder: nn.Module) -> torch.Tensor:
         """(N_m, d) embeddings."""

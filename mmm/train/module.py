@@ -13,7 +13,7 @@ from mmm.batch import PackedBatch
 from mmm.config import OptimConfig
 from mmm.model import MaskedModel
 from mmm.train.host_metrics import log_host_value
-from mmm.train.nonfinite import NonFiniteGuard, StepInfo, device_skip_blockers
+from mmm.train.nonfinite import NonFiniteGuard, StepInfo
 from mmm.train.phases import PhaseSchedule
 
 log = logging.getLogger("mmm.train")
@@ -82,7 +82,6 @@ class MaskedModelingModule(L.LightningModule):
         self.optim = optim
         self.max_steps = max_steps
         self.extra_state = extra_state or {}
-        self.nonfinite = nonfinite
         self._stepped = True  # the last training batch was trained on (post-step hooks run)
         self.bar_keys: Dict[str, None] = {}  # training metrics the progress bar shows besides loss and tokens/s
         self._val_sums: Dict[Tuple[str, str], Dict[str, list]] = {}  # (prefix, head) -> metric -> [sum, count]
@@ -172,10 +171,9 @@ class MaskedModelingModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Check non-finite losses on the device when the run allows it (:mod:`mmm.train.nonfinite`)."""
         trainer = self.trainer
-        blockers = device_skip_blockers(trainer.optimizers[0] if trainer.optimizers else None, trainer.precision,
-                                        trainer.world_size, trainer.accumulate_grad_batches)
+        blockers = self.nonfinite_guard.choose(trainer.optimizers[0] if trainer.optimizers else None,
+                                               trainer.precision, trainer.world_size, trainer.accumulate_grad_batches)
         if not blockers:
-            self.nonfinite_guard.use_device(trainer.optimizers[0])
             log.info("non-finite loss check: on the device (the fused optimizer skips a bad step), read every %d "
                      "steps and before each checkpoint", trainer.log_every_n_steps)
         else:
@@ -252,11 +250,11 @@ class MaskedModelingModule(L.LightningModule):
         if scaled or gradient_clip_algorithm == "value":  # (a str enum in Lightning; mmm's configs clip by norm)
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         root = self.trainer.strategy.model
         if callable(getattr(root, "clip_grad_norm_", None)):  # FSDP: the norm over every rank's shards
             root.clip_grad_norm_(gradient_clip_val)
         else:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def configure_optimizers(self):

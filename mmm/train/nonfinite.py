@@ -103,6 +103,14 @@ class NonFiniteGuard:
         """Check on the device from now on, through ``optimizer``'s ``found_inf``."""
         self.optimizer = optimizer
 
+    def choose(self, optimizer: Any, precision: str, world_size: int, accumulate: int = 1) -> List[str]:
+        """Check on the device when this run allows it (:func:`device_skip_blockers`); returns why not (empty:
+        it does)."""
+        blockers = device_skip_blockers(optimizer, precision, world_size, accumulate)
+        if not blockers:
+            self.use_device(optimizer)
+        return blockers
+
     @property
     def on_device(self) -> bool:
         return self.optimizer is not None

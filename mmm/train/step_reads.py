@@ -15,11 +15,12 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 
 from mmm.host_reads import HostRead, HostReadDetector
-from mmm.train.nonfinite import device_skip_blockers, world_size
+from mmm.train.nonfinite import world_size
 
 BY_DESIGN = {("mmm/train/nonfinite.py", "admit", "bool(tensor)"):
              "the non-finite loss check (trainer.nonfinite_loss) where it cannot run on the device (not a fused "
-             "Adam/AdamW, fp16's GradScaler, several processes): one read per step, after the forward is queued",
+             "Adam/AdamW, fp16's GradScaler, several processes, gradient accumulation): one read per step, after "
+             "the forward is queued",
              ("mmm/steps/hard_negatives.py", "mine", "Tensor.tolist()"):
              "ITM hard negatives: the mined pairs' layout depends on the drawn indices (one read per mining step)"}
 """Host reads a training step makes on purpose: (file, function, kind) → why."""
@@ -71,8 +72,7 @@ def step_host_reads(cfg, max_batches: int = 64) -> StepReads:
         module.log = lambda *args, **kwargs: None  # no Trainer attached: logging is not what is checked
         optimizer = module.configure_optimizers()["optimizer"]
         tc = cfg.trainer  # as on_train_start decides in the run the config describes
-        if not device_skip_blockers(optimizer, tc.precision, world_size(tc), tc.accumulate_grad_batches):
-            module.nonfinite_guard.use_device(optimizer)
+        module.nonfinite_guard.choose(optimizer, tc.precision, world_size(tc), tc.accumulate_grad_batches)
         return _step_each_task(cfg, run, module, max_batches)
 
 
@@ -142,8 +142,8 @@ class LoopReads:
 
     ``by_step[k]``: the reads made while ``trainer.global_step`` was ``k`` (the training step of batch
     ``k``, then its callbacks after the optimizer step, already counted as step ``k + 1``).
-    ``logged``: the steps at which Lightning's logger and the progress bar read their values (every
-    ``trainer.log_every_n_steps``), where reads are expected.
+    ``logged``: the steps at which Lightning's logger and the progress bar read their values (0, half way and
+    the end: :func:`loop_host_reads` sets the interval), where reads are expected.
     """
 
     by_step: Dict[int, List[HostRead]]
