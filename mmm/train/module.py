@@ -235,20 +235,30 @@ class MaskedModelingModule(L.LightningModule):
             self.model.after_optimizer_step()  # heads' post-step hooks (data2vec's EMA teacher, in fp32)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip ``trainer.gradient_clip_val`` without a host read, also for a fused optimizer under bf16.
+        """Clip ``trainer.gradient_clip_val`` without a host read, also for a fused optimizer under bf16 or fp16.
 
-        Lightning's mixed-precision plugin refuses any clipping with a fused Adam/AdamW (the optimizer could
-        unscale fp16 gradients itself), even under bf16, where nothing is scaled; its FSDP plugin refuses
-        norm clipping, which must go through the sharded root module. Without a GradScaler the gradients
-        are the true ones, so they are clipped here: ``FullyShardedDataParallel.clip_grad_norm_`` under
-        FSDP, ``torch.nn.utils.clip_grad_norm_`` otherwise (both compute the norm and scale on the device).
-        With fp16's GradScaler, Lightning's own path (it unscales first) is kept.
+        Lightning's mixed-precision plugin refuses any clipping with a fused Adam/AdamW (such an optimizer
+        unscales fp16 gradients inside its step), even under bf16, where nothing is scaled; its FSDP plugin
+        refuses norm clipping, which must go through the sharded root module. So mmm clips itself:
+
+        - with fp16's GradScaler and a fused optimizer, the scaler unscales the gradients first
+          (``GradScaler.unscale_``, which records any inf for its ``step``; the fused step then takes them
+          as unscaled), as PyTorch's AMP recipe for clipping does;
+        - with a GradScaler and any other optimizer, Lightning has already unscaled, and its path is kept;
+        - the gradients, now true, are clipped by ``FullyShardedDataParallel.clip_grad_norm_`` under FSDP,
+          ``torch.nn.utils.clip_grad_norm_`` otherwise (both compute the norm and scale on the device).
         """
         if not gradient_clip_val:
             return
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        if scaled or gradient_clip_algorithm == "value":  # (a str enum in Lightning; mmm's configs clip by norm)
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            if not getattr(optimizer, "_step_supports_amp_scaling", False):
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+                return
+            scaler.unscale_(optimizer)  # Lightning leaves a self-unscaling optimizer's gradients scaled
+        if gradient_clip_algorithm == "value":  # (Lightning passes a str enum; mmm's configs clip by norm)
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
             return
         root = self.trainer.strategy.model
         if callable(getattr(root, "clip_grad_norm_", None)):  # FSDP: the norm over every rank's shards
