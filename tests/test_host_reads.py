@@ -345,3 +345,22 @@ def test_the_progress_bar_shows_the_loss_accuracy_and_throughput_read_when_it_re
     value, kwargs = logged["train/phase"]
     assert value.device.type == "cpu" and value.dtype == torch.float32 and float(value) == 2.0
     assert kwargs == {"on_step": True, "batch_size": 1}
+
+
+def test_the_dna_distillation_preset_trains_and_its_step_reads_nothing_back(tmp_path):
+    """dna_distill_tiny.yaml (HAD-shaped: a 2 x 32 student, the 2 x 64 dna_mlm_tiny model as the frozen
+    teacher reading the unmasked window): its teacher is a 2-step run of dna_mlm_tiny.yaml at the preset's
+    own sizes; the student's step reads nothing back, and two steps of the preset train through pretrain."""
+    from mmm.train.pretrain import pretrain
+
+    small = {"data.batch_size": 4, "data.num_workers": 0, "data.shuffle_buffer": 0, "data.val": None,
+             "trainer.max_steps": 2, "trainer.enable_progress_bar": False, "trainer.checkpoint_every_n_steps": 2}
+    teacher = pretrain(load_config(CONFIGS / "dna_mlm_tiny.yaml", {
+        **small, "trainer.default_root_dir": str(tmp_path / "teacher")})).last_checkpoint
+    student = {**small, "objectives.1.args.teacher": str(teacher), "trainer.default_root_dir": str(tmp_path / "student")}
+    reads = step_host_reads(load_config(CONFIGS / "dna_distill_tiny.yaml", student))
+    assert reads.unplanned() == [], reads.report()
+    assert reads.backward == []
+    run = pretrain(load_config(CONFIGS / "dna_distill_tiny.yaml", student))
+    assert run.trainer.global_step == 2 and run.last_checkpoint.is_file()
+    assert run.module.model.objectives["distill"].teacher is not None
