@@ -18,6 +18,11 @@ It then times, in one process and one run:
 * the tiny config's training step (forward + backward + fused ``AdamW.step()`` + ``zero_grad``,
   fp32, on batches prepared beforehand): the sequences per second a training run consumes.
 
+* the hand-over of a batch from one worker to the training process (``--transfer-batches``): the time
+  ``next()`` takes when the worker already has the batch ready (a pause in between stands for the
+  training step), with each batch sent as one message (:mod:`mmm.data.wire`, what training does)
+  and the usual way (PyTorch's shared-memory segment per tensor), alternating.
+
 It reports ratios: shards / files at each worker count, and loader / training (> 1: the loader
 keeps up with training on its own; the loader and the step share the CPU in a real run, so on 2
 cores the ratio with ``num_workers`` workers must be well above 1). ``--quick`` keeps the whole run
@@ -26,7 +31,8 @@ under about a minute on 2 CPU cores.
 Usage::
 
     python -m benchmarks.loader [--quick] [--modalities text,image] [--workers 0,1,2] [--batches N]
-        [--steps N] [--samples N] [--threads T] [--micro] [--work DIR] [--json OUT] [--markdown OUT]
+        [--steps N] [--samples N] [--transfer-batches N] [--threads T] [--micro] [--work DIR] [--json OUT]
+        [--markdown OUT]
 """
 from __future__ import annotations
 
@@ -174,8 +180,39 @@ def time_training(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batc
             "sequences_per_s": sum(seqs) / sum(times)}
 
 
+def _usual_way(loader: DataLoader) -> DataLoader:
+    """The same loader with the pipeline's last stage, :func:`mmm.data.wire.to_wire`, left out."""
+    from mmm.data.wire import to_wire
+
+    stages = list(loader.dataset.pipeline)
+    if stages[-1] is not to_wire:
+        raise RuntimeError("the training pipeline no longer ends with mmm.data.wire.to_wire")
+    return DataLoader(wds.DataPipeline(*stages[:-1]), batch_size=None, num_workers=loader.num_workers,
+                      prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers)
+
+
+def time_transfer(make_loader, batches: int, pause_s: float, rounds: int = 2) -> Dict[str, Any]:
+    """Median ms that ``next()`` takes on a one-worker loader whose worker has the batch ready, with batches
+    as one message and the usual way, ``rounds`` alternating rounds of ``batches`` each."""
+    times: Dict[str, List[float]] = {"one message": [], "usual way": []}
+    for _ in range(rounds):
+        for way in times:
+            loader = make_loader() if way == "one message" else _usual_way(make_loader())
+            it = iter(loader)
+            next(it)
+            for _ in range(batches):
+                time.sleep(pause_s)  # the training step: the worker gets ahead
+                t0 = time.perf_counter()
+                next(it)
+                times[way].append((time.perf_counter() - t0) * 1e3)
+            _shutdown(loader)
+    med = {way: statistics.median(ts) for way, ts in times.items()}
+    return {"batches": batches * rounds, "pause_s": pause_s, "one_message_ms": med["one message"],
+            "usual_way_ms": med["usual way"], "speedup": med["usual way"] / max(med["one message"], 1e-9)}
+
+
 def run_modality(modality: str, work: Path, workers: Sequence[int], batches: int, steps: int, samples: int,
-                 micro: bool, log=print) -> Dict[str, Any]:
+                 micro: bool, log=print, transfer_batches: int = 0) -> Dict[str, Any]:
     """Every measurement of one modality (see the module docstring)."""
     from mmm.config import load_config
     from mmm.data.epoch import EpochCounter
@@ -208,6 +245,14 @@ def run_modality(modality: str, work: Path, workers: Sequence[int], batches: int
             result["loaders"].append({"source": source, "workers": w, **r})
             log(f"  {modality} {source:6s} workers={w}: {r['sequences_per_s']:,.0f} sequences/s "
                 f"({r['batches']} batches)")
+
+    if transfer_batches:
+        dm1 = StreamDataModule(dataclasses.replace(cfg.data, num_workers=1),
+                               [dataclasses.replace(base, train_urls=urls, val_urls=None)])
+        tr = time_transfer(dm1.task_loader, transfer_batches, pause_s=0.02 if micro else 0.15)
+        result["transfer"] = tr
+        log(f"  {modality} batch hand-over from 1 worker: {tr['one_message_ms']:.2f} ms as one message, "
+            f"{tr['usual_way_ms']:.2f} ms the usual way ({tr['speedup']:.1f}×)")
 
     prepared = []
     for b in StreamDataModule(dataclasses.replace(cfg.data, num_workers=0),
@@ -245,6 +290,16 @@ def markdown(results: List[Dict[str, Any]], env: Dict[str, Any]) -> str:
         t = res["train"]
         lines.append(f"| {res['modality']} | training step ({res['config']}, batch {res['batch_size']}) | | "
                      f"{t['sequences_per_s']:,.0f} | 1.00× | |")
+    transfers = [res for res in results if "transfer" in res]
+    if transfers:
+        lines += ["", "Hand-over of a ready batch from 1 worker to the training process (median ms of `next()`, "
+                  "alternating rounds):", "",
+                  "| modality | batches | as one message (mmm.data.wire) | the usual way (a shared-memory segment "
+                  "per tensor) | speed-up |", "|---|---:|---:|---:|---:|"]
+        for res in transfers:
+            tr = res["transfer"]
+            lines.append(f"| {res['modality']} | {tr['batches']} | {tr['one_message_ms']:.2f} | "
+                         f"{tr['usual_way_ms']:.2f} | {tr['speedup']:.1f}× |")
     return "\n".join(lines)
 
 
@@ -257,6 +312,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=None, help="timed batches per loader (default 60, quick 25)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 20, quick 6)")
     p.add_argument("--samples", type=int, default=None, help="raw samples copied into shards and files")
+    p.add_argument("--transfer-batches", type=int, default=None,
+                   help="batches per way and round in the hand-over timing (default 20, quick 10; 0: skip it)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in this process")
     p.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--json", default=None)
@@ -281,6 +338,8 @@ def _run(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
     batches = args.batches or (2 if args.micro else 25 if args.quick else 60)
     steps = args.steps or (1 if args.micro else 6 if args.quick else 20)
     workers = [int(w) for w in args.workers.split(",")]
+    transfer = args.transfer_batches if args.transfer_batches is not None else (2 if args.micro else 10 if args.quick
+                                                                                else 20)
     env = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
            "python": platform.python_version(), "cpu_count": os.cpu_count()}
     results = []
@@ -289,7 +348,8 @@ def _run(args: argparse.Namespace, work: Path) -> Dict[str, Any]:
             raise ValueError(f"unknown modality {modality!r}; the loader benchmark knows {sorted(CONFIGS)}")
         samples = args.samples or (40 if args.micro else {"text": 1500, "image": 2000}[modality])
         print(f"== loader benchmark: {modality}")
-        results.append(run_modality(modality, work / modality, workers, batches, steps, samples, args.micro))
+        results.append(run_modality(modality, work / modality, workers, batches, steps, samples, args.micro,
+                                    transfer_batches=transfer))
     table = markdown(results, env)
     report = {"env": env, "quick": bool(args.quick), "micro": bool(args.micro), "results": results, "markdown": table}
     emit(table, report, args.json, args.markdown)

@@ -20,7 +20,11 @@ def test_micro_run_reports_every_loader_and_the_training_rate(tmp_path):
             assert x["vs_training"] == x["sequences_per_s"] / r["train"]["sequences_per_s"]
         assert all(x["shards_vs_files"] > 0 for x in r["loaders"] if x["source"] == "shards")
         assert r["train"]["sequences_per_s"] > 0 and r["shards"] == bench.SHARDS
+        tr = r["transfer"]  # the hand-over timing, both ways (2 batches x 2 rounds at --micro)
+        assert tr["batches"] == 4 and tr["one_message_ms"] > 0 and tr["usual_way_ms"] > 0
+        assert tr["speedup"] == tr["usual_way_ms"] / tr["one_message_ms"]
     assert report["markdown"] == md.read_text().strip()
+    assert "| image | 4 |" in report["markdown"] and "as one message (mmm.data.wire)" in report["markdown"]
     assert "| text | one file per sample | 1 |" in report["markdown"]
 
 
@@ -32,3 +36,18 @@ def test_shards_and_files_hold_the_same_samples(tmp_path):
     from_shards = sorted((s["__key__"], s["txt"]) for s in make_pipeline(urls, stages=[], shuffle_buffer=0))
     from_files = sorted((s["__key__"], s["txt"]) for s in bench.FolderSamples(folder))
     assert from_shards == from_files == sorted((s["__key__"], s["txt"]) for s in samples)
+
+
+def test_the_usual_way_leaves_out_only_the_wire_stage(tmp_path):
+    samples = [{"__key__": f"s{i:03d}", "txt": f"sample {i}".encode()} for i in range(6)]
+    urls, _ = bench.write_copies(samples, tmp_path)
+    import torch
+    from mmm.data.stream import make_pipeline
+    from mmm.data.wire import to_wire
+
+    loader = torch.utils.data.DataLoader(make_pipeline(urls, stages=[], shuffle_buffer=0), batch_size=None,
+                                         num_workers=1)
+    usual = bench._usual_way(loader)
+    assert loader.dataset.pipeline[-1] is to_wire and to_wire not in usual.dataset.pipeline
+    assert list(usual.dataset.pipeline) == list(loader.dataset.pipeline)[:-1]
+    assert sorted(s["__key__"] for s in usual) == sorted(s["__key__"] for s in loader) == [s["__key__"] for s in samples]
