@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from mmm.train.host_metrics import bar_metrics, log_host_value
+from mmm.train.host_metrics import bar_metrics, log_host_value, logs_this_step
 
 
 class ThroughputMonitor(L.Callback):
@@ -25,7 +25,7 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
-        if self._last is not None:
+        if self._last is not None and logs_this_step(trainer):
             dt = max(now - self._last, 1e-9)  # host numbers, logged on the host (no copy to the GPU)
             log_host_value(pl_module, "train/tokens_per_sec", batch.num_tokens / dt)
             log_host_value(pl_module, "train/seqs_per_sec", batch.num_sequences / dt)

@@ -12,7 +12,7 @@ import torch
 from mmm.batch import PackedBatch
 from mmm.config import OptimConfig
 from mmm.model import MaskedModel
-from mmm.train.host_metrics import log_host_value
+from mmm.train.host_metrics import log_host_value, logs_this_step
 from mmm.train.nonfinite import NonFiniteGuard, StepInfo
 from mmm.train.phases import PhaseSchedule
 
@@ -84,6 +84,7 @@ class MaskedModelingModule(L.LightningModule):
         self.extra_state = extra_state or {}
         self._stepped = True  # the last training batch was trained on (post-step hooks run)
         self.bar_keys: Dict[str, None] = {}  # training metrics the progress bar shows besides loss and tokens/s
+        self._pending_logs: Dict[str, Tuple[torch.Tensor, int]] = {}  # training metrics since the last logging step
         self._val_sums: Dict[Tuple[str, str], Dict[str, list]] = {}  # (prefix, head) -> metric -> [sum, count]
         self.phases = phases
         self._phase: Optional[int] = None  # the phase of the last training step (logged when it changes)
@@ -117,7 +118,8 @@ class MaskedModelingModule(L.LightningModule):
             log.info("step %d: phase %d of %d trains %s", self.global_step, index, len(self.phases.ends),
                      ", ".join(self.phases.heads[index]))
             self._phase = index
-        log_host_value(self, "train/phase", index, on_epoch=False)
+        if logs_this_step(self._trainer):
+            log_host_value(self, "train/phase", index, on_epoch=False)
         return self.phases.heads[index]
 
     def _common_step(self, batch: PackedBatch, stage: str) -> torch.Tensor:
@@ -127,19 +129,26 @@ class MaskedModelingModule(L.LightningModule):
         if stage == "val":  # logged once per epoch, reduced over every rank's batches
             self._add_val_sums(prefix, outputs)
             return loss
+        # Each step's values wait here (detached: a reference, no copy, no read) and are logged at the next
+        # step whose metrics reach the logger, the latest value per key: so a multi-task run's tasks that
+        # were not drawn at that step still log their latest values (mmm.train.host_metrics.logs_this_step)
         n = batch.num_sequences
-        # no prog_bar: Lightning would read each such value back after every step; the progress bar reads
-        # the ones it shows when it redraws its numbers (mmm.train.host_metrics)
-        log = dict(on_step=True, on_epoch=False, add_dataloader_idx=False)
+        pending = self._pending_logs
         if batch.task:
-            self.log("train/loss", loss, batch_size=n, **log)
-        self.log(f"{prefix}/loss", loss, batch_size=n, **log)
+            pending["train/loss"] = (loss.detach(), n)
+        pending[f"{prefix}/loss"] = (loss.detach(), n)
         for name, out in outputs.items():
-            self.log(f"{prefix}/{name}_loss", out.loss, batch_size=max(1, out.count), **log)
+            pending[f"{prefix}/{name}_loss"] = (out.loss.detach(), max(1, out.count))
             for metric, value in out.metrics.items():
-                self.log(f"{prefix}/{name}_{metric}", value, batch_size=max(1, out.count), **log)
+                pending[f"{prefix}/{name}_{metric}"] = (value.detach(), max(1, out.count))
                 if metric == "acc" and not batch.task:
                     self.bar_keys.setdefault(f"{prefix}/{name}_{metric}")
+        if logs_this_step(self._trainer):
+            # no prog_bar: Lightning would read each such value back after every step; the progress bar reads
+            # the ones it shows when it redraws its numbers (mmm.train.host_metrics)
+            for key, (value, size) in pending.items():
+                self.log(key, value, batch_size=size, on_step=True, on_epoch=False, add_dataloader_idx=False)
+            pending.clear()
         return loss
 
     def _add_val_sums(self, prefix: str, outputs: Dict[str, Any]) -> None:
@@ -154,7 +163,7 @@ class MaskedModelingModule(L.LightningModule):
     def training_step(self, batch: PackedBatch, batch_idx: int) -> Optional[torch.Tensor]:
         loss = self._common_step(batch, "train")
         errors = batch.extras.get("data_errors_total")
-        if errors is not None:  # bad samples/shards this rank's data workers met so far (summed over workers)
+        if errors is not None and logs_this_step(self._trainer):  # bad samples/shards this rank's data workers met so far (summed over workers)
             log_host_value(self, "train/data_errors", errors)
         info = StepInfo(self.global_step, batch_idx, self.current_epoch, batch.num_sequences, batch.num_tokens)
         self._stepped = self.nonfinite_guard.admit(loss, info)  # stop raises; on the device, always True
