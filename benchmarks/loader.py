@@ -217,6 +217,7 @@ def run_modality(modality: str, work: Path, workers: Sequence[int], batches: int
     from mmm.config import load_config
     from mmm.data.epoch import EpochCounter
     from mmm.data.stream import SampleErrorHandler
+    from mmm.data.wire import to_wire
     from mmm.train.datamodule import StreamDataModule
     from mmm.train.pretrain import build_run
 
@@ -233,7 +234,9 @@ def run_modality(modality: str, work: Path, workers: Sequence[int], batches: int
     def folder_loader(w: int) -> DataLoader:
         stages = base.make_stages(seed=cfg.data.seed, handler=SampleErrorHandler(), fixed_masking=False,
                                   epochs=EpochCounter(0), train=True)
-        return DataLoader(wds.DataPipeline(FolderSamples(folder, cfg.data.seed), *stages), batch_size=None,
+        # handed over as the training loader's batches are (mmm.data.wire), so shards / files compares the reading
+        wire = [to_wire] if w else []
+        return DataLoader(wds.DataPipeline(FolderSamples(folder, cfg.data.seed), *stages, *wire), batch_size=None,
                           num_workers=w, prefetch_factor=4 if w else None)
 
     for w in workers:

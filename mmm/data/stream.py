@@ -22,7 +22,6 @@ from mmm.data.epoch import EpochCounter, EpochResampledShards, EpochSource, shuf
 from mmm.data.epoch import shuffle_shards as shuffle_shards_by_epoch
 from mmm.data.errors import SampleError, SampleErrorHandler  # noqa: F401  (re-exported: the pipeline's error types)
 from mmm.data.tar import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_READ_TIMEOUT_S, guarded_tarfile_to_samples
-from mmm.data.wire import to_wire
 
 logger = logging.getLogger("mmm.data")
 
@@ -132,8 +131,7 @@ def make_pipeline(
     Order: shard list (``ResampledShards`` when ``resampled``) -> shard shuffle seeded by
     ``(seed, epoch)`` (same order on every node/worker) -> ``split_by_node``
     -> ``split_by_worker`` -> :func:`mmm.data.tar.guarded_tarfile_to_samples` -> sample shuffle -> ``stages`` -> an
-    end-of-iteration error summary -> :func:`mmm.data.wire.to_wire` (in a DataLoader worker, each batch
-    travels to the training process as one message). With ``resampled`` every worker draws shards with replacement
+    end-of-iteration error summary. With ``resampled`` every worker draws shards with replacement
     on its own (:class:`~mmm.data.epoch.EpochResampledShards`, seeded by seed, epoch, rank and
     worker), so the shard shuffle and the node/worker splits are left out, and the stream never
     ends unless ``epoch_length`` cuts each pass.
@@ -195,5 +193,4 @@ def make_pipeline(
     if epoch_length is not None:
         pipeline.append(wds.pipelinefilter(take_epoch_share)(epoch_length))
     pipeline.append(wds.pipelinefilter(_report_at_end)(report_handler))
-    pipeline.append(to_wire)  # last: from a DataLoader worker, each batch travels as one message (mmm.data.wire)
     return wds.DataPipeline(*pipeline)

@@ -9,7 +9,9 @@ holds 23 small tensors (ids, positions, labels, offsets, the length groups' indi
 in all, and receiving it took the training process 14 ms (median, 1 worker ahead of the step),
 10–15 % of the time between two steps of a tiny run on two cores.
 
-:func:`to_wire`, the pipeline's last stage, wraps each batch a worker yields in a :class:`WireBatch`.
+:func:`to_wire`, the last stage of the training data module's pipelines when they run in workers
+(:meth:`mmm.train.datamodule.StreamDataModule._data_loader`; ``make_pipeline`` itself is left as it is, so
+its samples still collate with a DataLoader's defaults), wraps each batch a worker yields in a :class:`WireBatch`.
 When the queue pickles it, tensors of up to :data:`INLINE_BYTES` go inside the message as
 NumPy arrays (one copy into the pipe, one out, no per-tensor handshake); larger ones still take the
 shared-memory path, which is faster for them (measured: one 4 MiB tensor costs the same both ways,
@@ -47,11 +49,15 @@ class _WirePickler(ForkingPickler):
     plain CPU tensors as NumPy arrays, whose bytes are part of the pickle stream."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is not torch.Tensor or obj.device.type != "cpu" or obj.nbytes > INLINE_BYTES:
+        # never raises: a failure half-way through a dump would leave the large tensors already moved to
+        # shared memory (and their fds registered with the worker) unclaimed
+        if type(obj) is not torch.Tensor or obj.layout is not torch.strided or obj.device.type != "cpu":
             return NotImplemented
         try:
+            if obj.nbytes > INLINE_BYTES:
+                return NotImplemented
             array = obj.detach().resolve_conj().resolve_neg().numpy()  # bf16 and other non-NumPy dtypes raise
-        except (TypeError, RuntimeError):
+        except Exception:
             return NotImplemented
         return _tensor_from_array, (array,)
 

@@ -3,8 +3,9 @@
 A run trains on one or more *tasks* (:class:`~mmm.train.mixture.TaskData`: shards, stages, weight);
 a single-task run is a mixture of one. Everything that does not depend on the number of tasks is
 built once, here, for every task alike: the DataLoaders (workers, prefetching, pinned memory, a
-private generator), the training and validation pipelines, the fingerprint of the shards that a
-checkpoint's position is valid for, and shutting the workers down.
+private generator, each batch handed over from its worker as one message: :mod:`mmm.data.wire`), the
+training and validation pipelines, the fingerprint of the shards that a checkpoint's position is
+valid for, and shutting the workers down.
 
 What the training stream is differs with the number of tasks:
 
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader
 from mmm.config import DataConfig
 from mmm.data.epoch import EpochCounter
 from mmm.data.stream import SampleErrorHandler, make_pipeline
+from mmm.data.wire import to_wire
 from mmm.train.loaders import (DataPosition, ErrorTally, ResumableLoader, check_resampling,  # noqa: F401
                                shutdown_workers)
 from mmm.train.mixture import MixtureLoader, TaskData, TaskSampler, TaskStream
@@ -88,6 +90,8 @@ class StreamDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ loaders
 
     def _data_loader(self, pipeline: Any, workers: int) -> DataLoader:
+        if workers > 0:  # last stage: each batch leaves its worker as one message (mmm.data.wire)
+            pipeline.append(to_wire)
         # own generator: creating worker iterators must not draw from torch's global RNG (dropout)
         return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                           prefetch_factor=4 if workers > 0 else None,

@@ -33,7 +33,7 @@ def logs_this_step(trainer: Any) -> bool:
     if trainer is None:
         return True
     try:
-        if trainer._logger_connector.should_update_logs:
+        if trainer._logger_connector.should_update_logs or trainer.fast_dev_run:  # Lightning's own test
             return True
         stepped = trainer.fit_loop.epoch_loop._batches_that_stepped  # the count Lightning's test uses
     except (AttributeError, NotImplementedError):  # another Lightning, or outside fit: log as before

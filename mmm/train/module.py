@@ -257,8 +257,8 @@ class MaskedModelingModule(L.LightningModule):
         - the gradients, now true, are clipped by ``FullyShardedDataParallel.clip_grad_norm_`` under FSDP,
           ``torch.nn.utils.clip_grad_norm_`` otherwise (both compute the norm and scale on the device).
         """
-        if not gradient_clip_val:
-            return
+        if not gradient_clip_val or not self._stepped:  # a skipped non-finite batch: no backward, nothing to clip
+            return  # (and unscale_ would leave fp16's GradScaler unscaled with no step to reset it)
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             if not getattr(optimizer, "_step_supports_amp_scaling", False):

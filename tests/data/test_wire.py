@@ -128,3 +128,24 @@ def test_the_training_loader_delivers_the_same_batches_with_a_worker_as_without(
             _tensors(b.seq) + _tensors(b.inputs) + _tensors(b.targets)
         assert len(ta) == len(tb) > 0 and all(torch.equal(x, y) for x, y in zip(ta, tb))
         assert not any(t.is_shared() for t in ta)
+
+
+def test_the_training_module_wires_only_loaders_with_workers(tmp_path):
+    """to_wire is the last stage of the data module's loaders with workers; make_pipeline stays as it is
+    (its samples still collate with a DataLoader's defaults)."""
+    import dataclasses
+
+    from conftest import tiny_config
+    from mmm.train.pretrain import build_run
+
+    run = build_run(tiny_config(tmp_path / "run", **{"data.val": None, "data.num_workers": 0}))
+    dm = run.datamodule
+    assert to_wire not in dm.task_loader().dataset.pipeline
+    with_worker = type(dm)(dataclasses.replace(dm.cfg, num_workers=1), dm.tasks).task_loader()
+    assert with_worker.dataset.pipeline[-1] is to_wire
+
+
+def test_a_tensor_the_message_cannot_carry_takes_the_usual_way_without_failing_the_batch():
+    sparse = torch.eye(3).to_sparse()  # nbytes is not defined for sparse tensors
+    got = _send(WireBatch({"sparse": sparse, "dense": torch.arange(4)}))
+    assert torch.equal(got["sparse"].to_dense(), torch.eye(3)) and not got["dense"].is_shared()

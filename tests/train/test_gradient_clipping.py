@@ -74,7 +74,44 @@ def test_fp16_overflow_found_by_the_unscale_skips_the_fused_step(tmp_path):
                                                      "trainer.gradient_clip_val": 1.0}))
     scaler = torch.amp.GradScaler("cpu", init_scale=3e38)  # the scaled loss overflows fp32: every gradient is inf
     run.trainer.strategy.precision_plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    stages, found = [], []
+    unscale, step = scaler.unscale_, scaler.step
+
+    def spying_step(optimizer, *args, **kwargs):
+        state = scaler._per_optimizer_states[id(optimizer)]
+        stages.append(state["stage"].name)  # UNSCALED: the step takes mmm's unscaled, clipped gradients
+        found.append(float(sum(v.sum() for v in state["found_inf_per_device"].values())))
+        return step(optimizer, *args, **kwargs)
+
+    scaler.unscale_ = lambda optimizer: (stages.append("unscale_"), unscale(optimizer))[1]
+    scaler.step = spying_step
     before = [p.detach().clone() for p in run.module.model.parameters()]
     run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert stages == ["unscale_", "UNSCALED"] and found == [1.0]  # the inf found before clipping reaches the step
     assert all(torch.equal(p.detach(), b) for p, b in zip(run.module.model.parameters(), before))
     assert scaler.get_scale() == pytest.approx(3e38 * 0.5)
+
+
+@pytest.mark.parametrize("bad_batch", [0, 1])
+def test_fp16_with_clipping_skips_a_non_finite_batch_and_trains_on(tmp_path, bad_batch):
+    """trainer.nonfinite_loss: skip under fp16 reads the loss on the host and skips backward; clipping must not
+    unscale then (the scaler would be left unscaled, or have no scale yet at the first batch)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from mmm.train.module import MaskedModelingModule
+
+    run = build_run(tiny_config(tmp_path / "run", **{"trainer.max_steps": 3, "data.val": None,
+                                                     "trainer.gradient_clip_val": 1.0,
+                                                     "trainer.nonfinite_loss": "skip"}))
+    run.trainer.strategy.precision_plugin = MixedPrecision("16-mixed", "cpu",
+                                                           scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    common, seen = MaskedModelingModule._common_step, []
+
+    def poisoned(batch, stage):
+        loss = common(run.module, batch, stage)
+        seen.append(stage)
+        return loss * float("nan") if stage == "train" and len(seen) == bad_batch + 1 else loss
+
+    run.module._common_step = poisoned
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 3 and run.module.nonfinite_skipped == 1
