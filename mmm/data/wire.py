@@ -6,8 +6,8 @@ creates and fills it, and the training process receives its file descriptor over
 connection to the worker and maps it (``torch.multiprocessing``'s ``file_descriptor`` strategy,
 the Linux default). That fixed cost is paid per tensor. A packed text batch of ``text_mlm_tiny``
 holds 23 small tensors (ids, positions, labels, offsets, the length groups' indices), about 150 KB
-in all, and receiving it took the training process 14 ms (median, 1 worker ahead of the step),
-10–15 % of the time between two steps of a tiny run on two cores.
+in all, and receiving it took the training process 12–14 ms (median, 1 worker already holding the
+batch), and 14–60 ms inside a tiny run on two cores: up to 10 % of its steps' time.
 
 :func:`to_wire`, the last stage of the training data module's pipelines when they run in workers
 (:meth:`mmm.train.datamodule.StreamDataModule._data_loader`; ``make_pipeline`` itself is left as it is, so
@@ -17,8 +17,8 @@ NumPy arrays (one copy into the pipe, one out, no per-tensor handshake); larger 
 shared-memory path, which is faster for them (measured: one 4 MiB tensor costs the same both ways,
 16 MiB costs 1.7× more inline). The training process unpickles the message into the batch itself,
 so nothing downstream sees the wrapper. Outside a worker (``num_workers: 0``) batches pass through
-untouched. Measured on the tiny text batch: 14.0 → 2.4 ms to receive (``benchmarks/loader.py`` has
-the side-by-side check, ``--transfer``).
+untouched. Measured on the tiny text batch: 9–12 → 2.6–2.7 ms to receive (``python -m benchmarks.loader``
+times both ways side by side; ``--transfer-batches``).
 """
 from __future__ import annotations
 
