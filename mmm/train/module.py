@@ -118,8 +118,7 @@ class MaskedModelingModule(L.LightningModule):
             log.info("step %d: phase %d of %d trains %s", self.global_step, index, len(self.phases.ends),
                      ", ".join(self.phases.heads[index]))
             self._phase = index
-        if logs_this_step(self._trainer):
-            log_host_value(self, "train/phase", index, on_epoch=False)
+        self._pending_logs["train/phase"] = (torch.tensor(float(index)), 1)  # a host number, kept on the host
         return self.phases.heads[index]
 
     def _common_step(self, batch: PackedBatch, stage: str) -> torch.Tensor:
@@ -129,9 +128,10 @@ class MaskedModelingModule(L.LightningModule):
         if stage == "val":  # logged once per epoch, reduced over every rank's batches
             self._add_val_sums(prefix, outputs)
             return loss
-        # Each step's values wait here (detached: a reference, no copy, no read) and are logged at the next
-        # step whose metrics reach the logger, the latest value per key: so a multi-task run's tasks that
-        # were not drawn at that step still log their latest values (mmm.train.host_metrics.logs_this_step)
+        # Each step's values (with the phase and data-error count put there before the forward) wait here,
+        # detached: a reference, no copy, no read. They are logged at the next step whose metrics reach the
+        # logger, the latest value per key: so a multi-task run's tasks that were not drawn at that step still
+        # log their latest values (mmm.train.host_metrics.logs_this_step)
         n = batch.num_sequences
         pending = self._pending_logs
         if batch.task:
@@ -161,10 +161,10 @@ class MaskedModelingModule(L.LightningModule):
                 s[1] += out.count
 
     def training_step(self, batch: PackedBatch, batch_idx: int) -> Optional[torch.Tensor]:
-        loss = self._common_step(batch, "train")
         errors = batch.extras.get("data_errors_total")
-        if errors is not None and logs_this_step(self._trainer):  # bad samples/shards this rank's data workers met so far (summed over workers)
-            log_host_value(self, "train/data_errors", errors)
+        if errors is not None:  # bad samples/shards this rank's data workers met so far (summed over workers)
+            self._pending_logs["train/data_errors"] = (torch.tensor(float(errors)), 1)  # logged with the step's
+        loss = self._common_step(batch, "train")
         info = StepInfo(self.global_step, batch_idx, self.current_epoch, batch.num_sequences, batch.num_tokens)
         self._stepped = self.nonfinite_guard.admit(loss, info)  # stop raises; on the device, always True
         if self._stepped:
