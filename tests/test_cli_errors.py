@@ -103,6 +103,16 @@ def test_xformers_from_the_environment_is_named_as_such(tmp_path, capsys, monkey
     assert "$MMM_ATTENTION (model.encoder.attention is auto): xformers needs a CUDA GPU" in _error_line(capsys)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_fsdp_without_cuda_is_refused_before_anything_is_built(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(_tiny_argv(run_dir, **{"trainer.strategy": "fsdp", "trainer.devices": 2, "trainer.max_steps": 2}))
+    line = _error_line(capsys)
+    assert code == 2
+    assert "trainer.strategy: fsdp needs CUDA GPUs" in line and "ddp" in line
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "tokenizer").exists()
+
+
 # ------------------------------------------------------------------------------------------ config values
 
 

@@ -151,7 +151,7 @@ def check_settings(cfg: PretrainConfig) -> None:
 
     Every field's range (:func:`~mmm.config.check_config`), then the choices that depend on each
     other or on this machine: ``trainer.nonfinite_loss`` and its single-process rule, and an
-    ``xformers`` attention backend (CUDA only) on a run without CUDA.
+    ``xformers`` attention backend or the ``fsdp`` strategy (CUDA only) on a run without CUDA.
     """
     check_config(cfg)
     if cfg.trainer.nonfinite_loss not in ("stop", "skip"):
@@ -160,6 +160,16 @@ def check_settings(cfg: PretrainConfig) -> None:
         raise ConfigError("trainer.nonfinite_loss: skip needs a single process (ranks would disagree on which "
                           "batches step); use stop with several devices")
     _check_attention_backend(cfg)
+    _check_strategy(cfg)
+
+
+def _check_strategy(cfg: PretrainConfig) -> None:
+    """``fsdp``: Lightning's FSDPStrategy runs on CUDA only (it would refuse only after the assets were fitted)."""
+    accelerator = str(cfg.trainer.accelerator)
+    if cfg.trainer.strategy == "fsdp" and (accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available()):
+        raise ConfigError(f"trainer.strategy: fsdp needs CUDA GPUs (Lightning's FSDPStrategy has no CPU mode), and "
+                          f"this run has none (trainer.accelerator {accelerator!r}, CUDA available: "
+                          f"{torch.cuda.is_available()}); use ddp or auto on CPU")
 
 
 def _check_attention_backend(cfg: PretrainConfig) -> None:
