@@ -22,8 +22,11 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read safely, or does not fit the run resuming from it."""
 
 
-# torch re-raises an exception from a DataLoader worker with the worker's whole traceback as its message
+# torch re-raises an exception from a DataLoader worker with the worker's whole traceback as its message:
+# "Caught X in DataLoader worker process N.\nOriginal <the formatted exception>", where a chained exception's
+# formatting starts with its cause (a cause raised without a traceback starts with its own error line)
 _WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+_WORKER_HEAD = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal ")
 _QUALIFIED_PREFIX = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt): ")
 
 
@@ -42,15 +45,17 @@ def describe_os_error(e: OSError) -> str:
 def message_of(e: BaseException) -> str:
     """The message of ``e`` on one line (a DataLoader worker's traceback reduced to its final error line)."""
     text = str(e)
-    if isinstance(e, OSError) and e.errno is not None and e.strerror and _WORKER_TRACEBACK not in text:
+    from_worker = _WORKER_TRACEBACK in text or _WORKER_HEAD.match(text) is not None
+    if isinstance(e, OSError) and e.errno is not None and e.strerror and not from_worker:
         return describe_os_error(e)
     if isinstance(e, KeyError) and type(e).__str__ is KeyError.__str__ and len(e.args) == 1:
         text = f"missing key {e.args[0]!r}"
-    if _WORKER_TRACEBACK in text:
+    if from_worker:
         head = text.split("\n", 1)[0].strip()  # "Caught SampleError in DataLoader worker process 0."
-        lines = [ln.strip() for ln in text.split(_WORKER_TRACEBACK, 1)[1].splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in text.split("\n", 1)[1].splitlines() if ln.strip()]
         last = _QUALIFIED_PREFIX.sub("", lines[-1]) if lines else ""
-        text = f"{last} ({head.rstrip('.').lower()})" if last else head
+        where = re.search(r"in DataLoader worker process \d+", head)
+        text = f"{last} ({where.group(0) if where else head.rstrip('.')})" if last else head
     return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(e).__name__
 
 

@@ -179,6 +179,28 @@ def test_an_error_from_a_dataloader_worker_is_reduced_to_its_own_line():
     assert "worker process 0" in text
 
 
+def test_a_chained_error_from_a_dataloader_worker_is_reduced_to_its_own_line():
+    """A SampleError raised from a cause that has no traceback of its own (the tar reader's ShardReadError):
+    torch's message then starts with the cause's error line, not with "Traceback"."""
+    from torch._utils import ExceptionWrapper
+
+    from mmm.data.stream import SampleError
+    from mmm.data.tar import ShardReadError
+    from mmm.errors import one_line
+
+    cause = ShardReadError("unreadable tar at byte 0, before any member", "/data/train-000000.tar")
+    try:
+        raise SampleError("ShardReadError in shard /data/train-000000.tar: unreadable tar at byte 0") from cause
+    except SampleError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(SampleError) as info:
+        wrapped.reraise()
+    assert str(info.value).startswith("Caught SampleError in DataLoader worker process 0.\nOriginal mmm.data.tar")
+    text = one_line(info.value, known=True)
+    assert text == ("ShardReadError in shard /data/train-000000.tar: unreadable tar at byte 0 "
+                    "(in DataLoader worker process 0)")
+
+
 # ------------------------------------------------------------------------------------------ full disk
 
 

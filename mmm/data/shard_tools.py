@@ -167,6 +167,8 @@ def _check_one_shard(url: str, fields: Tuple[str, ...], check_sample: Optional[C
         problems.append(Problem(url, "(shard)", f"cannot open shard: {type(exn).__name__}: {exn}"))
         return samples, False
     finish(current)
+    if samples == 0:
+        problems.append(Problem(url, "(shard)", "holds no sample (an empty tar): training reads nothing from it"))
     return samples, True
 
 

@@ -34,8 +34,16 @@ def _is_remote(url: str) -> bool:
     return url.startswith(_REMOTE_PREFIXES) or "://" in url
 
 
+def _is_glob(spec: str) -> bool:
+    return any(ch in spec for ch in "*?[")
+
+
 def _expand_one(spec: str, split: Optional[str]) -> List[str]:
     """Expand one directory / brace pattern / glob / file into shard paths (sorted for dirs and globs)."""
+    for prefix in ("file://", "file:"):  # a local file written as a url (WebDataset accepts it)
+        if spec.startswith(prefix):
+            spec = spec[len(prefix):]
+            break
     if _is_remote(spec):
         return list(braceexpand.braceexpand(spec))
     path = Path(spec).expanduser()
@@ -43,13 +51,21 @@ def _expand_one(spec: str, split: Optional[str]) -> List[str]:
         pattern = f"{split}-*.tar" if split is not None else "*.tar"
         return sorted(str(p) for p in path.glob(pattern) if p.is_file())
     if "{" in spec:
-        urls = list(braceexpand.braceexpand(str(path)))
-        missing = [u for u in urls if not Path(u).is_file()]
+        urls, missing = [], []
+        for one in braceexpand.braceexpand(str(path)):
+            if _is_glob(one):  # dir/{train,val}-*.tar: each alternative a glob that must match
+                found = sorted(p for p in glob.glob(one) if os.path.isfile(p))
+                urls.extend(found)
+                missing.extend([] if found else [f"{one} (matches no file)"])
+            elif Path(one).is_file():
+                urls.append(one)
+            else:
+                missing.append(one)
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise FileNotFoundError(f"shard pattern {spec!r}: missing shard file(s) {missing[:3]}{more}")
         return urls
-    if any(ch in spec for ch in "*?["):
+    if _is_glob(spec):
         return sorted(p for p in glob.glob(str(path)) if os.path.isfile(p))
     if path.is_file():
         return [str(path)]
@@ -87,19 +103,36 @@ def list_shards(path_or_pattern: ShardSpec, split: Optional[str] = None) -> List
     return urls
 
 
+class WorkerErrorCounts:
+    """Not a batch: a worker's running error counts, sent after its last item of a pass when errors were met
+    after that item (or the worker had no item at all, e.g. its only shard was corrupt). The training
+    loaders tally it (``extras["data_errors"]``, as on a batch) and hand it on to nobody."""
+
+    def __init__(self, counts: Dict[str, Any]) -> None:
+        self.extras = {"data_errors": counts}
+
+    def __repr__(self) -> str:
+        return f"WorkerErrorCounts({self.extras['data_errors']})"
+
+
 def stamp_error_counts(src: Iterator[Any], handler: SampleErrorHandler) -> Iterator[Any]:
     """Put this worker's running error counts on every item that has an ``extras`` dict (a
     :class:`~mmm.batch.PackedBatch`): ``extras["data_errors"] = {"worker", "total", "by_type"}``.
 
     The counts are those of the worker's handler when the item is handed on, so they include the
-    errors met while producing it (and every earlier item of this worker, all passes).
+    errors met while producing it (and every earlier item of this worker, all passes). Errors met
+    after the pass's last item end the pass as a :class:`WorkerErrorCounts`, so none goes uncounted.
     """
+    _, _, worker, _ = wds.utils.pytorch_worker_info()
+    stamped = None
     for item in src:
         extras = getattr(item, "extras", None)
         if isinstance(extras, dict):
-            _, _, worker, _ = wds.utils.pytorch_worker_info()
             extras["data_errors"] = {"worker": worker, "total": handler.total, "by_type": dict(handler.counts)}
+            stamped = handler.total
         yield item
+    if handler.total and handler.total != stamped:
+        yield WorkerErrorCounts({"worker": worker, "total": handler.total, "by_type": dict(handler.counts)})
 
 
 def _report_at_end(src: Iterator[Any], handler: Optional[SampleErrorHandler]) -> Iterator[Any]:

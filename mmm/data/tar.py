@@ -302,6 +302,24 @@ class _TarInfo(tarfile.TarInfo):
             raise
 
 
+def _data_after_end_block(tar: tarfile.TarFile, chunk: int = 1 << 20) -> Optional[int]:
+    """The byte offset of the first non-zero byte after the zero block that ended ``tar``'s members, or None.
+
+    A tar ends with zero blocks and zero padding only. ``tarfile`` stops at the first zero block it meets,
+    so a member header zeroed by corruption, or a second tar appended to the first, would silently end the
+    shard there; reading the rest of the stream (normally a few KiB of padding) tells them apart.
+    """
+    at = tar.offset + tarfile.BLOCKSIZE  # the zero block itself was read
+    while True:
+        block = tar.fileobj.read(chunk)
+        if not block:
+            return None
+        rest = block.lstrip(b"\0")
+        if rest:
+            return at + len(block) - len(rest)
+        at += len(block)
+
+
 _STOP_REASONS = {
     "EmptyHeaderError": "the stream ends without the end-of-archive marker (truncated at a member boundary)",
     "TruncatedHeaderError": "the stream ends inside a member header (truncated)",
@@ -345,11 +363,16 @@ def iter_members(url: str, read: Callable[[tarfile.TarInfo], bool],
             last = info.name
             yield info, data
         stop = getattr(tar, "_mmm_stop", None)
+        after = f"after member {last!r}" if last else "before any member"
         if not isinstance(stop, tarfile.EOFHeaderError):  # anything but the end-of-archive block
             name = type(stop).__name__
-            after = f"after member {last!r}" if last else "before any member"
             raise ShardReadError(f"unreadable tar at byte {tar.offset}, {after}: {_STOP_REASONS.get(name, name)}",
                                  last or "(start of tar)")
+        data_at = _data_after_end_block(tar)
+        if data_at is not None:
+            raise ShardReadError(f"unreadable tar: a zero block at byte {tar.offset} ({after}) ends the archive, but "
+                                 f"data follows at byte {data_at} (a zeroed member header, or tars concatenated); the "
+                                 f"rest of the shard would be lost", last or "(start of tar)")
     except ShardReadError as exn:
         if exn.args[1:] != ("(stream)",):
             raise

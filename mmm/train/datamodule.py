@@ -148,13 +148,14 @@ class StreamDataModule(L.LightningDataModule):
             where = "the first batch" if self.sampler is not None else f"the beginning of epoch {trainer.current_epoch}"
             warnings.warn(f"checkpoint {trainer.ckpt_path} holds no data position (written before exact resume "
                           f"existed, or by another data module): training data restarts at {where}", stacklevel=2)
+        max_errors = self.cfg.max_errors if self.cfg.skip_bad else None  # summed over workers and tasks
         if self.sampler is None:
             self._train = ResumableLoader(lambda epoch: self.task_loader(0, epoch), self._start, consumed=consumed,
-                                          strict=self._strict, agree=self._ranks_agree())
+                                          strict=self._strict, agree=self._ranks_agree(), max_errors=max_errors)
         else:
             streams = [TaskStream(t.name, lambda t=t: self._train_loader(t, 0, None)) for t in self.tasks]
             self._train = MixtureLoader(streams, [t.name for t in self.tasks], self.sampler, self._start,
-                                        consumed=consumed, epoch_batches=self.cfg.epoch_batches)
+                                        consumed=consumed, epoch_batches=self.cfg.epoch_batches, max_errors=max_errors)
         return self._train
 
     def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:

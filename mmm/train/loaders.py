@@ -30,12 +30,15 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional
+from collections import Counter
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 from torch.utils.data import DataLoader
 
 from mmm.batch import PackedBatch
 from mmm.config import DataConfig
+from mmm.data.errors import SampleError
+from mmm.data.stream import WorkerErrorCounts
 from mmm.host_reads import on_host
 
 logger = logging.getLogger("mmm.train")
@@ -72,11 +75,20 @@ class ErrorTally:
 
     def __init__(self) -> None:
         self._base = 0  # errors met by DataLoaders already closed
+        self._base_types: Counter = Counter()
         self._seen: Dict[int, int] = {}  # worker -> its latest running count, current DataLoader
+        self._types: Dict[int, Dict[str, int]] = {}  # worker -> its latest counts by error type
 
     @property
     def total(self) -> int:
         return self._base + sum(self._seen.values())
+
+    @property
+    def by_type(self) -> Counter:
+        out = Counter(self._base_types)
+        for types in self._types.values():
+            out.update(types)
+        return out
 
     def add(self, batch: Any) -> None:
         """Note the worker count a batch carries (if any)."""
@@ -84,10 +96,34 @@ class ErrorTally:
         info = extras.get("data_errors") if isinstance(extras, dict) else None
         if info is not None:
             self._seen[int(info["worker"])] = int(info["total"])
+            self._types[int(info["worker"])] = dict(info.get("by_type", {}))
 
     def new_loader(self) -> None:
         """The stream starts a new DataLoader: keep what the old one's workers met."""
-        self._base, self._seen = self.total, {}
+        self._base, self._base_types = self.total, self.by_type
+        self._seen, self._types = {}, {}
+
+
+def enforce_error_limit(tallies: Iterable[ErrorTally], max_errors: Optional[int]) -> None:
+    """Stop once the bad samples/shards of every worker together exceed ``data.max_errors``.
+
+    Each worker's handler stops at the limit on its own count; this is the same limit on the sum over
+    workers (and tasks), so the outcome does not depend on how the bad shards fall across workers.
+
+    Raises:
+        SampleError: more than ``max_errors`` in total.
+    """
+    if max_errors is None:
+        return
+    tallies = list(tallies)
+    total = sum(t.total for t in tallies)
+    if total > max_errors:
+        by_type: Counter = Counter()
+        for t in tallies:
+            by_type.update(t.by_type)
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(by_type.items())) or "none"
+        raise SampleError(f"too many bad samples: {total} > data.max_errors={max_errors}, summed over the DataLoader "
+                          f"workers ({kinds}); the workers' log lines above name them")
 
 
 @dataclass(frozen=True)
@@ -129,6 +165,7 @@ class ResumableLoader:
             every rank calls it once per batch it asks for, the last call of an epoch included);
             the epoch ends on every rank as soon as it is False. None: a single rank, or ranks
             whose epochs have equal lengths by construction (resampled mode).
+        max_errors: ``data.max_errors`` under ``data.skip_bad`` (:func:`enforce_error_limit`); None: no limit.
 
     Batches that carry their worker's running error counts (``extras["data_errors"]``, see
     :func:`mmm.data.stream.stamp_error_counts`) are tallied: each yielded batch gets
@@ -138,11 +175,11 @@ class ResumableLoader:
 
     def __init__(self, build: Callable[[int], DataLoader], start: DataPosition,
                  consumed: Optional[Callable[[], int]] = None, strict: bool = True,
-                 agree: Optional[Callable[[bool], bool]] = None) -> None:
+                 agree: Optional[Callable[[bool], bool]] = None, max_errors: Optional[int] = None) -> None:
         if start.epoch < 0 or start.batches_done < 0:
             raise ValueError(f"ResumableLoader: bad start position {start}")
         self._build, self._start, self._consumed, self.strict = build, start, consumed, strict
-        self._agree = agree
+        self._agree, self._max_errors = agree, max_errors
         self._loader: Optional[DataLoader] = None
         self._loader_next_epoch = -1
         self._pass: Optional[_Pass] = None
@@ -164,6 +201,16 @@ class ResumableLoader:
 
     def _tally(self, batch: Any) -> None:
         self._errors.add(batch)
+        enforce_error_limit([self._errors], self._max_errors)
+
+    def _next_batch(self, it: Iterator[Any]) -> Optional[Any]:
+        """The next batch of ``it`` (tallied), or None at the end of the pass; workers' late error counts
+        (:class:`~mmm.data.stream.WorkerErrorCounts`) are tallied on the way, never handed on."""
+        for item in it:
+            self._tally(item)
+            if not isinstance(item, WorkerErrorCounts):
+                return item
+        return None
 
     def __iter__(self) -> Iterator[PackedBatch]:
         return self._run()
@@ -178,10 +225,9 @@ class ResumableLoader:
                         "(data work only)", start.epoch, start.batches_done)
         ran_out = False
         while skipped < start.batches_done:
-            try:
-                with on_host():
-                    self._tally(next(it))
-            except StopIteration:
+            with on_host():
+                batch = self._next_batch(it)
+            if batch is None:
                 ran_out = True
                 msg = (f"the training data ran out while fast-forwarding: epoch {start.epoch} has {skipped} batch(es) "
                        f"but the checkpoint had trained on {start.batches_done} of it; the shards changed since the "
@@ -194,17 +240,20 @@ class ResumableLoader:
         self._pass = p = _Pass(start.epoch, skipped, self._consumed() if self._consumed is not None else 0)
         while True:
             with on_host():
-                batch = None if ran_out else next(it, None)
+                batch = None if ran_out else self._next_batch(it)
             if self._agree is not None and not self._agree(batch is not None):
                 break  # some rank has no batch left: the epoch ends on every rank
             if batch is None:
                 break
-            self._tally(batch)
             if isinstance(getattr(batch, "extras", None), dict):
                 batch.extras["data_errors_total"] = self.data_errors()
             p.yielded += 1
             yield batch
         p.exhausted = True
+        if start.batches_done == 0 and p.yielded == 0:  # a next epoch would be empty too: Lightning would loop forever
+            raise RuntimeError(f"the training shards yielded no batch in a whole epoch (epoch {start.epoch}): empty "
+                               f"shards, or every sample was bad and skipped ({self.data_errors()} bad sample(s) or "
+                               f"shard(s) counted)")
 
     def _loader_for(self, epoch: int) -> DataLoader:
         if self._loader is None or self._loader_next_epoch != epoch:

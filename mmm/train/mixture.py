@@ -36,9 +36,10 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from mmm.batch import PackedBatch
+from mmm.data.stream import WorkerErrorCounts
 from mmm.host_reads import on_host
 from mmm.train.host_metrics import log_host_value
-from mmm.train.loaders import ErrorTally, shutdown_workers
+from mmm.train.loaders import ErrorTally, enforce_error_limit, shutdown_workers
 
 logger = logging.getLogger("mmm.train")
 
@@ -143,10 +144,12 @@ class TaskStream:
         while True:
             in_epoch = 0
             for batch in loader:
+                self.errors.add(batch)
+                if isinstance(batch, WorkerErrorCounts):  # a worker's late error counts, not a batch
+                    continue
                 in_epoch += 1
                 produced += 1
                 self.samples_drawn += batch.num_sequences
-                self.errors.add(batch)
                 if produced > skip:
                     yield batch
             if in_epoch == 0:
@@ -176,8 +179,10 @@ class MixtureLoader:
     """
 
     def __init__(self, streams: List[TaskStream], names: List[str], sampler: TaskSampler, start: int,
-                 consumed: Optional[Callable[[], int]] = None, epoch_batches: Optional[int] = None) -> None:
+                 consumed: Optional[Callable[[], int]] = None, epoch_batches: Optional[int] = None,
+                 max_errors: Optional[int] = None) -> None:
         self.streams, self.names, self.sampler = streams, names, sampler
+        self.max_errors = max_errors  # data.max_errors over every task's workers together (enforce_error_limit)
         self._start, self._consumed, self.epoch_batches = start, consumed, epoch_batches
         self._base: Optional[int] = None
         self._yielded = 0
@@ -212,6 +217,7 @@ class MixtureLoader:
             t = self.sampler(i)
             with on_host():  # the data pipeline is host work (here when num_workers is 0), never a device read
                 batch = next(iterators[t])
+            enforce_error_limit([s.errors for s in self.streams], self.max_errors)
             batch.extras["data_errors_total"] = self.data_errors()
             self._yielded += 1
             i = self._next = i + 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import http.server
 import io
+import re
 import shutil
 import tarfile
 import threading
@@ -255,3 +256,49 @@ def test_options_from_config_carry_every_read_setting(tmp_path):
     mods = build_modalities(cfg, task_configs(cfg))
     assert mods.read_options == opts
 
+
+
+def _ten_member_tar(path: Path) -> bytes:
+    write_tar(path, [(f"k{i:02d}.txt", f"text {i}".encode()) for i in range(10)])
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["zeroed header", "concatenated"])
+def test_a_zero_block_inside_a_shard_is_an_error_not_its_end(tmp_path, damage):
+    """tarfile stops at the first zero block; a zeroed member header (or a second tar appended with `cat`)
+    would end the shard there silently, dropping every later sample."""
+    data = _ten_member_tar(tmp_path / "good.tar")
+    if damage == "zeroed header":
+        bad = bytearray(data)
+        bad[5 * 1024:5 * 1024 + 512] = bytes(512)  # member 5's header (each member: a header block and a data block)
+        bad = bytes(bad)
+        where = "a zero block at byte 5120 (after member 'k04.txt')"
+    else:
+        bad = data + data
+        where = "a zero block at byte 10240 (after member 'k09.txt')"
+    (tmp_path / "bad.tar").write_bytes(bad)
+    with pytest.raises(SampleError, match=re.escape(where) + ".*data follows at byte"):
+        list(read_samples([str(tmp_path / "bad.tar")], ReadOptions()))
+    assert any("data follows" in p.problem for p in check_shards(tmp_path / "bad.tar").problems)
+    # the end-of-archive blocks and the record padding after them are zeros: a whole tar reads as before
+    assert [s["__key__"] for s in read_samples([str(tmp_path / "good.tar")], ReadOptions())] == \
+        [f"k{i:02d}" for i in range(10)]
+    assert not any("data follows" in p.problem for p in check_shards(tmp_path / "good.tar").problems)
+
+
+def test_an_empty_tar_is_a_problem_for_shards_check(tmp_path):
+    (tmp_path / "train-000000.tar").write_bytes(bytes(10240))  # a valid tar with no member
+    assert list(read_samples([str(tmp_path / "train-000000.tar")], ReadOptions())) == []
+    report = check_shards(tmp_path)
+    assert [p.problem for p in report.problems] == ["holds no sample (an empty tar): training reads nothing from it"]
+
+
+def test_shard_lists_take_file_urls_and_globs_inside_braces(tmp_path):
+    for name in ("train-000000.tar", "train-000001.tar", "val-000000.tar"):
+        write_tar(tmp_path / name, [("a.txt", b"x")])
+    one = str(tmp_path / "train-000000.tar")
+    assert list_shards(f"file:{one}") == list_shards(f"file://{one}") == [one]
+    assert list_shards(str(tmp_path / "{train,val}-*.tar")) == [
+        str(tmp_path / n) for n in ("train-000000.tar", "train-000001.tar", "val-000000.tar")]
+    with pytest.raises(FileNotFoundError, match=r"test-\*\.tar \(matches no file\)"):
+        list_shards(str(tmp_path / "{train,test}-*.tar"))

@@ -59,22 +59,26 @@ def test_fixed_masking_is_reproducible(corpus):
     assert run() == run()
 
 
-def _shard_with_bad_sample(path):
+def _shard_with_bad_sample(path, bad=b"\xff\xfe not utf8"):
     with tarfile.open(path, "w") as tar:
-        for key, data in (("a", "good text here".encode()), ("b", b"\xff\xfe not utf8"), ("c", "more good text".encode())):
+        for key, data in (("a", "good text here".encode()), ("b", bad), ("c", "more good text".encode())):
             info = tarfile.TarInfo(f"{key}.txt")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_non_utf8_sample_stops_by_default_and_is_counted_when_skipping(corpus, tmp_path):
+@pytest.mark.parametrize("bad, message", [(b"\xff\xfe not utf8", r"sample b: 'txt' is not UTF-8"),
+                                          (b"  \n\t ", r"sample b: 'txt' is empty \(expected non-blank text, got 5")],
+                         ids=["not-utf8", "blank"])
+def test_a_bad_sample_stops_by_default_and_is_counted_when_skipping(corpus, tmp_path, bad, message):
+    """A blank text would yield no sequence: it is a bad sample like undecodable bytes, never dropped silently."""
     _, tok = corpus
     shard = tmp_path / "train-000000.tar"
-    _shard_with_bad_sample(shard)
+    _shard_with_bad_sample(shard, bad)
     masker = BertRandomMasker(vocab=tok.vocab())
     strict = SampleErrorHandler()
     st = text_stages(tok, masker, max_len=16, batch_size=10, seed=0, handler=strict)
-    with pytest.raises(SampleError, match=r"sample b: 'txt' is not UTF-8"):
+    with pytest.raises(SampleError, match=message):
         list(make_pipeline([str(shard)], stages=st, shuffle_buffer=0, handler=strict))
     lenient = SampleErrorHandler(skip_bad=True)
     st = text_stages(tok, masker, max_len=16, batch_size=10, seed=0, handler=lenient)

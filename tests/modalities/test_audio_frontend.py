@@ -68,6 +68,18 @@ def test_decode_audio_cut_header_is_an_error() -> None:
         decode_audio(data[:20], "where.flac")  # the header itself is cut
 
 
+def test_decode_audio_refuses_a_wav_cut_inside_its_data() -> None:
+    """libsndfile reads a WAV cut short as a shorter clip; its data chunk's declared size gives it away."""
+    data = encode(tone(440, 1.0), SR)  # 16-bit PCM: 2 bytes per sample
+    assert decode_audio(data, "whole.wav")[0].shape == (1, SR)
+    with pytest.raises(AudioDecodeError, match=r"cut.wav: truncated WAV: its data chunk declares 32000 bytes, 15"):
+        decode_audio(data[:len(data) // 2], "cut.wav")
+    # a streaming writer's unknown length (0xFFFFFFFF) is not a truncation
+    at = data.index(b"data") + 4
+    unknown = data[:at] + b"\xff\xff\xff\xff" + data[at + 4:]
+    assert decode_audio(unknown, "stream.wav")[0].shape == (1, SR)
+
+
 # ------------------------------------------------------------------ shapes and layout
 def test_time_tokens_shape_and_tail_padding() -> None:
     fe = fitted()

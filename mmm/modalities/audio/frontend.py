@@ -85,9 +85,12 @@ def decode_audio(data: bytes, where: str) -> Tuple[np.ndarray, int]:
     """
     if data is None or len(data) == 0:
         raise AudioDecodeError(f"{where}: empty audio (0 bytes)")
+    truncated = _wav_truncation(bytes(data[:65536]), len(data))
+    if truncated:
+        raise AudioDecodeError(f"{where}: truncated WAV: {truncated}")
     try:
         with sf.SoundFile(io.BytesIO(bytes(data))) as fh:
-            channels, sr = fh.channels, fh.samplerate
+            channels, sr, declared = fh.channels, fh.samplerate, fh.frames
             if channels < 1 or channels > MAX_CHANNELS:
                 raise AudioDecodeError(f"{where}: {channels} channels; expected 1..{MAX_CHANNELS}")
             if sr <= 0:
@@ -97,12 +100,40 @@ def decode_audio(data: bytes, where: str) -> Tuple[np.ndarray, int]:
         raise
     except (sf.SoundFileError, RuntimeError, ValueError, TypeError, EOFError) as exn:
         raise AudioDecodeError(f"{where}: cannot decode audio ({len(data)} bytes): {exn}") from exn
+    if 0 < wav.shape[0] < declared < (1 << 62):  # a FLAC stream cut short of its STREAMINFO count (not unknown lengths)
+        raise AudioDecodeError(f"{where}: truncated audio: {wav.shape[0]} of the {declared} samples its header "
+                               f"declares could be read")
     if wav.shape[0] == 0:
         raise AudioDecodeError(f"{where}: zero-length audio (0 samples at {sr} Hz)")
     bad = int(wav.size - np.count_nonzero(np.isfinite(wav)))
     if bad:
         raise AudioDecodeError(f"{where}: {bad} non-finite (NaN/inf) sample(s) of {wav.size}")
     return np.ascontiguousarray(wav.T), int(sr)
+
+
+def _wav_truncation(head: bytes, size: int) -> Optional[str]:
+    """What is missing from a RIFF/WAVE file whose ``data`` chunk declares more bytes than the file holds, or None.
+
+    libsndfile reads such a file without complaint, as a shorter clip (it lowers the frame count to the
+    bytes present), so a shard member cut short would train as a different clip. A declared size of 0 or
+    0xFFFFFFFF (written by streaming encoders that do not know the length) is not checked.
+
+    Args:
+        head: the file's first bytes (the chunk headers before ``data``; 64 KiB is plenty).
+        size: the whole file's length in bytes.
+    """
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    at = 12
+    while at + 8 <= len(head):
+        chunk, length = head[at:at + 4], int.from_bytes(head[at + 4:at + 8], "little")
+        if chunk == b"data":
+            present = size - (at + 8)
+            if length not in (0, 0xFFFFFFFF) and present < length:
+                return f"its data chunk declares {length} bytes, {present} are present ({size} bytes in all)"
+            return None
+        at += 8 + length + (length & 1)  # chunks are padded to an even length
+    return None
 
 
 def resample(waveform: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:

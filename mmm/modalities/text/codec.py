@@ -26,9 +26,13 @@ def decode_text(sample: Dict[str, Any]) -> str:
         fields = sorted(k for k in sample if not k.startswith("__"))
         raise ValueError(f"sample {key}: no 'txt' field (has {fields})", url)
     try:
-        return bytes(sample["txt"]).decode("utf-8")
+        text = bytes(sample["txt"]).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"sample {key}: 'txt' is not UTF-8 ({e})", url) from None
+    if not text.strip():  # it would yield no sequence: a bad sample, counted (as `mmm shards check` says)
+        raise ValueError(f"sample {key}: 'txt' is empty (expected non-blank text, got {len(sample['txt'])} byte(s))",
+                         url)
+    return text
 
 
 def json_object_problem(raw: bytes) -> Optional[str]:

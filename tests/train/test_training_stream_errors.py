@@ -1,0 +1,84 @@
+"""Bad data in the training stream (:class:`mmm.train.loaders.ResumableLoader`): every error is counted, also
+those met after a worker's last batch; ``data.max_errors`` applies to the sum over the DataLoader workers; and
+a stream with no batch in a whole epoch stops instead of starting empty epochs forever."""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import List
+
+import pytest
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from mmm.data.errors import SampleError, SampleErrorHandler, decode_each
+from mmm.data.stream import WorkerErrorCounts, make_pipeline
+from mmm.modalities.text.codec import decode_text
+from mmm.train.loaders import DataPosition, ResumableLoader
+
+
+class _Batch:
+    def __init__(self, samples: List[str]) -> None:
+        self.samples, self.extras = samples, {}
+
+
+def _good(path: Path, n: int) -> str:
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            data = f"{path.stem} text {i}".encode()
+            info = tarfile.TarInfo(f"{path.stem}_{i:03d}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _garbage(path: Path) -> str:
+    path.write_bytes(os.urandom(3000))
+    return str(path)
+
+
+def _loader(urls: List[str], workers: int, max_errors=None) -> ResumableLoader:
+    """The training loader over ``urls`` (no shuffling: worker w reads urls w, w + workers, ...), batches of 2."""
+    def build(epoch: int) -> DataLoader:
+        handler = SampleErrorHandler(skip_bad=True, max_errors=max_errors)
+        stages = [wds.pipelinefilter(decode_each)(decode_text, handler), wds.batched(2, collation_fn=_Batch,
+                                                                                     partial=True)]
+        pipeline = make_pipeline(urls, stages=stages, shuffle_shards=False, shuffle_buffer=0, handler=handler,
+                                 stamp_errors=True)
+        return DataLoader(pipeline, batch_size=None, num_workers=workers)
+    return ResumableLoader(build, DataPosition(0, 0), max_errors=max_errors)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_errors_of_a_worker_that_yields_no_batch_are_counted(tmp_path, workers):
+    urls = [_good(tmp_path / "good.tar", 5), _garbage(tmp_path / "bad.tar")]  # with 2 workers: worker 1 has no batch
+    loader = _loader(urls, workers)
+    batches = list(loader)
+    assert sum(len(b.samples) for b in batches) == 5
+    assert not any(isinstance(b, WorkerErrorCounts) for b in batches)  # the late counts are not handed on
+    assert loader.data_errors() == 1
+
+
+def test_max_errors_applies_to_the_sum_over_workers(tmp_path):
+    """Each of the two workers meets one bad shard: no worker alone passes data.max_errors=1, both together do."""
+    urls = [_good(tmp_path / "good0.tar", 4), _good(tmp_path / "good1.tar", 4),
+            _garbage(tmp_path / "bad0.tar"), _garbage(tmp_path / "bad1.tar")]
+    with pytest.raises(SampleError, match=r"too many bad samples: 2 > data.max_errors=1, summed over the DataLoader "
+                                          r"workers \(ShardReadError=2\)"):
+        list(_loader(urls, 2, max_errors=1))
+    loader = _loader(urls, 2, max_errors=2)
+    assert sum(len(b.samples) for b in loader) == 8 and loader.data_errors() == 2
+    with pytest.raises(SampleError, match="2 > data.max_errors=1"):  # the same outcome without workers
+        list(_loader(urls, 0, max_errors=1))
+
+
+def test_a_stream_without_a_batch_in_a_whole_epoch_stops(tmp_path):
+    only_bad = [_garbage(tmp_path / "bad.tar")]
+    with pytest.raises(RuntimeError, match=r"yielded no batch in a whole epoch \(epoch 0\).*\(1 bad sample"):
+        list(_loader(only_bad, 0))
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(bytes(10240))  # a valid tar without a member
+    with pytest.raises(RuntimeError, match="yielded no batch in a whole epoch"):
+        list(_loader([str(empty)], 1))
