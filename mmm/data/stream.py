@@ -135,6 +135,30 @@ def stamp_error_counts(src: Iterator[Any], handler: SampleErrorHandler) -> Itera
         yield WorkerErrorCounts({"worker": worker, "total": handler.total, "by_type": dict(handler.counts)})
 
 
+def _stop_if_no_shard_reads(src: Iterator[Dict[str, Any]], read: Callable[..., Iterator[Any]],
+                            shards: int) -> Iterator[Any]:
+    """``read`` (shard urls -> samples) over the drawn shards; stop once every one of the ``shards`` distinct
+    shards was drawn and none gave a sample (all unreadable, or empty, and skipped under ``data.skip_bad``): a
+    resampled stream would otherwise draw them forever. Disarmed by the first sample."""
+    state: Dict[str, Any] = {"url": None, "failed": set()}
+
+    def drawn() -> Iterator[Dict[str, Any]]:
+        for source in src:
+            failed = state["failed"]
+            if failed is not None and state["url"] is not None:  # the previous shard is read to its end
+                failed.add(state["url"])
+                if len(failed) >= shards:
+                    raise SampleError(f"none of the {shards} training shard(s) gave a sample: each was drawn and "
+                                      f"was unreadable or empty (see the skipped errors above), e.g. "
+                                      f"{sorted(failed)[:3]}; a resampled stream would draw them forever")
+            state["url"] = source["url"]
+            yield source
+
+    for sample in read(drawn()):
+        state["failed"] = None
+        yield sample
+
+
 def _report_at_end(src: Iterator[Any], handler: Optional[SampleErrorHandler]) -> Iterator[Any]:
     """Pass samples through; log the handler's summary when iteration ends or stops."""
     try:
@@ -214,7 +238,11 @@ def make_pipeline(
             pipeline.append(wds.pipelinefilter(shuffle_shards_by_epoch)(seed, epochs))
         pipeline.append(wds.split_by_node)
         pipeline.append(wds.split_by_worker)
-    pipeline.append(guarded_tarfile_to_samples(max_member_bytes, handler=handler, read_timeout_s=read_timeout_s))
+    read = guarded_tarfile_to_samples(max_member_bytes, handler=handler, read_timeout_s=read_timeout_s)
+    if resampled:  # an endless draw over shards that all fail would skip forever without a batch
+        pipeline.append(wds.pipelinefilter(_stop_if_no_shard_reads)(read, len(set(url_list))))
+    else:  # one pass: a pass without a batch is caught by the training loader
+        pipeline.append(read)
     if shuffle_buffer > 0:  # generator keyed by (seed, epoch, rank, worker), made when a pass starts
         pipeline.append(wds.pipelinefilter(shuffle_samples)(shuffle_buffer, min(100, shuffle_buffer), seed, epochs))
     pipeline.extend(stages)

@@ -66,6 +66,21 @@ def test_resampled_pipeline_is_endless(shard_dir: Path) -> None:
     assert len([next(it) for _ in range(12)]) == 12  # more than the 5 samples in the shard
 
 
+def test_resampled_pipeline_over_unusable_shards_stops_instead_of_drawing_forever(shard_dir: Path) -> None:
+    """Under skip_bad, a resampled stream whose every shard fails (or is empty) would skip forever: it stops once
+    every distinct shard was drawn without a sample. One readable shard disarms the check."""
+    (shard_dir / "train-000001.tar").write_bytes(b"this is not a tar file" * 40)
+    (shard_dir / "train-000002.tar").write_bytes(bytes(10240))  # an empty tar
+    bad = [str(shard_dir / "train-000001.tar"), str(shard_dir / "train-000002.tar")]
+    pipe = make_pipeline(bad, stages=[], resampled=True, shuffle_buffer=0, handler=SampleErrorHandler(skip_bad=True))
+    with pytest.raises(SampleError, match=r"none of the 2 training shard\(s\) gave a sample"):
+        next(iter(pipe))
+    mixed = make_pipeline(bad + [str(shard_dir / "train-000000.tar")], stages=[], resampled=True, shuffle_buffer=0,
+                          handler=SampleErrorHandler(skip_bad=True))
+    it = iter(mixed)
+    assert len([next(it) for _ in range(25)]) == 25  # more than the one good shard's 10 samples
+
+
 def corrupt(shard_dir: Path) -> Path:
     """Truncate train-000001.tar in the middle of a member's data."""
     bad = shard_dir / "train-000001.tar"
