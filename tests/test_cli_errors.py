@@ -160,6 +160,24 @@ def test_max_errors_exceeded_is_one_line_with_the_limit_and_the_last_error(ckpt,
     assert "last: " in line and "'txt' is not UTF-8" in line
 
 
+def test_training_shards_without_a_usable_sample_stop_instead_of_looping(ckpt, tmp_path, capsys):
+    """Every sample bad and skipped: each epoch is empty, and Lightning would start new ones forever."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "train-000000.tar", "w") as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"s{i:04d}.txt")
+            payload = b"\xff\xfe not utf-8"
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    argv = _tiny_argv(tmp_path / "run", **{"data.train": str(shards), "data.skip_bad": True, "data.num_workers": 1,
+                                           "trainer.max_steps": 2, "model.text.tokenizer_path": str(ckpt.parents[1] / "tokenizer")})
+    assert main(argv) == 2
+    assert _error_line(capsys) == ("mmm pretrain: error: the training shards yielded no batch in a whole epoch (epoch 0): "
+                                   "empty shards, or "
+                                   "every sample was bad and skipped (3 bad sample(s) or shard(s) counted)")
+
+
 def test_an_error_from_a_dataloader_worker_is_reduced_to_its_own_line():
     from torch._utils import ExceptionWrapper
 

@@ -251,7 +251,7 @@ class ResumableLoader:
             yield batch
         p.exhausted = True
         if start.batches_done == 0 and p.yielded == 0:  # a next epoch would be empty too: Lightning would loop forever
-            raise RuntimeError(f"the training shards yielded no batch in a whole epoch (epoch {start.epoch}): empty "
+            raise SampleError(f"the training shards yielded no batch in a whole epoch (epoch {start.epoch}): empty "
                                f"shards, or every sample was bad and skipped ({self.data_errors()} bad sample(s) or "
                                f"shard(s) counted)")
 

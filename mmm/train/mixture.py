@@ -36,7 +36,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from mmm.batch import PackedBatch
-from mmm.data.stream import WorkerErrorCounts
+from mmm.data.stream import SampleError, WorkerErrorCounts
 from mmm.host_reads import on_host
 from mmm.train.host_metrics import log_host_value
 from mmm.train.loaders import ErrorTally, enforce_error_limit, shutdown_workers
@@ -153,7 +153,7 @@ class TaskStream:
                 if produced > skip:
                     yield batch
             if in_epoch == 0:
-                raise RuntimeError(f"task {self.name!r}: its training shards yielded no batch in a whole epoch "
+                raise SampleError(f"task {self.name!r}: its training shards yielded no batch in a whole epoch "
                                    f"(empty shards, or every sample was bad and skipped)")
 
     def close(self) -> None:
