@@ -94,7 +94,7 @@ def linear_probe(train: Tuple[np.ndarray, np.ndarray], test: Tuple[np.ndarray, n
     """Fit a logistic-regression probe on ``train`` features and score it on ``test``.
 
     Args:
-        train: ``(features, labels)`` to fit on.
+        train: ``(features, labels)`` to fit on; labels are non-negative class ids (integral floats accepted).
         test: held-out ``(features, labels)``.
         c: inverse L2 regularisation strength.
         seed: solver seed.
@@ -103,7 +103,10 @@ def linear_probe(train: Tuple[np.ndarray, np.ndarray], test: Tuple[np.ndarray, n
     from sklearn.pipeline import make_pipeline as sk_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from mmm.downstream.knn import class_ids
+
     (xtr, ytr), (xte, yte) = train, test
+    ytr, yte = class_ids(ytr, "training labels"), class_ids(yte, "test labels")
     if len(np.unique(ytr)) < 2:
         raise ValueError(f"a linear probe needs at least 2 classes in the training labels, got {np.unique(ytr)}")
     clf = sk_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))

@@ -6,17 +6,19 @@ tables), so a bad line reads the same everywhere.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict, Iterable, Iterator, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Type
 
 
-def json_objects(lines: Iterable[str], where: Callable[[int], str],
-                 error: Type[Exception]) -> Iterator[Tuple[int, Dict[str, Any]]]:
+def json_objects(lines: Iterable[str], where: Callable[[int], str], error: Type[Exception],
+                 skip: Optional[Callable[[str, str], None]] = None) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """``(line number, object)`` of every non-blank line (numbered from 1).
 
     Args:
         lines: the text lines (an open file, ``text.splitlines()``).
         where: line number -> how errors name it (``lambda n: f"{path}:{n}"``).
         error: raised, naming the line, for a line that is not JSON or not a JSON object.
+        skip: when given, a bad line is passed to it as ``(where, reason)`` and left out instead
+            of raising ``error`` (the caller counts it: ``--skip_bad``).
     """
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -24,7 +26,12 @@ def json_objects(lines: Iterable[str], where: Callable[[int], str],
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise error(f"{where(n)}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise error(f"{where(n)}: expected a JSON object, got {type(obj).__name__}")
-        yield n, obj
+            problem = f"not valid JSON ({e.msg})"
+        else:
+            if isinstance(obj, dict):
+                yield n, obj
+                continue
+            problem = f"expected a JSON object, got {type(obj).__name__}"
+        if skip is None:
+            raise error(f"{where(n)}: {problem}")
+        skip(where(n), problem)

@@ -37,6 +37,8 @@ def cmd_embed(ns: argparse.Namespace, rest: List[str]) -> int:
     cut = f" ({info['truncated']} cut to the encoder length)" if info["truncated"] else ""
     print(f"embedded {info['samples']} input(s) → {info['dim']}-d {ns.pooling}-pooled features{cut}: "
           + ", ".join(info["files"]))
+    if info["labels"] and info["unlabelled"]:
+        print(f"{info['unlabelled']} of {info['samples']} sample(s) carry no label: their label is -1")
     return 0
 
 
@@ -138,7 +140,8 @@ def add_commands(sub: Any) -> None:
     f.add_argument("--eval_every", type=int, default=None, help="steps between dev evaluations (default: per epoch)")
     f.add_argument("--patience", type=int, default=3, help="dev evaluations without improvement before stopping")
     f.add_argument("--dropout", type=float, default=None, help="set every dropout to this (default: encoder's own)")
-    f.add_argument("--skip_bad", action="store_true", help="skip rows with empty fields (counted) instead of stopping")
+    f.add_argument("--skip_bad", action="store_true", help="skip bad rows (empty or non-string fields, a wrong "
+                   "cell count, bad JSONL lines; counted) instead of stopping")
     f.add_argument("--out", default=None, help="folder for finetune.json and each seed's best checkpoint")
     f.add_argument("--device", default=None, help="torch device (default cuda when available)")
     f.add_argument("--timm_model", default=None, help="timm model name of a timm ViT weights file")

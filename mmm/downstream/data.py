@@ -8,10 +8,12 @@ then counted in :attr:`Split.skipped`.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -53,37 +55,115 @@ class Split:
 # ----------------------------------------------------------------------------- tables
 
 
-def _table_rows(path: Path) -> List[Tuple[int, Dict[str, Any]]]:
-    """(line number, row dict) of a .tsv/.csv (header line) or .jsonl file."""
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a leading BOM dropped, Windows and old Mac line ends read as newlines);
+    otherwise an error naming the file, the byte offset and the line of the first bad byte."""
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = data.count(b"\n", 0, at) + 1
+        raise DownstreamDataError(f"{path}: not UTF-8 text (byte {at}, line {line}: "
+                                  f"{data[at:at + 1]!r}); save the file as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _lift_csv_field_limit() -> None:
+    """Let csv read fields of any length (its default stops at 131072 characters), as far as the
+    platform's C long allows."""
+    try:
+        csv.field_size_limit(sys.maxsize)
+    except OverflowError:  # a 32-bit C long (Windows)
+        csv.field_size_limit(2**31 - 1)
+
+
+def _csv_error(path: Path, start: int, line: int, e: csv.Error) -> DownstreamDataError:
+    """A csv parse error as a message naming the file and the line where the record started."""
+    span = f"line {start}" if line <= start else f"the record starting on line {start} (read up to line {line})"
+    if "unexpected end of data" in str(e):
+        return DownstreamDataError(
+            f"{path}: {span}: a quoted field opened in this record is never closed, so the rest of the file "
+            f"would be read as one cell; look for a stray or unbalanced '\"' on line {start}")
+    return DownstreamDataError(f"{path}: {span}: malformed CSV ({e}); a quoted field must end with '\"' "
+                               "followed by the delimiter or the line end, and a quote inside it is written '\"\"'")
+
+
+def _table_rows(path: Path, skipped: Optional[List[Tuple[str, str]]] = None) -> List[Tuple[int, Dict[str, Any]]]:
+    """(line number where the row starts, row dict) of a .tsv/.csv (header line) or .jsonl file.
+
+    With ``skipped`` (a list), rows with the wrong number of cells and lines that are not a JSON
+    object are appended to it as ``(where, reason)`` instead of raising.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise DownstreamDataError(f"{path}: unsupported table format {suffix!r}; use one of {list(TABLE_SUFFIXES)}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DownstreamDataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    text = read_text(path)
     if not text.strip():
         raise DownstreamDataError(f"{path}: the file is empty")
     rows: List[Tuple[int, Dict[str, Any]]] = []
+    skip = None if skipped is None else (lambda where, why: skipped.append((where, why)))
     if suffix == ".jsonl":
-        return list(json_objects(text.splitlines(), lambda n: f"{path}: row {n}", DownstreamDataError))
+        rows = list(json_objects(text.split("\n"), lambda n: f"{path}:row {n}", DownstreamDataError, skip))
+        if not rows:
+            raise DownstreamDataError(f"{path}: no JSON object lines ({len(skipped or [])} skipped)")
+        return rows
+    _lift_csv_field_limit()
     delimiter = "\t" if suffix == ".tsv" else ","
     quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL  # GLUE TSVs hold bare quotes
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
-    header = next(reader)
-    if len(set(header)) != len(header):
-        raise DownstreamDataError(f"{path}: duplicate column names in the header {header}")
-    for n, cells in enumerate(reader, start=2):
-        if not cells:
-            continue
-        if len(cells) != len(header):
-            raise DownstreamDataError(f"{path}: row {n}: {len(cells)} fields, the header has {len(header)} ({header})")
-        rows.append((n, dict(zip(header, cells))))
+    # strict: an unclosed quote is an error at the end of the file, not the rest of the file in one cell
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting, strict=suffix == ".csv")
+    start = 1  # the line the record being read starts on
+    try:
+        header = next(reader)
+        if len(set(header)) != len(header):
+            raise DownstreamDataError(f"{path}: duplicate column names in the header {header}")
+        start = reader.line_num + 1
+        for cells in reader:
+            n, start = start, reader.line_num + 1
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                problem = f"{len(cells)} cell(s), the header has {len(header)} ({header})"
+                if skip is None:
+                    raise DownstreamDataError(f"{path}: row {n}: {problem} (pass --skip_bad to skip such rows, "
+                                              "counted)")
+                skip(f"{path}:row {n}", problem)
+                continue
+            rows.append((n, dict(zip(header, cells))))
+    except csv.Error as e:
+        raise _csv_error(path, start, reader.line_num, e) from None
     if not rows:
-        raise DownstreamDataError(f"{path}: the file has a header but no rows")
+        extra = f" ({len(skipped)} skipped)" if skipped else ""
+        raise DownstreamDataError(f"{path}: the file has a header but no rows{extra}")
     return rows
+
+
+def _shown(v: Any) -> str:
+    """``repr`` of a value, cut to 60 characters, with its type."""
+    r = repr(v)
+    return f"{r[:57] + '...' if len(r) > 60 else r} ({type(v).__name__})"
+
+
+def _row_problem(row: Dict[str, Any], input_columns: Sequence[str], label_column: Optional[str]) -> Optional[str]:
+    """What makes a row unusable (an empty, missing or non-string input; an empty, missing or
+    non-scalar label), or None."""
+    for c in input_columns:
+        v = row.get(c)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return f"field {c!r} is empty or missing"
+        if not isinstance(v, str):
+            return f"field {c!r} is {_shown(v)}; a string was expected"
+    if label_column:
+        label = row.get(label_column)
+        if label is None or (isinstance(label, str) and not label.strip()):
+            return f"field {label_column!r} (the label) is empty or missing"
+        if not isinstance(label, (str, int, float)):
+            return f"field {label_column!r} (the label) is {_shown(label)}; a string or a number was expected"
+    return None
 
 
 def read_table(path: PathLike, input_columns: Sequence[str], label_column: Optional[str], *,
@@ -94,29 +174,32 @@ def read_table(path: PathLike, input_columns: Sequence[str], label_column: Optio
         path: ``.tsv`` / ``.csv`` (header line) or ``.jsonl`` (one object per line).
         input_columns: one column (single text / sequence) or two (a text pair).
         label_column: the label column, or None (unlabelled, e.g. a test file).
-        skip_bad: skip rows with an empty input or label (counted in ``skipped``) instead of failing.
+        skip_bad: skip bad rows (an empty, missing or non-string input, an empty label, the wrong
+            number of cells, a line that is not a JSON object; counted in ``skipped``) instead of failing.
     """
     p = Path(path)
-    rows = _table_rows(p)
+    out = Split(str(p), [], [], [])
+    rows = _table_rows(p, out.skipped if skip_bad else None)
     columns = set().union(*(r.keys() for _, r in rows))
     wanted = [c for c in (*input_columns, label_column) if c is not None]
     missing = [c for c in wanted if c not in columns]
     if missing:
         raise DownstreamDataError(f"{p}: no column(s) {missing}; the file has columns {sorted(columns)}")
-    out = Split(str(p), [], [], [])
     for n, row in rows:
         where = f"{p}:row {n}"
-        values = [row.get(c) for c in input_columns]
-        problem = next((f"field {c!r} is empty or missing" for c, v in zip(input_columns, values)
-                        if not isinstance(v, str) or not v.strip()), None)
         label = row.get(label_column) if label_column else None
-        if problem is None and label_column and (label is None or (isinstance(label, str) and not label.strip())):
-            problem = f"field {label_column!r} (the label) is empty or missing"
+        if isinstance(label, str) and ("\n" in label or "\r" in label):  # never skipped: rows were swallowed
+            hint = (f"; a quoted field opened on line {n} swallowed the lines after it: look for a stray '\"'"
+                    if p.suffix.lower() == ".csv" else "")
+            raise DownstreamDataError(f"{where}: the label {label_column!r} holds a line break "
+                                      f"({label[:40]!r}{'...' if len(label) > 40 else ''}){hint}")
+        problem = _row_problem(row, input_columns, label_column)
         if problem:
             if skip_bad:
                 out.skipped.append((where, problem))
                 continue
             raise DownstreamDataError(f"{where}: {problem} (pass --skip_bad to skip such rows, counted)")
+        values = [row[c] for c in input_columns]
         out.inputs.append(values[0] if len(values) == 1 else (values[0], values[1]))
         out.labels.append(label.strip() if isinstance(label, str) else label)
         out.where.append(where)
@@ -287,12 +370,19 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
       line) or a table with ``text_column`` (e.g. ``sequence``);
     * ``image``: image files (folder searched recursively);
     * ``audio``: ``.wav`` / ``.flac`` files.
+
+    Text and DNA tables found without ``text_column`` are an error naming them, not skipped.
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     root = p.parent if p.is_file() else p
+    tables = [f.relative_to(root).as_posix() for f in files if f.suffix.lower() in TABLE_SUFFIXES]
+    if modality in ("text", "dna") and tables and not text_column:  # never skip them silently
+        raise DownstreamDataError(f"{p}: {len(tables)} table file(s) {tables[:5]}{' ...' if len(tables) > 5 else ''} "
+                                  "need --text_column COLUMN (the column to embed); pass it, or move the tables "
+                                  "out of the input")
     out = Split(str(p), [], [], [])
     for f in files:
         rel = f.relative_to(root).as_posix()
@@ -313,7 +403,7 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
             out.where += [f"{rel}:{w.rsplit(':', 1)[1].replace(' ', '')}" for w in t.where]
         elif modality == "dna" and suffix in (".fa", ".fasta", ".fna"):
             name, seq = None, []
-            for line in f.read_text(encoding="utf-8").splitlines() + [">"]:
+            for line in read_text(f).split("\n") + [">"]:
                 if line.startswith(">"):
                     if name is not None:
                         if not seq:
@@ -326,7 +416,7 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
                         raise DownstreamDataError(f"{f}: sequence line before the first '>' header")
                     seq.append(line.strip())
         elif modality in ("text", "dna") and suffix == ".txt":
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+            for n, line in enumerate(read_text(f).split("\n"), start=1):
                 if line.strip():
                     out.inputs.append(line.strip())
                     out.where.append(f"{rel}:row{n}")

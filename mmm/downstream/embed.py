@@ -4,7 +4,9 @@ What a user does right after :func:`mmm.load_encoder`: run every input through t
 mode) and keep one vector per input, [CLS] or mean-pooled. Output:
 
 * a folder ``OUT/`` with ``features.npy`` ((n, d) float32), ``keys.txt`` (one sample key per line,
-  row order), ``labels.npy`` when the shards carry labels, and ``embed.json`` (what was run); or
+  row order), ``labels.npy`` when the shards carry labels (int64; -1 for a sample without a
+  non-negative integer label), and ``embed.json`` (what was run; ``unlabelled``: how many samples
+  have no label); or
 * ``OUT.safetensors``: tensor ``features`` (and ``labels``), the keys in the metadata (``keys``,
   a JSON list) with the same run description.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -37,6 +39,15 @@ def read_inputs(path: PathLike, modality: str, split: Optional[str] = None, text
     return read_raw_inputs(p, modality, text_column=text_column)
 
 
+def label_array(values: List[Any]) -> Tuple[Optional[np.ndarray], int]:
+    """``(labels (n,) int64, unlabelled count)``: -1 for a value that is not a non-negative integer;
+    ``(None, n)`` when no value is one."""
+    ok = [isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values]
+    if not any(ok):
+        return None, len(values)
+    return np.asarray([v if good else -1 for v, good in zip(values, ok)], np.int64), ok.count(False)
+
+
 def embed(source: PathLike, inputs: PathLike, out: PathLike, modality: str, *, pooling: str = "mean",
           batch_size: int = 64, split: Optional[str] = None, text_column: Optional[str] = None,
           timm_model: Optional[str] = None) -> Dict[str, Any]:
@@ -58,12 +69,11 @@ def embed(source: PathLike, inputs: PathLike, out: PathLike, modality: str, *, p
     adapter.check_pooling(pooling)
     data = read_inputs(inputs, modality, split, text_column)
     feats = adapter.features(data.inputs, pooling, batch_size=batch_size, where=data.where)
-    labels = None
-    if data.labels and all(isinstance(v, int) for v in data.labels):
-        labels = np.asarray(data.labels, np.int64)
+    labels, unlabelled = label_array(data.labels)
     info: Dict[str, Any] = {"source": str(source), "inputs": str(inputs), "modality": modality, "pooling": pooling,
                             "samples": int(feats.shape[0]), "dim": int(feats.shape[1]),
-                            "truncated": adapter.truncated, "labels": labels is not None}
+                            "truncated": adapter.truncated, "labels": labels is not None,
+                            "unlabelled": unlabelled}
     o = Path(out)
     if o.suffix == ".safetensors":
         import torch

@@ -30,7 +30,7 @@ from torch import nn
 from mmm.core.dropout import Dropout
 from mmm.downstream.data import Labels, Split, encode_labels
 from mmm.downstream.inputs import InputAdapter, load_adapter
-from mmm.downstream.metrics import METRICS, check_metric, mean_std, score_all
+from mmm.downstream.metrics import check_metric, mean_std, metric_value, score_all
 
 PathLike = Union[str, Path]
 HEAD_FILE = "head.safetensors"
@@ -199,8 +199,8 @@ def predict(model: FinetuneModel, items: Sequence[Any], task_type: str, batch_si
     return np.concatenate(out)
 
 
-def _scores(pred: np.ndarray, gold: Sequence[Union[int, float]], task_type: str) -> Dict[str, float]:
-    return score_all(pred, np.asarray(gold), task_type)
+def _scores(pred: np.ndarray, gold: Sequence[Union[int, float]], task_type: str, num_classes: int) -> Dict[str, float]:
+    return score_all(pred, np.asarray(gold), task_type, num_classes)
 
 
 def train_one_seed(make_adapter: Callable[[], InputAdapter], train: Tuple[List[Any], List[Any]],
@@ -212,7 +212,7 @@ def train_one_seed(make_adapter: Callable[[], InputAdapter], train: Tuple[List[A
     Args:
         make_adapter: loads the pretrained encoder (a fresh copy per seed).
         train, dev, test: ``(prepared items, encoded labels)``.
-        outputs: classes (or 1 for regression).
+        outputs: classes (or 1 for regression); also the class count F1 is scored with.
         cfg: hyper-parameters.
         seed: seeds the head's initialisation, dropout and the data order.
         out_dir: write the best encoder (``save_encoder``) and head here; None keeps nothing.
@@ -240,7 +240,8 @@ def train_one_seed(make_adapter: Callable[[], InputAdapter], train: Tuple[List[A
     def evaluate() -> bool:
         nonlocal best, best_state, best_step, bad, scored_at
         scored_at = step
-        value = METRICS[metric](predict(model, dev[0], cfg.task_type, cfg.eval_batch_size), np.asarray(dev[1]))
+        value = metric_value(metric, predict(model, dev[0], cfg.task_type, cfg.eval_batch_size), np.asarray(dev[1]),
+                             outputs)
         if value > best:
             best, best_step, bad = value, step, 0
             best_state = copy.deepcopy(model.state_dict())
@@ -282,10 +283,11 @@ def train_one_seed(make_adapter: Callable[[], InputAdapter], train: Tuple[List[A
     if scored_at != step:
         evaluate()  # the last step's state has not been scored yet
     model.load_state_dict(best_state)
-    dev_scores = _scores(predict(model, dev[0], cfg.task_type, cfg.eval_batch_size), dev[1], cfg.task_type)
+    dev_scores = _scores(predict(model, dev[0], cfg.task_type, cfg.eval_batch_size), dev[1], cfg.task_type, outputs)
     test_scores = None
     if test is not None:
-        test_scores = _scores(predict(model, test[0], cfg.task_type, cfg.eval_batch_size), test[1], cfg.task_type)
+        test_scores = _scores(predict(model, test[0], cfg.task_type, cfg.eval_batch_size), test[1], cfg.task_type,
+                              outputs)
     ckpt = None
     if out_dir is not None:
         ckpt = str(save_finetuned(model, out_dir / f"seed{seed}"))

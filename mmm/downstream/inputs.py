@@ -123,11 +123,10 @@ class InputAdapter:
             raise ValueError(f"{where}: a text input is a string or a pair of strings")
         ids = [tok.encode(p)[0] for p in parts]
         room = self.max_len - 1 - len(ids)  # [CLS] + one [SEP] per part
-        if sum(len(x) for x in ids) > room:
+        keep = longest_first([len(x) for x in ids], room)
+        if keep != [len(x) for x in ids]:
             self.truncated += 1
-            while sum(len(x) for x in ids) > room:  # longest first, as HF's truncation="longest_first"
-                i = int(np.argmax([len(x) for x in ids]))
-                ids[i] = ids[i][:-1]
+            ids = [x[:k] for x, k in zip(ids, keep)]
         out = [np.array([tok.cls_id])]
         for x in ids:
             out += [x, np.array([tok.sep_id])]
@@ -214,6 +213,24 @@ class InputAdapter:
             out.append(self.pooled(items, pooling).float().cpu().numpy())
         self.encoder.train(was)
         return np.concatenate(out) if out else np.zeros((0, self.hidden_size), np.float32)
+
+
+def longest_first(lengths: Sequence[int], room: int) -> List[int]:
+    """Kept lengths of one text or a text pair cut to ``room`` tokens in all, as HF's
+    ``truncation="longest_first"`` (the tokenizers library behind every fast and, from transformers 5,
+    every BERT tokenizer): the shorter text is kept whole when it fits in half of ``room`` and the
+    longer takes the rest; otherwise both get half, the odd token going to the longer text (the
+    second on a tie)."""
+    room = max(room, 0)
+    if sum(lengths) <= room:
+        return list(lengths)
+    if len(lengths) == 1:
+        return [room]
+    a, b = lengths
+    if 2 * min(a, b) <= room:
+        return [a, room - a] if a <= b else [room - b, b]
+    half, odd = room // 2, room % 2
+    return [half + odd, half] if a > b else [half, half + odd]
 
 
 def pad_ids(items: Sequence[np.ndarray], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -30,20 +30,39 @@ class KNNScore:
     classes: int
 
 
+def class_ids(y: np.ndarray, what: str = "labels") -> np.ndarray:
+    """``y`` as (n,) int64 class ids: integers, or floats with integral values (labels read from a
+    table or a float array); non-integral, negative, NaN or non-numeric labels are a clear error."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D array of class ids, got shape {y.shape}")
+    if y.dtype == bool or not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{what} must be integer class ids, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating):
+        bad = ~np.isfinite(y) | (y != np.round(y))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{what} must be integer class ids; {what}[{i}] is {y[i].item()!r}")
+    if y.size and y.min() < 0:
+        i = int(np.argmin(y))
+        raise ValueError(f"{what} must be non-negative class ids; {what}[{i}] is {y[i].item()!r}")
+    return y.astype(np.int64)
+
+
 def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *, k: int = DEFAULT_K,
                 temperature: Optional[float] = DEFAULT_TEMPERATURE, chunk: int = 1024) -> np.ndarray:
     """Predicted class of each test row.
 
     Args:
         train_x: (n, d) training features.
-        train_y: (n,) non-negative integer labels.
+        train_y: (n,) non-negative integer labels (integral floats are accepted, see :func:`class_ids`).
         test_x: (m, d) test features.
         k: neighbours (capped at n).
         temperature: vote weight ``exp(cos / T)``; None = each neighbour counts 1.
         chunk: test rows per similarity block (bounds memory at chunk × n).
     """
     train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
-    train_y = np.asarray(train_y)
+    train_y = class_ids(train_y, "training labels")
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
         raise ValueError(f"kNN needs (n, d) and (m, d) features, got {train_x.shape} and {test_x.shape}")
     if len(train_x) != len(train_y) or len(train_x) == 0:
@@ -72,12 +91,13 @@ def knn_probe(train: Tuple[np.ndarray, np.ndarray], test: Tuple[np.ndarray, np.n
     """Score a kNN classifier fitted on ``train`` features on ``test``.
 
     Args:
-        train: ``(features, labels)``.
+        train: ``(features, labels)``; labels are non-negative class ids (integral floats accepted).
         test: held-out ``(features, labels)``.
         k: neighbours.
         temperature: DINO vote temperature; None = majority vote.
     """
     (xtr, ytr), (xte, yte) = train, test
+    ytr, yte = class_ids(ytr, "training labels"), class_ids(yte, "test labels")
     if len(np.unique(ytr)) < 2:
         raise ValueError(f"kNN needs at least 2 classes in the training labels, got {np.unique(ytr)}")
     if len(yte) == 0:

@@ -2,12 +2,15 @@
 Pearson and Spearman correlation; and the mean ± standard deviation over seeds.
 
 CoLA reports Matthews correlation, MRPC/QQP F1 (of the positive class, label 1), STS-B Pearson
-and Spearman, the other classification tasks accuracy. Multi-class F1 here is the macro average.
+and Spearman, the other classification tasks accuracy. F1 depends on the task, not on the labels a
+split happens to hold: the caller passes the task's number of classes (``num_classes``); a 2-class
+task scores the F1 of class 1, a task with more classes the macro average over the labels present
+in gold or predictions (scikit-learn's ``average="binary"`` / ``"macro"``).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -20,18 +23,32 @@ def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
     return float((np.asarray(pred) == np.asarray(gold)).mean())
 
 
-def f1(pred: np.ndarray, gold: np.ndarray) -> float:
-    """F1 of class 1 when the labels are binary (GLUE's MRPC/QQP), else the macro average over classes."""
+def f1(pred: np.ndarray, gold: np.ndarray, num_classes: Optional[int] = None) -> float:
+    """F1 of class 1 for a 2-class task (GLUE's MRPC/QQP), else the macro average over the labels in
+    gold or predictions.
+
+    Args:
+        pred, gold: class ids in ``[0, num_classes)``.
+        num_classes: the task's number of classes (required: the labels present do not tell a
+            binary task from a multi-class split that lacks some classes).
+    """
+    if num_classes is None:
+        raise ValueError("f1 needs the task's number of classes (num_classes=...): with 2 it is the F1 of "
+                         "class 1, with more the macro average")
+    if num_classes < 2:
+        raise ValueError(f"f1 needs a task of at least 2 classes, got num_classes={num_classes}")
     pred, gold = np.asarray(pred), np.asarray(gold)
     classes = np.union1d(pred, gold)
-    positive = [1] if set(classes.tolist()) <= {0, 1} else classes.tolist()
+    if classes.size and (classes.min() < 0 or classes.max() >= num_classes):
+        raise ValueError(f"f1: labels {classes.tolist()} are not all class ids of a {num_classes}-class task")
+    positive = [1] if num_classes == 2 else classes.tolist()
     scores = []
     for c in positive:
         tp = float(((pred == c) & (gold == c)).sum())
         fp = float(((pred == c) & (gold != c)).sum())
         fn = float(((pred != c) & (gold == c)).sum())
         scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores))
+    return float(np.mean(scores)) if scores else 0.0
 
 
 def matthews(pred: np.ndarray, gold: np.ndarray) -> float:
@@ -95,10 +112,18 @@ def check_metric(name: str, task_type: str) -> str:
     return name
 
 
-def score_all(pred: np.ndarray, gold: np.ndarray, task_type: str) -> Dict[str, float]:
-    """Every metric of ``task_type`` on one prediction set."""
+def metric_value(name: str, pred: np.ndarray, gold: np.ndarray, num_classes: Optional[int] = None) -> float:
+    """One metric; ``num_classes`` (the task's, needed by ``f1``) is ignored by the others."""
+    if name == "f1":
+        return f1(pred, gold, num_classes)
+    return METRICS[name](pred, gold)
+
+
+def score_all(pred: np.ndarray, gold: np.ndarray, task_type: str,
+              num_classes: Optional[int] = None) -> Dict[str, float]:
+    """Every metric of ``task_type`` on one prediction set (``num_classes``: the task's, for F1)."""
     names = CLASSIFICATION_METRICS if task_type == "classification" else REGRESSION_METRICS
-    return {n: METRICS[n](pred, gold) for n in names}
+    return {n: metric_value(n, pred, gold, num_classes) for n in names}
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, float]:

@@ -3,7 +3,8 @@
 * ``stdlib-package`` (text, **real data**): docstrings of the Python standard library that runs
   this code, each labelled by the top-level package it comes from (``asyncio``, ``email``, ...).
   The split is by *module*: every module's docstrings go to one split only (train, dev or test),
-  so a model cannot score by recognising a module it saw in training.
+  so a model cannot score by recognising a module it saw in training; a dev or test docstring that
+  also occurs word for word in training (the same docstring in two modules) is dropped.
 * ``docstring-signature`` (text pairs, **real data**): does this docstring belong to this function
   signature? Every documented function of the standard library gives one matching pair (its own
   signature and docstring, label 1) and one mismatched pair (its signature with the docstring of
@@ -63,6 +64,9 @@ def stdlib_package_task(max_train_per_class: Optional[int] = 150, max_eval_per_c
                         stdlib: Optional[Union[str, Path]] = None) -> Dict[str, Split]:
     """The ``stdlib-package`` task: ``{"train", "dev", "test"}`` splits of (docstring, package).
 
+    Dev and test leave out docstrings that occur verbatim among the training candidates (after
+    the caps, so the rest of each split is unchanged).
+
     Args:
         max_train_per_class: cap on training docstrings per package (a seeded choice); None = all.
         max_eval_per_class: cap per package on dev and test.
@@ -91,9 +95,12 @@ def stdlib_package_task(max_train_per_class: Optional[int] = 150, max_eval_per_c
     if len(used) < 2:
         raise RuntimeError(f"{root}: found {len(used)} usable standard-library package(s); the task needs 2")
     out = {}
+    train_texts = {t for t, _, _ in rows["train"]}  # every training candidate, whatever the cap keeps
     for split, items in rows.items():
         cap = max_train_per_class if split == "train" else max_eval_per_class
         items = balanced_rows(items, cap, seed={"train": 0, "dev": 1, "test": 2}[split])
+        if split != "train":  # no held-out text that training could have seen verbatim
+            items = [r for r in items if r[0] not in train_texts]
         out[split] = Split(f"stdlib-package:{split}", [t for t, _, _ in items], [p for _, p, _ in items],
                            [f"{mod}#{i}" for i, (_, _, mod) in enumerate(items)])
     return out

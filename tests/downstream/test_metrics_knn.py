@@ -18,7 +18,7 @@ def test_metrics_match_reference_implementations() -> None:
         gold = rng.integers(0, classes, 200)
         pred = np.where(rng.random(200) < 0.6, gold, rng.integers(0, classes, 200))
         avg = "binary" if classes == 2 else "macro"
-        assert f1(pred, gold) == pytest.approx(f1_score(gold, pred, average=avg))
+        assert f1(pred, gold, classes) == pytest.approx(f1_score(gold, pred, average=avg))
         assert matthews(pred, gold) == pytest.approx(matthews_corrcoef(gold, pred))
     x = rng.normal(size=100)
     y = x + rng.normal(size=100)
