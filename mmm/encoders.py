@@ -22,6 +22,7 @@ Nothing here names a modality: each one's :class:`~mmm.modalities.base.Modality`
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -33,8 +34,9 @@ from mmm.checkpoint import (CHECKPOINT_FORMAT, CheckpointContents, load_weights,
 from mmm.config import ConfigError, ModelConfig, from_dict, to_dict
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import pack_padded
+from mmm.errors import CheckpointError
 from mmm.model import build_text_embedder
-from mmm.registry import MODALITIES
+from mmm.registry import ATTENTION_BACKENDS, MODALITIES
 
 PathLike = Union[str, Path]
 
@@ -189,9 +191,15 @@ class TokenEncoderParts:
 
     @classmethod
     def save_encoder_files(cls, encoder: nn.Module, directory: Path) -> None:
-        """The tokenizer, when the encoder has one, in ``directory/tokenizer``."""
+        """The tokenizer, when the encoder has one, in ``directory/tokenizer``; a ``tokenizer/`` left
+        there by an earlier save is removed first (it belongs to another encoder)."""
+        tok_dir = directory / TOKENIZER_SUBDIR
+        if tok_dir.is_dir() and not tok_dir.is_symlink():
+            shutil.rmtree(tok_dir)
+        elif tok_dir.exists() or tok_dir.is_symlink():
+            tok_dir.unlink()
         if getattr(encoder, "tokenizer", None) is not None:
-            encoder.tokenizer.save(directory / TOKENIZER_SUBDIR)
+            encoder.tokenizer.save(tok_dir)
 
     @classmethod
     def load_saved_encoder(cls, directory: Path, meta: Dict[str, Any]) -> nn.Module:
@@ -202,7 +210,12 @@ class TokenEncoderParts:
         cfg = parse_encoder_config(ModelConfig, meta, directory)
         tok_dir = directory / TOKENIZER_SUBDIR
         tok = cls.load_tokenizer(tok_dir) if tok_dir.is_dir() else None
-        enc = TextEncoder.from_config(cfg, int(meta["vocab_size"]), int(meta["pad_id"]), tok, modality=cls.name)
+        vocab = int(meta["vocab_size"])
+        if tok is not None and tok.vocab_size > vocab:
+            raise ValueError(f"{tok_dir}: the tokenizer has {tok.vocab_size} ids but the encoder's token table "
+                             f"({meta_path}: vocab_size) has {vocab}; it belongs to another encoder -- remove "
+                             f"{tok_dir} or save the encoder again")
+        enc = TextEncoder.from_config(cfg, vocab, int(meta["pad_id"]), tok, modality=cls.name)
         return load_saved_weights(enc, directory)
 
 
@@ -217,12 +230,22 @@ def parse_encoder_config(cls: type, meta: Dict[str, Any], directory: Path) -> An
         raise ValueError(f"{directory / ENCODER_META_FILE}: {e}") from None
 
 
-def load_saved_weights(encoder: nn.Module, directory: Path) -> nn.Module:
-    """Fill ``encoder`` from the folder's ``model.safetensors``; eval mode."""
+def read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; an unreadable one (truncated, corrupt header) is a
+    :class:`~mmm.errors.CheckpointError` naming ``path``."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors' SafetensorError names neither the file nor the fix
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
+                              "truncated or corrupt -- write it again") from None
+
+
+def load_saved_weights(encoder: nn.Module, directory: Path) -> nn.Module:
+    """Fill ``encoder`` from the folder's ``model.safetensors``; eval mode."""
     weights = directory / WEIGHTS_FILE
-    load_weights(encoder, load_file(str(weights)), weights)
+    load_weights(encoder, read_safetensors(weights), weights)
     return encoder.eval()
 
 
@@ -313,7 +336,38 @@ def _load_saved_encoder(directory: Path, modality: str) -> nn.Module:
     return MODALITIES.get(modality).load_saved_encoder(directory, meta)
 
 
-def load_encoder(source: PathLike, modality: str = "text", **options: Any) -> nn.Module:
+def _check_attention(attention: Any) -> None:
+    known = ["auto", *ATTENTION_BACKENDS.list()]
+    if not isinstance(attention, str) or attention not in known:
+        raise ValueError(f"load_encoder: attention={attention!r} is not an attention backend; expected one of {known}")
+
+
+def set_attention(encoder: nn.Module, attention: str) -> nn.Module:
+    """Set the attention backend of a standalone encoder's Transformer (``encoder.encoder``) to ``attention``.
+
+    Every backend computes the same function, so this is a compute choice, not a model property:
+    ``auto`` (xformers on CUDA when installed, else SDPA; ``$MMM_ATTENTION`` overrides it) or a
+    registered backend (``sdpa``, ``math``, ``xformers``, ``flex``).
+    """
+    _check_attention(attention)
+    core = getattr(encoder, "encoder", None)
+    if not isinstance(core, TransformerEncoder):
+        return encoder
+    if attention == "flex" and core.cfg.attn_dropout > 0:
+        raise ValueError(f"load_encoder: attention='flex' has no attention dropout, but this encoder's "
+                         f"encoder.attn_dropout is {core.cfg.attn_dropout}; choose another backend")
+    configs = [core.cfg]
+    own = getattr(getattr(encoder, "config", None), "encoder", None)
+    if own is not None and own is not core.cfg:
+        configs.append(own)  # what save_encoder writes
+    for cfg in configs:
+        cfg.attention = attention
+    core._resolve_for_parameters()  # resolved once here, not in every forward
+    return encoder
+
+
+def load_encoder(source: PathLike, modality: str = "text", attention: Optional[str] = "auto",
+                 **options: Any) -> nn.Module:
     """Load a pretrained encoder in eval mode.
 
     Args:
@@ -326,12 +380,23 @@ def load_encoder(source: PathLike, modality: str = "text", **options: Any) -> nn
             (B, N, D)``, CLS first when the model has one), ``audio``
             (:class:`~mmm.modalities.audio.embedder.AudioEncoder`, ``(B, T, F)`` feature tokens -> ``(B, T, d)``,
             and ``encode_waveform`` with the fitted front end attached), or any other registered one.
+        attention: the attention backend the loaded encoder runs with (:func:`set_attention`):
+            ``auto`` (default: xformers on CUDA when installed, else SDPA; ``$MMM_ATTENTION``
+            overrides it), ``sdpa``, ``math``, ``xformers`` or ``flex``; None keeps the one the source
+            was trained with. All compute the same function, so an encoder trained with xformers
+            loads and runs on CPU.
         options: options of a source the modality reads itself (None values count as not given);
             image: ``timm_model`` (the timm model name of a weights file, ``.safetensors`` / ``.pth``
-            / ``.bin``) and ``timm_kwargs`` (extra ``timm.create_model`` arguments, e.g. ``{"img_size": 32}``).
+            / ``.pt`` / ``.bin``) and ``timm_kwargs`` (extra ``timm.create_model`` arguments, e.g. ``{"img_size": 32}``).
     """
     spec = _encoder_modality(modality)
-    options = {k: v for k, v in options.items() if v is not None}
+    if attention is not None:
+        _check_attention(attention)  # refused before anything is read
+    encoder = _load(source, spec, modality, {k: v for k, v in options.items() if v is not None})
+    return encoder if attention is None else set_attention(encoder, attention)
+
+
+def _load(source: PathLike, spec: Any, modality: str, options: Dict[str, Any]) -> nn.Module:
     p = Path(source)
     if not p.exists():
         raise FileNotFoundError(f"encoder source {p} does not exist")

@@ -167,3 +167,88 @@ def test_pad_batch_feeds_the_encoder_like_an_hf_tokenizer(ckpt: Path) -> None:
     with pytest.raises(ValueError, match="text 0 is .* over max_len=4"):
         tok.pad_batch(["a much longer text than four tokens"], max_len=4)
     assert tok.pad_batch(["a much longer text than four tokens"], max_len=4, truncate=True)["input_ids"].shape == (1, 4)
+
+
+def test_save_without_tokenizer_removes_a_stale_one(ckpt: Path, tmp_path: Path) -> None:
+    out = save_encoder(load_encoder(ckpt), tmp_path / "e")  # a 500-id tokenizer in e/tokenizer
+    cfg = ModelConfig()
+    cfg.encoder.dim, cfg.encoder.depth, cfg.encoder.heads, cfg.text.max_len = 32, 1, 2, 16
+    save_encoder(TextEncoder.from_config(cfg, vocab_size=300).eval(), out)  # another encoder, no tokenizer
+    assert not (out / "tokenizer").exists()
+    back = load_encoder(out)
+    assert back.tokenizer is None and back.vocab_size == 300
+
+
+def test_saved_tokenizer_larger_than_the_token_table_is_refused(ckpt: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    cfg = ModelConfig()
+    cfg.encoder.dim, cfg.encoder.depth, cfg.encoder.heads, cfg.text.max_len = 32, 1, 2, 16
+    out = save_encoder(TextEncoder.from_config(cfg, vocab_size=300).eval(), tmp_path / "e")
+    shutil.copytree(save_encoder(load_encoder(ckpt), tmp_path / "other") / "tokenizer", out / "tokenizer")
+    assert json.loads((out / "mmm_encoder.json").read_text())["vocab_size"] == 300
+    with pytest.raises(ValueError, match=r"tokenizer: the tokenizer has 500 ids but the encoder's token table .* has 300"):
+        load_encoder(out)
+
+
+def test_resaving_into_the_same_folder_keeps_the_tokenizer(ckpt: Path, tmp_path: Path) -> None:
+    out = save_encoder(load_encoder(ckpt), tmp_path / "e")
+    save_encoder(load_encoder(out), out)
+    back = load_encoder(out)
+    assert back.tokenizer is not None and back.tokenizer.vocab_size == 500
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_saved_weights_name_the_file(ckpt: Path, tmp_path: Path, damage: str) -> None:
+    from mmm.errors import CheckpointError, UserError
+    from mmm.warm_start import WarmStartError, read_source
+
+    out = save_encoder(load_encoder(ckpt), tmp_path / "e")
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(b"\x00\x01garbage" * 10 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"{weights} is not a readable safetensors file") as info:
+        load_encoder(out)
+    assert isinstance(info.value, UserError)
+    with pytest.raises(WarmStartError, match=rf"cannot read {out}: {weights} is not a readable safetensors file"):
+        read_source(out)
+
+
+def _with_attention(ckpt: Path, dst: Path, backend: str) -> Path:
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    raw["mmm"]["config"]["model"]["encoder"]["attention"] = backend
+    torch.save(raw, dst)
+    return dst
+
+
+@pytest.mark.parametrize("backend", ["xformers", "flex"])
+def test_encoder_trained_on_a_gpu_backend_loads_and_runs_on_cpu(ckpt: Path, tmp_path: Path, backend: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MMM_ATTENTION", raising=False)
+    src = _with_attention(ckpt, tmp_path / f"{backend}.ckpt", backend)
+    ids, mask = _batch(500, seed=4)
+    with torch.no_grad():
+        ref = load_encoder(ckpt)(ids, mask)
+        enc = load_encoder(src)
+        assert enc.config.encoder.attention == "auto" and enc.encoder.backend_for(torch.device("cpu")) == "sdpa"
+        assert torch.equal(enc(ids, mask), ref)
+        # a saved encoder that still names the GPU backend loads on CPU too
+        kept = load_encoder(src, attention=None)
+        assert kept.config.encoder.attention == backend
+        with pytest.raises(RuntimeError, match=f"attention backend '{backend}' requested"):
+            kept(ids, mask)
+        saved = save_encoder(kept, tmp_path / "saved")
+        back = load_encoder(saved)
+        assert back.config.encoder.attention == "auto"
+        torch.testing.assert_close(back(ids, mask), ref, atol=1e-5, rtol=0)
+        math = load_encoder(saved, attention="math")
+        assert math.encoder.backend_for(torch.device("cpu")) == "math"
+        torch.testing.assert_close(math(ids, mask), ref, atol=1e-5, rtol=0)
+        monkeypatch.setenv("MMM_ATTENTION", "math")  # the variable still replaces `auto`
+        assert load_encoder(saved).encoder.backend_for(torch.device("cpu")) == "math"
+
+
+def test_load_encoder_refuses_an_unknown_attention_backend(ckpt: Path) -> None:
+    with pytest.raises(ValueError, match=r"attention='fast' is not an attention backend; expected one of \['auto'"):
+        load_encoder(ckpt, attention="fast")

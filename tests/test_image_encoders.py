@@ -55,3 +55,19 @@ def test_saved_image_encoder_round_trips_and_exports_to_timm(image_ckpt: Path, t
 def test_text_checkpoint_has_no_image_encoder(ckpt: Path):
     with pytest.raises(ValueError, match="no 'image' embedder"):
         load_encoder(ckpt, modality="image")
+
+
+def test_image_encoder_trained_with_xformers_runs_on_cpu(image_ckpt: Path, tmp_path, monkeypatch):
+    monkeypatch.delenv("MMM_ATTENTION", raising=False)
+    raw = torch.load(image_ckpt, map_location="cpu", weights_only=True)
+    raw["mmm"]["config"]["model"]["encoder"]["attention"] = "xformers"
+    src = tmp_path / "xformers.ckpt"
+    torch.save(raw, src)
+    x = _images()
+    with torch.no_grad():
+        ref = load_encoder(image_ckpt, modality="image")(x)
+        enc = load_encoder(src, modality="image")
+        assert enc.config.encoder.attention == "auto"
+        torch.testing.assert_close(enc(x), ref, atol=0, rtol=0)
+        saved = save_encoder(load_encoder(src, modality="image", attention=None), tmp_path / "enc")
+        torch.testing.assert_close(load_encoder(saved, modality="image")(x), ref, atol=0, rtol=0)

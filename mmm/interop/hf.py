@@ -29,15 +29,17 @@ name. ``transformers`` is needed to export (for ``BertConfig``) and imported laz
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+from torch import nn
 
 from mmm.config import EncoderConfig, ModelConfig, TextConfig
-from mmm.checkpoint import load_weights, read_checkpoint, safe_torch_load
+from mmm.checkpoint import CheckpointContents, load_weights, read_checkpoint, safe_torch_load
 from mmm.interop.require import require
-from mmm.encoders import TextEncoder, encoder_from_checkpoint, load_encoder
+from mmm.encoders import TextEncoder, encoder_from_checkpoint, load_encoder, read_safetensors
 from mmm.modalities.text.tokenizer import META_FILE, TOKENIZER_FILE, VOCAB_FILE, WORDPIECE_SPECIALS, TextTokenizer
 from mmm.objectives.mlm import MLMHead
 
@@ -49,19 +51,24 @@ SAFETENSORS_FILE = "model.safetensors"
 BIN_FILE = "pytorch_model.bin"
 GELU_ACTS = ("gelu", "gelu_python")  # both exact erf GELU in transformers
 _IGNORED_PREFIXES = ("pooler.", "cls.seq_relationship.", "embeddings.position_ids")
-_HEAD_PREFIX = "objectives.mlm.head."
+logger = logging.getLogger("mmm.export")
 
 
 # ----------------------------------------------------------------------------- export
 
 
-def check_exportable(config: ModelConfig) -> None:
+def check_exportable(config: ModelConfig, modality: str = "text") -> None:
     """Raise ValueError naming the first config field HF ``BertModel`` cannot represent.
 
     Args:
         config: the model configuration of the encoder to export.
+        modality: the encoder's modality (its ``modality`` attribute); only ``text`` exports.
     """
-    e, t = config.encoder, config.text
+    if modality != "text":
+        raise ValueError(f"cannot export to HF BERT: this is a {modality!r} encoder; only text encoders export "
+                         f"(HF BERT's tokenizers cannot reproduce the {modality} tokenizer); save_encoder keeps it "
+                         "in mmm's format")
+    e, t = config.encoder, getattr(config, modality)
     rules = [
         ("model.encoder.norm_first", e.norm_first, False, "BERT is post-LayerNorm"),
         ("model.encoder.final_norm", e.final_norm, False, "BERT has no LayerNorm after the last block"),
@@ -115,15 +122,19 @@ def _head_tensors(head: MLMHead) -> Dict[str, torch.Tensor]:
     }
 
 
-def head_from_checkpoint(state_dict: Dict[str, torch.Tensor], encoder: TextEncoder, source: PathLike) -> Optional[MLMHead]:
+def head_from_checkpoint(state_dict: Dict[str, torch.Tensor], encoder: TextEncoder, source: PathLike,
+                         name: str = "mlm") -> Optional[MLMHead]:
     """The MLM head stored in an mmm checkpoint's state_dict (tied to ``encoder``'s token table), or None.
 
     Args:
         state_dict: checkpoint weights without the ``model.`` prefix.
         encoder: the encoder built from the same checkpoint.
         source: the checkpoint file (for messages).
+        name: the head's name in the model: the MLM objective's ``label``, else ``mlm``
+            (:func:`text_mlm_head_name` finds it in a checkpoint's config).
     """
-    sub = {k[len(_HEAD_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_HEAD_PREFIX)}
+    prefix = f"objectives.{name}.head."
+    sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not sub:
         return None
     tied = "decoder_weight" not in sub
@@ -131,6 +142,30 @@ def head_from_checkpoint(state_dict: Dict[str, torch.Tensor], encoder: TextEncod
                    encoder.embedder.tokens if tied else None)
     load_weights(head, sub, source)
     return head.eval()
+
+
+def text_mlm_head_name(contents: CheckpointContents) -> Tuple[Optional[str], List[str]]:
+    """The name of the checkpoint's text MLM head (objective ``mlm`` on ``text``, named by its
+    ``label``, else ``mlm``), or None; and notes on the choice. With several, the first listed in
+    ``objectives`` is taken; a head trained on a DrBERT decoder's output (``decoder_layers > 0``) is
+    not taken, as HF BERT has no such decoder."""
+    from mmm.model import head_name
+
+    heads = [o for o in contents.config.objectives if o.name == "mlm" and o.args.get("modality", "text") == "text"]
+    if not heads:
+        return None, []
+    chosen, notes = heads[0], []
+    name = head_name(chosen)
+    if len(heads) > 1:
+        notes.append(f"{contents.path} has {len(heads)} text MLM heads {[head_name(o) for o in heads]}; exporting "
+                     f"the first listed in objectives, {name!r} (pass mlm_head= to choose another)")
+    layers = chosen.args.get("decoder_layers", 0)
+    if layers:
+        notes.append(f"the MLM head {name!r} of {contents.path} was trained on the output of a {layers}-layer "
+                     f"DrBERT decoder (decoder_layers={layers}), which HF BERT has no equivalent of: exporting "
+                     "the encoder as BertModel, without the head")
+        return None, notes
+    return name, notes
 
 
 def _tokenizer_config(tok: TextTokenizer, max_len: int) -> Dict[str, Any]:
@@ -148,12 +183,14 @@ def export_hf_bert(encoder_or_ckpt: Union[TextEncoder, PathLike], out_dir: PathL
                    mlm_head: Optional[MLMHead] = None) -> Path:
     """Write an HF BERT directory: ``config.json``, ``model.safetensors`` and the tokenizer files.
 
-    With an MLM head (given, or found in the checkpoint) the layout is ``BertForMaskedLM``
-    (``bert.``-prefixed encoder keys + ``cls.predictions.*``); without one it is ``BertModel``
-    (bare keys). Either loads with ``BertModel.from_pretrained`` and ``AutoModel``.
+    With an MLM head (given, or the checkpoint's text MLM head: :func:`text_mlm_head_name`) the
+    layout is ``BertForMaskedLM`` (``bert.``-prefixed encoder keys + ``cls.predictions.*``); without
+    one it is ``BertModel`` (bare keys). Either loads with ``BertModel.from_pretrained`` and
+    ``AutoModel``. Why a checkpoint's head was left out, or which of several was taken, is logged
+    (``mmm.export``, warning).
 
     Args:
-        encoder_or_ckpt: a :class:`~mmm.encoders.TextEncoder`, an mmm ``.ckpt`` file, or any
+        encoder_or_ckpt: a text :class:`~mmm.encoders.TextEncoder`, an mmm ``.ckpt`` file, or any
             directory :func:`~mmm.encoders.load_encoder` reads.
         out_dir: output folder, created if needed.
         mlm_head: an :class:`~mmm.objectives.mlm.MLMHead` to export with the encoder; overrides
@@ -162,23 +199,37 @@ def export_hf_bert(encoder_or_ckpt: Union[TextEncoder, PathLike], out_dir: PathL
     Returns:
         The output folder.
     """
+    out, notes = _export(encoder_or_ckpt, out_dir, mlm_head)
+    for note in notes:
+        logger.warning(note)
+    return out
+
+
+def _export(encoder_or_ckpt: Union[TextEncoder, PathLike], out_dir: PathLike,
+            mlm_head: Optional[MLMHead]) -> Tuple[Path, List[str]]:
+    """:func:`export_hf_bert`, returning the notes on the head instead of logging them."""
     transformers = require("transformers", "exporting to HF BERT")
     from safetensors.torch import save_file
 
+    notes: List[str] = []
     if isinstance(encoder_or_ckpt, TextEncoder):
         enc = encoder_or_ckpt
+    elif isinstance(encoder_or_ckpt, nn.Module):
+        raise TypeError(f"export_hf_bert needs a text encoder (TextEncoder), got {type(encoder_or_ckpt).__name__}")
     else:
         src = Path(encoder_or_ckpt)
         if src.is_file():
             contents = read_checkpoint(src)
             enc = encoder_from_checkpoint(contents)
             if mlm_head is None:
-                mlm_head = head_from_checkpoint(contents.state_dict, enc, src)
+                name, notes = text_mlm_head_name(contents)
+                if name is not None:
+                    mlm_head = head_from_checkpoint(contents.state_dict, enc, src, name)
         else:
             enc = load_encoder(src)
             if not isinstance(enc, TextEncoder):
                 raise TypeError(f"{src}: export_hf_bert needs a text encoder, got {type(enc).__name__}")
-    check_exportable(enc.config)
+    check_exportable(enc.config, getattr(enc, "modality", "text"))
     if mlm_head is not None:
         if not isinstance(mlm_head, MLMHead):
             raise TypeError(f"mlm_head must be an mmm MLMHead, got {type(mlm_head).__name__}")
@@ -217,17 +268,20 @@ def export_hf_bert(encoder_or_ckpt: Union[TextEncoder, PathLike], out_dir: PathL
         enc.tokenizer.save(out)  # tokenizer.json (fast tokenizer), mmm_tokenizer.json, vocab.txt (WordPiece)
         (out / TOKENIZER_CONFIG_FILE).write_text(
             json.dumps(_tokenizer_config(enc.tokenizer, t.max_len), indent=2) + "\n", encoding="utf-8")
-    return out
+    return out, notes
 
 
 def export_command(ckpt: PathLike, out_dir: PathLike) -> Path:
-    """``mmm export hf CKPT OUT``: export a pretraining checkpoint (with its MLM head) to HF BERT.
+    """``mmm export hf CKPT OUT``: export a pretraining checkpoint (with its text MLM head) to HF BERT;
+    prints the notes on the head (:func:`text_mlm_head_name`) and what was written.
 
     Args:
         ckpt: an mmm ``.ckpt`` file (or a saved-encoder directory).
         out_dir: output folder.
     """
-    out = export_hf_bert(ckpt, out_dir)
+    out, notes = _export(ckpt, out_dir, None)
+    for note in notes:
+        print(f"note: {note}")
     arch = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))["architectures"][0]
     print(f"exported {ckpt} to {out} as {arch}; load it with transformers.AutoModel.from_pretrained({str(out)!r})")
     return out
@@ -255,12 +309,10 @@ def _load_bin(path: Path) -> Dict[str, torch.Tensor]:
 
 def _read_hf_weights(directory: Path) -> Tuple[Dict[str, torch.Tensor], Path]:
     """All tensors of an HF model directory (single file or sharded), and the file they came from."""
-    from safetensors.torch import load_file
-
     single = directory / SAFETENSORS_FILE
     if single.is_file():
-        return load_file(str(single)), single
-    for index_name, loader in ((SAFETENSORS_FILE + ".index.json", lambda p: load_file(str(p))),
+        return read_safetensors(single), single
+    for index_name, loader in ((SAFETENSORS_FILE + ".index.json", read_safetensors),
                                (BIN_FILE + ".index.json", _load_bin)):
         index = directory / index_name
         if index.is_file():
@@ -441,8 +493,10 @@ def import_hf_bert(directory: PathLike) -> TextEncoder:
 def import_hf_bert_mlm(directory: PathLike) -> Tuple[TextEncoder, MLMHead]:
     """:func:`import_hf_bert` plus the ``cls.predictions`` MLM head as an mmm :class:`MLMHead`.
 
-    The head is tied to the encoder's token table when the checkpoint has no separate decoder
-    weight or ``tie_word_embeddings`` is true (HF's default).
+    As transformers (5.x) reads the folder: the head is tied to the encoder's token table when the
+    checkpoint has no separate decoder weight, or ``tie_word_embeddings`` is true (HF's default) and
+    the stored decoder weight equals the table; its bias is ``cls.predictions.decoder.bias`` when
+    stored (what the forward adds), else ``cls.predictions.bias``.
 
     Args:
         directory: a ``BertForMaskedLM`` (or ``BertForPreTraining``) folder.
@@ -453,20 +507,27 @@ def import_hf_bert_mlm(directory: PathLike) -> Tuple[TextEncoder, MLMHead]:
     missing = [k for k in keys if k not in hf]
     if missing:
         raise ValueError(f"{source}: no MLM head (missing {missing}); import_hf_bert loads the encoder alone")
-    tied = bool(cfg.get("tie_word_embeddings", True)) or "cls.predictions.decoder.weight" not in hf
+    decoder = hf.get("cls.predictions.decoder.weight")
+    # as transformers 5 loads it: a decoder weight stored apart from the token table is used unless
+    # tie_word_embeddings is true and it equals the table (a tie with a different stored value is not made)
+    tied = decoder is None or (bool(cfg.get("tie_word_embeddings", True))
+                               and torch.equal(decoder, hf["embeddings.word_embeddings.weight"]))
     head = MLMHead(enc.hidden_size, enc.vocab_size, enc.config.encoder.norm_eps, enc.embedder.tokens if tied else None)
-    bias = hf.get("cls.predictions.bias", hf.get("cls.predictions.decoder.bias"))
+    # the forward adds cls.predictions.decoder.bias; predictions.bias is only its tie source (untied
+    # transformers 5 heads train decoder.bias alone), so the decoder's own bias wins when stored
+    bias = hf.get("cls.predictions.decoder.bias", hf.get("cls.predictions.bias"))
     if bias is None:
-        raise ValueError(f"{source}: the MLM head has no output bias (cls.predictions.bias)")
+        raise ValueError(f"{source}: the MLM head has no output bias (cls.predictions.decoder.bias or "
+                         "cls.predictions.bias)")
     state = {"dense.weight": hf[keys[0]], "dense.bias": hf[keys[1]], "norm.weight": hf[keys[2]],
              "norm.bias": hf[keys[3]], "bias": bias}
     if tied:
         state["tied_embedding.weight"] = enc.embedder.tokens.weight.detach().clone()
     else:
-        state["decoder_weight"] = hf["cls.predictions.decoder.weight"]
+        state["decoder_weight"] = decoder
     load_weights(head, {k: v.to(torch.float32) for k, v in state.items()}, source)
     return enc, head.eval()
 
 
 __all__ = ["check_exportable", "export_command", "export_hf_bert", "head_from_checkpoint", "import_hf_bert",
-           "import_hf_bert_mlm"]
+           "import_hf_bert_mlm", "text_mlm_head_name"]

@@ -343,20 +343,23 @@ def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
                              "extract the model's state_dict first")
         return tensors
     raise ValueError(f"{path}: unknown weights format {suffix!r}; expected one of "
-                     f"{list(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}")
+                     f"{list(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)} (timm_model/timm_kwargs are for timm weights "
+                     "files; an mmm checkpoint or saved encoder loads without them)")
 
 
 def _model_from_state(state: Mapping[str, torch.Tensor], model_name: Optional[str],
                       model_kwargs: Optional[Dict[str, Any]], source: str) -> nn.Module:
     timm = require("timm", "timm interop")
     if not model_name:
-        raise ValueError(f"{source}: a state_dict does not say which ViT it is; pass model_name "
-                         "(a timm model name such as 'vit_base_patch16_224') and model_kwargs if it was customised")
+        raise ValueError(f"{source}: a state_dict does not say which ViT it is; pass its timm model name (such as "
+                         "'vit_base_patch16_224': timm_model= to load_encoder, model_name= to import_timm_vit), and "
+                         "its create_model arguments (timm_kwargs= / model_kwargs=) if it was customised")
     kwargs = {"num_classes": 0, **(model_kwargs or {})}
     try:
         model = timm.create_model(model_name, pretrained=False, **kwargs)
-    except RuntimeError as e:  # timm: "Unknown model (...)"
-        raise ValueError(f"timm cannot build {model_name!r}: {e}") from None
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:  # unknown model; an argument it does not take
+        raise ValueError(f"timm cannot build {model_name!r} with create_model arguments {model_kwargs or {}} "
+                         f"(timm_kwargs): {type(e).__name__}: {e}") from None
     weights = dict(state)
     if not kwargs["num_classes"]:  # the classifier is not part of the encoder
         weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
@@ -364,12 +367,12 @@ def _model_from_state(state: Mapping[str, torch.Tensor], model_name: Optional[st
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not fit timm {model_name!r} {model_kwargs or {}}: missing keys "
-                         f"{missing[:8]}, unexpected keys {unexpected[:8]} (wrong model_name/model_kwargs?)")
+                         f"{missing[:8]}, unexpected keys {unexpected[:8]} (wrong timm model name or timm_kwargs?)")
     bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in weights.items() if v.shape != own[k].shape]
     if bad:
         k, got, want = bad[0]
         raise ValueError(f"{source}: weight {k!r} has shape {got} but timm {model_name!r} {model_kwargs or {}} "
-                         f"expects {want} (wrong img_size/patch_size/embed_dim?)")
+                         f"expects {want} (wrong timm model name, or timm_kwargs such as img_size/patch_size?)")
     model.load_state_dict(weights, strict=True)
     return model.eval()
 

@@ -229,3 +229,164 @@ def test_unsupported_configs_are_refused_by_name(field: str, value, tmp_path: Pa
     with pytest.raises(ValueError, match=rf"model\.{field}={value!r} is not representable"):
         export_hf_bert(enc, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def _edit_ckpt(src: Path, dst: Path, edit) -> Path:
+    """A copy of checkpoint ``src`` at ``dst``, its raw dict changed in place by ``edit``."""
+    raw = torch.load(src, map_location="cpu", weights_only=True)
+    edit(raw)
+    torch.save(raw, dst)
+    return dst
+
+
+def _rename_head(raw, old: str, new: str) -> None:
+    sd = raw["state_dict"]
+    for k in [k for k in sd if k.startswith(f"model.objectives.{old}.")]:
+        sd[f"model.objectives.{new}." + k[len(f"model.objectives.{old}."):]] = sd.pop(k)
+
+
+def _masked_lm_logits_match(out: Path, enc: TextEncoder, head: MLMHead, seed: int) -> float:
+    hf = BertForMaskedLM.from_pretrained(out, attn_implementation="eager").eval()
+    ids, mask = _batch(enc.vocab_size, seed=seed)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        ours = head(enc(ids, mask)[mask.bool()])
+    return float((ref - ours).abs().max())
+
+
+def test_export_takes_a_labelled_text_mlm_head(ckpt: Path, tmp_path: Path) -> None:
+    def relabel(raw):
+        objectives = raw["mmm"]["config"]["objectives"]  # as in configs/multimodal_tiny.yaml
+        objectives[0]["label"] = "mlm_text"
+        objectives.insert(0, {**objectives[0], "label": "mlm_dna", "args": {"modality": "dna", "tie_weights": True}})
+        _rename_head(raw, "mlm", "mlm_text")
+
+    src = _edit_ckpt(ckpt, tmp_path / "label.ckpt", relabel)
+    from mmm.interop.hf import text_mlm_head_name
+
+    assert text_mlm_head_name(read_checkpoint(src)) == ("mlm_text", [])  # the DNA MLM head is not a text head
+    out = export_hf_bert(src, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    enc = load_encoder(src)
+    head = head_from_checkpoint(read_checkpoint(src).state_dict, enc, src, "mlm_text")
+    assert _masked_lm_logits_match(out, enc, head, seed=6) <= 1e-4
+
+
+def test_export_of_several_text_mlm_heads_takes_the_first_listed(ckpt: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    def two_heads(raw):
+        objectives = raw["mmm"]["config"]["objectives"]
+        objectives[0]["label"] = "mlm_a"
+        objectives.insert(0, {**objectives[0], "label": "mlm_z", "args": dict(objectives[0]["args"])})
+        _rename_head(raw, "mlm", "mlm_a")
+        sd = raw["state_dict"]
+        for k in [k for k in sd if k.startswith("model.objectives.mlm_a.")]:
+            sd[k.replace(".mlm_a.", ".mlm_z.")] = sd[k].clone()
+        sd["model.objectives.mlm_z.head.bias"] += 1.0 + torch.randn_like(sd["model.objectives.mlm_z.head.bias"])
+
+    src = _edit_ckpt(ckpt, tmp_path / "two.ckpt", two_heads)
+    with caplog.at_level("WARNING", logger="mmm.export"):
+        out = export_hf_bert(src, tmp_path / "hf")
+    assert "2 text MLM heads ['mlm_z', 'mlm_a']; exporting the first listed in objectives, 'mlm_z'" in caplog.text
+    enc = load_encoder(src)
+    head = head_from_checkpoint(read_checkpoint(src).state_dict, enc, src, "mlm_z")
+    assert _masked_lm_logits_match(out, enc, head, seed=7) <= 1e-4
+
+
+def test_export_leaves_out_a_drbert_decoder_head(ckpt: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    import dataclasses
+
+    from mmm.core.encoder import TransformerEncoder
+
+    decoder = TransformerEncoder(dataclasses.replace(read_checkpoint(ckpt).config.model.encoder, depth=1))
+
+    def drbert(raw):
+        raw["mmm"]["config"]["objectives"][0]["args"]["decoder_layers"] = 1
+        raw["state_dict"].update({f"model.objectives.mlm.decoder.{k}": v for k, v in decoder.state_dict().items()})
+
+    src = _edit_ckpt(ckpt, tmp_path / "drbert.ckpt", drbert)
+    with caplog.at_level("WARNING", logger="mmm.export"):
+        out = export_hf_bert(src, tmp_path / "hf")
+    assert "1-layer DrBERT decoder (decoder_layers=1)" in caplog.text and "without the head" in caplog.text
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith(("bert.", "cls.")) for k in load_file(str(out / "model.safetensors")))
+    base, info = BertModel.from_pretrained(out, output_loading_info=True, attn_implementation="eager")
+    assert set(info["missing_keys"]) == POOLER and not info["unexpected_keys"]
+    enc = load_encoder(src)
+    ids, mask = _batch(500, seed=8)
+    with torch.no_grad():
+        assert _max_diff(enc(ids, mask), _hf_hidden(base.eval(), ids, mask), mask) <= 1e-4
+    export_command(src, tmp_path / "cli")
+    printed = capsys.readouterr().out
+    assert "note: the MLM head 'mlm'" in printed and "as BertModel" in printed
+
+
+def test_import_untied_head_adds_the_decoder_bias(tmp_path: Path) -> None:
+    torch.manual_seed(9)
+    hf = BertForMaskedLM(BertConfig(**HF_CFG, tie_word_embeddings=False, attn_implementation="eager")).eval()
+    _perturb(hf, seed=9)
+    p = hf.cls.predictions
+    with torch.no_grad():  # an untied head trains decoder.bias; predictions.bias stays as it was
+        p.decoder.bias.copy_(torch.randn(p.decoder.bias.shape))
+    assert not torch.equal(p.decoder.bias, p.bias)
+    hf.save_pretrained(tmp_path)
+    enc, head = import_hf_bert_mlm(tmp_path)
+    assert head.tied_embedding is None and torch.equal(head.bias, p.decoder.bias)
+    ids, mask = _batch(1000, seed=9)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        ours = head(enc(ids, mask)[mask.bool()])
+    assert float((ref - ours).abs().max()) <= 1e-4
+
+
+def test_import_tied_config_with_a_different_stored_decoder(tmp_path: Path) -> None:
+    """transformers 5 does not tie a stored decoder weight/bias that differs from its tie source: neither does import."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(10)
+    BertForMaskedLM(BertConfig(**HF_CFG)).save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    weights["cls.predictions.decoder.weight"] = 0.02 * torch.randn(1000, 64)
+    weights["cls.predictions.decoder.bias"] = torch.randn(1000)
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    hf = BertForMaskedLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    enc, head = import_hf_bert_mlm(tmp_path)
+    ids, mask = _batch(1000, seed=10)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        ours = head(enc(ids, mask)[mask.bool()])
+    assert float((ref - ours).abs().max()) <= 1e-4
+
+
+def test_export_refuses_a_dna_encoder_before_writing(tmp_path: Path) -> None:
+    from mmm.interop.hf import check_exportable
+
+    cfg = ModelConfig()
+    cfg.encoder.dim, cfg.encoder.depth, cfg.encoder.heads, cfg.dna.max_len = 32, 1, 2, 40
+    enc = TextEncoder.from_config(cfg, vocab_size=30, modality="dna")
+    with pytest.raises(ValueError, match="cannot export to HF BERT: this is a 'dna' encoder; only text encoders"):
+        export_hf_bert(enc, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="'dna' encoder"):
+        check_exportable(cfg, "dna")
+
+
+def test_corrupt_hf_weights_are_a_user_error_naming_the_file(hf_bert_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    from mmm.cli import main
+    from mmm.errors import CheckpointError
+
+    bad = _edit_config(hf_bert_dir, tmp_path / "bad")
+    weights = bad / "model.safetensors"
+    weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match=rf"{weights} is not a readable safetensors file"):
+        import_hf_bert(bad)
+    assert main(["export", "hf", str(bad), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights} is not a readable safetensors file" in err and "unexpected error" not in err

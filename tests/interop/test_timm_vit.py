@@ -160,7 +160,7 @@ def test_weight_file_errors(tmp_path: Path):
     model = _timm_vit()
     path = tmp_path / "vit.pth"
     torch.save(model.state_dict(), path)
-    with pytest.raises(ValueError, match="pass model_name"):
+    with pytest.raises(ValueError, match="timm_model= to load_encoder, model_name= to import_timm_vit"):
         import_timm_vit(path)
     with pytest.raises(ValueError, match=r"weight 'pos_embed' has shape \(1, 17, 64\) .* expects \(1, 785, 64\)"):
         load_timm_encoder(path, NAME, model_kwargs=dict(embed_dim=64, depth=2, num_heads=4, patch_size=8))
@@ -197,3 +197,29 @@ def test_pickle_payload_is_refused_without_running(tmp_path: Path):
     with pytest.raises(ValueError, match="refusing to load .*weights_only=True"):
         load_timm_encoder(path, NAME, model_kwargs=TINY)
     assert not sentinel.exists()
+
+
+def test_pt_file_without_timm_model_gets_the_timm_model_hint(tmp_path: Path):
+    from mmm.encoders import load_encoder
+
+    model = _timm_vit()
+    path = tmp_path / "vit.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ValueError, match=r"vit.pt looks like a weights file: for a timm ViT pass timm_model="):
+        load_encoder(path, modality="image")  # .pt is a timm weights file like .pth and .bin
+
+
+def test_bad_timm_kwargs_are_a_value_error_naming_them(tmp_path: Path):
+    from mmm.encoders import load_encoder
+
+    model = _timm_vit()
+    path = tmp_path / "vit.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ValueError, match=r"timm cannot build 'vit_tiny_patch16_224' with create_model arguments "
+                                         r"\{'img_sz': 32\} \(timm_kwargs\): TypeError: .*'img_sz'"):
+        load_encoder(path, modality="image", timm_model=NAME, timm_kwargs={"img_sz": 32})
+    with pytest.raises(ValueError, match="timm_model= to load_encoder"):
+        load_encoder(path, modality="image", timm_kwargs=TINY)
+    enc = load_encoder(path, modality="image", timm_model=NAME, timm_kwargs=TINY, attention="math")
+    assert enc.encoder.backend_for(torch.device("cpu")) == "math"
+    assert _max_diff(model, enc) <= TOL

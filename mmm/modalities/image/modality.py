@@ -182,7 +182,7 @@ class ImageModality(Modality):
     @classmethod
     def load_foreign_encoder(cls, source: Path, timm_model: Optional[str] = None,
                              timm_kwargs: Optional[Dict[str, Any]] = None) -> Optional[nn.Module]:
-        """A timm ViT weights file (``.safetensors`` / ``.pth`` / ``.bin``) named by ``timm_model``
+        """A timm ViT weights file (``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``) named by ``timm_model``
         (with ``timm_kwargs`` for ``timm.create_model``), through :mod:`mmm.interop.timm`."""
         if timm_model is not None or timm_kwargs is not None:
             if not source.is_file():
@@ -191,7 +191,9 @@ class ImageModality(Modality):
             from mmm.interop.timm import load_timm_encoder
 
             return load_timm_encoder(source, timm_model, timm_kwargs)
-        if source.is_file() and source.suffix in (".safetensors", ".pth", ".bin"):
+        from mmm.interop.timm import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
+
+        if source.is_file() and source.suffix.lower() in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES:
             raise ValueError(f"{source} looks like a weights file: for a timm ViT pass timm_model='vit_...' "
                              "(and timm_kwargs if it is not the named model's default size)")
         return None
