@@ -71,6 +71,14 @@ class SampleErrorHandler:
         self.keep_messages = keep_messages
         self.counts: Counter[str] = Counter()
         self.messages: List[str] = []
+        # errors in a row without an item leaving the pipeline: a stream that never ends by itself (resampled)
+        # and whose every sample is bad would otherwise skip forever; make_pipeline sets the limit there
+        self.in_a_row_limit: Optional[int] = None
+        self._in_a_row = 0
+
+    def progress(self) -> None:
+        """An item (a batch) left the pipeline: the errors since are no longer "in a row"."""
+        self._in_a_row = 0
 
     @property
     def total(self) -> int:
@@ -93,6 +101,11 @@ class SampleErrorHandler:
         if self.max_errors is not None and self.total > self.max_errors:
             raise SampleError(f"too many bad samples: {self.total} > data.max_errors={self.max_errors} "
                               f"({self._counts_text()}); last: {text}") from exn
+        self._in_a_row += 1
+        if self.in_a_row_limit is not None and self._in_a_row > self.in_a_row_limit:
+            raise SampleError(f"{self._in_a_row} bad samples in a row without one batch ({self._counts_text()}): the "
+                              f"training data looks unusable, and a resampled stream would skip forever; "
+                              f"last: {text}") from exn
         return True
 
     def _counts_text(self) -> str:

@@ -27,6 +27,11 @@ logger = logging.getLogger("mmm.data")
 
 ShardSpec = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
 
+BAD_IN_A_ROW_LIMIT = 100_000
+"""A resampled training stream stops after this many bad samples in a row without one batch (under
+``data.skip_bad``). Far above what any usable data gives: with batches of 256, more than 99.7 % of the
+samples would have to be bad."""
+
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://")
 
 
@@ -126,6 +131,7 @@ def stamp_error_counts(src: Iterator[Any], handler: SampleErrorHandler) -> Itera
     _, _, worker, _ = wds.utils.pytorch_worker_info()
     stamped = None
     for item in src:
+        handler.progress()
         extras = getattr(item, "extras", None)
         if isinstance(extras, dict):
             extras["data_errors"] = {"worker": worker, "total": handler.total, "by_type": dict(handler.counts)}
@@ -205,7 +211,8 @@ def make_pipeline(
             rank, split across DataLoader workers so that the round-robin DataLoader yields exactly
             this many (:func:`~mmm.data.epoch.take_epoch_share`). None: passes end with the data.
         stamp_errors: put the worker's running error counts on every batch
-            (:func:`stamp_error_counts`; needs a :class:`SampleErrorHandler`).
+            (:func:`stamp_error_counts`; needs a :class:`SampleErrorHandler`); with ``resampled``, also
+            set the handler's limit of :data:`BAD_IN_A_ROW_LIMIT` bad samples in a row without a batch.
         max_member_bytes: refuse samples with a field (tar member) larger than this many bytes,
             checked from the tar header before the member is read (see
             :func:`mmm.data.tar.guarded_tarfile_to_samples`); refusals go to ``handler``.
@@ -251,6 +258,8 @@ def make_pipeline(
         if report_handler is None:
             raise TypeError("make_pipeline: stamp_errors needs a SampleErrorHandler as handler")
         pipeline.append(wds.pipelinefilter(stamp_error_counts)(report_handler))
+        if resampled:  # endless: every sample bad would skip forever (the stamps count the batches that get out)
+            report_handler.in_a_row_limit = BAD_IN_A_ROW_LIMIT
     if epoch_length is not None:
         pipeline.append(wds.pipelinefilter(take_epoch_share)(epoch_length))
     pipeline.append(wds.pipelinefilter(_report_at_end)(report_handler))

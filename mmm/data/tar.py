@@ -320,6 +320,32 @@ def _data_after_end_block(tar: tarfile.TarFile, chunk: int = 1 << 20) -> Optiona
         at += len(block)
 
 
+def _compressed_data_after_stream(tar: tarfile.TarFile, chunk: int = 1 << 20) -> bool:
+    """Whether anything but zero padding follows the first compressed stream of a compressed shard.
+
+    ``tarfile`` decompresses one gzip/bz2/xz stream; ``cat a.tar.gz b.tar.gz`` is a valid multi-stream file
+    whose second stream it never reads. What the decompressor left over (past gzip's 8-byte trailer) and
+    what the raw stream still holds tell them apart.
+    """
+    stream = tar.fileobj
+    decompressor = getattr(stream, "cmp", None)
+    if decompressor is None:  # an uncompressed tar
+        return False
+    left = bytes(getattr(decompressor, "unused_data", b""))
+    if getattr(stream, "comptype", "") == "gz":
+        left = left[8:]  # CRC-32 and size: the gzip trailer, not read by tarfile's raw-deflate stream
+    if left.strip(b"\0"):
+        return True
+    raw = getattr(stream, "fileobj", None)
+    while raw is not None:
+        block = raw.read(chunk)
+        if not block:
+            return False
+        if block.strip(b"\0"):
+            return True
+    return False
+
+
 _STOP_REASONS = {
     "EmptyHeaderError": "the stream ends without the end-of-archive marker (truncated at a member boundary)",
     "TruncatedHeaderError": "the stream ends inside a member header (truncated)",
@@ -373,6 +399,11 @@ def iter_members(url: str, read: Callable[[tarfile.TarInfo], bool],
             raise ShardReadError(f"unreadable tar: a zero block at byte {tar.offset} ({after}) ends the archive, but "
                                  f"data follows at byte {data_at} (a zeroed member header, or tars concatenated); the "
                                  f"rest of the shard would be lost", last or "(start of tar)")
+        if _compressed_data_after_stream(tar):
+            raise ShardReadError(f"unreadable tar: compressed data follows the end of its first "
+                                 f"{getattr(tar.fileobj, 'comptype', '')} stream ({after}): compressed tars "
+                                 f"concatenated (e.g. with cat), whose later members would be lost",
+                                 last or "(start of tar)")
     except ShardReadError as exn:
         if exn.args[1:] != ("(stream)",):
             raise

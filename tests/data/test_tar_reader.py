@@ -302,3 +302,20 @@ def test_shard_lists_take_file_urls_and_globs_inside_braces(tmp_path):
         str(tmp_path / n) for n in ("train-000000.tar", "train-000001.tar", "val-000000.tar")]
     with pytest.raises(FileNotFoundError, match=r"test-\*\.tar \(matches no file\)"):
         list_shards(str(tmp_path / "{train,test}-*.tar"))
+
+
+@pytest.mark.parametrize("codec", ["gz", "bz2", "xz"])
+def test_compressed_tars_concatenated_are_an_error_not_their_first_part(tmp_path, codec):
+    """`cat a.tar.gz b.tar.gz` is a valid multi-stream file; tarfile reads only its first stream."""
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[codec]
+    first = _ten_member_tar(tmp_path / "a.tar")
+    second = write_tar(tmp_path / "b.tar", [("z.txt", b"later")]).read_bytes()
+    (tmp_path / f"whole.tar.{codec}").write_bytes(compress(first) + bytes(64))  # zero padding after it is fine
+    assert len(list(read_samples([str(tmp_path / f"whole.tar.{codec}")], ReadOptions()))) == 10
+    (tmp_path / f"cat.tar.{codec}").write_bytes(compress(first) + compress(second))
+    with pytest.raises(SampleError, match=f"compressed data follows the end of its first {codec} stream"):
+        list(read_samples([str(tmp_path / f"cat.tar.{codec}")], ReadOptions()))

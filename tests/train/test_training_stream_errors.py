@@ -82,3 +82,30 @@ def test_a_stream_without_a_batch_in_a_whole_epoch_stops(tmp_path):
     empty.write_bytes(bytes(10240))  # a valid tar without a member
     with pytest.raises(RuntimeError, match="yielded no batch in a whole epoch"):
         list(_loader([str(empty)], 1))
+
+
+def _blank(path: Path, n: int) -> str:
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            info = tarfile.TarInfo(f"{path.stem}_{i:03d}.txt")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b" \n "))
+    return str(path)
+
+
+def test_a_resampled_stream_whose_every_sample_is_bad_stops(tmp_path, monkeypatch):
+    """Every shard reads, every sample fails to decode: a resampled (endless) stream would skip forever."""
+    import mmm.data.stream as stream
+
+    monkeypatch.setattr(stream, "BAD_IN_A_ROW_LIMIT", 50)
+
+    def pipeline(urls):
+        handler = SampleErrorHandler(skip_bad=True)
+        stages = [wds.pipelinefilter(decode_each)(decode_text, handler), wds.batched(2, collation_fn=_Batch)]
+        return make_pipeline(urls, stages=stages, resampled=True, shuffle_buffer=0, handler=handler, stamp_errors=True)
+
+    with pytest.raises(SampleError, match=r"51 bad samples in a row without one batch \(ValueError=51\)"):
+        next(iter(pipeline([_blank(tmp_path / "blank.tar", 10)])))
+    # a usable shard among bad ones: batches keep coming, the count restarts with each
+    it = iter(pipeline([_blank(tmp_path / "blank.tar", 10), _good(tmp_path / "good.tar", 10)]))
+    assert len([next(it) for _ in range(40)]) == 40
