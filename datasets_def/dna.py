@@ -120,9 +120,14 @@ class LabelIntervals:
         return int(lab[lo + best])
 
 
+def _is_gzip_name(path: Path) -> bool:
+    """Whether the name ends with ``.gz`` in any case (``.FA.GZ`` as the file finder matches it)."""
+    return path.name.lower().endswith(".gz")
+
+
 def _open_text(path: Path) -> TextIO:
-    """Text handle with universal newlines (CRLF read as LF); ``.gz`` decompressed."""
-    if path.name.endswith(".gz"):
+    """Text handle with universal newlines (CRLF read as LF); ``.gz`` (any case) decompressed."""
+    if _is_gzip_name(path):
         return gzip.open(path, "rt", encoding="utf-8", newline=None)
     return open(path, "rt", encoding="utf-8", newline=None)
 
@@ -136,7 +141,7 @@ def read_labels(path: PathLike) -> LabelIntervals:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"labels file does not exist: {p}")
-    is_bed = p.name.removesuffix(".gz").endswith(".bed")
+    is_bed = p.name.lower().removesuffix(".gz").endswith(".bed")
     rows: List[Tuple[str, int, int, str]] = []
     try:
         with _open_text(p) as fh:

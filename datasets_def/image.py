@@ -9,8 +9,8 @@ format PIL reads (BMP, TIFF, GIF, PPM, ...) is decoded, converted to RGB and re-
 and ``reencoded_from`` (null or the original format).
 
 :func:`build_shards` reads an ImageFolder-style tree (class subfolders, labels in sorted folder
-order as torchvision's ``ImageFolder``), a flat folder, or a folder with a labels CSV, decodes
-every image once to validate it, and assigns train/val by a stable hash of the relative path.
+order as torchvision's ``ImageFolder``), a flat folder (no labels), or a folder with a labels CSV,
+decodes every image once to validate it, and assigns train/val by a stable hash of the relative path.
 
 :func:`embedded_default` renders ``image-shapes-v1`` locally with PIL (no download): 32x32 scenes
 of one coloured shape with a caption, where six (shape, colour) pairs appear only in val so a
@@ -19,6 +19,7 @@ converts scikit-learn's bundled 8x8 digits to 32x32 PNGs (``image-digits-v1``).
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import io
@@ -28,7 +29,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -157,41 +158,99 @@ def _find_images(root: Path, skipper: BadInputSkipper,
                        skipper, error, single_file=False, skip_hidden=True)
 
 
-def _read_table(path: Path, column: str) -> Dict[str, str]:
-    """``{relative path: value}`` from a CSV (header with ``path`` and ``column``) or a JSONL file."""
+def not_utf8_error(path: Path, what: str, error: type) -> Exception:
+    """``error`` for a text file that does not decode as UTF-8, naming the file, line and byte offset.
+
+    Args:
+        path: the file (read again here, in binary, to locate the first bad byte).
+        what: what the file is, for the message (``"captions file"``).
+        error: the builder's error type.
+    """
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return error(f"{path}: the {what} is UTF-16 (it starts with a UTF-16 byte-order mark); expected UTF-8 "
+                     "(save it as UTF-8)")
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exn:
+        offset = bom + exn.start
+        line = data.count(b"\n", 0, offset) + 1
+        return error(f"{path}:{line}: the {what} is not UTF-8: byte {data[offset:offset + 1]!r} at byte offset {offset} "
+                     f"({exn.reason}); expected UTF-8 text (convert it, e.g. iconv -f latin1 -t utf-8)")
+    return error(f"{path}: the {what} is not UTF-8 text")
+
+
+def csv_rows(fh: Iterable[str], path: Path, required: Tuple[str, ...], error: type,
+             bad: Callable[[str, str], None]) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """``(file:line, row)`` of every row of a CSV table whose header holds the ``required`` columns.
+
+    A row with more fields than the header (an unquoted comma in a value) goes to ``bad`` naming
+    its line and the field counts, instead of losing the extra text; a header without the columns
+    or unparsable CSV raises ``error`` naming the file (and line).
+
+    Args:
+        fh: the open file (``newline=""``).
+        path: the file, for messages.
+        required: the columns the header must have.
+        error: the builder's error type.
+        bad: ``(where, reason)`` sink for bad rows (a :class:`BadInputSkipper`'s ``bad``).
+    """
+    reader = csv.DictReader(fh)
+    try:
+        columns = reader.fieldnames or []
+        if any("\x00" in c for c in columns):
+            raise error(f"{path}: the CSV header holds NUL bytes, so the file looks UTF-16 (without a byte-order mark) "
+                        "or binary; expected UTF-8 text")
+        if any(c not in columns for c in required):
+            raise error(f"{path}: a CSV header with columns {' and '.join(map(repr, required))} is required, "
+                        f"got {columns}")
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            extra = row.pop(None, None)  # csv.DictReader files fields beyond the header under None
+            if extra is not None:
+                bad(where, f"found {len(columns) + len(extra)} fields, expected {len(columns)} ({','.join(columns)}); "
+                           f"extra {extra!r}: quote a value that holds a comma, e.g. \"a red, round ball\"")
+                continue
+            yield where, row
+    except csv.Error as exn:
+        raise error(f"{path}:{reader.line_num}: not readable as CSV ({exn})") from None
+
+
+def _read_table(path: Path, column: str, skipper: BadInputSkipper) -> Dict[str, str]:
+    """``{relative path: value}`` from a CSV (header with ``path`` and ``column``) or a JSONL file; bad rows go to
+    ``skipper``, a file that cannot be read or is not UTF-8 raises the skipper's error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"{column} file does not exist: {path}")
     try:
-        return _read_table_file(path, column)
+        return _read_table_file(path, column, skipper)
+    except UnicodeDecodeError:
+        raise not_utf8_error(path, f"{column}s file", skipper.error) from None
     except OSError as exn:
-        raise ImageBuildError(f"{path}: cannot read the {column}s file ({type(exn).__name__}: {exn.strerror or exn})") from None
+        raise skipper.error(f"{path}: cannot read the {column}s file ({type(exn).__name__}: {exn.strerror or exn})") from None
 
 
-def _read_table_file(path: Path, column: str) -> Dict[str, str]:
+def _read_table_file(path: Path, column: str, skipper: BadInputSkipper) -> Dict[str, str]:
     table: Dict[str, str] = {}
 
     def add(where: str, rel: Any, value: Any) -> None:
         if not isinstance(rel, str) or not rel.strip():
-            raise ImageBuildError(f"{where}: missing or empty 'path'")
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise ImageBuildError(f"{where}: missing or empty {column!r} for {rel!r}")
-        key = _rel_key(rel)
-        if key in table:
-            raise ImageBuildError(f"{where}: {key!r} is listed twice in {path.name}")
-        table[key] = str(value).strip()
+            skipper.bad(where, "missing or empty 'path'")
+        elif value is None or (isinstance(value, str) and not value.strip()):
+            skipper.bad(where, f"missing or empty {column!r} for {rel!r}")
+        elif _rel_key(rel) in table:
+            skipper.bad(where, f"{_rel_key(rel)!r} is listed twice in {path.name}")
+        else:
+            table[_rel_key(rel)] = str(value).strip()
 
     if path.suffix.lower() == ".jsonl":
         with path.open(encoding="utf-8-sig") as fh:
-            for lineno, record in json_objects(fh, lambda n: f"{path}:{n}", ImageBuildError):
+            for lineno, record in json_objects(fh, lambda n: f"{path}:{n}", skipper.error, skipper.bad):
                 add(f"{path}:{lineno}", record.get("path"), record.get(column))
         return table
     with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        if "path" not in columns or column not in columns:
-            raise ImageBuildError(f"{path}: a CSV header with columns 'path' and {column!r} is required, got {columns}")
-        for row in reader:
-            add(f"{path}:{reader.line_num}", row.get("path"), row.get(column))
+        for where, row in csv_rows(fh, path, ("path", column), skipper.error, skipper.bad):
+            add(where, row.get("path"), row.get(column))
     return table
 
 
@@ -204,7 +263,13 @@ def _as_int(text: str) -> Optional[int]:
 
 def _labels_of(images: List[Tuple[Path, str]], root: Path, labels: Union[str, PathLike, None],
                skipper: BadInputSkipper) -> Tuple[Dict[str, Tuple[Optional[int], Optional[str]]], Optional[List[str]]]:
-    """``{relative path: (label, label_name)}`` for the images that have one, and the label names."""
+    """``{relative path: (label, label_name)}`` for the images that have one, and the label names.
+
+    ``labels="folders"`` on a folder with no image inside a subfolder (a flat folder, the usual MAE
+    input) means no labels; once any image lies in a subfolder, every image must (its class)."""
+    if isinstance(labels, str) and labels == "folders" and images and all("/" not in rel for _, rel in images):
+        logger.info("image build: %s has no class subfolders holding images, so the images get no labels", root)
+        labels = None
     if labels is None:
         return {rel: (None, None) for _, rel in images}, None
     if isinstance(labels, str) and labels == "folders":
@@ -213,13 +278,13 @@ def _labels_of(images: List[Tuple[Path, str]], root: Path, labels: Union[str, Pa
         out: Dict[str, Tuple[Optional[int], Optional[str]]] = {}
         for _, rel in images:
             if "/" not in rel:
-                skipper.bad(rel, "not inside a class folder (labels='folders' takes the label from the first "
-                                 "subfolder; use labels=None for a flat folder)")
+                skipper.bad(rel, "not inside a class folder, while other images are (labels='folders' takes the label "
+                                 "from the first subfolder; use labels=None / --labels none for no labels)")
                 continue
             name = rel.split("/", 1)[0]
             out[rel] = (index[name], name)
         return out, names
-    table = _read_table(Path(labels).expanduser(), "label")
+    table = _read_table(Path(labels).expanduser(), "label", skipper)
     values = list(table.values())
     ints = [_as_int(v) for v in values]
     if values and all(i is not None and i >= 0 for i in ints):
@@ -302,9 +367,10 @@ def build_shards(
         input_path: the image folder.
         output_dir: where shards go; must hold no shards/manifest unless ``overwrite``.
         labels: ``"folders"``: the first subfolder is the class, labels are indices into the
-            sorted subfolder names (as torchvision's ImageFolder); None: no labels; a CSV path
-            (header ``path,label``, paths relative to ``input_path``): integer labels are used as
-            they are, names are numbered in sorted order.
+            sorted subfolder names (as torchvision's ImageFolder); a folder with no image in a
+            subfolder (flat) gets no labels; None: no labels; a CSV or JSONL path (``path,label``,
+            paths relative to ``input_path``): integer labels are used as they are, names are
+            numbered in sorted order.
         captions: None, or a CSV (``path,caption``) or JSONL (``{"path", "caption"}``) file;
             images without a row get a null caption, rows naming no image are counted and logged.
         samples_per_shard: samples per tar shard.
@@ -322,7 +388,7 @@ def build_shards(
     out = Path(output_dir).expanduser()
     skipper = BadInputSkipper(skip_bad, ImageBuildError)
     images, ignored = _find_images(src, skipper)
-    caption_of = _read_table(Path(captions).expanduser(), "caption") if captions is not None else {}
+    caption_of = _read_table(Path(captions).expanduser(), "caption", skipper) if captions is not None else {}
     if caption_of:
         matched = caption_of.keys() & {rel for _, rel in images}
         if not matched:

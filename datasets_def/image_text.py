@@ -28,7 +28,6 @@ silently.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -46,7 +45,8 @@ from datasets_def import image as image_def
 from datasets_def.building import (build_args, cached_build, check_build_args, finish_build, ignored_manifest, log_ignored,
                                    prepare_output, write_manifest)
 from datasets_def.image import (IMAGE_FIELDS, IMAGE_SUFFIXES, MANIFEST, SPLITS, ImageBuildError, ImageBuildReport,
-                                _encoded_images, _find_images, _labels_of, _rel_key, _split_manifest, _SplitWriters)
+                                _encoded_images, _find_images, _labels_of, _rel_key, _split_manifest, _SplitWriters,
+                                not_utf8_error)
 from mmm.modalities.image.decode import DEFAULT_MAX_PIXELS
 from mmm.modalities.image_text.pipeline import (BOX_DIM, REGION_FIELDS, RegionArrayError, captions_of, check_region_arrays, load_npy,
                                  xyxy_to_geometry)
@@ -115,14 +115,20 @@ def read_captions(path: PathLike) -> Tuple[Dict[str, List[Tuple[str, str]]], Lis
 
     Returns:
         ``(table, bad)``: relative path → ``[(where, caption), ...]`` in file order (``where`` is
-        ``file:line``), and ``[(where, reason)]`` for empty or malformed rows (the caller raises
-        or skips them).
+        ``file:line``), and ``[(where, reason)]`` for empty or malformed rows, CSV rows with more
+        fields than the header included (the caller raises or skips them).
+
+    Raises:
+        ImageTextBuildError: the file cannot be read, is not UTF-8 (naming line and byte offset)
+            or a CSV without the ``path`` and ``caption`` columns.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"captions file does not exist: {path}")
     try:
         return _read_captions_file(path)
+    except UnicodeDecodeError:
+        raise not_utf8_error(path, "captions file", ImageTextBuildError) from None
     except OSError as exn:
         raise ImageTextBuildError(f"{path}: cannot read the captions file ({type(exn).__name__}: "
                                   f"{exn.strerror or exn})") from None
@@ -142,29 +148,29 @@ def _read_captions_file(path: Path) -> Tuple[Dict[str, List[Tuple[str, str]]], L
         else:
             table.setdefault(_rel_key(rel), []).append((where, " ".join(caption.split())))
 
+    def bad_row(where: str, reason: str) -> None:
+        bad.append((where, reason))
+
     if path.suffix.lower() == ".jsonl":
         with path.open(encoding="utf-8-sig") as fh:
-            for lineno, record in json_objects(fh, lambda n: f"{path}:{n}", ImageTextBuildError):
+            for lineno, record in json_objects(fh, lambda n: f"{path}:{n}", ImageTextBuildError, bad_row):
                 where = f"{path}:{lineno}"
                 if ("caption" in record) == ("captions" in record):
-                    raise ImageTextBuildError(f"{where}: expected a JSON object with 'path' and one of 'caption' "
-                                              f"(a string) or 'captions' (a list of strings)")
+                    bad.append((where, f"expected a JSON object with 'path' and one of 'caption' (a string) or "
+                                       f"'captions' (a list of strings), got keys {sorted(record)}"))
+                    continue
                 caps = record["captions"] if "captions" in record else [record["caption"]]
                 if not isinstance(caps, list):
-                    raise ImageTextBuildError(f"{where}: 'captions' must be a list of strings, got "
-                                              f"{type(caps).__name__}")
+                    bad.append((where, f"'captions' must be a list of strings, got {type(caps).__name__}"))
+                    continue
                 if not caps:
                     bad.append((where, f"empty 'captions' list for {record.get('path')!r}"))
                 for cap in caps:
                     add(where, record.get("path"), cap)
         return table, bad
     with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        if "path" not in columns or "caption" not in columns:
-            raise ImageTextBuildError(f"{path}: a CSV header with columns 'path' and 'caption' is required, got {columns}")
-        for row in reader:
-            add(f"{path}:{reader.line_num}", row.get("path"), row.get("caption") or "")
+        for where, row in image_def.csv_rows(fh, path, ("path", "caption"), ImageTextBuildError, bad_row):
+            add(where, row.get("path"), row.get("caption") or "")
     return table, bad
 
 
@@ -226,6 +232,15 @@ def _region_path(regions: Path, rel: str) -> Path:
     return regions / (rel.rsplit(".", 1)[0] + ".npz")
 
 
+def _images_sharing_region_files(regions: Path, images: List[Tuple[Path, str]]) -> Dict[str, List[str]]:
+    """``{relative path: every image with its region file}`` for images whose region file another image would use
+    too (``x.jpg`` and ``x.png`` both name ``x.npz``); the others are left out."""
+    by_file: Dict[Path, List[str]] = {}
+    for _, rel in images:
+        by_file.setdefault(_region_path(regions, rel), []).append(rel)
+    return {rel: rels for rels in by_file.values() if len(rels) > 1 for rel in rels}
+
+
 # --------------------------------------------------------------------------------------------
 # building shards from a folder
 
@@ -249,10 +264,12 @@ def build_shards(
     """Validate images, captions and region files and write ``{output_dir}/{split}-{index:06d}.tar``.
 
     Bad input (an image that does not decode, an image with no caption, a caption naming no image,
-    an empty caption, a missing or malformed region file: wrong rank or shape, NaN, a feature size
-    or soft-label size differing from the dataset's, soft rows not summing to 1, pixel boxes
-    outside the image) stops the build with a message naming the file and field; with
-    ``skip_bad`` it is skipped and listed in the manifest's ``skipped``.
+    an empty caption, a captions CSV row with more fields than its header (an unquoted comma), two
+    images whose region file would be the same (``x.jpg`` and ``x.png``), a missing or malformed
+    region file: wrong rank or shape, NaN, a feature size or soft-label size differing from the
+    dataset's, soft rows not summing to 1, pixel boxes outside the image) stops the build with a
+    message naming the file and field; with ``skip_bad`` it is skipped and listed in the manifest's
+    ``skipped``.
 
     Args:
         input_path: the image folder (searched recursively; hidden files skipped).
@@ -290,12 +307,18 @@ def build_shards(
     for rel in sorted(caption_table.keys() - present):
         skipper.bad(caption_table[rel][0][0], f"caption for {rel!r}, which is not an image file under {src}")
     label_of, label_names = _labels_of(images, src, labels, skipper)
+    sharing = _images_sharing_region_files(region_dir, images) if region_dir is not None else {}
     usable = []
     for i, (path, rel) in enumerate(images):
         if rel not in label_of:
             continue  # reported by _labels_of
         if rel not in caption_table:
             skipper.bad(rel, f"image has no caption in {captions}")
+            continue
+        if rel in sharing:
+            others = ", ".join(repr(r) for r in sharing[rel] if r != rel)
+            skipper.bad(rel, f"region file {_region_path(region_dir, rel)} would also serve {others} (region files are "
+                             "named by the image path without its extension): rename one image so each has its own")
             continue
         usable.append((i, path, rel))
     if region_dir is not None:

@@ -169,6 +169,8 @@ def _cmd_shards(ns: argparse.Namespace, rest: List[str]) -> int:
     accepted = inspect.signature(ds.build_shards).parameters
     options = {k: getattr(ns, k) for k in ("samples_per_shard", "max_chars", "jsonl_field", "labels", "captions", "regions",
                                            "feature_dim", "window", "stride", "sample_rate", "max_seconds") if getattr(ns, k) is not None}
+    if isinstance(ns.labels, str) and ns.labels.strip().lower() == "none":
+        options["labels"] = None  # explicitly no labels (a file named "none" is passed as ./none)
     wrong = sorted(k for k in options if k not in accepted)
     if wrong:
         raise ConfigError(f"mmm shards build --dataset {ns.dataset}: option(s) {['--' + k for k in wrong]} do not apply "
@@ -308,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples_per_shard", type=int, default=None, help="samples per tar shard (dataset default)")
     b.add_argument("--max_chars", type=int, default=None, help="text: longest chunk in characters (default 2000)")
     b.add_argument("--jsonl_field", default=None, help="text: field holding the text in .jsonl files")
-    b.add_argument("--labels", default=None, help="image: 'folders' or a CSV; dna: a BED/TSV file; audio: 'folders' or a CSV")
+    b.add_argument("--labels", default=None, help="image: 'folders' (default; a flat folder gets no labels) or a CSV; dna: a "
+                                              "BED/TSV file; audio: 'folders' or a CSV; 'none': no labels")
     b.add_argument("--captions", default=None, help="image, image_text: CSV/JSONL of captions per file")
     b.add_argument("--regions", default=None, help="image_text: folder of <image path>.npz region files (features, boxes, soft)")
     b.add_argument("--feature_dim", type=int, default=None, help="image_text: expected region feature size (default: the first file's)")

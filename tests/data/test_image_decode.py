@@ -179,3 +179,17 @@ def test_min_size_reject_and_upscale() -> None:
         decode_image(data, "x", min_size=0)
     with pytest.raises(ValueError, match="max_pixels"):
         decode_image(data, "x", max_pixels=0)
+
+
+def test_upscaling_is_held_to_max_pixels_before_decoding() -> None:
+    # a 1 x 2,000,000 strip passes the header guard but would grow to 8 x 16,000,000 pixels
+    strip = png_header_only(2_000_000, 1)
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match=r"thin.png: refused before decoding, upscaling the 2000000x1 image "
+                                               r"to min_size=8 gives 16000000x8 = 128000000 pixels, over max_pixels"):
+        decode_image(strip, "thin.png", min_size=8, policy="upscale")
+    assert time.perf_counter() - start < 2.0  # refused on the header: nothing decoded or resized
+    data = encode(Image.new("RGB", (40, 10), (9, 9, 9)), "PNG")
+    with pytest.raises(ImageDecodeError, match="gives 64x16 = 1024 pixels, over max_pixels=1000"):
+        decode_image(data, "x", min_size=16, policy="upscale", max_pixels=1000)
+    assert decode_image(data, "x", min_size=16, policy="upscale", max_pixels=1024).size == (64, 16)

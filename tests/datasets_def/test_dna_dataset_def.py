@@ -225,3 +225,18 @@ def test_embedded_default_builds_once_with_balanced_labels(tmp_path: Path, monke
     # Deterministic generator.
     g1, g2 = (dnadef.synthetic_genome(n_records=2, segments_per_record=5) for _ in range(2))
     assert g1.records == g2.records and g1.motifs == g2.motifs
+
+
+def test_uppercase_gz_fasta_and_bed_are_decompressed_and_read_as_such(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    recs = [("chr1", random_seq(rng, 80)), ("chr2", random_seq(rng, 45))]
+    src = tmp_path / "in"
+    src.mkdir()
+    with gzip.open(src / "GENOME.FA.GZ", "wt", encoding="ascii") as fh:  # found by the finder in any case
+        fh.write(fasta_text(recs))
+    with gzip.open(tmp_path / "PEAKS.BED.Gz", "wt", encoding="ascii") as fh:  # BED: track line, spaces
+        fh.write("track name=peaks\nchr1 0 40 promoter\nchr2 0 45 enhancer\n")
+    report = build_shards(src, tmp_path / "out", window=40, labels=tmp_path / "PEAKS.BED.Gz")
+    assert not report.skipped and report.total_records == 2
+    got = {(m["record"], m["start"]): (seq, m["label_name"]) for seq, m in samples(tmp_path / "out")}
+    assert got[("chr1", 0)] == (recs[0][1][:40], "promoter") and got[("chr2", 0)] == (recs[1][1][:40], "enhancer")

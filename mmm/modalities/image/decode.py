@@ -11,7 +11,8 @@ use. It
 * converts every PIL mode to RGB (:func:`to_rgb`): transparency is composited onto the fixed
   :data:`BACKGROUND` (white), 16-bit data is scaled by its bit depth, CMYK uses PIL's conversion;
 * applies a minimum size: ``policy="reject"`` raises, ``policy="upscale"`` resizes the image so
-  its shorter side is ``min_size``.
+  its shorter side is ``min_size``; the upscaled size is checked against ``max_pixels`` too, before
+  decoding (a 1 x 2,000,000 strip would otherwise grow to 8 x 16,000,000).
 
 Every failure raises :class:`ImageDecodeError` (a ``ValueError``) whose message starts with
 ``where``, so a pipeline's counting error handler sees one exception type. EXIF orientation is
@@ -180,12 +181,15 @@ def to_rgb(img: Image.Image, background: Tuple[int, int, int] = BACKGROUND) -> I
     return img.convert("RGB")
 
 
+def _upscaled_size(width: int, height: int, min_size: int) -> Tuple[int, int]:
+    """(width, height) after scaling so the shorter side is ``min_size``, keeping the aspect ratio."""
+    scale = min_size / min(width, height)
+    return max(min_size, round(width * scale)), max(min_size, round(height * scale))
+
+
 def _upscale(img: Image.Image, min_size: int) -> Image.Image:
     """Resize (bicubic) so the shorter side is ``min_size``, keeping the aspect ratio."""
-    w, h = img.size
-    scale = min_size / min(w, h)
-    new = (max(min_size, round(w * scale)), max(min_size, round(h * scale)))
-    return img.resize(new, Image.Resampling.BICUBIC)
+    return img.resize(_upscaled_size(*img.size, min_size), Image.Resampling.BICUBIC)
 
 
 def decode_image(
@@ -201,7 +205,8 @@ def decode_image(
     Args:
         data: encoded image bytes (any format PIL reads; animated images give their first frame).
         where: names the image in error messages (a path or a shard key).
-        max_pixels: refuse images whose header claims more pixels than this, before decoding.
+        max_pixels: refuse images whose header claims more pixels than this, or (``"upscale"``)
+            that upscaling would take past this, before decoding.
         min_size: smallest accepted width and height, in pixels.
         policy: what to do with an image smaller than ``min_size`` on either side: ``"reject"``
             raises (checked on the header, before decoding); ``"upscale"`` resizes it (bicubic)
@@ -222,6 +227,12 @@ def decode_image(
     if small and policy == "reject":
         raise ImageDecodeError(f"{where}: image is {width}x{height}, smaller than min_size={min_size} on a side "
                                "(policy='upscale' resizes such images instead)")
+    if small:
+        new_w, new_h = _upscaled_size(width, height, min_size)
+        if new_w * new_h > max_pixels:
+            raise ImageDecodeError(f"{where}: refused before decoding, upscaling the {width}x{height} image to "
+                                   f"min_size={min_size} gives {new_w}x{new_h} = {new_w * new_h} pixels, over "
+                                   f"max_pixels={max_pixels} (aspect ratio {max(width, height) / min(width, height):.0f}:1)")
     try:
         img.load()  # decode every pixel now: truncation and corruption surface here, not later
         if img.format == "PNG" and _PNG_IEND not in data:
