@@ -8,7 +8,8 @@ encoder all begin from weights another run produced. :func:`warm_start` reads th
 * a folder written by :func:`~mmm.encoders.save_encoder`: its embedder and encoder, placed
   under ``embedders.<its modality>`` and ``encoder``;
 * an HF BERT folder (``config.json`` + weights): the encoder as ``embedders.text`` + ``encoder``,
-  and its ``cls.predictions`` head as ``objectives.mlm.head`` when it has one.
+  and its ``cls.predictions`` head as the model's text MLM head when it has one (``objectives.mlm.head``,
+  or ``objectives.<label>.head`` for an MLM objective with a ``label``; with several, the first).
 
 Tensors are matched by name. Each target tensor is *loaded* (the source has it, same shape),
 *newly initialised* (the source lacks it; it keeps the builder's initialisation), and each source
@@ -119,6 +120,22 @@ def _place_encoder(state: Dict[str, torch.Tensor], modality: str) -> Dict[str, t
     return out
 
 
+def _onto_text_mlm_head(model: nn.Module, src: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """An HF head read as ``objectives.mlm.head.*``, renamed to the model's text MLM head when that one is
+    labelled (e.g. ``mlm_text`` in a multimodal run); with several text MLM heads, the first."""
+    prefix = "objectives.mlm.head."
+    objectives = getattr(model, "objectives", None)
+    if objectives is None or not any(k.startswith(prefix) for k in src):
+        return src
+    from mmm.objectives.mlm import MaskedLanguageModeling
+
+    names = [n for n, o in objectives.items() if isinstance(o, MaskedLanguageModeling) and o.modality == "text"]
+    if not names or "mlm" in names:
+        return src
+    target = f"objectives.{names[0]}.head."
+    return {(target + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in src.items()}
+
+
 def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> WarmStartReport:
     """Initialise ``model`` from the tensors of ``source`` that it has, by name.
 
@@ -132,6 +149,8 @@ def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> Warm
             names it and both shapes).
     """
     src, kind = read_source(source)
+    if kind == "hf_bert":
+        src = _onto_text_mlm_head(model, src)
     own = model.state_dict()
     mismatched = [(k, tuple(src[k].shape), tuple(v.shape)) for k, v in own.items()
                   if k in src and tuple(src[k].shape) != tuple(v.shape)]

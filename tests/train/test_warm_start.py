@@ -106,6 +106,22 @@ def test_from_an_hf_bert_folder(ckpt: Path, tmp_path: Path):
         assert torch.allclose(model.state_dict()[k], contents.state_dict[k], atol=0, rtol=0), k
 
 
+def test_an_hf_head_goes_to_a_labelled_text_mlm_head(ckpt: Path, tmp_path: Path):
+    """A multimodal run names its text MLM head by its label (objectives.mlm_text.head): the HF head lands there."""
+    pytest.importorskip("transformers")
+    from mmm.interop.hf import export_hf_bert
+
+    contents = read_checkpoint(ckpt)
+    folder = export_hf_bert(ckpt, tmp_path / "hf")
+    labelled = [dataclasses.replace(o, label="mlm_text") if o.name == "mlm" else o for o in contents.config.objectives]
+    model = _model(contents, objectives=labelled)
+    report = warm_start(model, folder, verbose=False)
+    assert "objectives.mlm_text.head.dense.weight" in report.loaded and not report.ignored
+    for k in report.loaded:
+        src = k.replace("objectives.mlm_text.", "objectives.mlm.")
+        assert torch.equal(model.state_dict()[k], contents.state_dict[src]), k
+
+
 def test_unreadable_sources_are_errors_naming_them(tmp_path: Path, ckpt: Path):
     contents = read_checkpoint(ckpt)
     model = _model(contents)
