@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 from mmm.modalities.image.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_header
 from mmm.data.jsonl import json_objects
 from mmm.data.tar import ReadOptions
+from mmm.data.utf8 import NotUTF8, decode_utf8
 from mmm.registry import DATASETS
 from datasets_def.building import (BuildReport, MANIFEST, SPLITS, ShardWriters, build_args, cached_build, check_build_args, find_inputs,  # noqa: F401
                                    finish_build, ignored_manifest, log_ignored, prepare_output, read_split,
@@ -170,13 +171,10 @@ def not_utf8_error(path: Path, what: str, error: type) -> Exception:
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return error(f"{path}: the {what} is UTF-16 (it starts with a UTF-16 byte-order mark); expected UTF-8 "
                      "(save it as UTF-8)")
-    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        data[bom:].decode("utf-8")
-    except UnicodeDecodeError as exn:
-        offset = bom + exn.start
-        line = data.count(b"\n", 0, offset) + 1
-        return error(f"{path}:{line}: the {what} is not UTF-8: byte {data[offset:offset + 1]!r} at byte offset {offset} "
+        decode_utf8(data)
+    except NotUTF8 as exn:
+        return error(f"{path}:{exn.line}: the {what} is not UTF-8: byte {exn.byte!r} at byte offset {exn.offset} "
                      f"({exn.reason}); expected UTF-8 text (convert it, e.g. iconv -f latin1 -t utf-8)")
     return error(f"{path}: the {what} is not UTF-8 text")
 

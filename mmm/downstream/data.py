@@ -8,7 +8,6 @@ then counted in :attr:`Split.skipped`.
 """
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import json
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from mmm.data.jsonl import json_objects
+from mmm.data.utf8 import NotUTF8, decode_utf8
 
 PathLike = Union[str, Path]
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
@@ -58,15 +58,11 @@ class Split:
 def read_text(path: Path) -> str:
     """A UTF-8 text file (a leading BOM dropped, Windows and old Mac line ends read as newlines);
     otherwise an error naming the file, the byte offset and the line of the first bad byte."""
-    data = path.read_bytes()
-    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = data[bom:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        at = bom + e.start
-        line = data.count(b"\n", 0, at) + 1
-        raise DownstreamDataError(f"{path}: not UTF-8 text (byte {at}, line {line}: "
-                                  f"{data[at:at + 1]!r}); save the file as UTF-8") from None
+        text = decode_utf8(path.read_bytes())
+    except NotUTF8 as e:
+        raise DownstreamDataError(f"{path}: not UTF-8 text (byte {e.offset}, line {e.line}: "
+                                  f"{e.byte!r}); save the file as UTF-8") from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
