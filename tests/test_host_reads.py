@@ -5,7 +5,6 @@ records, on the CPU, each call that would make a CUDA step wait for the host; th
 runs one training step of every tiny config under it and fails on any read but the per-step loss
 check.
 """
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -81,11 +80,11 @@ def test_the_check_covers_every_other_tiny_config():
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_a_training_step_of_each_tiny_config_reads_nothing_back(name):
+def test_a_training_step_of_each_tiny_config_reads_nothing_back(name, tmp_path):
     """Nothing but the per-step loss check (mmm.train.step_reads.BY_DESIGN) in training_step or backward,
     for one batch of each task of a multi-task config."""
     cfg = load_config(CONFIGS / name, {"data.batch_size": 4, "data.num_workers": 0,
-                                       "trainer.default_root_dir": tempfile.mkdtemp(prefix="mmm_syncs_")})
+                                       "trainer.default_root_dir": str(tmp_path)})
     reads = step_host_reads(cfg)
     assert sorted(reads.tasks) == sorted(t.name for t in cfg.tasks) or reads.tasks == [""]  # a batch of every task
     assert reads.unplanned() == [], reads.report()
@@ -96,7 +95,7 @@ def test_a_training_step_of_each_tiny_config_reads_nothing_back(name):
     assert reads.backward == []
 
 
-def test_a_training_step_of_the_text_distillation_config_reads_nothing_back(ckpt):
+def test_a_training_step_of_the_text_distillation_config_reads_nothing_back(ckpt, tmp_path):
     """text_distill_tiny.yaml loads a teacher run's checkpoint: here the session's 3-step tiny run (its sizes)."""
     from tests.conftest import TINY_OVERRIDES
 
@@ -105,7 +104,7 @@ def test_a_training_step_of_the_text_distillation_config_reads_nothing_back(ckpt
     cfg = load_config(CONFIGS / "text_distill_tiny.yaml", {
         **sizes, "data.batch_size": 4, "data.num_workers": 0, "data.shuffle_buffer": 0,
         "model.init_from": str(ckpt), "model.text.tokenizer_path": str(run_dir / "tokenizer"),
-        "objectives.1.args.teacher": str(ckpt), "trainer.default_root_dir": tempfile.mkdtemp(prefix="mmm_syncs_")})
+        "objectives.1.args.teacher": str(ckpt), "trainer.default_root_dir": str(tmp_path)})
     reads = step_host_reads(cfg)
     assert reads.unplanned() == [], reads.report()
     assert reads.backward == []
@@ -279,9 +278,9 @@ def test_region_inputs_count_their_hidden_regions_on_the_host_and_mto_uses_the_c
         RegionInput(regions.features, regions.boxes, regions.position_ids).hidden_positions()
 
 
-def _loop_config(name, **overrides):
+def _loop_config(name, run_root, **overrides):
     return load_config(CONFIGS / name, {"data.batch_size": 4, "data.num_workers": 0, "trainer.enable_progress_bar": True,
-                                        "trainer.default_root_dir": tempfile.mkdtemp(prefix="mmm_loop_"), **overrides})
+                                        "trainer.default_root_dir": str(run_root), **overrides})
 
 
 def test_the_checks_leave_the_config_s_run_folder_alone(tmp_path):
@@ -289,7 +288,7 @@ def test_the_checks_leave_the_config_s_run_folder_alone(tmp_path):
     from mmm.train.step_reads import loop_host_reads
 
     run_dir = tmp_path / "run"
-    cfg = _loop_config("text_mlm_tiny.yaml", **{"trainer.default_root_dir": str(run_dir)})
+    cfg = _loop_config("text_mlm_tiny.yaml", run_dir)
     step_host_reads(cfg)
     loop_host_reads(cfg, steps=8)
     assert not run_dir.exists()
@@ -298,12 +297,12 @@ def test_the_checks_leave_the_config_s_run_folder_alone(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["text_mlm_tiny.yaml", "vl_uniter_tiny.yaml"])
-def test_the_training_loop_reads_nothing_back_between_logging_steps(name):
+def test_the_training_loop_reads_nothing_back_between_logging_steps(name, tmp_path):
     """Lightning's loop with mmm's callbacks (throughput, progress bar, LR monitor, the multi-task mixture
     monitor), gradient clipping and fused AdamW: between logging steps, no host read at all."""
     from mmm.train.step_reads import loop_host_reads
 
-    loop = loop_host_reads(_loop_config(name), steps=12)
+    loop = loop_host_reads(_loop_config(name, tmp_path), steps=12)
     assert loop.logged == [0, 6, 12] and loop.quiet_steps() == [2, 3, 4, 8, 9, 10]
     assert loop.between_logging() == [], loop.report()
     for k in loop.quiet_steps():  # fused AdamW skips a non-finite step itself, so nothing is read at all
@@ -312,7 +311,7 @@ def test_the_training_loop_reads_nothing_back_between_logging_steps(name):
     assert any(w.startswith("lightning/") for w in at_logging) and any("bar_metrics" in w for w in at_logging)
 
 
-def test_a_callback_logging_a_python_number_every_step_is_found(monkeypatch):
+def test_a_callback_logging_a_python_number_every_step_is_found(monkeypatch, tmp_path):
     """What the loop check is for: Lightning copies a Python number given to self.log to the module's device."""
     from mmm.train.callbacks import ThroughputMonitor
     from mmm.train.step_reads import loop_host_reads
@@ -321,7 +320,7 @@ def test_a_callback_logging_a_python_number_every_step_is_found(monkeypatch):
         pl_module.log("train/tokens_per_sec", float(batch.num_tokens), on_step=True, batch_size=1)
 
     monkeypatch.setattr(ThroughputMonitor, "on_train_batch_end", floats)
-    between = loop_host_reads(_loop_config("text_mlm_tiny.yaml"), steps=8).between_logging()
+    between = loop_host_reads(_loop_config("text_mlm_tiny.yaml", tmp_path), steps=8).between_logging()
     assert [r.what for r in between] == ["Python values copied to a tensor's device (a blocking copy on CUDA)"]
     assert between[0].where.startswith("lightning/pytorch/core/module.py")  # Lightning's copy, in a test's callback
 
