@@ -229,9 +229,15 @@ def _iter_records(path: Path, source: str, skipper: BadInputSkipper) -> Iterator
                 skipper.bad(source, f"not a FASTA file: line {lineno} starts with {first[:20]!r}, expected a '>' header line")
                 return
             fh.seek(0)
+            first_seen: Dict[str, int] = {}  # record id -> its 1-based ordinal in this file
             for record in SeqIO.parse(fh, "fasta"):
                 n_records += 1
                 where = f"{source}: record {record.id!r}"
+                if record.id in first_seen:  # its windows' names (and BED labels) would be ambiguous
+                    skipper.bad(where, f"duplicate record id: record {n_records} of the file repeats the id of "
+                                       f"record {first_seen[record.id]}; record ids must be unique within a file")
+                    continue
+                first_seen[record.id] = n_records
                 seq = str(record.seq)
                 if not seq:
                     skipper.bad(where, "empty record (a header with no sequence)")

@@ -169,6 +169,22 @@ def test_bad_input_errors_and_skip_bad(tmp_path: Path) -> None:
     assert build_shards(src, out, window=10, skip_bad=True, overwrite=True).total_windows == 8
 
 
+def test_a_repeated_record_id_in_one_file_is_bad_input(tmp_path: Path) -> None:
+    """Two records named alike in one FASTA file: their windows' record names, and the BED labels keyed by
+    them, would be ambiguous. The same id in two files stays allowed (each file is its own source)."""
+    rng = np.random.default_rng(1)
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.fa").write_text(f">chr1\n{random_seq(rng, 30)}\n>chr2 x\n{random_seq(rng, 30)}\n>chr1 again\n{random_seq(rng, 30)}\n")
+    (src / "b.fa").write_text(f">chr1\n{random_seq(rng, 30)}\n")
+    with pytest.raises(DNABuildError, match=r"a.fa: record 'chr1': duplicate record id: record 3 of the file repeats "
+                                            r"the id of record 1"):
+        build_shards(src, tmp_path / "o1", window=10)
+    report = build_shards(src, tmp_path / "o2", window=10, skip_bad=True)
+    assert [w for w, _ in report.skipped] == ["a.fa: record 'chr1'"]
+    assert report.total_records == 3 and report.total_windows == 9
+
+
 def test_short_records_n_windows_and_argument_errors(tmp_path: Path) -> None:
     (tmp_path / "g.fa").write_text(">tiny\nACG\n>long\n" + "ACGT" * 5 + "N" * 10 + "\n")
     report = build_shards(tmp_path / "g.fa", tmp_path / "o", window=10, min_window=5, max_n_fraction=0.5)
