@@ -116,6 +116,30 @@ def test_fsdp_without_cuda_is_refused_before_anything_is_built(tmp_path, capsys)
 # ------------------------------------------------------------------------------------------ config values
 
 
+@pytest.mark.parametrize("overrides,expected", [
+    ({"masking.args.ratio": 1.5}, "masking: ratio must be a number strictly between 0 and 1, got 1.5"),
+    ({"masking.args.ratoi": 0.2}, "masking: masker 'bert_random' got unknown argument(s) ['ratoi']"),
+    ({"masking.name": "span", "masking.args.max_span": 0}, "masking: max_span must be"),
+    ({"masking.name": "spam"}, "masking: unknown masker 'spam'; known maskers: "),
+])
+def test_bad_masking_settings_are_refused_before_the_tokenizer_is_fitted(overrides, expected, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_tiny_argv(run_dir, **{"trainer.max_steps": 2, **overrides})) == 2
+    assert expected in _error_line(capsys)
+    assert not (run_dir / "tokenizer").exists() and not (run_dir / "config.yaml").exists()
+
+
+def test_a_masker_the_modality_cannot_use_names_the_task_s_masking_field(tmp_path, capsys):
+    cfg = yaml.safe_load((REPO / "configs" / "multimodal_tiny.yaml").read_text())
+    names = [t["name"] for t in cfg["tasks"]]
+    i = names.index("image")
+    assert main(["pretrain", "--config", str(REPO / "configs" / "multimodal_tiny.yaml"),
+                 f"--tasks.{i}.masking.args.ratio", "2", "--trainer.default_root_dir", str(tmp_path / "run")]) == 2
+    assert f"tasks[{i}].masking (task 'image'): ratio must be a number strictly between 0 and 1, got 2" in _error_line(capsys)
+    assert main(_tiny_argv(tmp_path / "run2", **{"trainer.max_steps": 2, "masking.name": "mae_random"})) == 2
+    assert "masking: masking.name 'mae_random' does not mask" in _error_line(capsys)
+
+
 @pytest.mark.parametrize("key,value", [("trainer.max_steps", -5), ("data.batch_size", 0), ("data.batch_size", -4),
                                        ("data.max_errors", -1), ("model.encoder.dropout", 1.5), ("optim.lr", 0)])
 def test_out_of_range_values_are_refused_at_load_naming_the_key(key, value, tmp_path, capsys):

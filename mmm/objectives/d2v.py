@@ -51,7 +51,7 @@ from mmm.config import EncoderConfig
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
 from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, modality_embedder, sole_input, zero_output
-from mmm.objectives.grid_decoder import decode_grid, decoder_blocks, grid_positions
+from mmm.objectives.grid_decoder import check_decoder_shape, decode_grid, decoder_blocks, grid_positions
 from mmm.registry import OBJECTIVES
 
 TARGET_NORMS = ("layer", "instance")
@@ -282,9 +282,9 @@ class SelfDistillation(nn.Module):
             raise ValueError(f"objective d2v: target_norm must be one of {TARGET_NORMS}, got {target_norm!r}")
         if loss not in LOSSES:
             raise ValueError(f"objective d2v: loss must be one of {LOSSES}, got {loss!r}")
-        if decoder_depth < 0 or loss_beta <= 0:
-            raise ValueError(f"objective d2v: decoder_depth must be >= 0 and loss_beta > 0, got {decoder_depth} "
-                             f"and {loss_beta}")
+        check_decoder_shape("d2v", decoder_dim, decoder_depth, decoder_heads, min_depth=0)
+        if not loss_beta > 0:
+            raise ValueError(f"objective d2v: loss_beta must be > 0, got {loss_beta}")
         emb = embedders[modality]
         self.modality, self.top_k = modality, int(top_k)
         self.ema_decay, self.ema_end_decay, self.ema_anneal_steps = float(ema_decay), float(ema_end_decay), int(ema_anneal_steps)

@@ -10,8 +10,9 @@ is ``generator MLM + rtd_weight * RTD`` (ELECTRA: 50). No gradient passes throug
 
 The token table of the two networks is shared in one of three ways (``embedding_sharing``):
 
-* ``shared`` (ELECTRA): one table; the generator's MLM loss and the discriminator's RTD loss
-  both train it.
+* ``shared`` (ELECTRA): one token table, one position table and one embedding LayerNorm (the
+  paper shares the token and positional embeddings, Sec. 3.2; its code shares the whole embedding
+  layer); the generator's MLM loss and the discriminator's RTD loss both train them.
 * ``gdes`` (DeBERTaV3): the discriminator's table is ``stop_gradient(generator table) +
   residual``, the residual starting at zero; the RTD loss trains only the residual, the MLM loss
   only the generator table, so the two losses stop pulling the table in different directions.
@@ -220,8 +221,8 @@ class ReplacedTokenDetection(nn.Module):
         if embedding_sharing not in EMBEDDING_SHARING:
             raise ValueError(f"objective electra: embedding_sharing must be one of {EMBEDDING_SHARING}, "
                              f"got {embedding_sharing!r}")
-        if not 0 < generator_size <= 1:
-            raise ValueError(f"objective electra: generator_size must be in (0, 1], got {generator_size}")
+        if isinstance(generator_size, bool) or not isinstance(generator_size, (int, float)) or not 0 < generator_size <= 1:
+            raise ValueError(f"objective electra: generator_size must be a number in (0, 1], got {generator_size!r}")
         if generator_depth is not None and generator_depth < 1:
             raise ValueError(f"objective electra: generator_depth must be >= 1 or null, got {generator_depth}")
         if rtd_weight < 0 or temperature <= 0:
@@ -241,8 +242,10 @@ class ReplacedTokenDetection(nn.Module):
             "text", vocab_size=vocab, dim=table_dim, max_len=disc.max_len, position=disc.positions.kind,
             embed_norm=disc.norm is not None, norm_eps=encoder_cfg.norm_eps, dropout=encoder_cfg.dropout,
             pad_id=disc.pad_id)
-        if embedding_sharing == "shared":
+        if embedding_sharing == "shared":  # ELECTRA Sec. 3.2: token and position embeddings (its code: the LayerNorm too)
             self.generator_embedder.tokens = disc.tokens
+            self.generator_embedder.positions = disc.positions
+            self.generator_embedder.norm = disc.norm
         self.embedding_residual = None
         if embedding_sharing == "gdes":
             self.embedding_residual = nn.Parameter(torch.zeros(vocab, dim))

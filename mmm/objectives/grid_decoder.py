@@ -18,6 +18,20 @@ from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
 
 
+def check_decoder_shape(objective: str, width: object, depth: object, heads: object, min_depth: int = 1) -> None:
+    """Refuse a decoder shape the blocks cannot have, naming the objective's own arguments (``decoder_dim``,
+    ``decoder_depth``, ``decoder_heads``) rather than the shared encoder's.
+
+    Raises:
+        ValueError: a non-integer or too small value, or a width the heads do not divide.
+    """
+    for name, value, low in (("decoder_dim", width, 1), ("decoder_depth", depth, min_depth), ("decoder_heads", heads, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"objective {objective}: {name} must be an integer >= {low}, got {value!r}")
+    if depth and width % heads:
+        raise ValueError(f"objective {objective}: decoder_dim {width} is not divisible by decoder_heads {heads}")
+
+
 def decoder_blocks(width: int, depth: int, heads: int, attention: str) -> TransformerEncoder:
     """Narrow decoder blocks as MAE's: pre-LN, GELU MLP, a final LayerNorm (eps 1e-6), no dropout.
 

@@ -22,7 +22,7 @@ from torch import nn
 from mmm.batch import ImageInput, PackedBatch
 from mmm.config import EncoderConfig
 from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep
-from mmm.objectives.grid_decoder import decode_grid, decoder_blocks, grid_positions
+from mmm.objectives.grid_decoder import check_decoder_shape, decode_grid, decoder_blocks, grid_positions
 from mmm.registry import OBJECTIVES
 
 
@@ -78,6 +78,7 @@ class MaskedAutoencoder(nn.Module):
         emb = embedders.get(modality)
         if emb is None or not hasattr(emb, "visible_index"):
             raise ValueError(f"objective mae: no image embedder named {modality!r} (modalities: {sorted(embedders)})")
+        check_decoder_shape("mae", decoder_dim, decoder_depth, decoder_heads)
         self.modality, self.norm_pix_loss = modality, norm_pix_loss
         self.patch, self.channels, self.grid = emb.patch_size, emb.in_chans, emb.grid
         self.prefix = emb.num_prefix_tokens  # [CLS] before the patches

@@ -25,7 +25,7 @@ from torch import nn
 
 from mmm.batch import PackedBatch
 from mmm.config import EncoderConfig
-from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, modality_embedder, zero_output
+from mmm.objectives.base import ObjectiveOutput, global_mean, in_lockstep, token_table, zero_output
 from mmm.registry import OBJECTIVES
 
 
@@ -53,10 +53,19 @@ class RandomTokenSubstitution(nn.Module):
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
                  modality: str = "text") -> None:
         super().__init__()
-        modality_embedder(embedders, modality, "rts")
+        token_table(embedders, modality, "rts", "random token substitution")
         self.modality = modality
         # one logit per token: dense -> GELU -> linear, ELECTRA's discriminator head
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1))
+
+    @staticmethod
+    def check_masker(masker: object) -> None:
+        """Refuse a masker that writes [MASK] tokens (``mask_prob > 0``): the detector would learn to spot them."""
+        mask_prob = getattr(masker, "mask_prob", 0.0)
+        if mask_prob > 0:
+            raise ValueError(f"objective rts classifies substituted tokens, so its masker must write no [MASK] tokens: "
+                             f"set masking.args.mask_prob: 0 and random_prob: 1 (as configs/text_rts_tiny.yaml), got "
+                             f"mask_prob {mask_prob}")
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         """(N, d) encoder output → detection loss, accuracy, share of substituted tokens, recall on them."""

@@ -39,8 +39,8 @@ class TokenTargetClassification(nn.Module):
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: Optional[EncoderConfig] = None,
                  target: str = "image_tokens", num_classes: int = 256) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"objective token_targets: num_classes must be >= 2, got {num_classes}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"objective token_targets: num_classes must be an integer >= 2, got {num_classes!r}")
         self.target, self.num_classes = target, num_classes
         eps = encoder_cfg.norm_eps if encoder_cfg is not None else 1e-12
         self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=eps))

@@ -37,8 +37,8 @@ from mmm.train.datamodule import StreamDataModule
 from mmm.train.mixture import MixtureMonitor, TagTask, TaskData
 from mmm.train.module import MaskedModelingModule
 from mmm.train.phases import build_schedule
-from mmm.train.tasks import (RunModalities, build_modalities, modalities_from_checkpoint, modality_of,  # noqa: F401
-                             prepare_modalities, resolve_shards, task_configs)
+from mmm.train.tasks import (RunModalities, build_maskers, build_modalities, check_masking_args,  # noqa: F401
+                             modalities_from_checkpoint, modality_of, prepare_modalities, resolve_shards, task_configs)
 
 logger = logging.getLogger("mmm.train")
 # The module moves PackedBatch itself (it works with any loader, not only our DataModule).
@@ -276,13 +276,14 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     train_urls = {t.name: resolve_shards(t.train, t.dataset, "train") for t in tasks}
     val_urls = {t.name: resolve_shards(t.val, t.dataset, "val") if t.val else None for t in tasks}
     mods = build_modalities(cfg, tasks, train_urls)
+    check_masking_args(tasks, cfg.objectives)  # before the assets' fit, which can take minutes
     if rank == 0:
         prepare_modalities(mods, run_dir)  # fits tokenizers / statistics / codebooks, saved in the run folder
         _assets_marker(run_dir).write_text(_config_digest(config_text), encoding="utf-8")
     else:  # every rank must use rank 0's assets (tokenizer training is not bit-reproducible across processes)
         wait_for_assets(run_dir, _config_digest(config_text), rank)
         prepare_modalities(mods, run_dir)  # loads what rank 0 saved
-    maskers = {t.name: mods.feeds[t.name].build_masker(t.masking) for t in tasks}
+    maskers = build_maskers(tasks, mods.feeds)
     model = build_model_for(cfg, mods)
     if cfg.model.init_from and resume is None:  # a resumed run continues from its checkpoint instead
         from mmm.warm_start import warm_start

@@ -16,6 +16,7 @@ embedding, and every task shares the one encoder: a multi-task run trains **one 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -23,12 +24,13 @@ from typing import Any, Dict, List, Optional
 
 import mmm.masking  # noqa: F401  (registers maskers)
 import mmm.modalities.builtin  # noqa: F401  (registers modalities)
-from mmm.config import PretrainConfig, TaskConfig
+from mmm.config import ComponentConfig, ConfigError, PretrainConfig, TaskConfig
 from mmm.data.stream import list_shards
 from mmm.data.tar import ReadOptions
 from mmm.model import check_head_selection, head_name
 from mmm.modalities.base import Modality
-from mmm.registry import DATASETS, MODALITIES
+from mmm.masking.base import TokenVocab
+from mmm.registry import DATASETS, MASKERS, MODALITIES, OBJECTIVES, RegistryError
 
 
 def resolve_shards(spec: str, dataset: str, split: str) -> List[str]:
@@ -42,6 +44,54 @@ def resolve_shards(spec: str, dataset: str, split: str) -> List[str]:
     if spec == "embedded":
         spec = str(DATASETS.create(dataset).embedded_default())
     return list_shards(spec, split=split if Path(spec).is_dir() else None)
+
+
+def masking_field(task: TaskConfig, index: int) -> str:
+    """The config field of a task's masking entry, for messages: ``masking``, or ``tasks[i].masking (task 'x')``."""
+    return "masking" if not task.name else f"tasks[{index}].masking (task {task.name!r})"
+
+
+STAND_IN_VOCAB = TokenVocab(size=64, mask_id=4, special_ids=frozenset(range(5)))
+"""The vocabulary :func:`check_masking_args` builds token maskers with before the real one is fitted."""
+
+
+def check_masking_args(tasks: List[TaskConfig], objectives: List[ComponentConfig]) -> None:
+    """Build every task's masker once with :data:`STAND_IN_VOCAB`, before any tokenizer is fitted, so a bad
+    masking name, argument name or value is refused in seconds instead of after the assets' fit; then let
+    each head the task trains refuse a masker it cannot learn from (an objective's ``check_masker``).
+
+    Raises:
+        ConfigError: naming the task's masking field and what the masker or the head refused.
+    """
+    heads = {head_name(o): o for o in objectives}
+    for i, t in enumerate(tasks):
+        try:
+            fn = MASKERS.get(t.masking.name)
+            injected = {"vocab": STAND_IN_VOCAB} if "vocab" in inspect.signature(fn).parameters else {}
+            masker = MASKERS.create(t.masking.name, **injected, **t.masking.args)
+            for head in t.objectives:
+                check = getattr(OBJECTIVES.get(heads[head].name), "check_masker", None) if head in heads else None
+                if check is not None:
+                    check(masker)
+        except (ValueError, TypeError, RegistryError) as exn:
+            raise ConfigError(f"{masking_field(t, i)}: {exn}") from None
+
+
+def build_maskers(tasks: List[TaskConfig], feeds: Dict[str, Modality]) -> Dict[str, Any]:
+    """Each task's masker, built by the modality its dataset feeds (after the assets are fitted).
+
+    Raises:
+        ConfigError: naming the task's masking field and what the modality or the masker refused.
+    """
+    out = {}
+    for i, t in enumerate(tasks):
+        try:
+            out[t.name] = feeds[t.name].build_masker(t.masking)
+        except (ValueError, TypeError, RegistryError) as exn:
+            if isinstance(exn, ConfigError):
+                raise
+            raise ConfigError(f"{masking_field(t, i)}: {exn}") from None
+    return out
 
 
 def modality_of(dataset: str) -> str:

@@ -261,3 +261,18 @@ def test_dna_tokens_work_the_same_way():
     assert outputs["electra"].metrics["replaced"] == pytest.approx(2 / 5)
     loss.backward()
     assert model.embedders["dna"].tokens.weight.grad is not None
+
+
+
+def test_shared_embeddings_are_the_whole_embedding_layer_as_in_electra():
+    """ELECTRA Sec. 3.2 shares the token and positional embeddings (its code: the embedding LayerNorm too);
+    the generator's MLM loss then trains the discriminator's position table as well."""
+    model = _model("shared")
+    gen, disc = model.objectives["electra"].generator_embedder, model.embedders["text"]
+    assert gen.tokens is disc.tokens and gen.positions is disc.positions and gen.norm is disc.norm
+    _grads(model, "generator")
+    assert _nonzero(next(disc.positions.parameters())) and _nonzero(disc.norm.weight)
+    for sharing in ("gdes", "none"):  # DeBERTaV3 shares the token table only; none shares nothing
+        model = _model(sharing)
+        gen, disc = model.objectives["electra"].generator_embedder, model.embedders["text"]
+        assert gen.positions is not disc.positions and gen.norm is not disc.norm

@@ -1,4 +1,5 @@
 """MAE / SimMIM / visual-token heads on real image batches from the image pipeline."""
+import re
 import numpy as np
 import pytest
 import torch
@@ -77,3 +78,14 @@ def test_simmim_needs_mask_token_mode_and_regresses_hidden_pixels():
     assert out["simmim"].count == 16 and torch.isfinite(loss)
     with pytest.raises(ValueError, match="mask-token mode"):
         model(_batch(mask, True))
+
+
+@pytest.mark.parametrize("args,message", [
+    ({"decoder_dim": 16, "decoder_heads": 3}, "objective mae: decoder_dim 16 is not divisible by decoder_heads 3"),
+    ({"decoder_dim": -4}, "objective mae: decoder_dim must be an integer >= 1, got -4"),
+    ({"decoder_depth": 0}, "objective mae: decoder_depth must be an integer >= 1, got 0"),
+    ({"decoder_heads": "4"}, "objective mae: decoder_heads must be an integer >= 1, got '4'"),
+])
+def test_mae_decoder_arguments_are_checked_naming_the_objective_s_own_keys(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _model([ObjectiveConfig("mae", 1.0, args)])

@@ -112,3 +112,26 @@ def test_rts_refuses_a_modality_the_model_lacks():
     emb = EMBEDDERS.create("text", vocab_size=V, dim=D, max_len=32, dropout=0.0, pad_id=0)
     with pytest.raises(ValueError, match="objective rts: modality 'dna' has no embedder"):
         build_model(ModelConfig(encoder=enc), [ObjectiveConfig("rts", args={"modality": "dna"})], {"text": emb})
+
+
+def test_rts_refuses_a_modality_without_token_ids_when_the_model_is_built():
+    """An image embedder has no token table: refused at build time, not by an AttributeError in the first forward."""
+    enc = EncoderConfig(dim=D, depth=1, heads=2, mlp_hidden=64)
+    emb = EMBEDDERS.create("image", dim=D, image_size=8, patch_size=4)
+    with pytest.raises(ValueError, match="objective rts: the 'image' embedder has no token table"):
+        build_model(ModelConfig(encoder=enc), [ObjectiveConfig("rts", args={"modality": "image"})], {"image": emb})
+
+
+def test_a_run_whose_masker_writes_mask_tokens_is_refused_naming_the_field():
+    """RTS's substitutes must be indistinguishable by form: BERT's 80% [MASK] would be a trivial cue."""
+    from mmm.config import ConfigError, ComponentConfig, TaskConfig
+    from mmm.train.tasks import check_masking_args
+
+    def task(heads=("rts",), **args):
+        return TaskConfig(name="", dataset="text", train="embedded", masking=ComponentConfig("bert_random", args),
+                          objectives=list(heads))
+
+    with pytest.raises(ConfigError, match=r"^masking: objective rts .* masking.args.mask_prob: 0 .* got mask_prob 0.8"):
+        check_masking_args([task()], [ObjectiveConfig("rts")])
+    check_masking_args([task(mask_prob=0.0, random_prob=1.0)], [ObjectiveConfig("rts")])
+    check_masking_args([task(heads=["mlm"])], [ObjectiveConfig("mlm")])  # only the rts head asks
