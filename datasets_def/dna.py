@@ -177,6 +177,15 @@ def read_labels(path: PathLike) -> LabelIntervals:
         ids = {n: int(n) for n in unique}
     except ValueError:
         ids = {n: i for i, n in enumerate(unique)}
+    else:  # integer names are the label ids themselves: they must be valid class ids, one per name
+        negative = [n for n in unique if ids[n] < 0]
+        if negative:
+            raise DNABuildError(f"{p}: label {negative[0]!r} is a negative integer; integer labels are class ids and "
+                                f"must be >= 0 (or use names, numbered by their sorted order)")
+        alike = [n for n in unique if sum(ids[m] == ids[n] for m in unique) > 1]
+        if alike:
+            raise DNABuildError(f"{p}: labels {alike} name the same class id {ids[alike[0]]}; write each integer "
+                                f"label one way")
     names = {i: n for n, i in ids.items()}
     grouped: Dict[str, List[Tuple[int, int, int, int]]] = {}
     for order, (rec, s, e, n) in enumerate(rows):

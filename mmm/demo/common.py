@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ def demo_part(title: str, default: Path, evaluate: Callable[[PretrainConfig, Pat
         out_dir.mkdir(parents=True, exist_ok=True)
         config = Path(config) if config else default
         cfg = part_config(config, default, out_dir, max_steps, progress_bar, schedule)
+        shutil.rmtree(cfg.trainer.default_root_dir, ignore_errors=True)  # each demo trains afresh (the part's own folder)
         with torch_threads(cfg.trainer.threads):
             metrics = evaluate(cfg, out_dir, quick)
         metrics["config"] = str(config)

@@ -36,6 +36,32 @@ def lr_lambda(optim: OptimConfig, max_steps: int):
     return f
 
 
+def config_optimizer_settings(checkpoint: Dict[str, Any], optim: OptimConfig, max_steps: int) -> None:
+    """Put the config's optimizer settings into a checkpoint about to be restored, so that a resumed run trains
+    with them (``optim.lr``, ``betas``, ``eps``, ``weight_decay``, the schedule, and ``optim.args`` a group
+    holds) while keeping the optimizer's state (moments, step counts) and the schedule's position.
+
+    Lightning restores the saved ``param_groups`` and the scheduler's ``base_lrs`` after this hook; unchanged,
+    they would silently keep the old run's values. With an unchanged config the values written are the ones
+    saved, bit for bit (the scheduler's own ``base_lr * lambda(step)``).
+    """
+    states, schedulers = checkpoint.get("optimizer_states") or [], checkpoint.get("lr_schedulers") or []
+    if len(states) != 1 or len(schedulers) != 1:
+        return
+    groups, sched = states[0].get("param_groups", []), schedulers[0]
+    if len(groups) != 2 or "last_epoch" not in sched:  # not weight_decay_groups' two groups under LambdaLR
+        return
+    lr = optim.lr * lr_lambda(optim, max_steps)(int(sched["last_epoch"]))
+    for group, decay in zip(groups, (optim.weight_decay, 0.0)):
+        group.update(lr=lr, initial_lr=optim.lr, weight_decay=decay)
+        for key, value in (("betas", tuple(optim.betas)), ("eps", optim.eps), *optim.args.items()):
+            if key in group:
+                group[key] = value
+    sched["base_lrs"] = [optim.lr] * len(groups)
+    if "_last_lr" in sched:
+        sched["_last_lr"] = [lr] * len(groups)
+
+
 def merge_val_sums(parts: List[Dict[Tuple[str, str], Dict[str, Tuple[float, int]]]]
                    ) -> Dict[Tuple[str, str], Dict[str, float]]:
     """Count-weighted means of the ranks' validation sums.
@@ -294,6 +320,7 @@ class MaskedModelingModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self.nonfinite_guard.skipped = int(checkpoint.get("mmm_nonfinite_skipped", 0))  # a resumed run counts on
+        config_optimizer_settings(checkpoint, self.optim, self.max_steps)
         rng = checkpoint.get("mmm_rng")
         if rng:
             torch.set_rng_state(rng["torch"])

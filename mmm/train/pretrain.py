@@ -205,6 +205,15 @@ def read_resume_checkpoint_for(cfg: PretrainConfig, run_dir: Path) -> Optional[D
     return ckpt
 
 
+def restore_assets(mods: RunModalities, stored: Dict[str, Dict[str, str]], path: str) -> None:
+    """A resumed run's assets (tokenizers, statistics, codebooks) are those its checkpoint carries, whichever
+    run folder it continues in: its weights were trained with them (a tokenizer fitted afresh in another
+    folder would give the same ids other meanings)."""
+    for name, m in {**mods.base, **mods.composites}.items():
+        m.load_assets(stored.get(name, {}), path)
+    logger.info("resuming with the assets stored in %s (%s)", path, ", ".join(sorted(n for n in stored if stored[n])))
+
+
 def _flatten(data: Any, prefix: str = "") -> Dict[str, Any]:
     """``{"model": {"encoder": {"dim": 64}}}`` → ``{"model.encoder.dim": 64}`` (list entries by index)."""
     if isinstance(data, dict):
@@ -238,6 +247,11 @@ def check_checkpoint_fits(module: MaskedModelingModule, ckpt: Dict[str, Any], cf
                 if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
     stored = (ckpt.get("mmm") or {}).get("config")
     diffs = config_differences(stored, cfg) if isinstance(stored, dict) else []
+    old_optim = ((stored or {}).get("optim") or {}).get("name") if isinstance(stored, dict) else None
+    if old_optim is not None and old_optim != cfg.optim.name:
+        raise CheckpointError(f"trainer.ckpt_path: {path} holds the state of optimizer {old_optim!r}, but optim.name is "
+                              f"{cfg.optim.name!r}; resume with optim.name: {old_optim}, or start a new run from its "
+                              f"weights with model.init_from: {path} (a new trainer.default_root_dir, no ckpt_path)")
     if not (missing or unexpected or reshaped):
         if diffs:
             logger.warning("resuming from %s with settings that differ from its config (they take effect): %s",
@@ -263,6 +277,7 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     """
     run_dir = Path(cfg.trainer.default_root_dir)
     check_settings(cfg)
+    refuse_a_fresh_run_over_checkpoints(cfg, run_dir)
     phases = build_schedule(cfg)  # checked before anything is written
     resume = read_resume_checkpoint_for(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -277,7 +292,10 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     val_urls = {t.name: resolve_shards(t.val, t.dataset, "val") if t.val else None for t in tasks}
     mods = build_modalities(cfg, tasks, train_urls)
     check_masking_args(tasks, cfg.objectives)  # before the assets' fit, which can take minutes
-    if rank == 0:
+    stored_assets = (resume.get("mmm") or {}).get("assets") if resume is not None else None
+    if stored_assets:  # the weights were trained with these: never a tokenizer fitted afresh (another folder)
+        restore_assets(mods, stored_assets, str(resolve_ckpt_path(cfg, run_dir)))
+    elif rank == 0:
         prepare_modalities(mods, run_dir)  # fits tokenizers / statistics / codebooks, saved in the run folder
         _assets_marker(run_dir).write_text(_config_digest(config_text), encoding="utf-8")
     else:  # every rank must use rank 0's assets (tokenizer training is not bit-reproducible across processes)
@@ -379,14 +397,35 @@ def modality_from_checkpoint(contents: Any) -> Modality:
 
 
 def resolve_ckpt_path(cfg: PretrainConfig, run_dir: Path) -> Optional[str]:
-    """``trainer.ckpt_path`` with ``last`` mapped to the run's ``checkpoints/last.ckpt``."""
+    """``trainer.ckpt_path`` with ``last`` mapped to the run's ``checkpoints/last.ckpt``, and a run folder or its
+    ``checkpoints`` folder to the ``last.ckpt`` inside."""
     p = cfg.trainer.ckpt_path
     if p is None:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if p == "last" else Path(p)
+    if path.is_dir():
+        inside = [c for c in (path / "last.ckpt", path / "checkpoints" / "last.ckpt") if c.is_file()]
+        if not inside:
+            found = sorted(str(c.relative_to(path)) for c in [*path.glob("*.ckpt"), *path.glob("checkpoints/*.ckpt")])
+            raise FileNotFoundError(f"trainer.ckpt_path: {path} is a folder without last.ckpt or checkpoints/last.ckpt "
+                                    f"(its .ckpt files: {', '.join(found) or 'none'}); give a checkpoint file")
+        path = inside[0]
     if not path.is_file():
         raise FileNotFoundError(f"trainer.ckpt_path: checkpoint {path} does not exist")
     return str(path)
+
+
+def refuse_a_fresh_run_over_checkpoints(cfg: PretrainConfig, run_dir: Path) -> None:
+    """A run without ``trainer.ckpt_path`` into a folder holding checkpoints would replace its ``last.ckpt`` (and
+    Lightning would write ``last-v1.ckpt`` beside it), so a later ``ckpt_path: last`` could resume the wrong run."""
+    if cfg.trainer.ckpt_path is not None:
+        return
+    found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    if found:
+        raise ConfigError(f"trainer.default_root_dir {run_dir} holds checkpoints of an earlier run "
+                          f"({', '.join(found[:5])}{' ...' if len(found) > 5 else ''}); continue it with "
+                          f"--trainer.ckpt_path last, or train into a new trainer.default_root_dir (or delete "
+                          f"{run_dir / 'checkpoints'})")
 
 
 def pretrain(cfg: PretrainConfig) -> PretrainRun:

@@ -16,6 +16,7 @@ embedding, and every task shares the one encoder: a multi-task run trains **one 
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 import mmm.masking  # noqa: F401  (registers maskers)
 import mmm.modalities.builtin  # noqa: F401  (registers modalities)
-from mmm.config import ComponentConfig, ConfigError, PretrainConfig, TaskConfig
+from mmm.config import ComponentConfig, ConfigError, DataConfig, PretrainConfig, TaskConfig
 from mmm.data.stream import list_shards
 from mmm.data.tar import ReadOptions
 from mmm.model import check_head_selection, head_name
@@ -110,6 +111,13 @@ def task_configs(cfg: PretrainConfig) -> List[TaskConfig]:
         d = cfg.data
         return [TaskConfig(name="", dataset=d.dataset, train=d.train, val=d.val, weight=1.0, masking=cfg.masking,
                            objectives=heads)]
+    defaults = DataConfig()
+    ignored = [k for k in ("dataset", "train", "val") if getattr(cfg.data, k) not in (getattr(defaults, k), *(
+        [None] if k == "val" else []))]  # data.val: null switches validation off for every task
+    if ignored:  # each task names its own shards: data.* would be silently unused
+        names = ", ".join(f"tasks.{i}.{ignored[0]} ({t.name})" for i, t in enumerate(cfg.tasks))
+        raise ValueError(f"data.{ignored[0]} is {getattr(cfg.data, ignored[0])!r}, but a config with tasks reads each "
+                         f"task's own {', '.join(ignored)}; set them per task: {names}")
     seen, used = set(), set()
     for i, t in enumerate(cfg.tasks):
         where = f"tasks[{i}]"
@@ -127,6 +135,8 @@ def task_configs(cfg: PretrainConfig) -> List[TaskConfig]:
     idle = [h for h in heads if h not in used]
     if idle:
         raise ValueError(f"objective(s) {idle} are trained by no task; list them in a task's objectives or remove them")
+    if cfg.data.val is None:
+        return [dataclasses.replace(t, val=None) for t in cfg.tasks]
     return list(cfg.tasks)
 
 

@@ -139,6 +139,20 @@ def test_labels_tsv_with_header_ties_and_errors(tmp_path: Path) -> None:
         read_labels(bad)
 
 
+def test_integer_labels_must_be_valid_distinct_class_ids(tmp_path: Path) -> None:
+    """Integer label names are the class ids: -1 would be built and then refused by every reader of the shards
+    (the codec wants ids >= 0), and "01" beside "1" would merge two names into one class."""
+    bed = tmp_path / "l.bed"
+    bed.write_text("chr1\t0\t10\t-1\nchr1\t10\t20\t1\n")
+    with pytest.raises(DNABuildError, match=r"l.bed: label '-1' is a negative integer"):
+        read_labels(bed)
+    bed.write_text("chr1\t0\t10\t01\nchr1\t10\t20\t1\n")
+    with pytest.raises(DNABuildError, match=r"labels \['01', '1'\] name the same class id 1"):
+        read_labels(bed)
+    bed.write_text("chr1\t0\t10\t0\nchr1\t10\t20\t7\n")
+    assert read_labels(bed).names == {0: "0", 7: "7"}
+
+
 def test_bad_input_errors_and_skip_bad(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     src = tmp_path / "in"
