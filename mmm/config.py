@@ -8,6 +8,8 @@ command-line overrides (``--trainer.max_steps 50``). There are no include chains
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -503,6 +505,8 @@ def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         failed = [f"{_BOUNDS[k][0]} {b}" for k, b in bounds.items() if not _BOUNDS[k][1](v, b)]
+        if v in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key} must be a finite number, got {v!r} ({f.metadata.get('help', '')})")
         if failed or v != v:  # v != v: NaN
             wanted = " and ".join(f"{_BOUNDS[k][0]} {b}" for k, b in bounds.items())
             got = value if len(values) > 1 else v
@@ -540,10 +544,43 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
     return conv(cfg)
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as configs are read: floats as YAML 1.2 writes them (``4e-2`` and ``1e4`` are numbers, which PyYAML's
+    YAML 1.1 rules leave as strings inside ``args`` mappings), and a key repeated in one mapping is an error
+    naming both lines instead of the last one silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        seen: Dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} repeated (first at line {seen[key].start_mark.line + 1}); the second "
+                                f"would silently replace the first", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed by :class:`ConfigLoader`."""
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def parse_override_value(text: str) -> Any:
-    """Parse a command-line override value as YAML (``50`` → int, ``null`` → None, ``[1,2]`` → list)."""
+    """Parse a command-line override value as YAML (``50`` → int, ``null`` → None, ``[1,2]`` → list, ``4e-2`` → float)."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -607,7 +644,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dic
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = load_yaml(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if loaded is None:
@@ -620,6 +657,10 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dic
         data = apply_overrides(data, overrides, PretrainConfig)
     try:
         cfg = from_dict(PretrainConfig, data)
+        for name in ("default_root_dir", "ckpt_path"):  # as Lightning expands it: one folder, not ./~ and $HOME
+            value = getattr(cfg.trainer, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(cfg.trainer, name, os.path.expanduser(value))
         section = data.get("data")
         resolve_batch_size(cfg, explicit_batch_size=isinstance(section, dict) and "batch_size" in section)
         return cfg

@@ -96,3 +96,39 @@ def test_overrides_reach_list_entries_by_index():
         load_config(vl, {"tasks.0.wieght": 1.0})
     with pytest.raises(ConfigError, match="no 'tasks' list"):
         load_config(CONFIGS[0], {"tasks.0.train": "x"})
+
+
+def test_scientific_notation_is_a_number_in_args_files_and_overrides(tmp_path):
+    """PyYAML's YAML 1.1 rules read 4e-2 as a string: inside an ``args`` mapping nothing converted it back."""
+    from mmm.config import parse_override_value
+
+    assert [parse_override_value(t) for t in ("4e-2", "1e4", "-2E3", "1.5", "10", "abc")] == [0.04, 1e4, -2e3, 1.5, 10, "abc"]
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 5e-4\n  name: sophia\n  args: {rho: 4e-2}\nmasking:\n  name: bert_random\n  args: {ratio: 3e-1}\n")
+    cfg = load_config(p, {"optim.args.rho": parse_override_value("4e-2")})
+    assert cfg.optim.lr == 5e-4 and cfg.optim.args == {"rho": 0.04} and cfg.masking.args == {"ratio": 0.3}
+
+
+def test_a_repeated_yaml_key_is_an_error_naming_both_lines(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("trainer:\n  max_steps: 7\ndata:\n  batch_size: 4\ntrainer:\n  max_steps: 9\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML: key 'trainer' repeated \(first at line 1\)"):
+        load_config(p)
+
+
+def test_infinite_values_and_a_home_relative_run_folder(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"optim.lr must be a finite number, got inf"):
+        load_config(None, {"optim.lr": float("inf")})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, {"trainer.default_root_dir": "~/runs/x"})
+    assert cfg.trainer.default_root_dir == str(tmp_path / "runs" / "x")
+
+
+def test_a_config_with_tasks_refuses_the_single_task_data_and_masking_keys():
+    from mmm.train.tasks import task_configs
+
+    vl = Path(__file__).parents[1] / "configs" / "vl_uniter_tiny.yaml"
+    for key, value, field in (("data.train", "shards/pairs", "train"), ("masking.name", "whole_word", "masking")):
+        with pytest.raises(ValueError, match=rf"a config with tasks .* tasks.0.{field} \(mlm\), tasks.1.{field}"):
+            task_configs(load_config(vl, {key: value}))
+    assert all(t.val is None for t in task_configs(load_config(vl, {"data.val": None})))

@@ -114,6 +114,10 @@ def task_configs(cfg: PretrainConfig) -> List[TaskConfig]:
     defaults = DataConfig()
     ignored = [k for k in ("dataset", "train", "val") if getattr(cfg.data, k) not in (getattr(defaults, k), *(
         [None] if k == "val" else []))]  # data.val: null switches validation off for every task
+    if cfg.masking != PretrainConfig().masking:  # each task names its own masker
+        raise ValueError(f"masking is {cfg.masking.name!r} {cfg.masking.args}, but a config with tasks masks each task "
+                         f"with its own masking; set it per task: "
+                         + ", ".join(f"tasks.{i}.masking ({t.name})" for i, t in enumerate(cfg.tasks)))
     if ignored:  # each task names its own shards: data.* would be silently unused
         names = ", ".join(f"tasks.{i}.{ignored[0]} ({t.name})" for i, t in enumerate(cfg.tasks))
         raise ValueError(f"data.{ignored[0]} is {getattr(cfg.data, ignored[0])!r}, but a config with tasks reads each "

@@ -159,6 +159,11 @@ def test_short_pretrain_learns_and_the_checkpoint_restores_the_tokenizer(shard_d
     labels = dnadef.labels_of(shard_dir, "val")
     assert x.shape == (len(y), 32) and len(y) >= len(labels) and set(y.tolist()) <= set(labels.tolist())
 
+    from mmm.encoders import load_encoder  # asking for a modality the run lacks names the ones it has
+    for other in ("audio", "image"):
+        with pytest.raises(ValueError, match=rf"has no '{other}' embedder \(modalities: \['dna'\]\)"):
+            load_encoder(run.last_checkpoint, modality=other)
+
 
 def test_tokenizer_path_is_kept_on_resume_and_a_different_one_refused(shard_dir, tmp_path, caplog):
     """One order for every token modality (mmm.modalities.tokenizer_asset): a run started from a

@@ -257,9 +257,10 @@ class AudioModality(Modality):
     def encoder_from_checkpoint(cls, contents: Any) -> nn.Module:
         """The :class:`~mmm.modalities.audio.embedder.AudioEncoder` of a read checkpoint, with its fitted
         front end (eval mode)."""
+        state = contents.modality_state(cls.name)  # first: names the checkpoint's modalities when audio is not one
         modality = contents.modality(cls.name)
         enc = AudioEncoder.from_config(audio_encoder_config(contents.config.model), modality.frontend)
-        load_weights(enc, contents.modality_state(cls.name), contents.path)
+        load_weights(enc, state, contents.path)
         return contents.finish_encoder(enc, cls.name)
 
     @classmethod
