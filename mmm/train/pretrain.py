@@ -277,7 +277,7 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     """
     run_dir = Path(cfg.trainer.default_root_dir)
     check_settings(cfg)
-    refuse_a_fresh_run_over_checkpoints(cfg, run_dir)
+    warn_of_a_fresh_run_over_checkpoints(cfg, run_dir)
     phases = build_schedule(cfg)  # checked before anything is written
     resume = read_resume_checkpoint_for(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -349,7 +349,8 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
         loggers.append(TensorBoardLogger(str(run_dir), name="logs", version=f"{csv_logger.version}_tensorboard"))
     callbacks = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=tc.checkpoint_every_n_steps,
-                        save_last=True, save_top_k=1, filename="step{step}", auto_insert_metric_name=False),
+                        save_last=True, save_top_k=1, filename="step{step}", auto_insert_metric_name=False,
+                        enable_version_counter=False),  # one last.ckpt, the newest run's (never last-v1.ckpt)
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(),
     ]
@@ -415,17 +416,16 @@ def resolve_ckpt_path(cfg: PretrainConfig, run_dir: Path) -> Optional[str]:
     return str(path)
 
 
-def refuse_a_fresh_run_over_checkpoints(cfg: PretrainConfig, run_dir: Path) -> None:
-    """A run without ``trainer.ckpt_path`` into a folder holding checkpoints would replace its ``last.ckpt`` (and
-    Lightning would write ``last-v1.ckpt`` beside it), so a later ``ckpt_path: last`` could resume the wrong run."""
+def warn_of_a_fresh_run_over_checkpoints(cfg: PretrainConfig, run_dir: Path) -> None:
+    """A run without ``trainer.ckpt_path`` into a folder holding checkpoints replaces them as it saves its own
+    (one ``last.ckpt``, the newest run's, so ``ckpt_path: last`` resumes that run); say so before it starts."""
     if cfg.trainer.ckpt_path is not None:
         return
     found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     if found:
-        raise ConfigError(f"trainer.default_root_dir {run_dir} holds checkpoints of an earlier run "
-                          f"({', '.join(found[:5])}{' ...' if len(found) > 5 else ''}); continue it with "
-                          f"--trainer.ckpt_path last, or train into a new trainer.default_root_dir (or delete "
-                          f"{run_dir / 'checkpoints'})")
+        logger.warning("trainer.default_root_dir %s holds checkpoints of an earlier run (%s): this fresh run replaces "
+                       "them as it saves its own; to continue that run instead, stop and pass --trainer.ckpt_path last",
+                       run_dir, ", ".join(found[:5]) + (" ..." if len(found) > 5 else ""))
 
 
 def pretrain(cfg: PretrainConfig) -> PretrainRun:
