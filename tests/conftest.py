@@ -106,6 +106,28 @@ def ckpt(tmp_path_factory) -> Path:
     return run.last_checkpoint
 
 
+@pytest.fixture
+def run_copy(ckpt, tmp_path) -> Path:
+    """A copy of the session's tiny 3-step run folder (config.yaml, tokenizer/, checkpoints/last.ckpt), to resume
+    or break without touching the shared one."""
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(ckpt.parents[1], dst, ignore=shutil.ignore_patterns("logs"))
+    return dst
+
+
+def error_line(capsys, command: str = "pretrain") -> str:
+    """The single ``mmm <command>: error: ...`` line on stderr, which must be the last thing printed (log lines
+    before it are allowed, a traceback is not)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"mmm {command}: error: ")]
+    assert len(lines) == 1, err[-3000:]
+    assert err.rstrip().endswith(lines[0]), "the error line must be the last thing printed"
+    return lines[0]
+
+
 TINY_IMAGE_OVERRIDES = {
     "trainer.enable_progress_bar": False, "data.batch_size": 16, "data.num_workers": 0, "data.shuffle_buffer": 0,
     "model.encoder.dim": 32, "model.encoder.depth": 2, "model.encoder.heads": 2, "model.encoder.mlp_hidden": 64,

@@ -7,7 +7,6 @@ import errno
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -17,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_OVERRIDES, tiny_argv
+from conftest import REPO, TINY_OVERRIDES, error_line, tiny_argv
 from mmm.cli import main
 
 TINY = str(REPO / "configs" / "text_mlm_tiny.yaml")
@@ -26,22 +25,7 @@ TINY = str(REPO / "configs" / "text_mlm_tiny.yaml")
 _tiny_argv = tiny_argv
 
 
-def _error_line(capsys, command: str = "pretrain") -> str:
-    """The single error line on stderr (log lines before it are allowed, a traceback is not)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err[-3000:]
-    lines = [ln for ln in err.splitlines() if ln.startswith(f"mmm {command}: ")]
-    assert len(lines) == 1, err[-3000:]
-    assert err.rstrip().endswith(lines[0]), "the error line must be the last thing printed"
-    return lines[0]
-
-
-@pytest.fixture
-def run_copy(ckpt, tmp_path) -> Path:
-    """A copy of the tiny 3-step run folder (config.yaml, tokenizer/, checkpoints/last.ckpt)."""
-    dst = tmp_path / "run"
-    shutil.copytree(ckpt.parents[1], dst, ignore=shutil.ignore_patterns("logs"))
-    return dst
+_error_line = error_line
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

@@ -1,14 +1,13 @@
 """Issue 13 §2: every setting is honoured or refused, never silently ignored."""
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_OVERRIDES, tiny_argv, tiny_config
+from conftest import REPO, TINY_OVERRIDES, error_line, tiny_argv, tiny_config
 from mmm.cli import main
 from mmm.config import ConfigError
 
@@ -18,20 +17,7 @@ TINY = str(REPO / "configs" / "text_mlm_tiny.yaml")
 _tiny_argv = tiny_argv
 
 
-def _error(capsys, command: str = "pretrain") -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err[-3000:]
-    lines = [ln for ln in err.splitlines() if ln.startswith(f"mmm {command}: error: ")]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
-
-
-@pytest.fixture
-def run_copy(ckpt, tmp_path) -> Path:
-    """A copy of the session's tiny 3-step run folder (config.yaml, tokenizer/, checkpoints/last.ckpt)."""
-    dst = tmp_path / "run"
-    shutil.copytree(ckpt.parents[1], dst, ignore=shutil.ignore_patterns("logs"))
-    return dst
+_error = error_line
 
 
 # ------------------------------------------------------------------------------------------ max_steps

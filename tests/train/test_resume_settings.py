@@ -3,33 +3,19 @@
 Each test resumes a copy of the session's tiny 3-step run (conftest ``ckpt``) for one more step.
 """
 import copy
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_argv
+from conftest import error_line, tiny_argv
 from mmm.cli import main
 from mmm.config import load_config
 from mmm.train.module import config_optimizer_settings, lr_lambda
 
 
-@pytest.fixture
-def run_copy(ckpt, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(ckpt.parents[1], dst, ignore=shutil.ignore_patterns("logs"))
-    return dst
-
-
 def _last(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err[-3000:]
-    return [ln for ln in err.splitlines() if ln.startswith("mmm pretrain: ")][-1]
 
 
 def test_a_resume_trains_with_the_config_s_optimizer_settings(run_copy):
@@ -67,7 +53,7 @@ def test_a_resume_in_another_folder_uses_the_checkpoint_s_tokenizer(ckpt, tmp_pa
 def test_another_optimizer_is_refused_naming_both(run_copy, capsys):
     assert main(tiny_argv(run_copy, **{"trainer.ckpt_path": "last", "trainer.max_steps": 4, "optim.name": "lamb",
                                        "optim.args": "{}"})) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "holds the state of optimizer 'adamw', but optim.name is 'lamb'" in line and "model.init_from" in line
 
 
@@ -78,7 +64,7 @@ def test_ckpt_path_may_name_the_run_folder(run_copy, tmp_path, capsys):
     (empty / "checkpoints").mkdir(parents=True)
     (empty / "checkpoints" / "step2.ckpt").write_bytes(b"")
     assert main(tiny_argv(run_copy, **{"trainer.ckpt_path": str(empty), "trainer.max_steps": 5})) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "is a folder without last.ckpt or checkpoints/last.ckpt (its .ckpt files: checkpoints/step2.ckpt)" in line
 
 
