@@ -127,30 +127,25 @@ def test_labels_tsv_with_header_ties_and_errors(tmp_path: Path) -> None:
     assert lab.names == {3: "3", 7: "7"}  # integer names keep their value
     assert lab.label("r", 5, 15) == 7  # tie: the interval listed first
     assert lab.label("r", 8, 20) == 3 and lab.label("r", 20, 30) is None and lab.label("q", 0, 5) is None
-    bad = tmp_path / "bad.bed"
-    bad.write_text("chr1\t0\t10\tx\nchr1\t20\tten\tx\n")
-    with pytest.raises(DNABuildError, match=r"bad.bed:2: start and end must be integers"):
-        read_labels(bad)
-    bad.write_text("chr1\t10\t5\tx\n")
-    with pytest.raises(DNABuildError, match=r"bad.bed:1: need 0 <= start < end"):
-        read_labels(bad)
-    bad.write_text("chr1\t0\t5\n")
-    with pytest.raises(DNABuildError, match="expected 4 columns"):
-        read_labels(bad)
-
-
-def test_integer_labels_must_be_valid_distinct_class_ids(tmp_path: Path) -> None:
-    """Integer label names are the class ids: -1 would be built and then refused by every reader of the shards
-    (the codec wants ids >= 0), and "01" beside "1" would merge two names into one class."""
     bed = tmp_path / "l.bed"
-    bed.write_text("chr1\t0\t10\t-1\nchr1\t10\t20\t1\n")
-    with pytest.raises(DNABuildError, match=r"l.bed: label '-1' is a negative integer"):
-        read_labels(bed)
-    bed.write_text("chr1\t0\t10\t01\nchr1\t10\t20\t1\n")
-    with pytest.raises(DNABuildError, match=r"labels \['01', '1'\] name the same class id 1"):
-        read_labels(bed)
     bed.write_text("chr1\t0\t10\t0\nchr1\t10\t20\t7\n")
     assert read_labels(bed).names == {0: "0", 7: "7"}
+
+
+@pytest.mark.parametrize("rows,message", [
+    ("chr1\t0\t10\tx\nchr1\t20\tten\tx\n", r"bad.bed:2: start and end must be integers"),
+    ("chr1\t10\t5\tx\n", r"bad.bed:1: need 0 <= start < end"),
+    ("chr1\t0\t5\n", "expected 4 columns"),
+    # integer names are the class ids: -1 would be built, then refused by every reader of the shards (the
+    # codec wants ids >= 0), and "01" beside "1" would merge two names into one class
+    ("chr1\t0\t10\t-1\nchr1\t10\t20\t1\n", r"bad.bed: label '-1' is a negative integer"),
+    ("chr1\t0\t10\t01\nchr1\t10\t20\t1\n", r"labels \['01', '1'\] name the same class id 1"),
+])
+def test_bad_labels_files_are_refused_naming_the_file(tmp_path: Path, rows: str, message: str) -> None:
+    bad = tmp_path / "bad.bed"
+    bad.write_text(rows)
+    with pytest.raises(DNABuildError, match=message):
+        read_labels(bad)
 
 
 def test_bad_input_errors_and_skip_bad(tmp_path: Path) -> None:
