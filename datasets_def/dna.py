@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
@@ -182,7 +183,8 @@ def read_labels(path: PathLike) -> LabelIntervals:
         if negative:
             raise DNABuildError(f"{p}: label {negative[0]!r} is a negative integer; integer labels are class ids and "
                                 f"must be >= 0 (or use names, numbered by their sorted order)")
-        alike = [n for n in unique if sum(ids[m] == ids[n] for m in unique) > 1]
+        names_of_id = Counter(ids.values())
+        alike = [n for n in unique if names_of_id[ids[n]] > 1]
         if alike:
             raise DNABuildError(f"{p}: labels {alike} name the same class id {ids[alike[0]]}; write each integer "
                                 f"label one way")

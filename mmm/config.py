@@ -504,9 +504,9 @@ def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> None:
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
-        failed = [f"{_BOUNDS[k][0]} {b}" for k, b in bounds.items() if not _BOUNDS[k][1](v, b)]
         if v in (float("inf"), float("-inf")):
             raise ConfigError(f"{key} must be a finite number, got {v!r} ({f.metadata.get('help', '')})")
+        failed = [f"{_BOUNDS[k][0]} {b}" for k, b in bounds.items() if not _BOUNDS[k][1](v, b)]
         if failed or v != v:  # v != v: NaN
             wanted = " and ".join(f"{_BOUNDS[k][0]} {b}" for k, b in bounds.items())
             got = value if len(values) > 1 else v

@@ -191,10 +191,9 @@ def _check_attention_backend(cfg: PretrainConfig) -> None:
         raise ConfigError(f"{key}: xformers is not installed (or does not import); install it or use auto, sdpa or math")
 
 
-def read_resume_checkpoint_for(cfg: PretrainConfig, run_dir: Path) -> Optional[Dict[str, Any]]:
-    """The checkpoint ``trainer.ckpt_path`` resumes from (memory-mapped), checked to be readable and
-    to leave steps to train; None when the run starts fresh."""
-    path = resolve_ckpt_path(cfg, run_dir)
+def read_resume_checkpoint_for(cfg: PretrainConfig, path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The checkpoint at ``path`` (``trainer.ckpt_path`` resolved by :func:`resolve_ckpt_path`) that the run resumes
+    from (memory-mapped), checked to be readable and to leave steps to train; None when the run starts fresh."""
     if path is None:
         return None
     ckpt = read_resume_checkpoint(Path(path))
@@ -279,7 +278,8 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     check_settings(cfg)
     warn_of_a_fresh_run_over_checkpoints(cfg, run_dir)
     phases = build_schedule(cfg)  # checked before anything is written
-    resume = read_resume_checkpoint_for(cfg, run_dir)
+    ckpt_path = resolve_ckpt_path(cfg, run_dir)
+    resume = read_resume_checkpoint_for(cfg, ckpt_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_text = dump_config(cfg) + "\n"
     rank = global_rank_from_env()
@@ -294,7 +294,7 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     check_masking_args(tasks, cfg.objectives)  # before the assets' fit, which can take minutes
     stored_assets = (resume.get("mmm") or {}).get("assets") if resume is not None else None
     if stored_assets:  # the weights were trained with these: never a tokenizer fitted afresh (another folder)
-        restore_assets(mods, stored_assets, str(resolve_ckpt_path(cfg, run_dir)))
+        restore_assets(mods, stored_assets, ckpt_path)
     elif rank == 0:
         prepare_modalities(mods, run_dir)  # fits tokenizers / statistics / codebooks, saved in the run folder
         _assets_marker(run_dir).write_text(_config_digest(config_text), encoding="utf-8")
@@ -316,7 +316,7 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     module = MaskedModelingModule(model, cfg.optim, cfg.trainer.max_steps, extra, nonfinite=cfg.trainer.nonfinite_loss,
                                   phases=phases)
     if resume is not None:
-        check_checkpoint_fits(module, resume, cfg, str(resolve_ckpt_path(cfg, run_dir)))
+        check_checkpoint_fits(module, resume, cfg, ckpt_path)
         del resume
     if rank == 0:  # only now: a refused resume must not overwrite the run's config
         (run_dir / "config.yaml").write_text(config_text, encoding="utf-8")

@@ -17,6 +17,7 @@ embedding, and every task shares the one encoder: a multi-task run trains **one 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import mmm.masking  # noqa: F401  (registers maskers)
 import mmm.modalities.builtin  # noqa: F401  (registers modalities)
-from mmm.config import ComponentConfig, ConfigError, DataConfig, PretrainConfig, TaskConfig
+from mmm.config import ComponentConfig, ConfigError, PretrainConfig, TaskConfig
 from mmm.data.stream import list_shards
 from mmm.data.tar import ReadOptions
 from mmm.model import check_head_selection, head_name
@@ -88,9 +89,9 @@ def build_maskers(tasks: List[TaskConfig], feeds: Dict[str, Modality]) -> Dict[s
     for i, t in enumerate(tasks):
         try:
             out[t.name] = feeds[t.name].build_masker(t.masking)
+        except ConfigError:
+            raise
         except (ValueError, TypeError, RegistryError) as exn:
-            if isinstance(exn, ConfigError):
-                raise
             raise ConfigError(f"{masking_field(t, i)}: {exn}") from None
     return out
 
@@ -111,17 +112,14 @@ def task_configs(cfg: PretrainConfig) -> List[TaskConfig]:
         d = cfg.data
         return [TaskConfig(name="", dataset=d.dataset, train=d.train, val=d.val, weight=1.0, masking=cfg.masking,
                            objectives=heads)]
-    defaults = DataConfig()
-    ignored = [k for k in ("dataset", "train", "val") if getattr(cfg.data, k) not in (getattr(defaults, k), *(
-        [None] if k == "val" else []))]  # data.val: null switches validation off for every task
-    if cfg.masking != PretrainConfig().masking:  # each task names its own masker
-        raise ValueError(f"masking is {cfg.masking.name!r} {cfg.masking.args}, but a config with tasks masks each task "
-                         f"with its own masking; set it per task: "
-                         + ", ".join(f"tasks.{i}.masking ({t.name})" for i, t in enumerate(cfg.tasks)))
-    if ignored:  # each task names its own shards: data.* would be silently unused
-        names = ", ".join(f"tasks.{i}.{ignored[0]} ({t.name})" for i, t in enumerate(cfg.tasks))
-        raise ValueError(f"data.{ignored[0]} is {getattr(cfg.data, ignored[0])!r}, but a config with tasks reads each "
-                         f"task's own {', '.join(ignored)}; set them per task: {names}")
+    defaults = PretrainConfig()
+    for key in ("data.dataset", "data.train", "data.val", "masking"):  # each task names its own: these would be unused
+        value, default = (functools.reduce(getattr, key.split("."), c) for c in (cfg, defaults))
+        field_name = key.rsplit(".", 1)[-1]
+        if value != default and not (key == "data.val" and value is None):  # data.val: null = no validation at all
+            shown = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            raise ValueError(f"{key} is {shown!r}, but a config with tasks gives each task its own {field_name}; set it "
+                             "per task: " + ", ".join(f"tasks.{i}.{field_name} ({t.name})" for i, t in enumerate(cfg.tasks)))
     seen, used = set(), set()
     for i, t in enumerate(cfg.tasks):
         where = f"tasks[{i}]"
