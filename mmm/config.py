@@ -8,12 +8,13 @@ command-line overrides (``--trainer.max_steps 50``). There are no include chains
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -33,15 +34,39 @@ _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", default_factory: Any = dataclasses.MISSING, *,
        ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
-       lt: Optional[float] = None) -> Any:
-    """A config field with its help text and the range a number (or each number of a tuple) must lie in."""
+       lt: Optional[float] = None, choices: Union[Tuple[Any, ...], Callable[[], Sequence[Any]], None] = None) -> Any:
+    """A config field with its help text, the range a number (or each number of a tuple) must lie in, and
+    the values a string may take (``choices``: a tuple, or a function returning them, read when checked so
+    that the list can live beside the code that honours it: a registry, a module's constant)."""
     meta: Dict[str, Any] = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     if bounds:
         meta["bounds"] = bounds
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _constant(module: str, name: str) -> Callable[[], Sequence[Any]]:
+    """The choices a module's constant lists (imported when a config is checked: no import cycle)."""
+    return lambda: getattr(importlib.import_module(module), name)
+
+
+def _registered(registry: str, *extra: str) -> Callable[[], Sequence[Any]]:
+    """The names registered in ``mmm.registry.<registry>`` (plus ``extra`` values such as ``auto``)."""
+    return lambda: (*extra, *getattr(importlib.import_module("mmm.registry"), registry).list())
+
+
+def _lightning_precisions() -> Sequence[Any]:
+    """The precision strings Lightning's Trainer accepts (empty, i.e. not checked here, if a Lightning
+    version moves its private lists: the Trainer then refuses a bad value itself)."""
+    try:
+        from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+    except ImportError:
+        return ()
+    return (*typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS))
 
 
 @dataclass
@@ -52,15 +77,18 @@ class EncoderConfig:
     depth: int = _f(4, "number of Transformer blocks", ge=1)
     heads: int = _f(4, "attention heads; dim must be divisible by heads", ge=1)
     mlp_hidden: Optional[int] = _f(None, "MLP hidden size; null = 4 * dim", ge=1)
-    mlp: str = _f("gelu", "MLP kind: gelu (BERT/ViT), glu, geglu (MosaicBERT), swiglu")
+    mlp: str = _f("gelu", "MLP kind: gelu (BERT/ViT), glu, geglu (MosaicBERT), swiglu",
+                  choices=_constant("mmm.core.encoder", "MLP_KINDS"))
     norm_first: bool = _f(False, "pre-LayerNorm (ViT) if true, post-LayerNorm (BERT) if false")
     final_norm: bool = _f(False, "LayerNorm after the last block (pre-LN models usually want it)")
     norm_eps: float = _f(1e-12, "LayerNorm epsilon (BERT 1e-12, ViT 1e-6)", gt=0)
     qkv_bias: bool = _f(True, "bias on the query/key/value projections")
     dropout: float = _f(0.1, "dropout on residual branches", ge=0, lt=1)
     attn_dropout: float = _f(0.1, "dropout on attention probabilities", ge=0, lt=1)
-    relative_position: str = _f("none", "relative positions inside attention: none, alibi, rotary")
-    attention: str = _f("auto", "attention backend: auto, xformers, sdpa, math (env MMM_ATTENTION overrides auto)")
+    relative_position: str = _f("none", "relative positions inside attention: none, alibi, rotary",
+                                choices=_constant("mmm.core.position", "RELATIVE_POSITIONS"))
+    attention: str = _f("auto", "attention backend: auto, xformers, sdpa, math (env MMM_ATTENTION overrides auto)",
+                        choices=_registered("ATTENTION_BACKENDS", "auto"))
     experts: bool = _f(False, "modality experts (VLMo / ONE-PEACE): shared attention, one MLP per modality of the model "
                        "chosen by each token's modality; load_encoder(ckpt, modality=m) folds expert m into the plain MLP")
     mto_layers: int = _f(0, "masked token optimisation (MTO, Choi et al. 2024): in the first N blocks, tokens holding a "
@@ -75,13 +103,15 @@ class EncoderConfig:
 class TextConfig:
     """The text modality: tokenizer and embedder."""
 
-    tokenizer: str = _f("wordpiece", "tokenizer algorithm to train when tokenizer_path is null: wordpiece, bpe")
+    tokenizer: str = _f("wordpiece", "tokenizer algorithm to train when tokenizer_path is null: wordpiece, bpe",
+                        choices=("wordpiece", "bpe"))
     tokenizer_path: Optional[str] = _f(None, "directory of a saved mmm tokenizer; null = train one on the training shards")
     vocab_size: int = _f(8000, "vocabulary size when training a tokenizer", ge=1)
     lowercase: bool = _f(True, "lowercase text when training a tokenizer")
     tokenizer_train_docs: int = _f(20000, "documents read from the training shards to train the tokenizer", ge=1)
     max_len: int = _f(128, "longest sequence in tokens ([CLS] and [SEP] included); longer text is chunked, not dropped", ge=3)
-    position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none")
+    position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none",
+                       choices=_constant("mmm.core.position", "ABSOLUTE_POSITIONS"))
     embed_norm: bool = _f(True, "LayerNorm after the embedding sum (BERT)")
 
 
@@ -92,14 +122,16 @@ class ImageConfig:
     image_size: int = _f(32, "input height and width in pixels (the pipeline crops/resizes to it)", ge=1)
     patch_size: int = _f(4, "side of a square patch in pixels; must divide image_size", ge=1)
     cls_token: bool = _f(True, "prepend a learned [CLS] token to every image")
-    position: str = _f("sincos", "patch positions: sincos (fixed 2-D, MAE), learned, or none (no position in the input: MP3 position prediction)")
+    position: str = _f("sincos", "patch positions: sincos (fixed 2-D, MAE), learned, or none (no position in the input: MP3 position prediction)",
+                       choices=_constant("mmm.modalities.image.embedder", "IMAGE_POSITIONS"))
     embed_norm: bool = _f(False, "LayerNorm on the patch tokens before the encoder (off for ViT/MAE)")
     drop_masked: bool = _f(True, "MAE mode: hidden patches never enter the encoder; false = SimMIM/BEiT mask-token mode")
     crop_scale: Tuple[float, float] = _f((0.2, 1.0), "random-resized-crop area range for training (MAE)", gt=0, le=1)
     hflip: float = _f(0.5, "horizontal flip probability for training", ge=0, le=1)
     max_pixels: int = _f(64 * 1024 * 1024, "refuse images whose header claims more pixels (decompression-bomb guard)", ge=1)
     min_size: int = _f(8, "smallest accepted image side in pixels", ge=1)
-    small_images: str = _f("upscale", "images smaller than min_size: upscale or reject (counted as bad samples)")
+    small_images: str = _f("upscale", "images smaller than min_size: upscale or reject (counted as bad samples)",
+                           choices=("upscale", "reject"))
     visual_tokens: int = _f(0, "size of a k-means visual-token codebook over patch pixels (BEiT-style targets); 0 = none", ge=0)
     codebook_images: int = _f(2000, "training images sampled to fit the visual-token codebook", ge=1)
 
@@ -108,14 +140,16 @@ class ImageConfig:
 class DNAConfig:
     """The DNA modality: nucleotide tokenizer and embedder."""
 
-    tokenizer: str = _f("dna_kmer", "dna_char (single nucleotide), dna_kmer (DNABERT / Nucleotide Transformer), dna_bpe (DNABERT-2)")
+    tokenizer: str = _f("dna_kmer", "dna_char (single nucleotide), dna_kmer (DNABERT / Nucleotide Transformer), dna_bpe (DNABERT-2)",
+                        choices=("dna_char", "dna_kmer", "dna_bpe"))
     k: int = _f(6, "k-mer length for dna_kmer", ge=1)
     overlapping: bool = _f(True, "dna_kmer: overlapping k-mers, stride 1 (DNABERT); false = stride k (Nucleotide Transformer)")
     tokenizer_path: Optional[str] = _f(None, "directory of a saved mmm DNA tokenizer; null = build (k-mer, char) or train (BPE) one")
     vocab_size: int = _f(4096, "BPE vocabulary size when training dna_bpe", ge=1)
     tokenizer_train_docs: int = _f(2000, "sequences read from the training shards to train dna_bpe", ge=1)
     max_len: int = _f(512, "longest sequence in tokens ([CLS]/[SEP] included); longer windows are cut into several, none dropped", ge=3)
-    position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none")
+    position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none",
+                       choices=_constant("mmm.core.position", "ABSOLUTE_POSITIONS"))
     embed_norm: bool = _f(True, "LayerNorm after the embedding sum")
     reverse_complement: float = _f(0.5, "probability of reverse-complementing a training sequence (augmentation)", ge=0, le=1)
 
@@ -128,17 +162,20 @@ class AudioConfig:
     n_mels: int = _f(64, "log-mel bins", ge=1)
     win_ms: float = _f(25.0, "STFT window in milliseconds", gt=0)
     hop_ms: float = _f(10.0, "STFT hop in milliseconds", gt=0)
-    token: str = _f("time", "token kind: time (frames_per_token stacked frames) or patch (2-D spectrogram patches, AudioMAE)")
+    token: str = _f("time", "token kind: time (frames_per_token stacked frames) or patch (2-D spectrogram patches, AudioMAE)",
+                    choices=_constant("mmm.modalities.audio.frontend", "_TOKEN_KINDS"))
     frames_per_token: int = _f(4, "frames per time token", ge=1)
     patch_freq: int = _f(16, "patch height in mel bins (token: patch)", ge=1)
     patch_time: int = _f(4, "patch width in frames (token: patch)", ge=1)
     max_seconds: float = _f(10.0, "longest clip fed to the model; longer clips are cut into several sequences", gt=0)
-    norm: str = _f("bin", "normalisation statistics: bin (per mel bin) or global (AudioMAE)")
+    norm: str = _f("bin", "normalisation statistics: bin (per mel bin) or global (AudioMAE)",
+                   choices=_constant("mmm.modalities.audio.frontend", "_NORM_KINDS"))
     stats_clips: int = _f(500, "training clips used to fit the normalisation statistics", ge=1)
     targets: List[str] = _f(default_factory=lambda: ["mfcc"], help="discrete target sets (k-means over these features: mfcc, logmel, chroma), one head each (HuBERT; MERT uses acoustic + musical)")
     target_clusters: int = _f(64, "k-means clusters per target set", ge=1)
     target_clips: int = _f(300, "training clips used to fit the k-means codebooks", ge=1)
-    position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none")
+    position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none",
+                       choices=_constant("mmm.core.position", "ABSOLUTE_POSITIONS"))
     max_tokens: int = _f(512, "size of the position table (tokens per sequence)", ge=1)
     embed_norm: bool = _f(True, "LayerNorm on the embedded feature tokens (wav2vec 2.0 / HuBERT normalise the encoder input)")
 
@@ -150,17 +187,20 @@ class RegionConfig:
     feature_dim: int = _f(2048, "size of one region feature vector (2048 for UNITER's Faster R-CNN features)", ge=1)
     box_dim: int = _f(7, "size of the box geometry vector (UNITER: x1, y1, x2, y2, w, h, w*h, normalised)", ge=1)
     max_regions: int = _f(100, "most regions per image kept (the first ones; more is an error unless truncated)", ge=1)
-    position: str = _f("none", "positions added to region tokens: none (the box geometry places them), learned")
+    position: str = _f("none", "positions added to region tokens: none (the box geometry places them), learned",
+                       choices=_constant("mmm.modalities.image_text.regions", "REGION_POSITIONS"))
 
 
 @dataclass
 class ImageTextConfig:
     """Image-text pairs in one joint sequence (UNITER single stream): text tokens, then image tokens."""
 
-    image_input: str = _f("patches", "what stands for the image: patches (the image modality's patch embedder) or regions (precomputed region features)")
+    image_input: str = _f("patches", "what stands for the image: patches (the image modality's patch embedder) or regions (precomputed region features)",
+                          choices=_constant("mmm.modalities.image_text.pipeline", "IMAGE_INPUTS"))
     max_text_len: int = _f(40, "longest caption in tokens ([CLS]/[SEP] included); longer captions are cut (counted)", ge=3)
     itm_negatives: float = _f(0.5, "ITM: fraction of pairs whose caption is replaced by another sample's caption", ge=0, le=1)
-    layout: str = _f("single", "single: one joint sequence per pair (UNITER); two_stream: caption and image as separate sequences fused by cross-modality layers (LXMERT)")
+    layout: str = _f("single", "single: one joint sequence per pair (UNITER); two_stream: caption and image as separate sequences fused by cross-modality layers (LXMERT)",
+                     choices=("single", "two_stream"))
     cross_layers: int = _f(5, "two_stream: number of cross-modality layers after the shared encoder (LXMERT: 5)", ge=0)
 
 
@@ -269,7 +309,7 @@ class ComponentConfig:
 class ObjectiveConfig:
     """One objective head and its loss weight."""
 
-    name: str = _f("mlm", "objective registry name")
+    name: str = _f("mlm", "objective registry name", choices=_registered("OBJECTIVES"))
     weight: float = _f(1.0, "weight of this loss in the sum", ge=0)
     args: Dict[str, Any] = _f(default_factory=dict, help="keyword arguments of the objective")
     label: Optional[str] = _f(None, "key the head is stored and logged under (default: name); needed when one objective is used twice")
@@ -342,14 +382,15 @@ class DataConfig:
 class OptimConfig:
     """The optimizer (AdamW by default) with warmup and decay."""
 
-    name: str = _f("adamw", "optimizer (mmm.optim registry): adamw (fused), lamb (large batches), sophia (Hutchinson Hessian estimate every hessian_every steps)")
+    name: str = _f("adamw", "optimizer (mmm.optim registry): adamw (fused), lamb (large batches), sophia (Hutchinson Hessian estimate every hessian_every steps)",
+                   choices=_registered("OPTIMIZERS"))
     args: Dict[str, Any] = _f(default_factory=dict, help="the optimizer's own keyword arguments, e.g. sophia: {rho: 0.04, hessian_every: 10}; adamw: {fused: false}")
     lr: float = _f(5e-4, "peak learning rate", gt=0)
     weight_decay: float = _f(0.01, "decoupled weight decay (not applied to biases, norms, or what modules list in no_weight_decay(): learned tokens, position tables)", ge=0)
     betas: Tuple[float, float] = _f((0.9, 0.98), "Adam betas", ge=0, lt=1)
     eps: float = _f(1e-6, "Adam epsilon", gt=0)
     warmup_steps: int = _f(100, "linear warmup steps", ge=0)
-    schedule: str = _f("linear", "decay after warmup: linear, cosine, constant")
+    schedule: str = _f("linear", "decay after warmup: linear, cosine, constant", choices=("linear", "cosine", "constant"))
     min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak", ge=0, le=1)
 
 
@@ -362,7 +403,7 @@ class TrainerConfig:
     devices: Union[int, str] = _f(1, "number of devices or 'auto'")
     strategy: str = _f("auto", "Lightning strategy: auto, ddp, ddp_find_unused_parameters_true, fsdp, deepspeed, ...")
     num_nodes: int = _f(1, "number of nodes (multi-node runs; see the README's launch section)", ge=1)
-    precision: str = _f("32-true", "32-true, bf16-mixed, 16-mixed")
+    precision: str = _f("32-true", "32-true, bf16-mixed, 16-mixed", choices=_lightning_precisions)
     gradient_clip_val: Optional[float] = _f(1.0, "clip gradient norm; null = off", ge=0)
     accumulate_grad_batches: int = _f(1, "gradient accumulation", ge=1)
     log_every_n_steps: int = _f(10, "logging interval in steps", ge=1)
@@ -374,7 +415,8 @@ class TrainerConfig:
     ckpt_path: Optional[str] = _f(None, "resume from this checkpoint ('last' = the run's last.ckpt)")
     compile: bool = _f(False, "torch.compile the encoder blocks (GPU runs; dynamic shapes for packed batches)")
     threads: Optional[int] = _f(None, "torch intra-op threads in the training process; null = torch's default (on small shared CPUs 1 is often fastest)", ge=1)
-    nonfinite_loss: str = _f("stop", "on a NaN/inf loss: stop (naming step and batch) or skip (drop the batch, count it; single process only)")
+    nonfinite_loss: str = _f("stop", "on a NaN/inf loss: stop (naming step and batch) or skip (drop the batch, count it; single process only)",
+                             choices=("stop", "skip"))
 
 
 @dataclass
@@ -491,12 +533,18 @@ def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "") -> T:
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
         kwargs[name] = _convert(value, hints[name], key)
-        _check_bounds(kwargs[name], fields[name], key)
+        _check_value(kwargs[name], fields[name], key)
     return cls(**kwargs)
 
 
-def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> None:
-    """Raise ConfigError when a number (or a number of a tuple) lies outside the field's range."""
+def _check_value(value: Any, f: dataclasses.Field, key: str) -> None:
+    """Raise ConfigError when a string is not one of the field's choices or a number (or a number of a
+    tuple) lies outside its range."""
+    choices = f.metadata.get("choices")
+    if choices is not None and isinstance(value, str):
+        allowed = tuple(choices() if callable(choices) else choices)
+        if allowed and value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
     bounds = f.metadata.get("bounds")
     if not bounds or value is None:
         return
@@ -526,7 +574,7 @@ def check_config(cfg: Any, where: str = "") -> None:
             for i, item in enumerate(value):
                 check_config(item, f"{key}[{i}]")
         else:
-            _check_bounds(value, f, key)
+            _check_value(value, f, key)
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:
@@ -578,7 +626,13 @@ def load_yaml(text: str) -> Any:
 
 
 def parse_override_value(text: str) -> Any:
-    """Parse a command-line override value as YAML (``50`` → int, ``null`` → None, ``[1,2]`` → list, ``4e-2`` → float)."""
+    """Parse a command-line override value as YAML (``50`` → int, ``null`` → None, ``[1,2]`` → list, ``4e-2`` → float).
+
+    A value with a ``#`` that YAML would read as the start of a comment (``runs/a #2``) is kept whole, as a
+    string: a shell argument holds no comments, and cutting it would silently change the value.
+    """
+    if re.search(r"(^|\s)#", text):
+        return text
     try:
         return load_yaml(text)
     except yaml.YAMLError:
@@ -630,6 +684,11 @@ def apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any], cls: Type[A
     return data
 
 
+def _indexed(dotted: str) -> str:
+    """An override's key as error messages name it: ``tasks.0.weight`` → ``tasks[0].weight``."""
+    return re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", dotted)
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dict[str, Any]] = None) -> PretrainConfig:
     """Read a YAML file (optional) and apply dotted overrides into a :class:`PretrainConfig`.
 
@@ -647,8 +706,9 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dic
             loaded = load_yaml(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
+        if loaded is None:  # an empty file (or only comments): a run of the bare defaults is never what was meant
+            raise ConfigError(f"{p}: the file holds no settings (empty, or only comments); expected a mapping such as "
+                              f"'model: ...', or leave out --config to train the defaults")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = loaded
@@ -666,7 +726,8 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dic
         return cfg
     except ConfigError as e:
         text = str(e)  # a bad value given on the command line is named as the override, not as the file's
-        given = next((k for k in overrides or {} if text.startswith((f"{k}:", f"{k} "))), None)
+        given = next((k for k in overrides or {} if text.startswith((f"{k}:", f"{k} ", f"{_indexed(k)}:",
+                                                                       f"{_indexed(k)} "))), None)
         raise ConfigError(f"override --{given}: {text}" if given else f"{where}: {text}") from None
 
 

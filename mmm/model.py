@@ -18,7 +18,7 @@ from mmm.core.output_rows import OutputRows
 from mmm.host_reads import on_host
 from mmm.masking.mto import encode_with_mto, mask_token_rows
 from mmm.objectives.base import ObjectiveOutput
-from mmm.registry import EMBEDDERS, OBJECTIVES, STEPS
+from mmm.registry import EMBEDDERS, OBJECTIVES, STEPS, check_kwargs
 
 
 class MaskedModel(nn.Module):
@@ -290,6 +290,10 @@ def check_head_selection(where: str, chosen: Sequence[str], heads: Sequence[str]
         raise error(f"{where} lists a head twice: {list(chosen)}")
 
 
+# the keywords build_model passes every objective itself, and where their values come from (args may not set them)
+OBJECTIVE_SUPPLIED = {"dim": "model.encoder.dim", "embedders": "the run's modalities", "encoder_cfg": "model.encoder"}
+
+
 def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: Dict[str, nn.Module],
                 tasks: Optional[Dict[str, List[str]]] = None) -> MaskedModel:
     """Assemble and initialise a :class:`MaskedModel` (freshly initialised; a new run applies
@@ -312,6 +316,7 @@ def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: 
         if key in heads:
             raise ValueError(f"objective {key!r} is listed twice in config.objectives; give one of them a distinct "
                              f"'label' (e.g. label: {o.name}_{o.args.get('modality', 'x')})")
+        check_kwargs(OBJECTIVES.get(o.name), dict(o.args), f"objective {key!r} (its args)", supplied=OBJECTIVE_SUPPLIED)
         heads[key] = OBJECTIVES.create(o.name, dim=cfg.encoder.dim, embedders=embedders, encoder_cfg=cfg.encoder,
                                        **o.args)
     for head in heads.values():  # a head that shares a part of another head (CLM reusing the MLM head) takes it here

@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import inspect
-from typing import Any, Callable, Dict, Generic, List, Sequence, TypeVar
+from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -91,16 +91,28 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}, {self.list()})"
 
 
-def check_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], what: str) -> None:
-    """Raise a :class:`RegistryError` naming any keyword that ``fn`` does not accept."""
+def check_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], what: str,
+                 supplied: Optional[Dict[str, str]] = None) -> None:
+    """Raise a :class:`RegistryError` naming any keyword that ``fn`` does not accept.
+
+    ``supplied`` maps the keywords the caller passes itself (an objective's ``dim``, an optimizer's ``lr``)
+    to where their value comes from: ``kwargs`` (a config's ``args``) may not set them, and they are not
+    listed as accepted.
+    """
+    supplied = supplied or {}
+    taken = [name for name in kwargs if name in supplied]
+    if taken:
+        raise RegistryError(f"{what}: {taken[0]!r} is set by mmm itself (from {supplied[taken[0]]}); remove it")
     sig = inspect.signature(fn)
     params = sig.parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+    accepted = [n for n, p in params.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self" and n not in supplied]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise RegistryError(f"{what} got unknown argument(s) {unknown}; accepted: {accepted}")
+        raise RegistryError(f"{what} got unknown argument(s) {unknown}; "
+                            + (f"accepted: {accepted}" if accepted else "it takes none"))
 
 
 # One registry per kind of part. Modules register into these on import; each registry names the

@@ -132,3 +132,57 @@ def test_a_config_with_tasks_refuses_the_single_task_data_and_masking_keys():
         with pytest.raises(ValueError, match=rf"a config with tasks .* tasks.0.{field} \(mlm\), tasks.1.{field}"):
             task_configs(load_config(vl, {key: value}))
     assert all(t.val is None for t in task_configs(load_config(vl, {"data.val": None})))
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("model.encoder.mlp", "relu", "gelu, glu, geglu, swiglu"),
+    ("model.encoder.relative_position", "t5", "none, alibi, rotary"),
+    ("model.encoder.attention", "flash", "auto, flex, math, sdpa, xformers"),
+    ("model.text.tokenizer", "unigram", "wordpiece, bpe"),
+    ("model.dna.position", "rope", "learned, sinusoidal, none"),
+    ("model.image.position", "2d", "learned, sincos, none"),
+    ("model.audio.token", "frame", "time, patch"),
+    ("model.image_text.layout", "dual", "single, two_stream"),
+    ("optim.name", "adam", "adamw, lamb, sophia"),
+    ("optim.schedule", "step", "linear, cosine, constant"),
+    ("trainer.nonfinite_loss", "ignore", "stop, skip"),
+    ("trainer.precision", "fp16", "32-true"),
+])
+def test_a_string_outside_its_fields_choices_is_refused_when_read_naming_key_and_choices(key, value, allowed, tmp_path):
+    """Before, most of these were refused only after the tokenizer's fit, in words that named no key."""
+    with pytest.raises(ConfigError, match=rf"override --{key}: {key} must be one of .*{allowed}.*; got '{value}'"):
+        load_config(None, {key: value})
+    p = tmp_path / "c.yaml"
+    section, _, name = key.rpartition(".")
+    node = data = {}
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[name] = value
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=rf"c.yaml: {key} must be one of"):
+        load_config(p)
+
+
+def test_objective_names_are_checked_when_read_and_list_entry_overrides_are_named_as_overrides():
+    vl = Path(__file__).resolve().parents[1] / "configs" / "vl_uniter_tiny.yaml"
+    with pytest.raises(ConfigError, match=r"^override --objectives.0.name: objectives\[0\].name must be one of "
+                                          r"clm, .*mlm.*; got 'mlmm'"):
+        load_config(CONFIGS[0], {"objectives.0.name": "mlmm"})
+    with pytest.raises(ConfigError, match=r"^override --tasks.1.weight: tasks\[1\].weight must be > 0, got 0"):
+        load_config(vl, {"tasks.1.weight": 0})
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    """An empty file trained the defaults (a text run of 1,000 steps) without a word."""
+    for text in ("", "# only a comment\n"):
+        p = tmp_path / "empty.yaml"
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=r"empty.yaml: the file holds no settings"):
+            load_config(p)
+
+
+def test_an_override_value_with_a_hash_is_kept_whole():
+    """YAML reads `` #`` as the start of a comment: ``runs/a #2`` became ``runs/a``."""
+    ov = parse_overrides(["--trainer.default_root_dir", "runs/a #2", "--data.train", "#shards"])
+    cfg = load_config(None, ov)
+    assert cfg.trainer.default_root_dir == "runs/a #2" and cfg.data.train == "#shards"

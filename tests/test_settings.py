@@ -1,5 +1,6 @@
 """Issue 13 §2: every setting is honoured or refused, never silently ignored."""
 import json
+import re
 import logging
 from pathlib import Path
 
@@ -158,3 +159,31 @@ def test_bad_input_hint_of_a_shard_build_names_the_flag(tmp_path, capsys):
     assert main(["shards", "build", str(src), str(tmp_path / "out")]) == 2
     line = _error(capsys, "shards build")
     assert "empty.txt" in line and "--skip_bad" in line
+
+
+# ------------------------------------------------------------------------------- refused before the fit
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.encoder.heads": 3}, r"model.encoder.dim \(64\) must be divisible by model.encoder.heads \(3\)"),
+    ({"model.encoder.relative_position": "rotary", "model.encoder.heads": 64},
+     r"model.encoder.relative_position: rotary needs an even head width, and model.encoder.dim / heads is 64 / 64 = 1"),
+    ({"trainer.devices": 0}, r"trainer.devices must be a positive number of devices, -1 \(all\), 'auto', or device "
+                             r"indices such as '0,1'; got 0"),
+    ({"trainer.devices": "many"}, r"trainer.devices must be .*; got 'many'"),
+    ({"objectives": [{"name": "mlm", "args": {"dim": 32}}]},
+     r"objectives\[0\].args \(objective 'mlm'\): 'dim' is set by mmm itself \(from model.encoder.dim\); remove it"),
+    ({"objectives": [{"name": "mlm", "args": {"tie_weight": True}}]},
+     r"objectives\[0\].args \(objective 'mlm'\) got unknown argument\(s\) \['tie_weight'\]; accepted: "
+     r"\['tie_weights', 'modality', 'decoder_layers'\]"),
+    ({"optim.args": {"lr": 0.1}}, r"optim.args \(optimizer 'adamw'\): 'lr' is set by mmm itself \(from optim.lr\)"),
+    ({"optim.name": "sophia", "optim.args": {"hessian_evry": 5}},
+     r"optim.args \(optimizer 'sophia'\) got unknown argument\(s\) \['hessian_evry'\]"),
+])
+def test_settings_the_model_or_trainer_would_refuse_late_are_refused_before_anything_is_written(
+        overrides, message, tmp_path, capsys):
+    """These ended after the tokenizer's fit (minutes on real data), several as a bare TypeError or as
+    Lightning's exception with exit status 1."""
+    assert main(_tiny_argv(tmp_path / "run", **overrides)) == 2
+    assert re.search(message, _error(capsys))
+    assert not (tmp_path / "run").exists()

@@ -17,6 +17,11 @@ from mmm.registry import OPTIMIZERS, check_kwargs
 from mmm.train.param_groups import weight_decay_groups
 
 
+# the keywords build_optimizer passes itself, and where their values come from (optim.args may not set them)
+OPTIMIZER_SUPPLIED = {"params": "the model's parameter groups", "lr": "optim.lr", "betas": "optim.betas",
+                      "eps": "optim.eps", "weight_decay": "optim.weight_decay", "model": "the model being trained"}
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
     """The optimizer ``cfg.name`` over ``model``'s trainable parameters.
 
@@ -28,8 +33,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
         cfg: the optimizer settings (``name``, ``lr``, ``betas``, ``eps``, ``weight_decay``, ``args``).
     """
     factory = OPTIMIZERS.get(cfg.name)
+    check_kwargs(factory, dict(cfg.args), f"optim.args (optimizer {cfg.name!r})", supplied=OPTIMIZER_SUPPLIED)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **cfg.args)
     if getattr(factory, "needs_model", False):
         kwargs["model"] = model
-    check_kwargs(factory, {"params": None, **kwargs}, f"optimizer {cfg.name!r} (optim.args)")
     return factory(weight_decay_groups(model, cfg.weight_decay), **kwargs)

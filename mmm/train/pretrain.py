@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from mmm.config import ConfigError, PretrainConfig, TaskConfig, check_config, dump_config, to_dict
+from mmm.config import ConfigError, PretrainConfig, TaskConfig, dump_config, to_dict
 from mmm.errors import CheckpointError
 from mmm.modalities.base import Modality
 from mmm.model import build_model
@@ -37,6 +37,7 @@ from mmm.train.datamodule import StreamDataModule
 from mmm.train.mixture import MixtureMonitor, TagTask, TaskData
 from mmm.train.module import MaskedModelingModule
 from mmm.train.phases import build_schedule
+from mmm.train.settings_check import check_settings
 from mmm.train.tasks import (RunModalities, build_maskers, build_modalities, check_masking_args,  # noqa: F401
                              modalities_from_checkpoint, modality_of, prepare_modalities, resolve_shards, task_configs)
 
@@ -144,51 +145,6 @@ def _strategy(cfg: PretrainConfig, multi_task: bool) -> Any:
 
         return FSDPStrategy(auto_wrap_policy={EncoderBlock}, use_orig_params=multi_task)
     return s
-
-
-def check_settings(cfg: PretrainConfig) -> None:
-    """Refuse settings the run could not honour, before anything is written.
-
-    Every field's range (:func:`~mmm.config.check_config`), then the choices that depend on each
-    other or on this machine: ``trainer.nonfinite_loss`` and its single-process rule, and an
-    ``xformers`` attention backend or the ``fsdp`` strategy (CUDA only) on a run without CUDA.
-    """
-    check_config(cfg)
-    if cfg.trainer.nonfinite_loss not in ("stop", "skip"):
-        raise ConfigError(f"trainer.nonfinite_loss must be 'stop' or 'skip', got {cfg.trainer.nonfinite_loss!r}")
-    if cfg.trainer.nonfinite_loss == "skip" and (cfg.trainer.devices not in (1, "1") or cfg.trainer.num_nodes != 1):
-        raise ConfigError("trainer.nonfinite_loss: skip needs a single process (ranks would disagree on which "
-                          "batches step); use stop with several devices")
-    _check_attention_backend(cfg)
-    _check_strategy(cfg)
-
-
-def _check_strategy(cfg: PretrainConfig) -> None:
-    """``fsdp``: Lightning's FSDPStrategy runs on CUDA only (it would refuse only after the assets were fitted)."""
-    accelerator = str(cfg.trainer.accelerator)
-    if cfg.trainer.strategy == "fsdp" and (accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available()):
-        raise ConfigError(f"trainer.strategy: fsdp needs CUDA GPUs (Lightning's FSDPStrategy has no CPU mode), and "
-                          f"this run has none (trainer.accelerator {accelerator!r}, CUDA available: "
-                          f"{torch.cuda.is_available()}); use ddp or auto on CPU")
-
-
-def _check_attention_backend(cfg: PretrainConfig) -> None:
-    """An explicit ``xformers`` backend (config, or ``$MMM_ATTENTION`` under ``auto``) needs CUDA and xformers."""
-    from mmm.core.attention import BACKEND_ENV, xformers_available
-
-    asked = cfg.model.encoder.attention
-    key = "model.encoder.attention"
-    if asked == "auto" and os.environ.get(BACKEND_ENV):
-        asked, key = os.environ[BACKEND_ENV], f"${BACKEND_ENV} (model.encoder.attention is auto)"
-    if asked != "xformers":
-        return
-    accelerator = str(cfg.trainer.accelerator)
-    if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
-        raise ConfigError(f"{key}: xformers needs a CUDA GPU (it has no CPU kernels), and this run has none "
-                          f"(trainer.accelerator {accelerator!r}, CUDA available: {torch.cuda.is_available()}); "
-                          f"use auto, sdpa or math")
-    if not xformers_available():
-        raise ConfigError(f"{key}: xformers is not installed (or does not import); install it or use auto, sdpa or math")
 
 
 def read_resume_checkpoint_for(cfg: PretrainConfig, path: Optional[str]) -> Optional[Dict[str, Any]]:

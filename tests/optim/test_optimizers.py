@@ -19,8 +19,11 @@ def test_registry_lists_the_optimizers_and_rejects_unknown_names_and_args():
     model = nn.Linear(3, 2)
     with pytest.raises(RegistryError, match="unknown optimizer 'adam'.*adamw, lamb, sophia"):
         build_optimizer(model, OptimConfig(name="adam"))
-    with pytest.raises(RegistryError, match=r"optimizer 'lamb' \(optim.args\) got unknown argument\(s\) \['rho'\]"):
+    with pytest.raises(RegistryError, match=r"optim.args \(optimizer 'lamb'\) got unknown argument\(s\) \['rho'\]; "
+                                             r"it takes none"):
         build_optimizer(model, OptimConfig(name="lamb", args={"rho": 0.1}))
+    with pytest.raises(RegistryError, match=r"optim.args \(optimizer 'sophia'\): 'lr' is set by mmm itself \(from optim.lr\)"):
+        build_optimizer(model, OptimConfig(name="sophia", args={"lr": 0.1}))
 
 
 def test_build_uses_the_weight_decay_groups():
