@@ -260,3 +260,41 @@ def test_short_pretrain_checkpoint_gives_the_trained_features(shards, tmp_path) 
     saved = load_encoder(save_encoder(enc, tmp_path / "saved"), modality="audio")  # trained weights + fitted stats
     with single_thread():
         assert torch.equal(saved.encode_waveform(clip.waveform, clip.sample_rate), hidden)
+
+
+def test_patch_tokens_keep_their_time_frequency_position_whatever_the_clip_width_in_training_and_standalone() -> None:
+    """AudioMAE patches come row-major; their position ids were the flat index, so the first patch of the
+    second frequency row had id 5 in a 5-column clip and id 9 in a 9-column one."""
+    from mmm.modalities.audio.pipeline import AudioSample, collate_audio
+
+    rows, max_len, dim = 2, 32, 6
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal((rows * cols, dim)).astype(np.float32) for cols in (5, 9)]
+    batch = collate_audio([AudioSample(c, rows, {}, -1, f"k{i}") for i, c in enumerate(clips)], max_len=max_len)
+    ids = batch.inputs["audio"].position_ids
+    stride = max_len // rows
+    nine, five = ids[:18].view(rows, 9), ids[18:].view(rows, 5)  # longest first
+    assert torch.equal(nine, torch.arange(rows)[:, None] * stride + torch.arange(9))
+    assert torch.equal(five, nine[:, :5])
+    with pytest.raises(ValueError, match="need max_len"):
+        collate_audio([AudioSample(clips[0], rows, {}, -1, "k")])
+
+    # the standalone encoder gives each patch the id training gave it: the same outputs as the packed path
+    config = AudioEncoderConfig(encoder=EncoderConfig(dim=8, depth=1, heads=2, mlp_hidden=16, dropout=0.0,
+                                                      attn_dropout=0.0),
+                                feature_dim=dim, max_len=max_len, grid_rows=rows)
+    enc = AudioEncoder.from_config(config).eval()
+    with torch.no_grad():
+        packed = enc.encoder(enc.embedder(batch.inputs["audio"].features, ids), batch.seq)
+        padded = torch.zeros(2, 18, dim)
+        padded[0], padded[1, :10] = torch.from_numpy(clips[1]), torch.from_numpy(clips[0])
+        out = enc(padded, lengths=torch.tensor([18, 10]))
+    torch.testing.assert_close(out[0], packed[:18], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1, :10], packed[18:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"2 frequency rows of at most 16 time columns"):
+        enc(torch.randn(1, 9, dim))
+
+
+def test_a_patch_mode_run_hands_its_grid_to_the_standalone_encoder() -> None:
+    assert audio_encoder_config(tiny_model_cfg(token="patch", patch_freq=8, patch_time=2)).grid_rows == 2
+    assert audio_encoder_config(tiny_model_cfg()).grid_rows == 1

@@ -10,6 +10,11 @@ spectrogram patches).
 :class:`AudioEncoder` is the embedder plus the shared
 :class:`~mmm.core.encoder.TransformerEncoder` without heads: ``(B, T, F)`` right-padded feature
 tokens → ``(B, T, d)`` hidden states, and :meth:`AudioEncoder.encode_waveform` for raw audio.
+
+Spectrogram patches (AudioMAE, Huang et al. 2022) come row-major, ``rows`` frequency patches by ``cols``
+time patches. A patch's position id is ``row * (max_len // rows) + col`` (:func:`grid_position_ids`),
+so the same time-frequency cell has the same id whatever the clip's width; training batches and the
+standalone encoder compute it alike.
 """
 from __future__ import annotations
 
@@ -27,6 +32,22 @@ from mmm.core.packing import pack_padded
 from mmm.core.position import AbsolutePositions
 from mmm.modalities.standalone import EmbedderEncoder
 from mmm.registry import EMBEDDERS
+
+
+def grid_position_ids(index: torch.Tensor, seq_len: torch.Tensor, rows: int, max_len: int) -> torch.Tensor:
+    """Position ids of row-major grid tokens: ``row * (max_len // rows) + col``.
+
+    Args:
+        index: (N,) int64 index of each token inside its sequence.
+        seq_len: (N,) int64 length of each token's sequence (``rows`` times its columns).
+        rows: frequency rows of the grid (1 for time tokens: the ids are ``index`` itself).
+        max_len: size of the position table; ids stay below it as long as a sequence has at most
+            ``max_len // rows`` columns (what :func:`~mmm.modalities.audio.pipeline.max_columns` cuts to).
+    """
+    if rows == 1:
+        return index
+    cols = seq_len // rows
+    return (index // cols) * (max_len // rows) + index % cols
 
 
 @EMBEDDERS.register("audio")
@@ -109,10 +130,12 @@ class AudioEncoderConfig:
     dropout: float = _f(0.0, "dropout on the embedded tokens")
     max_seconds: Optional[float] = _f(None, "encode_waveform: longest audio per sequence (as in training); "
                                       "null = only max_len limits")
+    grid_rows: int = _f(1, "frequency rows of a token sequence: 1 for time tokens, n_mels // patch_freq for "
+                        "spectrogram patches (a patch's position id is row * (max_len // grid_rows) + col)")
 
     def embedder_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments of :class:`AudioEmbedder` (``dim`` included)."""
-        skip = ("encoder", "max_seconds")
+        skip = ("encoder", "max_seconds", "grid_rows")
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         return {"dim": self.encoder.dim, **kw}
 
@@ -178,10 +201,21 @@ class AudioEncoder(EmbedderEncoder):
             raise ValueError(f"attention_mask must be (B, T) = {(b, t)}, got {tuple(attention_mask.shape)}")
         attention_mask = attention_mask.bool()
         seq = pack_padded(attention_mask)
-        if self.embedder.positions.weight is not None and seq.max_seqlen > self.embedder.max_len:
-            raise ValueError(f"a sequence has {seq.max_seqlen} tokens but the position table holds "
-                             f"{self.embedder.max_len}; split the input (encode_waveform does)")
-        x = self.embedder(features[attention_mask], seq.position_ids)  # (N, d)
+        rows, limit = self.config.grid_rows, self.embedder.max_len
+        if rows > 1:
+            if any(n % rows for n in seq.lengths) or max(seq.lengths) // rows > limit // rows:
+                raise ValueError(f"patch tokens come as {rows} frequency rows of at most {limit // rows} time columns "
+                                 f"(the position table holds {limit}); got sequences of {list(seq.lengths)} tokens "
+                                 f"(split the input: encode_waveform does)")
+            counts = torch.tensor(seq.lengths, dtype=torch.long, device=features.device)
+            per_token = counts.repeat_interleave(counts, output_size=seq.num_tokens)
+            position_ids = grid_position_ids(seq.position_ids, per_token, rows, limit)
+        else:
+            if self.embedder.positions.weight is not None and seq.max_seqlen > limit:
+                raise ValueError(f"a sequence has {seq.max_seqlen} tokens but the position table holds "
+                                 f"{limit}; split the input (encode_waveform does)")
+            position_ids = seq.position_ids
+        x = self.embedder(features[attention_mask], position_ids)  # (N, d)
         hidden = seq.pad(self.encoder(x, seq))  # (B, T_max, d)
         if hidden.shape[1] < t:
             hidden = torch.cat([hidden, hidden.new_zeros(b, t - hidden.shape[1], hidden.shape[2])], dim=1)

@@ -243,7 +243,8 @@ class AudioModality(Modality):
         missing = [k for k in self.cfg.targets if k not in self.codebooks]
         if masker is not None and missing:
             raise RuntimeError(f"audio modality: no codebook for target(s) {missing}; call prepare() first")
-        return audio_stages(self._frontend(), self.codebooks, masker, columns=self._columns(), batch_size=batch_size,
+        return audio_stages(self._frontend(), self.codebooks, masker, columns=self._columns(),
+                            max_len=self.cfg.max_tokens, batch_size=batch_size,
                             seed=seed, handler=handler, fixed_masking=fixed_masking, epochs=epochs, modality=self.name)
 
     def settings(self) -> Dict[str, Any]:
@@ -304,7 +305,9 @@ class AudioModality(Modality):
 def audio_encoder_config(model_cfg: ModelConfig) -> AudioEncoderConfig:
     """The standalone :class:`~mmm.modalities.audio.embedder.AudioEncoderConfig` of a run's :class:`~mmm.config.ModelConfig`."""
     a, e = model_cfg.audio, model_cfg.encoder
-    return AudioEncoderConfig(encoder=e, feature_dim=frontend_config(a).token_dim, max_len=a.max_tokens,
+    front = frontend_config(a)
+    return AudioEncoderConfig(encoder=e, feature_dim=front.token_dim, max_len=a.max_tokens,
                               position=a.position, embed_norm=a.embed_norm, norm_eps=e.norm_eps, dropout=e.dropout,
-                              max_seconds=a.max_seconds)
+                              max_seconds=a.max_seconds,
+                              grid_rows=1 if front.token == "time" else front.n_mels // front.patch_freq)
 

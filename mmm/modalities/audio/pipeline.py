@@ -177,9 +177,12 @@ class _MaskAudio:
         return replace(s, mask=np.asarray(mask, dtype=bool))
 
 
-def collate_audio(samples: List[AudioSample], modality: str = "audio") -> PackedBatch:
+def collate_audio(samples: List[AudioSample], modality: str = "audio", max_len: Optional[int] = None) -> PackedBatch:
     """Pack audio sequences into one :class:`PackedBatch` (no padding, longest first).
 
+    Patch tokens' position ids are ``row * (max_len // rows) + col``
+    (:func:`~mmm.modalities.audio.embedder.grid_position_ids`, as the standalone encoder computes them);
+    ``max_len`` (the position table's size) is required when a sequence has several rows.
     Masked sequences carry ``targets[f"{modality}_{kind}"]``: hidden tokens' stream positions and
     k-means ids. ``extras`` holds ``labels`` (LongTensor), ``keys`` and ``chunks`` in batch order.
     """
@@ -188,6 +191,17 @@ def collate_audio(samples: List[AudioSample], modality: str = "audio") -> Packed
     samples = sorted(samples, key=lambda s: -s.tokens.shape[0])
     seq = PackedSeqInfo.from_seqlens([s.tokens.shape[0] for s in samples])
     features = torch.from_numpy(np.concatenate([s.tokens for s in samples]).astype(np.float32, copy=False))
+    rows = samples[0].rows
+    if any(s.rows != rows for s in samples):
+        raise ValueError(f"cannot collate audio sequences of {sorted({s.rows for s in samples})} token rows in one batch")
+    position_ids = seq.position_ids
+    if rows > 1:
+        if max_len is None:
+            raise ValueError("collate_audio: patch tokens (several rows) need max_len, the position table's size")
+        from mmm.modalities.audio.embedder import grid_position_ids
+
+        counts = torch.tensor(seq.lengths, dtype=torch.long)
+        position_ids = grid_position_ids(seq.position_ids, counts.repeat_interleave(counts), rows, max_len)
     mask = None
     targets: Dict[str, Any] = {}
     if samples[0].mask is not None:
@@ -198,10 +212,10 @@ def collate_audio(samples: List[AudioSample], modality: str = "audio") -> Packed
             targets[f"{modality}_{kind}"] = TokenTargets(positions, ids[mask])
     extras = {"labels": torch.tensor([s.label for s in samples], dtype=torch.long),
               "keys": [s.key for s in samples], "chunks": torch.tensor([s.chunk for s in samples], dtype=torch.long)}
-    return PackedBatch(seq, {modality: FeatureInput(features, seq.position_ids, mask)}, targets, extras=extras)
+    return PackedBatch(seq, {modality: FeatureInput(features, position_ids, mask)}, targets, extras=extras)
 
 
-def audio_stages(frontend: Any, codebooks: Mapping[str, Any], masker: Optional[Any], *, columns: int,
+def audio_stages(frontend: Any, codebooks: Mapping[str, Any], masker: Optional[Any], *, columns: int, max_len: int,
                  batch_size: int, seed: int, handler: Handler, fixed_masking: bool = False,
                  epochs: Optional[EpochCounter] = None, modality: str = "audio") -> List:
     """Pipeline stages turning audio shard samples into :class:`~mmm.batch.PackedBatch` es.
@@ -213,6 +227,7 @@ def audio_stages(frontend: Any, codebooks: Mapping[str, Any], masker: Optional[A
             :class:`~mmm.targets.kmeans.Codebook`; targets are computed only when ``masker`` is set.
         masker: ``time_span`` or ``spec_patch`` masker; None = no mask, no targets (probes).
         columns: most time columns per sequence (:func:`max_columns`).
+        max_len: size of the position table (``model.audio.max_tokens``): patch tokens' position ids.
         batch_size: sequences per batch (the last batch of a pass may be smaller).
         seed: masking seed.
         handler: bad-sample handler (counts; skips or raises).
@@ -224,5 +239,5 @@ def audio_stages(frontend: Any, codebooks: Mapping[str, Any], masker: Optional[A
         wds.pipelinefilter(_decode)(handler),
         wds.pipelinefilter(_tokenize)(frontend, dict(codebooks) if masker is not None else {}, columns, handler),
         SeededMap(_MaskAudio(masker), seed, fixed_masking, epochs),
-        wds.batched(batch_size, collation_fn=partial(collate_audio, modality=modality), partial=True),
+        wds.batched(batch_size, collation_fn=partial(collate_audio, modality=modality, max_len=max_len), partial=True),
     ]
