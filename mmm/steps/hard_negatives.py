@@ -4,7 +4,8 @@ Sec. 3.2; UNITER's ITM-hard, Chen et al. 2020).
 On a contrastive (``itc``) batch the captions and images are encoded alone. The strategy takes the
 contrastive head's image-caption similarities on that pass, draws for every image a non-matching
 caption and for every caption a non-matching image with probability ∝ softmax(scale ·
-similarity) (captions with identical text never count as negatives), re-pairs the B positives and
+similarity) (a caption never counts as a negative of an image it describes: one of the image's
+captions, or the same text), re-pairs the B positives and
 the 2B negatives into joint sequences (:func:`mmm.modalities.image_text.pairing.joint_pairs`,
 UNITER's single-stream layout) and encodes them with the model's encoder in the same step. The
 ITM head then scores that batch like any other: it never sees the model.
@@ -85,8 +86,8 @@ class HardNegativeMining:
     @torch.no_grad()
     def mine(self, similarity: nn.Module, hidden: torch.Tensor, batch: PackedBatch) -> PackedBatch:
         """The B matched pairs, then per image a caption and per caption an image drawn ∝ softmax(similarity)
-        among the non-matching ones (captions of identical text excluded), as one joint batch whose
-        ``extras["pairs"]`` gives each pair's caption and image index.
+        among the non-matching ones (an image's own captions, and captions of identical text, excluded), as
+        one joint batch whose ``extras["pairs"]`` gives each pair's caption and image index.
 
         Args:
             similarity: the contrastive head.
@@ -97,7 +98,9 @@ class HardNegativeMining:
         sim = image @ text.T  # (B images, B captions)
         b = sim.shape[0]
         captions = batch.extras.get("captions") or [str(i) for i in range(b)]
-        same = [[x == y for y in captions] for x in captions]  # (B, B) on the host: which pairs may not be negatives
+        described = batch.extras.get("image_captions") or [frozenset() for _ in range(b)]
+        # (B images, B captions) on the host: which pairs may not be negatives
+        same = [[y == captions[i] or y in described[i] for y in captions] for i in range(b)]
         scale = similarity.scale() if hasattr(similarity, "scale") else 1.0  # a tensor: no read of its value
         excluded = torch.tensor(same).to(sim.device, non_blocking=True)  # (B, B)
         logits = (sim * scale).masked_fill(excluded, float("-inf"))

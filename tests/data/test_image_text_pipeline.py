@@ -206,10 +206,23 @@ def test_long_captions_are_cut_and_counted(shards, tok):
 
 
 def test_itm_negative_missing_when_every_caption_is_the_same():
-    source, missing = choose_itm_negatives(["a", "a", "a"], 1.0, np.random.default_rng(0))
+    own = lambda caps: [{c} for c in caps]  # noqa: E731  (each image described by its one caption)
+    source, missing = choose_itm_negatives(["a", "a", "a"], own("aaa"), 1.0, np.random.default_rng(0))
     assert missing == 3 and source.tolist() == [0, 1, 2]
-    source, missing = choose_itm_negatives(["a", "b", "a", "c"], 0.5, np.random.default_rng(0))
+    source, missing = choose_itm_negatives(["a", "b", "a", "c"], own("abac"), 0.5,
+                                           np.random.default_rng(0))
     assert missing == 0 and sum(source != np.arange(4)) == 2
+
+
+def test_an_itm_negative_is_never_a_caption_that_describes_the_image():
+    """Image 0 is 'a red circle' and 'a red circle on the left'; image 1's caption is also 'a red circle on
+    the left' (two images may share a caption text). It is no negative for image 0: only 'a blue square' is."""
+    captions = ["a red circle", "a red circle on the left", "a blue square"]
+    described = [{"a red circle", "a red circle on the left"}, {"a red circle on the left"}, {"a blue square"}]
+    for seed in range(20):
+        source, missing = choose_itm_negatives(captions, described, 1.0, np.random.default_rng(seed))
+        assert source[0] == 2 and source[1] in (0, 2) and missing == 0
+        assert all(captions[j] not in described[i] for i, j in enumerate(source))
 
 
 def _rewrite(src: str, dst: Path, field: str, data: bytes) -> None:

@@ -93,6 +93,30 @@ def test_similar_pairs_are_drawn_more_often_as_negatives(shards, tok):
     assert pairs["text"][b:2 * b] == target  # image i got the caption it is (by far) most similar to
 
 
+def test_a_caption_that_describes_an_image_is_never_mined_as_its_negative(shards, tok):
+    """Image 0's caption set is given the text of caption 1 (two images sharing a caption text): caption 1
+    may not be image 0's negative, even when it is by far the most similar one."""
+    itc = run(shards, tok, settings("itc", "regions"), batch_size=6)[0]
+    assert all(c in d for c, d in zip(itc.extras["captions"], itc.extras["image_captions"]))
+    model = _vl_model("regions", tok.vocab_size, "hard")
+    head = model.objectives["itc"]
+    b = itc.targets["itc"].count
+    caps = itc.extras["captions"]
+    assert caps[1] != caps[0]
+    itc.extras["image_captions"][0] = itc.extras["image_captions"][0] | {caps[1]}
+    head.embed_pairs = lambda hidden, targets: (torch.nn.functional.one_hot(torch.ones(b, dtype=torch.long), b).float(),
+                                                torch.eye(b))  # every image most similar to caption 1
+    with torch.no_grad():
+        head.logit_scale.fill_(4.6)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        _, mined = model.steps["itm"](model, model.encode(itc), itc)
+        pairs = mined.extras["pairs"]
+        negatives = list(zip(pairs["text"][b:], pairs["image"][b:]))
+        assert (1, 0) not in negatives
+        assert all(caps[t] not in itc.extras["image_captions"][i] for t, i in negatives)
+
+
 def test_hard_mode_needs_the_contrastive_head(shards, tok):
     cfg = ModelConfig(encoder=EncoderConfig(dim=32, depth=1, heads=2, mlp_hidden=64))
     embedders = {"text": EMBEDDERS.create("text", vocab_size=tok.vocab_size, dim=32, max_len=64),

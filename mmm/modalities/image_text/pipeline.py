@@ -15,8 +15,8 @@ visible. Each task of a run picks a ``mode``:
   patches also get their visual-token ids, ``targets["image_tokens"]`` (masked visual-token
   modeling, VIOLET / E-ViLM; the same key and codes as the image modality's BEiT-style targets).
 * ``itm``: nothing is masked; a fraction ``itm_negatives`` of the pairs get the caption of
-  another pair of the batch whose caption text differs (UNITER's ITM negatives, drawn from the
-  seeded generator); ``targets["itm"]`` are :class:`~mmm.batch.PairTargets`.
+  another pair of the batch that is not one of their image's captions (UNITER's ITM negatives,
+  drawn from the seeded generator; two images may share a caption text); ``targets["itm"]`` are :class:`~mmm.batch.PairTargets`.
 * ``itc``: CLIP-style (Radford et al. 2021): the B captions and the B images are 2B separate
   single-modality sequences; ``targets["itc"]`` are :class:`~mmm.batch.ContrastiveTargets`.
 
@@ -37,7 +37,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -372,6 +372,7 @@ class PairSample:
         pixels: (3, S, S) uint8 image (patches), or None.
         regions: the image's regions, or None.
         image_mask: (P,) or (R,) bool hidden image tokens (mode mrm), else None.
+        image_captions: every caption of the image (a caption among them is never its ITM negative).
     """
 
     key: str
@@ -384,6 +385,7 @@ class PairSample:
     pixels: Optional[torch.Tensor]
     regions: Optional[Regions]
     image_mask: Optional[np.ndarray]
+    image_captions: FrozenSet[str] = frozenset()
 
     @property
     def text_len(self) -> int:
@@ -436,31 +438,35 @@ class _PreparePair:
                 image_mask = np.asarray(self.masker(item.regions.count, rng), dtype=bool)
         return PairSample(item.key, item.label, caption, np.asarray(ids, dtype=np.int64),
                           np.asarray(positions, dtype=np.int64), np.asarray(labels, dtype=np.int64), cut,
-                          item.pixels, item.regions, image_mask)
+                          item.pixels, item.regions, image_mask, frozenset(item.captions))
 
 
 # --------------------------------------------------------------------------------------------
 # collate: one packed batch per list of pairs
 
 
-def choose_itm_negatives(captions: Sequence[str], fraction: float, rng: np.random.Generator) -> Tuple[np.ndarray, int]:
-    """ITM negatives: for ``round(fraction * B)`` pairs, the index of another pair whose caption differs.
+def choose_itm_negatives(captions: Sequence[str], image_captions: Sequence[AbstractSet[str]], fraction: float,
+                         rng: np.random.Generator) -> Tuple[np.ndarray, int]:
+    """ITM negatives: for ``round(fraction * B)`` pairs, the index of another pair whose caption does not
+    describe this pair's image (is none of its captions: two images may share a caption text).
 
     Args:
         captions: the pairs' captions.
+        image_captions: per pair, every caption of its image (its own caption included).
         fraction: share of pairs made negative.
         rng: the generator to draw from.
 
     Returns:
         ``(source, missing)``: (B,) int64 index of the pair whose caption each pair takes (itself
         for a positive), and how many chosen pairs stayed positive because every other caption
-        of the batch was the same text.
+        of the batch describes their image.
     """
     b = len(captions)
     source = np.arange(b, dtype=np.int64)
     missing = 0
     for i in rng.permutation(b)[: int(round(fraction * b))]:
-        others = [j for j in range(b) if captions[j] != captions[i]]
+        own = image_captions[i] or {captions[i]}
+        others = [j for j in range(b) if captions[j] not in own]
         if not others:
             missing += 1
             continue
@@ -505,12 +511,14 @@ class _Collate:
         captions = [p.caption for p in samples]
         itm_labels = torch.ones(b, dtype=torch.long)
         if s.mode == "itm":
-            source, missing = choose_itm_negatives(captions, float(s.itm_negatives), rng)
+            source, missing = choose_itm_negatives(captions, [p.image_captions for p in samples],
+                                                   float(s.itm_negatives), rng)
             texts = [samples[j].ids for j in source]
             captions = [samples[j].caption for j in source]
             itm_labels = torch.from_numpy((source == np.arange(b)).astype(np.int64))
             extras["itm_no_negative"] = missing
         extras["captions"] = captions
+        extras["image_captions"] = [p.image_captions for p in samples]  # never negatives of their image
         t_len = [len(t) for t in texts]
         i_len = self.image_lengths(samples)
         ids = torch.from_numpy(np.concatenate(texts))  # (T,)
