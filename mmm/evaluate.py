@@ -14,6 +14,7 @@ import torch
 
 from mmm.batch import PackedBatch
 from mmm.data.stream import SampleErrorHandler, make_pipeline
+from mmm.eval_mode import eval_mode
 from mmm.modalities.text.pipeline import text_stages
 from mmm.masking.base import TokenMasker
 from mmm.model import MaskedModel
@@ -67,19 +68,17 @@ def evaluate_mlm(model: MaskedModel, tokenizer: TextTokenizer, masker: TokenMask
         max_batches: stop after this many batches (None = all).
         objective: name of the MLM objective in ``model``.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     loss_sum, correct, count, seqs = 0.0, 0.0, 0, 0
-    for batch in eval_batches(tokenizer, masker, urls, max_len=max_len, batch_size=batch_size, seed=seed,
-                              max_batches=max_batches):
-        _, outputs = model(batch.to(device))
-        out = outputs[objective]
-        loss_sum += float(out.loss) * out.count
-        correct += float(out.metrics["acc"]) * out.count
-        count += out.count
-        seqs += batch.num_sequences
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in eval_batches(tokenizer, masker, urls, max_len=max_len, batch_size=batch_size, seed=seed,
+                                  max_batches=max_batches):
+            _, outputs = model(batch.to(device))
+            out = outputs[objective]
+            loss_sum += float(out.loss) * out.count
+            correct += float(out.metrics["acc"]) * out.count
+            count += out.count
+            seqs += batch.num_sequences
     return _score(loss_sum, correct, count, seqs, str(urls))
 
 

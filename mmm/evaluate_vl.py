@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mmm.data.stream import SampleErrorHandler, make_pipeline
+from mmm.eval_mode import eval_mode
 from mmm.model import MaskedModel
 
 KS = (1, 5, 10)
@@ -122,7 +123,6 @@ def vl_batches(feed, urls: List[str], mode: str, *, batch_size: int, seed: int, 
         yield batch
 
 
-@torch.no_grad()
 def evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str = "itc", itm_head: Optional[str] = "itm",
                 batch_size: int = 64, seed: int = 4321, is_unseen: Optional[Callable[[str], bool]] = None,
                 max_batches: Optional[int] = None) -> VLScore:
@@ -138,8 +138,17 @@ def evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str = "i
         seed: seed of the ITM negatives.
         is_unseen: caption → True when it names a held-out attribute composition (scores that subset too).
         max_batches: cap per mode (quick runs).
+
+    The model is scored in eval mode and handed back in the mode it came in.
     """
-    model.eval()
+    with eval_mode(model), torch.no_grad():
+        return _evaluate_vl(model, feed, urls, itc_head=itc_head, itm_head=itm_head, batch_size=batch_size, seed=seed,
+                            is_unseen=is_unseen, max_batches=max_batches)
+
+
+def _evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str, itm_head: Optional[str],
+                 batch_size: int, seed: int, is_unseen: Optional[Callable[[str], bool]],
+                 max_batches: Optional[int]) -> VLScore:
     device = next(model.parameters()).device
     if itc_head not in model.objectives:
         raise ValueError(f"evaluate_vl: the model has no {itc_head!r} head (heads: {list(model.objectives)})")
@@ -152,9 +161,10 @@ def evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str = "i
         batch = batch.to(device)
         hidden = model.encode(batch)
         img, txt = head.embed_pairs(hidden, batch.targets["itc"])  # (B, E), (B, E)
-        for i, (key, cap) in enumerate(zip(batch.extras["keys"], batch.extras["captions"])):
+        for i, (key, cap, described) in enumerate(zip(batch.extras["keys"], batch.extras["captions"],
+                                                      batch.extras["image_captions"])):
             images.setdefault(key, img[i].cpu())
-            captions_of.setdefault(key, set()).add(cap)
+            captions_of.setdefault(key, set()).update({cap, *described})  # every caption of the image
         text_embs.append(txt.cpu())
         texts.extend(batch.extras["captions"])
     if not texts:

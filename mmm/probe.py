@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mmm.data.stream import SampleErrorHandler, make_pipeline
+from mmm.eval_mode import eval_mode
 from mmm.model import MaskedModel
 
 POOLING = ("mean", "first")
@@ -61,26 +62,24 @@ def extract_features(model: MaskedModel, modality: Any, urls: List[str], *, batc
     Returns:
         ``(features (n, d) float32, labels (n,) int64)``; samples without a label are left out.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     stages = modality.stages(None, batch_size=batch_size, seed=0, handler=SampleErrorHandler(), fixed_masking=True,
                              epochs=None, train=False)
     feats, labels = [], []
     n = 0
-    for batch in make_pipeline(urls, stages=stages, shuffle_shards=False, shuffle_buffer=0):
-        y = batch.extras.get("labels")
-        if y is None:
-            raise ValueError(f"the {modality.name} pipeline gives no labels: a linear probe needs labelled shards")
-        batch = batch.to(device)
-        h = pool(model.encode(batch), batch.seq.cu_seqlens, pooling)
-        keep = (y >= 0).cpu()
-        feats.append(h.float().cpu()[keep].numpy())
-        labels.append(y[keep].numpy())
-        n += int(keep.sum())
-        if max_samples is not None and n >= max_samples:
-            break
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in make_pipeline(urls, stages=stages, shuffle_shards=False, shuffle_buffer=0):
+            y = batch.extras.get("labels")
+            if y is None:
+                raise ValueError(f"the {modality.name} pipeline gives no labels: a linear probe needs labelled shards")
+            batch = batch.to(device)
+            h = pool(model.encode(batch), batch.seq.cu_seqlens, pooling)
+            keep = (y >= 0).cpu()
+            feats.append(h.float().cpu()[keep].numpy())
+            labels.append(y[keep].numpy())
+            n += int(keep.sum())
+            if max_samples is not None and n >= max_samples:
+                break
     if not feats or n == 0:
         raise ValueError(f"no labelled samples found in {urls[:3]}{' ...' if len(urls) > 3 else ''}")
     x, y = np.concatenate(feats), np.concatenate(labels).astype(np.int64)

@@ -68,6 +68,9 @@ def test_two_stream_layout_trains_with_cross_modality_layers(tmp_path):
     urls = resolve_shards("embedded", "image_text", "val")
     score = evaluate_vl(model, feed, urls, max_batches=1)
     assert score.itm_pairs > 0 and score.retrieval.texts > 0
+    model.train()  # scored in eval mode, handed back in training mode (dropout was left off for later steps)
+    evaluate_vl(model, feed, urls, max_batches=1)
+    assert model.training and all(m.training for m in model.modules())
     # the text encoder alone is the shared encoder before fusion (LXMERT's language encoder)
     text = load_encoder(run.last_checkpoint, modality="text")
     assert text.embedder is not None

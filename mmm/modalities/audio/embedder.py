@@ -14,7 +14,7 @@ tokens → ``(B, T, d)`` hidden states, and :meth:`AudioEncoder.encode_waveform`
 Spectrogram patches (AudioMAE, Huang et al. 2022) come row-major, ``rows`` frequency patches by ``cols``
 time patches. A patch's position id is ``row * (max_len // rows) + col`` (:func:`grid_position_ids`),
 so the same time-frequency cell has the same id whatever the clip's width; training batches and the
-standalone encoder compute it alike.
+standalone encoder compute it alike (:mod:`~mmm.modalities.audio.grid_positions`).
 """
 from __future__ import annotations
 
@@ -30,24 +30,9 @@ from mmm.core.dropout import Dropout
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import pack_padded
 from mmm.core.position import AbsolutePositions
+from mmm.modalities.audio.grid_positions import grid_position_ids
 from mmm.modalities.standalone import EmbedderEncoder
 from mmm.registry import EMBEDDERS
-
-
-def grid_position_ids(index: torch.Tensor, seq_len: torch.Tensor, rows: int, max_len: int) -> torch.Tensor:
-    """Position ids of row-major grid tokens: ``row * (max_len // rows) + col``.
-
-    Args:
-        index: (N,) int64 index of each token inside its sequence.
-        seq_len: (N,) int64 length of each token's sequence (``rows`` times its columns).
-        rows: frequency rows of the grid (1 for time tokens: the ids are ``index`` itself).
-        max_len: size of the position table; ids stay below it as long as a sequence has at most
-            ``max_len // rows`` columns (what :func:`~mmm.modalities.audio.pipeline.max_columns` cuts to).
-    """
-    if rows == 1:
-        return index
-    cols = seq_len // rows
-    return (index // cols) * (max_len // rows) + index % cols
 
 
 @EMBEDDERS.register("audio")

@@ -26,6 +26,7 @@ from mmm.batch import FeatureInput, PackedBatch, TokenTargets
 from mmm.core.packing import PackedSeqInfo
 from mmm.data.epoch import EpochCounter, SeededMap
 from mmm.data.fields import first_field, sample_json, sample_where
+from mmm.modalities.audio.grid_positions import grid_position_ids
 from mmm.modalities.audio.masking import SpecPatchMasker, TimeSpanMasker
 from mmm.modalities.audio.frontend import AudioDecodeError, decode_audio
 
@@ -181,7 +182,7 @@ def collate_audio(samples: List[AudioSample], modality: str = "audio", max_len: 
     """Pack audio sequences into one :class:`PackedBatch` (no padding, longest first).
 
     Patch tokens' position ids are ``row * (max_len // rows) + col``
-    (:func:`~mmm.modalities.audio.embedder.grid_position_ids`, as the standalone encoder computes them);
+    (:func:`~mmm.modalities.audio.grid_positions.grid_position_ids`, as the standalone encoder computes them);
     ``max_len`` (the position table's size) is required when a sequence has several rows.
     Masked sequences carry ``targets[f"{modality}_{kind}"]``: hidden tokens' stream positions and
     k-means ids. ``extras`` holds ``labels`` (LongTensor), ``keys`` and ``chunks`` in batch order.
@@ -198,8 +199,6 @@ def collate_audio(samples: List[AudioSample], modality: str = "audio", max_len: 
     if rows > 1:
         if max_len is None:
             raise ValueError("collate_audio: patch tokens (several rows) need max_len, the position table's size")
-        from mmm.modalities.audio.embedder import grid_position_ids
-
         counts = torch.tensor(seq.lengths, dtype=torch.long)
         position_ids = grid_position_ids(seq.position_ids, counts.repeat_interleave(counts), rows, max_len)
     mask = None
