@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from mmm.config import ConfigError
 
@@ -36,6 +36,14 @@ PARTS: Dict[str, str] = {
 }
 """Demo part → ``module:function`` running it (``fn(out_dir, config, max_steps, progress_bar, quick, schedule)
 -> metrics``)."""
+
+
+PART_NEEDS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "text": ("text", ("mlm",)), "image": ("image", ("mae",)), "dna": ("dna", ()), "audio": ("audio", ()),
+    "vl": ("image_text", ()),
+}
+"""Demo part → (the modality its config must train, the heads its evaluation reads). A ``--config`` that
+does not fit is refused before training (it trained, then failed in the evaluation)."""
 
 
 FULL_SCHEDULES: Dict[str, Dict[str, Any]] = {
@@ -93,6 +101,31 @@ def check_demo_args(parts: Optional[Sequence[str]], max_steps: Optional[int], co
     if config is not None and (parts is None or len(parts) != 1):
         raise ConfigError(f"--config replaces one part's config; choose that part with --parts "
                           f"(got {'all parts' if parts is None else list(parts)})")
+    if config is not None:
+        check_part_config(parts[0], Path(config))
+
+
+def check_part_config(part: str, config: Path) -> None:
+    """Refuse a ``--config`` the part could train but not score: another modality, or a missing head."""
+    from mmm.config import load_config
+    from mmm.evaluate_vl import itc_task
+    from mmm.model import head_name
+    from mmm.train.tasks import modality_of, task_configs
+
+    cfg = load_config(config)
+    modality, heads = PART_NEEDS[part]
+    trains = sorted({modality_of(t.dataset) for t in task_configs(cfg)})
+    if trains != [modality]:
+        raise ConfigError(f"--config {config}: the {part} part trains and scores the {modality} modality, but this "
+                          f"config trains {', '.join(trains)} (data.dataset or tasks[].dataset); give a {modality} "
+                          f"config")
+    missing = [h for h in heads if h not in {head_name(o) for o in cfg.objectives}]
+    if missing:
+        raise ConfigError(f"--config {config}: the {part} part scores the {missing[0]!r} head, which this config "
+                          f"lacks (objectives: {[head_name(o) for o in cfg.objectives]})")
+    if part == "vl" and itc_task(cfg) is None:
+        raise ConfigError(f"--config {config}: the vl part ranks images and captions with the head of an image_text "
+                          f"task of mode itc (options: {{mode: itc}}), which this config lacks")
 
 
 def run_demo(out_dir: Path, parts: Optional[Sequence[str]] = None, max_steps: Optional[int] = None,

@@ -25,3 +25,25 @@ def test_full_is_refused_with_a_replacement_config(tmp_path) -> None:
     with pytest.raises(ConfigError, match="--full"):
         check_demo_args(["text"], None, tmp_path / "my.yaml", full=True)
     check_demo_args(["text"], None, None, full=True)
+
+
+@pytest.mark.parametrize("part", sorted(PARTS))
+def test_each_parts_own_preset_passes_as_its_config(part) -> None:
+    module = importlib.import_module(PARTS[part].split(":")[0])
+    check_demo_args([part], None, module.DEFAULT_CONFIG)
+
+
+def test_a_config_the_part_cannot_score_is_refused_before_training(tmp_path) -> None:
+    """``mmm demo --parts image --config configs/text_mlm_tiny.yaml`` trained the text model, then crashed."""
+    configs = importlib.import_module("mmm.demo.text").DEFAULT_CONFIG.parent
+    with pytest.raises(ConfigError, match=r"the image part trains and scores the image modality, but this config "
+                                          r"trains text"):
+        check_demo_args(["image"], None, configs / "text_mlm_tiny.yaml")
+    with pytest.raises(ConfigError, match=r"the text part scores the 'mlm' head, which this config lacks"):
+        check_demo_args(["text"], None, configs / "text_electra_tiny.yaml")
+    no_itc = tmp_path / "vl.yaml"
+    text = (configs / "vl_uniter_tiny.yaml").read_text()
+    assert "mode: itc" in text
+    no_itc.write_text(text.replace("mode: itc", "mode: itm"))
+    with pytest.raises(ConfigError, match=r"the vl part ranks images and captions .* mode itc"):
+        check_demo_args(["vl"], None, no_itc)
