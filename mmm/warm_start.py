@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,3 +170,104 @@ def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> Warm
     if verbose:
         print(report.summary(), flush=True)
     return report
+
+
+@dataclass
+class SourceTokenizers:
+    """The tokenizers a warm-start source was trained with, checked against the run's (:func:`source_tokenizers`).
+
+    A tokenizer fitted afresh can number tokens differently (fitting is not bit-reproducible across
+    processes), and then the loaded embedding rows stand for other tokens. For each token modality (text,
+    DNA) the source has a tokenizer for (an mmm ``.ckpt`` stores it, a ``save_encoder`` folder holds it),
+    the run's must be the same: :meth:`check_given` compares a given one (``model.<name>.tokenizer_path``,
+    or one already in the run folder) before anything is fitted; :meth:`check_fitted` compares one the
+    run built or fitted itself (a k-mer DNA tokenizer is rebuilt identically) and, when it differs,
+    removes it from the run folder and asks for the source's.
+
+    Args:
+        source: ``model.init_from``.
+        found: modality name → (the source's tokenizer, where it was found).
+        fitted_here: the modalities whose tokenizer the run will build or fit (none was given).
+    """
+
+    source: Path
+    found: Dict[str, Tuple[object, str]] = field(default_factory=dict)
+    fitted_here: List[str] = field(default_factory=list)
+
+    def check_given(self, modalities: Dict[str, object], run_dir: Path) -> None:
+        """Compare every given tokenizer with the source's (before the fit); note the ones to be fitted."""
+        for name, (theirs, where) in self.found.items():
+            m = modalities[name]
+            own = run_dir / m.tokenizer_dir
+            given = m.cfg.tokenizer_path or (str(own) if (own / m.saved_marker).is_file() else None)
+            if given is None:
+                self.fitted_here.append(name)
+            elif not _same(m.load_tokenizer(given), theirs):
+                raise WarmStartError(f"model.{name}.tokenizer_path {given} is not the {m.what} model.init_from "
+                                     f"{self.source} was trained with ({where}): the loaded embedding rows would stand "
+                                     f"for other tokens. Use the source's {m.what}")
+
+    def check_fitted(self, modalities: Dict[str, object], run_dir: Path) -> None:
+        """Compare the tokenizers the run built or fitted with the source's (after the fit)."""
+        for name in self.fitted_here:
+            m, (theirs, where) = modalities[name], self.found[name]
+            if _same(m.tokenizer, theirs):
+                continue
+            own = run_dir / m.tokenizer_dir
+            shutil.rmtree(own, ignore_errors=True)  # fitted by this run: a rerun with tokenizer_path starts clean
+            near = self.source.parent.parent / m.tokenizer_dir if self.source.is_file() else self.source
+            hint = f" ({near} holds it)" if (near / m.saved_marker).is_file() else ""
+            raise WarmStartError(f"model.init_from {self.source} was trained with its own {m.what} ({where}), and "
+                                 f"the one fitted here numbers tokens differently: the loaded embedding rows would "
+                                 f"stand for other tokens. Set model.{name}.tokenizer_path to the source's "
+                                 f"{m.what}{hint}")
+
+
+def _same(a: object, b: object) -> bool:
+    from mmm.modalities.tokenizer_asset import same_tokenizer
+
+    return same_tokenizer(a, b)
+
+
+def source_tokenizers(source: PathLike, modalities: Dict[str, object]) -> SourceTokenizers:
+    """The tokenizers ``source`` (``model.init_from``) holds for the run's token modalities.
+
+    Args:
+        source: an mmm ``.ckpt`` or a ``save_encoder`` folder (an HF BERT folder: none are read).
+        modalities: the run's base modalities by name (token modalities have a ``tokenizer_dir``).
+    """
+    p = Path(source)
+    if not p.exists():
+        raise WarmStartError(f"model.init_from: {p} does not exist")
+    found = {}
+    for name, m in modalities.items():
+        if hasattr(m, "tokenizer_dir"):
+            tok, where = _source_tokenizer(p, name, m)
+            if tok is not None:
+                found[name] = (tok, where)
+    return SourceTokenizers(p, found)
+
+
+def _source_tokenizer(p: Path, name: str, modality: object) -> Tuple[object, str]:
+    """The source's tokenizer of modality ``name`` and where it was found, or ``(None, "")``."""
+    from mmm.encoders import ENCODER_META_FILE, read_checkpoint
+    from mmm.modalities.tokenizer_asset import tokenizer_from_files
+
+    if p.is_file():
+        try:
+            files = read_checkpoint(p).assets.get(name) or {}
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise WarmStartError(f"model.init_from: cannot read {p}: {e}") from None
+        if not files:
+            return None, ""
+        tok = tokenizer_from_files(files, str(p), modality.load_tokenizer, modality.saved_marker, modality.what)
+        return tok, "stored in the checkpoint"
+    if (p / ENCODER_META_FILE).is_file() and (p / modality.saved_marker).is_file():
+        try:
+            meta = json.loads((p / ENCODER_META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None, ""
+        if isinstance(meta, dict) and (meta.get("modality") or "text") == name:
+            return modality.load_tokenizer(p), f"saved in {p}"
+    return None, ""
+

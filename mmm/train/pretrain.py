@@ -248,6 +248,12 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     val_urls = {t.name: resolve_shards(t.val, t.dataset, "val") if t.val else None for t in tasks}
     mods = build_modalities(cfg, tasks, train_urls)
     check_masking_args(tasks, cfg.objectives)  # before the assets' fit, which can take minutes
+    warm_tokenizers = None
+    if cfg.model.init_from and resume is None:  # the source's token ids must mean what they mean here
+        from mmm.warm_start import source_tokenizers
+
+        warm_tokenizers = source_tokenizers(cfg.model.init_from, mods.base)
+        warm_tokenizers.check_given(mods.base, run_dir)
     stored_assets = (resume.get("mmm") or {}).get("assets") if resume is not None else None
     if stored_assets:  # the weights were trained with these: never a tokenizer fitted afresh (another folder)
         restore_assets(mods, stored_assets, ckpt_path)
@@ -257,6 +263,8 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     else:  # every rank must use rank 0's assets (tokenizer training is not bit-reproducible across processes)
         wait_for_assets(run_dir, _config_digest(config_text), rank)
         prepare_modalities(mods, run_dir)  # loads what rank 0 saved
+    if warm_tokenizers is not None:
+        warm_tokenizers.check_fitted(mods.base, run_dir)
     maskers = build_maskers(tasks, mods.feeds)
     model = build_model_for(cfg, mods)
     if cfg.model.init_from and resume is None:  # a resumed run continues from its checkpoint instead

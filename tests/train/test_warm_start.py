@@ -146,6 +146,7 @@ def test_pretrain_warm_starts_from_init_from(ckpt: Path, tmp_path: Path, capsys)
     from mmm.train.pretrain import build_run
 
     run = build_run(tiny_config(tmp_path / "run", **{"model.init_from": str(ckpt), "trainer.max_steps": 1,
+                                                     "model.text.tokenizer_path": str(ckpt.parent.parent / "tokenizer"),
                                                      "data.val": None}))
     assert "tensors loaded, 0 newly initialised, 0 ignored" in capsys.readouterr().out
     contents = read_checkpoint(ckpt)
@@ -165,9 +166,41 @@ def test_warm_start_source_is_read_once_not_on_resume_or_load(ckpt: Path, tmp_pa
     source = tmp_path / "source.ckpt"
     shutil.copy(ckpt, source)
     run_dir = tmp_path / "run"
-    pretrain(tiny_config(run_dir, **{"model.init_from": str(source), "trainer.max_steps": 1, "data.val": None}))
+    tokenizer = str(ckpt.parent.parent / "tokenizer")
+    pretrain(tiny_config(run_dir, **{"model.init_from": str(source), "trainer.max_steps": 1, "data.val": None,
+                                     "model.text.tokenizer_path": tokenizer}))
     source.unlink()
     assert mmm.load_encoder(run_dir / "checkpoints" / "last.ckpt", modality="text") is not None
     run = pretrain(tiny_config(run_dir, **{"model.init_from": str(source), "trainer.max_steps": 2, "data.val": None,
-                                           "trainer.ckpt_path": "last"}))
+                                           "model.text.tokenizer_path": tokenizer, "trainer.ckpt_path": "last"}))
     assert run.trainer.global_step == 2
+
+
+def test_a_warm_start_refuses_another_tokenizer_than_the_sources(ckpt: Path, tmp_path: Path):
+    """Token ids must mean what they meant in the source: a tokenizer given (or fitted here) that differs from
+    the one the checkpoint stores was used silently, its ids reading other rows of the loaded embeddings."""
+    from conftest import tiny_config
+
+    from mmm.registry import TOKENIZERS
+    from mmm.train.pretrain import build_run
+
+    other = tmp_path / "other_tok"
+    TOKENIZERS.create("wordpiece", texts=["a tokenizer fitted on other text"] * 20, vocab_size=60,
+                      lowercase=True).save(other)
+    with pytest.raises(WarmStartError, match=rf"model.text.tokenizer_path {other} is not the tokenizer "
+                                             rf"model.init_from .* was trained with \(stored in the checkpoint\)"):
+        build_run(tiny_config(tmp_path / "given", **{"model.init_from": str(ckpt), "model.text.tokenizer_path":
+                                                     str(other), "data.val": None}))
+    assert not (tmp_path / "given" / "tokenizer").exists()  # refused before anything was fitted or copied
+
+    run_dir = tmp_path / "fitted"  # a smaller vocabulary fitted here: other ids
+    with pytest.raises(WarmStartError, match=rf"the one fitted here numbers tokens differently.*Set "
+                                             rf"model.text.tokenizer_path to the source's tokenizer "
+                                             rf"\({ckpt.parent.parent / 'tokenizer'} holds it\)"):
+        build_run(tiny_config(run_dir, **{"model.init_from": str(ckpt), "model.text.vocab_size": 300,
+                                          "data.val": None}))
+    assert not (run_dir / "tokenizer").exists()  # removed: the rerun with tokenizer_path starts clean
+    run = build_run(tiny_config(run_dir, **{"model.init_from": str(ckpt), "model.text.vocab_size": 300,
+                                            "model.text.tokenizer_path": str(ckpt.parent.parent / "tokenizer"),
+                                            "data.val": None}))
+    assert run.tokenizer.vocab_size == read_checkpoint(ckpt).tokenizer.vocab_size
