@@ -24,7 +24,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -110,6 +110,47 @@ def read_source(source: PathLike) -> Tuple[Dict[str, torch.Tensor], str]:
                          f"nor config.json (an HF BERT model); pass one of those or an mmm .ckpt file")
 
 
+def source_encoder_config(source: PathLike) -> Optional[object]:
+    """The :class:`~mmm.config.EncoderConfig` the source's encoder was built with (a checkpoint's config, a
+    saved encoder's or an HF BERT's, as mmm reads it), or None when it cannot be told."""
+    from mmm.encoders import ENCODER_META_FILE, load_encoder, read_checkpoint
+
+    p = Path(source)
+    try:
+        if p.is_file():
+            return read_checkpoint(p).config.model.encoder
+        if (p / ENCODER_META_FILE).is_file():
+            meta = json.loads((p / ENCODER_META_FILE).read_text(encoding="utf-8"))
+            modality = meta.get("modality") if isinstance(meta, dict) else None
+            return load_encoder(p, modality=modality or "text").encoder.cfg
+        if (p / "config.json").is_file():
+            from mmm.interop.hf import import_hf_bert
+
+            return import_hf_bert(p).encoder.cfg
+    except (ValueError, FileNotFoundError, OSError):
+        return None
+    return None
+
+
+SAME_SHAPES_OTHER_FUNCTION = ("norm_first", "mlp", "relative_position")
+"""Encoder settings that change what the weights compute but not their shapes (``mlp``: geglu and swiglu)."""
+
+
+def _check_same_function(model: nn.Module, source: PathLike) -> None:
+    """Refuse a source whose encoder computes otherwise with the same tensor shapes (a pre-LN source loaded
+    into a post-LN model loads every tensor and computes something else)."""
+    ours = getattr(getattr(model, "encoder", None), "cfg", None)
+    theirs = source_encoder_config(source)
+    if ours is None or theirs is None:
+        return
+    diffs = [f"{k} is {getattr(theirs, k)!r} there but {getattr(ours, k)!r} here" for k in SAME_SHAPES_OTHER_FUNCTION
+             if getattr(theirs, k, None) != getattr(ours, k, None)]
+    if diffs:
+        raise WarmStartError(f"model.init_from {source}: its encoder computes differently with the same tensor shapes "
+                             f"({'; '.join(diffs)}); the loaded weights would not compute what they were trained to. "
+                             f"Set model.encoder to the source's values")
+
+
 def _place_encoder(state: Dict[str, torch.Tensor], modality: str) -> Dict[str, torch.Tensor]:
     """A standalone encoder's ``embedder.*`` / ``encoder.*`` names as a model's ``embedders.<modality>.*`` / ``encoder.*``."""
     out = {}
@@ -150,6 +191,7 @@ def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> Warm
             names it and both shapes).
     """
     src, kind = read_source(source)
+    _check_same_function(model, source)
     if kind == "hf_bert":
         src = _onto_text_mlm_head(model, src)
     own = model.state_dict()

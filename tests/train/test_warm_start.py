@@ -204,3 +204,15 @@ def test_a_warm_start_refuses_another_tokenizer_than_the_sources(ckpt: Path, tmp
                                             "model.text.tokenizer_path": str(ckpt.parent.parent / "tokenizer"),
                                             "data.val": None}))
     assert run.tokenizer.vocab_size == read_checkpoint(ckpt).tokenizer.vocab_size
+
+
+@pytest.mark.parametrize("change", [{"norm_first": True}, {"relative_position": "alibi"}])
+def test_a_source_that_computes_otherwise_with_the_same_shapes_is_refused(ckpt: Path, change):
+    """A post-LN checkpoint loaded into a pre-LN model loads every tensor (same shapes) and computes something
+    else; it was accepted without a word. (geglu and swiglu, the other such pair, are checked alike.)"""
+    contents = read_checkpoint(ckpt)
+    key, value = next(iter(change.items()))
+    with pytest.raises(WarmStartError, match=rf"its encoder computes differently with the same tensor shapes "
+                                             rf"\({key} is {getattr(contents.config.model.encoder, key)!r} there but "
+                                             rf"{value!r} here\)"):
+        _model(contents, init_from=str(ckpt), **change)
