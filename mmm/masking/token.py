@@ -16,8 +16,11 @@ All of them use the BERT 80/10/10 corruption: of the chosen positions, ``mask_pr
 mask token, ``random_prob`` a random non-special token and the rest keep their id. The word-level
 maskers draw that decision once per group (word, span or n-gram), so a group is corrupted
 consistently. The budget is ``max(1, round(ratio * n_maskable))`` tokens, where maskable tokens
-are those with ``word_id >= 0`` and an id outside ``vocab.special_ids``; word-level maskers stop
-as soon as the budget is reached, so they overshoot by less than the last word they add.
+are those with ``word_id >= 0`` and an id outside ``vocab.special_ids``. Word-level maskers never
+exceed it: a word that would not fit in what is left is skipped, as Google's BERT
+``create_masked_lm_predictions`` and HF's whole-word collator skip it, so they may fall short of it by
+less than a word. Only when no word fits at all (every word longer than the budget) is one word
+chosen anyway, so that every sequence with a maskable token has a target.
 
 A "word" is a maximal run of adjacent maskable tokens sharing one word id; that makes grouping
 independent of the tokenizer (``##`` pieces and ``Ġ`` pieces alike) and keeps groups from
@@ -250,7 +253,7 @@ class BertRandomMasker(_Masker):
 
 @MASKERS.register("whole_word")
 class WholeWordMasker(_Masker):
-    """Whole-word masking: words in random order until the token budget is reached.
+    """Whole-word masking: words in random order, each taken if it fits in the token budget still left.
 
     Args:
         ratio: fraction of maskable tokens to predict.
@@ -267,8 +270,17 @@ class WholeWordMasker(_Masker):
         if budget == 0:
             return cand[:0], cand[:0]
         order = rng.permutation(starts.size)
-        n_words = int(np.searchsorted(np.cumsum(lengths[order]), budget)) + 1  # first prefix reaching it
-        chosen = order[:n_words]
+        take = np.zeros(order.size, dtype=bool)
+        left = budget
+        for i, w in enumerate(order):  # skip a word that would not fit (Google's BERT, HF's collator)
+            if lengths[w] <= left:
+                take[i] = True
+                left -= int(lengths[w])
+                if left == 0:
+                    break
+        if not take.any():  # every word is longer than the budget: one word, so the sequence has a target
+            take[0] = True
+        chosen = order[take]
         positions = _expand(starts[chosen], lengths[chosen])
         groups = np.repeat(np.arange(chosen.size, dtype=np.int64), lengths[chosen])
         return positions, groups
@@ -277,9 +289,10 @@ class WholeWordMasker(_Masker):
 class _ContiguousWordsMasker(_Masker):
     """Masks runs of adjacent words whose length (in words) follows :attr:`length_probs`.
 
-    Each run starts at a word drawn uniformly among words not yet chosen, grows over following
-    unchosen adjacent words up to the drawn length, and is cut as soon as the token budget is
-    reached. Runs therefore never overlap and never cross a special token.
+    Each run starts at a word drawn uniformly among words not yet chosen that fit in the token budget
+    still left, grows over following unchosen adjacent words up to the drawn length, and stops before
+    a word that would not fit. Runs therefore never overlap, never cross a special token and never
+    exceed the budget (unless no word fits at all: then one word is chosen).
 
     Args:
         ratio, mask_prob, random_prob, vocab: as for every masker.
@@ -311,7 +324,7 @@ class _ContiguousWordsMasker(_Masker):
         n_runs = 0
         total = 0
         while total < budget:
-            free = np.flatnonzero(group_of_word < 0)
+            free = np.flatnonzero((group_of_word < 0) & (lengths <= budget - total))  # words that still fit
             if free.size == 0:
                 break
             want = int(run_lengths[n_runs])
@@ -321,10 +334,13 @@ class _ContiguousWordsMasker(_Masker):
                 group_of_word[w] = n_runs
                 total += int(lengths[w])
                 taken += 1
-                if total >= budget or taken == want or not joined[w] or group_of_word[w + 1] >= 0:
+                if (total >= budget or taken == want or not joined[w] or group_of_word[w + 1] >= 0
+                        or lengths[w + 1] > budget - total):
                     break
                 w += 1
             n_runs += 1
+        if n_runs == 0:  # every word is longer than the budget: one word, so the sequence has a target
+            group_of_word[int(rng.integers(n_words))] = 0
         chosen = np.flatnonzero(group_of_word >= 0)
         positions = _expand(starts[chosen], lengths[chosen])
         groups = np.repeat(group_of_word[chosen], lengths[chosen])
