@@ -45,7 +45,7 @@ def resolve_shards(spec: str, dataset: str, split: str) -> List[str]:
     """
     if spec == "embedded":
         spec = str(DATASETS.create(dataset).embedded_default())
-    return list_shards(spec, split=split if Path(spec).is_dir() else None)
+    return list_shards(spec, split=split)  # the split filters folder listings (also ~/x and file:x ones) only
 
 
 def masking_field(task: TaskConfig, index: int) -> str:

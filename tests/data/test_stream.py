@@ -39,6 +39,19 @@ def test_list_shards_directory_split_pattern_and_list(shard_dir: Path) -> None:
     assert list_shards([train[0], str(shard_dir / "val-000000.tar")]) == [train[0], str(shard_dir / "val-000000.tar")]
 
 
+def test_a_run_reads_only_its_split_of_a_folder_however_the_folder_is_written(shard_dir: Path, monkeypatch) -> None:
+    """``~/shards`` and ``file:shards`` skipped the split filter: training read the val shards and validation
+    the train shards, silently."""
+    from mmm.train.tasks import resolve_shards
+
+    monkeypatch.setenv("HOME", str(shard_dir.parent))
+    for spec in (str(shard_dir), f"~/{shard_dir.name}", f"file:{shard_dir}", f"file://{shard_dir}"):
+        assert [Path(u).name for u in resolve_shards(spec, "text", "train")] == [
+            "train-000000.tar", "train-000001.tar", "train-000002.tar"], spec
+        assert [Path(u).name for u in resolve_shards(spec, "text", "val")] == ["val-000000.tar"], spec
+    assert len(resolve_shards(str(shard_dir / "*.tar"), "text", "train")) == 4  # a pattern is taken as written
+
+
 def test_list_shards_missing_names_path_and_split(shard_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"split 'test'"):
         list_shards(shard_dir, split="test")
