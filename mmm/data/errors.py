@@ -61,19 +61,29 @@ class SampleErrorHandler:
         max_errors: with ``skip_bad``, raise a :class:`SampleError` with the counts and the last error once more than
             this many errors were seen (None = unlimited).
         keep_messages: how many error messages to keep for :meth:`summary`.
+        stream: which data the counts are of, named in the ``max_errors`` error (``"validation"``: its
+            counts start again at each pass, :meth:`reset`).
     """
 
-    def __init__(self, skip_bad: bool = False, max_errors: Optional[int] = None, keep_messages: int = 10) -> None:
+    def __init__(self, skip_bad: bool = False, max_errors: Optional[int] = None, keep_messages: int = 10,
+                 stream: str = "") -> None:
         if max_errors is not None and max_errors < 0:
             raise ValueError(f"SampleErrorHandler: max_errors must be >= 0 or None, got {max_errors}")
         self.skip_bad = skip_bad
         self.max_errors = max_errors
         self.keep_messages = keep_messages
+        self.stream = stream
         self.counts: Counter[str] = Counter()
         self.messages: List[str] = []
         # errors in a row without an item leaving the pipeline: a stream that never ends by itself (resampled)
         # and whose every sample is bad would otherwise skip forever; make_pipeline sets the limit there
         self.in_a_row_limit: Optional[int] = None
+        self._in_a_row = 0
+
+    def reset(self) -> None:
+        """Start counting afresh (a new pass over data read again, such as validation)."""
+        self.counts.clear()
+        self.messages.clear()
         self._in_a_row = 0
 
     def progress(self) -> None:
@@ -99,7 +109,8 @@ class SampleErrorHandler:
             raise SampleError(f"{text} (set data.skip_bad: true, or --data.skip_bad true, to skip and count bad samples)") from exn
         logger.warning("skipping bad sample: %s", text)
         if self.max_errors is not None and self.total > self.max_errors:
-            raise SampleError(f"too many bad samples: {self.total} > data.max_errors={self.max_errors} "
+            where = f" in one pass over the {self.stream} data" if self.stream else ""
+            raise SampleError(f"too many bad samples{where}: {self.total} > data.max_errors={self.max_errors} "
                               f"({self._counts_text()}); last: {text}") from exn
         self._in_a_row += 1
         if self.in_a_row_limit is not None and self._in_a_row > self.in_a_row_limit:

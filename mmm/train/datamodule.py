@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from mmm.config import DataConfig
 from mmm.data.epoch import EpochCounter
@@ -50,6 +50,19 @@ def shards_fingerprint(urls: List[str]) -> str:
         size = os.path.getsize(url) if os.path.isfile(url) else -1
         digest.update(f"{os.path.basename(url)}\0{size}\n".encode())
     return digest.hexdigest()
+
+
+class CountedPerPass(IterableDataset):
+    """A pipeline read again and again (validation) whose bad samples count per pass, not summed over passes:
+    the same bad sample met at every validation would otherwise end a long run at pass ``max_errors + 1``."""
+
+    def __init__(self, pipeline: Any, handler: SampleErrorHandler) -> None:
+        super().__init__()
+        self.pipeline, self.handler = pipeline, handler
+
+    def __iter__(self):
+        self.handler.reset()
+        yield from self.pipeline
 
 
 class StreamDataModule(L.LightningDataModule):
@@ -118,11 +131,11 @@ class StreamDataModule(L.LightningDataModule):
     def _val_loader(self, task: TaskData) -> DataLoader:
         """Validation batches of ``task``: one worker-free pass, no shuffling, the same masks every time."""
         c = self.cfg
-        handler = SampleErrorHandler(skip_bad=c.skip_bad, max_errors=c.max_errors)
+        handler = SampleErrorHandler(skip_bad=c.skip_bad, max_errors=c.max_errors, stream="validation")
         stages = task.make_stages(seed=c.seed + 10_000, handler=handler, fixed_masking=True, epochs=None, train=False)
         pipeline = make_pipeline(task.val_urls, stages=stages, shuffle_shards=False, shuffle_buffer=0, seed=c.seed,
                                  handler=handler, max_member_bytes=c.max_member_bytes, read_timeout_s=c.read_timeout_s)
-        return self._data_loader(pipeline, 0)
+        return self._data_loader(CountedPerPass(pipeline, handler), 0)
 
     def _trained_batches(self) -> int:
         # batches whose training step ran (not the one Lightning prefetched); restored on resume

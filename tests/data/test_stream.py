@@ -155,3 +155,29 @@ def test_dataloader_workers_split_shards(shard_dir: Path) -> None:
     loader = torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=2)
     keys = list(loader)
     assert sorted(keys) == sorted(f"t{s}_{i:03d}" for s in range(3) for i in range(10))
+
+
+def test_validation_counts_its_bad_samples_per_pass_not_summed_over_passes() -> None:
+    """Two bad validation samples ended a run with max_errors 3 at its second validation (4 > 3)."""
+    from mmm.train.datamodule import CountedPerPass
+
+    handler = SampleErrorHandler(skip_bad=True, max_errors=3, stream="validation")
+
+    class Pass:
+        def __iter__(self):
+            for i in range(4):
+                if i in (1, 2):
+                    handler(ValueError(f"sample {i} is bad"))
+                    continue
+                yield i
+
+    passes = CountedPerPass(Pass(), handler)
+    for _ in range(5):
+        assert list(passes) == [0, 3] and handler.total == 2
+    worse = SampleErrorHandler(skip_bad=True, max_errors=1, stream="validation")
+    passes = CountedPerPass(iter(()), worse)
+    list(passes)
+    worse(ValueError("a"))
+    with pytest.raises(SampleError, match=r"too many bad samples in one pass over the validation data: 2 > "
+                                          r"data.max_errors=1"):
+        worse(ValueError("b"))
