@@ -152,6 +152,7 @@ class StreamDataModule(L.LightningDataModule):
     def train_dataloader(self) -> Union[ResumableLoader, MixtureLoader]:
         """The training stream, starting where the previous loader or the restored checkpoint left off."""
         trainer = self.trainer
+        self.check_shards_per_process(trainer.world_size if trainer is not None else 1)
         consumed = self._trained_batches if trainer is not None else None
         if self._train is not None:  # asked again (e.g. reload_dataloaders_every_n_epochs): continue
             self._start = self._train.position()
@@ -170,6 +171,19 @@ class StreamDataModule(L.LightningDataModule):
             self._train = MixtureLoader(streams, [t.name for t in self.tasks], self.sampler, self._start,
                                         consumed=consumed, epoch_batches=self.cfg.epoch_batches, max_errors=max_errors)
         return self._train
+
+    def check_shards_per_process(self, world_size: int) -> None:
+        """One-pass epochs hand each process whole training shards: refuse fewer shards than processes (the
+        processes left without one would stop with "no batch in a whole epoch", blaming the data)."""
+        if self.cfg.resampled or world_size <= 1:
+            return
+        for t in self.tasks:
+            if len(t.train_urls) < world_size:
+                name = f"task {t.name!r}: " if t.name else ""
+                raise ValueError(f"{name}{len(t.train_urls)} training shard(s) for {world_size} processes "
+                                 f"(trainer.devices x trainer.num_nodes): each process reads whole shards, so "
+                                 f"{world_size - len(t.train_urls)} would get none. Write at least {world_size} shards "
+                                 f"(mmm shards build --samples_per_shard smaller), or set data.resampled: true")
 
     def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
         """One validation loader per task that has validation shards (a single-task run: that loader itself)."""

@@ -109,3 +109,24 @@ def test_a_resampled_stream_whose_every_sample_is_bad_stops(tmp_path, monkeypatc
     # a usable shard among bad ones: batches keep coming, the count restarts with each
     it = iter(pipeline([_blank(tmp_path / "blank.tar", 10), _good(tmp_path / "good.tar", 10)]))
     assert len([next(it) for _ in range(40)]) == 40
+
+
+def test_fewer_training_shards_than_processes_is_refused_naming_both_counts(tmp_path: Path) -> None:
+    """Two DDP processes over one shard: the second stopped with "no batch in a whole epoch ... (0 bad samples)",
+    which blamed the data instead of the shard count."""
+    from mmm.config import DataConfig
+    from mmm.train.datamodule import StreamDataModule
+    from mmm.train.mixture import TaskData
+
+    one = [_good(tmp_path / "train-000000.tar", 5)]
+    dm = StreamDataModule(DataConfig(), [TaskData("", 1.0, one, None, lambda **kw: [], {})])
+    dm.check_shards_per_process(1)
+    with pytest.raises(ValueError, match=r"^1 training shard\(s\) for 2 processes \(trainer.devices x "
+                                         r"trainer.num_nodes\): each process reads whole shards, so 1 would get none"):
+        dm.check_shards_per_process(2)
+    mixed = StreamDataModule(DataConfig(), [TaskData("a", 1.0, one * 3, None, lambda **kw: [], {}),
+                                            TaskData("b", 1.0, one, None, lambda **kw: [], {})])
+    with pytest.raises(ValueError, match=r"^task 'b': 1 training shard\(s\) for 3 processes"):
+        mixed.check_shards_per_process(3)
+    StreamDataModule(DataConfig(resampled=True, epoch_batches=4), [TaskData("", 1.0, one, None, lambda **kw: [], {})]
+                     ).check_shards_per_process(8)  # resampled: every process draws from all shards
