@@ -7,6 +7,7 @@ shard writer (:mod:`datasets_def.text`).
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any, Dict, Iterator, List, Optional
 
 from mmm.data.tar import ReadOptions, read_samples
@@ -29,10 +30,16 @@ def decode_text(sample: Dict[str, Any]) -> str:
         text = bytes(sample["txt"]).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"sample {key}: 'txt' is not UTF-8 ({e})", url) from None
-    if not text.strip():  # it would yield no sequence: a bad sample, counted (as `mmm shards check` says)
-        raise ValueError(f"sample {key}: 'txt' is empty (expected non-blank text, got {len(sample['txt'])} byte(s))",
-                         url)
+    if is_blank(text):  # it would yield no sequence: a bad sample, counted (as `mmm shards check` says)
+        raise ValueError(f"sample {key}: 'txt' is empty (expected non-blank text: got {len(sample['txt'])} byte(s) "
+                         f"of whitespace, control or format characters)", url)
     return text
+
+
+def is_blank(text: str) -> bool:
+    """Whether ``text`` holds nothing a tokenizer keeps: only whitespace, control (Cc) or format (Cf)
+    characters such as a zero-width space, which BERT's normalizer deletes."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
 
 
 def json_object_problem(raw: bytes) -> Optional[str]:
@@ -65,8 +72,9 @@ def check_sample(sample: Dict[str, Any]) -> Optional[str]:
         except UnicodeDecodeError as exn:
             problems.append(f"field 'txt' is not valid UTF-8 at byte offset {exn.start} ({exn.reason})")
         else:
-            if not text.strip():
-                problems.append(f"field 'txt' is empty (expected non-blank text, got {len(txt)} byte(s))")
+            if is_blank(text):
+                problems.append(f"field 'txt' is empty (expected non-blank text: got {len(txt)} byte(s) of "
+                                f"whitespace, control or format characters)")
     if sample.get("json") is not None:
         problem = json_object_problem(sample["json"])
         if problem:
