@@ -189,6 +189,16 @@ def test_max_seconds_cuts_long_clips_and_bad_waveforms_are_refused() -> None:
         fe(np.zeros(0, np.float32), SR)
 
 
+def test_a_sample_rate_far_off_the_models_is_refused_at_training_time_as_by_the_builder() -> None:
+    """The builder refuses rates more than 16 times off; shards written by other tools reached training, and a
+    1 kHz header on 16 kHz audio was stretched sixteenfold without a word."""
+    fe = fitted()
+    assert fe.frames(tone(440, 1.0, 1000), 1000).shape[1] == 64  # exactly 16 times off: resampled
+    for sr in (999, 16000 * 17):
+        with pytest.raises(ValueError, match=rf"sample rate {sr} Hz is more than 16 times off the model's 16000 Hz"):
+            fe(np.zeros(sr // 10, np.float32), sr)
+
+
 # ------------------------------------------------------------------ k-means features
 @pytest.mark.parametrize("token", ["time", "patch"])
 @pytest.mark.parametrize("kind, dim", [("mfcc", 39), ("logmel", None), ("chroma", 12)])

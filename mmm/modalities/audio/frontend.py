@@ -46,6 +46,7 @@ __all__ = [
     "AudioFrontendConfig",
     "AudioFrontend",
     "decode_audio",
+    "MAX_RESAMPLE_RATIO",
     "resample",
     "MAX_CHANNELS",
     "FRONTEND_FILE",
@@ -134,6 +135,10 @@ def _wav_truncation(head: bytes, size: int) -> Optional[str]:
             return None
         at += 8 + length + (length & 1)  # chunks are padded to an even length
     return None
+
+
+MAX_RESAMPLE_RATIO = 16.0
+"""A clip whose sample rate differs from the front end's (or a build's) by more than this factor is refused."""
 
 
 def resample(waveform: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
@@ -417,6 +422,11 @@ class AudioFrontend:
             raise ValueError("AudioFrontend: waveform has non-finite (NaN/inf) samples")
         mono = x.astype(np.float32).mean(axis=0)  # (N,)
         c = self.config
+        ratio = max(sr, c.sample_rate) / min(sr, c.sample_rate)
+        if ratio > MAX_RESAMPLE_RATIO:  # the builder's rule, at training time too: a wrong header, most likely
+            raise ValueError(f"AudioFrontend: sample rate {sr} Hz is more than {MAX_RESAMPLE_RATIO:g} times off the "
+                             f"model's {c.sample_rate} Hz (a wrong header, most likely: the clip would be stretched "
+                             f"or squeezed)")
         if c.max_seconds is not None:  # cut before resampling, keeping a margin for the sinc filter
             margin = 8 * int(math.ceil(sr / min(sr, c.sample_rate))) + 8
             keep = int(math.ceil(c.max_seconds * sr)) + margin
