@@ -713,6 +713,8 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dic
             raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = loaded
         where = str(p)
+    section = data.get("data")
+    file_batch_size = isinstance(section, dict) and "batch_size" in section
     if overrides:
         data = apply_overrides(data, overrides, PretrainConfig)
     try:
@@ -721,8 +723,11 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dic
             value = getattr(cfg.trainer, name)
             if isinstance(value, str) and value.startswith("~"):
                 setattr(cfg.trainer, name, os.path.expanduser(value))
-        section = data.get("data")
-        resolve_batch_size(cfg, explicit_batch_size=isinstance(section, dict) and "batch_size" in section)
+        # data.batch_size counts as given when set at the level of data.global_batch_size or later: a
+        # --data.global_batch_size override derives it over the file's batch_size (flat precedence)
+        given = set(overrides or {})
+        resolve_batch_size(cfg, explicit_batch_size="data.batch_size" in given
+                           or (file_batch_size and "data.global_batch_size" not in given))
         return cfg
     except ConfigError as e:
         text = str(e)  # a bad value given on the command line is named as the override, not as the file's

@@ -56,6 +56,15 @@ def test_global_batch_errors_name_the_keys():
     assert cfg.data.batch_size == 512
 
 
+def test_a_global_batch_override_derives_the_per_device_batch_over_the_files():
+    """Flat precedence: --data.global_batch_size beats the file's data.batch_size (it was a contradiction error,
+    so a preset's per-device batch could not give way to a global one on the command line)."""
+    cfg = load_config(CONFIGS / "text_mlm_tiny.yaml", {"data.global_batch_size": 64, "trainer.accumulate_grad_batches": 2})
+    assert (cfg.data.batch_size, global_batch_size(cfg)) == (32, 64)
+    with pytest.raises(ConfigError, match=r"data.batch_size 32 contradicts data.global_batch_size 64"):  # same level
+        load_config(CONFIGS / "text_mlm_tiny.yaml", {"data.global_batch_size": 64, "data.batch_size": 32})
+
+
 def test_without_global_batch_the_per_device_batch_is_kept():
     cfg = load_config(CONFIGS / "text_mlm_tiny.yaml", {"data.batch_size": 7})
     assert cfg.data.batch_size == 7 and cfg.data.global_batch_size is None
