@@ -37,6 +37,10 @@ HEAD_FILE = "head.safetensors"
 RESULT_FILE = "finetune.json"
 
 
+FLAG_FIELDS = {"seed": "first_seed"}
+"""``mmm finetune`` flags whose FinetuneConfig field has another name."""
+
+
 @dataclass
 class FinetuneConfig:
     """Hyper-parameters of one fine-tuning run (every seed uses the same)."""
@@ -58,6 +62,42 @@ class FinetuneConfig:
     first_seed: int = 0
     eval_batch_size: int = 64
     cls_last_block: bool = True  # [CLS] pooling of text/DNA: run the last block for [CLS] alone (same result)
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would train nothing, or not what they say, naming the ``mmm finetune`` flag."""
+        def bad(flag: str, value: Any, wanted: str) -> None:
+            raise ValueError(f"--{flag} (FinetuneConfig.{FLAG_FIELDS.get(flag, flag)}) must be {wanted}, got {value!r}")
+
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for flag, field_name in (("batch_size", "batch_size"), ("epochs", "epochs"), ("seeds", "seeds"),
+                                 ("patience", "patience")):
+            v = getattr(self, field_name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(flag, v, "an integer >= 1")
+        for flag in ("max_steps", "eval_every"):
+            v = getattr(self, flag)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                bad(flag, v, "an integer >= 1 (or left out)")
+        if isinstance(self.first_seed, bool) or not isinstance(self.first_seed, int) or self.first_seed < 0:
+            bad("seed", self.first_seed, "an integer >= 0")
+        if not number(self.lr) or self.lr <= 0:
+            bad("lr", self.lr, "a number > 0")
+        if not number(self.weight_decay) or self.weight_decay < 0:
+            bad("weight_decay", self.weight_decay, "a number >= 0")
+        if not number(self.warmup) or not 0 <= self.warmup < 1:
+            bad("warmup", self.warmup, "a fraction of the planned steps in [0, 1)")
+        if not number(self.max_grad_norm) or self.max_grad_norm <= 0:
+            bad("max_grad_norm", self.max_grad_norm, "a number > 0")
+        if self.dropout is not None and (not number(self.dropout) or not 0 <= self.dropout < 1):
+            bad("dropout", self.dropout, "in [0, 1) (or left out)")
+        if self.task_type not in ("classification", "regression"):
+            bad("task_type", self.task_type, "classification or regression")
+        if self.pooling not in ("cls", "mean"):
+            bad("pooling", self.pooling, "cls or mean")
+        if isinstance(self.eval_batch_size, bool) or not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
+            bad("eval_batch_size", self.eval_batch_size, "an integer >= 1")
 
     def resolved_metric(self) -> str:
         return check_metric(self.metric or ("accuracy" if self.task_type == "classification" else "pearson"),
@@ -327,8 +367,6 @@ def finetune(source: Union[PathLike, Callable[[], nn.Module]], modality: str, tr
     """
     cfg = cfg or FinetuneConfig()
     metric = cfg.resolved_metric()
-    if cfg.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {cfg.seeds}")
     labels = Labels.fit(train, cfg.task_type)
     y = {name: encode_labels(s, labels) for name, s in (("train", train), ("dev", dev)) + ((("test", test),) if test else ())}
     dev_name = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -260,3 +260,28 @@ def test_stdlib_package_drops_held_out_texts_seen_in_training(tmp_path: Path) ->
     real = stdlib_package_task()  # this Python's standard library
     train = set(real["train"].inputs)
     assert not any(t in train for split in ("dev", "test") for t in real[split].inputs)
+
+
+@pytest.mark.parametrize("flag, value, wanted", [
+    ("batch_size", "0", "an integer >= 1"), ("batch_size", "-4", "an integer >= 1"), ("epochs", "0", "an integer >= 1"),
+    ("max_steps", "0", r"an integer >= 1 \(or left out\)"), ("eval_every", "-1", r"an integer >= 1 \(or left out\)"),
+    ("patience", "0", "an integer >= 1"), ("warmup", "5", r"a fraction of the planned steps in \[0, 1\)"),
+    ("lr", "0", "a number > 0"), ("seeds", "0", "an integer >= 1"), ("seed", "-1", "an integer >= 0"),
+    ("dropout", "1.5", r"in \[0, 1\) \(or left out\)"),
+])
+def test_finetune_refuses_settings_that_would_train_nothing_or_not_what_they_say(
+        ckpt: Path, tmp_path: Path, capsys, flag, value, wanted) -> None:
+    """--epochs 0 or --batch_size -4 trained 0 steps and still reported a dev score and wrote 'best' checkpoints;
+    --batch_size 0 was a bare ZeroDivisionError; --warmup 5 kept the rate under a fifth of --lr."""
+    rows = keyword_rows(16, 0)
+    train = write_table(tmp_path / "train.tsv", ["sentence", "label"], rows)
+    argv = ["finetune", str(ckpt), "--train", str(train), "--dev", str(train), "--text_column", "sentence",
+            "--out", str(tmp_path / "out"), f"--{flag}", value]
+    assert main(argv) == 2
+    assert f"--{flag} " in capsys.readouterr().err
+    from mmm.downstream.finetune import FinetuneConfig
+
+    field = {"seed": "first_seed"}.get(flag, flag)
+    with pytest.raises(ValueError, match=rf"--{flag} \(FinetuneConfig.{field}\) must be {wanted}, got"):
+        FinetuneConfig(**{field: float(value) if flag in ("warmup", "lr", "dropout") else int(value)})
+    assert not (tmp_path / "out").exists()
