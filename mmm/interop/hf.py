@@ -147,8 +147,8 @@ def head_from_checkpoint(state_dict: Dict[str, torch.Tensor], encoder: TextEncod
 def text_mlm_head_name(contents: CheckpointContents) -> Tuple[Optional[str], List[str]]:
     """The name of the checkpoint's text MLM head (objective ``mlm`` on ``text``, named by its
     ``label``, else ``mlm``), or None; and notes on the choice. With several, the first listed in
-    ``objectives`` is taken; a head trained on a DrBERT decoder's output (``decoder_layers > 0``) is
-    not taken, as HF BERT has no such decoder."""
+    ``objectives`` is taken; a head trained on a DrBERT decoder's output (``decoder_layers > 0``) or on
+    LXMERT's cross-modality layers (``two_stream`` layout) is not taken, as HF BERT has neither."""
     from mmm.model import head_name
 
     heads = [o for o in contents.config.objectives if o.name == "mlm" and o.args.get("modality", "text") == "text"]
@@ -164,6 +164,12 @@ def text_mlm_head_name(contents: CheckpointContents) -> Tuple[Optional[str], Lis
         notes.append(f"the MLM head {name!r} of {contents.path} was trained on the output of a {layers}-layer "
                      f"DrBERT decoder (decoder_layers={layers}), which HF BERT has no equivalent of: exporting "
                      "the encoder as BertModel, without the head")
+        return None, notes
+    if contents.config.model.image_text.layout == "two_stream":
+        cross = contents.config.model.image_text.cross_layers
+        notes.append(f"the MLM head {name!r} of {contents.path} was trained on the output of {cross} LXMERT "
+                     f"cross-modality layer(s) (model.image_text.layout: two_stream), which HF BERT has no "
+                     f"equivalent of: exporting the text encoder as BertModel, without the head")
         return None, notes
     return name, notes
 

@@ -296,6 +296,21 @@ def test_export_of_several_text_mlm_heads_takes_the_first_listed(ckpt: Path, tmp
     assert _masked_lm_logits_match(out, enc, head, seed=7) <= 1e-4
 
 
+def test_export_leaves_out_an_mlm_head_trained_on_lxmert_cross_modality_layers(ckpt: Path, tmp_path: Path,
+                                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A two-stream (LXMERT) run's MLM head reads the fused states: on the bare text encoder in HF it predicts
+    other tokens. It was exported as BertForMaskedLM without a word."""
+    def two_stream(raw):
+        raw["mmm"]["config"]["model"]["image_text"] = {**raw["mmm"]["config"]["model"].get("image_text", {}),
+                                                       "layout": "two_stream", "cross_layers": 2}
+
+    src = _edit_ckpt(ckpt, tmp_path / "lxmert.ckpt", two_stream)
+    with caplog.at_level("WARNING", logger="mmm.export"):
+        out = export_hf_bert(src, tmp_path / "hf")
+    assert "trained on the output of 2 LXMERT cross-modality layer(s)" in caplog.text and "without the head" in caplog.text
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertModel"]
+
+
 def test_export_leaves_out_a_drbert_decoder_head(ckpt: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                  capsys: pytest.CaptureFixture) -> None:
     import dataclasses
