@@ -409,5 +409,8 @@ def _load(source: PathLike, spec: Any, modality: str, options: Dict[str, Any]) -
         return foreign
     if p.is_file():
         return spec.encoder_from_checkpoint(read_checkpoint(p))
+    if (p / "config.json").is_file():
+        raise ValueError(f"{p} holds an HF config.json, which mmm reads as a text (BERT) encoder only, not as "
+                         f"a {modality} encoder; pass a .ckpt file or a save_encoder folder of that modality")
     raise ValueError(f"{p} is a directory but holds neither {ENCODER_META_FILE} (save_encoder) nor, for text, "
                      "config.json (HF BERT); pass a .ckpt file or one of those directories")

@@ -385,11 +385,45 @@ def _wordpiece_from_vocab(directory: Path) -> TextTokenizer:
     return TextTokenizer(tok, WORDPIECE_SPECIALS, lowercase, "wordpiece")
 
 
+def _fast_tokenizer(directory: Path) -> TextTokenizer:
+    """An HF fast tokenizer's ``tokenizer.json`` (WordPiece or BPE) as a :class:`TextTokenizer`; the special
+    tokens' roles come from ``tokenizer_config.json`` / ``special_tokens_map.json``, else BERT's names."""
+    from tokenizers import Tokenizer
+
+    path = directory / TOKENIZER_FILE
+    try:
+        raw = _read_json(path)
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exn:  # the Rust side raises a plain Exception on a file it cannot read
+        raise ValueError(f"{path}: not a readable HF tokenizer.json: {exn}") from None
+    model = str((raw.get("model") or {}).get("type", ""))
+    kind = {"WordPiece": "wordpiece", "BPE": "bpe"}.get(model)
+    if kind is None:
+        raise ValueError(f"{path}: a {model or 'model-less'} tokenizer; mmm's text tokenizers are WordPiece or BPE")
+    given: Dict[str, Any] = {}
+    for name in ("special_tokens_map.json", TOKENIZER_CONFIG_FILE):  # the later one wins
+        if (directory / name).is_file():
+            given.update(_read_json(directory / name))
+    roles = {}
+    for role in ("pad", "unk", "cls", "sep", "mask"):
+        value = given.get(f"{role}_token", WORDPIECE_SPECIALS[role])
+        roles[role] = value.get("content") if isinstance(value, dict) else value
+    normalizer = raw.get("normalizer") or {}
+    lowercase = bool(given.get("do_lower_case", normalizer.get("lowercase", False)))
+    try:
+        return TextTokenizer(tok, roles, lowercase, kind)
+    except ValueError as exn:
+        raise ValueError(f"{path}: {exn} (the special tokens come from {TOKENIZER_CONFIG_FILE} or "
+                         f"special_tokens_map.json, else BERT's [PAD] [UNK] [CLS] [SEP] [MASK])") from None
+
+
 def _hf_tokenizer(directory: Path) -> Optional[TextTokenizer]:
     if (directory / META_FILE).is_file() and (directory / TOKENIZER_FILE).is_file():
         return TextTokenizer.load(directory)  # written by export_hf_bert: exact round trip
     if (directory / VOCAB_FILE).is_file():
         return _wordpiece_from_vocab(directory)
+    if (directory / TOKENIZER_FILE).is_file():  # a fast tokenizer alone (many Hub folders)
+        return _fast_tokenizer(directory)
     return None
 
 

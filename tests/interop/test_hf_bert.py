@@ -183,6 +183,25 @@ def test_vocab_txt_builds_a_bert_wordpiece_tokenizer(hf_bert_dir: Path, tmp_path
         assert enc.tokenizer.mask_id == 4 and enc.tokenizer.pad_id == 0
 
 
+def test_a_folder_with_only_tokenizer_json_reads_as_hf_reads_it(ckpt: Path, tmp_path: Path) -> None:
+    """Many Hub folders ship tokenizer.json without vocab.txt; it was refused ("no tokenizer"), while the error
+    said tokenizer.json would do and transformers.AutoTokenizer reads the folder."""
+    from transformers import AutoTokenizer
+
+    out = export_hf_bert(ckpt, tmp_path / "hf")
+    (out / "vocab.txt").unlink()
+    (out / "mmm_tokenizer.json").unlink()
+    enc = import_hf_bert(out)
+    ref = AutoTokenizer.from_pretrained(str(out))
+    text = "Return the list of items, sorted by key; raise ValueError if empty."
+    assert enc.tokenizer.kind == "wordpiece"
+    assert enc.tokenizer.encode(text)[0].tolist() == ref(text, add_special_tokens=False)["input_ids"]
+    assert (enc.tokenizer.cls_id, enc.tokenizer.mask_id) == (ref.cls_token_id, ref.mask_token_id)
+    (out / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"tokenizer.json"):
+        import_hf_bert(out)
+
+
 def test_export_command_prints_and_writes(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = export_command(ckpt, tmp_path / "cli")
     assert (out / "model.safetensors").is_file() and (out / "vocab.txt").is_file()
@@ -396,3 +415,10 @@ def test_corrupt_hf_weights_are_a_user_error_naming_the_file(hf_bert_dir: Path, 
     assert main(["export", "hf", str(bad), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{weights} is not a readable safetensors file" in err and "unexpected error" not in err
+
+
+def test_an_hf_folder_asked_for_as_another_modality_names_why(hf_bert_dir: Path) -> None:
+    """It said the folder held no config.json, though it did."""
+    with pytest.raises(ValueError, match=r"holds an HF config.json, which mmm reads as a text \(BERT\) encoder only, "
+                                         r"not as a image encoder"):
+        load_encoder(hf_bert_dir, modality="image")
