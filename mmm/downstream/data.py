@@ -232,7 +232,7 @@ class Labels:
             return cls("regression", [])
         if task_type != "classification":
             raise ValueError(f"task type must be 'classification' or 'regression', got {task_type!r}")
-        values = sorted({str(v) for v in train.labels})
+        values = sorted({label_key(v) for v in train.labels})
         if all(_is_int(v) for v in values):
             values = sorted(values, key=int)
         if len(values) < 2:
@@ -242,6 +242,14 @@ class Labels:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"task_type": self.task_type, "names": self.names}
+
+
+def label_key(v: Any) -> str:
+    """A class label as the name it is compared by: the text of a string label as written, a number by its
+    value (JSON ``1`` and ``1.0`` are one class; the strings ``"1"`` and ``"1.0"`` stay two)."""
+    if isinstance(v, float) and not isinstance(v, bool) and v.is_integer():
+        return str(int(v))
+    return str(v)
 
 
 def _is_int(v: str) -> bool:
@@ -268,10 +276,10 @@ def encode_labels(split: Split, labels: Labels) -> List[Union[int, float]]:
         return out
     index = {n: i for i, n in enumerate(labels.names)}
     for v, where in zip(split.labels, split.where):
-        if str(v) not in index:
+        if label_key(v) not in index:
             raise DownstreamDataError(f"{where}: label {v!r} never occurs in the training split "
                                       f"(training classes: {labels.names})")
-        out.append(index[str(v)])
+        out.append(index[label_key(v)])
     return out
 
 

@@ -285,3 +285,19 @@ def test_finetune_refuses_settings_that_would_train_nothing_or_not_what_they_say
     with pytest.raises(ValueError, match=rf"--{flag} \(FinetuneConfig.{field}\) must be {wanted}, got"):
         FinetuneConfig(**{field: float(value) if flag in ("warmup", "lr", "dropout") else int(value)})
     assert not (tmp_path / "out").exists()
+
+
+def test_jsonl_number_labels_are_one_class_by_value_string_labels_by_their_text(tmp_path: Path) -> None:
+    """JSON 1 in train and 1.0 in dev were two classes ("label 1.0 never occurs in the training split")."""
+    from mmm.downstream.data import Labels, encode_labels
+
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text('{"s": "a b", "label": 1}\n{"s": "c d", "label": 0}\n')
+    dev.write_text('{"s": "a b", "label": 1.0}\n{"s": "c d", "label": 0.0}\n')
+    tr, dv = read_table(train, ["s"], "label"), read_table(dev, ["s"], "label")
+    labels = Labels.fit(tr, "classification")
+    assert labels.names == ["0", "1"] and encode_labels(dv, labels) == [1, 0]
+    text = tmp_path / "dev.tsv"
+    text.write_text("s\tlabel\na b\t1.0\n")  # a table's "1.0" is text, not the number 1
+    with pytest.raises(DownstreamDataError, match=r"label '1.0' never occurs in the training split"):
+        encode_labels(read_table(text, ["s"], "label"), labels)
