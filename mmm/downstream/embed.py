@@ -65,6 +65,8 @@ def embed(source: PathLike, inputs: PathLike, out: PathLike, modality: str, *, p
         text_column: the column of a table input (text, DNA).
         timm_model: timm model name for a timm weights file.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch_size must be an integer >= 1, got {batch_size!r}")
     adapter = load_adapter(str(source), modality, timm_model=timm_model)
     adapter.check_pooling(pooling)
     data = read_inputs(inputs, modality, split, text_column)

@@ -301,3 +301,13 @@ def test_jsonl_number_labels_are_one_class_by_value_string_labels_by_their_text(
     text.write_text("s\tlabel\na b\t1.0\n")  # a table's "1.0" is text, not the number 1
     with pytest.raises(DownstreamDataError, match=r"label '1.0' never occurs in the training split"):
         encode_labels(read_table(text, ["s"], "label"), labels)
+
+
+def test_embed_refuses_a_batch_size_below_one(ckpt: Path, tmp_path: Path, capsys) -> None:
+    """It was a bare 'range() arg 3 must not be zero'."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("hello world\n")
+    assert main(["embed", str(ckpt), str(tmp_path / "in"), str(tmp_path / "out"), "--modality", "text",
+                 "--batch_size", "0"]) == 2
+    assert "--batch_size must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
