@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -85,6 +86,28 @@ def test_xformers_from_the_environment_is_named_as_such(tmp_path, capsys, monkey
     monkeypatch.setenv("MMM_ATTENTION", "xformers")
     assert main(_tiny_argv(tmp_path / "run", **{"trainer.max_steps": 2})) == 2
     assert "$MMM_ATTENTION (model.encoder.attention is auto): xformers needs a CUDA GPU" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("bogus", r"\$MMM_ATTENTION \(model.encoder.attention is auto\): unknown attention backend 'bogus'; known: auto, "),
+    ("SDPA", r"unknown attention backend 'SDPA'"),
+])
+def test_an_unknown_backend_from_the_environment_is_refused_before_the_fit_naming_the_variable(
+        tmp_path, capsys, monkeypatch, value, message):
+    """It was refused only at the first training step, after the tokenizer's fit, naming no variable."""
+    monkeypatch.setenv("MMM_ATTENTION", value)
+    assert main(_tiny_argv(tmp_path / "run", **{"trainer.max_steps": 2})) == 2
+    assert re.search(message, _error_line(capsys)) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_flex_without_cuda_and_xformers_with_alibi_are_refused_before_the_fit(tmp_path, capsys):
+    assert main(_tiny_argv(tmp_path / "run", **{"model.encoder.attention": "flex"})) == 2
+    assert "model.encoder.attention: flex (FlexAttention) compiles for CUDA only here" in _error_line(capsys)
+    assert main(_tiny_argv(tmp_path / "run", **{"model.encoder.attention": "xformers",
+                                                "model.encoder.relative_position": "alibi"})) == 2
+    assert "model.encoder.attention: xformers applies no ALiBi bias" in _error_line(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")

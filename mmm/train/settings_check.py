@@ -64,17 +64,30 @@ def _check_strategy(cfg: PretrainConfig) -> None:
 
 
 def _check_attention_backend(cfg: PretrainConfig) -> None:
-    """An explicit ``xformers`` backend (config, or ``$MMM_ATTENTION`` under ``auto``) needs CUDA and xformers."""
+    """The backend asked for (config, or ``$MMM_ATTENTION`` under ``auto``) exists; ``xformers`` and ``flex``
+    need CUDA (and xformers installed); ``xformers`` applies no ALiBi bias."""
     from mmm.core.attention import BACKEND_ENV, xformers_available
+    from mmm.registry import ATTENTION_BACKENDS
 
     asked = cfg.model.encoder.attention
     key = "model.encoder.attention"
     if asked == "auto" and os.environ.get(BACKEND_ENV):
         asked, key = os.environ[BACKEND_ENV], f"${BACKEND_ENV} (model.encoder.attention is auto)"
+    if asked != "auto" and asked not in ATTENTION_BACKENDS:
+        raise ConfigError(f"{key}: unknown attention backend {asked!r}; known: auto, "
+                          f"{', '.join(ATTENTION_BACKENDS.list())}")
+    accelerator = str(cfg.trainer.accelerator)
+    on_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if asked == "flex" and not on_cuda:
+        raise ConfigError(f"{key}: flex (FlexAttention) compiles for CUDA only here, and this run has no GPU "
+                          f"(trainer.accelerator {accelerator!r}, CUDA available: {torch.cuda.is_available()}); "
+                          f"use auto, sdpa or math")
+    if asked == "xformers" and cfg.model.encoder.relative_position == "alibi":
+        raise ConfigError(f"{key}: xformers applies no ALiBi bias (model.encoder.relative_position is alibi); "
+                          f"use auto (SDPA with the bias), sdpa or math")
     if asked != "xformers":
         return
-    accelerator = str(cfg.trainer.accelerator)
-    if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+    if not on_cuda:
         raise ConfigError(f"{key}: xformers needs a CUDA GPU (it has no CPU kernels), and this run has none "
                           f"(trainer.accelerator {accelerator!r}, CUDA available: {torch.cuda.is_available()}); "
                           f"use auto, sdpa or math")
