@@ -77,10 +77,15 @@ class MaskedModel(nn.Module):
             parts.append((inp.index, x))
         if len(parts) == 1 and parts[0][0] is None:
             return parts[0][1]
+        if any(index is None for index, _ in parts):
+            raise ValueError("a batch with several modality inputs must give each one its stream index")
+        covered = sum(index.shape[0] for index, _ in parts)
+        if covered != batch.num_tokens:  # a stream row no input fills would enter the encoder as zeros
+            raise ValueError(f"the inputs' stream indices place {covered} tokens "
+                             f"({', '.join(f'{n}: {i.shape[0]}' for n, i in zip(batch.inputs, (p[0] for p in parts)))}) "
+                             f"but the batch's layout holds {batch.num_tokens}; every stream row needs one input token")
         x = parts[0][1].new_zeros(batch.num_tokens, parts[0][1].shape[-1])
         for index, part in parts:
-            if index is None:
-                raise ValueError("a batch with several modality inputs must give each one its stream index")
             x = x.index_copy(0, index, part)
         return x
 

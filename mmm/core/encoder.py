@@ -220,15 +220,23 @@ class TransformerEncoder(nn.Module):
             return name
         return resolve_backend(self.cfg.attention, device, has_bias=self.alibi is not None)
 
-    def route(self, modality: Union[None, int, torch.Tensor, TokenModality]) -> Route:
+    def route(self, modality: Union[None, int, torch.Tensor, TokenModality], n_tokens: Optional[int] = None) -> Route:
         """What the blocks' modality experts read: None without experts, else one expert index or,
         for a (N,) tensor of per-token modality indices, each expert's rows (computed once per batch;
-        with a :class:`TokenModality`'s host counts, without a device read)."""
+        with a :class:`TokenModality`'s host counts, without a device read). Every token must belong to
+        one expert (a token no expert claims would skip the MLP): the shapes and counts are checked on the
+        host, the index values too when they are on the CPU."""
         if not self.experts:
             return None
         if isinstance(modality, TokenModality):
             if len(modality.counts) != self.experts:
                 raise ValueError(f"{len(modality.counts)} modality token counts for {self.experts} experts")
+            tokens = modality.ids.shape[0]
+            if sum(modality.counts) != tokens or (n_tokens is not None and tokens != n_tokens):
+                raise ValueError(f"the modality token counts {list(modality.counts)} (sum {sum(modality.counts)}) and "
+                                 f"the {tokens} per-token modality indices must both cover the "
+                                 f"{n_tokens if n_tokens is not None else tokens} tokens")
+            self._check_expert_ids(modality.ids)
             return [mask_positions(modality.ids == k, n) for k, n in enumerate(modality.counts)]
         if modality is None:
             raise ValueError(f"this encoder has {self.experts} modality experts: pass each token's modality index "
@@ -237,7 +245,23 @@ class TransformerEncoder(nn.Module):
             if not 0 <= modality < self.experts:
                 raise ValueError(f"modality index {modality} out of range for {self.experts} experts")
             return modality
+        if modality.dim() != 1 or (n_tokens is not None and modality.shape[0] != n_tokens):
+            raise ValueError(f"modality must be an int or one index per token, ({n_tokens},); got shape "
+                             f"{tuple(modality.shape)}")
+        self._check_expert_ids(modality)
         return [(modality == k).nonzero().squeeze(1) for k in range(self.experts)]
+
+    def _check_expert_ids(self, ids: torch.Tensor) -> None:
+        """Per-token modality indices on the CPU lie in ``[0, experts)`` (on a GPU the read would cost a sync)."""
+        if ids.device.type == "cpu" and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.experts):
+            raise ValueError(f"per-token modality indices must lie in [0, {self.experts}) (one per expert); got "
+                             f"values from {int(ids.min())} to {int(ids.max())}")
+
+    def _check_input(self, x: torch.Tensor, seq: PackedSeqInfo) -> None:
+        """``x`` is (N, dim) for the N tokens of ``seq`` (host shapes: no device read)."""
+        if x.dim() != 2 or x.shape[0] != seq.num_tokens or x.shape[1] != self.cfg.dim:
+            raise ValueError(f"the encoder takes (tokens, dim) = ({seq.num_tokens}, {self.cfg.dim}) for a layout of "
+                             f"{seq.num_tokens} tokens in {seq.batch_size} sequences; got x of shape {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo,
                 modality: Union[None, int, torch.Tensor] = None, causal: bool = False,
@@ -254,6 +278,7 @@ class TransformerEncoder(nn.Module):
                 e.g. every sequence's [CLS]): the last block then computes them alone (MosaicBERT);
                 the result equals the full forward's rows.
         """
+        self._check_input(x, seq)
         layout, stream_modality = seq, modality
         x, seq, order, run = self._batch_setup(x, seq, modality, causal)
         for block in self.blocks if rows is None else self.blocks[:-1]:  # with rows, the last block runs below
@@ -275,7 +300,8 @@ class TransformerEncoder(nn.Module):
             rope = self.rotary.tables(seq.position_ids)
         modality = _pick(modality, rows.index, keeps_counts=False)
         backend = self.backend_for(x.device)  # unused by the rows path; the call goes through the block's wrappers
-        return self.blocks[-1](x, seq, backend, self.alibi, rope, self.route(modality), causal, rows=rows)
+        return self.blocks[-1](x, seq, backend, self.alibi, rope, self.route(modality, rows.index.shape[0]), causal,
+                               rows=rows)
 
     def _batch_setup(self, x: torch.Tensor, seq: PackedSeqInfo, modality: Union[None, int, torch.Tensor],
                      causal: bool) -> Tuple[torch.Tensor, PackedSeqInfo, Optional[LongestFirst], tuple]:
@@ -292,12 +318,13 @@ class TransformerEncoder(nn.Module):
             modality = _pick(modality, order.gather, keeps_counts=True)
         rope = self.rotary.tables(seq.position_ids) if self.rotary is not None else None  # once per batch
         bias = flex_context(seq, self.alibi, causal) if backend == "flex" else self.alibi  # block mask once per batch
-        return x, seq, order, (backend, bias, rope, self.route(modality), causal)
+        return x, seq, order, (backend, bias, rope, self.route(modality, x.shape[0]), causal)
 
     def block_outputs(self, x: torch.Tensor, seq: PackedSeqInfo, modality: Union[None, int, torch.Tensor] = None,
                       causal: bool = False) -> List[torch.Tensor]:
         """Every block's (N, d) output, first to last, without the final norm (the layers a
         data2vec teacher averages its targets over); ``modality`` and ``causal`` as in :meth:`forward`."""
+        self._check_input(x, seq)
         x, seq, order, run = self._batch_setup(x, seq, modality, causal)
         outputs = []
         for block in self.blocks:

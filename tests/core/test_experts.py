@@ -1,5 +1,6 @@
 """Modality experts (VLMo / ONE-PEACE): shared attention, one MLP per modality, routed by each token's modality."""
 import copy
+import re
 
 import pytest
 import torch
@@ -89,6 +90,39 @@ def test_the_model_routes_by_the_packed_batchs_modality_ids():
         text_only = PackedBatch(PackedSeqInfo.from_seqlens([3]), {"text": TokenInput(torch.tensor([1, 5, 2]),
                                                                                       torch.arange(3))})
         assert model.token_modalities(text_only) == 0
+
+
+def test_a_token_no_expert_claims_is_refused_not_passed_without_its_mlp():
+    """Ids outside [0, experts), a route shorter than the stream, or inputs that leave a stream row unfilled ran
+    without an error: those tokens got a zero MLP output (or a zero embedding)."""
+    from mmm.core.encoder import TokenModality
+
+    enc = TransformerEncoder(_cfg(), experts=2)
+    seq, x = PackedSeqInfo.from_seqlens([3, 2]), torch.randn(5, D)
+    for bad, message in ((torch.tensor([0, 1, 2, 1, 0]), r"must lie in \[0, 2\).*from 0 to 2"),
+                         (torch.tensor([0, 1, -1, 1, 0]), r"must lie in \[0, 2\).*from -1 to 1"),
+                         (torch.tensor([0, 1, 1]), r"one index per token, \(5,\); got shape \(3,\)"),
+                         (TokenModality(torch.tensor([0, 1, 1, 1, 0]), (2, 2)), r"counts \[2, 2\] \(sum 4\)")):
+        with pytest.raises(ValueError, match=message):
+            enc(x, seq, modality=bad)
+    model = _model()
+    gap = PackedBatch(PackedSeqInfo.from_seqlens([8]), {
+        "text": TokenInput(torch.tensor([1, 5, 2]), torch.arange(3), torch.arange(3)),
+        "image": ImageInput(torch.randn(1, 3, 8, 8), index=torch.arange(4, 8))})  # 4 of the image's 5 rows
+    with pytest.raises(ValueError, match=r"place 7 tokens \(text: 3, image: 4\) but the batch's layout holds 8"):
+        model.embed(gap)
+
+
+def test_the_encoder_names_an_input_that_does_not_fit_its_layout():
+    """A wrong row count or width died deep in packing.py (index_copy_ / view) or inside nn.Linear."""
+    enc = TransformerEncoder(_cfg())
+    seq = PackedSeqInfo.from_seqlens([3, 2])
+    for bad in (torch.randn(7, D), torch.randn(0, D), torch.randn(5, D + 1), torch.randn(5)):
+        with pytest.raises(ValueError, match=rf"takes \(tokens, dim\) = \(5, {D}\) for a layout of 5 tokens in 2 "
+                                             rf"sequences; got x of shape {re.escape(str(tuple(bad.shape)))}"):
+            enc(bad, seq)
+        with pytest.raises(ValueError, match=r"takes \(tokens, dim\)"):
+            enc.block_outputs(bad, seq)
 
 
 def test_folding_an_expert_gives_a_plain_encoder_equal_to_that_modalitys_path():
