@@ -164,7 +164,8 @@ class MaskedModel(nn.Module):
         if self.fusion is None:
             raise ValueError("the batch pairs its sequences (two-stream layout) but the model has no cross-modality "
                              "layers; set model.image_text.layout: two_stream")
-        return self.fusion(hidden, batch.seq, batch.partners, self.encoder.backend_for(hidden.device))
+        return self.fusion(hidden, batch.seq, batch.partners, self.encoder.backend_for(hidden.device),
+                           alibi=self.encoder.alibi, rotary=self.encoder.rotary)
 
     def heads_for(self, batch: PackedBatch) -> List[str]:
         """Names of the heads that score ``batch``: its task's heads in a multi-task model, every head otherwise."""

@@ -8,15 +8,18 @@ separate sequences of one packed batch, encoded by the shared encoder (each atte
 its own sequence, so the encoder is a single-modality encoder for both), and
 ``PackedBatch.partners`` names, for every sequence, the sequence it is paired with. The fusion
 layers then run over the same packed stream; a sequence without a partner (-1) skips the
-cross-attention.
+cross-attention. Their self-attention uses the encoder's relative positions (ALiBi bias or rotary
+tables, within each sequence), as the encoder's blocks do.
 """
 from __future__ import annotations
+
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from mmm.config import EncoderConfig
-from mmm.core.attention import attend
+from mmm.core.attention import attend, flex_context
 from mmm.core.dropout import Dropout
 from mmm.core.encoder import EncoderBlock
 from mmm.core.packing import PackedSeqInfo
@@ -65,12 +68,14 @@ class CrossModalityLayer(nn.Module):
         self.dropout = Dropout(cfg.dropout)
         self.block = EncoderBlock(cfg)
 
-    def forward(self, x: torch.Tensor, seq: PackedSeqInfo, partners: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq: PackedSeqInfo, partners: torch.Tensor, backend: str,
+                bias: Any = None, rope: Any = None) -> torch.Tensor:
+        """``bias`` / ``rope``: the encoder's ALiBi bias (or flex context) and rotary tables for ``seq``, or None."""
         if self.norm_first:
             x = x + self.dropout(self.cross(self.norm(x), seq, partners))
         else:
             x = self.norm(x + self.dropout(self.cross(x, seq, partners)))
-        return self.block(x, seq, backend, None, None)
+        return self.block(x, seq, backend, bias, rope)
 
 
 class CrossModalFusion(nn.Module):
@@ -89,8 +94,12 @@ class CrossModalFusion(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.final_norm else None
 
     def forward(self, x: torch.Tensor, seq: PackedSeqInfo, partners: torch.Tensor, backend: str,
-                causal: bool = False) -> torch.Tensor:
+                causal: bool = False, alibi: Optional[nn.Module] = None, rotary: Optional[nn.Module] = None
+                ) -> torch.Tensor:
         """(N, d) encoder output, (S,) partner per sequence → (N, d) fused states.
+
+        ``alibi`` / ``rotary``: the encoder's relative-position modules (``encoder.alibi``, ``encoder.rotary``),
+        applied in the fusion layers' self-attention as in the encoder's blocks; None without them.
 
         ``causal`` must stay False: a token reads its whole partner sequence here, so the fusion
         layers have no causal form (a causal objective needs the single-stream layout).
@@ -101,8 +110,10 @@ class CrossModalFusion(nn.Module):
                              "them, or layout: single for a causal one")
         if partners.numel() != seq.batch_size:
             raise ValueError(f"partners has {partners.numel()} entries but the batch has {seq.batch_size} sequences")
+        rope = rotary.tables(seq.position_ids) if rotary is not None else None  # once per batch
+        bias = flex_context(seq, alibi, False) if backend == "flex" else alibi
         for layer in self.layers:
-            x = layer(x, seq, partners, backend)
+            x = layer(x, seq, partners, backend, bias, rope)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x

@@ -76,3 +76,50 @@ def test_partner_cross_attention_with_attention_dropout_takes_the_explicit_cpu_p
     torch.manual_seed(1)
     dropped = att(x, seq, partners)
     assert not torch.allclose(dropped[:-2], want[:-2], atol=1e-3) and torch.equal(dropped[-2:], torch.zeros(2, 16))
+
+
+@pytest.mark.parametrize("position", ["alibi", "rotary"])
+def test_the_fusion_layers_use_the_encoders_relative_positions(position):
+    """They called their blocks with no ALiBi bias and no rotary tables: within a sequence the fused states
+    were those of a bag of tokens (shuffling its tokens shuffled the output alike)."""
+    from mmm.core.encoder import TransformerEncoder
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(dim=16, depth=1, heads=2, dropout=0.0, attn_dropout=0.0, relative_position=position)
+    enc, fusion = TransformerEncoder(cfg).eval(), CrossModalFusion(cfg, 2).eval()
+    seq, partners = PackedSeqInfo.from_seqlens([5, 4]), torch.tensor([1, 0])
+    perm = torch.tensor([1, 3, 0, 4, 2, 5, 6, 7, 8])  # shuffle sequence 0's tokens
+    h = torch.randn(9, 16)
+
+    def fused(x):
+        return fusion(x, seq, partners, "sdpa", alibi=enc.alibi, rotary=enc.rotary)
+
+    with torch.no_grad():
+        assert not torch.allclose(fused(h[perm]), fused(h)[perm], atol=1e-4)  # order matters, as in the encoder
+        bag = fusion(h[perm], seq, partners, "sdpa")  # without the modules: no positions (the old behaviour)
+        assert torch.allclose(bag, fusion(h, seq, partners, "sdpa")[perm], atol=1e-5)
+
+
+def test_the_model_hands_its_encoders_positions_to_the_fusion_layers(monkeypatch):
+    from mmm.batch import PackedBatch, TokenInput
+    from mmm.config import ModelConfig, ObjectiveConfig
+    from mmm.model import build_model
+    from mmm.registry import EMBEDDERS
+
+    cfg = ModelConfig(encoder=EncoderConfig(dim=16, depth=1, heads=2, mlp_hidden=32, relative_position="rotary"))
+    cfg.image_text.layout, cfg.image_text.cross_layers = "two_stream", 1
+    model = build_model(cfg, [ObjectiveConfig("mlm")], {"text": EMBEDDERS.create("text", vocab_size=20, dim=16,
+                                                                                 max_len=8, position="none")})
+    seen = {}
+    forward = type(model.fusion).forward
+
+    def spy(self, *args, **kw):
+        seen.update(kw)
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(type(model.fusion), "forward", spy)
+    seq = PackedSeqInfo.from_seqlens([3, 3])
+    batch = PackedBatch(seq, {"text": TokenInput(torch.tensor([2, 5, 3, 2, 6, 3]), seq.position_ids, torch.arange(6))},
+                        partners=torch.tensor([1, 0]))
+    model.encode(batch)
+    assert seen["rotary"] is model.encoder.rotary and seen["alibi"] is model.encoder.alibi
