@@ -91,6 +91,8 @@ class PackedSeqInfo:
                 (``longest_first``); 0 = never split.
         """
         lengths = tuple(int(n) for n in seqlens)
+        if any(n != m for n, m in zip(seqlens, lengths)):  # 3.7 would be cut to 3 tokens silently
+            raise ValueError(f"sequence lengths must be whole numbers, got {list(seqlens)}")
         if len(lengths) == 0:
             raise ValueError("a packed batch needs at least one sequence")
         if min(lengths) < 1:

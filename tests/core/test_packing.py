@@ -94,3 +94,9 @@ def test_a_batch_in_data_order_carries_its_longest_first_reordering():
     assert PackedSeqInfo.from_seqlens(lengths, pad_groups=0).longest_first is None
     moved = seq.to("cpu")
     assert moved.longest_first is not None and torch.equal(moved.longest_first.gather, lf.gather)
+
+
+def test_fractional_lengths_are_refused_not_cut():
+    with pytest.raises(ValueError, match=r"whole numbers, got \[3.7, 2\]"):
+        PackedSeqInfo.from_seqlens([3.7, 2])
+    assert PackedSeqInfo.from_seqlens([3.0, 2]).num_tokens == 5
