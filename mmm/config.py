@@ -725,9 +725,15 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dic
                 setattr(cfg.trainer, name, os.path.expanduser(value))
         # data.batch_size counts as given when set at the level of data.global_batch_size or later: a
         # --data.global_batch_size override derives it over the file's batch_size (flat precedence)
-        given = set(overrides or {})
-        resolve_batch_size(cfg, explicit_batch_size="data.batch_size" in given
-                           or (file_batch_size and "data.global_batch_size" not in given))
+        ov = overrides or {}
+        section_override = ov.get("data") if isinstance(ov.get("data"), dict) else None  # replaces the file's
+
+        def overridden(key: str) -> bool:
+            return f"data.{key}" in ov or (section_override is not None and key in section_override)
+
+        from_file = file_batch_size and section_override is None
+        resolve_batch_size(cfg, explicit_batch_size=overridden("batch_size")
+                           or (from_file and not overridden("global_batch_size")))
         return cfg
     except ConfigError as e:
         text = str(e)  # a bad value given on the command line is named as the override, not as the file's

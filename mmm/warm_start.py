@@ -191,7 +191,6 @@ def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> Warm
             names it and both shapes).
     """
     src, kind = read_source(source)
-    _check_same_function(model, source)
     if kind == "hf_bert":
         src = _onto_text_mlm_head(model, src)
     own = model.state_dict()
@@ -202,6 +201,7 @@ def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> Warm
         more = f" (and {len(mismatched) - 1} more: {[m[0] for m in mismatched[1:4]]})" if len(mismatched) > 1 else ""
         raise WarmStartError(f"model.init_from {source}: tensor {name!r} has shape {theirs} there but {ours} in this "
                              f"model{more}; make the model's sizes (vocabulary, width, depth, max_len) match the source")
+    _check_same_function(model, source)  # after the shapes: a gelu source into a geglu model differs in shape
     report = WarmStartReport(Path(source), kind, sorted(k for k in own if k in src),
                              sorted(k for k in own if k not in src), sorted(k for k in src if k not in own))
     loaded = {k: src[k] for k in report.loaded}
@@ -257,7 +257,7 @@ class SourceTokenizers:
                 continue
             own = run_dir / m.tokenizer_dir
             shutil.rmtree(own, ignore_errors=True)  # fitted by this run: a rerun with tokenizer_path starts clean
-            near = self.source.parent.parent / m.tokenizer_dir if self.source.is_file() else self.source
+            near = self.source.parent.parent / m.tokenizer_dir if self.source.is_file() else self.source / "tokenizer"
             hint = f" ({near} holds it)" if (near / m.saved_marker).is_file() else ""
             raise WarmStartError(f"model.init_from {self.source} was trained with its own {m.what} ({where}), and "
                                  f"the one fitted here numbers tokens differently: the loaded embedding rows would "
@@ -292,7 +292,7 @@ def source_tokenizers(source: PathLike, modalities: Dict[str, object]) -> Source
 
 def _source_tokenizer(p: Path, name: str, modality: object) -> Tuple[object, str]:
     """The source's tokenizer of modality ``name`` and where it was found, or ``(None, "")``."""
-    from mmm.encoders import ENCODER_META_FILE, read_checkpoint
+    from mmm.encoders import ENCODER_META_FILE, TOKENIZER_SUBDIR, read_checkpoint
     from mmm.modalities.tokenizer_asset import tokenizer_from_files
 
     if p.is_file():
@@ -304,12 +304,14 @@ def _source_tokenizer(p: Path, name: str, modality: object) -> Tuple[object, str
             return None, ""
         tok = tokenizer_from_files(files, str(p), modality.load_tokenizer, modality.saved_marker, modality.what)
         return tok, "stored in the checkpoint"
-    if (p / ENCODER_META_FILE).is_file() and (p / modality.saved_marker).is_file():
+    if (p / ENCODER_META_FILE).is_file():
+        tok_dir = p / TOKENIZER_SUBDIR  # where save_encoder writes a token encoder's tokenizer
         try:
             meta = json.loads((p / ENCODER_META_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None, ""
-        if isinstance(meta, dict) and (meta.get("modality") or "text") == name:
-            return modality.load_tokenizer(p), f"saved in {p}"
+        if isinstance(meta, dict) and (meta.get("modality") or "text") == name \
+                and (tok_dir / modality.saved_marker).is_file():
+            return modality.load_tokenizer(tok_dir), f"saved in {tok_dir}"
     return None, ""
 

@@ -63,6 +63,8 @@ def test_a_global_batch_override_derives_the_per_device_batch_over_the_files():
     assert (cfg.data.batch_size, global_batch_size(cfg)) == (32, 64)
     with pytest.raises(ConfigError, match=r"data.batch_size 32 contradicts data.global_batch_size 64"):  # same level
         load_config(CONFIGS / "text_mlm_tiny.yaml", {"data.global_batch_size": 64, "data.batch_size": 32})
+    whole = load_config(CONFIGS / "text_mlm_tiny.yaml", {"data": {"global_batch_size": 64}})  # replaces the section
+    assert (whole.data.batch_size, global_batch_size(whole)) == (64, 64)
 
 
 def test_without_global_batch_the_per_device_batch_is_kept():

@@ -171,6 +171,7 @@ def test_bad_input_hint_of_a_shard_build_names_the_flag(tmp_path, capsys):
     ({"trainer.devices": 0}, r"trainer.devices must be a positive number of devices, -1 \(all\), 'auto', or device "
                              r"indices such as '0,1'; got 0"),
     ({"trainer.devices": "many"}, r"trainer.devices must be .*; got 'many'"),
+    ({"trainer.devices": ","}, r"trainer.devices must be .*; got ','"),
     ({"objectives": [{"name": "mlm", "args": {"dim": 32}}]},
      r"objectives\[0\].args \(objective 'mlm'\): 'dim' is set by mmm itself \(from model.encoder.dim\); remove it"),
     ({"objectives": [{"name": "mlm", "args": {"tie_weight": True}}]},
@@ -187,3 +188,11 @@ def test_settings_the_model_or_trainer_would_refuse_late_are_refused_before_anyt
     assert main(_tiny_argv(tmp_path / "run", **overrides)) == 2
     assert re.search(message, _error(capsys))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("devices", [1, "1", "auto", -1, "0,", "0,1", 2])
+def test_the_device_forms_lightning_reads_pass_the_early_check(tmp_path, devices):
+    from mmm.train.settings_check import _check_devices
+
+    _check_devices(tiny_config(tmp_path / "run", **{"trainer.devices": devices}))
+

@@ -39,6 +39,8 @@ RESULT_FILE = "finetune.json"
 
 FLAG_FIELDS = {"seed": "first_seed"}
 """``mmm finetune`` flags whose FinetuneConfig field has another name."""
+API_ONLY = ("max_grad_norm", "eval_batch_size")
+"""FinetuneConfig fields with no ``mmm finetune`` flag (errors name the field alone)."""
 
 
 @dataclass
@@ -66,7 +68,9 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         """Refuse settings that would train nothing, or not what they say, naming the ``mmm finetune`` flag."""
         def bad(flag: str, value: Any, wanted: str) -> None:
-            raise ValueError(f"--{flag} (FinetuneConfig.{FLAG_FIELDS.get(flag, flag)}) must be {wanted}, got {value!r}")
+            field_name = f"FinetuneConfig.{FLAG_FIELDS.get(flag, flag)}"
+            what = field_name if flag in API_ONLY else f"--{flag} ({field_name})"
+            raise ValueError(f"{what} must be {wanted}, got {value!r}")
 
         def number(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -423,7 +423,10 @@ def _hf_tokenizer(directory: Path) -> Optional[TextTokenizer]:
     if (directory / VOCAB_FILE).is_file():
         return _wordpiece_from_vocab(directory)
     if (directory / TOKENIZER_FILE).is_file():  # a fast tokenizer alone (many Hub folders)
-        return _fast_tokenizer(directory)
+        try:
+            return _fast_tokenizer(directory)
+        except ValueError as exn:  # e.g. a Unigram model: the encoder still loads, for token ids
+            logger.warning("%s; loading the encoder without a tokenizer (it takes token ids)", exn)
     return None
 
 
@@ -522,7 +525,8 @@ def import_hf_bert(directory: PathLike) -> TextEncoder:
     or bare keys) from ``model.safetensors``, ``pytorch_model.bin`` (``weights_only=True``) or a
     sharded index. The tokenizer comes from files written by :func:`export_hf_bert`, else from
     ``vocab.txt`` (BERT WordPiece, ``do_lower_case`` from ``tokenizer_config.json``, default
-    true), else it is None.
+    true), else from a fast tokenizer's ``tokenizer.json`` (WordPiece or BPE), else it is None (with a
+    warning when a ``tokenizer.json`` cannot be read as one of those).
 
     Args:
         directory: the model folder.

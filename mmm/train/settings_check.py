@@ -48,8 +48,8 @@ def _check_devices(cfg: PretrainConfig) -> None:
     """``trainer.devices``: a positive count, -1 (all), ``auto``, or device indices such as ``"0,1"``."""
     devices = cfg.trainer.devices
     text = str(devices).strip()
-    indices = [part.strip() for part in text.split(",")]
-    if devices == 0 or text == "0" or not (text in ("auto", "-1") or all(p.isdigit() for p in indices)):
+    indices = [part.strip() for part in text.split(",") if part.strip()]  # "0," is Lightning's GPU 0 alone
+    if devices == 0 or text == "0" or not (text in ("auto", "-1") or (indices and all(p.isdigit() for p in indices))):
         raise ConfigError(f"trainer.devices must be a positive number of devices, -1 (all), 'auto', or device "
                           f"indices such as '0,1'; got {devices!r}")
 

@@ -192,6 +192,11 @@ def test_a_warm_start_refuses_another_tokenizer_than_the_sources(ckpt: Path, tmp
         build_run(tiny_config(tmp_path / "given", **{"model.init_from": str(ckpt), "model.text.tokenizer_path":
                                                      str(other), "data.val": None}))
     assert not (tmp_path / "given" / "tokenizer").exists()  # refused before anything was fitted or copied
+    folder = save_encoder(load_encoder(ckpt, modality="text"), tmp_path / "enc")  # its tokenizer in enc/tokenizer
+    with pytest.raises(WarmStartError, match=rf"is not the tokenizer model.init_from {folder} was trained with "
+                                             rf"\(saved in {folder / 'tokenizer'}\)"):
+        build_run(tiny_config(tmp_path / "given2", **{"model.init_from": str(folder), "model.text.tokenizer_path":
+                                                      str(other), "data.val": None}))
 
     run_dir = tmp_path / "fitted"  # a smaller vocabulary fitted here: other ids
     with pytest.raises(WarmStartError, match=rf"the one fitted here numbers tokens differently.*Set "
