@@ -220,12 +220,14 @@ class TransformerEncoder(nn.Module):
             return name
         return resolve_backend(self.cfg.attention, device, has_bias=self.alibi is not None)
 
-    def route(self, modality: Union[None, int, torch.Tensor, TokenModality], n_tokens: Optional[int] = None) -> Route:
+    def route(self, modality: Union[None, int, torch.Tensor, TokenModality], n_tokens: Optional[int] = None,
+              check_values: bool = True) -> Route:
         """What the blocks' modality experts read: None without experts, else one expert index or,
         for a (N,) tensor of per-token modality indices, each expert's rows (computed once per batch;
         with a :class:`TokenModality`'s host counts, without a device read). Every token must belong to
-        one expert (a token no expert claims would skip the MLP): the shapes and counts are checked on the
-        host, the index values too when they are on the CPU."""
+        one expert (a token no expert claims would skip the MLP): shapes and counts are checked on the
+        host; a plain tensor's values too when it is on the CPU and ``check_values`` (a training step's
+        :class:`TokenModality` is built by the model from its inputs' sizes and is never read back)."""
         if not self.experts:
             return None
         if isinstance(modality, TokenModality):
@@ -236,7 +238,6 @@ class TransformerEncoder(nn.Module):
                 raise ValueError(f"the modality token counts {list(modality.counts)} (sum {sum(modality.counts)}) and "
                                  f"the {tokens} per-token modality indices must both cover the "
                                  f"{n_tokens if n_tokens is not None else tokens} tokens")
-            self._check_expert_ids(modality.ids)
             return [mask_positions(modality.ids == k, n) for k, n in enumerate(modality.counts)]
         if modality is None:
             raise ValueError(f"this encoder has {self.experts} modality experts: pass each token's modality index "
@@ -248,7 +249,8 @@ class TransformerEncoder(nn.Module):
         if modality.dim() != 1 or (n_tokens is not None and modality.shape[0] != n_tokens):
             raise ValueError(f"modality must be an int or one index per token, ({n_tokens},); got shape "
                              f"{tuple(modality.shape)}")
-        self._check_expert_ids(modality)
+        if check_values:
+            self._check_expert_ids(modality)
         return [(modality == k).nonzero().squeeze(1) for k in range(self.experts)]
 
     def _check_expert_ids(self, ids: torch.Tensor) -> None:
@@ -300,8 +302,8 @@ class TransformerEncoder(nn.Module):
             rope = self.rotary.tables(seq.position_ids)
         modality = _pick(modality, rows.index, keeps_counts=False)
         backend = self.backend_for(x.device)  # unused by the rows path; the call goes through the block's wrappers
-        return self.blocks[-1](x, seq, backend, self.alibi, rope, self.route(modality, rows.index.shape[0]), causal,
-                               rows=rows)
+        route = self.route(modality, rows.index.shape[0], check_values=False)  # rows of the stream checked before
+        return self.blocks[-1](x, seq, backend, self.alibi, rope, route, causal, rows=rows)
 
     def _batch_setup(self, x: torch.Tensor, seq: PackedSeqInfo, modality: Union[None, int, torch.Tensor],
                      causal: bool) -> Tuple[torch.Tensor, PackedSeqInfo, Optional[LongestFirst], tuple]:
