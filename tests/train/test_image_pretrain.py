@@ -66,3 +66,49 @@ def test_visual_token_targets_in_mae_mode_are_refused_not_silently_untrained(tmp
     cfg = _simmim_config(tmp_path / "run", **{"model.image.drop_masked": True})
     with pytest.raises(ValueError, match=r"'visual_tokens' \(token_targets on image_tokens\) needs mask-token mode"):
         build_run(cfg)
+
+
+def test_a_run_folders_codebook_that_no_longer_fits_the_config_is_refused(tmp_path):
+    """A rerun with visual_tokens 32 kept the folder's 16-entry codebook (half the head never a target); with
+    another patch size, patch features were cut into the old width before a reshape crash."""
+    import pytest
+
+    from mmm.train.tasks import prepare_run_assets
+
+    run_dir = tmp_path / "run"
+    prepare_run_assets(_simmim_config(run_dir, **{"data.val": None}))
+    with pytest.raises(ValueError, match=r"visual_codebook.json does not fit the config: it has 16 entries but "
+                                         r"model.image.visual_tokens is 32; .*delete .* to fit a new one"):
+        prepare_run_assets(_simmim_config(run_dir, **{"data.val": None, "model.image.visual_tokens": 32}))
+    with pytest.raises(ValueError, match=r"its features have 48 values but a 8-pixel patch has 192"):
+        prepare_run_assets(_simmim_config(run_dir, **{"data.val": None, "model.image.patch_size": 8}))
+
+
+def test_the_codebook_fit_skips_and_counts_bad_images_only_with_skip_bad(tmp_path, caplog):
+    """The fit read images with no bad-sample policy: one bad image stopped a run configured to skip it."""
+    import io
+    import tarfile
+
+    import pytest
+
+    from mmm.train.tasks import prepare_run_assets
+    from mmm.train.tasks import resolve_shards
+
+    good = resolve_shards("embedded", "image", "train")[0]
+    bad = tmp_path / "shards" / "train-000000.tar"
+    bad.parent.mkdir()
+    with tarfile.open(good) as tin, tarfile.open(bad, "w") as tout:
+        for i, m in enumerate(tin.getmembers()):
+            data = tin.extractfile(m).read()
+            if i == 0:  # the first image: not an image any more
+                data = b"not an image"
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+    cfg = _simmim_config(tmp_path / "strict", **{"data.val": None, "data.train": str(bad.parent)})
+    with pytest.raises(ValueError, match=r"fitting the visual-token codebook: .*set data.skip_bad: true"):
+        prepare_run_assets(cfg)
+    with caplog.at_level("WARNING"):
+        prepare_run_assets(_simmim_config(tmp_path / "lenient", **{"data.val": None, "data.train": str(bad.parent),
+                                                                   "data.skip_bad": True}))
+    assert "visual-token codebook: 1 bad image(s) skipped while fitting" in caplog.text

@@ -90,25 +90,58 @@ class ImageModality(Modality):
         if self.cfg.visual_tokens <= 0:
             return
         own = run_dir / "image" / CODEBOOK_FILE
-        if own.is_file():
+        if own.is_file():  # a resumed run, or one prepared before: it must still fit the config
             self.codebook = codebook_from_json(own.read_text(encoding="utf-8"), str(own))
+            self.check_codebook(self.codebook, str(own), reused=True)
             return
         self.codebook = self.fit_codebook(train_urls, options)
         own.parent.mkdir(parents=True, exist_ok=True)
         own.write_text(codebook_to_json(self.codebook), encoding="utf-8")
 
+    def check_codebook(self, codebook: Any, where: str, reused: bool = False) -> None:
+        """Refuse a codebook that does not fit ``model.image``: its size is ``visual_tokens`` and its
+        features are one patch's standardised pixels (``3 * patch_size**2``)."""
+        k, dim = codebook.centroids.shape
+        want_dim = 3 * self.cfg.patch_size ** 2
+        problems = []
+        if k != self.cfg.visual_tokens:
+            problems.append(f"it has {k} entries but model.image.visual_tokens is {self.cfg.visual_tokens}")
+        if dim != want_dim:
+            problems.append(f"its features have {dim} values but a {self.cfg.patch_size}-pixel patch has {want_dim} "
+                            f"(3 * model.image.patch_size**2)")
+        if problems:
+            fix = (f"; keep the run's settings, use a new trainer.default_root_dir, or delete {where} to fit a new one"
+                   if reused else "")
+            raise ValueError(f"the visual-token codebook {where} does not fit the config: {'; '.join(problems)}{fix}")
+
     def fit_codebook(self, urls: List[str], options: Optional[ReadOptions] = None) -> Any:
-        """k-means over per-patch standardised pixels of up to ``codebook_images`` training images."""
+        """k-means over per-patch standardised pixels of up to ``codebook_images`` training images. A bad
+        image stops the fit, or is skipped and counted with ``data.skip_bad`` (as training treats it)."""
         import torch
 
+        from mmm.modalities.image.decode import ImageDecodeError
         from mmm.targets.kmeans import Codebook
 
-        images = []
+        images, bad = [], 0
+        skip = options is not None and options.skip_bad
         for sample in iter_raw_samples(urls, options):
-            img, _ = read_image_sample(sample, self.image_settings)
+            try:
+                img, _ = read_image_sample(sample, self.image_settings)
+            except ImageDecodeError as e:
+                if not skip:
+                    raise ValueError(f"fitting the visual-token codebook: {e} (set data.skip_bad: true to skip and "
+                                     f"count bad images)") from None
+                bad += 1
+                if options.max_errors is not None and bad > options.max_errors:
+                    raise ValueError(f"fitting the visual-token codebook: too many bad images: {bad} > "
+                                     f"data.max_errors={options.max_errors}; last: {e}") from None
+                logger.warning("visual-token codebook: skipping a bad image: %s", e)
+                continue
             images.append(eval_transform(img, self.cfg.image_size))
             if len(images) >= self.cfg.codebook_images:
                 break
+        if bad:
+            logger.warning("visual-token codebook: %d bad image(s) skipped while fitting", bad)
         if not images:
             raise ValueError(f"no training images to fit the visual-token codebook on (shards: {urls[:3]})")
         feats = visual_token_features(torch.stack(images), self.cfg.patch_size).reshape(-1, 3 * self.cfg.patch_size ** 2)
@@ -122,6 +155,7 @@ class ImageModality(Modality):
     def load_assets(self, files: Dict[str, str], where: str) -> None:
         if CODEBOOK_FILE in files:
             self.codebook = codebook_from_json(files[CODEBOOK_FILE], where)
+            self.check_codebook(self.codebook, f"{where} ({CODEBOOK_FILE})")
         elif self.cfg.visual_tokens > 0:
             raise ValueError(f"{where}: model.image.visual_tokens={self.cfg.visual_tokens} but the checkpoint holds "
                              f"no {CODEBOOK_FILE}")
