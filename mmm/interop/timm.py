@@ -34,6 +34,7 @@ carrying pickled code is refused, never run.
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -46,6 +47,8 @@ from mmm.interop.require import require
 from mmm.modalities.image.embedder import ImageEncoder, ImageEncoderConfig
 
 PathLike = Union[str, Path]
+
+logger = logging.getLogger("mmm.interop")
 
 TIMM_MODEL_NAME = "vit_base_patch16_224"
 """Entry point :func:`to_timm_model` passes to ``timm.create_model``; every architecture argument is overridden."""
@@ -142,9 +145,22 @@ def to_timm_model(encoder: ImageEncoder) -> nn.Module:
     """
     timm = require("timm", "timm interop")
     kwargs, state = export_timm_vit(encoder)
-    model = timm.create_model(TIMM_MODEL_NAME, pretrained=False, **kwargs)
+    model = timm.create_model(TIMM_MODEL_NAME, pretrained=False, pretrained_cfg_overlay=preprocessing_cfg(encoder),
+                              **kwargs)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def preprocessing_cfg(encoder: ImageEncoder) -> Dict[str, Any]:
+    """The input settings mmm trained ``encoder`` with, as timm's ``pretrained_cfg`` keys, so that
+    ``timm.data.resolve_model_data_config`` and ``create_transform`` build mmm's evaluation transform (its
+    image size, ImageNet mean/std, bicubic resize of the short side, centre crop) instead of the
+    ``vit_base_patch16_224`` defaults (224 px, mean/std 0.5, crop 0.9)."""
+    from mmm.modalities.image.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    size = encoder.embedder.image_size
+    return {"input_size": (3, size, size), "mean": tuple(IMAGENET_MEAN), "std": tuple(IMAGENET_STD),
+            "crop_pct": 1.0, "interpolation": "bicubic", "crop_mode": "center"}
 
 
 # ----------------------------------------------------------------------------- import
@@ -255,6 +271,23 @@ def _square(value: Any, what: str) -> int:
     return int(a)
 
 
+def _warn_of_other_normalisation(model: nn.Module) -> None:
+    """mmm's pipelines feed ImageNet-normalised pixels; say so when the timm model expects other statistics
+    (its ``pretrained_cfg``: CLIP's, or mean/std 0.5), since its features would then be computed on inputs
+    normalised otherwise than in its training."""
+    from mmm.modalities.image.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None:
+        return
+    if any(abs(a - b) > 1e-3 for a, b in zip((*mean, *std), (*IMAGENET_MEAN, *IMAGENET_STD))):
+        logger.warning("this timm ViT was trained on pixels normalised with mean %s, std %s, but mmm's image "
+                       "pipelines (mmm embed, finetune, probes) normalise with ImageNet's mean %s, std %s: its "
+                       "features there are computed on inputs unlike its training's", tuple(mean), tuple(std),
+                       IMAGENET_MEAN, IMAGENET_STD)
+
+
 def _from_model(model: nn.Module) -> ImageEncoder:
     """Convert a timm ``VisionTransformer`` instance (its current weights) into an mmm ImageEncoder."""
     from timm.layers import PatchEmbed
@@ -274,6 +307,7 @@ def _from_model(model: nn.Module) -> ImageEncoder:
         raise _refuse("a patch-embedding norm (embed_norm_layer)", "mmm normalises patch tokens only after positions")
     if pe.img_size is None:
         raise _refuse("a patch embedding without a fixed image size", "mmm embedders have a fixed image_size")
+    _warn_of_other_normalisation(model)
     image_size, patch_size = _square(pe.img_size, "img_size"), _square(pe.patch_size, "patch_size")
     if tuple(pe.proj.kernel_size) != (patch_size, patch_size) or tuple(pe.proj.stride) != (patch_size, patch_size):
         raise _refuse("an overlapping or resized patch projection", "mmm's patches do not overlap")

@@ -112,6 +112,39 @@ def test_export_parity(encoder_kw, embedder_kw):
     assert _max_diff(model, back) <= TOL
 
 
+def test_the_exported_model_tells_timm_the_preprocessing_mmm_trained_with():
+    """It carried vit_base_patch16_224's settings: timm's own transform made 224-px, mean/std-0.5 inputs for a
+    32-px encoder trained on ImageNet-normalised images (a shape error, or silently wrong inputs at 224 px)."""
+    import numpy as np
+    from PIL import Image
+
+    from mmm.modalities.image.transforms import eval_transform, normalize
+
+    enc = _mmm_encoder()
+    model = to_timm_model(enc)
+    data_cfg = timm.data.resolve_model_data_config(model)
+    assert data_cfg["input_size"] == (3, 32, 32) and data_cfg["mean"] == (0.485, 0.456, 0.406)
+    assert data_cfg["std"] == (0.229, 0.224, 0.225) and data_cfg["crop_pct"] == 1.0
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    timm_input = timm.data.create_transform(**data_cfg)(img)[None]  # timm's own eval transform
+    mmm_input = normalize(eval_transform(img, 32))[None]
+    assert float((timm_input - mmm_input).abs().max()) < 0.05  # the same resize/crop/normalisation (PIL vs torch)
+    with torch.no_grad():
+        assert float((model.forward_features(timm_input) - enc(timm_input)).abs().max()) <= TOL
+
+
+def test_importing_a_vit_trained_on_other_pixel_statistics_says_so(caplog):
+    """mmm's pipelines normalise with ImageNet's statistics; a ViT trained with mean/std 0.5 (timm's
+    vit_tiny_patch16_224) was imported without a word."""
+    with caplog.at_level("WARNING", logger="mmm.interop"):
+        import_timm_vit(_timm_vit())
+    assert "normalised with mean (0.5, 0.5, 0.5)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmm.interop"):
+        import_timm_vit(to_timm_model(_mmm_encoder()))  # mmm's own export: ImageNet statistics, no warning
+    assert "normalised with mean" not in caplog.text
+
+
 def test_export_refuses_what_timm_cannot_represent():
     with pytest.raises(ValueError, match=r"encoder.norm_first=False, but timm's ViT block is pre-LayerNorm"):
         export_timm_vit(_mmm_encoder(dict(norm_first=False)))
