@@ -98,10 +98,12 @@ GROUPS: Dict[str, RecipeGroup] = {
     ), ("dna-motifs",)),
     "image": RecipeGroup("image", "mae", (
         Recipe("mae", "image_mae_tiny", {}, "MAE: drop-masked encoder, pixel decoder"),
-        Recipe("simmim", "image_simmim_tiny", {}, "SimMIM: mask tokens, linear pixel head"),
+        Recipe("simmim", "image_simmim_tiny", {}, "SimMIM's linear pixel head (L1) + BEiT-style visual tokens, "
+               "mask tokens, BEiT block masking 40 % (the preset; not the paper's random 60 %, L1 alone)"),
         Recipe("d2v", "image_d2v_tiny", {}, "data2vec-style self-distillation"),
         Recipe("mp3", "image_mp3_tiny", {}, "MP3 position prediction"),
-        Recipe("simmim-mto", "image_simmim_mto_tiny", {}, "SimMIM with masked-token optimisation (MTO) in the first 2 blocks"),
+        Recipe("simmim-mto", "image_simmim_mto_tiny", {}, "the simmim recipe with masked-token optimisation (MTO) in "
+               "the first 2 blocks"),
     ), ("digits", "shapes")),
     "audio": RecipeGroup("audio", "mam", (
         Recipe("mam", "audio_mam_tiny", {}, "masked acoustic modeling"),
