@@ -128,7 +128,8 @@ class ImageConfig:
     drop_masked: bool = _f(True, "MAE mode: hidden patches never enter the encoder; false = SimMIM/BEiT mask-token mode")
     crop_scale: Tuple[float, float] = _f((0.2, 1.0), "random-resized-crop area range for training (MAE)", gt=0, le=1)
     hflip: float = _f(0.5, "horizontal flip probability for training", ge=0, le=1)
-    max_pixels: int = _f(64 * 1024 * 1024, "refuse images whose header claims more pixels (decompression-bomb guard)", ge=1)
+    max_pixels: int = _f(64 * 1024 * 1024, "refuse images whose header claims more pixels (decompression-bomb guard; "
+                         "at most PIL's own hard limit, 2 x Image.MAX_IMAGE_PIXELS = 178956970)", ge=1, le=178_956_970)
     min_size: int = _f(8, "smallest accepted image side in pixels", ge=1)
     small_images: str = _f("upscale", "images smaller than min_size: upscale or reject (counted as bad samples)",
                            choices=("upscale", "reject"))

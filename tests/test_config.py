@@ -186,3 +186,12 @@ def test_an_override_value_with_a_hash_is_kept_whole():
     ov = parse_overrides(["--trainer.default_root_dir", "runs/a #2", "--data.train", "#shards"])
     cfg = load_config(None, ov)
     assert cfg.trainer.default_root_dir == "runs/a #2" and cfg.data.train == "#shards"
+
+
+def test_image_max_pixels_cannot_promise_more_than_pil_decodes():
+    """PIL refuses headers over 2 x Image.MAX_IMAGE_PIXELS itself: a larger max_pixels was not honoured."""
+    from PIL import Image
+
+    assert 2 * Image.MAX_IMAGE_PIXELS == 178_956_970
+    with pytest.raises(ConfigError, match=r"model.image.max_pixels must be >= 1 and <= 178956970, got 300000000"):
+        load_config(None, {"model.image.max_pixels": 300_000_000})
