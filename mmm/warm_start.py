@@ -24,7 +24,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 import torch
 from torch import nn
@@ -78,6 +78,21 @@ def read_source(source: PathLike) -> Tuple[Dict[str, torch.Tensor], str]:
     Args:
         source: an mmm ``.ckpt``, a :func:`~mmm.encoders.save_encoder` folder or an HF BERT folder.
     """
+    state, kind, _ = _read(source)
+    return state, kind
+
+
+def _saved_encoder_modality(p: Path) -> str:
+    """The modality a :func:`~mmm.encoders.save_encoder` folder's metadata names (text when it names none)."""
+    from mmm.encoders import ENCODER_META_FILE
+
+    meta = json.loads((p / ENCODER_META_FILE).read_text(encoding="utf-8"))
+    return (meta.get("modality") if isinstance(meta, dict) else None) or "text"
+
+
+def _read(source: PathLike) -> Tuple[Dict[str, torch.Tensor], str, object]:
+    """:func:`read_source`, plus the :class:`~mmm.config.EncoderConfig` the source's encoder was built with
+    (a checkpoint's config, a saved encoder's or an HF BERT's, as mmm reads it): the source is read once."""
     from mmm.encoders import ENCODER_META_FILE, load_encoder, read_checkpoint
 
     p = Path(source)
@@ -85,12 +100,12 @@ def read_source(source: PathLike) -> Tuple[Dict[str, torch.Tensor], str]:
         raise WarmStartError(f"model.init_from: {p} does not exist")
     try:
         if p.is_file():
-            return dict(read_checkpoint(p).state_dict), "checkpoint"
+            contents = read_checkpoint(p)
+            return dict(contents.state_dict), "checkpoint", contents.config.model.encoder
         if (p / ENCODER_META_FILE).is_file():
-            meta = json.loads((p / ENCODER_META_FILE).read_text(encoding="utf-8"))
-            modality = meta.get("modality") if isinstance(meta, dict) else None
-            enc = load_encoder(p, modality=modality or "text")
-            return _place_encoder(enc.state_dict(), modality or "text"), "encoder"
+            modality = _saved_encoder_modality(p)
+            enc = load_encoder(p, modality=modality)
+            return _place_encoder(enc.state_dict(), modality), "encoder", enc.encoder.cfg
         if (p / "config.json").is_file():
             from mmm.interop.hf import import_hf_bert, import_hf_bert_mlm
 
@@ -103,44 +118,21 @@ def read_source(source: PathLike) -> Tuple[Dict[str, torch.Tensor], str]:
             state = _place_encoder(enc.state_dict(), "text")
             if head is not None:
                 state.update({f"objectives.mlm.head.{k}": v for k, v in head.state_dict().items()})
-            return state, "hf_bert"
+            return state, "hf_bert", enc.encoder.cfg
     except (ValueError, FileNotFoundError, OSError) as e:
         raise WarmStartError(f"model.init_from: cannot read {p}: {e}") from None
     raise WarmStartError(f"model.init_from: {p} is a folder but holds neither {ENCODER_META_FILE} (a saved encoder) "
                          f"nor config.json (an HF BERT model); pass one of those or an mmm .ckpt file")
 
 
-def source_encoder_config(source: PathLike) -> Optional[object]:
-    """The :class:`~mmm.config.EncoderConfig` the source's encoder was built with (a checkpoint's config, a
-    saved encoder's or an HF BERT's, as mmm reads it), or None when it cannot be told."""
-    from mmm.encoders import ENCODER_META_FILE, load_encoder, read_checkpoint
-
-    p = Path(source)
-    try:
-        if p.is_file():
-            return read_checkpoint(p).config.model.encoder
-        if (p / ENCODER_META_FILE).is_file():
-            meta = json.loads((p / ENCODER_META_FILE).read_text(encoding="utf-8"))
-            modality = meta.get("modality") if isinstance(meta, dict) else None
-            return load_encoder(p, modality=modality or "text").encoder.cfg
-        if (p / "config.json").is_file():
-            from mmm.interop.hf import import_hf_bert
-
-            return import_hf_bert(p).encoder.cfg
-    except (ValueError, FileNotFoundError, OSError):
-        return None
-    return None
-
-
 SAME_SHAPES_OTHER_FUNCTION = ("norm_first", "mlp", "relative_position")
 """Encoder settings that change what the weights compute but not their shapes (``mlp``: geglu and swiglu)."""
 
 
-def _check_same_function(model: nn.Module, source: PathLike) -> None:
-    """Refuse a source whose encoder computes otherwise with the same tensor shapes (a pre-LN source loaded
-    into a post-LN model loads every tensor and computes something else)."""
+def _check_same_function(model: nn.Module, source: PathLike, theirs: object) -> None:
+    """Refuse a source whose encoder (built with ``theirs``) computes otherwise with the same tensor shapes (a
+    pre-LN source loaded into a post-LN model loads every tensor and computes something else)."""
     ours = getattr(getattr(model, "encoder", None), "cfg", None)
-    theirs = source_encoder_config(source)
     if ours is None or theirs is None:
         return
     diffs = [f"{k} is {getattr(theirs, k)!r} there but {getattr(ours, k)!r} here" for k in SAME_SHAPES_OTHER_FUNCTION
@@ -190,7 +182,7 @@ def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> Warm
         WarmStartError: the source is unreadable, or a tensor both have differs in shape (the message
             names it and both shapes).
     """
-    src, kind = read_source(source)
+    src, kind, source_encoder = _read(source)
     if kind == "hf_bert":
         src = _onto_text_mlm_head(model, src)
     own = model.state_dict()
@@ -201,7 +193,7 @@ def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> Warm
         more = f" (and {len(mismatched) - 1} more: {[m[0] for m in mismatched[1:4]]})" if len(mismatched) > 1 else ""
         raise WarmStartError(f"model.init_from {source}: tensor {name!r} has shape {theirs} there but {ours} in this "
                              f"model{more}; make the model's sizes (vocabulary, width, depth, max_len) match the source")
-    _check_same_function(model, source)  # after the shapes: a gelu source into a geglu model differs in shape
+    _check_same_function(model, source, source_encoder)  # after the shapes: a gelu source into a geglu model differs in shape
     report = WarmStartReport(Path(source), kind, sorted(k for k in own if k in src),
                              sorted(k for k in own if k not in src), sorted(k for k in src if k not in own))
     loaded = {k: src[k] for k in report.loaded}
@@ -251,13 +243,16 @@ class SourceTokenizers:
 
     def check_fitted(self, modalities: Dict[str, object], run_dir: Path) -> None:
         """Compare the tokenizers the run built or fitted with the source's (after the fit)."""
+        from mmm.encoders import TOKENIZER_SUBDIR
+
         for name in self.fitted_here:
             m, (theirs, where) = modalities[name], self.found[name]
             if _same(m.tokenizer, theirs):
                 continue
             own = run_dir / m.tokenizer_dir
             shutil.rmtree(own, ignore_errors=True)  # fitted by this run: a rerun with tokenizer_path starts clean
-            near = self.source.parent.parent / m.tokenizer_dir if self.source.is_file() else self.source / "tokenizer"
+            near = (self.source.parent.parent / m.tokenizer_dir if self.source.is_file()
+                    else self.source / TOKENIZER_SUBDIR)
             hint = f" ({near} holds it)" if (near / m.saved_marker).is_file() else ""
             raise WarmStartError(f"model.init_from {self.source} was trained with its own {m.what} ({where}), and "
                                  f"the one fitted here numbers tokens differently: the loaded embedding rows would "
@@ -307,11 +302,10 @@ def _source_tokenizer(p: Path, name: str, modality: object) -> Tuple[object, str
     if (p / ENCODER_META_FILE).is_file():
         tok_dir = p / TOKENIZER_SUBDIR  # where save_encoder writes a token encoder's tokenizer
         try:
-            meta = json.loads((p / ENCODER_META_FILE).read_text(encoding="utf-8"))
+            saved = _saved_encoder_modality(p)
         except (OSError, ValueError):
             return None, ""
-        if isinstance(meta, dict) and (meta.get("modality") or "text") == name \
-                and (tok_dir / modality.saved_marker).is_file():
+        if saved == name and (tok_dir / modality.saved_marker).is_file():
             return modality.load_tokenizer(tok_dir), f"saved in {tok_dir}"
     return None, ""
 

@@ -75,16 +75,17 @@ class FinetuneConfig:
         def number(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        for flag, field_name in (("batch_size", "batch_size"), ("epochs", "epochs"), ("seeds", "seeds"),
-                                 ("patience", "patience")):
-            v = getattr(self, field_name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(flag, v, "an integer >= 1")
+        def integer(v: Any, least: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+        for flag in ("batch_size", "epochs", "seeds", "patience", "eval_batch_size"):
+            if not integer(getattr(self, flag), 1):
+                bad(flag, getattr(self, flag), "an integer >= 1")
         for flag in ("max_steps", "eval_every"):
             v = getattr(self, flag)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            if v is not None and not integer(v, 1):
                 bad(flag, v, "an integer >= 1 (or left out)")
-        if isinstance(self.first_seed, bool) or not isinstance(self.first_seed, int) or self.first_seed < 0:
+        if not integer(self.first_seed, 0):
             bad("seed", self.first_seed, "an integer >= 0")
         if not number(self.lr) or self.lr <= 0:
             bad("lr", self.lr, "a number > 0")
@@ -100,8 +101,6 @@ class FinetuneConfig:
             bad("task_type", self.task_type, "classification or regression")
         if self.pooling not in ("cls", "mean"):
             bad("pooling", self.pooling, "cls or mean")
-        if isinstance(self.eval_batch_size, bool) or not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
-            bad("eval_batch_size", self.eval_batch_size, "an integer >= 1")
 
     def resolved_metric(self) -> str:
         return check_metric(self.metric or ("accuracy" if self.task_type == "classification" else "pearson"),

@@ -54,10 +54,15 @@ def _check_devices(cfg: PretrainConfig) -> None:
                           f"indices such as '0,1'; got {devices!r}")
 
 
+def _on_cuda(cfg: PretrainConfig) -> bool:
+    """Whether the run's trainer will use CUDA GPUs (an accelerator that allows them, and CUDA present)."""
+    return str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def _check_strategy(cfg: PretrainConfig) -> None:
     """``fsdp``: Lightning's FSDPStrategy runs on CUDA only (it would refuse only after the assets were fitted)."""
     accelerator = str(cfg.trainer.accelerator)
-    if cfg.trainer.strategy == "fsdp" and (accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available()):
+    if cfg.trainer.strategy == "fsdp" and not _on_cuda(cfg):
         raise ConfigError(f"trainer.strategy: fsdp needs CUDA GPUs (Lightning's FSDPStrategy has no CPU mode), and "
                           f"this run has none (trainer.accelerator {accelerator!r}, CUDA available: "
                           f"{torch.cuda.is_available()}); use ddp or auto on CPU")
@@ -76,8 +81,7 @@ def _check_attention_backend(cfg: PretrainConfig) -> None:
     if asked != "auto" and asked not in ATTENTION_BACKENDS:
         raise ConfigError(f"{key}: unknown attention backend {asked!r}; known: auto, "
                           f"{', '.join(ATTENTION_BACKENDS.list())}")
-    accelerator = str(cfg.trainer.accelerator)
-    on_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    accelerator, on_cuda = str(cfg.trainer.accelerator), _on_cuda(cfg)
     if asked == "flex" and not on_cuda:
         raise ConfigError(f"{key}: flex (FlexAttention) compiles for CUDA only here, and this run has no GPU "
                           f"(trainer.accelerator {accelerator!r}, CUDA available: {torch.cuda.is_available()}); "
