@@ -321,6 +321,23 @@ class ContrastiveTargets:
         return self.text_positions.numel()
 
 
+def check_partners(partners: torch.Tensor, sequences: int) -> None:
+    """Refuse a two-stream ``partners`` tensor that does not name, for each of ``sequences`` sequences,
+    another sequence of the batch or -1 (a host tensor: checked where the batch is built, never in a step)."""
+    if partners.dim() != 1 or partners.numel() != sequences:
+        raise ValueError(f"PackedBatch.partners must be a (sequences,) tensor with one entry per sequence "
+                         f"({sequences}), got shape {tuple(partners.shape)}")
+    if partners.dtype.is_floating_point or partners.dtype == torch.bool:
+        raise ValueError(f"PackedBatch.partners must hold integer sequence indices, got dtype {partners.dtype}")
+    if sequences:
+        with on_host():
+            low, high = int(partners.min()), int(partners.max())
+        if low < -1 or high >= sequences:
+            bad = low if low < -1 else high
+            raise ValueError(f"PackedBatch.partners names sequence {bad}, but the batch has {sequences} sequences: "
+                             f"each entry must be in [0, {sequences}) or -1 for none")
+
+
 @dataclass
 class PackedBatch:
     """A packed, masked batch.
@@ -346,6 +363,10 @@ class PackedBatch:
     extras: Dict[str, Any] = field(default_factory=dict)
     partners: Optional[torch.Tensor] = None
     output_rows: Optional[OutputRows] = None
+
+    def __post_init__(self) -> None:
+        if self.partners is not None and self.partners.device.type == "cpu":
+            check_partners(self.partners, self.seq.batch_size)
 
     @property
     def num_tokens(self) -> int:

@@ -123,3 +123,17 @@ def test_the_model_hands_its_encoders_positions_to_the_fusion_layers(monkeypatch
                         partners=torch.tensor([1, 0]))
     model.encode(batch)
     assert seen["rotary"] is model.encoder.rotary and seen["alibi"] is model.encoder.alibi
+
+
+def test_a_batch_refuses_partners_that_name_no_sequence_of_it():
+    from mmm.batch import PackedBatch
+    seq = PackedSeqInfo.from_seqlens([3, 4, 5, 2])
+    PackedBatch(seq, {}, partners=torch.tensor([1, 0, -1, -1]))  # -1: no partner
+    with pytest.raises(ValueError, match=r"names sequence 4, but the batch has 4 sequences.*\[0, 4\) or -1"):
+        PackedBatch(seq, {}, partners=torch.tensor([1, 0, 4, 2]))  # was a bare IndexError in the fusion layers
+    with pytest.raises(ValueError, match="names sequence -2"):
+        PackedBatch(seq, {}, partners=torch.tensor([1, 0, -2, 2]))
+    with pytest.raises(ValueError, match=r"one entry per sequence \(4\), got shape \(3,\)"):
+        PackedBatch(seq, {}, partners=torch.tensor([1, 0, 3]))
+    with pytest.raises(ValueError, match="integer sequence indices, got dtype torch.float32"):
+        PackedBatch(seq, {}, partners=torch.tensor([1.0, 0.0, 3.0, 2.0]))
