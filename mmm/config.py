@@ -365,7 +365,7 @@ class DataConfig:
     shuffle_buffer: int = _f(2000, "sample shuffle buffer (0 = off)", ge=0)
     shuffle_shards: bool = _f(True, "shuffle the shard order each epoch")
     skip_bad: bool = _f(False, "skip (and count) corrupt samples instead of stopping")
-    max_errors: Optional[int] = _f(None, "with skip_bad: stop once more than this many bad samples were seen (summed over DataLoader workers and tasks)", ge=0)
+    max_errors: Optional[int] = _f(None, "with skip_bad: stop once more than this many bad samples were seen in one pass over the data (an epoch; summed over DataLoader workers and tasks)", ge=0)
     max_member_bytes: Optional[int] = _f(
         268435456, "refuse shard members larger than this (read from the tar header, before reading), in training, "
         "validation and asset fitting (tokenizers, statistics, codebooks) alike; null = no limit", ge=1)

@@ -187,7 +187,7 @@ def test_max_errors_exceeded_is_one_line_with_the_limit_and_the_last_error(ckpt,
                                            "trainer.max_steps": 2, "model.text.tokenizer_path": str(ckpt.parents[1] / "tokenizer")})
     assert main(argv) == 2
     line = _error_line(capsys)
-    assert "too many bad samples: 2 > data.max_errors=1" in line
+    assert "too many bad samples in one pass over the data: 2 > data.max_errors=1" in line
     assert "last: " in line and "'txt' is not UTF-8" in line
 
 

@@ -59,7 +59,7 @@ class SampleErrorHandler:
         skip_bad: False (default) re-raises as :class:`SampleError` naming the shard; True
             skips the sample/shard and continues.
         max_errors: with ``skip_bad``, raise a :class:`SampleError` with the counts and the last error once more than
-            this many errors were seen (None = unlimited).
+            this many errors were seen in one pass over the data (:meth:`new_pass`; None = unlimited).
         keep_messages: how many error messages to keep for :meth:`summary`.
         stream: which data the counts are of, named in the ``max_errors`` error (``"validation"``: its
             counts start again at each pass, :meth:`reset`).
@@ -79,12 +79,20 @@ class SampleErrorHandler:
         # and whose every sample is bad would otherwise skip forever; make_pipeline sets the limit there
         self.in_a_row_limit: Optional[int] = None
         self._in_a_row = 0
+        self._pass_base = 0  # the running total when the current pass began
+
+    def new_pass(self) -> None:
+        """A new pass over the data begins (an epoch): ``max_errors`` applies to the errors met from here on, so the
+        same bad sample met again in every epoch does not stop a long run; the running counts go on."""
+        self._pass_base = self.total
+        self._in_a_row = 0
 
     def reset(self) -> None:
         """Start counting afresh (a new pass over data read again, such as validation)."""
         self.counts.clear()
         self.messages.clear()
         self._in_a_row = 0
+        self._pass_base = 0
 
     def progress(self) -> None:
         """An item (a batch) left the pipeline: the errors since are no longer "in a row"."""
@@ -108,10 +116,12 @@ class SampleErrorHandler:
             logger.error("%s", text)
             raise SampleError(f"{text} (set data.skip_bad: true, or --data.skip_bad true, to skip and count bad samples)") from exn
         logger.warning("skipping bad sample: %s", text)
-        if self.max_errors is not None and self.total > self.max_errors:
-            where = f" in one pass over the {self.stream} data" if self.stream else ""
-            raise SampleError(f"too many bad samples{where}: {self.total} > data.max_errors={self.max_errors} "
-                              f"({self._counts_text()}); last: {text}") from exn
+        in_pass = self.total - self._pass_base
+        if self.max_errors is not None and in_pass > self.max_errors:
+            where = f"the {self.stream} data" if self.stream else "the data"
+            raise SampleError(f"too many bad samples in one pass over {where}: {in_pass} > "
+                              f"data.max_errors={self.max_errors} (this worker's counts so far: {self._counts_text()}); "
+                              f"last: {text}") from exn
         self._in_a_row += 1
         if self.in_a_row_limit is not None and self._in_a_row > self.in_a_row_limit:
             raise SampleError(f"{self._in_a_row} bad samples in a row without one batch ({self._counts_text()}): the "

@@ -127,7 +127,9 @@ def stamp_error_counts(src: Iterator[Any], handler: SampleErrorHandler) -> Itera
     The counts are those of the worker's handler when the item is handed on, so they include the
     errors met while producing it (and every earlier item of this worker, all passes). Errors met
     after the pass's last item end the pass as a :class:`WorkerErrorCounts`, so none goes uncounted.
+    A pass starts here, so the handler's ``max_errors`` counts this pass only (:meth:`SampleErrorHandler.new_pass`).
     """
+    handler.new_pass()
     _, _, worker, _ = wds.utils.pytorch_worker_info()
     stamped = None
     for item in src:

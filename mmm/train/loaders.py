@@ -78,10 +78,28 @@ class ErrorTally:
         self._base_types: Counter = Counter()
         self._seen: Dict[int, int] = {}  # worker -> its latest running count, current DataLoader
         self._types: Dict[int, Dict[str, int]] = {}  # worker -> its latest counts by error type
+        self._pass_total, self._pass_types = 0, Counter()  # the counts when the current pass began
 
     @property
     def total(self) -> int:
+        """Errors met so far, every pass."""
         return self._base + sum(self._seen.values())
+
+    @property
+    def in_pass(self) -> int:
+        """Errors met in the current pass (since :meth:`new_pass`)."""
+        return self.total - self._pass_total
+
+    @property
+    def in_pass_by_type(self) -> Counter:
+        out = self.by_type
+        out.subtract(self._pass_types)
+        return +out
+
+    def new_pass(self) -> None:
+        """A new pass over the data (an epoch) begins; the previous pass's counts are all in (its workers' last
+        counts arrive before its DataLoader iterator ends)."""
+        self._pass_total, self._pass_types = self.total, self.by_type
 
     @property
     def by_type(self) -> Counter:
@@ -105,10 +123,13 @@ class ErrorTally:
 
 
 def enforce_error_limit(tallies: Iterable[ErrorTally], max_errors: Optional[int]) -> None:
-    """Stop once the bad samples/shards of every worker together exceed ``data.max_errors``.
+    """Stop once the bad samples/shards of every worker together exceed ``data.max_errors`` in one pass.
 
     Each worker's handler stops at the limit on its own count; this is the same limit on the sum over
-    workers (and tasks), so the outcome does not depend on how the bad shards fall across workers.
+    workers (and tasks), so the outcome does not depend on how the bad shards fall across workers. Counts
+    are per pass over the data (:meth:`ErrorTally.new_pass`, an epoch; in a task mixture each task's
+    current pass over its shards): the same bad sample met again in every epoch does not stop a long run,
+    and a resumed run, which replays its epoch from the start, stops where the uninterrupted one would.
 
     Raises:
         SampleError: more than ``max_errors`` in total.
@@ -116,14 +137,15 @@ def enforce_error_limit(tallies: Iterable[ErrorTally], max_errors: Optional[int]
     if max_errors is None:
         return
     tallies = list(tallies)
-    total = sum(t.total for t in tallies)
+    total = sum(t.in_pass for t in tallies)
     if total > max_errors:
         by_type: Counter = Counter()
         for t in tallies:
-            by_type.update(t.by_type)
+            by_type.update(t.in_pass_by_type)
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(by_type.items())) or "none"
-        raise SampleError(f"too many bad samples: {total} > data.max_errors={max_errors}, summed over the DataLoader "
-                          f"workers ({kinds}); the workers' log lines above name them")
+        raise SampleError(f"too many bad samples in one pass over the training data: {total} > data.max_errors="
+                          f"{max_errors}, summed over the DataLoader workers ({kinds}); the workers' log lines "
+                          f"above name them")
 
 
 @dataclass(frozen=True)
@@ -217,6 +239,7 @@ class ResumableLoader:
 
     def _run(self) -> Iterator[PackedBatch]:
         start = self.position()
+        self._errors.new_pass()  # data.max_errors counts this pass, replayed batches included
         with on_host():  # the data pipeline is host work (here when num_workers is 0), never a device read
             it = iter(self._loader_for(start.epoch))
         skipped = 0

@@ -143,6 +143,7 @@ class TaskStream:
         produced = 0
         while True:
             in_epoch = 0
+            self.errors.new_pass()  # data.max_errors counts each pass over the task's shards
             for batch in loader:
                 self.errors.add(batch)
                 if isinstance(batch, WorkerErrorCounts):  # a worker's late error counts, not a batch

@@ -39,16 +39,18 @@ def _garbage(path: Path) -> str:
     return str(path)
 
 
-def _loader(urls: List[str], workers: int, max_errors=None) -> ResumableLoader:
-    """The training loader over ``urls`` (no shuffling: worker w reads urls w, w + workers, ...), batches of 2."""
+def _loader(urls: List[str], workers: int, max_errors=None, start: DataPosition = DataPosition(0, 0),
+            handler_limit: bool = True) -> ResumableLoader:
+    """The training loader over ``urls`` (no shuffling: worker w reads urls w, w + workers, ...), batches of 2;
+    persistent workers, as the data module's (their handlers live across epochs)."""
     def build(epoch: int) -> DataLoader:
-        handler = SampleErrorHandler(skip_bad=True, max_errors=max_errors)
+        handler = SampleErrorHandler(skip_bad=True, max_errors=max_errors if handler_limit else None)
         stages = [wds.pipelinefilter(decode_each)(decode_text, handler), wds.batched(2, collation_fn=_Batch,
                                                                                      partial=True)]
         pipeline = make_pipeline(urls, stages=stages, shuffle_shards=False, shuffle_buffer=0, handler=handler,
                                  stamp_errors=True)
-        return DataLoader(pipeline, batch_size=None, num_workers=workers)
-    return ResumableLoader(build, DataPosition(0, 0), max_errors=max_errors)
+        return DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+    return ResumableLoader(build, start, max_errors=max_errors)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -65,13 +67,37 @@ def test_max_errors_applies_to_the_sum_over_workers(tmp_path):
     """Each of the two workers meets one bad shard: no worker alone passes data.max_errors=1, both together do."""
     urls = [_good(tmp_path / "good0.tar", 4), _good(tmp_path / "good1.tar", 4),
             _garbage(tmp_path / "bad0.tar"), _garbage(tmp_path / "bad1.tar")]
-    with pytest.raises(SampleError, match=r"too many bad samples: 2 > data.max_errors=1, summed over the DataLoader "
-                                          r"workers \(ShardReadError=2\)"):
+    with pytest.raises(SampleError, match=r"too many bad samples in one pass over the training data: 2 > "
+                                          r"data.max_errors=1, summed over the DataLoader workers "
+                                          r"\(ShardReadError=2\)"):
         list(_loader(urls, 2, max_errors=1))
     loader = _loader(urls, 2, max_errors=2)
     assert sum(len(b.samples) for b in loader) == 8 and loader.data_errors() == 2
     with pytest.raises(SampleError, match="2 > data.max_errors=1"):  # the same outcome without workers
         list(_loader(urls, 0, max_errors=1))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("handler_limit", [True, False])  # the worker's own limit, or only the loader's sum
+def test_max_errors_counts_one_pass_so_a_bad_sample_met_every_epoch_does_not_stop_a_long_run(tmp_path, workers,
+                                                                                               handler_limit):
+    """One bad shard in the data, data.max_errors=1: every epoch meets it once. The counts summed over epochs
+    stopped the run at its second epoch; a resumed run (which replays its epoch) now stops where the uninterrupted
+    one would, and more bad samples than the limit in one pass still stop it."""
+    urls = [_good(tmp_path / "good0.tar", 4), _garbage(tmp_path / "bad0.tar")]
+    loader = _loader(urls, workers, max_errors=1, handler_limit=handler_limit)
+    for epoch in range(4):
+        assert sum(len(b.samples) for b in loader) == 4
+        assert loader.position() == DataPosition(epoch + 1, 0)
+    assert loader.data_errors() == 4  # the running count (logged as train/data_errors) goes on
+    loader.close()
+    resumed = _loader(urls, workers, max_errors=1, start=DataPosition(3, 1), handler_limit=handler_limit)
+    assert sum(len(b.samples) for b in resumed) == 2  # replays the epoch's first batch, then its last
+    resumed.close()
+    two_bad = urls + [_garbage(tmp_path / "bad1.tar")]
+    with pytest.raises(SampleError, match=r"too many bad samples in one pass over the (training )?data: 2 > "
+                                          r"data.max_errors=1"):
+        list(_loader(two_bad, workers, max_errors=1, handler_limit=handler_limit))
 
 
 def test_a_stream_without_a_batch_in_a_whole_epoch_stops(tmp_path):
