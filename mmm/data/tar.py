@@ -49,6 +49,23 @@ _CHUNK = 1 << 18  # bytes asked of a pipe per system call
 # errors
 
 
+
+_CURL_EXITS = {  # webdataset reads http(s) urls through curl; what its exit status means to a user
+    6: "curl could not resolve the host",
+    7: "curl could not connect to the server",
+    22: "the server answered with an HTTP error (404 not found, 403 forbidden, ...)",
+    28: "curl timed out",
+    35: "the TLS handshake failed",
+    56: "the connection broke while receiving",
+}
+
+
+def _explain_exit(url: str, status: int) -> str:
+    """`` (what it means)`` for a known curl exit status of an http(s) url, else ``""``."""
+    if url.startswith(("http://", "https://")) and status in _CURL_EXITS:
+        return f" ({_CURL_EXITS[status]})"
+    return ""
+
 class ShardReadError(ValueError):
     """A tar shard is truncated or corrupt, or its stream failed; the message says where.
 
@@ -196,7 +213,8 @@ class _PipeStream:
                                f"{self.timeout:g} s (read_timeout_s)", "(stream)") from None
         self.pipe.status = status
         if status not in self.pipe.ignore_status and not self.pipe.ignore_errors:
-            raise ShardReadError(f"{self.url}: the command exited with status {status}", "(stream)")
+            raise ShardReadError(f"{self.url}: the command exited with status {status}{_explain_exit(self.url, status)}",
+                                 "(stream)")
 
     def read(self, size: int = -1) -> bytes:
         if self.closed:

@@ -103,7 +103,8 @@ def test_http_urls_read_like_local_paths(text_shards):
         urls = [f"http://127.0.0.1:{server.server_port}/{Path(u).name}" for u in list_shards(text_shards, "train")]
         assert list(textdef.iter_texts(urls)) == list(textdef.iter_texts(text_shards))
         missing = f"http://127.0.0.1:{server.server_port}/train-999999.tar"
-        with pytest.raises(SampleError, match="train-999999.tar"):
+        with pytest.raises(SampleError, match=r"train-999999.tar: the command exited with status 22 \(the server "
+                                              r"answered with an HTTP error \(404 not found"):
             list(textdef.iter_texts([missing]))
     finally:
         server.shutdown()
