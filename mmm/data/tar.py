@@ -49,7 +49,6 @@ _CHUNK = 1 << 18  # bytes asked of a pipe per system call
 # errors
 
 
-
 _CURL_EXITS = {  # webdataset reads http(s) urls through curl; what its exit status means to a user
     6: "curl could not resolve the host",
     7: "curl could not connect to the server",
@@ -65,6 +64,7 @@ def _explain_exit(url: str, status: int) -> str:
     if url.startswith(("http://", "https://")) and status in _CURL_EXITS:
         return f" ({_CURL_EXITS[status]})"
     return ""
+
 
 class ShardReadError(ValueError):
     """A tar shard is truncated or corrupt, or its stream failed; the message says where.
