@@ -33,6 +33,7 @@ from mmm.modalities.base import Modality
 from mmm.model import build_model
 from mmm.train.callbacks import StepProgressBar, ThroughputMonitor
 from mmm.train.checkpoint_io import AtomicCheckpointIO, read_resume_checkpoint
+from mmm.objectives.dry_build import check_objective_args
 from mmm.train.datamodule import StreamDataModule
 from mmm.train.mixture import MixtureMonitor, TagTask, TaskData
 from mmm.train.module import MaskedModelingModule
@@ -248,6 +249,7 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     val_urls = {t.name: resolve_shards(t.val, t.dataset, "val") if t.val else None for t in tasks}
     mods = build_modalities(cfg, tasks, train_urls)
     check_masking_args(tasks, cfg.objectives)  # before the assets' fit, which can take minutes
+    check_objective_args(cfg.objectives, cfg.model.encoder, mods.base)  # the same, for the heads' arguments
     warm_tokenizers = None
     if cfg.model.init_from and resume is None:  # the source's token ids must mean what they mean here
         from mmm.warm_start import source_tokenizers

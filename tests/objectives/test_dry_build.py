@@ -1,0 +1,54 @@
+"""The objectives' arguments are checked before the assets' fit (:mod:`mmm.objectives.dry_build`): a head is built
+once with stand-in embedders, so what it refuses without reading an embedder is refused in seconds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import datasets_def  # noqa: F401  (registers the datasets)
+from conftest import REPO, TINY_OVERRIDES
+from mmm.config import ConfigError, EncoderConfig, ObjectiveConfig, load_config
+from mmm.objectives.dry_build import check_objective_args
+from mmm.train.pretrain import build_run
+from mmm.train.tasks import build_modalities, task_configs
+
+ENC = EncoderConfig(dim=32, depth=4, heads=2, mlp_hidden=64)
+
+
+@pytest.mark.parametrize("objective, args, match", [
+    ("d2v", {"top_k": 5}, r"objectives\[0\] \(objective 'd2v'\): top_k must be in \[1, encoder depth 4\], got 5"),
+    ("d2v", {"loss": "l3"}, r"objective 'd2v'\): loss must be one of \('mse', 'smooth_l1'\), got 'l3'"),
+    ("distill", {"teacher": "t.ckpt", "loss": "kl"}, r"objective 'distill'\): loss must be one of"),
+    ("mlm", {"modality": "dna"}, r"objectives\[0\] \(objective 'mlm'\): .*'dna'"),
+])
+def test_a_heads_argument_is_refused_without_its_embedder(objective, args, match):
+    with pytest.raises(ConfigError, match=match):
+        check_objective_args([ObjectiveConfig(name=objective, args=args)], ENC, ["text"])
+
+
+def test_the_dry_build_leaves_the_random_state_and_allocates_nothing():
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    check_objective_args([ObjectiveConfig(name="d2v", args={}), ObjectiveConfig(name="electra", args={})],
+                         ENC, ["text"])
+    assert torch.equal(torch.rand(3), want)  # the run's initialisation is the one it had without the check
+
+
+def test_every_preset_passes_the_dry_build():
+    """No stand-in or meta-device artefact is mistaken for a refusal."""
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path, {"trainer.default_root_dir": "unused"})
+        modalities = build_modalities(cfg, task_configs(cfg)).base  # no shards needed for the names
+        check_objective_args(cfg.objectives, cfg.model.encoder, modalities)
+
+
+def test_pretrain_refuses_a_bad_head_argument_before_fitting_the_tokenizer(tmp_path: Path):
+    """configs/text_d2v_tiny.yaml averages the top 3 blocks; at depth 2 it used to fail after the tokenizer's fit."""
+    cfg = load_config(REPO / "configs" / "text_d2v_tiny.yaml",
+                      {**TINY_OVERRIDES, "trainer.default_root_dir": str(tmp_path / "run")})
+    with pytest.raises(ConfigError, match=r"objective 'd2v'\): top_k must be in \[1, encoder depth 2\], got 3"):
+        build_run(cfg)
+    assert not (tmp_path / "run" / "tokenizer").exists()
