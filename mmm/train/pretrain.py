@@ -250,6 +250,8 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     mods = build_modalities(cfg, tasks, train_urls)
     check_masking_args(tasks, cfg.objectives)  # before the assets' fit, which can take minutes
     check_objective_args(cfg.objectives, cfg.model.encoder, mods.base)  # the same, for the heads' arguments
+    for m in mods.base.values():  # e.g. image refuses visual-token targets in MAE mode (build_model_for checks too)
+        m.check_objectives(cfg.objectives)
     warm_tokenizers = None
     if cfg.model.init_from and resume is None:  # the source's token ids must mean what they mean here
         from mmm.warm_start import source_tokenizers

@@ -66,6 +66,7 @@ def test_visual_token_targets_in_mae_mode_are_refused_not_silently_untrained(tmp
     cfg = _simmim_config(tmp_path / "run", **{"model.image.drop_masked": True})
     with pytest.raises(ValueError, match=r"'visual_tokens' \(token_targets on image_tokens\) needs mask-token mode"):
         build_run(cfg)
+    assert not any(p.is_file() for p in (tmp_path / "run").rglob("*"))  # refused before the codebook's fit
 
 
 def test_a_run_folders_codebook_that_no_longer_fits_the_config_is_refused(tmp_path):
