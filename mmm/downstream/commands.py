@@ -33,12 +33,15 @@ def cmd_embed(ns: argparse.Namespace, rest: List[str]) -> int:
     from mmm.downstream.embed import embed
 
     info = embed(ns.source, ns.input, ns.out, ns.modality, pooling=ns.pooling, batch_size=ns.batch_size,
-                 split=ns.split, text_column=ns.text_column, timm_model=ns.timm_model)
+                 split=ns.split, text_column=ns.text_column, timm_model=ns.timm_model, skip_bad=ns.skip_bad)
     cut = f" ({info['truncated']} cut to the encoder length)" if info["truncated"] else ""
     print(f"embedded {info['samples']} input(s) → {info['dim']}-d {ns.pooling}-pooled features{cut}: "
           + ", ".join(info["files"]))
     if info["labels"] and info["unlabelled"]:
         print(f"{info['unlabelled']} of {info['samples']} sample(s) carry no label: their label is -1")
+    if info["skipped"]:
+        where, why = info["skipped_examples"][0]
+        print(f"skipped {info['skipped']} bad input(s) (--skip_bad), e.g. {where}: {why}")
     return 0
 
 
@@ -110,6 +113,8 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--text_column", default=None, help="table inputs: the column to embed")
     e.add_argument("--batch_size", type=int, default=64)
     e.add_argument("--timm_model", default=None, help="timm model name of a timm ViT weights file")
+    e.add_argument("--skip_bad", action="store_true", help="skip bad inputs (an empty table cell, an undecodable "
+                                                          "file or sample), counted and reported, instead of stopping")
     e.set_defaults(fn=cmd_embed)
 
     f = sub.add_parser("finetune", help="fine-tune an encoder with a classification/regression head over several seeds")

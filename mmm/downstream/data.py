@@ -366,7 +366,8 @@ def read_shards(path: PathLike, modality: str, split: Optional[str] = None, *, l
 # ----------------------------------------------------------------------------- raw inputs for embed
 
 
-def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str] = None) -> Split:
+def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str] = None,
+                    skip_bad: bool = False) -> Split:
     """Unlabelled raw inputs of a file or folder, keyed by relative path (and line / record).
 
     * ``text``: ``.txt`` (one input per non-empty line) or a table with ``text_column``;
@@ -375,7 +376,9 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
     * ``image``: image files (folder searched recursively);
     * ``audio``: ``.wav`` / ``.flac`` files.
 
-    Text and DNA tables found without ``text_column`` are an error naming them, not skipped.
+    Text and DNA tables found without ``text_column`` are an error naming them, not skipped. With
+    ``skip_bad``, a bad input (an empty table cell, an undecodable image or audio file, a FASTA record without
+    a sequence) is skipped and listed in ``skipped``; without it, it is an error naming it.
     """
     p = Path(path)
     if not p.exists():
@@ -394,26 +397,43 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
         if modality == "image" and suffix in IMAGE_SUFFIXES:
             from mmm.modalities.image.decode import decode_image
 
-            out.inputs.append(decode_image(f.read_bytes(), str(f)))
+            try:
+                out.inputs.append(decode_image(f.read_bytes(), str(f)))
+            except ValueError as e:
+                if not skip_bad:
+                    raise
+                out.skipped.append((rel, str(e)))
+                continue
             out.where.append(rel)
         elif modality == "audio" and suffix in AUDIO_SUFFIXES:
             from mmm.modalities.audio.frontend import decode_audio
 
-            out.inputs.append(decode_audio(f.read_bytes(), str(f)))
+            try:
+                out.inputs.append(decode_audio(f.read_bytes(), str(f)))
+            except ValueError as e:
+                if not skip_bad:
+                    raise
+                out.skipped.append((rel, str(e)))
+                continue
             out.where.append(rel)
         elif modality in ("text", "dna") and suffix in TABLE_SUFFIXES and text_column:
-            t = read_table(f, [text_column], None)
+            t = read_table(f, [text_column], None, skip_bad=skip_bad)
             out.inputs += t.inputs
             out.where += [f"{rel}:{w.rsplit(':', 1)[1].replace(' ', '')}" for w in t.where]
+            out.skipped += t.skipped
         elif modality == "dna" and suffix in (".fa", ".fasta", ".fna"):
             name, seq = None, []
             for line in read_text(f).split("\n") + [">"]:
                 if line.startswith(">"):
                     if name is not None:
-                        if not seq:
-                            raise DownstreamDataError(f"{f}: record {name!r} has no sequence")
-                        out.inputs.append("".join(seq).upper())
-                        out.where.append(f"{rel}:{name}")
+                        if seq:
+                            out.inputs.append("".join(seq).upper())
+                            out.where.append(f"{rel}:{name}")
+                        elif skip_bad:
+                            out.skipped.append((f"{rel}:{name}", "the record has no sequence"))
+                        else:
+                            raise DownstreamDataError(f"{f}: record {name!r} has no sequence (pass --skip_bad to "
+                                                      f"skip such records, counted)")
                     name, seq = line[1:].split()[0] if line[1:].strip() else None, []
                 elif line.strip():
                     if name is None:

@@ -29,14 +29,16 @@ def is_shards(path: Path) -> bool:
     return (path.is_file() and path.suffix == ".tar") or (path.is_dir() and any(path.glob("*.tar")))
 
 
-def read_inputs(path: PathLike, modality: str, split: Optional[str] = None, text_column: Optional[str] = None) -> Split:
-    """Raw inputs of shards (labels kept when present) or of a folder / file of raw files."""
+def read_inputs(path: PathLike, modality: str, split: Optional[str] = None, text_column: Optional[str] = None,
+                skip_bad: bool = False) -> Split:
+    """Raw inputs of shards (labels kept when present) or of a folder / file of raw files; with ``skip_bad``,
+    bad samples and rows are skipped and listed in ``skipped`` instead of stopping."""
     p = Path(path)
     if is_shards(p):
-        return read_shards(p, modality, split, labelled=False)
+        return read_shards(p, modality, split, labelled=False, skip_bad=skip_bad)
     if split is not None:
         raise ValueError(f"--split applies to shards; {p} holds no .tar shards")
-    return read_raw_inputs(p, modality, text_column=text_column)
+    return read_raw_inputs(p, modality, text_column=text_column, skip_bad=skip_bad)
 
 
 def label_array(values: List[Any]) -> Tuple[Optional[np.ndarray], int]:
@@ -50,7 +52,7 @@ def label_array(values: List[Any]) -> Tuple[Optional[np.ndarray], int]:
 
 def embed(source: PathLike, inputs: PathLike, out: PathLike, modality: str, *, pooling: str = "mean",
           batch_size: int = 64, split: Optional[str] = None, text_column: Optional[str] = None,
-          timm_model: Optional[str] = None) -> Dict[str, Any]:
+          timm_model: Optional[str] = None, skip_bad: bool = False) -> Dict[str, Any]:
     """Write the pooled features of ``inputs`` under ``out``; returns the run description.
 
     Args:
@@ -64,18 +66,24 @@ def embed(source: PathLike, inputs: PathLike, out: PathLike, modality: str, *, p
         split: ``train`` / ``val`` shards only.
         text_column: the column of a table input (text, DNA).
         timm_model: timm model name for a timm weights file.
+        skip_bad: skip bad inputs (an empty table cell, an undecodable file or sample), counted in the
+            result's ``skipped`` (with up to five ``skipped_examples``); False: the first one is an error.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch_size must be an integer >= 1, got {batch_size!r}")
     adapter = load_adapter(str(source), modality, timm_model=timm_model)
     adapter.check_pooling(pooling)
-    data = read_inputs(inputs, modality, split, text_column)
+    data = read_inputs(inputs, modality, split, text_column, skip_bad=skip_bad)
+    if not data.inputs:
+        raise ValueError(f"{inputs}: every input was bad and skipped ({len(data.skipped)}), e.g. "
+                         f"{data.skipped[:1]}; nothing to embed")
     feats = adapter.features(data.inputs, pooling, batch_size=batch_size, where=data.where)
     labels, unlabelled = label_array(data.labels)
     info: Dict[str, Any] = {"source": str(source), "inputs": str(inputs), "modality": modality, "pooling": pooling,
                             "samples": int(feats.shape[0]), "dim": int(feats.shape[1]),
                             "truncated": adapter.truncated, "labels": labels is not None,
-                            "unlabelled": unlabelled}
+                            "unlabelled": unlabelled, "skipped": len(data.skipped),
+                            "skipped_examples": [list(s) for s in data.skipped[:5]]}
     o = Path(out)
     if o.suffix == ".safetensors":
         import torch

@@ -153,6 +153,30 @@ def test_embed_input_folder_with_tables_needs_text_column(tmp_path: Path) -> Non
     assert s.inputs == ["one line", "from a table"] and s.where == ["a.txt:row1", "b.tsv:row2"]
 
 
+def test_embed_skip_bad_skips_and_counts_what_the_error_names(ckpt: Path, tmp_path: Path, capsys) -> None:
+    """The error told the user to pass --skip_bad, which mmm embed did not take ("unexpected arguments")."""
+    table = write_table(tmp_path / "t.tsv", ["sentence", "label"], [("hello world", "1"), ("", "0"), ("foo", "0")])
+    argv = ["embed", str(ckpt), str(table), str(tmp_path / "out"), "--modality", "text", "--text_column", "sentence"]
+    assert main(argv) == 2
+    assert "row 3: field 'sentence' is empty or missing (pass --skip_bad" in capsys.readouterr().err
+    assert main(argv + ["--skip_bad"]) == 0
+    assert "skipped 1 bad input(s) (--skip_bad), e.g. " in capsys.readouterr().out
+    assert (tmp_path / "out" / "keys.txt").read_text().split() == ["t.tsv:row2", "t.tsv:row4"]
+    info = json.loads((tmp_path / "out" / "embed.json").read_text())
+    assert info["samples"] == 2 and info["skipped"] == 1 and np.load(tmp_path / "out" / "features.npy").shape[0] == 2
+    (tmp_path / "in").mkdir()  # raw files: an undecodable image, a FASTA record without a sequence
+    (tmp_path / "in" / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "in" / "ok.fa").write_text(">r1\nACGT\n>r2\n>r3\nGG\n")
+    with pytest.raises(DownstreamDataError, match=r"record 'r2' has no sequence \(pass --skip_bad"):
+        read_raw_inputs(tmp_path / "in", "dna")
+    dna = read_raw_inputs(tmp_path / "in", "dna", skip_bad=True)
+    assert dna.inputs == ["ACGT", "GG"] and dna.skipped == [("ok.fa:r2", "the record has no sequence")]
+    with pytest.raises(ValueError):
+        read_raw_inputs(tmp_path / "in", "image")
+    with pytest.raises(DownstreamDataError, match="no image inputs found"):
+        read_raw_inputs(tmp_path / "in", "image", skip_bad=True)  # skipped and counted, then nothing is left
+
+
 # ----------------------------------------------------------------------------- 9. embed with partial labels
 
 
