@@ -33,14 +33,14 @@ from mmm.modalities.base import Modality
 from mmm.model import build_model
 from mmm.train.callbacks import StepProgressBar, ThroughputMonitor
 from mmm.train.checkpoint_io import AtomicCheckpointIO, read_resume_checkpoint
-from mmm.objectives.dry_build import check_objective_args
 from mmm.train.datamodule import StreamDataModule
 from mmm.train.mixture import MixtureMonitor, TagTask, TaskData
 from mmm.train.module import MaskedModelingModule
 from mmm.train.phases import build_schedule
 from mmm.train.settings_check import check_settings
-from mmm.train.tasks import (RunModalities, build_maskers, build_modalities, check_masking_args,  # noqa: F401
-                             modalities_from_checkpoint, modality_of, prepare_modalities, resolve_shards, task_configs)
+from mmm.train.tasks import (RunModalities, build_maskers, build_modalities, check_before_fit,  # noqa: F401
+                             check_masking_args, modalities_from_checkpoint, modality_of, prepare_modalities,
+                             resolve_shards, task_configs)
 
 logger = logging.getLogger("mmm.train")
 # The module moves PackedBatch itself (it works with any loader, not only our DataModule).
@@ -248,10 +248,7 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     train_urls = {t.name: resolve_shards(t.train, t.dataset, "train") for t in tasks}
     val_urls = {t.name: resolve_shards(t.val, t.dataset, "val") if t.val else None for t in tasks}
     mods = build_modalities(cfg, tasks, train_urls)
-    check_masking_args(tasks, cfg.objectives)  # before the assets' fit, which can take minutes
-    check_objective_args(cfg.objectives, cfg.model.encoder, mods.base)  # the same, for the heads' arguments
-    for m in mods.base.values():  # e.g. image refuses visual-token targets in MAE mode (build_model_for checks too)
-        m.check_objectives(cfg.objectives)
+    check_before_fit(cfg, tasks, mods)  # maskers, heads' arguments, modalities' objective checks
     warm_tokenizers = None
     if cfg.model.init_from and resume is None:  # the source's token ids must mean what they mean here
         from mmm.warm_start import source_tokenizers

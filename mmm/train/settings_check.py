@@ -23,15 +23,21 @@ def check_settings(cfg: PretrainConfig) -> None:
     other or on this machine: ``trainer.nonfinite_loss`` and its single-process rule, and an
     ``xformers`` attention backend or the ``fsdp`` strategy (CUDA only) on a run without CUDA.
     """
-    check_config(cfg)
-    _check_component_args(cfg)
-    _check_encoder_shape(cfg)
+    check_portable_settings(cfg)
     _check_devices(cfg)
     if cfg.trainer.nonfinite_loss == "skip" and (cfg.trainer.devices not in (1, "1") or cfg.trainer.num_nodes != 1):
         raise ConfigError("trainer.nonfinite_loss: skip needs a single process (ranks would disagree on which "
                           "batches step); use stop with several devices")
     _check_attention_backend(cfg)
     _check_strategy(cfg)
+
+
+def check_portable_settings(cfg: PretrainConfig) -> None:
+    """The checks that do not depend on this machine (``mmm prepare`` may fit a GPU run's assets on a CPU box):
+    every field's range and choices, the components' argument names, the encoder's shape."""
+    check_config(cfg)
+    _check_component_args(cfg)
+    _check_encoder_shape(cfg)
 
 
 def _check_encoder_shape(cfg: PretrainConfig) -> None:

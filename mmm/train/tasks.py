@@ -242,6 +242,19 @@ def modalities_from_checkpoint(contents: Any) -> RunModalities:
     return mods
 
 
+def check_before_fit(cfg: PretrainConfig, tasks: List[TaskConfig], mods: RunModalities) -> None:
+    """What can be refused before the assets' fit, which can take minutes: each task's masker
+    (:func:`check_masking_args`), each head's argument values (built once with stand-in embedders,
+    :func:`~mmm.objectives.dry_build.check_objective_args`), and each modality's objective checks (image:
+    visual-token targets in MAE mode)."""
+    from mmm.objectives.dry_build import check_objective_args
+
+    check_masking_args(tasks, cfg.objectives)
+    check_objective_args(cfg.objectives, cfg.model.encoder, mods.base)
+    for m in mods.base.values():
+        m.check_objectives(cfg.objectives)
+
+
 def prepare_run_assets(cfg: PretrainConfig) -> RunModalities:
     """Fit (or reuse) every modality's assets of ``cfg`` into its run folder, without training.
 
@@ -253,10 +266,14 @@ def prepare_run_assets(cfg: PretrainConfig) -> RunModalities:
     Args:
         cfg: the run's configuration.
     """
+    from mmm.train.settings_check import check_portable_settings
+
+    check_portable_settings(cfg)  # not the machine's: assets may be fitted on another machine than the run's
     run_dir = Path(cfg.trainer.default_root_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     tasks = task_configs(cfg)
     train_urls = {t.name: resolve_shards(t.train, t.dataset, "train") for t in tasks}
     mods = build_modalities(cfg, tasks, train_urls)
+    check_before_fit(cfg, tasks, mods)
+    run_dir.mkdir(parents=True, exist_ok=True)
     prepare_modalities(mods, run_dir)
     return mods

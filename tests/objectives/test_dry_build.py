@@ -52,3 +52,22 @@ def test_pretrain_refuses_a_bad_head_argument_before_fitting_the_tokenizer(tmp_p
     with pytest.raises(ConfigError, match=r"objective 'd2v'\): top_k must be in \[1, encoder depth 2\], got 3"):
         build_run(cfg)
     assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+def test_prepare_refuses_what_the_run_would_refuse_but_not_the_machine_it_runs_on(tmp_path: Path):
+    """mmm prepare fitted the assets of a config the run then refused; it checks the config first now, but not
+    this machine (assets for a GPU run may be fitted on a CPU box)."""
+    from mmm.train.tasks import prepare_run_assets
+
+    bad = load_config(REPO / "configs" / "text_d2v_tiny.yaml",
+                      {**TINY_OVERRIDES, "trainer.default_root_dir": str(tmp_path / "bad")})
+    with pytest.raises(ConfigError, match=r"objective 'd2v'\): top_k must be in \[1, encoder depth 2\], got 3"):
+        prepare_run_assets(bad)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match=r"heads"):
+        prepare_run_assets(load_config(REPO / "configs" / "text_mlm_tiny.yaml", {
+            **TINY_OVERRIDES, "model.encoder.heads": 3, "trainer.default_root_dir": str(tmp_path / "shape")}))
+    gpu_run = load_config(REPO / "configs" / "text_mlm_tiny.yaml", {
+        **TINY_OVERRIDES, "model.encoder.attention": "xformers", "trainer.default_root_dir": str(tmp_path / "gpu")})
+    prepare_run_assets(gpu_run)  # on this CPU machine
+    assert (tmp_path / "gpu" / "tokenizer").is_dir()
