@@ -5,7 +5,8 @@ The batch holds B images and their B captions, each its own sequence
 (:class:`~mmm.batch.ContrastiveTargets`). A caption's embedding is a linear projection of its
 [CLS] hidden state; an image's is a projection of the mean of its token hidden states (patches
 or regions; pooled with ``index_add``). Both are L2-normalised, scaled by a learned temperature
-(``logit_scale`` stored as a log, initialised to 1/0.07 and clamped at 100 as in CLIP), and
+(``logit_scale`` stored as a log, initialised to 1/0.07; the parameter is clamped at log 100 after every
+optimizer step, as CLIP does), and
 scored with the symmetric InfoNCE loss of ``open_clip.loss.ClipLoss``, which gathers the
 embeddings of every rank (with gradients) under ``torch.distributed``.
 
@@ -197,7 +198,10 @@ class ImageTextContrastive(nn.Module):
         return self.label_smoothing * (self.steps.float() / self.smoothing_steps).clamp(max=1.0)
 
     def after_optimizer_step(self, model: nn.Module) -> None:
-        """Advance the smoothing schedule (the model calls this after every optimizer step)."""
+        """Clamp the learned temperature's parameter at ``log(max_logit_scale)``, as CLIP does after each optimizer
+        step, and advance the smoothing schedule (the model calls this after every optimizer step)."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=math.log(self.max_logit_scale))
         if self.soft:
             self.steps += 1
 
@@ -232,8 +236,11 @@ class ImageTextContrastive(nn.Module):
         return (soft_cross_entropy(logits_image, target) + soft_cross_entropy(logits_text, target)) / 2
 
     def scale(self) -> torch.Tensor:
-        """The logit scale ``exp(logit_scale)`` clamped at ``max_logit_scale``."""
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        """The logit scale ``exp(logit_scale)``, its value capped at ``max_logit_scale``. The gradient passes the cap
+        (straight through): a scale at the cap that the loss wants lower must still get that gradient, or it would
+        stay at the cap for good; :meth:`after_optimizer_step` clamps the parameter itself, as CLIP does."""
+        s = self.logit_scale.exp()
+        return s + (s.clamp(max=self.max_logit_scale) - s).detach()
 
     def embed_pairs(self, hidden: torch.Tensor, targets: ContrastiveTargets) -> Tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised ``(image_emb (B, E), text_emb (B, E))`` in float32; row ``i`` of each is pair ``i``.

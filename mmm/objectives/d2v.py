@@ -7,7 +7,9 @@ A *teacher* -- a copy of the student's embedder and shared encoder -- reads the 
 Its weights are never trained: after every optimizer step they move towards the student's,
 ``teacher <- decay * teacher + (1 - decay) * student``, with ``decay`` annealed linearly from
 ``ema_decay`` to ``ema_end_decay`` over ``ema_anneal_steps`` updates (then held). The targets are
-the average of the teacher's top-``top_k`` block outputs, each normalised per token (parameter-free
+the average of the teacher's top-``top_k`` block outputs (the whole block output; the papers take each
+block's feed-forward output before its last residual connection -- a deviation whose effect is not
+measured), each normalised per token (parameter-free
 layer norm; data2vec's choice for text and vision) or per sequence and channel (instance norm;
 data2vec's choice for speech and data2vec 2.0's default), taken at the hidden positions only. The
 student reads the masked input; a light head regresses the targets at those positions (MSE or

@@ -26,7 +26,8 @@ measures drift; ``full`` gives it the unmasked input (MLM targets restored, ever
 the HAD reading, where even visible tokens differ at the start because the teacher saw the context.
 
 The teacher is frozen: its weights never require gradients, it runs under ``torch.no_grad`` in eval
-mode and in fp32 whatever the training precision, and it is held outside the module tree (like
+mode with fp32 weights whatever the training precision (a ``bf16-true`` cast of the model leaves it alone; under
+``bf16-mixed`` it computes in the ambient autocast, as the student does), and it is held outside the module tree (like
 :class:`mmm.targets.teacher.FrozenTeacher`), so it is in neither the ``state_dict`` (checkpoints,
 exports) nor the optimizer; it follows the batch to its device lazily. When the teacher is wider or
 narrower than the student (``teacher_dim``), a learned linear map takes the student's states to the

@@ -92,6 +92,21 @@ def test_logit_scale_init_and_clamp():
         _itc(init_temperature=0.001)
 
 
+def test_a_scale_at_the_cap_still_gets_the_gradient_and_the_parameter_is_clamped_after_the_step():
+    """The forward clamp cut the gradient at the cap: once Adam carried the parameter past log 100, the temperature
+    stayed at 1/100 for good, even where the loss wanted it lower. Now, as CLIP: the parameter is clamped after each
+    optimizer step, and the capped value passes the gradient."""
+    head = _itc()
+    with torch.no_grad():
+        head.logit_scale.fill_(math.log(100.0) + 1e-3)
+    scale = head.scale()
+    assert scale.item() == pytest.approx(100.0)
+    scale.backward()
+    assert head.logit_scale.grad.item() > 0
+    head.after_optimizer_step(None)
+    assert head.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
 def test_zero_targets_connected():
     head = _itc()
     hidden = torch.randn(6, D, requires_grad=True)
