@@ -93,6 +93,10 @@ def cmd_finetune(ns: argparse.Namespace, rest: List[str]) -> int:
     res = finetune(ns.source, modality, train, dev, test, cfg=cfg, out=ns.out, timm_model=ns.timm_model,
                    device=ns.device)
     print(f"{modality} fine-tuning, {len(res.seeds)} seed(s): {res.summary()}")
+    if res.data.get("truncated_inputs"):
+        total = sum(res.data["sizes"].values())
+        print(f"{res.data['truncated_inputs']} of {total} input(s) were cut to the encoder's length (their ends were "
+              f"not seen); pretraining splits long inputs instead, fine-tuning keeps one piece per input")
     if ns.out:
         print(f"results: {Path(ns.out) / 'finetune.json'}; best checkpoint per seed in {ns.out}/seed*/")
     if ns.json:

@@ -445,6 +445,8 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
                     out.inputs.append(line.strip())
                     out.where.append(f"{rel}:row{n}")
     out.labels = [None] * len(out.inputs)
+    if modality == "dna" and skip_bad:
+        skip_invalid_dna(out)
     if not out.inputs:
         kinds = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES, "text": (".txt", *TABLE_SUFFIXES),
                  "dna": (".fa", ".fasta", ".fna", ".txt", *TABLE_SUFFIXES)}[modality]
@@ -484,4 +486,25 @@ def load_split(path: PathLike, modality: str, *, shard_split: Optional[str] = No
                                   "not tables")
     if not columns:
         raise DownstreamDataError(f"{p}: name the input column (--text_column)")
-    return read_table(p, columns, label_column, skip_bad=skip_bad)
+    out = read_table(p, columns, label_column, skip_bad=skip_bad)
+    return skip_invalid_dna(out) if modality == "dna" and skip_bad else out
+
+
+def skip_invalid_dna(split: Split) -> Split:
+    """Under ``skip_bad``: move DNA inputs with a character no DNA tokenizer reads (a gap ``-``, a space, ``U``)
+    from ``split`` to its ``skipped`` list, as the shard readers do (without ``skip_bad`` the tokenizer's
+    error names the input and the character)."""
+    from mmm.modalities.dna.tokenizer import find_invalid_base
+
+    keep = []
+    for i, raw in enumerate(split.inputs):
+        bad = find_invalid_base(raw) if isinstance(raw, str) else None
+        if bad is None:
+            keep.append(i)
+        else:
+            split.skipped.append((split.where[i], f"invalid DNA character {bad[1]!r} at position {bad[0]}"))
+    if len(keep) < len(split.inputs):
+        split.inputs = [split.inputs[i] for i in keep]
+        split.labels = [split.labels[i] for i in keep]
+        split.where = [split.where[i] for i in keep]
+    return split

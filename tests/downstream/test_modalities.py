@@ -90,6 +90,21 @@ def test_dna_finetune_from_sequence_label_csv_and_embed(tmp_path: Path, capsys) 
                  str(dev), "--seeds", "1"]) == 2
     err = capsys.readouterr().err
     assert "bad.csv:row 3" in err and "'X'" in err, err
+    # --skip_bad skips them, counted, as the shard readers do (it stopped with the error); the same for embed
+    train_bad = write_table(tmp_path / "train_bad.csv", ["sequence", "label"], _dna_rows(64, 0) + [("AC-GT", 1)])
+    assert main(["finetune", str(enc), "--modality", "dna", "--train", str(train_bad), "--dev", str(dev),
+                 "--seeds", "1", "--epochs", "1", "--skip_bad"]) == 0
+    assert "skipped 1 bad row(s) (--skip_bad), e.g. " in capsys.readouterr().out
+    gap = tmp_path / "gap.fa"
+    gap.write_text(">r1\nACGT\n>r2\nAC-GT\n")
+    assert main(["embed", str(enc), str(gap), str(tmp_path / "g"), "--modality", "dna", "--skip_bad"]) == 0
+    assert "skipped 1 bad input(s)" in capsys.readouterr().out
+    assert (tmp_path / "g" / "keys.txt").read_text().splitlines() == ["gap.fa:r1"]
+    # an input longer than the encoder is cut for fine-tuning, and the command says so
+    long_dev = write_table(tmp_path / "long.csv", ["sequence", "label"], [(row[0] * 40, row[1]) for row in _dna_rows(8, 2)])
+    assert main(["finetune", str(enc), "--modality", "dna", "--train", str(train), "--dev", str(long_dev),
+                 "--seeds", "1", "--epochs", "1"]) == 0
+    assert "8 of 72 input(s) were cut to the encoder's length" in capsys.readouterr().out
 
 
 def _audio_encoder(tmp_path: Path, waves) -> Path:
