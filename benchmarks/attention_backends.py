@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.report import emit
+from benchmarks.report import at_least, emit
 from mmm.core.attention import math_attention, sdpa_attention, xformers_attention
 from mmm.core.packing import PackedSeqInfo
 
@@ -306,8 +306,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--total-tokens", type=int, default=None, help="real tokens per batch (16384 CUDA, 4096 CPU)")
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=at_least(1), default=10)
+    p.add_argument("--warmup", type=at_least(0), default=2)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--seed", type=int, default=0)

@@ -82,7 +82,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from benchmarks.report import run_in_work_folder
+from benchmarks.report import at_least, run_in_work_folder
 from benchmarks.flops import BertShape, gemm_flops, gemm_shapes, step_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -573,10 +573,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sizes", default=None, help="comma-separated: tiny, base, micro (default tiny,base)")
     p.add_argument("--quick", action="store_true", help="tiny only")
     p.add_argument("--micro", action="store_true", help="toy sizes for tests (also $MMM_BENCH_MICRO=1)")
-    p.add_argument("--rounds", type=int, default=None, help="mmm/HF run pairs (default: the size's)")
-    p.add_argument("--steps", type=int, default=None, help="steps per run (default: the size's)")
-    p.add_argument("--skip", type=int, default=None, help="leading steps left out of the timing (default: the size's)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for both (default 1)")
+    p.add_argument("--rounds", type=at_least(1), default=None, help="mmm/HF run pairs (default: the size's)")
+    p.add_argument("--steps", type=at_least(2), default=None, help="steps per run (default: the size's)")
+    p.add_argument("--skip", type=at_least(1), default=None, help="leading steps left out of the timing (default: the size's)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch threads for both (default 1)")
     p.add_argument("--out", default="runs/bench/e2e_pretrain", help="folder for results.json and results.md")
     p.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
     p.add_argument("--keep-freed-memory", action="store_true",
@@ -597,7 +597,7 @@ def select_sizes(args: argparse.Namespace) -> List[Size]:
     out = []
     for n in names:
         s = SIZES[n]
-        changes = {k: v for k, v in (("rounds", args.rounds), ("steps", args.steps), ("skip", args.skip)) if v}
+        changes = {k: v for k, v in (("rounds", args.rounds), ("steps", args.steps), ("skip", args.skip)) if v is not None}
         s = Size(**{**asdict(s), **changes})
         if s.skip >= s.steps:
             raise SystemExit(f"--skip {s.skip} leaves no timed step of {s.steps}")

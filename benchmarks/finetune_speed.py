@@ -59,7 +59,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from benchmarks.report import run_in_work_folder
+from benchmarks.report import at_least, run_in_work_folder
 from benchmarks.e2e_pretrain import (CONFIG, DEFAULT_THREADS, MICRO_ENV, environment, load_average, minor_faults,
                                     train_tokenizer)
 
@@ -362,10 +362,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--micro", action="store_true", help="toy sizes for tests (also $MMM_BENCH_MICRO=1)")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--skip", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch threads for both (default 1)")
+    p.add_argument("--rounds", type=at_least(1), default=None)
+    p.add_argument("--steps", type=at_least(2), default=None)
+    p.add_argument("--skip", type=at_least(1), default=None)
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch threads for both (default 1)")
     p.add_argument("--source", default=None, help="an mmm checkpoint or saved encoder (default: fresh weights)")
     p.add_argument("--out", default="runs/bench/finetune_speed")
     p.add_argument("--work", default=None, help="folder for the encoder, export and runs (default: temporary)")
@@ -377,7 +377,7 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     args = parse_args(argv)
     micro = args.micro or os.environ.get(MICRO_ENV, "") not in ("", "0")
     size = SIZES["micro" if micro else "tiny"]
-    changes = {k: v for k, v in (("rounds", args.rounds), ("steps", args.steps), ("skip", args.skip)) if v}
+    changes = {k: v for k, v in (("rounds", args.rounds), ("steps", args.steps), ("skip", args.skip)) if v is not None}
     size = Size(**{**asdict(size), **changes})
     if not 1 <= size.skip < size.steps:
         raise SystemExit(f"--skip must be in [1, steps); got {size.skip} with {size.steps} steps")

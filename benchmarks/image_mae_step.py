@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.report import argument_parser, emit, with_threads
+from benchmarks.report import argument_parser, at_least, emit, with_threads
 from mmm.batch import ImageInput, PackedBatch
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig, OptimConfig
 from mmm.core.packing import PackedSeqInfo
@@ -456,8 +456,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argument_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="small preset, 3 timed steps, 1 warm-up (under a minute)")
     p.add_argument("--config", default=None, choices=[*PRESETS, "all"], help="preset (default: all; small with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per contender (default 8; 3 with --quick)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender first")
+    p.add_argument("--steps", type=at_least(1), default=None, help="timed steps per contender (default 8; 3 with --quick)")
+    p.add_argument("--warmup", type=at_least(0), default=1, help="untimed steps per contender first")
     p.add_argument("--batch", type=int, default=None, help="images per batch (default: the preset's)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--patch-size", type=int, default=None)
@@ -468,7 +468,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--decoder-dim", type=int, default=None)
     p.add_argument("--decoder-depth", type=int, default=None)
     p.add_argument("--decoder-heads", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write the markdown tables here")

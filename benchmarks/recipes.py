@@ -38,7 +38,7 @@ import numpy as np
 
 from benchmarks.downstream import TASKS, DownstreamSizes, random_init_factory
 from benchmarks.recipe_budget import RecipeCost, measure_recipe, steps_for_budget, time_steps
-from benchmarks.report import accuracy_axis, save_panels
+from benchmarks.report import accuracy_axis, at_least, save_panels
 
 MICRO_ENV = "MMM_BENCH_MICRO"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -729,11 +729,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--modality", choices=MODALITIES)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated recipe names to pretrain and evaluate")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=at_least(1), default=1)
     p.add_argument("--merge", nargs="+", default=None, help="folders of parts' results.json to join (the first one's "
                    "throughput timing is reported)")
-    p.add_argument("--baseline-steps", type=int, default=None, help="budget = the baseline's FLOPs/step x this")
-    p.add_argument("--seeds", type=int, default=None, help="pretraining seeds per recipe")
+    p.add_argument("--baseline-steps", type=at_least(1), default=None, help="budget = the baseline's FLOPs/step x this")
+    p.add_argument("--seeds", type=at_least(1), default=None, help="pretraining seeds per recipe")
     p.add_argument("--downstream", choices=["recipes-full", "recipes-quick", "quick", "full"], default=None,
                    help="downstream sizes (recipes-*: this suite's; quick/full: benchmarks.downstream's, one fine-tuning seed)")
     p.add_argument("--no-timing", action="store_true", help="skip the side-by-side throughput timing (a part "
@@ -758,8 +758,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 ds[a.downstream] = dataclasses.replace(DOWNSTREAM_SIZES[a.downstream], seeds=1)
             sizes = dataclasses.replace(
                 sizes, name=f"{sizes.name}+custom",
-                baseline_steps={**sizes.baseline_steps, **({a.modality: a.baseline_steps} if a.baseline_steps else {})},
-                seeds=a.seeds or sizes.seeds, downstream=ds[a.downstream] if a.downstream else sizes.downstream,
+                baseline_steps={**sizes.baseline_steps, **({a.modality: a.baseline_steps} if a.baseline_steps is not None else {})},
+                seeds=a.seeds if a.seeds is not None else sizes.seeds, downstream=ds[a.downstream] if a.downstream else sizes.downstream,
                 timing_rounds=0 if a.no_timing else sizes.timing_rounds)
         report = write_report(run(a.modality, a.quick, out, threads=a.threads, only=only, sizes=sizes), out, a.quick)
     print(report["markdown"])

@@ -17,6 +17,20 @@ import torch
 T = TypeVar("T")
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for a whole number >= ``minimum`` (steps, rounds, seeds): a bad value is one usage
+    error naming the flag, not a statistics error after the run."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def argument_parser(doc: str) -> argparse.ArgumentParser:
     """A benchmark's parser: its module docstring's first paragraph as the description, the rest kept as written."""
     return argparse.ArgumentParser(description=doc.split("\n\n")[0],

@@ -50,7 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from benchmarks.report import argument_parser, contender_rows, emit, with_threads
+from benchmarks.report import argument_parser, at_least, contender_rows, emit, with_threads
 from mmm.batch import PackedBatch, pack_masked
 from mmm.config import EncoderConfig, ModelConfig, ObjectiveConfig, OptimConfig, TextConfig
 from mmm.masking.base import MaskedTokens, TokenVocab
@@ -400,8 +400,8 @@ def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argument_parser(__doc__)
     p.add_argument("--config", default="small", choices=[*PRESETS, "all"])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per model")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    p.add_argument("--steps", type=at_least(1), default=10, help="timed steps per model")
+    p.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps per model first")
     p.add_argument("--batch", type=int, default=None, help="sequences per batch (default: the preset's)")
     p.add_argument("--max-len", type=int, default=None, help="longest sequence (default: the preset's, 128)")
     p.add_argument("--dropout", type=float, default=None, help="dropout in both models (default 0.1)")
@@ -410,7 +410,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=None, help="override the preset's head count")
     p.add_argument("--mlp-hidden", type=int, default=None, help="override the preset's MLP hidden size")
     p.add_argument("--vocab", type=int, default=None, help="override the vocabulary size (30522)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the per-model memory subprocesses")
     p.add_argument("--json", default=None, help="write the results here")

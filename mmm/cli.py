@@ -12,6 +12,7 @@
     mmm embed SOURCE INPUT OUT --modality M [--pooling cls|mean]      (features as .npy + keys)
     mmm finetune SOURCE --modality M --train F --dev F [--text_column ...] [--seeds 3] (mean ± std)
     mmm bench --suite throughput|eval [--quick] [--out DIR] [--compile] [CKPT]
+    mmm bench --suite downstream [--quick] CKPT [CKPT ...]            (probes, kNN, fine-tuning vs random init)
     mmm bench --suite recipes --modality text|dna|image|audio|vl [--quick]   (methods at equal training FLOPs)
 
 Overrides follow LightningCLI / jsonargparse conventions: ``--section.key value`` or
@@ -229,6 +230,8 @@ def _cmd_export(ns: argparse.Namespace, rest: List[str]) -> int:
 
 
 def _cmd_list(ns: argparse.Namespace, rest: List[str]) -> int:
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest}")
     import datasets_def  # noqa: F401
     import mmm.core.encoder  # noqa: F401
     import mmm.masking  # noqa: F401
@@ -351,14 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("kind", nargs="?", default=None)
     li.set_defaults(fn=_cmd_list)
 
-    be = sub.add_parser("bench", help="benchmark suites: throughput (mmm vs HF, attention backends, GPU MFU) "
-                                      "or eval (a checkpoint vs random init on held-out data)")
+    be = sub.add_parser("bench", help="benchmark suites: throughput (mmm vs HF, attention backends, GPU MFU), "
+                                      "eval (a checkpoint vs random init on held-out data), downstream (probes, "
+                                      "kNN, fine-tuning of checkpoints) or recipes (methods at equal FLOPs)")
     be.add_argument("--suite", required=True, choices=["throughput", "eval", "downstream", "recipes"],
                     help="which suite to run")
     be.add_argument("--modality", default=None, choices=["text", "dna", "image", "audio", "vl"],
                     help="--suite recipes: the modality whose pretraining recipes are compared at equal training FLOPs")
-    be.add_argument("--quick", action="store_true", help="a few minutes on CPU: fewer steps, smaller sweeps")
-    be.add_argument("--out", default=None, help="output folder (default runs/bench/<suite>)")
+    be.add_argument("--quick", action="store_true", help="fewer steps, smaller sweeps, fewer seeds (throughput and "
+                    "eval: a few minutes on CPU; recipes: still every recipe, 2 seeds)")
+    be.add_argument("--out", default=None, help="output folder (default runs/bench/<suite>; recipes: "
+                    "runs/bench/recipes_<modality>)")
     be.add_argument("--compile", action="store_true", help="torch.compile the mmm model in the GPU MLM step")
     be.add_argument("checkpoint", nargs="*", default=None, help="mmm checkpoint (.ckpt) for --suite eval; one or "
                     "several checkpoints / encoder folders for --suite downstream")

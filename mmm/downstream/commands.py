@@ -25,7 +25,7 @@ def _unexpected(cmd: str, rest: List[str]) -> None:
     if rest:
         from mmm.config import ConfigError
 
-        raise ConfigError(f"mmm {cmd}: unexpected arguments {rest}")
+        raise ConfigError(f"unexpected arguments {rest} (see mmm {cmd} --help)")
 
 
 def cmd_embed(ns: argparse.Namespace, rest: List[str]) -> int:
