@@ -22,9 +22,19 @@ if TYPE_CHECKING:  # the modalities package imports this module (its text plugin
 Handler = Callable[[Exception], bool]
 
 
-def _tokenize(src: Iterator[str], tokenizer: TextTokenizer, max_len: int) -> Iterator[tuple]:
+def _tokenize(src: Iterator[str], tokenizer: TextTokenizer, max_len: int, handler: Handler) -> Iterator[tuple]:
+    """Each text's ``[CLS] ... [SEP]`` pieces; a text the tokenizer reduces to nothing (one that ``is_blank`` lets
+    through, such as only U+FFFD replacement characters, which BERT's normalizer deletes, or only accents with
+    lowercasing) is a bad sample for ``handler`` (counted, then skipped or raised), never dropped silently."""
     for text in src:
-        yield from tokenizer.encode_chunks(text, max_len)
+        pieces = tokenizer.encode_chunks(text, max_len)
+        if not pieces:
+            error = ValueError(f"a text sample of {len(text)} character(s) gave no token: the tokenizer's normalizer "
+                               f"removes all of it (e.g. {text[:20]!r})")
+            if handler(error):
+                continue
+            raise error
+        yield from pieces
 
 
 class _MaskTokens:
@@ -57,7 +67,7 @@ def text_stages(tokenizer: TextTokenizer, masker: TokenMasker, *, max_len: int, 
     """
     return [
         wds.pipelinefilter(decode_each)(decode_text, handler),
-        wds.pipelinefilter(_tokenize)(tokenizer, max_len),
+        wds.pipelinefilter(_tokenize)(tokenizer, max_len, handler),
         SeededMap(_MaskTokens(masker), seed, fixed_masking, epochs),
         wds.batched(batch_size, collation_fn=partial(pack_masked, modality=modality), partial=True),
     ]

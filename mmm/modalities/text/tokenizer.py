@@ -127,7 +127,8 @@ class TextTokenizer(RoleIds, SavedTokenizer):
         whenever the word would fit in a piece on its own; a word longer than a piece is split.
 
         Args:
-            text: raw text; empty or whitespace-only text gives an empty list.
+            text: raw text; text the tokenizer keeps nothing of gives an empty list (WordPiece: empty or
+                whitespace-only text; byte-level BPE keeps whitespace as tokens).
             max_len: maximum piece length including ``[CLS]`` and ``[SEP]``; must be at least 3.
 
         Returns:
