@@ -22,6 +22,7 @@ from mmm.data.utf8 import NotUTF8, decode_utf8
 
 PathLike = Union[str, Path]
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
+FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")  # also gzipped (.fa.gz), as the DNA shard builder reads them
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 AUDIO_SUFFIXES = (".wav", ".flac")
 
@@ -56,10 +57,18 @@ class Split:
 
 
 def read_text(path: Path) -> str:
-    """A UTF-8 text file (a leading BOM dropped, Windows and old Mac line ends read as newlines);
-    otherwise an error naming the file, the byte offset and the line of the first bad byte."""
+    """A UTF-8 text file (a leading BOM dropped, Windows and old Mac line ends read as newlines; a ``.gz`` name is
+    decompressed); otherwise an error naming the file, the byte offset and the line of the first bad byte."""
+    data = path.read_bytes()
+    if path.name.lower().endswith(".gz"):
+        import gzip
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise DownstreamDataError(f"{path}: not a readable gzip file ({e})") from None
     try:
-        text = decode_utf8(path.read_bytes())
+        text = decode_utf8(data)
     except NotUTF8 as e:
         raise DownstreamDataError(f"{path}: not UTF-8 text (byte {e.offset}, line {e.line}: "
                                   f"{e.byte!r}); save the file as UTF-8") from None
@@ -394,6 +403,8 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
     for f in files:
         rel = f.relative_to(root).as_posix()
         suffix = f.suffix.lower()
+        if suffix == ".gz" and Path(f.name[:-3]).suffix.lower() in FASTA_SUFFIXES:  # genome.fa.gz, as the DNA
+            suffix = Path(f.name[:-3]).suffix.lower()                                # shard builder reads it
         if modality == "image" and suffix in IMAGE_SUFFIXES:
             from mmm.modalities.image.decode import decode_image
 
@@ -421,9 +432,10 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
             out.inputs += t.inputs
             out.where += [f"{rel}:{w.rsplit(':', 1)[1].replace(' ', '')}" for w in t.where]
             out.skipped += t.skipped
-        elif modality == "dna" and suffix in (".fa", ".fasta", ".fna"):
+        elif modality == "dna" and suffix in FASTA_SUFFIXES:
             name, seq = None, []
-            for line in read_text(f).split("\n") + [">"]:
+            lines = read_text(f).split("\n")
+            for n, line in enumerate(lines + [">"], start=1):
                 if line.startswith(">"):
                     if name is not None:
                         if seq:
@@ -434,10 +446,12 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
                         else:
                             raise DownstreamDataError(f"{f}: record {name!r} has no sequence (pass --skip_bad to "
                                                       f"skip such records, counted)")
+                    if n <= len(lines) and not line[1:].strip():  # (n = len(lines) + 1: the closing sentinel)
+                        raise DownstreamDataError(f"{f}: line {n}: a '>' header without a record name")
                     name, seq = line[1:].split()[0] if line[1:].strip() else None, []
                 elif line.strip():
                     if name is None:
-                        raise DownstreamDataError(f"{f}: sequence line before the first '>' header")
+                        raise DownstreamDataError(f"{f}: line {n}: sequence line before the first '>' header")
                     seq.append(line.strip())
         elif modality in ("text", "dna") and suffix == ".txt":
             for n, line in enumerate(read_text(f).split("\n"), start=1):
@@ -449,7 +463,7 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
         skip_invalid_dna(out)
     if not out.inputs:
         kinds = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES, "text": (".txt", *TABLE_SUFFIXES),
-                 "dna": (".fa", ".fasta", ".fna", ".txt", *TABLE_SUFFIXES)}[modality]
+                 "dna": (*FASTA_SUFFIXES, ".fa.gz", ".txt", *TABLE_SUFFIXES)}[modality]
         hint = " (tables need --text_column)" if modality in ("text", "dna") and not text_column else ""
         raise DownstreamDataError(f"{p}: no {modality} inputs found (looked for {list(kinds)}){hint}")
     return out

@@ -171,6 +171,15 @@ def test_embed_skip_bad_skips_and_counts_what_the_error_names(ckpt: Path, tmp_pa
         read_raw_inputs(tmp_path / "in", "dna")
     dna = read_raw_inputs(tmp_path / "in", "dna", skip_bad=True)
     assert dna.inputs == ["ACGT", "GG"] and dna.skipped == [("ok.fa:r2", "the record has no sequence")]
+    import gzip  # gzipped and .fas FASTA read as the DNA shard builder reads them; a bare '>' is named
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "g.fa.gz").write_bytes(gzip.compress(b">z1\nACGTAC\n"))
+    (tmp_path / "gz" / "h.fas").write_text(">h1\nTTTT\n")
+    got = read_raw_inputs(tmp_path / "gz", "dna")
+    assert got.inputs == ["ACGTAC", "TTTT"] and got.where == ["g.fa.gz:z1", "h.fas:h1"]
+    (tmp_path / "gz" / "bare.fa").write_text(">r1\nAC\n>\nGG\n")
+    with pytest.raises(DownstreamDataError, match=r"bare\.fa: line 3: a '>' header without a record name"):
+        read_raw_inputs(tmp_path / "gz", "dna")
     with pytest.raises(ValueError):
         read_raw_inputs(tmp_path / "in", "image")
     with pytest.raises(DownstreamDataError, match="no image inputs found"):
