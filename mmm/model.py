@@ -322,7 +322,8 @@ def build_model(cfg: ModelConfig, objectives: List[ObjectiveConfig], embedders: 
         if key in heads:
             raise ValueError(f"objective {key!r} is listed twice in config.objectives; give one of them a distinct "
                              f"'label' (e.g. label: {o.name}_{o.args.get('modality', 'x')})")
-        check_kwargs(OBJECTIVES.get(o.name), dict(o.args), f"objective {key!r} (its args)", supplied=OBJECTIVE_SUPPLIED)
+        check_kwargs(OBJECTIVES.get(o.name), dict(o.args), f"objective {key!r} (its args)", supplied=OBJECTIVE_SUPPLIED,
+                     types=True)
         heads[key] = OBJECTIVES.create(o.name, dim=cfg.encoder.dim, embedders=embedders, encoder_cfg=cfg.encoder,
                                        **o.args)
     for head in heads.values():  # a head that shares a part of another head (CLM reusing the MLM head) takes it here

@@ -92,12 +92,14 @@ class Registry(Generic[T]):
 
 
 def check_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], what: str,
-                 supplied: Optional[Dict[str, str]] = None) -> None:
+                 supplied: Optional[Dict[str, str]] = None, types: bool = False) -> None:
     """Raise a :class:`RegistryError` naming any keyword that ``fn`` does not accept.
 
     ``supplied`` maps the keywords the caller passes itself (an objective's ``dim``, an optimizer's ``lr``)
     to where their value comes from: ``kwargs`` (a config's ``args``) may not set them, and they are not
-    listed as accepted.
+    listed as accepted. With ``types`` (values from a config), a value must also fit its parameter's
+    annotation when that is bool, int, float or str (optionally Optional): ``top_k: "3"`` or ``meap: "false"``
+    (true, as a Python truth value) used to reach the callee.
     """
     supplied = supplied or {}
     taken = [name for name in kwargs if name in supplied]
@@ -113,6 +115,57 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], what: str,
     if unknown:
         raise RegistryError(f"{what} got unknown argument(s) {unknown}; "
                             + (f"accepted: {accepted}" if accepted else "it takes none"))
+    if not types:
+        return
+    hints = _type_hints(fn)
+    for name, value in kwargs.items():
+        expected = _simple_type(hints.get(name))
+        if expected is not None and not _fits(value, expected):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+            quoted = " (a quoted YAML value is a string)" if isinstance(value, str) else ""
+            raise RegistryError(f"{what}: {name} must be {names}, got {value!r}{quoted}")
+
+
+def _type_hints(fn: Callable[..., Any]) -> Dict[str, Any]:
+    """The resolved annotations of ``fn`` (a class: its ``__init__``); {} when they cannot be resolved."""
+    import typing
+
+    try:
+        return typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: no type check, the callee decides
+        return {}
+
+
+def _simple_type(hint: Any) -> Optional[tuple]:
+    """``(type, ...)`` a config value must be for an annotation of bool, int, float or str, optionally Optional;
+    None (no check) for anything else (unions of other kinds, lists, mappings, modules)."""
+    import typing
+
+    simple = (bool, int, float, str)
+    if hint in simple:
+        return (hint,)
+    if typing.get_origin(hint) is typing.Union:
+        args = typing.get_args(hint)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and rest[0] in simple and len(args) == 2:
+            return (rest[0], type(None))
+    return None
+
+
+def _fits(value: Any, expected: tuple) -> bool:
+    """Whether ``value`` is one of ``expected``: a bool is not a number, an int is a float, 2.0 is not an int."""
+    for t in expected:
+        if t is type(None) and value is None:
+            return True
+        if t is bool and isinstance(value, bool):
+            return True
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if t is str and isinstance(value, str):
+            return True
+    return False
 
 
 # One registry per kind of part. Modules register into these on import; each registry names the

@@ -33,7 +33,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
         cfg: the optimizer settings (``name``, ``lr``, ``betas``, ``eps``, ``weight_decay``, ``args``).
     """
     factory = OPTIMIZERS.get(cfg.name)
-    check_kwargs(factory, dict(cfg.args), f"optim.args (optimizer {cfg.name!r})", supplied=OPTIMIZER_SUPPLIED)
+    check_kwargs(factory, dict(cfg.args), f"optim.args (optimizer {cfg.name!r})", supplied=OPTIMIZER_SUPPLIED,
+                 types=True)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **cfg.args)
     if getattr(factory, "needs_model", False):
         kwargs["model"] = model

@@ -113,6 +113,6 @@ def _check_component_args(cfg: PretrainConfig) -> None:
                    OPTIMIZER_SUPPLIED))
     for entry, args, key, supplied in checks:
         try:
-            check_kwargs(entry, dict(args), key, supplied=supplied)
+            check_kwargs(entry, dict(args), key, supplied=supplied, types=True)
         except RegistryError as e:
             raise ConfigError(str(e)) from None

@@ -71,3 +71,23 @@ def test_prepare_refuses_what_the_run_would_refuse_but_not_the_machine_it_runs_o
         **TINY_OVERRIDES, "model.encoder.attention": "xformers", "trainer.default_root_dir": str(tmp_path / "gpu")})
     prepare_run_assets(gpu_run)  # on this CPU machine
     assert (tmp_path / "gpu" / "tokenizer").is_dir()
+
+
+@pytest.mark.parametrize("objective, args, match", [
+    ("d2v", {"top_k": "3"}, r"top_k must be int, got '3' \(a quoted YAML value is a string\)"),
+    ("d2v", {"top_k": 2.5}, r"top_k must be int, got 2.5"),  # was cut to 2
+    ("clm", {"meap": "false"}, r"meap must be bool, got 'false'"),  # was True
+    ("mlm", {"tie_weights": "no"}, r"tie_weights must be bool, got 'no'"),  # was True
+    ("electra", {"rtd_weight": None}, r"rtd_weight must be float, got None"),
+    ("itc", {"embed_dim": 8.5}, r"embed_dim must be int or null, got 8.5"),
+])
+def test_an_argument_of_the_wrong_type_is_refused_before_the_fit(tmp_path, objective, args, match):
+    """Objective args of the wrong type reached the head: a bare TypeError deep inside, or a silent coercion."""
+    from mmm.train.settings_check import check_settings
+
+    cfg = load_config(REPO / "configs" / "text_mlm_tiny.yaml", {"trainer.default_root_dir": str(tmp_path)})
+    cfg.objectives = [ObjectiveConfig(name=objective, args=args)]
+    with pytest.raises(ConfigError, match=match):
+        check_settings(cfg)
+    cfg.objectives = [ObjectiveConfig(name="mlm", args={"tie_weights": False})]  # the right types pass
+    check_settings(cfg)
