@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import lightning as L
@@ -82,6 +83,14 @@ def merge_val_sums(parts: List[Dict[Tuple[str, str], Dict[str, Tuple[float, int]
                 s[1] += count
     out = {key: {m: total / count for m, (total, count) in sums.items() if count} for key, sums in merged.items()}
     return {key: means for key, means in out.items() if means}
+
+
+def _world() -> Optional[Tuple[int, int]]:
+    """``(rank, world size)`` of an initialised process group of several processes, else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
 
 
 class MaskedModelingModule(L.LightningModule):
@@ -314,15 +323,32 @@ class MaskedModelingModule(L.LightningModule):
         self.nonfinite_guard.read()  # no checkpoint after an unreported bad step (stop raises: none is written)
         checkpoint["mmm"] = self.extra_state
         checkpoint["mmm_nonfinite_skipped"] = self.nonfinite_guard.skipped
-        # dropout draws from torch's global generator: save it so a resumed run continues bit-for-bit
-        checkpoint["mmm_rng"] = {"torch": torch.get_rng_state(),
-                                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        # dropout draws from torch's global generator: save it so a resumed run continues bit-for-bit. Each rank's
+        # generators drift apart (a rank's dropout draws as many numbers as its batch has elements), and only rank 0
+        # writes the file, so every rank's state is gathered into it (a collective: every rank saves, as Lightning's
+        # save_checkpoint requires)
+        state = {"torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        ranks = _world()
+        if ranks is not None:
+            states: List[Any] = [None] * ranks[1]
+            torch.distributed.all_gather_object(states, state)
+            state = {**states[0], "per_rank": states}
+        checkpoint["mmm_rng"] = state
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self.nonfinite_guard.skipped = int(checkpoint.get("mmm_nonfinite_skipped", 0))  # a resumed run counts on
         config_optimizer_settings(checkpoint, self.optim, self.max_steps)
         rng = checkpoint.get("mmm_rng")
         if rng:
+            per_rank, ranks = rng.get("per_rank"), _world()
+            if per_rank:
+                rank, size = ranks if ranks is not None else (0, 1)
+                if size == len(per_rank):
+                    rng = per_rank[rank]
+                else:
+                    warnings.warn(f"the checkpoint holds the random state of {len(per_rank)} process(es), this run "
+                                  f"has {size}: dropout masks will differ from an uninterrupted run's", stacklevel=2)
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng["cuda"])

@@ -250,3 +250,40 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(shard_dir, tmp_
     assert max(diffs) <= LOSS_TOL, f"resumed losses differ from the uninterrupted run: max {max(diffs)}"
     print(f"killed after checkpoint step {k} (epoch {ck['StreamDataModule']['epoch']}, batch "
           f"{ck['StreamDataModule']['batches_done']}): max loss diff {max(diffs):.3g} over {len(diffs)} steps")
+
+
+def test_every_ranks_random_state_is_saved_and_each_rank_resumes_with_its_own(monkeypatch):
+    """Only rank 0 writes the checkpoint: every rank used to resume with rank 0's generator, so dropout masks
+    differed from the uninterrupted DDP run from the first resumed step (ranks' generators drift apart)."""
+    import types
+    import warnings
+
+    import torch.distributed as dist
+
+    import mmm.train.module as module_mod
+    from mmm.train.module import MaskedModelingModule
+
+    states = []
+    for seed in (1, 2):  # what rank 0 and rank 1 hold when the checkpoint is written
+        torch.manual_seed(seed)
+        states.append({"torch": torch.get_rng_state(), "cuda": []})
+    guard = types.SimpleNamespace(read=lambda: None, skipped=0)
+    fake = types.SimpleNamespace(nonfinite_guard=guard, extra_state={}, optim=None, max_steps=1)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(slice(None), states))
+    monkeypatch.setattr(module_mod, "config_optimizer_settings", lambda *a, **k: None)
+    ckpt = {}
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    MaskedModelingModule.on_save_checkpoint(fake, ckpt)
+    assert len(ckpt["mmm_rng"]["per_rank"]) == 2
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda group=None, r=rank: r)
+        torch.manual_seed(99)
+        MaskedModelingModule.on_load_checkpoint(fake, ckpt)
+        assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)  # another world size: said, not silent
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MaskedModelingModule.on_load_checkpoint(fake, ckpt)
+    assert any("random state of 2 process(es), this run has 4" in str(w.message) for w in caught)
