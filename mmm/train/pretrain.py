@@ -158,6 +158,13 @@ def read_resume_checkpoint_for(cfg: PretrainConfig, path: Optional[str]) -> Opti
     if step >= cfg.trainer.max_steps:
         raise ConfigError(f"trainer.max_steps {cfg.trainer.max_steps} leaves nothing to train: the checkpoint {path} "
                           f"is already at step {step}; set --trainer.max_steps above {step} to train further")
+    data_state = ckpt.get(StreamDataModule.__qualname__)  # Lightning keeps the data module's state under its name
+    if isinstance(data_state, dict):  # refused here, before the run folder's config.yaml is rewritten
+        saved_multi, multi = data_state.get("kind") == "mixture", len(cfg.tasks) > 1
+        if saved_multi != multi:
+            what = {False: "single-task", True: "multi-task (tasks:)"}
+            raise ConfigError(f"trainer.ckpt_path: {path} was written by a {what[saved_multi]} run, and this config "
+                              f"is a {what[multi]} run; resume it with the config it was trained with")
     return ckpt
 
 
@@ -212,6 +219,12 @@ def check_checkpoint_fits(module: MaskedModelingModule, ckpt: Dict[str, Any], cf
         if diffs:
             logger.warning("resuming from %s with settings that differ from its config (they take effect): %s",
                            path, "; ".join(diffs))
+        old_steps = ((stored or {}).get("trainer") or {}).get("max_steps") if isinstance(stored, dict) else None
+        if cfg.phases and old_steps is not None and old_steps != cfg.trainer.max_steps:
+            logger.warning("phases are fractions of trainer.max_steps: resuming with %d instead of %d moves every "
+                           "phase boundary, so the run may go back to an earlier phase (step %d of %d); keep "
+                           "trainer.max_steps to continue exactly", cfg.trainer.max_steps, old_steps,
+                           int(ckpt.get("global_step", 0)), cfg.trainer.max_steps)
         return
     examples = (reshaped + [f"{k} not in the checkpoint" for k in missing] +
                 [f"{k} only in the checkpoint" for k in unexpected])
@@ -388,8 +401,10 @@ def warn_of_a_fresh_run_over_checkpoints(cfg: PretrainConfig, run_dir: Path) -> 
         return
     found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     if found:
-        logger.warning("trainer.default_root_dir %s holds checkpoints of an earlier run (%s): this fresh run replaces "
-                       "them as it saves its own; to continue that run instead, stop and pass --trainer.ckpt_path last",
+        logger.warning("trainer.default_root_dir %s holds checkpoints of an earlier run (%s): this fresh run writes "
+                       "its own last.ckpt and step checkpoints over them, and the earlier run's other step checkpoints "
+                       "stay beside them (they are not this run's); to continue that run instead, stop and pass "
+                       "--trainer.ckpt_path last",
                        run_dir, ", ".join(found[:5]) + (" ..." if len(found) > 5 else ""))
 
 

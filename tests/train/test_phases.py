@@ -131,3 +131,31 @@ def test_resuming_mid_run_continues_in_the_same_phase_bit_for_bit(runs):
     assert any(not torch.equal(start[k], a[k]) for k in a)  # steps 3 and 4 trained
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_resuming_with_another_max_steps_warns_that_the_phase_boundaries_move(runs, tmp_path, caplog):
+    """Phase ends are fractions of trainer.max_steps: a resume with more steps went back to an earlier phase,
+    with only the generic "settings that differ" line to show for it."""
+    import logging
+
+    from mmm.train.pretrain import build_run
+
+    interrupted, _, _ = runs
+    tokenizer = {"model.text.tokenizer_path": str(interrupted.run_dir / "tokenizer")}
+    with caplog.at_level(logging.WARNING, logger="mmm.train"):
+        build_run(load_config(PRESET, _overrides(tmp_path / "longer", **tokenizer, **{
+            "trainer.max_steps": 8, "trainer.ckpt_path": str(interrupted.last_checkpoint)})))
+    assert "phases are fractions of trainer.max_steps: resuming with 8 instead of 4 moves every phase boundary" \
+        in caplog.text
+
+
+def test_a_resume_across_single_and_multi_task_is_refused_before_the_config_is_rewritten(runs, tmp_path):
+    """The data module refused it inside fit, after build_run had rewritten the run folder's config.yaml."""
+    from mmm.config import ConfigError, TaskConfig
+    from mmm.train.pretrain import read_resume_checkpoint_for
+
+    interrupted, _, _ = runs
+    cfg = load_config(PRESET, _overrides(tmp_path / "multi", phases=[]))
+    cfg.tasks = [TaskConfig(name="a"), TaskConfig(name="b")]
+    with pytest.raises(ConfigError, match=r"was written by a single-task run, and this config is a multi-task"):
+        read_resume_checkpoint_for(cfg, str(interrupted.last_checkpoint))
