@@ -405,22 +405,13 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
         suffix = f.suffix.lower()
         if suffix == ".gz" and Path(f.name[:-3]).suffix.lower() in FASTA_SUFFIXES:  # genome.fa.gz, as the DNA
             suffix = Path(f.name[:-3]).suffix.lower()                                # shard builder reads it
-        if modality == "image" and suffix in IMAGE_SUFFIXES:
-            from mmm.modalities.image.decode import decode_image
-
+        if (modality == "image" and suffix in IMAGE_SUFFIXES) or (modality == "audio" and suffix in AUDIO_SUFFIXES):
+            if modality == "image":
+                from mmm.modalities.image.decode import decode_image as decode
+            else:
+                from mmm.modalities.audio.frontend import decode_audio as decode
             try:
-                out.inputs.append(decode_image(f.read_bytes(), str(f)))
-            except ValueError as e:
-                if not skip_bad:
-                    raise
-                out.skipped.append((rel, str(e)))
-                continue
-            out.where.append(rel)
-        elif modality == "audio" and suffix in AUDIO_SUFFIXES:
-            from mmm.modalities.audio.frontend import decode_audio
-
-            try:
-                out.inputs.append(decode_audio(f.read_bytes(), str(f)))
+                out.inputs.append(decode(f.read_bytes(), str(f)))
             except ValueError as e:
                 if not skip_bad:
                     raise
