@@ -742,6 +742,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     a = p.parse_args(argv)
     out = Path(a.out)
     if a.merge:
+        ignored = [flag for flag, given in (("--modality", a.modality is not None), ("--quick", a.quick),
+                                            ("--only", a.only is not None), ("--seeds", a.seeds is not None),
+                                            ("--baseline-steps", a.baseline_steps is not None),
+                                            ("--downstream", a.downstream is not None), ("--no-timing", a.no_timing))
+                   if given]
+        if ignored:
+            p.error(f"--merge joins parts that already ran; {', '.join(ignored)} set how a part runs and would be "
+                    "ignored: pass them to the parts, not to --merge")
         parts = [json.loads((Path(d) / "results.json").read_text(encoding="utf-8")) for d in a.merge]
         section = merge([x["sections"]["recipes"] for x in parts])
         report = write_report(section, out, parts[0]["quick"])

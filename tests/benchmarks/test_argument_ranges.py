@@ -36,3 +36,15 @@ def test_mmm_list_refuses_arguments_it_does_not_take(capsys):
 
     assert main(["list", "masker", "--bogus", "x"]) == 2
     assert "unexpected arguments ['--bogus', 'x']" in capsys.readouterr().err
+
+
+def test_recipes_merge_refuses_the_options_only_a_part_reads(tmp_path, capsys):
+    """``--merge`` joins results that already ran; ``--quick``/``--only``/``--seeds`` given with it were silently
+    ignored, so a user who asked for two seeds got a report of whatever the parts ran."""
+    from benchmarks.recipes import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--merge", str(tmp_path), "--quick", "--seeds", "2", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--quick, --seeds set how a part runs and would be ignored" in err and not (tmp_path / "out").exists()
