@@ -51,6 +51,7 @@ from mmm.modalities.image.decode import DEFAULT_MAX_PIXELS
 from mmm.modalities.image_text.pipeline import (BOX_DIM, REGION_FIELDS, RegionArrayError, captions_of, check_region_arrays, load_npy,
                                  xyxy_to_geometry)
 from mmm.data.jsonl import json_objects
+from mmm.modalities.text.codec import BLANK_KINDS, is_blank
 from mmm.data.tar import ReadOptions, read_samples
 from mmm.registry import DATASETS
 from datasets_def.skipper import BadInputSkipper
@@ -143,8 +144,8 @@ def _read_captions_file(path: Path) -> Tuple[Dict[str, List[Tuple[str, str]]], L
             bad.append((where, "missing or empty 'path'"))
         elif not isinstance(caption, str):
             bad.append((where, f"caption of {rel!r} must be a string, got {type(caption).__name__}"))
-        elif not caption.strip():
-            bad.append((where, f"empty caption for {rel!r}"))
+        elif is_blank(caption):
+            bad.append((where, f"empty caption for {rel!r} (only {BLANK_KINDS})"))
         else:
             table.setdefault(_rel_key(rel), []).append((where, " ".join(caption.split())))
 

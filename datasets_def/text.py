@@ -149,8 +149,8 @@ def _iter_documents(path: Path, source: str, jsonl_field: str, skipper: BadInput
         text = None if data is None else _decode(data, source, 0, skipper)
         if text is None:
             return
-        if not text.strip():
-            skipper.bad(source, "empty file (no non-whitespace text)")
+        if text_codec.is_blank(text):
+            skipper.bad(source, f"empty file (only {text_codec.BLANK_KINDS})")
             return
         yield 0, text
         return
@@ -186,8 +186,8 @@ def _iter_documents(path: Path, source: str, jsonl_field: str, skipper: BadInput
             if not isinstance(value, str):
                 skipper.bad(where, f"field {jsonl_field!r} must be a string, got {type(value).__name__}")
                 continue
-            if not value.strip():
-                skipper.bad(where, f"field {jsonl_field!r} is empty")
+            if text_codec.is_blank(value):
+                skipper.bad(where, f"field {jsonl_field!r} is empty (only {text_codec.BLANK_KINDS})")
                 continue
             yield doc, value.replace("\r\n", "\n")
             doc += 1

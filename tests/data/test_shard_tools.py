@@ -123,6 +123,8 @@ def test_garbage_file_is_a_problem_not_a_crash(tmp_path: Path) -> None:
 @pytest.mark.parametrize("members,where,message", [
     ([("k.json", b"{}"), ("k.txt", b"ok \xff\xfe")] , "k", "field 'txt' is not valid UTF-8 at byte offset 3"),
     ([("k.json", b"{}"), ("k.txt", b"  \n ")], "k", "field 'txt' is empty"),
+    ([("k.json", b"{}"), ("k.txt", " \ufffd\ufffd\n".encode())], "k",
+     "field 'txt' is empty (expected non-blank text: got 8 byte(s) of whitespace, control, format or replacement"),
     ([("k.txt", b"only text")], "k", "missing field(s) ['json']"),
     ([("k.json", b"{bad json"), ("k.txt", b"hi")], "k", "field 'json' is not valid JSON"),
     ([("k.json", b"[1, 2]"), ("k.txt", b"hi")], "k", "field 'json' must be a JSON object, got list"),

@@ -70,9 +70,10 @@ def _shard_with_bad_sample(path, bad=b"\xff\xfe not utf8"):
 @pytest.mark.parametrize("bad, message", [(b"\xff\xfe not utf8", r"sample b: 'txt' is not UTF-8"),
                                           (b"  \n\t ", r"sample b: 'txt' is empty \(expected non-blank text: got 5"),
                                           ("\u200b \u200b".encode(), r"sample b: 'txt' is empty .*got 7 byte"),
-                                          (b"\x00\x01", r"sample b: 'txt' is empty .*control or format"),
-                                          ("\ufffd\ufffd".encode(), r"a text sample of 2 character\(s\) gave no token")],
-                         ids=["not-utf8", "blank", "zero-width", "control", "replacement-chars"])
+                                          (b"\x00\x01", r"sample b: 'txt' is empty .*control, format"),
+                                          ("\ufffd\ufffd".encode(), r"sample b: 'txt' is empty .*replacement \(U\+FFFD\)"),
+                                          ("\u0301\u0300".encode(), r"a text sample of 2 character\(s\) gave no token")],
+                         ids=["not-utf8", "blank", "zero-width", "control", "replacement-chars", "accents-only"])
 def test_a_bad_sample_stops_by_default_and_is_counted_when_skipping(corpus, tmp_path, bad, message):
     """A blank text would yield no sequence: it is a bad sample like undecodable bytes, never dropped silently."""
     _, tok = corpus

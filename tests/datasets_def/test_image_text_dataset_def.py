@@ -92,7 +92,7 @@ def _edit_csv(path: Path, rows):
         csv.writer(fh).writerows(rows)
 
 
-@pytest.mark.parametrize("kind", ["empty_caption", "caption_without_image", "image_without_caption",
+@pytest.mark.parametrize("kind", ["empty_caption", "lossy_caption", "caption_without_image", "image_without_caption",
                                   "missing_region_file", "features_rank", "features_nan", "feature_dim",
                                   "soft_sum", "boxes_shape", "boxes_outside", "corrupt_image"])
 def test_bad_input_names_file_and_field_or_is_skipped_and_listed(tmp_path, kind):
@@ -101,13 +101,16 @@ def test_bad_input_names_file_and_field_or_is_skipped_and_listed(tmp_path, kind)
     good = dict(features=rng.standard_normal((3, F)).astype(np.float32),
                 boxes=np.array([[0, 0, 32, 32], [1, 1, 3, 3], [5, 5, 9, 9]], np.float32),
                 soft=np.full((3, 7), 1 / 7, np.float32))
-    expect = {"empty_caption": "empty caption", "caption_without_image": "not an image file",
+    expect = {"empty_caption": "empty caption", "lossy_caption": "empty caption for 's1.png' (only whitespace, control, "
+              "format or replacement (U+FFFD) characters)", "caption_without_image": "not an image file",
               "image_without_caption": "has no caption", "missing_region_file": "no region file",
               "features_rank": "'features' must be 2-D", "features_nan": "NaN", "feature_dim": f"expected {F}",
               "soft_sum": "'soft' row 0 sums to", "boxes_shape": "'boxes' has shape", "boxes_outside": "inside the 32x32",
               "corrupt_image": "s5.png"}[kind]
     if kind == "empty_caption":
         _edit_csv(caps, [["s1.png", "   "]])
+    elif kind == "lossy_caption":
+        _edit_csv(caps, [["s1.png", "\ufffd \ufffd"]])
     elif kind == "caption_without_image":
         _edit_csv(caps, [["nope.png", "a caption"]])
     elif kind == "image_without_caption":
@@ -143,7 +146,7 @@ def test_bad_input_names_file_and_field_or_is_skipped_and_listed(tmp_path, kind)
     manifest = json.loads((tmp_path / "out2" / "manifest.json").read_text())
     assert len(manifest["skipped"]) == 1
     written = sum(report.samples.values())
-    lost_image = kind not in ("empty_caption", "caption_without_image", "image_without_caption")
+    lost_image = kind not in ("empty_caption", "lossy_caption", "caption_without_image", "image_without_caption")
     assert written == 6 - lost_image  # an image without a caption is the extra one: the six others are written
 
 

@@ -139,6 +139,8 @@ BAD_CASES = [
     ("field.jsonl", b'{"body": "no text field"}\n', r"field\.jsonl:1: missing field 'text'"),
     ("type.jsonl", b'{"text": 42}\n', r"type\.jsonl:1: field 'text' must be a string"),
     ("blank.jsonl", b'{"text": "ok text"}\n{"text": "   "}\n', r"blank\.jsonl:2: field 'text' is empty"),
+    ("lossy.jsonl", '{"text": "ok text"}\n{"text": "\\ufffd\\ufffd \\u200b"}\n'.encode(),
+     r"lossy\.jsonl:2: field 'text' is empty \(only whitespace, control, format or replacement"),
     ("bytes.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n', r"bytes\.jsonl:2: not valid UTF-8 at byte offset 25"),
 ]
 
@@ -160,7 +162,7 @@ def test_bad_input_skipped_counted_and_reported(tmp_path: Path) -> None:
     (tmp_path / "in" / "good.txt").write_text("A good document survives.", encoding="utf-8")
     report = build_shards(tmp_path / "in", tmp_path / "out", skip_bad=True)
     assert len(report.skipped) == len(BAD_CASES)
-    assert report.total_documents == 4  # good.txt + the good first lines of bad, blank and bytes.jsonl
+    assert report.total_documents == 5  # good.txt + the good first lines of bad, blank, lossy and bytes.jsonl
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [tuple(s) for s in manifest["skipped"]] == report.skipped
     assert ("latin1.txt", "not valid UTF-8 at byte offset 3 (invalid continuation byte)") in report.skipped

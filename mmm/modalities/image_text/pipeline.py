@@ -51,6 +51,7 @@ from mmm.data.fields import sample_json
 from mmm.modalities.image.pipeline import ImageSettings, read_image_sample, visual_token_features
 from mmm.modalities.image.decode import ImageDecodeError
 from mmm.modalities.image.transforms import eval_transform, normalize
+from mmm.modalities.text.codec import BLANK_KINDS, is_blank
 
 logger = logging.getLogger("mmm.data")
 
@@ -306,13 +307,13 @@ def captions_of(sample: Dict[str, Any], meta: Dict[str, Any], where: str) -> Lis
             caps = bytes(sample["txt"]).decode("utf-8").split("\n")
         except UnicodeDecodeError as e:
             raise ValueError(f"{where}: field 'txt' is not UTF-8 ({e})") from None
-        caps = [c for c in caps if c.strip()]
+        caps = [c for c in caps if not is_blank(c)]
         field = "txt"
     else:
         raise ValueError(f"{where}: no captions (neither json 'captions' nor a 'txt' field)")
-    blank = [i for i, c in enumerate(caps) if not c.strip()]
+    blank = [i for i, c in enumerate(caps) if is_blank(c)]
     if blank:
-        raise ValueError(f"{where}: {field} caption {blank[0]} is empty")
+        raise ValueError(f"{where}: {field} caption {blank[0]} is empty (only {BLANK_KINDS})")
     if not caps:
         raise ValueError(f"{where}: {field} holds no caption")
     return [c.strip() for c in caps]

@@ -32,14 +32,19 @@ def decode_text(sample: Dict[str, Any]) -> str:
         raise ValueError(f"sample {key}: 'txt' is not UTF-8 ({e})", url) from None
     if is_blank(text):  # it would yield no sequence: a bad sample, counted (as `mmm shards check` says)
         raise ValueError(f"sample {key}: 'txt' is empty (expected non-blank text: got {len(sample['txt'])} byte(s) "
-                         f"of whitespace, control or format characters)", url)
+                         f"of {BLANK_KINDS})", url)
     return text
 
 
+BLANK_KINDS = "whitespace, control, format or replacement (U+FFFD) characters"
+
+
 def is_blank(text: str) -> bool:
-    """Whether ``text`` holds nothing a tokenizer keeps: only whitespace, control (Cc) or format (Cf)
-    characters such as a zero-width space, which BERT's normalizer deletes."""
-    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+    """Whether ``text`` holds nothing to learn from, whatever the tokenizer: only whitespace, control (Cc) or
+    format (Cf) characters such as a zero-width space (which BERT's normalizer deletes), or U+FFFD replacement
+    characters, what an earlier lossy decoding left of the text (BERT's normalizer deletes them too; byte-level BPE
+    would learn their three bytes)."""
+    return all(ch.isspace() or ch == "\ufffd" or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
 
 
 def json_object_problem(raw: bytes) -> Optional[str]:
@@ -74,7 +79,7 @@ def check_sample(sample: Dict[str, Any]) -> Optional[str]:
         else:
             if is_blank(text):
                 problems.append(f"field 'txt' is empty (expected non-blank text: got {len(txt)} byte(s) of "
-                                f"whitespace, control or format characters)")
+                                f"{BLANK_KINDS})")
     if sample.get("json") is not None:
         problem = json_object_problem(sample["json"])
         if problem:

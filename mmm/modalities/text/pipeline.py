@@ -24,8 +24,8 @@ Handler = Callable[[Exception], bool]
 
 def _tokenize(src: Iterator[str], tokenizer: TextTokenizer, max_len: int, handler: Handler) -> Iterator[tuple]:
     """Each text's ``[CLS] ... [SEP]`` pieces; a text the tokenizer reduces to nothing (one that ``is_blank`` lets
-    through, such as only U+FFFD replacement characters, which BERT's normalizer deletes, or only accents with
-    lowercasing) is a bad sample for ``handler`` (counted, then skipped or raised), never dropped silently."""
+    through, such as only combining accents, which lowercasing strips) is a bad sample for ``handler`` (counted, then
+    skipped or raised), never dropped silently."""
     for text in src:
         pieces = tokenizer.encode_chunks(text, max_len)
         if not pieces:
