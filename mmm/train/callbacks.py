@@ -1,12 +1,13 @@
 """Training callbacks: real-token throughput, a progress bar in optimizer steps (neither makes a GPU step wait:
-see :mod:`mmm.train.host_metrics`)."""
+see :mod:`mmm.train.host_metrics`), and the final step's checkpoint."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from mmm.train.host_metrics import bar_metrics, log_host_value, logs_this_step
 
@@ -30,6 +31,38 @@ class ThroughputMonitor(L.Callback):
             log_host_value(pl_module, "train/tokens_per_sec", batch.num_tokens / dt)
             log_host_value(pl_module, "train/seqs_per_sec", batch.num_sequences / dt)
         self._last = now
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's :class:`ModelCheckpoint` (periodic step checkpoints and ``last.ckpt``) that also writes
+    ``last.ckpt`` at the end of the step reaching ``trainer.max_steps``, inside the training loop, as the periodic
+    checkpoints are written.
+
+    Lightning otherwise writes the final ``last.ckpt`` in ``on_train_end``, with the loop's epoch already closed, so
+    a run resumed from it to a larger ``max_steps`` counted one epoch more than the uninterrupted run (in its logs,
+    and in the data epoch of a checkpoint without a data position). ``final_step_saved`` says which step was written,
+    so :func:`mmm.train.pretrain.save_final_checkpoint` writes one only for a run that stopped otherwise.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.final_step_saved: Optional[int] = None
+
+    @property
+    def last_path(self) -> Path:
+        return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if 0 < trainer.max_steps <= step and self.final_step_saved != step:
+            if getattr(self, "_last_global_step_saved", None) != step:  # not already saved as a periodic one
+                trainer.save_checkpoint(str(self.last_path))  # every rank calls it (it gathers the random states)
+            self.final_step_saved = step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.final_step_saved != trainer.global_step:
+            super().on_train_end(trainer, pl_module)
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -24,14 +24,14 @@ from typing import Any, Dict, List, Optional, Union
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from mmm.config import ConfigError, PretrainConfig, TaskConfig, dump_config, to_dict
 from mmm.errors import CheckpointError
 from mmm.modalities.base import Modality
 from mmm.model import build_model
-from mmm.train.callbacks import StepProgressBar, ThroughputMonitor
+from mmm.train.callbacks import RunCheckpoint, StepProgressBar, ThroughputMonitor
 from mmm.train.checkpoint_io import AtomicCheckpointIO, read_resume_checkpoint
 from mmm.train.datamodule import StreamDataModule
 from mmm.train.mixture import MixtureMonitor, TagTask, TaskData
@@ -326,9 +326,9 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append(TensorBoardLogger(str(run_dir), name="logs", version=f"{csv_logger.version}_tensorboard"))
     callbacks = [
-        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=tc.checkpoint_every_n_steps,
-                        save_last=True, save_top_k=1, filename="step{step}", auto_insert_metric_name=False,
-                        enable_version_counter=False),  # one last.ckpt, the newest run's (never last-v1.ckpt)
+        RunCheckpoint(dirpath=str(run_dir / "checkpoints"), every_n_train_steps=tc.checkpoint_every_n_steps,
+                      save_last=True, save_top_k=1, filename="step{step}", auto_insert_metric_name=False,
+                      enable_version_counter=False),  # one last.ckpt, the newest run's (never last-v1.ckpt)
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(),
     ]
@@ -418,8 +418,12 @@ def pretrain(cfg: PretrainConfig) -> PretrainRun:
 
 
 def save_final_checkpoint(run: PretrainRun) -> None:
-    """Write ``last.ckpt`` for the final step (periodic checkpoints may have stopped short of it).
+    """Write ``last.ckpt`` for the final step unless :class:`~mmm.train.callbacks.RunCheckpoint` wrote it inside the
+    loop (it does at ``max_steps``; a run that stopped otherwise: periodic checkpoints may have stopped short of it).
 
     The trainer's :class:`~mmm.train.checkpoint_io.AtomicCheckpointIO` makes the write atomic.
     """
+    saver = [c for c in run.trainer.callbacks if isinstance(c, RunCheckpoint)]
+    if saver and saver[0].final_step_saved == run.trainer.global_step and saver[0].last_path == run.last_checkpoint:
+        return
     run.trainer.save_checkpoint(str(run.last_checkpoint))

@@ -26,7 +26,7 @@ from datasets_def.text import build_shards
 from mmm.data.epoch import EpochCounter
 from mmm.data.stream import list_shards, make_pipeline
 from mmm.train.datamodule import DataPosition
-from mmm.train.pretrain import build_run, resolve_ckpt_path
+from mmm.train.pretrain import build_run, resolve_ckpt_path, save_final_checkpoint
 
 LOSS_TOL = 1e-5
 WORDS = ("the quick brown fox jumps over a lazy dog while masked models predict hidden tokens from "
@@ -157,6 +157,28 @@ def test_resume_mid_epoch_and_at_epoch_end_replays_the_same_batches(shard_dir, t
         assert run.trainer.global_step == n
         worst = _assert_same_steps(resumed.steps, ref.steps[m:])
         print(f"workers={workers} resumed after step {m} (epochs {epochs}): max loss diff {worst:.3g}")
+
+
+@pytest.mark.parametrize("extend_at", ["mid_epoch", "validation_step"])
+def test_a_finished_run_extended_from_its_last_checkpoint_counts_epochs_as_the_uninterrupted_run(
+        shard_dir, tmp_path, extend_at):
+    """A run that ended at ``max_steps`` and is resumed from its ``last.ckpt`` to a larger ``max_steps`` continues
+    Lightning's epoch where it stopped. ``last.ckpt`` was written after ``fit`` returned, when Lightning had closed
+    the epoch, so the resumed run logged (and, without a data position, would have read) one epoch too many."""
+    n, same_lr = 15, {"optim.schedule": "constant"}  # the learning rate of a step does not depend on max_steps
+    ref = Recorder()
+    ref_run = _fit(_config(tmp_path / "ref", shard_dir, 0, n, **same_lr), ref)
+    epoch1 = [s.step for s in ref.steps if s.epoch == 1]
+    m = 8 if extend_at == "validation_step" else next(x for x in epoch1[1:-1] if x % 4)  # val_check_interval 4
+    assert m in epoch1[:-1], (m, epoch1)
+    tok = {"model.text.tokenizer_path": str(ref_run.run_dir / "tokenizer"), **same_lr}
+    first = build_run(_config(tmp_path / "run", shard_dir, 0, m, **tok))
+    first.trainer.fit(first.module, datamodule=first.datamodule)
+    save_final_checkpoint(first)
+    assert torch.load(first.last_checkpoint, map_location="cpu", weights_only=False)["epoch"] == 1
+    resumed = Recorder()
+    _fit(_config(tmp_path / "run", shard_dir, 0, n, **tok, **{"trainer.ckpt_path": "last"}), resumed)
+    _assert_same_steps(resumed.steps, ref.steps[m:])
 
 
 def test_loader_restarts_an_abandoned_epoch_where_it_stopped(shard_dir, tmp_path):
