@@ -4,7 +4,7 @@
     mmm pretrain --config configs/text_mlm_tiny.yaml [--trainer.max_steps 50 ...] [--print_config]
     mmm prepare --config configs/audio_mam_tiny.yaml [--trainer.default_root_dir DIR ...]   (fit assets offline)
     mmm shards build INPUT OUTPUT [--dataset text] [--max_chars 2000] [--val_fraction 0.01] ...
-    mmm shards check DIR [--dataset text] [--split train|val]        (exit 0: ok, 1: problems, 2: usage)
+    mmm shards check DIR [--dataset NAME] [--split train|val]        (exit 0: ok, 1: problems, 2: usage)
     mmm shards stats DIR [--split ...] [--tokenizer DIR] [--max_len 128] [--json OUT]
     mmm export hf CHECKPOINT OUT_DIR
     mmm list [KIND]
@@ -261,7 +261,8 @@ def _cmd_bench(ns: argparse.Namespace, rest: List[str]) -> int:
 
 def _add_shard_selection(p: argparse.ArgumentParser) -> None:
     """``--dataset`` and ``--split``, shared by the shard tools that read existing shards."""
-    p.add_argument("--dataset", default="text", help="dataset definition (default text)")
+    p.add_argument("--dataset", default=None, help="dataset definition (default: the one the shards' manifest.json "
+                   "names, else text)")
     p.add_argument("--split", default=None, choices=["train", "val"], help="only this split's shards (default all)")
 
 

@@ -42,6 +42,40 @@ def _load_dataset(dataset: str) -> Any:
     return DATASETS.create(dataset)
 
 
+def _manifest_near(path: ShardSpec) -> Optional[Path]:
+    """The ``manifest.json`` of a shard directory, or of the local folder holding a shard file or pattern."""
+    if not isinstance(path, (str, Path)) or "://" in str(path) or str(path).startswith("pipe:"):
+        return None
+    p = Path(path).expanduser()
+    folder = p if p.is_dir() else p.parent
+    return folder / MANIFEST if (folder / MANIFEST).is_file() else None
+
+
+def resolve_dataset(path: ShardSpec, dataset: Optional[str]) -> str:
+    """The dataset definition to read ``path`` with: ``dataset`` when given, else the ``dataset`` that the shards'
+    ``manifest.json`` names (every ``mmm shards build`` writes it), else ``"text"``.
+
+    Raises:
+        ValueError: ``dataset`` differs from the one the manifest names (the shards would be checked against
+            another dataset's fields: every sample a problem).
+    """
+    manifest_path = _manifest_near(path)
+    named = None
+    if manifest_path is not None:
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            manifest = None  # check_shards reports an unreadable manifest itself
+        named = manifest.get("dataset") if isinstance(manifest, dict) else None
+        named = named if isinstance(named, str) else None
+    if dataset is None:
+        return named or "text"
+    if named is not None and dataset != named:
+        raise ValueError(f"dataset {dataset!r} given, but {manifest_path} says these are {named!r} shards; "
+                         f"drop --dataset (the manifest's is used) or pass --dataset {named}")
+    return dataset
+
+
 # --------------------------------------------------------------------------------------------
 # check
 
@@ -228,7 +262,7 @@ def _compare_with_manifest(manifest: Dict[str, Any], manifest_path: str, split_s
                                                           f"but the manifest says {expected_total}"))
 
 
-def check_shards(path: ShardSpec, dataset: str = "text", split: Optional[str] = None, *,
+def check_shards(path: ShardSpec, dataset: Optional[str] = None, split: Optional[str] = None, *,
                  max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
                  read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> ShardCheckReport:
     """Read every shard and list what is wrong with it; nothing is extracted to disk.
@@ -238,6 +272,7 @@ def check_shards(path: ShardSpec, dataset: str = "text", split: Optional[str] = 
             file, a pattern or a list (anything :func:`mmm.data.stream.list_shards` accepts).
         dataset: dataset definition name; its ``fields`` are the fields every sample must have,
             and its ``check_sample(sample) -> Optional[str]``, when it has one, checks they decode.
+            None: the one ``manifest.json`` names (:func:`resolve_dataset`), else ``"text"``.
         split: only the shards of this split (``{split}-*.tar``) of a directory; None: all.
         max_member_bytes: a member larger than this is listed as a problem (training's reader
             refuses its sample with the same default ``data.max_member_bytes``) and not read; None: no limit.
@@ -245,7 +280,9 @@ def check_shards(path: ShardSpec, dataset: str = "text", split: Optional[str] = 
 
     Raises:
         FileNotFoundError: no shard matched ``path`` / ``split``.
+        ValueError: ``dataset`` differs from the one ``manifest.json`` names.
     """
+    dataset = resolve_dataset(path, dataset)
     ds = _load_dataset(dataset)
     urls = list_shards(path, split=split)
     problems: List[Problem] = []
@@ -378,7 +415,7 @@ def _stop_on_error(exn: Exception) -> bool:
                      "run `mmm shards check` to list every problem") from exn
 
 
-def shard_stats(path: ShardSpec, dataset: str = "text", split: Optional[str] = None,
+def shard_stats(path: ShardSpec, dataset: Optional[str] = None, split: Optional[str] = None,
                 tokenizer: Optional[str] = None, max_len: Optional[int] = None, batch_size: int = 256, *,
                 max_member_bytes: Optional[int] = DEFAULT_MAX_MEMBER_BYTES,
                 read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> ShardStats:
@@ -389,7 +426,8 @@ def shard_stats(path: ShardSpec, dataset: str = "text", split: Optional[str] = N
 
     Args:
         path: shard directory, ``.tar`` file, pattern or list (as for :func:`list_shards`).
-        dataset: dataset definition name; it must have a ``txt`` field.
+        dataset: dataset definition name; it must have a ``txt`` field. None: the one ``manifest.json`` names,
+            else ``"text"``.
         split: only this split's shards of a directory; None: all.
         tokenizer: directory of a saved :class:`~mmm.modalities.text.tokenizer.TextTokenizer`;
             None counts whitespace-separated words instead of tokens.
@@ -399,6 +437,7 @@ def shard_stats(path: ShardSpec, dataset: str = "text", split: Optional[str] = N
         max_member_bytes: a member larger than this stops with an error naming it (not read); None: no limit.
         read_timeout_s: a ``pipe:`` / ``http(s)://`` stream silent this long stops with an error; None: wait forever.
     """
+    dataset = resolve_dataset(path, dataset)
     ds = _load_dataset(dataset)
     if "txt" not in ds.fields:
         raise ValueError(f"shard stats count text: dataset {dataset!r} has fields {list(ds.fields)}, no 'txt'")

@@ -362,3 +362,20 @@ def test_check_accepts_the_embedded_image_shards():
 
     report = check_shards(DATASETS.create("image").embedded_default(), dataset="image", split="val")
     assert report.ok, report.to_text()
+
+
+def test_check_and_stats_read_the_dataset_the_manifest_names(tmp_path: Path) -> None:
+    """``mmm shards check DIR`` checked every folder as text unless given ``--dataset``: a sound DNA (image,
+    audio, image-text) shard folder was all problems. The manifest every builder writes names the dataset."""
+    from datasets_def.dna import build_shards as build_dna
+
+    fasta = tmp_path / "g.fa"
+    fasta.write_text(">chr1\n" + "ACGT" * 200 + "\n>chr2\n" + "TTGCA" * 150 + "\n", encoding="utf-8")
+    build_dna(fasta, tmp_path / "dna", window=100, samples_per_shard=8)
+    report = check_shards(tmp_path / "dna")
+    assert report.ok and report.dataset == "dna", report.to_text()
+    assert check_shards(tmp_path / "dna" / "train-000000.tar").dataset == "dna"  # a file: its folder's manifest
+    with pytest.raises(ValueError, match=r"dataset 'text' given, but .*manifest.json says these are 'dna' shards"):
+        check_shards(tmp_path / "dna", dataset="text")
+    with pytest.raises(ValueError, match="dataset 'dna' has fields"):  # stats count text: a clear refusal
+        shard_stats(tmp_path / "dna")
