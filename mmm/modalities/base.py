@@ -88,6 +88,12 @@ class Modality(ABC):
         """Refuse, by name, an objective that this modality's settings can never feed (called when the
         run's model is built, before any data is read); default: every objective is accepted."""
 
+    def token_targets(self) -> Dict[str, int]:
+        """The ``batch.targets`` keys of discrete ids (codebook classes) this modality's batches can carry, with
+        their number of classes, so a ``token_targets`` / ``mvm`` head is checked against them before any data is
+        read (:func:`mmm.objectives.target_check.check_token_targets`); default: none."""
+        return {}
+
     def reject_options(self, options: Optional[Dict[str, Any]]) -> None:
         """Raise when a task passes stream options to a modality that takes none."""
         if options:

@@ -35,6 +35,7 @@ class TokenTargetClassification(nn.Module):
     """
 
     reports_perplexity = True  # the trainer logs val/<head>_ppl from the token-weighted loss
+    reads_token_targets = True  # its target and num_classes are checked against the run's codebooks (target_check)
 
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: Optional[EncoderConfig] = None,
                  target: str = "image_tokens", num_classes: int = 256) -> None:

@@ -39,6 +39,7 @@ class MaskedVisualTokenModeling(nn.Module):
     """
 
     reports_perplexity = True  # the trainer logs val/<head>_ppl from the token-weighted loss
+    reads_token_targets = True  # its target and num_classes are checked against the run's codebooks (target_check)
 
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: Optional[EncoderConfig] = None,
                  num_classes: Optional[int] = None, modality: str = "image", target: str = "image_tokens") -> None:

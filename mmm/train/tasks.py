@@ -245,12 +245,15 @@ def modalities_from_checkpoint(contents: Any) -> RunModalities:
 def check_before_fit(cfg: PretrainConfig, tasks: List[TaskConfig], mods: RunModalities) -> None:
     """What can be refused before the assets' fit, which can take minutes: each task's masker
     (:func:`check_masking_args`), each head's argument values (built once with stand-in embedders,
-    :func:`~mmm.objectives.dry_build.check_objective_args`), and each modality's objective checks (image:
-    visual-token targets in MAE mode)."""
+    :func:`~mmm.objectives.dry_build.check_objective_args`), the codebook heads' targets against what the
+    modalities produce (:func:`~mmm.objectives.target_check.check_token_targets`), and each modality's objective
+    checks (image: visual-token targets in MAE mode)."""
     from mmm.objectives.dry_build import check_objective_args
+    from mmm.objectives.target_check import check_token_targets
 
     check_masking_args(tasks, cfg.objectives)
     check_objective_args(cfg.objectives, cfg.model.encoder, mods.base)
+    check_token_targets(cfg.objectives, mods.base.values())
     for m in mods.base.values():
         m.check_objectives(cfg.objectives)
 

@@ -107,6 +107,10 @@ class AudioModality(Modality):
         self.frontend: Optional[AudioFrontend] = None
         self.codebooks: Dict[str, Any] = {}
 
+    def token_targets(self) -> Dict[str, int]:
+        """``<name>_<kind>`` for each of ``model.audio.targets``: k-means ids of ``target_clusters`` classes."""
+        return {f"{self.name}_{kind}": self.cfg.target_clusters for kind in self.cfg.targets}
+
     # ------------------------------------------------------------------ assets
 
     def prepare(self, train_urls: List[str], run_dir: Path, options: Optional[ReadOptions] = None) -> None:

@@ -180,6 +180,10 @@ class ImageModality(Modality):
                                  f"encoder, so image batches carry no visual-token targets and the head would never "
                                  f"train)")
 
+    def token_targets(self) -> Dict[str, int]:
+        """``image_tokens``: the visual-token codebook's ids, when ``model.image.visual_tokens`` asks for one."""
+        return {"image_tokens": self.cfg.visual_tokens} if self.cfg.visual_tokens > 0 else {}
+
     def build_masker(self, masking: ComponentConfig) -> Any:
         return self.create_masker(masking)
 
