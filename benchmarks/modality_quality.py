@@ -32,7 +32,7 @@ import yaml
 
 from mmm.config import PretrainConfig, load_config
 from mmm.demo.common import held_out_loss, probe_models, torch_threads
-from mmm.evaluate_vl import evaluate_vl, itm_head_name
+from mmm.evaluate_vl import evaluate_vl, itc_head_name, itm_head_name
 from mmm.train.pretrain import build_model_for, pretrain
 from mmm.train.tasks import resolve_shards
 
@@ -77,7 +77,7 @@ def evaluate_run(cfg: PretrainConfig, modalities: Any, trained: Any, counts: Dic
                 out[task.name] = entry
                 continue
             itm = itm_head_name(cfg)
-            entry.update({name: evaluate_vl(m, feed, val, itc_head=task.objectives[0], itm_head=itm, batch_size=64,
+            entry.update({name: evaluate_vl(m, feed, val, itc_head=itc_head_name(cfg, task), itm_head=itm, batch_size=64,
                                             max_batches=2 if quick else None).as_dict()
                           for name, m in models.items()})
         elif task.dataset in PROBED and task.dataset not in seen:

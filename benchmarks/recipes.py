@@ -360,7 +360,7 @@ def score_vl(model: Any, cfg: Any, modalities: Any, micro: bool) -> Dict[str, Op
         modalities: the run's :class:`~mmm.train.tasks.RunModalities`.
         micro: score two batches per mode only (the smoke size).
     """
-    from mmm.evaluate_vl import evaluate_vl, itc_task, itm_head_name
+    from mmm.evaluate_vl import evaluate_vl, itc_head_name, itc_task, itm_head_name
     from mmm.train.tasks import resolve_shards
 
     task = itc_task(cfg)
@@ -369,7 +369,7 @@ def score_vl(model: Any, cfg: Any, modalities: Any, micro: bool) -> Dict[str, Op
                          f"tasks: {[t.name for t in cfg.tasks]}")
     itm_head = itm_head_name(cfg)
     urls = resolve_shards(task.val or "embedded", task.dataset, "val")
-    score = evaluate_vl(model.cpu().eval(), modalities.feeds[task.name], urls, itc_head=task.objectives[0],
+    score = evaluate_vl(model.cpu().eval(), modalities.feeds[task.name], urls, itc_head=itc_head_name(cfg, task),
                         itm_head=itm_head, max_batches=2 if micro else None)
     r = score.retrieval
     out: Dict[str, Optional[float]] = {f"{way}@{k}": float(getattr(r, way)[str(k)]) for way in ("t2i", "i2t") for k in (1, 5)}

@@ -152,8 +152,11 @@ def _cmd_demo(ns: argparse.Namespace, rest: List[str]) -> int:
     if "vl" in m:
         tr, un = m["vl"]["scores"]["trained"], m["vl"]["scores"]["untrained"]
         r, ru = tr["retrieval"], un["retrieval"]
+        share = tr.get("itm_matching_share")
+        itm = ("no itm head" if share is None else f"ITM accuracy {tr['itm_accuracy']:.3f} vs {un['itm_accuracy']:.3f} "
+               f"(majority label {max(share, 1 - share):.3f})")
         print(f"vl: text->image R@1 trained {r['t2i']['1']:.3f} vs untrained {ru['t2i']['1']:.3f} (chance "
-              f"{r['t2i_chance']['1']:.3f}); ITM accuracy {tr['itm_accuracy']:.3f} vs {un['itm_accuracy']:.3f} (chance 0.5)")
+              f"{r['t2i_chance']['1']:.3f}); {itm}")
     print(f"report: {out / 'report.md'}")
     return 0
 

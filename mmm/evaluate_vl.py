@@ -51,6 +51,13 @@ class VLScore:
     unseen_retrieval: Optional[RetrievalScore] = None
     unseen_itm_accuracy: Optional[float] = None
     unseen_itm_pairs: int = 0
+    itm_matching_share: Optional[float] = None  # share of scored pairs that match (model.image_text.itm_negatives)
+
+    @property
+    def itm_chance(self) -> Optional[float]:
+        """ITM accuracy of always answering the majority label (0.5 with half the captions swapped)."""
+        p = self.itm_matching_share
+        return None if p is None else max(p, 1.0 - p)
 
     def as_dict(self) -> Dict[str, object]:
         """Plain data (nested dicts), for ``metrics.json``."""
@@ -62,9 +69,36 @@ def itc_task(cfg):
     return next((t for t in cfg.tasks if t.options.get("mode") == "itc"), None)
 
 
+def _objective_of(cfg, head: str):
+    from mmm.model import head_name
+
+    return next((o for o in cfg.objectives if head_name(o) == head), None)
+
+
+def itc_head_name(cfg, task) -> Optional[str]:
+    """The contrastive head of ``task`` (the first one with ``embed_pairs``: it gives the retrieval projections),
+    whatever its place in the task's ``objectives``; None when the task has none."""
+    from mmm.registry import OBJECTIVES
+
+    for head in task.objectives:
+        o = _objective_of(cfg, head)
+        if o is not None and o.name in OBJECTIVES and hasattr(OBJECTIVES.get(o.name), "embed_pairs"):
+            return head
+    return None
+
+
 def itm_head_name(cfg) -> Optional[str]:
-    """The head of the config's ``itm``-mode task (ITM accuracy), or None when the run has none."""
-    return next((h for t in cfg.tasks if t.options.get("mode") == "itm" for h in t.objectives), None)
+    """The ITM head that scores ITM accuracy: the one of an ``itm``-mode task, else an ``itm`` head trained by
+    another task (e.g. on hard negatives inside an ``itc`` task); None when the run has none."""
+    def itm_heads(tasks):
+        for t in tasks:
+            for head in t.objectives:
+                o = _objective_of(cfg, head)
+                if o is not None and o.name == "itm":
+                    yield head
+
+    first_choice = [t for t in cfg.tasks if t.options.get("mode") == "itm"]
+    return next(itm_heads(first_choice), None) or next(itm_heads(cfg.tasks), None)
 
 
 def _chance(relevant: Sequence[int], pool: int, k: int) -> float:
@@ -181,11 +215,11 @@ def _evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str, it
         if t_sel and i_sel:
             unseen_retrieval = recall_at_k(image_emb[i_sel], text_emb[t_sel], [image_caps[i] for i in i_sel],
                                            [texts[i] for i in t_sel])
-    itm_acc, itm_n, un_acc, un_n = float("nan"), 0, None, 0
+    itm_acc, itm_n, un_acc, un_n, matching = float("nan"), 0, None, 0, None
     if itm_head is not None:
         if itm_head not in model.objectives:
             raise ValueError(f"evaluate_vl: the model has no {itm_head!r} head (heads: {list(model.objectives)})")
-        correct = un_correct = 0.0
+        correct = un_correct = positives = 0.0
         for batch in vl_batches(feed, urls, "itm", batch_size=batch_size, seed=seed, max_batches=max_batches):
             batch = batch.to(device)
             hidden = model.encode(batch)
@@ -193,6 +227,7 @@ def _evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str, it
             pred = model.objectives[itm_head].predict(hidden, t).cpu()  # (B,)
             ok = (pred == t.labels.cpu()).float()
             correct += float(ok.sum())
+            positives += float((t.labels.cpu() == 1).sum())
             itm_n += len(ok)
             if is_unseen is not None:
                 keys_b = batch.extras["keys"]
@@ -201,4 +236,5 @@ def _evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str, it
                 un_n += len(sel)
         itm_acc = correct / max(1, itm_n)
         un_acc = un_correct / un_n if un_n else None
-    return VLScore(retrieval, itm_acc, itm_n, unseen_retrieval, un_acc, un_n)
+        matching = positives / itm_n if itm_n else None
+    return VLScore(retrieval, itm_acc, itm_n, unseen_retrieval, un_acc, un_n, matching)

@@ -42,3 +42,33 @@ def test_chance_is_the_exact_random_ranking_hit_probability():
 def test_empty_inputs_are_refused():
     with pytest.raises(ValueError, match="no images or no captions"):
         recall_at_k(torch.zeros(0, 3), torch.zeros(2, 3), [], ["a", "b"])
+
+
+def _vl_config(**overrides):
+    from conftest import REPO
+    from mmm.config import load_config
+
+    return load_config(REPO / "configs" / "vl_uniter_tiny.yaml", {"trainer.default_root_dir": "unused", **overrides})
+
+
+def test_the_heads_scored_are_chosen_by_kind_not_by_place():
+    """``mmm demo --parts vl`` took the itc task's first head as the contrastive one: with ``[itm, itc]`` it
+    crashed after training (no embed_pairs), and an itm head trained inside the itc task was never scored."""
+    from mmm.evaluate_vl import itc_head_name, itc_task, itm_head_name
+
+    cfg = _vl_config()
+    assert itc_head_name(cfg, itc_task(cfg)) == "itc" and itm_head_name(cfg) == "itm"
+    hard = _vl_config()
+    hard.tasks = [t for t in hard.tasks if t.name != "itm"]
+    hard.tasks[-1].objectives = ["itm", "itc"]  # ITM on hard negatives inside the itc task
+    assert itc_head_name(hard, itc_task(hard)) == "itc" and itm_head_name(hard) == "itm"
+    hard.tasks[-1].objectives = ["itm"]
+    assert itc_head_name(hard, itc_task(hard)) is None
+
+
+def test_the_itm_chance_is_the_majority_share_of_the_scored_pairs():
+    from mmm.evaluate_vl import VLScore
+
+    assert VLScore(None, 0.8, 10, itm_matching_share=0.8).itm_chance == pytest.approx(0.8)
+    assert VLScore(None, 0.8, 10, itm_matching_share=0.5).itm_chance == pytest.approx(0.5)
+    assert VLScore(None, 0.8, 0).itm_chance is None

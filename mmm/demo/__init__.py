@@ -108,7 +108,7 @@ def check_demo_args(parts: Optional[Sequence[str]], max_steps: Optional[int], co
 def check_part_config(part: str, config: Path) -> None:
     """Refuse a ``--config`` the part could train but not score: another modality, or a missing head."""
     from mmm.config import load_config
-    from mmm.evaluate_vl import itc_task
+    from mmm.evaluate_vl import itc_head_name, itc_task
     from mmm.model import head_name
     from mmm.train.tasks import modality_of, task_configs
 
@@ -126,6 +126,10 @@ def check_part_config(part: str, config: Path) -> None:
     if part == "vl" and itc_task(cfg) is None:
         raise ConfigError(f"--config {config}: the vl part ranks images and captions with the head of an image_text "
                           f"task of mode itc (options: {{mode: itc}}), which this config lacks")
+    if part == "vl" and itc_head_name(cfg, itc_task(cfg)) is None:
+        task = itc_task(cfg)
+        raise ConfigError(f"--config {config}: the vl part ranks images and captions with a contrastive head (itc) of "
+                          f"the itc task {task.name!r}, whose objectives {list(task.objectives)} have none")
 
 
 def run_demo(out_dir: Path, parts: Optional[Sequence[str]] = None, max_steps: Optional[int] = None,

@@ -47,3 +47,12 @@ def test_a_config_the_part_cannot_score_is_refused_before_training(tmp_path) -> 
     no_itc.write_text(text.replace("mode: itc", "mode: itm"))
     with pytest.raises(ConfigError, match=r"the vl part ranks images and captions .* mode itc"):
         check_demo_args(["vl"], None, no_itc)
+    itc_without_contrast = tmp_path / "vl_no_itc_head.yaml"
+    itc_without_contrast.write_text(text.replace("    objectives: [itc]\n    options: {mode: itc}",
+                                                 "    objectives: [itm]\n    options: {mode: itc}")
+                                    .replace("    objectives: [itm]\n    options: {mode: itm}",
+                                             "    objectives: [itm, itc]\n    options: {mode: itm}"))
+    assert itc_without_contrast.read_text() != text
+    with pytest.raises(ConfigError, match=r"a contrastive head \(itc\) of the itc task 'itc', whose objectives "
+                                          r"\['itm'\] have none"):
+        check_demo_args(["vl"], None, itc_without_contrast)
