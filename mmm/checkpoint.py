@@ -149,8 +149,12 @@ def read_checkpoint(path: PathLike) -> CheckpointContents:
         raise ValueError(f"{p}: checkpoint['mmm']['format'] is {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     if not isinstance(meta.get("config"), dict):
         raise ValueError(f"{p}: checkpoint['mmm']['config'] is missing or not a mapping")
+    order = meta.get("modalities")
+    if order is not None and not (isinstance(order, list) and all(isinstance(m, str) for m in order)):
+        raise ValueError(f"{p}: checkpoint['mmm']['modalities'] must be a list of modality names, got {order!r}")
     try:
-        cfg = from_dict(PretrainConfig, meta["config"], "checkpoint['mmm']['config']")
+        cfg = from_dict(PretrainConfig, _without_unused_plugin_sections(meta["config"], order, p),
+                        "checkpoint['mmm']['config']")
     except ConfigError as e:
         raise ValueError(f"{p}: {e}") from None
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -159,12 +163,34 @@ def read_checkpoint(path: PathLike) -> CheckpointContents:
     assets = meta.get("assets") or {}
     if not isinstance(assets, dict) or not all(isinstance(v, dict) for v in assets.values()):
         raise ValueError(f"{p}: checkpoint['mmm']['assets'] must map modality names to {{file name: text}}")
-    order = meta.get("modalities")
-    if order is not None and not (isinstance(order, list) and all(isinstance(m, str) for m in order)):
-        raise ValueError(f"{p}: checkpoint['mmm']['modalities'] must be a list of modality names, got {order!r}")
     contents = CheckpointContents(p, cfg, state, assets, order)
     contents.tokenizer  # noqa: B018  (restores the text tokenizer now: a broken one is an error on reading)
     return contents
+
+
+def _without_unused_plugin_sections(config: Dict[str, Any], used: Optional[List[str]], path: Path) -> Dict[str, Any]:
+    """``config`` without the ``model.<name>`` sections of modalities not registered in this process and not used by
+    the checkpoint's model (``used``: its modalities). A run's config holds a section for every modality registered
+    when it was written, so a text run trained with a plug-in imported would otherwise be unreadable without it.
+
+    Raises:
+        ValueError: the model uses such a modality: its plug-in must be imported first.
+    """
+    from mmm.config import ModelConfig
+
+    model = config.get("model")
+    if not isinstance(model, dict):
+        return config
+    known = {f.name for f in ModelConfig.config_fields()}
+    unknown = [k for k in model if k not in known]
+    if not unknown:
+        return config
+    needed = [k for k in unknown if used is None or k in used]
+    if needed:
+        raise ValueError(f"{path}: the checkpoint's model has the modality section(s) {needed}, which no registered "
+                         f"modality declares: a plug-in's; import the module that registers it first (`mmm --plugin "
+                         f"MODULE ...`, MMM_PLUGINS=MODULE, or import it in Python)")
+    return {**config, "model": {k: v for k, v in model.items() if k not in unknown}}
 
 
 def load_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], source: PathLike, hint: str = "") -> None:

@@ -9,6 +9,7 @@
     mmm export hf CHECKPOINT OUT_DIR
     mmm list [KIND]
     mmm --debug <command> ...       (or MMM_DEBUG=1: show the full traceback of an error)
+    mmm --plugin MODULE <command>   (or MMM_PLUGINS=MODULE: import a third-party modality, dataset, ... first)
     mmm embed SOURCE INPUT OUT --modality M [--pooling cls|mean]      (features as .npy + keys)
     mmm finetune SOURCE --modality M --train F --dev F [--text_column ...] [--seeds 3] (mean ± std)
     mmm bench --suite throughput|eval [--quick] [--out DIR] [--compile] [CKPT]
@@ -175,6 +176,13 @@ def _cmd_shards(ns: argparse.Namespace, rest: List[str]) -> int:
                                            "feature_dim", "window", "stride", "sample_rate", "max_seconds") if getattr(ns, k) is not None}
     if isinstance(ns.labels, str) and ns.labels.strip().lower() == "none":
         options["labels"] = None  # explicitly no labels (a file named "none" is passed as ./none)
+    contract = ("val_fraction", "seed", "skip_bad", "overwrite")
+    lacking = [k for k in contract if k not in accepted]
+    if len(accepted) < 2 or lacking:
+        raise ConfigError(f"mmm shards build --dataset {ns.dataset}: its build_shards{inspect.signature(ds.build_shards)} "
+                          f"does not take {lacking or 'the input and output paths'}; a dataset definition's builder is "
+                          f"build_shards(input, output, *, val_fraction, seed, skip_bad, overwrite, **options) -> "
+                          f"BuildReport (datasets_def/building.py)")
     wrong = sorted(k for k in options if k not in accepted)
     if wrong:
         raise ConfigError(f"mmm shards build --dataset {ns.dataset}: option(s) {['--' + k for k in wrong]} do not apply "
@@ -188,6 +196,9 @@ def _cmd_shards(ns: argparse.Namespace, rest: List[str]) -> int:
         # a write deep in a tar writer names no file: a full disk is the output's, anything else is named as a build
         where = ns.output if e.errno == errno.ENOSPC else f"building {ns.input} into {ns.output}"
         raise OSError(e.errno, e.strerror or str(e), str(where)) from e
+    if not all(hasattr(report, a) for a in ("shards", "skipped")):
+        raise ConfigError(f"mmm shards build --dataset {ns.dataset}: build_shards returned {type(report).__name__}, "
+                          f"not a BuildReport (datasets_def/building.py); the shards in {ns.output} were written")
     counts = next((getattr(report, a) for a in ("chunks", "samples", "windows") if isinstance(getattr(report, a, None), dict)), {})
     print(f"wrote {sum(len(s) for s in report.shards.values())} shards to {ns.output}: "
           + ", ".join(f"{split}: {counts.get(split, 0)} samples" for split in sorted(counts)))
@@ -272,6 +283,10 @@ def _add_shard_selection(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmm", description="Multimodal masked modeling.")
     p.add_argument("--debug", action="store_true", help=f"show the full traceback of an error (also {DEBUG_ENV}=1)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import a module (dotted name, or a .py file) that registers third-party parts (modalities, "
+                        "datasets, maskers, objectives) before the command runs; repeatable; also the MMM_PLUGINS "
+                        "environment variable (comma-separated) and the mmm.plugins entry points")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="pretrain a tiny model per modality on the embedded data and write a report")
@@ -382,6 +397,26 @@ def _command_name(ns: argparse.Namespace) -> str:
     return " ".join(w for w in words if w)
 
 
+def _plugin_args(given: List[str], rest: List[str]):
+    """The ``--plugin`` modules given before the command plus those after it (``--plugin M`` / ``--plugin=M``,
+    which argparse leaves in ``rest``), and ``rest`` without them."""
+    plugins, left, i = list(given), [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "--plugin":
+            if i + 1 >= len(rest):
+                raise SystemExit("mmm: error: argument --plugin: expected one argument")
+            plugins.append(rest[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--plugin="):
+            plugins.append(arg.split("=", 1)[1])
+        else:
+            left.append(arg)
+        i += 1
+    return plugins, left
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one ``mmm`` command; returns its exit code.
 
@@ -396,8 +431,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ns, rest = parser.parse_known_args(argv)
     debug = ns.debug or "--debug" in rest or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     rest = [a for a in rest if a != "--debug"]  # `mmm pretrain ... --debug` works too
+    plugins, rest = _plugin_args(ns.plugin, rest)  # `mmm pretrain ... --plugin M` works too
     name = _command_name(ns)
     try:
+        from mmm.plugins import load_plugins
+
+        load_plugins(plugins)
         return ns.fn(ns, rest)
     except KeyboardInterrupt:
         if debug:

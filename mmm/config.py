@@ -529,7 +529,9 @@ def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(fields)}")
+        hint = (" (a plug-in modality's section? import its module first: `mmm --plugin MODULE ...` or "
+                "MMM_PLUGINS=MODULE)") if cls is ModelConfig else ""
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(fields)}{hint}")
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name

@@ -47,8 +47,12 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True  # set first: a plugin importing another plugin must not recurse here
-        for module in self.plugins:
-            importlib.import_module(module)
+        try:
+            for module in self.plugins:
+                importlib.import_module(module)
+        except BaseException:
+            self._loaded = False  # a failed import leaves the table incomplete: the next lookup tries again
+            raise
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator: ``@MASKERS.register("bert_random")`` on a class or factory function."""
@@ -69,7 +73,9 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "(none registered)"
-            raise RegistryError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+            plural = self.kind[:-1] + "ies" if self.kind.endswith("y") and self.kind[-2:-1] not in "aeiou" else self.kind + "s"
+            raise RegistryError(f"unknown {self.kind} {name!r}; known {plural}: {known} (a plug-in's {self.kind}: "
+                                f"import its module first, e.g. `mmm --plugin MODULE ...` or MMM_PLUGINS=MODULE)") from None
 
     def create(self, name: str, **kwargs: Any) -> T:
         """Build entry ``name`` with ``kwargs``; unknown keyword names are reported, not ignored."""
@@ -181,3 +187,5 @@ DATASETS: Registry = Registry("dataset", plugins=("datasets_def",))
 ATTENTION_BACKENDS: Registry = Registry("attention backend", plugins=("mmm.core.attention",))
 POSITIONS: Registry = Registry("position encoding", plugins=("mmm.core.position",))
 OPTIMIZERS: Registry = Registry("optimizer", plugins=("mmm.optim",))
+ALL_REGISTRIES = (MODALITIES, TOKENIZERS, EMBEDDERS, MASKERS, OBJECTIVES, STEPS, DATASETS, ATTENTION_BACKENDS,
+                  POSITIONS, OPTIMIZERS)

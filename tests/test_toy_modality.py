@@ -181,22 +181,41 @@ class ToyModality(Modality):
 # ----------------------------------------------------------------------------- dataset definition
 
 
-def build_toy_shards(output_dir: Path, count: int = 64, seed: int = 0) -> Dict[str, Any]:
-    """Random digit strings → ``train-*.tar`` / ``val-*.tar`` with a manifest (the shared building helpers)."""
-    from datasets_def.building import ShardWriters, prepare_output, stable_split, write_manifest
+def build_toy_shards(input_path: Path, output_dir: Path, *, val_fraction: float = 0.2, seed: int = 0,
+                     skip_bad: bool = False, overwrite: bool = False, samples_per_shard: int = 16):
+    """One digit string per line of a text file → ``train-*.tar`` / ``val-*.tar`` with a manifest, on the shared
+    building helpers, with the signature ``mmm shards build`` calls; a bad line stops the build naming it, or is
+    skipped and listed in the manifest with ``skip_bad``."""
+    from datasets_def.building import BuildReport, ShardWriters, finish_build, prepare_output, stable_split
 
     out = Path(output_dir)
-    prepare_output(out, overwrite=False, error=ValueError)
-    writers = ShardWriters(out, samples_per_shard=16, error=ValueError)
+    prepare_output(out, overwrite, ValueError)
+    skipped = []
+    with ShardWriters(out, samples_per_shard=samples_per_shard, error=ValueError) as writers:
+        for lineno, line in enumerate(Path(input_path).read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            where, sample = f"{input_path}:{lineno}", {"__key__": f"{lineno:06d}", "digits": line.strip().encode()}
+            problem = check_digits(sample)
+            if problem is not None:
+                if not skip_bad:
+                    raise ValueError(f"{where}: {problem} (pass --skip_bad to skip and list such lines)")
+                skipped.append((where, problem))
+                continue
+            writers.write(stable_split(val_fraction, seed, lineno), sample)
+        shards = writers.close()
+    samples = {s: writers.samples.get(s, 0) for s in shards}
+    finish_build("toy", writers, {"dataset": "toy", "splits": {s: {"shards": shards[s], "samples": samples[s]}
+                                                              for s in shards}}, skipped, ValueError)
+    return BuildReport(output_dir=out, files=1, samples=samples, shards=shards, skipped=skipped)
+
+
+def write_digit_lines(path: Path, count: int = 64, seed: int = 0) -> Path:
+    """``count`` random digit strings of 4 to 12 digits, one per line (the toy builder's input)."""
     rng = np.random.default_rng(seed)
-    for i in range(count):
-        digits = "".join(map(str, rng.integers(0, 10, size=int(rng.integers(4, 13)))))
-        writers.write(stable_split(0.2, seed, i), {"__key__": f"{i:05d}", "digits": digits.encode("ascii")})
-    shards = writers.close()
-    manifest = {"dataset": "toy", "splits": {s: {"shards": shards[s], "samples": writers.samples.get(s, 0)}
-                                              for s in shards}}
-    write_manifest(out, manifest, ValueError)
-    return manifest
+    path.write_text("".join("".join(map(str, rng.integers(0, 10, size=int(rng.integers(4, 13))))) + "\n"
+                            for _ in range(count)), encoding="utf-8")
+    return path
 
 
 @DATASETS.register("toy")
@@ -231,7 +250,7 @@ def _config(tmp_path: Path, shards: Path) -> Path:
 @pytest.fixture()
 def toy_shards(tmp_path: Path) -> Path:
     out = tmp_path / "shards"
-    DATASETS.create("toy").build_shards(out)
+    DATASETS.create("toy").build_shards(write_digit_lines(tmp_path / "digits.txt"), out)
     return out
 
 
