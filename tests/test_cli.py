@@ -147,7 +147,7 @@ def test_prepare_fits_audio_codebooks_offline_and_pretrain_reuses_them(tmp_path,
     over = ["--trainer.default_root_dir", str(run_dir), "--model.audio.stats_clips", "30",
             "--model.audio.target_clips", "30", "--model.audio.target_clusters", "8",
             "--model.encoder.dim", "32", "--model.encoder.depth", "1", "--model.encoder.heads", "2",
-            "--model.encoder.mlp_hidden", "64"]
+            "--model.encoder.mlp_hidden", "64", "--objectives.0.args", "{target: audio_mfcc, num_classes: 8}"]
     assert main(["prepare", "--config", str(REPO / "configs/audio_mam_tiny.yaml"), *over]) == 0
     out = capsys.readouterr().out
     assert "audio: audio_frontend.json, kmeans_mfcc.json" in out
@@ -156,8 +156,7 @@ def test_prepare_fits_audio_codebooks_offline_and_pretrain_reuses_them(tmp_path,
     stamp = codebook.stat().st_mtime_ns
     assert main(["pretrain", "--config", str(REPO / "configs/audio_mam_tiny.yaml"), *over, "--trainer.max_steps", "2",
                  "--data.val", "null", "--data.num_workers", "0", "--data.batch_size", "4",
-                 "--trainer.enable_progress_bar", "false",
-                 "--objectives.0.args", "{target: audio_mfcc, num_classes: 8}"]) == 0
+                 "--trainer.enable_progress_bar", "false"]) == 0
     assert codebook.read_text() == before and codebook.stat().st_mtime_ns == stamp  # reused, not refitted
 
 
