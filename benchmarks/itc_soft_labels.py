@@ -30,7 +30,7 @@ def run_one(seed: int, steps: int, variant: str, out: Path, max_batches=None) ->
     from mmm.config import load_config
     from mmm.evaluate_vl import evaluate_vl
     from mmm.train.pretrain import pretrain
-    from mmm.train.tasks import resolve_shards
+    from mmm.train.tasks import scoring_val_shards
 
     cfg = load_config(PRESET, {"seed": seed, "data.seed": seed, "trainer.max_steps": steps,
                                "trainer.enable_progress_bar": False,
@@ -38,7 +38,7 @@ def run_one(seed: int, steps: int, variant: str, out: Path, max_batches=None) ->
     cfg.objectives[0].args.update(VARIANTS[variant])
     run = pretrain(cfg)
     task = cfg.tasks[0]
-    urls = resolve_shards(task.val or "embedded", task.dataset, "val")
+    urls = scoring_val_shards(task)
     model = run.module.model.cpu().eval()
     score = evaluate_vl(model, run.modalities.feeds[task.name], urls, itc_head="itc", itm_head=None,
                         max_batches=max_batches)

@@ -34,7 +34,7 @@ from mmm.config import PretrainConfig, load_config
 from mmm.demo.common import held_out_loss, probe_models, torch_threads
 from mmm.evaluate_vl import evaluate_vl, itc_head_name, itm_head_name
 from mmm.train.pretrain import build_model_for, pretrain
-from mmm.train.tasks import resolve_shards
+from mmm.train.tasks import resolve_shards, scoring_val_shards
 
 PROBED = ("image", "audio", "dna")
 
@@ -69,7 +69,7 @@ def evaluate_run(cfg: PretrainConfig, modalities: Any, trained: Any, counts: Dic
     seen = set()
     for task in cfg.tasks:
         feed = modalities.feeds[task.name]
-        val = resolve_shards(task.val or "embedded", task.dataset, "val")
+        val = scoring_val_shards(task)
         entry: Dict[str, Any] = {"dataset": task.dataset, "steps": counts.get(task.name, {}).get("batches")}
         mode = task.options.get("mode")
         if task.dataset == "image_text":

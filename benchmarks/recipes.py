@@ -361,14 +361,14 @@ def score_vl(model: Any, cfg: Any, modalities: Any, micro: bool) -> Dict[str, Op
         micro: score two batches per mode only (the smoke size).
     """
     from mmm.evaluate_vl import evaluate_vl, itc_head_name, itc_task, itm_head_name
-    from mmm.train.tasks import resolve_shards
+    from mmm.train.tasks import scoring_val_shards
 
     task = itc_task(cfg)
     if task is None:
         raise ValueError(f"recipes suite: a vision-language recipe needs an image_text task of mode itc for retrieval; "
                          f"tasks: {[t.name for t in cfg.tasks]}")
     itm_head = itm_head_name(cfg)
-    urls = resolve_shards(task.val or "embedded", task.dataset, "val")
+    urls = scoring_val_shards(task)
     score = evaluate_vl(model.cpu().eval(), modalities.feeds[task.name], urls, itc_head=itc_head_name(cfg, task),
                         itm_head=itm_head, max_batches=2 if micro else None)
     r = score.retrieval

@@ -203,13 +203,17 @@ def evaluate_text(contents: Any, settings: EvalSettings) -> Dict[str, Any]:
     cfg, tok = contents.config, contents.tokenizer
     if tok is None:
         raise ValueError(f"{contents.path}: the checkpoint stores no tokenizer; the text evaluation needs one")
+    from mmm.train.tasks import resolve_val_shards, task_configs
+
     note = None
     spec = cfg.data.val
-    if not spec:
+    urls = resolve_val_shards(task_configs(cfg)[0]) if spec else None
+    if not urls:
         spec = "embedded"
-        note = ("the checkpoint's config has data.val: null; scored on the embedded corpus's val split instead "
-                "(held out from the embedded training split, but not necessarily from this run's training data)")
-    urls = resolve_shards(spec, cfg.data.dataset, "val")
+        note = ("the checkpoint's config has no validation shards (data.val: null, or no val split beside data.train); "
+                "scored on the embedded corpus's val split instead (held out from the embedded training split, but "
+                "not necessarily from this run's training data)")
+        urls = resolve_shards(spec, cfg.data.dataset, "val")
     modality = modality_from_checkpoint(contents)
     trained = build_model_for(cfg, modality)
     load_weights(trained, contents.state_dict, contents.path)

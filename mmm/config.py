@@ -327,7 +327,8 @@ class TaskConfig:
     name: str = _f("", "task name: batches carry it, heads and metrics are logged under it")
     dataset: str = _f("text", "dataset definition (datasets_def registry name) feeding this task")
     train: str = _f("embedded", "training shards: a directory, a brace pattern, or 'embedded'")
-    val: Optional[str] = _f("embedded", "validation shards (same forms); null = no validation for this task")
+    val: Optional[str] = _f("same", "validation shards: 'same' = the val split of train (its folder's val-*.tar, or the "
+                            "embedded set's), or a folder, a pattern, 'embedded'; null = no validation for this task")
     weight: float = _f(1.0, "sampling weight: the task trains on a share weight / sum(weights) of the steps", gt=0)
     masking: ComponentConfig = _f(default_factory=lambda: ComponentConfig("bert_random", {"ratio": 0.15}),
                                   help="masker of this task (registry name + args)")
@@ -354,7 +355,8 @@ class DataConfig:
 
     dataset: str = _f("text", "dataset definition (datasets_def registry name)")
     train: str = _f("embedded", "training shards: a directory, a brace pattern, or 'embedded' for the built-in corpus")
-    val: Optional[str] = _f("embedded", "validation shards (same forms); null = no validation")
+    val: Optional[str] = _f("same", "validation shards: 'same' = the val split of data.train (its folder's val-*.tar, "
+                            "or the embedded set's), or a folder, a pattern, 'embedded'; null = no validation")
     batch_size: int = _f(32, "sequences per packed batch on each device (per micro-batch); derived from "
                          "global_batch_size when that is set", ge=1)
     global_batch_size: Optional[int] = _f(

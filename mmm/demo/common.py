@@ -18,6 +18,7 @@ from mmm.config import PretrainConfig, load_config
 from mmm.model import MaskedModel
 from mmm.probe import ProbeScore, extract_features, linear_probe
 from mmm.train.pretrain import build_model_for, pretrain, resolve_shards
+from mmm.train.tasks import scoring_val_shards, task_configs
 
 
 def part_config(config: Optional[Path], default: Path, out_dir: Path, max_steps: Optional[int],
@@ -124,7 +125,7 @@ def train_part(cfg: PretrainConfig) -> TrainedPart:
     train_urls = val_urls = []
     if not cfg.tasks:
         train_urls = resolve_shards(cfg.data.train, cfg.data.dataset, "train")
-        val_urls = resolve_shards(cfg.data.val or "embedded", cfg.data.dataset, "val")
+        val_urls = scoring_val_shards(task_configs(cfg)[0])
     return TrainedPart(run, train_seconds, {"trained": trained, "untrained": untrained}, series, train_urls, val_urls)
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 from mmm.config import PretrainConfig
 from mmm.demo.common import bold_better, demo_part, report_end, table_row, train_part
 from mmm.evaluate_vl import evaluate_vl, itc_head_name, itc_task, itm_head_name
-from mmm.train.tasks import resolve_shards
+from mmm.train.tasks import scoring_val_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "vl_uniter_tiny.yaml"
@@ -83,8 +83,7 @@ def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict
     part = train_part(cfg)
     task = _vl_task(cfg)
     feed = part.run.modalities.feeds[task.name]
-    val_spec = task.val or "embedded"
-    val_urls = resolve_shards(val_spec, task.dataset, "val")
+    val_urls = scoring_val_shards(task)
     is_unseen = unseen_predicate(Path(val_urls[0]).parent)
     itm_head = itm_head_name(cfg)
     itc_head = itc_head_name(cfg, task)  # checked before training (check_part_config)

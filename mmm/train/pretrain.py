@@ -40,7 +40,7 @@ from mmm.train.phases import build_schedule
 from mmm.train.settings_check import check_settings
 from mmm.train.tasks import (RunModalities, build_maskers, build_modalities, check_before_fit,  # noqa: F401
                              check_masking_args, modalities_from_checkpoint, modality_of, prepare_modalities,
-                             resolve_shards, task_configs)
+                             resolve_shards, resolve_val_shards, task_configs)
 
 logger = logging.getLogger("mmm.train")
 # The module moves PackedBatch itself (it works with any loader, not only our DataModule).
@@ -259,7 +259,11 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
 
     tasks = task_configs(cfg)
     train_urls = {t.name: resolve_shards(t.train, t.dataset, "train") for t in tasks}
-    val_urls = {t.name: resolve_shards(t.val, t.dataset, "val") if t.val else None for t in tasks}
+    val_urls = {t.name: resolve_val_shards(t) for t in tasks}
+    for t in tasks:
+        if val_urls[t.name]:
+            logger.info("%s validates on %d shard(s): %s", f"task {t.name!r}" if t.name else "the run",
+                        len(val_urls[t.name]), ", ".join(val_urls[t.name][:3]) + (" ..." if len(val_urls[t.name]) > 3 else ""))
     mods = build_modalities(cfg, tasks, train_urls)
     check_before_fit(cfg, tasks, mods)  # maskers, heads' arguments, modalities' objective checks
     warm_tokenizers = None

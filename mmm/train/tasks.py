@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -34,6 +35,8 @@ from mmm.modalities.base import Modality
 from mmm.masking.base import TokenVocab
 from mmm.registry import DATASETS, MASKERS, MODALITIES, OBJECTIVES, RegistryError
 
+logger = logging.getLogger(__name__)
+
 
 def resolve_shards(spec: str, dataset: str, split: str) -> List[str]:
     """Shard urls for a data spec: ``embedded`` (the dataset's built-in default), a folder, or a pattern.
@@ -46,6 +49,40 @@ def resolve_shards(spec: str, dataset: str, split: str) -> List[str]:
     if spec == "embedded":
         spec = str(DATASETS.create(dataset).embedded_default())
     return list_shards(spec, split=split)  # the split filters folder listings (also ~/x and file:x ones) only
+
+
+SAME_AS_TRAIN = "same"
+"""``val: same``: validate on the val split of the training source (its folder's ``val-*.tar``, or the embedded set's)."""
+
+
+def resolve_val_shards(task: TaskConfig) -> Optional[List[str]]:
+    """The validation shard urls of ``task`` (None: no validation). ``val: same`` takes the val split of ``train``:
+    the embedded set's, or the ``val-*.tar`` shards of the training folder (none there: no validation, logged).
+
+    Raises:
+        ConfigError: ``val: same`` with a training pattern, file or url, whose val split cannot be told apart.
+    """
+    if task.val is None:
+        return None
+    where = f"task {task.name!r}" if task.name else "data"
+    if task.val != SAME_AS_TRAIN:
+        return resolve_shards(task.val, task.dataset, "val")
+    if task.train != "embedded" and not Path(task.train).expanduser().is_dir():
+        raise ConfigError(f"{where}: val is 'same' (the val split of train), but train {task.train!r} is not a shard "
+                          f"folder; set val to the validation shards (a folder, a pattern) or null")
+    try:
+        return resolve_shards(task.train, task.dataset, "val")
+    except FileNotFoundError:
+        logger.warning("%s: no val-*.tar shards in the training folder %s (val: same): this run has no validation for "
+                       "it; set val to validation shards to have some", where, task.train)
+        return None
+
+
+def scoring_val_shards(task: TaskConfig) -> List[str]:
+    """The held-out shards to score a trained ``task`` on: its validation shards (:func:`resolve_val_shards`), or the
+    embedded set's val split when it validates on nothing."""
+    return resolve_val_shards(dataclasses.replace(task, val=task.val or "embedded")) or \
+        resolve_shards("embedded", task.dataset, "val")
 
 
 def masking_field(task: TaskConfig, index: int) -> str:
