@@ -120,6 +120,7 @@ class MaskedModelingModule(L.LightningModule):
         self._stepped = True  # the last training batch was trained on (post-step hooks run)
         self.bar_keys: Dict[str, None] = {}  # training metrics the progress bar shows besides loss and tokens/s
         self._pending_logs: Dict[str, Tuple[torch.Tensor, int]] = {}  # training metrics since the last logging step
+        self._itm_shortfall_warned = False
         self._val_sums: Dict[Tuple[str, str], Dict[str, list]] = {}  # (prefix, head) -> metric -> [sum, count]
         self.phases = phases
         self._phase: Optional[int] = None  # the phase of the last training step (logged when it changes)
@@ -199,6 +200,7 @@ class MaskedModelingModule(L.LightningModule):
         errors = batch.extras.get("data_errors_total")
         if errors is not None:  # bad samples/shards this rank's data workers met so far (summed over workers)
             self._pending_logs["train/data_errors"] = (torch.tensor(float(errors)), 1)  # logged with the step's
+        self._note_itm_shortfall(batch)
         loss = self._common_step(batch, "train")
         info = StepInfo(self.global_step, batch_idx, self.current_epoch, batch.num_sequences, batch.num_tokens)
         self._stepped = self.nonfinite_guard.admit(loss, info)  # stop raises; on the device, always True
@@ -206,6 +208,23 @@ class MaskedModelingModule(L.LightningModule):
             return loss
         log_host_value(self, "train/nonfinite_skipped", self.nonfinite_skipped)
         return None  # Lightning skips backward and the optimizer step
+
+    def _note_itm_shortfall(self, batch: PackedBatch) -> None:
+        """Log ``train/[task/]itm_no_negative``: the ITM pairs drawn to be negatives that stayed positive because
+        every other caption of the batch describes their image (identical captions, a batch of one); warn the first
+        time, since the itm head then learns from fewer negatives than ``model.image_text.itm_negatives`` asks."""
+        missing = batch.extras.get("itm_no_negative")
+        if missing is None:
+            return
+        key = f"train/{batch.task}/itm_no_negative" if batch.task else "train/itm_no_negative"
+        self._pending_logs[key] = (torch.tensor(float(missing)), 1)  # a host number, kept on the host
+        if missing and not self._itm_shortfall_warned:
+            self._itm_shortfall_warned = True
+            log.warning("ITM%s: %d of %d pair(s) drawn as negatives stayed positive at step %d: every other caption "
+                           "of the batch describes their image (identical captions, or a batch of one), so the itm "
+                           "head sees fewer negatives than model.image_text.itm_negatives asks for; logged as %s",
+                           f" (task {batch.task!r})" if batch.task else "", missing, len(batch.extras.get("keys", ())),
+                           self.global_step, key)
 
     @property
     def nonfinite_skipped(self) -> int:

@@ -329,3 +329,19 @@ def test_two_stream_layout_pairs_separate_caption_and_image_sequences(shards, to
         assert two.targets["itm"].cls_positions.tolist() == cu[:b]
     with pytest.raises(ValueError, match="layout must be single or two_stream"):
         settings(mode, "regions", layout="lxmert")
+
+
+def test_itm_negatives_that_cannot_be_drawn_are_logged_and_warned_once(caplog):
+    """A batch whose captions all describe each other's images (or a batch of one) gave the itm head positives only,
+    and only ``extras["itm_no_negative"]`` knew; it is logged per step and warned about the first time."""
+    import types
+
+    from mmm.train.module import MaskedModelingModule
+
+    fake = types.SimpleNamespace(_pending_logs={}, _itm_shortfall_warned=False, global_step=7)
+    batch = types.SimpleNamespace(task="itm", extras={"itm_no_negative": 2, "keys": ["a", "b", "c", "d"]})
+    MaskedModelingModule._note_itm_shortfall(fake, batch)
+    MaskedModelingModule._note_itm_shortfall(fake, batch)
+    assert float(fake._pending_logs["train/itm/itm_no_negative"][0]) == 2.0
+    warned = [r for r in caplog.records if "drawn as negatives stayed positive" in r.getMessage()]
+    assert len(warned) == 1 and "ITM (task 'itm'): 2 of 4 pair(s)" in warned[0].getMessage()
