@@ -109,7 +109,10 @@ class InputAdapter:
         wav, sr = raw
         front = self.encoder.frontend
         with single_thread():
-            tokens = front(wav, sr)  # (T, F)
+            try:
+                tokens = front(wav, sr)  # (T, F)
+            except ValueError as e:  # e.g. a rate the front end refuses: name the input
+                raise ValueError(f"{where}: {e}") from None
         rows, _ = front.token_grid(tokens.shape[0])
         chunks = split_columns(tokens, rows, self.columns)
         if len(chunks) > 1:
@@ -194,7 +197,7 @@ class InputAdapter:
 
     @torch.no_grad()
     def features(self, raws: Sequence[Any], pooling: str, *, batch_size: int = 64,
-                 where: Optional[List[str]] = None) -> np.ndarray:
+                 where: Optional[List[str]] = None, skipped: Optional[List[Tuple[int, str, str]]] = None) -> np.ndarray:
         """(n, d) float32 pooled features of raw inputs, in order (eval mode, no gradients).
 
         Args:
@@ -202,15 +205,25 @@ class InputAdapter:
             pooling: ``cls`` or ``mean``.
             batch_size: inputs per forward pass.
             where: a label per input for errors (file/row/key).
+            skipped: None: an input :meth:`prepare` refuses is an error naming it; a list: such an input is left out
+                of the result and ``(index, where, reason)`` appended (``mmm embed --skip_bad``).
         """
         self.check_pooling(pooling)
         was = self.encoder.training
         self.encoder.eval()
         out = []
         for lo in range(0, len(raws), batch_size):
-            items = [self.prepare(r, where[lo + i] if where else f"input {lo + i}")
-                     for i, r in enumerate(raws[lo:lo + batch_size])]
-            out.append(self.pooled(items, pooling).float().cpu().numpy())
+            items = []
+            for i, r in enumerate(raws[lo:lo + batch_size]):
+                label = where[lo + i] if where else f"input {lo + i}"
+                try:
+                    items.append(self.prepare(r, label))
+                except ValueError as e:
+                    if skipped is None:
+                        raise
+                    skipped.append((lo + i, label, str(e).removeprefix(f"{label}: ")))
+            if items:
+                out.append(self.pooled(items, pooling).float().cpu().numpy())
         self.encoder.train(was)
         return np.concatenate(out) if out else np.zeros((0, self.hidden_size), np.float32)
 

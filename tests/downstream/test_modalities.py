@@ -151,6 +151,29 @@ def test_audio_finetune_on_labelled_shards(tmp_path: Path) -> None:
         load_adapter(str(enc), "audio").check_pooling("cls")
 
 
+def test_embed_names_an_audio_file_the_front_end_refuses_and_skips_it_with_skip_bad(tmp_path: Path, capsys) -> None:
+    """A file at a rate the front end refuses (384 kHz against 8 kHz) was a bare message without its name, and
+    ``--skip_bad`` did not skip it: the check runs after the files are read, where skip_bad applied."""
+    import soundfile as sf
+
+    sr, t = 8000, np.arange(4000) / 8000
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    enc = _audio_encoder(tmp_path, [(tone, sr)])
+    (tmp_path / "clips").mkdir()
+    sf.write(tmp_path / "clips" / "good.wav", tone, sr)
+    sf.write(tmp_path / "clips" / "ultra.wav", np.zeros(384000 // 4, np.float32), 384000)
+    assert main(["embed", str(enc), str(tmp_path / "clips"), str(tmp_path / "e"), "--modality", "audio"]) == 2
+    err = capsys.readouterr().err
+    assert "ultra.wav" in err and "384000 Hz" in err, err
+    assert main(["embed", str(enc), str(tmp_path / "clips"), str(tmp_path / "e"), "--modality", "audio",
+                 "--skip_bad"]) == 0
+    assert "skipped 1 bad input(s)" in capsys.readouterr().out
+    assert [Path(k).name for k in (tmp_path / "e" / "keys.txt").read_text().splitlines()] == ["good.wav"]
+    assert np.load(tmp_path / "e" / "features.npy").shape[0] == 1
+    info = json.loads((tmp_path / "e" / "embed.json").read_text())
+    assert info["skipped"] == 1 and "ultra.wav" in info["skipped_examples"][0][0]
+
+
 def test_image_cls_pooling_runs_the_last_block_for_cls_alone_with_the_same_logits_and_gradients(image_ckpt: Path):
     """Image fine-tuning on [CLS] takes the final-layer subset too: the same logits and every gradient."""
     import torch
