@@ -43,7 +43,7 @@ from mmm.modalities.audio.frontend import MAX_RESAMPLE_RATIO  # the default thre
 from mmm.registry import DATASETS
 from datasets_def.building import (BuildReport, SPLITS, ShardWriters, build_args, cached_build, check_build_args, find_inputs,
                                    finish_build, has_suffix, ignored_manifest, log_ignored, prepare_output,
-                                   read_file, read_split, stable_split)
+                                   hash_order, read_file, read_split, stable_split)
 from datasets_def.skipper import BadInputSkipper
 
 logger = logging.getLogger("mmm.data")
@@ -277,7 +277,8 @@ def build_shards(
         mono: average channels into one (True) or keep them (False, at most 8).
         samples_per_shard: windows per tar shard.
         val_fraction: fraction of files (by stable hash of their path) put in the val split.
-        seed: salt of the split hash.
+        seed: salt of the split hash and of the write order (files are written in a seeded hash order, not
+            sorted by path, so every shard mixes the classes of class folders).
         skip_bad: skip (and report) unreadable, corrupt, empty or NaN files instead of raising.
         overwrite: delete existing ``*.tar`` and manifest in ``output_dir`` first.
         max_resample_ratio: a file whose sample rate differs from ``sample_rate`` by more than
@@ -295,6 +296,7 @@ def build_shards(
     skipper = BadInputSkipper(skip_bad, AudioBuildError)
     inputs, ignored = _find_inputs(src, skipper)
     label_table = _read_labels(labels, src, [s for _, s in inputs])
+    inputs = hash_order(inputs, seed, key=lambda item: item[1])  # every shard mixes classes / speakers
     prepare_output(out, overwrite, AudioBuildError)
     log_ignored("audio", ignored, ".wav or .flac")
 

@@ -103,6 +103,20 @@ def stable_split(val_fraction: float, seed: int, *parts: Any) -> str:
     return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
 
 
+def hash_order(items: List[Any], seed: int, key: Callable[[Any], str]) -> List[Any]:
+    """``items`` in a seeded pseudo-random order: by a hash of ``(seed, key(item))``, the same everywhere, every run.
+
+    A builder writes its input files in this order instead of sorted by path, so every shard mixes the classes of
+    class folders (or the speakers of a speaker-sorted corpus), and the first samples of the shards, which fit the
+    normalisation statistics and k-means codebooks (``target_clips``, ``stats_clips``, ``codebook_images``), are a
+    sample of the whole set, as HuBERT's k-means subset is, not its first classes.
+    """
+    def rank(item: Any) -> bytes:
+        return hashlib.blake2b(f"{seed}\0{key(item)}".encode("utf-8"), digest_size=8).digest()
+
+    return sorted(items, key=rank)
+
+
 # --------------------------------------------------------------------------------------------
 # inputs
 

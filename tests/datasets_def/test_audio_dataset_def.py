@@ -178,3 +178,20 @@ def test_embedded_default_builds_all_classes_in_both_splits(tmp_path: Path, monk
     assert embedded_default() == path  # cached: the second call does not rebuild
     (first,) = [c for c, _ in zip(iter_clips(path, "val"), range(1))]
     assert first.sample_rate == audiodef.SYNTH_SAMPLE_RATE and 1.0 <= first.waveform.shape[1] / SR <= 2.0
+
+
+def test_class_folders_are_written_mixed_so_the_first_clips_sample_every_class(tmp_path: Path) -> None:
+    """Files were written sorted by path, so class-folder shards held one class after another, and the statistics
+    and k-means codebooks (fitted on the first clips read) saw only the first class."""
+    from mmm.data.tar import read_samples
+
+    for label in ("a_low", "b_high"):
+        for i in range(12):
+            write_audio(tmp_path / "in" / label / f"{i:02d}.wav", tone(200 + 50 * i, 0.1), SR)
+    audiodef.build_shards(tmp_path / "in", tmp_path / "out", labels="folders", sample_rate=SR, samples_per_shard=100)
+    keys = [json.loads(s["json"])["label_name"] for s in read_samples(sorted(map(str, (tmp_path / "out").glob("train-*.tar"))))]
+    assert sorted(keys) == ["a_low"] * 12 + ["b_high"] * 12
+    assert set(keys[:8]) == {"a_low", "b_high"}, keys  # not 8 of the first folder
+    again = tmp_path / "again"
+    audiodef.build_shards(tmp_path / "in", again, labels="folders", sample_rate=SR, samples_per_shard=100)
+    assert keys == [json.loads(s["json"])["label_name"] for s in read_samples(sorted(map(str, again.glob("train-*.tar"))))]
