@@ -70,7 +70,7 @@ class MaskedModel(nn.Module):
         parts = []
         for name, inp in batch.inputs.items():
             if name not in self.embedders:
-                raise KeyError(f"batch has a {name!r} input but the model has embedders for {list(self.embedders)}")
+                raise ValueError(f"batch has a {name!r} input but the model has embedders for {list(self.embedders)}")
             x = inp.embed(self.embedders[name])  # (N_m, d)
             if self.modality_embed is not None:
                 x = x + self.modality_embed.weight[self.modality_ids[name]]

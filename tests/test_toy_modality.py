@@ -299,3 +299,35 @@ def test_pretrain_save_and_load_a_new_modality(tmp_path: Path, toy_shards: Path)
     torch.testing.assert_close(back(ids), hidden)
     with pytest.raises(ValueError, match=r"unknown modality 'toyz'; supported: \[.*'toy'"):
         mmm.load_encoder(ckpt, modality="toyz")
+
+
+@pytest.mark.parametrize("mistake, match", [
+    ("no_collate", r"modality 'toy': its stages yielded a .*MaskedTokens, not a mmm.batch.PackedBatch; a modality's "
+                   r"stages end by collating"),
+    ("wrong_key", r"modality 'toy': its batch has inputs \['prot'\], but the model's embedders are \['toy'\]"),
+])
+def test_a_plugins_stages_that_yield_no_batch_are_named(tmp_path: Path, toy_shards: Path, monkeypatch, mistake, match):
+    """A plug-in's stages without a collate step, or keying the batch by another name, failed far from the
+    mistake (a TypeError inside webdataset, a KeyError in the model); the error names the modality and the fix."""
+    from mmm.train.pretrain import pretrain
+
+    real = ToyModality.stages
+
+    def broken(self, masker, **kw):
+        stages = real(self, masker, **kw)
+        if mistake == "no_collate":
+            return stages[:-1]
+        return stages[:-1] + [wds.batched(8, collation_fn=partial(pack_masked, modality="prot"), partial=True)]
+
+    monkeypatch.setattr(ToyModality, "stages", broken)
+    with pytest.raises(Exception, match=match):
+        pretrain(load_config(_config(tmp_path, toy_shards)))
+
+
+def test_a_modality_without_its_name_is_refused_naming_the_attribute(tmp_path: Path, toy_shards: Path, monkeypatch):
+    from mmm.train.pretrain import build_run
+
+    monkeypatch.setattr(ToyModality, "name", "")
+    with pytest.raises(ValueError, match=r"modality 'toy' \(ToyModality\) has name '': set its class attribute "
+                                         r"name = 'toy'"):
+        build_run(load_config(_config(tmp_path, toy_shards)))

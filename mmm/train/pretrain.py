@@ -31,6 +31,7 @@ from mmm.config import ConfigError, PretrainConfig, TaskConfig, dump_config, to_
 from mmm.errors import CheckpointError
 from mmm.modalities.base import Modality
 from mmm.model import build_model
+from mmm.train.batch_check import CheckBatches
 from mmm.train.callbacks import RunCheckpoint, StepProgressBar, ThroughputMonitor
 from mmm.train.checkpoint_io import AtomicCheckpointIO, read_resume_checkpoint
 from mmm.train.datamodule import StreamDataModule
@@ -306,9 +307,10 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     def stages_of(t: TaskConfig):
         feed, tag = mods.feeds[t.name], [TagTask(t.name)] if t.name else []
         batch_size = t.batch_size or cfg.data.batch_size
+        check = CheckBatches(t.name, feed.name, list(mods.base))  # a plug-in's stages, named when they go wrong
 
         def make(**kw):
-            return feed.stages(maskers[t.name], batch_size=batch_size, options=t.options or None, **kw) + tag
+            return feed.stages(maskers[t.name], batch_size=batch_size, options=t.options or None, **kw) + [check] + tag
 
         return make
 

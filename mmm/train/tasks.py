@@ -232,6 +232,10 @@ def build_modalities(cfg: PretrainConfig, tasks: List[TaskConfig],
                 raise ValueError(f"{why} feeds modality {name!r}, which has no Modality registered; "
                                  f"known: {MODALITIES.list()}")
             instances[name] = MODALITIES.create(name, model_cfg=cfg.model)
+            if instances[name].name != name:  # embedders, batches and checkpoints are keyed by it
+                raise ValueError(f"modality {name!r} ({type(instances[name]).__name__}) has name "
+                                 f"{instances[name].name!r}: set its class attribute name = {name!r}, the name it is "
+                                 f"registered under")
         return instances[name]
 
     feeds: Dict[str, Modality] = {}
