@@ -218,6 +218,10 @@ def read_region_file(path: Path, width: int, height: int, *, feature_dim: Option
             r = int(np.nonzero(outside | flipped)[0][0])
             raise RegionArrayError(f"{where}: array 'boxes' row {r} = {b[r].tolist()} is not an x1, y1, x2, y2 pixel "
                                    f"box inside the {width}x{height} image (x1 <= x2, y1 <= y2)")
+        if len(b) and b.max() <= 1.0 and max(width, height) > 4:
+            raise RegionArrayError(f"{where}: every coordinate of array 'boxes' is in [0, 1]: boxes normalised to the "
+                                   f"image size, but (R, 4) boxes are x1, y1, x2, y2 in pixels of the {width}x{height} "
+                                   f"image; multiply x by {width} and y by {height}, or give (R, 7) geometry")
         boxes, converted = xyxy_to_geometry(b, width, height), True
     if features.dtype == np.float64:
         features = features.astype(np.float32)

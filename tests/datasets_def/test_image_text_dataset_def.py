@@ -94,7 +94,7 @@ def _edit_csv(path: Path, rows):
 
 @pytest.mark.parametrize("kind", ["empty_caption", "lossy_caption", "caption_without_image", "image_without_caption",
                                   "missing_region_file", "features_rank", "features_nan", "feature_dim",
-                                  "soft_sum", "boxes_shape", "boxes_outside", "corrupt_image"])
+                                  "soft_sum", "boxes_shape", "boxes_outside", "boxes_normalised", "corrupt_image"])
 def test_bad_input_names_file_and_field_or_is_skipped_and_listed(tmp_path, kind):
     img, caps, regs = make_folder(tmp_path / "in")
     rng = np.random.default_rng(1)
@@ -106,6 +106,7 @@ def test_bad_input_names_file_and_field_or_is_skipped_and_listed(tmp_path, kind)
               "image_without_caption": "has no caption", "missing_region_file": "no region file",
               "features_rank": "'features' must be 2-D", "features_nan": "NaN", "feature_dim": f"expected {F}",
               "soft_sum": "'soft' row 0 sums to", "boxes_shape": "'boxes' has shape", "boxes_outside": "inside the 32x32",
+              "boxes_normalised": "boxes normalised to the image size, but (R, 4) boxes are x1, y1, x2, y2 in pixels",
               "corrupt_image": "s5.png"}[kind]
     if kind == "empty_caption":
         _edit_csv(caps, [["s1.png", "   "]])
@@ -136,6 +137,8 @@ def test_bad_input_names_file_and_field_or_is_skipped_and_listed(tmp_path, kind)
             bad["boxes"] = np.zeros((3, 5), np.float32)
         elif kind == "boxes_outside":
             bad["boxes"] = np.array([[0, 0, 40, 32], [1, 1, 3, 3], [5, 5, 9, 9]], np.float32)
+        elif kind == "boxes_normalised":
+            bad["boxes"] = np.array([[0, 0, 1, 1], [0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.9, 0.9]], np.float32)
         # the dataset's sizes are set by the first image written; make every s5 file the bad one
         np.savez(regs / "s5.npz", **bad)
     with pytest.raises(it.ImageTextBuildError, match="skip_bad") as err:
