@@ -103,6 +103,18 @@ def _config_name(argv: List[str]) -> Optional[str]:
     return Path(argv[argv.index("--config") + 1]).name if "--config" in argv else None
 
 
+def _without_plugin_options(args: List[str]) -> Iterator[str]:
+    """``args`` without the ``--plugin MODULE`` pairs that may come before the command."""
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--plugin":
+            skip = True
+        elif not a.startswith("--plugin="):
+            yield a
+
+
 def smoke(cmd: Command) -> Command:
     """Rewrite ``cmd`` to its smoke-size form (or mark it skipped, with the reason)."""
     argv = list(cmd.argv)
@@ -118,7 +130,7 @@ def smoke(cmd: Command) -> Command:
         return cmd
     if exe.endswith("/mmm") or exe == "mmm":
         argv = [str(VENV_BIN / "mmm")] + argv[1:]
-        sub = argv[1]
+        sub = next(a for a in _without_plugin_options(argv[1:]))  # `mmm --plugin M list ...`: the command is list
         if sub == "demo":
             argv += ["--max_steps", "2", "--quick", "--no_progress"]
         elif sub in ("pretrain", "prepare"):
@@ -208,7 +220,7 @@ def command_paths(cmd: Command) -> Set[PurePosixPath]:
         if "/" not in s or not _RELATIVE_PATH.match(s) or s.startswith(("./", "../")):
             continue
         path = PurePosixPath(s)
-        if path.parts[0] not in ("configs", ".venv") + USER_INPUTS:
+        if path.parts[0] not in ("configs", ".venv", "tests") + USER_INPUTS:
             out.add(path)
     return out
 
@@ -397,6 +409,7 @@ def test_every_readme_command_runs_at_smoke_size(chain, user_inputs, tmp_path, r
     work = tmp_path / "user"
     shutil.copytree(user_inputs, work)
     (work / "configs").symlink_to(REPO / "configs")
+    (work / "tests").symlink_to(REPO / "tests")  # the toy plug-in of `mmm --plugin tests/test_toy_modality.py`
     (work / ".venv").symlink_to(VENV_BIN.parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # $MMM_CACHE_DIR: the session's (conftest)
     env.pop("MMM_BENCH_MICRO", None)

@@ -49,6 +49,12 @@ class RunCheckpoint(ModelCheckpoint):
         self.final_step_saved: Optional[int] = None
 
     @property
+    def state_key(self) -> str:
+        """Lightning's key of this callback's state in a checkpoint: ModelCheckpoint's, so the checkpoints written
+        before this subclass (and after) restore its state alike."""
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    @property
     def last_path(self) -> Path:
         return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
 

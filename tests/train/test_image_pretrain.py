@@ -10,11 +10,12 @@ from conftest import REPO, TINY_IMAGE_OVERRIDES
 def _simmim_config(run_dir, **extra):
     from mmm.config import load_config
 
+    classes = extra.get("model.image.visual_tokens", 16)  # the head's classes are the codebook's entries
     return load_config(REPO / "configs" / "image_simmim_tiny.yaml", {
         **TINY_IMAGE_OVERRIDES, "trainer.default_root_dir": str(run_dir), "model.image.visual_tokens": 16,
         "model.image.codebook_images": 64, "objectives": [
             {"name": "simmim"}, {"name": "token_targets", "label": "visual_tokens",
-                                 "args": {"target": "image_tokens", "num_classes": 16}}],
+                                 "args": {"target": "image_tokens", "num_classes": classes}}],
         "masking.args": {"ratio": 0.4, "min_patches": 2}, **extra})
 
 
