@@ -195,12 +195,12 @@ def _evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str, it
         batch = batch.to(device)
         hidden = model.encode(batch)
         img, txt = head.embed_pairs(hidden, batch.targets["itc"])  # (B, E), (B, E)
-        for i, (key, cap, described) in enumerate(zip(batch.extras["keys"], batch.extras["captions"],
-                                                      batch.extras["image_captions"])):
+        said = batch.extras.get("caption_keys") or batch.extras["captions"]  # identity keys: "A Photo" = "a photo"
+        for i, (key, cap, described) in enumerate(zip(batch.extras["keys"], said, batch.extras["image_captions"])):
             images.setdefault(key, img[i].cpu())
             captions_of.setdefault(key, set()).update({cap, *described})  # every caption of the image
         text_embs.append(txt.cpu())
-        texts.extend(batch.extras["captions"])
+        texts.extend(said)
     if not texts:
         raise ValueError(f"evaluate_vl: the held-out shards {urls[:3]} gave no image-text pairs")
     keys = list(images)

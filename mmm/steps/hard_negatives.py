@@ -97,7 +97,7 @@ class HardNegativeMining:
         image, text = similarity.embed_pairs(hidden, batch.targets[SOURCE])  # (B, E), (B, E)
         sim = image @ text.T  # (B images, B captions)
         b = sim.shape[0]
-        captions = batch.extras.get("captions") or [str(i) for i in range(b)]
+        captions = batch.extras.get("caption_keys") or batch.extras.get("captions") or [str(i) for i in range(b)]
         described = batch.extras.get("image_captions") or [frozenset() for _ in range(b)]
         # (B images, B captions) on the host: which pairs may not be negatives
         same = [[y == captions[i] or y in described[i] for y in captions] for i in range(b)]

@@ -345,3 +345,22 @@ def test_itm_negatives_that_cannot_be_drawn_are_logged_and_warned_once(caplog):
     assert float(fake._pending_logs["train/itm/itm_no_negative"][0]) == 2.0
     warned = [r for r in caplog.records if "drawn as negatives stayed positive" in r.getMessage()]
     assert len(warned) == 1 and "ITM (task 'itm'): 2 of 4 pair(s)" in warned[0].getMessage()
+
+
+def test_captions_differing_only_in_case_are_one_caption_to_negatives():
+    """"A Photo" and "a photo" give the same token ids under a lowercasing tokenizer, yet one pair took the other as
+    its ITM negative: the same model input labelled match and no-match. Captions now compare by identity key."""
+    from tokenizers import Tokenizer, models, normalizers
+
+    from mmm.modalities.text.tokenizer import TextTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    hf = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials)}, unk_token="[UNK]"))
+    hf.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok = TextTokenizer(hf, dict(zip(("pad", "unk", "cls", "sep", "mask"), specials)), True, "wordpiece")
+    assert tok.identity_key("A  Photo\n") == tok.identity_key("a photo") == "a photo"
+    keys = [tok.identity_key(c) for c in ("a photo", "A Photo", "a dog")]
+    own = [frozenset({keys[0]}), frozenset({keys[1]}), frozenset({keys[2]})]
+    for seed in range(20):
+        source, _ = choose_itm_negatives(keys, own, 1.0, np.random.default_rng(seed))
+        assert source[0] in (0, 2) and source[1] in (1, 2)  # never each other

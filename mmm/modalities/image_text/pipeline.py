@@ -373,7 +373,10 @@ class PairSample:
         pixels: (3, S, S) uint8 image (patches), or None.
         regions: the image's regions, or None.
         image_mask: (P,) or (R,) bool hidden image tokens (mode mrm), else None.
-        image_captions: every caption of the image (a caption among them is never its ITM negative).
+        image_captions: every caption of the image (a caption among them is never its ITM negative), as
+            identity keys (:meth:`~mmm.modalities.text.tokenizer.TextTokenizer.identity_key`: "A Photo" and
+            "a photo" are one caption to a lowercasing tokenizer).
+        caption_key: the caption's identity key.
     """
 
     key: str
@@ -387,6 +390,7 @@ class PairSample:
     regions: Optional[Regions]
     image_mask: Optional[np.ndarray]
     image_captions: FrozenSet[str] = frozenset()
+    caption_key: str = ""
 
     @property
     def text_len(self) -> int:
@@ -439,7 +443,9 @@ class _PreparePair:
                 image_mask = np.asarray(self.masker(item.regions.count, rng), dtype=bool)
         return PairSample(item.key, item.label, caption, np.asarray(ids, dtype=np.int64),
                           np.asarray(positions, dtype=np.int64), np.asarray(labels, dtype=np.int64), cut,
-                          item.pixels, item.regions, image_mask, frozenset(item.captions))
+                          item.pixels, item.regions, image_mask,
+                          frozenset(self.tokenizer.identity_key(c) for c in item.captions),
+                          self.tokenizer.identity_key(caption))
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,16 +516,19 @@ class _Collate:
                                   "keys": [p.key for p in samples], "text_cut": sum(p.cut for p in samples)}
         texts = [p.ids for p in samples]
         captions = [p.caption for p in samples]
+        keys = [p.caption_key or p.caption for p in samples]  # what compares captions: identity keys
         itm_labels = torch.ones(b, dtype=torch.long)
         if s.mode == "itm":
-            source, missing = choose_itm_negatives(captions, [p.image_captions for p in samples],
+            source, missing = choose_itm_negatives(keys, [p.image_captions for p in samples],
                                                    float(s.itm_negatives), rng)
             texts = [samples[j].ids for j in source]
             captions = [samples[j].caption for j in source]
+            keys = [keys[j] for j in source]
             itm_labels = torch.from_numpy((source == np.arange(b)).astype(np.int64))
             extras["itm_no_negative"] = missing
         extras["captions"] = captions
-        extras["image_captions"] = [p.image_captions for p in samples]  # never negatives of their image
+        extras["caption_keys"] = keys  # identity keys: what relevance and negatives compare
+        extras["image_captions"] = [p.image_captions for p in samples]  # keys; never negatives of their image
         t_len = [len(t) for t in texts]
         i_len = self.image_lengths(samples)
         ids = torch.from_numpy(np.concatenate(texts))  # (T,)
