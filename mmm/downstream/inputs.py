@@ -9,12 +9,14 @@ An :class:`InputAdapter` wraps a loaded encoder and knows its modality's raw inp
 * ``dna``: a base string, tokenized by the encoder's DNA tokenizer, cut to the position table;
 * ``image``: a PIL image, resized and centre-cropped to the encoder's size (the pretraining
   evaluation transform), ImageNet-normalised;
-* ``audio``: a ``(waveform, sample_rate)`` pair through the encoder's fitted front end; the
-  first sequence's worth of tokens (as the pretraining pipeline cuts clips).
+* ``audio``: a ``(waveform, sample_rate)`` pair through the encoder's fitted front end; a clip longer
+  than the encoder is split into sequences as the pretraining pipeline splits it (:class:`AudioChunks`),
+  every one is encoded, and mean pooling averages over the tokens of all of them: the whole clip counts.
 
 Text and DNA batches are run packed: :meth:`InputAdapter.pooled` concatenates the token ids into
 one flat stream that the embedder and the encoder read with ``cu_seqlens`` (block-diagonal
-attention), as in pretraining, so no compute is spent on padding and no padded tensor is built. Every cut input is counted in :attr:`InputAdapter.truncated`.
+attention), as in pretraining, so no compute is spent on padding and no padded tensor is built. Every cut input
+(text, DNA) is counted in :attr:`InputAdapter.truncated`; audio is never cut.
 """
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ import torch
 from torch import nn
 
 POOLINGS = ("cls", "mean")
+
+
+class AudioChunks(list):
+    """One audio input's feature-token sequences, (T_i, F) arrays in time order: a clip longer than the encoder
+    becomes several (the pretraining pipeline's ``split_columns``), each encoded, pooled together."""
 
 
 class InputAdapter:
@@ -114,10 +121,7 @@ class InputAdapter:
             except ValueError as e:  # e.g. a rate the front end refuses: name the input
                 raise ValueError(f"{where}: {e}") from None
         rows, _ = front.token_grid(tokens.shape[0])
-        chunks = split_columns(tokens, rows, self.columns)
-        if len(chunks) > 1:
-            self.truncated += 1
-        return chunks[0]
+        return AudioChunks(split_columns(tokens, rows, self.columns))
 
     def _text_ids(self, raw: Any, where: str) -> np.ndarray:
         tok = self.tokenizer
@@ -137,7 +141,8 @@ class InputAdapter:
 
     # ------------------------------------------------------------------ batches
     def forward(self, items: Sequence[Any]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Encode prepared items: ``(hidden (B, T, d), mask (B, T) bool)``, mask True on real tokens."""
+        """Encode prepared items (audio: single (T, F) token sequences, the parts of :class:`AudioChunks`):
+        ``(hidden (B, T, d), mask (B, T) bool)``, mask True on real tokens."""
         device = next(self.encoder.parameters()).device
         if self.modality in ("text", "dna"):
             ids, mask = pad_ids(items, int(self.encoder.pad_id))
@@ -174,6 +179,15 @@ class InputAdapter:
         if self.modality == "image" and pooling == "cls" and cls_last_block:  # [CLS] alone in the last block
             device = next(self.encoder.parameters()).device
             return self.encoder(torch.stack(list(items)).to(device), first_token_only=True)  # (B, d)
+        if self.modality == "audio":  # every sequence of every clip in one batch, then one mean per clip
+            owner = torch.tensor([i for i, clip in enumerate(items) for _ in clip])
+            hidden, mask = self.forward([chunk for clip in items for chunk in clip])
+            m = mask.to(hidden.dtype)[..., None]  # (C, T, 1)
+            sums = torch.zeros(len(items), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+            sums = sums.index_add(0, owner.to(hidden.device), (hidden * m).sum(1))
+            counts = torch.zeros(len(items), dtype=hidden.dtype, device=hidden.device)
+            counts = counts.index_add(0, owner.to(hidden.device), m.sum((1, 2)))
+            return sums / counts.clamp_min(1.0)[:, None]  # (B, d): the mean over all of each clip's tokens
         hidden, mask = self.forward(items)
         return pool_padded(hidden, mask, pooling)
 

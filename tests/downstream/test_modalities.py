@@ -143,12 +143,32 @@ def test_audio_finetune_on_labelled_shards(tmp_path: Path) -> None:
     assert main(["finetune", str(enc), "--modality", "audio", "--data", str(shards), "--seeds", "1", "--epochs", "3",
                  "--lr", "1e-3", "--batch_size", "4", "--out", str(out)]) == 0
     res = json.loads((out / "finetune.json").read_text())
-    assert res["config"]["pooling"] == "mean" and res["data"]["truncated_inputs"] > 0  # 0.5 s ≈ 12 tokens > 8
+    assert res["config"]["pooling"] == "mean" and res["data"]["truncated_inputs"] == 0  # split, pooled whole
     assert 0.0 <= res["dev"]["mean"] <= 1.0
     with pytest.raises(ValueError, match="no \\[CLS\\] token"):
         from mmm.downstream.inputs import load_adapter
 
         load_adapter(str(enc), "audio").check_pooling("cls")
+
+
+def test_a_long_audio_clip_is_pooled_over_all_of_its_sequences(tmp_path: Path) -> None:
+    """An audio input longer than the encoder kept only its first sequence (the first max_len tokens) in
+    ``mmm embed`` and fine-tuning; it is split as pretraining splits it, and mean pooling covers every token."""
+    import torch
+
+    from mmm.downstream.inputs import AudioChunks, load_adapter
+
+    sr, t = 8000, np.arange(int(1.5 * 8000)) / 8000
+    clip = (0.5 * np.sin(2 * np.pi * (300 + 400 * t) * t)).astype(np.float32)  # a chirp: its parts differ
+    adapter = load_adapter(str(_audio_encoder(tmp_path, [(clip, sr)])), "audio")
+    chunks = adapter.prepare((clip, sr), "chirp.wav")
+    assert isinstance(chunks, AudioChunks) and len(chunks) >= 3 and adapter.truncated == 0
+    with torch.no_grad():
+        pooled = adapter.pooled([chunks, AudioChunks(chunks[:1])], "mean")
+        tokens = torch.cat([adapter.forward([c])[0][0] for c in chunks])  # every token of the clip, one at a time
+        first = adapter.forward([chunks[0]])[0][0].mean(0)
+    torch.testing.assert_close(pooled[0], tokens.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pooled[1], first, rtol=1e-4, atol=1e-5)  # a one-sequence clip: as before
 
 
 def test_embed_names_an_audio_file_the_front_end_refuses_and_skips_it_with_skip_bad(tmp_path: Path, capsys) -> None:
