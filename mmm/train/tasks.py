@@ -153,7 +153,8 @@ def task_configs(cfg: PretrainConfig) -> List[TaskConfig]:
     for key in ("data.dataset", "data.train", "data.val", "masking"):  # each task names its own: these would be unused
         value, default = (functools.reduce(getattr, key.split("."), c) for c in (cfg, defaults))
         field_name = key.rsplit(".", 1)[-1]
-        if value != default and not (key == "data.val" and value is None):  # data.val: null = no validation at all
+        # data.val: null = no validation at all; "embedded" was the default before "same" (older configs, checkpoints)
+        if value != default and not (key == "data.val" and value in (None, "embedded")):
             shown = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
             raise ValueError(f"{key} is {shown!r}, but a config with tasks gives each task its own {field_name}; set it "
                              "per task: " + ", ".join(f"tasks.{i}.{field_name} ({t.name})" for i, t in enumerate(cfg.tasks)))

@@ -39,3 +39,14 @@ def test_same_with_a_training_pattern_is_refused(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"task 't': val is 'same' .* is not a shard folder; set val to the "
                                           r"validation shards"):
         resolve_val_shards(task)
+
+
+def test_a_multi_task_config_from_before_same_still_loads():
+    """Checkpoints and run folders of multi-task runs store data.val: embedded, the default before 'same'."""
+    from conftest import REPO
+    from mmm.config import load_config
+    from mmm.train.tasks import task_configs
+
+    cfg = load_config(REPO / "configs" / "vl_uniter_tiny.yaml", {"trainer.default_root_dir": "unused",
+                                                                 "data.val": "embedded"})
+    assert [t.name for t in task_configs(cfg)][:2] == ["mlm", "mrfr"]
