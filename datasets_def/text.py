@@ -110,6 +110,7 @@ class TextBuildReport(BuildReport):
 
     documents: Dict[str, int]
     characters: Dict[str, int]
+    blank_chunks: int = 0  # chunks of a non-blank document that held nothing a tokenizer keeps: not written
 
     @property
     def chunks(self) -> Dict[str, int]:
@@ -242,12 +243,15 @@ def build_shards(
     documents = {s: 0 for s in SPLITS}
     chunks = {s: 0 for s in SPLITS}
     characters = {s: 0 for s in SPLITS}
-    doc_ordinal = 0
+    doc_ordinal = blank_chunks = 0
     with ShardWriters(out, samples_per_shard, TextBuildError) as writers:
         for path, source in inputs:
             for doc, text in _iter_documents(path, source, jsonl_field, skipper):
                 split = stable_split(val_fraction, seed, source, doc)
                 for i, chunk in enumerate(split_text(text, max_chars)):
+                    if text_codec.is_blank(chunk):  # e.g. a paragraph an earlier lossy decoding left as U+FFFD
+                        blank_chunks += 1
+                        continue
                     meta = {"source": source, "doc": doc, "chunk": i}
                     writers.write(
                         split,
@@ -266,7 +270,11 @@ def build_shards(
         raise TextBuildError(f"no documents found in {src} ({len(skipper.skipped)} skipped input(s): {skipper.skipped[:3]})")
 
     report = TextBuildReport(output_dir=out, files=len(inputs), samples=chunks, shards=shards, skipped=skipper.skipped,
-                             ignored=len(ignored), documents=documents, characters=characters)
+                             ignored=len(ignored), documents=documents, characters=characters,
+                             blank_chunks=blank_chunks)
+    if blank_chunks:
+        logger.warning("text build: %d chunk(s) held only %s and were not written (counted as blank_chunks in "
+                       "manifest.json)", blank_chunks, text_codec.BLANK_KINDS)
     manifest = {
         "dataset": "text",
         "fields": list(TextDatasetDef.fields),
@@ -277,6 +285,7 @@ def build_shards(
             for s in SPLITS
         },
         "shard_files": shards,
+        "blank_chunks": blank_chunks,
         "build_args": build_args(src, samples_per_shard, val_fraction, seed, skip_bad, max_chars=max_chars,
                                  jsonl_field=jsonl_field),
     }

@@ -205,3 +205,17 @@ def test_embedded_interrupted_build_leaves_nothing(tmp_path: Path, monkeypatch: 
     with pytest.raises(KeyboardInterrupt):
         embedded_default(tmp_path)
     assert list((tmp_path / "datasets").iterdir()) == []
+
+
+def test_a_blank_chunk_of_a_document_is_not_written_but_counted(tmp_path: Path) -> None:
+    """A paragraph that a lossy decoding upstream left as U+FFFD became a chunk of its own: the build wrote it, and
+    then `mmm shards check` flagged it and training stopped on it."""
+    from mmm.data.shard_tools import check_shards
+
+    (tmp_path / "in").mkdir()
+    prose = "Plain prose that a tokenizer reads well enough. " * 3
+    (tmp_path / "in" / "doc.txt").write_text(f"{prose}\n\n{chr(0xFFFD) * 150}\n\n{prose}", encoding="utf-8")
+    report = build_shards(tmp_path / "in", tmp_path / "out", max_chars=200)
+    assert report.blank_chunks == 1 and report.total_samples == 2
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["blank_chunks"] == 1
+    assert check_shards(tmp_path / "out").ok
