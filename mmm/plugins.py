@@ -14,11 +14,12 @@ The built-in parts are registered first, so a plug-in that reuses a built-in nam
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from mmm.errors import UserError
 
@@ -45,14 +46,45 @@ def requested_plugins(cli: Sequence[str] = ()) -> List[Tuple[str, str]]:
     return unique
 
 
+def _module_of_file(path: Path) -> str:
+    """The module name a plug-in file is imported under: its stem, which must be an identifier that no other module
+    answers to (``code.py`` would silently be the standard library's ``code``)."""
+    name = path.stem
+    if not name.isidentifier():
+        raise ValueError(f"{path}: a plug-in file's name must be a Python identifier (it is imported as a module "
+                         f"of that name, also by the data-loader workers), got {name!r}")
+    if name in sys.modules:
+        origin = getattr(sys.modules[name], "__file__", None) or "built-in"
+    elif name in sys.builtin_module_names:
+        origin = "built-in"
+    else:
+        found = importlib.util.find_spec(name)
+        origin = found.origin if found is not None else None
+    if origin is not None and (origin in ("built-in", "frozen") or Path(origin).resolve() != path):
+        raise ValueError(f"{path}: its module name {name!r} is already taken ({origin}); rename the plug-in file")
+    return name
+
+
+def _source_file(spec: str) -> Optional[Path]:
+    """The file a plug-in spec names or resolves to (None: not found as a file, e.g. a namespace package)."""
+    if spec.endswith(".py") or os.sep in spec:
+        return Path(spec).expanduser().resolve()
+    try:
+        found = importlib.util.find_spec(spec.split(":")[0])
+    except (ImportError, ValueError):
+        return None
+    return Path(found.origin).resolve() if found is not None and found.origin not in (None, "built-in", "frozen") else None
+
+
 def _import(spec: str) -> None:
     if spec.endswith(".py") or os.sep in spec:
         path = Path(spec).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"no such file {path}")
+        name = _module_of_file(path)  # before its folder goes on sys.path, where it would shadow a module
         if str(path.parent) not in sys.path:
-            sys.path.insert(0, str(path.parent))
-        importlib.import_module(path.stem)
+            sys.path.insert(0, str(path.parent))  # data-loader workers import it by the same name
+        importlib.import_module(name)
     else:
         importlib.import_module(spec.split(":")[0])  # an entry point's "module:attr" imports the module
 
@@ -73,10 +105,15 @@ def load_plugins(cli: Sequence[str] = ()) -> List[str]:
         return []
     for reg in registry.ALL_REGISTRIES:
         reg.load_plugins()
-    loaded = []
+    loaded, files = [], set()
     for spec, source in wanted:
         try:
+            file = _source_file(spec)
+            if file is not None and file in files:  # one plug-in named twice (a path and a module name)
+                continue
             _import(spec)
+            if file is not None:
+                files.add(file)
         except Exception as exn:  # noqa: BLE001 - any failure of a user's module is reported as that module's
             raise PluginError(f"plug-in {spec!r} (from {source}) failed to import: {type(exn).__name__}: {exn}") from exn
         loaded.append(spec)

@@ -94,3 +94,16 @@ def test_plugins_are_found_on_the_command_line_in_the_environment_and_as_entry_p
     assert plugins.requested_plugins(["c_mod"]) == [
         ("c_mod", "--plugin"), ("a_mod", "MMM_PLUGINS"), ("b_mod", "MMM_PLUGINS"),
         ("mmm_protein:register", "entry point 'protein' of group mmm.plugins")]
+
+
+def test_a_plugin_file_is_imported_under_a_name_no_other_module_has(tmp_path: Path):
+    """``--plugin code.py`` silently imported the standard library's ``code``; ``my.toy.py`` failed on module ``my``;
+    one plug-in named as a path and as a module registered its parts twice."""
+    for name, message in (("code.py", "its module name 'code' is already taken"),
+                          ("my.toy.py", "a plug-in file's name must be a Python identifier")):
+        (tmp_path / name).write_text(TOY.read_text(encoding="utf-8"), encoding="utf-8")
+        done = _mmm("--plugin", str(tmp_path / name), "list", "modality")
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    twice = _mmm("--plugin", "tests/test_toy_modality.py", "--plugin", "tests.test_toy_modality", "list", "modality",
+                 env={"PYTHONPATH": str(REPO)})
+    assert twice.returncode == 0 and "toy" in twice.stdout, twice.stderr[-2000:]

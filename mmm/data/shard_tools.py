@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from mmm.data.stream import ShardSpec, list_shards
+from mmm.data.stream import ShardSpec, list_shards, local_path
 from mmm.data.tar import (DEFAULT_MAX_MEMBER_BYTES, DEFAULT_READ_TIMEOUT_S, MemberTooLarge, ShardReadError,  # noqa: F401
                           ShardTimeout, guarded_tarfile_to_samples, iter_members, split_member_name)
 
@@ -44,9 +44,12 @@ def _load_dataset(dataset: str) -> Any:
 
 def _manifest_near(path: ShardSpec) -> Optional[Path]:
     """The ``manifest.json`` of a shard directory, or of the local folder holding a shard file or pattern."""
-    if not isinstance(path, (str, Path)) or "://" in str(path) or str(path).startswith("pipe:"):
+    if not isinstance(path, (str, Path)):
         return None
-    p = Path(path).expanduser()
+    spec = local_path(str(path))
+    if "://" in spec or spec.startswith("pipe:"):
+        return None
+    p = Path(spec).expanduser()
     folder = p if p.is_dir() else p.parent
     return folder / MANIFEST if (folder / MANIFEST).is_file() else None
 
@@ -298,7 +301,7 @@ def check_shards(path: ShardSpec, dataset: Optional[str] = None, split: Optional
         samples[s] = samples.get(s, 0) + n
         split_shards.setdefault(s, []).append(url)
     manifest_path = None
-    directory = Path(path) if isinstance(path, (str, Path)) else None
+    directory = Path(local_path(str(path))).expanduser() if isinstance(path, (str, Path)) else None
     if directory is not None and directory.is_dir():
         manifest = _load_manifest(directory, problems)
         if manifest is not None:

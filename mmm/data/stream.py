@@ -43,12 +43,17 @@ def _is_glob(spec: str) -> bool:
     return any(ch in spec for ch in "*?[")
 
 
+def local_path(spec: str) -> str:
+    """``spec`` without a ``file://`` or ``file:`` prefix (a local path written as a url, which WebDataset accepts)."""
+    for prefix in ("file://", "file:"):
+        if spec.startswith(prefix):
+            return spec[len(prefix):]
+    return spec
+
+
 def _expand_one(spec: str, split: Optional[str]) -> List[str]:
     """Expand one directory / brace pattern / glob / file into shard paths (sorted for dirs and globs)."""
-    for prefix in ("file://", "file:"):  # a local file written as a url (WebDataset accepts it)
-        if spec.startswith(prefix):
-            spec = spec[len(prefix):]
-            break
+    spec = local_path(spec)
     if _is_remote(spec):
         return list(braceexpand.braceexpand(spec))
     path = Path(spec).expanduser()

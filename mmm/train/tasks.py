@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional
 import mmm.masking  # noqa: F401  (registers maskers)
 import mmm.modalities.builtin  # noqa: F401  (registers modalities)
 from mmm.config import ComponentConfig, ConfigError, PretrainConfig, TaskConfig
-from mmm.data.stream import list_shards
+from mmm.data.stream import list_shards, local_path
 from mmm.data.tar import ReadOptions
 from mmm.model import check_head_selection, head_name
 from mmm.modalities.base import Modality
@@ -67,7 +67,7 @@ def resolve_val_shards(task: TaskConfig) -> Optional[List[str]]:
     where = f"task {task.name!r}" if task.name else "data"
     if task.val != SAME_AS_TRAIN:
         return resolve_shards(task.val, task.dataset, "val")
-    if task.train != "embedded" and not Path(task.train).expanduser().is_dir():
+    if task.train != "embedded" and not Path(local_path(task.train)).expanduser().is_dir():
         raise ConfigError(f"{where}: val is 'same' (the val split of train), but train {task.train!r} is not a shard "
                           f"folder; set val to the validation shards (a folder, a pattern) or null")
     try:

@@ -375,6 +375,7 @@ def test_check_and_stats_read_the_dataset_the_manifest_names(tmp_path: Path) -> 
     report = check_shards(tmp_path / "dna")
     assert report.ok and report.dataset == "dna", report.to_text()
     assert check_shards(tmp_path / "dna" / "train-000000.tar").dataset == "dna"  # a file: its folder's manifest
+    assert check_shards(f"file:{tmp_path / 'dna'}").dataset == "dna"
     with pytest.raises(ValueError, match=r"dataset 'text' given, but .*manifest.json says these are 'dna' shards"):
         check_shards(tmp_path / "dna", dataset="text")
     with pytest.raises(ValueError, match="dataset 'dna' has fields"):  # stats count text: a clear refusal

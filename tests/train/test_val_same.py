@@ -32,6 +32,7 @@ def test_same_is_the_default_and_reads_the_training_folders_val_split(tmp_path: 
     assert resolve_val_shards(lonely) is None and "no val-*.tar shards in the training folder" in caplog.text
     assert scoring_val_shards(lonely) == resolve_shards("embedded", "text", "val")  # scoring falls back, named
     assert resolve_val_shards(TaskConfig(name="t", train=str(tmp_path / "shards"), val=None)) is None
+    assert resolve_val_shards(TaskConfig(name="t", train=f"file:{tmp_path / 'shards'}")) == [str(val)]  # a url
 
 
 def test_same_with_a_training_pattern_is_refused(tmp_path: Path):
