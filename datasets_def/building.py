@@ -98,9 +98,13 @@ def stable_split(val_fraction: float, seed: int, *parts: Any) -> str:
     """
     if val_fraction <= 0.0:
         return "train"
+    return "val" if _stable_hash(seed, *parts) / 2.0**64 < val_fraction else "train"
+
+
+def _stable_hash(seed: int, *parts: Any) -> int:
+    """A 64-bit hash of ``(seed, *parts)``, the same on every machine and run (unlike Python's ``hash``)."""
     text = "\0".join(str(p) for p in (seed, *parts))
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
 
 def hash_order(items: List[Any], seed: int, key: Callable[[Any], str]) -> List[Any]:
@@ -111,10 +115,7 @@ def hash_order(items: List[Any], seed: int, key: Callable[[Any], str]) -> List[A
     normalisation statistics and k-means codebooks (``target_clips``, ``stats_clips``, ``codebook_images``), are a
     sample of the whole set, as HuBERT's k-means subset is, not its first classes.
     """
-    def rank(item: Any) -> bytes:
-        return hashlib.blake2b(f"{seed}\0{key(item)}".encode("utf-8"), digest_size=8).digest()
-
-    return sorted(items, key=rank)
+    return sorted(items, key=lambda item: _stable_hash(seed, key(item)))
 
 
 # --------------------------------------------------------------------------------------------

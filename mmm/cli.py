@@ -153,9 +153,8 @@ def _cmd_demo(ns: argparse.Namespace, rest: List[str]) -> int:
     if "vl" in m:
         tr, un = m["vl"]["scores"]["trained"], m["vl"]["scores"]["untrained"]
         r, ru = tr["retrieval"], un["retrieval"]
-        share = tr.get("itm_matching_share")
-        itm = ("no itm head" if share is None else f"ITM accuracy {tr['itm_accuracy']:.3f} vs {un['itm_accuracy']:.3f} "
-               f"(majority label {max(share, 1 - share):.3f})")
+        itm = ("no itm head" if tr.get("itm_chance") is None else f"ITM accuracy {tr['itm_accuracy']:.3f} vs "
+               f"{un['itm_accuracy']:.3f} (majority label {tr['itm_chance']:.3f})")
         print(f"vl: text->image R@1 trained {r['t2i']['1']:.3f} vs untrained {ru['t2i']['1']:.3f} (chance "
               f"{r['t2i_chance']['1']:.3f}); {itm}")
     print(f"report: {out / 'report.md'}")

@@ -60,8 +60,8 @@ class VLScore:
         return None if p is None else max(p, 1.0 - p)
 
     def as_dict(self) -> Dict[str, object]:
-        """Plain data (nested dicts), for ``metrics.json``."""
-        return asdict(self)
+        """Plain data (nested dicts), for ``metrics.json``, with :attr:`itm_chance`."""
+        return {**asdict(self), "itm_chance": self.itm_chance}
 
 
 def itc_task(cfg):

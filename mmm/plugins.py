@@ -65,9 +65,14 @@ def _module_of_file(path: Path) -> str:
     return name
 
 
+def _names_a_file(spec: str) -> bool:
+    """Whether a plug-in spec is a path to a ``.py`` file (else a module name, or an entry point's ``module:attr``)."""
+    return spec.endswith(".py") or os.sep in spec
+
+
 def _source_file(spec: str) -> Optional[Path]:
     """The file a plug-in spec names or resolves to (None: not found as a file, e.g. a namespace package)."""
-    if spec.endswith(".py") or os.sep in spec:
+    if _names_a_file(spec):
         return Path(spec).expanduser().resolve()
     try:
         found = importlib.util.find_spec(spec.split(":")[0])
@@ -77,7 +82,7 @@ def _source_file(spec: str) -> Optional[Path]:
 
 
 def _import(spec: str) -> None:
-    if spec.endswith(".py") or os.sep in spec:
+    if _names_a_file(spec):
         path = Path(spec).expanduser().resolve()
         if not path.is_file():
             raise FileNotFoundError(f"no such file {path}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from mmm.data.stream import ShardSpec, list_shards, local_path
+from mmm.data.stream import ShardSpec, is_remote, list_shards, local_path
 from mmm.data.tar import (DEFAULT_MAX_MEMBER_BYTES, DEFAULT_READ_TIMEOUT_S, MemberTooLarge, ShardReadError,  # noqa: F401
                           ShardTimeout, guarded_tarfile_to_samples, iter_members, split_member_name)
 
@@ -47,7 +47,7 @@ def _manifest_near(path: ShardSpec) -> Optional[Path]:
     if not isinstance(path, (str, Path)):
         return None
     spec = local_path(str(path))
-    if "://" in spec or spec.startswith("pipe:"):
+    if is_remote(spec):
         return None
     p = Path(spec).expanduser()
     folder = p if p.is_dir() else p.parent

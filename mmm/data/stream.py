@@ -35,7 +35,8 @@ samples would have to be bad."""
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://")
 
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
+    """Whether ``url`` is read through a command or a network protocol (``pipe:``, ``http(s)://``, ...), not a path."""
     return url.startswith(_REMOTE_PREFIXES) or "://" in url
 
 
@@ -54,7 +55,7 @@ def local_path(spec: str) -> str:
 def _expand_one(spec: str, split: Optional[str]) -> List[str]:
     """Expand one directory / brace pattern / glob / file into shard paths (sorted for dirs and globs)."""
     spec = local_path(spec)
-    if _is_remote(spec):
+    if is_remote(spec):
         return list(braceexpand.braceexpand(spec))
     path = Path(spec).expanduser()
     if path.is_dir():

@@ -112,8 +112,7 @@ def _values(r: Dict, itm: Optional[float]) -> List[Optional[float]]:
 
 def _itm_chance(score: Dict) -> str:
     """The majority label's share of the scored ITM pairs (what always answering it scores), or n/a without ITM."""
-    p = score.get("itm_matching_share")
-    return "n/a" if p is None else f"{max(p, 1 - p):.3f}"
+    return "n/a" if score.get("itm_chance") is None else f"{score['itm_chance']:.3f}"
 
 
 def _itm_setting(score: Dict) -> str:

@@ -52,6 +52,16 @@ class Split:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def skip(self, reasons: Dict[int, str]) -> "Split":
+        """Move the inputs at the indices of ``reasons`` (index → why) to ``skipped``, keeping the others in order."""
+        if reasons:
+            self.skipped += [(self.where[i], why) for i, why in sorted(reasons.items())]
+            keep = [i for i in range(len(self.inputs)) if i not in reasons]
+            self.inputs = [self.inputs[i] for i in keep]
+            self.labels = [self.labels[i] for i in keep]
+            self.where = [self.where[i] for i in keep]
+        return self
+
 
 # ----------------------------------------------------------------------------- tables
 
@@ -501,15 +511,6 @@ def skip_invalid_dna(split: Split) -> Split:
     error names the input and the character)."""
     from mmm.modalities.dna.tokenizer import find_invalid_base
 
-    keep = []
-    for i, raw in enumerate(split.inputs):
-        bad = find_invalid_base(raw) if isinstance(raw, str) else None
-        if bad is None:
-            keep.append(i)
-        else:
-            split.skipped.append((split.where[i], f"invalid DNA character {bad[1]!r} at position {bad[0]}"))
-    if len(keep) < len(split.inputs):
-        split.inputs = [split.inputs[i] for i in keep]
-        split.labels = [split.labels[i] for i in keep]
-        split.where = [split.where[i] for i in keep]
-    return split
+    found = {i: find_invalid_base(raw) for i, raw in enumerate(split.inputs) if isinstance(raw, str)}
+    return split.skip({i: f"invalid DNA character {bad[1]!r} at position {bad[0]}"
+                       for i, bad in found.items() if bad is not None})

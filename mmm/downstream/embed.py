@@ -74,19 +74,12 @@ def embed(source: PathLike, inputs: PathLike, out: PathLike, modality: str, *, p
     adapter = load_adapter(str(source), modality, timm_model=timm_model)
     adapter.check_pooling(pooling)
     data = read_inputs(inputs, modality, split, text_column, skip_bad=skip_bad)
+    refused: Optional[List[Tuple[int, str, str]]] = [] if skip_bad else None
+    feats = adapter.features(data.inputs, pooling, batch_size=batch_size, where=data.where, skipped=refused)
+    data.skip({i: reason for i, _, reason in refused or ()})  # decoded, but the encoder's preprocessing refused them
     if not data.inputs:
         raise ValueError(f"{inputs}: every input was bad and skipped ({len(data.skipped)}), e.g. "
                          f"{data.skipped[:1]}; nothing to embed")
-    refused: Optional[List[Tuple[int, str, str]]] = [] if skip_bad else None
-    feats = adapter.features(data.inputs, pooling, batch_size=batch_size, where=data.where, skipped=refused)
-    if refused:  # inputs that decoded but the encoder's preprocessing refused (e.g. an audio rate far off the model's)
-        gone = {i for i, _, _ in refused}
-        data.where = [w for i, w in enumerate(data.where) if i not in gone]
-        data.labels = [x for i, x in enumerate(data.labels) if i not in gone]
-        data.skipped += [(w, reason) for _, w, reason in refused]
-        if not data.where:
-            raise ValueError(f"{inputs}: every input was bad and skipped ({len(data.skipped)}), e.g. "
-                             f"{data.skipped[:1]}; nothing to embed")
     labels, unlabelled = label_array(data.labels)
     info: Dict[str, Any] = {"source": str(source), "inputs": str(inputs), "modality": modality, "pooling": pooling,
                             "samples": int(feats.shape[0]), "dim": int(feats.shape[1]),

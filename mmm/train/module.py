@@ -221,10 +221,10 @@ class MaskedModelingModule(L.LightningModule):
         if missing and not self._itm_shortfall_warned:
             self._itm_shortfall_warned = True
             log.warning("ITM%s: %d of %d pair(s) drawn as negatives stayed positive at step %d: every other caption "
-                           "of the batch describes their image (identical captions, or a batch of one), so the itm "
-                           "head sees fewer negatives than model.image_text.itm_negatives asks for; logged as %s",
-                           f" (task {batch.task!r})" if batch.task else "", missing, len(batch.extras.get("keys", ())),
-                           self.global_step, key)
+                        "of the batch describes their image (identical captions, or a batch of one), so the itm "
+                        "head sees fewer negatives than model.image_text.itm_negatives asks for; logged as %s",
+                        f" (task {batch.task!r})" if batch.task else "", missing, len(batch.extras.get("keys", ())),
+                        self.global_step, key)
 
     @property
     def nonfinite_skipped(self) -> int:
