@@ -185,7 +185,7 @@ def _score_model(checkpoint: Path, label: str, modality: str, random_init: bool,
     """
     from mmm.downstream.data import Labels, encode_labels
     from mmm.downstream.finetune import FinetuneConfig, finetune
-    from mmm.downstream.inputs import InputAdapter, load_adapter
+    from mmm.downstream.inputs import load_adapter, make_adapter
     from mmm.downstream.knn import knn_probe
     from mmm.downstream.metrics import mean_std
     from mmm.probe import linear_probe
@@ -198,7 +198,7 @@ def _score_model(checkpoint: Path, label: str, modality: str, random_init: bool,
     for seed in range(sizes.seeds):
         source: Any = random_init_factory(checkpoint, modality, seed) if random_init else checkpoint
         if random_init or feats is None:  # a pretrained encoder's features are the same for every seed
-            adapter = InputAdapter(source(), modality, label) if callable(source) else load_adapter(str(source), modality)
+            adapter = make_adapter(source(), modality, label) if callable(source) else load_adapter(str(source), modality)
             feats = (adapter.features(train.inputs, "mean", where=train.where),
                      adapter.features(test.inputs, "mean", where=test.where))
             pooling = "cls" if adapter.has_cls else "mean"

@@ -327,12 +327,12 @@ def score_encoder(source: Any, label: str, modality: str, splits: Tuple[Any, Any
     """
     from mmm.downstream.data import Labels, encode_labels
     from mmm.downstream.finetune import FinetuneConfig, finetune
-    from mmm.downstream.inputs import InputAdapter, load_adapter
+    from mmm.downstream.inputs import load_adapter, make_adapter
     from mmm.downstream.knn import knn_probe
     from mmm.probe import linear_probe
 
     train, dev, test = splits
-    adapter = InputAdapter(source(), modality, label) if callable(source) else load_adapter(str(source), modality)
+    adapter = make_adapter(source(), modality, label) if callable(source) else load_adapter(str(source), modality)
     labels = Labels.fit(train, "classification")
     ytr, yte = (np.asarray(encode_labels(s, labels)) for s in (train, test))
     xtr = adapter.features(train.inputs, "mean", where=train.where)

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tu
 import numpy as np
 
 from mmm.data.tar import ReadOptions
-from mmm.modalities.audio.frontend import MAX_RESAMPLE_RATIO  # the default threshold: training refuses the same
+from mmm.modalities.audio.frontend import AUDIO_SUFFIXES, MAX_RESAMPLE_RATIO  # the default threshold: training refuses the same
 from mmm.registry import DATASETS
 from datasets_def.building import (BuildReport, SPLITS, ShardWriters, build_args, cached_build, check_build_args, find_inputs,
                                    finish_build, has_suffix, ignored_manifest, log_ignored, prepare_output,
@@ -49,7 +49,6 @@ from datasets_def.skipper import BadInputSkipper
 logger = logging.getLogger("mmm.data")
 
 EMBEDDED_NAME = "audio-synthetic-v1"
-AUDIO_SUFFIXES = (".wav", ".flac")
 FLAC_MAX_CHANNELS = 8
 META_KEYS = ("source", "window", "start_s", "end_s", "sample_rate", "channels", "label", "label_name", "transcript")
 PathLike = Union[str, "os.PathLike[str]"]

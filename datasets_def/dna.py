@@ -43,7 +43,7 @@ from mmm.modalities.dna.tokenizer import base_codes, find_invalid_base
 from mmm.data.stream import list_shards
 from mmm.data.tar import ReadOptions
 from mmm.modalities.dna import codec as dna_codec
-from mmm.modalities.dna.codec import check_sample  # noqa: F401  (the dataset's sample check is the codec's)
+from mmm.modalities.dna.codec import FASTA_SUFFIXES, check_sample  # noqa: F401  (the dataset's sample check is the codec's)
 from mmm.registry import DATASETS
 from datasets_def.building import (BuildReport, DONE_MARKER, SPLITS, ShardWriters, build_args, cached_build, default_cache_dir,  # noqa: F401
                                    find_inputs, finish_build, ignored_manifest, log_ignored, prepare_output,
@@ -53,7 +53,6 @@ from datasets_def.skipper import BadInputSkipper
 logger = logging.getLogger("mmm.data")
 
 EMBEDDED_NAME = "dna-synthetic-motifs-v1"
-FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
 _MAX_LISTED = 100  # short records / unmatched label records listed by name in the manifest
 PathLike = Union[str, "os.PathLike[str]"]
 

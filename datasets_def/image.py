@@ -38,6 +38,7 @@ from mmm.modalities.image.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, de
 from mmm.data.jsonl import json_objects
 from mmm.data.tar import ReadOptions
 from mmm.data.utf8 import NotUTF8, decode_utf8
+from mmm.modalities.image.decode import IMAGE_SUFFIXES  # noqa: F401  (re-exported for image_text)
 from mmm.registry import DATASETS
 from datasets_def.building import (BuildReport, MANIFEST, SPLITS, ShardWriters, build_args, cached_build, check_build_args, find_inputs,  # noqa: F401
                                    finish_build, ignored_manifest, log_ignored, prepare_output, read_split,
@@ -47,7 +48,6 @@ from datasets_def.skipper import BadInputSkipper
 logger = logging.getLogger("mmm.data")
 
 IMAGE_FIELDS = ("jpg", "png", "webp")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 EMBEDDED_SHAPES = "image-shapes-v1"
 EMBEDDED_DIGITS = "image-digits-v1"
 PathLike = Union[str, "os.PathLike[str]"]

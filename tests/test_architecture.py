@@ -168,3 +168,17 @@ def test_every_module_imports_as_the_first_one() -> None:
                          timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert not out.stdout.strip(), f"modules that fail when imported first:\n{out.stdout}"
+
+
+def test_downstream_code_never_branches_on_a_modality_name() -> None:
+    """``mmm/downstream/`` reads every modality through its ``Modality.downstream_inputs`` adapter, so a plug-in
+    modality is served like a built-in one: no comparison with a built-in modality's name may creep back in
+    (it used to hold one branch per modality: ``if modality == "image": ...``)."""
+    names = {"text", "dna", "image", "audio", "image_text", "regions"}
+    found = []
+    for path in sorted((ROOT / "mmm" / "downstream").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                consts = [n for n in ast.walk(node) if isinstance(n, ast.Constant) and n.value in names]
+                found += [f"{path.name}:{n.lineno}: {n.value!r}" for n in consts]
+    assert not found, found

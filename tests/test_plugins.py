@@ -107,3 +107,47 @@ def test_a_plugin_file_is_imported_under_a_name_no_other_module_has(tmp_path: Pa
     twice = _mmm("--plugin", "tests/test_toy_modality.py", "--plugin", "tests.test_toy_modality", "list", "modality",
                  env={"PYTHONPATH": str(REPO)})
     assert twice.returncode == 0 and "toy" in twice.stdout, twice.stderr[-2000:]
+
+
+def test_a_plugin_modality_is_embedded_and_fine_tuned_through_the_cli(toy_run, tmp_path: Path):
+    """``mmm embed`` and ``mmm finetune`` read a plug-in's inputs through its ``Modality.downstream_inputs`` (they
+    knew only text, DNA, image and audio); without the plug-in the modality is named with the way to load it."""
+    import numpy as np
+
+    import mmm
+    from test_toy_modality import digit_ids
+
+    config, _ = toy_run
+    assert _mmm("pretrain", "--config", str(config), "--plugin", str(TOY)).returncode == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    lines = tmp_path / "embed_in" / "digits.txt"
+    lines.parent.mkdir()
+    lines.write_text("123\n\n4567\n" + "9" * 20 + "\n", encoding="utf-8")  # a blank line; one longer than max_len 12
+    refused = _mmm("embed", str(ckpt), str(lines.parent), str(tmp_path / "emb"), "--modality", "toy")
+    assert refused.returncode == 2
+    assert "unknown modality 'toy'; supported: ['audio', 'dna', 'image', 'text']" in refused.stderr
+    assert "mmm --plugin MODULE" in refused.stderr
+    no_inputs = _mmm("embed", str(ckpt), str(lines.parent), str(tmp_path / "emb"), "--modality", "image_text")
+    assert no_inputs.returncode == 2 and "modality 'image_text' reads no downstream inputs" in no_inputs.stderr
+    done = _mmm("--plugin", str(TOY), "embed", str(ckpt), str(lines.parent), str(tmp_path / "emb"), "--modality", "toy")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "embedded 3 input(s) → 32-d mean-pooled features (1 cut to the encoder length)" in done.stdout
+    assert (tmp_path / "emb" / "keys.txt").read_text().split() == ["digits.txt:row1", "digits.txt:row3",
+                                                                   "digits.txt:row4"]
+    feats = np.load(tmp_path / "emb" / "features.npy")
+    enc = mmm.load_encoder(ckpt, modality="toy")
+    with torch.no_grad():  # the mean of the encoder's hidden states of each string, cut to 12 digits
+        want = [enc(torch.from_numpy(digit_ids(s, "x")[:12])[None])[0].mean(0) for s in ("123", "4567", "9" * 20)]
+    np.testing.assert_allclose(feats, torch.stack(want).numpy(), atol=1e-5, rtol=1e-5)
+
+    rows = ["digits,label"] + [f"{'13579'[i % 5] * (3 + i % 4)},odd" if i % 2 else f"{'2468'[i % 4] * 4},even"
+                               for i in range(24)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (tmp_path / "dev.csv").write_text("\n".join(rows[:9]) + "\n", encoding="utf-8")
+    tuned = _mmm("finetune", str(ckpt), "--modality", "toy", "--train", str(tmp_path / "train.csv"), "--dev",
+                 str(tmp_path / "dev.csv"), "--seeds", "1", "--epochs", "1", "--batch_size", "8", "--json",
+                 env={"MMM_PLUGINS": str(TOY)})
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert "toy fine-tuning, 1 seed(s): dev accuracy" in tuned.stdout, tuned.stdout[-2000:]
+    result = json.loads(tuned.stdout[tuned.stdout.index("{"):])
+    assert result["config"]["pooling"] == "mean" and result["data"]["sizes"] == {"train": 24, "dev": 8}

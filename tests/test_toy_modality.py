@@ -1,9 +1,10 @@
 """A brand-new modality defined entirely in this file, trained and loaded through the public API.
 
 "toy" samples are strings of decimal digits (shard field ``digits``). Everything a modality
-brings is here -- codec, embedder, masker, config section, standalone encoder, dataset definition
-with a shard builder, registration -- and nothing under ``mmm/`` names it: the run builder, the
-config loader, checkpoints and :func:`mmm.load_encoder` find it through the registries.
+brings is here -- codec, embedder, masker, config section, standalone encoder, downstream inputs,
+dataset definition with a shard builder, registration -- and nothing under ``mmm/`` names it: the run
+builder, the config loader, checkpoints, :func:`mmm.load_encoder`, ``mmm embed`` and ``mmm finetune``
+find it through the registries.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from mmm.config import (ComponentConfig, ConfigError, EncoderConfig, ModelConfig
 from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
 from mmm.data.epoch import SeededMap
+from mmm.downstream.inputs import TokenIdInputs
 from mmm.masking.base import MaskedTokens
 from mmm.modalities.base import Modality
 from mmm.registry import DATASETS, EMBEDDERS, MASKERS, MODALITIES
@@ -37,16 +39,20 @@ VOCAB = FIRST_DIGIT + 10
 # ----------------------------------------------------------------------------- codec
 
 
+def digit_ids(text: str, where: str) -> np.ndarray:
+    """Token ids of a string of ASCII decimal digits; ValueError names ``where``."""
+    if not text or not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{where}: 'digits' must be non-empty decimal digits, got {text[:20]!r}")
+    return np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.int64) - ord("0") + FIRST_DIGIT
+
+
 def decode_digits(sample: Dict[str, Any]) -> np.ndarray:
     """Token ids of one shard sample (``digits``: ASCII decimal digits); ValueError names the key."""
     key = sample.get("__key__", "?")
     raw = sample.get("digits")
     if raw is None:
         raise ValueError(f"sample {key}: no 'digits' field")
-    text = bytes(raw).decode("ascii", errors="replace")
-    if not text or not text.isdigit():
-        raise ValueError(f"sample {key}: 'digits' must be non-empty decimal digits, got {text[:20]!r}")
-    return np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.int64) - ord("0") + FIRST_DIGIT
+    return digit_ids(bytes(raw).decode("ascii", errors="replace"), f"sample {key}")
 
 
 def check_digits(sample: Dict[str, Any]) -> Optional[str]:
@@ -94,6 +100,7 @@ class ToyEncoder(nn.Module):
     def __init__(self, config: ToyEncoderConfig) -> None:
         super().__init__()
         self.config = config
+        self.hidden_size = config.encoder.dim
         self.embedder = ToyEmbedder(config.encoder.dim, config.max_len)
         self.encoder = TransformerEncoder(config.encoder)
 
@@ -120,6 +127,35 @@ class ToyMasker:
         corrupted = ids.copy()
         corrupted[positions] = MASK
         return MaskedTokens(corrupted, positions, ids[positions])
+
+
+# ----------------------------------------------------------------------------- downstream inputs
+
+
+class ToyInputs(TokenIdInputs):
+    """Digit strings (a ``.txt`` line, a table cell, a shard sample) → packed ids → mean-pooled features."""
+
+    modality = "toy"
+    default_pooling = "mean"  # no [CLS] token
+    default_column = "digits"
+    file_suffixes = (".txt",)
+
+    def __init__(self, encoder: nn.Module, source: str = "") -> None:
+        super().__init__(encoder, source)
+        self.max_len = encoder.config.max_len
+
+    def prepare(self, raw: Any, where: str = "") -> np.ndarray:
+        return self.cut(digit_ids(raw if isinstance(raw, str) else "", where), keep_last=False)
+
+    @classmethod
+    def decode_sample(cls, sample: Dict[str, Any]):
+        return bytes(sample.get("digits", b"")).decode("ascii", errors="replace"), None
+
+    @classmethod
+    def read_file(cls, path: Path, rel: str, skip_bad: bool):
+        from mmm.downstream.data import read_lines
+
+        return read_lines(path, rel)
 
 
 # ----------------------------------------------------------------------------- modality
@@ -149,6 +185,10 @@ class ToyModality(Modality):
     config_class = ToyConfig
     config_help = "toy digit strings"
     masks = ("toy",)
+
+    @classmethod
+    def downstream_inputs(cls) -> type:
+        return ToyInputs
 
     def build_embedder(self, encoder_cfg: EncoderConfig) -> nn.Module:
         return EMBEDDERS.create("toy", dim=encoder_cfg.dim, max_len=self.model_cfg.toy.max_len)

@@ -2,6 +2,7 @@
 ``mmm finetune`` and the embedded downstream tasks behind ``mmm bench --suite downstream``.
 
 One concern per module: :mod:`.metrics` (GLUE-convention scores), :mod:`.knn` (cosine kNN on
-frozen features), :mod:`.inputs` (raw input → encoder batch → pooled features, per modality),
+frozen features), :mod:`.inputs` (raw input → encoder batch → pooled features: the ``InputAdapter`` each
+modality gives through ``Modality.downstream_inputs``, its own in ``mmm/modalities/<name>/downstream.py``),
 :mod:`.data` (labelled files and shards, checked), :mod:`.embed`, :mod:`.finetune`, :mod:`.tasks`.
 """

@@ -1,6 +1,6 @@
 """The ``mmm embed`` and ``mmm finetune`` subcommands (parsers and handlers), added by :mod:`mmm.cli`.
 
-    mmm embed SOURCE INPUT OUT --modality text|dna|image|audio [--pooling cls|mean] [--split val]
+    mmm embed SOURCE INPUT OUT --modality text|dna|image|audio|<plug-in> [--pooling cls|mean] [--split val]
     mmm finetune SOURCE --modality text --train train.tsv --dev dev.tsv [--test test.tsv]
                  --text_column sentence [--text_pair_column s2] --label_column label
                  [--task_type classification|regression] [--metric accuracy|f1|matthews|pearson|spearman]
@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 from typing import Any, List
 
-MODALITY_CHOICES = ["text", "dna", "image", "audio"]
+MODALITY_HELP = ("text, dna, image, audio, or a plug-in modality with downstream inputs (mmm --plugin MODULE; "
+                 "mmm list)")
 TASK_NAMES = ["stdlib-package", "docstring-signature", "digits", "shapes", "dna-motifs", "audio-sounds"]
 """The embedded tasks of :data:`benchmarks.downstream.TASKS` (a test checks they agree)."""
 
@@ -31,6 +32,9 @@ def _unexpected(cmd: str, rest: List[str]) -> None:
 def cmd_embed(ns: argparse.Namespace, rest: List[str]) -> int:
     _unexpected("embed", rest)
     from mmm.downstream.embed import embed
+    from mmm.downstream.inputs import adapter_class
+
+    adapter_class(ns.modality)  # an unknown modality is named before anything is read
 
     info = embed(ns.source, ns.input, ns.out, ns.modality, pooling=ns.pooling, batch_size=ns.batch_size,
                  split=ns.split, text_column=ns.text_column, timm_model=ns.timm_model, skip_bad=ns.skip_bad)
@@ -51,6 +55,8 @@ def cmd_finetune(ns: argparse.Namespace, rest: List[str]) -> int:
     from mmm.downstream.data import load_split
     from mmm.downstream.finetune import FinetuneConfig, finetune
 
+    from mmm.downstream.inputs import adapter_class
+
     modality = ns.modality or "text"
     if ns.task is not None:
         from benchmarks.downstream import SIZES, TASKS
@@ -66,7 +72,8 @@ def cmd_finetune(ns: argparse.Namespace, rest: List[str]) -> int:
         raise ConfigError("mmm finetune: give either --data (a shard folder with train and val splits) or --train and --dev")
     elif ns.data is None and not (ns.train and ns.dev):
         raise ConfigError("mmm finetune: --train and --dev are required (or --data SHARDS with train and val splits)")
-    text_col = ns.text_column or ("sequence" if modality == "dna" else None)
+    reader = adapter_class(modality)  # an unknown modality is named before anything is read
+    text_col = ns.text_column or reader.default_column
     columns = [c for c in (text_col, ns.text_pair_column) if c]
     if ns.text_pair_column and not text_col:
         raise ConfigError("mmm finetune: --text_pair_column needs --text_column")
@@ -85,7 +92,7 @@ def cmd_finetune(ns: argparse.Namespace, rest: List[str]) -> int:
     if skipped:
         first = next(s.skipped[0] for s in (train, dev, test) if s is not None and s.skipped)
         print(f"skipped {skipped} bad row(s) (--skip_bad), e.g. {first[0]}: {first[1]}")
-    pooling = ns.pooling or ("mean" if modality == "audio" else "cls")
+    pooling = ns.pooling or reader.default_pooling
     cfg = FinetuneConfig(task_type=ns.task_type, metric=ns.metric, pooling=pooling, lr=ns.lr,
                          weight_decay=ns.weight_decay, batch_size=ns.batch_size, epochs=ns.epochs,
                          max_steps=ns.max_steps, warmup=ns.warmup, eval_every=ns.eval_every, patience=ns.patience,
@@ -111,7 +118,7 @@ def add_commands(sub: Any) -> None:
     e.add_argument("input", help="shards (folder of .tar or one .tar) or a folder/file of raw inputs "
                                  "(.txt lines, FASTA, images, wav/flac; tables with --text_column)")
     e.add_argument("out", help="output folder (features.npy, keys.txt, embed.json) or a .safetensors file")
-    e.add_argument("--modality", required=True, choices=MODALITY_CHOICES)
+    e.add_argument("--modality", required=True, help=MODALITY_HELP)
     e.add_argument("--pooling", default="mean", choices=["cls", "mean"], help="[CLS] token or mean of tokens (default mean)")
     e.add_argument("--split", default=None, choices=["train", "val"], help="shards: only this split")
     e.add_argument("--text_column", default=None, help="table inputs: the column to embed")
@@ -123,7 +130,7 @@ def add_commands(sub: Any) -> None:
 
     f = sub.add_parser("finetune", help="fine-tune an encoder with a classification/regression head over several seeds")
     f.add_argument("source", help="mmm checkpoint (.ckpt), save_encoder folder, HF BERT folder or timm ViT file")
-    f.add_argument("--modality", default=None, choices=MODALITY_CHOICES, help="default text (or the --task's)")
+    f.add_argument("--modality", default=None, help=MODALITY_HELP + "; default text (or the --task's)")
     f.add_argument("--task", default=None, choices=TASK_NAMES, help="an embedded task (built locally, no download): "
                    "stdlib-package, docstring-signature (text, real; a sentence-pair task), digits (image, real), shapes, dna-motifs, audio-sounds (synthetic)")
     f.add_argument("--quick", action="store_true", help="with --task: a small version of the task (smoke runs)")

@@ -22,9 +22,6 @@ from mmm.data.utf8 import NotUTF8, decode_utf8
 
 PathLike = Union[str, Path]
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
-FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")  # also gzipped (.fa.gz), as the DNA shard builder reads them
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
-AUDIO_SUFFIXES = (".wav", ".flac")
 
 
 class DownstreamDataError(ValueError):
@@ -305,47 +302,22 @@ def encode_labels(split: Split, labels: Labels) -> List[Union[int, float]]:
 # ----------------------------------------------------------------------------- shards
 
 
-def _decode_shard_sample(sample: Dict[str, Any], modality: str) -> Tuple[Any, Optional[int]]:
-    """(raw input, label or None) of a raw tar sample."""
-    if modality == "image":
-        from mmm.modalities.image.pipeline import ImageSettings, read_image_sample
-
-        img, meta = read_image_sample(sample, ImageSettings(image_size=32, patch_size=4, cls_token=False,
-                                                            drop_masked=False, min_size=1))
-        return img, meta.get("label")
-    if modality == "audio":
-        from mmm.modalities.audio.pipeline import read_audio_sample
-
-        wav, sr, meta = read_audio_sample(sample)
-        return (wav, sr), meta.get("label")
-    if modality == "dna":
-        from mmm.modalities.dna.pipeline import read_dna_sample
-
-        w = read_dna_sample(sample)
-        return w.seq, (None if w.label < 0 else w.label)
-    if modality == "text":
-        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-        if "txt" not in sample:
-            raise DownstreamDataError(f"{where}: no 'txt' field")
-        meta = json.loads(bytes(sample["json"]).decode("utf-8")) if "json" in sample else {}
-        return bytes(sample["txt"]).decode("utf-8"), meta.get("label")
-    raise ValueError(f"unknown modality {modality!r}")
-
-
 def read_shards(path: PathLike, modality: str, split: Optional[str] = None, *, labelled: bool = True,
                 max_samples: Optional[int] = None, skip_bad: bool = False) -> Split:
     """Samples of WebDataset shards in shard order.
 
     Args:
         path: a shard folder, a ``.tar`` file or pattern (:func:`mmm.data.stream.list_shards`).
-        modality: how to decode a sample: ``image``, ``audio``, ``dna`` or ``text``.
+        modality: decodes a sample (its :meth:`InputAdapter.decode_sample <mmm.downstream.inputs.InputAdapter.decode_sample>`).
         split: ``train`` / ``val`` shards only (None: all).
         labelled: every sample must carry a json ``label`` (an integer); else an error naming it.
         max_samples: stop after this many.
         skip_bad: skip undecodable or unlabelled samples (counted in ``skipped``).
     """
     from mmm.data.stream import list_shards, make_pipeline
+    from mmm.downstream.inputs import adapter_class
 
+    decode = adapter_class(modality).decode_sample
     urls = list_shards(str(path), split)
     out = Split(str(path), [], [], [])
     errors: List[Exception] = []
@@ -360,7 +332,7 @@ def read_shards(path: PathLike, modality: str, split: Optional[str] = None, *, l
     for sample in make_pipeline(urls, stages=[], shuffle_shards=False, shuffle_buffer=0, handler=handler):
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         try:
-            raw, label = _decode_shard_sample(sample, modality)
+            raw, label = decode(sample)
             if labelled and (label is None or isinstance(label, bool) or not isinstance(label, int) or label < 0):
                 raise DownstreamDataError(f"{where}: json field 'label' is {label!r}; a labelled task needs a "
                                           "non-negative integer (build shards with --labels)")
@@ -382,91 +354,98 @@ def read_shards(path: PathLike, modality: str, split: Optional[str] = None, *, l
     return out
 
 
-# ----------------------------------------------------------------------------- raw inputs for embed
+# ----------------------------------------------------------------------------- raw files for embed
+
+
+def read_lines(path: Path, rel: str) -> Split:
+    """One input per non-empty line of a UTF-8 text file (stripped), keyed ``rel:row<n>``."""
+    out = Split(str(path), [], [], [])
+    for n, line in enumerate(read_text(path).split("\n"), start=1):
+        if line.strip():
+            out.inputs.append(line.strip())
+            out.where.append(f"{rel}:row{n}")
+    out.labels = [None] * len(out.inputs)
+    return out
+
+
+def read_fasta(path: Path, rel: str, skip_bad: bool) -> Split:
+    """One upper-cased sequence per record of a FASTA file (gzipped too), keyed ``rel:<record name>``; a record
+    without a sequence is an error naming it, or skipped and listed with ``skip_bad``."""
+    out = Split(str(path), [], [], [])
+    name, seq = None, []
+    lines = read_text(path).split("\n")
+    for n, line in enumerate(lines + [">"], start=1):
+        if line.startswith(">"):
+            if name is not None:
+                if seq:
+                    out.inputs.append("".join(seq).upper())
+                    out.where.append(f"{rel}:{name}")
+                elif skip_bad:
+                    out.skipped.append((f"{rel}:{name}", "the record has no sequence"))
+                else:
+                    raise DownstreamDataError(f"{path}: record {name!r} has no sequence (pass --skip_bad to "
+                                              f"skip such records, counted)")
+            if n <= len(lines) and not line[1:].strip():  # (n = len(lines) + 1: the closing sentinel)
+                raise DownstreamDataError(f"{path}: line {n}: a '>' header without a record name")
+            name, seq = line[1:].split()[0] if line[1:].strip() else None, []
+        elif line.strip():
+            if name is None:
+                raise DownstreamDataError(f"{path}: line {n}: sequence line before the first '>' header")
+            seq.append(line.strip())
+    out.labels = [None] * len(out.inputs)
+    return out
 
 
 def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str] = None,
                     skip_bad: bool = False) -> Split:
-    """Unlabelled raw inputs of a file or folder, keyed by relative path (and line / record).
+    """Unlabelled raw inputs of a file or folder (searched recursively), keyed by relative path (and line /
+    record): the files the modality reads (its adapter's ``file_suffixes`` and ``read_file``; e.g. ``.txt``
+    lines for text, FASTA records for DNA, image files, wav/flac) and, for a modality that reads table cells,
+    the ``text_column`` of ``.tsv``/``.csv``/``.jsonl`` tables.
 
-    * ``text``: ``.txt`` (one input per non-empty line) or a table with ``text_column``;
-    * ``dna``: FASTA (``.fa``/``.fasta``/``.fna``, one input per record), ``.txt`` (one sequence per
-      line) or a table with ``text_column`` (e.g. ``sequence``);
-    * ``image``: image files (folder searched recursively);
-    * ``audio``: ``.wav`` / ``.flac`` files.
-
-    Text and DNA tables found without ``text_column`` are an error naming them, not skipped. With
-    ``skip_bad``, a bad input (an empty table cell, an undecodable image or audio file, a FASTA record without
-    a sequence) is skipped and listed in ``skipped``; without it, it is an error naming it.
+    Tables found without ``text_column`` are an error naming them, not skipped. With ``skip_bad``, a bad input
+    (an empty table cell, an undecodable image or audio file, a FASTA record without a sequence) is skipped and
+    listed in ``skipped``; without it, it is an error naming it. Other files are not inputs and are ignored.
     """
+    from mmm.downstream.inputs import adapter_class
+
+    reader = adapter_class(modality)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     root = p.parent if p.is_file() else p
     tables = [f.relative_to(root).as_posix() for f in files if f.suffix.lower() in TABLE_SUFFIXES]
-    if modality in ("text", "dna") and tables and not text_column:  # never skip them silently
+    if reader.reads_tables and tables and not text_column:  # never skip them silently
         raise DownstreamDataError(f"{p}: {len(tables)} table file(s) {tables[:5]}{' ...' if len(tables) > 5 else ''} "
                                   "need --text_column COLUMN (the column to embed); pass it, or move the tables "
                                   "out of the input")
     out = Split(str(p), [], [], [])
     for f in files:
         rel = f.relative_to(root).as_posix()
-        suffix = f.suffix.lower()
-        if suffix == ".gz" and Path(f.name[:-3]).suffix.lower() in FASTA_SUFFIXES:  # genome.fa.gz, as the DNA
-            suffix = Path(f.name[:-3]).suffix.lower()                                # shard builder reads it
-        if (modality == "image" and suffix in IMAGE_SUFFIXES) or (modality == "audio" and suffix in AUDIO_SUFFIXES):
-            if modality == "image":
-                from mmm.modalities.image.decode import decode_image as decode
-            else:
-                from mmm.modalities.audio.frontend import decode_audio as decode
+        if reader.reads_tables and f.suffix.lower() in TABLE_SUFFIXES and text_column:
+            got = read_table(f, [text_column], None, skip_bad=skip_bad)
+            got.where = [f"{rel}:{w.rsplit(':', 1)[1].replace(' ', '')}" for w in got.where]
+        elif f.name.lower().endswith(reader.file_suffixes):
             try:
-                out.inputs.append(decode(f.read_bytes(), str(f)))
-            except ValueError as e:
+                got = reader.read_file(f, rel, skip_bad)
+            except ValueError as e:  # the whole file is unreadable (undecodable, not UTF-8, malformed)
                 if not skip_bad:
                     raise
                 out.skipped.append((rel, str(e)))
                 continue
-            out.where.append(rel)
-        elif modality in ("text", "dna") and suffix in TABLE_SUFFIXES and text_column:
-            t = read_table(f, [text_column], None, skip_bad=skip_bad)
-            out.inputs += t.inputs
-            out.where += [f"{rel}:{w.rsplit(':', 1)[1].replace(' ', '')}" for w in t.where]
-            out.skipped += t.skipped
-        elif modality == "dna" and suffix in FASTA_SUFFIXES:
-            name, seq = None, []
-            lines = read_text(f).split("\n")
-            for n, line in enumerate(lines + [">"], start=1):
-                if line.startswith(">"):
-                    if name is not None:
-                        if seq:
-                            out.inputs.append("".join(seq).upper())
-                            out.where.append(f"{rel}:{name}")
-                        elif skip_bad:
-                            out.skipped.append((f"{rel}:{name}", "the record has no sequence"))
-                        else:
-                            raise DownstreamDataError(f"{f}: record {name!r} has no sequence (pass --skip_bad to "
-                                                      f"skip such records, counted)")
-                    if n <= len(lines) and not line[1:].strip():  # (n = len(lines) + 1: the closing sentinel)
-                        raise DownstreamDataError(f"{f}: line {n}: a '>' header without a record name")
-                    name, seq = line[1:].split()[0] if line[1:].strip() else None, []
-                elif line.strip():
-                    if name is None:
-                        raise DownstreamDataError(f"{f}: line {n}: sequence line before the first '>' header")
-                    seq.append(line.strip())
-        elif modality in ("text", "dna") and suffix == ".txt":
-            for n, line in enumerate(read_text(f).split("\n"), start=1):
-                if line.strip():
-                    out.inputs.append(line.strip())
-                    out.where.append(f"{rel}:row{n}")
+        else:
+            continue
+        out.inputs += got.inputs
+        out.where += got.where
+        out.skipped += got.skipped
     out.labels = [None] * len(out.inputs)
-    if modality == "dna" and skip_bad:
-        skip_invalid_dna(out)
+    reader.check_inputs(out, skip_bad)
     if not out.inputs:
-        kinds = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES, "text": (".txt", *TABLE_SUFFIXES),
-                 "dna": (*FASTA_SUFFIXES, ".fa.gz", ".txt", *TABLE_SUFFIXES)}[modality]
-        hint = " (tables need --text_column)" if modality in ("text", "dna") and not text_column else ""
-        raise DownstreamDataError(f"{p}: no {modality} inputs found (looked for {list(kinds)}){hint}")
+        kinds = list(reader.file_suffixes) + (list(TABLE_SUFFIXES) if reader.reads_tables else [])
+        hint = " (tables need --text_column)" if reader.reads_tables and not text_column else ""
+        skipped = f" ({len(out.skipped)} skipped)" if out.skipped else ""
+        raise DownstreamDataError(f"{p}: no {modality} inputs found (looked for {kinds}){hint}{skipped}")
     return out
 
 
@@ -483,12 +462,16 @@ def load_split(path: PathLike, modality: str, *, shard_split: Optional[str] = No
 
     Args:
         path: the split's file or shard folder.
-        modality: the encoder's modality (shards are decoded by it; tables hold text or DNA).
+        modality: the encoder's modality (shards are decoded by it; tables are read for a modality whose inputs
+            are strings: text, DNA).
         shard_split: with a shard folder, only its ``train`` / ``val`` shards.
         columns: table input column(s); one, or two for a text pair.
         label_column: table label column.
         skip_bad: skip bad rows / samples, counted.
     """
+    from mmm.downstream.inputs import adapter_class
+
+    reader = adapter_class(modality)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
@@ -496,21 +479,9 @@ def load_split(path: PathLike, modality: str, *, shard_split: Optional[str] = No
         return read_shards(p, modality, shard_split, skip_bad=skip_bad)
     if p.is_dir():
         raise DownstreamDataError(f"{p} is a folder without .tar shards; pass shards or a .tsv/.csv/.jsonl file")
-    if modality not in ("text", "dna"):
+    if not reader.reads_tables:
         raise DownstreamDataError(f"{p}: {modality} fine-tuning reads labelled shards (mmm shards build ... --labels), "
                                   "not tables")
     if not columns:
         raise DownstreamDataError(f"{p}: name the input column (--text_column)")
-    out = read_table(p, columns, label_column, skip_bad=skip_bad)
-    return skip_invalid_dna(out) if modality == "dna" and skip_bad else out
-
-
-def skip_invalid_dna(split: Split) -> Split:
-    """Under ``skip_bad``: move DNA inputs with a character no DNA tokenizer reads (a gap ``-``, a space, ``U``)
-    from ``split`` to its ``skipped`` list, as the shard readers do (without ``skip_bad`` the tokenizer's
-    error names the input and the character)."""
-    from mmm.modalities.dna.tokenizer import find_invalid_base
-
-    found = {i: find_invalid_base(raw) for i, raw in enumerate(split.inputs) if isinstance(raw, str)}
-    return split.skip({i: f"invalid DNA character {bad[1]!r} at position {bad[0]}"
-                       for i, bad in found.items() if bad is not None})
+    return reader.check_inputs(read_table(p, columns, label_column, skip_bad=skip_bad), skip_bad)

@@ -60,7 +60,7 @@ def embed(source: PathLike, inputs: PathLike, out: PathLike, modality: str, *, p
             ViT weights file (image, with ``timm_model``).
         inputs: shards (folder of ``.tar`` / one ``.tar``) or a folder / file of raw inputs.
         out: output folder, or a path ending in ``.safetensors``.
-        modality: ``text``, ``dna``, ``image`` or ``audio``.
+        modality: a registered modality with downstream inputs (``text``, ``dna``, ``image``, ``audio``, a plug-in's).
         pooling: ``cls`` or ``mean``.
         batch_size: inputs per forward pass.
         split: ``train`` / ``val`` shards only.

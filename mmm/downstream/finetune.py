@@ -29,7 +29,7 @@ from torch import nn
 
 from mmm.core.dropout import Dropout
 from mmm.downstream.data import Labels, Split, encode_labels
-from mmm.downstream.inputs import InputAdapter, load_adapter
+from mmm.downstream.inputs import InputAdapter, adapter_class, load_adapter
 from mmm.downstream.metrics import check_metric, mean_std, metric_value, score_all
 
 PathLike = Union[str, Path]
@@ -360,7 +360,7 @@ def finetune(source: Union[PathLike, Callable[[], nn.Module]], modality: str, tr
     Args:
         source: an mmm ``.ckpt``, a ``save_encoder`` folder, an HF BERT folder or a timm ViT file; or a
             callable returning a freshly built encoder (called once per seed).
-        modality: ``text``, ``dna``, ``image`` or ``audio``.
+        modality: a registered modality with downstream inputs (``text``, ``dna``, ``image``, ``audio``, a plug-in's).
         train, dev, test: from :mod:`mmm.downstream.data`; labels are encoded by the training split's classes.
         cfg: hyper-parameters (defaults: :class:`FinetuneConfig`).
         out: folder for ``finetune.json`` and each seed's best checkpoint; None writes nothing.
@@ -376,7 +376,7 @@ def finetune(source: Union[PathLike, Callable[[], nn.Module]], modality: str, tr
 
     def make_adapter() -> InputAdapter:
         if callable(source):  # a factory of fresh encoders (e.g. a checkpoint's architecture at random init)
-            a = InputAdapter(source(), modality, getattr(source, "__name__", "encoder"))
+            a = adapter_class(modality)(source(), getattr(source, "__name__", "encoder"))
         else:
             a = load_adapter(str(source), modality, timm_model=timm_model)
         a.encoder.to(dev_name)

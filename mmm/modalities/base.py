@@ -18,7 +18,8 @@ dataclass read from ``model.<name>``, so :class:`~mmm.config.ModelConfig` holds 
 it) and, as class methods, its standalone encoder: how :func:`mmm.load_encoder` builds it from a
 checkpoint, saves it to a folder and reads it back (:meth:`~Modality.encoder_from_checkpoint`,
 :meth:`~Modality.encoder_meta`, :meth:`~Modality.save_encoder_files`,
-:meth:`~Modality.load_saved_encoder`, :meth:`~Modality.load_foreign_encoder`).
+:meth:`~Modality.load_saved_encoder`, :meth:`~Modality.load_foreign_encoder`), and how its raw inputs are
+read and pooled downstream (:meth:`~Modality.downstream_inputs`: ``mmm embed``, ``mmm finetune``, probes).
 """
 from __future__ import annotations
 
@@ -189,4 +190,11 @@ class Modality(ABC):
         ``source`` is none this modality reads. ``options`` are the caller's source options."""
         if options:
             raise ValueError(f"load_encoder: modality {cls.name!r} takes no options, got {sorted(options)}")
+        return None
+
+    @classmethod
+    def downstream_inputs(cls) -> Optional[type]:
+        """The :class:`~mmm.downstream.inputs.InputAdapter` subclass that reads this modality's raw inputs (shard
+        samples, files, table cells) and pools its standalone encoder's outputs, so ``mmm embed``,
+        ``mmm finetune`` and the probes serve it; None (the default): the modality has no downstream inputs."""
         return None

@@ -141,6 +141,12 @@ def test_raw_inputs_bom_and_non_utf8_files(tmp_path: Path) -> None:
     (tmp_path / "latin.fa").write_bytes(b"\xef\xbb\xbf>r1\nAC\xff\n")
     with pytest.raises(DownstreamDataError, match=r"latin\.fa: not UTF-8 text \(byte 9, line 2"):
         read_raw_inputs(tmp_path / "latin.fa", "dna")
+    (tmp_path / "folder").mkdir()  # --skip_bad: an unreadable file is skipped and listed, the others are read
+    (tmp_path / "folder" / "latin.txt").write_bytes(b"fine\ncaf\xe9\n")
+    (tmp_path / "folder" / "ok.txt").write_text("kept\n")
+    s = read_raw_inputs(tmp_path / "folder", "text", skip_bad=True)
+    assert s.inputs == ["kept"] and s.where == ["ok.txt:row1"]
+    assert [w for w, _ in s.skipped] == ["latin.txt"] and "not UTF-8 text (byte 8, line 2" in s.skipped[0][1]
 
 
 def test_embed_input_folder_with_tables_needs_text_column(tmp_path: Path) -> None:

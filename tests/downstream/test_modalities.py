@@ -156,7 +156,8 @@ def test_a_long_audio_clip_is_pooled_over_all_of_its_sequences(tmp_path: Path) -
     ``mmm embed`` and fine-tuning; it is split as pretraining splits it, and mean pooling covers every token."""
     import torch
 
-    from mmm.downstream.inputs import AudioChunks, load_adapter
+    from mmm.downstream.inputs import load_adapter
+    from mmm.modalities.audio.downstream import AudioChunks
 
     sr, t = 8000, np.arange(int(1.5 * 8000)) / 8000
     clip = (0.5 * np.sin(2 * np.pi * (300 + 400 * t) * t)).astype(np.float32)  # a chirp: its parts differ

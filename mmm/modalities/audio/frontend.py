@@ -52,6 +52,8 @@ __all__ = [
     "FRONTEND_FILE",
 ]
 
+AUDIO_SUFFIXES = (".wav", ".flac")
+"""Suffixes of the audio files read from folders (the audio shard builder, ``mmm embed``), lower case."""
 MAX_CHANNELS = 64
 FRONTEND_FILE = "audio_frontend.json"
 _FORMAT = "mmm-audio-frontend"

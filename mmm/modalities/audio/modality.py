@@ -85,6 +85,12 @@ class AudioModality(Modality):
     masks_what = "audio tokens"
     masker_hint = " (time_span: wav2vec 2.0 / HuBERT spans over time; spec_patch: AudioMAE patches)"
 
+    @classmethod
+    def downstream_inputs(cls) -> type:
+        from mmm.modalities.audio.downstream import AudioInputs
+
+        return AudioInputs
+
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
         self.cfg = model_cfg.audio

@@ -19,6 +19,8 @@ from mmm.data.tar import ReadOptions, read_samples
 from mmm.modalities.dna.tokenizer import find_invalid_base
 
 FIELDS = ("seq", "json")
+FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
+"""Suffixes of FASTA files (each optionally ``.gz``) read from folders (the DNA shard builder, ``mmm embed``)."""
 
 
 @dataclass

@@ -77,6 +77,12 @@ class DNAModality(TokenizerAsset, TokenEncoderParts, Modality):
     saved_marker = META_FILE
     what = "DNA tokenizer"
 
+    @classmethod
+    def downstream_inputs(cls) -> type:
+        from mmm.modalities.dna.downstream import DnaInputs
+
+        return DnaInputs
+
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
         self.cfg = model_cfg.dna

@@ -39,6 +39,8 @@ __all__ = [
     "to_rgb",
 ]
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+"""Suffixes of the image files read from folders (the image shard builders, ``mmm embed``), lower case."""
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 """Largest image accepted by default: 64 MP (about 8192 x 8192)."""
 

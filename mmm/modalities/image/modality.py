@@ -71,6 +71,12 @@ class ImageModality(Modality):
     masks = ("patch",)
     masks_what = "image patches"
 
+    @classmethod
+    def downstream_inputs(cls) -> type:
+        from mmm.modalities.image.downstream import ImageInputs
+
+        return ImageInputs
+
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
         self.cfg = model_cfg.image

@@ -39,6 +39,12 @@ class TextModality(TokenizerAsset, TokenEncoderParts, Modality):
     tokenizer_dir = TOKENIZER_DIR
     saved_marker = "tokenizer.json"
 
+    @classmethod
+    def downstream_inputs(cls) -> type:
+        from mmm.modalities.text.downstream import TextInputs
+
+        return TextInputs
+
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
         self.cfg = model_cfg.text

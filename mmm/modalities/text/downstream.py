@@ -1,0 +1,66 @@
+"""Text inputs downstream (``mmm embed``, ``mmm finetune``, probes): a string or a ``(first, second)`` pair.
+
+Tokenized as ``[CLS] a [SEP]`` / ``[CLS] a [SEP] b [SEP]`` (BERT, Devlin et al. 2019; mmm has no segment
+embeddings and the HF export's token-type table is zero, so HF gives the same result with any
+``token_type_ids``), cut longest-first to the encoder's position table as HF tokenizers cut a pair.
+Raw files: ``.txt``, one input per non-empty line; tables: the ``--text_column`` cell.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+from torch import nn
+
+from mmm.downstream.inputs import TokenIdInputs, longest_first
+
+
+class TextInputs(TokenIdInputs):
+    """Strings and string pairs → packed token ids of a text encoder (it must carry its tokenizer)."""
+
+    modality = "text"
+    file_suffixes = (".txt",)
+
+    def __init__(self, encoder: nn.Module, source: str = "") -> None:
+        super().__init__(encoder, source)
+        self.tokenizer = getattr(encoder, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError(f"{source}: the text encoder has no tokenizer attached (an HF folder needs its "
+                             "tokenizer.json or vocab.txt next to config.json)")
+        self.max_len = int(encoder.embedder.max_len)
+
+    @property
+    def has_cls(self) -> bool:
+        return True
+
+    def prepare(self, raw: Any, where: str = "") -> np.ndarray:
+        tok = self.tokenizer
+        parts = list(raw) if isinstance(raw, (tuple, list)) else [raw]
+        if not 1 <= len(parts) <= 2 or not all(isinstance(p, str) for p in parts):
+            raise ValueError(f"{where}: a text input is a string or a pair of strings")
+        ids = [tok.encode(p)[0] for p in parts]
+        room = self.max_len - 1 - len(ids)  # [CLS] + one [SEP] per part
+        keep = longest_first([len(x) for x in ids], room)
+        if keep != [len(x) for x in ids]:
+            self.truncated += 1
+            ids = [x[:k] for x, k in zip(ids, keep)]
+        out = [np.array([tok.cls_id])]
+        for x in ids:
+            out += [x, np.array([tok.sep_id])]
+        return np.concatenate(out).astype(np.int64)
+
+    @classmethod
+    def decode_sample(cls, sample: Dict[str, Any]) -> Tuple[str, Optional[int]]:
+        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        if "txt" not in sample:
+            raise ValueError(f"{where}: no 'txt' field")
+        meta = json.loads(bytes(sample["json"]).decode("utf-8")) if "json" in sample else {}
+        return bytes(sample["txt"]).decode("utf-8"), meta.get("label")
+
+    @classmethod
+    def read_file(cls, path: Path, rel: str, skip_bad: bool):
+        from mmm.downstream.data import read_lines
+
+        return read_lines(path, rel)
