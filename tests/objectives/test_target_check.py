@@ -18,10 +18,24 @@ def _mods(cfg):
     return build_modalities(cfg, task_configs(cfg)).base.values()  # no shards needed for the targets
 
 
-def test_every_preset_names_targets_its_modalities_produce():
+def test_every_preset_names_targets_its_modalities_produce_and_reads_every_target(caplog):
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(path, {"trainer.default_root_dir": "unused"})
+        with caplog.at_level("WARNING", logger="mmm.train"):
+            check_token_targets(cfg.objectives, _mods(cfg))
+        assert "no head reads them" not in caplog.text, path.name
+        caplog.clear()
+
+
+def test_a_target_no_head_reads_is_named_in_a_warning(caplog):
+    """``model.audio.targets: [mfcc, chroma]`` with one head fitted a chroma codebook and computed its ids for every
+    clip, and nothing said so."""
+    cfg = load_config(REPO / "configs" / "audio_mam_tiny.yaml", {"trainer.default_root_dir": "unused",
+                                                                 "model.audio.targets": ["mfcc", "chroma"]})
+    with caplog.at_level("WARNING", logger="mmm.train"):
         check_token_targets(cfg.objectives, _mods(cfg))
+    assert "codebook target(s) ['audio_chroma'] are fitted and computed for every sample, but no head reads" \
+        in caplog.text
 
 
 @pytest.mark.parametrize("overrides, match", [
