@@ -21,7 +21,7 @@ pretraining, so no compute is spent on padding. Every input cut to the encoder's
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -31,6 +31,14 @@ if TYPE_CHECKING:
     from mmm.downstream.data import Split
 
 POOLINGS = ("cls", "mean")
+
+
+class RawFile(NamedTuple):
+    """A raw input that is a whole file (an image, a recording), decoded again when :meth:`InputAdapter.prepare`
+    reads it: reading a folder checks every file but keeps none decoded, so ``mmm embed`` on a folder holds one
+    batch of decoded inputs at a time, not the folder."""
+
+    path: str
 
 
 class InputAdapter:

@@ -30,7 +30,19 @@ def test_image_finetune_and_embed_on_labelled_shards(image_ckpt: Path, tmp_path:
     # a raw image folder embeds too, keyed by relative path
     assert main(["embed", str(image_ckpt), str(tmp_path / "imgs" / "disk"), str(tmp_path / "e2"), "--modality",
                  "image"]) == 0
-    assert (tmp_path / "e2" / "keys.txt").read_text().splitlines()[0] == "0.png"
+    keys = (tmp_path / "e2" / "keys.txt").read_text().splitlines()
+    assert keys[0] == "0.png"
+    # the folder is read as file references, decoded batch by batch (not held decoded), with the same features
+    from PIL import Image
+
+    from mmm.downstream.data import read_raw_inputs
+    from mmm.downstream.inputs import RawFile, load_adapter
+
+    read = read_raw_inputs(tmp_path / "imgs" / "disk", "image")
+    assert all(isinstance(x, RawFile) for x in read.inputs) and read.where == keys
+    decoded = [Image.open(tmp_path / "imgs" / "disk" / k).convert("RGB") for k in keys]
+    np.testing.assert_allclose(np.load(tmp_path / "e2" / "features.npy"),
+                               load_adapter(str(image_ckpt), "image").features(decoded, "mean"), atol=1e-5)
     # a text file is not an image task: the error names it
     capsys.readouterr()
     (tmp_path / "t.tsv").write_text("sentence\tlabel\na\t1\n")
@@ -193,6 +205,12 @@ def test_embed_names_an_audio_file_the_front_end_refuses_and_skips_it_with_skip_
     assert np.load(tmp_path / "e" / "features.npy").shape[0] == 1
     info = json.loads((tmp_path / "e" / "embed.json").read_text())
     assert info["skipped"] == 1 and "ultra.wav" in info["skipped_examples"][0][0]
+    # the folder's files are decoded when embedded, batch by batch: the same features as the decoded waveform
+    from mmm.downstream.inputs import load_adapter
+
+    pcm, rate = sf.read(tmp_path / "clips" / "good.wav", dtype="float32", always_2d=True)  # the 16-bit file's samples
+    want = load_adapter(str(enc), "audio").features([(pcm.T, rate)], "mean")
+    np.testing.assert_allclose(np.load(tmp_path / "e" / "features.npy"), want, atol=1e-5)
 
 
 def test_image_cls_pooling_runs_the_last_block_for_cls_alone_with_the_same_logits_and_gradients(image_ckpt: Path):
