@@ -121,7 +121,7 @@ def add_commands(sub: Any) -> None:
     e.add_argument("--modality", required=True, help=MODALITY_HELP)
     e.add_argument("--pooling", default="mean", choices=["cls", "mean"], help="[CLS] token or mean of tokens (default mean)")
     e.add_argument("--split", default=None, choices=["train", "val"], help="shards: only this split")
-    e.add_argument("--text_column", default=None, help="table inputs: the column to embed")
+    e.add_argument("--text_column", default=None, help="table inputs: the column to embed (DNA default: sequence)")
     e.add_argument("--batch_size", type=int, default=64)
     e.add_argument("--timm_model", default=None, help="timm model name of a timm ViT weights file")
     e.add_argument("--skip_bad", action="store_true", help="skip bad inputs (an empty table cell, an undecodable "

@@ -64,7 +64,8 @@ def embed(source: PathLike, inputs: PathLike, out: PathLike, modality: str, *, p
         pooling: ``cls`` or ``mean``.
         batch_size: inputs per forward pass.
         split: ``train`` / ``val`` shards only.
-        text_column: the column of a table input (text, DNA).
+        text_column: the column of a table input (text, DNA); None: the modality's default (DNA: ``sequence``;
+            text: none, tables are then an error).
         timm_model: timm model name for a timm weights file.
         skip_bad: skip bad inputs (an empty table cell, an undecodable file or sample), counted in the
             result's ``skipped`` (with up to five ``skipped_examples``); False: the first one is an error.
@@ -73,6 +74,7 @@ def embed(source: PathLike, inputs: PathLike, out: PathLike, modality: str, *, p
         raise ValueError(f"--batch_size must be an integer >= 1, got {batch_size!r}")
     adapter = load_adapter(str(source), modality, timm_model=timm_model)
     adapter.check_pooling(pooling)
+    text_column = text_column or type(adapter).default_column  # DNA: "sequence", as mmm finetune reads tables
     data = read_inputs(inputs, modality, split, text_column, skip_bad=skip_bad)
     refused: Optional[List[Tuple[int, str, str]]] = [] if skip_bad else None
     feats = adapter.features(data.inputs, pooling, batch_size=batch_size, where=data.where, skipped=refused)

@@ -91,6 +91,8 @@ def test_dna_finetune_from_sequence_label_csv_and_embed(tmp_path: Path, capsys) 
     assert main(["embed", str(enc), str(train), str(tmp_path / "e"), "--modality", "dna", "--text_column",
                  "sequence"]) == 0
     assert np.load(tmp_path / "e" / "features.npy").shape == (64, 32)
+    assert main(["embed", str(enc), str(train), str(tmp_path / "e0"), "--modality", "dna"]) == 0  # as finetune: sequence
+    np.testing.assert_array_equal(np.load(tmp_path / "e0" / "features.npy"), np.load(tmp_path / "e" / "features.npy"))
     fa = tmp_path / "x.fa"
     fa.write_text(">r1 first\nACGT\nACGT\n>r2\nGGGG\n")
     assert main(["embed", str(enc), str(fa), str(tmp_path / "f"), "--modality", "dna"]) == 0
