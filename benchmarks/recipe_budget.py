@@ -128,22 +128,41 @@ class RecipeCost:
         return out
 
 
+TASK_COVER_BATCHES = 64
+"""Batches per task that :func:`measure_recipe` reads at most while looking for one batch of every task."""
+
+
 def measure_recipe(name: str, cfg: Any, batches: int = 4) -> RecipeCost:
     """Build ``cfg``'s run in a temporary folder and count FLOPs per step over its first training batches.
+
+    A multi-task config (``tasks``, one task drawn per step) is read until every task has given a batch, and its
+    FLOPs (and tokens) per step are the tasks' means weighted by their sampling weights, the expected cost of a
+    step: the first few batches alone can miss a task (LXMERT's cheaper ITC steps were never counted, and its runs
+    got about 85 % of the budget).
 
     Args:
         name: the recipe's name (for the report).
         cfg: a :class:`~mmm.config.PretrainConfig` (its ``trainer.default_root_dir`` is replaced by
             a temporary folder; tokenizers and other assets are fitted there as a run would).
-        batches: batches to average over (at least 1).
+        batches: batches to average over (at least 1; a multi-task config may read more, see above).
+
+    Raises:
+        ValueError: ``trainer.accumulate_grad_batches`` above 1 (a step would be several counted batches: give the
+            recipe a larger ``data.batch_size`` instead), or a task that gives no batch.
     """
     import dataclasses
 
     from mmm.optim import build_optimizer
     from mmm.train.pretrain import build_run
+    from mmm.train.tasks import task_configs
 
     if batches < 1:
         raise ValueError(f"measure_recipe needs at least one batch, got batches={batches}")
+    if cfg.trainer.accumulate_grad_batches != 1:
+        raise ValueError(f"recipe {name}: trainer.accumulate_grad_batches is {cfg.trainer.accumulate_grad_batches}; "
+                         "the suite counts one batch per optimizer step, so set data.batch_size for the recipe instead")
+    tasks = task_configs(cfg)
+    weights = {t.name: float(t.weight) for t in tasks} if len(tasks) > 1 else None
     with tempfile.TemporaryDirectory(prefix="mmm_recipe_cost_") as tmp:
         # in-process loading (num_workers 0): a few batches, and no worker process outlives the probe
         probe = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=0),
@@ -153,13 +172,19 @@ def measure_recipe(name: str, cfg: Any, batches: int = 4) -> RecipeCost:
         run.datamodule.setup("fit")
         loader = run.datamodule.train_dataloader()
         cached: List[Any] = []
+        cap = batches if weights is None else max(batches, TASK_COVER_BATCHES * len(weights))
         for b in loader:
             cached.append(b)
-            if len(cached) == batches:
+            if len(cached) >= batches and (weights is None or set(weights) <= {x.task for x in cached}):
+                break
+            if len(cached) >= cap:
                 break
         del loader
     if not cached:
         raise ValueError(f"recipe {name}: its training data yielded no batch")
+    missing = [] if weights is None else sorted(set(weights) - {x.task for x in cached})
+    if missing:
+        raise ValueError(f"recipe {name}: {len(cached)} training batches held no batch of task(s) {missing}")
     model = run.module.model
     model.train()
     schedule = getattr(run.module, "phases", None)
@@ -170,12 +195,24 @@ def measure_recipe(name: str, cfg: Any, batches: int = 4) -> RecipeCost:
     for _, heads in phases:
         counts = [count_step_flops(model, b, heads) for b in cached]
         flops += counts
-        phase_flops.append(sum(counts) / len(counts))
+        phase_flops.append(step_mean(counts, [b.task for b in cached], weights))
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tasks_of = [b.task for b in cached]
     return RecipeCost(name, sum(f * fl for (f, _), fl in zip(phases, phase_flops)), flops,
-                      sum(b.num_tokens for b in cached) / len(cached), sum(b.num_sequences for b in cached) / len(cached),
+                      step_mean([b.num_tokens for b in cached], tasks_of, weights),
+                      step_mean([b.num_sequences for b in cached], tasks_of, weights),
                       params, phases=phases, phase_flops=phase_flops,
                       _model=model, _optimizer=build_optimizer(model, cfg.optim), _batches=cached)
+
+
+def step_mean(values: Sequence[float], tasks: Sequence[str], weights: Optional[Dict[str, float]]) -> float:
+    """The expected value per step of per-batch ``values``: their mean, or with ``weights`` (task → sampling weight
+    of a multi-task run) each task's mean weighted by its share of the steps."""
+    if weights is None:
+        return sum(values) / len(values)
+    per_task = {t: [v for v, u in zip(values, tasks) if u == t] for t in weights}
+    total = sum(weights.values())
+    return sum(w / total * sum(per_task[t]) / len(per_task[t]) for t, w in weights.items())
 
 
 def _train_step(cost: RecipeCost, batch: Any, heads: Optional[Sequence[str]] = None) -> None:

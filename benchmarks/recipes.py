@@ -283,12 +283,24 @@ def budget_problems(section: Dict[str, Any]) -> List[str]:
         if abs(spent - budget) > step:
             problems.append(f"{name}: {plan['steps']} steps spend {spent:.4g} FLOPs, {abs(spent - budget) / step:.2f} "
                             f"steps' worth away from the budget {budget:.4g}")
+        if budget < MIN_BUDGET_STEPS * step:  # whole steps cannot come near the budget (1 step can be 1.9x it)
+            problems.append(f"{name}: the budget {budget:.4g} FLOPs covers {budget / step:.2f} of its steps "
+                            f"({step:.4g} FLOPs each), fewer than {MIN_BUDGET_STEPS}: {plan['steps']} step(s) spend "
+                            f"{spent / budget:.2f}x the budget; raise --baseline-steps")
         if section.get("only") is not None and name not in section["only"]:
             continue  # trained in another part (see merge)
-        trained = {run["steps"] for run in section["runs"].get(name, [])}
+        runs = section["runs"].get(name, [])
+        if not runs and section.get("parts"):
+            problems.append(f"{name}: trained in none of the merged parts (no runs, no scores)")
+            continue
+        trained = {run["steps"] for run in runs}
         if trained != {plan["steps"]}:
             problems.append(f"{name}: runs trained {sorted(trained)} steps, planned {plan['steps']}")
     return problems
+
+
+MIN_BUDGET_STEPS = 2
+"""A budget must cover at least this many steps of every recipe, or equal compute is out of reach in whole steps."""
 
 
 def _same_text_tokenizer(a: Any, b: Any) -> bool:
@@ -426,7 +438,8 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
     for s in skipped:
         log(f"  skipped {s['recipe']}: {s['reason']}")
     torch.set_num_threads(threads)
-    base = {**sizes.overrides, **(MICRO_MODEL.get(modality, {}) if sizes.name == "micro" else {}),
+    micro = sizes.name.split("+")[0] == "micro"  # "micro+custom": the smoke size with a flag changed
+    base = {**sizes.overrides, **(MICRO_MODEL.get(modality, {}) if micro else {}),
             "trainer.threads": threads}
     baseline = next(r for r in recipes if r.name == group.baseline)
     baseline_cfg = recipe_config(baseline, base)
@@ -487,9 +500,9 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
             if r.name == group.baseline:
                 baseline_ckpts.append((seed, ckpt))
             if group.retrieval:
-                scored = [(r.name, score_vl(pr.module.model, cfg, pr.modalities, sizes.name == "micro"))]
+                scored = [(r.name, score_vl(pr.module.model, cfg, pr.modalities, micro))]
                 if r.name == group.baseline:
-                    scored.append((RANDOM_INIT, untrained_vl_scores(cfg, pr.modalities, sizes.name == "micro")))
+                    scored.append((RANDOM_INIT, untrained_vl_scores(cfg, pr.modalities, micro)))
                 for name, v in scored:
                     log(f"    retrieval ({name}): " + ", ".join(f"{k} {x:.3f}" for k, x in v.items()
                                                              if x is not None and "chance" not in k))
@@ -725,7 +738,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     import argparse
     import json
 
-    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description="Pretraining recipes of one modality compared at equal compute (FLOPs), "
+                                "several seeds, downstream; or --merge of parts that ran separately.")
     p.add_argument("--modality", choices=MODALITIES)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated recipe names to pretrain and evaluate")
@@ -751,7 +765,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             p.error(f"--merge joins parts that already ran; {', '.join(ignored)} set how a part runs and would be "
                     "ignored: pass them to the parts, not to --merge")
         parts = [json.loads((Path(d) / "results.json").read_text(encoding="utf-8")) for d in a.merge]
-        section = merge([x["sections"]["recipes"] for x in parts])
+        try:
+            section = merge([x["sections"]["recipes"] for x in parts])
+        except ValueError as e:
+            p.error(f"--merge {' '.join(a.merge)}: {e}")
         report = write_report(section, out, parts[0]["quick"])
     else:
         if a.modality is None:

@@ -174,3 +174,60 @@ def test_merge_joins_a_timed_part_and_a_no_timing_part_but_not_different_sizes()
         field_name = next(iter(change))
         with pytest.raises(ValueError, match=f"differ in {field_name}"):
             recipes.merge([_part("mlm-15", timed, 0.6), _part("mlm-30", bad, 0.7)], log=lambda _: None)
+
+
+def test_a_multi_task_step_costs_the_weighted_mean_of_its_tasks():
+    """The first 2-4 batches of a task mixture can miss a task: LXMERT's cheaper ITC steps were never counted."""
+    assert recipe_budget.step_mean([10.0, 20.0, 30.0], ["a", "a", "b"], None) == 20.0
+    # task a averages 15 (weight 3), b 30 (weight 1): 0.75 x 15 + 0.25 x 30
+    assert recipe_budget.step_mean([10.0, 20.0, 30.0], ["a", "a", "b"], {"a": 3.0, "b": 1.0}) == pytest.approx(18.75)
+
+
+@pytest.mark.slow
+def test_lxmert_is_costed_over_every_task_of_its_mixture():
+    from mmm.config import load_config
+
+    cfg = load_config(recipes.CONFIGS / "vl_lxmert_tiny.yaml", {**recipes.SIZES["micro"].overrides,
+                                                                 "trainer.default_root_dir": "unused"})
+    cost = recipe_budget.measure_recipe("lxmert", cfg, batches=2)
+    tasks = {t.name: t.weight for t in cfg.tasks}
+    by_task = {}
+    for flops, batch in zip(cost.flops_batches, cost._batches):
+        by_task.setdefault(batch.task, []).append(flops)
+    assert set(by_task) == set(tasks)  # every task counted, though the first batches hold no itc step
+    want = sum(tasks[t] * sum(f) / len(f) for t, f in by_task.items()) / sum(tasks.values())
+    assert cost.flops_per_step == pytest.approx(want)
+    assert min(sum(f) / len(f) for f in by_task.values()) < 0.6 * cost.flops_per_step  # itc skips the fusion layers
+
+
+def test_gradient_accumulation_is_refused_by_the_cost_count():
+    from mmm.config import load_config
+
+    cfg = load_config(recipes.CONFIGS / "text_mlm_tiny.yaml", {"trainer.accumulate_grad_batches": 2})
+    with pytest.raises(ValueError, match=r"recipe mlm: trainer.accumulate_grad_batches is 2; .* data.batch_size"):
+        recipe_budget.measure_recipe("mlm", cfg)
+
+
+def test_a_budget_under_two_steps_and_a_recipe_no_part_trained_are_problems():
+    timed = recipes.SIZES["full"]
+    sec = _part("mlm-15", timed, 0.6)
+    sec["cost"]["mlm-30"]["flops_per_step"] = 600.0  # a budget of 1000 covers 1.67 of its steps
+    sec["plan"]["mlm-30"] = {"steps": 2, "phase_steps": [2], "flops": 1200.0, "budget_error_steps": 0.33}
+    problems = recipes.merge([sec], log=lambda _: None)["budget_problems"]
+    assert any(p.startswith("mlm-30: the budget 1000 FLOPs covers 1.67 of its steps") for p in problems), problems
+    assert "mlm-30: trained in none of the merged parts (no runs, no scores)" in problems
+
+
+def test_the_smoke_size_keeps_its_small_model_when_a_flag_customises_it(tmp_path, monkeypatch):
+    """``micro+custom`` (any --seeds/--no-timing/...) switched to the full model, so parts could not be merged."""
+    seen = {}
+
+    def fake_measure(name, cfg, batches=4):
+        seen[name] = cfg.model.encoder.dim
+        raise RuntimeError("stop after the first measurement")
+
+    monkeypatch.setenv(suite.MICRO_ENV, "1")
+    monkeypatch.setattr(recipes, "measure_recipe", fake_measure)
+    with pytest.raises(RuntimeError, match="stop after"):
+        recipes.main(["--modality", "text", "--no-timing", "--out", str(tmp_path)])
+    assert seen == {"mlm-15": recipes.MICRO_MODEL["text"]["model.encoder.dim"]}
