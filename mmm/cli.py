@@ -182,7 +182,8 @@ def _cmd_shards(ns: argparse.Namespace, rest: List[str]) -> int:
                           f"does not take {lacking or 'the input and output paths'}; a dataset definition's builder is "
                           f"build_shards(input, output, *, val_fraction, seed, skip_bad, overwrite, **options) -> "
                           f"BuildReport (datasets_def/building.py)")
-    wrong = sorted(k for k in options if k not in accepted)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())  # build_shards(..., **options)
+    wrong = [] if takes_any else sorted(k for k in options if k not in accepted)
     if wrong:
         raise ConfigError(f"mmm shards build --dataset {ns.dataset}: option(s) {['--' + k for k in wrong]} do not apply "
                           f"to this dataset")

@@ -371,3 +371,70 @@ def test_a_modality_without_its_name_is_refused_naming_the_attribute(tmp_path: P
     with pytest.raises(ValueError, match=r"modality 'toy' \(ToyModality\) has name '': set its class attribute "
                                          r"name = 'toy'"):
         build_run(load_config(_config(tmp_path, toy_shards)))
+
+
+# ----------------------------------------------------------------------------- downstream inputs
+
+
+def test_the_toy_adapters_contract_is_checked_by_name(tmp_path: Path, toy_shards: Path, monkeypatch) -> None:
+    from mmm.downstream.inputs import InputAdapter, adapter_class
+
+    class NoPooled(InputAdapter):
+        modality = "toy"
+
+        def prepare(self, raw, where=""):
+            return raw
+
+    monkeypatch.setattr(ToyModality, "downstream_inputs", classmethod(lambda cls: NoPooled))
+    with pytest.raises(ValueError, match=r"modality 'toy': its adapter NoPooled does not define \['pooled'\]"):
+        adapter_class("toy")
+    monkeypatch.setattr(ToyModality, "downstream_inputs", classmethod(lambda cls: dict))
+    with pytest.raises(ValueError, match=r"downstream_inputs\(\) gave <class 'dict'>, not an InputAdapter subclass"):
+        adapter_class("toy")
+
+    class NoMaxLen(ToyInputs):  # the toy's embedder has no max_len: an adapter that forgets to set it is named
+        def __init__(self, encoder, source=""):
+            TokenIdInputs.__init__(self, encoder, source)
+
+    enc = ToyEncoder(ToyEncoderConfig(EncoderConfig(dim=16, depth=1, heads=2, mlp_hidden=32), max_len=8))
+    with pytest.raises(ValueError, match=r"NoMaxLen.max_len is 0: set it in __init__"):
+        NoMaxLen(enc).features(["123"], "mean")
+    assert ToyInputs(enc).features(["123", "4" * 20], "mean").shape == (2, 16)
+
+
+def test_finetune_skip_bad_skips_an_input_the_adapter_refuses(tmp_path: Path, toy_shards: Path, capsys) -> None:
+    """A row the encoder's adapter refuses (here a non-digit) stopped ``mmm finetune --skip_bad``; ``mmm embed
+    --skip_bad`` skipped it."""
+    from mmm.cli import main
+    from mmm.train.pretrain import pretrain
+
+    ckpt = pretrain(load_config(_config(tmp_path, toy_shards))).last_checkpoint
+    rows = ["digits,label"] + [f"{'13579'[i % 5] * 3},odd" if i % 2 else f"{'2468'[i % 4] * 4},even" for i in range(12)]
+    (tmp_path / "train.csv").write_text("\n".join(rows + ["12a4,odd"]) + "\n", encoding="utf-8")
+    (tmp_path / "dev.csv").write_text("\n".join(rows[:5]) + "\n", encoding="utf-8")
+    argv = ["finetune", str(ckpt), "--modality", "toy", "--train", str(tmp_path / "train.csv"), "--dev",
+            str(tmp_path / "dev.csv"), "--seeds", "1", "--epochs", "1", "--batch_size", "4"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "train.csv:row 14: 'digits' must be non-empty decimal digits, got '12a4'" in capsys.readouterr().err
+    assert main(argv + ["--skip_bad"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 bad row(s) (--skip_bad), e.g. " in out and "train.csv:row 14" in out, out
+
+
+def test_shards_build_passes_every_option_to_a_builder_that_takes_options(tmp_path: Path, monkeypatch) -> None:
+    """``build_shards(input, output, *, ..., **options)``, the README's signature, had every option refused."""
+    from mmm.cli import main
+
+    got = {}
+
+    def build(input_path, output_dir, *, val_fraction=0.2, seed=0, skip_bad=False, overwrite=False, **options):
+        got.update(options)
+        return build_toy_shards(input_path, output_dir, val_fraction=val_fraction, seed=seed, skip_bad=skip_bad,
+                                overwrite=overwrite)
+
+    monkeypatch.setattr(ToyDatasetDef, "build_shards", staticmethod(build))
+    lines = write_digit_lines(tmp_path / "digits.txt", count=8)
+    assert main(["shards", "build", str(lines), str(tmp_path / "out"), "--dataset", "toy", "--labels", "inline",
+                 "--samples_per_shard", "4"]) == 0
+    assert got == {"labels": "inline", "samples_per_shard": 4}

@@ -88,22 +88,22 @@ def cmd_finetune(ns: argparse.Namespace, rest: List[str]) -> int:
     elif ns.task is None:
         train, dev = split(ns.train), split(ns.dev)
         test = split(ns.test) if ns.test else None
-    skipped = sum(len(s.skipped) for s in (train, dev, test) if s is not None)
-    if skipped:
-        first = next(s.skipped[0] for s in (train, dev, test) if s is not None and s.skipped)
-        print(f"skipped {skipped} bad row(s) (--skip_bad), e.g. {first[0]}: {first[1]}")
     pooling = ns.pooling or reader.default_pooling
     cfg = FinetuneConfig(task_type=ns.task_type, metric=ns.metric, pooling=pooling, lr=ns.lr,
                          weight_decay=ns.weight_decay, batch_size=ns.batch_size, epochs=ns.epochs,
                          max_steps=ns.max_steps, warmup=ns.warmup, eval_every=ns.eval_every, patience=ns.patience,
                          dropout=ns.dropout, seeds=ns.seeds, first_seed=ns.seed)
     res = finetune(ns.source, modality, train, dev, test, cfg=cfg, out=ns.out, timm_model=ns.timm_model,
-                   device=ns.device)
+                   device=ns.device, skip_bad=ns.skip_bad)
+    skipped = sum(len(s.skipped) for s in (train, dev, test) if s is not None)  # read, or refused by the encoder
+    if skipped:
+        first = next(s.skipped[0] for s in (train, dev, test) if s is not None and s.skipped)
+        print(f"skipped {skipped} bad row(s) (--skip_bad), e.g. {first[0]}: {first[1]}")
     print(f"{modality} fine-tuning, {len(res.seeds)} seed(s): {res.summary()}")
     if res.data.get("truncated_inputs"):
         total = sum(res.data["sizes"].values())
         print(f"{res.data['truncated_inputs']} of {total} input(s) were cut to the encoder's length (their ends were "
-              f"not seen); pretraining splits long inputs instead, fine-tuning keeps one piece per input")
+              f"not seen): fine-tuning keeps one piece per input")
     if ns.out:
         print(f"results: {Path(ns.out) / 'finetune.json'}; best checkpoint per seed in {ns.out}/seed*/")
     if ns.json:
@@ -157,7 +157,7 @@ def add_commands(sub: Any) -> None:
     f.add_argument("--patience", type=int, default=3, help="dev evaluations without improvement before stopping")
     f.add_argument("--dropout", type=float, default=None, help="set every dropout to this (default: encoder's own)")
     f.add_argument("--skip_bad", action="store_true", help="skip bad rows (empty or non-string fields, a wrong "
-                   "cell count, bad JSONL lines; counted) instead of stopping")
+                   "cell count, bad JSONL lines, an input the encoder refuses; counted) instead of stopping")
     f.add_argument("--out", default=None, help="folder for finetune.json and each seed's best checkpoint")
     f.add_argument("--device", default=None, help="torch device (default cuda when available)")
     f.add_argument("--timm_model", default=None, help="timm model name of a timm ViT weights file")

@@ -246,6 +246,21 @@ def _scores(pred: np.ndarray, gold: Sequence[Union[int, float]], task_type: str,
     return score_all(pred, np.asarray(gold), task_type, num_classes)
 
 
+def prepare_split(adapter: InputAdapter, split: Split, skip_bad: bool) -> List[Any]:
+    """The prepared inputs of ``split``; with ``skip_bad`` an input :meth:`InputAdapter.prepare` refuses is moved to
+    ``split.skipped`` (with its reason), else its error, naming it, stops the run."""
+    items, refused = [], {}
+    for i, (x, w) in enumerate(zip(split.inputs, split.where)):
+        try:
+            items.append(adapter.prepare(x, w))
+        except ValueError as e:
+            if not skip_bad:
+                raise
+            refused[i] = str(e).removeprefix(f"{w}: ")
+    split.skip(refused)
+    return items
+
+
 def train_one_seed(make_adapter: Callable[[], InputAdapter], train: Tuple[List[Any], List[Any]],
                    dev: Tuple[List[Any], List[Any]], test: Optional[Tuple[List[Any], List[Any]]], outputs: int,
                    cfg: FinetuneConfig, seed: int, out_dir: Optional[Path] = None,
@@ -354,7 +369,7 @@ def save_finetuned(model: FinetuneModel, directory: Path) -> Path:
 
 def finetune(source: Union[PathLike, Callable[[], nn.Module]], modality: str, train: Split, dev: Split, test: Optional[Split] = None, *,
              cfg: Optional[FinetuneConfig] = None, out: Optional[PathLike] = None, timm_model: Optional[str] = None,
-             device: Optional[str] = None, log: Callable[[str], None] = print) -> FinetuneResult:
+             device: Optional[str] = None, log: Callable[[str], None] = print, skip_bad: bool = False) -> FinetuneResult:
     """Fine-tune ``source``'s ``modality`` encoder on ``train``, select on ``dev``, over ``cfg.seeds`` seeds.
 
     Args:
@@ -367,11 +382,11 @@ def finetune(source: Union[PathLike, Callable[[], nn.Module]], modality: str, tr
         timm_model: timm model name when ``source`` is a timm weights file.
         device: torch device (default: CUDA when available).
         log: progress printer.
+        skip_bad: an input the encoder's adapter refuses (:meth:`InputAdapter.prepare`, e.g. a character its
+            tokenizer does not read) is moved to its split's ``skipped`` instead of stopping the run.
     """
     cfg = cfg or FinetuneConfig()
     metric = cfg.resolved_metric()
-    labels = Labels.fit(train, cfg.task_type)
-    y = {name: encode_labels(s, labels) for name, s in (("train", train), ("dev", dev)) + ((("test", test),) if test else ())}
     dev_name = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def make_adapter() -> InputAdapter:
@@ -384,8 +399,10 @@ def finetune(source: Union[PathLike, Callable[[], nn.Module]], modality: str, tr
 
     first = make_adapter()
     first.check_pooling(cfg.pooling)
-    prepared = {name: [first.prepare(x, w) for x, w in zip(s.inputs, s.where)]
-                for name, s in (("train", train), ("dev", dev)) + ((("test", test),) if test else ())}
+    splits = (("train", train), ("dev", dev)) + ((("test", test),) if test else ())
+    prepared = {name: prepare_split(first, s, skip_bad) for name, s in splits}
+    labels = Labels.fit(train, cfg.task_type)
+    y = {name: encode_labels(s, labels) for name, s in splits}
     outputs = labels.num_classes if cfg.task_type == "classification" else 1
     out_dir = Path(out) if out is not None else None
     results = []

@@ -59,7 +59,8 @@ class InputAdapter:
     reads_tables: bool = False
     """Whether an input can be a ``.tsv``/``.csv``/``.jsonl`` cell (a string), read from ``--text_column``."""
     default_column: Optional[str] = None
-    """The table column read when ``--text_column`` is not given (DNA: ``sequence``); None: it must be given."""
+    """The table column ``mmm embed`` / ``mmm finetune`` read when ``--text_column`` is not given (DNA: ``sequence``);
+    None: it must be given."""
     file_suffixes: Tuple[str, ...] = ()
     """Suffixes of the raw files :meth:`read_file` reads (``mmm embed`` on a file or folder), lower case."""
 
@@ -158,12 +159,16 @@ class InputAdapter:
 class TokenIdInputs(InputAdapter):
     """An adapter whose prepared items are 1-D token-id arrays of at most :attr:`max_len` ids, encoded packed.
 
-    The encoder is an embedder ``embedder(ids (N,), position_ids (N,))`` and a shared ``encoder(x, seq, rows=)``
-    (text, DNA and any plug-in built the same way); a subclass sets :attr:`max_len` and says whether the
-    first token is a [CLS] token."""
+    The encoder has an ``embedder(ids (N,), position_ids (N,))`` and a shared ``encoder(x, seq, rows=)`` (text, DNA
+    and any plug-in built the same way). :attr:`max_len` is the embedder's ``max_len`` when it has one; otherwise a
+    subclass sets it (in ``__init__``) to the longest sequence the position table holds. A subclass writes
+    :meth:`prepare` (calling :meth:`cut`) and says whether the first token is a [CLS] token (:attr:`has_cls`)."""
 
     reads_tables = True
-    max_len: int = 0
+
+    def __init__(self, encoder: nn.Module, source: str = "") -> None:
+        super().__init__(encoder, source)
+        self.max_len = int(getattr(getattr(encoder, "embedder", None), "max_len", 0) or 0)
 
     def pooled(self, items: Sequence[Any], pooling: str, cls_last_block: bool = True) -> torch.Tensor:
         from mmm.probe import pool
@@ -198,6 +203,9 @@ class TokenIdInputs(InputAdapter):
     def cut(self, ids: np.ndarray, keep_last: bool = True) -> np.ndarray:
         """``ids`` cut to :attr:`max_len`, counted in :attr:`truncated`; ``keep_last``: the last id (an end token)
         stays the last."""
+        if not isinstance(self.max_len, int) or self.max_len < 1:
+            raise ValueError(f"{type(self).__name__}.max_len is {self.max_len!r}: set it in __init__ to the longest "
+                             "sequence the encoder's position table holds (its embedder has no max_len)")
         if len(ids) <= self.max_len:
             return ids
         self.truncated += 1
@@ -260,6 +268,13 @@ def adapter_class(modality: str) -> Type[InputAdapter]:
     if cls is None:
         raise ValueError(f"modality {modality!r} reads no downstream inputs (its Modality.downstream_inputs gives "
                          f"none); supported: {downstream_modalities()}")
+    if not (isinstance(cls, type) and issubclass(cls, InputAdapter)):
+        raise ValueError(f"modality {modality!r}: downstream_inputs() gave {cls!r}, not an InputAdapter subclass "
+                         "(mmm.downstream.inputs)")
+    missing = [m for m in ("prepare", "pooled") if getattr(cls, m) is getattr(InputAdapter, m)]
+    if missing:
+        raise ValueError(f"modality {modality!r}: its adapter {cls.__name__} does not define {missing} (an "
+                         "InputAdapter subclass writes prepare(raw, where) and pooled(items, pooling))")
     return cls
 
 

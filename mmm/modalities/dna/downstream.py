@@ -30,7 +30,6 @@ class DnaInputs(TokenIdInputs):
         self.tokenizer = getattr(encoder, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError(f"{source}: the dna encoder has no tokenizer attached")
-        self.max_len = int(encoder.embedder.max_len)
 
     @property
     def has_cls(self) -> bool:

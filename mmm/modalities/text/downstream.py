@@ -29,7 +29,6 @@ class TextInputs(TokenIdInputs):
         if self.tokenizer is None:
             raise ValueError(f"{source}: the text encoder has no tokenizer attached (an HF folder needs its "
                              "tokenizer.json or vocab.txt next to config.json)")
-        self.max_len = int(encoder.embedder.max_len)
 
     @property
     def has_cls(self) -> bool:
