@@ -423,24 +423,25 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
     out = Split(str(p), [], [], [])
     for f in files:
         rel = f.relative_to(root).as_posix()
-        if reader.reads_tables and f.suffix.lower() in TABLE_SUFFIXES and text_column:
-            got = read_table(f, [text_column], None, skip_bad=skip_bad)
-            got.where = [f"{rel}:{w.rsplit(':', 1)[1].replace(' ', '')}" for w in got.where]
-        elif f.name.lower().endswith(reader.file_suffixes):
-            try:
+        table = reader.reads_tables and f.suffix.lower() in TABLE_SUFFIXES and text_column
+        if not table and not f.name.lower().endswith(reader.file_suffixes):
+            continue  # not an input of this modality
+        try:
+            if table:
+                got = read_table(f, [text_column], None, skip_bad=skip_bad)
+                got.where = [f"{rel}:{w.rsplit(':', 1)[1].replace(' ', '')}" for w in got.where]
+            else:
                 got = reader.read_file(f, rel, skip_bad)
-            except ValueError as e:  # the whole file is unreadable (undecodable, not UTF-8, malformed)
-                if not skip_bad:
-                    raise
-                out.skipped.append((rel, str(e)))
-                continue
-        else:
+        except ValueError as e:  # the whole file is unreadable (undecodable, not UTF-8, malformed, no such column)
+            if not skip_bad:
+                raise
+            out.skipped.append((rel, str(e)))
             continue
         out.inputs += got.inputs
         out.where += got.where
         out.skipped += got.skipped
     out.labels = [None] * len(out.inputs)
-    reader.check_inputs(out, skip_bad)
+    out = reader.check_inputs(out, skip_bad)
     if not out.inputs:
         kinds = list(reader.file_suffixes) + (list(TABLE_SUFFIXES) if reader.reads_tables else [])
         hint = " (tables need --text_column)" if reader.reads_tables and not text_column else ""

@@ -4,9 +4,9 @@ An :class:`InputAdapter` wraps an encoder that :func:`mmm.load_encoder` built an
 inputs: how to read them (shard samples, raw files, table cells), how to turn one into what the encoder
 reads (:meth:`~InputAdapter.prepare`), and how to pool a batch of them into one vector each
 (:meth:`~InputAdapter.pooled`). Each modality gives its own subclass through
-:meth:`mmm.modalities.base.Modality.downstream_inputs`, so ``mmm embed``, ``mmm finetune``, the linear probe
-and the downstream benchmark serve a plug-in modality as they serve the built-in ones
-(:func:`adapter_class` looks it up):
+:meth:`mmm.modalities.base.Modality.downstream_inputs`, so ``mmm embed`` and ``mmm finetune`` (and the probes,
+from :meth:`~InputAdapter.features`) serve a plug-in modality as they serve the built-in ones
+(:func:`adapter_class` looks it up); the downstream benchmark runs its embedded tasks, which are built-in ones:
 
 * ``text`` (:mod:`mmm.modalities.text.downstream`): a string or a ``(first, second)`` pair;
 * ``dna`` (:mod:`mmm.modalities.dna.downstream`): a base string;

@@ -147,6 +147,11 @@ def test_raw_inputs_bom_and_non_utf8_files(tmp_path: Path) -> None:
     s = read_raw_inputs(tmp_path / "folder", "text", skip_bad=True)
     assert s.inputs == ["kept"] and s.where == ["ok.txt:row1"]
     assert [w for w, _ in s.skipped] == ["latin.txt"] and "not UTF-8 text (byte 8, line 2" in s.skipped[0][1]
+    (tmp_path / "folder" / "latin.tsv").write_bytes(b"sentence\nfine\ncaf\xe9\n")  # a table too
+    s = read_raw_inputs(tmp_path / "folder", "text", text_column="sentence", skip_bad=True)
+    assert s.inputs == ["kept"] and [w for w, _ in s.skipped] == ["latin.tsv", "latin.txt"]
+    with pytest.raises(DownstreamDataError, match=r"latin\.tsv: not UTF-8 text"):
+        read_raw_inputs(tmp_path / "folder", "text", text_column="sentence")
 
 
 def test_embed_input_folder_with_tables_needs_text_column(tmp_path: Path) -> None:
@@ -350,3 +355,22 @@ def test_embed_refuses_a_batch_size_below_one(ckpt: Path, tmp_path: Path, capsys
                  "--batch_size", "0"]) == 2
     assert "--batch_size must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_check_inputs_hook_that_returns_a_new_split_is_used_by_embed_and_finetune_readers(tmp_path: Path,
+                                                                                             monkeypatch) -> None:
+    from mmm.downstream.data import Split, load_split
+    from mmm.modalities.text.downstream import TextInputs
+    from mmm.modalities.text.modality import TextModality
+
+    class NoBaz(TextInputs):
+        @classmethod
+        def check_inputs(cls, split, skip_bad):
+            keep = [i for i, x in enumerate(split.inputs) if x != "baz"]
+            return Split(split.path, [split.inputs[i] for i in keep], [split.labels[i] for i in keep],
+                         [split.where[i] for i in keep], split.skipped)
+
+    monkeypatch.setattr(TextModality, "downstream_inputs", classmethod(lambda cls: NoBaz))
+    write_table(tmp_path / "t.tsv", ["sentence", "label"], [("foo bar", "1"), ("baz", "0")])
+    assert read_raw_inputs(tmp_path / "t.tsv", "text", text_column="sentence").inputs == ["foo bar"]
+    assert load_split(tmp_path / "t.tsv", "text", columns=["sentence"]).inputs == ["foo bar"]
