@@ -54,7 +54,6 @@ def cmd_finetune(ns: argparse.Namespace, rest: List[str]) -> int:
     from mmm.config import ConfigError
     from mmm.downstream.data import load_split
     from mmm.downstream.finetune import FinetuneConfig, finetune
-
     from mmm.downstream.inputs import adapter_class
 
     modality = ns.modality or "text"
