@@ -108,6 +108,8 @@ def linear_probe(train: Tuple[np.ndarray, np.ndarray], test: Tuple[np.ndarray, n
     ytr, yte = class_ids(ytr, "training labels"), class_ids(yte, "test labels")
     if len(np.unique(ytr)) < 2:
         raise ValueError(f"a linear probe needs at least 2 classes in the training labels, got {np.unique(ytr)}")
+    if len(yte) == 0:
+        raise ValueError("linear probe: the test split is empty")
     clf = sk_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
     clf.fit(xtr, ytr)
     acc = float((clf.predict(xte) == yte).mean())

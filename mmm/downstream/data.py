@@ -244,7 +244,10 @@ class Labels:
         """Class names of the training labels (numeric order when all are integers, else sorted);
         regression checks that every label is a finite number."""
         if task_type == "regression":
-            encode_labels(train, cls("regression", []))
+            targets = encode_labels(train, cls("regression", []))
+            if len(set(targets)) < 2:
+                raise DownstreamDataError(f"{train.path}: every regression target is {targets[0]!r} "
+                                          f"({len(targets)} rows); regression needs targets that vary")
             return cls("regression", [])
         if task_type != "classification":
             raise ValueError(f"task type must be 'classification' or 'regression', got {task_type!r}")
@@ -485,4 +488,8 @@ def load_split(path: PathLike, modality: str, *, shard_split: Optional[str] = No
                                   "not tables")
     if not columns:
         raise DownstreamDataError(f"{p}: name the input column (--text_column)")
-    return reader.check_inputs(read_table(p, columns, label_column, skip_bad=skip_bad), skip_bad)
+    out = reader.check_inputs(read_table(p, columns, label_column, skip_bad=skip_bad), skip_bad)
+    if not out.inputs:
+        raise DownstreamDataError(f"{p}: no usable rows ({len(out.skipped)} skipped, e.g. {out.skipped[0][0]}: "
+                                  f"{out.skipped[0][1]})")
+    return out

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mmm.core.dropout import Dropout
-from mmm.downstream.data import Labels, Split, encode_labels
+from mmm.downstream.data import DownstreamDataError, Labels, Split, encode_labels
 from mmm.downstream.inputs import InputAdapter, adapter_class, load_adapter
 from mmm.downstream.metrics import check_metric, mean_std, metric_value, score_all
 
@@ -258,7 +258,26 @@ def prepare_split(adapter: InputAdapter, split: Split, skip_bad: bool) -> List[A
                 raise
             refused[i] = str(e).removeprefix(f"{w}: ")
     split.skip(refused)
+    if not items:
+        raise DownstreamDataError(f"{split.path}: no usable rows ({len(split.skipped)} skipped, e.g. "
+                                  f"{split.skipped[0][0]}: {split.skipped[0][1]})")
     return items
+
+
+def check_scorable(split: Split, y: Sequence[Union[int, float]], metric: str, labels: Labels) -> None:
+    """Refuse a dev or test split on which ``metric`` has one value whatever the model predicts: constant
+    regression targets (Pearson and Spearman are undefined), a single class under Matthews correlation, no class-1
+    row under a two-class F1. Dev would then pick its first evaluated state by chance, and test report noise."""
+    why = None
+    if labels.task_type == "regression" and len(set(y)) < 2:
+        why = f"every regression target is {y[0]!r}: {metric} is undefined"
+    elif metric == "matthews" and len(set(y)) < 2:
+        why = f"every label is {labels.names[y[0]]!r}: Matthews correlation is 0 whatever the model predicts"
+    elif metric == "f1" and labels.num_classes == 2 and 1 not in set(y):
+        why = (f"no row has class {labels.names[1]!r} (class 1): its F1 is 0 whatever the model predicts; use "
+               "--metric accuracy or add such rows")
+    if why:
+        raise DownstreamDataError(f"{split.path}: {why}, so this split cannot score or select a model")
 
 
 def train_one_seed(make_adapter: Callable[[], InputAdapter], train: Tuple[List[Any], List[Any]],
@@ -300,6 +319,9 @@ def train_one_seed(make_adapter: Callable[[], InputAdapter], train: Tuple[List[A
         scored_at = step
         value = metric_value(metric, predict(model, dev[0], cfg.task_type, cfg.eval_batch_size), np.asarray(dev[1]),
                              outputs)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the dev {metric} is {value} at step {step} (seed {seed}): the model's "
+                                     "predictions are not finite; lower --lr")
         if value > best:
             best, best_step, bad = value, step, 0
             best_state = copy.deepcopy(model.state_dict())
@@ -399,21 +421,24 @@ def finetune(source: Union[PathLike, Callable[[], nn.Module]], modality: str, tr
 
     first = make_adapter()
     first.check_pooling(cfg.pooling)
-    splits = (("train", train), ("dev", dev)) + ((("test", test),) if test else ())
+    splits = (("train", train), ("dev", dev)) + ((("test", test),) if test is not None else ())
     prepared = {name: prepare_split(first, s, skip_bad) for name, s in splits}
     labels = Labels.fit(train, cfg.task_type)
     y = {name: encode_labels(s, labels) for name, s in splits}
+    for name, s in splits[1:]:
+        check_scorable(s, y[name], metric, labels)
     outputs = labels.num_classes if cfg.task_type == "classification" else 1
     out_dir = Path(out) if out is not None else None
     results = []
     for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
         results.append(train_one_seed(make_adapter, (prepared["train"], y["train"]), (prepared["dev"], y["dev"]),
-                                      (prepared["test"], y["test"]) if test else None, outputs, cfg, seed, out_dir, log))
+                                      (prepared["test"], y["test"]) if test is not None else None, outputs, cfg, seed,
+                                      out_dir, log))
     res = FinetuneResult(
         metric, cfg.task_type, labels.to_dict(), results, mean_std([r.dev[metric] for r in results]),
-        mean_std([r.test[metric] for r in results]) if test else None, asdict(cfg),
+        mean_std([r.test[metric] for r in results]) if test is not None else None, asdict(cfg),
         {"source": getattr(source, "__name__", str(source)), "modality": modality, "train": train.path, "dev": dev.path,
-         "test": test.path if test else None, "sizes": {k: len(v) for k, v in prepared.items()},
+         "test": test.path if test is not None else None, "sizes": {k: len(v) for k, v in prepared.items()},
          "truncated_inputs": first.truncated,
          "skipped_rows": sum(len(s.skipped) for s in (train, dev, test) if s is not None)})
     if out_dir is not None:

@@ -80,7 +80,9 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *,
     for lo in range(0, len(test_x), chunk):
         te = torch.nn.functional.normalize(torch.from_numpy(test_x[lo:lo + chunk]), dim=1)  # (c, d)
         sim, idx = (te @ tr.T).topk(k, dim=1)  # (c, k)
-        w = torch.ones_like(sim) if temperature is None else (sim / temperature).exp()
+        # exp((s - s_max) / T): each row's votes scaled by one constant (the same argmax), so a small T cannot
+        # overflow float32 into ties of inf (top-k is sorted: column 0 holds the row's largest similarity)
+        w = torch.ones_like(sim) if temperature is None else ((sim - sim[:, :1]) / temperature).exp()
         votes = torch.zeros(len(te), classes).scatter_add_(1, ytr[idx], w)  # (c, classes)
         out.append(votes.argmax(1).numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)

@@ -89,8 +89,11 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(pred: np.ndarray, gold: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson of the average ranks)."""
-    return pearson(_ranks(np.asarray(pred, dtype=np.float64)), _ranks(np.asarray(gold, dtype=np.float64)))
+    """Spearman rank correlation (Pearson of the average ranks); NaN when a value is not finite (as Pearson's)."""
+    x, y = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return float("nan")
+    return pearson(_ranks(x), _ranks(y))
 
 
 METRICS: Dict[str, Callable[[np.ndarray, np.ndarray], float]] = {

@@ -374,3 +374,14 @@ def test_a_check_inputs_hook_that_returns_a_new_split_is_used_by_embed_and_finet
     write_table(tmp_path / "t.tsv", ["sentence", "label"], [("foo bar", "1"), ("baz", "0")])
     assert read_raw_inputs(tmp_path / "t.tsv", "text", text_column="sentence").inputs == ["foo bar"]
     assert load_split(tmp_path / "t.tsv", "text", columns=["sentence"]).inputs == ["foo bar"]
+
+
+def test_a_dna_table_whose_every_row_is_skipped_is_named(tmp_path: Path) -> None:
+    """The DNA alphabet check ran after the table's 'no rows' check: an emptied split reached fine-tuning (a test
+    split was then silently dropped, a dev split failed with numpy's 'need at least one array')."""
+    from mmm.downstream.data import load_split
+
+    write_table(tmp_path / "bad.csv", ["sequence", "label"], [("AC-T", "0"), ("GGU", "1")])
+    with pytest.raises(DownstreamDataError, match=r"bad.csv: no usable rows \(2 skipped, e.g. .*row 2: invalid DNA "
+                                                  r"character '-' at position 2\)"):
+        load_split(tmp_path / "bad.csv", "dna", columns=["sequence"], skip_bad=True)

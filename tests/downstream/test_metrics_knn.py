@@ -66,3 +66,68 @@ def test_knn_votes_weighted_vs_majority() -> None:
     assert knn_predict(train_x, train_y, q, k=5, temperature=0.07)[0] == 1
     with pytest.raises(ValueError, match="at least 2 classes"):
         knn_probe((train_x, np.zeros(5, int)), (q, np.zeros(1, int)))
+
+
+# ----------------------------------------------------------------------------- edge cases (review)
+
+
+def test_knn_votes_at_a_small_temperature_do_not_overflow() -> None:
+    """At T = 0.01 exp(cos / T) overflowed float32 to inf, and argmax over tied infs picked class 0."""
+    from mmm.downstream.knn import knn_predict
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(5, 16))
+    ytr = np.repeat(np.arange(5), 20)
+    xtr = (centers[ytr] + 0.05 * rng.normal(size=(100, 16))).astype(np.float32)
+    yte = np.repeat(np.arange(5), 10)
+    xte = (centers[yte] + 0.05 * rng.normal(size=(50, 16))).astype(np.float32)
+    pred = knn_predict(xtr, ytr, xte, k=20, temperature=0.01)
+    # float64 reference of the same weighted vote
+    a = xte / np.linalg.norm(xte, axis=1, keepdims=True)
+    b = xtr / np.linalg.norm(xtr, axis=1, keepdims=True)
+    sim = a.astype(np.float64) @ b.T.astype(np.float64)
+    idx = np.argsort(-sim, axis=1)[:, :20]
+    want = np.array([np.bincount(ytr[i], weights=np.exp(s[i] / 0.01), minlength=5).argmax() for s, i in zip(sim, idx)])
+    np.testing.assert_array_equal(pred, want)
+    assert (pred == yte).mean() > 0.9
+
+
+def test_spearman_of_non_finite_values_is_nan_and_an_empty_probe_test_split_is_named() -> None:
+    from mmm.downstream.metrics import pearson, spearman
+    from mmm.probe import linear_probe
+
+    x, y = np.array([1.0, np.nan, 3.0, 4.0]), np.array([1.0, 2.0, 3.0, 5.0])
+    assert np.isnan(pearson(x, y)) and np.isnan(spearman(x, y))
+    feats = np.random.default_rng(0).normal(size=(8, 4))
+    with pytest.raises(ValueError, match="linear probe: the test split is empty"):
+        linear_probe((feats, np.array([0, 1] * 4)), (feats[:0], np.zeros(0, np.int64)))
+
+
+def test_a_split_that_cannot_score_or_select_is_refused_naming_it() -> None:
+    """Constant regression targets (dev Pearson always 0) or one class under Matthews made dev pick its first state
+    by chance, silently; constant training targets trained a constant."""
+    from mmm.downstream.data import DownstreamDataError, Labels, Split
+    from mmm.downstream.finetune import check_scorable, prepare_split
+
+    flat = Split("train.tsv", ["a", "b", "c"], ["3", "3.0", "3"], ["r1", "r2", "r3"])
+    with pytest.raises(DownstreamDataError, match=r"train.tsv: every regression target is 3.0 \(3 rows\)"):
+        Labels.fit(flat, "regression")
+    reg, cls2 = Labels("regression", []), Labels("classification", ["neg", "pos"])
+    dev = Split("dev.tsv", ["a", "b"], ["2.5", "2.5"], ["r1", "r2"])
+    with pytest.raises(DownstreamDataError, match=r"dev.tsv: every regression target is 2.5: pearson is undefined"):
+        check_scorable(dev, [2.5, 2.5], "pearson", reg)
+    with pytest.raises(DownstreamDataError, match=r"dev.tsv: every label is 'neg': Matthews correlation is 0"):
+        check_scorable(dev, [0, 0], "matthews", cls2)
+    with pytest.raises(DownstreamDataError, match=r"no row has class 'pos' \(class 1\): its F1 is 0"):
+        check_scorable(dev, [0, 0], "f1", cls2)
+    check_scorable(dev, [0, 0], "accuracy", cls2)  # accuracy still tells models apart
+    check_scorable(dev, [0, 1], "matthews", cls2)
+
+    class Refuses:
+        def prepare(self, raw, where):
+            raise ValueError(f"{where}: invalid DNA character '-'")
+
+    bad = Split("bad.csv", ["A-C", "G-T"], ["0", "1"], ["bad.csv:row 2", "bad.csv:row 3"])
+    with pytest.raises(DownstreamDataError, match=r"bad.csv: no usable rows \(2 skipped, e.g. bad.csv:row 2: "
+                                                  r"invalid DNA character '-'\)"):
+        prepare_split(Refuses(), bad, skip_bad=True)
