@@ -114,3 +114,15 @@ def test_spec_patch_rejects_bad_arguments(kwargs, needle) -> None:
 def test_spec_patch_rejects_bad_grids(grid) -> None:
     with pytest.raises(ValueError, match="grid must be"):
         SpecPatchMasker()(grid, np.random.default_rng(0))
+
+
+def test_time_span_always_leaves_a_token_visible():
+    """Two non-overlapping spans could hide a short clip whole (p=0.2, span=3 at T=6: 3.6% of clips)."""
+    from mmm.modalities.audio.masking import TimeSpanMasker
+
+    for p, span, t in ((0.2, 3, 6), (0.13, 5, 8), (0.13, 5, 10), (0.08, 10, 16)):
+        m = TimeSpanMasker(p=p, span=span)
+        masks = [m(t, np.random.default_rng(s)) for s in range(1000)]
+        assert not any(x.all() for x in masks), (p, span, t)
+        assert all(x.any() for x in masks)
+    assert TimeSpanMasker()(1, np.random.default_rng(0)).all()  # one token: masked, as before

@@ -3,8 +3,8 @@
 * ``"time_span"`` -- span masking over time of wav2vec 2.0 (Baevski et al. 2020, "wav2vec 2.0: A
   Framework for Self-Supervised Learning of Speech Representations") and HuBERT (Hsu et al. 2021):
   a fraction ``p`` of the tokens are drawn (without replacement) as span starts and the ``span``
-  tokens from each start are masked; spans may overlap. The papers use p=0.065, M=10 on 20 ms
-  frames (about half of the frames masked). Our default tokens are 40 ms (4 frames of 10 ms), so
+  tokens from each start are masked; spans may overlap. wav2vec 2.0 uses p=0.065 and HuBERT p=0.08,
+  both M=10 on 20 ms frames (about 49% and 57% of the frames masked). Our default tokens are 40 ms (4 frames of 10 ms), so
   the defaults p=0.13, span=5 keep both the span duration (200 ms) and the masked fraction
   (``1 - (1 - p) ** span``, about 50%).
 * ``"spec_patch"`` -- AudioMAE patch masking (Huang et al. 2022, "Masked Autoencoders that
@@ -53,8 +53,9 @@ class TimeSpanMasker:
     The number of span starts is ``floor(p * T + u)`` with ``u ~ U[0, 1)`` (``p * T`` in
     expectation), at least ``max(1, min_masks)`` and at most the number of valid starts. Starts
     lie in ``[0, T - L]`` so every span fits, where ``L = min(span, max(1, T // 2))``: spans are
-    shortened on sequences shorter than two spans so that one span never hides the whole clip
-    (a single token, T=1, is always masked).
+    shortened on sequences shorter than two spans so that one span never hides the whole clip, and
+    when the spans together hide every token of a clip (two spans can on a short one), one token drawn at
+    random is shown again, so some evidence always stays visible (a single token, T=1, is always masked).
 
     Args:
         p: probability that a token starts a span, in (0, 1].
@@ -97,6 +98,8 @@ class TimeSpanMasker:
         starts = rng.choice(n_valid, size=n_spans, replace=False)
         idx = (starts[:, None] + np.arange(length)[None, :]).reshape(-1)  # (n_spans * L,)
         mask[idx] = True
+        if t > 1 and mask.all():  # nothing left to predict from
+            mask[int(rng.integers(0, t))] = False
         return mask
 
     def __repr__(self) -> str:
