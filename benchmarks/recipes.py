@@ -764,9 +764,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if ignored:
             p.error(f"--merge joins parts that already ran; {', '.join(ignored)} set how a part runs and would be "
                     "ignored: pass them to the parts, not to --merge")
-        parts = [json.loads((Path(d) / "results.json").read_text(encoding="utf-8")) for d in a.merge]
+        parts, sections = [], []
+        for d in a.merge:
+            path = Path(d) / "results.json"
+            try:
+                parts.append(json.loads(path.read_text(encoding="utf-8")))
+                sections.append(parts[-1]["sections"]["recipes"])
+            except OSError as e:
+                p.error(f"--merge: {path}: cannot read it ({e.strerror or e}); pass the folders the parts wrote")
+            except ValueError as e:
+                p.error(f"--merge: {path}: not JSON ({e})")
+            except (KeyError, TypeError):
+                p.error(f"--merge: {path} holds no recipes section (a results.json of python -m benchmarks.recipes "
+                        "is expected)")
         try:
-            section = merge([x["sections"]["recipes"] for x in parts])
+            section = merge(sections)
         except ValueError as e:
             p.error(f"--merge {' '.join(a.merge)}: {e}")
         report = write_report(section, out, parts[0]["quick"])

@@ -709,3 +709,12 @@ class ImageTextDatasetDef:
     embedded_default = staticmethod(embedded_default)
     check_sample = staticmethod(check_sample)
     read_captions = staticmethod(read_captions)
+    text_name = "caption"
+
+    @staticmethod
+    def texts_of(sample: Dict[str, Any], where: str) -> List[str]:
+        """The captions of a raw sample, as training reads them (``mmm shards stats`` counts each one)."""
+        from mmm.data.fields import sample_json
+        from mmm.modalities.image_text.pipeline import captions_of
+
+        return captions_of(sample, sample_json(sample, ValueError), where)

@@ -339,7 +339,9 @@ def _percentile(lengths: Counter, total: int, q: float) -> int:
 
 @dataclass
 class ShardStats:
-    """What :func:`shard_stats` measured. ``unit`` is ``"tokens"`` or ``"words"`` (whitespace-split)."""
+    """What :func:`shard_stats` measured. ``unit`` is ``"tokens"`` or ``"words"`` (whitespace-split); ``text`` is
+    what one length counts: a ``"sample"`` (its ``txt``), or a ``"caption"`` for a dataset whose samples hold
+    several texts that train as separate sequences (image-text: one caption per pair)."""
 
     dataset: str
     path: str
@@ -353,6 +355,12 @@ class ShardStats:
     max_len: Optional[int] = None
     sequences: Optional[int] = None
     samples_split: Optional[int] = None
+    text: str = "sample"
+
+    @property
+    def total_texts(self) -> int:
+        """Lengths counted: samples, or captions."""
+        return sum(self.lengths.values())
 
     @property
     def total_samples(self) -> int:
@@ -382,29 +390,31 @@ class ShardStats:
         return {
             "dataset": self.dataset, "path": self.path, "shards": self.shards, "samples": dict(self.samples),
             "total_samples": self.total_samples, "characters": self.characters, "unit": self.unit,
-            "tokenizer": self.tokenizer, "total_units": self.total_units,
-            "mean_units": self.total_units / self.total_samples if self.total_samples else 0.0,
+            "text": self.text, "total_texts": self.total_texts, "tokenizer": self.tokenizer,
+            "total_units": self.total_units,
+            "mean_units": self.total_units / self.total_texts if self.total_texts else 0.0,
             "percentiles": self.percentiles(), "histogram": [list(b) for b in self.histogram()],
             "max_len": self.max_len, "sequences": self.sequences, "samples_split": self.samples_split,
         }
 
     def to_markdown(self) -> str:
         """A markdown summary table, percentiles and the length histogram."""
-        n = self.total_samples
+        n, t = self.total_texts, self.text
         unit_note = (f"tokens of the tokenizer at {self.tokenizer} (no special tokens)" if self.unit == "tokens"
                      else "whitespace-separated words (no tokenizer given; pass one for token counts)")
         rows = [("shards", str(self.shards)),
                 *[(f"samples ({s})", str(c)) for s, c in sorted(self.samples.items())],
-                ("samples", str(n)), ("characters", str(self.characters)),
-                (f"{self.unit}", str(self.total_units)),
-                (f"{self.unit} per sample (mean)", f"{self.total_units / n:.1f}" if n else "-")]
-        rows += [(f"{self.unit} per sample ({k})", str(v)) for k, v in self.percentiles().items()]
+                ("samples", str(self.total_samples)), *([(f"{t}s", str(n))] if t != "sample" else []),
+                ("characters", str(self.characters)), (f"{self.unit}", str(self.total_units)),
+                (f"{self.unit} per {t} (mean)", f"{self.total_units / n:.1f}" if n else "-")]
+        rows += [(f"{self.unit} per {t} ({k})", str(v)) for k, v in self.percentiles().items()]
         if self.sequences is not None:
             rows.append((f"sequences at max_len={self.max_len}", str(self.sequences)))
-            rows.append(("samples cut into several sequences", str(self.samples_split)))
+            rows.append(("samples cut into several sequences" if t == "sample" else
+                         f"{t}s cut at max_len (their ends are not trained)", str(self.samples_split)))
         lines = [f"## {self.dataset} shards at {self.path}", "", f"Lengths are in {unit_note}.", "",
                  "| | |", "|---|---:|", *[f"| {k} | {v} |" for k, v in rows], "",
-                 f"| {self.unit} per sample | samples | share |", "|---:|---:|---:|"]
+                 f"| {self.unit} per {t} | {t}s | share |", "|---:|---:|---:|"]
         for label, count in self.histogram():
             lines.append(f"| {label} | {count} | {100.0 * count / n:.1f}% |")
         return "\n".join(lines) + "\n"
@@ -424,8 +434,11 @@ def shard_stats(path: ShardSpec, dataset: Optional[str] = None, split: Optional[
                 read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> ShardStats:
     """Count samples, characters and tokens (or words) of a text dataset's shards.
 
-    A bad sample (missing ``txt``, not UTF-8) or an unreadable shard stops with an error naming
-    the shard and key; ``mmm shards check`` lists every such problem.
+    A dataset definition whose samples hold several texts that train separately gives ``texts_of(sample,
+    where) -> list of str`` and ``text_name`` (image-text: its captions, each one pair cut at ``max_len``):
+    lengths are then per text, and ``max_len`` counts the texts it cuts. A bad sample (missing ``txt``, not
+    UTF-8) or an unreadable shard stops with an error naming the shard and key; ``mmm shards check`` lists
+    every such problem.
 
     Args:
         path: shard directory, ``.tar`` file, pattern or list (as for :func:`list_shards`).
@@ -442,7 +455,8 @@ def shard_stats(path: ShardSpec, dataset: Optional[str] = None, split: Optional[
     """
     dataset = resolve_dataset(path, dataset)
     ds = _load_dataset(dataset)
-    if "txt" not in ds.fields:
+    texts_of = getattr(ds, "texts_of", None)
+    if texts_of is None and "txt" not in ds.fields:
         raise ValueError(f"shard stats count text: dataset {dataset!r} has fields {list(ds.fields)}, no 'txt'")
     if max_len is not None and tokenizer is None:
         raise ValueError("shard stats: max_len needs a tokenizer (sequences are counted in tokens); pass tokenizer=DIR")
@@ -466,7 +480,10 @@ def shard_stats(path: ShardSpec, dataset: Optional[str] = None, split: Optional[
         else:
             encoded = tok.encode_batch(texts)
             counted = [len(ids) for ids, _ in encoded]
-            if max_len is not None:
+            if max_len is not None and texts_of is not None:  # each text is one sequence, cut at max_len
+                totals["sequences"] += len(encoded)
+                totals["split"] += sum(n + 2 > max_len for n in counted)
+            elif max_len is not None:
                 for ids, word_ids in encoded:
                     pieces = len(tok.chunk(ids, word_ids, max_len))
                     totals["sequences"] += pieces
@@ -480,6 +497,15 @@ def shard_stats(path: ShardSpec, dataset: Optional[str] = None, split: Optional[
     reader = guarded_tarfile_to_samples(max_member_bytes, handler=_stop_on_error, read_timeout_s=read_timeout_s)
     for sample in reader(iter([{"url": u} for u in urls])):
         where = f"shard {sample['__url__']} sample {sample['__key__']!r}"
+        s = _split_of_shard(sample["__url__"])
+        if texts_of is not None:
+            texts = texts_of(sample, where)
+            samples[s] = samples.get(s, 0) + 1
+            totals["chars"] += sum(len(x) for x in texts)
+            batch.extend(texts)
+            if len(batch) >= batch_size:
+                flush(batch)
+            continue
         if "txt" not in sample:
             have = sorted(k for k in sample if not k.startswith("__"))
             raise ValueError(f"{where}: no 'txt' field (has {have}); run `mmm shards check` for every problem")
@@ -488,7 +514,6 @@ def shard_stats(path: ShardSpec, dataset: Optional[str] = None, split: Optional[
         except UnicodeDecodeError as exn:
             raise ValueError(f"{where}: 'txt' is not UTF-8 at byte offset {exn.start}; "
                              "run `mmm shards check` for every problem") from None
-        s = _split_of_shard(sample["__url__"])
         samples[s] = samples.get(s, 0) + 1
         totals["chars"] += len(text)
         batch.append(text)
@@ -502,4 +527,5 @@ def shard_stats(path: ShardSpec, dataset: Optional[str] = None, split: Optional[
         tokenizer=str(tokenizer) if tokenizer is not None else None, max_len=max_len,
         sequences=totals["sequences"] if max_len is not None else None,
         samples_split=totals["split"] if max_len is not None else None,
+        text=getattr(ds, "text_name", "sample") if texts_of is not None else "sample",
     )

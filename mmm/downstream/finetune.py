@@ -259,8 +259,9 @@ def prepare_split(adapter: InputAdapter, split: Split, skip_bad: bool) -> List[A
             refused[i] = str(e).removeprefix(f"{w}: ")
     split.skip(refused)
     if not items:
-        raise DownstreamDataError(f"{split.path}: no usable rows ({len(split.skipped)} skipped, e.g. "
-                                  f"{split.skipped[0][0]}: {split.skipped[0][1]})")
+        why = (f"{len(split.skipped)} skipped, e.g. {split.skipped[0][0]}: {split.skipped[0][1]}" if split.skipped
+               else "it has no rows")
+        raise DownstreamDataError(f"{split.path}: no usable rows ({why})")
     return items
 
 

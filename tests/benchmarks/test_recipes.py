@@ -231,3 +231,13 @@ def test_the_smoke_size_keeps_its_small_model_when_a_flag_customises_it(tmp_path
     with pytest.raises(RuntimeError, match="stop after"):
         recipes.main(["--modality", "text", "--no-timing", "--out", str(tmp_path)])
     assert seen == {"mlm-15": recipes.MICRO_MODEL["text"]["model.encoder.dim"]}
+
+
+def test_merge_names_a_part_that_is_missing_or_not_a_recipes_result(tmp_path, capsys):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text(json.dumps({"sections": {"downstream": {}}}))
+    for part, match in (("missing", r"missing/results.json: cannot read it"),
+                        ("other", r"other/results.json holds no recipes section")):
+        with pytest.raises(SystemExit):
+            recipes.main(["--merge", str(tmp_path / part), "--out", str(tmp_path / "m")])
+        assert match in capsys.readouterr().err

@@ -221,6 +221,33 @@ def test_stats_with_tokenizer_counts_tokens_and_sequences(shards: Path, tmp_path
     assert json.loads(json.dumps(stats.to_dict()))["sequences"] == stats.sequences
 
 
+def test_stats_of_image_text_shards_count_each_caption(tmp_path: Path, shards: Path) -> None:
+    """Image-text samples hold several captions, each trained as its own pair: stats joined them into one text."""
+    from datasets_def.text import iter_texts
+    from mmm.modalities.text.tokenizer import train_wordpiece
+
+    caps = [["a red square", "the square is red on the left"], ["blue circle"],
+            ["two green triangles near a big yellow star", "stars", "a triangle"]]
+    members = []
+    for i, c in enumerate(caps):
+        members += [(f"{i:03d}.png", b"not decoded by stats"), (f"{i:03d}.txt", "\n".join(c).encode()),
+                    (f"{i:03d}.json", json.dumps({"label": 0}).encode())]
+    (tmp_path / "vl").mkdir()
+    write_tar(tmp_path / "vl" / "train-000000.tar", members)
+    stats = shard_stats(tmp_path / "vl", dataset="image_text")
+    flat = [x for c in caps for x in c]
+    assert stats.text == "caption" and stats.total_samples == 3 and stats.total_texts == len(flat) == 6
+    assert stats.total_units == sum(len(x.split()) for x in flat)
+    assert stats.percentiles()["max"] == 8 and stats.percentiles()["min"] == 1
+    md = stats.to_markdown()
+    assert "| captions | 6 |" in md and "| words per caption (mean) | 3.8 |" in md
+    tok = train_wordpiece(list(iter_texts(shards, "train")) + flat, vocab_size=80, min_frequency=1)
+    with_tok = shard_stats(tmp_path / "vl", dataset="image_text", tokenizer=str(tok.save(tmp_path / "tok")), max_len=6)
+    lengths = [len(tok.encode(x)[0]) for x in flat]
+    assert with_tok.sequences == 6 and with_tok.samples_split == sum(n + 2 > 6 for n in lengths) > 0
+    assert "captions cut at max_len (their ends are not trained)" in with_tok.to_markdown()
+
+
 def test_stats_bad_input_is_a_named_error(tmp_path: Path, shards: Path) -> None:
     with pytest.raises(ValueError, match="max_len needs a tokenizer"):
         shard_stats(shards, max_len=64)

@@ -131,3 +131,11 @@ def test_a_split_that_cannot_score_or_select_is_refused_naming_it() -> None:
     with pytest.raises(DownstreamDataError, match=r"bad.csv: no usable rows \(2 skipped, e.g. bad.csv:row 2: "
                                                   r"invalid DNA character '-'\)"):
         prepare_split(Refuses(), bad, skip_bad=True)
+
+
+def test_an_empty_split_given_through_the_api_is_named() -> None:
+    from mmm.downstream.data import DownstreamDataError, Split
+    from mmm.downstream.finetune import prepare_split
+
+    with pytest.raises(DownstreamDataError, match=r"test.tsv: no usable rows \(it has no rows\)"):
+        prepare_split(object(), Split("test.tsv", [], [], []), skip_bad=False)
