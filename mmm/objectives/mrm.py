@@ -236,12 +236,32 @@ class RegionClassifier(nn.Module):
 @OBJECTIVES.register("mrc")
 class MaskedRegionClassification(RegionClassifier):
     """UNITER's MRC: classify each hidden region, cross-entropy against ``argmax(soft_labels)``; logs
-    accuracy. Arguments as :class:`RegionClassifier`."""
+    accuracy. Arguments as :class:`RegionClassifier`, and
+
+    Args:
+        background: a class index the hard pseudo-label never takes, or None (every class). UNITER's released
+            code takes the argmax over the detector's object classes only, skipping its background class 0
+            (``max(soft[:, 1:]) + 1``); set ``background: 0`` for such soft labels.
+    """
 
     objective = "mrc"
     metrics = ("acc",)
 
+    def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
+                 num_classes: Optional[int] = None, teacher: Optional[Dict[str, Any]] = None,
+                 modality: str = "image", target: str = "mrm", background: Optional[int] = None) -> None:
+        super().__init__(dim, embedders, encoder_cfg, num_classes, teacher, modality, target)
+        if background is not None and (isinstance(background, bool) or not isinstance(background, int)
+                                       or not 0 <= background < self.num_classes):
+            raise ValueError(f"objective mrc: background must be a class index in [0, {self.num_classes}) or null, "
+                             f"got {background!r}")
+        if background is not None and self.num_classes < 2:
+            raise ValueError("objective mrc: background leaves no class to predict with num_classes=1")
+        self.background = background
+
     def score(self, logits: torch.Tensor, soft: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        if self.background is not None:  # the argmax over the other classes (UNITER: the object classes)
+            soft = soft.index_fill(-1, torch.tensor([self.background], device=soft.device), -1.0)
         labels = soft.argmax(-1)  # (M,) hard pseudo-labels
         acc = (logits.detach().argmax(-1) == labels).float().mean()
         return F.cross_entropy(logits, labels, reduction="sum"), {"acc": acc}

@@ -58,6 +58,21 @@ def test_mrc_uses_argmax_of_soft_labels():
     assert float(out.metrics["acc"]) == float((logits.argmax(-1) == t.soft_labels.argmax(-1)).float().mean())
 
 
+def test_mrc_background_class_is_never_the_hard_label():
+    """UNITER's code takes the argmax over the object classes, skipping the detector's background class 0."""
+    head, batch, hidden = _head("mrc", num_classes=C, background=0), _batch(), _hidden()
+    t = batch.targets["mrm"]
+    t.soft_labels[:, 0] = 0.9  # background dominates every region
+    logits = head.head(hidden[t.positions])
+    want = t.soft_labels[:, 1:].argmax(-1) + 1  # UNITER: max(soft[:, 1:]) + 1
+    assert torch.allclose(head(hidden, batch).loss, F.cross_entropy(logits, want), atol=1e-6)
+    assert (_head("mrc", num_classes=C).score(logits, t.soft_labels)[0] / M).item() == pytest.approx(
+        F.cross_entropy(logits, torch.zeros(M, dtype=torch.long)).item(), abs=1e-5)  # without it: class 0
+    for bad in (C, -1, True, "0"):
+        with pytest.raises(ValueError, match=r"objective mrc: background must be a class index in \[0, 6\)"):
+            _head("mrc", num_classes=C, background=bad)
+
+
 def test_mrc_kl_equals_hand_kl():
     head, batch, hidden = _head("mrc_kl", num_classes=C), _batch(), _hidden()
     t = batch.targets["mrm"]
