@@ -39,17 +39,43 @@ class RegionHead(nn.Module):
         dim: encoder width.
         out_dim: output size (feature size F for MRFR, class count C for MRC).
         norm_eps: LayerNorm epsilon.
+        tied: a ``Linear(out_dim, dim)`` (an embedder's input projection) whose transposed weight is the output
+            layer's (UNITER's MRFR), with a bias of the head's own; None: the head's own ``Linear(dim, out_dim)``.
     """
 
-    def __init__(self, dim: int, out_dim: int, norm_eps: float = 1e-12) -> None:
+    def __init__(self, dim: int, out_dim: int, norm_eps: float = 1e-12, tied: Optional[nn.Linear] = None) -> None:
         super().__init__()
         self.dense = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.out = nn.Linear(dim, out_dim)
+        if tied is None:
+            self.out = nn.Linear(dim, out_dim)
+        else:
+            self.out_bias = nn.Parameter(torch.zeros(out_dim))
+        self._tied = (tied,)  # a tuple: the embedder's layer stays the embedder's (not a submodule, saved once)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(M, d) → (M, out_dim)."""
-        return self.out(self.norm(F.gelu(self.dense(hidden))))
+        x = self.norm(F.gelu(self.dense(hidden)))
+        tied = self._tied[0]
+        return self.out(x) if tied is None else F.linear(x, tied.weight.t(), self.out_bias)
+
+
+def tied_projection(embedders: Mapping[str, nn.Module], name: Optional[str], feature_dim: int,
+                    dim: int) -> Optional[nn.Linear]:
+    """The ``feature_proj`` (``Linear(feature_dim, dim)``) of embedder ``name`` for MRFR's ``tie_to``; None for None."""
+    if name is None:
+        return None
+    if name not in embedders:
+        raise ValueError(f"objective mrfr: tie_to={name!r} names no embedder of the model (embedders: "
+                         f"{sorted(embedders)})")
+    proj = getattr(embedders[name], "feature_proj", None)
+    if not isinstance(proj, nn.Linear):
+        raise ValueError(f"objective mrfr: tie_to={name!r}: that embedder has no feature_proj input projection "
+                         "to tie to (the regions embedder has one)")
+    if tuple(proj.weight.shape) != (dim, feature_dim):
+        raise ValueError(f"objective mrfr: tie_to={name!r}: its feature_proj maps {proj.weight.shape[1]} → "
+                         f"{proj.weight.shape[0]}, the head regresses feature_dim={feature_dim} from width {dim}")
+    return proj
 
 
 class RegionTargetSource:
@@ -161,16 +187,20 @@ class MaskedRegionFeatureRegression(nn.Module):
         teacher: frozen teacher spec ``{kind, model, path, kwargs}`` for patch targets; None = targets from the shards.
         modality: the image modality a teacher reads pixels from.
         target: key of the region targets in ``batch.targets``.
+        tie_to: the embedder (e.g. ``regions``) whose input projection ``feature_proj`` (F → d), transposed, is the
+            head's output layer, as UNITER's released code ties its MRFR output to the region embedder's
+            ``img_linear``; None: the head's own output layer.
     """
 
     def __init__(self, dim: int, embedders: Dict[str, nn.Module], encoder_cfg: EncoderConfig,
                  feature_dim: Optional[int] = None, teacher: Optional[Dict[str, Any]] = None,
-                 modality: str = "image", target: str = "mrm") -> None:
+                 modality: str = "image", target: str = "mrm", tie_to: Optional[str] = None) -> None:
         super().__init__()
         self.source = RegionTargetSource("mrfr", embedders, modality, target, teacher)
         t = self.source.teacher
         self.feature_dim = self.source.resolve_dim("feature_dim", feature_dim, t.feature_dim if t else None)
-        self.head = RegionHead(dim, self.feature_dim, encoder_cfg.norm_eps)
+        self.head = RegionHead(dim, self.feature_dim, encoder_cfg.norm_eps, tied_projection(embedders, tie_to,
+                                                                                            self.feature_dim, dim))
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> ObjectiveOutput:
         """(N, d) encoder output → MSE on the hidden regions' features."""

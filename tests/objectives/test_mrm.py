@@ -73,6 +73,30 @@ def test_mrc_background_class_is_never_the_hard_label():
             _head("mrc", num_classes=C, background=bad)
 
 
+def test_mrfr_tied_to_the_region_embedders_projection():
+    """UNITER's code: the MRFR output layer is the region embedder's img_linear, transposed, with its own bias."""
+    emb = torch.nn.Module()
+    emb.feature_proj = torch.nn.Linear(FDIM, D)
+    torch.manual_seed(0)
+    head = OBJECTIVES.create("mrfr", dim=D, embedders={"regions": emb}, encoder_cfg=EncoderConfig(dim=D, heads=2),
+                             feature_dim=FDIM, tie_to="regions")
+    assert not hasattr(head.head, "out") and "regions" not in dict(head.named_modules())  # shared, not copied
+    batch, hidden = _batch(), _hidden()
+    t = batch.targets["mrm"]
+    h = head.head.norm(F.gelu(head.head.dense(hidden[t.positions])))
+    want = F.mse_loss(F.linear(h, emb.feature_proj.weight.t(), head.head.out_bias), t.features)
+    out = head(hidden, batch)
+    assert torch.allclose(out.loss, want, atol=1e-6)
+    out.loss.backward()
+    assert emb.feature_proj.weight.grad.abs().sum() > 0  # the regression trains the embedder's projection
+    with pytest.raises(ValueError, match=r"tie_to='image' names no embedder of the model \(embedders: \['regions'\]\)"):
+        OBJECTIVES.create("mrfr", dim=D, embedders={"regions": emb}, encoder_cfg=EncoderConfig(dim=D, heads=2),
+                          feature_dim=FDIM, tie_to="image")
+    with pytest.raises(ValueError, match=r"its feature_proj maps 10 → 16, the head regresses feature_dim=12"):
+        OBJECTIVES.create("mrfr", dim=D, embedders={"regions": emb}, encoder_cfg=EncoderConfig(dim=D, heads=2),
+                          feature_dim=12, tie_to="regions")
+
+
 def test_mrc_kl_equals_hand_kl():
     head, batch, hidden = _head("mrc_kl", num_classes=C), _batch(), _hidden()
     t = batch.targets["mrm"]
