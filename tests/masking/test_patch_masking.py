@@ -143,3 +143,17 @@ def test_beit_block_draws_late_block_areas_as_beit_does():
     counts = np.array([m((14, 14), np.random.default_rng(s)).sum() for s in range(400)])
     assert counts.max() <= 78 and 76.8 < counts.mean() < 78.0
     assert counts.std() > 0.5  # BEiT's reference generator: mean 77.5, sd 0.9
+
+
+def test_beit_block_warns_when_the_grid_is_too_small_for_its_blocks(caplog):
+    from mmm.masking.patch import BeitBlockMasker
+
+    small = BeitBlockMasker(ratio=0.4)  # 4x4: target 6 < min_patches 16
+    with caplog.at_level("WARNING", logger="mmm.data"):
+        counts = [small((4, 4), np.random.default_rng(s)).sum() for s in range(200)]
+    assert np.mean(counts) < 5.0  # BEiT's generator on such a grid: about 4 of 6
+    assert caplog.text.count("beit_block: the 4x4 patch grid's target of 6 hidden patches is below min_patches=16") == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmm.data"):
+        BeitBlockMasker(ratio=0.4, min_patches=3)((4, 4), np.random.default_rng(0))
+    assert "beit_block" not in caplog.text
