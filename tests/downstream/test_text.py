@@ -104,7 +104,9 @@ def test_finetune_regression_on_pairs(saved: Path, tmp_path: Path) -> None:
     from mmm.downstream.finetune import FinetuneConfig, finetune
 
     rows = keyword_rows(64, 2)
-    pairs = [(a, b, f"{(la == 'pos') + (lb == 'pos'):.1f}") for (a, la), (b, lb) in zip(rows, rows[1:] + rows[:1])]
+    partners = [rows[(i + (2 if i % 3 == 0 else 1)) % len(rows)] for i in range(len(rows))]  # same or other label
+    pairs = [(a, b, f"{(la == 'pos') + (lb == 'pos'):.1f}") for (a, la), (b, lb) in zip(rows, partners)]
+    assert len({p[2] for p in pairs[48:]}) > 1  # the targets vary (they were all 1.0: nothing to correlate with)
     train = write_table(tmp_path / "tr.csv", ["s1", "s2", "score"], pairs[:48])
     dev = write_table(tmp_path / "dv.csv", ["s1", "s2", "score"], pairs[48:])
     cfg = FinetuneConfig(task_type="regression", metric="spearman", lr=1e-3, batch_size=16, epochs=2, seeds=1)
