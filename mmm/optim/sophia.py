@@ -108,8 +108,12 @@ def _math_attention():
 class Sophia(torch.optim.Optimizer):
     """Sophia's update (Algorithm 3 of Liu et al. 2023) with a pluggable Hessian-diagonal estimator.
 
-    The estimator runs on steps 1, 1 + k, 1 + 2k, ... (``k = hessian_every``); its state (step count,
-    ``m``, ``h``) lives in ``state_dict()``, so a resumed run estimates on the same steps.
+    The estimator runs on optimizer steps 1, 1 + k, 1 + 2k, ... (``k = hessian_every``), counted once per
+    :meth:`step` (``param_groups[0]["sophia_step"]``; a parameter's own count skips the steps it has no
+    gradient, so the first one's count drifted in task mixtures); the count, ``m`` and ``h`` live in
+    ``state_dict()``, so a resumed run estimates on the same steps. The estimate's double backward runs
+    multi-threaded kernels whose sums are not bit-reproducible: a resumed Sophia run matches an uninterrupted
+    one exactly with ``trainer.threads: 1`` (about 1e-5 apart otherwise).
 
     Args:
         params: parameters or groups (a group may set its own ``weight_decay``).
@@ -148,7 +152,12 @@ class Sophia(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return loss
-        if int(self._state(params[0])["step"]) % self.hessian_every == 0:  # steps 1, 1 + k, ... (counted from 1)
+        first = self.param_groups[0]
+        if "sophia_step" not in first:  # a new run, or a checkpoint from before the count: its parameters' largest
+            first["sophia_step"] = max((int(s["step"]) for s in self.state.values() if "step" in s), default=0)
+        done = first["sophia_step"]
+        first["sophia_step"] = done + 1
+        if done % self.hessian_every == 0:  # steps 1, 1 + k, ... (counted from 1)
             by_id = {id(p): e for p, e in zip(params, self.hessian_fn(params))}
             for group in self.param_groups:
                 b2 = group["betas"][1]

@@ -20,7 +20,7 @@ def test_registry_lists_the_optimizers_and_rejects_unknown_names_and_args():
     with pytest.raises(RegistryError, match="unknown optimizer 'adam'.*adamw, lamb, sophia"):
         build_optimizer(model, OptimConfig(name="adam"))
     with pytest.raises(RegistryError, match=r"optim.args \(optimizer 'lamb'\) got unknown argument\(s\) \['rho'\]; "
-                                             r"it takes none"):
+                                             r"accepted: \['always_adapt'\]"):
         build_optimizer(model, OptimConfig(name="lamb", args={"rho": 0.1}))
     with pytest.raises(RegistryError, match=r"optim.args \(optimizer 'sophia'\): 'lr' is set by mmm itself \(from optim.lr\)"):
         build_optimizer(model, OptimConfig(name="sophia", args={"lr": 0.1}))
@@ -48,7 +48,7 @@ def test_adamw_first_step_by_hand():
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_lamb_first_step_by_hand(wd):
     w = nn.Parameter(torch.tensor([3.0, 4.0]))  # ||w|| = 5
-    opt = Lamb([w], lr=0.1, betas=(0.9, 0.999), eps=0.0, weight_decay=wd)
+    opt = Lamb([w], lr=0.1, betas=(0.9, 0.999), eps=0.0, weight_decay=wd, always_adapt=True)
     w.grad = torch.tensor([1.0, 2.0])
     opt.step()
     # first step: m_hat = g, v_hat = g^2, so the Adam direction is sign(g) = (1, 1)
@@ -60,7 +60,7 @@ def test_lamb_first_step_by_hand(wd):
 
 def test_lamb_second_step_by_hand_and_zero_weights_use_trust_one():
     w = nn.Parameter(torch.tensor([3.0, 4.0]))
-    opt = Lamb([w], lr=0.1, betas=(0.5, 0.5), eps=0.0)
+    opt = Lamb([w], lr=0.1, betas=(0.5, 0.5), eps=0.0, always_adapt=True)
     w.grad = torch.tensor([1.0, 2.0])
     opt.step()
     w1 = w.detach().clone()
@@ -77,6 +77,48 @@ def test_lamb_second_step_by_hand_and_zero_weights_use_trust_one():
     b.grad = torch.tensor([2.0, -1.0])
     opt.step()
     assert torch.allclose(b.detach(), torch.tensor([-0.1, 0.1]))
+
+
+def test_lamb_gives_parameters_without_weight_decay_adams_step():
+    """apex FusedLAMB / timm Lamb / Google's exclude_from_layer_adaptation: no trust ratio without weight decay.
+    With it, a zero-initialised bias got a trust of about lr from its second step and stopped moving."""
+    def moved(always_adapt: bool) -> float:
+        b = nn.Parameter(torch.zeros(3))
+        opt = Lamb([{"params": [b], "weight_decay": 0.0}], lr=0.01, eps=1e-8, always_adapt=always_adapt)
+        after_one = None
+        for step in range(50):
+            b.grad = torch.tensor([1.0, -0.5, 0.25])
+            opt.step()
+            if step == 0:
+                after_one = b.detach().clone()
+        return float((b.detach() - after_one).abs().max())
+
+    assert moved(False) == pytest.approx(49 * 0.01, rel=1e-4)  # Adam: sign(g) * lr per step on a constant gradient
+    assert moved(True) < 0.02  # the trust ratio ||b|| / ||r|| ~ lr: it barely moves after step 1
+    w = nn.Parameter(torch.tensor([3.0, 4.0]))  # with weight decay: the trust ratio, as before
+    opt = Lamb([{"params": [w], "weight_decay": 0.1}], lr=0.1, eps=0.0)
+    w.grad = torch.tensor([1.0, 2.0])
+    opt.step()
+    r = torch.tensor([1 + 0.3, 1 + 0.4])
+    assert torch.allclose(w.detach(), torch.tensor([3.0, 4.0]) - 0.1 * (5.0 / r.norm()) * r, atol=1e-6)
+
+
+def test_sophia_refreshes_its_hessian_by_optimizer_steps_not_by_the_first_parameters_count():
+    """The refresh read the first parameter's own step count, which skips the steps it has no gradient (a task
+    mixture): with k = 3 and that parameter used on even steps only, estimates came at steps 1, 2, 7, 8."""
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    at, step = [], [0]
+
+    def hessian(params):
+        at.append(step[0])
+        return [torch.ones_like(p) for p in params]
+
+    opt = Sophia([a, b], hessian, lr=0.01, hessian_every=3)
+    for step[0] in range(1, 11):
+        a.grad = torch.ones(2) if step[0] % 2 == 0 else None
+        b.grad = torch.ones(2)
+        opt.step()
+    assert at == [1, 4, 7, 10]
 
 
 def test_sophia_steps_by_hand_with_a_given_hessian():
