@@ -306,7 +306,7 @@ def encode_labels(split: Split, labels: Labels) -> List[Union[int, float]]:
 
 
 def read_shards(path: PathLike, modality: str, split: Optional[str] = None, *, labelled: bool = True,
-                max_samples: Optional[int] = None, skip_bad: bool = False) -> Split:
+                max_samples: Optional[int] = None, skip_bad: bool = False, keep_encoded: bool = False) -> Split:
     """Samples of WebDataset shards in shard order.
 
     Args:
@@ -316,9 +316,12 @@ def read_shards(path: PathLike, modality: str, split: Optional[str] = None, *, l
         labelled: every sample must carry a json ``label`` (an integer); else an error naming it.
         max_samples: stop after this many.
         skip_bad: skip undecodable or unlabelled samples (counted in ``skipped``).
+        keep_encoded: each input is a :class:`~mmm.downstream.inputs.RawSample` (the sample's encoded members,
+            decoded here to check it and again when embedded) instead of the decoded input: ``mmm embed`` holds
+            a split as compressed bytes.
     """
     from mmm.data.stream import list_shards, make_pipeline
-    from mmm.downstream.inputs import adapter_class
+    from mmm.downstream.inputs import RawSample, adapter_class
 
     decode = adapter_class(modality).decode_sample
     urls = list_shards(str(path), split)
@@ -344,7 +347,7 @@ def read_shards(path: PathLike, modality: str, split: Optional[str] = None, *, l
                 out.skipped.append((where, str(e)))
                 continue
             raise DownstreamDataError(str(e) if where in str(e) else f"{where}: {e}") from None
-        out.inputs.append(raw)
+        out.inputs.append(RawSample(dict(sample)) if keep_encoded else raw)
         out.labels.append(label)
         out.where.append(where)
         if max_samples is not None and len(out.inputs) >= max_samples:

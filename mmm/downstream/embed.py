@@ -35,7 +35,7 @@ def read_inputs(path: PathLike, modality: str, split: Optional[str] = None, text
     bad samples and rows are skipped and listed in ``skipped`` instead of stopping."""
     p = Path(path)
     if is_shards(p):
-        return read_shards(p, modality, split, labelled=False, skip_bad=skip_bad)
+        return read_shards(p, modality, split, labelled=False, skip_bad=skip_bad, keep_encoded=True)
     if split is not None:
         raise ValueError(f"--split applies to shards; {p} holds no .tar shards")
     return read_raw_inputs(p, modality, text_column=text_column, skip_bad=skip_bad)

@@ -41,6 +41,14 @@ class RawFile(NamedTuple):
     path: str
 
 
+class RawSample(NamedTuple):
+    """A shard sample kept as its encoded members (``mmm embed`` on shards), decoded again by the modality's
+    :meth:`InputAdapter.decode_sample` when its batch is prepared: a split is held as compressed bytes, not as
+    decoded images or waveforms."""
+
+    sample: Dict[str, Any]
+
+
 class InputAdapter:
     """Turns raw inputs of one modality into pooled features of ``encoder`` (subclassed per modality).
 
@@ -145,6 +153,8 @@ class InputAdapter:
             for i, r in enumerate(raws[lo:lo + batch_size]):
                 label = where[lo + i] if where else f"input {lo + i}"
                 try:
+                    if isinstance(r, RawSample):
+                        r = self.decode_sample(r.sample)[0]
                     items.append(self.prepare(r, label))
                 except ValueError as e:
                     if skipped is None:

@@ -27,6 +27,14 @@ def test_image_finetune_and_embed_on_labelled_shards(image_ckpt: Path, tmp_path:
                  "--pooling", "cls"]) == 0
     feats, labels = np.load(emb / "features.npy"), np.load(emb / "labels.npy")
     assert feats.shape == (res["data"]["sizes"]["dev"], 32) and set(labels.tolist()) <= {0, 1}
+    # shards are held encoded (RawSample) and decoded when embedded: the features of the decoded split
+    from mmm.downstream.data import read_shards
+    from mmm.downstream.inputs import RawSample, load_adapter as _load
+
+    kept = read_shards(shards, "image", "val", labelled=False, keep_encoded=True)
+    assert all(isinstance(x, RawSample) for x in kept.inputs)
+    decoded = read_shards(shards, "image", "val", labelled=False)
+    np.testing.assert_allclose(feats, _load(str(image_ckpt), "image").features(decoded.inputs, "cls"), atol=1e-5)
     # a raw image folder embeds too, keyed by relative path
     assert main(["embed", str(image_ckpt), str(tmp_path / "imgs" / "disk"), str(tmp_path / "e2"), "--modality",
                  "image"]) == 0
