@@ -420,6 +420,18 @@ class ShardStats:
         return "\n".join(lines) + "\n"
 
 
+def _sample_text(sample: Dict[str, Any], where: str) -> str:
+    """A text sample's ``txt``, decoded; a ValueError naming ``where`` when it is missing or not UTF-8."""
+    if "txt" not in sample:
+        have = sorted(k for k in sample if not k.startswith("__"))
+        raise ValueError(f"{where}: no 'txt' field (has {have}); run `mmm shards check` for every problem")
+    try:
+        return sample["txt"].decode("utf-8")
+    except UnicodeDecodeError as exn:
+        raise ValueError(f"{where}: 'txt' is not UTF-8 at byte offset {exn.start}; "
+                         "run `mmm shards check` for every problem") from None
+
+
 def _stop_on_error(exn: Exception) -> bool:
     """Handler for :func:`shard_stats`: any read error stops with a ValueError naming the shard."""
     args = list(exn.args)
@@ -497,26 +509,11 @@ def shard_stats(path: ShardSpec, dataset: Optional[str] = None, split: Optional[
     reader = guarded_tarfile_to_samples(max_member_bytes, handler=_stop_on_error, read_timeout_s=read_timeout_s)
     for sample in reader(iter([{"url": u} for u in urls])):
         where = f"shard {sample['__url__']} sample {sample['__key__']!r}"
+        texts = texts_of(sample, where) if texts_of is not None else [_sample_text(sample, where)]
         s = _split_of_shard(sample["__url__"])
-        if texts_of is not None:
-            texts = texts_of(sample, where)
-            samples[s] = samples.get(s, 0) + 1
-            totals["chars"] += sum(len(x) for x in texts)
-            batch.extend(texts)
-            if len(batch) >= batch_size:
-                flush(batch)
-            continue
-        if "txt" not in sample:
-            have = sorted(k for k in sample if not k.startswith("__"))
-            raise ValueError(f"{where}: no 'txt' field (has {have}); run `mmm shards check` for every problem")
-        try:
-            text = sample["txt"].decode("utf-8")
-        except UnicodeDecodeError as exn:
-            raise ValueError(f"{where}: 'txt' is not UTF-8 at byte offset {exn.start}; "
-                             "run `mmm shards check` for every problem") from None
         samples[s] = samples.get(s, 0) + 1
-        totals["chars"] += len(text)
-        batch.append(text)
+        totals["chars"] += sum(len(x) for x in texts)
+        batch.extend(texts)
         if len(batch) >= batch_size:
             flush(batch)
     if batch:

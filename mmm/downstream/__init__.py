@@ -4,5 +4,6 @@
 One concern per module: :mod:`.metrics` (GLUE-convention scores), :mod:`.knn` (cosine kNN on
 frozen features), :mod:`.inputs` (raw input → encoder batch → pooled features: the ``InputAdapter`` each
 modality gives through ``Modality.downstream_inputs``, its own in ``mmm/modalities/<name>/downstream.py``),
-:mod:`.data` (labelled files and shards, checked), :mod:`.embed`, :mod:`.finetune`, :mod:`.tasks`.
+:mod:`.split` (one split: inputs, labels, keys, skipped rows), :mod:`.data` (labelled files and shards, checked),
+:mod:`.embed`, :mod:`.finetune`, :mod:`.tasks`.
 """

@@ -13,51 +13,16 @@ import io
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from mmm.data.jsonl import json_objects
 from mmm.data.utf8 import NotUTF8, decode_utf8
+from mmm.downstream.split import DownstreamDataError, Split  # noqa: F401  (re-exported: callers import them here)
 
 PathLike = Union[str, Path]
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl")
-
-
-class DownstreamDataError(ValueError):
-    """Bad downstream input; the message names the file, row or sample, and the field."""
-
-
-@dataclass
-class Split:
-    """One split of a task: raw inputs, raw labels, and where each came from.
-
-    Args:
-        path: the file or shard folder.
-        inputs: raw inputs (text, text pair, base string, image, ``(waveform, rate)``).
-        labels: raw labels as read (strings from tables, ints from shards).
-        where: ``file:row`` or ``shard:key`` of each input.
-        skipped: ``(where, reason)`` of rows skipped because ``skip_bad`` was set.
-    """
-
-    path: str
-    inputs: List[Any]
-    labels: List[Any]
-    where: List[str]
-    skipped: List[Tuple[str, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def skip(self, reasons: Dict[int, str]) -> "Split":
-        """Move the inputs at the indices of ``reasons`` (index → why) to ``skipped``, keeping the others in order."""
-        if reasons:
-            self.skipped += [(self.where[i], why) for i, why in sorted(reasons.items())]
-            keep = [i for i in range(len(self.inputs)) if i not in reasons]
-            self.inputs = [self.inputs[i] for i in keep]
-            self.labels = [self.labels[i] for i in keep]
-            self.where = [self.where[i] for i in keep]
-        return self
 
 
 # ----------------------------------------------------------------------------- tables
@@ -459,7 +424,8 @@ def read_raw_inputs(path: PathLike, modality: str, *, text_column: Optional[str]
 # ----------------------------------------------------------------------------- a task's splits
 
 
-def _is_shard_path(path: Path) -> bool:
+def is_shard_path(path: Path) -> bool:
+    """A ``.tar`` file or a folder holding ``.tar`` shards (at its top level)."""
     return (path.is_file() and path.suffix == ".tar") or (path.is_dir() and any(path.glob("*.tar")))
 
 
@@ -482,7 +448,7 @@ def load_split(path: PathLike, modality: str, *, shard_split: Optional[str] = No
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or folder")
-    if _is_shard_path(p):
+    if is_shard_path(p):
         return read_shards(p, modality, shard_split, skip_bad=skip_bad)
     if p.is_dir():
         raise DownstreamDataError(f"{p} is a folder without .tar shards; pass shards or a .tsv/.csv/.jsonl file")
@@ -491,8 +457,4 @@ def load_split(path: PathLike, modality: str, *, shard_split: Optional[str] = No
                                   "not tables")
     if not columns:
         raise DownstreamDataError(f"{p}: name the input column (--text_column)")
-    out = reader.check_inputs(read_table(p, columns, label_column, skip_bad=skip_bad), skip_bad)
-    if not out.inputs:
-        raise DownstreamDataError(f"{p}: no usable rows ({len(out.skipped)} skipped, e.g. {out.skipped[0][0]}: "
-                                  f"{out.skipped[0][1]})")
-    return out
+    return reader.check_inputs(read_table(p, columns, label_column, skip_bad=skip_bad), skip_bad).require_rows()

@@ -18,15 +18,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from mmm.downstream.data import Split, read_raw_inputs, read_shards
+from mmm.downstream.data import Split, is_shard_path, read_raw_inputs, read_shards
 from mmm.downstream.inputs import load_adapter
 
 PathLike = Union[str, Path]
-
-
-def is_shards(path: Path) -> bool:
-    """A ``.tar`` file or a folder holding ``.tar`` shards (at its top level)."""
-    return (path.is_file() and path.suffix == ".tar") or (path.is_dir() and any(path.glob("*.tar")))
 
 
 def read_inputs(path: PathLike, modality: str, split: Optional[str] = None, text_column: Optional[str] = None,
@@ -34,7 +29,7 @@ def read_inputs(path: PathLike, modality: str, split: Optional[str] = None, text
     """Raw inputs of shards (labels kept when present) or of a folder / file of raw files; with ``skip_bad``,
     bad samples and rows are skipped and listed in ``skipped`` instead of stopping."""
     p = Path(path)
-    if is_shards(p):
+    if is_shard_path(p):
         return read_shards(p, modality, split, labelled=False, skip_bad=skip_bad, keep_encoded=True)
     if split is not None:
         raise ValueError(f"--split applies to shards; {p} holds no .tar shards")
@@ -78,7 +73,7 @@ def embed(source: PathLike, inputs: PathLike, out: PathLike, modality: str, *, p
     data = read_inputs(inputs, modality, split, text_column, skip_bad=skip_bad)
     refused: Optional[List[Tuple[int, str, str]]] = [] if skip_bad else None
     feats = adapter.features(data.inputs, pooling, batch_size=batch_size, where=data.where, skipped=refused)
-    data.skip({i: reason for i, _, reason in refused or ()})  # decoded, but the encoder's preprocessing refused them
+    data.skip({i: reason for i, _, reason in refused or ()})  # read, but the encoder's preprocessing refused them
     if not data.inputs:
         raise ValueError(f"{inputs}: every input was bad and skipped ({len(data.skipped)}), e.g. "
                          f"{data.skipped[:1]}; nothing to embed")

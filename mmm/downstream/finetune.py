@@ -249,19 +249,9 @@ def _scores(pred: np.ndarray, gold: Sequence[Union[int, float]], task_type: str,
 def prepare_split(adapter: InputAdapter, split: Split, skip_bad: bool) -> List[Any]:
     """The prepared inputs of ``split``; with ``skip_bad`` an input :meth:`InputAdapter.prepare` refuses is moved to
     ``split.skipped`` (with its reason), else its error, naming it, stops the run."""
-    items, refused = [], {}
-    for i, (x, w) in enumerate(zip(split.inputs, split.where)):
-        try:
-            items.append(adapter.prepare(x, w))
-        except ValueError as e:
-            if not skip_bad:
-                raise
-            refused[i] = str(e).removeprefix(f"{w}: ")
-    split.skip(refused)
-    if not items:
-        why = (f"{len(split.skipped)} skipped, e.g. {split.skipped[0][0]}: {split.skipped[0][1]}" if split.skipped
-               else "it has no rows")
-        raise DownstreamDataError(f"{split.path}: no usable rows ({why})")
+    refused: Optional[List[Tuple[int, str, str]]] = [] if skip_bad else None
+    items = adapter.prepare_all(split.inputs, split.where, refused)
+    split.skip({i: reason for i, _, reason in refused or ()}).require_rows()
     return items
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from mmm.downstream.data import Split
+    from mmm.downstream.split import Split
 
 POOLINGS = ("cls", "mean")
 
@@ -105,11 +105,29 @@ class InputAdapter:
         raise ValueError(f"the {cls.modality} modality reads no labelled shards downstream")
 
     @classmethod
+    def decode_file(cls, path: Path) -> Any:
+        """The raw input a whole file holds (an image, a recording); ValueError names the file."""
+        raise ValueError(f"{path}: the {cls.modality} modality reads no raw files")
+
+    @classmethod
     def read_file(cls, path: Path, rel: str, skip_bad: bool) -> "Split":
         """The raw inputs of one file whose suffix is in :attr:`file_suffixes` (``rel``: its name in keys, e.g.
         ``rel:row3``); with ``skip_bad`` a bad input is left out and listed in the split's ``skipped``,
-        without it a ValueError names it."""
-        raise ValueError(f"{path}: the {cls.modality} modality reads no raw files")
+        without it a ValueError names it. Default: the file is one input, checked by :meth:`decode_file` and kept
+        as a :class:`RawFile` (decoded again when its batch is prepared); a file of several inputs (text lines,
+        FASTA records) overrides this."""
+        from mmm.downstream.split import Split
+
+        cls.decode_file(path)
+        return Split(str(path), [RawFile(str(path))], [None], [rel])
+
+    def decoded(self, raw: Any) -> Any:
+        """``raw`` itself, or the input a :class:`RawFile` / :class:`RawSample` holds, decoded."""
+        if isinstance(raw, RawFile):
+            return self.decode_file(Path(raw.path))
+        if isinstance(raw, RawSample):
+            return self.decode_sample(raw.sample)[0]
+        return raw
 
     @classmethod
     def check_inputs(cls, split: "Split", skip_bad: bool) -> "Split":
@@ -131,6 +149,28 @@ class InputAdapter:
         reference)."""
         raise NotImplementedError(f"{type(self).__name__} must implement pooled")
 
+    def prepare_all(self, raws: Sequence[Any], where: Optional[Sequence[str]] = None,
+                    skipped: Optional[List[Tuple[int, str, str]]] = None, offset: int = 0) -> List[Any]:
+        """:meth:`prepare` of each raw input (a :class:`RawFile` / :class:`RawSample` decoded first), in order.
+
+        Args:
+            raws: raw inputs.
+            where: a label per input for errors (file/row/key); None: ``input <index>``.
+            skipped: None: an input that is refused (a ValueError) stops with its error; a list: it is left out and
+                ``(offset + index, where, reason)`` appended.
+            offset: index of ``raws[0]`` in the caller's whole list.
+        """
+        items = []
+        for i, r in enumerate(raws):
+            label = where[i] if where else f"input {offset + i}"
+            try:
+                items.append(self.prepare(self.decoded(r), label))
+            except ValueError as e:
+                if skipped is None:
+                    raise
+                skipped.append((offset + i, label, str(e).removeprefix(f"{label}: ")))
+        return items
+
     @torch.no_grad()
     def features(self, raws: Sequence[Any], pooling: str, *, batch_size: int = 64,
                  where: Optional[List[str]] = None, skipped: Optional[List[Tuple[int, str, str]]] = None) -> np.ndarray:
@@ -149,17 +189,8 @@ class InputAdapter:
         self.encoder.eval()
         out = []
         for lo in range(0, len(raws), batch_size):
-            items = []
-            for i, r in enumerate(raws[lo:lo + batch_size]):
-                label = where[lo + i] if where else f"input {lo + i}"
-                try:
-                    if isinstance(r, RawSample):
-                        r = self.decode_sample(r.sample)[0]
-                    items.append(self.prepare(r, label))
-                except ValueError as e:
-                    if skipped is None:
-                        raise
-                    skipped.append((lo + i, label, str(e).removeprefix(f"{label}: ")))
+            items = self.prepare_all(raws[lo:lo + batch_size], where[lo:lo + batch_size] if where else None, skipped,
+                                     offset=lo)
             if items:
                 out.append(self.pooled(items, pooling).float().cpu().numpy())
         self.encoder.train(was)

@@ -123,19 +123,22 @@ def test_a_split_that_cannot_score_or_select_is_refused_naming_it() -> None:
     check_scorable(dev, [0, 0], "accuracy", cls2)  # accuracy still tells models apart
     check_scorable(dev, [0, 1], "matthews", cls2)
 
-    class Refuses:
-        def prepare(self, raw, where):
+    from mmm.downstream.inputs import InputAdapter
+
+    class Refuses(InputAdapter):  # prepare_split takes the adapter of the encoder being fine-tuned
+        def prepare(self, raw, where=""):
             raise ValueError(f"{where}: invalid DNA character '-'")
 
     bad = Split("bad.csv", ["A-C", "G-T"], ["0", "1"], ["bad.csv:row 2", "bad.csv:row 3"])
     with pytest.raises(DownstreamDataError, match=r"bad.csv: no usable rows \(2 skipped, e.g. bad.csv:row 2: "
                                                   r"invalid DNA character '-'\)"):
-        prepare_split(Refuses(), bad, skip_bad=True)
+        prepare_split(Refuses(None), bad, skip_bad=True)
 
 
 def test_an_empty_split_given_through_the_api_is_named() -> None:
     from mmm.downstream.data import DownstreamDataError, Split
     from mmm.downstream.finetune import prepare_split
+    from mmm.downstream.inputs import InputAdapter
 
     with pytest.raises(DownstreamDataError, match=r"test.tsv: no usable rows \(it has no rows\)"):
-        prepare_split(object(), Split("test.tsv", [], [], []), skip_bad=False)
+        prepare_split(InputAdapter(None), Split("test.tsv", [], [], []), skip_bad=False)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmm.downstream.inputs import InputAdapter, RawFile
+from mmm.downstream.inputs import InputAdapter
 from mmm.modalities.audio.frontend import AUDIO_SUFFIXES
 
 
@@ -43,7 +43,7 @@ class AudioInputs(InputAdapter):
     def prepare(self, raw: Any, where: str = "") -> AudioChunks:
         from mmm.modalities.audio.pipeline import single_thread, split_columns
 
-        wav, sr = self.decode_file(Path(raw.path)) if isinstance(raw, RawFile) else raw
+        wav, sr = raw
         front = self.encoder.frontend
         with single_thread():
             try:
@@ -81,17 +81,9 @@ class AudioInputs(InputAdapter):
         wav, sr, meta = read_audio_sample(sample)
         return (wav, sr), meta.get("label")
 
-    @staticmethod
-    def decode_file(path: Path) -> Tuple[np.ndarray, int]:
+    @classmethod
+    def decode_file(cls, path: Path) -> Tuple[np.ndarray, int]:
         """``(waveform (C, S) float32, sample rate)`` of a WAV/FLAC file; ValueError names the file."""
         from mmm.modalities.audio.frontend import decode_audio
 
         return decode_audio(path.read_bytes(), str(path))
-
-    @classmethod
-    def read_file(cls, path: Path, rel: str, skip_bad: bool):
-        """One :class:`~mmm.downstream.inputs.RawFile`, decoded once here to check it and again when prepared."""
-        from mmm.downstream.data import Split
-
-        cls.decode_file(path)
-        return Split(str(path), [RawFile(str(path))], [None], [rel])

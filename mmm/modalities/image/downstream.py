@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from mmm.downstream.inputs import InputAdapter, RawFile, pool_padded
+from mmm.downstream.inputs import InputAdapter, pool_padded
 from mmm.modalities.image.decode import IMAGE_SUFFIXES
 
 
@@ -35,8 +35,6 @@ class ImageInputs(InputAdapter):
     def prepare(self, raw: Any, where: str = "") -> torch.Tensor:
         from mmm.modalities.image.transforms import eval_transform, normalize
 
-        if isinstance(raw, RawFile):
-            raw = self.decode_file(Path(raw.path))
         return normalize(eval_transform(raw, self.image_size))  # (3, S, S)
 
     def forward(self, items: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -61,17 +59,9 @@ class ImageInputs(InputAdapter):
                                                             drop_masked=False, min_size=1))
         return img, meta.get("label")
 
-    @staticmethod
-    def decode_file(path: Path) -> Any:
+    @classmethod
+    def decode_file(cls, path: Path) -> Any:
         """The RGB PIL image of an image file (the shard reader's guards); ValueError names the file."""
         from mmm.modalities.image.decode import decode_image
 
         return decode_image(path.read_bytes(), str(path))
-
-    @classmethod
-    def read_file(cls, path: Path, rel: str, skip_bad: bool):
-        """One :class:`~mmm.downstream.inputs.RawFile`, decoded once here to check it and again when prepared."""
-        from mmm.downstream.data import Split
-
-        cls.decode_file(path)
-        return Split(str(path), [RawFile(str(path))], [None], [rel])
