@@ -27,7 +27,9 @@ collator's masking of ready-made blocks).
 (Lightning's ``on_train_batch_end`` / the ``Trainer``'s ``on_step_end``). Start-up (building the
 run, tokenizing HF's corpus, DataLoader workers, the first steps) is removed by timing steps
 ``skip + 1 … steps`` only; a step's time runs from the end of the step before it to its own end
-(fetching its batch included). The two contenders run back to back, ``rounds`` times,
+(fetching its batch included). A step ends before its checkpoint is written, so mmm's final
+``last.ckpt`` (written inside the last step) is left out, as a user's HF ``save_model`` after
+``train()`` is (:func:`add_before_checkpoints`). The two contenders run back to back, ``rounds`` times,
 alternating which goes first. Real tokens/s and GFLOP/s are the medians over every timed step of
 every round (robust to a neighbour's job on a shared machine); the *window mean* beside them is
 all timed tokens over all timed time of a run (median over rounds), what an undisturbed run gets
@@ -340,6 +342,18 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", module=r"lightning.*")
 
 
+def add_before_checkpoints(trainer, clock) -> None:
+    """Add ``clock`` to ``trainer``'s callbacks ahead of its checkpoint callbacks, so a step's end is taken before a
+    checkpoint of that step is written: the final step's ``last.ckpt`` (:class:`mmm.train.callbacks.RunCheckpoint`
+    writes it inside the loop) is then outside the timing, as HF's ``save_model`` after ``train()`` is. A periodic
+    checkpoint inside the window still counts, as the next step's time."""
+    from lightning.pytorch.callbacks import Checkpoint
+
+    callbacks = trainer.callbacks
+    first = next((i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)), len(callbacks))
+    callbacks.insert(first, clock)
+
+
 def run_mmm(size: Size, work: Path, threads: int, tokenizer_dir: Path, shape: BertShape, tag: str) -> Dict[str, Any]:
     """One mmm pretraining run of ``size.steps`` steps; returns its timed window."""
     from mmm.train.pretrain import build_run
@@ -350,7 +364,7 @@ def run_mmm(size: Size, work: Path, threads: int, tokenizer_dir: Path, shape: Be
     if run.tokenizer.vocab_size != shape.vocab:
         raise RuntimeError(f"mmm run has vocabulary {run.tokenizer.vocab_size}, expected {shape.vocab}")
     clock = _mmm_clock(shape)
-    run.trainer.callbacks.append(clock)
+    add_before_checkpoints(run.trainer, clock)
     torch.set_float32_matmul_precision("high")  # as mmm.train.pretrain.pretrain (no effect on CPU fp32)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     if len(clock.steps) != size.steps:
