@@ -1,7 +1,8 @@
 """``mmm bench --suite downstream CKPT [CKPT ...]``: downstream quality of pretrained encoders.
 
 For every checkpoint (an mmm ``.ckpt``, a ``save_encoder`` folder or an HF BERT folder) and every
-embedded task of a modality it has (:data:`TASKS`), three scores on the same splits:
+embedded task of a modality it has (:func:`mmm.downstream.tasks.downstream_tasks`: the built-in ones below,
+then a loaded plug-in modality's), three scores on the same splits:
 
 * **linear probe** (logistic regression) and **kNN** (cosine, k = 20, DINO's temperature-weighted
   votes, T = 0.07) on frozen mean-pooled features (:mod:`mmm.probe`, :mod:`mmm.downstream.knn`);
@@ -9,7 +10,8 @@ embedded task of a modality it has (:data:`TASKS`), three scores on the same spl
 
 An mmm ``.ckpt`` is also scored at its random initialisation (the same architecture, built with
 the run's seed plus the evaluation seed), so each row says what pretraining contributed. Every
-score is a mean ± std over seeds (:func:`_score_model` says what a seed changes). Tasks (built locally, no download):
+score is a mean ± std over seeds (:func:`_score_model` says what a seed changes). Built-in tasks (built locally,
+no download; each modality's in ``mmm/modalities/<name>/downstream.py``):
 
 ===================  ========  =========  ================================================================
 task                 modality  data       what
@@ -32,38 +34,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from benchmarks.report import accuracy_axis, save_panels
-from mmm.downstream.data import Split, read_shards
-from mmm.downstream.tasks import balanced_subsample, docstring_signature_task, stdlib_package_task
+from mmm.downstream.split import Split
+from mmm.downstream.tasks import SIZES, DownstreamSizes, downstream_tasks
 
 MICRO_ENV = "MMM_BENCH_MICRO"
-
-
-@dataclass
-class DownstreamSizes:
-    """How much work each task does."""
-
-    name: str
-    train_per_class: int
-    eval_per_class: int
-    epochs: int
-    seeds: int
-    lr: float = 3e-4
-    batch_size: int = 32
-    random_init: bool = True
-
-
-SIZES = {
-    "full": DownstreamSizes("full", 150, 50, 4, 3),
-    "quick": DownstreamSizes("quick", 60, 30, 2, 3),
-    "micro": DownstreamSizes("micro", 8, 6, 1, 2, batch_size=16),
-}
 
 
 def select_sizes(quick: bool) -> DownstreamSizes:
@@ -71,62 +52,6 @@ def select_sizes(quick: bool) -> DownstreamSizes:
     if os.environ.get(MICRO_ENV, "") not in ("", "0"):
         return SIZES["micro"]
     return SIZES["quick" if quick else "full"]
-
-
-# ----------------------------------------------------------------------------- tasks
-
-
-@dataclass
-class TaskDef:
-    modality: str
-    data: str  # real | synthetic
-    what: str
-    load: Callable[[DownstreamSizes], Tuple[Split, Split, Split]]
-
-
-def _shard_task(folder: Callable[[], Path], modality: str) -> Callable[[DownstreamSizes], Tuple[Split, Split, Split]]:
-    def load(sizes: DownstreamSizes) -> Tuple[Split, Split, Split]:
-        root = folder()
-        train_all = balanced_subsample(read_shards(root, modality, "train"), sizes.train_per_class + sizes.train_per_class // 4)
-        test = balanced_subsample(read_shards(root, modality, "val"), sizes.eval_per_class, seed=1)
-        n_dev = len(train_all) // 5
-        dev = Split(f"{root}:train[dev]", train_all.inputs[:n_dev], train_all.labels[:n_dev], train_all.where[:n_dev])
-        train = Split(f"{root}:train", train_all.inputs[n_dev:], train_all.labels[n_dev:], train_all.where[n_dev:])
-        return train, dev, Split(f"{root}:val", test.inputs, test.labels, test.where)
-
-    return load
-
-
-def _stdlib(sizes: DownstreamSizes) -> Tuple[Split, Split, Split]:
-    s = stdlib_package_task(sizes.train_per_class, sizes.eval_per_class)
-    return s["train"], s["dev"], s["test"]
-
-
-def _pairs(sizes: DownstreamSizes) -> Tuple[Split, Split, Split]:
-    s = docstring_signature_task(sizes.train_per_class, sizes.eval_per_class)
-    return s["train"], s["dev"], s["test"]
-
-
-def _embedded(module: str, fn: str = "embedded_default") -> Callable[[], Path]:
-    def get() -> Path:
-        import importlib
-
-        return Path(getattr(importlib.import_module(f"datasets_def.{module}"), fn)())
-
-    return get
-
-
-TASKS: Dict[str, TaskDef] = {
-    "stdlib-package": TaskDef("text", "real", "Python stdlib docstrings → top-level package, split by module", _stdlib),
-    "docstring-signature": TaskDef("text", "real", "(function signature, docstring) pairs → belongs / does not "
-                                   "(negatives from the same module), split by module", _pairs),
-    "digits": TaskDef("image", "real", "scikit-learn handwritten digits (10 classes)",
-                      _shard_task(_embedded("image", "embedded_default_digits"), "image")),
-    "shapes": TaskDef("image", "synthetic", "rendered shapes (shape class)", _shard_task(_embedded("image"), "image")),
-    "dna-motifs": TaskDef("dna", "synthetic", "synthetic genome windows (motif class)", _shard_task(_embedded("dna"), "dna")),
-    "audio-sounds": TaskDef("audio", "synthetic", "synthesized sounds (sound class)",
-                            _shard_task(_embedded("audio"), "audio")),
-}
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -239,8 +164,9 @@ def run(checkpoints: Sequence[Any], quick: bool = False, log: Callable[[str], No
         models.append((str(p), p, False, mods))
         if sizes.random_init and p.is_file():
             models.append((f"{p} (random init)", p, True, mods))
+    tasks = downstream_tasks()
     results: List[Dict[str, Any]] = []
-    for task, td in TASKS.items():
+    for task, td in tasks.items():
         users = [(label, p, init) for label, p, init, mods in models if td.modality in mods]
         if not users:
             continue
@@ -255,9 +181,10 @@ def run(checkpoints: Sequence[Any], quick: bool = False, log: Callable[[str], No
     if not results:
         raise ValueError(f"no downstream task applies to the checkpoints' modalities "
                          f"{sorted({m for _, _, _, ms in models for m in ms})}; tasks exist for "
-                         f"{sorted({t.modality for t in TASKS.values()})}")
+                         f"{sorted({t.modality for t in tasks.values()})} (a plug-in modality's tasks: mmm --plugin "
+                         "MODULE bench ...)")
     return {"sizes": asdict(sizes), "tasks": {k: {"modality": v.modality, "data": v.data, "what": v.what}
-                                              for k, v in TASKS.items()}, "results": results}
+                                              for k, v in tasks.items()}, "results": results}
 
 
 def markdown(section: Dict[str, Any]) -> str:

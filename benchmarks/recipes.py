@@ -36,9 +36,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from benchmarks.downstream import TASKS, DownstreamSizes, random_init_factory
+from benchmarks.downstream import random_init_factory
 from benchmarks.recipe_budget import RecipeCost, measure_recipe, steps_for_budget, time_steps
 from benchmarks.report import accuracy_axis, at_least, save_panels
+from mmm.downstream.tasks import SIZES as DOWNSTREAM_SIZES, DownstreamSizes, downstream_tasks
 
 MICRO_ENV = "MMM_BENCH_MICRO"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -474,7 +475,8 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
                         "budget_error_steps": (spent - budget) / c.flops_per_step}
         log(f"  {r.name}: {steps} steps, {spent / 1e12:.3f} TFLOP of {budget / 1e12:.3f}")
 
-    tasks = {t: TASKS[t] for t in group.tasks}
+    known = downstream_tasks()
+    tasks = {t: known[t] for t in group.tasks}
     splits = {t: td.load(sizes.downstream) for t, td in tasks.items()}
     scores: Dict[str, Dict[str, Dict[str, List[float]]]] = {}  # recipe -> task -> metric -> per seed
     vl_scores: Dict[str, Dict[str, List[Optional[float]]]] = {}  # recipe -> metric -> per seed (group.retrieval)
@@ -788,8 +790,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         only = [x.strip() for x in a.only.split(",") if x.strip()] if a.only else None
         sizes = select_sizes(a.quick)
         if any(x is not None for x in (a.baseline_steps, a.seeds, a.downstream)) or a.no_timing:
-            from benchmarks.downstream import SIZES as DOWNSTREAM_SIZES
-
             ds = {x.name: x for x in (SIZES["full"].downstream, SIZES["quick"].downstream)}
             if a.downstream in ("quick", "full"):
                 ds[a.downstream] = dataclasses.replace(DOWNSTREAM_SIZES[a.downstream], seeds=1)

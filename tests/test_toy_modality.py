@@ -1,10 +1,10 @@
 """A brand-new modality defined entirely in this file, trained and loaded through the public API.
 
 "toy" samples are strings of decimal digits (shard field ``digits``). Everything a modality
-brings is here -- codec, embedder, masker, config section, standalone encoder, downstream inputs,
-dataset definition with a shard builder, registration -- and nothing under ``mmm/`` names it: the run
-builder, the config loader, checkpoints, :func:`mmm.load_encoder`, ``mmm embed`` and ``mmm finetune``
-find it through the registries.
+brings is here -- codec, embedder, masker, config section, standalone encoder, downstream inputs and a
+downstream task, dataset definition with a shard builder, registration -- and nothing under ``mmm/`` names it:
+the run builder, the config loader, checkpoints, :func:`mmm.load_encoder`, ``mmm embed``, ``mmm finetune``
+(``--task`` too) and ``mmm bench --suite downstream`` find it through the registries.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -28,6 +28,7 @@ from mmm.core.encoder import TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
 from mmm.data.epoch import SeededMap
 from mmm.downstream.inputs import TokenIdInputs
+from mmm.downstream.tasks import DownstreamTask, shard_splits
 from mmm.masking.base import MaskedTokens
 from mmm.modalities.base import Modality
 from mmm.registry import DATASETS, EMBEDDERS, MASKERS, MODALITIES
@@ -149,7 +150,10 @@ class ToyInputs(TokenIdInputs):
 
     @classmethod
     def decode_sample(cls, sample: Dict[str, Any]):
-        return bytes(sample.get("digits", b"")).decode("ascii", errors="replace"), None
+        from mmm.data.fields import sample_json
+
+        label = sample_json(sample, ValueError).get("label")  # None: an unlabelled sample
+        return bytes(sample.get("digits", b"")).decode("ascii", errors="replace"), label
 
     @classmethod
     def read_file(cls, path: Path, rel: str, skip_bad: bool):
@@ -190,6 +194,11 @@ class ToyModality(Modality):
     def downstream_inputs(cls) -> type:
         return ToyInputs
 
+    @classmethod
+    def downstream_tasks(cls) -> Dict[str, DownstreamTask]:
+        return {"toy-parity": DownstreamTask("toy", "synthetic", "random digit strings → is the last digit odd?",
+                                             shard_splits(toy_parity_shards, "toy"))}
+
     def build_embedder(self, encoder_cfg: EncoderConfig) -> nn.Module:
         return EMBEDDERS.create("toy", dim=encoder_cfg.dim, max_len=self.model_cfg.toy.max_len)
 
@@ -222,10 +231,12 @@ class ToyModality(Modality):
 
 
 def build_toy_shards(input_path: Path, output_dir: Path, *, val_fraction: float = 0.2, seed: int = 0,
-                     skip_bad: bool = False, overwrite: bool = False, samples_per_shard: int = 16):
+                     skip_bad: bool = False, overwrite: bool = False, samples_per_shard: int = 16,
+                     label_of: Optional[Callable[[str], int]] = None):
     """One digit string per line of a text file → ``train-*.tar`` / ``val-*.tar`` with a manifest, on the shared
     building helpers, with the signature ``mmm shards build`` calls; a bad line stops the build naming it, or is
-    skipped and listed in the manifest with ``skip_bad``."""
+    skipped and listed in the manifest with ``skip_bad``. ``label_of`` (Python only): each sample also carries
+    ``json`` ``{"label": label_of(line)}``."""
     from datasets_def.building import BuildReport, ShardWriters, finish_build, prepare_output, stable_split
 
     out = Path(output_dir)
@@ -242,6 +253,8 @@ def build_toy_shards(input_path: Path, output_dir: Path, *, val_fraction: float 
                     raise ValueError(f"{where}: {problem} (pass --skip_bad to skip and list such lines)")
                 skipped.append((where, problem))
                 continue
+            if label_of is not None:
+                sample["json"] = json.dumps({"label": label_of(line.strip())}).encode()
             writers.write(stable_split(val_fraction, seed, lineno), sample)
         shards = writers.close()
     samples = {s: writers.samples.get(s, 0) for s in shards}
@@ -263,8 +276,30 @@ class ToyDatasetDef:
     name = "toy"
     modality = "toy"
     fields = ("digits",)
+    optional_fields = ("json",)  # a labelled sample's {"label": ...}
     build_shards = staticmethod(build_toy_shards)
     check_sample = staticmethod(check_digits)
+
+
+# ----------------------------------------------------------------------------- downstream task
+
+
+def last_digit_is_odd(digits: str) -> int:
+    """The ``toy-parity`` class of a digit string: 1 when its last digit is odd, else 0."""
+    return int(digits[-1]) % 2
+
+
+def toy_parity_shards() -> Path:
+    """The ``toy-parity`` task's labelled shards (160 digit strings, about a fifth of them in val), built once into
+    the cache (``$MMM_CACHE_DIR``) with the toy's own shard builder."""
+    from datasets_def.building import cached_build
+
+    def build(folder: Path) -> str:
+        lines = write_digit_lines(folder / "digits.txt", count=160, seed=1)
+        report = build_toy_shards(lines, folder / "shards", label_of=last_digit_is_odd)
+        return f"{sum(report.samples.values())} digit strings"
+
+    return cached_build("toy-parity-v1", None, build, ValueError) / "shards"
 
 
 # ----------------------------------------------------------------------------- the run
@@ -438,3 +473,52 @@ def test_shards_build_passes_every_option_to_a_builder_that_takes_options(tmp_pa
     assert main(["shards", "build", str(lines), str(tmp_path / "out"), "--dataset", "toy", "--labels", "inline",
                  "--samples_per_shard", "4"]) == 0
     assert got == {"labels": "inline", "samples_per_shard": 4}
+
+
+# ----------------------------------------------------------------------------- downstream task
+
+
+def test_a_plugins_task_is_fine_tuned_and_benchmarked_by_name(tmp_path: Path, toy_shards: Path, monkeypatch,
+                                                              capsys) -> None:
+    """The toy's ``Modality.downstream_tasks`` reaches ``mmm finetune --task`` and ``mmm bench --suite downstream``:
+    both ran a fixed table of the built-in modalities' tasks, and ``--task`` refused any other name."""
+    from mmm.cli import main
+    from mmm.train.pretrain import pretrain
+
+    ckpt = pretrain(load_config(_config(tmp_path, toy_shards))).last_checkpoint
+    plugin = str(Path(__file__).resolve())  # already imported here: --plugin finds the same module
+    capsys.readouterr()
+    assert main(["--plugin", plugin, "finetune", str(ckpt), "--task", "toy-parity", "--quick", "--seeds", "1",
+                 "--epochs", "1", "--out", str(tmp_path / "ft")]) == 0, capsys.readouterr().err
+    assert "toy fine-tuning, 1 seed(s): dev accuracy" in capsys.readouterr().out
+    result = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert result["data"]["modality"] == "toy" and result["test"]["n"] == 1
+    assert result["labels"]["names"] == ["0", "1"] and min(result["data"]["sizes"].values()) > 0
+
+    monkeypatch.setenv("MMM_BENCH_MICRO", "1")
+    out = tmp_path / "bench"
+    assert main(["--plugin", plugin, "bench", "--suite", "downstream", "--quick", "--out", str(out), str(ckpt)]) == 0
+    section = json.loads((out / "results.json").read_text())["sections"]["downstream"]
+    assert [(r["task"], r["model"]) for r in section["results"]] == [("toy-parity", str(ckpt)),
+                                                                     ("toy-parity", f"{ckpt} (random init)")]
+    assert section["tasks"]["toy-parity"] == {"modality": "toy", "data": "synthetic",
+                                              "what": "random digit strings → is the last digit odd?"}
+    assert section["results"][0]["sizes"] == {"train": 16, "dev": 4, "test": 12}  # micro: 8 + 2 and 6 per class
+
+
+def test_a_task_name_offered_twice_or_a_task_of_another_modality_is_named(monkeypatch) -> None:
+    from mmm.downstream.tasks import downstream_tasks
+
+    load = shard_splits(toy_parity_shards, "toy")
+    monkeypatch.setattr(ToyModality, "downstream_tasks",
+                        classmethod(lambda cls: {"digits": DownstreamTask("toy", "synthetic", "x", load)}))
+    with pytest.raises(ValueError, match=r"downstream task 'digits' is offered by two modalities, 'image' and 'toy'; "
+                                         r"a task name must be unique"):
+        downstream_tasks()
+    monkeypatch.setattr(ToyModality, "downstream_tasks",
+                        classmethod(lambda cls: {"toy-text": DownstreamTask("text", "real", "x", load)}))
+    with pytest.raises(ValueError, match=r"modality 'toy' offers task 'toy-text', whose modality is 'text'"):
+        downstream_tasks()
+    monkeypatch.setattr(ToyModality, "downstream_tasks", classmethod(lambda cls: [load]))
+    with pytest.raises(ValueError, match=r"modality 'toy': downstream_tasks\(\) gave list, not a dict"):
+        downstream_tasks()

@@ -5,5 +5,7 @@ One concern per module: :mod:`.metrics` (GLUE-convention scores), :mod:`.knn` (c
 frozen features), :mod:`.inputs` (raw input → encoder batch → pooled features: the ``InputAdapter`` each
 modality gives through ``Modality.downstream_inputs``, its own in ``mmm/modalities/<name>/downstream.py``),
 :mod:`.split` (one split: inputs, labels, keys, skipped rows), :mod:`.data` (labelled files and shards, checked),
-:mod:`.embed`, :mod:`.finetune`, :mod:`.tasks`.
+:mod:`.embed`, :mod:`.finetune`, :mod:`.tasks` (what a task is and :func:`~.tasks.downstream_tasks`, which collects
+the tasks each modality offers through ``Modality.downstream_tasks``; the built-in ones in
+``mmm/modalities/<name>/downstream.py``).
 """

@@ -8,18 +8,56 @@
     mmm finetune SOURCE --modality image --data SHARDS      (train / val splits of labelled shards)
     mmm finetune SOURCE --task stdlib-package [--quick]     (an embedded task, built locally)
     mmm finetune SOURCE --task docstring-signature          (the embedded sentence-pair task)
+    mmm --plugin MODULE finetune SOURCE --task NAME         (a plug-in modality's task)
+
+The tasks are the registered modalities' (:func:`mmm.downstream.tasks.downstream_tasks`): ``--task`` is checked
+when the command runs, after the plug-ins are imported.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Any, List
+from typing import TYPE_CHECKING, Any, List
+
+if TYPE_CHECKING:
+    from mmm.downstream.tasks import DownstreamTask
 
 MODALITY_HELP = ("text, dna, image, audio, or a plug-in modality with downstream inputs (mmm --plugin MODULE; "
                  "mmm list)")
-TASK_NAMES = ["stdlib-package", "docstring-signature", "digits", "shapes", "dna-motifs", "audio-sounds"]
-"""The embedded tasks of :data:`benchmarks.downstream.TASKS` (a test checks they agree)."""
+
+
+def task_help() -> str:
+    """``--task``'s help: the tasks registered when the help is shown (the built-in ones: ``mmm --help`` exits
+    before the plug-ins are imported)."""
+    from mmm.downstream.tasks import downstream_tasks
+
+    listed = ", ".join(f"{name} ({t.modality}, {t.data})" for name, t in downstream_tasks().items())
+    return (f"an embedded task, built locally (no download): {listed}; a plug-in modality's tasks too, once it is "
+            "loaded (mmm --plugin MODULE)")
+
+
+class TaskListHelp(argparse.HelpFormatter):
+    """Writes ``--task``'s help (:func:`task_help`) only when the help is shown: listing the tasks imports every
+    modality (about a second), which building the ``mmm`` parser must not cost each command."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        if action.dest == "task":
+            return task_help()
+        return super()._expand_help(action)
+
+
+def find_task(name: str) -> DownstreamTask:
+    """The :class:`~mmm.downstream.tasks.DownstreamTask` called ``name``; an unknown name is an error listing the
+    known ones and how a plug-in's tasks are loaded."""
+    from mmm.config import ConfigError
+    from mmm.downstream.tasks import downstream_tasks
+
+    tasks = downstream_tasks()
+    if name not in tasks:
+        raise ConfigError(f"mmm finetune: unknown task {name!r}; known tasks: {', '.join(tasks)} (a plug-in "
+                          "modality's tasks are known once it is loaded: mmm --plugin MODULE finetune ...)")
+    return tasks[name]
 
 
 def _unexpected(cmd: str, rest: List[str]) -> None:
@@ -58,11 +96,11 @@ def cmd_finetune(ns: argparse.Namespace, rest: List[str]) -> int:
 
     modality = ns.modality or "text"
     if ns.task is not None:
-        from benchmarks.downstream import SIZES, TASKS
+        from mmm.downstream.tasks import SIZES
 
         if ns.data or ns.train or ns.dev or ns.test:
             raise ConfigError("mmm finetune: --task brings its own splits; drop --data/--train/--dev/--test")
-        td = TASKS[ns.task]
+        td = find_task(ns.task)
         if ns.modality not in (None, td.modality):
             raise ConfigError(f"mmm finetune: task {ns.task!r} is for the {td.modality} modality, not {ns.modality}")
         modality = td.modality
@@ -127,11 +165,11 @@ def add_commands(sub: Any) -> None:
                                                           "file or sample), counted and reported, instead of stopping")
     e.set_defaults(fn=cmd_embed)
 
-    f = sub.add_parser("finetune", help="fine-tune an encoder with a classification/regression head over several seeds")
+    f = sub.add_parser("finetune", help="fine-tune an encoder with a classification/regression head over several seeds",
+                       formatter_class=TaskListHelp)
     f.add_argument("source", help="mmm checkpoint (.ckpt), save_encoder folder, HF BERT folder or timm ViT file")
     f.add_argument("--modality", default=None, help=MODALITY_HELP + "; default text (or the --task's)")
-    f.add_argument("--task", default=None, choices=TASK_NAMES, help="an embedded task (built locally, no download): "
-                   "stdlib-package, docstring-signature (text, real; a sentence-pair task), digits (image, real), shapes, dna-motifs, audio-sounds (synthetic)")
+    f.add_argument("--task", default=None, metavar="NAME", help="an embedded task (listed by TaskListHelp)")
     f.add_argument("--quick", action="store_true", help="with --task: a small version of the task (smoke runs)")
     f.add_argument("--train", default=None, help="training split: .tsv/.csv/.jsonl (text, DNA) or labelled shards")
     f.add_argument("--dev", default=None, help="dev split (early stopping, model selection), same kinds")

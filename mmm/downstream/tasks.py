@@ -1,4 +1,10 @@
-"""Embedded downstream tasks, built locally with no download.
+"""Downstream tasks built locally with no download: what a task is, the modalities' tasks, and the text builders.
+
+A :class:`DownstreamTask` names its modality, whether its data are real or synthetic, what it asks, and
+how to load its train / dev / test splits at given :class:`DownstreamSizes`. Every modality offers its
+own through :meth:`Modality.downstream_tasks <mmm.modalities.base.Modality.downstream_tasks>`, and
+:func:`downstream_tasks` collects them for ``mmm finetune --task`` and ``mmm bench --suite downstream``,
+so a plug-in modality's tasks are served like the built-in ones (``mmm/modalities/<name>/downstream.py``):
 
 * ``stdlib-package`` (text, **real data**): docstrings of the Python standard library that runs
   this code, each labelled by the top-level package it comes from (``asyncio``, ``email``, ...).
@@ -12,21 +18,149 @@
   occurs once with each label, and a negative cannot be told apart by its module's vocabulary.
   Split by module as well.
 * Shard-based tasks (image digits, image shapes, DNA motifs, audio sounds) are read from the
-  embedded shard sets ``datasets_def`` builds; :func:`balanced_subsample` caps their size. The
-  digits are real (scikit-learn's bundled handwritten digits); the rendered shapes, the DNA motif
-  genome and the audio sounds are synthetic.
+  embedded shard sets ``datasets_def`` builds (:func:`shard_splits`); :func:`balanced_subsample` caps
+  their size. The digits are real (scikit-learn's bundled handwritten digits); the rendered shapes,
+  the DNA motif genome and the audio sounds are synthetic.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from mmm.downstream.data import Split
+from mmm.downstream.split import Split
+
+Splits = Tuple[Split, Split, Split]
+"""A task's ``(train, dev, test)`` splits."""
+TASK_DATA = ("real", "synthetic")
+
+
+@dataclass
+class DownstreamSizes:
+    """How much work each task does.
+
+    Args:
+        name: the size's name in reports.
+        train_per_class: training samples kept per class (a shard task also holds out a quarter more as dev).
+        eval_per_class: dev / test samples kept per class.
+        epochs: fine-tuning epochs.
+        seeds: seeds per score (``mmm bench --suite downstream``).
+        lr: fine-tuning learning rate.
+        batch_size: fine-tuning batch size.
+        random_init: the benchmark also scores each checkpoint at its random initialisation.
+    """
+
+    name: str
+    train_per_class: int
+    eval_per_class: int
+    epochs: int
+    seeds: int
+    lr: float = 3e-4
+    batch_size: int = 32
+    random_init: bool = True
+
+
+SIZES = {
+    "full": DownstreamSizes("full", 150, 50, 4, 3),
+    "quick": DownstreamSizes("quick", 60, 30, 2, 3),
+    "micro": DownstreamSizes("micro", 8, 6, 1, 2, batch_size=16),
+}
+"""``mmm finetune --task`` uses ``full`` (``quick`` with ``--quick``); the benchmark adds ``micro`` for smoke tests."""
+
+
+@dataclass(frozen=True)
+class DownstreamTask:
+    """One labelled downstream task of one modality, built locally.
+
+    Args:
+        modality: the registered modality whose inputs the splits hold (the one that offers the task).
+        data: ``real`` or ``synthetic``.
+        what: one line for listings and reports.
+        load: ``sizes → (train, dev, test)`` :class:`~mmm.downstream.split.Split` s; called when the task runs.
+    """
+
+    modality: str
+    data: str
+    what: str
+    load: Callable[[DownstreamSizes], Splits]
+
+    def __post_init__(self) -> None:
+        if self.data not in TASK_DATA:
+            raise ValueError(f"DownstreamTask.data is {self.data!r} (task for the {self.modality!r} modality: "
+                             f"{self.what}); expected one of {TASK_DATA}")
+        if not callable(self.load):
+            raise ValueError(f"DownstreamTask.load is {self.load!r} (task for the {self.modality!r} modality); "
+                             "expected a function sizes -> (train, dev, test) splits")
+
+
+def shard_splits(folder: Callable[[], Path], modality: str) -> Callable[[DownstreamSizes], Splits]:
+    """The ``load`` of a task read from a labelled shard folder (``train-*.tar`` / ``val-*.tar`` whose samples
+    carry a json ``label``), decoded by ``modality``'s input adapter.
+
+    Training takes up to ``train_per_class`` plus a quarter more per class from the ``train`` shards (a seeded
+    draw) and holds out the first fifth of them as dev (early stopping, model selection); the test split is up to
+    ``eval_per_class`` per class of the ``val`` shards.
+
+    Args:
+        folder: returns the shard folder when the task runs (e.g. builds it into a cache on first use).
+        modality: the task's modality.
+    """
+
+    def load(sizes: DownstreamSizes) -> Splits:
+        from mmm.downstream.data import read_shards
+
+        root = folder()
+        train_all = balanced_subsample(read_shards(root, modality, "train"), sizes.train_per_class + sizes.train_per_class // 4)
+        test = balanced_subsample(read_shards(root, modality, "val"), sizes.eval_per_class, seed=1)
+        n_dev = len(train_all) // 5
+        dev = Split(f"{root}:train[dev]", train_all.inputs[:n_dev], train_all.labels[:n_dev], train_all.where[:n_dev])
+        train = Split(f"{root}:train", train_all.inputs[n_dev:], train_all.labels[n_dev:], train_all.where[n_dev:])
+        return train, dev, Split(f"{root}:val", test.inputs, test.labels, test.where)
+
+    return load
+
+
+def downstream_tasks() -> Dict[str, DownstreamTask]:
+    """``{name: task}`` of every registered modality's :meth:`~mmm.modalities.base.Modality.downstream_tasks`.
+
+    Modalities come in their listing order (``order``, then name: the built-in ones use 10..60, a plug-in 100
+    unless it sets its own), each one's tasks in the order it gives them: ``stdlib-package``,
+    ``docstring-signature``, ``digits``, ``shapes``, ``dna-motifs``, ``audio-sounds``, then the plug-ins'.
+
+    Raises:
+        ValueError: a hook that returns something else than a dict of :class:`DownstreamTask`, a task whose
+            ``modality`` is not the modality offering it, or one name offered by two modalities (naming both).
+    """
+    from mmm.registry import MODALITIES
+
+    tasks: Dict[str, DownstreamTask] = {}
+    offered_by: Dict[str, str] = {}
+    for modality in sorted(MODALITIES.list(), key=lambda n: (MODALITIES.get(n).order, n)):
+        offered = MODALITIES.get(modality).downstream_tasks()
+        if not isinstance(offered, dict):
+            raise ValueError(f"modality {modality!r}: downstream_tasks() gave {type(offered).__name__}, not a dict "
+                             "{task name: DownstreamTask} (mmm.downstream.tasks)")
+        for name, task in offered.items():
+            if not isinstance(task, DownstreamTask):
+                raise ValueError(f"modality {modality!r}: downstream_tasks() gave {task!r} for task {name!r}, not a "
+                                 "DownstreamTask (mmm.downstream.tasks)")
+            if task.modality != modality:
+                raise ValueError(f"modality {modality!r} offers task {name!r}, whose modality is {task.modality!r}: a "
+                                 f"modality offers tasks on its own inputs (DownstreamTask({modality!r}, ...))")
+            if name in offered_by:
+                raise ValueError(f"downstream task {name!r} is offered by two modalities, {offered_by[name]!r} and "
+                                 f"{modality!r}; a task name must be unique: rename one")
+            offered_by[name] = modality
+            tasks[name] = task
+    return tasks
+
+
+# ----------------------------------------------------------------------------- the stdlib text tasks
 
 PACKAGE_CANDIDATES = ("asyncio", "email", "unittest", "xml", "multiprocessing", "importlib", "http", "concurrent",
                       "json", "logging", "urllib", "sqlite3", "ctypes", "idlelib", "tkinter", "lib2to3")

@@ -19,13 +19,15 @@ it) and, as class methods, its standalone encoder: how :func:`mmm.load_encoder` 
 checkpoint, saves it to a folder and reads it back (:meth:`~Modality.encoder_from_checkpoint`,
 :meth:`~Modality.encoder_meta`, :meth:`~Modality.save_encoder_files`,
 :meth:`~Modality.load_saved_encoder`, :meth:`~Modality.load_foreign_encoder`), and how its raw inputs are
-read and pooled downstream (:meth:`~Modality.downstream_inputs`: ``mmm embed``, ``mmm finetune``, probes).
+read and pooled downstream (:meth:`~Modality.downstream_inputs`: ``mmm embed``, ``mmm finetune``, probes)
+and which labelled tasks it offers there (:meth:`~Modality.downstream_tasks`: ``mmm finetune --task``,
+``mmm bench --suite downstream``).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -33,6 +35,9 @@ from mmm.config import ComponentConfig, EncoderConfig, ModelConfig, ObjectiveCon
 from mmm.data.epoch import EpochCounter
 from mmm.data.tar import ReadOptions
 from mmm.registry import MASKERS
+
+if TYPE_CHECKING:
+    from mmm.downstream.tasks import DownstreamTask
 
 Handler = Callable[[Exception], bool]
 
@@ -198,3 +203,11 @@ class Modality(ABC):
         samples, files, table cells) and pools its standalone encoder's outputs, so ``mmm embed``,
         ``mmm finetune`` and the probes serve it; None (the default): the modality has no downstream inputs."""
         return None
+
+    @classmethod
+    def downstream_tasks(cls) -> Dict[str, DownstreamTask]:
+        """This modality's labelled downstream tasks, built locally, ``{name: DownstreamTask}``
+        (:mod:`mmm.downstream.tasks`; each task's ``modality`` is this one's name, its names unique among all
+        modalities), so ``mmm finetune --task NAME`` and ``mmm bench --suite downstream`` run them; a task reads
+        its inputs through :meth:`downstream_inputs`. Empty (the default): the modality offers none."""
+        return {}

@@ -3,7 +3,8 @@
 The encoder's fitted front end turns the clip into feature tokens; a clip longer than the encoder is
 split into sequences as the pretraining pipeline splits it (:class:`AudioChunks`), every one is encoded,
 and mean pooling averages over the tokens of all of them: the whole clip counts (audio is never cut).
-Raw files: ``.wav`` and ``.flac``.
+Raw files: ``.wav`` and ``.flac``. Embedded task (:func:`audio_tasks`): ``audio-sounds``, the synthesized
+sounds of the ``audio`` dataset definition's embedded set, built into the cache on first use.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from mmm.downstream.inputs import InputAdapter
+from mmm.downstream.tasks import DownstreamTask, shard_splits
 from mmm.modalities.audio.frontend import AUDIO_SUFFIXES
 
 
@@ -87,3 +89,15 @@ class AudioInputs(InputAdapter):
         from mmm.modalities.audio.frontend import decode_audio
 
         return decode_audio(path.read_bytes(), str(path))
+
+
+def _sound_shards() -> Path:
+    from mmm.registry import DATASETS
+
+    return Path(DATASETS.create("audio").embedded_default())
+
+
+def audio_tasks() -> Dict[str, DownstreamTask]:
+    """The audio modality's embedded task (:meth:`~mmm.modalities.audio.modality.AudioModality.downstream_tasks`)."""
+    return {"audio-sounds": DownstreamTask("audio", "synthetic", "synthesized sounds (sound class)",
+                                           shard_splits(_sound_shards, "audio"))}

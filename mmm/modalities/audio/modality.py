@@ -91,6 +91,12 @@ class AudioModality(Modality):
 
         return AudioInputs
 
+    @classmethod
+    def downstream_tasks(cls) -> Dict[str, Any]:
+        from mmm.modalities.audio.downstream import audio_tasks
+
+        return audio_tasks()
+
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
         self.cfg = model_cfg.audio

@@ -3,7 +3,8 @@
 Tokenized by the encoder's own DNA tokenizer (characters, k-mers or BPE: :mod:`mmm.modalities.dna.tokenizer`)
 and cut to its position table. Raw files: FASTA (``.fa``/``.fasta``/``.fna``/``.fas``, gzipped too; one input
 per record, as the DNA shard builder reads them) and ``.txt`` (one sequence per line); tables: the
-``--text_column`` cell (default ``sequence``).
+``--text_column`` cell (default ``sequence``). Embedded task (:func:`dna_tasks`): ``dna-motifs``, the synthetic
+genome windows of the ``dna`` dataset definition's embedded set, built into the cache on first use.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 from torch import nn
 
 from mmm.downstream.inputs import TokenIdInputs
+from mmm.downstream.tasks import DownstreamTask, shard_splits
 from mmm.modalities.dna.codec import FASTA_SUFFIXES
 
 
@@ -70,3 +72,15 @@ class DnaInputs(TokenIdInputs):
         found = {i: find_invalid_base(raw) for i, raw in enumerate(split.inputs) if isinstance(raw, str)}
         return split.skip({i: f"invalid DNA character {bad[1]!r} at position {bad[0]}"
                            for i, bad in found.items() if bad is not None})
+
+
+def _motif_shards() -> Path:
+    from mmm.registry import DATASETS
+
+    return Path(DATASETS.create("dna").embedded_default())
+
+
+def dna_tasks() -> Dict[str, DownstreamTask]:
+    """The DNA modality's embedded task (:meth:`~mmm.modalities.dna.modality.DNAModality.downstream_tasks`)."""
+    return {"dna-motifs": DownstreamTask("dna", "synthetic", "synthetic genome windows (motif class)",
+                                         shard_splits(_motif_shards, "dna"))}

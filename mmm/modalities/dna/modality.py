@@ -83,6 +83,12 @@ class DNAModality(TokenizerAsset, TokenEncoderParts, Modality):
 
         return DnaInputs
 
+    @classmethod
+    def downstream_tasks(cls) -> Dict[str, Any]:
+        from mmm.modalities.dna.downstream import dna_tasks
+
+        return dna_tasks()
+
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
         self.cfg = model_cfg.dna

@@ -4,6 +4,8 @@ Resized and centre-cropped to the encoder's size (the pretraining evaluation tra
 ImageNet-normalised. ``mean`` pooling averages the patch tokens (MAE's global pool); ``cls`` reads the
 [CLS] token of an encoder that has one, whose last block then runs for that row alone. Raw files: the
 image formats PIL reads, decoded with the shard reader's guards (bombs, truncation, every mode to RGB).
+Embedded tasks (:func:`image_tasks`): ``digits`` (real) and ``shapes`` (synthetic), read from the embedded
+shard sets of the ``image`` dataset definition, built into the cache on first use.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from mmm.downstream.inputs import InputAdapter, pool_padded
+from mmm.downstream.tasks import DownstreamTask, shard_splits
 from mmm.modalities.image.decode import IMAGE_SUFFIXES
 
 
@@ -65,3 +68,25 @@ class ImageInputs(InputAdapter):
         from mmm.modalities.image.decode import decode_image
 
         return decode_image(path.read_bytes(), str(path))
+
+
+def _digits_shards() -> Path:
+    from mmm.registry import DATASETS
+
+    return Path(DATASETS.create("image").embedded_default_digits())
+
+
+def _shapes_shards() -> Path:
+    from mmm.registry import DATASETS
+
+    return Path(DATASETS.create("image").embedded_default())
+
+
+def image_tasks() -> Dict[str, DownstreamTask]:
+    """The image modality's embedded tasks (:meth:`~mmm.modalities.image.modality.ImageModality.downstream_tasks`)."""
+    return {
+        "digits": DownstreamTask("image", "real", "scikit-learn handwritten digits (10 classes)",
+                                 shard_splits(_digits_shards, "image")),
+        "shapes": DownstreamTask("image", "synthetic", "rendered shapes (shape class)",
+                                 shard_splits(_shapes_shards, "image")),
+    }

@@ -77,6 +77,12 @@ class ImageModality(Modality):
 
         return ImageInputs
 
+    @classmethod
+    def downstream_tasks(cls) -> Dict[str, Any]:
+        from mmm.modalities.image.downstream import image_tasks
+
+        return image_tasks()
+
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
         self.cfg = model_cfg.image

@@ -3,7 +3,9 @@
 Tokenized as ``[CLS] a [SEP]`` / ``[CLS] a [SEP] b [SEP]`` (BERT, Devlin et al. 2019; mmm has no segment
 embeddings and the HF export's token-type table is zero, so HF gives the same result with any
 ``token_type_ids``), cut longest-first to the encoder's position table as HF tokenizers cut a pair.
-Raw files: ``.txt``, one input per non-empty line; tables: the ``--text_column`` cell.
+Raw files: ``.txt``, one input per non-empty line; tables: the ``--text_column`` cell. Embedded tasks
+(:func:`text_tasks`): ``stdlib-package`` and the sentence-pair ``docstring-signature``, both real data from
+the standard library of the Python that runs them (:mod:`mmm.downstream.tasks`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import numpy as np
 from torch import nn
 
 from mmm.downstream.inputs import TokenIdInputs, longest_first
+from mmm.downstream.tasks import (DownstreamSizes, DownstreamTask, Splits, docstring_signature_task,
+                                  stdlib_package_task)
 
 
 class TextInputs(TokenIdInputs):
@@ -63,3 +67,24 @@ class TextInputs(TokenIdInputs):
         from mmm.downstream.data import read_lines
 
         return read_lines(path, rel)
+
+
+def _stdlib_package(sizes: DownstreamSizes) -> Splits:
+    s = stdlib_package_task(sizes.train_per_class, sizes.eval_per_class)
+    return s["train"], s["dev"], s["test"]
+
+
+def _docstring_signature(sizes: DownstreamSizes) -> Splits:
+    s = docstring_signature_task(sizes.train_per_class, sizes.eval_per_class)
+    return s["train"], s["dev"], s["test"]
+
+
+def text_tasks() -> Dict[str, DownstreamTask]:
+    """The text modality's embedded tasks (:meth:`~mmm.modalities.text.modality.TextModality.downstream_tasks`)."""
+    return {
+        "stdlib-package": DownstreamTask("text", "real", "Python stdlib docstrings → top-level package, split by "
+                                         "module", _stdlib_package),
+        "docstring-signature": DownstreamTask("text", "real", "(function signature, docstring) pairs → belongs / "
+                                              "does not (negatives from the same module), split by module",
+                                              _docstring_signature),
+    }

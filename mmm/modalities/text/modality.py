@@ -45,6 +45,12 @@ class TextModality(TokenizerAsset, TokenEncoderParts, Modality):
 
         return TextInputs
 
+    @classmethod
+    def downstream_tasks(cls) -> Dict[str, Any]:
+        from mmm.modalities.text.downstream import text_tasks
+
+        return text_tasks()
+
     def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__(model_cfg)
         self.cfg = model_cfg.text

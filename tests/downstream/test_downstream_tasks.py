@@ -1,0 +1,52 @@
+"""The embedded downstream tasks come from the modalities (``Modality.downstream_tasks``): the built-in ones in
+their order, checked where they are collected, and named by ``mmm finetune --task`` and its help. Before, they
+were a fixed table in ``benchmarks/downstream.py`` with a copy of its names as ``--task``'s argparse choices.
+The plug-in side (a toy task fine-tuned and benchmarked, clashing names) is in ``tests/test_toy_modality.py``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmm.cli import main
+from mmm.downstream.tasks import DownstreamTask, downstream_tasks
+
+BUILT_IN = {"stdlib-package": ("text", "real"), "docstring-signature": ("text", "real"), "digits": ("image", "real"),
+            "shapes": ("image", "synthetic"), "dna-motifs": ("dna", "synthetic"), "audio-sounds": ("audio", "synthetic")}
+"""The built-in tasks, in order, with their modality and kind of data."""
+
+
+def test_the_built_in_modalities_offer_their_tasks_first_and_in_order() -> None:
+    from mmm.registry import MODALITIES
+
+    tasks = downstream_tasks()
+    assert list(tasks)[:len(BUILT_IN)] == list(BUILT_IN)
+    assert {name: (t.modality, t.data) for name, t in tasks.items() if name in BUILT_IN} == BUILT_IN
+    later = {t.modality for t in list(tasks.values())[len(BUILT_IN):]}  # a plug-in's (the toy's, when it is imported)
+    assert not later & {"text", "image", "dna", "audio", "image_text"}, later
+    assert MODALITIES.get("image_text").downstream_tasks() == {}  # the base class's default
+    assert tasks["digits"].what == "scikit-learn handwritten digits (10 classes)"
+
+
+def test_a_task_with_an_unknown_kind_of_data_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"DownstreamTask.data is 'simulated' \(task for the 'dna' modality: w\); "
+                                         r"expected one of \('real', 'synthetic'\)"):
+        DownstreamTask("dna", "simulated", "w", lambda sizes: None)
+
+
+def test_an_unknown_task_is_named_with_the_known_ones(tmp_path: Path, capsys) -> None:
+    assert main(["finetune", str(tmp_path / "none.ckpt"), "--task", "no-such-task"]) == 2
+    err = capsys.readouterr().err
+    assert ("unknown task 'no-such-task'; known tasks: stdlib-package, docstring-signature, digits, shapes, "
+            "dna-motifs, audio-sounds") in err, err
+    assert "a plug-in modality's tasks are known once it is loaded: mmm --plugin MODULE" in err
+
+
+def test_finetune_help_lists_the_built_in_tasks(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["finetune", "--help"])
+    assert done.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps the help (at spaces and hyphens)
+    for name, (modality, data) in BUILT_IN.items():
+        assert f"{name}({modality},{data})" in text, name
+    assert "mmm--pluginMODULE" in text
