@@ -505,7 +505,7 @@ def run_size(size: Size, threads: int, work: Path, log: Callable[[str], None] = 
 
 SPLIT_LABELS = {"forward": "forward (training_step: model, loss, self.log)", "backward": "backward",
                 "optimizer": "gradient clipping + fused AdamW", "after_step": "after the step (LR scheduler, callbacks)",
-                "between_steps": "between steps (next batch from the worker, Lightning loop, logger)"}
+                "between_steps": "between steps (next batch from the worker, Lightning loop, logger, a periodic checkpoint)"}
 
 
 def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:

@@ -3,7 +3,7 @@
 Per modality, a group of *recipes* (a preset in ``configs/`` plus overrides) with a named
 baseline. Each recipe is pretrained on the modality's embedded data with the **same training
 FLOP budget** (not the same number of steps), then its encoder is scored on the modality's
-embedded downstream task(s) of :mod:`benchmarks.downstream`, three ways: fine-tuning end to end,
+downstream task(s) (:func:`mmm.downstream.tasks.downstream_tasks`), three ways: fine-tuning end to end,
 and a linear probe and kNN on frozen mean-pooled features. Three pretraining seeds per recipe
 (each followed by its own downstream evaluation; fine-tuning seeded with the pretraining seed),
 mean ± std over them. The baseline's architecture at random initialisation (one per seed) is the
@@ -751,7 +751,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--baseline-steps", type=at_least(1), default=None, help="budget = the baseline's FLOPs/step x this")
     p.add_argument("--seeds", type=at_least(1), default=None, help="pretraining seeds per recipe")
     p.add_argument("--downstream", choices=["recipes-full", "recipes-quick", "quick", "full"], default=None,
-                   help="downstream sizes (recipes-*: this suite's; quick/full: benchmarks.downstream's, one fine-tuning seed)")
+                   help="downstream sizes (recipes-*: this suite's; quick/full: mmm.downstream.tasks.SIZES, one fine-tuning seed)")
     p.add_argument("--no-timing", action="store_true", help="skip the side-by-side throughput timing (a part "
                    "whose timing another part measures)")
     p.add_argument("--out", required=True)

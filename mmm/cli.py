@@ -253,12 +253,15 @@ def _cmd_list(ns: argparse.Namespace, rest: List[str]) -> int:
     import mmm.model  # noqa: F401
     from mmm import registry
 
-    kinds = {r.kind: r for r in vars(registry).values() if isinstance(r, registry.Registry)}
+    from mmm.downstream.tasks import downstream_tasks
+
+    kinds = {r.kind: r.list for r in vars(registry).values() if isinstance(r, registry.Registry)}
+    kinds["task"] = lambda: list(downstream_tasks())  # the modalities' downstream tasks (mmm finetune --task)
     if ns.kind is not None and ns.kind not in kinds:
         raise RegistryError(f"unknown kind {ns.kind!r}; known kinds: {', '.join(sorted(kinds))}")
-    for kind, reg in sorted(kinds.items()):
+    for kind, names in sorted(kinds.items()):
         if ns.kind in (None, kind):
-            print(f"{kind}: {', '.join(reg.list())}")
+            print(f"{kind}: {', '.join(names())}")
     return 0
 
 
@@ -369,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_downstream_commands(sub)  # mmm embed, mmm finetune
 
-    li = sub.add_parser("list", help="list registered components")
+    li = sub.add_parser("list", help="list registered components and downstream tasks (kind: one of them, e.g. task)")
     li.add_argument("kind", nargs="?", default=None)
     li.set_defaults(fn=_cmd_list)
 

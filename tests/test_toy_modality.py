@@ -522,3 +522,20 @@ def test_a_task_name_offered_twice_or_a_task_of_another_modality_is_named(monkey
     monkeypatch.setattr(ToyModality, "downstream_tasks", classmethod(lambda cls: [load]))
     with pytest.raises(ValueError, match=r"modality 'toy': downstream_tasks\(\) gave list, not a dict"):
         downstream_tasks()
+
+
+def test_a_plugins_failing_task_hook_is_named_through_the_cli(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A hook that raises used to surface as a bare ``RuntimeError`` (an 'unexpected error', exit 1) from every
+    ``--task`` run, the built-in tasks' too, naming neither the modality nor its class."""
+    from mmm.cli import main
+    from mmm.downstream.tasks import downstream_tasks
+
+    def broken(cls):
+        raise RuntimeError("cannot find my data folder")
+
+    monkeypatch.setattr(ToyModality, "downstream_tasks", classmethod(broken))
+    with pytest.raises(ValueError, match=r"modality 'toy' \(.*ToyModality\): downstream_tasks\(\) failed: "
+                                         r"RuntimeError: cannot find my data folder"):
+        downstream_tasks()
+    assert main(["finetune", str(tmp_path / "none.ckpt"), "--task", "digits"]) == 2
+    assert "downstream_tasks() failed: RuntimeError: cannot find my data folder" in capsys.readouterr().err

@@ -29,22 +29,25 @@ MODALITY_HELP = ("text, dna, image, audio, or a plug-in modality with downstream
 
 def task_help() -> str:
     """``--task``'s help: the tasks registered when the help is shown (the built-in ones: ``mmm --help`` exits
-    before the plug-ins are imported)."""
+    before the plug-ins are imported; ``mmm --plugin MODULE list task`` lists a plug-in's too)."""
     from mmm.downstream.tasks import downstream_tasks
 
     listed = ", ".join(f"{name} ({t.modality}, {t.data})" for name, t in downstream_tasks().items())
-    return (f"an embedded task, built locally (no download): {listed}; a plug-in modality's tasks too, once it is "
-            "loaded (mmm --plugin MODULE)")
+    return (f"a downstream task, built locally (no download): {listed}; docstring-signature is a sentence-pair "
+            "task. A plug-in modality's tasks are known once it is loaded (mmm --plugin MODULE list task)")
 
 
-class TaskListHelp(argparse.HelpFormatter):
-    """Writes ``--task``'s help (:func:`task_help`) only when the help is shown: listing the tasks imports every
-    modality (about a second), which building the ``mmm`` parser must not cost each command."""
+def list_tasks_when_help_is_shown(parser: argparse.ArgumentParser, action: argparse.Action) -> None:
+    """Fill ``action``'s help with :func:`task_help` when ``parser``'s help is formatted, not when the parser is
+    built: listing the tasks imports every modality (about a second), which building the ``mmm`` parser must not
+    cost each command."""
+    format_help = parser.format_help
 
-    def _expand_help(self, action: argparse.Action) -> str:
-        if action.dest == "task":
-            return task_help()
-        return super()._expand_help(action)
+    def with_tasks() -> str:
+        action.help = task_help().replace("%", "%%")  # argparse expands %-formats in help strings
+        return format_help()
+
+    parser.format_help = with_tasks
 
 
 def find_task(name: str) -> DownstreamTask:
@@ -165,11 +168,11 @@ def add_commands(sub: Any) -> None:
                                                           "file or sample), counted and reported, instead of stopping")
     e.set_defaults(fn=cmd_embed)
 
-    f = sub.add_parser("finetune", help="fine-tune an encoder with a classification/regression head over several seeds",
-                       formatter_class=TaskListHelp)
+    f = sub.add_parser("finetune", help="fine-tune an encoder with a classification/regression head over several seeds")
     f.add_argument("source", help="mmm checkpoint (.ckpt), save_encoder folder, HF BERT folder or timm ViT file")
     f.add_argument("--modality", default=None, help=MODALITY_HELP + "; default text (or the --task's)")
-    f.add_argument("--task", default=None, metavar="NAME", help="an embedded task (listed by TaskListHelp)")
+    task = f.add_argument("--task", default=None, metavar="NAME", help="a downstream task (listed in this help)")
+    list_tasks_when_help_is_shown(f, task)
     f.add_argument("--quick", action="store_true", help="with --task: a small version of the task (smoke runs)")
     f.add_argument("--train", default=None, help="training split: .tsv/.csv/.jsonl (text, DNA) or labelled shards")
     f.add_argument("--dev", default=None, help="dev split (early stopping, model selection), same kinds")

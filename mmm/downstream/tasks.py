@@ -46,8 +46,10 @@ class DownstreamSizes:
 
     Args:
         name: the size's name in reports.
-        train_per_class: training samples kept per class (a shard task also holds out a quarter more as dev).
-        eval_per_class: dev / test samples kept per class.
+        train_per_class: training samples kept per class (a shard task draws a quarter more and holds out a
+            fifth of the draw as dev).
+        eval_per_class: test samples kept per class (and dev for the tasks with their own dev split; a shard
+            task holds out a fifth of its training draw as dev, :func:`shard_splits`).
         epochs: fine-tuning epochs.
         seeds: seeds per score (``mmm bench --suite downstream``).
         lr: fine-tuning learning rate.
@@ -133,15 +135,21 @@ def downstream_tasks() -> Dict[str, DownstreamTask]:
     ``docstring-signature``, ``digits``, ``shapes``, ``dna-motifs``, ``audio-sounds``, then the plug-ins'.
 
     Raises:
-        ValueError: a hook that returns something else than a dict of :class:`DownstreamTask`, a task whose
-            ``modality`` is not the modality offering it, or one name offered by two modalities (naming both).
+        ValueError: a hook that fails (naming its modality and class) or returns something else than a dict of
+            :class:`DownstreamTask`, a task whose ``modality`` is not the modality offering it, or one name
+            offered by two modalities (naming both).
     """
     from mmm.registry import MODALITIES
 
     tasks: Dict[str, DownstreamTask] = {}
     offered_by: Dict[str, str] = {}
     for modality in sorted(MODALITIES.list(), key=lambda n: (MODALITIES.get(n).order, n)):
-        offered = MODALITIES.get(modality).downstream_tasks()
+        hook = MODALITIES.get(modality)
+        try:
+            offered = hook.downstream_tasks()
+        except Exception as err:  # a plug-in's broken hook is named, not a bare error from inside it
+            raise ValueError(f"modality {modality!r} ({hook.__module__}.{hook.__qualname__}): downstream_tasks() "
+                             f"failed: {type(err).__name__}: {err}") from err
         if not isinstance(offered, dict):
             raise ValueError(f"modality {modality!r}: downstream_tasks() gave {type(offered).__name__}, not a dict "
                              "{task name: DownstreamTask} (mmm.downstream.tasks)")

@@ -50,3 +50,24 @@ def test_finetune_help_lists_the_built_in_tasks(capsys) -> None:
     for name, (modality, data) in BUILT_IN.items():
         assert f"{name}({modality},{data})" in text, name
     assert "mmm--pluginMODULE" in text
+
+
+def test_the_task_list_is_built_when_the_help_is_shown_not_with_the_parser(monkeypatch) -> None:
+    """Listing the tasks imports every modality (about a second); building the parser must not. The help was filled
+    by overriding argparse's private ``_expand_help``, which Python 3.14 calls from ``add_argument``."""
+    import mmm.downstream.commands as commands
+    from mmm.cli import build_parser
+
+    calls = []
+    monkeypatch.setattr(commands, "task_help", lambda: calls.append(1) or "TASKS-LISTED-HERE 100%")
+    parser = build_parser()
+    assert calls == []
+    finetune = next(a for a in parser._actions if a.dest == "cmd" or getattr(a, "choices", None) and
+                    "finetune" in (a.choices or {})).choices["finetune"]
+    text = finetune.format_help()
+    assert calls == [1] and "TASKS-LISTED-HERE 100%" in text  # a '%' in a task's text is kept, not a format error
+
+
+def test_mmm_list_task_lists_the_tasks(capsys) -> None:
+    assert main(["list", "task"]) == 0
+    assert capsys.readouterr().out.strip() == "task: " + ", ".join(downstream_tasks())
