@@ -58,7 +58,7 @@ def find_task(name: str) -> DownstreamTask:
 
     tasks = downstream_tasks()
     if name not in tasks:
-        raise ConfigError(f"mmm finetune: unknown task {name!r}; known tasks: {', '.join(tasks)} (a plug-in "
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(tasks)} (a plug-in "
                           "modality's tasks are known once it is loaded: mmm --plugin MODULE finetune ...)")
     return tasks[name]
 
@@ -102,21 +102,21 @@ def cmd_finetune(ns: argparse.Namespace, rest: List[str]) -> int:
         from mmm.downstream.tasks import SIZES
 
         if ns.data or ns.train or ns.dev or ns.test:
-            raise ConfigError("mmm finetune: --task brings its own splits; drop --data/--train/--dev/--test")
+            raise ConfigError("--task brings its own splits; drop --data/--train/--dev/--test")
         td = find_task(ns.task)
         if ns.modality not in (None, td.modality):
-            raise ConfigError(f"mmm finetune: task {ns.task!r} is for the {td.modality} modality, not {ns.modality}")
+            raise ConfigError(f"task {ns.task!r} is for the {td.modality} modality, not {ns.modality}")
         modality = td.modality
         train, dev, test = td.load(SIZES["quick" if ns.quick else "full"])
     elif ns.data is not None and (ns.train or ns.dev):
-        raise ConfigError("mmm finetune: give either --data (a shard folder with train and val splits) or --train and --dev")
+        raise ConfigError("give either --data (a shard folder with train and val splits) or --train and --dev")
     elif ns.data is None and not (ns.train and ns.dev):
-        raise ConfigError("mmm finetune: --train and --dev are required (or --data SHARDS with train and val splits)")
+        raise ConfigError("--train and --dev are required (or --data SHARDS with train and val splits)")
     reader = adapter_class(modality)  # an unknown modality is named before anything is read
     text_col = ns.text_column or reader.default_column
     columns = [c for c in (text_col, ns.text_pair_column) if c]
     if ns.text_pair_column and not text_col:
-        raise ConfigError("mmm finetune: --text_pair_column needs --text_column")
+        raise ConfigError("--text_pair_column needs --text_column")
 
     def split(path: Any, shard_split: Any = None) -> Any:
         return load_split(path, modality, shard_split=shard_split, columns=columns, label_column=ns.label_column,

@@ -37,7 +37,8 @@ def test_a_task_with_an_unknown_kind_of_data_is_refused_by_name() -> None:
 def test_an_unknown_task_is_named_with_the_known_ones(tmp_path: Path, capsys) -> None:
     assert main(["finetune", str(tmp_path / "none.ckpt"), "--task", "no-such-task"]) == 2
     err = capsys.readouterr().err
-    assert ("unknown task 'no-such-task'; known tasks: stdlib-package, docstring-signature, digits, shapes, "
+    assert err.count("mmm finetune:") == 1, err  # one prefix (the message itself repeated it before)
+    assert ("mmm finetune: error: unknown task 'no-such-task'; known tasks: stdlib-package, docstring-signature, digits, shapes, "
             "dna-motifs, audio-sounds") in err, err
     assert "a plug-in modality's tasks are known once it is loaded: mmm --plugin MODULE" in err
 
