@@ -493,11 +493,30 @@ def run_size(size: Size, threads: int, work: Path, log: Callable[[str], None] = 
     out["target_gflops_ratio"] = TARGETS.get(size.name)
     if m["cpu_gflops_per_s"] and h["cpu_gflops_per_s"]:
         out["cpu_gflops_ratio"] = m["cpu_gflops_per_s"] / h["cpu_gflops_per_s"]
+    out["round_gflops_ratios"] = round_ratios(runs["mmm"], runs["hf"])
     out["square_1024_gflops_per_s"] = 2 * 1024 ** 3 / time_gemm(1024, 1024, 1024, size.matmul_repeats) / 1e9
-    log(f"[{size.name}] mmm/HF: {out['tokens_per_s_ratio']:.2f}x real tokens/s, {out['gflops_ratio']:.2f}x GFLOP/s "
+    log(f"[{size.name}] mmm/HF: {out['tokens_per_s_ratio']:.2f}x real tokens/s, "
+        f"{ratio_text(out['gflops_ratio'], out['target_gflops_ratio'], 'x')} GFLOP/s "
         f"(FLOPs-per-token ceiling {out['flops_ceiling']:.2f}x); per CPU-second of the training thread "
         f"{out.get('cpu_gflops_ratio', float('nan')):.2f}x GFLOP/s")
     return out
+
+
+def round_ratios(mmm_runs: Sequence[Dict[str, Any]], hf_runs: Sequence[Dict[str, Any]]) -> List[float]:
+    """mmm/HF GFLOP/s of each round: the median over the mmm run's timed steps over the median over the HF run's
+    of the same round (the pair ran back to back), so a reader sees how far the rounds spread."""
+    def median_rate(run: Dict[str, Any]) -> float:
+        return statistics.median(f / dt for f, dt in zip(run["step_flops"], run["step_seconds"]))
+
+    return [median_rate(m) / median_rate(h) for m, h in zip(mmm_runs, hf_runs)]
+
+
+def ratio_text(x: float, target: Optional[float] = None, sign: str = "×") -> str:
+    """``x`` to 2 decimals, or to 3 where 2 would put it on the other side of ``target`` (0.995 is not ≥ 1.0)."""
+    text = f"{x:.2f}"
+    if target is not None and (float(text) >= target) != (x >= target):
+        text = f"{x:.3f}"
+    return text + sign
 
 
 # ----------------------------------------------------------------------------- report
@@ -531,7 +550,8 @@ def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:
                 f"{e['flops_per_token'] / 1e6:.2f} M | {e['gflops_per_s']:.1f} | "
                 f"{e['matmul_limit']['gflops_per_s']:.1f} | {100 * e['fraction_of_limit']:.0f}% | "
                 + (f"**{r['tokens_per_s_ratio']:.2f}×** ({r['window_tokens_per_s_ratio']:.2f}×) | "
-                   f"**{r['gflops_ratio']:.2f}×**{target} | {r['flops_ceiling']:.2f}× |" if first else "| | |"))
+                   f"**{ratio_text(r['gflops_ratio'], r.get('target_gflops_ratio'))}**{target} | "
+                   f"{r['flops_ceiling']:.2f}× |" if first else "| | |"))
     lines += ["", "Real tokens/s and GFLOP/s: medians over every timed step of every round (data loading included, "
               "start-up excluded); in brackets the window mean (all timed tokens over all timed time of a run, median "
               "over rounds). FLOPs ceiling = HF's model FLOPs per token / mmm's: the tokens/s ratio both would reach "
@@ -541,7 +561,19 @@ def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:
         if r.get("cpu_gflops_ratio"):
             lines += [f"Per CPU-second of the training thread ({r['size']}; robust to other jobs on the machine, "
                       f"leaves out mmm's DataLoader worker): mmm {r['mmm']['cpu_gflops_per_s']:.1f}, "
-                      f"HF {r['hf']['cpu_gflops_per_s']:.1f} GFLOP/s, **{r['cpu_gflops_ratio']:.2f}×**.", ""]
+                      f"HF {r['hf']['cpu_gflops_per_s']:.1f} GFLOP/s, "
+                      f"**{ratio_text(r['cpu_gflops_ratio'], r.get('target_gflops_ratio'))}**.", ""]
+    for r in results:
+        rounds = r.get("round_gflops_ratios") or []
+        if not rounds:
+            continue
+        spread = (f"; mean {statistics.mean(rounds):.2f} ± {statistics.stdev(rounds):.2f} (std over rounds)"
+                  if len(rounds) > 1 else "")
+        target = r.get("target_gflops_ratio")
+        met = (f"; the target (≥ {target}) met in {sum(x >= target for x in rounds)} of {len(rounds)}"
+               if target else "")
+        lines += [f"mmm/HF GFLOP/s per round ({r['size']}; each run's median step, the pair back to back): "
+                  + ", ".join(ratio_text(x, target) for x in rounds) + spread + met + ".", ""]
     lines += [f"Memory allocator: {env.get('allocator', DEFAULT_ALLOCATOR)}.", ""]
     for r in results:
         f = {n: r[n].get("minor_faults_per_step") for n in ("mmm", "hf")}

@@ -57,6 +57,9 @@ def test_micro_run_writes_results_and_counts_flops(tmp_path):
     assert r["cpu_gflops_ratio"] == pytest.approx(r["mmm"]["cpu_gflops_per_s"] / r["hf"]["cpu_gflops_per_s"])
     assert "| mmm pretrain (packed) |" in report["markdown"] and "between steps" in report["markdown"]
     assert "Per CPU-second of the training thread" in report["markdown"]
+    # one round: its ratio is the two runs' median step rates (micro has no target)
+    assert r["round_gflops_ratios"] == pytest.approx([r["mmm"]["gflops_per_s"] / r["hf"]["gflops_per_s"]])
+    assert "mmm/HF GFLOP/s per round (micro; " in report["markdown"]
     # page faults are counted per timed step (Linux); the allocator is reported as the user has it
     if bench.minor_faults() is not None:
         assert all(r[n]["minor_faults_per_step"] >= 0 for n in ("mmm", "hf"))
@@ -137,3 +140,20 @@ def test_the_final_checkpoint_is_left_out_of_mmm_steps(tmp_path, monkeypatch):
     w = bench.run_mmm(size, tmp_path / "work", 1, tok_dir, shape, "t")
     assert any(str(p).endswith("last.ckpt") for p in saves)  # the final checkpoint was written in the run
     assert w["split_s"]["after_step"] < 0.3 and max(w["step_seconds"]) < 0.6
+
+
+def test_round_ratios_pair_each_rounds_runs():
+    def run(rates):
+        return {"step_flops": [10.0 * r for r in rates], "step_seconds": [10.0] * len(rates)}
+
+    mmm = [run([2.0, 3.0, 4.0]), run([6.0, 6.0, 9.0])]
+    hf = [run([1.0, 2.0, 5.0]), run([3.0, 4.0, 4.0])]
+    assert bench.round_ratios(mmm, hf) == pytest.approx([1.5, 1.5])
+
+
+def test_a_ratio_is_never_rounded_onto_the_other_side_of_its_target():
+    """0.9953 printed as '1.00×' read as meeting a >= 1.0 target (the base run of 2026-12-04)."""
+    assert bench.ratio_text(0.9953, 1.0) == "0.995×"
+    assert bench.ratio_text(1.0951, 1.1) == "1.095×"
+    assert bench.ratio_text(1.1549, 1.1) == "1.15×" and bench.ratio_text(0.9953) == "1.00×"
+    assert bench.ratio_text(1.002, 1.0, "x") == "1.00x"
