@@ -489,12 +489,11 @@ def e2e_in_fresh_process(size_names: Sequence[str], log: Callable[[str], None]) 
     import sys
     import tempfile
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    repo = Path(__file__).resolve().parents[1]  # `python -m` there imports this checkout's benchmarks and mmm
     with tempfile.TemporaryDirectory(prefix="mmm_e2e_suite_") as out:
         cmd = [sys.executable, "-m", "benchmarks.e2e_pretrain", "--sizes", ",".join(size_names), "--out", out]
         lines: List[str] = []
-        with subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        with subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) as proc:
             for line in proc.stdout:
                 line = line.rstrip("\n")

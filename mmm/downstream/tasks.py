@@ -48,8 +48,7 @@ class DownstreamSizes:
         name: the size's name in reports.
         train_per_class: training samples kept per class (a shard task draws a quarter more and holds out a
             fifth of the draw as dev).
-        eval_per_class: test samples kept per class (and dev for the tasks with their own dev split; a shard
-            task holds out a fifth of its training draw as dev, :func:`shard_splits`).
+        eval_per_class: test samples kept per class (and dev samples, for the tasks with a dev split of their own).
         epochs: fine-tuning epochs.
         seeds: seeds per score (``mmm bench --suite downstream``).
         lr: fine-tuning learning rate.
@@ -125,6 +124,18 @@ def shard_splits(folder: Callable[[], Path], modality: str) -> Callable[[Downstr
         return train, dev, Split(f"{root}:val", test.inputs, test.labels, test.where)
 
     return load
+
+
+def embedded_shards(dataset: str, builder: str = "embedded_default") -> Callable[[], Path]:
+    """A ``folder`` for :func:`shard_splits`: the shard folder that dataset definition ``dataset``'s ``builder``
+    (e.g. ``embedded_default``) builds into the cache on first use and returns afterwards."""
+
+    def folder() -> Path:
+        from mmm.registry import DATASETS
+
+        return Path(getattr(DATASETS.create(dataset), builder)())
+
+    return folder
 
 
 def downstream_tasks() -> Dict[str, DownstreamTask]:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mmm.downstream.inputs import InputAdapter
-from mmm.downstream.tasks import DownstreamTask, shard_splits
+from mmm.downstream.tasks import DownstreamTask, embedded_shards, shard_splits
 from mmm.modalities.audio.frontend import AUDIO_SUFFIXES
 
 
@@ -91,13 +91,7 @@ class AudioInputs(InputAdapter):
         return decode_audio(path.read_bytes(), str(path))
 
 
-def _sound_shards() -> Path:
-    from mmm.registry import DATASETS
-
-    return Path(DATASETS.create("audio").embedded_default())
-
-
 def audio_tasks() -> Dict[str, DownstreamTask]:
     """The audio modality's embedded task (:meth:`~mmm.modalities.audio.modality.AudioModality.downstream_tasks`)."""
     return {"audio-sounds": DownstreamTask("audio", "synthetic", "synthesized sounds (sound class)",
-                                           shard_splits(_sound_shards, "audio"))}
+                                           shard_splits(embedded_shards("audio"), "audio"))}

@@ -15,7 +15,7 @@ import numpy as np
 from torch import nn
 
 from mmm.downstream.inputs import TokenIdInputs
-from mmm.downstream.tasks import DownstreamTask, shard_splits
+from mmm.downstream.tasks import DownstreamTask, embedded_shards, shard_splits
 from mmm.modalities.dna.codec import FASTA_SUFFIXES
 
 
@@ -74,13 +74,7 @@ class DnaInputs(TokenIdInputs):
                            for i, bad in found.items() if bad is not None})
 
 
-def _motif_shards() -> Path:
-    from mmm.registry import DATASETS
-
-    return Path(DATASETS.create("dna").embedded_default())
-
-
 def dna_tasks() -> Dict[str, DownstreamTask]:
     """The DNA modality's embedded task (:meth:`~mmm.modalities.dna.modality.DNAModality.downstream_tasks`)."""
     return {"dna-motifs": DownstreamTask("dna", "synthetic", "synthetic genome windows (motif class)",
-                                         shard_splits(_motif_shards, "dna"))}
+                                         shard_splits(embedded_shards("dna"), "dna"))}

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mmm.downstream.inputs import InputAdapter, pool_padded
-from mmm.downstream.tasks import DownstreamTask, shard_splits
+from mmm.downstream.tasks import DownstreamTask, embedded_shards, shard_splits
 from mmm.modalities.image.decode import IMAGE_SUFFIXES
 
 
@@ -70,23 +70,11 @@ class ImageInputs(InputAdapter):
         return decode_image(path.read_bytes(), str(path))
 
 
-def _digits_shards() -> Path:
-    from mmm.registry import DATASETS
-
-    return Path(DATASETS.create("image").embedded_default_digits())
-
-
-def _shapes_shards() -> Path:
-    from mmm.registry import DATASETS
-
-    return Path(DATASETS.create("image").embedded_default())
-
-
 def image_tasks() -> Dict[str, DownstreamTask]:
     """The image modality's embedded tasks (:meth:`~mmm.modalities.image.modality.ImageModality.downstream_tasks`)."""
     return {
         "digits": DownstreamTask("image", "real", "scikit-learn handwritten digits (10 classes)",
-                                 shard_splits(_digits_shards, "image")),
+                                 shard_splits(embedded_shards("image", "embedded_default_digits"), "image")),
         "shapes": DownstreamTask("image", "synthetic", "rendered shapes (shape class)",
-                                 shard_splits(_shapes_shards, "image")),
+                                 shard_splits(embedded_shards("image"), "image")),
     }
