@@ -41,8 +41,8 @@ on another core when the machine is quiet) and keeps HF's collation (in the trai
 
 **FLOPs.** :mod:`benchmarks.flops` counts each step's model FLOPs from its batch (mmm: its
 sequence lengths and masked count; HF: ``B`` blocks of 128, logits at every position). Achieved
-GFLOP/s = those FLOPs over the same time. The **matmul limit** is this machine's fp32 GEMM rate
-on exactly the matrix products of that contender's step (every linear layer's forward,
+GFLOP/s = those FLOPs over the same time. The **matmul limit** is this machine's GEMM rate (fp32, or
+bf16 with ``--precision bf16-mixed``) on exactly the matrix products of that contender's step (every linear layer's forward,
 input-gradient and weight-gradient product at its median batch, each timed alone with ``torch.mm``,
 the fastest of a few calls, same threads, in the same run; attention's batched products left out): how fast the step would
 go if it did nothing but its GEMMs. ``% of limit`` says how far each side is from it.
@@ -59,6 +59,12 @@ machine and varies with the host. ``--keep-freed-memory`` makes malloc keep free
 (:func:`keep_freed_memory`, both contenders alike), so the comparison is of the two training loops'
 own work; the default leaves the allocator as a user has it.
 
+**Precision.** fp32 by default. ``--precision bf16-mixed`` runs both sides under bf16 autocast
+(mmm's ``trainer.precision: bf16-mixed``, HF ``Trainer``'s ``bf16=True``; on the CPU both are
+``torch.autocast("cpu", torch.bfloat16)``): weights, optimizer state and gradients stay fp32, the
+linear layers multiply in bf16 (AMX or AVX-512-BF16 kernels where the CPU has them). The
+issue-18 targets (:data:`TARGETS`) were set for the fp32 comparison, so a bf16 report shows none.
+
 Sizes: ``tiny`` (the config as it is), ``base`` (BERT-base: 12 × 768, 12 heads, MLP 3072,
 vocabulary 30522 asked for, of which the embedded corpus yields about 8.7k pieces; dropout 0.1;
 batch 8; short runs), ``micro`` (toy sizes for the tests, meaningless as a measurement; also under
@@ -67,7 +73,7 @@ batch 8; short runs), ``micro`` (toy sizes for the tests, meaningless as a measu
 Usage::
 
     python -m benchmarks.e2e_pretrain [--quick | --sizes tiny,base] [--rounds R] [--threads T]
-        [--keep-freed-memory] [--out DIR]   # writes DIR/results.json and DIR/results.md (default runs/bench/e2e_pretrain)
+        [--keep-freed-memory] [--precision 32-true|bf16-mixed] [--out DIR]   # writes DIR/results.json and DIR/results.md (default runs/bench/e2e_pretrain)
 """
 from __future__ import annotations
 
@@ -94,7 +100,12 @@ DEFAULT_THREADS = 1
 """torch threads of both contenders unless ``--threads`` says otherwise: one compute thread gives steady
 ratios on a small shared machine (a preempted OpenMP thread stalls every parallel op)."""
 TARGETS = {"tiny": 1.1, "base": 1.0}
-"""mmm / HF achieved GFLOP/s wanted (issue 18)."""
+"""mmm / HF achieved GFLOP/s wanted (issue 18, set for the fp32 comparison)."""
+PRECISIONS = {"32-true": "fp32", "bf16-mixed": "bf16 autocast (bf16-mixed)"}
+"""``--precision`` values (Lightning's names; HF ``Trainer`` gets ``bf16=True`` for ``bf16-mixed``) and their
+report labels."""
+GEMM_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
+"""The dtype a precision's linear layers multiply in: what the matmul limit times."""
 
 
 @dataclass
@@ -125,13 +136,14 @@ SIZES: Dict[str, Size] = {
 # ----------------------------------------------------------------------------- set-up
 
 
-def load_size_config(size: Size, run_dir: Path, threads: int, tokenizer_dir: Optional[Path] = None):
+def load_size_config(size: Size, run_dir: Path, threads: int, tokenizer_dir: Optional[Path] = None,
+                     precision: str = "32-true"):
     """``configs/text_mlm_tiny.yaml`` with the size's overrides, for one benchmark run on the CPU."""
     from mmm.config import load_config
 
     overrides = {**size.overrides, "trainer.default_root_dir": str(run_dir), "trainer.max_steps": size.steps,
                  "trainer.accelerator": "cpu", "trainer.enable_progress_bar": False, "trainer.threads": threads,
-                 "data.val": None}
+                 "trainer.precision": precision, "data.val": None}
     if tokenizer_dir is not None:
         overrides["model.text.tokenizer_path"] = str(tokenizer_dir)
     return load_config(CONFIG, overrides)
@@ -342,6 +354,20 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", module=r"lightning.*")
 
 
+def watch_linear_dtype(model: torch.nn.Module) -> Dict[str, str]:
+    """The dtype the model's first linear layer computes in, seen at its first call (``{"dtype": ...}`` once it has
+    run): ``float32``, or ``bfloat16`` where autocast is on, so a report shows what precision each side really ran."""
+    seen: Dict[str, str] = {}
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+    def hook(module, inputs, output) -> None:
+        seen["dtype"] = str(output.dtype).replace("torch.", "")
+        handle.remove()
+
+    handle = linear.register_forward_hook(hook)
+    return seen
+
+
 def add_before_checkpoints(trainer, clock) -> None:
     """Add ``clock`` to ``trainer``'s callbacks ahead of its checkpoint callbacks, so a step's end is taken before a
     checkpoint of that step is written: the final step's ``last.ckpt`` (:class:`mmm.train.callbacks.RunCheckpoint`
@@ -354,25 +380,28 @@ def add_before_checkpoints(trainer, clock) -> None:
     callbacks.insert(first, clock)
 
 
-def run_mmm(size: Size, work: Path, threads: int, tokenizer_dir: Path, shape: BertShape, tag: str) -> Dict[str, Any]:
+def run_mmm(size: Size, work: Path, threads: int, tokenizer_dir: Path, shape: BertShape, tag: str,
+            precision: str = "32-true") -> Dict[str, Any]:
     """One mmm pretraining run of ``size.steps`` steps; returns its timed window."""
     from mmm.train.pretrain import build_run
 
     _quiet_lightning()
-    cfg = load_size_config(size, work / f"mmm_{tag}", threads, tokenizer_dir)
+    cfg = load_size_config(size, work / f"mmm_{tag}", threads, tokenizer_dir, precision)
     run = build_run(cfg)
     if run.tokenizer.vocab_size != shape.vocab:
         raise RuntimeError(f"mmm run has vocabulary {run.tokenizer.vocab_size}, expected {shape.vocab}")
     clock = _mmm_clock(shape)
     add_before_checkpoints(run.trainer, clock)
+    computed = watch_linear_dtype(run.module.model)
     torch.set_float32_matmul_precision("high")  # as mmm.train.pretrain.pretrain (no effect on CPU fp32)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     if len(clock.steps) != size.steps:
         raise RuntimeError(f"mmm trained {len(clock.steps)} steps, expected {size.steps}")
-    return window(clock.steps, size.skip)
+    return {**window(clock.steps, size.skip), "linear_dtype": computed.get("dtype")}
 
 
-def run_hf(size: Size, work: Path, threads: int, cfg, blocks, hf_tok, shape: BertShape, tag: str) -> Dict[str, Any]:
+def run_hf(size: Size, work: Path, threads: int, cfg, blocks, hf_tok, shape: BertShape, tag: str,
+           precision: str = "32-true") -> Dict[str, Any]:
     """One HF ``Trainer`` run of ``size.steps`` steps on the grouped blocks; returns its timed window."""
     from transformers import (BertForMaskedLM, DataCollatorForLanguageModeling, PrinterCallback, Trainer,
                               TrainingArguments)
@@ -389,27 +418,28 @@ def run_hf(size: Size, work: Path, threads: int, cfg, blocks, hf_tok, shape: Ber
         adam_epsilon=o.eps, warmup_steps=o.warmup_steps, lr_scheduler_type="linear",
         max_grad_norm=tc.gradient_clip_val or 0.0, logging_steps=tc.log_every_n_steps, save_strategy="no",
         eval_strategy="no", report_to="none", seed=cfg.seed, disable_tqdm=True, use_cpu=True,
-        dataloader_num_workers=0)
+        dataloader_num_workers=0, bf16=precision == "bf16-mixed")
     block = cfg.model.text.max_len
     collator = DataCollatorForLanguageModeling(tokenizer=hf_tok, mlm=True, mlm_probability=0.15)
     per_step = cfg.data.batch_size * block
     clock = _hf_clock(step_flops(shape, [block] * cfg.data.batch_size, per_step), per_step)
     trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=collator, callbacks=[clock])
+    computed = watch_linear_dtype(model)
     trainer.remove_callback(PrinterCallback)  # its log lines only (logging itself still runs every logging_steps)
     trainer.train()
     if len(clock.steps) != size.steps:
         raise RuntimeError(f"HF trained {len(clock.steps)} steps, expected {size.steps}")
-    return {**window(clock.steps, size.skip), "optimizer": str(args.optim)}
+    return {**window(clock.steps, size.skip), "optimizer": str(args.optim), "linear_dtype": computed.get("dtype")}
 
 
 # ----------------------------------------------------------------------------- matmul limit
 
 
-def time_gemm(m: int, k: int, n: int, repeats: int) -> float:
-    """Fastest of ``repeats`` fp32 ``torch.mm`` of (m × k)(k × n), in seconds (one warm-up call first):
+def time_gemm(m: int, k: int, n: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """Fastest of ``repeats`` ``torch.mm`` of (m × k)(k × n) in ``dtype``, in seconds (one warm-up call first):
     the machine's limit is its best rate, so a neighbour's job slowing one call does not lower it."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    out = torch.empty(m, n)
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
     torch.mm(a, b, out=out)
     times = []
     for _ in range(repeats):
@@ -419,13 +449,14 @@ def time_gemm(m: int, k: int, n: int, repeats: int) -> float:
     return min(times)
 
 
-def matmul_limit(shape: BertShape, tokens: int, predicted: int, repeats: int) -> Dict[str, Any]:
-    """This machine's fp32 GFLOP/s on one step's linear-layer GEMMs (see the module docstring)."""
+def matmul_limit(shape: BertShape, tokens: int, predicted: int, repeats: int,
+                 dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
+    """This machine's GFLOP/s in ``dtype`` on one step's linear-layer GEMMs (see the module docstring)."""
     gemms = gemm_shapes(shape, tokens, predicted)
     seconds = {}
     for m, k, n, _ in gemms:
         if (m, k, n) not in seconds:
-            seconds[(m, k, n)] = time_gemm(m, k, n, repeats)
+            seconds[(m, k, n)] = time_gemm(m, k, n, repeats, dtype)
     total = sum(seconds[(m, k, n)] * c for m, k, n, c in gemms)
     return {"tokens": tokens, "predicted": predicted, "gemm_flops": gemm_flops(gemms), "gemm_seconds": total,
             "gflops_per_s": gemm_flops(gemms) / total / 1e9}
@@ -434,10 +465,11 @@ def matmul_limit(shape: BertShape, tokens: int, predicted: int, repeats: int) ->
 # ----------------------------------------------------------------------------- one size
 
 
-def run_size(size: Size, threads: int, work: Path, log: Callable[[str], None] = print) -> Dict[str, Any]:
+def run_size(size: Size, threads: int, work: Path, log: Callable[[str], None] = print,
+             precision: str = "32-true") -> Dict[str, Any]:
     """Both contenders at one size, ``size.rounds`` back-to-back pairs, then the matmul limits."""
     torch.set_num_threads(threads)
-    base_cfg = load_size_config(size, work / "setup", threads)
+    base_cfg = load_size_config(size, work / "setup", threads, precision=precision)
     tok_dir = work / "tokenizer"
     tok = train_tokenizer(base_cfg, tok_dir)
     shape = model_shape(base_cfg, tok.vocab_size)
@@ -451,9 +483,13 @@ def run_size(size: Size, threads: int, work: Path, log: Callable[[str], None] = 
         order = ("mmm", "hf") if r % 2 == 0 else ("hf", "mmm")
         for name in order:
             if name == "mmm":
-                res = run_mmm(size, work, threads, tok_dir, shape, f"r{r}")
+                res = run_mmm(size, work, threads, tok_dir, shape, f"r{r}", precision)
             else:
-                res = run_hf(size, work, threads, base_cfg, blocks, hf_tok, shape, f"r{r}")
+                res = run_hf(size, work, threads, base_cfg, blocks, hf_tok, shape, f"r{r}", precision)
+            expected = str(GEMM_DTYPES[precision]).replace("torch.", "")
+            if res.get("linear_dtype") != expected:
+                raise RuntimeError(f"{name}'s linear layers computed in {res.get('linear_dtype')}, not {expected} as "
+                                   f"--precision {precision} asks: the comparison would not be like for like")
             res["load_average_after"] = load_average()
             runs[name].append(res)
             log(f"[{size.name}] round {r + 1}/{size.rounds} {name}: {res['tokens_per_s']:,.0f} real tokens/s, "
@@ -462,11 +498,12 @@ def run_size(size: Size, threads: int, work: Path, log: Callable[[str], None] = 
     out: Dict[str, Any] = {"size": size.name, "steps": size.steps, "skip": size.skip, "rounds": size.rounds,
                            "threads": threads, "vocab": tok.vocab_size, "shape": asdict(shape),
                            "batch_size": base_cfg.data.batch_size, "max_len": base_cfg.model.text.max_len,
-                           "hf_blocks": len(blocks), "dropout": base_cfg.model.encoder.dropout}
+                           "hf_blocks": len(blocks), "dropout": base_cfg.model.encoder.dropout, "precision": precision}
     for name, rs in runs.items():
         per_step = statistics.median(x["tokens_per_step"] for x in rs)
         predicted = statistics.median(x.get("predicted_per_step", x["tokens_per_step"]) for x in rs)
-        limit = matmul_limit(shape, int(round(per_step)), int(round(predicted)), size.matmul_repeats)
+        limit = matmul_limit(shape, int(round(per_step)), int(round(predicted)), size.matmul_repeats,
+                             GEMM_DTYPES[precision])
         steps = [(n, f, dt) for x in rs for n, f, dt in zip(x["step_tokens"], x["step_flops"], x["step_seconds"])]
         e = {"runs": rs, "tokens_per_s": statistics.median(n / dt for n, _, dt in steps),
              "gflops_per_s": statistics.median(f / dt for _, f, dt in steps) / 1e9,
@@ -490,11 +527,12 @@ def run_size(size: Size, threads: int, work: Path, log: Callable[[str], None] = 
     out["flops_ceiling"] = h["flops_per_token"] / m["flops_per_token"]
     out["window_tokens_per_s_ratio"] = m["window_tokens_per_s"] / h["window_tokens_per_s"]
     out["window_gflops_ratio"] = m["window_gflops_per_s"] / h["window_gflops_per_s"]
-    out["target_gflops_ratio"] = TARGETS.get(size.name)
+    out["target_gflops_ratio"] = TARGETS.get(size.name) if precision == "32-true" else None
     if m["cpu_gflops_per_s"] and h["cpu_gflops_per_s"]:
         out["cpu_gflops_ratio"] = m["cpu_gflops_per_s"] / h["cpu_gflops_per_s"]
     out["round_gflops_ratios"] = round_ratios(runs["mmm"], runs["hf"])
-    out["square_1024_gflops_per_s"] = 2 * 1024 ** 3 / time_gemm(1024, 1024, 1024, size.matmul_repeats) / 1e9
+    out["square_1024_gflops_per_s"] = 2 * 1024 ** 3 / time_gemm(1024, 1024, 1024, size.matmul_repeats,
+                                                                GEMM_DTYPES[precision]) / 1e9
     log(f"[{size.name}] mmm/HF: {out['tokens_per_s_ratio']:.2f}x real tokens/s, "
         f"{ratio_text(out['gflops_ratio'], out['target_gflops_ratio'], 'x')} GFLOP/s "
         f"(FLOPs-per-token ceiling {out['flops_ceiling']:.2f}x); per CPU-second of the training thread "
@@ -530,7 +568,8 @@ SPLIT_LABELS = {"forward": "forward (training_step: model, loss, self.log)", "ba
 def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:
     """The results as markdown tables."""
     load, end = env.get("load_average"), env.get("load_average_end")
-    lines = [f"Whole training loops on the CPU, fp32, {env['threads']} torch thread(s), torch {env['torch']}, "
+    precision = PRECISIONS[env.get("precision", "32-true")]
+    lines = [f"Whole training loops on the CPU, {precision}, {env['threads']} torch thread(s), torch {env['torch']}, "
              f"transformers {env['transformers']}, {env['cpu_count']} cores"
              + (f", load average {load[0]:.2f} at the start" if load else "")
              + (f" and {end[0]:.2f} at the end" if end else "") + ".", "",
@@ -555,7 +594,8 @@ def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:
     lines += ["", "Real tokens/s and GFLOP/s: medians over every timed step of every round (data loading included, "
               "start-up excluded); in brackets the window mean (all timed tokens over all timed time of a run, median "
               "over rounds). FLOPs ceiling = HF's model FLOPs per token / mmm's: the tokens/s ratio both would reach "
-              "at equal GFLOP/s. Matmul limit: fp32 `torch.mm` GFLOP/s on that contender's own linear-layer GEMMs "
+              f"at equal GFLOP/s. Matmul limit: {str(GEMM_DTYPES[env.get('precision', '32-true')]).split('.')[-1]} "
+              "`torch.mm` GFLOP/s on that contender's own linear-layer GEMMs "
               "(forward and both gradients, at its median batch), same threads, this run.", ""]
     for r in results:
         if r.get("cpu_gflops_ratio"):
@@ -602,14 +642,15 @@ def load_average() -> Optional[float]:
         return None
 
 
-def environment(threads: int) -> Dict[str, Any]:
+def environment(threads: int, precision: str = "32-true") -> Dict[str, Any]:
     import transformers
 
     try:
         load = list(os.getloadavg())
     except OSError:
         load = None
-    return {"device": "cpu", "threads": threads, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"device": "cpu", "threads": threads, "precision": precision, "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "python": platform.python_version(), "cpu_count": os.cpu_count(), "load_average": load}
 
 
@@ -627,6 +668,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="glibc malloc keeps freed memory (no per-step page faults for large tensors), both sides")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="32-true",
+                   help="both sides: fp32, or bf16 autocast (mmm trainer.precision, HF Trainer bf16=True)")
     return p.parse_args(argv)
 
 
@@ -652,7 +695,8 @@ def select_sizes(args: argparse.Namespace) -> List[Size]:
 
 
 def run_benchmark(sizes: Sequence[Size], threads: Optional[int] = None, work: Optional[Path] = None,
-                  log: Callable[[str], None] = print, allocator: str = DEFAULT_ALLOCATOR) -> Dict[str, Any]:
+                  log: Callable[[str], None] = print, allocator: str = DEFAULT_ALLOCATOR,
+                  precision: str = "32-true") -> Dict[str, Any]:
     """Every size in one run; returns ``{"env", "results", "markdown"}`` (writes nothing but the runs' folders).
 
     Args:
@@ -661,11 +705,15 @@ def run_benchmark(sizes: Sequence[Size], threads: Optional[int] = None, work: Op
         work: folder for the runs (default: a temporary one, removed afterwards).
         log: progress printer.
         allocator: how the memory allocator is set up (reported; see :func:`keep_freed_memory`).
+        precision: both contenders' precision, a :data:`PRECISIONS` key.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {list(PRECISIONS)}")
     threads = threads or DEFAULT_THREADS
     before = torch.get_num_threads()
-    env = {**environment(threads), "allocator": allocator}
-    results = run_in_work_folder("mmm_e2e_", work, lambda root: [run_size(s, threads, root / s.name, log) for s in sizes],
+    env = {**environment(threads, precision), "allocator": allocator}
+    results = run_in_work_folder("mmm_e2e_", work,
+                                 lambda root: [run_size(s, threads, root / s.name, log, precision) for s in sizes],
                                  env, before)
     return {"env": env, "results": results, "markdown": markdown(results, env)}
 
@@ -678,7 +726,8 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = prin
     sizes = select_sizes(args)
     allocator = keep_freed_memory() if args.keep_freed_memory else DEFAULT_ALLOCATOR
     report = {"benchmark": "e2e_pretrain",
-              **run_benchmark(sizes, args.threads, Path(args.work) if args.work else None, log, allocator)}
+              **run_benchmark(sizes, args.threads, Path(args.work) if args.work else None, log, allocator,
+                              args.precision)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -5,6 +5,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' Trainer needs it
@@ -157,3 +158,46 @@ def test_a_ratio_is_never_rounded_onto_the_other_side_of_its_target():
     assert bench.ratio_text(1.0951, 1.1) == "1.095×"
     assert bench.ratio_text(1.1549, 1.1) == "1.15×" and bench.ratio_text(0.9953) == "1.00×"
     assert bench.ratio_text(1.002, 1.0, "x") == "1.00x"
+
+
+def test_bf16_run_computes_in_bf16_on_both_sides_and_times_bf16_gemms(tmp_path, monkeypatch):
+    """--precision bf16-mixed: both contenders' linear layers run in bf16 (autocast), the matmul limit times bf16
+    GEMMs, and the fp32 targets are not shown against a bf16 ratio."""
+    timed = []
+    real_time_gemm = bench.time_gemm
+
+    def spy(m, k, n, repeats, dtype=torch.float32):
+        timed.append(dtype)
+        return real_time_gemm(m, k, n, repeats, dtype)
+
+    monkeypatch.setattr(bench, "time_gemm", spy)
+    report = bench.main(["--micro", "--precision", "bf16-mixed", "--out", str(tmp_path / "out"),
+                         "--work", str(tmp_path / "work")], log=lambda _: None)
+    (r,) = report["results"]
+    assert r["precision"] == "bf16-mixed" and report["env"]["precision"] == "bf16-mixed"
+    assert [x["linear_dtype"] for n in ("mmm", "hf") for x in r[n]["runs"]] == ["bfloat16", "bfloat16"]
+    assert timed and set(timed) == {torch.bfloat16}
+    assert r["target_gflops_ratio"] is None
+    assert "bf16 autocast (bf16-mixed)" in report["markdown"] and "Matmul limit: bfloat16" in report["markdown"]
+
+
+def test_a_side_that_did_not_run_in_the_asked_precision_stops_the_benchmark(tmp_path, monkeypatch):
+    """If one side's autocast did not take (e.g. HF's Trainer ignoring bf16 on this machine), the report would compare
+    bf16 with fp32: the benchmark refuses instead."""
+    real_run_hf = bench.run_hf
+
+    def fp32_hf(*args, **kwargs):
+        return {**real_run_hf(*args, **kwargs), "linear_dtype": "float32"}
+
+    monkeypatch.setattr(bench, "run_hf", fp32_hf)
+    with pytest.raises(RuntimeError, match=r"hf's linear layers computed in float32, not bfloat16"):
+        bench.main(["--micro", "--precision", "bf16-mixed", "--out", str(tmp_path / "out"),
+                    "--work", str(tmp_path / "work")], log=lambda _: None)
+
+
+def test_fp32_runs_report_float32_linear_layers(tmp_path):
+    size = bench.SIZES["micro"]
+    tok_dir = tmp_path / "tok"
+    tok = bench.train_tokenizer(bench.load_size_config(size, tmp_path / "cfg", 1), tok_dir)
+    shape = bench.model_shape(bench.load_size_config(size, tmp_path / "cfg", 1, tok_dir), tok.vocab_size)
+    assert bench.run_mmm(size, tmp_path / "work", 1, tok_dir, shape, "t")["linear_dtype"] == "float32"

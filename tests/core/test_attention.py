@@ -240,3 +240,33 @@ def test_gpu_compiled_flex_alibi_matches_the_dense_reference(dtype, tol):
         results.append([out.detach().float()] + [t.grad.float() for t in (q, k, v)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["plain", "alibi"])
+@pytest.mark.parametrize("dtype, autocast", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, False)],
+                         ids=["bf16-autocast", "bf16", "fp16"])
+def test_half_precision_cpu_sdpa_runs_in_fp32(monkeypatch, use_alibi, dtype, autocast):
+    """SDPA's CPU flash backward is 2-3x slower in bf16 than in fp32 (torch 2.9.1), so half-precision CPU inputs are
+    attended in fp32, also under autocast (which would cast them back); the result comes back in the inputs' dtype,
+    equal to fp32 SDPA on the same values, and its gradients reach the half-precision inputs."""
+    seq = PackedSeqInfo.from_seqlens([40, 3, 17, 64, 1, 9, 33, 12, 5, 28, 2])  # length groups, key masks
+    bias = ALiBi(4) if use_alibi else None
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    q, k, v = _qkv(seq.num_tokens, dtype=dtype, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = sdpa_attention(q, k, v, seq, bias)
+    assert seen and all(d == (torch.float32,) * 3 for d in seen)
+    assert out.dtype == dtype
+    ref = sdpa_attention(*(t.detach().float() for t in (q, k, v)), seq, bias).to(dtype)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in (q, k, v))
+    torch.testing.assert_close(out.float(), _naive_per_sequence(q.detach().float(), k.detach().float(),
+                                                                v.detach().float(), seq, bias), atol=1e-2, rtol=1e-2)
