@@ -122,14 +122,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     if causal and mask is not None:
         raise ValueError("pass either a mask or causal=True, not both (as SDPA)")
     dtype = q.dtype
-    if dtype in (torch.float16, torch.bfloat16):  # as SDPA's math kernel: scores and softmax in fp32
-        q, k, v = q.float(), k.float(), v.float()
-        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
-    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)  # (B, H, R, K)
-    if causal:  # top-left aligned, as SDPA's is_causal: query row i sees keys 0..i
-        keys = torch.arange(k.shape[-2], device=q.device)
-        scores = scores.masked_fill(~_causal_keys(keys[:q.shape[-2]], keys), float("-inf"))
-    return (dropout(torch.softmax(_masked(scores, mask), dim=-1), dropout_p) @ v).to(dtype)
+    # as SDPA's math kernel: scores, softmax and the weighted sum in fp32, also under autocast (which would run the
+    # products in bf16 and round the scores to bf16 before the softmax)
+    with torch.autocast("cpu", enabled=False):
+        if dtype in HALF_DTYPES:
+            q, k, v = q.float(), k.float(), v.float()
+            mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+        scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)  # (B, H, R, K)
+        if causal:  # top-left aligned, as SDPA's is_causal: query row i sees keys 0..i
+            keys = torch.arange(k.shape[-2], device=q.device)
+            scores = scores.masked_fill(~_causal_keys(keys[:q.shape[-2]], keys), float("-inf"))
+        return (dropout(torch.softmax(_masked(scores, mask), dim=-1), dropout_p) @ v).to(dtype)
 
 
 def _alibi_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Optional[torch.Tensor],

@@ -270,3 +270,17 @@ def test_half_precision_cpu_sdpa_runs_in_fp32(monkeypatch, use_alibi, dtype, aut
     assert all(t.grad is not None and t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in (q, k, v))
     torch.testing.assert_close(out.float(), _naive_per_sequence(q.detach().float(), k.detach().float(),
                                                                 v.detach().float(), seq, bias), atol=1e-2, rtol=1e-2)
+
+
+def test_cpu_attention_with_dropout_computes_in_fp32_under_autocast():
+    """The explicit dropout path computes scores, softmax and the weighted sum in fp32 as SDPA's math kernel does;
+    under autocast its products ran in bf16 and rounded the scores to bf16 before the softmax."""
+    seq = PackedSeqInfo.from_seqlens([40, 3, 17, 64, 1, 9, 33, 12, 5, 28, 2])
+    q, k, v = _qkv(seq.num_tokens, dtype=torch.bfloat16)
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa_attention(q, k, v, seq, dropout_p=0.1)
+    torch.manual_seed(3)  # the same dropout masks
+    ref = sdpa_attention(q.float(), k.float(), v.float(), seq, dropout_p=0.1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), atol=0, rtol=0)
