@@ -420,6 +420,24 @@ def _plugin_args(given: List[str], rest: List[str]):
     return plugins, left
 
 
+HELP_FLAGS = frozenset({"-h", "--help"})
+
+
+def _load_plugins_for_help(argv: List[str]) -> int:
+    """Import the plug-ins named anywhere in ``argv`` (and by ``$MMM_PLUGINS`` / entry points) before a help is
+    printed, so that it lists their names too (``mmm --plugin M finetune --help``: the plug-in's tasks). Returns 0,
+    or 2 after printing the error of a plug-in that fails to load, as the command itself would."""
+    from mmm.plugins import load_plugins
+
+    plugins, _ = _plugin_args([], argv)
+    try:
+        load_plugins(plugins)
+    except USER_ERRORS as e:
+        print(f"mmm: error: {one_line(e, True)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one ``mmm`` command; returns its exit code.
 
@@ -431,6 +449,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints through its own handler
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if HELP_FLAGS.intersection(argv):  # argparse prints a help while parsing: load the plug-ins first
+        code = _load_plugins_for_help(argv)
+        if code:
+            return code
     ns, rest = parser.parse_known_args(argv)
     debug = ns.debug or "--debug" in rest or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     rest = [a for a in rest if a != "--debug"]  # `mmm pretrain ... --debug` works too

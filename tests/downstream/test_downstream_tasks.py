@@ -72,3 +72,21 @@ def test_the_task_list_is_built_when_the_help_is_shown_not_with_the_parser(monke
 def test_mmm_list_task_lists_the_tasks(capsys) -> None:
     assert main(["list", "task"]) == 0
     assert capsys.readouterr().out.strip() == "task: " + ", ".join(downstream_tasks())
+
+
+def test_a_plugins_tasks_are_in_the_help_when_it_is_named_with_the_command(tmp_path: Path) -> None:
+    """``mmm --plugin M finetune --help`` printed the built-in tasks only: argparse prints a help while it parses,
+    and the plug-ins were loaded after. A fresh process, since a test process may have imported the toy already."""
+    import subprocess
+    import sys
+
+    toy = str(Path(__file__).resolve().parents[1] / "test_toy_modality.py")
+    for args in (["--plugin", toy, "finetune", "--help"], ["finetune", f"--plugin={toy}", "-h"]):
+        out = subprocess.run([sys.executable, "-m", "mmm.cli", *args], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert "toy-parity(toy,synthetic)" in "".join(out.stdout.split()), (args, out.stdout)
+    broken = tmp_path / "broken_plugin.py"
+    broken.write_text("raise RuntimeError('half-written plug-in')\n")
+    out = subprocess.run([sys.executable, "-m", "mmm.cli", "--plugin", str(broken), "finetune", "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "mmm: error: plug-in" in out.stderr and "half-written plug-in" in out.stderr, out
