@@ -105,25 +105,36 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
            causal: bool = False) -> torch.Tensor:
     """SDPA of (B, H, R, D) queries over (B, H, K, D) keys/values; ``mask``: bool (True = attend) or additive.
 
+    On the CPU (eager), two inputs take another route to the same result: attention dropout
+    (:func:`_explicit_attention`) and half-precision inputs (:func:`_sdpa_in_fp32`).
+    Callers guarantee that no row is fully masked (a fully masked row would give NaN on the explicit
+    path where SDPA gives 0): the padded backends' queries all see their own sequence's first key, the
+    LXMERT cross-attention lets a partnerless sequence see padding, and MTO's key masks keep every
+    token's own key.
+    """
+    eager_cpu = q.device.type == "cpu" and not torch.compiler.is_compiling()
+    if eager_cpu and dropout_p > 0.0:
+        return _explicit_attention(q, k, v, mask, dropout_p, causal)
+    if eager_cpu and q.dtype in HALF_DTYPES:
+        return _sdpa_in_fp32(q, k, v, mask, causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+
+
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                        dropout_p: float, causal: bool) -> torch.Tensor:
+    """softmax(QKᵀ/√D + mask)·V with attention dropout, computed explicitly (CPU).
+
     With attention dropout on CPU, SDPA falls back to its math kernel, whose dropout mask takes one
     Mersenne-Twister draw per attention probability, and whose "safe" softmax re-checks every row
-    for being fully masked. This path computes the same softmax(QKᵀ/√D + mask)·V explicitly with
-    :func:`mmm.core.dropout.dropout` (four mask elements per 64-bit draw) and a plain softmax.
-    Without dropout, half-precision inputs on CPU go through SDPA in fp32 (:func:`_sdpa_in_fp32`).
-    Callers guarantee that no row is fully masked (a fully masked row would give NaN here where SDPA
-    gives 0): the padded backends' queries all see their own sequence's first key, the LXMERT
-    cross-attention lets a partnerless sequence see padding, and MTO's key masks keep every token's
-    own key.
+    for being fully masked. This path computes the same explicitly with
+    :func:`mmm.core.dropout.dropout` (four mask elements per 64-bit draw) and a plain softmax. As in
+    SDPA's math kernel, half-precision inputs are attended in fp32 (scores, softmax and weighted
+    sum), also under autocast, which would otherwise run the products in bf16 and round the scores to
+    bf16 before the softmax.
     """
-    if dropout_p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
-        if q.device.type == "cpu" and q.dtype in HALF_DTYPES and not torch.compiler.is_compiling():
-            return _sdpa_in_fp32(q, k, v, mask, causal)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
     if causal and mask is not None:
         raise ValueError("pass either a mask or causal=True, not both (as SDPA)")
     dtype = q.dtype
-    # as SDPA's math kernel: scores, softmax and the weighted sum in fp32, also under autocast (which would run the
-    # products in bf16 and round the scores to bf16 before the softmax)
     with torch.autocast("cpu", enabled=False):
         if dtype in HALF_DTYPES:
             q, k, v = q.float(), k.float(), v.float()
