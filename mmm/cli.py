@@ -423,19 +423,20 @@ def _plugin_args(given: List[str], rest: List[str]):
 HELP_FLAGS = frozenset({"-h", "--help"})
 
 
-def _load_plugins_for_help(argv: List[str]) -> int:
+def _load_plugins_for_help(argv: List[str]) -> None:
     """Import the plug-ins named anywhere in ``argv`` (and by ``$MMM_PLUGINS`` / entry points) before a help is
-    printed, so that it lists their names too (``mmm --plugin M finetune --help``: the plug-in's tasks). Returns 0,
-    or 2 after printing the error of a plug-in that fails to load, as the command itself would."""
+    printed, so that it lists their names too (``mmm --plugin M finetune --help``: the plug-in's tasks). A plug-in
+    that fails to import is a warning here: the help is still printed, with the built-in names only."""
     from mmm.plugins import load_plugins
 
-    plugins, _ = _plugin_args([], argv)
     try:
-        load_plugins(plugins)
+        plugins, _ = _plugin_args([], argv)
+    except SystemExit:  # a trailing `--plugin` without a module: argparse reports it, or prints the help
+        plugins = []
+    try:
+        load_plugins([p for p in plugins if p not in HELP_FLAGS])  # `--plugin -h` asks for the help
     except USER_ERRORS as e:
-        print(f"mmm: error: {one_line(e, True)}", file=sys.stderr)
-        return 2
-    return 0
+        print(f"mmm: warning: {one_line(e, True)}; the help lists the built-in names only", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -451,9 +452,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if HELP_FLAGS.intersection(argv):  # argparse prints a help while parsing: load the plug-ins first
-        code = _load_plugins_for_help(argv)
-        if code:
-            return code
+        _load_plugins_for_help(argv)
     ns, rest = parser.parse_known_args(argv)
     debug = ns.debug or "--debug" in rest or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     rest = [a for a in rest if a != "--debug"]  # `mmm pretrain ... --debug` works too

@@ -5,7 +5,8 @@
 * ``sdpa`` — ``torch.nn.functional.scaled_dot_product_attention`` on a padded view built from
   the packed layout (CPU and CUDA). With attention dropout on CPU, where SDPA would fall back to
   its math kernel anyway, the same softmax(QKᵀ/√D + mask)·V is computed explicitly with
-  :func:`mmm.core.dropout.dropout`'s cheaper mask.
+  :func:`mmm.core.dropout.dropout`'s cheaper mask. Half-precision CPU inputs are attended in fp32
+  when a backward follows (SDPA's CPU backward is 2–3× slower in bf16).
 * ``math`` — an explicit softmax(QKᵀ/√d + bias)V reference, for tests.
 * ``flex`` — FlexAttention over the flat stream with a per-sequence block mask and ALiBi as a
   score modification (CUDA, explicit choice only; no attention dropout).
@@ -84,6 +85,18 @@ def _masked(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def bias_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype to build an additive attention bias (ALiBi) in for queries ``q``: fp32 for half-precision CPU
+    queries, which :func:`attend` computes in fp32 when a backward follows or with dropout (a bf16 ALiBi bias is
+    off by up to 0.25 at 128 tokens), the queries' dtype otherwise. :func:`attend` casts it to bf16 where it does
+    run SDPA in bf16."""
+    return torch.float32 if q.device.type == "cpu" and q.dtype in HALF_DTYPES else q.dtype
+
+
+def _backward_follows(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _sdpa_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                   causal: bool) -> torch.Tensor:
     """SDPA of half-precision CPU inputs computed in fp32, the output cast back to the queries' dtype.
@@ -91,8 +104,9 @@ def _sdpa_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     SDPA's CPU flash kernel is slow backward in bf16: in torch 2.9.1, forward + backward at 1 thread
     took 44 ms in bf16 against 16 ms with the inputs cast to fp32 (B 32, H 4, T 128, D 32) and 39
     against 22 ms (B 8, H 12, T 128, D 64), which made bf16 autocast training slower than fp32 on a
-    CPU with bf16 matrix units. Autocast is switched off around the call, since it would cast the
-    inputs back to bf16 (SDPA is on its lower-precision list). fp32 scores are also the more exact.
+    CPU with bf16 matrix units. Its forward alone is faster in bf16 (2.6 against 5.6 ms), so
+    :func:`attend` takes this route only when a backward follows. Autocast is switched off around the
+    call, since it would cast the inputs back to bf16 (SDPA is on its lower-precision list).
     """
     if mask is not None and mask.is_floating_point():
         mask = mask.float()
@@ -105,8 +119,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
            causal: bool = False) -> torch.Tensor:
     """SDPA of (B, H, R, D) queries over (B, H, K, D) keys/values; ``mask``: bool (True = attend) or additive.
 
-    On the CPU (eager), two inputs take another route to the same result: attention dropout
-    (:func:`_explicit_attention`) and half-precision inputs (:func:`_sdpa_in_fp32`).
+    On the CPU (eager), two cases take another route to the same computation: attention dropout
+    (:func:`_explicit_attention`), and half-precision inputs with a backward to follow
+    (:func:`_sdpa_in_fp32`). An additive mask built in fp32 for half queries (:func:`bias_dtype`) is
+    cast to the queries' dtype where SDPA runs in it.
     Callers guarantee that no row is fully masked (a fully masked row would give NaN on the explicit
     path where SDPA gives 0): the padded backends' queries all see their own sequence's first key, the
     LXMERT cross-attention lets a partnerless sequence see padding, and MTO's key masks keep every
@@ -115,8 +131,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     eager_cpu = q.device.type == "cpu" and not torch.compiler.is_compiling()
     if eager_cpu and dropout_p > 0.0:
         return _explicit_attention(q, k, v, mask, dropout_p, causal)
-    if eager_cpu and q.dtype in HALF_DTYPES:
+    if eager_cpu and q.dtype in HALF_DTYPES and _backward_follows(q, k, v):
         return _sdpa_in_fp32(q, k, v, mask, causal)
+    if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
 
@@ -150,11 +168,11 @@ def _alibi_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: Optiona
                 query_pos: torch.Tensor, key_pos: torch.Tensor, slopes: torch.Tensor,
                 dropout_p: float, causal: bool) -> torch.Tensor:
     """SDPA for a block of query rows with its own ALiBi bias. q (B, H, R, D), k/v (B, H, K, D) → (B, H, R, D)."""
-    mask = alibi_block(slopes, query_pos, key_pos, q.dtype)  # (1, H, R, K)
+    mask = alibi_block(slopes, query_pos, key_pos, bias_dtype(q))  # (1, H, R, K)
     if causal:
-        mask = mask.masked_fill(~_causal_keys(query_pos, key_pos), torch.finfo(q.dtype).min)
+        mask = mask.masked_fill(~_causal_keys(query_pos, key_pos), torch.finfo(mask.dtype).min)
     elif keys is not None:
-        mask = mask.masked_fill(~keys, torch.finfo(q.dtype).min)  # (B, H, R, K)
+        mask = mask.masked_fill(~keys, torch.finfo(mask.dtype).min)  # (B, H, R, K)
     return attend(q, k, v, mask, dropout_p)
 
 

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from mmm.core.attention import attend
+from mmm.core.attention import attend, bias_dtype
 from mmm.core.packing import PackedSeqInfo
 from mmm.core.position import ALiBi, alibi_block
 
@@ -135,8 +135,8 @@ def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: PackedSe
         keys = keys & (key_pos[None, None, None, :] <= rows.query_positions[:, None, :, None])  # (B, 1, W, T)
     mask: torch.Tensor = keys
     if alibi is not None:
-        bias = alibi_block(alibi.slopes, rows.query_positions.reshape(-1), key_pos, q.dtype)  # (1, H, B*W, T)
+        bias = alibi_block(alibi.slopes, rows.query_positions.reshape(-1), key_pos, bias_dtype(q))  # (1, H, B*W, T)
         bias = bias.view(heads, b, rows.width, -1).transpose(0, 1)  # (B, H, W, T)
-        mask = bias.masked_fill(~keys, torch.finfo(q.dtype).min)
+        mask = bias.masked_fill(~keys, torch.finfo(bias.dtype).min)
     out = attend(qp, kp, vp, mask, dropout_p)  # (B, H, W, D)
     return out.transpose(1, 2).reshape(b * rows.width, heads, dim).index_select(0, rows.pad_index)

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from mmm.batch import FeatureInput, ImageInput, PackedBatch, RegionInput
-from mmm.core.attention import attend
+from mmm.core.attention import attend, bias_dtype
 from mmm.core.encoder import EncoderBlock, SelfAttention, TransformerEncoder
 from mmm.core.packing import PackedSeqInfo
 from mmm.core.position import apply_rotary
@@ -95,7 +95,7 @@ def keymasked_attention(attn: SelfAttention, x: torch.Tensor, seq: PackedSeqInfo
     self_key = torch.eye(t, dtype=torch.bool, device=x.device)  # (T, T)
     allowed = keys[:, None, None, :] | self_key[None, None]  # (B, 1, T, T): other keys, or oneself
     if bias is not None:
-        mask = bias.bias(t, qp.dtype).masked_fill(~allowed, float("-inf"))  # (B, H, T, T)
+        mask = bias.bias(t, bias_dtype(qp)).masked_fill(~allowed, float("-inf"))  # (B, H, T, T)
     else:
         mask = allowed
     dropout = attn.attn_dropout if attn.training else 0.0

@@ -196,8 +196,10 @@ def test_a_side_that_did_not_run_in_the_asked_precision_stops_the_benchmark(tmp_
 
 
 def test_fp32_runs_report_float32_linear_layers(tmp_path):
+    """The default precision is fp32, and the dtype watch says so (mmm side; the bf16 test covers both sides)."""
     size = bench.SIZES["micro"]
     tok_dir = tmp_path / "tok"
-    tok = bench.train_tokenizer(bench.load_size_config(size, tmp_path / "cfg", 1), tok_dir)
-    shape = bench.model_shape(bench.load_size_config(size, tmp_path / "cfg", 1, tok_dir), tok.vocab_size)
+    cfg = bench.load_size_config(size, tmp_path / "cfg", 1)
+    tok = bench.train_tokenizer(cfg, tok_dir)
+    shape = bench.model_shape(cfg, tok.vocab_size)
     assert bench.run_mmm(size, tmp_path / "work", 1, tok_dir, shape, "t")["linear_dtype"] == "float32"
