@@ -307,3 +307,24 @@ def test_half_precision_cpu_sdpa_without_a_backward_stays_in_bf16(monkeypatch, u
     assert all(qd == torch.bfloat16 and md in (None, torch.bool, torch.bfloat16) for qd, md in seen), seen
     torch.testing.assert_close(out.float(), _naive_per_sequence(q.detach().float(), k.detach().float(),
                                                                 v.detach().float(), seq, bias), atol=3e-2, rtol=3e-2)
+
+
+def test_alibi_blocks_with_dropout_under_autocast_recompute_the_same_masks_and_dtypes(monkeypatch):
+    """The ALiBi row blocks run under activation checkpointing; with attention dropout under bf16 autocast the
+    recomputation must redraw the same dropout masks and keep the fp32 region's dtypes: outputs and gradients equal
+    those of the same blocks run without checkpointing, exactly."""
+    seq = PackedSeqInfo.from_seqlens([40, 3, 17, 64, 1, 9, 33, 12, 5, 28, 2])
+    monkeypatch.setattr(attention, "ALIBI_BLOCK_ELEMENTS", 4096)  # several row blocks per length group
+    runs = []
+    for checkpointed in (True, False):
+        if not checkpointed:
+            monkeypatch.setattr(attention, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
+        q, k, v = _qkv(seq.num_tokens, h=12, dtype=torch.bfloat16, requires_grad=True)
+        torch.manual_seed(11)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sdpa_attention(q, k, v, seq, ALiBi(12), dropout_p=0.1)
+        out.float().square().sum().backward()
+        runs.append([out.detach(), q.grad, k.grad, v.grad])
+    for a, b in zip(*runs):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
