@@ -108,6 +108,11 @@ GEMM_DTYPES = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}
 """The dtype a precision's linear layers multiply in: what the matmul limit times."""
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``bfloat16``: how results and reports name a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
 @dataclass
 class Size:
     """One comparison: mmm config overrides (HF follows them) and how long to run."""
@@ -361,7 +366,7 @@ def watch_linear_dtype(model: torch.nn.Module) -> Dict[str, str]:
     linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
 
     def hook(module, inputs, output) -> None:
-        seen["dtype"] = str(output.dtype).replace("torch.", "")
+        seen["dtype"] = dtype_name(output.dtype)
         handle.remove()
 
     handle = linear.register_forward_hook(hook)
@@ -479,6 +484,7 @@ def run_size(size: Size, threads: int, work: Path, log: Callable[[str], None] = 
     log(f"[{size.name}] vocabulary {tok.vocab_size}; HF corpus: {len(blocks)} blocks of {base_cfg.model.text.max_len} "
         f"tokens ({time.perf_counter() - t0:.1f} s to tokenize and group, start-up)")
     runs: Dict[str, List[Dict[str, Any]]] = {"mmm": [], "hf": []}
+    expected = dtype_name(GEMM_DTYPES[precision])
     for r in range(size.rounds):
         order = ("mmm", "hf") if r % 2 == 0 else ("hf", "mmm")
         for name in order:
@@ -486,7 +492,6 @@ def run_size(size: Size, threads: int, work: Path, log: Callable[[str], None] = 
                 res = run_mmm(size, work, threads, tok_dir, shape, f"r{r}", precision)
             else:
                 res = run_hf(size, work, threads, base_cfg, blocks, hf_tok, shape, f"r{r}", precision)
-            expected = str(GEMM_DTYPES[precision]).replace("torch.", "")
             if res.get("linear_dtype") != expected:
                 raise RuntimeError(f"{name}'s linear layers computed in {res.get('linear_dtype')}, not {expected} as "
                                    f"--precision {precision} asks: the comparison would not be like for like")
@@ -594,7 +599,7 @@ def markdown(results: Sequence[Dict[str, Any]], env: Dict[str, Any]) -> str:
     lines += ["", "Real tokens/s and GFLOP/s: medians over every timed step of every round (data loading included, "
               "start-up excluded); in brackets the window mean (all timed tokens over all timed time of a run, median "
               "over rounds). FLOPs ceiling = HF's model FLOPs per token / mmm's: the tokens/s ratio both would reach "
-              f"at equal GFLOP/s. Matmul limit: {str(GEMM_DTYPES[env.get('precision', '32-true')]).split('.')[-1]} "
+              f"at equal GFLOP/s. Matmul limit: {dtype_name(GEMM_DTYPES[env.get('precision', '32-true')])} "
               "`torch.mm` GFLOP/s on that contender's own linear-layer GEMMs "
               "(forward and both gradients, at its median batch), same threads, this run.", ""]
     for r in results:

@@ -97,6 +97,11 @@ def _backward_follows(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _as_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]):
+    """``q``, ``k``, ``v`` in fp32, and ``mask`` too where it is additive (a boolean mask stays as it is)."""
+    return q.float(), k.float(), v.float(), mask.float() if mask is not None and mask.is_floating_point() else mask
+
+
 def _sdpa_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                   causal: bool) -> torch.Tensor:
     """SDPA of half-precision CPU inputs computed in fp32, the output cast back to the queries' dtype.
@@ -108,10 +113,9 @@ def _sdpa_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     :func:`attend` takes this route only when a backward follows. Autocast is switched off around the
     call, since it would cast the inputs back to bf16 (SDPA is on its lower-precision list).
     """
-    if mask is not None and mask.is_floating_point():
-        mask = mask.float()
+    qf, kf, vf, mask = _as_fp32(q, k, v, mask)
     with torch.autocast("cpu", enabled=False):
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
+        out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, is_causal=causal)
     return out.to(q.dtype)
 
 
@@ -155,8 +159,7 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     dtype = q.dtype
     with torch.autocast("cpu", enabled=False):
         if dtype in HALF_DTYPES:
-            q, k, v = q.float(), k.float(), v.float()
-            mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+            q, k, v, mask = _as_fp32(q, k, v, mask)
         scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)  # (B, H, R, K)
         if causal:  # top-left aligned, as SDPA's is_causal: query row i sees keys 0..i
             keys = torch.arange(k.shape[-2], device=q.device)
