@@ -39,6 +39,54 @@ def test_chance_is_the_exact_random_ranking_hit_probability():
     assert sum(hits) / len(hits) == pytest.approx(0.2, abs=0.03)
 
 
+def test_a_model_that_scores_everything_alike_gets_exactly_chance():
+    """argsort broke ties by position: with every embedding equal, R@5 was 1.0 against a chance of 0.78."""
+    n = 10
+    same = torch.nn.functional.normalize(torch.ones(n, 4), dim=-1)
+    caps = [{f"c{i % 5}"} for i in range(n)]
+    texts = [f"c{i % 5}" for i in range(n)]
+    score = recall_at_k(same, same, caps, texts, ks=(1, 5, 10))
+    for k in ("1", "5", "10"):
+        assert score.t2i[k] == pytest.approx(score.t2i_chance[k]) and score.i2t[k] == pytest.approx(score.i2t_chance[k])
+    assert score.t2i["5"] == pytest.approx(1 - comb(8, 5) / comb(10, 5))
+
+
+def test_ties_are_broken_at_random_in_expectation():
+    # one text query, 4 images: image 0 scores highest (not relevant), images 1-3 tie below it, image 1 relevant
+    image_emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    text_emb = torch.nn.functional.normalize(torch.tensor([[2.0, 1.0]]), dim=-1)
+    score = recall_at_k(image_emb, text_emb, [{"x"}, {"a"}, {"y"}, {"z"}], ["a"], ks=(1, 2, 3, 4))
+    # R@1: image 0 takes the only place; R@2: one place among the 3 tied; R@3: two places; R@4: all
+    assert score.t2i == pytest.approx({"1": 0.0, "2": 1 / 3, "3": 2 / 3, "4": 1.0})
+
+
+def test_equal_embeddings_tie_whatever_order_the_product_sums_in():
+    g = torch.Generator().manual_seed(1)
+    images = torch.nn.functional.normalize(torch.randn(40, 512, generator=g), dim=-1)
+    images[25] = images[3]  # the same image twice, far apart in the matrix
+    texts_emb = torch.nn.functional.normalize(images[3:4] + 0.01 * torch.randn(1, 512, generator=g), dim=-1)
+    caps = [{"d"} if i == 25 else {f"other{i}"} for i in range(40)]
+    # the query's best two images are the equal pair; only the second copy is relevant: a coin flip at K=1
+    assert recall_at_k(images, texts_emb, caps, ["d"], ks=(1, 2)).t2i == pytest.approx({"1": 0.5, "2": 1.0})
+
+
+def test_without_ties_recall_is_the_plain_top_k_hit_rate():
+    g = torch.Generator().manual_seed(2)
+    n = 30
+    image_emb = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1)
+    text_emb = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1)
+    caps = [{f"c{i % 7}"} for i in range(n)]
+    texts = [f"c{(i * 3) % 7}" for i in range(n)]
+    score = recall_at_k(image_emb, text_emb, caps, texts, ks=(1, 5))
+    sim = text_emb.double() @ image_emb.double().T
+    rel = torch.tensor([[t in c for c in caps] for t in texts])
+    for k in (1, 5):
+        top = sim.topk(k, dim=1).indices
+        assert score.t2i[str(k)] == pytest.approx(float(rel.gather(1, top).any(1).double().mean()))
+        top_t = sim.T.topk(k, dim=1).indices
+        assert score.i2t[str(k)] == pytest.approx(float(rel.T.gather(1, top_t).any(1).double().mean()))
+
+
 def test_empty_inputs_are_refused():
     with pytest.raises(ValueError, match="no images or no captions"):
         recall_at_k(torch.zeros(0, 3), torch.zeros(2, 3), [], ["a", "b"])
