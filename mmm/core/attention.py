@@ -93,6 +93,12 @@ def bias_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float32 if q.device.type == "cpu" and q.dtype in HALF_DTYPES else q.dtype
 
 
+def _half_on_cpu(q: torch.Tensor) -> bool:
+    """SDPA would run ``q`` in half precision on the CPU: half inputs, or fp32 ones that CPU autocast casts down."""
+    return q.dtype in HALF_DTYPES or (q.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
+                                      and torch.get_autocast_dtype("cpu") in HALF_DTYPES)
+
+
 def _backward_follows(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -104,7 +110,8 @@ def _as_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
 
 def _sdpa_in_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                   causal: bool) -> torch.Tensor:
-    """SDPA of half-precision CPU inputs computed in fp32, the output cast back to the queries' dtype.
+    """SDPA of half-precision CPU inputs (or fp32 ones under CPU autocast) computed in fp32, the output cast back
+    to the queries' dtype.
 
     SDPA's CPU flash kernel is slow backward in bf16: in torch 2.9.1, forward + backward at 1 thread
     took 44 ms in bf16 against 16 ms with the inputs cast to fp32 (B 32, H 4, T 128, D 32) and 39
@@ -125,7 +132,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
 
     On the CPU (eager), two cases take another route to the same computation: attention dropout
     (:func:`_explicit_attention`), and half-precision inputs with a backward to follow
-    (:func:`_sdpa_in_fp32`). An additive mask built in fp32 for half queries (:func:`bias_dtype`) is
+    (:func:`_sdpa_in_fp32`; fp32 inputs under CPU autocast too, which SDPA would otherwise run in bf16). An additive mask built in fp32 for half queries (:func:`bias_dtype`) is
     cast to the queries' dtype where SDPA runs in it.
     Callers guarantee that no row is fully masked (a fully masked row would give NaN on the explicit
     path where SDPA gives 0): the padded backends' queries all see their own sequence's first key, the
@@ -135,7 +142,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     eager_cpu = q.device.type == "cpu" and not torch.compiler.is_compiling()
     if eager_cpu and dropout_p > 0.0:
         return _explicit_attention(q, k, v, mask, dropout_p, causal)
-    if eager_cpu and q.dtype in HALF_DTYPES and _backward_follows(q, k, v):
+    if eager_cpu and _half_on_cpu(q) and _backward_follows(q, k, v):
         return _sdpa_in_fp32(q, k, v, mask, causal)
     if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)

@@ -272,6 +272,24 @@ def test_half_precision_cpu_sdpa_runs_in_fp32(monkeypatch, use_alibi, dtype, aut
                                                                 v.detach().float(), seq, bias), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("use_alibi", [False, True], ids=["plain", "alibi"])
+def test_fp32_inputs_under_cpu_autocast_are_attended_in_fp32_when_a_backward_follows(use_alibi):
+    """Autocast casts fp32 SDPA inputs to bf16 (SDPA is on its lower-precision list), which took the slow bf16 CPU
+    backward; fp32 inputs under autocast take the fp32 route as half inputs do, and stay fp32."""
+    seq = PackedSeqInfo.from_seqlens([40, 3, 17, 64, 1, 9, 33, 12, 5, 28, 2])
+    bias = ALiBi(12) if use_alibi else None
+    q, k, v = _qkv(seq.num_tokens, h=12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa_attention(q, k, v, seq, bias)
+        with torch.no_grad():  # forward alone stays with autocast's bf16 (faster)
+            inference = sdpa_attention(q, k, v, seq, bias)
+    assert out.dtype == torch.float32 and inference.dtype == torch.bfloat16
+    ref = sdpa_attention(*(t.detach() for t in (q, k, v)), seq, bias)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    out.square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (q, k, v))
+
+
 def test_cpu_attention_with_dropout_computes_in_fp32_under_autocast():
     """The explicit dropout path computes scores, softmax and the weighted sum in fp32 as SDPA's math kernel does;
     under autocast its products ran in bf16 and rounded the scores to bf16 before the softmax."""
