@@ -79,7 +79,8 @@ def powers_mod(base: int, count: int, mod: int, device: torch.device) -> torch.T
 
 def caption_keys(batch: PackedBatch, text_positions: torch.Tensor, text_input: str = "text") -> torch.Tensor:
     """(B,) int64 key of each caption's token ids (equal ids → equal key; different → different but
-    with a ~2**-62 chance), computed on the device without a host sync.
+    with a ~2**-62 chance), computed on the device without a host sync. The key depends on the ids
+    alone, not on the batch (its longest sequence), so keys gathered from several ranks compare.
 
     Args:
         batch: the contrastive batch; its ``text_input`` :class:`~mmm.batch.TokenInput` holds the ids.
@@ -106,7 +107,7 @@ def caption_keys(batch: PackedBatch, text_positions: torch.Tensor, text_input: s
     for mod, base in zip(_HASH_MODULI, _HASH_BASES):
         weights = powers_mod(base, width, mod, device)  # (L,) base**(i+1) % mod, made on the device
         h = ((ids % mod) * weights % mod).sum(1) % mod  # (B,) each term < 2**31, the sum < 2**40
-        h = (h + length * pow(base, width + 1, mod)) % mod
+        h = (h + length) % mod  # base**0: no position's weight, and the same on every rank whatever its width
         key = key * mod + h
     return key
 

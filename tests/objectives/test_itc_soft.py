@@ -51,6 +51,17 @@ def test_caption_keys_match_exact_comparison():
     assert torch.equal(keys[:, None] == keys[None, :], torch.tensor([[a == b for b in caps] for a in caps]))
 
 
+def test_caption_keys_do_not_depend_on_the_batch():
+    """Keys are all-gathered and compared across ranks: the same caption in batches whose longest sequence differs
+    (images of 3 and 30 tokens) must get the same key; a length term weighted by base**(max_seqlen + 1) broke that."""
+    short, _ = _batch(CAPTIONS, patches=3)
+    long, _ = _batch(CAPTIONS[::-1], patches=30)
+    assert short.seq.max_seqlen != long.seq.max_seqlen
+    k_short = caption_keys(short, short.targets["itc"].text_positions)
+    k_long = caption_keys(long, long.targets["itc"].text_positions)
+    assert torch.equal(k_short, k_long.flip(0))
+
+
 def test_soft_targets_rows():
     same = torch.tensor([[True, False, True, False], [False, True, False, False]])
     t = soft_targets(same, 0.0)
