@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from mmm.data.stream import ShardSpec, is_remote, list_shards, local_path
 from mmm.data.tar import (DEFAULT_MAX_MEMBER_BYTES, DEFAULT_READ_TIMEOUT_S, MemberTooLarge, ShardReadError,  # noqa: F401
-                          ShardTimeout, guarded_tarfile_to_samples, iter_members, split_member_name)
+                          ShardTimeout, guarded_tarfile_to_samples, iter_members, member_kind, split_member_name)
 
 MANIFEST = "manifest.json"
 _SHARD_NAME = re.compile(r"^(?P<split>.+)-(?P<index>\d+)\.tar$")
@@ -177,7 +177,8 @@ def _check_one_shard(url: str, fields: Tuple[str, ...], check_sample: Optional[C
         fits = (lambda _info: True) if max_member_bytes is None else (lambda info: info.size <= max_member_bytes)
         for info, data in iter_members(url, fits, read_timeout_s):
             if not info.isreg():
-                problems.append(Problem(url, info.name, f"not a regular file (tar type {info.type!r}); readers skip it"))
+                problems.append(Problem(url, info.name, f"not a regular file ({member_kind(info)}); readers refuse its "
+                                                         f"sample (a streamed tar cannot resolve a link)"))
                 continue
             key, ext = split_member_name(info.name)
             if key is None or ext is None:

@@ -471,6 +471,15 @@ def _samples_of_shard(url: str, max_member_bytes: Optional[int], handler: Handle
         members.close()
 
 
+def member_kind(info: tarfile.TarInfo) -> str:
+    """What a non-regular tar member is, in words."""
+    if info.islnk():
+        return f"a hard link to {info.linkname!r}"
+    if info.issym():
+        return f"a symbolic link to {info.linkname!r}"
+    return f"tar type {info.type!r}"
+
+
 def _group(url: str, members: Iterator[Tuple[tarfile.TarInfo, Optional[bytes]]], max_member_bytes: Optional[int],
            handler: Handler) -> Iterator[Dict[str, Any]]:
     current: Optional[Dict[str, Any]] = None
@@ -481,13 +490,20 @@ def _group(url: str, members: Iterator[Tuple[tarfile.TarInfo, Optional[bytes]]],
         except StopIteration:
             break
         except ShardReadError as exn:  # truncated/corrupt/stalled: the sample being read and the rest of the shard are dropped
-            _handle(handler, type(exn)(exn.args[0]), url)
+            message, complete = exn.args[0], None
+            if current is not None and not refused and len(current) > 2:
+                broken_key = split_member_name(exn.args[1])[0] if len(exn.args) > 1 else None
+                if broken_key is not None and broken_key != current["__key__"]:
+                    complete = current  # the break is in the next sample's member: this one was read whole
+                else:
+                    message += f"; sample {current['__key__']!r} is dropped too (its fields may go on past the break)"
+            if complete is not None:
+                yield complete
+            _handle(handler, type(exn)(message), url)
             return
         except Exception as exn:  # noqa: BLE001 - the opener failed (missing file, failing pipe: command, ...)
             _handle(handler, exn, url)
             return
-        if not info.isreg():
-            continue
         key, ext = split_member_name(info.name)
         if key is None or ext is None:
             continue
@@ -497,7 +513,13 @@ def _group(url: str, members: Iterator[Tuple[tarfile.TarInfo, Optional[bytes]]],
             current, refused = {"__key__": key, "__url__": url}, False
         if refused:
             continue  # the rest of a refused sample (each member within the size limit)
-        if ext in current:
+        if not info.isreg():  # a streamed tar cannot follow a link back to an earlier member
+            refused = True
+            _handle(handler, ValueError(
+                f"sample {key!r} field {ext!r}: tar member {info.name!r} is not a regular file ({member_kind(info)}); "
+                f"a streamed shard cannot resolve it, so the sample is refused. Rebuild the shard with the files "
+                f"themselves (GNU tar: --hard-dereference --dereference)"), url)
+        elif ext in current:
             refused = True
             _handle(handler, ValueError(f"sample {key!r}: field {ext!r} appears twice (tar member {info.name!r})"), url)
         elif data is None:

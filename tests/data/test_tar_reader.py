@@ -320,3 +320,47 @@ def test_compressed_tars_concatenated_are_an_error_not_their_first_part(tmp_path
     (tmp_path / f"cat.tar.{codec}").write_bytes(compress(first) + compress(second))
     with pytest.raises(SampleError, match=f"compressed data follows the end of its first {codec} stream"):
         list(read_samples([str(tmp_path / f"cat.tar.{codec}")], ReadOptions()))
+
+
+def test_a_break_in_the_next_sample_keeps_the_sample_read_whole(tmp_path):
+    """The reader hands a sample on when the next key arrives: a shard cut inside the next sample's first member
+    lost the finished sample before it, uncounted."""
+    write_tar(tmp_path / "good.tar", [("a.txt", b"alpha" * 10), ("a.json", b"{}"), ("b.txt", b"B" * 5000),
+                                      ("b.json", b"{}")])
+    data = (tmp_path / "good.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:4 * 512 + 512 + 1000])  # inside b.txt's data
+    handler = ReadOptions(skip_bad=True).handler()
+    samples = list(read_samples([str(tmp_path / "cut.tar")], handler=handler))
+    assert [s["__key__"] for s in samples] == ["a"] and samples[0]["json"] == b"{}"
+    assert handler.total == 1 and "while reading member 'b.txt'" in handler.messages[0]
+    # cut between two members of one sample: that sample may go on past the break, so it is dropped, and named
+    (tmp_path / "cut2.tar").write_bytes(data[:2 * 512] + b"\x01" * 512)  # a.txt whole, then a garbage header
+    handler = ReadOptions(skip_bad=True).handler()
+    assert list(read_samples([str(tmp_path / "cut2.tar")], handler=handler)) == []
+    assert handler.total == 1 and "sample 'a' is dropped too" in handler.messages[0]
+
+
+def test_link_members_are_refused_by_name_not_skipped(tmp_path):
+    """A streamed tar cannot follow a hard or symbolic link back to an earlier member; such a sample vanished from
+    training without a count, even in strict mode, while `mmm shards check` flagged it."""
+    path = tmp_path / "links.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+        add("a.txt", b"the first document")
+        for name, kind in (("b.txt", tarfile.LNKTYPE), ("c.txt", tarfile.SYMTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "a.txt"
+            tf.addfile(info)
+        add("d.txt", b"the fourth document")
+    with pytest.raises(SampleError, match=r"sample 'b' field 'txt': tar member 'b.txt' is not a regular file "
+                                          r"\(a hard link to 'a.txt'\)"):
+        list(read_samples([str(path)], ReadOptions()))
+    handler = ReadOptions(skip_bad=True).handler()
+    assert [s["__key__"] for s in read_samples([str(path)], handler=handler)] == ["a", "d"]
+    assert handler.total == 2 and "a symbolic link to 'a.txt'" in handler.messages[1]
+    problems = [p.problem for p in check_shards(path).problems]
+    assert any("hard link to 'a.txt'); readers refuse its sample" in p for p in problems), problems
