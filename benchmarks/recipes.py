@@ -388,6 +388,7 @@ def score_vl(model: Any, cfg: Any, modalities: Any, micro: bool) -> Dict[str, Op
     out: Dict[str, Optional[float]] = {f"{way}@{k}": float(getattr(r, way)[str(k)]) for way in ("t2i", "i2t") for k in (1, 5)}
     out.update({f"chance {way}@{k}": float(getattr(r, f"{way}_chance")[str(k)]) for way in ("t2i", "i2t") for k in (1, 5)})
     out["itm"] = float(score.itm_accuracy) if itm_head is not None else None
+    out["chance itm"] = score.itm_chance if itm_head is not None else None  # the majority share of the scored pairs
     return out
 
 
@@ -673,13 +674,13 @@ def markdown(section: Dict[str, Any]) -> str:
         first = section["vl_results"][0]
         lines += ["", "Zero-shot retrieval on the held-out image-caption pairs (images and captions encoded alone, "
                   "contrastive projections, cosine ranking; a hit is an item with the same caption text) and ITM "
-                  "accuracy (in-batch negatives, chance 0.5); mean ± std over pretraining seeds.", "",
+                  "accuracy (in-batch negatives; its chance is the majority label's share of the scored pairs); mean ± std over pretraining seeds.", "",
                   "| recipe | " + " | ".join(f"{k} R" if k != "itm" else "ITM acc." for k in VL_METRICS) + " |",
                   "|---|" + "---:|" * len(VL_METRICS)]
         for r in section["vl_results"]:
             lines.append(f"| {r['recipe']} | " + " | ".join(_fmt(r[k]) if r.get(k) else "—" for k in VL_METRICS) + " |")
-        lines.append("| chance | " + " | ".join(f"{first[f'chance {k}']['mean']:.3f}" if k != "itm" else "0.500"
-                                                for k in VL_METRICS) + " |")
+        lines.append("| chance | " + " | ".join(f"{first[f'chance {k}']['mean']:.3f}" if first.get(f"chance {k}")
+                                                else "—" for k in VL_METRICS) + " |")
     if section.get("budget_problems"):
         lines += ["", "**Unequal budgets:** " + "; ".join(section["budget_problems"]) + "."]
     if section["skipped"]:

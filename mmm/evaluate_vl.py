@@ -151,6 +151,11 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, image_captions:
     """
     if image_emb.shape[0] == 0 or text_emb.shape[0] == 0:
         raise ValueError("recall_at_k: no images or no captions to rank")
+    bad = [f"{int((~torch.isfinite(e)).any(1).sum())} of {e.shape[0]} {what} embeddings"
+           for e, what in ((image_emb, "image"), (text_emb, "caption")) if not torch.isfinite(e).all()]
+    if bad:  # NaN compares unequal to everything: every query would count as a hit
+        raise ValueError(f"recall_at_k: {' and '.join(bad)} are not finite (NaN or inf: a diverged model?); "
+                         f"retrieval cannot rank them")
     sim = (text_emb.double().cpu() @ image_emb.double().cpu().T).float()  # (T, I)
     rel = torch.tensor([[t in caps for caps in image_captions] for t in texts], dtype=torch.bool)  # (T, I)
     ks = [k for k in ks]
@@ -261,7 +266,7 @@ def _evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str, it
                 sel = [i for i, k in enumerate(keys_b) if any(is_unseen(c) for c in captions_of.get(k, ()))]
                 un_correct += float(ok[sel].sum())
                 un_n += len(sel)
-        itm_acc = correct / max(1, itm_n)
+        itm_acc = correct / itm_n if itm_n else float("nan")  # no pair scored: no accuracy, not 0
         un_acc = un_correct / un_n if un_n else None
         matching = positives / itm_n if itm_n else None
     return VLScore(retrieval, itm_acc, itm_n, unseen_retrieval, un_acc, un_n, matching)

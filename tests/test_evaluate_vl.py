@@ -87,6 +87,16 @@ def test_without_ties_recall_is_the_plain_top_k_hit_rate():
         assert score.i2t[str(k)] == pytest.approx(float(rel.T.gather(1, top_t).any(1).double().mean()))
 
 
+def test_non_finite_embeddings_are_refused_not_scored_as_hits():
+    """A NaN best-relevant score tied with nothing, so every query counted as a hit: a diverged model scored 1.0."""
+    image_emb = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
+    image_emb[2] = float("nan")
+    text_emb = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
+    caps, texts = [{f"c{i}"} for i in range(4)], [f"c{i}" for i in range(4)]
+    with pytest.raises(ValueError, match=r"1 of 4 image embeddings are not finite"):
+        recall_at_k(image_emb, text_emb, caps, texts)
+
+
 def test_empty_inputs_are_refused():
     with pytest.raises(ValueError, match="no images or no captions"):
         recall_at_k(torch.zeros(0, 3), torch.zeros(2, 3), [], ["a", "b"])

@@ -210,7 +210,7 @@ def held_out_loss(model: MaskedModel, modality: Any, masker: Any, urls: List[str
             s[0] += float(out.loss) * out.count
             s[1] += out.count
     model.train(was)
-    return {name: total / max(1, count) for name, (total, count) in sums.items()}
+    return {name: total / count if count else float("nan") for name, (total, count) in sums.items()}  # NaN: nothing scored
 
 
 def probe_models(models: Dict[str, MaskedModel], modality: Any, train_urls: List[str], val_urls: List[str], *,

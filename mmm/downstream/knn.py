@@ -72,6 +72,11 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *,
         raise ValueError(f"k must be >= 1, got {k}")
     if temperature is not None and temperature <= 0:
         raise ValueError(f"temperature must be > 0 or None, got {temperature}")
+    for x, split in ((train_x, "training"), (test_x, "test")):
+        bad = ~np.isfinite(x).all(1)
+        if bad.any():  # NaN votes would pick a class at random and report an accuracy as if valid
+            raise ValueError(f"kNN: {int(bad.sum())} of {len(x)} {split} feature rows are not finite (NaN or inf), "
+                             f"the first at row {int(np.flatnonzero(bad)[0])}")
     classes = int(train_y.max()) + 1
     tr = torch.nn.functional.normalize(torch.from_numpy(train_x), dim=1)  # (n, d)
     ytr = torch.from_numpy(train_y.astype(np.int64))

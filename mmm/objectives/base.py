@@ -39,19 +39,26 @@ class ObjectiveOutput:
     count: int = 0
 
 
-def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor, share_ties: bool = False) -> torch.Tensor:
     """Share of rows whose label's logit is the row's highest (detached scalar).
 
     Args:
         logits: (M, V) scores.
         labels: (M,) int64 class indices.
+        share_ties: a label tied with others for the top score counts ``1 / ties`` (a tie broken at random, in
+            expectation), so a collapsed head (every logit equal) scores 1/V, not 1. Heads pass it when
+            evaluating (not ``self.training``); it costs one more pass over the logits.
 
-    The same as ``(logits.argmax(-1) == labels).mean()`` except on an exact tie for the top score,
-    which counts as correct here; it reads the row maximum (a vectorised reduction) instead of
-    ``argmax``, whose CPU kernel is about ten times slower on an MLM head's (M, V) logits.
+    Without ``share_ties`` an exact tie for the top score counts as correct (cheap, for training logs, where fp32
+    logits rarely tie); it reads the row maximum (a vectorised reduction) instead of ``argmax``, whose CPU kernel
+    is about ten times slower on an MLM head's (M, V) logits.
     """
     logits = logits.detach()
-    return (logits.gather(1, labels[:, None]).squeeze(1) >= logits.amax(-1)).float().mean()
+    top = logits.amax(-1, keepdim=True)  # (M, 1)
+    hit = (logits.gather(1, labels[:, None]) >= top).float()  # (M, 1)
+    if share_ties:
+        hit = hit / (logits == top).sum(-1, keepdim=True).clamp(min=1)
+    return hit.mean()
 
 
 def global_mean(loss_sum: torch.Tensor, count: int, sync: bool = True) -> torch.Tensor:

@@ -120,4 +120,4 @@ class CausalLanguageModeling(nn.Module):
         logits = self.head(hidden.index_select(0, t.positions))  # (M, V), M = N - S
         loss = global_mean(F.cross_entropy(logits.float(), t.labels, reduction="sum"), int(t.labels.numel()),
                            in_lockstep(self))
-        return ObjectiveOutput(loss, {"acc": top1_accuracy(logits, t.labels)}, int(t.labels.numel()))
+        return ObjectiveOutput(loss, {"acc": top1_accuracy(logits, t.labels, share_ties=not self.training)}, int(t.labels.numel()))

@@ -282,7 +282,7 @@ class ReplacedTokenDetection(nn.Module):
             return dataclasses.replace(batch, targets={**batch.targets, self.target_key: gen})
         logits = self.generator_head(gen_hidden.index_select(0, t.positions))  # (M, V)
         gen_loss = global_mean(F.cross_entropy(logits.float(), t.labels, reduction="sum"), t.labels.numel(), sync)
-        gen_acc = top1_accuracy(logits, t.labels)
+        gen_acc = top1_accuracy(logits, t.labels, share_ties=not self.training)
         sampled = sample_tokens(logits, self.temperature)  # (M,) drawn here, in the step
         original = ids.index_copy(0, t.positions, t.labels)  # (N,) the uncorrupted sequence
         corrupted = ids.index_copy(0, t.positions, sampled)  # (N,)

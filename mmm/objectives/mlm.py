@@ -111,4 +111,4 @@ class MaskedLanguageModeling(nn.Module):
         logits = self.head(hidden.index_select(0, t.positions))  # (M, V)
         # sum / (global count / world size): exact under DDP gradient averaging (a plain mean on one rank)
         loss = global_mean(F.cross_entropy(logits.float(), t.labels, reduction="sum"), int(t.labels.numel()), sync)
-        return ObjectiveOutput(loss, {"acc": top1_accuracy(logits, t.labels)}, int(t.labels.numel()))
+        return ObjectiveOutput(loss, {"acc": top1_accuracy(logits, t.labels, share_ties=not self.training)}, int(t.labels.numel()))

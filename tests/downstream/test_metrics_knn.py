@@ -142,3 +142,16 @@ def test_an_empty_split_given_through_the_api_is_named() -> None:
 
     with pytest.raises(DownstreamDataError, match=r"test.tsv: no usable rows \(it has no rows\)"):
         prepare_split(InputAdapter(None), Split("test.tsv", [], [], []), skip_bad=False)
+
+
+def test_knn_refuses_non_finite_features_naming_the_split_and_row() -> None:
+    """NaN features made NaN vote weights and an accuracy reported as if valid (the linear probe raises)."""
+    rng = np.random.default_rng(0)
+    xtr, ytr = rng.normal(size=(20, 4)), np.arange(20) % 2
+    xte, yte = rng.normal(size=(6, 4)), np.arange(6) % 2
+    xte[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"kNN: 1 of 6 test feature rows are not finite .*the first at row 3"):
+        knn_probe((xtr, ytr), (xte, yte))
+    xtr[[5, 7]] = np.inf
+    with pytest.raises(ValueError, match=r"kNN: 2 of 20 training feature rows are not finite .*row 5"):
+        knn_predict(xtr, ytr, xte)
