@@ -77,6 +77,29 @@ def test_crop_box_bounds_and_fallback() -> None:
     assert sample_crop_box(10, 100, np.random.default_rng(0), scale=(0.9, 1.0), ratio=(1.0, 1.0)) == (0, 45, 10, 10)
 
 
+def test_eval_transform_crops_a_thin_strip_before_resizing(monkeypatch) -> None:
+    """An 8 x 40,000 strip passed the decode guards, then the short-side resize made it 224 x 1.1 M pixels (1 GiB;
+    140 GiB at the 64 MP decode limit)."""
+    from mmm.modalities.image import transforms
+
+    wide = random_image(10, 40)  # exactly 4:1: left whole, the plain torchvision pipeline (computed before the spy)
+    expected = TF.pil_to_tensor(T.Compose([T.Resize(16, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(16)])(wide))
+    seen = []
+    real_resize = transforms.TF.resize
+
+    def spy(img, *args, **kwargs):
+        seen.append(img.size if isinstance(img, Image.Image) else tuple(img.shape[-2:])[::-1])
+        return real_resize(img, *args, **kwargs)
+
+    monkeypatch.setattr(transforms.TF, "resize", spy)
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 40000, 3), dtype=np.uint8))
+    assert eval_transform(strip, 224).shape == (3, 224, 224)
+    assert seen == [(32, 8)]  # the centre 4:1, then resized
+    tall = torch.randint(0, 256, (3, 50, 7), dtype=torch.uint8)  # 50 > 4 x 7: cropped to 28 x 7
+    assert eval_transform(tall, 16).shape == (3, 16, 16) and seen[-1] == (7, 28)
+    assert torch.equal(eval_transform(wide, 16), expected) and seen[-1] == (40, 10)
+
+
 def test_eval_transform() -> None:
     img = random_image(40, 60)
     expected = TF.pil_to_tensor(T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32)])(img))

@@ -153,8 +153,16 @@ def train_transform(
     return _to_tensor(out)  # (3, size, size) uint8
 
 
+MAX_EVAL_ASPECT = 4
+"""Longer side over shorter side above which :func:`eval_transform` first crops the image's centre to this ratio."""
+
+
 def eval_transform(img: ImageLike, size: int, crop_pct: float = 1.0) -> torch.Tensor:
     """Evaluation transform: resize the shorter side to ``round(size / crop_pct)``, centre-crop ``size``.
+
+    An image longer than :data:`MAX_EVAL_ASPECT` times its shorter side is first cropped around its centre to that
+    ratio (the part the centre crop keeps, with a margin): resizing an 8 x 8,000,000 strip whole would need about
+    140 GiB. Up to that ratio the result is exactly torchvision's ``Resize`` + ``CenterCrop``.
 
     With the default ``crop_pct=1.0`` the shorter side becomes ``size`` and only the longer side is
     cropped (a square image is simply resized to ``size``, so small images such as 32x32 lose no
@@ -171,7 +179,10 @@ def eval_transform(img: ImageLike, size: int, crop_pct: float = 1.0) -> torch.Te
     _check_size(size)
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
-    img, _, _ = _prepare(img)
+    img, h, w = _prepare(img)
+    if max(h, w) > MAX_EVAL_ASPECT * min(h, w):  # a thin strip: resizing it whole could take gigabytes
+        keep = MAX_EVAL_ASPECT * min(h, w)
+        img = TF.center_crop(img, [min(h, keep), min(w, keep)])
     short = max(size, int(round(size / crop_pct)))
     out = TF.resize(img, [short], interpolation=_BICUBIC, antialias=True)
     out = TF.center_crop(out, [size, size])
