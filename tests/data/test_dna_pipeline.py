@@ -208,3 +208,20 @@ def test_reverse_complement_probability_is_checked():
     with pytest.raises(ValueError, match="reverse_complement"):
         dna_stages(DNACharTokenizer(), None, max_len=8, batch_size=2, seed=0, handler=SampleErrorHandler(),
                    reverse_complement=1.5)
+
+
+def test_tokenizer_fitting_skips_and_counts_a_bad_window_when_skipping(tmp_path):
+    """Fitting read every window strictly: one bad window raised even where training (data.skip_bad) skips it."""
+    from mmm.data.tar import ReadOptions
+    from mmm.modalities.dna.codec import iter_samples
+
+    shard = tmp_path / "train-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, seq, meta in (("a", b"ACGTACGT", b"{}"), ("b", b"ACGT", b"[1, 2]"), ("c", b"TTGCA", b"{}")):
+            for field, data in (("seq", seq), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"sample 'b': 'json' must be a JSON object"):
+        list(iter_samples([str(shard)]))
+    assert [seq for seq, _ in iter_samples([str(shard)], ReadOptions(skip_bad=True))] == ["ACGTACGT", "TTGCA"]

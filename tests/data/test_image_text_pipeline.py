@@ -364,3 +364,23 @@ def test_captions_differing_only_in_case_are_one_caption_to_negatives():
     for seed in range(20):
         source, _ = choose_itm_negatives(keys, own, 1.0, np.random.default_rng(seed))
         assert source[0] in (0, 2) and source[1] in (1, 2)  # never each other
+
+
+def test_a_caption_that_gives_no_token_is_a_bad_sample_not_an_empty_caption(shards, tok, tmp_path):
+    """Only combining accents is not blank, but a lowercasing tokenizer strips all of it: the pair trained as
+    [CLS] [SEP] against its image, uncounted (the text pipeline counts such a text as bad)."""
+    import json
+
+    src = list_shards(shards, split="train")[0]
+    with tarfile.open(src) as tin:
+        first_json = next(m for m in tin.getmembers() if m.name.endswith(".json"))
+        meta = json.loads(tin.extractfile(first_json).read())
+    meta["captions"] = [meta["captions"][0], "\u0301\u0300"]
+    bad = tmp_path / "train-000000.tar"
+    _rewrite(src, bad, "json", json.dumps(meta).encode())
+    s = settings("itc")
+    with pytest.raises(SampleError, match=r"train-000000.tar:.*caption 1 \(2 character\(s\).*gave no token"):
+        run(shards, tok, s, urls=[str(bad)])
+    handler = SampleErrorHandler(skip_bad=True)
+    batches = run(shards, tok, s, urls=[str(bad)], handler=handler)
+    assert handler.total == 1 and sum(b.targets["itc"].count for b in batches) == (4 - 1) * CAPS

@@ -72,7 +72,7 @@ def _shard_with_bad_sample(path, bad=b"\xff\xfe not utf8"):
                                           ("\u200b \u200b".encode(), r"sample b: 'txt' is empty .*got 7 byte"),
                                           (b"\x00\x01", r"sample b: 'txt' is empty .*control, format"),
                                           ("\ufffd\ufffd".encode(), r"sample b: 'txt' is empty .*replacement \(U\+FFFD\)"),
-                                          ("\u0301\u0300".encode(), r"a text sample of 2 character\(s\) gave no token")],
+                                          ("\u0301\u0300".encode(), r"train-000000.tar: sample b: 'txt' \(2 character\(s\)\) gave no token")],
                          ids=["not-utf8", "blank", "zero-width", "control", "replacement-chars", "accents-only"])
 def test_a_bad_sample_stops_by_default_and_is_counted_when_skipping(corpus, tmp_path, bad, message):
     """A blank text would yield no sequence: it is a bad sample like undecodable bytes, never dropped silently."""
@@ -89,3 +89,19 @@ def test_a_bad_sample_stops_by_default_and_is_counted_when_skipping(corpus, tmp_
     batches = list(make_pipeline([str(shard)], stages=st, shuffle_buffer=0, handler=lenient))
     assert sum(b.num_sequences for b in batches) == 2
     assert lenient.summary()["total"] == 1
+
+
+def test_tokenizer_fitting_skips_and_counts_a_bad_text_when_skipping(tmp_path, caplog):
+    """Fitting the tokenizer raised on a text that training (data.skip_bad) would skip and count."""
+    import logging
+
+    from mmm.data.tar import ReadOptions
+    from mmm.modalities.text.codec import iter_texts as fit_texts
+
+    shard = tmp_path / "train-000000.tar"
+    _shard_with_bad_sample(shard)
+    with pytest.raises(ValueError, match=r"sample 'b': 'txt' is not UTF-8 at byte offset 0"):
+        list(fit_texts([str(shard)]))
+    with caplog.at_level(logging.WARNING, logger="mmm.data"):
+        assert list(fit_texts([str(shard)], ReadOptions(skip_bad=True))) == ["good text here", "more good text"]
+    assert "1 bad sample(s)" in caplog.text

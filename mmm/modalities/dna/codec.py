@@ -152,14 +152,20 @@ def iter_samples(urls: List[str], options: Optional[ReadOptions] = None) -> Iter
         urls: shard paths or urls.
         options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
     """
-    for sample in read_samples(urls, options):
+    opts = options if options is not None else ReadOptions()
+    handler = opts.handler()
+    for sample in read_samples(urls, opts, handler):
         if "seq" not in sample or "json" not in sample:
             continue
         try:
-            yield decode_seq(sample["seq"]), decode_meta(sample["json"])
+            decoded = decode_seq(sample["seq"]), decode_meta(sample["json"])
         except ValueError as exn:
-            raise ValueError(f"DNA shard {sample['__url__']} sample {sample['__key__']!r}: {exn}; run "
-                             "`mmm shards check --dataset dna` to list every problem") from None
+            error = ValueError(f"DNA shard {sample['__url__']} sample {sample['__key__']!r}: {exn}; run "
+                               "`mmm shards check --dataset dna` to list every problem")
+            if opts.skip_bad and handler(error):  # skipped and counted, as training does
+                continue
+            raise error from None
+        yield decoded
 
 
 def iter_sequences(urls: List[str], options: Optional[ReadOptions] = None) -> Iterator[str]:

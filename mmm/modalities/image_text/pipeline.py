@@ -341,11 +341,23 @@ def read_pair_sample(sample: Dict[str, Any], settings: ImageTextSettings) -> Pai
                     captions_of(sample, meta, where), pixels, regions)
 
 
-def _decode_pairs(src: Iterator[dict], settings: ImageTextSettings, handler: Handler) -> Iterator[Tuple[PairItem, int]]:
-    """One ``(item, caption index)`` per caption of every sample: none dropped."""
+def check_captions_tokenize(item: PairItem, tokenizer: Any, where: str) -> None:
+    """A ``ValueError`` naming the sample and caption when a caption gives no token: one that ``is_blank`` lets
+    through, such as only combining accents, which a lowercasing tokenizer strips (it would train as [CLS] [SEP])."""
+    for i, caption in enumerate(item.captions):
+        if tokenizer.encode(caption)[0].shape[0] == 0:
+            raise ValueError(f"{where}: caption {i} ({len(caption)} character(s), e.g. {caption[:20]!r}) gave no "
+                             f"token: the tokenizer's normalizer removes all of it")
+
+
+def _decode_pairs(src: Iterator[dict], settings: ImageTextSettings, tokenizer: Any,
+                  handler: Handler) -> Iterator[Tuple[PairItem, int]]:
+    """One ``(item, caption index)`` per caption of every sample: none dropped; a sample that cannot be decoded, or
+    with a caption that gives no token, goes to ``handler``."""
     for sample in src:
         try:
             item = read_pair_sample(sample, settings)
+            check_captions_tokenize(item, tokenizer, f"{sample.get('__url__', '?')}:{item.key}")
         except (ImageDecodeError, ValueError) as e:
             if handler(e):  # counts; raises unless skipping is configured
                 continue
@@ -695,7 +707,7 @@ def image_text_stages(settings: ImageTextSettings, tokenizer: Any, masker: Optio
     if settings.mode in ("mlm", "mrm") and masker is None:
         raise ValueError(f"image_text mode {settings.mode!r} needs a masker")
     return [
-        wds.pipelinefilter(_decode_pairs)(settings, handler),
+        wds.pipelinefilter(_decode_pairs)(settings, tokenizer, handler),
         SeededMap(_PreparePair(settings, tokenizer, masker if settings.mode in ("mlm", "mrm") else None), seed,
                   fixed_masking, epochs),
         (wds.pipelinefilter(batches_of_distinct_images)(batch_size) if settings.mode in ("itm", "itc")

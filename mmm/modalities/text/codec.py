@@ -95,12 +95,18 @@ def iter_texts(urls: List[str], options: Optional[ReadOptions] = None) -> Iterat
         urls: shard paths or urls.
         options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
     """
-    for sample in read_samples(urls, options):
+    opts = options if options is not None else ReadOptions()
+    handler = opts.handler()
+    for sample in read_samples(urls, opts, handler):
         txt = sample.get("txt")
         if txt is None:
             continue
         try:
-            yield txt.decode("utf-8")
+            text = txt.decode("utf-8")
         except UnicodeDecodeError as exn:
-            raise ValueError(f"text shard {sample['__url__']} sample {sample['__key__']!r}: 'txt' is not UTF-8 "
-                             f"at byte offset {exn.start}; run `mmm shards check` to list every problem") from None
+            error = ValueError(f"text shard {sample['__url__']} sample {sample['__key__']!r}: 'txt' is not UTF-8 "
+                               f"at byte offset {exn.start}; run `mmm shards check` to list every problem")
+            if opts.skip_bad and handler(error):  # skipped and counted, as training does
+                continue
+            raise error from None
+        yield text

@@ -22,18 +22,30 @@ if TYPE_CHECKING:  # the modalities package imports this module (its text plugin
 Handler = Callable[[Exception], bool]
 
 
-def _tokenize(src: Iterator[str], tokenizer: TextTokenizer, max_len: int, handler: Handler) -> Iterator[tuple]:
-    """Each text's ``[CLS] ... [SEP]`` pieces; a text the tokenizer reduces to nothing (one that ``is_blank`` lets
-    through, such as only combining accents, which lowercasing strips) is a bad sample for ``handler`` (counted, then
-    skipped or raised), never dropped silently."""
-    for text in src:
-        pieces = tokenizer.encode_chunks(text, max_len)
+class _TextPieces:
+    """A raw shard sample → its text's ``[CLS] ... [SEP]`` pieces (:func:`decode_text`, then the tokenizer).
+
+    A text the tokenizer reduces to nothing (one that ``is_blank`` lets through, such as only combining accents,
+    which lowercasing strips) is a ``ValueError`` naming the sample and shard, so ``decode_each`` gives it to the
+    handler (counted, then skipped or raised), never dropped silently. A class, not a closure: pipelines are
+    pickled into workers.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, max_len: int) -> None:
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, sample: dict) -> list:
+        text = decode_text(sample)
+        pieces = self.tokenizer.encode_chunks(text, self.max_len)
         if not pieces:
-            error = ValueError(f"a text sample of {len(text)} character(s) gave no token: the tokenizer's normalizer "
-                               f"removes all of it (e.g. {text[:20]!r})")
-            if handler(error):
-                continue
-            raise error
+            raise ValueError(f"sample {sample.get('__key__', '?')}: 'txt' ({len(text)} character(s)) gave no token: "
+                             f"the tokenizer's normalizer removes all of it (e.g. {text[:20]!r})",
+                             sample.get("__url__", "?"))
+        return pieces
+
+
+def _each_piece(src: Iterator[list]) -> Iterator[tuple]:
+    for pieces in src:
         yield from pieces
 
 
@@ -66,8 +78,8 @@ def text_stages(tokenizer: TextTokenizer, masker: TokenMasker, *, max_len: int, 
         modality: the name batches key the tokens and targets under.
     """
     return [
-        wds.pipelinefilter(decode_each)(decode_text, handler),
-        wds.pipelinefilter(_tokenize)(tokenizer, max_len, handler),
+        wds.pipelinefilter(decode_each)(_TextPieces(tokenizer, max_len), handler),
+        wds.pipelinefilter(_each_piece)(),
         SeededMap(_MaskTokens(masker), seed, fixed_masking, epochs),
         wds.batched(batch_size, collation_fn=partial(pack_masked, modality=modality), partial=True),
     ]
