@@ -24,7 +24,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -78,7 +78,7 @@ def read_source(source: PathLike) -> Tuple[Dict[str, torch.Tensor], str]:
     Args:
         source: an mmm ``.ckpt``, a :func:`~mmm.encoders.save_encoder` folder or an HF BERT folder.
     """
-    state, kind, _ = _read(source)
+    state, kind, _, _ = _read(source)
     return state, kind
 
 
@@ -90,9 +90,10 @@ def _saved_encoder_modality(p: Path) -> str:
     return (meta.get("modality") if isinstance(meta, dict) else None) or "text"
 
 
-def _read(source: PathLike) -> Tuple[Dict[str, torch.Tensor], str, object]:
+def _read(source: PathLike) -> Tuple[Dict[str, torch.Tensor], str, object, Optional[List[str]]]:
     """:func:`read_source`, plus the :class:`~mmm.config.EncoderConfig` the source's encoder was built with
-    (a checkpoint's config, a saved encoder's or an HF BERT's, as mmm reads it): the source is read once."""
+    (a checkpoint's config, a saved encoder's or an HF BERT's, as mmm reads it) and a checkpoint's modality order
+    (None for the other sources): the source is read once."""
     from mmm.encoders import ENCODER_META_FILE, load_encoder, read_checkpoint
 
     p = Path(source)
@@ -101,11 +102,11 @@ def _read(source: PathLike) -> Tuple[Dict[str, torch.Tensor], str, object]:
     try:
         if p.is_file():
             contents = read_checkpoint(p)
-            return dict(contents.state_dict), "checkpoint", contents.config.model.encoder
+            return dict(contents.state_dict), "checkpoint", contents.config.model.encoder, contents.modality_order
         if (p / ENCODER_META_FILE).is_file():
             modality = _saved_encoder_modality(p)
             enc = load_encoder(p, modality=modality)
-            return _place_encoder(enc.state_dict(), modality), "encoder", enc.encoder.cfg
+            return _place_encoder(enc.state_dict(), modality), "encoder", enc.encoder.cfg, None
         if (p / "config.json").is_file():
             from mmm.interop.hf import import_hf_bert, import_hf_bert_mlm
 
@@ -118,15 +119,16 @@ def _read(source: PathLike) -> Tuple[Dict[str, torch.Tensor], str, object]:
             state = _place_encoder(enc.state_dict(), "text")
             if head is not None:
                 state.update({f"objectives.mlm.head.{k}": v for k, v in head.state_dict().items()})
-            return state, "hf_bert", enc.encoder.cfg
+            return state, "hf_bert", enc.encoder.cfg, None
     except (ValueError, FileNotFoundError, OSError) as e:
         raise WarmStartError(f"model.init_from: cannot read {p}: {e}") from None
     raise WarmStartError(f"model.init_from: {p} is a folder but holds neither {ENCODER_META_FILE} (a saved encoder) "
                          f"nor config.json (an HF BERT model); pass one of those or an mmm .ckpt file")
 
 
-SAME_SHAPES_OTHER_FUNCTION = ("norm_first", "mlp", "relative_position")
-"""Encoder settings that change what the weights compute but not their shapes (``mlp``: geglu and swiglu)."""
+SAME_SHAPES_OTHER_FUNCTION = ("norm_first", "mlp", "relative_position", "heads")
+"""Encoder settings that change what the weights compute but not their shapes (``mlp``: geglu and swiglu;
+``heads``: the fused QKV projection is (3d, d) whatever the head count)."""
 
 
 def _check_same_function(model: nn.Module, source: PathLike, theirs: object) -> None:
@@ -170,6 +172,47 @@ def _onto_text_mlm_head(model: nn.Module, src: Dict[str, torch.Tensor]) -> Dict[
     return {(target + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in src.items()}
 
 
+MODALITY_ROWS = "modality_embed.weight"
+EXPERTS = ".mlp.experts."
+
+
+def by_modality(src: Dict[str, torch.Tensor], source_order: List[str], target_order: List[str],
+                own: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The source's per-modality tensors renumbered by modality name for a model whose modalities come in
+    another order (a multi-task run numbers them by the order of its ``tasks``).
+
+    The modality-embedding rows and the modality experts (``encoder.blocks.*.mlp.experts.<i>``) are indexed by
+    place: loaded by name alone, a text token would get the source's DNA vector and DNA expert. A target modality
+    the source lacks keeps its initialised row and its experts stay initialised; a source modality the target lacks
+    is ignored.
+
+    Args:
+        src: the source's tensors (model state-dict names).
+        source_order: the source's modalities, in its order (``checkpoint["mmm"]["modalities"]``).
+        target_order: the target model's modalities, in its order.
+        own: the target model's state dict (the rows it keeps).
+    """
+    out = {}
+    for key, value in src.items():
+        if key == MODALITY_ROWS and key in own:
+            rows = own[key].detach().clone()
+            for j, name in enumerate(target_order):
+                if name in source_order and j < rows.shape[0] and source_order.index(name) < value.shape[0]:
+                    rows[j] = value[source_order.index(name)]
+            out[key] = rows
+        elif key.startswith("encoder.") and EXPERTS in key:
+            head, tail = key.split(EXPERTS, 1)
+            index, rest = tail.split(".", 1)
+            name = source_order[int(index)] if int(index) < len(source_order) else None
+            if name in target_order:
+                out[f"{head}{EXPERTS}{target_order.index(name)}.{rest}"] = value
+            else:
+                out[f"{head}{EXPERTS}{name or index}-not-in-this-model.{rest}"] = value  # reported as ignored
+        else:
+            out[key] = value
+    return out
+
+
 def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> WarmStartReport:
     """Initialise ``model`` from the tensors of ``source`` that it has, by name.
 
@@ -182,10 +225,13 @@ def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> Warm
         WarmStartError: the source is unreadable, or a tensor both have differs in shape (the message
             names it and both shapes).
     """
-    src, kind, source_encoder = _read(source)
+    src, kind, source_encoder, source_order = _read(source)
     if kind == "hf_bert":
         src = _onto_text_mlm_head(model, src)
     own = model.state_dict()
+    target_order = list(getattr(model, "modality_ids", {}))
+    if source_order and target_order and list(source_order) != target_order:
+        src = by_modality(src, list(source_order), target_order, own)
     mismatched = [(k, tuple(src[k].shape), tuple(v.shape)) for k, v in own.items()
                   if k in src and tuple(src[k].shape) != tuple(v.shape)]
     if mismatched:

@@ -299,3 +299,39 @@ def test_one_data_module_for_one_task_or_several_refuses_the_other_kinds_state(r
         mixture.load_state_dict(state)
     with pytest.raises(ValueError, match="not a single-task state.*written by a multi-task run"):
         single.load_state_dict(mixture.state_dict())
+
+
+def test_a_warm_start_from_a_run_with_another_modality_order_loads_by_modality_name(tmp_path):
+    """The modality-embedding rows and the modality experts are numbered by the order of `tasks:`; loaded by
+    tensor name alone, a source trained text-then-DNA gave a DNA-then-text run's text tokens the DNA vector and
+    the DNA expert MLP, reported as "loaded"."""
+    from mmm.encoders import read_checkpoint
+    from mmm.train.pretrain import pretrain
+
+    def cfg(name, reverse, **model):
+        data = yaml.safe_load(yaml.safe_dump(TEXT_DNA))
+        data["model"]["encoder"]["experts"] = True
+        data["model"].update(model)
+        if reverse:
+            data["tasks"] = data["tasks"][::-1]
+        data["trainer"].update(default_root_dir=str(tmp_path / name), max_steps=2)
+        for t in data["tasks"]:
+            t["val"] = None
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        return load_config(path)
+
+    source_run = pretrain(cfg("source", reverse=False))
+    source = read_checkpoint(source_run.last_checkpoint)
+    assert source.modality_order == ["text", "dna"]
+    target_cfg = cfg("target", reverse=True)
+    target_cfg.model.text.tokenizer_path = str(source_run.run_dir / "tokenizer")
+    target_cfg.model.init_from = str(source_run.last_checkpoint)
+    model = build_run(target_cfg).module.model
+    assert list(model.modality_ids) == ["dna", "text"]
+    theirs, ours = source.state_dict, model.state_dict()
+    for name, j in model.modality_ids.items():
+        i = source.modality_order.index(name)
+        assert torch.equal(ours["modality_embed.weight"][j], theirs["modality_embed.weight"][i]), name
+        assert torch.equal(ours[f"encoder.blocks.1.mlp.experts.{j}.fc1.weight"],
+                           theirs[f"encoder.blocks.1.mlp.experts.{i}.fc1.weight"]), name

@@ -211,7 +211,7 @@ def test_a_warm_start_refuses_another_tokenizer_than_the_sources(ckpt: Path, tmp
     assert run.tokenizer.vocab_size == read_checkpoint(ckpt).tokenizer.vocab_size
 
 
-@pytest.mark.parametrize("change", [{"norm_first": True}, {"relative_position": "alibi"}])
+@pytest.mark.parametrize("change", [{"norm_first": True}, {"relative_position": "alibi"}, {"heads": 2}])
 def test_a_source_that_computes_otherwise_with_the_same_shapes_is_refused(ckpt: Path, change):
     """A post-LN checkpoint loaded into a pre-LN model loads every tensor (same shapes) and computes something
     else; it was accepted without a word. (geglu and swiglu, the other such pair, are checked alike.)"""
