@@ -9,6 +9,7 @@ tokenizer) is asked of that modality through :data:`mmm.registry.MODALITIES`.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -105,6 +106,20 @@ class CheckpointContents:
         return encoder.eval()
 
 
+def damaged_entry(path: PathLike) -> Optional[str]:
+    """The first entry of a zip-format ``torch.save`` file whose bytes do not match their stored CRC-32, else None.
+
+    ``torch.load`` does not check the CRCs: a checkpoint with overwritten tensor bytes loads without an error and
+    carries garbage weights. This reads the whole file once. A file that is not a zip (a legacy or foreign format)
+    gives None here; ``torch.load`` names it.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None
+
+
 def safe_torch_load(path: Path) -> object:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that name ``path``.
 
@@ -115,7 +130,7 @@ def safe_torch_load(path: Path) -> object:
         path: a file written by ``torch.save``.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0].strip()
@@ -125,6 +140,11 @@ def safe_torch_load(path: Path) -> object:
         raise ValueError(f"{path} is not a PyTorch checkpoint torch.load can read safely ({detail or text})") from None
     except Exception as e:  # a truncated zip, a foreign format
         raise ValueError(f"{path} is not a PyTorch checkpoint torch.load can read: {type(e).__name__}: {e}") from None
+    bad = damaged_entry(path)
+    if bad is not None:
+        raise ValueError(f"{path} is corrupt: the bytes of its entry {bad!r} do not match their CRC-32 (damaged on disk "
+                         f"or in a copy); use another copy or an earlier checkpoint")
+    return loaded
 
 
 def read_checkpoint(path: PathLike) -> CheckpointContents:

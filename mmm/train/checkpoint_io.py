@@ -84,6 +84,13 @@ def read_resume_checkpoint(path: Path) -> Dict[str, Any]:
             first = "not a zip-format torch.save file"
         raise CheckpointError(f"trainer.ckpt_path: {path} is truncated or corrupt, not a complete PyTorch "
                               f"checkpoint ({first}); resume from an earlier checkpoint in its folder") from None
+    from mmm.checkpoint import damaged_entry
+
+    bad = damaged_entry(path)
+    if bad is not None:
+        raise CheckpointError(f"trainer.ckpt_path: {path} is corrupt: the bytes of its entry {bad!r} do not match "
+                              f"their CRC-32 (damaged on disk or in a copy); resume from an earlier checkpoint in its "
+                              f"folder")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"trainer.ckpt_path: {path} is not a Lightning training checkpoint (no state_dict and "

@@ -153,3 +153,39 @@ def test_atomic_write_keeps_the_old_file_when_killed_mid_write(tmp_path):
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.zeros(3))
     AtomicCheckpointIO().save_checkpoint({"step": 3}, target)
     assert torch.load(target, weights_only=True)["step"] == 3
+
+
+def _flip_bytes_inside_largest_entry(path):
+    """Overwrite 64 bytes of the largest zip entry's data, as a bad disk or a broken copy would."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    with open(path, "r+b") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        fh.seek(info.header_offset + 30 + name_len + extra_len + info.file_size // 2)
+        chunk = fh.read(64)
+        fh.seek(-len(chunk), 1)
+        fh.write(bytes(b ^ 0xFF for b in chunk))
+    return info.filename
+
+
+def test_a_checkpoint_whose_bytes_were_damaged_is_refused_by_every_reader(tmp_path):
+    """torch.load does not check the zip CRCs: overwritten tensor bytes loaded without an error, as garbage weights,
+    through read_checkpoint, load_encoder and the resume check."""
+    import torch
+
+    from mmm.checkpoint import safe_torch_load
+    from mmm.errors import CheckpointError
+    from mmm.train.checkpoint_io import read_resume_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(64, 64)}, "global_step": 3}, path)
+    assert read_resume_checkpoint(path)["global_step"] == 3 and "state_dict" in safe_torch_load(path)
+    entry = _flip_bytes_inside_largest_entry(path)
+    with pytest.raises(ValueError, match=rf"last.ckpt is corrupt: the bytes of its entry '{entry}' do not match"):
+        safe_torch_load(path)
+    with pytest.raises(CheckpointError, match=r"trainer.ckpt_path: .*last.ckpt is corrupt: .*CRC-32"):
+        read_resume_checkpoint(path)
