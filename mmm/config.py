@@ -394,7 +394,7 @@ class OptimConfig:
     eps: float = _f(1e-6, "Adam epsilon", gt=0)
     warmup_steps: int = _f(100, "linear warmup steps", ge=0)
     schedule: str = _f("linear", "decay after warmup: linear, cosine, constant", choices=("linear", "cosine", "constant"))
-    min_lr_ratio: float = _f(0.0, "final lr as a fraction of the peak", ge=0, le=1)
+    min_lr_ratio: float = _f(0.0, "lr of the last step (max_steps - 1) as a fraction of the peak", ge=0, le=1)
 
 
 @dataclass

@@ -21,7 +21,10 @@ log = logging.getLogger("mmm.train")
 
 
 def lr_lambda(optim: OptimConfig, max_steps: int):
-    """Multiplier of the peak lr at a step: linear warmup, then linear/cosine/constant decay."""
+    """Multiplier of the peak lr at a step: linear warmup, then linear/cosine/constant decay.
+
+    Warmup reaches the peak at step ``warmup_steps - 1`` (step 0 with no warmup); the decay runs from that step to
+    the last step trained, ``max_steps - 1``, which trains at ``min_lr_ratio`` of the peak."""
     if optim.schedule not in ("linear", "cosine", "constant"):
         raise ValueError(f"optim.schedule must be linear, cosine or constant, got {optim.schedule!r}")
 
@@ -30,7 +33,8 @@ def lr_lambda(optim: OptimConfig, max_steps: int):
             return (step + 1) / max(1, optim.warmup_steps)
         if optim.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+        peak = max(optim.warmup_steps - 1, 0)  # the step warmup ends on
+        progress = min(1.0, (step - peak) / max(1, max_steps - 1 - peak))
         shape = 1.0 - progress if optim.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
         return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
 

@@ -76,3 +76,18 @@ def test_a_fresh_run_into_a_folder_with_checkpoints_warns_and_owns_last_ckpt(run
     assert "holds checkpoints of an earlier run (last.ckpt" in caplog.text and "--trainer.ckpt_path last" in caplog.text
     assert int(_last(run_copy)["global_step"]) == 2
     assert not list((run_copy / "checkpoints").glob("last-v*.ckpt"))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 1, 4])
+def test_the_schedule_peaks_once_and_the_last_step_trains_at_min_lr_ratio(schedule, warmup):
+    """The decay ran to step max_steps, one past the last step trained: the last lr was above min_lr_ratio (0.25
+    against 0.1 over 10 steps), and the peak was held for two steps (the warmup's last and the decay's first)."""
+    from mmm.config import OptimConfig
+
+    optim = OptimConfig(schedule=schedule, warmup_steps=warmup, min_lr_ratio=0.1)
+    lrs = [lr_lambda(optim, 10)(step) for step in range(10)]
+    assert lrs[max(warmup - 1, 0)] == 1.0 and lrs.count(1.0) == 1
+    assert lrs[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(lrs[max(warmup - 1, 0):], lrs[max(warmup - 1, 0) + 1:]))
+    assert lrs[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
