@@ -121,7 +121,9 @@ class MaskedModelingModule(L.LightningModule):
         self.optim = optim
         self.max_steps = max_steps
         self.extra_state = extra_state or {}
-        self._stepped = True  # the last training batch was trained on (post-step hooks run)
+        # some training batch of the current accumulation window was trained on (not skipped as non-finite): its
+        # gradients are clipped and the post-step hooks run; reset after each optimizer step
+        self._window_trained = False
         self.bar_keys: Dict[str, None] = {}  # training metrics the progress bar shows besides loss and tokens/s
         self._pending_logs: Dict[str, Tuple[torch.Tensor, int]] = {}  # training metrics since the last logging step
         self._itm_shortfall_warned = False
@@ -207,8 +209,8 @@ class MaskedModelingModule(L.LightningModule):
         self._note_itm_shortfall(batch)
         loss = self._common_step(batch, "train")
         info = StepInfo(self.global_step, batch_idx, self.current_epoch, batch.num_sequences, batch.num_tokens)
-        self._stepped = self.nonfinite_guard.admit(loss, info)  # stop raises; on the device, always True
-        if self._stepped:
+        if self.nonfinite_guard.admit(loss, info):  # stop raises; on the device, always True
+            self._window_trained = True
             return loss
         log_host_value(self, "train/nonfinite_skipped", self.nonfinite_skipped)
         return None  # Lightning skips backward and the optimizer step
@@ -298,8 +300,11 @@ class MaskedModelingModule(L.LightningModule):
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.nonfinite_guard.after_optimizer_step()
-        if self._stepped:  # a batch skipped for a non-finite loss changed no weight: no EMA update either
+        # a window whose every batch was skipped for a non-finite loss changed no weight: no EMA update either; one
+        # with a trained batch (also under gradient accumulation when its last batch was skipped) did step
+        if self._window_trained:
             self.model.after_optimizer_step()  # heads' post-step hooks (data2vec's EMA teacher, in fp32)
+        self._window_trained = False
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip ``trainer.gradient_clip_val`` without a host read, also for a fused optimizer under bf16 or fp16.
@@ -315,7 +320,7 @@ class MaskedModelingModule(L.LightningModule):
         - the gradients, now true, are clipped by ``FullyShardedDataParallel.clip_grad_norm_`` under FSDP,
           ``torch.nn.utils.clip_grad_norm_`` otherwise (both compute the norm and scale on the device).
         """
-        if not gradient_clip_val or not self._stepped:  # a skipped non-finite batch: no backward, nothing to clip
+        if not gradient_clip_val or not self._window_trained:  # every batch of the window skipped: nothing to clip
             return  # (and unscale_ would leave fp16's GradScaler unscaled with no step to reset it)
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None:

@@ -19,8 +19,10 @@ batch (kept on the host for the steps since the last read); ``skip`` logs the co
 optimizer step that changed nothing: it counts in ``global_step`` and the LR schedule, as a step
 ``GradScaler`` skips does, and the heads' post-step hooks run as after any step (data2vec's EMA
 teacher averages the student's unchanged weights once more; ITC's smoothing schedule advances).
-Otherwise the loss is read every step as before (the batch is dropped before backward, does not
-count as a step, and no post-step hook runs).
+Otherwise the loss is read every step as before: the batch is dropped before backward, and Lightning still
+calls the optimizer step, which finds no gradient and changes nothing but counts in ``global_step`` and the
+LR schedule; no post-step hook runs. Under gradient accumulation the window's step goes on with its other
+batches' gradients, clipped, and with its post-step hooks.
 """
 from __future__ import annotations
 

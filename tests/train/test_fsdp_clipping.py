@@ -45,7 +45,7 @@ def _clipped_update(module, root, batch) -> tuple:
     loss.backward()
     local_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(model=root), precision_plugin=SimpleNamespace())
-    module._stepped = True
+    module._window_trained = True
     module.configure_gradient_clipping(opt, CLIP, "norm")
     opt.step()
     return {n: p.detach() - before[n] for n, p in _named_full(root)}, local_norm

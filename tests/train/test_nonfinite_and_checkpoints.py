@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import lightning as L
 import pytest
 import torch
 
@@ -51,7 +52,7 @@ def test_nonfinite_loss_skip_drops_and_counts_reading_every_step(tmp_path):
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert not run.module.nonfinite_guard.on_device
     assert run.module.nonfinite_skipped == 2
-    assert run.trainer.global_step == 6  # skipped batches do not count as optimizer steps: 8 batches for 6 steps
+    assert run.trainer.global_step == 6  # a skipped batch's step finds no gradient: it counts, changing nothing
     assert all(torch.isfinite(p).all() for p in run.module.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, run.module.model.parameters()))
 
@@ -189,3 +190,36 @@ def test_a_checkpoint_whose_bytes_were_damaged_is_refused_by_every_reader(tmp_pa
         safe_torch_load(path)
     with pytest.raises(CheckpointError, match=r"trainer.ckpt_path: .*last.ckpt is corrupt: .*CRC-32"):
         read_resume_checkpoint(path)
+
+
+def test_with_accumulation_a_window_whose_last_batch_is_skipped_is_still_clipped(tmp_path):
+    """The window's step goes on with its other batch's gradients; they went unclipped (1,400x the limit here) and
+    without the post-step hooks, since only the window's last batch was looked at."""
+    clip = 1e-3
+    run = build_run(tiny_config(tmp_path / "run", **{
+        "trainer.max_steps": 2, "data.val": None, "trainer.nonfinite_loss": "skip", "optim.warmup_steps": 0,
+        "trainer.accumulate_grad_batches": 2, "trainer.gradient_clip_val": clip}))
+    _poison(run, {1})  # the second forward: the last batch of the first window
+    hooks = []
+    original_hook = run.module.model.after_optimizer_step
+    run.module.model.after_optimizer_step = lambda: (hooks.append(1), original_hook())[1]
+    norms = []
+
+    class GradNorms(L.Callback):  # the gradients the optimizer's step sees (after clipping)
+        def on_train_start(self, trainer, pl_module):
+            opt = trainer.optimizers[0]
+            step = opt.step
+
+            def seen(closure=None, **kwargs):
+                loss = closure() if closure is not None else None
+                grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                norms.append(float(torch.linalg.vector_norm(torch.stack([x.norm() for x in grads]))))
+                step(**kwargs)
+                return loss
+
+            opt.step = seen
+
+    run.trainer.callbacks.append(GradNorms())
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.module.nonfinite_skipped == 1 and len(norms) == 2 and len(hooks) == 2
+    assert all(n <= clip * 1.0001 for n in norms), norms
