@@ -21,7 +21,7 @@ mmm objective has. Estimates are averaged over data-parallel ranks, so every ran
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -58,7 +58,8 @@ class HutchinsonProbe:
     """Estimates a model's loss-Hessian diagonal on the batch of its latest training forward pass.
 
     A forward pre-hook keeps a reference to the last batch the model saw with gradients on (the
-    training step's); calling the probe runs the model on it again and returns
+    training step's) and the keywords it came with (a phase's ``heads``); calling the probe runs the model on it
+    again, as the step did, and returns
     :func:`hutchinson_diagonal` of its loss, averaged over data-parallel ranks.
 
     Args:
@@ -68,11 +69,13 @@ class HutchinsonProbe:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.batch = None
-        model.register_forward_pre_hook(self._capture)
+        self.kwargs: Dict[str, Any] = {}
+        model.register_forward_pre_hook(self._capture, with_kwargs=True)
 
-    def _capture(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+    def _capture(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         if module.training and torch.is_grad_enabled() and args:
-            self.batch = args[0]
+            # the step's keywords too: a phase's ``heads`` (the probe must score the loss the step trained)
+            self.batch, self.kwargs = args[0], dict(kwargs)
 
     def __call__(self, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         if self.batch is None:
@@ -85,9 +88,9 @@ class HutchinsonProbe:
                 raise ValueError("optim.name sophia estimates the Hessian with a second backward pass, which xformers "
                                  "attention does not have; set model.encoder.attention to sdpa or math")
         with _math_attention(), torch.enable_grad():
-            loss, _ = self.model(self.batch)
+            loss, _ = self.model(self.batch, **self.kwargs)
             estimates = hutchinson_diagonal(loss, params)
-        self.batch = None  # the next estimate uses a later step's batch; do not keep this one alive
+        self.batch, self.kwargs = None, {}  # the next estimate uses a later step's batch; do not keep this one alive
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for e in estimates:

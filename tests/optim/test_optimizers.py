@@ -191,3 +191,26 @@ def test_four_steps_equal_two_then_resume_two(tmp_path: Path, name, args):
     opt_state = torch.load(resumed.last_checkpoint, map_location="cpu", weights_only=True)["optimizer_states"][0]
     key = {"adamw": "exp_avg_sq", "lamb": "exp_avg_sq", "sophia": "hessian"}[name]
     assert all(key in s for s in opt_state["state"].values())
+
+
+def test_the_hutchinson_probe_reruns_the_step_with_its_keywords():
+    """In a phased run the training step scores a phase's heads (model(batch, heads=...)); the probe re-ran the
+    model without them, so the curvature of the MLM phase also took the idle CLM head's loss."""
+    from mmm.optim.sophia import HutchinsonProbe
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([1.0, 2.0]))
+
+        def forward(self, x, heads=("a", "b")):
+            losses = {"a": (self.w[0] * x) ** 2, "b": (self.w[1] * x) ** 3}
+            return sum(losses[h] for h in heads), {}
+
+    model = TwoHeads().train()
+    probe = HutchinsonProbe(model)
+    model(torch.tensor(3.0), heads=("a",)).__getitem__(0).backward()
+    torch.manual_seed(0)
+    (estimate,) = probe([model.w])
+    # d2/dw0^2 of (w0 x)^2 = 2 x^2 = 18; w1 is not in the step's loss, so its curvature is 0
+    assert estimate.tolist() == pytest.approx([18.0, 0.0])
