@@ -74,6 +74,10 @@ class Modality(ABC):
     """How errors name what this modality's maskers hide (e.g. "image patches")."""
     masker_hint: str = ""
     """Appended to the error that refuses a masker (which one to pick when)."""
+    asset_settings: Tuple[str, ...] = ()
+    """Fields of this modality's ``model.<name>`` section that shape its fitted assets (tokenizer, statistics,
+    codebooks). A resumed run restores the assets from its checkpoint, so a change to one of these cannot take
+    effect: the resume is refused, naming it (:func:`mmm.train.pretrain.check_checkpoint_fits`)."""
 
     def __init__(self, model_cfg: ModelConfig) -> None:
         self.model_cfg = model_cfg

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import lightning as L
 import torch
@@ -201,9 +201,14 @@ def config_differences(stored: Dict[str, Any], cfg: PretrainConfig) -> List[str]
             if k != "trainer.ckpt_path" and old.get(k, missing) != new.get(k, missing)]
 
 
-def check_checkpoint_fits(module: MaskedModelingModule, ckpt: Dict[str, Any], cfg: PretrainConfig, path: str) -> None:
+def check_checkpoint_fits(module: MaskedModelingModule, ckpt: Dict[str, Any], cfg: PretrainConfig, path: str,
+                          asset_keys: Sequence[str] = ()) -> None:
     """Refuse a checkpoint whose weights do not fit the model ``cfg`` builds, listing the settings that
-    differ from the checkpoint's stored config; when it fits, log those settings (they take effect)."""
+    differ from the checkpoint's stored config; when it fits, log those settings (they take effect).
+
+    ``asset_keys``: the dotted settings that shape the modalities' fitted assets (``Modality.asset_settings``). A
+    resume restores the assets from the checkpoint, so a change to one of them would be logged as taking effect
+    while the old tokenizer or codebook is used: it is refused instead."""
     saved, own = ckpt["state_dict"], module.state_dict()
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
@@ -216,6 +221,12 @@ def check_checkpoint_fits(module: MaskedModelingModule, ckpt: Dict[str, Any], cf
         raise CheckpointError(f"trainer.ckpt_path: {path} holds the state of optimizer {old_optim!r}, but optim.name is "
                               f"{cfg.optim.name!r}; resume with optim.name: {old_optim}, or start a new run from its "
                               f"weights with model.init_from: {path} (a new trainer.default_root_dir, no ckpt_path)")
+    ignored = [d for d in diffs if d.split(":", 1)[0] in set(asset_keys)]
+    if ignored:
+        raise CheckpointError(f"trainer.ckpt_path: resuming {path} keeps the tokenizers, statistics and codebooks "
+                              f"stored in it, so these changed settings could not take effect: {'; '.join(ignored)}. "
+                              f"Resume with the checkpoint's values, or start a new run from its weights with "
+                              f"model.init_from: {path} (a new trainer.default_root_dir, no ckpt_path)")
     if not (missing or unexpected or reshaped):
         if diffs:
             logger.warning("resuming from %s with settings that differ from its config (they take effect): %s",
@@ -299,7 +310,8 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
     module = MaskedModelingModule(model, cfg.optim, cfg.trainer.max_steps, extra, nonfinite=cfg.trainer.nonfinite_loss,
                                   phases=phases)
     if resume is not None:
-        check_checkpoint_fits(module, resume, cfg, ckpt_path)
+        check_checkpoint_fits(module, resume, cfg, ckpt_path,
+                              [f"model.{name}.{f}" for name, m in mods.base.items() for f in m.asset_settings])
         del resume
     if rank == 0:  # only now: a refused resume must not overwrite the run's config
         (run_dir / "config.yaml").write_text(config_text, encoding="utf-8")

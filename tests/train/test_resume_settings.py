@@ -91,3 +91,14 @@ def test_the_schedule_peaks_once_and_the_last_step_trains_at_min_lr_ratio(schedu
     assert lrs[-1] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(lrs[max(warmup - 1, 0):], lrs[max(warmup - 1, 0) + 1:]))
     assert lrs[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+
+
+def test_a_changed_tokenizer_setting_is_refused_on_resume_not_logged_as_taking_effect(run_copy, capsys):
+    """The resume restores the checkpoint's tokenizer: model.text.vocab_size and lowercase changes were logged as
+    "they take effect" while the old tokenizer was used, and the new checkpoint recorded settings its model lacks."""
+    argv = tiny_argv(run_copy, **{"trainer.ckpt_path": "last", "trainer.max_steps": 4, "model.text.vocab_size": 100,
+                                  "model.text.lowercase": False})
+    assert main(argv) == 2
+    line = error_line(capsys)
+    assert "could not take effect: model.text.lowercase: True -> False; model.text.vocab_size: 500 -> 100" in line
+    assert "model.init_from" in line

@@ -80,6 +80,8 @@ class AudioModality(Modality):
     name = "audio"
     order = 40
     config_class = AudioConfig
+    asset_settings = ("sample_rate", "n_mels", "win_ms", "hop_ms", "token", "frames_per_token", "patch_freq",
+                      "patch_time", "norm", "stats_clips", "targets", "target_clusters", "target_clips")
     config_help = "audio modality"
     masks = ("audio",)
     masks_what = "audio tokens"

@@ -67,6 +67,7 @@ class ImageModality(Modality):
     name = "image"
     order = 20
     config_class = ImageConfig
+    asset_settings = ("visual_tokens", "codebook_images")
     config_help = "image modality"
     masks = ("patch",)
     masks_what = "image patches"
