@@ -439,6 +439,24 @@ def _load_plugins_for_help(argv: List[str]) -> None:
         print(f"mmm: warning: {one_line(e, True)}; the help lists the built-in names only", file=sys.stderr)
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout's reader has gone (a pipe closed early: ``mmm list | head -1``); if so, stdout is pointed at
+    /dev/null so that the interpreter's final flush does not fail again. A broken pipe elsewhere (a ``pipe:`` shard
+    command) is not this: stdout then still has its reader."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        closed = any(events & select.POLLERR for _, events in poller.poll(0))  # a pipe with no reader left
+        if closed:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+        return closed
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured, a test's StringIO)
+        return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one ``mmm`` command; returns its exit code.
 
@@ -453,10 +471,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if HELP_FLAGS.intersection(argv):  # argparse prints a help while parsing: load the plug-ins first
         _load_plugins_for_help(argv)
-    ns, rest = parser.parse_known_args(argv)
+        ns, rest = parser.parse_known_args(argv)
+        plugins, rest = _plugin_args(ns.plugin, rest)
+    else:
+        # `--plugin M` anywhere: taken out before argparse, which would read the module as the command's first
+        # positional (`mmm embed --plugin M SOURCE INPUT OUT`) and the last positional as the plug-in
+        plugins, argv = _plugin_args([], argv)
+        ns, rest = parser.parse_known_args(argv)
     debug = ns.debug or "--debug" in rest or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     rest = [a for a in rest if a != "--debug"]  # `mmm pretrain ... --debug` works too
-    plugins, rest = _plugin_args(ns.plugin, rest)  # `mmm pretrain ... --plugin M` works too
     name = _command_name(ns)
     try:
         from mmm.plugins import load_plugins
@@ -469,6 +492,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mmm {name}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # the last resort: no user sees a raw traceback unless asked for it
+        if isinstance(e, BrokenPipeError) and _stdout_closed():
+            return 0  # the reader of stdout stopped early (`mmm list | head -1`): what it read was the output
         known = isinstance(e, USER_ERRORS)
         if debug:
             traceback.print_exc()

@@ -374,7 +374,7 @@ class DataConfig:
     read_timeout_s: Optional[float] = _f(
         600.0, "seconds a pipe: or http(s):// shard stream may deliver no data before reading stops with an error "
         "naming the url (training, validation and asset fitting); null = wait forever", gt=0)
-    seed: int = _f(0, "seed for shard order, shuffling and masking")
+    seed: int = _f(0, "seed for shard order, shuffling and masking", ge=0, le=2**32 - 1)
     resampled: bool = _f(False, "draw training shards with replacement, forever (seeded by seed, epoch, rank, worker); "
                          "an epoch is then data.epoch_batches batches per rank instead of one pass over the shards")
     epoch_batches: Optional[int] = _f(None, "with resampled: batches per epoch on each rank (split across its DataLoader "
@@ -436,7 +436,7 @@ class PretrainConfig:
     data: DataConfig = _f(default_factory=DataConfig, help="data")
     optim: OptimConfig = _f(default_factory=OptimConfig, help="optimizer")
     trainer: TrainerConfig = _f(default_factory=TrainerConfig, help="Lightning trainer")
-    seed: int = _f(0, "global seed (weights init)")
+    seed: int = _f(0, "global seed (weights init)", ge=0, le=2**32 - 1)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -528,6 +528,11 @@ def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "") -> T:
     """
     hints = _field_types(cls)
     fields = {f.name: f for f in config_fields(cls)}
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:  # YAML allows numbers, booleans or lists as keys; a config's keys are names
+        key = f"{where} " if where else ""
+        raise ConfigError(f"config key {odd[0]!r} {('in ' + key) if key else ''}is a {type(odd[0]).__name__}, "
+                          f"not a name; valid keys here: {sorted(fields)}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
@@ -682,9 +687,13 @@ def apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any], cls: Type[A
                 node = child
             else:
                 child = node.get(part)
-                if not isinstance(child, dict):
+                if child is None:
                     child = {}
                     node[part] = child
+                elif not isinstance(child, dict):  # replacing it would drop the file's value without a word
+                    raise ConfigError(f"override --{dotted}: {_indexed('.'.join(parts[:i + 1]))} is "
+                                      f"{type(child).__name__} {child!r:.60} in the config, not a section of "
+                                      f"settings; fix it in the YAML file")
                 node = child
     return data
 
@@ -711,6 +720,9 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dic
             loaded = load_yaml(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}); save the "
+                              f"config as UTF-8") from None
         if loaded is None:  # an empty file (or only comments): a run of the bare defaults is never what was meant
             raise ConfigError(f"{p}: the file holds no settings (empty, or only comments); expected a mapping such as "
                               f"'model: ...', or leave out --config to train the defaults")

@@ -326,3 +326,65 @@ def test_the_command_exits_nonzero_without_a_traceback_in_a_real_process(tmp_pat
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("mmm pretrain: error: override --data.batch_size: "
                                                             "data.batch_size must be >= 1, got -4")
+
+
+# ------------------------------------------------------------------------------------------ review of 2026-12-05
+
+
+def test_config_files_and_values_that_were_accepted_or_crashed_are_refused_by_name(tmp_path, capsys):
+    """A section of the wrong type was replaced by an override (`data: 5` + --data.batch_size 4 ran the defaults),
+    a non-string key and a non-UTF-8 file ended in a TypeError or a message naming no file, an out-of-range seed and
+    crop_scale [0.9, 0.2] were refused by Lightning / a data worker after the run folder was written."""
+    cases = [("data5.yaml", "data: 5\n".encode(), {"data.batch_size": 4},
+              "override --data.batch_size: data is int 5 in the config, not a section of settings"),
+             ("keys.yaml", "trainer: {max_steps: 2, 3: 4}\n".encode(), {},
+              "config key 3 in trainer is a int, not a name"),
+             ("latin1.yaml", "trainer:\n  max_steps: 5  # caf\xe9\n".encode("latin-1"), {},
+              "latin1.yaml: not UTF-8 text (byte 30 is 0xe9)")]
+    for name, text, overrides, expected in cases:
+        path = tmp_path / name
+        path.write_bytes(text)
+        args = ["pretrain", "--config", str(path), "--print_config"]
+        for k, v in overrides.items():
+            args += [f"--{k}", str(v)]
+        assert main(args) == 2, name
+        assert expected in _error_line(capsys), name
+    for key, value, expected in (("seed", -1, "seed must be >= 0 and <= 4294967295, got -1"),
+                                 ("data.seed", 2**32, "data.seed must be >= 0 and <= 4294967295")):
+        run_dir = tmp_path / f"run_{key}"
+        assert main(_tiny_argv(run_dir, **{key: value})) == 2
+        assert expected in _error_line(capsys) and not run_dir.exists()
+    run_dir = tmp_path / "run_crop"
+    image = str(REPO / "configs" / "image_mae_tiny.yaml")
+    assert main(["pretrain", "--config", image, "--trainer.default_root_dir", str(run_dir),
+                 "--model.image.crop_scale", "[0.9, 0.2]"]) == 2
+    assert "model.image.crop_scale must be [low, high] with low <= high, got [0.9, 0.2]" in _error_line(capsys)
+    assert not run_dir.exists()
+
+
+def test_plugin_after_the_command_and_before_its_positionals_and_a_closed_pipe(tmp_path):
+    """`mmm list --plugin M modality` took the module as the kind and `modality` as the plug-in; `mmm list | head -1`
+    ended in "error: broken pipe", exit 2."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MMM_DEBUG", None)
+    toy = str(REPO / "tests" / "test_toy_modality.py")
+    done = subprocess.run([sys.executable, "-m", "mmm.cli", "list", "--plugin", toy, "modality"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "toy" in done.stdout, done.stderr[-2000:]
+    piped = subprocess.run(f"{sys.executable} -m mmm.cli list | head -c 1", shell=True, env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, executable="/bin/bash")
+    assert "broken pipe" not in piped.stderr and "Traceback" not in piped.stderr, piped.stderr[-2000:]
+    status = subprocess.run(f"set -o pipefail; {sys.executable} -m mmm.cli list | head -c 1 > /dev/null", shell=True,
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, executable="/bin/bash")
+    assert status.returncode == 0, status.stderr[-2000:]
+
+
+def test_finetune_refuses_a_device_it_cannot_use_by_name():
+    from mmm.downstream.finetune import checked_device
+
+    with pytest.raises(ValueError, match=r"--device 'gpu0' is not a torch device name"):
+        checked_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"--device 'cuda': this machine has no CUDA GPU"):
+            checked_device("cuda")
+    assert checked_device("cpu") == torch.device("cpu")

@@ -172,6 +172,21 @@ def fused_adamw_ok(model: nn.Module) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in model.parameters())
 
 
+def checked_device(device: Optional[str]) -> torch.device:
+    """``device`` (``--device``) as a torch device, CUDA when available if None; a ``ValueError`` naming it when
+    it is not a device name or names a CUDA device this machine lacks (torch raised an internal-looking error)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a torch device name (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA GPU"
+        raise ValueError(f"--device {device!r}: this machine has {have}; use --device cpu or leave it out")
+    return dev
+
+
 def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """LR factor: 0 → 1 over ``warmup_steps``, then linearly to 0 at ``total_steps`` (HF's linear schedule)."""
 
@@ -400,7 +415,7 @@ def finetune(source: Union[PathLike, Callable[[], nn.Module]], modality: str, tr
     """
     cfg = cfg or FinetuneConfig()
     metric = cfg.resolved_metric()
-    dev_name = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev_name = checked_device(device)
 
     def make_adapter() -> InputAdapter:
         if callable(source):  # a factory of fresh encoders (e.g. a checkpoint's architecture at random init)

@@ -38,6 +38,16 @@ def check_portable_settings(cfg: PretrainConfig) -> None:
     check_config(cfg)
     _check_component_args(cfg)
     _check_encoder_shape(cfg)
+    _check_ranges(cfg)
+
+
+def _check_ranges(cfg: PretrainConfig) -> None:
+    """Pairs whose elements are each in range but must also be ordered (each element's bounds are checked by
+    ``check_config``): refused here, before anything is written, not in a data worker."""
+    image = getattr(cfg.model, "image", None)
+    scale = getattr(image, "crop_scale", None)
+    if scale is not None and len(scale) == 2 and scale[0] > scale[1]:
+        raise ConfigError(f"model.image.crop_scale must be [low, high] with low <= high, got {list(scale)}")
 
 
 def _check_encoder_shape(cfg: PretrainConfig) -> None:
