@@ -16,6 +16,7 @@ checkpoint assets), never pickle.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 
 __all__ = ["Codebook", "CodebookError"]
 
+logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 _FORMAT = "mmm-kmeans-codebook"
 _MIN_STD = 1e-6
@@ -120,10 +122,32 @@ class Codebook:
             mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
             std = np.maximum(x.std(axis=0, dtype=np.float64), _MIN_STD).astype(np.float32)
             x = (x - mean) / std
-        km = MiniBatchKMeans(n_clusters=int(k), random_state=int(seed), batch_size=int(batch_size),
-                             max_iter=int(max_iter), n_init=int(n_init), init="k-means++")
-        km.fit(x)
-        return cls(km.cluster_centers_.astype(np.float32), mean, std)
+        # Repeated rows (digital silence, flat image regions): MiniBatchKMeans re-seeds low-count centres on
+        # sampled rows, and drawn from the repeats they land on one point, identical centroids whose higher ids no
+        # row is ever assigned to. Such data is fitted with Lloyd's k-means (which k-means++ seeds on distinct
+        # points and which moves an emptied centre to a far row) on the distinct rows, weighted by their counts:
+        # the same objective. Data without repeats keeps MiniBatchKMeans.
+        rows, first, counts = np.unique(x, axis=0, return_index=True, return_counts=True)
+        if rows.shape[0] < x.shape[0]:
+            if rows.shape[0] < k:
+                raise CodebookError(f"Codebook.fit: the {x.shape[0]} feature rows hold only {rows.shape[0]} distinct "
+                                    f"ones, fewer than k={k} clusters; fit on more varied data or use fewer clusters")
+            from sklearn.cluster import KMeans
+
+            keep = np.argsort(first)  # the distinct rows in their first-seen order
+            km = KMeans(n_clusters=int(k), random_state=int(seed), max_iter=int(max_iter) * 3, n_init=int(n_init),
+                        init="k-means++")
+            km.fit(x[first[keep]], sample_weight=counts[keep].astype(np.float64))
+        else:
+            km = MiniBatchKMeans(n_clusters=int(k), random_state=int(seed), batch_size=int(batch_size),
+                                 max_iter=int(max_iter), n_init=int(n_init), init="k-means++")
+            km.fit(x)
+        book = cls(km.cluster_centers_.astype(np.float32), mean, std)
+        used = np.unique(book.assign(x if book.mean is None else x * book.std + book.mean)).shape[0]  # (x standardized)
+        if used < k:
+            logger.warning("k-means codebook: %d of its k=%d codes are nearest to no training row (duplicate or "
+                           "stranded centroids); the head still has %d classes", k - used, k, k)
+        return book
 
     def transform(self, x: Any) -> np.ndarray:
         """Features in the codebook's space: standardized if the codebook was, (N, F) float32.

@@ -92,3 +92,27 @@ def test_shape_and_value_errors_are_clear(tmp_path) -> None:
     save_file({"centroids": cb.centroids}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CodebookError, match="not an mmm k-means codebook"):
         Codebook.load(tmp_path / "other.safetensors")
+
+
+def test_repeated_rows_leave_no_dead_code_and_too_few_distinct_rows_are_refused():
+    """Half the rows one repeated vector (digital silence): MiniBatchKMeans re-seeded its low-count centres on the
+    repeats, giving identical centroids of which only the lowest id was ever assigned (45 of 64 codes used)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6000, 39)).astype(np.float32)
+    x[rng.random(6000) < 0.5] = x[0]
+    book = Codebook.fit(x, 64, seed=0)
+    assert len(np.unique(book.assign(x))) == 64
+    assert len(np.unique(book.centroids, axis=0)) == 64
+    few = np.repeat(rng.normal(size=(10, 4)).astype(np.float32), 50, axis=0)
+    with pytest.raises(CodebookError, match=r"the 500 feature rows hold only 10 distinct ones, fewer than k=16"):
+        Codebook.fit(few, 16)
+
+
+def test_data_without_repeated_rows_is_fitted_as_before():
+    from sklearn.cluster import MiniBatchKMeans
+
+    x = np.random.default_rng(1).normal(size=(3000, 8)).astype(np.float32)
+    book = Codebook.fit(x, 32, seed=3)
+    z = (x - x.mean(0, dtype=np.float64).astype(np.float32)) / np.maximum(x.std(0, dtype=np.float64), 1e-6).astype(np.float32)
+    plain = MiniBatchKMeans(n_clusters=32, random_state=3, batch_size=4096, max_iter=100, n_init=3, init="k-means++").fit(z)
+    assert np.array_equal(book.centroids, plain.cluster_centers_.astype(np.float32))
