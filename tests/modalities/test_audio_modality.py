@@ -298,3 +298,35 @@ def test_patch_tokens_keep_their_time_frequency_position_whatever_the_clip_width
 def test_a_patch_mode_run_hands_its_grid_to_the_standalone_encoder() -> None:
     assert audio_encoder_config(tiny_model_cfg(token="patch", patch_freq=8, patch_time=2)).grid_rows == 2
     assert audio_encoder_config(tiny_model_cfg()).grid_rows == 1
+
+
+def test_asset_fitting_treats_a_clip_the_front_end_refuses_as_training_does(tmp_path):
+    """A clip with an 800 Hz header decodes but the front end refuses it: training skips and counts it under
+    data.skip_bad, while the asset fit stopped on it (the statistics fit saying the shards held no audio)."""
+    import io
+    import json
+    import tarfile
+
+    from datasets_def.audio import encode_flac
+    from mmm.config import load_config
+    from mmm.data.tar import ReadOptions
+    from mmm.modalities.audio.frontend import AudioDecodeError
+    from mmm.modalities.audio.modality import AudioModality
+
+    shard = tmp_path / "train-000000.tar"
+    rng = np.random.default_rng(0)
+    with tarfile.open(shard, "w") as tf:
+        for i, sr in enumerate([16000, 16000, 800, 16000]):
+            flac, _ = encode_flac((0.1 * rng.standard_normal((1, sr))).astype(np.float32), sr)
+            meta = json.dumps({"source": f"c{i}", "start_s": 0, "end_s": 1.0, "sample_rate": sr}).encode()
+            for ext, data in (("flac", flac), ("json", meta)):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    cfg = load_config(REPO / "configs" / "audio_mam_tiny.yaml")
+    cfg.model.audio.stats_clips, cfg.model.audio.target_clips, cfg.model.audio.target_clusters = 10, 10, 4
+    audio = AudioModality(cfg.model)
+    with pytest.raises(AudioDecodeError, match=r"train-000000.tar:000002: AudioFrontend: sample rate 800 Hz"):
+        audio.fit_frontend([str(shard)])
+    assert audio.fit_frontend([str(shard)], ReadOptions(skip_bad=True)).fitted
+    assert audio.fit_codebooks([str(shard)], ["mfcc"], ReadOptions(skip_bad=True))["mfcc"].k == 4

@@ -406,6 +406,25 @@ class AudioFrontend:
             waveform: (samples,) or (channels, samples), NumPy or torch; channels are averaged.
             sr: its sample rate (Hz).
         """
+        mono = self.checked_mono(waveform, sr)
+        c = self.config
+        if c.max_seconds is not None:  # cut before resampling, keeping a margin for the sinc filter
+            margin = 8 * int(math.ceil(sr / min(sr, c.sample_rate))) + 8
+            keep = int(math.ceil(c.max_seconds * sr)) + margin
+            mono = mono[:keep]
+        mono = resample(mono, int(sr), c.sample_rate)
+        if c.max_seconds is not None:
+            mono = mono[: max(1, int(round(c.max_seconds * c.sample_rate)))]
+        return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+
+    def checked_mono(self, waveform: Any, sr: int) -> np.ndarray:
+        """The clip as mono float32 samples at its own rate, or a ``ValueError`` saying why the front end refuses it
+        (shape, channels, no samples, dtype, NaN/inf, a sample rate more than :data:`MAX_RESAMPLE_RATIO` off).
+
+        Args:
+            waveform: (samples,) or (channels, samples), NumPy or torch; channels are averaged.
+            sr: its sample rate (Hz).
+        """
         if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
             raise ValueError(f"AudioFrontend: sr must be a positive int, got {sr!r}")
         x = waveform.detach().cpu().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform)
@@ -429,14 +448,7 @@ class AudioFrontend:
             raise ValueError(f"AudioFrontend: sample rate {sr} Hz is more than {MAX_RESAMPLE_RATIO:g} times off the "
                              f"model's {c.sample_rate} Hz (a wrong header, most likely: the clip would be stretched "
                              f"or squeezed)")
-        if c.max_seconds is not None:  # cut before resampling, keeping a margin for the sinc filter
-            margin = 8 * int(math.ceil(sr / min(sr, c.sample_rate))) + 8
-            keep = int(math.ceil(c.max_seconds * sr)) + margin
-            mono = mono[:keep]
-        mono = resample(mono, int(sr), c.sample_rate)
-        if c.max_seconds is not None:
-            mono = mono[: max(1, int(round(c.max_seconds * c.sample_rate)))]
-        return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+        return mono
 
     def num_frames(self, num_samples: int) -> int:
         """Frames for a clip of ``num_samples`` samples at ``config.sample_rate``: ``1 + n // hop``.

@@ -49,28 +49,34 @@ def frontend_config(cfg: AudioConfig) -> AudioFrontendConfig:
                                patch_time=cfg.patch_time, max_seconds=None, norm=cfg.norm)
 
 
-def iter_training_clips(urls: List[str], limit: int,
-                        options: Optional[ReadOptions] = None) -> Iterator[Tuple[np.ndarray, int]]:
-    """``(waveform, sample_rate)`` of up to ``limit`` clips of ``urls`` in order; undecodable ones are skipped.
+def iter_training_clips(urls: List[str], limit: int, options: Optional[ReadOptions] = None,
+                        frontend: Optional[AudioFrontend] = None) -> Iterator[Tuple[np.ndarray, int]]:
+    """``(waveform, sample_rate)`` of up to ``limit`` clips of ``urls`` in order, read as training reads them
+    (:func:`mmm.data.tar.read_samples` with ``options``).
 
-    Shards are read as training reads them (:func:`mmm.data.tar.read_samples` with ``options``).
+    A clip that cannot be decoded, or that ``frontend`` refuses (:meth:`AudioFrontend.checked_mono`: a sample rate
+    far off, NaN samples), is a bad sample as in training: it stops the fit, naming the shard and key, or with
+    ``options.skip_bad`` it is skipped and counted.
     """
     from mmm.modalities.audio.pipeline import read_audio_sample
 
-    n = bad = 0
-    for sample in read_samples(urls, options):
+    opts = options if options is not None else ReadOptions()
+    handler = opts.handler()
+    n = 0
+    for sample in read_samples(urls, opts, handler):
         if n >= limit:
             break
         try:
             wav, sr, _ = read_audio_sample(sample)
-        except AudioDecodeError as e:
-            bad += 1
-            logger.warning("audio assets: skipping a bad clip: %s", e)
-            continue
+            if frontend is not None:
+                frontend.checked_mono(wav, sr)
+        except (AudioDecodeError, ValueError) as e:
+            url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+            if opts.skip_bad and handler(AudioDecodeError(f"sample {key!r}: {e}", url)):  # skipped and counted
+                continue
+            raise AudioDecodeError(f"{url}:{key}: {e} (set data.skip_bad: true to skip and count bad clips)") from None
         n += 1
         yield wav, sr
-    if bad:
-        logger.warning("audio assets: %d bad clip(s) skipped while fitting", bad)
 
 
 @MODALITIES.register("audio")
@@ -156,9 +162,18 @@ class AudioModality(Modality):
         """Log-mel normalisation statistics over up to ``stats_clips`` training clips."""
         logger.info("fitting audio normalisation statistics on up to %d clips", self.cfg.stats_clips)
         frontend = AudioFrontend(self.frontend_config)
+        read = [0]
+
+        def clips():
+            for clip in iter_training_clips(urls, self.cfg.stats_clips, options, frontend):
+                read[0] += 1
+                yield clip
+
         try:
-            return frontend.fit_stats(iter_training_clips(urls, self.cfg.stats_clips, options))
+            return frontend.fit_stats(clips())
         except ValueError as e:
+            if read[0]:  # the statistics' own error, about clips that were read
+                raise
             raise ValueError(f"no training audio to fit the front-end statistics on (shards: {urls[:3]}): "
                              f"{e}") from None
 
@@ -170,7 +185,7 @@ class AudioModality(Modality):
         probe = AudioFrontend(self.frontend_config)  # acoustic features need no statistics
         feats: Dict[str, List[np.ndarray]] = {kind: [] for kind in kinds}
         clips = 0
-        for wav, sr in iter_training_clips(urls, self.cfg.target_clips, options):
+        for wav, sr in iter_training_clips(urls, self.cfg.target_clips, options, probe):
             clips += 1
             for kind in kinds:
                 feats[kind].append(probe.acoustic_features(wav, sr, kind))
