@@ -714,6 +714,8 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dic
     where = "config"
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"--config {p} is a folder; give a YAML file (e.g. {p}/config.yaml of a run)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:

@@ -30,6 +30,8 @@ def test_print_config_is_commented_yaml_with_overrides(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["pretrain", "--config", "configs/nope.yaml"], "config file not found"),
+    (["pretrain", "--config", str(REPO / "configs"), "--print_config"], "configs is a folder; give a YAML file"),
+    (["finetune", "src", "--train", "a.csv", "--dev", "b.csv", "--quick"], "--quick makes an embedded --task small"),
     (["pretrain", "--config", str(REPO / "configs/text_mlm_tiny.yaml"), "--model.encoder.width", "3"],
      "unknown override --model.encoder.width"),
     (["pretrain", "--masking.name", "random_bert", "--print_config"], None),

@@ -108,6 +108,8 @@ def cmd_finetune(ns: argparse.Namespace, rest: List[str]) -> int:
             raise ConfigError(f"task {ns.task!r} is for the {td.modality} modality, not {ns.modality}")
         modality = td.modality
         train, dev, test = td.load(SIZES["quick" if ns.quick else "full"])
+    elif ns.quick:
+        raise ConfigError("--quick makes an embedded --task small; with your own splits, give smaller files instead")
     elif ns.data is not None and (ns.train or ns.dev):
         raise ConfigError("give either --data (a shard folder with train and val splits) or --train and --dev")
     elif ns.data is None and not (ns.train and ns.dev):
