@@ -97,6 +97,13 @@ class _Labels:
     names: Dict[str, Optional[str]]
     transcripts: Dict[str, Optional[str]]
     classes: List[str]
+    table: Optional[Path] = None  # a labels CSV with a label column: every input needs its row
+
+    def missing_row(self, source: str) -> Optional[str]:
+        """Why ``source`` cannot be labelled (the labels CSV has no row for it), else None."""
+        if self.table is not None and source not in self.names:
+            return f"has no row in the labels file {self.table} (a row with an empty label keeps it unlabelled)"
+        return None
 
     def of(self, source: str) -> Tuple[Optional[int], Optional[str], Optional[str]]:
         name = self.names.get(source)
@@ -142,7 +149,8 @@ def _read_labels(labels: Optional[PathLike], input_path: Path, sources: List[str
     if unknown:
         raise AudioBuildError(f"{path}: {len(unknown)} listed path(s) match no input file (paths are relative to "
                               f"{input_path}), e.g. {unknown[:3]}")
-    return _Labels(names, transcripts, sorted({n for n in names.values() if n is not None}))
+    return _Labels(names, transcripts, sorted({n for n in names.values() if n is not None}),
+                   path if "label" in cols else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,6 +310,10 @@ def build_shards(
     resampled: Dict[int, int] = {}
     with _ClipWriter(out, sample_rate, float(max_seconds), samples_per_shard) as writer:
         for path, source in inputs:
+            why = label_table.missing_row(source)
+            if why is not None:  # left unlabelled, a typo in the CSV would go unnoticed
+                skipper.bad(source, why)
+                continue
             data = read_file(path, source, skipper)
             if data is None:
                 continue

@@ -103,7 +103,13 @@ def test_folder_and_csv_labels(tmp_path: Path) -> None:
     assert got == {"cat/400.wav": (0, "cat"), "cat/500.wav": (0, "cat"), "dog/200.wav": (1, "dog")}
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("path,label,transcript\ncat/400.wav,meow,a cat\ndog/200.wav,woof,\n")
-    build_shards(src, tmp_path / "csv", labels=csv_path)
+    # a file without a row was written unlabelled without a word (a typo in the CSV); the image builder refuses it
+    with pytest.raises(AudioBuildError, match=r"cat/500.wav: has no row in the labels file"):
+        build_shards(src, tmp_path / "norow", labels=csv_path)
+    skipped = build_shards(src, tmp_path / "norow_skip", labels=csv_path, skip_bad=True)
+    assert [where for where, _ in skipped.skipped] == ["cat/500.wav"]
+    csv_path.write_text("path,label,transcript\ncat/400.wav,meow,a cat\ndog/200.wav,woof,\ncat/500.wav,,\n")
+    build_shards(src, tmp_path / "csv", labels=csv_path)  # an empty label: unlabelled on purpose
     got = {c.meta["source"]: (c.meta["label"], c.meta["label_name"], c.meta["transcript"])
            for c in iter_clips(tmp_path / "csv")}
     assert got == {"cat/400.wav": (0, "meow", "a cat"), "cat/500.wav": (None, None, None), "dog/200.wav": (1, "woof", None)}
