@@ -29,7 +29,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "audio_mam_tiny.yaml"
 
 def _train_and_evaluate(cfg: PretrainConfig, out_dir: Path, quick: bool) -> Dict[str, object]:
     part = train_part(cfg)
-    scores = part.losses_and_probes(cfg.data.batch_size)
+    scores = part.losses_and_probes(cfg.data.batch_size, quick)  # quick: 3 held-out batches, as the other parts
     untrained_total = sum(o.weight * scores["held_out_loss"]["untrained"][head_name(o)] for o in cfg.objectives)
     plot_losses(part.series, out_dir / "loss_curve.png", "mmm demo: tiny masked acoustic model on embedded sounds",
                 "weighted sum of the objectives' losses", [(untrained_total, "untrained model, held-out", "--")])
