@@ -110,14 +110,24 @@ def damaged_entry(path: PathLike) -> Optional[str]:
     """The first entry of a zip-format ``torch.save`` file whose bytes do not match their stored CRC-32, else None.
 
     ``torch.load`` does not check the CRCs: a checkpoint with overwritten tensor bytes loads without an error and
-    carries garbage weights. This reads the whole file once. A file that is not a zip (a legacy or foreign format)
-    gives None here; ``torch.load`` names it.
+    carries garbage weights. This reads the whole file once (about 0.4 s per GiB from the page cache). Entries
+    written without a CRC (``torch.utils.serialization.config.save.compute_crc32 = False``) are not checked. A file
+    that is not a zip (a legacy or foreign format) gives None here; ``torch.load`` names it.
     """
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size:  # written without CRCs (torch's save option): nothing to check
+                    continue
+                try:
+                    with archive.open(info) as fh:  # reading to the end checks the entry's CRC-32
+                        while fh.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    return info.filename
     except (zipfile.BadZipFile, OSError, EOFError):
         return None
+    return None
 
 
 def safe_torch_load(path: Path) -> object:

@@ -478,6 +478,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # positional (`mmm embed --plugin M SOURCE INPUT OUT`) and the last positional as the plug-in
         plugins, argv = _plugin_args([], argv)
         ns, rest = parser.parse_known_args(argv)
+        plugins += ns.plugin  # an abbreviation argparse accepts (`--plug M`)
     debug = ns.debug or "--debug" in rest or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     rest = [a for a in rest if a != "--debug"]  # `mmm pretrain ... --debug` works too
     name = _command_name(ns)

@@ -194,7 +194,7 @@ def by_modality(src: Dict[str, torch.Tensor], source_order: List[str], target_or
     """
     out = {}
     for key, value in src.items():
-        if key == MODALITY_ROWS and key in own:
+        if key == MODALITY_ROWS and key in own and value.shape[1:] == own[key].shape[1:]:  # else the shape check names it
             rows = own[key].detach().clone()
             for j, name in enumerate(target_order):
                 if name in source_order and j < rows.shape[0] and source_order.index(name) < value.shape[0]:

@@ -371,6 +371,9 @@ def test_plugin_after_the_command_and_before_its_positionals_and_a_closed_pipe(t
     done = subprocess.run([sys.executable, "-m", "mmm.cli", "list", "--plugin", toy, "modality"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "toy" in done.stdout, done.stderr[-2000:]
+    abbreviated = subprocess.run([sys.executable, "-m", "mmm.cli", "--plug", toy, "list", "modality"], env=env,
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert abbreviated.returncode == 0 and "toy" in abbreviated.stdout, abbreviated.stderr[-2000:]
     piped = subprocess.run(f"{sys.executable} -m mmm.cli list | head -c 1", shell=True, env=env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=300, executable="/bin/bash")
     assert "broken pipe" not in piped.stderr and "Traceback" not in piped.stderr, piped.stderr[-2000:]

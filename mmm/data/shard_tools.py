@@ -178,7 +178,7 @@ def _check_one_shard(url: str, fields: Tuple[str, ...], check_sample: Optional[C
         for info, data in iter_members(url, fits, read_timeout_s):
             if not info.isreg():
                 problems.append(Problem(url, info.name, f"not a regular file ({member_kind(info)}); readers refuse its "
-                                                         f"sample (a streamed tar cannot resolve a link)"))
+                                                         f"sample (a streamed tar holds no file data for it)"))
                 continue
             key, ext = split_member_name(info.name)
             if key is None or ext is None:

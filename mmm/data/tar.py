@@ -517,8 +517,8 @@ def _group(url: str, members: Iterator[Tuple[tarfile.TarInfo, Optional[bytes]]],
             refused = True
             _handle(handler, ValueError(
                 f"sample {key!r} field {ext!r}: tar member {info.name!r} is not a regular file ({member_kind(info)}); "
-                f"a streamed shard cannot resolve it, so the sample is refused. Rebuild the shard with the files "
-                f"themselves (GNU tar: --hard-dereference --dereference)"), url)
+                f"a streamed shard holds no file data for it, so the sample is refused. Rebuild the shard with the "
+                f"files themselves (GNU tar: --hard-dereference --dereference)"), url)
         elif ext in current:
             refused = True
             _handle(handler, ValueError(f"sample {key!r}: field {ext!r} appears twice (tar member {info.name!r})"), url)

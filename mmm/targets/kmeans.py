@@ -53,6 +53,12 @@ def _as_features(x: Any, what: str, dim: Optional[int] = None) -> np.ndarray:
     return a
 
 
+def _codes_used(book: "Codebook", standardized: np.ndarray) -> int:
+    """How many of ``book``'s codes are the nearest centroid of some row of the (standardized) fitting data."""
+    rows = standardized if book.mean is None else standardized * book.std + book.mean  # assign standardizes again
+    return int(np.unique(book.assign(rows)).shape[0])
+
+
 @dataclass(eq=False)
 class Codebook:
     """K centroids in (optionally standardized) feature space.
@@ -122,28 +128,31 @@ class Codebook:
             mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
             std = np.maximum(x.std(axis=0, dtype=np.float64), _MIN_STD).astype(np.float32)
             x = (x - mean) / std
-        # Repeated rows (digital silence, flat image regions): MiniBatchKMeans re-seeds low-count centres on
-        # sampled rows, and drawn from the repeats they land on one point, identical centroids whose higher ids no
-        # row is ever assigned to. Such data is fitted with Lloyd's k-means (which k-means++ seeds on distinct
-        # points and which moves an emptied centre to a far row) on the distinct rows, weighted by their counts:
-        # the same objective. Data without repeats keeps MiniBatchKMeans.
-        rows, first, counts = np.unique(x, axis=0, return_index=True, return_counts=True)
-        if rows.shape[0] < x.shape[0]:
-            if rows.shape[0] < k:
-                raise CodebookError(f"Codebook.fit: the {x.shape[0]} feature rows hold only {rows.shape[0]} distinct "
-                                    f"ones, fewer than k={k} clusters; fit on more varied data or use fewer clusters")
-            from sklearn.cluster import KMeans
-
-            keep = np.argsort(first)  # the distinct rows in their first-seen order
-            km = KMeans(n_clusters=int(k), random_state=int(seed), max_iter=int(max_iter) * 3, n_init=int(n_init),
-                        init="k-means++")
-            km.fit(x[first[keep]], sample_weight=counts[keep].astype(np.float64))
-        else:
-            km = MiniBatchKMeans(n_clusters=int(k), random_state=int(seed), batch_size=int(batch_size),
-                                 max_iter=int(max_iter), n_init=int(n_init), init="k-means++")
-            km.fit(x)
+        km = MiniBatchKMeans(n_clusters=int(k), random_state=int(seed), batch_size=int(batch_size),
+                             max_iter=int(max_iter), n_init=int(n_init), init="k-means++")
+        km.fit(x)
         book = cls(km.cluster_centers_.astype(np.float32), mean, std)
-        used = np.unique(book.assign(x if book.mean is None else x * book.std + book.mean)).shape[0]  # (x standardized)
+        used = _codes_used(book, x)
+        if used < k:
+            # Repeated rows (digital silence, flat image regions): MiniBatchKMeans re-seeds low-count centres on
+            # sampled rows, and drawn from the repeats they land on one point, identical centroids whose higher ids
+            # no row is ever assigned to. Then the fit is redone with Lloyd's k-means (seeded by k-means++ on
+            # distinct points; it moves an emptied centre to a far row) on the distinct rows weighted by their
+            # counts: the same objective.
+            rows, first, counts = np.unique(x, axis=0, return_index=True, return_counts=True)
+            if rows.shape[0] < x.shape[0]:
+                if rows.shape[0] < k:
+                    raise CodebookError(f"Codebook.fit: the {x.shape[0]} feature rows hold only {rows.shape[0]} "
+                                        f"distinct ones, fewer than k={k} clusters; fit on more varied data or use "
+                                        f"fewer clusters")
+                from sklearn.cluster import KMeans
+
+                keep = np.argsort(first)  # the distinct rows in their first-seen order
+                lloyd = KMeans(n_clusters=int(k), random_state=int(seed), max_iter=int(max_iter) * 3,
+                               n_init=int(n_init), init="k-means++")
+                lloyd.fit(x[first[keep]], sample_weight=counts[keep].astype(np.float64))
+                book = cls(lloyd.cluster_centers_.astype(np.float32), mean, std)
+                used = _codes_used(book, x)
         if used < k:
             logger.warning("k-means codebook: %d of its k=%d codes are nearest to no training row (duplicate or "
                            "stranded centroids); the head still has %d classes", k - used, k, k)

@@ -221,7 +221,8 @@ def check_checkpoint_fits(module: MaskedModelingModule, ckpt: Dict[str, Any], cf
         raise CheckpointError(f"trainer.ckpt_path: {path} holds the state of optimizer {old_optim!r}, but optim.name is "
                               f"{cfg.optim.name!r}; resume with optim.name: {old_optim}, or start a new run from its "
                               f"weights with model.init_from: {path} (a new trainer.default_root_dir, no ckpt_path)")
-    ignored = [d for d in diffs if d.split(":", 1)[0] in set(asset_keys)]
+    # a key the stored config lacks (a checkpoint from before the setting existed) is not a change the user made
+    ignored = [d for d in diffs if d.split(":", 1)[0] in set(asset_keys) and ": '(absent)' -> " not in d]
     if ignored:
         raise CheckpointError(f"trainer.ckpt_path: resuming {path} keeps the tokenizers, statistics and codebooks "
                               f"stored in it, so these changed settings could not take effect: {'; '.join(ignored)}. "

@@ -82,7 +82,7 @@ def test_eval_transform_crops_a_thin_strip_before_resizing(monkeypatch) -> None:
     140 GiB at the 64 MP decode limit)."""
     from mmm.modalities.image import transforms
 
-    wide = random_image(10, 40)  # exactly 4:1: left whole, the plain torchvision pipeline (computed before the spy)
+    wide = random_image(10, 80)  # exactly 8:1: left whole, the plain torchvision pipeline (computed before the spy)
     expected = TF.pil_to_tensor(T.Compose([T.Resize(16, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(16)])(wide))
     seen = []
     real_resize = transforms.TF.resize
@@ -94,10 +94,10 @@ def test_eval_transform_crops_a_thin_strip_before_resizing(monkeypatch) -> None:
     monkeypatch.setattr(transforms.TF, "resize", spy)
     strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 40000, 3), dtype=np.uint8))
     assert eval_transform(strip, 224).shape == (3, 224, 224)
-    assert seen == [(32, 8)]  # the centre 4:1, then resized
-    tall = torch.randint(0, 256, (3, 50, 7), dtype=torch.uint8)  # 50 > 4 x 7: cropped to 28 x 7
-    assert eval_transform(tall, 16).shape == (3, 16, 16) and seen[-1] == (7, 28)
-    assert torch.equal(eval_transform(wide, 16), expected) and seen[-1] == (40, 10)
+    assert seen == [(64, 8)]  # the centre 8:1, then resized
+    tall = torch.randint(0, 256, (3, 99, 7), dtype=torch.uint8)  # 99 > 8 x 7: cropped to 57 x 7 (an even cut)
+    assert eval_transform(tall, 16).shape == (3, 16, 16) and seen[-1] == (7, 57)
+    assert torch.equal(eval_transform(wide, 16), expected) and seen[-1] == (80, 10)
 
 
 def test_eval_transform() -> None:

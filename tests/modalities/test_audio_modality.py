@@ -329,4 +329,11 @@ def test_asset_fitting_treats_a_clip_the_front_end_refuses_as_training_does(tmp_
     with pytest.raises(AudioDecodeError, match=r"train-000000.tar:000002: AudioFrontend: sample rate 800 Hz"):
         audio.fit_frontend([str(shard)])
     assert audio.fit_frontend([str(shard)], ReadOptions(skip_bad=True)).fitted
+    first_bad = tmp_path / "first_bad.tar"  # the bad clip first: still named, not "no training audio"
+    with tarfile.open(shard) as tin, tarfile.open(first_bad, "w") as tout:
+        members = tin.getmembers()
+        for m in sorted(members, key=lambda m: (not m.name.startswith("000002"), m.name)):
+            tout.addfile(m, tin.extractfile(m))
+    with pytest.raises(AudioDecodeError, match=r"first_bad.tar:000002: AudioFrontend: sample rate 800 Hz"):
+        audio.fit_frontend([str(first_bad)])
     assert audio.fit_codebooks([str(shard)], ["mfcc"], ReadOptions(skip_bad=True))["mfcc"].k == 4

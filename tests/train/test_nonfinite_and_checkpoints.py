@@ -223,3 +223,19 @@ def test_with_accumulation_a_window_whose_last_batch_is_skipped_is_still_clipped
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.module.nonfinite_skipped == 1 and len(norms) == 2 and len(hooks) == 2
     assert all(n <= clip * 1.0001 for n in norms), norms
+
+
+def test_a_checkpoint_written_without_crcs_is_not_refused(tmp_path):
+    """torch can save without CRC-32s (compute_crc32 = False): nothing to check, so nothing to refuse."""
+    import torch
+
+    from mmm.checkpoint import damaged_entry, safe_torch_load
+
+    config = torch.utils.serialization.config.save
+    before = config.compute_crc32
+    config.compute_crc32 = False
+    try:
+        torch.save({"w": torch.randn(8, 8)}, tmp_path / "nocrc.pt")
+    finally:
+        config.compute_crc32 = before
+    assert damaged_entry(tmp_path / "nocrc.pt") is None and "w" in safe_torch_load(tmp_path / "nocrc.pt")

@@ -221,3 +221,13 @@ def test_a_source_that_computes_otherwise_with_the_same_shapes_is_refused(ckpt: 
                                              rf"\({key} is {getattr(contents.config.model.encoder, key)!r} there but "
                                              rf"{value!r} here\)"):
         _model(contents, init_from=str(ckpt), **change)
+
+
+def test_renumbering_by_modality_leaves_a_width_mismatch_to_the_shape_check():
+    """A source of another width and another modality order crashed in the row copy with a bare RuntimeError."""
+    from mmm.warm_start import by_modality
+
+    src = {"modality_embed.weight": torch.randn(2, 32)}
+    own = {"modality_embed.weight": torch.zeros(2, 64)}
+    out = by_modality(src, ["text", "dna"], ["dna", "text"], own)
+    assert out["modality_embed.weight"].shape == (2, 32)  # as given: the shape check then names both shapes

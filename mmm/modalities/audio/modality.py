@@ -171,6 +171,8 @@ class AudioModality(Modality):
 
         try:
             return frontend.fit_stats(clips())
+        except AudioDecodeError:  # a bad clip, already named by shard and key
+            raise
         except ValueError as e:
             if read[0]:  # the statistics' own error, about clips that were read
                 raise

@@ -68,7 +68,7 @@ class DNAModality(TokenizerAsset, TokenEncoderParts, Modality):
     name = "dna"
     order = 30
     config_class = DNAConfig
-    asset_settings = ("tokenizer", "k", "overlapping", "tokenizer_path", "vocab_size", "tokenizer_train_docs")
+    asset_settings = ("tokenizer", "k", "overlapping", "vocab_size", "tokenizer_train_docs")
     config_help = "DNA modality"
     masks = ("dna",)
     masks_what = "DNA"

@@ -153,7 +153,7 @@ def train_transform(
     return _to_tensor(out)  # (3, size, size) uint8
 
 
-MAX_EVAL_ASPECT = 4
+MAX_EVAL_ASPECT = 8
 """Longer side over shorter side above which :func:`eval_transform` first crops the image's centre to this ratio."""
 
 
@@ -162,7 +162,8 @@ def eval_transform(img: ImageLike, size: int, crop_pct: float = 1.0) -> torch.Te
 
     An image longer than :data:`MAX_EVAL_ASPECT` times its shorter side is first cropped around its centre to that
     ratio (the part the centre crop keeps, with a margin): resizing an 8 x 8,000,000 strip whole would need about
-    140 GiB. Up to that ratio the result is exactly torchvision's ``Resize`` + ``CenterCrop``.
+    140 GiB. The cut is even, so the kept part is centred exactly. Up to that ratio the result is exactly
+    torchvision's ``Resize`` + ``CenterCrop``.
 
     With the default ``crop_pct=1.0`` the shorter side becomes ``size`` and only the longer side is
     cropped (a square image is simply resized to ``size``, so small images such as 32x32 lose no
@@ -182,6 +183,7 @@ def eval_transform(img: ImageLike, size: int, crop_pct: float = 1.0) -> torch.Te
     img, h, w = _prepare(img)
     if max(h, w) > MAX_EVAL_ASPECT * min(h, w):  # a thin strip: resizing it whole could take gigabytes
         keep = MAX_EVAL_ASPECT * min(h, w)
+        keep += (max(h, w) - keep) % 2  # an even cut: the kept part is centred exactly
         img = TF.center_crop(img, [min(h, keep), min(w, keep)])
     short = max(size, int(round(size / crop_pct)))
     out = TF.resize(img, [short], interpolation=_BICUBIC, antialias=True)

@@ -32,7 +32,7 @@ class TextModality(TokenizerAsset, TokenEncoderParts, Modality):
     name = "text"
     order = 10
     config_class = TextConfig
-    asset_settings = ("tokenizer", "tokenizer_path", "vocab_size", "lowercase", "tokenizer_train_docs")
+    asset_settings = ("tokenizer", "vocab_size", "lowercase", "tokenizer_train_docs")  # tokenizer_path: may name the same one
     config_help = "text modality"
     masks = ("token",)
     masks_what = "text tokens"
