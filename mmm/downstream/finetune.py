@@ -187,6 +187,12 @@ def checked_device(device: Optional[str]) -> torch.device:
     return dev
 
 
+def warmup_steps(total_steps: int, ratio: float) -> int:
+    """Warmup steps for a fraction ``ratio`` of ``total_steps``, rounded up as HF ``Trainer`` rounds them
+    (``TrainingArguments.get_warmup_steps``: ``ceil(total * ratio)``; 7 of 63 steps at 0.1, not 6)."""
+    return math.ceil(total_steps * ratio)
+
+
 def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """LR factor: 0 → 1 over ``warmup_steps``, then linearly to 0 at ``total_steps`` (HF's linear schedule)."""
 
@@ -313,7 +319,7 @@ def train_one_seed(make_adapter: Callable[[], InputAdapter], train: Tuple[List[A
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=fused_adamw_ok(model))
     per_epoch = math.ceil(len(train[0]) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(total, int(round(cfg.warmup * total))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(total, warmup_steps(total, cfg.warmup)))
     loss_fn = nn.CrossEntropyLoss() if cfg.task_type == "classification" else nn.MSELoss()
     dtype = torch.long if cfg.task_type == "classification" else torch.float32
     best, best_state, best_step, bad, step, first_losses = -math.inf, None, 0, 0, 0, []

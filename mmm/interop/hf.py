@@ -515,6 +515,11 @@ def _import(directory: PathLike) -> Tuple[TextEncoder, Dict[str, torch.Tensor], 
     pad_id = int(pad_id) if isinstance(pad_id, int) else (tok.pad_id if tok is not None else 0)
     enc = TextEncoder.from_config(model_cfg, vocab, pad_id, tok)
     load_weights(enc, state, source)
+    types = hf.get("embeddings.token_type_embeddings.weight")
+    if types is not None and types.shape[0] > 1 and not torch.equal(types[1], types[0]):
+        # mmm has no segment embeddings: row 0 is folded into the positions, row 1 (HF's second text of a pair) is
+        # dropped; the text adapter warns when it is given pairs (mmm.modalities.text.downstream.TextInputs)
+        enc.hf_second_segment_dropped = float((types[1] - types[0]).norm())
     return enc.eval(), hf, source, cfg
 
 

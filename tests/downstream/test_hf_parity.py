@@ -45,7 +45,8 @@ def test_first_training_losses_match_hf_bert_for_sequence_classification(ckpt: P
     hf.train()
     opt = torch.optim.AdamW(param_groups(hf, cfg.weight_decay), lr=cfg.lr, fused=fused_adamw_ok(hf))
     total = int(np.ceil(len(items) / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(total, int(round(cfg.warmup * total))))
+    warmup = transformers.TrainingArguments(output_dir=str(tmp_path / "args"), warmup_steps=cfg.warmup).get_warmup_steps(total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(total, warmup))  # HF's own warmup count
     hf_losses = []
     for idx in batch_order(len(items), cfg.batch_size, 0, 0):
         ids, mask = pad_ids([items[i] for i in idx], adapter.encoder.pad_id)
@@ -59,3 +60,13 @@ def test_first_training_losses_match_hf_bert_for_sequence_classification(ckpt: P
     assert len(mmm_losses) == len(hf_losses) == STEPS
     np.testing.assert_allclose(mmm_losses, hf_losses, rtol=0, atol=2e-4)
     assert mmm_losses[0] != mmm_losses[-1]  # the weights did move: later losses compare updated models
+
+
+def test_the_warmup_step_count_is_hf_trainer_s(tmp_path):
+    """mmm rounded the warmup steps (6 of 63 at 0.1) where HF Trainer rounds up (7)."""
+    transformers = pytest.importorskip("transformers")
+    from mmm.downstream.finetune import warmup_steps
+
+    for ratio in (0.06, 0.1, 0.2, 0.33):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / "args"), warmup_steps=ratio)
+        assert [warmup_steps(t, ratio) for t in range(1, 300)] == [args.get_warmup_steps(t) for t in range(1, 300)]

@@ -424,3 +424,25 @@ def test_an_hf_folder_asked_for_as_another_modality_names_why(hf_bert_dir: Path)
     with pytest.raises(ValueError, match=r"holds an HF config.json, which mmm reads as a text \(BERT\) encoder only, "
                                          r"not as a image encoder"):
         load_encoder(hf_bert_dir, modality="image")
+
+
+def test_pairs_through_an_imported_bert_warn_that_its_second_segment_is_not_applied(
+        hf_bert_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """mmm has no segment embeddings: an imported BERT's token_type row 1 (HF's second text of a pair) was dropped
+    without a word, so pair features silently differed from BertModel's with token_type_ids."""
+    import logging
+
+    from mmm.modalities.text.downstream import TextInputs
+
+    enc = import_hf_bert(hf_bert_dir)
+    assert enc.hf_second_segment_dropped > 0
+    from mmm.registry import TOKENIZERS
+
+    enc.tokenizer = TOKENIZERS.create("wordpiece", texts=["a b c d e f"] * 4, vocab_size=40)
+    adapter = TextInputs(enc, str(hf_bert_dir))
+    with caplog.at_level(logging.WARNING):
+        adapter.prepare("a b c")  # one text: nothing to say
+        assert "second text" not in caplog.text
+        adapter.prepare(("a b", "c d"), "row 2")
+        adapter.prepare(("a b", "c d"), "row 3")
+    assert caplog.text.count("encodes a pair's second text as its first segment") == 1 and "row 2" in caplog.text
