@@ -79,3 +79,31 @@ def test_sync_free_mae_step_runs_on_cpu_under_the_host_read_detector():
     r = gpu_check.sync_free_mae_step(torch.device("cpu"), "small", batch=4, overrides=TINY_MAE, steps=2)
     assert r["ok"], r
     assert torch.isfinite(torch.tensor(r["loss"]))
+
+
+def test_the_tests_section_keeps_what_finished_when_it_times_out(monkeypatch):
+    """On a timeout subprocess hands back bytes whatever text= says (the report showed a b'...' repr), and with -q the
+    per-test results only came in the final summary a killed run never prints; nor may the project's `-n auto`
+    reach a device machine without pytest-xdist."""
+    import subprocess
+
+    seen = {}
+
+    def timed_out(cmd, **kwargs):
+        seen["cmd"] = cmd
+        raise subprocess.TimeoutExpired(cmd, 5, output=b"tests/core/test_x.py::test_a PASSED  [ 50%]\n"
+                                                      b"tests/core/test_x.py::test_b FAILED  [100%]\n")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", timed_out)
+    body = gpu_check.section_tests(torch.device("cpu"), 5, gpu_check.SMOKE)
+    assert "-o addopts=" in " ".join(seen["cmd"]) and "-v" in seen["cmd"]
+    assert "tests/core/test_x.py::test_a PASSED" in body and "test_b FAILED" in body and "b'" not in body
+    assert "(timed out after 5 s)" in body
+
+
+def test_the_mfu_section_measures_mmm_alone_without_transformers(monkeypatch):
+    real = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name, *a: None if name == "transformers"
+                        else real(name, *a))
+    body = gpu_check.section_mfu(torch.device("cpu"), 60, gpu_check.SMOKE)
+    assert "| 32 | mmm |" in body and "| 32 | hf |" not in body and "no HF row" in body

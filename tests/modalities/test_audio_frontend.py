@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +223,17 @@ def test_chroma_peaks_at_the_pitch_class() -> None:
     with pytest.raises(ValueError, match="kind must be one of"):
         fe.acoustic_features(tone(440.0, 0.1), SR, kind="cqt")
     assert math.isclose(float(chroma[3].sum()), 1.0, rel_tol=1e-4)
+
+
+def test_the_built_in_modalities_register_without_soundfile_and_torchaudio():
+    """Every model build imports the audio front end (the built-in modalities register together), which imported
+    soundfile and torchaudio at the top: a machine without them (the GPU check's) could build no model at all."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['soundfile'] = None; sys.modules['torchaudio'] = None\n"
+            "from mmm.registry import MODALITIES\nMODALITIES.load_plugins()\n"
+            "import mmm.modalities.audio.frontend\nprint(MODALITIES.list())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and "'audio'" in done.stdout and "'text'" in done.stdout, done.stderr[-2000:]

@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import numpy as np
-import soundfile as sf
 import torch
-import torchaudio
+
+# soundfile and torchaudio are imported where audio is decoded or transformed: every model build imports this
+# module (the built-in modalities register together), and a machine without them can still train other modalities
 
 __all__ = [
     "AudioDecodeError",
@@ -91,6 +92,8 @@ def decode_audio(data: bytes, where: str) -> Tuple[np.ndarray, int]:
     truncated = _wav_truncation(bytes(data[:65536]), len(data))
     if truncated:
         raise AudioDecodeError(f"{where}: truncated WAV: {truncated}")
+    import soundfile as sf
+
     try:
         with sf.SoundFile(io.BytesIO(bytes(data))) as fh:
             channels, sr, declared = fh.channels, fh.samplerate, fh.frames
@@ -160,6 +163,8 @@ def resample(waveform: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
     x = np.asarray(waveform, dtype=np.float32)
     if orig_sr == new_sr:
         return x
+    import torchaudio
+
     y = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(x)), int(orig_sr), int(new_sr))
     return y.numpy()
 
@@ -309,6 +314,8 @@ class AudioFrontend:
         if not isinstance(self.config, AudioFrontendConfig):
             raise TypeError(f"config must be an AudioFrontendConfig, got {type(self.config).__name__}")
         c = self.config
+        import torchaudio
+
         self._mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=c.sample_rate, n_fft=c.fft_size, win_length=c.win_length, hop_length=c.hop_length,
             f_min=c.f_min, f_max=c.f_max, n_mels=c.n_mels, power=2.0, center=True, pad_mode="constant",
@@ -541,6 +548,8 @@ class AudioFrontend:
         """(T_frames, 12) pitch-class energy profile from a long-window STFT (same hop, same frames)."""
         c = self.config
         if self._chroma_spec is None:
+            import torchaudio
+
             n_fft = max(2048, c.fft_size)
             self._chroma_spec = torchaudio.transforms.Spectrogram(
                 n_fft=n_fft, win_length=n_fft, hop_length=c.hop_length, power=2.0, center=True, pad_mode="constant"
@@ -595,6 +604,8 @@ class AudioFrontend:
         if kind == "logmel" and c.token == "patch":
             return self.tokenize_frames(log_mel.T.numpy(), math.log(c.log_floor))
         if kind == "mfcc":
+            import torchaudio
+
             dct = torchaudio.functional.create_dct(n_mfcc, c.n_mels, norm="ortho")  # (n_mels, n_mfcc)
             cep = (log_mel.T @ dct).T  # (n_mfcc, T)
             d1 = torchaudio.functional.compute_deltas(cep[None])[0]
