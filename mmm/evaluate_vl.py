@@ -52,6 +52,7 @@ class VLScore:
     unseen_itm_accuracy: Optional[float] = None
     unseen_itm_pairs: int = 0
     itm_matching_share: Optional[float] = None  # share of scored pairs that match (model.image_text.itm_negatives)
+    unseen_itm_matching_share: Optional[float] = None  # the same on the unseen-composition pairs
 
     @property
     def itm_chance(self) -> Optional[float]:
@@ -59,9 +60,15 @@ class VLScore:
         p = self.itm_matching_share
         return None if p is None else max(p, 1.0 - p)
 
+    @property
+    def unseen_itm_chance(self) -> Optional[float]:
+        """:attr:`itm_chance` of the unseen-composition pairs alone (their own matching share)."""
+        p = self.unseen_itm_matching_share
+        return None if p is None else max(p, 1.0 - p)
+
     def as_dict(self) -> Dict[str, object]:
         """Plain data (nested dicts), for ``metrics.json``, with :attr:`itm_chance`."""
-        return {**asdict(self), "itm_chance": self.itm_chance}
+        return {**asdict(self), "itm_chance": self.itm_chance, "unseen_itm_chance": self.unseen_itm_chance}
 
 
 def itc_task(cfg):
@@ -247,11 +254,11 @@ def _evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str, it
         if t_sel and i_sel:
             unseen_retrieval = recall_at_k(image_emb[i_sel], text_emb[t_sel], [image_caps[i] for i in i_sel],
                                            [texts[i] for i in t_sel])
-    itm_acc, itm_n, un_acc, un_n, matching = float("nan"), 0, None, 0, None
+    itm_acc, itm_n, un_acc, un_n, matching, un_matching = float("nan"), 0, None, 0, None, None
     if itm_head is not None:
         if itm_head not in model.objectives:
             raise ValueError(f"evaluate_vl: the model has no {itm_head!r} head (heads: {list(model.objectives)})")
-        correct = un_correct = positives = 0.0
+        correct = un_correct = positives = un_positives = 0.0
         for batch in vl_batches(feed, urls, "itm", batch_size=batch_size, seed=seed, max_batches=max_batches):
             batch = batch.to(device)
             hidden = model.encode(batch)
@@ -265,8 +272,10 @@ def _evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str, it
                 keys_b = batch.extras["keys"]
                 sel = [i for i, k in enumerate(keys_b) if any(is_unseen(c) for c in captions_of.get(k, ()))]
                 un_correct += float(ok[sel].sum())
+                un_positives += float((t.labels.cpu()[sel] == 1).sum())
                 un_n += len(sel)
         itm_acc = correct / itm_n if itm_n else float("nan")  # no pair scored: no accuracy, not 0
         un_acc = un_correct / un_n if un_n else None
         matching = positives / itm_n if itm_n else None
-    return VLScore(retrieval, itm_acc, itm_n, unseen_retrieval, un_acc, un_n, matching)
+        un_matching = un_positives / un_n if un_n else None
+    return VLScore(retrieval, itm_acc, itm_n, unseen_retrieval, un_acc, un_n, matching, un_matching)

@@ -130,3 +130,8 @@ def test_the_itm_chance_is_the_majority_share_of_the_scored_pairs():
     assert VLScore(None, 0.8, 10, itm_matching_share=0.8).itm_chance == pytest.approx(0.8)
     assert VLScore(None, 0.8, 10, itm_matching_share=0.5).itm_chance == pytest.approx(0.5)
     assert VLScore(None, 0.8, 0).itm_chance is None
+    # the unseen compositions' pairs have their own matching share (the demo's chance row used the all-val one)
+    score = VLScore(None, 0.8, 10, unseen_itm_accuracy=0.7, unseen_itm_pairs=4, itm_matching_share=0.5,
+                    unseen_itm_matching_share=0.75)
+    assert score.unseen_itm_chance == pytest.approx(0.75) and score.as_dict()["unseen_itm_chance"] == pytest.approx(0.75)
+    assert VLScore(None, 0.8, 10).unseen_itm_chance is None

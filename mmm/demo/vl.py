@@ -153,7 +153,10 @@ def _report(m: Dict, cfg: PretrainConfig, folder: str) -> str:
     chance = _itm_chance(tr)
     lines.append(f"| chance | all val | {_fmt(r, 't2i_chance')} | {_fmt(r, 'i2t_chance')} | {chance} |")
     if u:
-        lines.append(f"| chance | unseen compositions | {_fmt(u, 't2i_chance')} | {_fmt(u, 'i2t_chance')} | {chance} |")
+        unseen = tr.get("unseen_itm_chance")  # the unseen pairs' own majority share
+        unseen_chance = chance if unseen is None else f"{unseen:.3f}"
+        lines.append(f"| chance | unseen compositions | {_fmt(u, 't2i_chance')} | {_fmt(u, 'i2t_chance')} | "
+                     f"{unseen_chance} |")
     lines += [
         "",
         "On the unseen subset, retrieval ranks only the unseen images and captions among themselves.",
