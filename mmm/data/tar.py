@@ -591,3 +591,34 @@ def read_samples(urls: Sequence[str], options: Optional[ReadOptions] = None,
         log = getattr(h, "log_summary", None)
         if log is not None:
             log()
+
+
+def read_decoded(urls: Sequence[str], options: Optional[ReadOptions], decode: Callable[[Dict[str, Any]], Any],
+                 strict_hint: str = "") -> Iterator[Any]:
+    """``decode(sample)`` of every sample of ``urls`` (:func:`read_samples`), for fitting assets under training's
+    bad-sample policy; a sample ``decode`` returns None for is passed over.
+
+    A ``ValueError`` from ``decode`` is raised as it is (``strict_hint`` appended), or, with ``options.skip_bad``,
+    given to the options' handler with its shard: skipped, counted, in the summary logged at the end.
+
+    Args:
+        urls: shard paths or urls.
+        options: the read settings (None: the defaults).
+        decode: raw sample → what the fit reads, None to pass it over; a ``ValueError`` names what is wrong.
+        strict_hint: appended to the message of an error that stops the fit.
+    """
+    opts = options if options is not None else ReadOptions()
+    handler = opts.handler()
+    for sample in read_samples(urls, opts, handler):
+        try:
+            out = decode(sample)
+        except ValueError as exn:
+            if opts.skip_bad:
+                exn.args = tuple(exn.args) + (sample.get("__url__", "?"),)  # the shard, as the handler names it
+                handler(exn)  # counts and logs; raises past data.max_errors
+                continue
+            if strict_hint:
+                exn.args = (f"{exn.args[0]} {strict_hint}",) + tuple(exn.args[1:])
+            raise
+        if out is not None:
+            yield out

@@ -13,6 +13,7 @@ Assets, fitted on the training shards at the start of a run and saved as JSON te
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import nn
 from mmm.checkpoint import load_weights
 from mmm.config import AudioConfig, ComponentConfig, EncoderConfig, ModelConfig
 from mmm.data.epoch import EpochCounter
-from mmm.data.tar import ReadOptions, read_samples
+from mmm.data.tar import ReadOptions, read_decoded
 from mmm.modalities.audio.embedder import AudioEncoder, AudioEncoderConfig  # (importing it registers the "audio" embedder)
 from mmm.modalities.audio.frontend import FRONTEND_FILE, AudioDecodeError, AudioFrontend, AudioFrontendConfig
 from mmm.modalities.base import Handler, Modality
@@ -60,23 +61,17 @@ def iter_training_clips(urls: List[str], limit: int, options: Optional[ReadOptio
     """
     from mmm.modalities.audio.pipeline import read_audio_sample
 
-    opts = options if options is not None else ReadOptions()
-    handler = opts.handler()
-    n = 0
-    for sample in read_samples(urls, opts, handler):
-        if n >= limit:
-            break
+    def clip(sample: Dict[str, Any]) -> Tuple[np.ndarray, int]:
         try:
             wav, sr, _ = read_audio_sample(sample)
             if frontend is not None:
                 frontend.checked_mono(wav, sr)
-        except (AudioDecodeError, ValueError) as e:
-            url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
-            if opts.skip_bad and handler(AudioDecodeError(f"sample {key!r}: {e}", url)):  # skipped and counted
-                continue
-            raise AudioDecodeError(f"{url}:{key}: {e} (set data.skip_bad: true to skip and count bad clips)") from None
-        n += 1
-        yield wav, sr
+        except ValueError as e:  # AudioDecodeError is one
+            raise AudioDecodeError(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: {e}") from None
+        return wav, sr
+
+    return itertools.islice(read_decoded(urls, options, clip, "(set data.skip_bad: true to skip and count bad clips)"),
+                            limit)
 
 
 @MODALITIES.register("audio")

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from mmm.data.tar import ReadOptions, read_samples
+from mmm.data.tar import ReadOptions, read_decoded
 from mmm.modalities.dna.tokenizer import find_invalid_base
 
 FIELDS = ("seq", "json")
@@ -152,20 +152,17 @@ def iter_samples(urls: List[str], options: Optional[ReadOptions] = None) -> Iter
         urls: shard paths or urls.
         options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
     """
-    opts = options if options is not None else ReadOptions()
-    handler = opts.handler()
-    for sample in read_samples(urls, opts, handler):
-        if "seq" not in sample or "json" not in sample:
-            continue
-        try:
-            decoded = decode_seq(sample["seq"]), decode_meta(sample["json"])
-        except ValueError as exn:
-            error = ValueError(f"DNA shard {sample['__url__']} sample {sample['__key__']!r}: {exn}; run "
-                               "`mmm shards check --dataset dna` to list every problem")
-            if opts.skip_bad and handler(error):  # skipped and counted, as training does
-                continue
-            raise error from None
-        yield decoded
+    return read_decoded(urls, options, _sample_window)
+
+
+def _sample_window(sample: Dict[str, Any]) -> Optional[Tuple[str, Dict[str, Any]]]:
+    if "seq" not in sample or "json" not in sample:
+        return None
+    try:
+        return decode_seq(sample["seq"]), decode_meta(sample["json"])
+    except ValueError as exn:
+        raise ValueError(f"DNA shard {sample['__url__']} sample {sample['__key__']!r}: {exn}; run "
+                         "`mmm shards check --dataset dna` to list every problem") from None
 
 
 def iter_sequences(urls: List[str], options: Optional[ReadOptions] = None) -> Iterator[str]:

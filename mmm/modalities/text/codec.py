@@ -10,7 +10,7 @@ import json
 import unicodedata
 from typing import Any, Dict, Iterator, List, Optional
 
-from mmm.data.tar import ReadOptions, read_samples
+from mmm.data.tar import ReadOptions, read_decoded
 
 FIELDS = ("txt", "json")
 
@@ -95,18 +95,15 @@ def iter_texts(urls: List[str], options: Optional[ReadOptions] = None) -> Iterat
         urls: shard paths or urls.
         options: read settings (a run passes ``ReadOptions.from_config(cfg.data)``); None: defaults.
     """
-    opts = options if options is not None else ReadOptions()
-    handler = opts.handler()
-    for sample in read_samples(urls, opts, handler):
-        txt = sample.get("txt")
-        if txt is None:
-            continue
-        try:
-            text = txt.decode("utf-8")
-        except UnicodeDecodeError as exn:
-            error = ValueError(f"text shard {sample['__url__']} sample {sample['__key__']!r}: 'txt' is not UTF-8 "
-                               f"at byte offset {exn.start}; run `mmm shards check` to list every problem")
-            if opts.skip_bad and handler(error):  # skipped and counted, as training does
-                continue
-            raise error from None
-        yield text
+    return read_decoded(urls, options, _sample_text)
+
+
+def _sample_text(sample: Dict[str, Any]) -> Optional[str]:
+    txt = sample.get("txt")
+    if txt is None:
+        return None
+    try:
+        return txt.decode("utf-8")
+    except UnicodeDecodeError as exn:
+        raise ValueError(f"text shard {sample['__url__']} sample {sample['__key__']!r}: 'txt' is not UTF-8 at byte "
+                         f"offset {exn.start}; run `mmm shards check` to list every problem") from None
