@@ -530,9 +530,9 @@ def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "") -> T:
     fields = {f.name: f for f in config_fields(cls)}
     odd = [k for k in data if not isinstance(k, str)]
     if odd:  # YAML allows numbers, booleans or lists as keys; a config's keys are names
-        key = f"{where} " if where else ""
-        raise ConfigError(f"config key {odd[0]!r} {('in ' + key) if key else ''}is a {type(odd[0]).__name__}, "
-                          f"not a name; valid keys here: {sorted(fields)}")
+        place = f"in {where} " if where else ""
+        raise ConfigError(f"config key {odd[0]!r} {place}is a {type(odd[0]).__name__}, not a name; valid keys "
+                          f"here: {sorted(fields)}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]

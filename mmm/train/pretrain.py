@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import lightning as L
 import torch
@@ -192,13 +192,27 @@ def _flatten(data: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def config_differences(stored: Dict[str, Any], cfg: PretrainConfig) -> List[str]:
-    """``key: stored -> new`` for every setting of ``cfg`` that differs from a checkpoint's stored config
-    (``trainer.ckpt_path`` left out: it always does)."""
+class _Absent:
+    """A setting one of two configs lacks (printed as ``'(absent)'``)."""
+
+    def __repr__(self) -> str:
+        return "'(absent)'"
+
+
+ABSENT = _Absent()
+
+
+def config_differences(stored: Dict[str, Any], cfg: PretrainConfig) -> Dict[str, Tuple[Any, Any]]:
+    """``key → (stored, new)`` for every setting of ``cfg`` that differs from a checkpoint's stored config, in key
+    order, :data:`ABSENT` for a side that lacks it (``trainer.ckpt_path`` left out: it always differs)."""
     old, new = _flatten(stored), _flatten(to_dict(cfg))
-    missing = object()
-    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(set(old) | set(new))
-            if k != "trainer.ckpt_path" and old.get(k, missing) != new.get(k, missing)]
+    return {k: (old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
+            if k != "trainer.ckpt_path" and old.get(k, ABSENT) != new.get(k, ABSENT)}
+
+
+def _listed(diffs: Dict[str, Tuple[Any, Any]]) -> List[str]:
+    """``key: stored -> new`` lines of :func:`config_differences`."""
+    return [f"{k}: {old!r} -> {new!r}" for k, (old, new) in diffs.items()]
 
 
 def check_checkpoint_fits(module: MaskedModelingModule, ckpt: Dict[str, Any], cfg: PretrainConfig, path: str,
@@ -215,14 +229,15 @@ def check_checkpoint_fits(module: MaskedModelingModule, ckpt: Dict[str, Any], cf
     reshaped = [f"{k} {tuple(saved[k].shape)} -> {tuple(v.shape)}" for k, v in own.items()
                 if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
     stored = (ckpt.get("mmm") or {}).get("config")
-    diffs = config_differences(stored, cfg) if isinstance(stored, dict) else []
+    changed = config_differences(stored, cfg) if isinstance(stored, dict) else {}
+    diffs = _listed(changed)
     old_optim = ((stored or {}).get("optim") or {}).get("name") if isinstance(stored, dict) else None
     if old_optim is not None and old_optim != cfg.optim.name:
         raise CheckpointError(f"trainer.ckpt_path: {path} holds the state of optimizer {old_optim!r}, but optim.name is "
                               f"{cfg.optim.name!r}; resume with optim.name: {old_optim}, or start a new run from its "
                               f"weights with model.init_from: {path} (a new trainer.default_root_dir, no ckpt_path)")
     # a key the stored config lacks (a checkpoint from before the setting existed) is not a change the user made
-    ignored = [d for d in diffs if d.split(":", 1)[0] in set(asset_keys) and ": '(absent)' -> " not in d]
+    ignored = _listed({k: v for k, v in changed.items() if k in set(asset_keys) and v[0] is not ABSENT})
     if ignored:
         raise CheckpointError(f"trainer.ckpt_path: resuming {path} keeps the tokenizers, statistics and codebooks "
                               f"stored in it, so these changed settings could not take effect: {'; '.join(ignored)}. "
