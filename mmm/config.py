@@ -113,6 +113,9 @@ class TextConfig:
     position: str = _f("learned", "absolute positions added to token embeddings: learned, sinusoidal, none",
                        choices=_constant("mmm.core.position", "ABSOLUTE_POSITIONS"))
     embed_norm: bool = _f(True, "LayerNorm after the embedding sum (BERT)")
+    segments: int = _f(0, "segment (token type) embeddings, BERT: a token's segment is the number of [SEP] before it "
+                       "in its sequence, capped at segments-1 (a pair's second text is segment 1); 0 = none (RoBERTa)",
+                       ge=0)
 
 
 @dataclass

@@ -79,8 +79,9 @@ class TextEncoder(nn.Module):
             pad_id: padding id.
             tokenizer: optional tokenizer to attach.
         """
-        return cls(build_text_embedder(config, vocab_size, pad_id, modality), TransformerEncoder(config.encoder), config,
-                   tokenizer, modality)
+        sep_id = getattr(tokenizer, "sep_id", None)
+        return cls(build_text_embedder(config, vocab_size, pad_id, modality, sep_id), TransformerEncoder(config.encoder),
+                   config, tokenizer, modality)
 
     @property
     def hidden_size(self) -> int:

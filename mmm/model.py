@@ -269,12 +269,15 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.normal_(p, std=std)
 
 
-def build_text_embedder(cfg: ModelConfig, vocab_size: int, pad_id: int, modality: str = "text") -> nn.Module:
+def build_text_embedder(cfg: ModelConfig, vocab_size: int, pad_id: int, modality: str = "text",
+                        sep_id: Optional[int] = None) -> nn.Module:
     """The token embedder of a discrete-token modality (``text`` or ``dna``: the section of ``cfg``
-    giving ``max_len``, ``position`` and ``embed_norm``) for a tokenizer of ``vocab_size`` ids."""
+    giving ``max_len``, ``position``, ``embed_norm`` and, for text, ``segments``) for a tokenizer of
+    ``vocab_size`` ids whose ``[SEP]`` is ``sep_id`` (needed with segments)."""
     t, e = getattr(cfg, modality), cfg.encoder
     return EMBEDDERS.create("text", vocab_size=vocab_size, dim=e.dim, max_len=t.max_len, position=t.position,
-                            embed_norm=t.embed_norm, norm_eps=e.norm_eps, dropout=e.dropout, pad_id=pad_id)
+                            embed_norm=t.embed_norm, norm_eps=e.norm_eps, dropout=e.dropout, pad_id=pad_id,
+                            segments=getattr(t, "segments", 0), sep_id=sep_id)
 
 
 def head_name(o: ObjectiveConfig) -> str:

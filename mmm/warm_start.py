@@ -240,6 +240,7 @@ def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> Warm
         raise WarmStartError(f"model.init_from {source}: tensor {name!r} has shape {theirs} there but {ours} in this "
                              f"model{more}; make the model's sizes (vocabulary, width, depth, max_len) match the source")
     _check_same_function(model, source, source_encoder)  # after the shapes: a gelu source into a geglu model differs in shape
+    folded = _fold_segment_row_0(src, own)
     report = WarmStartReport(Path(source), kind, sorted(k for k in own if k in src),
                              sorted(k for k in own if k not in src), sorted(k for k in src if k not in own))
     loaded = {k: src[k] for k in report.loaded}
@@ -249,7 +250,23 @@ def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> Warm
         raise WarmStartError(f"model.init_from {source}: unexpected keys {result.unexpected_keys[:8]}")
     if verbose:
         print(report.summary(), flush=True)
+        for table, into in folded:
+            print(f"init_from: {table} (segments) is not in this model; its row 0 is added to {into}, which is exact "
+                  f"for single texts (set model.text.segments to keep the table)", flush=True)
     return report
+
+
+def _fold_segment_row_0(src: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> List[Tuple[str, str]]:
+    """A source embedder's segment table (``embedders.<m>.segments.weight``) that the target lacks: add its row 0 to
+    the source's token table (every token takes one row of each), so the target computes what the source did on
+    single-segment inputs instead of losing row 0. In place on ``src``; returns ``(table, token table)`` pairs."""
+    done = []
+    for key in [k for k in src if k.endswith(".segments.weight") and k not in own]:
+        tokens = key[: -len("segments.weight")] + "tokens.weight"
+        if tokens in src and tokens in own:
+            src[tokens] = src[tokens] + src[key][0].to(src[tokens].dtype)
+            done.append((key, tokens))
+    return done
 
 
 @dataclass

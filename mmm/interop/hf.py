@@ -10,11 +10,14 @@ rows ordered q | k | v, heads contiguous inside each); HF BERT keeps three Linea
     encoder.blocks.{i}.mlp.fc2 / norm2      ↔ encoder.layer.{i}.output.dense / LayerNorm
     MLM head dense / norm / bias / weight   ↔ cls.predictions.transform.dense / transform.LayerNorm / bias / decoder
 
-Segments. mmm has no segment (token type) embeddings. Export writes a zero
-``token_type_embeddings`` table (2 rows), so HF outputs do not depend on ``token_type_ids``
-and match mmm for any of them. Import folds row 0 of HF's table into the position table; that is
-exact for inputs whose ``token_type_ids`` are all 0 -- what ``BertModel(input_ids,
-attention_mask)`` uses when none are given, and what :class:`~mmm.encoders.TextEncoder` models.
+Segments. mmm's segment table (``model.text.segments``, ``embedder.segments``) is HF's
+``token_type_embeddings``; mmm derives a token's segment from the ids (the ``[SEP]`` tokens before it in
+its sequence), which is the ``token_type_ids`` an HF tokenizer gives a single text or a pair
+(:mod:`mmm.modalities.text.embedder`). Export writes the table (a 1-row table as two equal rows); an
+encoder without one exports a zero table (2 rows), so HF outputs do not depend on ``token_type_ids``.
+Import keeps the table when its rows differ and a tokenizer gives the ``[SEP]`` id. When the rows are
+all equal it folds row 0 into the position table, exact for any ``token_type_ids``. Without a tokenizer
+it folds row 0 too, exact only for single texts, and says so in a warning.
 
 Pooler. mmm pretrains no pooler (no next-sentence objective), so none is exported:
 ``BertModel.from_pretrained`` reports ``pooler.dense.{weight,bias}`` as missing and initialises
@@ -84,6 +87,15 @@ def check_exportable(config: ModelConfig, modality: str = "text") -> None:
                              f"({why}; it needs {name}={needed!r})")
 
 
+def _token_type_table(sd: Dict[str, torch.Tensor], dim: int) -> torch.Tensor:
+    """HF's ``token_type_embeddings`` for an mmm state_dict: its segment table (a single row twice, so a pair's
+    token type 1 gets what mmm gives it), or zeros (2 rows) without one."""
+    table = sd.get("embedder.segments.weight")
+    if table is None:
+        return torch.zeros(2, dim, dtype=sd["embedder.tokens.weight"].dtype)
+    return table.expand(2, -1) if table.shape[0] == 1 else table
+
+
 def _encoder_tensors(enc: TextEncoder) -> Dict[str, torch.Tensor]:
     """mmm encoder weights in HF ``BertModel`` key layout (no prefix)."""
     sd = enc.state_dict()
@@ -91,7 +103,7 @@ def _encoder_tensors(enc: TextEncoder) -> Dict[str, torch.Tensor]:
     out = {
         "embeddings.word_embeddings.weight": sd["embedder.tokens.weight"],
         "embeddings.position_embeddings.weight": sd["embedder.positions.weight"],
-        "embeddings.token_type_embeddings.weight": torch.zeros(2, d, dtype=sd["embedder.tokens.weight"].dtype),
+        "embeddings.token_type_embeddings.weight": _token_type_table(sd, d),
         "embeddings.LayerNorm.weight": sd["embedder.norm.weight"],
         "embeddings.LayerNorm.bias": sd["embedder.norm.bias"],
     }
@@ -255,7 +267,8 @@ def _export(encoder_or_ckpt: Union[TextEncoder, PathLike], out_dir: PathLike,
     config = transformers.BertConfig(
         vocab_size=enc.vocab_size, hidden_size=e.dim, num_hidden_layers=e.depth, num_attention_heads=e.heads,
         intermediate_size=e.mlp_hidden or 4 * e.dim, hidden_act="gelu", hidden_dropout_prob=e.dropout,
-        attention_probs_dropout_prob=e.attn_dropout, max_position_embeddings=t.max_len, type_vocab_size=2,
+        attention_probs_dropout_prob=e.attn_dropout, max_position_embeddings=t.max_len,
+        type_vocab_size=max(2, getattr(t, "segments", 0)),
         initializer_range=enc.config.init_std, layer_norm_eps=e.norm_eps, pad_token_id=enc.pad_id,
         tie_word_embeddings=(mlm_head is None or tied),
         architectures=["BertForMaskedLM" if mlm_head is not None else "BertModel"],
@@ -430,7 +443,7 @@ def _hf_tokenizer(directory: Path) -> Optional[TextTokenizer]:
     return None
 
 
-def _model_config(cfg: Dict[str, Any], path: Path, lowercase: bool) -> ModelConfig:
+def _model_config(cfg: Dict[str, Any], path: Path, lowercase: bool, segments: int = 0) -> ModelConfig:
     if cfg.get("model_type") != "bert":
         raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}; only 'bert' checkpoints can be imported")
     act = cfg.get("hidden_act", "gelu")
@@ -453,12 +466,13 @@ def _model_config(cfg: Dict[str, Any], path: Path, lowercase: bool) -> ModelConf
         dropout=float(cfg.get("hidden_dropout_prob", 0.1)), attn_dropout=float(cfg.get("attention_probs_dropout_prob", 0.1)),
         relative_position="none", attention="auto")
     text = TextConfig(tokenizer="wordpiece", vocab_size=cfg["vocab_size"], lowercase=lowercase,
-                      max_len=cfg["max_position_embeddings"], position="learned", embed_norm=True)
+                      max_len=cfg["max_position_embeddings"], position="learned", embed_norm=True, segments=segments)
     return ModelConfig(encoder=enc, text=text, init_std=float(cfg.get("initializer_range", 0.02)))
 
 
-def _encoder_state(hf: Dict[str, torch.Tensor], depth: int, source: Path) -> Dict[str, torch.Tensor]:
-    """HF BERT tensors (normalised keys) → mmm TextEncoder state_dict; token type row 0 folded in."""
+def _encoder_state(hf: Dict[str, torch.Tensor], depth: int, source: Path, segments: bool) -> Dict[str, torch.Tensor]:
+    """HF BERT tensors (normalised keys) → mmm TextEncoder state_dict: the token type table as the segment table
+    (``segments``), else its row 0 folded into the positions."""
     used: List[str] = []
 
     def take(key: str) -> torch.Tensor:
@@ -468,14 +482,16 @@ def _encoder_state(hf: Dict[str, torch.Tensor], depth: int, source: Path) -> Dic
         return hf[key].to(torch.float32)
 
     positions = take("embeddings.position_embeddings.weight")
-    if "embeddings.token_type_embeddings.weight" in hf:
+    state = {"embedder.tokens.weight": take("embeddings.word_embeddings.weight")}
+    if segments:
+        state["embedder.segments.weight"] = take("embeddings.token_type_embeddings.weight")
+    elif "embeddings.token_type_embeddings.weight" in hf:
         positions = positions + take("embeddings.token_type_embeddings.weight")[0]
-    state = {
-        "embedder.tokens.weight": take("embeddings.word_embeddings.weight"),
+    state.update({
         "embedder.positions.weight": positions,
         "embedder.norm.weight": take("embeddings.LayerNorm.weight"),
         "embedder.norm.bias": take("embeddings.LayerNorm.bias"),
-    }
+    })
     for i in range(depth):
         src, dst = f"encoder.layer.{i}.", f"encoder.blocks.{i}."
         state[dst + "attn.qkv.weight"] = torch.cat([take(f"{src}attention.self.{p}.weight") for p in ("query", "key", "value")])
@@ -502,10 +518,17 @@ def _import(directory: PathLike) -> Tuple[TextEncoder, Dict[str, torch.Tensor], 
         raise FileNotFoundError(f"{cfg_path} is missing; an HF BERT directory needs config.json and weights")
     cfg = _read_json(cfg_path)
     tok = _hf_tokenizer(d)
-    model_cfg = _model_config(cfg, cfg_path, tok.lowercase if tok is not None else True)
     hf, source = _read_hf_weights(d)
     hf = _normalise_keys(hf)
-    state = _encoder_state(hf, model_cfg.encoder.depth, source)
+    types = hf.get("embeddings.token_type_embeddings.weight")
+    distinct = types is not None and types.shape[0] > 1 and not bool((types == types[:1]).all())
+    if distinct and tok is None:
+        logger.warning("%s: no tokenizer gives the [SEP] id that starts a pair's second segment, so only row 0 of "
+                       "token_type_embeddings is imported: exact for single texts, not for pairs "
+                       "(token_type_ids 1)", source)
+    segments = int(types.shape[0]) if distinct and tok is not None else 0
+    model_cfg = _model_config(cfg, cfg_path, tok.lowercase if tok is not None else True, segments)
+    state = _encoder_state(hf, model_cfg.encoder.depth, source, bool(segments))
     vocab = int(state["embedder.tokens.weight"].shape[0])
     if vocab != model_cfg.text.vocab_size:
         raise ValueError(f"{source}: word_embeddings has {vocab} rows but {cfg_path} says vocab_size={model_cfg.text.vocab_size}")
@@ -515,11 +538,6 @@ def _import(directory: PathLike) -> Tuple[TextEncoder, Dict[str, torch.Tensor], 
     pad_id = int(pad_id) if isinstance(pad_id, int) else (tok.pad_id if tok is not None else 0)
     enc = TextEncoder.from_config(model_cfg, vocab, pad_id, tok)
     load_weights(enc, state, source)
-    types = hf.get("embeddings.token_type_embeddings.weight")
-    if types is not None and types.shape[0] > 1 and not torch.equal(types[1], types[0]):
-        # mmm has no segment embeddings: row 0 is folded into the positions, row 1 (HF's second text of a pair) is
-        # dropped; the text adapter warns when it is given pairs (mmm.modalities.text.downstream.TextInputs)
-        enc.hf_second_segment_dropped = float((types[1] - types[0]).norm())
     return enc.eval(), hf, source, cfg
 
 

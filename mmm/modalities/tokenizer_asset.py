@@ -236,13 +236,14 @@ class TokenizerAsset:
         self._files = dict(files)
 
     def build_embedder(self, encoder_cfg: "EncoderConfig") -> "nn.Module":
-        """The token embedder (``EMBEDDERS["text"]``: token + position embeddings) over the tokenizer's ids."""
+        """The token embedder (``EMBEDDERS["text"]``: token + position (+ segment) embeddings) over the tokenizer's ids."""
         from mmm.registry import EMBEDDERS
 
         c, tok = self.cfg, self._tok()
         return EMBEDDERS.create("text", vocab_size=tok.vocab_size, dim=encoder_cfg.dim, max_len=c.max_len,
                                 position=c.position, embed_norm=c.embed_norm, norm_eps=encoder_cfg.norm_eps,
-                                dropout=encoder_cfg.dropout, pad_id=tok.pad_id)
+                                dropout=encoder_cfg.dropout, pad_id=tok.pad_id, segments=getattr(c, "segments", 0),
+                                sep_id=getattr(tok, "sep_id", None))
 
     def _tok(self) -> Any:
         if self.tokenizer is None:

@@ -241,10 +241,12 @@ class ReplacedTokenDetection(nn.Module):
         self.generator_embedder = EMBEDDERS.create(
             "text", vocab_size=vocab, dim=table_dim, max_len=disc.max_len, position=disc.positions.kind,
             embed_norm=disc.norm is not None, norm_eps=encoder_cfg.norm_eps, dropout=encoder_cfg.dropout,
-            pad_id=disc.pad_id)
-        if embedding_sharing == "shared":  # ELECTRA Sec. 3.2: token and position embeddings (its code: the LayerNorm too)
-            self.generator_embedder.tokens = disc.tokens
+            pad_id=disc.pad_id, segments=disc.segments.num_embeddings if disc.segments is not None else 0,
+            sep_id=disc.sep_id)
+        if embedding_sharing == "shared":  # ELECTRA Sec. 3.2: token, position and token type embeddings (its code:
+            self.generator_embedder.tokens = disc.tokens  # the LayerNorm too)
             self.generator_embedder.positions = disc.positions
+            self.generator_embedder.segments = disc.segments
             self.generator_embedder.norm = disc.norm
         self.embedding_residual = None
         if embedding_sharing == "gdes":

@@ -426,23 +426,101 @@ def test_an_hf_folder_asked_for_as_another_modality_names_why(hf_bert_dir: Path)
         load_encoder(hf_bert_dir, modality="image")
 
 
-def test_pairs_through_an_imported_bert_warn_that_its_second_segment_is_not_applied(
-        hf_bert_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """mmm has no segment embeddings: an imported BERT's token_type row 1 (HF's second text of a pair) was dropped
-    without a word, so pair features silently differed from BertModel's with token_type_ids."""
-    import logging
+WORDS = ["the", "list", "items", "return", "number", "of", "none", "or", "in", "a", "value", "key"]
 
+
+@pytest.fixture(scope="module")
+def hf_bert_with_vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF BertModel with distinct token-type rows and a WordPiece vocab.txt (BERT's special ids 0, 100-103)."""
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    torch.manual_seed(3)
+    model = BertModel(BertConfig(**{**HF_CFG, "vocab_size": len(vocab)}, attn_implementation="eager")).eval()
+    _perturb(model, seed=3)
+    out = tmp_path_factory.mktemp("hf_bert_vocab")
+    model.save_pretrained(out)
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return out
+
+
+PAIRS = [("return the list", "the number of items"), ("none", "a key or a value in the list of items"),
+         ("the value of a key", "none")]
+
+
+def test_pairs_through_an_imported_bert_match_bert_model_with_token_type_ids(hf_bert_with_vocab: Path) -> None:
+    """mmm had no segment embeddings: an imported BERT's token_type row 1 (a pair's second text) was dropped, so
+    pair features differed from BertModel's with the token_type_ids its tokenizer gives."""
     from mmm.modalities.text.downstream import TextInputs
 
-    enc = import_hf_bert(hf_bert_dir)
-    assert enc.hf_second_segment_dropped > 0
-    from mmm.registry import TOKENIZERS
+    hf = BertModel.from_pretrained(hf_bert_with_vocab, attn_implementation="eager").eval()
+    types = hf.embeddings.token_type_embeddings.weight.detach()
+    assert float((types[1] - types[0]).norm()) > 0.1
+    enc = import_hf_bert(hf_bert_with_vocab)
+    assert enc.config.text.segments == 2 and enc.embedder.segments.weight.shape == (2, HF_CFG["hidden_size"])
+    hf_tok = BertTokenizer(str(hf_bert_with_vocab / "vocab.txt"))
+    batch = hf_tok([a for a, _ in PAIRS], [b for _, b in PAIRS], padding=True, return_tensors="pt")
+    assert set(batch["token_type_ids"].unique().tolist()) == {0, 1}
+    adapter = TextInputs(enc, str(hf_bert_with_vocab))
+    items = [adapter.prepare(p) for p in PAIRS]
+    for row, item in zip(batch["input_ids"], items):  # mmm forms the pair as HF's tokenizer does
+        assert row[: len(item)].tolist() == item.tolist()
+    with torch.no_grad():
+        ref = hf(**batch).last_hidden_state
+        ours = enc(batch["input_ids"], batch["attention_mask"])  # the padded API
+        packed, _ = adapter.encode_packed(items)  # embed / finetune / probes
+    mask = batch["attention_mask"]
+    assert _max_diff(ours, ref, mask) <= 1e-4
+    assert float((packed - ref[mask.bool()]).abs().max()) <= 1e-4
+    # single texts are segment 0 throughout, as HF with no token_type_ids
+    single = hf_tok([a for a, _ in PAIRS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert _max_diff(enc(single["input_ids"], single["attention_mask"]), hf(**single).last_hidden_state,
+                         single["attention_mask"]) <= 1e-4
 
-    enc.tokenizer = TOKENIZERS.create("wordpiece", texts=["a b c d e f"] * 4, vocab_size=40)
-    adapter = TextInputs(enc, str(hf_bert_dir))
+
+def test_an_imported_bert_with_segments_exports_and_reimports_exactly(hf_bert_with_vocab: Path, tmp_path: Path) -> None:
+    enc = import_hf_bert(hf_bert_with_vocab)
+    out = export_hf_bert(enc, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["type_vocab_size"] == 2
+    hf = BertModel.from_pretrained(out, attn_implementation="eager").eval()
+    hf_tok = BertTokenizer(str(hf_bert_with_vocab / "vocab.txt"))
+    batch = hf_tok([a for a, _ in PAIRS], [b for _, b in PAIRS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert _max_diff(enc(batch["input_ids"], batch["attention_mask"]), hf(**batch).last_hidden_state,
+                         batch["attention_mask"]) <= 1e-4
+    back = import_hf_bert(out)
+    assert back.config.text.segments == 2
+    for k, v in enc.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    saved = tmp_path / "saved"  # mmm's own encoder format keeps the table and the [SEP] id it needs
+    from mmm.encoders import save_encoder
+
+    save_encoder(enc, saved)
+    again = load_encoder(saved)
+    assert again.config.text.segments == 2 and torch.equal(again.embedder.segments.weight, enc.embedder.segments.weight)
+
+
+def test_an_imported_bert_without_a_tokenizer_keeps_row_0_and_says_pairs_are_not_exact(
+        hf_bert_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No tokenizer gives the [SEP] id a segment starts at: row 0 is folded in (exact for single texts), with a word."""
+    import logging
+
     with caplog.at_level(logging.WARNING):
-        adapter.prepare("a b c")  # one text: nothing to say
-        assert "second text" not in caplog.text
-        adapter.prepare(("a b", "c d"), "row 2")
-        adapter.prepare(("a b", "c d"), "row 3")
-    assert caplog.text.count("encodes a pair's second text as its first segment") == 1 and "row 2" in caplog.text
+        enc = import_hf_bert(hf_bert_dir)
+    assert enc.config.text.segments == 0 and enc.embedder.segments is None
+    assert "only row 0 of token_type_embeddings is imported" in caplog.text
+
+
+def test_a_token_type_table_with_equal_rows_is_folded_exactly(hf_bert_with_vocab: Path, tmp_path: Path) -> None:
+    """Equal rows (e.g. mmm's zero export table) make token_type_ids irrelevant: no segment table is imported."""
+    hf = BertModel.from_pretrained(hf_bert_with_vocab, attn_implementation="eager").eval()
+    with torch.no_grad():
+        hf.embeddings.token_type_embeddings.weight[1] = hf.embeddings.token_type_embeddings.weight[0]
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "vocab.txt").write_text((hf_bert_with_vocab / "vocab.txt").read_text())
+    enc = import_hf_bert(tmp_path)
+    assert enc.config.text.segments == 0
+    batch = BertTokenizer(str(tmp_path / "vocab.txt"))([a for a, _ in PAIRS], [b for _, b in PAIRS], padding=True,
+                                                       return_tensors="pt")
+    with torch.no_grad():
+        assert _max_diff(enc(batch["input_ids"], batch["attention_mask"]), hf(**batch).last_hidden_state,
+                         batch["attention_mask"]) <= 1e-4

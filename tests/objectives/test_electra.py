@@ -276,3 +276,17 @@ def test_shared_embeddings_are_the_whole_embedding_layer_as_in_electra():
         model = _model(sharing)
         gen, disc = model.objectives["electra"].generator_embedder, model.embedders["text"]
         assert gen.positions is not disc.positions and gen.norm is not disc.norm
+
+
+@pytest.mark.parametrize("sharing", ["shared", "gdes", "none"])
+def test_the_generator_has_the_discriminator_s_segment_embeddings(sharing):
+    """ELECTRA's code shares the token type table with the rest of the embeddings; without sharing the generator
+    still gives a pair's second text its own segment."""
+    torch.manual_seed(0)
+    enc = EncoderConfig(dim=D, depth=1, heads=2, mlp_hidden=64, dropout=0.0, attn_dropout=0.0, attention="math")
+    emb = EMBEDDERS.create("text", vocab_size=V, dim=D, max_len=16, dropout=0.0, pad_id=0, segments=2, sep_id=2)
+    obj = ObjectiveConfig("electra", args={"generator_size": 0.5, "embedding_sharing": sharing})
+    model = build_model(ModelConfig(encoder=enc), [obj], {"text": emb})
+    gen, disc = model.objectives["electra"].generator_embedder, model.embedders["text"]
+    assert gen.segments is not None and gen.sep_id == 2 and gen.segments.num_embeddings == 2
+    assert (gen.segments is disc.segments) == (sharing == "shared")

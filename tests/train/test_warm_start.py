@@ -231,3 +231,34 @@ def test_renumbering_by_modality_leaves_a_width_mismatch_to_the_shape_check():
     own = {"modality_embed.weight": torch.zeros(2, 64)}
     out = by_modality(src, ["text", "dna"], ["dna", "text"], own)
     assert out["modality_embed.weight"].shape == (2, 32)  # as given: the shape check then names both shapes
+
+
+def test_a_source_segment_table_the_model_lacks_keeps_its_row_0(ckpt: Path, tmp_path: Path, capsys):
+    """An HF BERT (or a run) with segment embeddings warm-starting a model without them: the table was 'ignored'
+    and its row 0 lost, so the model no longer computed the source's function on single texts."""
+    from mmm.core.packing import PackedSeqInfo
+
+    contents = read_checkpoint(ckpt)
+    cfg = contents.config.model
+    src_model = _model(contents)
+    emb = src_model.embedders["text"]
+    seg = EMBEDDERS.create("text", vocab_size=emb.vocab_size, dim=cfg.encoder.dim, max_len=cfg.text.max_len,
+                           dropout=0.0, pad_id=0, segments=2, sep_id=3)
+    seg.load_state_dict(emb.state_dict(), strict=False)
+    with torch.no_grad():
+        seg.segments.weight.normal_(0, 1.0)
+    folder = tmp_path / "enc"
+    save_encoder(load_encoder(ckpt), folder)
+    enc = load_encoder(folder)
+    enc.embedder = seg
+    enc.config.text.segments = 2
+    save_encoder(enc, folder)
+    model = _model(contents)
+    report = warm_start(model, folder)
+    assert "embedders.text.segments.weight" in report.ignored
+    assert "row 0 is added to embedders.text.tokens.weight" in capsys.readouterr().out
+    ids = torch.tensor([2, 10, 11, 12, 3, 2, 40, 3])  # two single texts
+    seq = PackedSeqInfo.from_seqlens([5, 3])
+    seg.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.embedders["text"](ids, seq.position_ids), seg(ids, seq.position_ids), atol=1e-6)

@@ -1,8 +1,8 @@
 """Text inputs downstream (``mmm embed``, ``mmm finetune``, probes): a string or a ``(first, second)`` pair.
 
-Tokenized as ``[CLS] a [SEP]`` / ``[CLS] a [SEP] b [SEP]`` (BERT, Devlin et al. 2019; mmm has no segment
-embeddings and the HF export's token-type table is zero, so HF gives the same result with any
-``token_type_ids``), cut longest-first to the encoder's position table as HF tokenizers cut a pair.
+Tokenized as ``[CLS] a [SEP]`` / ``[CLS] a [SEP] b [SEP]`` (BERT, Devlin et al. 2019; an encoder with segment
+embeddings puts ``b [SEP]`` in segment 1, as HF's ``token_type_ids``), cut longest-first to the encoder's position
+table as HF tokenizers cut a pair.
 Raw files: ``.txt``, one input per non-empty line; tables: the ``--text_column`` cell. Embedded tasks
 (:func:`text_tasks`): ``stdlib-package`` and the sentence-pair ``docstring-signature``, both real data from
 the standard library of the Python that runs them (:mod:`mmm.downstream.tasks`).
@@ -10,7 +10,6 @@ the standard library of the Python that runs them (:mod:`mmm.downstream.tasks`).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -22,9 +21,6 @@ from mmm.downstream.tasks import (DownstreamSizes, DownstreamTask, Splits, docst
                                   stdlib_package_task)
 
 
-logger = logging.getLogger(__name__)
-
-
 class TextInputs(TokenIdInputs):
     """Strings and string pairs → packed token ids of a text encoder (it must carry its tokenizer)."""
 
@@ -34,7 +30,6 @@ class TextInputs(TokenIdInputs):
     def __init__(self, encoder: nn.Module, source: str = "") -> None:
         super().__init__(encoder, source)
         self.tokenizer = getattr(encoder, "tokenizer", None)
-        self._warned_pairs = False
         if self.tokenizer is None:
             raise ValueError(f"{source}: the text encoder has no tokenizer attached (an HF folder needs its "
                              "tokenizer.json or vocab.txt next to config.json)")
@@ -48,12 +43,6 @@ class TextInputs(TokenIdInputs):
         parts = list(raw) if isinstance(raw, (tuple, list)) else [raw]
         if not 1 <= len(parts) <= 2 or not all(isinstance(p, str) for p in parts):
             raise ValueError(f"{where}: a text input is a string or a pair of strings")
-        if len(parts) == 2 and getattr(self.encoder, "hf_second_segment_dropped", None) and not self._warned_pairs:
-            self._warned_pairs = True
-            logger.warning("%s: an encoder imported from HF BERT encodes a pair's second text as its first segment: "
-                           "mmm has no segment embeddings, so HF's token_type 1 row (%.3g from row 0 in norm) is "
-                           "not applied, and pair features differ from BertModel's with token_type_ids",
-                           where or "text pairs", self.encoder.hf_second_segment_dropped)
         ids = [tok.encode(p)[0] for p in parts]
         room = self.max_len - 1 - len(ids)  # [CLS] + one [SEP] per part
         keep = longest_first([len(x) for x in ids], room)
