@@ -234,7 +234,7 @@ def _evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str, it
         batch = batch.to(device)
         hidden = model.encode(batch)
         img, txt = head.embed_pairs(hidden, batch.targets["itc"])  # (B, E), (B, E)
-        said = batch.extras.get("caption_keys") or batch.extras["captions"]  # identity keys: "A Photo" = "a photo"
+        said = batch.extras.get("caption_keys") or batch.extras["captions"]  # the ids the model reads: "A Photo" = "a photo"
         for i, (key, cap, described) in enumerate(zip(batch.extras["keys"], said, batch.extras["image_captions"])):
             images.setdefault(key, img[i].cpu())
             captions_of.setdefault(key, set()).update({cap, *described})  # every caption of the image

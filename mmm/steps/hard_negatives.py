@@ -9,10 +9,14 @@ captions, or the same text), re-pairs the B positives and
 the 2B negatives into joint sequences (:func:`mmm.modalities.image_text.pairing.joint_pairs`,
 UNITER's single-stream layout) and encodes them with the model's encoder in the same step. The
 ITM head then scores that batch like any other: it never sees the model.
+
+Training draws from torch's global generator (seeded by the run). Validation (the contrastive head in eval
+mode) draws from a generator of its own with a fixed seed, so a batch gets the same negatives on every
+validation pass, as the data side's ITM negatives do, and validating does not move the training draws.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,12 +28,16 @@ from mmm.registry import STEPS
 SOURCE = "itc"  # the contrastive targets mining reads (joint_pairs reads the same key)
 
 
-def _draw(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+EVAL_SEED = 0
+"""Seed of the generator validation mining draws from (a new one per batch)."""
+
+
+def _draw(logits: torch.Tensor, allowed: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(R,) one column per row, drawn ∝ softmax(logits); a row whose similarities are not finite (a diverged
     step: its loss is not finite either, and trainer.nonfinite_loss decides) draws uniformly among ``allowed``."""
     probs = logits.softmax(-1)
     probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, allowed.float())
-    return torch.multinomial(probs, 1).squeeze(1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def _take(logits: torch.Tensor, rows: List[int]) -> torch.Tensor:
@@ -107,10 +115,11 @@ class HardNegativeMining:
         rows = [i for i in range(b) if not all(same[i])]  # images with at least one non-matching caption
         cols = [j for j in range(b) if not all(row[j] for row in same)]  # captions with a non-matching image
         drawn = []
+        gen = None if similarity.training else torch.Generator(device=sim.device).manual_seed(EVAL_SEED)
         if rows:
-            drawn.append(_draw(_take(logits, rows), _take(~excluded, rows)))
+            drawn.append(_draw(_take(logits, rows), _take(~excluded, rows), gen))
         if cols:
-            drawn.append(_draw(_take(logits.T, cols), _take(~excluded.T, cols)))
+            drawn.append(_draw(_take(logits.T, cols), _take(~excluded.T, cols), gen))
         # the one read of a mining step: the joint batch's layout depends on which caption/image was drawn
         picks = torch.cat(drawn).tolist() if drawn else []
         text_of = list(range(b)) + picks[:len(rows)] + cols

@@ -349,21 +349,33 @@ def test_itm_negatives_that_cannot_be_drawn_are_logged_and_warned_once(caplog):
 
 def test_captions_differing_only_in_case_are_one_caption_to_negatives():
     """"A Photo" and "a photo" give the same token ids under a lowercasing tokenizer, yet one pair took the other as
-    its ITM negative: the same model input labelled match and no-match. Captions now compare by identity key."""
-    from tokenizers import Tokenizer, models, normalizers
+    its ITM negative: the same model input labelled match and no-match. Captions now compare by the ids read."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
+    from mmm.modalities.image_text.pipeline import caption_key, encode_caption
     from mmm.modalities.text.tokenizer import TextTokenizer
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    hf = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials)}, unk_token="[UNK]"))
+    words = ["a", "photo", "dog", "of", "the", "red", "blue", "car"]
+    hf = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="[UNK]"))
     hf.normalizer = normalizers.BertNormalizer(lowercase=True)
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = TextTokenizer(hf, dict(zip(("pad", "unk", "cls", "sep", "mask"), specials)), True, "wordpiece")
-    assert tok.identity_key("A  Photo\n") == tok.identity_key("a photo") == "a photo"
-    keys = [tok.identity_key(c) for c in ("a photo", "A Photo", "a dog")]
-    own = [frozenset({keys[0]}), frozenset({keys[1]}), frozenset({keys[2]})]
-    for seed in range(20):
-        source, _ = choose_itm_negatives(keys, own, 1.0, np.random.default_rng(seed))
-        assert source[0] in (0, 2) and source[1] in (1, 2)  # never each other
+
+    def key(text: str, max_len: int = 16) -> str:
+        return caption_key(encode_caption(tok, text, max_len)[0])
+
+    assert key("A  Photo\n") == key("a photo") != key("a dog")
+    # what the model reads after the cut, and words it reads as [UNK], are one caption too (they were not)
+    assert key("a photo of the red car", 6) == key("a photo of the blue car", 6)
+    assert key("a photo of a zebra") == key("a photo of a giraffe")
+    for texts in (("a photo", "A Photo", "a dog"), ("a photo of the red car", "a photo of the blue car", "a dog"),
+                  ("a photo of a zebra", "a photo of a giraffe", "a dog")):
+        keys = [key(t, 6) for t in texts]
+        own = [frozenset({k}) for k in keys]
+        for seed in range(20):
+            source, _ = choose_itm_negatives(keys, own, 1.0, np.random.default_rng(seed))
+            assert source[0] in (0, 2) and source[1] in (1, 2)  # never each other
 
 
 def test_a_caption_that_gives_no_token_is_a_bad_sample_not_an_empty_caption(shards, tok, tmp_path):

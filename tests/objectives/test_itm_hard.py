@@ -97,11 +97,11 @@ def test_a_caption_that_describes_an_image_is_never_mined_as_its_negative(shards
     """Image 0's caption set is given the text of caption 1 (two images sharing a caption text): caption 1
     may not be image 0's negative, even when it is by far the most similar one."""
     itc = run(shards, tok, settings("itc", "regions"), batch_size=6)[0]
-    assert all(c in d for c, d in zip(itc.extras["captions"], itc.extras["image_captions"]))
+    assert all(c in d for c, d in zip(itc.extras["caption_keys"], itc.extras["image_captions"]))
     model = _vl_model("regions", tok.vocab_size, "hard")
     head = model.objectives["itc"]
     b = itc.targets["itc"].count
-    caps = itc.extras["captions"]
+    caps = itc.extras["caption_keys"]
     assert caps[1] != caps[0]
     itc.extras["image_captions"][0] = itc.extras["image_captions"][0] | {caps[1]}
     head.embed_pairs = lambda hidden, targets: (torch.nn.functional.one_hot(torch.ones(b, dtype=torch.long), b).float(),
@@ -200,3 +200,28 @@ def test_mining_on_non_finite_similarities_draws_allowed_negatives_and_leaves_th
     assert len(pairs["text"]) == 3 * b
     for j, i in zip(pairs["text"][b:], pairs["image"][b:]):
         assert caps[j] != caps[i]
+
+
+def test_validation_mines_the_same_negatives_every_pass_without_moving_the_training_draws(shards, tok):
+    """Validation mining drew from the global generator: other negatives on every pass of the same batch (the
+    ITM metric moved with frozen weights), and each validation shifted the training run's later draws."""
+    torch.manual_seed(0)
+    itc = run(shards, tok, settings("itc", "regions"), batch_size=8)[0]
+    model = _vl_model("regions", tok.vocab_size, "hard").eval()
+    with torch.no_grad():
+        hidden = model.encode(itc)
+    step = model.steps["itm"]
+    picks = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        _, mined = step(model, hidden, itc)
+        assert torch.equal(torch.get_rng_state(), before)  # validation leaves the training draws alone
+        picks.append(mined.extras["pairs"])
+    assert picks[0] == picks[1] == picks[2]
+    model.train()  # training still draws from the run's generator: other seeds, other negatives
+    drawn = set()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        drawn.add(str(step.mine(model.objectives["itc"], hidden, itc).extras["pairs"]))
+    assert len(drawn) > 1

@@ -386,9 +386,9 @@ class PairSample:
         regions: the image's regions, or None.
         image_mask: (P,) or (R,) bool hidden image tokens (mode mrm), else None.
         image_captions: every caption of the image (a caption among them is never its ITM negative), as
-            identity keys (:meth:`~mmm.modalities.text.tokenizer.TextTokenizer.identity_key`: "A Photo" and
-            "a photo" are one caption to a lowercasing tokenizer).
-        caption_key: the caption's identity key.
+            :func:`caption_key`s: "A Photo" and "a photo" are one caption to a lowercasing tokenizer, and so are
+            two captions that differ only after ``max_text_len`` or only in words read as ``[UNK]``.
+        caption_key: the caption's :func:`caption_key`.
     """
 
     key: str
@@ -426,6 +426,13 @@ def encode_caption(tokenizer: Any, caption: str, max_len: int) -> Tuple[np.ndarr
             np.concatenate([minus1, word_ids, minus1]).astype(np.int64), bool(cut))
 
 
+def caption_key(ids: np.ndarray) -> str:
+    """A caption as the model reads it: its token ids after the cut to ``max_text_len`` (unmasked). Two captions
+    with one key are the same input, so neither may be the other's image's ITM negative, and retrieval counts
+    both as describing the image."""
+    return " ".join(map(str, np.asarray(ids).tolist()))
+
+
 class _PreparePair:
     """``(item, caption index), rng -> PairSample``: tokenize and cut the caption, then mask one modality."""
 
@@ -438,6 +445,9 @@ class _PreparePair:
         s = self.settings
         caption = item.captions[index]
         ids, word_ids, cut = encode_caption(self.tokenizer, caption, s.max_text_len)
+        key = caption_key(ids)
+        image_keys = frozenset(key if j == index else caption_key(encode_caption(self.tokenizer, c, s.max_text_len)[0])
+                               for j, c in enumerate(item.captions))
         if cut:
             self.cuts += 1
             if self.cuts == 1 or self.cuts % 1000 == 0:
@@ -455,9 +465,7 @@ class _PreparePair:
                 image_mask = np.asarray(self.masker(item.regions.count, rng), dtype=bool)
         return PairSample(item.key, item.label, caption, np.asarray(ids, dtype=np.int64),
                           np.asarray(positions, dtype=np.int64), np.asarray(labels, dtype=np.int64), cut,
-                          item.pixels, item.regions, image_mask,
-                          frozenset(self.tokenizer.identity_key(c) for c in item.captions),
-                          self.tokenizer.identity_key(caption))
+                          item.pixels, item.regions, image_mask, image_keys, key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,7 +536,7 @@ class _Collate:
                                   "keys": [p.key for p in samples], "text_cut": sum(p.cut for p in samples)}
         texts = [p.ids for p in samples]
         captions = [p.caption for p in samples]
-        keys = [p.caption_key or p.caption for p in samples]  # what compares captions: identity keys
+        keys = [p.caption_key or p.caption for p in samples]  # what compares captions: the ids the model reads
         itm_labels = torch.ones(b, dtype=torch.long)
         if s.mode == "itm":
             source, missing = choose_itm_negatives(keys, [p.image_captions for p in samples],
@@ -539,7 +547,7 @@ class _Collate:
             itm_labels = torch.from_numpy((source == np.arange(b)).astype(np.int64))
             extras["itm_no_negative"] = missing
         extras["captions"] = captions
-        extras["caption_keys"] = keys  # identity keys: what relevance and negatives compare
+        extras["caption_keys"] = keys  # caption_key: what relevance and negatives compare
         extras["image_captions"] = [p.image_captions for p in samples]  # keys; never negatives of their image
         t_len = [len(t) for t in texts]
         i_len = self.image_lengths(samples)

@@ -93,13 +93,6 @@ class TextTokenizer(RoleIds, SavedTokenizer):
             word_ids[np.isin(ids, self._special_arr)] = -1
         return ids, word_ids
 
-    def identity_key(self, text: str) -> str:
-        """``text`` as this tokenizer reads it: its normalizer's output (lowercased, accents stripped, as configured),
-        whitespace runs collapsed. Two captions with one key are one caption to the model ("A Photo" and "a photo"
-        under lowercasing), so an image-text pair never takes the other as its negative."""
-        normalizer = self.tokenizer.normalizer
-        return " ".join((normalizer.normalize_str(text) if normalizer is not None else text).split())
-
     def encode(self, text: str) -> Encoded:
         """Tokenize ``text`` without adding special tokens.
 
