@@ -12,7 +12,10 @@
 Both apply the BERT 80/10/10 corruption (:func:`mmm.masking.token.corrupt_groups`); ``dna_span``
 draws it once per run of adjacent masked tokens, so a kept run shows its bases consistently.
 Special tokens, ``[UNK]`` included, are never masked. ``ratio`` counts tokens for ``dna_random``
-and bases for ``dna_span`` (an overlapping-6-mer span of s bases hides s + 5 tokens).
+and hidden bases for ``dna_span`` (an overlapping-6-mer span of s bases hides s + 5 tokens). With
+non-overlapping tokens (Nucleotide Transformer's 6-mers, DNABERT-2's BPE) a masked token hides all its
+bases, so ``dna_span`` grows each span to whole tokens and counts those bases: the share hidden is
+``ratio`` there too (it was 1.7-2.1x that when spans were counted before growing to tokens).
 """
 from __future__ import annotations
 
@@ -115,8 +118,10 @@ class DNASpanMasker:
     every maskable token overlapping a hidden base is masked.
 
     Span starts are uniform over the sequence; spans may overlap earlier ones, and the last one is
-    trimmed so exactly the target number of bases is chosen. If the chosen bases fall only under
-    ``[UNK]`` tokens, one random maskable token's bases are chosen instead.
+    trimmed so exactly the target number of bases is chosen. With non-overlapping tokens each span
+    first grows to the whole tokens it touches (masking a token hides all its bases), and the token that
+    would pass the target is taken with the probability that makes the expected share ``ratio``. If the chosen bases
+    fall only under ``[UNK]`` tokens, one random maskable token's bases are chosen instead.
 
     Args:
         ratio: fraction of bases to hide.
@@ -156,12 +161,15 @@ class DNASpanMasker:
             return np.full(size, int(self.span_bases), dtype=np.int64)
         return rng.geometric(1.0 / self.span_bases, size=size).astype(np.int64)
 
-    def choose_bases(self, n_bases: int, rng: np.random.Generator) -> np.ndarray:
+    def choose_bases(self, n_bases: int, rng: np.random.Generator,
+                     units: "Tuple[np.ndarray, np.ndarray] | None" = None) -> np.ndarray:
         """Pick spans until ``max(1, round(ratio * n_bases))`` bases are chosen.
 
         Args:
             n_bases: sequence length L.
             rng: generator to draw from.
+            units: for non-overlapping tokens, ``(first, end)``, each (L,): the first base and one past the last
+                of the token holding each base (the base itself outside tokens); a span is grown to them.
 
         Returns:
             (L,) bool, True at chosen bases.
@@ -176,6 +184,11 @@ class DNASpanMasker:
             lengths = np.minimum(self._lengths(rng, batch), n_bases)
             offsets = (rng.random(batch) * (n_bases - lengths + 1)).astype(np.int64)
             for s, n in zip(offsets.tolist(), lengths.tolist()):
+                if units is not None:
+                    count = self._add_whole_tokens(chosen, count, target, units, s, s + n, rng)
+                    if count >= target:
+                        break
+                    continue
                 new = np.flatnonzero(~chosen[s : s + n])
                 if count + new.size >= target:  # trim the last span to the target exactly
                     chosen[s + new[: target - count]] = True
@@ -184,6 +197,48 @@ class DNASpanMasker:
                 chosen[s : s + n] = True
                 count += new.size
         return chosen
+
+    @staticmethod
+    def _add_whole_tokens(chosen: np.ndarray, count: int, target: int, units: Tuple[np.ndarray, np.ndarray],
+                          lo: int, hi: int, rng: np.random.Generator) -> int:
+        """Choose the bases of every token that bases ``[lo, hi)`` touch; once that would pass ``target``, token by
+        token, the token that crosses it taken with the probability that makes the expected count the target
+        (so long BPE tokens do not bias the share up). Returns the new count, ``target`` when done."""
+        first, end = units
+        lo, hi = int(first[lo]), int(end[hi - 1])
+        new = int((~chosen[lo:hi]).sum())
+        if count + new < target:
+            chosen[lo:hi] = True
+            return count + new
+        b = lo
+        while b < hi:
+            e = int(end[b])
+            add = int((~chosen[b:e]).sum())
+            if count + add >= target:
+                if add and rng.random() < (target - count) / add:
+                    chosen[b:e] = True
+                return target
+            count += add
+            chosen[b:e] = True
+            b = e
+        return count
+
+    @staticmethod
+    def token_units(starts: np.ndarray, ends: np.ndarray, lo: int, n_bases: int) -> "Tuple[np.ndarray, np.ndarray] | None":
+        """``(first, end)`` of :meth:`choose_bases` when the real tokens do not overlap (each starts at or after
+        the previous one's end), else None (overlapping k-mers: a base is hidden only when every token holding
+        it is masked, which masking every token overlapping a chosen base already does)."""
+        real = starts >= 0
+        s, e = starts[real] - lo, ends[real] - lo
+        if s.size and bool((s[1:] < e[:-1]).any()):
+            return None
+        first = np.arange(n_bases, dtype=np.int64)
+        end = first + 1
+        lens = e - s
+        covered = np.repeat(s, lens) + np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        first[covered] = np.repeat(s, lens)
+        end[covered] = np.repeat(e, lens)
+        return first, end
 
     def choose(self, enc: "DNAEncoding", rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
         """Chosen ``(positions, groups)`` before corruption; a group is a run of adjacent positions.
@@ -198,7 +253,7 @@ class DNASpanMasker:
             return cand, cand
         real = starts >= 0
         lo, hi = int(starts[real].min()), int(ends[real].max())
-        chosen = self.choose_bases(hi - lo, rng)  # (L,)
+        chosen = self.choose_bases(hi - lo, rng, self.token_units(starts, ends, lo, hi - lo))  # (L,)
         prefix = np.concatenate([[0], np.cumsum(chosen)])
         positions = cand[prefix[ends[cand] - lo] > prefix[starts[cand] - lo]]
         if positions.size == 0:  # chosen bases lie only under [UNK]: take one token's bases
