@@ -21,8 +21,8 @@ leaves what it measured):
    corpus (:func:`mmm.train.step_reads.loop_host_reads`): that it trains at all, the host reads at
    steps away from logging (mmm's detector) and every sync CUDA's debug mode reports there.
 
-On a machine without CUDA every section is skipped with its reason and the run exits 0. The
-``causal`` variants the issue mentions do not exist: mmm's encoder is bidirectional only.
+On a machine without CUDA every section is skipped with its reason and the run exits 0. The causal
+variants (CLM) are among the ``gpu``-marked tests (``tests/core/test_causal.py``).
 
 Usage::
 

@@ -730,7 +730,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Dic
                               f"config as UTF-8") from None
         if loaded is None:  # an empty file (or only comments): a run of the bare defaults is never what was meant
             raise ConfigError(f"{p}: the file holds no settings (empty, or only comments); expected a mapping such as "
-                              f"'model: ...', or leave out --config to train the defaults")
+                              f"'model: ...', or pass --defaults instead of --config to train the built-in defaults")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = loaded
