@@ -80,3 +80,31 @@ def check_cls_last_block(model, last_mlp, items) -> List[int]:
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)
     return rows_seen
+
+
+def hf_first_losses(hf, head, batches, cfg, steps_total: int, tmp_path: Path) -> List[float]:
+    """HF's training losses over ``batches`` (dicts of model inputs with ``labels``) with mmm's fine-tuning recipe:
+    ``head``'s dense/classifier weights copied into the pooler and classifier, AdamW over mmm's parameter groups,
+    HF Trainer's warmup count, linear decay, clipping (the HF side of the fine-tuning parity tests)."""
+    import torch
+    import transformers
+
+    from mmm.downstream.finetune import fused_adamw_ok, linear_warmup_decay, param_groups
+
+    with torch.no_grad():
+        hf.bert.pooler.dense.load_state_dict(head.dense.state_dict())
+        hf.classifier.load_state_dict(head.classifier.state_dict())
+    hf.train()
+    opt = torch.optim.AdamW(param_groups(hf, cfg.weight_decay), lr=cfg.lr, fused=fused_adamw_ok(hf))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "args"), warmup_steps=cfg.warmup)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(steps_total, args.get_warmup_steps(steps_total)))
+    losses = []
+    for inputs in batches:
+        out = hf(**inputs)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        losses.append(float(out.loss.detach()))
+    return losses

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from mmm.downstream.data import Labels, encode_labels, read_table
-from mmm.downstream.finetune import (ClassificationHead, FinetuneConfig, batch_order, fused_adamw_ok,
-                                     linear_warmup_decay, param_groups, train_one_seed)
+from mmm.downstream.finetune import ClassificationHead, FinetuneConfig, batch_order, train_one_seed
 from mmm.downstream.inputs import load_adapter, pad_ids
-from tests.downstream.helpers import keyword_rows, write_table
+from tests.downstream.helpers import hf_first_losses, keyword_rows, write_table
 
 STEPS = 6
 
@@ -37,26 +36,13 @@ def test_first_training_losses_match_hf_bert_for_sequence_classification(ckpt: P
     export_hf_bert(adapter.encoder, tmp_path / "hf")
     hf = transformers.BertForSequenceClassification.from_pretrained(
         tmp_path / "hf", num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
-    with torch.no_grad():
-        hf.bert.pooler.dense.load_state_dict(head.dense.state_dict())
-        hf.classifier.load_state_dict(head.classifier.state_dict())
-    # mmm has no segment embeddings: the export's zero token-type table stays a constant, not a parameter
+    # the encoder has no segment table: the export's zero token-type table stays a constant, not a parameter
     hf.bert.embeddings.token_type_embeddings.weight.requires_grad_(False)
-    hf.train()
-    opt = torch.optim.AdamW(param_groups(hf, cfg.weight_decay), lr=cfg.lr, fused=fused_adamw_ok(hf))
-    total = int(np.ceil(len(items) / cfg.batch_size))
-    warmup = transformers.TrainingArguments(output_dir=str(tmp_path / "args"), warmup_steps=cfg.warmup).get_warmup_steps(total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(total, warmup))  # HF's own warmup count
-    hf_losses = []
+    batches = []
     for idx in batch_order(len(items), cfg.batch_size, 0, 0):
         ids, mask = pad_ids([items[i] for i in idx], adapter.encoder.pad_id)
-        out = hf(input_ids=ids, attention_mask=mask.long(), labels=torch.tensor([y[i] for i in idx]))
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        hf_losses.append(float(out.loss.detach()))
+        batches.append(dict(input_ids=ids, attention_mask=mask.long(), labels=torch.tensor([y[i] for i in idx])))
+    hf_losses = hf_first_losses(hf, head, batches, cfg, int(np.ceil(len(items) / cfg.batch_size)), tmp_path)
     assert len(mmm_losses) == len(hf_losses) == STEPS
     np.testing.assert_allclose(mmm_losses, hf_losses, rtol=0, atol=2e-4)
     assert mmm_losses[0] != mmm_losses[-1]  # the weights did move: later losses compare updated models

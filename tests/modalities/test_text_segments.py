@@ -75,11 +75,10 @@ def test_pair_fine_tuning_with_segments_matches_hf_bert_for_sequence_classificat
     segment table trains on both sides)."""
     transformers = pytest.importorskip("transformers")
     from mmm.downstream.data import Labels, encode_labels, read_table
-    from mmm.downstream.finetune import (ClassificationHead, FinetuneConfig, batch_order, fused_adamw_ok,
-                                         linear_warmup_decay, param_groups, train_one_seed)
+    from mmm.downstream.finetune import ClassificationHead, FinetuneConfig, batch_order, train_one_seed
     from mmm.downstream.inputs import load_adapter, pad_ids
     from mmm.interop.hf import export_hf_bert
-    from tests.downstream.helpers import keyword_rows, write_table
+    from tests.downstream.helpers import hf_first_losses, keyword_rows, write_table
 
     rows = keyword_rows(48, 0)
     pairs = [(a, b, label) for (a, label), (b, _) in zip(rows, rows[1:] + rows[:1])]
@@ -98,28 +97,15 @@ def test_pair_fine_tuning_with_segments_matches_hf_bert_for_sequence_classificat
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     hf = transformers.BertForSequenceClassification.from_pretrained(
         out, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
-    with torch.no_grad():
-        hf.bert.pooler.dense.load_state_dict(head.dense.state_dict())
-        hf.classifier.load_state_dict(head.classifier.state_dict())
-    hf.train()
-    opt = torch.optim.AdamW(param_groups(hf, cfg.weight_decay), lr=cfg.lr, fused=fused_adamw_ok(hf))
-    total = int(np.ceil(len(items) / cfg.batch_size))
-    warmup = transformers.TrainingArguments(output_dir=str(tmp_path / "args"), warmup_steps=cfg.warmup).get_warmup_steps(total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(total, warmup))
-    hf_losses, seen_types = [], set()
+    batches, seen_types = [], set()
     for idx in batch_order(len(items), cfg.batch_size, 0, 0):
         ids, mask = pad_ids([items[i] for i in idx], adapter.encoder.pad_id)
         enc = hf_tok([train.inputs[i][0] for i in idx], [train.inputs[i][1] for i in idx], padding=True,
                      return_tensors="pt")
         assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["attention_mask"].bool(), mask)
         seen_types |= set(enc["token_type_ids"].unique().tolist())
-        out_ = hf(**enc, labels=torch.tensor([y[i] for i in idx]))
-        opt.zero_grad(set_to_none=True)
-        out_.loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        hf_losses.append(float(out_.loss.detach()))
+        batches.append(dict(enc, labels=torch.tensor([y[i] for i in idx])))
+    hf_losses = hf_first_losses(hf, head, batches, cfg, int(np.ceil(len(items) / cfg.batch_size)), tmp_path)
     assert seen_types == {0, 1}
     np.testing.assert_allclose(mmm_losses, hf_losses, rtol=0, atol=2e-4)
     assert mmm_losses[0] != mmm_losses[-1]
