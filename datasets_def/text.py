@@ -5,7 +5,9 @@ Documents are split into chunks of at most ``max_chars`` characters at the best 
 available (paragraph, sentence, whitespace, hard cut), losing no non-whitespace content, and
 assigned to train/val by a stable hash so a document never straddles splits.
 :func:`embedded_default` builds a small English corpus from the standard library's docstrings,
-so the text modality works with no download.
+so the text modality works with no download. It leaves out the text the text tasks hold out for
+dev and test (:func:`mmm.downstream.tasks.held_out_stdlib_modules`), so no pretrained encoder or
+tokenizer has read a task's held-out inputs.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from mmm.data.stream import list_shards
 from mmm.data.tar import ReadOptions
@@ -35,7 +39,7 @@ from datasets_def.skipper import BadInputSkipper
 logger = logging.getLogger("mmm.data")
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
-EMBEDDED_NAME = "text-stdlib-docstrings-v1"
+EMBEDDED_NAME = "text-stdlib-docstrings-v2"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -332,11 +336,24 @@ def _docstrings(tree: ast.Module) -> Iterator[str]:
             yield inspect.cleandoc(raw)
 
 
-def _stdlib_documents(stdlib: Path) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
-    """([(module path, document)], [(file, reason) for unparsable files]) from the stdlib's docstrings."""
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _stdlib_documents(stdlib: Path, held_out: frozenset = frozenset(), held_texts: Sequence[str] = ()
+                      ) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]], int]:
+    """([(module path, document)], [(file, reason) for unparsable files], docstrings left out) from the stdlib's
+    docstrings. The ``held_out`` modules (paths relative to ``stdlib``) are left out, and so is any docstring of
+    another module that one of them also has (the same text in two modules) or that holds the first
+    :data:`HELD_PREFIX` characters of one of ``held_texts`` (whitespace collapsed)."""
     docs: List[Tuple[str, str]] = []
     unreadable: List[Tuple[str, str]] = []
     seen: set = set()
+    for rel in sorted(held_out):  # their docstrings count as seen: no other module brings them back
+        try:
+            seen.update(_flat(t) for t in _docstrings(ast.parse((stdlib / rel).read_bytes(), filename=rel)))
+        except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
+            pass  # a task could not read it either
     for root, dirs, files in os.walk(stdlib):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
         for name in sorted(files):
@@ -344,6 +361,8 @@ def _stdlib_documents(stdlib: Path) -> Tuple[List[Tuple[str, str]], List[Tuple[s
                 continue
             path = Path(root) / name
             rel = path.relative_to(stdlib).as_posix()
+            if rel in held_out:
+                continue
             try:
                 tree = ast.parse(path.read_bytes(), filename=rel)
             except (SyntaxError, ValueError, UnicodeDecodeError, OSError) as exn:
@@ -351,31 +370,63 @@ def _stdlib_documents(stdlib: Path) -> Tuple[List[Tuple[str, str]], List[Tuple[s
                 continue
             kept: List[str] = []
             for text in _docstrings(tree):
-                if text in seen or not _is_prose(text):
+                if _flat(text) in seen or not _is_prose(text):
                     continue
-                seen.add(text)
+                seen.add(_flat(text))
                 kept.append(text)
             if kept:
-                docs.append((rel, "\n\n".join(kept)))
-    return docs, unreadable
+                docs.append((rel, kept))
+    left_out = _drop_holders(docs, held_texts)
+    return [(rel, "\n\n".join(kept)) for rel, kept in docs if kept], unreadable, left_out
+
+
+HELD_PREFIX = 200
+"""Characters of a held-out task input that no pretraining docstring may contain."""
+
+
+def _drop_holders(docs: List[Tuple[str, List[str]]], held_texts: Sequence[str]) -> int:
+    """Remove, in place, every docstring that contains a held-out text's first :data:`HELD_PREFIX` characters (a
+    longer docstring that includes a test input); returns how many were removed."""
+    flat = [_flat(t) for _, kept in docs for t in kept]
+    joined = "\0".join(flat)
+    starts = np.cumsum([0] + [len(t) + 1 for t in flat])
+    drop = set()
+    for text in held_texts:
+        probe, at = text[:HELD_PREFIX], 0
+        while probe and (at := joined.find(probe, at)) >= 0:
+            drop.add(int(np.searchsorted(starts, at, side="right")) - 1)
+            at += 1
+    i = 0
+    for _, kept in docs:
+        keep = [t for j, t in enumerate(kept, start=i) if j not in drop]
+        i += len(kept)
+        kept[:] = keep
+    return len(drop)
 
 
 def _build_stdlib(out: Path) -> str:
     """Write the stdlib-docstring corpus into ``out`` (shards, manifest, ``source.json``); returns its counts."""
+    from mmm.downstream.tasks import held_out_stdlib_modules, held_out_stdlib_texts
+
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    docs, unreadable = _stdlib_documents(stdlib)
+    # the text tasks' dev/test modules, their docstrings wherever else they occur, and any docstring holding a
+    # dev/test input, are never pretraining text
+    held_out = held_out_stdlib_modules(stdlib)
+    docs, unreadable, holders = _stdlib_documents(stdlib, held_out, held_out_stdlib_texts(stdlib))
     source_dir = out / "source"
     source_dir.mkdir(parents=True)
     jsonl = source_dir / "stdlib-docstrings.jsonl"
     with jsonl.open("w", encoding="utf-8") as fh:
         for module, text in docs:
             fh.write(json.dumps({"module": module, "text": text}, ensure_ascii=False) + "\n")
-    report = build_shards(jsonl, out, val_fraction=0.05, seed=0)
+    report = build_shards(jsonl, out, val_fraction=0.1, seed=0)
     shutil.rmtree(source_dir)
     info = {
         "python": sys.version.split()[0],
         "stdlib": str(stdlib),
         "modules": len(docs),
+        "task_modules_left_out": len(held_out),
+        "docstrings_holding_task_inputs_left_out": holders,
         "unparsable_files": [list(u) for u in unreadable],
         "documents": report.documents,
         "characters": report.characters,
@@ -388,7 +439,7 @@ def _build_stdlib(out: Path) -> str:
 def embedded_default(cache_dir: Optional[PathLike] = None) -> Path:
     """The embedded default text corpus (stdlib docstrings), built once, cached, no download.
 
-    Built at ``{cache_dir}/datasets/text-stdlib-docstrings-v1/`` by
+    Built at ``{cache_dir}/datasets/text-stdlib-docstrings-v2/`` by
     :func:`datasets_def.building.cached_build` (a temporary directory renamed into place once
     complete, a ``DONE`` marker written last), so an interrupted build never leaves a partial
     corpus. Deterministic for a given Python installation.

@@ -213,6 +213,30 @@ def _stable(text: str) -> int:
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
 
 
+def _package_modules(root: Path) -> List[Tuple[str, Path, str, List[str]]]:
+    """``(package, module file, split, docstrings)`` of the ``stdlib-package`` task: the first :data:`NUM_PACKAGES`
+    usable packages of :data:`PACKAGE_CANDIDATES`, each package's modules in hash order split by :data:`SPLIT_PATTERN`."""
+    out: List[Tuple[str, Path, str, List[str]]] = []
+    used = 0
+    for pkg in PACKAGE_CANDIDATES:
+        d = root / pkg
+        if not (d / "__init__.py").is_file():
+            continue
+        modules = sorted((p for p in d.rglob("*.py") if "test" not in p.relative_to(d).parts[0].lower()
+                          or p.parent == d), key=lambda p: _stable(p.relative_to(root).as_posix()))
+        docs = {m: _docstrings(m) for m in modules}
+        modules = [m for m in modules if docs[m]]
+        if len(modules) < MIN_MODULES or sum(len(v) for v in docs.values()) < 30:
+            continue
+        used += 1
+        out += [(pkg, m, SPLIT_PATTERN[i % len(SPLIT_PATTERN)], docs[m]) for i, m in enumerate(modules)]
+        if used == NUM_PACKAGES:
+            break
+    if used < 2:
+        raise RuntimeError(f"{root}: found {used} usable standard-library package(s); the task needs 2")
+    return out
+
+
 def stdlib_package_task(max_train_per_class: Optional[int] = 150, max_eval_per_class: Optional[int] = 50,
                         stdlib: Optional[Union[str, Path]] = None) -> Dict[str, Split]:
     """The ``stdlib-package`` task: ``{"train", "dev", "test"}`` splits of (docstring, package).
@@ -227,26 +251,9 @@ def stdlib_package_task(max_train_per_class: Optional[int] = 150, max_eval_per_c
     """
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
     rows: Dict[str, List[Tuple[str, str, str]]] = {s: [] for s in ("train", "dev", "test")}
-    used = []
-    for pkg in PACKAGE_CANDIDATES:
-        d = root / pkg
-        if not (d / "__init__.py").is_file():
-            continue
-        modules = sorted((p for p in d.rglob("*.py") if "test" not in p.relative_to(d).parts[0].lower()
-                          or p.parent == d), key=lambda p: _stable(p.relative_to(root).as_posix()))
-        docs = {m: _docstrings(m) for m in modules}
-        modules = [m for m in modules if docs[m]]
-        if len(modules) < MIN_MODULES or sum(len(v) for v in docs.values()) < 30:
-            continue
-        used.append(pkg)
-        for i, m in enumerate(modules):
-            split = SPLIT_PATTERN[i % len(SPLIT_PATTERN)]
-            rel = m.relative_to(root).with_suffix("").as_posix().replace("/", ".")
-            rows[split] += [(doc, pkg, rel) for doc in docs[m]]
-        if len(used) == NUM_PACKAGES:
-            break
-    if len(used) < 2:
-        raise RuntimeError(f"{root}: found {len(used)} usable standard-library package(s); the task needs 2")
+    for pkg, m, split, docs in _package_modules(root):
+        rel = m.relative_to(root).with_suffix("").as_posix().replace("/", ".")
+        rows[split] += [(doc, pkg, rel) for doc in docs]
     out = {}
     train_texts = {t for t, _, _ in rows["train"]}  # every training candidate, whatever the cap keeps
     for split, items in rows.items():
@@ -313,6 +320,39 @@ def _module_pairs(module: str, functions: Sequence[Tuple[str, str]]) -> List[Tup
     return rows
 
 
+def _pair_modules(root: Path) -> List[Tuple[Path, str, List[Tuple[Tuple[str, str], str, str]]]]:
+    """``(module file, split, rows)`` of the ``docstring-signature`` task: the files with documented functions, in
+    hash order, split by :data:`SPLIT_PATTERN`."""
+    files = sorted((p for p in root.rglob("*.py") if not set(p.relative_to(root).parts) & set(PAIR_EXCLUDED)),
+                   key=lambda p: _stable(p.relative_to(root).as_posix()))
+    out = []
+    for f in files:
+        rows = _module_pairs(f.relative_to(root).with_suffix("").as_posix().replace("/", "."), _functions(f))
+        if rows:
+            out.append((f, SPLIT_PATTERN[len(out) % len(SPLIT_PATTERN)], rows))
+    return out
+
+
+def held_out_stdlib_modules(stdlib: Optional[Union[str, Path]] = None) -> frozenset:
+    """The standard-library files (paths relative to ``stdlib``, ``/``-separated) whose text is in a dev or test split
+    of a text task (``stdlib-package``, ``docstring-signature``). The embedded pretraining corpus puts them in its
+    val split (:mod:`datasets_def.text`), so no pretrained encoder or fitted tokenizer has read a task's held-out
+    inputs."""
+    root = Path(stdlib or sysconfig.get_paths()["stdlib"])
+    held = [m for _, m, split, _ in _package_modules(root) if split != "train"]
+    held += [f for f, split, _ in _pair_modules(root) if split != "train"]
+    return frozenset(p.relative_to(root).as_posix() for p in held)
+
+
+def held_out_stdlib_texts(stdlib: Optional[Union[str, Path]] = None) -> List[str]:
+    """Every dev or test input text of the text tasks at full size (``stdlib-package`` docstrings,
+    ``docstring-signature`` docstrings and signatures), whitespace collapsed: what pretraining text must not contain."""
+    package, pairs = stdlib_package_task(None, None, stdlib), docstring_signature_task(None, None, stdlib)
+    texts = [x for split in ("dev", "test") for x in package[split].inputs]
+    texts += [t for split in ("dev", "test") for pair in pairs[split].inputs for t in pair]
+    return sorted(set(texts))
+
+
 def docstring_signature_task(max_train_per_class: Optional[int] = 300, max_eval_per_class: Optional[int] = 100,
                              stdlib: Optional[Union[str, Path]] = None) -> Dict[str, Split]:
     """The ``docstring-signature`` sentence-pair task: ``{"train", "dev", "test"}`` splits of
@@ -324,18 +364,9 @@ def docstring_signature_task(max_train_per_class: Optional[int] = 300, max_eval_
         stdlib: the standard-library folder (default: this interpreter's).
     """
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
-    files = sorted((p for p in root.rglob("*.py") if not set(p.relative_to(root).parts) & set(PAIR_EXCLUDED)),
-                   key=lambda p: _stable(p.relative_to(root).as_posix()))
     per_split: Dict[str, List[List[Tuple[Tuple[str, str], str, str]]]] = {s: [] for s in ("train", "dev", "test")}
-    i = 0
-    for f in files:
-        module = f.relative_to(root).with_suffix("").as_posix().replace("/", ".")
-        rows = _module_pairs(module, _functions(f))
-        if not rows:
-            continue
-        split = SPLIT_PATTERN[i % len(SPLIT_PATTERN)]
+    for _, split, rows in _pair_modules(root):
         per_split[split] += [rows[j:j + 2] for j in range(0, len(rows), 2)]  # (positive, negative) of one function
-        i += 1
     if any(not v for v in per_split.values()):
         raise RuntimeError(f"{root}: too few documented functions for the docstring-signature task "
                            f"({ {k: len(v) for k, v in per_split.items()} } per split)")
