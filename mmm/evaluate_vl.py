@@ -209,7 +209,7 @@ def evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str = "i
         itm_head: name of the ITM head, or None to skip ITM.
         batch_size: pairs per batch.
         seed: seed of the ITM negatives.
-        is_unseen: caption → True when it names a held-out attribute composition (scores that subset too).
+        is_unseen: caption text → True when it names a held-out attribute composition (scores that subset too).
         max_batches: cap per mode (quick runs).
 
     The model is scored in eval mode and handed back in the mode it came in.
@@ -227,19 +227,24 @@ def _evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str, it
         raise ValueError(f"evaluate_vl: the model has no {itc_head!r} head (heads: {list(model.objectives)})")
     head = model.objectives[itc_head]
     images: Dict[str, torch.Tensor] = {}
-    captions_of: Dict[str, set] = {}
+    captions_of: Dict[str, set] = {}  # caption keys (relevance)
+    raw_of: Dict[str, set] = {}  # the captions' text (what is_unseen reads)
     text_embs: List[torch.Tensor] = []
     texts: List[str] = []
+    raw_texts: List[str] = []
     for batch in vl_batches(feed, urls, "itc", batch_size=batch_size, seed=seed, max_batches=max_batches):
         batch = batch.to(device)
         hidden = model.encode(batch)
         img, txt = head.embed_pairs(hidden, batch.targets["itc"])  # (B, E), (B, E)
         said = batch.extras.get("caption_keys") or batch.extras["captions"]  # the ids the model reads: "A Photo" = "a photo"
+        raw = batch.extras["captions"]
         for i, (key, cap, described) in enumerate(zip(batch.extras["keys"], said, batch.extras["image_captions"])):
             images.setdefault(key, img[i].cpu())
             captions_of.setdefault(key, set()).update({cap, *described})  # every caption of the image
+            raw_of.setdefault(key, set()).add(raw[i])  # every caption is a pair of an itc batch
         text_embs.append(txt.cpu())
         texts.extend(said)
+        raw_texts.extend(raw)
     if not texts:
         raise ValueError(f"evaluate_vl: the held-out shards {urls[:3]} gave no image-text pairs")
     keys = list(images)
@@ -249,8 +254,8 @@ def _evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str, it
     retrieval = recall_at_k(image_emb, text_emb, image_caps, texts)
     unseen_retrieval = None
     if is_unseen is not None:
-        t_sel = [i for i, t in enumerate(texts) if is_unseen(t)]
-        i_sel = [i for i, caps in enumerate(image_caps) if any(is_unseen(c) for c in caps)]
+        t_sel = [i for i, t in enumerate(raw_texts) if is_unseen(t)]
+        i_sel = [i for i, k in enumerate(keys) if any(is_unseen(c) for c in raw_of[k])]
         if t_sel and i_sel:
             unseen_retrieval = recall_at_k(image_emb[i_sel], text_emb[t_sel], [image_caps[i] for i in i_sel],
                                            [texts[i] for i in t_sel])
@@ -270,7 +275,7 @@ def _evaluate_vl(model: MaskedModel, feed, urls: List[str], *, itc_head: str, it
             itm_n += len(ok)
             if is_unseen is not None:
                 keys_b = batch.extras["keys"]
-                sel = [i for i, k in enumerate(keys_b) if any(is_unseen(c) for c in captions_of.get(k, ()))]
+                sel = [i for i, k in enumerate(keys_b) if any(is_unseen(c) for c in raw_of.get(k, ()))]
                 un_correct += float(ok[sel].sum())
                 un_positives += float((t.labels.cpu()[sel] == 1).sum())
                 un_n += len(sel)

@@ -244,6 +244,7 @@ def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> Warm
     report = WarmStartReport(Path(source), kind, sorted(k for k in own if k in src),
                              sorted(k for k in own if k not in src), sorted(k for k in src if k not in own))
     loaded = {k: src[k] for k in report.loaded}
+    zeroed = _zero_new_segment_tables(own, src, report.initialised, loaded)
     # strict=False: the tensors the source lacks keep their initialisation
     result = model.load_state_dict(loaded, strict=False)
     if result.unexpected_keys:  # cannot happen: only the model's own names are passed
@@ -253,7 +254,22 @@ def warm_start(model: nn.Module, source: PathLike, verbose: bool = True) -> Warm
         for table, into in folded:
             print(f"init_from: {table} (segments) is not in this model; its row 0 is added to {into}, which is exact "
                   f"for single texts (set model.text.segments to keep the table)", flush=True)
+        for table in zeroed:
+            print(f"init_from: the source has no {table} (segments): it starts at zero, so the model computes the "
+                  f"source's function", flush=True)
     return report
+
+
+def _zero_new_segment_tables(own: Dict[str, torch.Tensor], src: Dict[str, torch.Tensor], initialised: List[str],
+                             loaded: Dict[str, torch.Tensor]) -> List[str]:
+    """A segment table this model has and the source's embedder lacks starts at zero (not at a random draw, which
+    would shift every token from what the source computed); added to ``loaded``; returns their names."""
+    out = []
+    for key in initialised:
+        if key.endswith(".segments.weight") and key[: -len("segments.weight")] + "tokens.weight" in src:
+            loaded[key] = torch.zeros_like(own[key])
+            out.append(key)
+    return out
 
 
 def _fold_segment_row_0(src: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> List[Tuple[str, str]]:

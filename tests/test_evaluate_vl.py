@@ -135,3 +135,30 @@ def test_the_itm_chance_is_the_majority_share_of_the_scored_pairs():
                     unseen_itm_matching_share=0.75)
     assert score.unseen_itm_chance == pytest.approx(0.75) and score.as_dict()["unseen_itm_chance"] == pytest.approx(0.75)
     assert VLScore(None, 0.8, 10).unseen_itm_chance is None
+
+
+def test_the_unseen_compositions_are_found_by_caption_text(tmp_path):
+    """Captions became token-id keys for relevance and the unseen-composition predicate was given those keys: it
+    matched none, and the demo's unseen rows vanished without a word."""
+    from pathlib import Path
+
+    from mmm.demo.vl import unseen_predicate
+    from mmm.evaluate_vl import evaluate_vl, vl_batches
+    from mmm.train.pretrain import pretrain
+    from mmm.train.tasks import resolve_shards
+
+    cfg = _vl_config(**{"trainer.default_root_dir": str(tmp_path / "run"), "trainer.max_steps": 1,
+                        "trainer.enable_progress_bar": False, "trainer.val_check_interval": 1000,
+                        "data.batch_size": 8, "data.num_workers": 0, "data.shuffle_buffer": 0,
+                        "model.encoder.dim": 32, "model.encoder.depth": 1, "model.encoder.heads": 2,
+                        "model.encoder.mlp_hidden": 64, "model.text.vocab_size": 200})
+    run = pretrain(cfg)
+    feed = run.modalities.feeds["itm"]
+    urls = resolve_shards("embedded", "image_text", "val")
+    is_unseen = unseen_predicate(Path(urls[0]).parent)
+    named = sum(is_unseen(c) for b in vl_batches(feed, urls, "itc", batch_size=64, seed=4321, max_batches=2)
+                for c in b.extras["captions"])
+    assert named > 0
+    score = evaluate_vl(run.module.model, feed, urls, is_unseen=is_unseen, batch_size=64, max_batches=2)
+    assert score.unseen_retrieval is not None and score.unseen_retrieval.texts == named
+    assert score.unseen_itm_pairs > 0 and score.unseen_itm_accuracy is not None

@@ -248,6 +248,9 @@ class ReplacedTokenDetection(nn.Module):
             self.generator_embedder.positions = disc.positions
             self.generator_embedder.segments = disc.segments
             self.generator_embedder.norm = disc.norm
+        # with segment embeddings a sampled [SEP] would move the rest of its sequence into the next segment (the
+        # discriminator would read the replacement off the segment shift): the generator never proposes it
+        self.unsampled_id = disc.sep_id if disc.segments is not None else None
         self.embedding_residual = None
         if embedding_sharing == "gdes":
             self.embedding_residual = nn.Parameter(torch.zeros(vocab, dim))
@@ -285,7 +288,9 @@ class ReplacedTokenDetection(nn.Module):
         logits = self.generator_head(gen_hidden.index_select(0, t.positions))  # (M, V)
         gen_loss = global_mean(F.cross_entropy(logits.float(), t.labels, reduction="sum"), t.labels.numel(), sync)
         gen_acc = top1_accuracy(logits, t.labels, share_ties=not self.training)
-        sampled = sample_tokens(logits, self.temperature)  # (M,) drawn here, in the step
+        proposals = logits if self.unsampled_id is None else logits.detach().index_fill(1, torch.tensor(
+            [self.unsampled_id], device=logits.device), float("-inf"))
+        sampled = sample_tokens(proposals, self.temperature)  # (M,) drawn here, in the step
         original = ids.index_copy(0, t.positions, t.labels)  # (N,) the uncorrupted sequence
         corrupted = ids.index_copy(0, t.positions, sampled)  # (N,)
         replaced = corrupted != original  # a sample equal to the original token is not a replacement

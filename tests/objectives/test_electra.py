@@ -290,3 +290,20 @@ def test_the_generator_has_the_discriminator_s_segment_embeddings(sharing):
     gen, disc = model.objectives["electra"].generator_embedder, model.embedders["text"]
     assert gen.segments is not None and gen.sep_id == 2 and gen.segments.num_embeddings == 2
     assert (gen.segments is disc.segments) == (sharing == "shared")
+
+
+def test_with_segments_the_generator_never_samples_sep():
+    """A sampled [SEP] moved the rest of its sequence into segment 1: a cue for the discriminator, and row 1 trained
+    on single texts."""
+    torch.manual_seed(0)
+    enc = EncoderConfig(dim=D, depth=1, heads=2, mlp_hidden=64, dropout=0.0, attn_dropout=0.0, attention="math")
+    emb = EMBEDDERS.create("text", vocab_size=V, dim=D, max_len=16, dropout=0.0, pad_id=0, segments=2, sep_id=2)
+    model = build_model(ModelConfig(encoder=enc), [ObjectiveConfig("electra", args={"generator_size": 0.5})],
+                        {"text": emb})
+    _force(model, 2)  # the generator puts (almost) all its probability on [SEP]
+    out = model.objectives["electra"].prepare(_batch())
+    assert not bool((out.inputs["text"].ids.index_select(0, _batch().targets["text"].positions) == 2).any())
+    without = _model("shared")  # no segments: sampling is unchanged
+    _force(without, 2)
+    out = without.objectives["electra"].prepare(_batch())
+    assert bool((out.inputs["text"].ids.index_select(0, _batch().targets["text"].positions) == 2).all())

@@ -262,3 +262,25 @@ def test_a_source_segment_table_the_model_lacks_keeps_its_row_0(ckpt: Path, tmp_
     seg.eval(), model.eval()
     with torch.no_grad():
         assert torch.allclose(model.embedders["text"](ids, seq.position_ids), seg(ids, seq.position_ids), atol=1e-6)
+
+
+def test_a_segment_table_the_source_lacks_starts_at_zero(ckpt: Path, capsys):
+    """It kept its random N(0, 0.02) draw: every token moved from what the source computed at step 0."""
+    from mmm.core.packing import PackedSeqInfo
+
+    contents = read_checkpoint(ckpt)
+    cfg = contents.config.model
+    source = _model(contents, init_from=str(ckpt))
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, segments=2))
+    vocab = contents.state_dict["embedders.text.tokens.weight"].shape[0]
+    emb = EMBEDDERS.create("text", vocab_size=vocab, dim=cfg.encoder.dim, max_len=cfg.text.max_len,
+                           dropout=cfg.encoder.dropout, pad_id=0, segments=2, sep_id=3)
+    model = build_model(cfg, contents.config.objectives, {"text": emb})
+    report = warm_start(model, ckpt)
+    assert "embedders.text.segments.weight" in report.initialised
+    assert torch.equal(model.embedders["text"].segments.weight, torch.zeros(2, cfg.encoder.dim))
+    assert "it starts at zero" in capsys.readouterr().out
+    ids, seq = torch.tensor([2, 10, 3, 11, 12, 3]), PackedSeqInfo.from_seqlens([6])  # a pair
+    model.eval(), source.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.embedders["text"](ids, seq.position_ids), source.embedders["text"](ids, seq.position_ids))
