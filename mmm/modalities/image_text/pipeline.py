@@ -36,7 +36,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AbstractSet, Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -280,6 +280,8 @@ class PairItem:
         captions: the captions (each non-blank).
         pixels: (3, S, S) uint8 resized image (patches), or None.
         regions: the image's regions (regions), or None.
+        encoded: every caption as :func:`encode_caption` gives it, once per sample (:func:`tokenize_captions`);
+            empty until then.
     """
 
     key: str
@@ -287,6 +289,7 @@ class PairItem:
     captions: List[str]
     pixels: Optional[torch.Tensor] = None
     regions: Optional[Regions] = None
+    encoded: List[Tuple[np.ndarray, np.ndarray, bool]] = field(default_factory=list)
 
 
 def captions_of(sample: Dict[str, Any], meta: Dict[str, Any], where: str) -> List[str]:
@@ -341,13 +344,18 @@ def read_pair_sample(sample: Dict[str, Any], settings: ImageTextSettings) -> Pai
                     captions_of(sample, meta, where), pixels, regions)
 
 
-def check_captions_tokenize(item: PairItem, tokenizer: Any, where: str) -> None:
-    """A ``ValueError`` naming the sample and caption when a caption gives no token: one that ``is_blank`` lets
-    through, such as only combining accents, which a lowercasing tokenizer strips (it would train as [CLS] [SEP])."""
+def tokenize_captions(item: PairItem, tokenizer: Any, max_len: int, where: str) -> List[Tuple[np.ndarray, np.ndarray, bool]]:
+    """Every caption of ``item`` as :func:`encode_caption` gives it (tokenized once per sample: each pair reads its
+    own and its image's others' keys from them). A ``ValueError`` naming the sample and caption when a caption gives
+    no token: one that ``is_blank`` lets through, such as only combining accents, which a lowercasing tokenizer
+    strips (it would train as [CLS] [SEP])."""
+    encoded = []
     for i, caption in enumerate(item.captions):
-        if tokenizer.encode(caption)[0].shape[0] == 0:
+        encoded.append(encode_caption(tokenizer, caption, max_len))
+        if encoded[-1][0].shape[0] == 2:  # [CLS] [SEP] only
             raise ValueError(f"{where}: caption {i} ({len(caption)} character(s), e.g. {caption[:20]!r}) gave no "
                              f"token: the tokenizer's normalizer removes all of it")
+    return encoded
 
 
 def _decode_pairs(src: Iterator[dict], settings: ImageTextSettings, tokenizer: Any,
@@ -357,7 +365,8 @@ def _decode_pairs(src: Iterator[dict], settings: ImageTextSettings, tokenizer: A
     for sample in src:
         try:
             item = read_pair_sample(sample, settings)
-            check_captions_tokenize(item, tokenizer, f"{sample.get('__url__', '?')}:{item.key}")
+            item.encoded = tokenize_captions(item, tokenizer, settings.max_text_len,
+                                             f"{sample.get('__url__', '?')}:{item.key}")
         except (ImageDecodeError, ValueError) as e:
             if handler(e):  # counts; raises unless skipping is configured
                 continue
@@ -444,10 +453,10 @@ class _PreparePair:
         item, index = pair
         s = self.settings
         caption = item.captions[index]
-        ids, word_ids, cut = encode_caption(self.tokenizer, caption, s.max_text_len)
-        key = caption_key(ids)
-        image_keys = frozenset(key if j == index else caption_key(encode_caption(self.tokenizer, c, s.max_text_len)[0])
-                               for j, c in enumerate(item.captions))
+        encoded = item.encoded or [encode_caption(self.tokenizer, c, s.max_text_len) for c in item.captions]
+        ids, word_ids, cut = encoded[index]
+        keys = [caption_key(e[0]) for e in encoded]
+        key, image_keys = keys[index], frozenset(keys)
         if cut:
             self.cuts += 1
             if self.cuts == 1 or self.cuts % 1000 == 0:
