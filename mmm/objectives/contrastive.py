@@ -48,7 +48,7 @@ from torch import nn
 
 from mmm.batch import ContrastiveTargets, PackedBatch, TokenInput
 from mmm.config import EncoderConfig
-from mmm.objectives.base import ObjectiveOutput, in_lockstep, zero_output
+from mmm.objectives.base import ObjectiveOutput, full_precision, in_lockstep, zero_output
 from mmm.registry import OBJECTIVES
 
 
@@ -274,17 +274,19 @@ class ImageTextContrastive(nn.Module):
         distributed = in_lockstep(self) and dist.is_available() and dist.is_initialized()
         self.loss_fn.rank = dist.get_rank() if distributed else 0
         self.loss_fn.world_size = dist.get_world_size() if distributed else 1
-        if self.soft:
-            keys = caption_keys(batch, t.text_positions) if self.duplicate_captions else None
-            loss = self.soft_loss(image, text, scale, keys, self.loss_fn.rank, self.loss_fn.world_size)
-        else:
-            loss = self.loss_fn(image, text, scale)
-        with torch.no_grad():
-            logits = image @ text.T  # (B, B) local pairs; the scale does not change the argmax
-            truth = torch.arange(t.count, device=logits.device)
-            metrics = {"i2t_acc": (logits.argmax(1) == truth).float().mean(),
-                       "t2i_acc": (logits.argmax(0) == truth).float().mean(),
-                       "logit_scale": scale.detach()}
+        keys = caption_keys(batch, t.text_positions) if self.soft and self.duplicate_captions else None
+        with full_precision(image.device):  # logits up to 100: bf16 would round them by up to 0.25
+            image, text, scale = image.float(), text.float(), scale.float()
             if self.soft:
-                metrics["smoothing"] = self.smoothing().to(logits.device)
+                loss = self.soft_loss(image, text, scale, keys, self.loss_fn.rank, self.loss_fn.world_size)
+            else:
+                loss = self.loss_fn(image, text, scale)
+            with torch.no_grad():
+                logits = image @ text.T  # (B, B) local pairs; the scale does not change the argmax
+                truth = torch.arange(t.count, device=logits.device)
+                metrics = {"i2t_acc": (logits.argmax(1) == truth).float().mean(),
+                           "t2i_acc": (logits.argmax(0) == truth).float().mean(),
+                           "logit_scale": scale.detach()}
+                if self.soft:
+                    metrics["smoothing"] = self.smoothing().to(logits.device)
         return ObjectiveOutput(loss, metrics, t.count)

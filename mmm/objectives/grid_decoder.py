@@ -76,7 +76,8 @@ def decode_grid(x: torch.Tensor, dropped: torch.Tensor, prefix: int, mask_token:
 
     b, t = dropped.shape[0], prefix + dropped.shape[1]
     slot = visible_slots(dropped, prefix, count=x.shape[0])  # (N_img,) each token's cell, [CLS] in column 0
-    full = mask_token.to(x.dtype).expand(b * t, -1).index_copy(0, slot, x)  # (B*T, w)
-    full = (full.view(b, t, -1) + positions.to(x.dtype)).view(b * t, -1)
+    dtype = torch.promote_types(x.dtype, mask_token.dtype)  # fp32 under autocast: the decoder's stream is not bf16
+    full = mask_token.to(dtype).expand(b * t, -1).index_copy(0, slot, x.to(dtype))  # (B*T, w)
+    full = (full.view(b, t, -1) + positions.to(dtype)).view(b * t, -1)
     out = blocks(full, PackedSeqInfo.from_seqlens([t] * b, device=full.device))  # (B*T, w)
     return out.view(b, t, -1)[:, prefix:]  # (B, P, w)

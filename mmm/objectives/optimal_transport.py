@@ -49,8 +49,9 @@ def pad_by_group(x: torch.Tensor, group: torch.Tensor, num_groups: int,
 
 
 def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, n, D), (B, m, D) → (B, n, m) cosine distance ``1 − cos(x_i, y_j)``."""
-    return 1.0 - F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(1, 2)
+    """(B, n, D), (B, m, D) → (B, n, m) cosine distance ``1 − cos(x_i, y_j)``, in fp32 (also under autocast)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return 1.0 - F.normalize(x.float(), dim=-1) @ F.normalize(y.float(), dim=-1).transpose(1, 2)
 
 
 @torch.no_grad()

@@ -103,13 +103,14 @@ class HardNegativeMining:
             batch: the contrastive batch (B captions, then B images).
         """
         image, text = similarity.embed_pairs(hidden, batch.targets[SOURCE])  # (B, E), (B, E)
-        sim = image @ text.T  # (B images, B captions)
+        with torch.autocast(image.device.type, enabled=False):  # scaled by up to 100: not in bf16
+            sim = image.float() @ text.float().T  # (B images, B captions)
         b = sim.shape[0]
         captions = batch.extras.get("caption_keys") or batch.extras.get("captions") or [str(i) for i in range(b)]
         described = batch.extras.get("image_captions") or [frozenset() for _ in range(b)]
         # (B images, B captions) on the host: which pairs may not be negatives
         same = [[y == captions[i] or y in described[i] for y in captions] for i in range(b)]
-        scale = similarity.scale() if hasattr(similarity, "scale") else 1.0  # a tensor: no read of its value
+        scale = similarity.scale().float() if hasattr(similarity, "scale") else 1.0  # a tensor: no read of its value
         excluded = torch.tensor(same).to(sim.device, non_blocking=True)  # (B, B)
         logits = (sim * scale).masked_fill(excluded, float("-inf"))
         rows = [i for i in range(b) if not all(same[i])]  # images with at least one non-matching caption
