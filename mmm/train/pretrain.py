@@ -134,7 +134,8 @@ def _strategy(cfg: PretrainConfig, multi_task: bool) -> Any:
     * DDP of a multi-task or phased run (``multi_task``) must allow unused parameters (one task's
       or phase's heads and embedders idle at each step);
     * ``fsdp`` shards every Transformer block as its own FSDP unit (without a wrap policy the whole
-      model would be one unit, gathered whole at every step).
+      model would be one unit, gathered whole at every step). Under ``bf16-mixed`` / ``16-mixed`` it gathers
+      weights in half precision but reduces gradients and keeps buffers in fp32 (:func:`fsdp_mixed_precision`).
     """
     s = cfg.trainer.strategy
     if multi_task and s == "ddp":
@@ -145,8 +146,26 @@ def _strategy(cfg: PretrainConfig, multi_task: bool) -> Any:
 
         from mmm.core.encoder import EncoderBlock
 
-        return FSDPStrategy(auto_wrap_policy={EncoderBlock}, use_orig_params=multi_task)
+        return FSDPStrategy(auto_wrap_policy={EncoderBlock}, use_orig_params=multi_task,
+                            mixed_precision=fsdp_mixed_precision(cfg.trainer.precision))
     return s
+
+
+def fsdp_mixed_precision(precision: str) -> Any:
+    """FSDP's ``MixedPrecision`` for a mixed ``trainer.precision``, else None (Lightning's own).
+
+    Lightning's ``bf16-mixed`` plugin gives FSDP bf16 for parameters, gradient reduction *and* buffers: gradients
+    summed across ranks in bf16, and floating buffers such as rotary ``inv_freq`` and ALiBi slopes cast to bf16 (a
+    bf16 ``inv_freq`` moves attention scores by 0.04 on average at distance 512, 0.18 at 2048, against a score std
+    of 1). Here weights are gathered in half precision (autocast computes in it anyway), gradients are reduced
+    and buffers kept in fp32, as the non-FSDP ``bf16-mixed`` path computes them.
+    """
+    half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+    if half is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecision
+
+    return MixedPrecision(param_dtype=half, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
 
 
 def read_resume_checkpoint_for(cfg: PretrainConfig, path: Optional[str]) -> Optional[Dict[str, Any]]:
