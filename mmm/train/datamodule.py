@@ -116,7 +116,9 @@ class StreamDataModule(L.LightningDataModule):
         c = self.cfg
         epochs = EpochCounter(start_epoch)
         handler = SampleErrorHandler(skip_bad=c.skip_bad, max_errors=c.max_errors)
-        stages = task.make_stages(seed=c.seed, handler=handler, fixed_masking=False, epochs=epochs, train=True)
+        ranks = self.trainer.world_size if self.trainer is not None else 1
+        stages = task.make_stages(seed=c.seed, handler=handler, fixed_masking=False, epochs=epochs, train=True,
+                                  **({"ranks": ranks} if ranks > 1 else {}))  # several ranks: equal itc batches
         pipeline = make_pipeline(task.train_urls, stages=stages, shuffle_shards=c.shuffle_shards,
                                  shuffle_buffer=c.shuffle_buffer, seed=c.seed, handler=handler,
                                  max_member_bytes=c.max_member_bytes, read_timeout_s=c.read_timeout_s,

@@ -109,7 +109,8 @@ class TaskData:
         train_urls: training shards.
         val_urls: validation shards, or None.
         make_stages: ``make_stages(seed=, handler=, fixed_masking=, epochs=, train=)`` → stages to
-            :class:`~mmm.batch.PackedBatch` (tagging included).
+            :class:`~mmm.batch.PackedBatch` (tagging included); with several ranks the training stream also passes
+            ``ranks=`` (partial contrastive batches are then dropped: :mod:`mmm.train.gathered_batches`).
         settings: what the task's stream depends on besides shards and seeds (compared on resume).
     """
 

@@ -36,6 +36,7 @@ from mmm.train.callbacks import RunCheckpoint, StepProgressBar, ThroughputMonito
 from mmm.train.checkpoint_io import AtomicCheckpointIO, read_resume_checkpoint
 from mmm.train.datamodule import StreamDataModule
 from mmm.train.mixture import MixtureMonitor, TagTask, TaskData
+from mmm.train.gathered_batches import FullContrastiveBatches
 from mmm.train.module import MaskedModelingModule
 from mmm.train.phases import build_schedule
 from mmm.train.settings_check import check_settings
@@ -356,8 +357,9 @@ def build_run(cfg: PretrainConfig) -> PretrainRun:
         batch_size = t.batch_size or cfg.data.batch_size
         check = CheckBatches(t.name, feed.name, list(mods.base))  # a plug-in's stages, named when they go wrong
 
-        def make(**kw):
-            return feed.stages(maskers[t.name], batch_size=batch_size, options=t.options or None, **kw) + [check] + tag
+        def make(ranks: int = 1, **kw):
+            full = [FullContrastiveBatches(batch_size, t.name)] if ranks > 1 and kw.get("train") else []
+            return feed.stages(maskers[t.name], batch_size=batch_size, options=t.options or None, **kw) + [check] + tag + full
 
         return make
 
