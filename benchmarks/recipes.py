@@ -265,6 +265,18 @@ def shared_assets(cfg: Any, folder: Path) -> Dict[str, Any]:
     return {"model.text.tokenizer_path": str(folder / TOKENIZER_DIR)}
 
 
+def assets_fingerprint(folder: Path) -> str:
+    """A hash of every file under the shared assets ``folder`` (tokenizer, statistics, codebooks). Parts joined by
+    :func:`merge` must have the same: a tokenizer fitted in another process numbers tokens differently (HF
+    ``tokenizers`` training breaks count ties in hash-map order, so it is not reproducible across processes)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def budget_problems(section: Dict[str, Any]) -> List[str]:
     """What breaks equal compute in a suite section (empty when every recipe is within one step's worth
     of the budget): each recipe's FLOPs are recomputed from its planned steps per phase and its measured
@@ -413,7 +425,8 @@ def _mean_std(values: List[float]) -> Dict[str, Any]:
 
 
 def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = print,
-        threads: int = 1, only: Optional[List[str]] = None, sizes: Optional[RecipeSizes] = None) -> Dict[str, Any]:
+        threads: int = 1, only: Optional[List[str]] = None, sizes: Optional[RecipeSizes] = None,
+        assets: Optional[Path] = None) -> Dict[str, Any]:
     """Measure, budget, pretrain and evaluate every available recipe of ``modality``; returns the suite section.
 
     Args:
@@ -425,6 +438,8 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
         only: pretrain and evaluate only these recipes (every recipe is still measured, so the budget is
             the same); parts run in separate processes are joined by :func:`merge`. None = all.
         sizes: explicit sizes instead of :func:`select_sizes` (``python -m benchmarks.recipes``'s overrides).
+        assets: the folder of the assets every recipe shares (fitted there when it holds none, else reused);
+            default ``out/assets``. Parts that are merged must share one (:func:`assets_fingerprint`).
     """
     import torch
 
@@ -445,7 +460,9 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
             "trainer.threads": threads}
     baseline = next(r for r in recipes if r.name == group.baseline)
     baseline_cfg = recipe_config(baseline, base)
-    assets = shared_assets(baseline_cfg, out / "assets")
+    assets_dir = Path(assets) if assets is not None else out / "assets"
+    assets = shared_assets(baseline_cfg, assets_dir)
+    log(f"== {modality}: shared assets in {assets_dir} (fingerprint {assets_fingerprint(assets_dir)[:12]})")
     extra: Dict[str, Dict[str, Any]] = {  # per recipe: the shared tokenizer where its text settings match
         r.name: {**base, **(assets if assets and _same_text_tokenizer(recipe_config(r, base), baseline_cfg) else {})}
         for r in recipes}
@@ -530,6 +547,7 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
 
     section = {"modality": modality, "baseline": group.baseline, "sizes": dataclasses.asdict(sizes), "threads": threads,
                "budget_flops": budget, "baseline_steps": sizes.baseline_steps[modality], "only": only,
+               "assets_fingerprint": assets_fingerprint(assets_dir),
                "recipes": [{"name": r.name, "preset": r.preset, "overrides": r.overrides, "what": r.what} for r in recipes],
                "skipped": skipped, "cost": cost, "plan": plan, "runs": runs, "scores": scores, "vl_scores": vl_scores,
                "tasks": {t: td.data for t, td in tasks.items()},
@@ -608,6 +626,11 @@ def merge(sections: List[Dict[str, Any]], log: Callable[[str], None] = print) ->
         if differ:
             raise ValueError(f"cannot merge {sec['sizes']['name']} into {first['sizes']['name']}: they differ in "
                              + "; ".join(differ))
+        if sec.get("assets_fingerprint") != first.get("assets_fingerprint"):
+            raise ValueError(f"the parts used different shared assets (fingerprints {str(first.get('assets_fingerprint'))[:12]} "
+                             f"and {str(sec.get('assets_fingerprint'))[:12]}): a tokenizer fitted in another process "
+                             "numbers tokens differently; run the parts with one --assets DIR (the first part fits it, "
+                             "start the others once it has logged 'shared assets')")
         if abs(sec["budget_flops"] - first["budget_flops"]) > 0.005 * first["budget_flops"]:
             raise ValueError(f"budgets differ: {sec['budget_flops']:.4g} vs {first['budget_flops']:.4g} FLOPs")
         for name, runs in sec["runs"].items():
@@ -755,6 +778,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                    help="downstream sizes (recipes-*: this suite's; quick/full: mmm.downstream.tasks.SIZES, one fine-tuning seed)")
     p.add_argument("--no-timing", action="store_true", help="skip the side-by-side throughput timing (a part "
                    "whose timing another part measures)")
+    p.add_argument("--assets", default=None, help="folder of the assets every recipe shares (tokenizer, statistics, "
+                   "codebooks; default OUT/assets): fitted there if it holds none, else reused; parts to be merged "
+                   "must share one")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -762,7 +788,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         ignored = [flag for flag, given in (("--modality", a.modality is not None), ("--quick", a.quick),
                                             ("--only", a.only is not None), ("--seeds", a.seeds is not None),
                                             ("--baseline-steps", a.baseline_steps is not None),
-                                            ("--downstream", a.downstream is not None), ("--no-timing", a.no_timing))
+                                            ("--downstream", a.downstream is not None), ("--no-timing", a.no_timing),
+                                            ("--assets", a.assets is not None))
                    if given]
         if ignored:
             p.error(f"--merge joins parts that already ran; {', '.join(ignored)} set how a part runs and would be "
@@ -799,7 +826,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 baseline_steps={**sizes.baseline_steps, **({a.modality: a.baseline_steps} if a.baseline_steps is not None else {})},
                 seeds=a.seeds if a.seeds is not None else sizes.seeds, downstream=ds[a.downstream] if a.downstream else sizes.downstream,
                 timing_rounds=0 if a.no_timing else sizes.timing_rounds)
-        report = write_report(run(a.modality, a.quick, out, threads=a.threads, only=only, sizes=sizes), out, a.quick)
+        report = write_report(run(a.modality, a.quick, out, threads=a.threads, only=only, sizes=sizes,
+                                  assets=Path(a.assets) if a.assets else None), out, a.quick)
     print(report["markdown"])
     return report
 

@@ -242,3 +242,19 @@ def test_merge_names_a_part_that_is_missing_or_not_a_recipes_result(tmp_path, ca
         with pytest.raises(SystemExit):
             recipes.main(["--merge", str(tmp_path / part), "--out", str(tmp_path / "m")])
         assert match in capsys.readouterr().err
+
+
+def test_merge_refuses_parts_that_fitted_their_own_tokenizers(tmp_path):
+    """Two parts fitted a tokenizer each (not reproducible across processes): the merged table compared recipes
+    trained on different vocabularies as if they shared one."""
+    timed = recipes.SIZES["full"]
+    a, b = _part("mlm-15", timed, 0.6), _part("mlm-30", timed, 0.7)
+    for part, vocab in ((a, "x 1\n"), (b, "x 2\n")):
+        folder = tmp_path / vocab.strip()
+        (folder / "tokenizer").mkdir(parents=True)
+        (folder / "tokenizer" / "vocab.txt").write_text(vocab)
+        part["assets_fingerprint"] = recipes.assets_fingerprint(folder)
+    with pytest.raises(ValueError, match=r"the parts used different shared assets .* run the parts with one --assets DIR"):
+        recipes.merge([a, b], log=lambda _: None)
+    b["assets_fingerprint"] = a["assets_fingerprint"]
+    assert recipes.merge([a, b], log=lambda _: None)["budget_problems"] == []
