@@ -333,23 +333,34 @@ def _pair_modules(root: Path) -> List[Tuple[Path, str, List[Tuple[Tuple[str, str
     return out
 
 
+def _if_buildable(build: Callable[[], List]) -> List:
+    """``build()``, or nothing when this Python's standard library cannot give the task (it raises RuntimeError:
+    too few packages or functions); a task that cannot be built holds nothing out of pretraining."""
+    try:
+        return build()
+    except RuntimeError:
+        return []
+
+
 def held_out_stdlib_modules(stdlib: Optional[Union[str, Path]] = None) -> frozenset:
     """The standard-library files (paths relative to ``stdlib``, ``/``-separated) whose text is in a dev or test split
-    of a text task (``stdlib-package``, ``docstring-signature``). The embedded pretraining corpus puts them in its
-    val split (:mod:`datasets_def.text`), so no pretrained encoder or fitted tokenizer has read a task's held-out
-    inputs."""
+    of a text task (``stdlib-package``, ``docstring-signature``). The embedded pretraining corpus leaves them out
+    (:mod:`datasets_def.text`), so no pretrained encoder or fitted tokenizer has read a task's held-out inputs."""
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
-    held = [m for _, m, split, _ in _package_modules(root) if split != "train"]
-    held += [f for f, split, _ in _pair_modules(root) if split != "train"]
+    held = [m for _, m, split, _ in _if_buildable(lambda: _package_modules(root)) if split != "train"]
+    held += [f for f, split, _ in _if_buildable(lambda: _pair_modules(root)) if split != "train"]
     return frozenset(p.relative_to(root).as_posix() for p in held)
 
 
 def held_out_stdlib_texts(stdlib: Optional[Union[str, Path]] = None) -> List[str]:
     """Every dev or test input text of the text tasks at full size (``stdlib-package`` docstrings,
-    ``docstring-signature`` docstrings and signatures), whitespace collapsed: what pretraining text must not contain."""
-    package, pairs = stdlib_package_task(None, None, stdlib), docstring_signature_task(None, None, stdlib)
-    texts = [x for split in ("dev", "test") for x in package[split].inputs]
-    texts += [t for split in ("dev", "test") for pair in pairs[split].inputs for t in pair]
+    ``docstring-signature`` docstrings and signatures), whitespace collapsed: what pretraining text must not contain
+    (none for a task this Python cannot build)."""
+    texts: List[str] = []
+    for build in (lambda: stdlib_package_task(None, None, stdlib), lambda: docstring_signature_task(None, None, stdlib)):
+        for task in _if_buildable(lambda: [build()]):
+            for split in ("dev", "test"):
+                texts += [t for x in task[split].inputs for t in ((x,) if isinstance(x, str) else x)]
     return sorted(set(texts))
 
 

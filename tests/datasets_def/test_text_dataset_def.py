@@ -238,3 +238,12 @@ def test_a_blank_chunk_of_a_document_is_not_written_but_counted(tmp_path: Path) 
     assert report.blank_chunks == 1 and report.total_samples == 2
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["blank_chunks"] == 1
     assert check_shards(tmp_path / "out").ok
+
+
+def test_a_stdlib_without_the_text_tasks_holds_nothing_out(tmp_path: Path) -> None:
+    """The corpus build asks the text tasks for their held-out modules; a standard library too small for a task
+    made that a RuntimeError, which would have stopped the text modality for everyone on such a Python."""
+    from mmm.downstream.tasks import held_out_stdlib_modules, held_out_stdlib_texts
+
+    (tmp_path / "small.py").write_text('def f():\n    """Return something useful for the caller here."""\n')
+    assert held_out_stdlib_modules(tmp_path) == frozenset() and held_out_stdlib_texts(tmp_path) == []
