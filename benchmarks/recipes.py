@@ -462,7 +462,8 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
     baseline_cfg = recipe_config(baseline, base)
     assets_dir = Path(assets) if assets is not None else out / "assets"
     assets = shared_assets(baseline_cfg, assets_dir)
-    log(f"== {modality}: shared assets in {assets_dir} (fingerprint {assets_fingerprint(assets_dir)[:12]})")
+    fingerprint = assets_fingerprint(assets_dir)
+    log(f"== {modality}: shared assets in {assets_dir} (fingerprint {fingerprint[:12]})")
     extra: Dict[str, Dict[str, Any]] = {  # per recipe: the shared tokenizer where its text settings match
         r.name: {**base, **(assets if assets and _same_text_tokenizer(recipe_config(r, base), baseline_cfg) else {})}
         for r in recipes}
@@ -545,9 +546,13 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
             for k, v in s.items():
                 scores.setdefault(RANDOM_INIT, {}).setdefault(t, {}).setdefault(k, []).append(v)
 
+    if assets_fingerprint(assets_dir) != fingerprint:  # another part wrote the shared folder while this one ran
+        raise RuntimeError(f"the shared assets in {assets_dir} changed while this part ran (another part fitted them "
+                           "meanwhile): its recipes did not all see one vocabulary; start parts that share --assets "
+                           "once the first has logged 'shared assets'")
     section = {"modality": modality, "baseline": group.baseline, "sizes": dataclasses.asdict(sizes), "threads": threads,
                "budget_flops": budget, "baseline_steps": sizes.baseline_steps[modality], "only": only,
-               "assets_fingerprint": assets_fingerprint(assets_dir),
+               "assets_fingerprint": fingerprint,
                "recipes": [{"name": r.name, "preset": r.preset, "overrides": r.overrides, "what": r.what} for r in recipes],
                "skipped": skipped, "cost": cost, "plan": plan, "runs": runs, "scores": scores, "vl_scores": vl_scores,
                "tasks": {t: td.data for t, td in tasks.items()},
