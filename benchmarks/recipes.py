@@ -277,6 +277,16 @@ def assets_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
+def check_assets_unchanged(folder: Path, fingerprint: str) -> None:
+    """Raise when the shared assets in ``folder`` no longer have the ``fingerprint`` a part started with: another part
+    fitted them meanwhile, so this part's recipes did not all see one vocabulary (and an end-time fingerprint
+    alone would match the other part's)."""
+    if assets_fingerprint(folder) != fingerprint:
+        raise RuntimeError(f"the shared assets in {folder} changed while this part ran (another part fitted them "
+                           "meanwhile): its recipes did not all see one vocabulary; start parts that share --assets "
+                           "once the first has logged 'shared assets'")
+
+
 def budget_problems(section: Dict[str, Any]) -> List[str]:
     """What breaks equal compute in a suite section (empty when every recipe is within one step's worth
     of the budget): each recipe's FLOPs are recomputed from its planned steps per phase and its measured
@@ -546,10 +556,7 @@ def run(modality: str, quick: bool, out: Path, log: Callable[[str], None] = prin
             for k, v in s.items():
                 scores.setdefault(RANDOM_INIT, {}).setdefault(t, {}).setdefault(k, []).append(v)
 
-    if assets_fingerprint(assets_dir) != fingerprint:  # another part wrote the shared folder while this one ran
-        raise RuntimeError(f"the shared assets in {assets_dir} changed while this part ran (another part fitted them "
-                           "meanwhile): its recipes did not all see one vocabulary; start parts that share --assets "
-                           "once the first has logged 'shared assets'")
+    check_assets_unchanged(assets_dir, fingerprint)
     section = {"modality": modality, "baseline": group.baseline, "sizes": dataclasses.asdict(sizes), "threads": threads,
                "budget_flops": budget, "baseline_steps": sizes.baseline_steps[modality], "only": only,
                "assets_fingerprint": fingerprint,

@@ -258,3 +258,13 @@ def test_merge_refuses_parts_that_fitted_their_own_tokenizers(tmp_path):
         recipes.merge([a, b], log=lambda _: None)
     b["assets_fingerprint"] = a["assets_fingerprint"]
     assert recipes.merge([a, b], log=lambda _: None)["budget_problems"] == []
+
+
+def test_a_part_whose_shared_assets_changed_while_it_ran_is_refused(tmp_path):
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "vocab.txt").write_text("x 1\n")
+    start = recipes.assets_fingerprint(tmp_path)
+    recipes.check_assets_unchanged(tmp_path, start)
+    (tmp_path / "tokenizer" / "vocab.txt").write_text("x 2\n")  # another part's fit landed in the shared folder
+    with pytest.raises(RuntimeError, match="changed while this part ran"):
+        recipes.check_assets_unchanged(tmp_path, start)
