@@ -17,6 +17,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from mmm.objectives.base import full_precision
+
 
 def pad_by_group(x: torch.Tensor, group: torch.Tensor, num_groups: int,
                  longest: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +52,7 @@ def pad_by_group(x: torch.Tensor, group: torch.Tensor, num_groups: int,
 
 def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B, n, D), (B, m, D) → (B, n, m) cosine distance ``1 − cos(x_i, y_j)``, in fp32 (also under autocast)."""
-    with torch.autocast(x.device.type, enabled=False):
+    with full_precision(x.device):
         return 1.0 - F.normalize(x.float(), dim=-1) @ F.normalize(y.float(), dim=-1).transpose(1, 2)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from mmm.batch import PackedBatch
 from mmm.modalities.image_text.pairing import joint_pairs
+from mmm.objectives.base import full_precision
 from mmm.registry import STEPS
 
 SOURCE = "itc"  # the contrastive targets mining reads (joint_pairs reads the same key)
@@ -103,7 +104,7 @@ class HardNegativeMining:
             batch: the contrastive batch (B captions, then B images).
         """
         image, text = similarity.embed_pairs(hidden, batch.targets[SOURCE])  # (B, E), (B, E)
-        with torch.autocast(image.device.type, enabled=False):  # scaled by up to 100: not in bf16
+        with full_precision(image.device):  # scaled by up to 100: not in bf16
             sim = image.float() @ text.float().T  # (B images, B captions)
         b = sim.shape[0]
         captions = batch.extras.get("caption_keys") or batch.extras.get("captions") or [str(i) for i in range(b)]

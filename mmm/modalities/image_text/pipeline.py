@@ -282,6 +282,7 @@ class PairItem:
         regions: the image's regions (regions), or None.
         encoded: every caption as :func:`encode_caption` gives it, once per sample (:func:`tokenize_captions`);
             empty until then.
+        keys: every caption's :func:`caption_key`, set with ``encoded``.
     """
 
     key: str
@@ -290,6 +291,7 @@ class PairItem:
     pixels: Optional[torch.Tensor] = None
     regions: Optional[Regions] = None
     encoded: List[Tuple[np.ndarray, np.ndarray, bool]] = field(default_factory=list)
+    keys: List[str] = field(default_factory=list)
 
 
 def captions_of(sample: Dict[str, Any], meta: Dict[str, Any], where: str) -> List[str]:
@@ -344,18 +346,19 @@ def read_pair_sample(sample: Dict[str, Any], settings: ImageTextSettings) -> Pai
                     captions_of(sample, meta, where), pixels, regions)
 
 
-def tokenize_captions(item: PairItem, tokenizer: Any, max_len: int, where: str) -> List[Tuple[np.ndarray, np.ndarray, bool]]:
-    """Every caption of ``item`` as :func:`encode_caption` gives it (tokenized once per sample: each pair reads its
-    own and its image's others' keys from them). A ``ValueError`` naming the sample and caption when a caption gives
-    no token: one that ``is_blank`` lets through, such as only combining accents, which a lowercasing tokenizer
-    strips (it would train as [CLS] [SEP])."""
+def tokenize_captions(item: PairItem, tokenizer: Any, max_len: int, where: str = "") -> None:
+    """Set ``item.encoded`` (every caption as :func:`encode_caption` gives it) and ``item.keys`` (their
+    :func:`caption_key` s), once per sample: each pair reads its own and its image's other captions from them. With
+    ``where``, a ``ValueError`` naming the sample and caption when a caption gives no token: one that ``is_blank``
+    lets through, such as only combining accents, which a lowercasing tokenizer strips (it would train as
+    [CLS] [SEP])."""
     encoded = []
     for i, caption in enumerate(item.captions):
         encoded.append(encode_caption(tokenizer, caption, max_len))
-        if encoded[-1][0].shape[0] == 2:  # [CLS] [SEP] only
+        if where and encoded[-1][0].shape[0] == 2:  # [CLS] [SEP] only
             raise ValueError(f"{where}: caption {i} ({len(caption)} character(s), e.g. {caption[:20]!r}) gave no "
                              f"token: the tokenizer's normalizer removes all of it")
-    return encoded
+    item.encoded, item.keys = encoded, [caption_key(e[0]) for e in encoded]
 
 
 def _decode_pairs(src: Iterator[dict], settings: ImageTextSettings, tokenizer: Any,
@@ -365,8 +368,7 @@ def _decode_pairs(src: Iterator[dict], settings: ImageTextSettings, tokenizer: A
     for sample in src:
         try:
             item = read_pair_sample(sample, settings)
-            item.encoded = tokenize_captions(item, tokenizer, settings.max_text_len,
-                                             f"{sample.get('__url__', '?')}:{item.key}")
+            tokenize_captions(item, tokenizer, settings.max_text_len, f"{sample.get('__url__', '?')}:{item.key}")
         except (ImageDecodeError, ValueError) as e:
             if handler(e):  # counts; raises unless skipping is configured
                 continue
@@ -453,10 +455,10 @@ class _PreparePair:
         item, index = pair
         s = self.settings
         caption = item.captions[index]
-        encoded = item.encoded or [encode_caption(self.tokenizer, c, s.max_text_len) for c in item.captions]
-        ids, word_ids, cut = encoded[index]
-        keys = [caption_key(e[0]) for e in encoded]
-        key, image_keys = keys[index], frozenset(keys)
+        if not item.encoded:  # an item that did not come through _decode_pairs
+            tokenize_captions(item, self.tokenizer, s.max_text_len)
+        ids, word_ids, cut = item.encoded[index]
+        key, image_keys = item.keys[index], frozenset(item.keys)
         if cut:
             self.cuts += 1
             if self.cuts == 1 or self.cuts % 1000 == 0:
