@@ -82,18 +82,49 @@ def check_cls_last_block(model, last_mlp, items) -> List[int]:
     return rows_seen
 
 
-def hf_first_losses(hf, head, batches, cfg, steps_total: int, tmp_path: Path) -> List[float]:
+PARITY_CONFIG = dict(lr=1e-3, weight_decay=0.01, batch_size=8, epochs=1, warmup=0.2, dropout=0.0, seeds=1)
+"""The fine-tuning settings of the parity tests (dropout off, so both sides compute the same function)."""
+
+
+def finetune_parity_start(ckpt: Path, train, tmp_path: Path):
+    """``(items, labels, cfg, mmm's first training losses, hf, hf_dir)`` for a fine-tuning parity test: mmm fine-tunes
+    the checkpoint's text encoder on ``train`` (seed 0); ``hf`` is ``BertForSequenceClassification`` on the exported
+    encoder, dropout off, with mmm's initial head (rebuilt from the same seed) in its pooler and classifier."""
+    import torch
+    import transformers
+
+    from mmm.downstream.data import Labels, encode_labels
+    from mmm.downstream.finetune import ClassificationHead, FinetuneConfig, train_one_seed
+    from mmm.downstream.inputs import load_adapter
+    from mmm.interop.hf import export_hf_bert
+
+    y = encode_labels(train, Labels.fit(train, "classification"))
+    adapter = load_adapter(str(ckpt), "text")
+    items = [adapter.prepare(x) for x in train.inputs]
+    cfg = FinetuneConfig(**PARITY_CONFIG)
+    make = lambda: load_adapter(str(ckpt), "text")  # noqa: E731
+    mmm_losses = train_one_seed(make, (items, y), (items[:8], y[:8]), None, 2, cfg, seed=0, log=lambda s: None).first_losses
+    torch.manual_seed(0)  # the same initial head, rebuilt from the same seed
+    make()
+    head = ClassificationHead(adapter.hidden_size, 2, 0.0)
+    hf_dir = export_hf_bert(adapter.encoder, tmp_path / "hf")
+    hf = transformers.BertForSequenceClassification.from_pretrained(
+        hf_dir, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    with torch.no_grad():
+        hf.bert.pooler.dense.load_state_dict(head.dense.state_dict())
+        hf.classifier.load_state_dict(head.classifier.state_dict())
+    return items, y, cfg, mmm_losses, hf, hf_dir
+
+
+def hf_first_losses(hf, batches, cfg, steps_total: int, tmp_path: Path) -> List[float]:
     """HF's training losses over ``batches`` (dicts of model inputs with ``labels``) with mmm's fine-tuning recipe:
-    ``head``'s dense/classifier weights copied into the pooler and classifier, AdamW over mmm's parameter groups,
-    HF Trainer's warmup count, linear decay, clipping (the HF side of the fine-tuning parity tests)."""
+    AdamW over mmm's parameter groups, HF Trainer's warmup count, linear decay, clipping (the HF side of the
+    fine-tuning parity tests)."""
     import torch
     import transformers
 
     from mmm.downstream.finetune import fused_adamw_ok, linear_warmup_decay, param_groups
 
-    with torch.no_grad():
-        hf.bert.pooler.dense.load_state_dict(head.dense.state_dict())
-        hf.classifier.load_state_dict(head.classifier.state_dict())
     hf.train()
     opt = torch.optim.AdamW(param_groups(hf, cfg.weight_decay), lr=cfg.lr, fused=fused_adamw_ok(hf))
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "args"), warmup_steps=cfg.warmup)

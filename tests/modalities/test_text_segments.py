@@ -74,38 +74,25 @@ def test_pair_fine_tuning_with_segments_matches_hf_bert_for_sequence_classificat
     """The same first training losses as HF on sentence pairs, HF given its tokenizer's token_type_ids (the
     segment table trains on both sides)."""
     transformers = pytest.importorskip("transformers")
-    from mmm.downstream.data import Labels, encode_labels, read_table
-    from mmm.downstream.finetune import ClassificationHead, FinetuneConfig, batch_order, train_one_seed
-    from mmm.downstream.inputs import load_adapter, pad_ids
-    from mmm.interop.hf import export_hf_bert
-    from tests.downstream.helpers import hf_first_losses, keyword_rows, write_table
+    from mmm.downstream.data import read_table
+    from mmm.downstream.finetune import batch_order
+    from mmm.downstream.inputs import pad_ids
+    from tests.downstream.helpers import finetune_parity_start, hf_first_losses, keyword_rows, write_table
 
     rows = keyword_rows(48, 0)
     pairs = [(a, b, label) for (a, label), (b, _) in zip(rows, rows[1:] + rows[:1])]
     train = read_table(write_table(tmp_path / "t.tsv", ["a", "b", "label"], pairs), ["a", "b"], "label")
-    y = encode_labels(train, Labels.fit(train, "classification"))
-    adapter = load_adapter(str(segments_ckpt), "text")
-    items = [adapter.prepare(x) for x in train.inputs]
-    cfg = FinetuneConfig(lr=1e-3, weight_decay=0.01, batch_size=8, epochs=1, warmup=0.2, dropout=0.0, seeds=1)
-    make = lambda: load_adapter(str(segments_ckpt), "text")  # noqa: E731
-    mmm_losses = train_one_seed(make, (items, y), (items[:8], y[:8]), None, 2, cfg, seed=0, log=lambda s: None).first_losses
-
-    torch.manual_seed(0)
-    make()
-    head = ClassificationHead(adapter.hidden_size, 2, 0.0)
-    out = export_hf_bert(adapter.encoder, tmp_path / "hf")
+    items, y, cfg, mmm_losses, hf, out = finetune_parity_start(segments_ckpt, train, tmp_path)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    hf = transformers.BertForSequenceClassification.from_pretrained(
-        out, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
     batches, seen_types = [], set()
     for idx in batch_order(len(items), cfg.batch_size, 0, 0):
-        ids, mask = pad_ids([items[i] for i in idx], adapter.encoder.pad_id)
+        ids, mask = pad_ids([items[i] for i in idx], hf.config.pad_token_id)
         enc = hf_tok([train.inputs[i][0] for i in idx], [train.inputs[i][1] for i in idx], padding=True,
                      return_tensors="pt")
         assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["attention_mask"].bool(), mask)
         seen_types |= set(enc["token_type_ids"].unique().tolist())
         batches.append(dict(enc, labels=torch.tensor([y[i] for i in idx])))
-    hf_losses = hf_first_losses(hf, head, batches, cfg, int(np.ceil(len(items) / cfg.batch_size)), tmp_path)
+    hf_losses = hf_first_losses(hf, batches, cfg, int(np.ceil(len(items) / cfg.batch_size)), tmp_path)
     assert seen_types == {0, 1}
     np.testing.assert_allclose(mmm_losses, hf_losses, rtol=0, atol=2e-4)
     assert mmm_losses[0] != mmm_losses[-1]
